@@ -1,0 +1,1 @@
+"""Code generation for kernel groups, per target."""

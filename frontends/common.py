@@ -1,0 +1,104 @@
+"""What both frontends share: a builder that folds literal-only ops at import time.
+
+A *literal* is a constant that does not come from the model's weights: ``arange``,
+shape arithmetic, ONNX ``Constant`` nodes. Ops whose operands are all literals (position
+ids, masks built from ``arange``, ``Shape -> Gather -> Concat`` chains) are evaluated
+right away with the reference kernels, so the graph never carries shape plumbing.
+Weights are never folded here; that is the constant-folding pass's job.
+"""
+from __future__ import annotations
+
+import torch
+
+from kiln.ir import DType, Graph, GraphBuilder, Node, OpKind, Value, opdef
+from kiln.ir import attrs as A
+from kiln.ir.ops import infer_types
+
+
+class ImportError_(Exception):
+    """A model cannot be imported; the message says what and where."""
+
+
+class FrontendBuilder(GraphBuilder):
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.literals: dict[Value, torch.Tensor] = {}
+
+    def literal(self, tensor, name: str = "lit") -> Value:
+        v = self.const(torch.as_tensor(tensor), name)
+        self.literals[v] = self._constants[v]
+        return v
+
+    def weight(self, tensor: torch.Tensor, name: str) -> Value:
+        return self.const(tensor, name)
+
+    def value_of(self, v: Value) -> torch.Tensor | None:
+        """The tensor behind a literal (or weight) constant, else None."""
+        return self._constants.get(v)
+
+    def is_literal(self, v: Value | None) -> bool:
+        return v is None or v in self.literals
+
+    def add(self, op: OpKind, *inputs, attrs=None, name: str = "", scope: str | None = None):
+        attrs = opdef(op).attrs() if attrs is None else attrs
+        present = [v for v in inputs if v is not None]
+        if present and op is not OpKind.FALLBACK and all(v in self.literals for v in present):
+            from kiln.kernels.registry import select_kernel
+
+            types = infer_types(op, [None if v is None else v.type for v in inputs], attrs)
+            node = Node(op, tuple(inputs), attrs, (), "")
+            fn = select_kernel(node, "reference").fn
+            r = fn([None if v is None else self.literals[v] for v in inputs], attrs)
+            rs = r if isinstance(r, tuple) else (r,)
+            outs = tuple(self.literal(t.contiguous(), name or op.value) for t in rs)
+            for t, v in zip(types, outs):
+                assert (t.dtype, t.shape) == (v.type.dtype, v.type.shape), (op, t, v.type)
+            return outs[0] if len(outs) == 1 else outs
+        return super().add(op, *inputs, attrs=attrs, name=name, scope=scope)
+
+    # -- small helpers the converters share ------------------------------------------
+    def scalar(self, value, like: Value | None = None) -> Value:
+        """A 0-d literal for a Python scalar, typed the way torch types scalar operands."""
+        if isinstance(value, bool):
+            return self.literal(torch.tensor(value))
+        if isinstance(value, int):
+            return self.literal(torch.tensor(value, dtype=torch.int64))
+        dt = torch.float32
+        if like is not None and like.dtype.is_float:
+            dt = like.dtype.to_torch()
+        return self.literal(torch.tensor(float(value), dtype=dt))
+
+    def reshape(self, x: Value, shape) -> Value:
+        shape = resolve_shape(x.shape, shape)
+        if tuple(shape) == tuple(x.shape):
+            return x
+        return self.add(OpKind.RESHAPE, x, attrs=A.ShapeAttrs(tuple(shape)))
+
+    def cast(self, x: Value, dtype: DType) -> Value:
+        if x.dtype is dtype:
+            return x
+        return self.add(OpKind.CAST, x, attrs=A.CastAttrs(dtype))
+
+    def finish(self, outputs) -> Graph:
+        """Build, dropping constants no node or output uses."""
+        used = {v for n in self._nodes for v in n.inputs if v is not None} | set(outputs)
+        g = self.build(outputs)
+        return g.replace(constants={v: t for v, t in g.constants.items() if v in used})
+
+
+def resolve_shape(in_shape, shape) -> tuple[int, ...]:
+    shape = [int(s) for s in shape]
+    if shape.count(-1) > 1:
+        raise ValueError(f"more than one -1 in shape {shape}")
+    if -1 in shape:
+        known = 1
+        for s in shape:
+            if s != -1:
+                known *= s
+        total = 1
+        for d in in_shape:
+            total *= d
+        if known == 0 or total % known:
+            raise ValueError(f"cannot reshape {tuple(in_shape)} to {shape}")
+        shape[shape.index(-1)] = total // known
+    return tuple(shape)

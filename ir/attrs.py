@@ -1,0 +1,162 @@
+"""Typed, frozen attribute records for every op kind (never ``dict[str, Any]``)."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from .dtypes import DType
+from .types import TensorType
+
+
+@dataclass(frozen=True, slots=True)
+class NoAttrs:
+    pass
+
+
+class GeluApprox(enum.Enum):
+    NONE = "none"
+    TANH = "tanh"
+
+
+@dataclass(frozen=True, slots=True)
+class GeluAttrs:
+    approximate: GeluApprox = GeluApprox.NONE
+
+
+@dataclass(frozen=True, slots=True)
+class ClampAttrs:
+    min: float | None = None
+    max: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LeakyReluAttrs:
+    alpha: float = 0.01
+
+
+@dataclass(frozen=True, slots=True)
+class CastAttrs:
+    dtype: DType
+
+
+@dataclass(frozen=True, slots=True)
+class ReduceAttrs:
+    axes: tuple[int, ...]  # normalized, sorted, non-negative
+    keepdim: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ArgReduceAttrs:
+    axis: int
+    keepdim: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AxisAttrs:
+    axis: int  # normalized, non-negative
+
+
+@dataclass(frozen=True, slots=True)
+class LayerNormAttrs:
+    normalized_ndim: int = 1  # normalize over the last n axes
+    eps: float = 1e-5
+
+
+@dataclass(frozen=True, slots=True)
+class BatchNormAttrs:
+    eps: float = 1e-5
+
+
+@dataclass(frozen=True, slots=True)
+class Conv2dAttrs:
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Pool2dAttrs:
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    ceil_mode: bool = False
+    count_include_pad: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class AdaptivePoolAttrs:
+    output_size: tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class ShapeAttrs:
+    """Target shape of RESHAPE / EXPAND (fully resolved: no -1)."""
+
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PermuteAttrs:
+    perm: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SliceAttrs:
+    axis: int
+    start: int
+    end: int
+    step: int = 1
+
+
+class PadMode(enum.Enum):
+    CONSTANT = "constant"
+    REFLECT = "reflect"
+    REPLICATE = "replicate"
+
+
+@dataclass(frozen=True, slots=True)
+class PadAttrs:
+    pads: tuple[int, ...]  # (before, after) per axis, from axis 0
+    mode: PadMode = PadMode.CONSTANT
+    value: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionAttrs:
+    """softmax(q @ k^T * scale + mask) @ v; ``scale=None`` means 1/sqrt(head_dim)."""
+
+    scale: float | None = None
+    causal: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RNNAttrs:
+    """Structured LSTM/GRU over a whole sequence (torch gate order: LSTM i,f,g,o; GRU r,z,n).
+
+    Inputs: x, h0, [c0 for LSTM], then per layer and direction: w_ih, w_hh, [b_ih, b_hh].
+    ``proj_hoisted`` means x arrives already multiplied by layer 0's ``w_ih`` (plus biases).
+    """
+
+    hidden_size: int
+    num_layers: int = 1
+    bidirectional: bool = False
+    batch_first: bool = False
+    has_biases: bool = True
+    proj_hoisted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackAttrs:
+    """An op Kiln does not compile: run ``target`` (a torch op's qualified name) eagerly.
+
+    ``args`` is the call's argument template; ``("$", i)`` marks the i-th tensor input,
+    every other leaf is a literal. ``kwargs`` is a tuple of (name, template) pairs.
+    """
+
+    target: str
+    args: tuple
+    kwargs: tuple
+    out_types: tuple[TensorType, ...]
+    reason: str = ""

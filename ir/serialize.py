@@ -1,0 +1,186 @@
+"""JSON save/load that round-trips exactly, and a structural hash.
+
+Attribute records are encoded field by field with their type tags, so loading rebuilds
+the same frozen dataclasses; constants are stored as raw little-endian bytes (base64).
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import enum
+import hashlib
+import json
+from typing import Any
+
+import torch
+
+from . import attrs as A
+from . import dtypes as D
+from . import types as T
+from .graph import Graph, Node, Value
+from .ops import OpKind, opdef
+
+FORMAT = "kiln-graph"
+VERSION = 1
+
+# every record type that may appear inside attributes or types, by name
+_RECORDS: dict[str, type] = {c.__name__: c for c in [
+    *(getattr(A, n) for n in dir(A) if dataclasses.is_dataclass(getattr(A, n))),
+    T.TensorType, T.Layout, T.Sym, D.QuantSpec]}
+_ENUMS: dict[str, type] = {c.__name__: c for c in [D.DType, D.QScheme, T.LayoutKind, A.GeluApprox, A.PadMode]}
+
+
+class SerializeError(ValueError):
+    pass
+
+
+def encode(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return {"f": repr(v)}  # repr round-trips every float, inf and nan included
+    if isinstance(v, enum.Enum):
+        return {"enum": type(v).__name__, "v": v.value}
+    if isinstance(v, tuple):
+        return [encode(x) for x in v]
+    if dataclasses.is_dataclass(v):
+        return {"rec": type(v).__name__, **{f.name: encode(getattr(v, f.name)) for f in dataclasses.fields(v)}}
+    if isinstance(v, (torch.dtype, torch.device, torch.memory_format, torch.layout)):
+        return {"torch": str(v)}
+    raise SerializeError(f"cannot encode {type(v).__name__}: {v!r}")
+
+
+def decode(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, list):
+        return tuple(decode(x) for x in v)
+    if isinstance(v, dict):
+        if "f" in v:
+            return float(v["f"])
+        if "enum" in v:
+            return _ENUMS[v["enum"]](v["v"])
+        if "torch" in v:
+            s = v["torch"]
+            if s.startswith("torch."):
+                return getattr(torch, s[len("torch."):])
+            return torch.device(s)
+        if "rec" in v:
+            cls = _RECORDS.get(v["rec"])
+            if cls is None:
+                raise SerializeError(f"unknown record type {v['rec']!r}")
+            return cls(**{k: decode(x) for k, x in v.items() if k != "rec"})
+    raise SerializeError(f"cannot decode {v!r}")
+
+
+def tensor_to_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def tensor_from_bytes(data: bytes, dtype: torch.dtype, shape) -> torch.Tensor:
+    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    return flat.view(dtype).reshape(tuple(shape)).clone()
+
+
+def to_json(g: Graph) -> str:
+    ids: dict[Value, int] = {}
+
+    def vid(v: Value) -> int:
+        if v not in ids:
+            ids[v] = len(ids)
+        return ids[v]
+
+    def val(v: Value) -> dict:
+        return {"id": vid(v), "name": v.name, "type": encode(v.type)}
+
+    doc = {
+        "format": FORMAT, "version": VERSION, "name": g.name,
+        "inputs": [val(v) for v in g.inputs],
+        "constants": [{**val(v), "dtype": str(t.dtype), "data": base64.b64encode(tensor_to_bytes(t)).decode()}
+                      for v, t in g.constants.items()],
+        "nodes": [{"op": n.op.value, "inputs": [None if v is None else vid(v) for v in n.inputs],
+                   "attrs": encode(n.attrs), "outputs": [val(v) for v in n.outputs], "scope": n.scope}
+                  for n in g.nodes],
+    }
+    doc["outputs"] = [vid(v) for v in g.outputs]
+    return json.dumps(doc)
+
+
+def from_json(text: str) -> Graph:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SerializeError(f"not JSON: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise SerializeError("not a Kiln graph file")
+    if doc.get("version") != VERSION:
+        raise SerializeError(f"unsupported Kiln graph version {doc.get('version')!r}")
+    vals: dict[int, Value] = {}
+
+    def mk(d: dict) -> Value:
+        v = Value(decode(d["type"]), d["name"])
+        vals[d["id"]] = v
+        return v
+
+    def ref(i):
+        if i is None:
+            return None
+        if i not in vals:
+            raise SerializeError(f"value {i} used before definition")
+        return vals[i]
+
+    inputs = tuple(mk(d) for d in doc["inputs"])
+    constants = {}
+    for d in doc["constants"]:
+        v = mk(d)
+        dt = getattr(torch, d["dtype"].removeprefix("torch."))
+        constants[v] = tensor_from_bytes(base64.b64decode(d["data"]), dt, v.type.shape)
+    nodes = []
+    for d in doc["nodes"]:
+        op = OpKind(d["op"])
+        node_inputs = tuple(ref(i) for i in d["inputs"])
+        attrs = decode(d["attrs"])
+        if not isinstance(attrs, opdef(op).attrs):
+            raise SerializeError(f"{op.value}: bad attrs {attrs!r}")
+        nodes.append(Node(op, node_inputs, attrs, tuple(mk(o) for o in d["outputs"]), d.get("scope", "")))
+    outputs = tuple(ref(i) for i in doc["outputs"])
+    return Graph(inputs, tuple(nodes), outputs, constants, doc.get("name", "graph"))
+
+
+def save(g: Graph, path) -> None:
+    with open(path, "w") as f:
+        f.write(to_json(g))
+
+
+def load(path) -> Graph:
+    with open(path) as f:
+        return from_json(f.read())
+
+
+def structural_hash(g: Graph, include_constants: bool = True) -> str:
+    """A hash of what the graph computes: ops, attributes, types, wiring and weights.
+
+    Value names and node scopes do not count, so renaming never changes the hash.
+    """
+    h = hashlib.sha256()
+    ids: dict[Value, int] = {}
+
+    def vid(v):
+        if v is None:
+            return -1
+        if v not in ids:
+            ids[v] = len(ids)
+        return ids[v]
+
+    for v in g.inputs:
+        h.update(f"in {vid(v)} {v.type!r};".encode())
+    for v, t in g.constants.items():
+        h.update(f"const {vid(v)} {v.type!r};".encode())
+        if include_constants:
+            h.update(hashlib.sha256(tensor_to_bytes(t)).digest())
+    for n in g.nodes:
+        h.update(f"{n.op.value}({[vid(v) for v in n.inputs]}){json.dumps(encode(n.attrs), sort_keys=True)}"
+                 f"->{[(vid(v), repr(v.type)) for v in n.outputs]};".encode())
+    h.update(f"out {[vid(v) for v in g.outputs]}".encode())
+    return h.hexdigest()

@@ -1,0 +1,312 @@
+"""Reference kernels: one torch implementation per op kind, the oracle for every test."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from kiln.ir import OpKind
+from kiln.ir import attrs as A
+
+from .registry import register_kernel
+
+
+def ref(*ops: OpKind):
+    def deco(fn):
+        for o in ops:
+            register_kernel(o, "reference", name=f"reference.{o.value}")(fn)
+        return fn
+    return deco
+
+
+def _unary(op: OpKind, f):
+    register_kernel(op, "reference", name=f"reference.{op.value}")(lambda ins, a: f(ins[0]))
+
+
+def _float_in(f):
+    # integer inputs to float ops promote to the default float type, as torch does
+    return lambda x: f(x if x.is_floating_point() else x.to(torch.get_default_dtype()))
+
+
+for _op, _f in {
+    OpKind.NEG: torch.neg, OpKind.ABS: torch.abs, OpKind.EXP: torch.exp, OpKind.LOG: torch.log,
+    OpKind.SQRT: torch.sqrt, OpKind.RSQRT: torch.rsqrt, OpKind.RECIPROCAL: torch.reciprocal,
+    OpKind.RELU: torch.relu, OpKind.SIGMOID: torch.sigmoid, OpKind.TANH: torch.tanh, OpKind.ERF: torch.erf,
+    OpKind.SILU: F.silu, OpKind.NOT: torch.logical_not, OpKind.SIN: torch.sin, OpKind.COS: torch.cos,
+    OpKind.FLOOR: torch.floor, OpKind.CEIL: torch.ceil, OpKind.SIGN: torch.sign, OpKind.IDENTITY: lambda x: x,
+}.items():
+    _unary(_op, _float_in(_f) if _op in (OpKind.EXP, OpKind.LOG, OpKind.SQRT, OpKind.RSQRT, OpKind.RECIPROCAL,
+                                         OpKind.SIGMOID, OpKind.TANH, OpKind.ERF, OpKind.SILU, OpKind.SIN,
+                                         OpKind.COS) else _f)
+
+
+@ref(OpKind.GELU)
+def gelu(ins, a: A.GeluAttrs):
+    return F.gelu(ins[0], approximate=a.approximate.value)
+
+
+@ref(OpKind.LEAKY_RELU)
+def leaky_relu(ins, a: A.LeakyReluAttrs):
+    return F.leaky_relu(ins[0], a.alpha)
+
+
+@ref(OpKind.CLAMP)
+def clamp(ins, a: A.ClampAttrs):
+    return torch.clamp(ins[0], a.min, a.max)
+
+
+@ref(OpKind.CAST)
+def cast(ins, a: A.CastAttrs):
+    return ins[0].to(a.dtype.to_torch())
+
+
+for _op, _f in {
+    OpKind.ADD: torch.add, OpKind.SUB: torch.sub, OpKind.MUL: torch.mul, OpKind.DIV: torch.div,
+    OpKind.POW: torch.pow, OpKind.EQ: torch.eq,
+    OpKind.NE: torch.ne, OpKind.LT: torch.lt, OpKind.LE: torch.le, OpKind.GT: torch.gt, OpKind.GE: torch.ge,
+    OpKind.AND: torch.logical_and, OpKind.OR: torch.logical_or,
+}.items():
+    register_kernel(_op, "reference", name=f"reference.{_op.value}")(lambda ins, a, f=_f: f(ins[0], ins[1]))
+
+
+def _minmax(f):
+    def go(a, b):
+        # maximum/minimum need equal dtypes; promote as the IR's type rule does
+        dt = torch.result_type(a, b)
+        return f(a.to(dt), b.to(dt))
+    return go
+
+
+register_kernel(OpKind.MAXIMUM, "reference", name="reference.maximum")(
+    lambda ins, a: _minmax(torch.maximum)(ins[0], ins[1]))
+register_kernel(OpKind.MINIMUM, "reference", name="reference.minimum")(
+    lambda ins, a: _minmax(torch.minimum)(ins[0], ins[1]))
+
+
+@ref(OpKind.WHERE)
+def where(ins, a):
+    return torch.where(ins[0], ins[1], ins[2])
+
+
+@ref(OpKind.SUM)
+def reduce_sum(ins, a: A.ReduceAttrs):
+    x = ins[0]
+    return torch.sum(x, dim=a.axes, keepdim=a.keepdim, dtype=x.dtype) if a.axes else x.clone()
+
+
+@ref(OpKind.MEAN)
+def reduce_mean(ins, a: A.ReduceAttrs):
+    return torch.mean(ins[0], dim=a.axes, keepdim=a.keepdim) if a.axes else ins[0].clone()
+
+
+@ref(OpKind.MAX)
+def reduce_max(ins, a: A.ReduceAttrs):
+    return torch.amax(ins[0], dim=a.axes, keepdim=a.keepdim) if a.axes else ins[0].clone()
+
+
+@ref(OpKind.MIN)
+def reduce_min(ins, a: A.ReduceAttrs):
+    return torch.amin(ins[0], dim=a.axes, keepdim=a.keepdim) if a.axes else ins[0].clone()
+
+
+@ref(OpKind.ARGMAX)
+def argmax(ins, a: A.ArgReduceAttrs):
+    return torch.argmax(ins[0], dim=a.axis, keepdim=a.keepdim)
+
+
+@ref(OpKind.SOFTMAX)
+def softmax(ins, a: A.AxisAttrs):
+    return torch.softmax(ins[0], a.axis)
+
+
+@ref(OpKind.LOG_SOFTMAX)
+def log_softmax(ins, a: A.AxisAttrs):
+    return torch.log_softmax(ins[0], a.axis)
+
+
+@ref(OpKind.LAYER_NORM)
+def layer_norm(ins, a: A.LayerNormAttrs):
+    x = ins[0]
+    w = ins[1] if len(ins) > 1 else None
+    b = ins[2] if len(ins) > 2 else None
+    return F.layer_norm(x, x.shape[x.dim() - a.normalized_ndim:], w, b, a.eps)
+
+
+@ref(OpKind.BATCH_NORM)
+def batch_norm(ins, a: A.BatchNormAttrs):
+    x, mean, var = ins[:3]
+    w = ins[3] if len(ins) > 3 else None
+    b = ins[4] if len(ins) > 4 else None
+    return F.batch_norm(x, mean, var, w, b, False, 0.0, a.eps)
+
+
+@ref(OpKind.MATMUL)
+def matmul(ins, a):
+    x, y = ins
+    dt = torch.result_type(x, y)
+    return torch.matmul(x.to(dt), y.to(dt))
+
+
+@ref(OpKind.LINEAR)
+def linear(ins, a):
+    return F.linear(ins[0], ins[1], ins[2] if len(ins) > 2 else None)
+
+
+@ref(OpKind.CONV2D)
+def conv2d(ins, a: A.Conv2dAttrs):
+    return F.conv2d(ins[0], ins[1], ins[2] if len(ins) > 2 else None, a.stride, a.padding, a.dilation, a.groups)
+
+
+@ref(OpKind.MAX_POOL2D)
+def max_pool2d(ins, a: A.Pool2dAttrs):
+    return F.max_pool2d(ins[0], a.kernel, a.stride, a.padding, a.dilation, a.ceil_mode)
+
+
+@ref(OpKind.AVG_POOL2D)
+def avg_pool2d(ins, a: A.Pool2dAttrs):
+    return F.avg_pool2d(ins[0], a.kernel, a.stride, a.padding, a.ceil_mode, a.count_include_pad)
+
+
+@ref(OpKind.ADAPTIVE_AVG_POOL2D)
+def adaptive_avg_pool2d(ins, a: A.AdaptivePoolAttrs):
+    return F.adaptive_avg_pool2d(ins[0], a.output_size)
+
+
+@ref(OpKind.RESHAPE)
+def reshape(ins, a: A.ShapeAttrs):
+    return ins[0].reshape(a.shape)
+
+
+@ref(OpKind.PERMUTE)
+def permute(ins, a: A.PermuteAttrs):
+    return ins[0].permute(a.perm)
+
+
+@ref(OpKind.EXPAND)
+def expand(ins, a: A.ShapeAttrs):
+    return ins[0].expand(a.shape)
+
+
+@ref(OpKind.CONCAT)
+def concat(ins, a: A.AxisAttrs):
+    dt = ins[0].dtype
+    for t in ins[1:]:
+        dt = torch.promote_types(dt, t.dtype)
+    return torch.cat([t.to(dt) for t in ins], a.axis)
+
+
+@ref(OpKind.SLICE)
+def slice_(ins, a: A.SliceAttrs):
+    idx = [slice(None)] * ins[0].dim()
+    idx[a.axis] = slice(a.start, a.end, a.step)
+    return ins[0][tuple(idx)]
+
+
+def _check_index(idx: torch.Tensor, size: int, what: str):
+    # out-of-range indices would be a silent wrong answer in some backends: reject them
+    if idx.numel() and (int(idx.min()) < -size or int(idx.max()) >= size):
+        raise IndexError(f"{what}: index out of range for size {size}")
+
+
+@ref(OpKind.TAKE)
+def take(ins, a: A.AxisAttrs):
+    x, idx = ins
+    _check_index(idx, x.shape[a.axis], "take")
+    idx = torch.where(idx < 0, idx + x.shape[a.axis], idx)
+    if a.axis == 0 and x.dim() == 2:
+        return F.embedding(idx, x)
+    out = torch.index_select(x, a.axis, idx.reshape(-1))
+    return out.reshape(x.shape[:a.axis] + idx.shape + x.shape[a.axis + 1:])
+
+
+@ref(OpKind.GATHER)
+def gather(ins, a: A.AxisAttrs):
+    x, idx = ins
+    _check_index(idx, x.shape[a.axis], "gather")
+    return torch.gather(x, a.axis, torch.where(idx < 0, idx + x.shape[a.axis], idx))
+
+
+@ref(OpKind.INDEX)
+def index(ins, a):
+    x, idx = ins[0], ins[1:]
+    for i, t in enumerate(idx):
+        _check_index(t, x.shape[i], "index")
+    return x[tuple(idx)]
+
+
+@ref(OpKind.PAD)
+def pad(ins, a: A.PadAttrs):
+    x = ins[0]
+    # F.pad takes (before, after) pairs from the last axis backwards
+    pads = []
+    for i in reversed(range(x.dim())):
+        pads += [a.pads[2 * i], a.pads[2 * i + 1]]
+    if a.mode is A.PadMode.CONSTANT:
+        return F.pad(x, pads, "constant", a.value)
+    # reflect/replicate only pad spatial axes; strip the leading zero pairs
+    nz = len(pads)
+    while nz > 2 and pads[nz - 1] == 0 and pads[nz - 2] == 0:
+        nz -= 2
+    return F.pad(x, pads[:nz], a.mode.value)
+
+
+@ref(OpKind.ATTENTION)
+def attention(ins, a: A.AttentionAttrs):
+    q, k, v = ins[:3]
+    mask = ins[3] if len(ins) > 3 else None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=a.causal, scale=a.scale)
+
+
+def rnn_reference(ins, a: A.RNNAttrs, mode: str):
+    """LSTM/GRU through torch's own implementation (the oracle)."""
+    x = ins[0]
+    nstate = 2 if mode == "LSTM" else 1
+    weights = list(ins[1 + nstate:])
+    if a.proj_hoisted:
+        raise NotImplementedError("reference RNN takes un-hoisted inputs")
+    hx = (ins[1], ins[2]) if mode == "LSTM" else ins[1]
+    fn = torch._VF.lstm if mode == "LSTM" else torch._VF.gru
+    out = fn(x, hx, weights, a.has_biases, a.num_layers, 0.0, False, a.bidirectional, a.batch_first)
+    return tuple(out)
+
+
+@ref(OpKind.LSTM)
+def lstm(ins, a: A.RNNAttrs):
+    return rnn_reference(ins, a, "LSTM")
+
+
+@ref(OpKind.GRU)
+def gru(ins, a: A.RNNAttrs):
+    return rnn_reference(ins, a, "GRU")
+
+
+def _resolve_target(name: str):
+    # "aten.foo.default" -> torch.ops.aten.foo.default; only torch's op namespaces are allowed
+    parts = name.split(".")
+    if len(parts) < 2 or parts[0] not in ("aten", "prims", "quantized", "torchvision"):
+        raise ValueError(f"fallback target {name!r} is not a torch op")
+    obj = torch.ops
+    for p in parts:
+        obj = getattr(obj, p)
+    return obj
+
+
+def _fill(template, ins):
+    if isinstance(template, tuple) and len(template) == 2 and template[0] == "$":
+        return ins[template[1]]
+    if isinstance(template, tuple) and len(template) == 2 and template[0] == "$list":
+        return [_fill(t, ins) for t in template[1]]
+    if isinstance(template, tuple):
+        return tuple(_fill(t, ins) for t in template)
+    return template
+
+
+@ref(OpKind.FALLBACK)
+def fallback(ins, a: A.FallbackAttrs):
+    fn = _resolve_target(a.target)
+    out = fn(*_fill(a.args, ins), **{k: _fill(v, ins) for k, v in a.kwargs})
+    if isinstance(out, (tuple, list)):  # the node's outputs are the tensor results, in order
+        outs = tuple(o for o in out if isinstance(o, torch.Tensor))
+        return outs[0] if len(a.out_types) == 1 else outs
+    return out

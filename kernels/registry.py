@@ -1,0 +1,62 @@
+"""The kernel registry, keyed by (OpKind, target).
+
+Every op kind has a ``reference`` kernel (torch), which is the fallback and the test oracle.
+Faster kernels register for a target with a predicate saying which nodes they accept; the
+runtime picks the first accepting kernel for its target, else the reference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from kiln.ir import Node, OpKind
+
+# A kernel is called as fn(inputs: list[Tensor | None], attrs) -> Tensor | tuple[Tensor, ...]
+KernelFn = Callable[..., object]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    op: OpKind
+    target: str
+    name: str
+    fn: KernelFn
+    accepts: Callable[[Node], bool] = lambda node: True
+
+
+_REGISTRY: dict[tuple[OpKind, str], list[Kernel]] = {}
+
+
+def register_kernel(op: OpKind, target: str, name: str | None = None, accepts=None):
+    def deco(fn: KernelFn) -> KernelFn:
+        k = Kernel(op, target, name or fn.__name__, fn, accepts or (lambda node: True))
+        _REGISTRY.setdefault((op, target), []).append(k)
+        return fn
+
+    return deco
+
+
+def kernels_for(op: OpKind, target: str) -> list[Kernel]:
+    return list(_REGISTRY.get((op, target), []))
+
+
+def select_kernel(node: Node, target: str) -> Kernel:
+    """The kernel the runtime uses for ``node`` on ``target``: first accepting, else reference."""
+    from . import reference  # noqa: F401  (registers the reference kernels)
+    from . import cpu  # noqa: F401
+
+    if target != "reference":
+        for k in _REGISTRY.get((node.op, target), []):
+            if k.accepts(node):
+                return k
+    ks = _REGISTRY.get((node.op, "reference"))
+    if not ks:
+        raise KeyError(f"no reference kernel for {node.op.value}")
+    return ks[0]
+
+
+def all_kernels() -> list[Kernel]:
+    from . import reference  # noqa: F401
+    from . import cpu  # noqa: F401
+
+    return [k for ks in _REGISTRY.values() for k in ks]

@@ -1,0 +1,22 @@
+"""Kiln: a deep-learning compiler for PyTorch and ONNX models.
+
+    fast = kiln.compile(model, example_inputs)
+    print(kiln.explain(model, example_inputs))
+"""
+from .errors import KilnError
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # The API pulls in torch and the compiler; load it on first use so `import kiln` is cheap.
+    if name in ("compile", "explain", "CompiledModel", "Explanation"):
+        from . import api
+        return getattr(api, name)
+    if name == "models":
+        import importlib
+        return importlib.import_module(".models", __name__)
+    raise AttributeError(f"module 'kiln' has no attribute {name!r}")
+
+
+__all__ = ["compile", "explain", "CompiledModel", "Explanation", "KilnError", "models", "__version__"]
