@@ -36,6 +36,38 @@ class FrontendBuilder(GraphBuilder):
         """The tensor behind a literal (or weight) constant, else None."""
         return self._constants.get(v)
 
+    def evaluate(self, v: Value) -> torch.Tensor | None:
+        """The tensor ``v`` holds if it depends only on constants (weights included), else None.
+
+        Used where an importer must restructure weights (ONNX RNN gate reordering) that the
+        exporter wrote as a small weight-only subgraph.
+        """
+        if v in self._constants:
+            return self._constants[v]
+        from kiln.kernels.registry import select_kernel
+
+        producer = {o: n for n in self._nodes for o in n.outputs}
+        memo: dict[Value, torch.Tensor] = dict(self._constants)
+
+        def go(x: Value):
+            if x in memo:
+                return memo[x]
+            n = producer.get(x)
+            if n is None:
+                return None
+            args = []
+            for i in n.inputs:
+                t = None if i is None else go(i)
+                if i is not None and t is None:
+                    return None
+                args.append(t)
+            r = select_kernel(n, "reference").fn(args, n.attrs)
+            for o, t in zip(n.outputs, r if isinstance(r, tuple) else (r,)):
+                memo[o] = t
+            return memo[x]
+
+        return go(v)
+
     def is_literal(self, v: Value | None) -> bool:
         return v is None or v in self.literals
 
@@ -81,9 +113,14 @@ class FrontendBuilder(GraphBuilder):
 
     def finish(self, outputs) -> Graph:
         """Build, dropping constants no node or output uses."""
-        used = {v for n in self._nodes for v in n.inputs if v is not None} | set(outputs)
-        g = self.build(outputs)
-        return g.replace(constants={v: t for v, t in g.constants.items() if v in used})
+        live = set(outputs)
+        nodes = []
+        for n in reversed(self._nodes):  # drop nodes nothing uses (e.g. weight plumbing an importer folded)
+            if any(o in live for o in n.outputs):
+                nodes.append(n)
+                live.update(v for v in n.inputs if v is not None)
+        g = self.build(outputs).replace(nodes=tuple(reversed(nodes)))
+        return g.replace(constants={v: t for v, t in g.constants.items() if v in live})
 
 
 def resolve_shape(in_shape, shape) -> tuple[int, ...]:

@@ -68,7 +68,7 @@ _UNARY = {aten.relu: OpKind.RELU, aten.relu_: OpKind.RELU, aten.neg: OpKind.NEG,
           aten.exp: OpKind.EXP, aten.log: OpKind.LOG, aten.sqrt: OpKind.SQRT, aten.rsqrt: OpKind.RSQRT,
           aten.reciprocal: OpKind.RECIPROCAL, aten.sigmoid: OpKind.SIGMOID, aten.tanh: OpKind.TANH,
           aten.erf: OpKind.ERF, aten.silu: OpKind.SILU, aten.logical_not: OpKind.NOT, aten.sin: OpKind.SIN,
-          aten.cos: OpKind.COS, aten.floor: OpKind.FLOOR, aten.ceil: OpKind.CEIL, aten.sign: OpKind.SIGN}
+          aten.cos: OpKind.COS, aten.isnan: OpKind.ISNAN, aten.floor: OpKind.FLOOR, aten.ceil: OpKind.CEIL, aten.sign: OpKind.SIGN}
 for _t, _k in _UNARY.items():
     conv(_t)(lambda cx, args, kw, n, k=_k: cx.add(k, args[0]))
 

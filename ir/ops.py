@@ -38,7 +38,7 @@ class OpKind(enum.Enum):
     RECIPROCAL = "reciprocal"; RELU = "relu"; SIGMOID = "sigmoid"; TANH = "tanh"; ERF = "erf"  # noqa: E702
     SILU = "silu"; GELU = "gelu"; LEAKY_RELU = "leaky_relu"; CLAMP = "clamp"; NOT = "not"  # noqa: E702
     SIN = "sin"; COS = "cos"; FLOOR = "floor"; CEIL = "ceil"; SIGN = "sign"; CAST = "cast"  # noqa: E702
-    IDENTITY = "identity"
+    IDENTITY = "identity"; ISNAN = "isnan"  # noqa: E702
     # binary elementwise (numpy broadcasting, torch type promotion)
     ADD = "add"; SUB = "sub"; MUL = "mul"; DIV = "div"; POW = "pow"  # noqa: E702
     MAXIMUM = "maximum"; MINIMUM = "minimum"  # noqa: E702
@@ -175,7 +175,7 @@ def _same_unary(ins, a):
     return (_t(ins[0]),)
 
 
-@op(OpKind.NOT)
+@op([OpKind.NOT, OpKind.ISNAN])
 def _not(ins, a):
     return (_t(ins[0], dtype=DType.BOOL),)
 

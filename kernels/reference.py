@@ -34,7 +34,7 @@ for _op, _f in {
     OpKind.SQRT: torch.sqrt, OpKind.RSQRT: torch.rsqrt, OpKind.RECIPROCAL: torch.reciprocal,
     OpKind.RELU: torch.relu, OpKind.SIGMOID: torch.sigmoid, OpKind.TANH: torch.tanh, OpKind.ERF: torch.erf,
     OpKind.SILU: F.silu, OpKind.NOT: torch.logical_not, OpKind.SIN: torch.sin, OpKind.COS: torch.cos,
-    OpKind.FLOOR: torch.floor, OpKind.CEIL: torch.ceil, OpKind.SIGN: torch.sign, OpKind.IDENTITY: lambda x: x,
+    OpKind.FLOOR: torch.floor, OpKind.ISNAN: torch.isnan, OpKind.CEIL: torch.ceil, OpKind.SIGN: torch.sign, OpKind.IDENTITY: lambda x: x,
 }.items():
     _unary(_op, _float_in(_f) if _op in (OpKind.EXP, OpKind.LOG, OpKind.SQRT, OpKind.RSQRT, OpKind.RECIPROCAL,
                                          OpKind.SIGMOID, OpKind.TANH, OpKind.ERF, OpKind.SILU, OpKind.SIN,
