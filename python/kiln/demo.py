@@ -1,0 +1,58 @@
+"""``make demo`` / ``kiln demo``: compile the example models and compare with eager PyTorch."""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import torch
+
+
+def _median_ms(fn, args, repeat: int) -> float:
+    fn(*args)  # warm up
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn(*args)
+        ts.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(ts)
+
+
+def _first_tensor(x):
+    if isinstance(x, torch.Tensor):
+        return x
+    if hasattr(x, "logits"):
+        return x.logits
+    if isinstance(x, (tuple, list)):
+        return _first_tensor(x[0])
+    raise TypeError(type(x))
+
+
+def run_demo(names, threads: int | None = None, repeat: int = 10) -> int:
+    import kiln
+    from kiln import models
+
+    if threads:
+        torch.set_num_threads(threads)
+    rows, ok = [], True
+    for name in names:
+        print(f"compiling {name} ...", file=sys.stderr, flush=True)
+        model, inputs = models.get(name)
+        t = time.perf_counter()
+        fast = kiln.compile(model, inputs)
+        compile_s = time.perf_counter() - t
+        with torch.no_grad():
+            ref = _first_tensor(model(*inputs))
+            out = _first_tensor(fast(*inputs))
+            err = (out - ref).abs().max().item()
+            tol = 1e-4 * max(1.0, ref.abs().max().item())
+            eager_ms = _median_ms(model, inputs, repeat)
+        kiln_ms = _median_ms(fast, inputs, repeat)
+        ok &= err <= tol
+        rows.append((name, err, tol, eager_ms, kiln_ms, compile_s))
+    print(f"\n{'model':<10} {'max abs err':>12} {'tolerance':>10} {'eager ms':>9} {'kiln ms':>9} {'speedup':>8} {'compile s':>10}")
+    for name, err, tol, e, k, c in rows:
+        print(f"{name:<10} {err:>12.2e} {tol:>10.1e} {e:>9.2f} {k:>9.2f} {e / k:>7.2f}x {c:>10.1f}")
+    print(f"\n{torch.get_num_threads()} thread(s); median of {repeat} runs; "
+          + ("all errors within tolerance" if ok else "ERROR ABOVE TOLERANCE"))
+    return 0 if ok else 1

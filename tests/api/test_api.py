@@ -1,0 +1,121 @@
+"""The public API: decorator forms, torch.compile, guards, fallbacks and explain."""
+import pytest
+import torch
+from torch import nn
+
+import kiln
+from kiln import KilnError
+
+
+class TwoOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, y):
+        h = self.fc(x) + y
+        return h.relu(), {"sum": h.sum(-1), "const": 7}
+
+
+def test_compile_preserves_structured_outputs():
+    m = TwoOut().eval()
+    x, y = torch.randn(2, 4), torch.randn(2, 3)
+    fast = kiln.compile(m, (x, y))
+    a, d = fast(x, y)
+    ra, rd = m(x, y)
+    torch.testing.assert_close(a, ra)
+    torch.testing.assert_close(d["sum"], rd["sum"])
+    assert d["const"] == 7
+
+
+def test_decorator_on_function_and_module():
+    @kiln.compile
+    def f(x, y):
+        return torch.tanh(x) * y + 1
+
+    x, y = torch.randn(3, 5), torch.randn(3, 5)
+    torch.testing.assert_close(f(x, y), torch.tanh(x) * y + 1)
+    torch.testing.assert_close(f(x[:2], y[:2]), torch.tanh(x[:2]) * y[:2] + 1)  # new shape recompiles
+
+    m = nn.Sequential(nn.Linear(5, 5), nn.GELU()).eval()
+    fm = kiln.compile(target="reference")(m)  # decorator with options, on a module
+    assert isinstance(fm, kiln.CompiledModel)
+    torch.testing.assert_close(fm(x), m(x))
+
+
+def test_torch_compile_backend():
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)).eval()
+    x = torch.randn(4, 8)
+    torch._dynamo.reset()
+    opt = torch.compile(m, backend="kiln")
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), m(x))
+        torch.testing.assert_close(opt(x[:1]), m(x[:1]))
+
+
+def test_guards_name_the_input_and_expectation():
+    m = TwoOut().eval()
+    x, y = torch.randn(2, 4), torch.randn(2, 3)
+    fast = kiln.compile(m, (x, y))
+    with pytest.raises(KilnError, match=r"compiled for 2 input\(s\) \(x, y\); got 1"):
+        fast(x)
+    with pytest.raises(KilnError, match="input 'y': expected dtype torch.float32, got torch.float64"):
+        fast(x, y.double())
+    with pytest.raises(KilnError, match="input 'x': expected rank 2"):
+        fast(x[None], y)
+    with pytest.raises(KilnError, match="input 'y': expected a tensor"):
+        fast(x, 3.0)
+
+
+def test_device_guard():
+    m = nn.Linear(3, 3).eval()
+    fast = kiln.compile(m, (torch.randn(1, 3),))
+    meta = torch.randn(1, 3, device="meta")
+    with pytest.raises(KilnError, match="compiled for device cpu, got meta"):
+        fast(meta)
+
+
+def test_new_shape_never_returns_a_stale_answer():
+    m = nn.Sequential(nn.Flatten(), nn.Linear(12, 2)).eval()
+    fast = kiln.compile(m, (torch.randn(2, 3, 4),))
+    x = torch.randn(5, 3, 4)
+    torch.testing.assert_close(fast(x), m(x))
+    with pytest.raises(KilnError):  # 3x5 flattens to 15 features: the model itself cannot run it
+        fast(torch.randn(2, 3, 5))
+
+
+class Unsupported(nn.Module):
+    def forward(self, x):
+        return torch.cumsum(x, 1).relu() + torch.linalg.vector_norm(x, dim=1, keepdim=True)
+
+
+def test_unsupported_ops_fall_back_and_are_explained():
+    m = Unsupported()
+    x = torch.randn(3, 6)
+    fast = kiln.compile(m, (x,))
+    torch.testing.assert_close(fast(x), m(x))
+    ex = kiln.explain(m, (x,))
+    ops = sorted(op for op, _, _ in ex.fallbacks)
+    assert ops == ["aten.cumsum.default", "aten.linalg_vector_norm.default"]
+    assert all("no Kiln converter" in why for _, _, why in ex.fallbacks)
+    assert "aten.cumsum.default" in str(ex)
+
+
+def test_bad_arguments():
+    with pytest.raises(KilnError, match="unknown target"):
+        kiln.compile(nn.Linear(2, 2), (torch.randn(1, 2),), target="tpu")
+    with pytest.raises(KilnError, match="expects an nn.Module"):
+        kiln.compile(42, ())
+    with pytest.raises(KilnError, match="unknown kiln.compile option"):
+        kiln.compile(nn.Linear(2, 2), (torch.randn(1, 2),), fast_math=True)
+
+
+def test_export_failure_is_a_kiln_error():
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:
+                return x
+            return -x
+
+    with pytest.raises(KilnError, match="torch.export could not trace"):
+        kiln.compile(DataDependent(), (torch.randn(3),))

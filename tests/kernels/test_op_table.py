@@ -1,0 +1,233 @@
+"""The op table: every op kind x dtype, run through a compiled plan, against torch.
+
+Each case builds a one-node graph with the IR builder (so type inference is checked too),
+runs it through ``build_plan`` for the ``cpu`` target (the kernel the runtime really
+picks), and compares with an independent torch expression.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kiln.ir import DType, GraphBuilder, OpKind, verify
+from kiln.ir import attrs as A
+from kiln.runtime.plan import build_plan
+
+F32, F16, BF16, I64, BOOL = torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool
+FLOATS = (F32, F16, BF16)
+TOL = {F32: (1e-5, 1e-5), F16: (2e-3, 2e-3), BF16: (2e-2, 2e-2), torch.float64: (1e-9, 1e-9)}
+
+
+@dataclass
+class Case:
+    op: OpKind
+    shapes: tuple  # input shapes
+    expect: Callable  # torch expression over the inputs
+    attrs: object = None
+    dtypes: tuple = FLOATS
+    gen: str = "randn"  # randn | positive | int | bool | index:N
+    in_dtypes: tuple | None = None  # per-input dtypes overriding the case dtype (None = case dtype)
+    id: str = ""
+    tol: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _make(shape, dtype, gen):
+    if gen.startswith("index:"):
+        return torch.randint(0, int(gen.split(":")[1]), shape, dtype=torch.int64)
+    if dtype == BOOL or gen == "bool":
+        return torch.rand(shape) > 0.5
+    if not dtype.is_floating_point:
+        return torch.randint(-5, 6, shape, dtype=dtype)
+    t = torch.randn(shape)
+    if gen == "positive":
+        t = t.abs() + 0.1
+    return t.to(dtype)
+
+
+def _lstm_ref(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+    h, c, ys = h0[0], c0[0], []
+    for t in range(x.shape[1]):
+        g = x[:, t] @ w_ih.T + b_ih + h @ w_hh.T + b_hh
+        i, f, gg, o = g.chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(gg)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        ys.append(h)
+    return torch.stack(ys, 1), h[None], c[None]
+
+
+def _gru_ref(x, h0, w_ih, w_hh, b_ih, b_hh):
+    h, ys = h0[0], []
+    for t in range(x.shape[1]):
+        xr, xz, xn = (x[:, t] @ w_ih.T + b_ih).chunk(3, -1)
+        hr, hz, hn = (h @ w_hh.T + b_hh).chunk(3, -1)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        h = (1 - z) * n + z * h
+        ys.append(h)
+    return torch.stack(ys, 1), h[None]
+
+
+def _unary(op, fn, dtypes=FLOATS, gen="randn"):
+    return Case(op, ((3, 5),), fn, dtypes=dtypes, gen=gen)
+
+
+def _binary(op, fn, dtypes=FLOATS + (I64,)):
+    return Case(op, ((3, 5), (1, 5)), fn, dtypes=dtypes)
+
+
+def _cmp(op, fn):
+    return Case(op, ((3, 5), (3, 1)), fn, dtypes=FLOATS + (I64,))
+
+
+H = 6
+CASES = [
+    _unary(OpKind.NEG, torch.neg, FLOATS + (I64,)), _unary(OpKind.ABS, torch.abs, FLOATS + (I64,)),
+    _unary(OpKind.EXP, torch.exp), _unary(OpKind.LOG, torch.log, gen="positive"),
+    _unary(OpKind.SQRT, torch.sqrt, gen="positive"), _unary(OpKind.RSQRT, torch.rsqrt, gen="positive"),
+    _unary(OpKind.RECIPROCAL, torch.reciprocal, gen="positive"), _unary(OpKind.RELU, torch.relu, FLOATS + (I64,)),
+    _unary(OpKind.SIGMOID, torch.sigmoid), _unary(OpKind.TANH, torch.tanh), _unary(OpKind.ERF, torch.erf),
+    _unary(OpKind.SILU, F.silu), _unary(OpKind.SIN, torch.sin), _unary(OpKind.COS, torch.cos),
+    _unary(OpKind.FLOOR, torch.floor), _unary(OpKind.CEIL, torch.ceil), _unary(OpKind.SIGN, torch.sign, FLOATS + (I64,)),
+    _unary(OpKind.IDENTITY, lambda x: x, FLOATS + (I64, BOOL)), _unary(OpKind.NOT, torch.logical_not, (BOOL,)),
+    _unary(OpKind.ISNAN, lambda x: torch.isnan(x)),
+    Case(OpKind.GELU, ((3, 5),), F.gelu, A.GeluAttrs()),
+    Case(OpKind.GELU, ((3, 5),), lambda x: F.gelu(x, approximate="tanh"), A.GeluAttrs(A.GeluApprox.TANH), id="tanh"),
+    Case(OpKind.LEAKY_RELU, ((3, 5),), lambda x: F.leaky_relu(x, 0.2), A.LeakyReluAttrs(0.2)),
+    Case(OpKind.CLAMP, ((3, 5),), lambda x: x.clamp(-0.5, 0.5), A.ClampAttrs(-0.5, 0.5)),
+    Case(OpKind.CLAMP, ((3, 5),), lambda x: x.clamp(min=0.0), A.ClampAttrs(0.0, None), id="min_only"),
+    Case(OpKind.CAST, ((3, 5),), lambda x: x.to(torch.int64), A.CastAttrs(DType.INT64), dtypes=(F32,)),
+    Case(OpKind.CAST, ((3, 5),), lambda x: x.to(torch.float32), A.CastAttrs(DType.FLOAT32), dtypes=(I64, BOOL, F16, BF16),
+         id="to_f32"),
+    _binary(OpKind.ADD, torch.add), _binary(OpKind.SUB, torch.sub), _binary(OpKind.MUL, torch.mul),
+    _binary(OpKind.DIV, torch.div), _binary(OpKind.MAXIMUM, torch.maximum), _binary(OpKind.MINIMUM, torch.minimum),
+    Case(OpKind.POW, ((3, 5), (1, 5)), torch.pow, gen="positive"),
+    Case(OpKind.ADD, ((3, 5), ()), torch.add, id="scalar_operand"),
+    Case(OpKind.ADD, ((3, 5), (3, 5)), torch.add, in_dtypes=(None, I64), id="promote_int"),
+    _cmp(OpKind.EQ, torch.eq), _cmp(OpKind.NE, torch.ne), _cmp(OpKind.LT, torch.lt), _cmp(OpKind.LE, torch.le),
+    _cmp(OpKind.GT, torch.gt), _cmp(OpKind.GE, torch.ge),
+    Case(OpKind.AND, ((3, 5), (3, 5)), torch.logical_and, dtypes=(BOOL,)),
+    Case(OpKind.OR, ((3, 5), (3, 5)), torch.logical_or, dtypes=(BOOL,)),
+    Case(OpKind.WHERE, ((3, 5), (3, 5), (1, 5)), torch.where, in_dtypes=(BOOL, None, None), dtypes=FLOATS + (I64,)),
+    Case(OpKind.SUM, ((3, 4, 5),), lambda x: x.sum((0, 2)), A.ReduceAttrs((0, 2)), dtypes=FLOATS + (I64,)),
+    Case(OpKind.MEAN, ((3, 4, 5),), lambda x: x.mean(-1, keepdim=True), A.ReduceAttrs((2,), True)),
+    Case(OpKind.MAX, ((3, 4, 5),), lambda x: x.amax(1), A.ReduceAttrs((1,)), dtypes=FLOATS + (I64,)),
+    Case(OpKind.MIN, ((3, 4, 5),), lambda x: x.amin((1, 2)), A.ReduceAttrs((1, 2)), dtypes=FLOATS + (I64,)),
+    Case(OpKind.ARGMAX, ((3, 4, 5),), lambda x: x.argmax(1), A.ArgReduceAttrs(1), dtypes=(F32, I64)),
+    Case(OpKind.SOFTMAX, ((3, 4, 5),), lambda x: x.softmax(-1), A.AxisAttrs(2)),
+    Case(OpKind.LOG_SOFTMAX, ((3, 4, 5),), lambda x: x.log_softmax(1), A.AxisAttrs(1)),
+    Case(OpKind.LAYER_NORM, ((2, 3, 8), (8,), (8,)), lambda x, w, b: F.layer_norm(x, (8,), w, b, 1e-5),
+         A.LayerNormAttrs(1, 1e-5)),
+    Case(OpKind.LAYER_NORM, ((2, 3, 8),), lambda x: F.layer_norm(x, (3, 8)), A.LayerNormAttrs(2, 1e-5), id="no_affine"),
+    Case(OpKind.BATCH_NORM, ((2, 4, 3, 3), (4,), (4,), (4,), (4,)),
+         lambda x, m, v, w, b: F.batch_norm(x, m, v, w, b, False, 0.0, 1e-5), A.BatchNormAttrs(1e-5), gen="positive"),
+    Case(OpKind.MATMUL, ((2, 3, 4, 5), (5, 6)), torch.matmul, dtypes=FLOATS + (I64,)),
+    Case(OpKind.MATMUL, ((2, 1, 4, 5), (3, 5, 6)), torch.matmul, id="batched_broadcast"),
+    Case(OpKind.MATMUL, ((5,), (2, 5, 3)), torch.matmul, id="vector_lhs"),
+    Case(OpKind.LINEAR, ((2, 3, 8), (5, 8), (5,)), F.linear),
+    Case(OpKind.LINEAR, ((4, 8), (5, 8)), F.linear, id="no_bias"),
+    Case(OpKind.CONV2D, ((1, 4, 9, 9), (6, 4, 3, 3), (6,)), lambda x, w, b: F.conv2d(x, w, b, 2, 1),
+         A.Conv2dAttrs((2, 2), (1, 1))),
+    Case(OpKind.CONV2D, ((2, 4, 8, 8), (4, 2, 3, 3)), lambda x, w: F.conv2d(x, w, None, 1, 2, 2, 2),
+         A.Conv2dAttrs((1, 1), (2, 2), (2, 2), 2), id="grouped_dilated"),
+    Case(OpKind.MAX_POOL2D, ((1, 3, 9, 9),), lambda x: F.max_pool2d(x, 3, 2, 1), A.Pool2dAttrs((3, 3), (2, 2), (1, 1))),
+    Case(OpKind.MAX_POOL2D, ((1, 3, 8, 8),), lambda x: F.max_pool2d(x, 3, 2, 0, ceil_mode=True),
+         A.Pool2dAttrs((3, 3), (2, 2), ceil_mode=True), id="ceil"),
+    Case(OpKind.AVG_POOL2D, ((1, 3, 9, 9),), lambda x: F.avg_pool2d(x, 3, 2, 1, count_include_pad=False),
+         A.Pool2dAttrs((3, 3), (2, 2), (1, 1), count_include_pad=False)),
+    Case(OpKind.ADAPTIVE_AVG_POOL2D, ((2, 3, 7, 7),), lambda x: F.adaptive_avg_pool2d(x, 1), A.AdaptivePoolAttrs((1, 1))),
+    Case(OpKind.RESHAPE, ((2, 3, 4),), lambda x: x.reshape(6, 4), A.ShapeAttrs((6, 4)), dtypes=FLOATS + (I64, BOOL)),
+    Case(OpKind.PERMUTE, ((2, 3, 4),), lambda x: x.permute(2, 0, 1), A.PermuteAttrs((2, 0, 1)), dtypes=FLOATS + (I64,)),
+    Case(OpKind.EXPAND, ((3, 1),), lambda x: x.expand(2, 3, 4), A.ShapeAttrs((2, 3, 4)), dtypes=FLOATS + (I64, BOOL)),
+    Case(OpKind.CONCAT, ((2, 3), (2, 5), (2, 1)), lambda *xs: torch.cat(xs, 1), A.AxisAttrs(1), dtypes=FLOATS + (I64,)),
+    Case(OpKind.SLICE, ((4, 9),), lambda x: x[:, 1:8:3], A.SliceAttrs(1, 1, 8, 3), dtypes=FLOATS + (I64, BOOL)),
+    Case(OpKind.TAKE, ((10, 4), (2, 3)), lambda w, i: F.embedding(i, w), A.AxisAttrs(0), in_dtypes=(None, I64),
+         gen="index:10", dtypes=FLOATS + (I64,)),
+    Case(OpKind.TAKE, ((3, 10, 2), (4,)), lambda x, i: x.index_select(1, i), A.AxisAttrs(1), in_dtypes=(None, I64),
+         gen="index:10", id="inner_axis"),
+    Case(OpKind.GATHER, ((3, 10), (3, 4)), lambda x, i: x.gather(1, i), A.AxisAttrs(1), in_dtypes=(None, I64),
+         gen="index:3", dtypes=FLOATS + (I64,)),
+    Case(OpKind.INDEX, ((4, 5, 2), (3, 1), (1, 2)), lambda x, i, j: x[i, j], in_dtypes=(None, I64, I64), gen="index:4"),
+    Case(OpKind.PAD, ((1, 2, 3, 3),), lambda x: F.pad(x, (1, 2, 0, 1), value=0.5),
+         A.PadAttrs((0, 0, 0, 0, 0, 1, 1, 2), A.PadMode.CONSTANT, 0.5), dtypes=FLOATS + (I64,)),
+    Case(OpKind.PAD, ((1, 2, 4, 4),), lambda x: F.pad(x, (1, 1, 2, 2), mode="reflect"),
+         A.PadAttrs((0, 0, 0, 0, 2, 2, 1, 1), A.PadMode.REFLECT), dtypes=(F32,), id="reflect"),
+    Case(OpKind.ATTENTION, ((2, 3, 7, 8), (2, 3, 7, 8), (2, 3, 7, 8)),
+         lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), -1) @ v, A.AttentionAttrs(), tol=1e-2),
+    Case(OpKind.ATTENTION, ((1, 2, 5, 4), (1, 2, 5, 4), (1, 2, 5, 4), (1, 1, 1, 5)),
+         lambda q, k, v, m: torch.softmax(q @ k.transpose(-1, -2) * 0.3 + m, -1) @ v, A.AttentionAttrs(0.3),
+         id="additive_mask", dtypes=(F32,)),
+    Case(OpKind.ATTENTION, ((1, 2, 5, 4), (1, 2, 5, 4), (1, 2, 5, 4), (1, 1, 5, 5)),
+         lambda q, k, v, m: torch.softmax((q @ k.transpose(-1, -2) / 2).masked_fill(~m, float("-inf")), -1) @ v,
+         A.AttentionAttrs(), in_dtypes=(None, None, None, BOOL), id="bool_mask", dtypes=(F32,),
+         extra={"mask_diag": True}),
+    Case(OpKind.ATTENTION, ((1, 2, 5, 4), (1, 2, 5, 4), (1, 2, 5, 4)),
+         lambda q, k, v: torch.softmax((q @ k.transpose(-1, -2) / 2).masked_fill(
+             torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf")), -1) @ v,
+         A.AttentionAttrs(causal=True), id="causal", dtypes=(F32,)),
+    Case(OpKind.LSTM, ((2, 5, 3), (1, 2, H), (1, 2, H), (4 * H, 3), (4 * H, H), (4 * H,), (4 * H,)), _lstm_ref,
+         A.RNNAttrs(H, 1, batch_first=True), dtypes=(F32,), tol=1e-5),
+    Case(OpKind.GRU, ((2, 5, 3), (1, 2, H), (3 * H, 3), (3 * H, H), (3 * H,), (3 * H,)), _gru_ref,
+         A.RNNAttrs(H, 1, batch_first=True), dtypes=(F32,), tol=1e-5),
+]
+
+# (op, case id, dtype) -> why it is expected to fail
+EXPECTED_FAILURES: dict[tuple, str] = {}
+
+
+def _params():
+    out = []
+    for c in CASES:
+        for dt in c.dtypes:
+            tag = f"{c.op.value}{'-' + c.id if c.id else ''}-{str(dt).removeprefix('torch.')}"
+            marks = []
+            why = EXPECTED_FAILURES.get((c.op, c.id, dt))
+            if why:
+                marks.append(pytest.mark.xfail(reason=why, strict=True))
+            out.append(pytest.param(c, dt, id=tag, marks=marks))
+    return out
+
+
+def test_every_op_kind_has_a_case():
+    covered = {c.op for c in CASES}
+    missing = [k.value for k in OpKind if k not in covered and k is not OpKind.FALLBACK]
+    assert not missing, f"op kinds without an op-table case: {missing}"
+
+
+@pytest.mark.parametrize("case,dtype", _params())
+def test_op_against_torch(case: Case, dtype):
+    in_dtypes = case.in_dtypes or (None,) * len(case.shapes)
+    inputs = []
+    for shape, idt in zip(case.shapes, in_dtypes):
+        d = idt or dtype
+        gen = case.gen if (idt is None or case.gen.startswith("index")) else "randn"
+        if case.gen.startswith("index") and idt is None:
+            gen = "randn"
+        inputs.append(_make(shape, d, gen))
+    if case.extra.get("mask_diag"):
+        inputs[-1] = inputs[-1] | torch.eye(inputs[-1].shape[-1], dtype=torch.bool)  # no fully-masked rows
+    b = GraphBuilder(case.op.value)
+    vals = [b.input(f"x{i}", tuple(t.shape), DType.from_torch(t.dtype)) for i, t in enumerate(inputs)]
+    out = b.add(case.op, *vals, attrs=case.attrs)
+    outs = out if isinstance(out, tuple) else (out,)
+    g = verify(b.build(outs))
+    got = build_plan(g, "cpu").run(inputs)
+    want = case.expect(*inputs)
+    want = want if isinstance(want, tuple) else (want,)
+    assert len(got) == len(want)
+    for v, x, y in zip(outs, got, want):
+        assert x.dtype == v.type.dtype.to_torch(), f"runtime dtype {x.dtype} != inferred {v.type}"
+        assert tuple(x.shape) == tuple(v.type.shape), f"runtime shape {tuple(x.shape)} != inferred {v.type}"
+        assert y.dtype == x.dtype and x.shape == y.shape, f"torch gives {y.dtype}{tuple(y.shape)}"
+        if x.dtype.is_floating_point:
+            atol, rtol = TOL[x.dtype]
+            if case.tol and x.dtype == F32:
+                atol = rtol = case.tol
+            torch.testing.assert_close(x, y, atol=atol, rtol=rtol, equal_nan=True)
+        else:
+            assert torch.equal(x, y)

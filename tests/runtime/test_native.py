@@ -1,0 +1,98 @@
+"""kiln._C: fused RNN cells against torch, argument checking, and the memory planner."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from kiln import _C
+
+
+@pytest.mark.parametrize("batch,hidden", [(1, 1), (3, 17), (32, 128)])
+def test_lstm_cell_matches_torch(batch, hidden):
+    gates = torch.randn(batch, 4 * hidden) * 4
+    c = torch.randn(batch, hidden)
+    h_out, c_out = torch.empty(batch, hidden), torch.empty(batch, hidden)
+    _C.lstm_cell(gates.numpy(), c.numpy(), h_out.numpy(), c_out.numpy())
+    i, f, g, o = gates.chunk(4, 1)
+    c_ref = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    torch.testing.assert_close(c_out, c_ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(h_out, torch.sigmoid(o) * torch.tanh(c_ref), atol=1e-6, rtol=1e-5)
+
+
+def test_lstm_cell_special_values():
+    gates = torch.tensor([[float("nan"), 100.0, -100.0, 0.0, 1e30, -1e30, 50.0, -50.0]])
+    c = torch.tensor([[1.0, 2.0]])
+    h, c2 = torch.empty(1, 2), torch.empty(1, 2)
+    _C.lstm_cell(gates.numpy(), c.numpy(), h.numpy(), c2.numpy())
+    i, f, g, o = gates.chunk(4, 1)
+    c_ref = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    torch.testing.assert_close(c2, c_ref, equal_nan=True)
+
+
+@pytest.mark.parametrize("batch,hidden", [(1, 3), (5, 33), (32, 128)])
+def test_gru_cell_matches_torch(batch, hidden):
+    gx, gh = torch.randn(batch, 3 * hidden) * 3, torch.randn(batch, 3 * hidden) * 3
+    h = torch.randn(batch, hidden)
+    out = torch.empty(batch, hidden)
+    _C.gru_cell(gx.numpy(), gh.numpy(), h.numpy(), out.numpy())
+    xr, xz, xn = gx.chunk(3, 1)
+    hr, hz, hn = gh.chunk(3, 1)
+    r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+    n = torch.tanh(xn + r * hn)
+    torch.testing.assert_close(out, (1 - z) * n + z * h, atol=1e-6, rtol=1e-5)
+
+
+def test_cells_reject_bad_arguments():
+    g = np.zeros((2, 8), np.float32)
+    c = np.zeros((2, 2), np.float32)
+    with pytest.raises(ValueError, match="c: expected shape"):
+        _C.lstm_cell(g, np.zeros((3, 2), np.float32), c.copy(), c.copy())
+    with pytest.raises(ValueError, match="gates"):
+        _C.lstm_cell(np.zeros((2, 7), np.float32), c, c.copy(), c.copy())
+    with pytest.raises(TypeError):  # wrong dtype is rejected, never silently copied
+        _C.lstm_cell(g.astype(np.float64), c, c.copy(), c.copy())
+    with pytest.raises(TypeError):  # non-contiguous output
+        _C.lstm_cell(g, c, np.zeros((2, 4), np.float32)[:, ::2], c.copy())
+    ro = c.copy()
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="writable"):
+        _C.lstm_cell(g, c, ro, c.copy())
+    with pytest.raises(ValueError, match="gh"):
+        _C.gru_cell(np.zeros((2, 6), np.float32), np.zeros((2, 5), np.float32), c, c.copy())
+
+
+def _check_plan(sizes, first, last, offsets, arena, align):
+    for i in range(len(sizes)):
+        assert offsets[i] % align == 0 and offsets[i] + sizes[i] <= arena
+        for j in range(i):
+            if first[i] <= last[j] and first[j] <= last[i] and sizes[i] and sizes[j]:
+                assert offsets[i] + sizes[i] <= offsets[j] or offsets[j] + sizes[j] <= offsets[i], (i, j)
+
+
+def test_memory_planner_never_overlaps_live_buffers():
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 30)
+        sizes = [rng.randint(0, 5000) for _ in range(n)]
+        first = [rng.randint(0, 40) for _ in range(n)]
+        last = [f + rng.randint(0, 10) for f in first]
+        offsets, arena = _C.plan_memory(sizes, first, last, 64)
+        _check_plan(sizes, first, last, offsets, arena, 64)
+        assert arena <= sum((s + 63) // 64 * 64 for s in sizes)
+
+
+def test_memory_planner_reuses_dead_buffers():
+    offsets, arena = _C.plan_memory([1024, 1024, 1024], [0, 1, 2], [0, 1, 2], 64)
+    assert arena == 1024 and offsets == [0, 0, 0]
+
+
+def test_memory_planner_rejects_bad_input():
+    with pytest.raises(ValueError):
+        _C.plan_memory([1, 2], [0], [0, 1], 64)
+    with pytest.raises(ValueError):
+        _C.plan_memory([1], [2], [1], 64)
+    with pytest.raises(ValueError):
+        _C.plan_memory([-1], [0], [0], 64)
+    with pytest.raises(ValueError):
+        _C.plan_memory([1], [0], [0], 3)
