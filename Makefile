@@ -1,0 +1,34 @@
+# Kiln: `make demo` compiles the example models; `make test` runs the test suite.
+# Both create .venv in the repository root when missing and install everything into it.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.kiln-installed
+PYTEST ?= -q
+
+.PHONY: all install demo test test-slow clean
+
+all: demo
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# Reinstall when the pins, the build description or the C++ sources change.
+$(STAMP): $(PY) requirements.txt pyproject.toml CMakeLists.txt $(wildcard csrc/*)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m kiln.cli demo resnet18 bert lstm
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST) -p no:logging tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest $(PYTEST) -p no:logging -m slow tests
+
+clean:
+	rm -rf build dist *.egg-info
