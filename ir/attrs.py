@@ -5,7 +5,7 @@ import enum
 from dataclasses import dataclass
 
 from .dtypes import DType
-from .types import TensorType
+from .types import Layout, TensorType
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,12 +67,37 @@ class BatchNormAttrs:
     eps: float = 1e-5
 
 
+class Activation(enum.Enum):
+    """An activation fused into a GEMM/conv epilogue: ``act(op(x) + bias + residual)``."""
+
+    NONE = "none"
+    RELU = "relu"
+    GELU = "gelu"
+    GELU_TANH = "gelu_tanh"
+    TANH = "tanh"
+    SIGMOID = "sigmoid"
+    SILU = "silu"
+
+
+@dataclass(frozen=True, slots=True)
+class LinearAttrs:
+    activation: Activation = Activation.NONE
+
+
 @dataclass(frozen=True, slots=True)
 class Conv2dAttrs:
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] = (0, 0)
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
+    activation: Activation = Activation.NONE
+
+
+@dataclass(frozen=True, slots=True)
+class LayoutAttrs:
+    """TO_LAYOUT: the same logical tensor, stored in ``layout``."""
+
+    layout: Layout
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +161,10 @@ class RNNAttrs:
     """Structured LSTM/GRU over a whole sequence (torch gate order: LSTM i,f,g,o; GRU r,z,n).
 
     Inputs: x, h0, [c0 for LSTM], then per layer and direction: w_ih, w_hh, [b_ih, b_hh].
-    ``proj_hoisted`` means x arrives already multiplied by layer 0's ``w_ih`` (plus biases).
+    ``proj_hoisted``: the input projection was hoisted out of the recurrence into one GEMM
+    over all time steps. Then the op is one unidirectional layer whose inputs are
+    (xp, h0, [c0], w_hh, [b_hh]) with xp = x @ w_ih^T + b_ih (for LSTM b_hh is folded into
+    xp too and absent).
     """
 
     hidden_size: int

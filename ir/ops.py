@@ -38,7 +38,7 @@ class OpKind(enum.Enum):
     RECIPROCAL = "reciprocal"; RELU = "relu"; SIGMOID = "sigmoid"; TANH = "tanh"; ERF = "erf"  # noqa: E702
     SILU = "silu"; GELU = "gelu"; LEAKY_RELU = "leaky_relu"; CLAMP = "clamp"; NOT = "not"  # noqa: E702
     SIN = "sin"; COS = "cos"; FLOOR = "floor"; CEIL = "ceil"; SIGN = "sign"; CAST = "cast"  # noqa: E702
-    IDENTITY = "identity"; ISNAN = "isnan"  # noqa: E702
+    IDENTITY = "identity"; ISNAN = "isnan"; TO_LAYOUT = "to_layout"  # noqa: E702
     # binary elementwise (numpy broadcasting, torch type promotion)
     ADD = "add"; SUB = "sub"; MUL = "mul"; DIV = "div"; POW = "pow"  # noqa: E702
     MAXIMUM = "maximum"; MINIMUM = "minimum"  # noqa: E702
@@ -180,6 +180,12 @@ def _not(ins, a):
     return (_t(ins[0], dtype=DType.BOOL),)
 
 
+@op(OpKind.TO_LAYOUT, A.LayoutAttrs, category=Category.MOVEMENT)
+def _to_layout(ins, a):
+    x = ins[0]
+    return (TensorType(x.dtype, x.shape, a.layout, x.quant),)
+
+
 @op(OpKind.GELU, A.GeluAttrs)
 def _gelu(ins, a):
     return (_t(ins[0]),)
@@ -291,14 +297,20 @@ def _matmul(ins, a):
     return (TensorType(promote_types(x, y), out),)
 
 
-@op(OpKind.LINEAR, operands=("x", "weight", "bias?"), category=Category.COMPUTE)
+def _check_residual(kind, r, out: TensorType):
+    if r is not None and (tuple(r.shape) != tuple(out.shape) or r.dtype != out.dtype):
+        _err(kind, f"residual {r!r} must match the output {out!r}")
+    return (out,)
+
+
+@op(OpKind.LINEAR, A.LinearAttrs, operands=("x", "weight", "bias?", "residual?"), category=Category.COMPUTE)
 def _linear(ins, a):
-    x, w, b = (list(ins) + [None])[:3]
+    x, w, b, r = (list(ins) + [None, None])[:4]
     if w.rank != 2 or x.rank < 1 or x.shape[-1] != w.shape[1]:
         _err("linear", f"x {x.shape} and weight {w.shape} (out, in) do not match")
     if b is not None and tuple(b.shape) != (w.shape[0],):
         _err("linear", f"bias shape {b.shape} != ({w.shape[0]},)")
-    return (TensorType(promote_types(x, w), x.shape[:-1] + (w.shape[0],)),)
+    return _check_residual("linear", r, TensorType(promote_types(x, w), x.shape[:-1] + (w.shape[0],)))
 
 
 def _conv_out(size, k, s, p, d, ceil=False):
@@ -312,9 +324,9 @@ def _conv_out(size, k, s, p, d, ceil=False):
     return out
 
 
-@op(OpKind.CONV2D, A.Conv2dAttrs, operands=("x", "weight", "bias?"), category=Category.COMPUTE)
+@op(OpKind.CONV2D, A.Conv2dAttrs, operands=("x", "weight", "bias?", "residual?"), category=Category.COMPUTE)
 def _conv2d(ins, a):
-    x, w, b = (list(ins) + [None])[:3]
+    x, w, b, r = (list(ins) + [None, None])[:4]
     if x.rank != 4 or w.rank != 4:
         _err("conv2d", f"expected 4-D input and weight, got {x.shape} and {w.shape}")
     n, c, h, wd = x.shape
@@ -329,7 +341,7 @@ def _conv2d(ins, a):
     ow = _conv_out(wd, kw, a.stride[1], a.padding[1], a.dilation[1])
     if (isinstance(oh, int) and oh <= 0) or (isinstance(ow, int) and ow <= 0):
         _err("conv2d", f"input {x.shape} too small for kernel {(kh, kw)}")
-    return (TensorType(promote_types(x, w), (n, co, oh, ow)),)
+    return _check_residual("conv2d", r, TensorType(promote_types(x, w), (n, co, oh, ow)))
 
 
 @op([OpKind.MAX_POOL2D, OpKind.AVG_POOL2D], A.Pool2dAttrs, category=Category.COMPUTE)
@@ -486,18 +498,25 @@ def _rnn_infer(ins, a, gates, with_c):
     if x.rank != 3:
         _err("rnn", f"input must be 3-D, got {x.shape}")
     b, t = (x.shape[0], x.shape[1]) if a.batch_first else (x.shape[1], x.shape[0])
-    per = 4 if a.has_biases else 2
     nstate = 2 if with_c else 1
-    want = 1 + nstate + per * a.num_layers * nd
-    if len(ins) != want:
-        _err("rnn", f"expected {want} operands, got {len(ins)}")
     feat = x.shape[2]
-    if not a.proj_hoisted:
+    if a.proj_hoisted:
+        if a.num_layers != 1 or a.bidirectional:
+            _err("rnn", "a hoisted recurrence is one unidirectional layer")
+        if len(ins) not in (nstate + 2, nstate + 3):
+            _err("rnn", f"hoisted form takes (xp, states, w_hh, [b_hh]); got {len(ins)} operands")
+        if feat != gates * a.hidden_size:
+            _err("rnn", f"hoisted input width {feat} != {gates * a.hidden_size}")
+        if tuple(ins[1 + nstate].shape) != (gates * a.hidden_size, a.hidden_size):
+            _err("rnn", f"w_hh shape {ins[1 + nstate].shape} != {(gates * a.hidden_size, a.hidden_size)}")
+    else:
+        per = 4 if a.has_biases else 2
+        want = 1 + nstate + per * a.num_layers * nd
+        if len(ins) != want:
+            _err("rnn", f"expected {want} operands, got {len(ins)}")
         w_ih0 = ins[1 + nstate]
         if tuple(w_ih0.shape) != (gates * a.hidden_size, feat):
             _err("rnn", f"layer-0 w_ih shape {w_ih0.shape} != {(gates * a.hidden_size, feat)}")
-    elif feat != gates * a.hidden_size * nd:
-        _err("rnn", f"hoisted input width {feat} != {gates * a.hidden_size * nd}")
     state = TensorType(x.dtype, (a.num_layers * nd, b, a.hidden_size))
     for s in ins[1:1 + nstate]:
         if tuple(s.shape) != state.shape:

@@ -27,7 +27,8 @@ VERSION = 1
 _RECORDS: dict[str, type] = {c.__name__: c for c in [
     *(getattr(A, n) for n in dir(A) if dataclasses.is_dataclass(getattr(A, n))),
     T.TensorType, T.Layout, T.Sym, D.QuantSpec]}
-_ENUMS: dict[str, type] = {c.__name__: c for c in [D.DType, D.QScheme, T.LayoutKind, A.GeluApprox, A.PadMode]}
+_ENUMS: dict[str, type] = {c.__name__: c for c in [D.DType, D.QScheme, T.LayoutKind, A.GeluApprox, A.PadMode,
+                                                    A.Activation]}
 
 
 class SerializeError(ValueError):

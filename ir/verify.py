@@ -59,6 +59,8 @@ def verify(graph: Graph) -> Graph:
                 for t, v in zip(types, n.outputs):
                     if (t.dtype, t.shape) != (v.type.dtype, v.type.shape):
                         errors.append(f"{where}: output %{v.name} declared {v.type!r}, inferred {t!r}")
+                if n.op is OpKind.TO_LAYOUT and n.outputs[0].type.layout != n.attrs.layout:
+                    errors.append(f"{where}: output layout {n.outputs[0].type.layout!r} != {n.attrs.layout!r}")
         for v in n.outputs:
             define(v, where)
 

@@ -1,8 +1,9 @@
-"""CPU kernels that beat the reference: recurrent networks with a hoisted input projection.
+"""CPU kernels that beat the reference: recurrent networks.
 
 LSTM/GRU: the input projection of every time step is one GEMM per layer before the
-recurrence; each step is then one GEMM (h @ W_hh^T, into a preallocated buffer) plus one
-fused C++ pointwise kernel for the gates (``kiln._C.lstm_cell`` / ``gru_cell``).
+recurrence (done inside the kernel for the structured op, or by a LINEAR node once the
+``rnn`` pass hoisted it); each step is then one GEMM (h @ W_hh^T, into a preallocated
+buffer) plus one fused C++ kernel for the gates (``kiln._C.lstm_cell`` / ``gru_cell``).
 """
 from __future__ import annotations
 
@@ -23,20 +24,35 @@ def _native():
 def _rnn_ok(node: Node) -> bool:
     a = node.attrs
     x = node.inputs[0].type
-    return (not a.bidirectional and x.dtype.value == "float32" and x.is_static)
+    return not a.bidirectional and x.dtype.value == "float32" and x.is_static
 
 
-def _layer_weights(ws, a: A.RNNAttrs, layer: int):
+def _layers(ins, a: A.RNNAttrs, nstate: int, gates: int):
+    """Per layer: (w_ih or None when hoisted, w_hh, input bias or None, recurrent bias or None)."""
+    ws = ins[1 + nstate:]
+    if a.proj_hoisted:
+        return [(None, ws[0], None, ws[1] if len(ws) > 1 else None)]
     per = 4 if a.has_biases else 2
-    w = ws[layer * per: (layer + 1) * per]
-    return w[0], w[1], (w[2] if a.has_biases else None), (w[3] if a.has_biases else None)
+    out = []
+    for layer in range(a.num_layers):
+        w = ws[layer * per: (layer + 1) * per]
+        out.append((w[0], w[1], w[2] if a.has_biases else None, w[3] if a.has_biases else None))
+    return out
 
 
-@register_kernel(OpKind.LSTM, "cpu", name="cpu.lstm_hoisted", accepts=_rnn_ok)
-def lstm_hoisted(ins, a: A.RNNAttrs):
+def _project(layer_in, w_ih, bias, T, B, width):
+    flat = layer_in.reshape(T * B, -1)
+    if w_ih is None:  # hoisted: the input already is the projection
+        return flat.view(T, B, width)
+    if bias is not None:
+        return torch.addmm(bias, flat, w_ih.t()).view(T, B, width)  # all steps, one GEMM
+    return torch.mm(flat, w_ih.t()).view(T, B, width)
+
+
+@register_kernel(OpKind.LSTM, "cpu", name="cpu.lstm", accepts=_rnn_ok)
+def lstm_cpu(ins, a: A.RNNAttrs):
     C = _native()
     x, h0, c0 = ins[:3]
-    ws = ins[3:]
     xt = x.transpose(0, 1) if a.batch_first else x  # time-major inside
     T, B = xt.shape[0], xt.shape[1]
     H = a.hidden_size
@@ -44,15 +60,14 @@ def lstm_hoisted(ins, a: A.RNNAttrs):
     hn, cn = torch.empty_like(h0), torch.empty_like(c0)
     gates = torch.empty(B, 4 * H)
     gates_np = gates.numpy()
-    for layer in range(a.num_layers):
-        w_ih, w_hh, b_ih, b_hh = _layer_weights(ws, a, layer)
-        flat = layer_in.reshape(T * B, -1)
-        if a.proj_hoisted and layer == 0:
-            gx = flat.view(T, B, 4 * H)
-        elif b_ih is not None:
-            gx = torch.addmm(b_ih + b_hh, flat, w_ih.t()).view(T, B, 4 * H)  # all steps, one GEMM
+    for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(_layers(ins, a, 2, 4)):
+        if a.proj_hoisted:
+            bias = None
         else:
-            gx = torch.mm(flat, w_ih.t()).view(T, B, 4 * H)
+            bias = b_ih + b_hh if b_ih is not None else None
+        gx = _project(layer_in, w_ih, bias, T, B, 4 * H)
+        if a.proj_hoisted and b_hh is not None:
+            gx = gx + b_hh
         w_hh_t = w_hh.t()
         out = torch.empty(T, B, H)
         out_np = out.numpy()
@@ -70,11 +85,10 @@ def lstm_hoisted(ins, a: A.RNNAttrs):
     return y, hn, cn
 
 
-@register_kernel(OpKind.GRU, "cpu", name="cpu.gru_hoisted", accepts=_rnn_ok)
-def gru_hoisted(ins, a: A.RNNAttrs):
+@register_kernel(OpKind.GRU, "cpu", name="cpu.gru", accepts=_rnn_ok)
+def gru_cpu(ins, a: A.RNNAttrs):
     C = _native()
     x, h0 = ins[:2]
-    ws = ins[2:]
     xt = x.transpose(0, 1) if a.batch_first else x
     T, B = xt.shape[0], xt.shape[1]
     H = a.hidden_size
@@ -82,15 +96,8 @@ def gru_hoisted(ins, a: A.RNNAttrs):
     hn = torch.empty_like(h0)
     gh = torch.empty(B, 3 * H)
     gh_np = gh.numpy()
-    for layer in range(a.num_layers):
-        w_ih, w_hh, b_ih, b_hh = _layer_weights(ws, a, layer)
-        flat = layer_in.reshape(T * B, -1)
-        if a.proj_hoisted and layer == 0:
-            gx = flat.view(T, B, 3 * H)
-        elif b_ih is not None:
-            gx = torch.addmm(b_ih, flat, w_ih.t()).view(T, B, 3 * H)
-        else:
-            gx = torch.mm(flat, w_ih.t()).view(T, B, 3 * H)
+    for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(_layers(ins, a, 1, 3)):
+        gx = _project(layer_in, w_ih, b_ih, T, B, 3 * H).contiguous()
         gx_np = gx.numpy()
         w_hh_t = w_hh.t()
         bias_hh = b_hh if b_hh is not None else torch.zeros(3 * H)

@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kiln.ir import OpKind
+from kiln.ir import LayoutKind, OpKind
 from kiln.ir import attrs as A
 
 from .registry import register_kernel
@@ -148,14 +148,44 @@ def matmul(ins, a):
     return torch.matmul(x.to(dt), y.to(dt))
 
 
+ACTIVATIONS = {
+    A.Activation.NONE: None, A.Activation.RELU: torch.relu, A.Activation.GELU: F.gelu,
+    A.Activation.GELU_TANH: lambda x: F.gelu(x, approximate="tanh"), A.Activation.TANH: torch.tanh,
+    A.Activation.SIGMOID: torch.sigmoid, A.Activation.SILU: F.silu,
+}
+
+
+def epilogue(y, residual, activation):
+    """act(y + residual): the fused epilogue of LINEAR and CONV2D, in that order."""
+    if residual is not None:
+        y = y + residual
+    act = ACTIVATIONS[activation]
+    return y if act is None else act(y)
+
+
+def _opt(ins, i):
+    return ins[i] if len(ins) > i else None
+
+
 @ref(OpKind.LINEAR)
-def linear(ins, a):
-    return F.linear(ins[0], ins[1], ins[2] if len(ins) > 2 else None)
+def linear(ins, a: A.LinearAttrs):
+    return epilogue(F.linear(ins[0], ins[1], _opt(ins, 2)), _opt(ins, 3), a.activation)
 
 
 @ref(OpKind.CONV2D)
 def conv2d(ins, a: A.Conv2dAttrs):
-    return F.conv2d(ins[0], ins[1], ins[2] if len(ins) > 2 else None, a.stride, a.padding, a.dilation, a.groups)
+    y = F.conv2d(ins[0], ins[1], _opt(ins, 2), a.stride, a.padding, a.dilation, a.groups)
+    return epilogue(y, _opt(ins, 3), a.activation)
+
+
+@ref(OpKind.TO_LAYOUT)
+def to_layout(ins, a: A.LayoutAttrs):
+    x = ins[0]
+    if a.layout.kind is LayoutKind.CHANNELS_LAST and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    if a.layout.kind is LayoutKind.ROW_MAJOR:
+        return x.contiguous()
+    raise NotImplementedError(f"layout {a.layout!r}")
 
 
 @ref(OpKind.MAX_POOL2D)
@@ -258,13 +288,39 @@ def attention(ins, a: A.AttentionAttrs):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=a.causal, scale=a.scale)
 
 
+def rnn_hoisted_reference(ins, a: A.RNNAttrs, mode: str):
+    """The hoisted form, step by step in torch: xp already holds x @ w_ih^T + b_ih."""
+    xp = ins[0].transpose(0, 1) if a.batch_first else ins[0]
+    nstate = 2 if mode == "LSTM" else 1
+    h = ins[1][0]
+    c = ins[2][0] if mode == "LSTM" else None
+    w_hh = ins[1 + nstate]
+    b_hh = ins[2 + nstate] if len(ins) > 2 + nstate else None
+    ys = []
+    for t in range(xp.shape[0]):
+        gh = F.linear(h, w_hh, b_hh)
+        if mode == "LSTM":
+            i, f, g, o = (xp[t] + gh).chunk(4, -1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+        else:
+            xr, xz, xn = xp[t].chunk(3, -1)
+            hr, hz, hn = gh.chunk(3, -1)
+            r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+            n = torch.tanh(xn + r * hn)
+            h = (1 - z) * n + z * h
+        ys.append(h)
+    y = torch.stack(ys, 1 if a.batch_first else 0)
+    return (y, h[None], c[None]) if mode == "LSTM" else (y, h[None])
+
+
 def rnn_reference(ins, a: A.RNNAttrs, mode: str):
     """LSTM/GRU through torch's own implementation (the oracle)."""
+    if a.proj_hoisted:
+        return rnn_hoisted_reference(ins, a, mode)
     x = ins[0]
     nstate = 2 if mode == "LSTM" else 1
     weights = list(ins[1 + nstate:])
-    if a.proj_hoisted:
-        raise NotImplementedError("reference RNN takes un-hoisted inputs")
     hx = (ins[1], ins[2]) if mode == "LSTM" else ins[1]
     fn = torch._VF.lstm if mode == "LSTM" else torch._VF.gru
     out = fn(x, hx, weights, a.has_biases, a.num_layers, 0.0, False, a.bidirectional, a.batch_first)

@@ -47,6 +47,8 @@ class Plan:
     const_slots: tuple[tuple[int, torch.Tensor], ...]
     memory: MemoryStats | None = None
     kernel_names: dict[str, int] = field(default_factory=dict)
+    partition: object = None  # kiln.passes.partition.Partition, when the pipeline ran
+    pass_records: list = field(default_factory=list)
 
     def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         slots: list = [None] * self.num_slots

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kiln.ir import DType, GraphBuilder, OpKind, verify
+from kiln.ir import DType, GraphBuilder, Layout, LayoutKind, OpKind, verify
 from kiln.ir import attrs as A
 from kiln.runtime.plan import build_plan
 
@@ -131,6 +131,13 @@ CASES = [
     Case(OpKind.MATMUL, ((5,), (2, 5, 3)), torch.matmul, id="vector_lhs"),
     Case(OpKind.LINEAR, ((2, 3, 8), (5, 8), (5,)), F.linear),
     Case(OpKind.LINEAR, ((4, 8), (5, 8)), F.linear, id="no_bias"),
+    Case(OpKind.LINEAR, ((2, 3, 8), (5, 8), (5,), (2, 3, 5)), lambda x, w, b, r: F.gelu(F.linear(x, w, b) + r),
+         A.LinearAttrs(A.Activation.GELU), id="epilogue_residual_gelu"),
+    Case(OpKind.CONV2D, ((1, 4, 6, 6), (4, 4, 3, 3), (4,), (1, 4, 6, 6)),
+         lambda x, w, b, r: torch.relu(F.conv2d(x, w, b, 1, 1) + r),
+         A.Conv2dAttrs(padding=(1, 1), activation=A.Activation.RELU), id="epilogue_residual_relu"),
+    Case(OpKind.TO_LAYOUT, ((2, 3, 4, 5),), lambda x: x, A.LayoutAttrs(Layout(LayoutKind.CHANNELS_LAST)),
+         dtypes=FLOATS + (I64,)),
     Case(OpKind.CONV2D, ((1, 4, 9, 9), (6, 4, 3, 3), (6,)), lambda x, w, b: F.conv2d(x, w, b, 2, 1),
          A.Conv2dAttrs((2, 2), (1, 1))),
     Case(OpKind.CONV2D, ((2, 4, 8, 8), (4, 2, 3, 3)), lambda x, w: F.conv2d(x, w, None, 1, 2, 2, 2),
@@ -174,6 +181,13 @@ CASES = [
          A.RNNAttrs(H, 1, batch_first=True), dtypes=(F32,), tol=1e-5),
     Case(OpKind.GRU, ((2, 5, 3), (1, 2, H), (3 * H, 3), (3 * H, H), (3 * H,), (3 * H,)), _gru_ref,
          A.RNNAttrs(H, 1, batch_first=True), dtypes=(F32,), tol=1e-5),
+    Case(OpKind.LSTM, ((2, 5, 4 * H), (1, 2, H), (1, 2, H), (4 * H, H)),
+         lambda xp, h0, c0, w_hh: _lstm_ref(xp, h0, c0, torch.eye(4 * H), w_hh, torch.zeros(4 * H), torch.zeros(4 * H)),
+         A.RNNAttrs(H, 1, batch_first=True, proj_hoisted=True), dtypes=(F32,), tol=1e-5, id="hoisted"),
+    Case(OpKind.GRU, ((5, 2, 3 * H), (1, 2, H), (3 * H, H), (3 * H,)),
+         lambda xp, h0, w_hh, b_hh: tuple(t.transpose(0, 1) if i == 0 else t for i, t in enumerate(
+             _gru_ref(xp.transpose(0, 1), h0, torch.eye(3 * H), w_hh, torch.zeros(3 * H), b_hh))),
+         A.RNNAttrs(H, 1, proj_hoisted=True), dtypes=(F32,), tol=1e-5, id="hoisted_time_major"),
 ]
 
 # (op, case id, dtype) -> why it is expected to fail

@@ -1,0 +1,77 @@
+"""Epilogue grouping for LINEAR and CONV2D: bias, residual add and activation.
+
+``act(op(x) + bias + residual)`` is one op with a fused epilogue (as oneDNN post-ops or
+a generated kernel's epilogue compute it). Rules fire only on single-use producers, a
+residual of exactly the output's shape and dtype, and in the order the epilogue applies
+(bias, then residual, then activation), so the arithmetic is unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from kiln.ir import OpKind
+from kiln.ir import attrs as A
+
+from .pattern import Const, P
+
+_ACTS = {OpKind.RELU: A.Activation.RELU, OpKind.TANH: A.Activation.TANH, OpKind.SIGMOID: A.Activation.SIGMOID,
+         OpKind.SILU: A.Activation.SILU}
+COMPUTE = (OpKind.LINEAR, OpKind.CONV2D)
+
+
+def _bare(n) -> bool:
+    return n.attrs.activation is A.Activation.NONE and len(n.inputs) <= 3
+
+
+def _with(rw, n, inputs, **changes):
+    return rw.add(n.op, *inputs, attrs=dataclasses.replace(n.attrs, **changes) if changes else n.attrs)
+
+
+def _bias(m, rw):
+    n = m.node("op")
+    if not _bare(n) or len(n.inputs) > 2:
+        return None
+    t = rw.constant(m["b"])
+    out = n.outputs[0]
+    c = out.shape[-1] if n.op is OpKind.LINEAR else out.shape[1]
+    if t.numel() != c or t.dtype != out.dtype.to_torch():
+        return None
+    want_shape = (c,) if n.op is OpKind.LINEAR else (c, 1, 1)
+    squeezed = [s for s in t.shape]
+    while len(squeezed) > len(want_shape) and squeezed[0] == 1:
+        squeezed.pop(0)
+    if tuple(squeezed) != want_shape:
+        return None  # a bias that broadcasts along another axis is not a per-channel bias
+    if rw.uses(m["b"]) < 0:
+        return None
+    return _with(rw, n, [n.inputs[0], n.inputs[1], rw.const(t.reshape(c), "bias")])
+
+
+def _residual(m, rw):
+    n = m.node("op")
+    r = m["r"]
+    if not _bare(n) or r.type.shape != n.outputs[0].type.shape or r.dtype != n.outputs[0].dtype:
+        return None
+    if r.type.layout != n.outputs[0].type.layout:
+        return None
+    ins = list(n.inputs) + [None] * (3 - len(n.inputs))
+    return _with(rw, n, ins + [r])
+
+
+def _activation(m, rw):
+    n = m.node("op")
+    if n.attrs.activation is not A.Activation.NONE:
+        return None
+    if m.root.op is OpKind.GELU:
+        act = A.Activation.GELU if m.root.attrs.approximate is A.GeluApprox.NONE else A.Activation.GELU_TANH
+    else:
+        act = _ACTS[m.root.op]
+    return _with(rw, n, list(n.inputs), activation=act)
+
+
+_OP = dict(name="op", single_use=True)
+RULES = [
+    (P(OpKind.ADD, P(COMPUTE, **_OP), Const("b"), commutative=True), _bias),
+    (P(OpKind.ADD, P(COMPUTE, **_OP), "r", commutative=True), _residual),
+    (P(tuple(_ACTS) + (OpKind.GELU,), P(COMPUTE, **_OP)), _activation),
+]

@@ -1,0 +1,191 @@
+"""Partition: cut the optimized graph into kernel groups, the units of code generation.
+
+Fusion rule (one pass, topological order, never duplicating a node):
+
+* a group holds at most one *anchor* — a compute op (GEMM/conv, whose epilogue was
+  already folded into it), a reduction, or a normalization — plus injective ops
+  (elementwise and data movement) before the anchor and after it;
+* injective ops join the group of an operand's producer; a compute anchor takes injective
+  consumers (epilogue) but no injective producers (its operands are materialized); a
+  reduction/normalization takes injective producers and consumers;
+* a second reduction never joins a group that has one (reduction boundaries);
+* attention, recurrent and fallback ops are groups of their own;
+* a merge that would create a cycle between groups is refused;
+* a value used outside its group (or returned) is a group output, written once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kiln.ir import Category, Graph, Node, Value, opdef
+
+
+class GroupKind:
+    INJECTIVE = "injective"
+    REDUCTION = "reduction"
+    COMPUTE = "compute"
+    ATTENTION = "attention"
+    RECURRENT = "recurrent"
+    FALLBACK = "fallback"
+
+
+@dataclass
+class KernelGroup:
+    id: int
+    kind: str
+    nodes: list[Node] = field(default_factory=list)
+    inputs: list[Value] = field(default_factory=list)
+    outputs: list[Value] = field(default_factory=list)
+
+    @property
+    def ops(self) -> list[str]:
+        return [n.op.value for n in self.nodes]
+
+    def __repr__(self) -> str:
+        return f"group{self.id}<{self.kind}>[{', '.join(self.ops)}]"
+
+
+@dataclass
+class Partition:
+    graph: Graph
+    groups: list[KernelGroup]
+
+    def group_of(self) -> dict[Node, KernelGroup]:
+        return {n: g for g in self.groups for n in g.nodes}
+
+    def summary(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for g in self.groups:
+            out[g.kind] = out.get(g.kind, 0) + 1
+        return out
+
+
+_INJECTIVE = {Category.ELEMENTWISE, Category.MOVEMENT}
+_SOLO = {Category.ATTENTION: GroupKind.ATTENTION, Category.RECURRENT: GroupKind.RECURRENT,
+         Category.FALLBACK: GroupKind.FALLBACK}
+
+
+def _node_kind(n: Node) -> str:
+    cat = opdef(n.op).category
+    if cat in _SOLO:
+        return _SOLO[cat]
+    if cat in _INJECTIVE:
+        return GroupKind.INJECTIVE
+    if cat is Category.COMPUTE:
+        return GroupKind.COMPUTE
+    return GroupKind.REDUCTION  # reductions and normalizations
+
+
+def partition(graph: Graph) -> Partition:
+    producer = {o: n for n in graph.nodes for o in n.outputs}
+    group_of: dict[Node, KernelGroup] = {}
+    groups: list[KernelGroup] = []
+    deps: dict[int, set[int]] = {}  # group id -> ids of groups it reads from
+
+    def reaches(src: int, dst: int) -> bool:
+        """Does group src (transitively) depend on group dst?"""
+        stack, seen = [src], set()
+        while stack:
+            g = stack.pop()
+            if g == dst:
+                return True
+            if g in seen:
+                continue
+            seen.add(g)
+            stack.extend(deps.get(g, ()))
+        return False
+
+    def can_join(n: Node, kind: str, g: KernelGroup) -> bool:
+        if g.kind in (GroupKind.ATTENTION, GroupKind.RECURRENT, GroupKind.FALLBACK):
+            return False
+        if kind == GroupKind.INJECTIVE:
+            pass  # joins injective, compute (epilogue) and reduction groups alike
+        elif kind == GroupKind.REDUCTION:
+            if g.kind != GroupKind.INJECTIVE:
+                return False  # one anchor per group
+        else:
+            return False  # compute anchors start their own group
+        others = {group_of[producer[v]].id for v in n.inputs
+                  if v is not None and v in producer and group_of[producer[v]] is not g}
+        return not any(reaches(o, g.id) for o in others)
+
+    for n in graph.nodes:
+        kind = _node_kind(n)
+        target = None
+        if kind in (GroupKind.INJECTIVE, GroupKind.REDUCTION):
+            for v in n.inputs:
+                p = producer.get(v) if v is not None else None
+                if p is not None and can_join(n, kind, group_of[p]):
+                    target = group_of[p]
+                    break
+        if target is None:
+            target = KernelGroup(len(groups), kind)
+            groups.append(target)
+            deps[target.id] = set()
+        elif kind == GroupKind.REDUCTION:
+            target.kind = GroupKind.REDUCTION
+        target.nodes.append(n)
+        group_of[n] = target
+        for v in n.inputs:
+            if v is not None and v in producer and group_of[producer[v]] is not target:
+                deps[target.id].add(group_of[producer[v]].id)
+
+    # group inputs/outputs
+    used_outside: set[Value] = set(graph.outputs)
+    for n in graph.nodes:
+        for v in n.inputs:
+            if v is not None and v in producer and group_of[producer[v]] is not group_of[n]:
+                used_outside.add(v)
+    for g in groups:
+        inside = {o for n in g.nodes for o in n.outputs}
+        seen: set[Value] = set()
+        for n in g.nodes:
+            for v in n.inputs:
+                if v is not None and v not in inside and v not in seen:
+                    seen.add(v)
+                    g.inputs.append(v)
+        g.outputs = [o for n in g.nodes for o in n.outputs if o in used_outside]
+    # groups are in a valid execution order only if every group's deps come earlier
+    order = _topo_order(groups, deps)
+    return Partition(graph, [groups[i] for i in order])
+
+
+def _topo_order(groups, deps) -> list[int]:
+    state: dict[int, int] = {}
+    order: list[int] = []
+
+    def visit(i):
+        s = state.get(i, 0)
+        if s == 2:
+            return
+        if s == 1:
+            raise RuntimeError("partition produced a cycle between kernel groups")
+        state[i] = 1
+        for d in sorted(deps[i]):
+            visit(d)
+        state[i] = 2
+        order.append(i)
+
+    for g in groups:
+        visit(g.id)
+    return order
+
+
+def verify_partition(p: Partition) -> None:
+    """Every node in exactly one group; groups execute in order; one anchor per group."""
+    seen = [n for g in p.groups for n in g.nodes]
+    if len(seen) != len(p.graph.nodes) or set(seen) != set(p.graph.nodes):
+        raise AssertionError("partition does not cover every node exactly once")
+    available = set(p.graph.inputs) | set(p.graph.constants)
+    for g in p.groups:
+        for v in g.inputs:
+            if v not in available:
+                raise AssertionError(f"{g!r} reads {v!r} before it is produced")
+        for n in g.nodes:
+            available.update(n.outputs)
+        anchors = [n for n in g.nodes if _node_kind(n) != GroupKind.INJECTIVE]
+        if len(anchors) > 1:
+            raise AssertionError(f"{g!r} has {len(anchors)} anchors")
+    missing = [v for v in p.graph.outputs if v not in available]
+    if missing:
+        raise AssertionError(f"graph outputs never produced: {missing}")

@@ -1,0 +1,126 @@
+"""The pass pipeline: one explicit, ordered list of named phases.
+
+    canonicalize -> fold -> fuse -> layout -> partition
+
+(quantize and sparsify slot in before partition as that work lands.) ``run_pipeline``
+runs them in order; ``select`` chooses phases or single passes by name, and a name
+prefixed with ``-`` skips it. Every pass run is timed and counted; ``on_pass`` receives
+(pass record, graph before, graph after) so the dump tool can show what each pass did.
+Under ``KILN_VERIFY=1`` (always in tests) the IR verifier runs after every pass.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from kiln.ir import Graph, verify
+
+from . import attention, epilogue, fold, recognize, rnn, simplify
+from .cse import cse
+from .layout import channels_last
+from .partition import Partition, partition, verify_partition
+from .rewrite import dead_code_elimination, rewrite
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    fn: Callable[[Graph], Graph]
+
+
+def rules_pass(name: str, rules) -> Pass:
+    return Pass(name, lambda g: rewrite(g, rules, name=name))
+
+
+CLEANUP = [rules_pass("simplify", simplify.RULES), Pass("cse", cse), Pass("dce", dead_code_elimination)]
+
+PHASES: list[tuple[str, list[Pass]]] = [
+    ("canonicalize", CLEANUP),
+    ("fold", [rules_pass("constant_fold", fold.CONSTANT_FOLD), rules_pass("fold_bn", fold.FOLD_BN), *CLEANUP]),
+    ("fuse", [rules_pass("recognize", recognize.RULES), rules_pass("attention", attention.RULES),
+              rules_pass("rnn", rnn.RULES), rules_pass("constant_fold", fold.CONSTANT_FOLD),
+              rules_pass("epilogue", epilogue.RULES), *CLEANUP]),
+    ("layout", [Pass("channels_last", channels_last)]),
+    ("partition", []),  # the cut into kernel groups; it does not rewrite the graph
+]
+PHASE_NAMES = [p for p, _ in PHASES]
+PASS_NAMES = sorted({p.name for _, ps in PHASES for p in ps})
+
+
+@dataclass
+class PassRecord:
+    phase: str
+    name: str
+    seconds: float
+    nodes_before: int
+    nodes_after: int
+
+
+@dataclass
+class PipelineResult:
+    graph: Graph
+    partition: Partition | None
+    records: list[PassRecord] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return sum(r.seconds for r in self.records)
+
+
+def _enabled(select: Iterable[str] | None):
+    if select is None:
+        return lambda phase, name: True
+    select = list(select)
+    unknown = [s for s in select if s.lstrip("-") not in PHASE_NAMES + PASS_NAMES]
+    if unknown:
+        raise ValueError(f"unknown pass or phase {unknown}; phases: {PHASE_NAMES}; passes: {PASS_NAMES}")
+    skip = {s[1:] for s in select if s.startswith("-")}
+    keep = {s for s in select if not s.startswith("-")}
+
+    def on(phase: str, name: str) -> bool:
+        if phase in skip or name in skip:
+            return False
+        return not keep or phase in keep or name in keep
+
+    return on
+
+
+def run_pipeline(graph: Graph, select: Iterable[str] | None = None,
+                 on_pass: Callable[[PassRecord, Graph, Graph], None] | None = None,
+                 verify_each: bool | None = None) -> PipelineResult:
+    on = _enabled(select)
+    if verify_each is None:
+        verify_each = os.environ.get("KILN_VERIFY") == "1"
+    log = "passes" in os.environ.get("KILN_LOG", "").split(",")
+    records: list[PassRecord] = []
+    for phase, passes in PHASES:
+        for p in passes:
+            if not on(phase, p.name):
+                continue
+            t = time.perf_counter()
+            after = p.fn(graph)
+            rec = PassRecord(phase, p.name, time.perf_counter() - t, len(graph.nodes), len(after.nodes))
+            records.append(rec)
+            if verify_each:
+                try:
+                    verify(after)
+                except Exception as e:
+                    raise RuntimeError(f"pass {phase}/{p.name} produced an invalid graph: {e}") from e
+            if log:
+                print(f"[kiln passes] {phase}/{p.name}: {rec.nodes_before} -> {rec.nodes_after} nodes "
+                      f"in {rec.seconds * 1e3:.1f} ms", file=sys.stderr)
+            if on_pass is not None:
+                on_pass(rec, graph, after)
+            graph = after
+    part = None
+    if on("partition", "partition"):
+        t = time.perf_counter()
+        part = partition(graph)
+        if verify_each:
+            verify_partition(part)
+        records.append(PassRecord("partition", "partition", time.perf_counter() - t, len(graph.nodes),
+                                  len(graph.nodes)))
+    return PipelineResult(graph, part, records)
