@@ -162,26 +162,30 @@ def load(path) -> Graph:
 def structural_hash(g: Graph, include_constants: bool = True) -> str:
     """A hash of what the graph computes: ops, attributes, types, wiring and weights.
 
-    Value names and node scopes do not count, so renaming never changes the hash.
+    Merkle-style: each value's hash covers the op that made it and its operands' hashes,
+    so value names, node scopes, the order of independent nodes and the order constants
+    were declared in never change it, and dead nodes do not count. With
+    ``include_constants=False`` constants are compared by type only.
     """
-    h = hashlib.sha256()
-    ids: dict[Value, int] = {}
+    memo: dict[Value, bytes] = {}
 
-    def vid(v):
-        if v is None:
-            return -1
-        if v not in ids:
-            ids[v] = len(ids)
-        return ids[v]
+    def digest(*parts) -> bytes:
+        return hashlib.sha256("|".join(parts).encode()).digest()
 
-    for v in g.inputs:
-        h.update(f"in {vid(v)} {v.type!r};".encode())
+    for i, v in enumerate(g.inputs):
+        memo[v] = digest("in", str(i), repr(v.type))
     for v, t in g.constants.items():
-        h.update(f"const {vid(v)} {v.type!r};".encode())
-        if include_constants:
-            h.update(hashlib.sha256(tensor_to_bytes(t)).digest())
+        data = hashlib.sha256(tensor_to_bytes(t)).hexdigest() if include_constants else ""
+        memo[v] = digest("const", repr(v.type), data)
     for n in g.nodes:
-        h.update(f"{n.op.value}({[vid(v) for v in n.inputs]}){json.dumps(encode(n.attrs), sort_keys=True)}"
-                 f"->{[(vid(v), repr(v.type)) for v in n.outputs]};".encode())
-    h.update(f"out {[vid(v) for v in g.outputs]}".encode())
+        attrs = json.dumps(encode(n.attrs), sort_keys=True)
+        ins = ",".join("-" if v is None else memo.get(v, b"?").hex() for v in n.inputs)
+        for i, o in enumerate(n.outputs):
+            memo[o] = digest(n.op.value, attrs, ins, str(i), repr(o.type))
+    h = hashlib.sha256()
+    for v in g.inputs:
+        h.update(memo[v])
+    h.update(b"->")
+    for v in g.outputs:
+        h.update(memo.get(v, b"?"))
     return h.hexdigest()

@@ -69,8 +69,18 @@ def _activation(m, rw):
     return _with(rw, n, list(n.inputs), activation=act)
 
 
+def _matmul_to_linear(m, rw):
+    """x @ W with a constant 2-D W is LINEAR(x, W^T): the transpose happens once, at compile time."""
+    w = rw.constant(m["w"])
+    x = m["x"]
+    if w.dim() != 2 or x.type.rank < 2 or w.dtype != x.dtype.to_torch():
+        return None
+    return rw.add(OpKind.LINEAR, x, rw.const(w.t().contiguous(), "w_t"))
+
+
 _OP = dict(name="op", single_use=True)
 RULES = [
+    (P(OpKind.MATMUL, "x", Const("w")), _matmul_to_linear),
     (P(OpKind.ADD, P(COMPUTE, **_OP), Const("b"), commutative=True), _bias),
     (P(OpKind.ADD, P(COMPUTE, **_OP), "r", commutative=True), _residual),
     (P(tuple(_ACTS) + (OpKind.GELU,), P(COMPUTE, **_OP)), _activation),

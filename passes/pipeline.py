@@ -74,6 +74,8 @@ def _enabled(select: Iterable[str] | None):
     if select is None:
         return lambda phase, name: True
     select = list(select)
+    if not select:
+        return lambda phase, name: False
     unknown = [s for s in select if s.lstrip("-") not in PHASE_NAMES + PASS_NAMES]
     if unknown:
         raise ValueError(f"unknown pass or phase {unknown}; phases: {PHASE_NAMES}; passes: {PASS_NAMES}")
