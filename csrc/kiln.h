@@ -5,15 +5,16 @@
 
 namespace kiln {
 
-// One fused LSTM step over a batch: gates [B, 4H] (i, f, g, o blocks, pre-activation,
-// biases already added), c [B, H] -> h_out, c_out [B, H]. c_out may alias c.
-void lstm_cell(const float* gates, const float* c, float* h_out, float* c_out, int64_t batch,
-               int64_t hidden, int64_t gates_stride, int64_t h_stride);
+// One fused LSTM step over a batch. gates = gx + gh, both [B, 4H] (i, f, g, o blocks,
+// pre-activation): gx = x W_ih^T + biases (hoisted, all steps at once), gh = h W_hh^T.
+// c [B, H] -> h_out, c_out [B, H]. c_out may alias c.
+void lstm_cell(const float* gx, const float* gh, const float* c, float* h_out, float* c_out, int64_t batch,
+               int64_t hidden);
 
-// One fused GRU step: gx = x W_ih^T + b_ih and gh = h W_hh^T + b_hh, both [B, 3H] (r, z, n).
-// h_out may alias h.
-void gru_cell(const float* gx, const float* gh, const float* h, float* h_out, int64_t batch,
-              int64_t hidden, int64_t gx_stride, int64_t h_stride, int64_t h_out_stride);
+// One fused GRU step: gx = x W_ih^T + b_ih and gh = h W_hh^T, both [B, 3H] (r, z, n);
+// b_hh [3H] is added here because r multiplies (W_hn h + b_hn). h_out may alias h.
+void gru_cell(const float* gx, const float* gh, const float* b_hh, const float* h, float* h_out, int64_t batch,
+              int64_t hidden);
 
 struct MemoryPlan {
   std::vector<int64_t> offsets;  // byte offset of each buffer in the arena

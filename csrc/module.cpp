@@ -21,42 +21,49 @@ void check_2d(const py::buffer_info& b, const char* name, int64_t rows, int64_t 
                           std::to_string(cols) + ")");
 }
 
-void lstm_cell_py(farray gates, farray c, farray h_out, farray c_out) {
-  auto g = gates.request(), cb = c.request(), hb = h_out.request(), cob = c_out.request();
-  if (g.ndim != 2 || g.shape[1] % 4 != 0) throw py::value_error("gates: expected shape (B, 4H)");
-  const int64_t batch = g.shape[0], hidden = g.shape[1] / 4;
+void check_writable(const farray& a, const char* name) {
+  if (!a.writeable()) throw py::value_error(std::string(name) + " must be writable");
+}
+
+void lstm_cell_py(farray gx, farray gh, farray c, farray h_out, farray c_out) {
+  auto x = gx.request(), r = gh.request(), cb = c.request(), hb = h_out.request(), cob = c_out.request();
+  if (x.ndim != 2 || x.shape[1] % 4 != 0) throw py::value_error("gx: expected shape (B, 4H)");
+  const int64_t batch = x.shape[0], hidden = x.shape[1] / 4;
+  check_2d(r, "gh", batch, 4 * hidden);
   check_2d(cb, "c", batch, hidden);
   check_2d(hb, "h_out", batch, hidden);
   check_2d(cob, "c_out", batch, hidden);
-  if (!h_out.writeable() || !c_out.writeable()) throw py::value_error("outputs must be writable");
+  check_writable(h_out, "h_out");
+  check_writable(c_out, "c_out");
   py::gil_scoped_release nogil;
-  kiln::lstm_cell(static_cast<const float*>(g.ptr), static_cast<const float*>(cb.ptr), static_cast<float*>(hb.ptr),
-                  static_cast<float*>(cob.ptr), batch, hidden, 4 * hidden, hidden);
+  kiln::lstm_cell(static_cast<const float*>(x.ptr), static_cast<const float*>(r.ptr), static_cast<const float*>(cb.ptr),
+                  static_cast<float*>(hb.ptr), static_cast<float*>(cob.ptr), batch, hidden);
 }
 
-void gru_cell_py(farray gx, farray gh, farray h, farray h_out) {
-  auto x = gx.request(), r = gh.request(), hb = h.request(), ob = h_out.request();
+void gru_cell_py(farray gx, farray gh, farray b_hh, farray h, farray h_out) {
+  auto x = gx.request(), r = gh.request(), bb = b_hh.request(), hb = h.request(), ob = h_out.request();
   if (x.ndim != 2 || x.shape[1] % 3 != 0) throw py::value_error("gx: expected shape (B, 3H)");
   const int64_t batch = x.shape[0], hidden = x.shape[1] / 3;
   check_2d(r, "gh", batch, 3 * hidden);
+  if (bb.ndim != 1 || bb.shape[0] != 3 * hidden) throw py::value_error("b_hh: expected shape (3H,)");
   check_2d(hb, "h", batch, hidden);
   check_2d(ob, "h_out", batch, hidden);
-  if (!h_out.writeable()) throw py::value_error("h_out must be writable");
+  check_writable(h_out, "h_out");
   py::gil_scoped_release nogil;
-  kiln::gru_cell(static_cast<const float*>(x.ptr), static_cast<const float*>(r.ptr), static_cast<const float*>(hb.ptr),
-                 static_cast<float*>(ob.ptr), batch, hidden, 3 * hidden, hidden, hidden);
+  kiln::gru_cell(static_cast<const float*>(x.ptr), static_cast<const float*>(r.ptr), static_cast<const float*>(bb.ptr),
+                 static_cast<const float*>(hb.ptr), static_cast<float*>(ob.ptr), batch, hidden);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "Kiln C++ kernels and runtime helpers";
-  m.def("lstm_cell", &lstm_cell_py, py::arg("gates").noconvert(), py::arg("c").noconvert(), py::arg("h_out").noconvert(),
-        py::arg("c_out").noconvert(),
-        "Fused LSTM step: gates (B,4H) pre-activation [i,f,g,o], c (B,H) -> h_out, c_out (B,H).");
-  m.def("gru_cell", &gru_cell_py, py::arg("gx").noconvert(), py::arg("gh").noconvert(), py::arg("h").noconvert(),
-        py::arg("h_out").noconvert(),
-        "Fused GRU step: gx = xW_ih^T+b_ih, gh = hW_hh^T+b_hh (B,3H) [r,z,n], h (B,H) -> h_out (B,H).");
+  m.def("lstm_cell", &lstm_cell_py, py::arg("gx").noconvert(), py::arg("gh").noconvert(), py::arg("c").noconvert(),
+        py::arg("h_out").noconvert(), py::arg("c_out").noconvert(),
+        "Fused LSTM step: gates = gx + gh (B,4H) pre-activation [i,f,g,o]; c (B,H) -> h_out, c_out (B,H).");
+  m.def("gru_cell", &gru_cell_py, py::arg("gx").noconvert(), py::arg("gh").noconvert(), py::arg("b_hh").noconvert(),
+        py::arg("h").noconvert(), py::arg("h_out").noconvert(),
+        "Fused GRU step: gx = xW_ih^T+b_ih, gh = hW_hh^T (B,3H) [r,z,n], b_hh (3H), h (B,H) -> h_out (B,H).");
   m.def(
       "plan_memory",
       [](const std::vector<int64_t>& sizes, const std::vector<int64_t>& first, const std::vector<int64_t>& last,

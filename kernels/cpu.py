@@ -58,8 +58,8 @@ def lstm_cpu(ins, a: A.RNNAttrs):
     H = a.hidden_size
     layer_in = xt.contiguous()
     hn, cn = torch.empty_like(h0), torch.empty_like(c0)
-    gates = torch.empty(B, 4 * H)
-    gates_np = gates.numpy()
+    gh = torch.empty(B, 4 * H)
+    gh_np = gh.numpy()
     for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(_layers(ins, a, 2, 4)):
         if a.proj_hoisted:
             bias = None
@@ -68,15 +68,16 @@ def lstm_cpu(ins, a: A.RNNAttrs):
         gx = _project(layer_in, w_ih, bias, T, B, 4 * H)
         if a.proj_hoisted and b_hh is not None:
             gx = gx + b_hh
-        w_hh_t = w_hh.t()
+        gx_np = gx.contiguous().numpy()
+        w_hh_t = w_hh.t().contiguous()  # a row-major (H, 4H) operand is the fastest mm here
         out = torch.empty(T, B, H)
         out_np = out.numpy()
         c = c0[layer].clone()
         c_np = c.numpy()
         h = h0[layer].contiguous()
         for t in range(T):
-            torch.addmm(gx[t], h, w_hh_t, out=gates)
-            C.lstm_cell(gates_np, c_np, out_np[t], c_np)
+            torch.mm(h, w_hh_t, out=gh)  # the per-step GEMM; gx[t] is added in the fused cell
+            C.lstm_cell(gx_np[t], gh_np, c_np, out_np[t], c_np)
             h = out[t]
         hn[layer] = h
         cn[layer] = c
@@ -99,15 +100,15 @@ def gru_cpu(ins, a: A.RNNAttrs):
     for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(_layers(ins, a, 1, 3)):
         gx = _project(layer_in, w_ih, b_ih, T, B, 3 * H).contiguous()
         gx_np = gx.numpy()
-        w_hh_t = w_hh.t()
-        bias_hh = b_hh if b_hh is not None else torch.zeros(3 * H)
+        w_hh_t = w_hh.t().contiguous()
+        bias_np = (b_hh if b_hh is not None else torch.zeros(3 * H)).contiguous().numpy()
         out = torch.empty(T, B, H)
         out_np = out.numpy()
         h = h0[layer].contiguous()
         h_np = h.numpy()
         for t in range(T):
-            torch.addmm(bias_hh, h, w_hh_t, out=gh)
-            C.gru_cell(gx_np[t], gh_np, h_np, out_np[t])
+            torch.mm(h, w_hh_t, out=gh)
+            C.gru_cell(gx_np[t], gh_np, bias_np, h_np, out_np[t])
             h, h_np = out[t], out_np[t]
         hn[layer] = h
         layer_in = out

@@ -10,10 +10,11 @@ from kiln import _C
 
 @pytest.mark.parametrize("batch,hidden", [(1, 1), (3, 17), (32, 128)])
 def test_lstm_cell_matches_torch(batch, hidden):
-    gates = torch.randn(batch, 4 * hidden) * 4
+    gx, gh = torch.randn(batch, 4 * hidden) * 2, torch.randn(batch, 4 * hidden) * 2
+    gates = gx + gh
     c = torch.randn(batch, hidden)
     h_out, c_out = torch.empty(batch, hidden), torch.empty(batch, hidden)
-    _C.lstm_cell(gates.numpy(), c.numpy(), h_out.numpy(), c_out.numpy())
+    _C.lstm_cell(gx.numpy(), gh.numpy(), c.numpy(), h_out.numpy(), c_out.numpy())
     i, f, g, o = gates.chunk(4, 1)
     c_ref = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     torch.testing.assert_close(c_out, c_ref, atol=1e-6, rtol=1e-5)
@@ -24,7 +25,7 @@ def test_lstm_cell_special_values():
     gates = torch.tensor([[float("nan"), 100.0, -100.0, 0.0, 1e30, -1e30, 50.0, -50.0]])
     c = torch.tensor([[1.0, 2.0]])
     h, c2 = torch.empty(1, 2), torch.empty(1, 2)
-    _C.lstm_cell(gates.numpy(), c.numpy(), h.numpy(), c2.numpy())
+    _C.lstm_cell(gates.numpy(), torch.zeros_like(gates).numpy(), c.numpy(), h.numpy(), c2.numpy())
     i, f, g, o = gates.chunk(4, 1)
     c_ref = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     torch.testing.assert_close(c2, c_ref, equal_nan=True)
@@ -33,11 +34,12 @@ def test_lstm_cell_special_values():
 @pytest.mark.parametrize("batch,hidden", [(1, 3), (5, 33), (32, 128)])
 def test_gru_cell_matches_torch(batch, hidden):
     gx, gh = torch.randn(batch, 3 * hidden) * 3, torch.randn(batch, 3 * hidden) * 3
+    b_hh = torch.randn(3 * hidden)
     h = torch.randn(batch, hidden)
     out = torch.empty(batch, hidden)
-    _C.gru_cell(gx.numpy(), gh.numpy(), h.numpy(), out.numpy())
+    _C.gru_cell(gx.numpy(), gh.numpy(), b_hh.numpy(), h.numpy(), out.numpy())
     xr, xz, xn = gx.chunk(3, 1)
-    hr, hz, hn = gh.chunk(3, 1)
+    hr, hz, hn = (gh + b_hh).chunk(3, 1)
     r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
     n = torch.tanh(xn + r * hn)
     torch.testing.assert_close(out, (1 - z) * n + z * h, atol=1e-6, rtol=1e-5)
@@ -47,19 +49,24 @@ def test_cells_reject_bad_arguments():
     g = np.zeros((2, 8), np.float32)
     c = np.zeros((2, 2), np.float32)
     with pytest.raises(ValueError, match="c: expected shape"):
-        _C.lstm_cell(g, np.zeros((3, 2), np.float32), c.copy(), c.copy())
-    with pytest.raises(ValueError, match="gates"):
-        _C.lstm_cell(np.zeros((2, 7), np.float32), c, c.copy(), c.copy())
+        _C.lstm_cell(g, g, np.zeros((3, 2), np.float32), c.copy(), c.copy())
+    with pytest.raises(ValueError, match="gx"):
+        _C.lstm_cell(np.zeros((2, 7), np.float32), g, c, c.copy(), c.copy())
+    with pytest.raises(ValueError, match="gh"):
+        _C.lstm_cell(g, np.zeros((2, 4), np.float32), c, c.copy(), c.copy())
     with pytest.raises(TypeError):  # wrong dtype is rejected, never silently copied
-        _C.lstm_cell(g.astype(np.float64), c, c.copy(), c.copy())
+        _C.lstm_cell(g.astype(np.float64), g, c, c.copy(), c.copy())
     with pytest.raises(TypeError):  # non-contiguous output
-        _C.lstm_cell(g, c, np.zeros((2, 4), np.float32)[:, ::2], c.copy())
+        _C.lstm_cell(g, g, c, np.zeros((2, 4), np.float32)[:, ::2], c.copy())
     ro = c.copy()
     ro.flags.writeable = False
     with pytest.raises(ValueError, match="writable"):
-        _C.lstm_cell(g, c, ro, c.copy())
+        _C.lstm_cell(g, g, c, ro, c.copy())
+    g3 = np.zeros((2, 6), np.float32)
     with pytest.raises(ValueError, match="gh"):
-        _C.gru_cell(np.zeros((2, 6), np.float32), np.zeros((2, 5), np.float32), c, c.copy())
+        _C.gru_cell(g3, np.zeros((2, 5), np.float32), np.zeros(6, np.float32), c, c.copy())
+    with pytest.raises(ValueError, match="b_hh"):
+        _C.gru_cell(g3, g3, np.zeros(5, np.float32), c, c.copy())
 
 
 def _check_plan(sizes, first, last, offsets, arena, align):
