@@ -16,6 +16,16 @@ void lstm_cell(const float* gx, const float* gh, const float* c, float* h_out, f
 void gru_cell(const float* gx, const float* gh, const float* b_hh, const float* h, float* h_out, int64_t batch,
               int64_t hidden);
 
+// Whole-layer recurrences (AVX-512): gx [T, B, G*H] is the hoisted input projection (LSTM:
+// both biases included; GRU: b_ih only), packed = pack_recurrent_weight(w_hh), y [T, B, H].
+std::vector<float> pack_recurrent_weight(const float* w_hh, int64_t gates, int64_t hidden);
+bool recurrence_supported();
+// `threads` split the hidden units of each step (a spin barrier separates steps).
+void lstm_recurrence(const float* gx, const float* packed, const float* h0, const float* c0, float* y, float* hn,
+                     float* cn, int64_t T, int64_t B, int64_t H, int threads);
+void gru_recurrence(const float* gx, const float* packed, const float* b_hh, const float* h0, float* y, float* hn,
+                    int64_t T, int64_t B, int64_t H, int threads);
+
 struct MemoryPlan {
   std::vector<int64_t> offsets;  // byte offset of each buffer in the arena
   int64_t arena_bytes = 0;       // total arena size

@@ -54,6 +54,61 @@ void gru_cell_py(farray gx, farray gh, farray b_hh, farray h, farray h_out) {
                  static_cast<const float*>(hb.ptr), static_cast<float*>(ob.ptr), batch, hidden);
 }
 
+void need(const py::buffer_info& b, std::initializer_list<int64_t> shape, const char* name) {
+  bool ok = b.ndim == static_cast<py::ssize_t>(shape.size());
+  size_t i = 0;
+  for (int64_t s : shape) ok = ok && b.shape[i++] == s;
+  if (!ok) throw py::value_error(std::string(name) + ": wrong shape");
+}
+
+farray pack_recurrent_weight_py(farray w_hh, int64_t gates) {
+  auto w = w_hh.request();
+  if (w.ndim != 2 || gates <= 0 || w.shape[0] != gates * w.shape[1]) throw py::value_error("w_hh: expected (G*H, H)");
+  const int64_t H = w.shape[1];
+  std::vector<float> packed = kiln::pack_recurrent_weight(static_cast<const float*>(w.ptr), gates, H);
+  farray out(static_cast<py::ssize_t>(packed.size()));
+  std::copy(packed.begin(), packed.end(), out.mutable_data());
+  return out;
+}
+
+void lstm_recurrence_py(farray gx, farray packed, farray h0, farray c0, farray y, farray hn, farray cn, int threads) {
+  auto x = gx.request(), p = packed.request(), a = h0.request(), c = c0.request(), yb = y.request(), hb = hn.request(),
+       cb = cn.request();
+  if (x.ndim != 3 || x.shape[2] % 4 != 0) throw py::value_error("gx: expected (T, B, 4H)");
+  const int64_t T = x.shape[0], B = x.shape[1], H = x.shape[2] / 4;
+  need(p, {(H + 15) / 16 * H * 4 * 16}, "packed");
+  need(a, {B, H}, "h0");
+  need(c, {B, H}, "c0");
+  need(yb, {T, B, H}, "y");
+  need(hb, {B, H}, "hn");
+  need(cb, {B, H}, "cn");
+  check_writable(y, "y");
+  check_writable(hn, "hn");
+  check_writable(cn, "cn");
+  py::gil_scoped_release nogil;
+  kiln::lstm_recurrence(static_cast<const float*>(x.ptr), static_cast<const float*>(p.ptr),
+                        static_cast<const float*>(a.ptr), static_cast<const float*>(c.ptr), static_cast<float*>(yb.ptr),
+                        static_cast<float*>(hb.ptr), static_cast<float*>(cb.ptr), T, B, H, threads);
+}
+
+void gru_recurrence_py(farray gx, farray packed, farray b_hh, farray h0, farray y, farray hn, int threads) {
+  auto x = gx.request(), p = packed.request(), bb = b_hh.request(), a = h0.request(), yb = y.request(),
+       hb = hn.request();
+  if (x.ndim != 3 || x.shape[2] % 3 != 0) throw py::value_error("gx: expected (T, B, 3H)");
+  const int64_t T = x.shape[0], B = x.shape[1], H = x.shape[2] / 3;
+  need(p, {(H + 15) / 16 * H * 3 * 16}, "packed");
+  need(bb, {3 * H}, "b_hh");
+  need(a, {B, H}, "h0");
+  need(yb, {T, B, H}, "y");
+  need(hb, {B, H}, "hn");
+  check_writable(y, "y");
+  check_writable(hn, "hn");
+  py::gil_scoped_release nogil;
+  kiln::gru_recurrence(static_cast<const float*>(x.ptr), static_cast<const float*>(p.ptr),
+                       static_cast<const float*>(bb.ptr), static_cast<const float*>(a.ptr), static_cast<float*>(yb.ptr),
+                       static_cast<float*>(hb.ptr), T, B, H, threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -64,6 +119,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("gru_cell", &gru_cell_py, py::arg("gx").noconvert(), py::arg("gh").noconvert(), py::arg("b_hh").noconvert(),
         py::arg("h").noconvert(), py::arg("h_out").noconvert(),
         "Fused GRU step: gx = xW_ih^T+b_ih, gh = hW_hh^T (B,3H) [r,z,n], b_hh (3H), h (B,H) -> h_out (B,H).");
+  m.def("pack_recurrent_weight", &pack_recurrent_weight_py, py::arg("w_hh").noconvert(), py::arg("gates"),
+        "Prepack W_hh (G*H, H) into the panels lstm_recurrence / gru_recurrence read.");
+  m.def("recurrence_supported", &kiln::recurrence_supported, "Whether the fused recurrences were built (AVX-512).");
+  m.def("lstm_recurrence", &lstm_recurrence_py, py::arg("gx").noconvert(), py::arg("packed").noconvert(),
+        py::arg("h0").noconvert(), py::arg("c0").noconvert(), py::arg("y").noconvert(), py::arg("hn").noconvert(),
+        py::arg("cn").noconvert(), py::arg("threads") = 1, "One LSTM layer over all steps: gx (T,B,4H) hoisted projection -> y (T,B,H).");
+  m.def("gru_recurrence", &gru_recurrence_py, py::arg("gx").noconvert(), py::arg("packed").noconvert(),
+        py::arg("b_hh").noconvert(), py::arg("h0").noconvert(), py::arg("y").noconvert(), py::arg("hn").noconvert(),
+        py::arg("threads") = 1, "One GRU layer over all steps: gx (T,B,3H) = x W_ih^T + b_ih -> y (T,B,H).");
   m.def(
       "plan_memory",
       [](const std::vector<int64_t>& sizes, const std::vector<int64_t>& first, const std::vector<int64_t>& last,

@@ -1,50 +1,14 @@
-// Fused recurrent-cell pointwise kernels. The GEMMs of each step run in a BLAS; these
-// kernels do everything after them in one pass over the gates, so each gate value is read
-// once and no temporaries are allocated per step.
-//
-// libm's expf/tanhf are scalar calls (about 60 ns per LSTM element here). With AVX-512 the
-// kernels use a 16-lane exp (Cephes' range reduction and polynomial, about 2 ulp, with
-// vscalefps for 2^n so overflow/underflow saturate correctly); other CPUs use libm.
+// Fused recurrent-cell pointwise kernels: everything after a step's GEMMs in one pass over
+// the gates, so each gate value is read once and no temporaries are allocated per step.
+// (rnn_recurrence.cpp fuses the GEMM in as well; these serve shapes it does not take.)
 #include <cmath>
 #include <cstdint>
 
 #include "kiln.h"
-
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
+#include "simd_math.h"
 
 namespace kiln {
 namespace {
-
-#ifdef __AVX512F__
-inline __m512 exp16(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
-inline __m512 sigmoid16(__m512 x) {
-  const __m512 one = _mm512_set1_ps(1.0f);
-  return _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
-}
-inline __m512 tanh16(__m512 x) {
-  // tanh(x) = 2 sigmoid(2x) - 1; absolute error about 1e-7
-  const __m512 two = _mm512_set1_ps(2.0f);
-  return _mm512_sub_ps(_mm512_mul_ps(two, sigmoid16(_mm512_mul_ps(two, x))), _mm512_set1_ps(1.0f));
-}
-inline __mmask16 tail_mask(int64_t remaining) {
-  return remaining >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << remaining) - 1);
-}
-#endif
 
 inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 

@@ -49,6 +49,70 @@ def _project(layer_in, w_ih, bias, T, B, width):
     return torch.mm(flat, w_ih.t()).view(T, B, width)
 
 
+def _fused_ok(node: Node) -> bool:
+    """The whole-layer C++ recurrence takes the hoisted form (the rnn pass produces it)."""
+    return _rnn_ok(node) and node.attrs.proj_hoisted and _native().recurrence_supported()
+
+
+def _threads() -> int:
+    # One thread: with two, the recurrence's per-step spin barrier competes with torch's
+    # own OpenMP workers (which spin after every parallel op) and ran 2-3x slower here.
+    return 1
+
+
+def _weights_packer(w_index: int, gates: int):
+    """prepare hook: pack a constant W_hh once, when the plan is built."""
+    def prepare(node: Node, consts: list):
+        w = consts[w_index]
+        packed = None if w is None else _native().pack_recurrent_weight(w.contiguous().numpy(), gates)
+        fn = lstm_fused if gates == 4 else gru_fused
+
+        def run(ins, attrs):
+            p = packed if packed is not None else _native().pack_recurrent_weight(ins[w_index].contiguous().numpy(), gates)
+            return fn(ins, attrs, p)
+        return run
+    return prepare
+
+
+def lstm_fused(ins, a: A.RNNAttrs, packed=None):
+    """One hoisted LSTM layer: every step's GEMM and gates in C++ (kiln._C.lstm_recurrence)."""
+    x, h0, c0, w_hh = ins[:4]
+    b_hh = ins[4] if len(ins) > 4 else None
+    if packed is None:
+        packed = _native().pack_recurrent_weight(w_hh.contiguous().numpy(), 4)
+    xt = x.transpose(0, 1) if a.batch_first else x
+    if b_hh is not None:
+        xt = xt + b_hh
+    gx = xt.contiguous()
+    T, B = gx.shape[0], gx.shape[1]
+    H = a.hidden_size
+    y = torch.empty(T, B, H)
+    hn, cn = torch.empty(1, B, H), torch.empty(1, B, H)
+    _native().lstm_recurrence(gx.numpy(), packed, h0[0].contiguous().numpy(), c0[0].contiguous().numpy(),
+                              y.numpy(), hn[0].numpy(), cn[0].numpy(), _threads())
+    return (y.transpose(0, 1) if a.batch_first else y), hn, cn
+
+
+def gru_fused(ins, a: A.RNNAttrs, packed=None):
+    """One hoisted GRU layer: every step's GEMM and gates in C++ (kiln._C.gru_recurrence)."""
+    x, h0, w_hh = ins[:3]
+    H = a.hidden_size
+    b_hh = ins[3] if len(ins) > 3 else torch.zeros(3 * H)
+    if packed is None:
+        packed = _native().pack_recurrent_weight(w_hh.contiguous().numpy(), 3)
+    gx = (x.transpose(0, 1) if a.batch_first else x).contiguous()
+    T, B = gx.shape[0], gx.shape[1]
+    y = torch.empty(T, B, H)
+    hn = torch.empty(1, B, H)
+    _native().gru_recurrence(gx.numpy(), packed, b_hh.contiguous().numpy(), h0[0].contiguous().numpy(),
+                             y.numpy(), hn[0].numpy(), _threads())
+    return (y.transpose(0, 1) if a.batch_first else y), hn
+
+
+register_kernel(OpKind.LSTM, "cpu", name="cpu.lstm_fused", accepts=_fused_ok, prepare=_weights_packer(3, 4))(lstm_fused)
+register_kernel(OpKind.GRU, "cpu", name="cpu.gru_fused", accepts=_fused_ok, prepare=_weights_packer(2, 3))(gru_fused)
+
+
 @register_kernel(OpKind.LSTM, "cpu", name="cpu.lstm", accepts=_rnn_ok)
 def lstm_cpu(ins, a: A.RNNAttrs):
     C = _native()

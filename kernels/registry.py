@@ -17,19 +17,27 @@ KernelFn = Callable[..., object]
 
 @dataclass(frozen=True)
 class Kernel:
+    """``prepare(node, constants)``, when given, runs once when a plan is built (weight
+    prepacking and other compile-time work) and returns the function the plan calls;
+    ``constants`` holds the constant tensor of each operand (None for run-time values)."""
+
     op: OpKind
     target: str
     name: str
     fn: KernelFn
     accepts: Callable[[Node], bool] = lambda node: True
+    prepare: Callable | None = None
+
+    def bind(self, node: Node, constants: list) -> KernelFn:
+        return self.fn if self.prepare is None else self.prepare(node, constants)
 
 
 _REGISTRY: dict[tuple[OpKind, str], list[Kernel]] = {}
 
 
-def register_kernel(op: OpKind, target: str, name: str | None = None, accepts=None):
+def register_kernel(op: OpKind, target: str, name: str | None = None, accepts=None, prepare=None):
     def deco(fn: KernelFn) -> KernelFn:
-        k = Kernel(op, target, name or fn.__name__, fn, accepts or (lambda node: True))
+        k = Kernel(op, target, name or fn.__name__, fn, accepts or (lambda node: True), prepare)
         _REGISTRY.setdefault((op, target), []).append(k)
         return fn
 
@@ -38,6 +46,15 @@ def register_kernel(op: OpKind, target: str, name: str | None = None, accepts=No
 
 def kernels_for(op: OpKind, target: str) -> list[Kernel]:
     return list(_REGISTRY.get((op, target), []))
+
+
+def candidates(node: Node, target: str) -> list[Kernel]:
+    """Every kernel for ``target`` that accepts ``node``, else the reference kernel alone."""
+    from . import cpu  # noqa: F401
+    from . import reference  # noqa: F401
+
+    ks = [k for k in _REGISTRY.get((node.op, target), []) if k.accepts(node)] if target != "reference" else []
+    return ks or [select_kernel(node, "reference")]
 
 
 def select_kernel(node: Node, target: str) -> Kernel:

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 import torch
 
 from kiln.ir import Graph, Node, OpKind, Value
-from kiln.kernels.registry import select_kernel
+from kiln.kernels.choice import choose
+from kiln.kernels.registry import candidates
 
 
 class KernelFailure(RuntimeError):
@@ -90,12 +91,12 @@ def build_plan(graph: Graph, target: str = "cpu") -> Plan:
     keep = set(graph.outputs) | set(graph.inputs) | set(graph.constants)
     steps, counts = [], {}
     for i, n in enumerate(graph.nodes):
-        k = select_kernel(n, target)
+        k, fn = choose(n, candidates(n, target), [None if v is None else graph.constants.get(v) for v in n.inputs])
         counts[k.name] = counts.get(k.name, 0) + 1
         outs = tuple(get(v) for v in n.outputs)
         dead = [v for v in n.inputs if v is not None and last_use.get(v) == i and v not in keep]
         dead += [v for v in n.outputs if v not in last_use and v not in keep]  # never used
-        steps.append(Step(k.fn, n.attrs, tuple(None if v is None else get(v) for v in n.inputs), outs,
+        steps.append(Step(fn, n.attrs, tuple(None if v is None else get(v) for v in n.inputs), outs,
                           tuple(sorted({slot[v] for v in dead})), n, k.name))
     plan = Plan(graph, target, tuple(steps), len(slot), input_slots, tuple(get(v) for v in graph.outputs),
                 const_slots, kernel_names=counts)
