@@ -103,3 +103,62 @@ def test_memory_planner_rejects_bad_input():
         _C.plan_memory([-1], [0], [0], 64)
     with pytest.raises(ValueError):
         _C.plan_memory([1], [0], [0], 3)
+
+
+def _lstm_steps(gx, w, h, c):
+    ys = []
+    for t in range(gx.shape[0]):
+        i, f, g, o = (gx[t] + h @ w.T).chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        ys.append(h)
+    return torch.stack(ys), h, c
+
+
+def _gru_steps(gx, w, b_hh, h):
+    ys = []
+    for t in range(gx.shape[0]):
+        xr, xz, xn = gx[t].chunk(3, 1)
+        hr, hz, hn = (h @ w.T + b_hh).chunk(3, 1)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        h = (1 - z) * n + z * h
+        ys.append(h)
+    return torch.stack(ys), h
+
+
+needs_avx512 = pytest.mark.skipif(not _C.recurrence_supported(), reason="fused recurrences need AVX-512")
+
+
+@needs_avx512
+@pytest.mark.parametrize("T,B,H,threads", [(5, 1, 16, 1), (7, 3, 20, 1), (6, 13, 33, 2), (4, 32, 128, 2)])
+def test_fused_recurrences_match_step_by_step_torch(T, B, H, threads):
+    gx4, w4 = torch.randn(T, B, 4 * H), torch.randn(4 * H, H) * 0.3
+    h0, c0 = torch.randn(B, H), torch.randn(B, H)
+    y, hn, cn = torch.empty(T, B, H), torch.empty(B, H), torch.empty(B, H)
+    _C.lstm_recurrence(gx4.numpy(), _C.pack_recurrent_weight(w4.numpy(), 4), h0.numpy(), c0.numpy(), y.numpy(),
+                       hn.numpy(), cn.numpy(), threads)
+    ry, rh, rc = _lstm_steps(gx4, w4, h0, c0)
+    for got, want in ((y, ry), (hn, rh), (cn, rc)):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    gx3, w3, b_hh = torch.randn(T, B, 3 * H), torch.randn(3 * H, H) * 0.3, torch.randn(3 * H)
+    y, hn = torch.empty(T, B, H), torch.empty(B, H)
+    _C.gru_recurrence(gx3.numpy(), _C.pack_recurrent_weight(w3.numpy(), 3), b_hh.numpy(), h0.numpy(), y.numpy(),
+                      hn.numpy(), threads)
+    ry, rh = _gru_steps(gx3, w3, b_hh, h0)
+    torch.testing.assert_close(y, ry, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(hn, rh, atol=2e-5, rtol=1e-4)
+
+
+@needs_avx512
+def test_fused_recurrence_rejects_bad_arguments():
+    T, B, H = 3, 2, 16
+    gx = np.zeros((T, B, 4 * H), np.float32)
+    p = _C.pack_recurrent_weight(np.zeros((4 * H, H), np.float32), 4)
+    s = np.zeros((B, H), np.float32)
+    with pytest.raises(ValueError, match="packed"):
+        _C.lstm_recurrence(gx, p[:-1], s, s, np.zeros((T, B, H), np.float32), s.copy(), s.copy())
+    with pytest.raises(ValueError, match="y"):
+        _C.lstm_recurrence(gx, p, s, s, np.zeros((T, B, H + 1), np.float32), s.copy(), s.copy())
+    with pytest.raises(ValueError, match="w_hh"):
+        _C.pack_recurrent_weight(np.zeros((5, 4), np.float32), 4)
