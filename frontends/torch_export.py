@@ -348,6 +348,8 @@ def _adaptive(cx, args, kw, n):
     x = args[0]
     if x.type.rank != 4:
         return None
+    if out == (1, 1):  # global average pooling: one spelling for every frontend (ONNX's is a mean)
+        return cx.add(OpKind.MEAN, x, attrs=A.ReduceAttrs((2, 3), True))
     return cx.add(OpKind.ADAPTIVE_AVG_POOL2D, x, attrs=A.AdaptivePoolAttrs(out))
 
 

@@ -38,7 +38,8 @@ class Layout:
     def __repr__(self) -> str:
         if self.kind is LayoutKind.ROW_MAJOR:
             return ""
-        return f"{self.kind.value}{list(self.block) if self.block else ''}"
+        short = {LayoutKind.CHANNELS_LAST: "nhwc", LayoutKind.BLOCKED: "nchwc"}.get(self.kind, self.kind.value)
+        return f"{short}{list(self.block) if self.block else ''}"
 
 
 ROW_MAJOR = Layout()

@@ -11,7 +11,6 @@ Under ``KILN_VERIFY=1`` (always in tests) the IR verifier runs after every pass.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -96,7 +95,9 @@ def run_pipeline(graph: Graph, select: Iterable[str] | None = None,
     on = _enabled(select)
     if verify_each is None:
         verify_each = os.environ.get("KILN_VERIFY") == "1"
-    log = "passes" in os.environ.get("KILN_LOG", "").split(",")
+    from kiln.progress import log as _log
+
+    logger = _log("passes")
     records: list[PassRecord] = []
     for phase, passes in PHASES:
         for p in passes:
@@ -111,9 +112,8 @@ def run_pipeline(graph: Graph, select: Iterable[str] | None = None,
                     verify(after)
                 except Exception as e:
                     raise RuntimeError(f"pass {phase}/{p.name} produced an invalid graph: {e}") from e
-            if log:
-                print(f"[kiln passes] {phase}/{p.name}: {rec.nodes_before} -> {rec.nodes_after} nodes "
-                      f"in {rec.seconds * 1e3:.1f} ms", file=sys.stderr)
+            logger.info(f"{phase}/{p.name}: {rec.nodes_before} -> {rec.nodes_after} nodes "
+                        f"in {rec.seconds * 1e3:.1f} ms")
             if on_pass is not None:
                 on_pass(rec, graph, after)
             graph = after

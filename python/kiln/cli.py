@@ -21,6 +21,73 @@ def _cmd_explain(args) -> int:
     return 0
 
 
+def _write(text: str, out: str | None) -> None:
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+
+
+def _cmd_dump(args) -> int:
+    import os
+
+    from . import dump as D
+
+    graph = D.import_model(args.model)
+    select = args.passes.split(",") if args.passes else None
+    stages = D.run_stages(graph, select)
+    if args.each_pass:
+        os.makedirs(args.each_pass, exist_ok=True)
+        ext = {"text": "txt"}.get(args.format, args.format)
+        for i, st in enumerate(stages):
+            path = os.path.join(args.each_pass, f"{i:02d}_{st.label.replace('/', '_')}.{ext}")
+            with open(path, "w") as f:
+                f.write(D.render(st.graph, args.format))
+        print(f"wrote {len(stages)} files to {args.each_pass}", file=sys.stderr)
+        return 0
+    if args.diff:
+        a, b = args.diff
+        ga = D.pick(stages, a) if a != "input" else stages[0].graph
+        gb = D.pick(stages, b) if b != "input" else stages[0].graph
+        _write(D.diff(ga, gb, a, b), args.output)
+        return 0
+    if args.after:
+        g = D.pick(stages, args.after)
+    elif args.before:
+        g = D.pick(stages, args.before, before=True)
+    else:
+        g = stages[-1].graph
+    _write(D.stats(g) if args.stats else D.render(g, args.format), args.output)
+    return 0
+
+
+def _cmd_bench_kernels(args) -> int:
+    from kiln.bench import kernels as K
+
+    res = K.run(target=args.target, quick=args.quick, op=args.op, shapes=args.shapes.split(",") if args.shapes else None,
+                repeats=args.repeats, threads=args.threads)
+    sys.stdout.write(K.table(res))
+    if args.json:
+        K.save_json(res, args.json)
+    if args.csv:
+        K.write_csv(res, args.csv)
+    if args.plot:
+        K.plot(res, args.plot)
+    return 0
+
+
+def _cmd_bench_models(args) -> int:
+    from kiln.bench import models as M
+
+    threads = tuple(int(t) for t in args.threads.split(","))
+    res = M.run(args.models or None, quick=args.quick, engines=args.engines.split(",") if args.engines else None,
+                threads=threads, repeats=args.repeats)
+    sys.stdout.write(M.markdown(res))
+    M.save(res, args.json, args.markdown)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kiln", description="Kiln: a deep-learning compiler for PyTorch and ONNX models.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
@@ -31,6 +98,45 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     d.add_argument("--repeat", type=int, default=10, help="timed runs per model (median reported)")
     d.set_defaults(fn=_cmd_demo)
+    dp = sub.add_parser("dump", help="show the IR of a model before/after the compiler's passes",
+                        description="Dump a model's Kiln IR: by default after the full pipeline.")
+    dp.add_argument("model", help="example model name, file.onnx, graph.json (a saved Kiln graph), "
+                                  "or package.module:factory")
+    dp.add_argument("--format", "-f", default="text", choices=["text", "json", "dot", "svg", "html"])
+    dp.add_argument("-o", "--output", help="write to this file (default: standard output)")
+    stage = dp.add_mutually_exclusive_group()
+    stage.add_argument("--after", metavar="PASS", help="the graph after this pass or phase")
+    stage.add_argument("--before", metavar="PASS", help="the graph before this pass or phase")
+    stage.add_argument("--each-pass", metavar="DIR", help="write one numbered file per pass into DIR")
+    stage.add_argument("--diff", nargs=2, metavar=("A", "B"),
+                       help="what changed between stage A and stage B (pass/phase names, or 'input')")
+    stage.add_argument("--stats", action="store_true",
+                       help="per op kind: count, parameters, FLOPs and bytes; kernel groups; fallbacks")
+    dp.add_argument("--passes", help="comma-separated passes/phases to run ('-name' skips one)")
+    dp.set_defaults(fn=_cmd_dump)
+    bp = sub.add_parser("bench", help="kernel microbenchmarks and end-to-end model benchmarks")
+    bsub = bp.add_subparsers(dest="bench_cmd", metavar="WHAT")
+    bk = bsub.add_parser("kernels", help="every kernel for a target vs the torch reference, with roofline")
+    bk.add_argument("--target", default="cpu")
+    bk.add_argument("--op", help="only this op kind (e.g. linear, conv2d, lstm)")
+    bk.add_argument("--shapes", help="GEMM shapes MxKxN,... instead of the example models' shapes")
+    bk.add_argument("--quick", action="store_true", help="small shapes and few repeats (CI)")
+    bk.add_argument("--repeats", type=int)
+    bk.add_argument("--threads", type=int)
+    bk.add_argument("--json", metavar="FILE")
+    bk.add_argument("--csv", metavar="FILE")
+    bk.add_argument("--plot", metavar="PNG", help="roofline plot")
+    bk.set_defaults(fn=_cmd_bench_kernels)
+    bm = bsub.add_parser("models", help="eager vs Inductor vs ONNX Runtime vs TVM vs Kiln, end to end")
+    bm.add_argument("models", nargs="*", help="example model names (default: resnet18 bert lstm)")
+    bm.add_argument("--quick", action="store_true", help="small configs, few repeats, no TVM (CI)")
+    bm.add_argument("--engines", help="comma-separated subset of eager,inductor,onnxruntime,tvm,kiln")
+    bm.add_argument("--threads", default="1,2", help="thread counts (default 1,2)")
+    bm.add_argument("--repeats", type=int)
+    bm.add_argument("--json", metavar="FILE")
+    bm.add_argument("--markdown", metavar="FILE")
+    bm.set_defaults(fn=_cmd_bench_models)
+    bp.set_defaults(fn=lambda a: (bp.print_help(), 0)[1])
     e = sub.add_parser("explain", help="list the ops of a model that fall back to PyTorch, and why")
     e.add_argument("model", help="an example model name, an ONNX file, or package.module:factory")
     e.set_defaults(fn=_cmd_explain)
@@ -43,8 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "fn", None):
         p.print_help()
         return 0
+    import warnings
+
     from .errors import KilnError
 
+    # torch.export's own deprecation chatter is not the user's business
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="The tensor attributes")
     try:
         return args.fn(args)
     except KilnError as err:

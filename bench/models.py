@@ -1,0 +1,219 @@
+"""``kiln bench models``: end-to-end latency of the example models against the peers.
+
+Engines: eager PyTorch, torch.compile (Inductor, with freezing), ONNX Runtime, TVM Relax
+(default build, no tuning; skipped with --quick), and Kiln. For each thread count the
+engines run interleaved (one call each, in turn, ``repeats`` times), so machine noise
+hits all of them alike; medians are reported with ratios against eager and against the
+best peer. Every engine's output is checked against eager (max abs error).
+"""
+from __future__ import annotations
+
+import io
+import json
+import statistics
+import time
+import warnings
+
+import torch
+
+ENGINES = ("eager", "inductor", "onnxruntime", "tvm", "kiln")
+
+
+def _first(x):
+    if isinstance(x, torch.Tensor):
+        return x
+    if hasattr(x, "logits"):
+        return x.logits
+    if isinstance(x, (list, tuple)):
+        return _first(x[0])
+    import numpy as np
+
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x)
+    raise TypeError(type(x))
+
+
+def _inductor(model, inputs):
+    import torch._inductor.config as cfg
+
+    cfg.freezing = True
+    torch._dynamo.reset()
+    fn = torch.compile(model)
+    with torch.no_grad():
+        fn(*inputs)  # compile happens on the first call
+    return lambda *a: fn(*a)
+
+
+def _onnxruntime(model, inputs, threads):
+    import onnxruntime as ort
+
+    f = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, inputs, f, opset_version=17, dynamo=False)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(f.getvalue(), opts, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    return lambda *a: sess.run(None, {n: t.numpy() for n, t in zip(names, a)})[0]
+
+
+def _tvm(model, inputs, threads):
+    import os
+
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    ep = torch.export.export(model, inputs)
+    mod = from_exported_program(ep, keep_params_as_input=False)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": threads})
+    ex = relax.build(mod, target=target)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+
+    def run(*a):
+        out = vm["main"](*[tvm.runtime.tensor(t.numpy()) for t in a])
+        while isinstance(out, (list, tuple)) or type(out).__name__ == "Array":
+            out = out[0]
+        return torch.from_numpy(out.numpy())
+    return run
+
+
+def _kiln(model, inputs):
+    import kiln
+
+    t = time.perf_counter()
+    fast = kiln.compile(model, inputs)
+    cold = time.perf_counter() - t
+    t = time.perf_counter()
+    kiln.compile(model, inputs)
+    warm = time.perf_counter() - t
+    return fast, cold, warm
+
+
+def bench_model(name: str, factory_kwargs: dict, engines, threads_list, repeats: int, log) -> dict:
+    from kiln import models
+
+    model, inputs = models.get(name, **factory_kwargs)
+    with torch.no_grad():
+        ref = _first(model(*inputs))
+    result = {"model": name, "config": factory_kwargs, "threads": {}}
+    built: dict[str, object] = {}
+    compile_s: dict[str, float] = {}
+    errors: dict[str, str] = {}
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        fns = {"eager": model}
+        for e in engines:
+            if e == "eager":
+                continue
+            key = e if e in ("inductor", "kiln") else f"{e}@{threads}"  # ORT/TVM bind threads at build
+            if key not in built and e not in errors:
+                log(f"{name}: building {e} ({threads} thread(s))")
+                t = time.perf_counter()
+                try:
+                    if e == "inductor":
+                        built[key] = _inductor(model, inputs)
+                    elif e == "onnxruntime":
+                        built[key] = _onnxruntime(model, inputs, threads)
+                    elif e == "tvm":
+                        built[key] = _tvm(model, inputs, threads)
+                    elif e == "kiln":
+                        fast, cold, warm = _kiln(model, inputs)
+                        built[key] = fast
+                        compile_s["kiln_warm"] = warm
+                except Exception as ex:  # a peer that cannot run this model is reported, not fatal
+                    errors[e] = f"{type(ex).__name__}: {str(ex).strip().splitlines()[0][:200] if str(ex).strip() else ''}"
+                    continue
+                compile_s.setdefault(e, time.perf_counter() - t)
+            if key in built:
+                fns[e] = built[key]
+        times = {e: [] for e in fns}
+        errs = {}
+        with torch.no_grad():
+            for e, f in fns.items():  # warm up, and check numerics
+                try:
+                    out = _first(f(*inputs))
+                    errs[e] = float((out.float() - ref.float()).abs().max())
+                except Exception as ex:
+                    errors[e] = f"{type(ex).__name__}: {ex}"
+            for e in list(fns):
+                if e in errors:
+                    fns.pop(e)
+                    times.pop(e)
+            for _ in range(repeats):
+                for e, f in fns.items():
+                    t = time.perf_counter()
+                    f(*inputs)
+                    times[e].append((time.perf_counter() - t) * 1e3)
+        med = {e: statistics.median(v) for e, v in times.items()}
+        peers = [med[e] for e in med if e not in ("eager", "kiln")]
+        row = {"median_ms": med, "max_abs_err": errs,
+               "kiln_vs_eager": med["eager"] / med["kiln"] if "kiln" in med else None,
+               "kiln_vs_best_peer": (min(peers) / med["kiln"]) if peers and "kiln" in med else None}
+        result["threads"][str(threads)] = row
+    result["compile_s"] = compile_s
+    result["errors"] = errors
+    return result
+
+
+QUICK = {"resnet18": {"image": 64}, "bert": {"layers": 2, "seq": 32}, "lstm": {"seq": 24}}
+FULL = {"resnet18": {}, "bert": {}, "lstm": {}}
+
+
+def run(names=None, quick: bool = False, engines=None, threads=(1, 2), repeats: int | None = None) -> dict:
+    import sys
+
+    from kiln.progress import progress
+
+    engines = list(engines or ([e for e in ENGINES if e != "tvm"] if quick else ENGINES))
+    configs = QUICK if quick else FULL
+    names = names or list(configs)
+    repeats = repeats or (5 if quick else 20)
+    results = []
+    bar = progress(total=len(names), desc="models", unit="model")
+    old_threads = torch.get_num_threads()
+    try:
+        for name in names:
+            results.append(bench_model(name, configs.get(name, {}), engines, threads, repeats,
+                                       lambda m: print(f"[kiln bench] {m}", file=sys.stderr) if not
+                                       sys.stderr.isatty() else None))
+            bar.update(1)
+    finally:
+        bar.close()
+        torch.set_num_threads(old_threads)
+    return {"quick": quick, "engines": engines, "threads": list(threads), "repeats": repeats, "results": results}
+
+
+def markdown(res: dict) -> str:
+    engines = res["engines"]
+    lines = [f"Median latency in ms ({res['repeats']} interleaved runs per engine); ratios are speedups of Kiln.",
+             "",
+             "| model | threads | " + " | ".join(engines) + " | Kiln vs eager | Kiln vs best peer | Kiln max err |",
+             "|---|---|" + "---|" * len(engines) + "---|---|---|"]
+    for r in res["results"]:
+        for th, row in r["threads"].items():
+            cells = [f"{row['median_ms'][e]:.2f}" if e in row["median_ms"] else "—" for e in engines]
+            ve = f"{row['kiln_vs_eager']:.2f}x" if row["kiln_vs_eager"] else "—"
+            vp = f"{row['kiln_vs_best_peer']:.2f}x" if row["kiln_vs_best_peer"] else "—"
+            err = row["max_abs_err"].get("kiln")
+            lines.append(f"| {r['model']} | {th} | " + " | ".join(cells) + f" | {ve} | {vp} | "
+                         + (f"{err:.1e}" if err is not None else "—") + " |")
+    lines += ["", "Compile time (s): " + "; ".join(
+        f"{r['model']}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["compile_s"].items()) for r in res["results"]),
+        "(kiln_warm: a second kiln.compile of the same model in the same process)"]
+    errs = [(r["model"], e, m) for r in res["results"] for e, m in r["errors"].items()]
+    if errs:
+        lines += ["", "Engines that failed:"] + [f"- {m} / {e}: {msg}" for m, e, msg in errs]
+    return "\n".join(lines) + "\n"
+
+
+def save(res: dict, json_path: str | None, md_path: str | None) -> None:
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(res, f, indent=1)
+    if md_path:
+        with open(md_path, "w") as f:
+            f.write(markdown(res))

@@ -1,0 +1,59 @@
+"""kiln bench: the quick kernel and model benchmarks run end to end and write well-formed
+JSON. No timing assertions: benchmarks measure, tests only check that they ran."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+ENV = {**os.environ, "KILN_PROGRESS": "0"}
+
+
+def _kiln(*args, timeout=300):
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "kiln.cli", *args], capture_output=True, text=True, timeout=timeout,
+                       env=ENV)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return p.stdout, time.perf_counter() - t
+
+
+def test_console_script_help():
+    exe = shutil.which("kiln") or os.path.join(os.path.dirname(sys.executable), "kiln")
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60).stdout
+    for cmd in ("demo", "dump", "bench", "explain"):
+        assert cmd in out
+
+
+def test_bench_kernels_quick(tmp_path):
+    j, c, png = tmp_path / "k.json", tmp_path / "k.csv", tmp_path / "roof.png"
+    out, seconds = _kiln("bench", "kernels", "--quick", "--json", str(j), "--csv", str(c), "--plot", str(png))
+    assert seconds < 180
+    res = json.loads(j.read_text())
+    assert res["machine"]["peak_gflops"] > 0 and res["machine"]["bandwidth_gbs"] > 0
+    rows = [r for r in res["rows"] if "error" not in r]
+    assert {"conv2d", "linear", "attention", "lstm"} <= {r["op"] for r in rows}
+    lstm = {r["kernel"] for r in rows if r["op"] == "lstm"}
+    assert "reference.lstm" in lstm and len(lstm) >= 2  # Kiln's kernels next to the reference
+    assert all(r["median_us"] > 0 and r["p25_us"] <= r["p75_us"] for r in rows)
+    assert c.read_text().startswith("model,op,shape,kernel")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "roofline" in out
+
+
+@pytest.mark.parametrize("threads", ["1,2"])
+def test_bench_models_quick(tmp_path, threads):
+    j, md = tmp_path / "m.json", tmp_path / "m.md"
+    out, seconds = _kiln("bench", "models", "--quick", "--threads", threads, "--json", str(j), "--markdown", str(md))
+    assert seconds < 180
+    res = json.loads(j.read_text())
+    assert [r["model"] for r in res["results"]] == ["resnet18", "bert", "lstm"]
+    for r in res["results"]:
+        for th in ("1", "2"):
+            row = r["threads"][th]
+            assert {"eager", "kiln"} <= set(row["median_ms"])
+            assert row["max_abs_err"]["kiln"] < 1e-3
+        assert "kiln" in r["compile_s"]
+    assert md.read_text().startswith("Median latency") and "| resnet18 | 1 |" in out
