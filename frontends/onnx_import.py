@@ -1,4 +1,5 @@
-"""ONNX frontend: opsets 13 to 21 of the default domain into Kiln IR.
+"""ONNX frontend: opsets 13 to 21 of the default domain into Kiln IR (newer opsets too,
+for ops whose definition has not changed since 21 other than in element types).
 
 Nodes whose inputs are all literals (``Constant``, ``Shape`` arithmetic, integer
 initializers) are evaluated at import with ONNX's own reference evaluator, so shape
@@ -20,7 +21,37 @@ from kiln.ir import attrs as A
 
 from .common import FrontendBuilder, resolve_shape
 
-MIN_OPSET, MAX_OPSET = 13, 21
+MIN_OPSET, VALIDATED_OPSET = 13, 21
+MAX_OPSET = onnx.defs.onnx_opset_version()
+# Schema versions newer than opset 21 that were reviewed: each only adds element types
+# (bfloat16, float8, int2/4, float4) to an op whose semantics are otherwise unchanged.
+TYPE_ONLY_CHANGES = {
+    ("AveragePool", 22), ("Conv", 22), ("Cos", 22), ("Sin", 22), ("Dropout", 22), ("GRU", 22), ("LSTM", 22),
+    ("MaxPool", 22), ("GlobalAveragePool", 22), ("EyeLike", 22), ("Cast", 23), ("Cast", 24), ("Cast", 25),
+    ("Cast", 28), ("CastLike", 23), ("CastLike", 24), ("CastLike", 25), ("Constant", 23), ("Constant", 24),
+    ("Constant", 25), ("ConstantOfShape", 23), ("ConstantOfShape", 24), ("ConstantOfShape", 25), ("Flatten", 23),
+    ("Flatten", 24), ("Flatten", 25), ("Identity", 23), ("Identity", 24), ("Identity", 25), ("Pad", 23),
+    ("Pad", 24), ("Pad", 25), ("Reshape", 23), ("Reshape", 24), ("Reshape", 25), ("Shape", 23), ("Shape", 24),
+    ("Shape", 25), ("Size", 23), ("Size", 24), ("Size", 25), ("Squeeze", 23), ("Squeeze", 24), ("Squeeze", 25),
+    ("Transpose", 23), ("Transpose", 24), ("Transpose", 25), ("Unsqueeze", 23), ("Unsqueeze", 24),
+    ("Unsqueeze", 25),
+}
+
+
+def _check_schema_versions(proto: onnx.ModelProto, opset: int) -> None:
+    """Refuse an op whose definition changed after the opsets Kiln was validated against."""
+    bad = set()
+    for n in proto.graph.node:
+        try:
+            now = onnx.defs.get_schema(n.op_type, opset).since_version
+            then = onnx.defs.get_schema(n.op_type, VALIDATED_OPSET).since_version
+        except Exception:
+            continue  # unknown ops are reported by the caller
+        if now > then and (n.op_type, now) not in TYPE_ONLY_CHANGES:
+            bad.add(f"{n.op_type} (version {now})")
+    if bad:
+        raise KilnError(f"unsupported ONNX operator version(s): {', '.join(sorted(bad))}; Kiln implements these "
+                        f"ops as of opset {VALIDATED_OPSET}")
 _MAX_BYTES = 2 ** 31  # protobuf's own limit for a single model file
 
 
@@ -47,6 +78,7 @@ def load_onnx(model) -> onnx.ModelProto:
     if opset is None or not MIN_OPSET <= opset <= MAX_OPSET:
         raise KilnError(f"unsupported ONNX opset {opset}: Kiln imports opsets {MIN_OPSET} to {MAX_OPSET} "
                         f"(onnx.version_converter can convert the model)")
+    _check_schema_versions(proto, opset)
     other = sorted({n.domain for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
     if other:
         raise KilnError(f"unsupported ONNX operator domain(s): {', '.join(other)}")
@@ -57,8 +89,30 @@ def load_onnx(model) -> onnx.ModelProto:
 
 
 def _torch_dtype(elem_type: int) -> torch.dtype:
-    np_dt = helper.tensor_dtype_to_np_dtype(elem_type)
-    return torch.from_numpy(np.zeros(0, dtype=np_dt)).dtype
+    try:
+        np_dt = helper.tensor_dtype_to_np_dtype(elem_type)
+        dt = torch.from_numpy(np.zeros(0, dtype=np_dt)).dtype
+        DType.from_torch(dt)
+        return dt
+    except (TypeError, KeyError, ValueError):
+        name = onnx.TensorProto.DataType.Name(elem_type) if elem_type in onnx.TensorProto.DataType.values() else elem_type
+        raise KilnError(f"ONNX element type {name} is not supported") from None
+
+
+# Operands that Kiln needs as constants (shapes, axes, bounds). When a model feeds one
+# from a graph input, the compiled plan is specialized to the input's value and the
+# value is part of the plan's cache key (a new value compiles a new plan).
+VALUE_OPERANDS = {"Reshape": {1}, "Slice": {1, 2, 3, 4}, "Squeeze": {1}, "Unsqueeze": {1}, "Split": {1},
+                  "Expand": {1}, "Pad": {1, 2, 3}, "Clip": {1, 2}, "ReduceSum": {1}, "ReduceMean": {1},
+                  "ReduceMax": {1}, "ReduceMin": {1}, "ConstantOfShape": {0}, "Range": {0, 1, 2}, "Trilu": {1}}
+MAX_VALUE_ELEMENTS = 64
+
+
+def value_inputs(proto: onnx.ModelProto) -> set[int]:
+    """Positions of graph inputs that feed an operand Kiln needs as a constant."""
+    names = [s[0] for s in input_signature(proto)]
+    used = {n.input[i] for n in proto.graph.node for i in VALUE_OPERANDS.get(n.op_type, ()) if i < len(n.input)}
+    return {i for i, name in enumerate(names) if name in used}
 
 
 def input_signature(proto: onnx.ModelProto) -> list[tuple[str, torch.dtype, tuple]]:
@@ -119,18 +173,28 @@ _UNARY = {"Relu": OpKind.RELU, "Sigmoid": OpKind.SIGMOID, "Tanh": OpKind.TANH, "
 for _n, _k in _UNARY.items():
     onnx_op(_n)(lambda c, ins, at, n, k=_k: [c.b.add(k, ins[0])])
 
-_BINARY = {"Add": OpKind.ADD, "Sub": OpKind.SUB, "Mul": OpKind.MUL, "Pow": OpKind.POW, "Equal": OpKind.EQ,
+_BINARY = {"Add": OpKind.ADD, "Sub": OpKind.SUB, "Mul": OpKind.MUL, "Equal": OpKind.EQ,
            "Less": OpKind.LT, "LessOrEqual": OpKind.LE, "Greater": OpKind.GT, "GreaterOrEqual": OpKind.GE,
            "And": OpKind.AND, "Or": OpKind.OR}
 for _n, _k in _BINARY.items():
     onnx_op(_n)(lambda c, ins, at, n, k=_k: [c.b.add(k, ins[0], ins[1])])
 
 
+@onnx_op("Pow")
+def _pow(c, ins, at, n):
+    x, y = ins
+    if x.dtype is y.dtype:
+        return [c.b.add(OpKind.POW, x, y)]
+    # ONNX's result has the base's type: compute in the wider float type, then cast back
+    wide = y.dtype if y.dtype.is_float else x.dtype if x.dtype.is_float else DType.FLOAT64
+    r = c.b.add(OpKind.POW, c.b.cast(x, wide), c.b.cast(y, wide))
+    return [c.b.cast(r, x.dtype)]
+
+
 @onnx_op("Div")
 def _div(c, ins, at, n):
-    if not ins[0].dtype.is_float:
-        raise KilnError("ONNX integer Div is not supported")
-    return [c.b.add(OpKind.DIV, ins[0], ins[1])]
+    rounding = A.Rounding.NONE if ins[0].dtype.is_float else A.Rounding.TRUNC  # ONNX integer Div truncates
+    return [c.b.add(OpKind.DIV, ins[0], ins[1], attrs=A.DivAttrs(rounding))]
 
 
 @onnx_op("Max", "Min")
@@ -168,6 +232,8 @@ def _leaky(c, ins, at, n):
 def _clip(c, ins, at, n):
     lo = c.need_lit(n.input[1], "Clip min").item() if len(n.input) > 1 and n.input[1] else None
     hi = c.need_lit(n.input[2], "Clip max").item() if len(n.input) > 2 and n.input[2] else None
+    if lo is None and hi is None:
+        return [ins[0]]
     return [c.b.add(OpKind.CLAMP, ins[0], attrs=A.ClampAttrs(lo, hi))]
 
 
@@ -299,14 +365,29 @@ def _pool(c, ins, at, n):
     strides = tuple(at.get("strides", (1, 1)))
     dil = tuple(at.get("dilations", (1, 1)))
     pads = _spatial_pads(at, x.shape[2:], kernel, strides, dil)
+    # torch pools take at most half the (dilated) kernel as padding: pad wider explicitly
+    wide = any(p > ((k - 1) * d + 1) // 2 for p, k, d in zip(pads[:2] + pads[2:], kernel * 2, dil * 2))
+    ceil = bool(at.get("ceil_mode", 0))
     if n.op_type == "MaxPool":
-        x, pad = _pad_if_asymmetric(c, x, pads, float("-inf"))
-        a = A.Pool2dAttrs(kernel, strides, pad, dil, bool(at.get("ceil_mode", 0)))
+        if wide:
+            if ceil:
+                raise KilnError("MaxPool with ceil_mode and padding wider than half the kernel is not supported")
+            p = A.PadAttrs((0, 0, 0, 0, pads[0], pads[2], pads[1], pads[3]), A.PadMode.CONSTANT, float("-inf"))
+            x, pad = c.b.add(OpKind.PAD, x, attrs=p), (0, 0)
+        else:
+            x, pad = _pad_if_asymmetric(c, x, pads, float("-inf"))
+        a = A.Pool2dAttrs(kernel, strides, pad, dil, ceil)
         return [c.b.add(OpKind.MAX_POOL2D, x, attrs=a)]
-    if pads[0] != pads[2] or pads[1] != pads[3]:
-        raise KilnError("AveragePool with asymmetric padding is not supported")
-    a = A.Pool2dAttrs(kernel, strides, (pads[0], pads[1]), (1, 1), bool(at.get("ceil_mode", 0)),
-                      bool(at.get("count_include_pad", 0)))
+    if dil != (1, 1):
+        raise KilnError("AveragePool with dilations is not supported")
+    include = bool(at.get("count_include_pad", 0))
+    if pads[0] != pads[2] or pads[1] != pads[3] or wide:
+        if not include or ceil:
+            raise KilnError("AveragePool with asymmetric or wide padding is supported only with "
+                            "count_include_pad=1 and ceil_mode=0")
+        p = A.PadAttrs((0, 0, 0, 0, pads[0], pads[2], pads[1], pads[3]), A.PadMode.CONSTANT, 0.0)
+        x, pads = c.b.add(OpKind.PAD, x, attrs=p), [0, 0, 0, 0]
+    a = A.Pool2dAttrs(kernel, strides, (pads[0], pads[1]), (1, 1), ceil, include)
     return [c.b.add(OpKind.AVG_POOL2D, x, attrs=a)]
 
 
@@ -328,7 +409,8 @@ def _reshape(c, ins, at, n):
 @onnx_op("Flatten")
 def _flatten(c, ins, at, n):
     x = ins[0]
-    axis = at.get("axis", 1) % (x.type.rank + 1)
+    axis = at.get("axis", 1)
+    axis = axis + x.type.rank if axis < 0 else axis
     lead = int(np.prod(x.shape[:axis])) if axis else 1
     return [c.b.reshape(x, (lead, -1))]
 
@@ -521,6 +603,17 @@ onnx_op("LSTM")(lambda c, ins, at, n: _rnn(c, ins, at, n, OpKind.LSTM))
 onnx_op("GRU")(lambda c, ins, at, n: _rnn(c, ins, at, n, OpKind.GRU))
 
 
+def numpy_to_torch(a) -> torch.Tensor:
+    """np.ndarray -> torch, including ml_dtypes' bfloat16 (which torch.from_numpy rejects)."""
+    a = np.ascontiguousarray(np.asarray(a))
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+    try:
+        return torch.from_numpy(a.copy())
+    except TypeError:
+        raise KilnError(f"numpy dtype {a.dtype} is not supported") from None
+
+
 def _eval_literal(c: _Ctx, node) -> list[np.ndarray]:
     from onnx.reference import ReferenceEvaluator
 
@@ -539,19 +632,23 @@ def from_onnx(proto: onnx.ModelProto, example_inputs: list[torch.Tensor] | None 
     if example_inputs is not None and len(example_inputs) != len(sig):
         raise KilnError(f"the ONNX model takes {len(sig)} input(s) ({', '.join(s[0] for s in sig)}); "
                         f"got {len(example_inputs)}")
+    specialize = value_inputs(proto) if example_inputs is not None else set()
     for i, (iname, dt, dims) in enumerate(sig):
         if example_inputs is not None:
             t = example_inputs[i]
             if t.dtype != dt:
                 raise KilnError(f"input {iname!r}: expected dtype {dt}, got {t.dtype}")
-            if t.dim() != len(dims) or any(isinstance(d, int) and d != s for d, s in zip(dims, t.shape)):
+            if t.dim() != len(dims) or any(isinstance(d, int) and d > 0 and d != s for d, s in zip(dims, t.shape)):
                 raise KilnError(f"input {iname!r}: expected shape {list(dims)}, got {list(t.shape)}")
             shape = tuple(t.shape)
         else:
             shape = tuple(d if isinstance(d, int) else 1 for d in dims)
-        c.env[iname] = b.input(iname, shape, DType.from_torch(dt))
+        v = b.input(iname, shape, DType.from_torch(dt))
+        c.env[iname] = v
+        if i in specialize and example_inputs[i].numel() <= MAX_VALUE_ELEMENTS:
+            c.env[iname] = b.literal(example_inputs[i].clone(), iname)  # the plan is specialized to this value
     for init in g.initializer:
-        t = torch.from_numpy(numpy_helper.to_array(init).copy())
+        t = numpy_to_torch(numpy_helper.to_array(init))
         c.env[init.name] = b.weight(t, init.name) if t.is_floating_point() else b.literal(t, init.name)
     for node in g.node:
         b.scope = node.name
@@ -574,7 +671,7 @@ def from_onnx(proto: onnx.ModelProto, example_inputs: list[torch.Tensor] | None 
             except Exception as e:
                 raise KilnError(f"ONNX node {node.name or node.op_type} ({node.op_type}): {e}") from e
         elif all(v is None or v in b.literals for v in ins):
-            outs = [b.literal(torch.from_numpy(np.array(a)), o or "lit") for a, o in zip(_eval_literal(c, node), node.output)]
+            outs = [b.literal(numpy_to_torch(a), o or "lit") for a, o in zip(_eval_literal(c, node), node.output)]
         else:
             raise KilnError(f"unsupported ONNX operator {node.op_type} (node {node.name!r}) on non-constant inputs")
         for oname, v in zip(node.output, outs):

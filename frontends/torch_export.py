@@ -80,7 +80,7 @@ def _bitwise_not(cx, args, kw, n):
     return cx.add(OpKind.NOT, args[0])
 
 
-_BINARY = {aten.mul: OpKind.MUL, aten.div: OpKind.DIV, aten.pow: OpKind.POW, aten.maximum: OpKind.MAXIMUM,
+_BINARY = {aten.mul: OpKind.MUL, aten.pow: OpKind.POW, aten.maximum: OpKind.MAXIMUM,
            aten.minimum: OpKind.MINIMUM, aten.eq: OpKind.EQ, aten.ne: OpKind.NE, aten.lt: OpKind.LT,
            aten.le: OpKind.LE, aten.gt: OpKind.GT, aten.ge: OpKind.GE, aten.logical_and: OpKind.AND,
            aten.logical_or: OpKind.OR}
@@ -94,6 +94,24 @@ def _binary(cx, k, a, b):
 
 for _t, _k in _BINARY.items():
     conv(_t)(lambda cx, args, kw, n, k=_k: None if kw.get("rounding_mode") else _binary(cx, k, args[0], args[1]))
+
+
+@conv(aten.div)
+def _div(cx, args, kw, n):
+    mode = kw.get("rounding_mode", args[2] if len(args) > 2 else None)
+    a, b = args[0], args[1]
+    if not isinstance(a, Value):
+        a = cx.scalar(a, b)
+    b = _operand(cx, b, a)
+    return cx.add(OpKind.DIV, a, b, attrs=A.DivAttrs(A.Rounding(mode) if mode else A.Rounding.NONE))
+
+
+@conv(aten.floor_divide)
+def _floordiv(cx, args, kw, n):
+    a, b = args[0], args[1]
+    if not isinstance(a, Value):
+        a = cx.scalar(a, b)
+    return cx.add(OpKind.DIV, a, _operand(cx, b, a), attrs=A.DivAttrs(A.Rounding.FLOOR))
 
 
 @conv(aten.__and__, aten.bitwise_and, aten.__or__, aten.bitwise_or)

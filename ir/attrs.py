@@ -34,6 +34,17 @@ class LeakyReluAttrs:
     alpha: float = 0.01
 
 
+class Rounding(enum.Enum):
+    NONE = "none"  # true division (float result)
+    TRUNC = "trunc"  # toward zero (C, ONNX integer Div)
+    FLOOR = "floor"  # toward -inf (Python //)
+
+
+@dataclass(frozen=True, slots=True)
+class DivAttrs:
+    rounding: Rounding = Rounding.NONE
+
+
 @dataclass(frozen=True, slots=True)
 class CastAttrs:
     dtype: DType

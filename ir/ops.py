@@ -211,10 +211,12 @@ def _binary(ins, a):
     return (TensorType(promote_types(*ins), broadcast_shapes(ins[0].shape, ins[1].shape)),)
 
 
-@op(OpKind.DIV, operands=("a", "b"))
+@op(OpKind.DIV, A.DivAttrs, operands=("a", "b"))
 def _div(ins, a):
     dt = promote_types(*ins)
-    return (TensorType(dt if dt.is_float else DType.FLOAT32, broadcast_shapes(ins[0].shape, ins[1].shape)),)
+    if a.rounding is A.Rounding.NONE and not dt.is_float:
+        dt = DType.FLOAT32  # true division of integers is a float, as in torch
+    return (TensorType(dt, broadcast_shapes(ins[0].shape, ins[1].shape)),)
 
 
 @op([OpKind.EQ, OpKind.NE, OpKind.LT, OpKind.LE, OpKind.GT, OpKind.GE, OpKind.AND, OpKind.OR], operands=("a", "b"))

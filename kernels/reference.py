@@ -53,6 +53,8 @@ def leaky_relu(ins, a: A.LeakyReluAttrs):
 
 @ref(OpKind.CLAMP)
 def clamp(ins, a: A.ClampAttrs):
+    if a.min is None and a.max is None:
+        return ins[0].clone()
     return torch.clamp(ins[0], a.min, a.max)
 
 
@@ -62,7 +64,7 @@ def cast(ins, a: A.CastAttrs):
 
 
 for _op, _f in {
-    OpKind.ADD: torch.add, OpKind.SUB: torch.sub, OpKind.MUL: torch.mul, OpKind.DIV: torch.div,
+    OpKind.ADD: torch.add, OpKind.SUB: torch.sub, OpKind.MUL: torch.mul,
     OpKind.POW: torch.pow, OpKind.EQ: torch.eq,
     OpKind.NE: torch.ne, OpKind.LT: torch.lt, OpKind.LE: torch.le, OpKind.GT: torch.gt, OpKind.GE: torch.ge,
     OpKind.AND: torch.logical_and, OpKind.OR: torch.logical_or,
@@ -84,6 +86,13 @@ register_kernel(OpKind.MINIMUM, "reference", name="reference.minimum")(
     lambda ins, a: _minmax(torch.minimum)(ins[0], ins[1]))
 
 
+@ref(OpKind.DIV)
+def div(ins, a: A.DivAttrs):
+    if a.rounding is A.Rounding.NONE:
+        return torch.div(ins[0], ins[1])
+    return torch.div(ins[0], ins[1], rounding_mode=a.rounding.value)
+
+
 @ref(OpKind.WHERE)
 def where(ins, a):
     return torch.where(ins[0], ins[1], ins[2])
@@ -100,14 +109,37 @@ def reduce_mean(ins, a: A.ReduceAttrs):
     return torch.mean(ins[0], dim=a.axes, keepdim=a.keepdim) if a.axes else ins[0].clone()
 
 
+def _empty_reduction(x, a: A.ReduceAttrs, largest: bool):
+    """max/min over an empty set: the reduction's identity (-inf / +inf, or the dtype's limit)."""
+    shape = [1 if i in a.axes else d for i, d in enumerate(x.shape) if a.keepdim or i not in a.axes]
+    if x.dtype == torch.bool:
+        fill = not largest
+    elif x.is_floating_point():
+        fill = float("-inf") if largest else float("inf")
+    else:
+        info = torch.iinfo(x.dtype)
+        fill = info.min if largest else info.max
+    return torch.full(shape, fill, dtype=x.dtype)
+
+
 @ref(OpKind.MAX)
 def reduce_max(ins, a: A.ReduceAttrs):
-    return torch.amax(ins[0], dim=a.axes, keepdim=a.keepdim) if a.axes else ins[0].clone()
+    x = ins[0]
+    if not a.axes:
+        return x.clone()
+    if any(x.shape[i] == 0 for i in a.axes):
+        return _empty_reduction(x, a, True)
+    return torch.amax(x, dim=a.axes, keepdim=a.keepdim)
 
 
 @ref(OpKind.MIN)
 def reduce_min(ins, a: A.ReduceAttrs):
-    return torch.amin(ins[0], dim=a.axes, keepdim=a.keepdim) if a.axes else ins[0].clone()
+    x = ins[0]
+    if not a.axes:
+        return x.clone()
+    if any(x.shape[i] == 0 for i in a.axes):
+        return _empty_reduction(x, a, False)
+    return torch.amin(x, dim=a.axes, keepdim=a.keepdim)
 
 
 @ref(OpKind.ARGMAX)

@@ -15,6 +15,7 @@ import torch
 from kiln.ir import DType, OpKind
 from kiln.ir import attrs as A
 
+from .pattern import true_div
 from .pattern import P, scalar_of
 
 
@@ -49,6 +50,8 @@ def _scores(rw, s):
     for op in (OpKind.DIV, OpKind.MUL):
         n = _op(rw, s, op)
         if n is not None and _single(rw, s):
+            if op is OpKind.DIV and not true_div(n):
+                return None
             c = rw.constant(n.inputs[1])
             c = None if c is None else scalar_of(c)
             if c is None or c == 0:
@@ -95,6 +98,9 @@ def _attention(m, rw):
             mask, causal = None, True
         elif mask.dtype is not DType.BOOL and mask.dtype != q.dtype:
             return None
+        elif mask.type.rank < 2:  # SDPA takes masks of rank >= 2; broadcasting is unchanged
+            shape = (1,) * (2 - mask.type.rank) + tuple(mask.shape)
+            mask = rw.add(OpKind.RESHAPE, mask, attrs=A.ShapeAttrs(shape))
     r = q.type.rank
     perm = tuple(range(r - 2)) + (r - 1, r - 2)
     k = rw.add(OpKind.PERMUTE, kt, attrs=A.PermuteAttrs(perm))

@@ -144,3 +144,10 @@ def scalar_of(t: torch.Tensor) -> float | None:
         return None
     flat = t.reshape(-1)
     return float(flat[0]) if bool((flat == flat[0]).all()) else None
+
+
+def true_div(n) -> bool:
+    """A DIV node that divides exactly (no integer-style rounding)."""
+    from kiln.ir.attrs import Rounding
+
+    return n.attrs.rounding is Rounding.NONE

@@ -12,6 +12,7 @@ import math
 from kiln.ir import OpKind, Value
 from kiln.ir import attrs as A
 
+from .pattern import true_div
 from .pattern import Const, P, scalar_of
 
 SQRT2 = math.sqrt(2.0)
@@ -44,7 +45,7 @@ def _is_x_over_sqrt2(rw, z: Value, x: Value) -> bool:
     n = rw.producer(z)
     if n is None:
         return False
-    if n.op is OpKind.DIV and n.inputs[0] is x:
+    if n.op is OpKind.DIV and n.inputs[0] is x and true_div(n):
         return _close(_scalar(rw, n.inputs[1]), SQRT2)
     if n.op is OpKind.MUL:
         a, b = n.inputs
@@ -140,6 +141,8 @@ def _layer_norm(m, rw):
     if k is None:
         return None
     if root.op is OpKind.DIV:
+        if not true_div(root):
+            return None
         s = _op(rw, denom, OpKind.SQRT)
     else:
         s = _op(rw, denom, OpKind.RSQRT)
@@ -214,5 +217,5 @@ RULES = [
     (P((OpKind.DIV, OpKind.MUL)), _layer_norm),
     (P(OpKind.MUL, P(OpKind.LAYER_NORM, name="ln", single_use=True), Const("p"), commutative=True), _ln_affine),
     (P(OpKind.ADD, P(OpKind.LAYER_NORM, name="ln", single_use=True), Const("p"), commutative=True), _ln_affine),
-    (P(OpKind.DIV), _softmax),
+    (P(OpKind.DIV, where=true_div), _softmax),
 ]

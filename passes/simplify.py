@@ -8,6 +8,7 @@ from __future__ import annotations
 from kiln.ir import OpKind
 from kiln.ir import attrs as A
 
+from .pattern import true_div
 from .pattern import Const, P, is_scalar_const
 
 
@@ -46,7 +47,7 @@ RULES = [
     (P(OpKind.ADD, "x", Const(where=zero), commutative=True), lambda m, rw: _same_type(m, rw, "x")),
     (P(OpKind.SUB, "x", Const(where=zero)), lambda m, rw: _same_type(m, rw, "x")),
     (P(OpKind.MUL, "x", Const(where=one), commutative=True), lambda m, rw: _same_type(m, rw, "x")),
-    (P(OpKind.DIV, "x", Const(where=one)), lambda m, rw: _same_type(m, rw, "x")),
+    (P(OpKind.DIV, "x", Const(where=one), where=true_div), lambda m, rw: _same_type(m, rw, "x")),
     (P(OpKind.RESHAPE, "x", where=lambda n: tuple(n.attrs.shape) == tuple(n.inputs[0].shape)), lambda m, rw: m["x"]),
     (P(OpKind.RESHAPE, P(OpKind.RESHAPE, "x")), _reshape_chain),
     (P(OpKind.PERMUTE, "x", where=lambda n: n.attrs.perm == tuple(range(len(n.attrs.perm)))), lambda m, rw: m["x"]),

@@ -81,11 +81,15 @@ class CompiledModel:
         self._plans: dict[tuple, Compiled] = {}
         self._lock = threading.Lock()
         self._spec: list[InputSpec] | None = None
+        self._value_inputs: set[int] = set()  # inputs whose values the plan is specialized to
         self._in_tree = None
         if self.is_onnx:
             from kiln.frontends.onnx_import import load_onnx
 
+            from kiln.frontends.onnx_import import value_inputs
+
             self._onnx = load_onnx(model)
+            self._value_inputs = value_inputs(self._onnx)
             if example_inputs is not None:
                 self._prepare(tuple(example_inputs), {})
         else:
@@ -106,7 +110,15 @@ class CompiledModel:
 
     # -- compilation ------------------------------------------------------------------
     def _key(self, leaves) -> tuple:
-        return tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else ("v", repr(x)) for x in leaves)
+        key = []
+        for i, x in enumerate(leaves):
+            if not isinstance(x, torch.Tensor):
+                key.append(("v", repr(x)))
+            elif i in self._value_inputs:
+                key.append((tuple(x.shape), x.dtype, tuple(x.reshape(-1).tolist())))
+            else:
+                key.append((tuple(x.shape), x.dtype))
+        return tuple(key)
 
     def _prepare(self, args: tuple, kwargs: dict) -> Compiled:
         leaves, tree = pytree.tree_flatten((args, kwargs))
