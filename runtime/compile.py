@@ -1,4 +1,5 @@
-"""From an imported graph to an executable plan: verify, run the pass pipeline, plan."""
+"""From an imported graph to an executable plan: verify, run the pass pipeline (or take
+the result from the compile cache), plan."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,7 @@ import os
 from kiln.errors import KilnError
 from kiln.ir import Graph, verify
 
+from . import cache
 from .plan import Plan, build_plan
 
 OPTIONS = {"passes"}
@@ -15,16 +17,30 @@ def compile_graph(graph: Graph, target: str = "cpu", passes=None, **options) -> 
     unknown = set(options) - OPTIONS
     if unknown:
         raise KilnError(f"unknown kiln.compile option(s): {', '.join(sorted(unknown))}")
+    from kiln.ir import structural_hash
     from kiln.passes.pipeline import run_pipeline
 
     verify(graph)
     if isinstance(passes, str):
         passes = [] if passes == "none" else None if passes == "all" else [passes]
+    # The cache holds the compile's decisions (kernel choices now; tuning results as they
+    # land), keyed by the graph's structure and shapes. The pipeline itself is cheap and
+    # deterministic: it reruns, and its result must hash to what the entry recorded.
+    key = cache.make_key(structural_hash(graph, include_constants=False), target, {"passes": passes}) \
+        if cache.enabled() else None
     try:
         result = run_pipeline(graph, select=passes, verify_each=os.environ.get("KILN_VERIFY") == "1")
     except ValueError as e:
         raise KilnError(str(e)) from None
-    plan = build_plan(result.graph, target)
+    optimized_hash = structural_hash(result.graph, include_constants=False)
+    hit = cache.load(key) if key else None
+    if hit is not None and (hit.get("optimized") != optimized_hash or
+                            len(hit.get("kernels", ())) != len(result.graph.nodes)):
+        hit = None  # recorded for a different optimized graph: rebuild, never trust
+    plan = build_plan(result.graph, target, kernel_choices=hit["kernels"] if hit else None)
     plan.partition = result.partition
     plan.pass_records = result.records
+    plan.cache_hit = hit is not None
+    if key and hit is None:
+        cache.store(key, {"optimized": optimized_hash, "kernels": [s.kernel for s in plan.steps]})
     return plan, result.graph

@@ -50,6 +50,7 @@ class Plan:
     kernel_names: dict[str, int] = field(default_factory=dict)
     partition: object = None  # kiln.passes.partition.Partition, when the pipeline ran
     pass_records: list = field(default_factory=list)
+    cache_hit: bool = False
 
     def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         slots: list = [None] * self.num_slots
@@ -73,7 +74,8 @@ class Plan:
         return [slots[i] for i in self.output_slots]
 
 
-def build_plan(graph: Graph, target: str = "cpu") -> Plan:
+def build_plan(graph: Graph, target: str = "cpu", kernel_choices: list[str] | None = None) -> Plan:
+    """``kernel_choices`` (one kernel name per node, from the compile cache) skips measuring."""
     slot: dict[Value, int] = {}
 
     def get(v: Value) -> int:
@@ -91,7 +93,10 @@ def build_plan(graph: Graph, target: str = "cpu") -> Plan:
     keep = set(graph.outputs) | set(graph.inputs) | set(graph.constants)
     steps, counts = [], {}
     for i, n in enumerate(graph.nodes):
-        k, fn = choose(n, candidates(n, target), [None if v is None else graph.constants.get(v) for v in n.inputs])
+        cands = candidates(n, target)
+        if kernel_choices is not None and i < len(kernel_choices):
+            cands = [k for k in cands if k.name == kernel_choices[i]] or cands
+        k, fn = choose(n, cands, [None if v is None else graph.constants.get(v) for v in n.inputs])
         counts[k.name] = counts.get(k.name, 0) + 1
         outs = tuple(get(v) for v in n.outputs)
         dead = [v for v in n.inputs if v is not None and last_use.get(v) == i and v not in keep]

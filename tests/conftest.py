@@ -5,6 +5,10 @@ import pytest
 import torch
 
 os.environ.setdefault("KILN_VERIFY", "1")  # ir.verify after every stage, in all tests
+if "KILN_CACHE_DIR" not in os.environ:  # tests never read or write the user's cache
+    import tempfile
+
+    os.environ["KILN_CACHE_DIR"] = tempfile.mkdtemp(prefix="kiln-test-cache-")
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning, module="contextlib")
 

@@ -1,0 +1,138 @@
+"""The compile cache: a compile's decisions, keyed by what determines them.
+
+Key: the imported graph's structural hash (ops, attributes, shapes, dtypes; not weight
+values), the compile options, the target with its CPU features, and the versions of Kiln
+and torch. An entry is one file ``<key>.kiln``: a header line (format, version, key,
+SHA-256 of the payload) and the payload (kernel choices, and the hash of the optimized
+graph they were made for). Writes go to a temporary
+file then ``os.replace`` — readers see a whole entry or none, and two processes writing the
+same entry both succeed, leaving one valid file. An entry that is truncated, corrupt,
+from another version or for another key is ignored (and overwritten by the rebuild), never
+trusted. The directory (``KILN_CACHE_DIR``, default ``~/.cache/kiln``) is kept under a size
+bound (``KILN_CACHE_MAX_MB``, default 2048) by evicting the least recently used entries.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+
+FORMAT = "kiln-compile-cache"
+VERSION = 1
+
+
+def cache_dir() -> str:
+    d = os.environ.get("KILN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kiln")
+    d = os.path.join(d, "compile")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def enabled() -> bool:
+    return os.environ.get("KILN_CACHE", "1") != "0"
+
+
+def cpu_features() -> str:
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    flags = ",".join(sorted(x for x in have if x.startswith(("avx", "amx", "fma", "f16c"))))
+                    break
+    except OSError:
+        pass
+    return f"{platform.machine()}:{flags}"
+
+
+def make_key(graph_hash: str, target: str, options: dict) -> str:
+    import torch
+
+    from kiln import __version__
+
+    parts = [FORMAT, str(VERSION), __version__, torch.__version__, graph_hash, target, cpu_features(),
+             json.dumps(options, sort_keys=True, default=str)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _path(key: str) -> str:
+    return os.path.join(cache_dir(), f"{key}.kiln")
+
+
+def load(key: str) -> dict | None:
+    """The payload stored under ``key``, or None if absent or not trustworthy."""
+    path = _path(key)
+    try:
+        with open(path, "rb") as f:
+            header = json.loads(f.readline())
+            payload = f.read()
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != VERSION:
+        return None
+    if header.get("key") != key or header.get("sha256") != hashlib.sha256(payload).hexdigest():
+        return None
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return None
+    try:
+        os.utime(path)  # recently used: last to be evicted
+    except OSError:
+        pass
+    return data
+
+
+def store(key: str, data: dict) -> None:
+    payload = json.dumps(data).encode()
+    header = json.dumps({"format": FORMAT, "version": VERSION, "key": key,
+                         "sha256": hashlib.sha256(payload).hexdigest(), "written": time.time()}).encode()
+    d = cache_dir()
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".kiln")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(header + b"\n" + payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, _path(key))
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        return  # a cache that cannot be written is only slower, never wrong
+    evict()
+
+
+def evict(max_bytes: int | None = None) -> None:
+    if max_bytes is None:
+        max_bytes = int(float(os.environ.get("KILN_CACHE_MAX_MB", "2048")) * 1024 * 1024)
+    d = cache_dir()
+    entries = []
+    for name in os.listdir(d):
+        p = os.path.join(d, name)
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        if name.startswith(".tmp-") and time.time() - st.st_mtime > 3600:
+            try:
+                os.unlink(p)  # left behind by a crashed writer
+            except OSError:
+                pass
+            continue
+        if name.endswith(".kiln") and not name.startswith("."):
+            entries.append((st.st_mtime, st.st_size, p))
+    total = sum(e[1] for e in entries)
+    for _, size, p in sorted(entries):
+        if total <= max_bytes:
+            break
+        try:
+            os.unlink(p)
+            total -= size
+        except OSError:
+            pass
