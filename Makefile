@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kiln-installed
 PYTEST ?= -q
 
-.PHONY: all install demo test test-slow clean
+.PHONY: all install demo test test-slow fuzz onnx-conformance clean
 
 all: demo
 
@@ -29,6 +29,16 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest $(PYTEST) -p no:logging -m slow tests
+
+# A bigger fuzzing budget than the default suite's 200 graphs: make fuzz N=2000 [START=200]
+N ?= 1000
+START ?= 200
+fuzz: $(STAMP)
+	KILN_FUZZ_N=$(N) KILN_FUZZ_START=$(START) $(PY) -m pytest $(PYTEST) -p no:logging tests/fuzz/test_fuzz.py
+
+# ONNX's own backend node tests on every op Kiln claims: pass / fail / not-supported counts
+onnx-conformance: $(STAMP)
+	$(PY) tests/conformance/onnx_node_tests.py -v
 
 clean:
 	rm -rf build dist *.egg-info

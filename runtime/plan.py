@@ -74,6 +74,19 @@ class Plan:
         return [slots[i] for i in self.output_slots]
 
 
+def run_all(graph: Graph, inputs: list[torch.Tensor], target: str = "reference") -> dict[Value, torch.Tensor]:
+    """Every value the graph computes (nothing freed): for debugging and differential checks."""
+    plan = build_plan(graph, target)
+    env: dict[Value, torch.Tensor] = dict(graph.constants)
+    env.update(zip(graph.inputs, inputs))
+    with torch.no_grad():
+        for s in plan.steps:
+            r = s.fn([None if v is None else env[v] for v in s.node.inputs], s.attrs)
+            for v, t in zip(s.node.outputs, r if isinstance(r, tuple) else (r,)):
+                env[v] = t
+    return env
+
+
 def build_plan(graph: Graph, target: str = "cpu", kernel_choices: list[str] | None = None) -> Plan:
     """``kernel_choices`` (one kernel name per node, from the compile cache) skips measuring."""
     slot: dict[Value, int] = {}

@@ -88,6 +88,14 @@ def _cmd_bench_models(args) -> int:
     return 0
 
 
+def _cmd_debug_accuracy(args) -> int:
+    from .debugging import accuracy_report
+
+    report = accuracy_report(args.model, rel=args.rtol, passes=args.passes.split(",") if args.passes else None)
+    print(report)
+    return 1 if report.divergence else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kiln", description="Kiln: a deep-learning compiler for PyTorch and ONNX models.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
@@ -137,6 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     bm.add_argument("--markdown", metavar="FILE")
     bm.set_defaults(fn=_cmd_bench_models)
     bp.set_defaults(fn=lambda a: (bp.print_help(), 0)[1])
+    dbg = sub.add_parser("debug", help="debugging tools")
+    dsub = dbg.add_subparsers(dest="debug_cmd", metavar="WHAT")
+    da = dsub.add_parser("accuracy", help="name the first pass (and node) where outputs diverge from the reference")
+    da.add_argument("model", help="example model name, file.onnx, or package.module:factory")
+    da.add_argument("--rtol", type=float, default=1e-4, help="tolerance: max abs error <= rtol * max(1, |ref|max)")
+    da.add_argument("--passes", help="comma-separated passes/phases to run ('-name' skips one)")
+    da.set_defaults(fn=_cmd_debug_accuracy)
+    dbg.set_defaults(fn=lambda a: (dbg.print_help(), 0)[1])
     e = sub.add_parser("explain", help="list the ops of a model that fall back to PyTorch, and why")
     e.add_argument("model", help="an example model name, an ONNX file, or package.module:factory")
     e.set_defaults(fn=_cmd_explain)
