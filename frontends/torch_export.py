@@ -160,6 +160,8 @@ def _clamp(cx, args, kw, n):
     hi = args[2] if len(args) > 2 else kw.get("max", 1.0 if n.target.overloadpacket is aten.hardtanh else None)
     if isinstance(lo, Value) or isinstance(hi, Value):
         return None
+    if not args[0].dtype.is_float and any(b is not None and float(b) != int(b) for b in (lo, hi)):
+        return None  # a fractional bound promotes an integer tensor to float: not a Kiln CLAMP
     return cx.add(OpKind.CLAMP, args[0], attrs=A.ClampAttrs(None if lo is None else float(lo),
                                                             None if hi is None else float(hi)))
 
@@ -574,6 +576,26 @@ def _index(cx, args, kw, n):
     if any(i is None or i.dtype is DType.BOOL for i in idx):
         return None
     return cx.add(OpKind.INDEX, x, *idx)
+
+
+@conv(aten.pad)
+def _pad_any(cx, args, kw, n):
+    x, pad = args[0], list(args[1])
+    mode = args[2] if len(args) > 2 else kw.get("mode", "constant")
+    value = args[3] if len(args) > 3 else kw.get("value")
+    if mode == "constant":
+        return _pad(cx, [x, pad, 0.0 if value is None else value], {}, n)
+    modes = {"reflect": A.PadMode.REFLECT, "replicate": A.PadMode.REPLICATE}
+    if mode not in modes:
+        return None
+    r = x.type.rank
+    pads = [0] * (2 * r)
+    for i in range(len(pad) // 2):
+        ax = r - 1 - i
+        pads[2 * ax], pads[2 * ax + 1] = pad[2 * i], pad[2 * i + 1]
+    if any(p < 0 for p in pads):
+        return None
+    return cx.add(OpKind.PAD, x, attrs=A.PadAttrs(tuple(pads), modes[mode], 0.0))
 
 
 @conv(aten.constant_pad_nd)

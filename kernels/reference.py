@@ -53,9 +53,14 @@ def leaky_relu(ins, a: A.LeakyReluAttrs):
 
 @ref(OpKind.CLAMP)
 def clamp(ins, a: A.ClampAttrs):
+    x = ins[0]
     if a.min is None and a.max is None:
-        return ins[0].clone()
-    return torch.clamp(ins[0], a.min, a.max)
+        return x.clone()
+    lo, hi = a.min, a.max
+    if not x.is_floating_point():  # integer tensors clamp to integer bounds and stay integers
+        lo = None if lo is None else int(lo)
+        hi = None if hi is None else int(hi)
+    return torch.clamp(x, lo, hi)
 
 
 @ref(OpKind.CAST)
