@@ -37,6 +37,7 @@ def compile_graph(graph: Graph, target: str = "cpu", passes=None, **options) -> 
     if hit is not None and (hit.get("optimized") != optimized_hash or
                             len(hit.get("kernels", ())) != len(result.graph.nodes)):
         hit = None  # recorded for a different optimized graph: rebuild, never trust
+    _check_memory(result.graph)
     plan = build_plan(result.graph, target, kernel_choices=hit["kernels"] if hit else None)
     plan.partition = result.partition
     plan.pass_records = result.records
@@ -44,3 +45,28 @@ def compile_graph(graph: Graph, target: str = "cpu", passes=None, **options) -> 
     if key and hit is None:
         cache.store(key, {"optimized": optimized_hash, "kernels": [s.kernel for s in plan.steps]})
     return plan, result.graph
+
+
+def available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: do not refuse
+
+
+def _check_memory(graph: Graph) -> None:
+    """Refuse, before any allocation, a plan whose buffers cannot fit in memory."""
+    from .plan import plan_memory
+
+    stats = plan_memory(graph)
+    weights = sum(t.numel() * t.element_size() for t in graph.constants.values())
+    io = sum(v.type.nbytes() for v in graph.inputs if v.type.is_static)
+    need = (stats.arena_bytes if stats else 0) + io
+    have = available_memory()
+    if need > have:
+        raise KilnError(f"{graph.name} needs {need / 2**30:.1f} GiB for inputs and intermediate buffers "
+                        f"(plus {weights / 2**30:.1f} GiB of weights); only {have / 2**30:.1f} GiB is available")
