@@ -54,7 +54,7 @@ class SpecModel(nn.Module):
             mod = self._build(rec, x)
             if mod is None:
                 continue  # precondition failed: skipped (keeps every sub-list valid)
-            self.mods.append(mod if isinstance(mod, nn.Module) else nn.Identity())
+            self.mods.append((mod if isinstance(mod, nn.Module) else nn.Identity()).eval())
             self.plan.append(rec)
             with torch.no_grad():
                 x = self._apply(rec, self.mods[-1], x)
