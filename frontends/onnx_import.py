@@ -104,7 +104,8 @@ def _torch_dtype(elem_type: int) -> torch.dtype:
 # value is part of the plan's cache key (a new value compiles a new plan).
 VALUE_OPERANDS = {"Reshape": {1}, "Slice": {1, 2, 3, 4}, "Squeeze": {1}, "Unsqueeze": {1}, "Split": {1},
                   "Expand": {1}, "Pad": {1, 2, 3}, "Clip": {1, 2}, "ReduceSum": {1}, "ReduceMean": {1},
-                  "ReduceMax": {1}, "ReduceMin": {1}, "ConstantOfShape": {0}, "Range": {0, 1, 2}, "Trilu": {1}}
+                  "ReduceMax": {1}, "ReduceMin": {1}, "ConstantOfShape": {0}, "Range": {0, 1, 2}, "Trilu": {1},
+                  "Dropout": {1, 2}}
 MAX_VALUE_ELEMENTS = 64
 
 
@@ -211,8 +212,21 @@ def _where(c, ins, at, n):
     return [c.b.add(OpKind.WHERE, *ins)]
 
 
-@onnx_op("Identity", "Dropout")
+@onnx_op("Identity")
 def _identity(c, ins, at, n):
+    return [ins[0]]
+
+
+@onnx_op("Dropout")
+def _dropout(c, ins, at, n):
+    """Inference: the identity. Training-mode dropout (random) is not something to compile."""
+    if len(n.input) > 2 and n.input[2]:
+        training = c.lit(n.input[2])
+        ratio = c.lit(n.input[1]) if len(n.input) > 1 and n.input[1] else np.array(0.5)
+        if training is None or ratio is None or (bool(training) and float(ratio) > 0):
+            raise KilnError("Dropout in training mode is not supported (inference only)")
+    if len(n.output) > 1 and n.output[1]:
+        return [ins[0], c.b.literal(torch.ones(tuple(ins[0].shape), dtype=torch.bool))]  # mask: all kept
     return [ins[0]]
 
 
@@ -605,11 +619,11 @@ onnx_op("GRU")(lambda c, ins, at, n: _rnn(c, ins, at, n, OpKind.GRU))
 
 def numpy_to_torch(a) -> torch.Tensor:
     """np.ndarray -> torch, including ml_dtypes' bfloat16 (which torch.from_numpy rejects)."""
-    a = np.ascontiguousarray(np.asarray(a))
+    a = np.array(a, copy=True, order="C")  # (np.ascontiguousarray would turn 0-d into 1-d)
     if a.dtype.name == "bfloat16":
-        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     try:
-        return torch.from_numpy(a.copy())
+        return torch.from_numpy(a)
     except TypeError:
         raise KilnError(f"numpy dtype {a.dtype} is not supported") from None
 

@@ -26,7 +26,7 @@ def _friendly(n: Node, consts) -> bool:
         return True
     if n.op is OpKind.MEAN:
         return n.attrs.axes == (2, 3) and n.attrs.keepdim
-    if opdef(n.op).category is Category.ELEMENTWISE and n.op not in (OpKind.CAST, OpKind.TO_LAYOUT):
+    if opdef(n.op).category is Category.ELEMENTWISE and n.op is not OpKind.TO_LAYOUT:
         # every tensor operand is the same 4-D shape (no broadcasting across layouts)
         return all(v in consts or (v.type.rank == 4 and v.type.shape == n.outputs[0].type.shape)
                    for v in n.inputs if v is not None)

@@ -1,8 +1,9 @@
 """The pass pipeline: one explicit, ordered list of named phases.
 
-    canonicalize -> fold -> fuse -> layout -> partition
+    canonicalize -> fold -> fuse -> precision -> layout -> partition
 
-(quantize and sparsify slot in before partition as that work lands.) ``run_pipeline``
+(quantize and sparsify slot in before partition as that work lands; ``precision`` runs
+only for ``precision="bf16"``.) ``run_pipeline``
 runs them in order; ``select`` chooses phases or single passes by name, and a name
 prefixed with ``-`` skips it. Every pass run is timed and counted; ``on_pass`` receives
 (pass record, graph before, graph after) so the dump tool can show what each pass did.
@@ -17,7 +18,7 @@ from typing import Callable, Iterable
 
 from kiln.ir import Graph, verify
 
-from . import attention, epilogue, fold, recognize, rnn, simplify
+from . import attention, epilogue, fold, precision, recognize, rnn, simplify
 from .cse import cse
 from .layout import channels_last
 from .partition import Partition, partition, verify_partition
@@ -28,10 +29,15 @@ from .rewrite import dead_code_elimination, rewrite
 class Pass:
     name: str
     fn: Callable[[Graph], Graph]
+    when: Callable[[dict], bool] | None = None  # runs only for compile options it accepts
 
 
-def rules_pass(name: str, rules) -> Pass:
-    return Pass(name, lambda g: rewrite(g, rules, name=name))
+def rules_pass(name: str, rules, when=None) -> Pass:
+    return Pass(name, lambda g: rewrite(g, rules, name=name), when)
+
+
+def _bf16(options: dict) -> bool:
+    return options.get("precision") == "bf16"
 
 
 CLEANUP = [rules_pass("simplify", simplify.RULES), Pass("cse", cse), Pass("dce", dead_code_elimination)]
@@ -42,6 +48,7 @@ PHASES: list[tuple[str, list[Pass]]] = [
     ("fuse", [rules_pass("recognize", recognize.RULES), rules_pass("attention", attention.RULES),
               rules_pass("rnn", rnn.RULES), rules_pass("constant_fold", fold.CONSTANT_FOLD),
               rules_pass("epilogue", epilogue.RULES), *CLEANUP]),
+    ("precision", [rules_pass("bf16", precision.RULES, when=_bf16), *[Pass(p.name, p.fn, _bf16) for p in CLEANUP]]),
     ("layout", [Pass("channels_last", channels_last)]),
     ("partition", []),  # the cut into kernel groups; it does not rewrite the graph
 ]
@@ -91,8 +98,9 @@ def _enabled(select: Iterable[str] | None):
 
 def run_pipeline(graph: Graph, select: Iterable[str] | None = None,
                  on_pass: Callable[[PassRecord, Graph, Graph], None] | None = None,
-                 verify_each: bool | None = None) -> PipelineResult:
+                 verify_each: bool | None = None, options: dict | None = None) -> PipelineResult:
     on = _enabled(select)
+    options = options or {}
     if verify_each is None:
         verify_each = os.environ.get("KILN_VERIFY") == "1"
     from kiln.progress import log as _log
@@ -101,7 +109,7 @@ def run_pipeline(graph: Graph, select: Iterable[str] | None = None,
     records: list[PassRecord] = []
     for phase, passes in PHASES:
         for p in passes:
-            if not on(phase, p.name):
+            if not on(phase, p.name) or (p.when is not None and not p.when(options)):
                 continue
             t = time.perf_counter()
             after = p.fn(graph)

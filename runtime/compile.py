@@ -10,13 +10,17 @@ from kiln.ir import Graph, verify
 from . import cache
 from .plan import Plan, build_plan
 
-OPTIONS = {"passes"}
+OPTIONS = {"passes", "precision"}
+PRECISIONS = ("fp32", "bf16")
 
 
-def compile_graph(graph: Graph, target: str = "cpu", passes=None, **options) -> tuple[Plan, Graph]:
+def compile_graph(graph: Graph, target: str = "cpu", passes=None, precision: str = "fp32",
+                  **options) -> tuple[Plan, Graph]:
     unknown = set(options) - OPTIONS
     if unknown:
         raise KilnError(f"unknown kiln.compile option(s): {', '.join(sorted(unknown))}")
+    if precision not in PRECISIONS:
+        raise KilnError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     from kiln.ir import structural_hash
     from kiln.passes.pipeline import run_pipeline
 
@@ -26,10 +30,11 @@ def compile_graph(graph: Graph, target: str = "cpu", passes=None, **options) -> 
     # The cache holds the compile's decisions (kernel choices now; tuning results as they
     # land), keyed by the graph's structure and shapes. The pipeline itself is cheap and
     # deterministic: it reruns, and its result must hash to what the entry recorded.
-    key = cache.make_key(structural_hash(graph, include_constants=False), target, {"passes": passes}) \
-        if cache.enabled() else None
+    key = cache.make_key(structural_hash(graph, include_constants=False), target,
+                         {"passes": passes, "precision": precision}) if cache.enabled() else None
     try:
-        result = run_pipeline(graph, select=passes, verify_each=os.environ.get("KILN_VERIFY") == "1")
+        result = run_pipeline(graph, select=passes, verify_each=os.environ.get("KILN_VERIFY") == "1",
+                              options={"precision": precision})
     except ValueError as e:
         raise KilnError(str(e)) from None
     optimized_hash = structural_hash(result.graph, include_constants=False)

@@ -1,0 +1,94 @@
+"""Reduced precision: run GEMMs, convolutions and attention in bfloat16 (AMX on CPUs that
+have it), with float32 accumulation inside the kernels and float32 everywhere else.
+
+Each float32 LINEAR / CONV2D / MATMUL / ATTENTION becomes: operands cast to bfloat16
+(constant weights converted once, at compile time), the op in bfloat16, the result cast
+back to float32. Epilogues stay in float32: bias, residual add and activation are applied
+after the cast, so only the product itself is rounded. The pass changes numerics by
+design; ``precision="bf16"`` opts in, and the error bound is the caller's to check.
+"""
+from __future__ import annotations
+
+import torch
+
+from kiln.ir import DType, OpKind
+from kiln.ir import attrs as A
+
+from .pattern import P
+
+F32, BF16 = DType.FLOAT32, DType.BFLOAT16
+_ACT_OPS = {A.Activation.RELU: OpKind.RELU, A.Activation.TANH: OpKind.TANH, A.Activation.SIGMOID: OpKind.SIGMOID,
+            A.Activation.SILU: OpKind.SILU}
+
+
+def _f32(n) -> bool:
+    return n.outputs[0].dtype is F32 and all(v is None or v.dtype in (F32, DType.BOOL) for v in n.inputs)
+
+
+def _bf16(rw, v):
+    if v is None:
+        return None
+    t = rw.constant(v)
+    if t is not None:
+        return rw.const(t.to(torch.bfloat16), "bf16")  # converted once, at compile time
+    return rw.add(OpKind.CAST, v, attrs=A.CastAttrs(BF16))
+
+
+def _epilogue(rw, y, bias, residual, act: A.Activation, channel_axis: int):
+    y = rw.add(OpKind.CAST, y, attrs=A.CastAttrs(F32))
+    if bias is not None:
+        if channel_axis != y.type.rank - 1:
+            shape = [1] * y.type.rank
+            shape[channel_axis] = bias.shape[0]
+            t = rw.constant(bias)
+            bias = rw.const(t.reshape(shape), "bias") if t is not None else \
+                rw.add(OpKind.RESHAPE, bias, attrs=A.ShapeAttrs(tuple(shape)))
+        y = rw.add(OpKind.ADD, y, bias)
+    if residual is not None:
+        y = rw.add(OpKind.ADD, y, residual)
+    if act is A.Activation.GELU:
+        y = rw.add(OpKind.GELU, y, attrs=A.GeluAttrs(A.GeluApprox.NONE))
+    elif act is A.Activation.GELU_TANH:
+        y = rw.add(OpKind.GELU, y, attrs=A.GeluAttrs(A.GeluApprox.TANH))
+    elif act is not A.Activation.NONE:
+        y = rw.add(_ACT_OPS[act], y)
+    return y
+
+
+def _linear(m, rw):
+    n = m.root
+    x, w = n.inputs[0], n.inputs[1]
+    bias = n.inputs[2] if len(n.inputs) > 2 else None
+    res = n.inputs[3] if len(n.inputs) > 3 else None
+    y = rw.add(OpKind.LINEAR, _bf16(rw, x), _bf16(rw, w))
+    return _epilogue(rw, y, bias, res, n.attrs.activation, y.type.rank - 1)
+
+
+def _conv(m, rw):
+    n = m.root
+    x, w = n.inputs[0], n.inputs[1]
+    bias = n.inputs[2] if len(n.inputs) > 2 else None
+    res = n.inputs[3] if len(n.inputs) > 3 else None
+    import dataclasses
+
+    y = rw.add(OpKind.CONV2D, _bf16(rw, x), _bf16(rw, w), attrs=dataclasses.replace(n.attrs, activation=A.Activation.NONE))
+    return _epilogue(rw, y, bias, res, n.attrs.activation, 1)
+
+
+def _matmul(m, rw):
+    a, b = m.root.inputs
+    return rw.add(OpKind.CAST, rw.add(OpKind.MATMUL, _bf16(rw, a), _bf16(rw, b)), attrs=A.CastAttrs(F32))
+
+
+def _attention(m, rw):
+    n = m.root
+    ins = [_bf16(rw, v) if v.dtype is F32 else v for v in n.inputs]
+    return rw.add(OpKind.CAST, rw.add(OpKind.ATTENTION, *ins, attrs=n.attrs), attrs=A.CastAttrs(F32))
+
+
+RULES = [
+    (P(OpKind.LINEAR, where=_f32), _linear),
+    (P(OpKind.CONV2D, where=_f32), _conv),
+    (P(OpKind.MATMUL, where=_f32), _matmul),
+    (P(OpKind.ATTENTION, where=_f32), _attention),
+]
