@@ -1,7 +1,8 @@
 """``kiln bench models``: end-to-end latency of the example models against the peers.
 
 Engines: eager PyTorch, torch.compile (Inductor, with freezing), ONNX Runtime, TVM Relax
-(default build, no tuning; skipped with --quick), and Kiln. For each thread count the
+(default build, no tuning; skipped with --quick), Kiln, and Kiln with precision="bf16"
+(compared with eager fp32; its max error is against the fp32 eager output). For each thread count the
 engines run interleaved (one call each, in turn, ``repeats`` times), so machine noise
 hits all of them alike; medians are reported with ratios against eager and against the
 best peer. Every engine's output is checked against eager (max abs error).
@@ -16,7 +17,7 @@ import warnings
 
 import torch
 
-ENGINES = ("eager", "inductor", "onnxruntime", "tvm", "kiln")
+ENGINES = ("eager", "inductor", "onnxruntime", "tvm", "kiln", "kiln_bf16")
 
 
 def _first(x):
@@ -81,14 +82,14 @@ def _tvm(model, inputs, threads):
     return run
 
 
-def _kiln(model, inputs):
+def _kiln(model, inputs, **options):
     import kiln
 
     t = time.perf_counter()
-    fast = kiln.compile(model, inputs)
+    fast = kiln.compile(model, inputs, **options)
     cold = time.perf_counter() - t
     t = time.perf_counter()
-    kiln.compile(model, inputs)
+    kiln.compile(model, inputs, **options)
     warm = time.perf_counter() - t
     return fast, cold, warm
 
@@ -109,7 +110,7 @@ def bench_model(name: str, factory_kwargs: dict, engines, threads_list, repeats:
         for e in engines:
             if e == "eager":
                 continue
-            key = e if e in ("inductor", "kiln") else f"{e}@{threads}"  # ORT/TVM bind threads at build
+            key = e if e in ("inductor", "kiln", "kiln_bf16") else f"{e}@{threads}"  # ORT/TVM bind threads
             if key not in built and e not in errors:
                 log(f"{name}: building {e} ({threads} thread(s))")
                 t = time.perf_counter()
@@ -124,6 +125,8 @@ def bench_model(name: str, factory_kwargs: dict, engines, threads_list, repeats:
                         fast, cold, warm = _kiln(model, inputs)
                         built[key] = fast
                         compile_s["kiln_warm"] = warm
+                    elif e == "kiln_bf16":
+                        built[key] = _kiln(model, inputs, precision="bf16")[0]
                 except Exception as ex:  # a peer that cannot run this model is reported, not fatal
                     errors[e] = f"{type(ex).__name__}: {str(ex).strip().splitlines()[0][:200] if str(ex).strip() else ''}"
                     continue
@@ -149,8 +152,9 @@ def bench_model(name: str, factory_kwargs: dict, engines, threads_list, repeats:
                     f(*inputs)
                     times[e].append((time.perf_counter() - t) * 1e3)
         med = {e: statistics.median(v) for e, v in times.items()}
-        peers = [med[e] for e in med if e not in ("eager", "kiln")]
+        peers = [med[e] for e in med if e not in ("eager", "kiln", "kiln_bf16")]
         row = {"median_ms": med, "max_abs_err": errs,
+               "kiln_bf16_vs_eager": med["eager"] / med["kiln_bf16"] if "kiln_bf16" in med else None,
                "kiln_vs_eager": med["eager"] / med["kiln"] if "kiln" in med else None,
                "kiln_vs_best_peer": (min(peers) / med["kiln"]) if peers and "kiln" in med else None}
         result["threads"][str(threads)] = row
@@ -191,16 +195,20 @@ def markdown(res: dict) -> str:
     engines = res["engines"]
     lines = [f"Median latency in ms ({res['repeats']} interleaved runs per engine); ratios are speedups of Kiln.",
              "",
-             "| model | threads | " + " | ".join(engines) + " | Kiln vs eager | Kiln vs best peer | Kiln max err |",
-             "|---|---|" + "---|" * len(engines) + "---|---|---|"]
+             "| model | threads | " + " | ".join(engines) + " | Kiln vs eager | Kiln vs best peer | Kiln max err |"
+             " Kiln bf16 vs eager | bf16 max err |",
+             "|---|---|" + "---|" * len(engines) + "---|---|---|---|---|"]
     for r in res["results"]:
         for th, row in r["threads"].items():
             cells = [f"{row['median_ms'][e]:.2f}" if e in row["median_ms"] else "—" for e in engines]
             ve = f"{row['kiln_vs_eager']:.2f}x" if row["kiln_vs_eager"] else "—"
             vp = f"{row['kiln_vs_best_peer']:.2f}x" if row["kiln_vs_best_peer"] else "—"
             err = row["max_abs_err"].get("kiln")
+            vb = f"{row['kiln_bf16_vs_eager']:.2f}x" if row.get("kiln_bf16_vs_eager") else "—"
+            eb = row["max_abs_err"].get("kiln_bf16")
             lines.append(f"| {r['model']} | {th} | " + " | ".join(cells) + f" | {ve} | {vp} | "
-                         + (f"{err:.1e}" if err is not None else "—") + " |")
+                         + (f"{err:.1e}" if err is not None else "—") + f" | {vb} | "
+                         + (f"{eb:.1e}" if eb is not None else "—") + " |")
     lines += ["", "Compile time (s): " + "; ".join(
         f"{r['model']}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["compile_s"].items()) for r in res["results"]),
         "(kiln_warm: a second kiln.compile of the same model in the same process)"]

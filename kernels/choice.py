@@ -1,8 +1,10 @@
 """Kernel choice by measurement: when several kernels accept a node, time each on the
 node's real shapes (constants as they are, random run-time inputs) and keep the fastest.
 
-Failures score infinity. Results are memoized per (kernel names, op, attrs, input types)
-for the life of the process; the persistent tuning database arrives with autotuning.
+A candidate must first agree with the reference kernel on those inputs (within the
+dtype's tolerance); failures and disagreements score infinity. Results are memoized per
+(kernel names, op, attrs, input types) for the life of the process, and recorded in the
+compile cache.
 """
 from __future__ import annotations
 
@@ -30,10 +32,33 @@ def _random_like(v) -> torch.Tensor:
     return torch.zeros(t.shape, dtype=dt)
 
 
-def _time(fn, ins, attrs) -> float:
+def _agrees(out, ref) -> bool:
+    outs = out if isinstance(out, tuple) else (out,)
+    refs = ref if isinstance(ref, tuple) else (ref,)
+    if len(outs) != len(refs):
+        return False
+    for o, r in zip(outs, refs):
+        if not isinstance(o, torch.Tensor) or o.shape != r.shape or o.dtype != r.dtype:
+            return False
+        if o.is_floating_point():
+            rel = 1e-4 if o.dtype in (torch.float32, torch.float64) else 3e-2
+            scale = max(1.0, float(r.abs().nan_to_num(0, 0, 0).max())) if r.numel() else 1.0
+            d = (o.double() - r.double()).abs()
+            if d.numel() and not bool((d.nan_to_num(0, 0, 0) <= rel * scale).all()):
+                return False
+            if not torch.equal(torch.isnan(o), torch.isnan(r)):
+                return False
+        elif not torch.equal(o, r):
+            return False
+    return True
+
+
+def _time(fn, ins, attrs, ref=None) -> float:
     try:
         with torch.no_grad():
-            fn(ins, attrs)  # warm-up (and the first-call costs)
+            out = fn(ins, attrs)  # warm-up (and the first-call costs)
+            if ref is not None and not _agrees(out, ref):
+                return math.inf  # a kernel that disagrees with the reference is never chosen
             best = math.inf
             for _ in range(REPEATS):
                 t = time.perf_counter()
@@ -55,7 +80,17 @@ def choose(node: Node, kernels: list[Kernel], constants: list) -> tuple[Kernel, 
     name = _MEMO.get(key)
     if name is None:
         ins = [None if v is None else (c if c is not None else _random_like(v)) for v, c in zip(node.inputs, constants)]
-        times = [_time(fn, ins, node.attrs) for _, fn in bound]
+        ref = None
+        ref_k = next((k for k, _ in bound if k.target == "reference"), None)
+        if ref_k is not None:
+            try:
+                with torch.no_grad():
+                    ref = ref_k.fn(ins, node.attrs)
+            except Exception:
+                ref = None
+        times = [_time(fn, ins, node.attrs, None if k.target == "reference" else ref) for k, fn in bound]
+        if all(t == math.inf for t in times):
+            return next(b for b in bound if b[0].target == "reference") if ref_k is not None else bound[0]
         name = bound[min(range(len(bound)), key=times.__getitem__)][0].name
         _MEMO[key] = name
     return next(b for b in bound if b[0].name == name)

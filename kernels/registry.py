@@ -50,17 +50,16 @@ def kernels_for(op: OpKind, target: str) -> list[Kernel]:
 
 def candidates(node: Node, target: str) -> list[Kernel]:
     """Every kernel for ``target`` that accepts ``node``, else the reference kernel alone."""
-    from . import cpu  # noqa: F401
-    from . import reference  # noqa: F401
+    from . import cpu, onednn, reference  # noqa: F401
 
     ks = [k for k in _REGISTRY.get((node.op, target), []) if k.accepts(node)] if target != "reference" else []
-    return ks or [select_kernel(node, "reference")]
+    ref = select_kernel(node, "reference")
+    return ks + [ref] if ks else [ref]  # the reference always competes (and is the oracle)
 
 
 def select_kernel(node: Node, target: str) -> Kernel:
     """The kernel the runtime uses for ``node`` on ``target``: first accepting, else reference."""
-    from . import reference  # noqa: F401  (registers the reference kernels)
-    from . import cpu  # noqa: F401
+    from . import cpu, onednn, reference  # noqa: F401  (registers the kernels)
 
     if target != "reference":
         for k in _REGISTRY.get((node.op, target), []):
@@ -73,7 +72,6 @@ def select_kernel(node: Node, target: str) -> Kernel:
 
 
 def all_kernels() -> list[Kernel]:
-    from . import reference  # noqa: F401
-    from . import cpu  # noqa: F401
+    from . import cpu, onednn, reference  # noqa: F401
 
     return [k for ks in _REGISTRY.values() for k in ks]

@@ -3,8 +3,10 @@ have it), with float32 accumulation inside the kernels and float32 everywhere el
 
 Each float32 LINEAR / CONV2D / MATMUL / ATTENTION becomes: operands cast to bfloat16
 (constant weights converted once, at compile time), the op in bfloat16, the result cast
-back to float32. Epilogues stay in float32: bias, residual add and activation are applied
-after the cast, so only the product itself is rounded. The pass changes numerics by
+back to float32. A GEMM keeps its bias and activation and a conv its whole epilogue
+(oneDNN computes them on the fp32 accumulator, then rounds once); a GEMM's residual add
+runs in float32 after the cast. A bf16 -> f32 -> reshape/permute/max-pool -> bf16 round
+trip is removed (it is exact). The pass changes numerics by
 design; ``precision="bf16"`` opts in, and the error bound is the caller's to check.
 """
 from __future__ import annotations
@@ -56,23 +58,51 @@ def _epilogue(rw, y, bias, residual, act: A.Activation, channel_axis: int):
 
 
 def _linear(m, rw):
+    """Bias and activation stay fused in the bf16 GEMM (oneDNN applies them to the fp32
+    accumulator before rounding); a residual add moves after the cast, in fp32."""
     n = m.root
     x, w = n.inputs[0], n.inputs[1]
     bias = n.inputs[2] if len(n.inputs) > 2 else None
     res = n.inputs[3] if len(n.inputs) > 3 else None
-    y = rw.add(OpKind.LINEAR, _bf16(rw, x), _bf16(rw, w))
-    return _epilogue(rw, y, bias, res, n.attrs.activation, y.type.rank - 1)
+    act = n.attrs.activation
+    ins = [_bf16(rw, x), _bf16(rw, w)] + ([_bf16(rw, bias)] if bias is not None else [])
+    if res is None:
+        y = rw.add(OpKind.LINEAR, *ins, attrs=A.LinearAttrs(act))
+        return rw.add(OpKind.CAST, y, attrs=A.CastAttrs(F32))
+    y = rw.add(OpKind.LINEAR, *ins)
+    return _epilogue(rw, y, None, res, act, y.type.rank - 1)
+
+
+# ops that commute exactly with rounding f32 -> bf16 (data movement; max is monotone)
+_MOVES = (OpKind.RESHAPE, OpKind.PERMUTE, OpKind.MAX_POOL2D)
+
+
+def _cast_round_trip(m, rw):
+    """bf16 -> f32 -> reshapes/permutes -> bf16 is exact: move the data in bf16, no casts."""
+    chain, v = [], m.root.inputs[0]
+    while True:
+        n = rw.producer(v)
+        if n is None:
+            return None
+        if n.op in _MOVES and rw.uses(v) == 1:
+            chain.append(n)
+            v = n.inputs[0]
+            continue
+        if n.op is OpKind.CAST and n.attrs.dtype is F32 and n.inputs[0].dtype is BF16:
+            x = n.inputs[0]
+            break
+        return None
+    for mv in reversed(chain):
+        x = rw.add(mv.op, x, attrs=mv.attrs)
+    return x
 
 
 def _conv(m, rw):
+    """The whole epilogue (bias, residual, activation) stays in the bf16 conv: oneDNN applies
+    it to the fp32 accumulator, and conv chains then pass bf16 activations along."""
     n = m.root
-    x, w = n.inputs[0], n.inputs[1]
-    bias = n.inputs[2] if len(n.inputs) > 2 else None
-    res = n.inputs[3] if len(n.inputs) > 3 else None
-    import dataclasses
-
-    y = rw.add(OpKind.CONV2D, _bf16(rw, x), _bf16(rw, w), attrs=dataclasses.replace(n.attrs, activation=A.Activation.NONE))
-    return _epilogue(rw, y, bias, res, n.attrs.activation, 1)
+    ins = [None if v is None else _bf16(rw, v) for v in n.inputs]
+    return rw.add(OpKind.CAST, rw.add(OpKind.CONV2D, *ins, attrs=n.attrs), attrs=A.CastAttrs(F32))
 
 
 def _matmul(m, rw):
@@ -86,7 +116,12 @@ def _attention(m, rw):
     return rw.add(OpKind.CAST, rw.add(OpKind.ATTENTION, *ins, attrs=n.attrs), attrs=A.CastAttrs(F32))
 
 
+def _is_cast_to(dt):
+    return lambda n: n.attrs.dtype is dt
+
+
 RULES = [
+    (P(OpKind.CAST, where=_is_cast_to(BF16)), _cast_round_trip),
     (P(OpKind.LINEAR, where=_f32), _linear),
     (P(OpKind.CONV2D, where=_f32), _conv),
     (P(OpKind.MATMUL, where=_f32), _matmul),

@@ -54,8 +54,12 @@ def make_key(graph_hash: str, target: str, options: dict) -> str:
 
     from kiln import __version__
 
+    from kiln.kernels.registry import all_kernels
+
+    # the kernels a choice could pick from: a new or removed kernel invalidates old choices
+    kernels = ",".join(sorted(k.name for k in all_kernels() if k.target in (target, "reference")))
     parts = [FORMAT, str(VERSION), __version__, torch.__version__, graph_hash, target, cpu_features(),
-             json.dumps(options, sort_keys=True, default=str)]
+             json.dumps(options, sort_keys=True, default=str), kernels]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 

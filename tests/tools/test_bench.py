@@ -55,5 +55,6 @@ def test_bench_models_quick(tmp_path, threads):
             row = r["threads"][th]
             assert {"eager", "kiln"} <= set(row["median_ms"])
             assert row["max_abs_err"]["kiln"] < 1e-3
+            assert "kiln_bf16" in row["median_ms"]
         assert "kiln" in r["compile_s"]
     assert md.read_text().startswith("Median latency") and "| resnet18 | 1 |" in out

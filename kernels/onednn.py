@@ -1,0 +1,104 @@
+"""GEMM and convolution through oneDNN (torch's mkldnn ops) with weights prepacked once,
+at plan build, and the epilogue fused as oneDNN post-ops (bias, residual add, activation).
+
+These are candidates, not defaults: ``kernels.choice`` times them against the reference
+(and checks their numbers) on each node's shapes and keeps whichever is faster.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kiln.ir import Node, OpKind
+from kiln.ir import attrs as A
+
+from .reference import epilogue
+from .registry import register_kernel
+
+_MKLDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+# activation -> (oneDNN post-op name, algorithm)
+_POST_OPS = {A.Activation.NONE: ("none", ""), A.Activation.RELU: ("relu", ""), A.Activation.TANH: ("tanh", ""),
+             A.Activation.SIGMOID: ("sigmoid", ""), A.Activation.SILU: ("swish", ""),
+             A.Activation.GELU: ("gelu", "none"), A.Activation.GELU_TANH: ("gelu", "tanh")}
+
+
+def _ok(node: Node) -> bool:
+    x = node.inputs[0].type
+    return (_MKLDNN and x.is_static and x.dtype.value in ("float32", "bfloat16") and
+            node.inputs[1].type.dtype == x.dtype)
+
+
+def _linear_ok(node: Node) -> bool:
+    return _ok(node) and node.inputs[0].type.rank >= 2
+
+
+def _prepare_linear(node: Node, consts: list):
+    w = consts[1]
+    x = node.inputs[0].type
+    if w is None:
+        return None
+    rows = math.prod(x.shape[:-1])
+    packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows)
+    bias_c = consts[2] if len(consts) > 2 else None
+    attr, algo = _POST_OPS[node.attrs.activation]
+    has_res = len(node.inputs) > 3 and node.inputs[3] is not None
+    has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
+
+    def run(ins, a):
+        bias = (bias_c if bias_c is not None else ins[2]) if has_bias else None
+        if has_res:  # residual, then activation: after the GEMM (oneDNN's sum post-op order differs)
+            y = torch.ops.mkldnn._linear_pointwise(ins[0], packed, bias, "none", [], "")
+            return epilogue(y, ins[3], a.activation)
+        return torch.ops.mkldnn._linear_pointwise(ins[0], packed, bias, attr, [], algo)
+    return run
+
+
+def _conv_ok(node: Node) -> bool:
+    return _ok(node) and node.inputs[0].type.rank == 4
+
+
+def _prepare_conv(node: Node, consts: list):
+    w = consts[1]
+    if w is None:
+        return None
+    a: A.Conv2dAttrs = node.attrs
+    pad, stride, dil = list(a.padding), list(a.stride), list(a.dilation)
+    x_shape = list(node.inputs[0].type.shape)
+    packed = torch.ops.mkldnn._reorder_convolution_weight(w, pad, stride, dil, a.groups, x_shape)
+    bias_c = consts[2] if len(consts) > 2 else None
+    attr, algo = _POST_OPS[a.activation]
+    has_res = len(node.inputs) > 3 and node.inputs[3] is not None
+    has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
+    cl = node.inputs[0].type.layout.kind.value == "channels_last"
+
+    def run(ins, at):
+        x = ins[0]
+        bias = (bias_c if bias_c is not None else ins[2]) if has_bias else None
+        if has_res:  # act(conv + bias + residual): one oneDNN call with a binary-add post-op
+            r = ins[3]
+            if cl and not r.is_contiguous(memory_format=torch.channels_last):
+                r = r.contiguous(memory_format=torch.channels_last)
+            return torch.ops.mkldnn._convolution_pointwise.binary(x, r, packed, bias, pad, stride, dil, a.groups,
+                                                                  "add", 1.0, None if attr == "none" else attr,
+                                                                  [], algo or None)
+        return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, pad, stride, dil, a.groups, attr, [], algo)
+    return run
+
+
+def _with_fallback(prepare, reference):
+    def wrapped(node, consts):
+        fn = prepare(node, consts)
+        return fn if fn is not None else reference
+    return wrapped
+
+
+def _unusable(ins, a):
+    raise RuntimeError("oneDNN kernel needs a constant weight")
+
+
+register_kernel(OpKind.LINEAR, "cpu", name="cpu.onednn_linear", accepts=_linear_ok,
+                prepare=_with_fallback(_prepare_linear, _unusable))(_unusable)
+register_kernel(OpKind.CONV2D, "cpu", name="cpu.onednn_conv", accepts=_conv_ok,
+                prepare=_with_fallback(_prepare_conv, _unusable))(_unusable)

@@ -1,0 +1,71 @@
+"""oneDNN GEMM/conv kernels with prepacked weights and fused epilogues vs the reference."""
+import pytest
+import torch
+
+from kiln.ir import DType, GraphBuilder, Layout, LayoutKind, OpKind
+from kiln.ir import attrs as A
+from kiln.kernels import onednn
+from kiln.kernels.reference import conv2d as ref_conv
+from kiln.kernels.reference import linear as ref_linear
+from kiln.kernels.registry import kernels_for
+
+pytestmark = pytest.mark.skipif(not onednn._MKLDNN, reason="torch was built without oneDNN")
+ACTS = [A.Activation.NONE, A.Activation.RELU, A.Activation.GELU, A.Activation.GELU_TANH, A.Activation.SILU,
+        A.Activation.TANH, A.Activation.SIGMOID]
+
+
+def _kernel(op):
+    return next(k for k in kernels_for(op, "cpu") if k.name.startswith("cpu.onednn"))
+
+
+def _tol(dtype):
+    return (1e-4, 1e-4) if dtype == torch.float32 else (3e-2, 3e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("residual", [False, True])
+def test_linear(dtype, act, residual):
+    b = GraphBuilder()
+    x = b.input("x", (2, 5, 16), DType.from_torch(dtype))
+    w, bias = torch.randn(24, 16).to(dtype), torch.randn(24).to(dtype)
+    r = b.input("r", (2, 5, 24), DType.from_torch(dtype)) if residual else None
+    ins = [x, b.const(w), b.const(bias)] + ([r] if residual else [])
+    y = b.add(OpKind.LINEAR, *ins, attrs=A.LinearAttrs(act))
+    node = b.build([y]).nodes[0]
+    args = [torch.randn(2, 5, 16).to(dtype), w, bias] + ([torch.randn(2, 5, 24).to(dtype)] if residual else [])
+    fn = _kernel(OpKind.LINEAR).bind(node, [None, w, bias] + ([None] if residual else []))
+    atol, rtol = _tol(dtype)
+    torch.testing.assert_close(fn(args, node.attrs), ref_linear(args, node.attrs), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["row", "nhwc"])
+@pytest.mark.parametrize("case", ["plain", "bias_relu", "residual_relu", "grouped_strided"])
+def test_conv(dtype, layout, case):
+    attrs = {"plain": A.Conv2dAttrs(padding=(1, 1)),
+             "bias_relu": A.Conv2dAttrs(padding=(1, 1), activation=A.Activation.RELU),
+             "residual_relu": A.Conv2dAttrs(padding=(1, 1), activation=A.Activation.RELU),
+             "grouped_strided": A.Conv2dAttrs(stride=(2, 2), padding=(1, 1), groups=2)}[case]
+    cin = 8
+    w = torch.randn(8, cin // attrs.groups, 3, 3).to(dtype)
+    bias = torch.randn(8).to(dtype) if case != "plain" else None
+    lay = Layout(LayoutKind.CHANNELS_LAST) if layout == "nhwc" else Layout()
+    b = GraphBuilder()
+    x = b.input("x", (2, cin, 7, 7), DType.from_torch(dtype))
+    x = b.add(OpKind.TO_LAYOUT, x, attrs=A.LayoutAttrs(lay)) if layout == "nhwc" else x
+    ins = [x, b.const(w)] + ([b.const(bias)] if bias is not None else [])
+    if case == "residual_relu":
+        ins.append(b.input("r", (2, 8, 7, 7), DType.from_torch(dtype)))
+    node = b.build([b.add(OpKind.CONV2D, *ins, attrs=attrs)]).nodes[-1]
+    xt = torch.randn(2, cin, 7, 7).to(dtype)
+    if layout == "nhwc":
+        xt = xt.contiguous(memory_format=torch.channels_last)
+    args = [xt, w] + ([bias] if bias is not None else [])
+    consts = [None, w] + ([bias] if bias is not None else [])
+    if case == "residual_relu":
+        args.append(torch.randn(2, 8, 7, 7).to(dtype))
+        consts.append(None)
+    fn = _kernel(OpKind.CONV2D).bind(node, consts)
+    atol, rtol = _tol(dtype)
+    torch.testing.assert_close(fn(args, attrs), ref_conv(args, attrs), atol=atol, rtol=rtol)
