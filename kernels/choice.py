@@ -75,7 +75,7 @@ def choose(node: Node, kernels: list[Kernel], constants: list) -> tuple[Kernel, 
     if len(bound) == 1 or os.environ.get("KILN_KERNEL_CHOICE") == "first" or not all(
             v is None or v.type.is_static for v in node.inputs):
         return bound[0]
-    key = (tuple(k.name for k in kernels), node.op, node.attrs,
+    key = (torch.get_num_threads(), tuple(k.name for k in kernels), node.op, node.attrs,
            tuple(None if v is None else repr(v.type) for v in node.inputs))
     name = _MEMO.get(key)
     if name is None:

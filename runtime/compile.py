@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from kiln.errors import KilnError
 from kiln.ir import Graph, verify
 
@@ -31,7 +33,8 @@ def compile_graph(graph: Graph, target: str = "cpu", passes=None, precision: str
     # land), keyed by the graph's structure and shapes. The pipeline itself is cheap and
     # deterministic: it reruns, and its result must hash to what the entry recorded.
     key = cache.make_key(structural_hash(graph, include_constants=False), target,
-                         {"passes": passes, "precision": precision}) if cache.enabled() else None
+                         {"passes": passes, "precision": precision, "threads": torch.get_num_threads()}) \
+        if cache.enabled() else None
     try:
         result = run_pipeline(graph, select=passes, verify_each=os.environ.get("KILN_VERIFY") == "1",
                               options={"precision": precision})

@@ -110,7 +110,9 @@ class CompiledModel:
 
     # -- compilation ------------------------------------------------------------------
     def _key(self, leaves) -> tuple:
-        key = []
+        # kernels are chosen (and oneDNN primitives built) for a thread count: a plan is
+        # specialized to torch.get_num_threads() at the call
+        key = [("threads", torch.get_num_threads())]
         for i, x in enumerate(leaves):
             if not isinstance(x, torch.Tensor):
                 key.append(("v", repr(x)))
