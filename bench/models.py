@@ -55,6 +55,9 @@ def _onnxruntime(model, inputs, threads):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    # ORT's pool threads spin after each run by default, stealing the core from whichever
+    # engine runs next in the interleaved loop; a benchmark must not let one engine tax another
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(f.getvalue(), opts, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     return lambda *a: sess.run(None, {n: t.numpy() for n, t in zip(names, a)})[0]
@@ -146,10 +149,12 @@ def bench_model(name: str, factory_kwargs: dict, engines, threads_list, repeats:
                 if e in errors:
                     fns.pop(e)
                     times.pop(e)
-            for _ in range(repeats):
-                for e, f in fns.items():
+            order = list(fns)
+            for rep in range(repeats):
+                # rotate the order each round so no engine always runs right after another
+                for e in order[rep % len(order):] + order[:rep % len(order)]:
                     t = time.perf_counter()
-                    f(*inputs)
+                    fns[e](*inputs)
                     times[e].append((time.perf_counter() - t) * 1e3)
         med = {e: statistics.median(v) for e, v in times.items()}
         peers = [med[e] for e in med if e not in ("eager", "kiln", "kiln_bf16")]
