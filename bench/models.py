@@ -17,21 +17,9 @@ import warnings
 
 import torch
 
+from kiln.demo import first_tensor
+
 ENGINES = ("eager", "inductor", "onnxruntime", "tvm", "kiln", "kiln_bf16")
-
-
-def _first(x):
-    if isinstance(x, torch.Tensor):
-        return x
-    if hasattr(x, "logits"):
-        return x.logits
-    if isinstance(x, (list, tuple)):
-        return _first(x[0])
-    import numpy as np
-
-    if isinstance(x, np.ndarray):
-        return torch.from_numpy(x)
-    raise TypeError(type(x))
 
 
 def _inductor(model, inputs):
@@ -102,7 +90,7 @@ def bench_model(name: str, factory_kwargs: dict, engines, threads_list, repeats:
 
     model, inputs = models.get(name, **factory_kwargs)
     with torch.no_grad():
-        ref = _first(model(*inputs))
+        ref = first_tensor(model(*inputs))
     result = {"model": name, "config": factory_kwargs, "threads": {}}
     built: dict[str, object] = {}
     compile_s: dict[str, float] = {}
@@ -141,7 +129,7 @@ def bench_model(name: str, factory_kwargs: dict, engines, threads_list, repeats:
         with torch.no_grad():
             for e, f in fns.items():  # warm up, and check numerics
                 try:
-                    out = _first(f(*inputs))
+                    out = first_tensor(f(*inputs))
                     errs[e] = float((out.float() - ref.float()).abs().max())
                 except Exception as ex:
                     errors[e] = f"{type(ex).__name__}: {ex}"

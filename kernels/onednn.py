@@ -47,11 +47,12 @@ def _prepare_linear(node: Node, consts: list):
     has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
 
     def run(ins, a):
+        x = ins[0] if ins[0].is_contiguous() else ins[0].contiguous()  # views (slices) arrive strided
         bias = (bias_c if bias_c is not None else ins[2]) if has_bias else None
         if has_res:  # residual, then activation: after the GEMM (oneDNN's sum post-op order differs)
-            y = torch.ops.mkldnn._linear_pointwise(ins[0], packed, bias, "none", [], "")
+            y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
             return epilogue(y, ins[3], a.activation)
-        return torch.ops.mkldnn._linear_pointwise(ins[0], packed, bias, attr, [], algo)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, attr, [], algo)
     return run
 
 
@@ -75,6 +76,9 @@ def _prepare_conv(node: Node, consts: list):
 
     def run(ins, at):
         x = ins[0]
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        if not x.is_contiguous(memory_format=fmt):
+            x = x.contiguous(memory_format=fmt)
         bias = (bias_c if bias_c is not None else ins[2]) if has_bias else None
         if has_res:  # act(conv + bias + residual): one oneDNN call with a binary-add post-op
             r = ins[3]

@@ -127,24 +127,22 @@ def _empty_reduction(x, a: A.ReduceAttrs, largest: bool):
     return torch.full(shape, fill, dtype=x.dtype)
 
 
-@ref(OpKind.MAX)
-def reduce_max(ins, a: A.ReduceAttrs):
-    x = ins[0]
+def _extreme(x, a: A.ReduceAttrs, largest: bool):
     if not a.axes:
         return x.clone()
     if any(x.shape[i] == 0 for i in a.axes):
-        return _empty_reduction(x, a, True)
-    return torch.amax(x, dim=a.axes, keepdim=a.keepdim)
+        return _empty_reduction(x, a, largest)
+    return (torch.amax if largest else torch.amin)(x, dim=a.axes, keepdim=a.keepdim)
+
+
+@ref(OpKind.MAX)
+def reduce_max(ins, a: A.ReduceAttrs):
+    return _extreme(ins[0], a, True)
 
 
 @ref(OpKind.MIN)
 def reduce_min(ins, a: A.ReduceAttrs):
-    x = ins[0]
-    if not a.axes:
-        return x.clone()
-    if any(x.shape[i] == 0 for i in a.axes):
-        return _empty_reduction(x, a, False)
-    return torch.amin(x, dim=a.axes, keepdim=a.keepdim)
+    return _extreme(ins[0], a, False)
 
 
 @ref(OpKind.ARGMAX)

@@ -18,14 +18,19 @@ def _median_ms(fn, args, repeat: int) -> float:
     return statistics.median(ts)
 
 
-def _first_tensor(x):
+def first_tensor(x) -> torch.Tensor:
+    """The tensor a model's output leads with (logits of a Hugging Face output, first of a tuple)."""
     if isinstance(x, torch.Tensor):
         return x
     if hasattr(x, "logits"):
         return x.logits
     if isinstance(x, (tuple, list)):
-        return _first_tensor(x[0])
-    raise TypeError(type(x))
+        return first_tensor(x[0])
+    import numpy as np
+
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x)
+    raise TypeError(f"no tensor in a {type(x).__name__}")
 
 
 def run_demo(names, threads: int | None = None, repeat: int = 10) -> int:
@@ -42,8 +47,8 @@ def run_demo(names, threads: int | None = None, repeat: int = 10) -> int:
         fast = kiln.compile(model, inputs)
         compile_s = time.perf_counter() - t
         with torch.no_grad():
-            ref = _first_tensor(model(*inputs))
-            out = _first_tensor(fast(*inputs))
+            ref = first_tensor(model(*inputs))
+            out = first_tensor(fast(*inputs))
             err = (out - ref).abs().max().item()
             tol = 1e-4 * max(1.0, ref.abs().max().item())
             eager_ms = _median_ms(model, inputs, repeat)

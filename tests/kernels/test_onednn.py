@@ -69,3 +69,13 @@ def test_conv(dtype, layout, case):
     fn = _kernel(OpKind.CONV2D).bind(node, consts)
     atol, rtol = _tol(dtype)
     torch.testing.assert_close(fn(args, attrs), ref_conv(args, attrs), atol=atol, rtol=rtol)
+
+
+def test_linear_takes_strided_views():
+    b = GraphBuilder()
+    x = b.input("x", (4, 16))
+    w = torch.randn(8, 16)
+    node = b.build([b.add(OpKind.LINEAR, x, b.const(w))]).nodes[0]
+    fn = _kernel(OpKind.LINEAR).bind(node, [None, w])
+    view = torch.randn(16, 4).t()  # a (4, 16) view with strides (1, 4)
+    torch.testing.assert_close(fn([view, w], node.attrs), ref_linear([view, w], node.attrs), atol=1e-4, rtol=1e-4)
