@@ -11,7 +11,6 @@ from typing import Iterable, Sequence
 
 import torch
 
-from . import attrs as A
 from .dtypes import DType
 from .ops import OpKind, infer_types, opdef
 from .types import TensorType

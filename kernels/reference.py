@@ -1,7 +1,6 @@
 """Reference kernels: one torch implementation per op kind, the oracle for every test."""
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

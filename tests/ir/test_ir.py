@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from kiln.ir import (DType, Graph, GraphBuilder, IRTypeError, Node, OpKind, Sym, TensorType, Value, VerifyError,
+from kiln.ir import (DType, GraphBuilder, IRTypeError, Node, OpKind, Sym, TensorType, Value, VerifyError,
                      format_graph, from_json, structural_hash, to_json, verify)
 from kiln.ir import attrs as A
 
