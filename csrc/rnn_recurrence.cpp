@@ -23,7 +23,7 @@ namespace {
 constexpr int kBlock = 16;
 
 // The accumulators must live in registers: force inlining and full unrolling of the
-// R x G tile (without it GCC keeps acc[][] on the stack and runs at a quarter of the speed).
+// R x G tile (without it GCC keeps acc[][] on the stack).
 #define KILN_INLINE inline __attribute__((always_inline))
 
 template <int G, int R>
@@ -169,23 +169,35 @@ bool recurrence_supported() {
 #endif
 }
 
-void lstm_recurrence(const float* gx, const float* packed, const float* h0, const float* c0, float* y, float* hn,
-                     float* cn, int64_t T, int64_t B, int64_t H, int threads) {
 #ifdef __AVX512F__
+namespace {
+// The layer loop both cells share: step t reads h_{t-1} (h0 first), and each thread runs
+// `tile(R, gx_t, h_prev, panel, h_out, b0, j0)` over its hidden blocks and all row tiles.
+template <int G, typename Tile>
+void run_layer(const float* gx, const float* packed, const float* h0, float* y, float* hn, int64_t T, int64_t B,
+               int64_t H, int threads, Tile&& tile) {
   const int64_t blocks = (H + 15) / 16;
-  std::memcpy(cn, c0, sizeof(float) * B * H);  // cn is the running cell state
   run_steps(T, blocks, threads, [&](int64_t t, int64_t lo, int64_t hi) {
     const float* h_prev = t == 0 ? h0 : y + (t - 1) * B * H;
-    const float* gx_t = gx + t * B * 4 * H;
+    const float* gx_t = gx + t * B * G * H;
     float* h_out = y + t * B * H;
     for (int64_t jb = lo; jb < hi; ++jb) {
-      const float* panel = packed + jb * H * 4 * kBlock;
-      for_row_tiles(B, [&](auto R, int64_t b0) {
-        lstm_tile<decltype(R)::value>(gx_t, h_prev, panel, h_out, cn, H, b0, jb * 16);
-      });
+      const float* panel = packed + jb * H * G * kBlock;
+      for_row_tiles(B, [&](auto R, int64_t b0) { tile(R, gx_t, h_prev, panel, h_out, b0, jb * 16); });
     }
   });
   std::memcpy(hn, T > 0 ? y + (T - 1) * B * H : h0, sizeof(float) * B * H);
+}
+}  // namespace
+#endif
+
+void lstm_recurrence(const float* gx, const float* packed, const float* h0, const float* c0, float* y, float* hn,
+                     float* cn, int64_t T, int64_t B, int64_t H, int threads) {
+#ifdef __AVX512F__
+  std::memcpy(cn, c0, sizeof(float) * B * H);  // cn is the running cell state
+  run_layer<4>(gx, packed, h0, y, hn, T, B, H, threads,
+               [&](auto R, const float* gx_t, const float* h_prev, const float* panel, float* h_out, int64_t b0,
+                   int64_t j0) { lstm_tile<decltype(R)::value>(gx_t, h_prev, panel, h_out, cn, H, b0, j0); });
 #else
   (void)gx; (void)packed; (void)h0; (void)c0; (void)y; (void)hn; (void)cn; (void)T; (void)B; (void)H; (void)threads;
   throw std::runtime_error("lstm_recurrence needs AVX-512");
@@ -195,19 +207,9 @@ void lstm_recurrence(const float* gx, const float* packed, const float* h0, cons
 void gru_recurrence(const float* gx, const float* packed, const float* b_hh, const float* h0, float* y, float* hn,
                     int64_t T, int64_t B, int64_t H, int threads) {
 #ifdef __AVX512F__
-  const int64_t blocks = (H + 15) / 16;
-  run_steps(T, blocks, threads, [&](int64_t t, int64_t lo, int64_t hi) {
-    const float* h_prev = t == 0 ? h0 : y + (t - 1) * B * H;
-    const float* gx_t = gx + t * B * 3 * H;
-    float* h_out = y + t * B * H;
-    for (int64_t jb = lo; jb < hi; ++jb) {
-      const float* panel = packed + jb * H * 3 * kBlock;
-      for_row_tiles(B, [&](auto R, int64_t b0) {
-        gru_tile<decltype(R)::value>(gx_t, h_prev, panel, b_hh, h_out, H, b0, jb * 16);
-      });
-    }
-  });
-  std::memcpy(hn, T > 0 ? y + (T - 1) * B * H : h0, sizeof(float) * B * H);
+  run_layer<3>(gx, packed, h0, y, hn, T, B, H, threads,
+               [&](auto R, const float* gx_t, const float* h_prev, const float* panel, float* h_out, int64_t b0,
+                   int64_t j0) { gru_tile<decltype(R)::value>(gx_t, h_prev, panel, b_hh, h_out, H, b0, j0); });
 #else
   (void)gx; (void)packed; (void)b_hh; (void)h0; (void)y; (void)hn; (void)T; (void)B; (void)H; (void)threads;
   throw std::runtime_error("gru_recurrence needs AVX-512");

@@ -68,9 +68,6 @@ class FrontendBuilder(GraphBuilder):
 
         return go(v)
 
-    def is_literal(self, v: Value | None) -> bool:
-        return v is None or v in self.literals
-
     def add(self, op: OpKind, *inputs, attrs=None, name: str = "", scope: str | None = None):
         attrs = opdef(op).attrs() if attrs is None else attrs
         present = [v for v in inputs if v is not None]

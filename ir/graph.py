@@ -134,8 +134,6 @@ class GraphBuilder:
         tensor = tensor.detach()
         if tensor.device.type != "cpu":
             tensor = tensor.cpu()
-        if tensor.dtype == torch.float32 and tensor.requires_grad:
-            tensor = tensor.detach()
         v = Value(TensorType(DType.from_torch(tensor.dtype), tuple(tensor.shape)), self._unique(name))
         self._constants[v] = tensor.contiguous()
         return v
@@ -147,13 +145,6 @@ class GraphBuilder:
         outs = tuple(Value(t, self._unique(base if len(types) == 1 else f"{base}.{i}")) for i, t in enumerate(types))
         self._nodes.append(Node(op, tuple(inputs), attrs, outs, self.scope if scope is None else scope))
         return outs[0] if len(outs) == 1 else outs
-
-    def add_node(self, node: Node) -> Node:
-        """Append an already-built node (used by rewrites that copy nodes)."""
-        for v in node.outputs:
-            self._names.add(v.name)
-        self._nodes.append(node)
-        return node
 
     def build(self, outputs: Iterable[Value]) -> Graph:
         return Graph(tuple(self._inputs), tuple(self._nodes), tuple(outputs), dict(self._constants), self.name)

@@ -95,6 +95,3 @@ class TensorType:
             s += f"{{{self.quant.scheme.value}}}"
         return s
 
-
-def format_shape(shape) -> str:
-    return "[" + ", ".join(str(d) for d in shape) + "]"

@@ -71,26 +71,28 @@ def _time(fn, ins, attrs, ref=None) -> float:
 
 def choose(node: Node, kernels: list[Kernel], constants: list) -> tuple[Kernel, object]:
     """Return (kernel, bound function) of the fastest candidate for ``node``."""
-    bound = [(k, k.bind(node, constants)) for k in kernels]
-    if len(bound) == 1 or os.environ.get("KILN_KERNEL_CHOICE") == "first" or not all(
+    if len(kernels) == 1 or os.environ.get("KILN_KERNEL_CHOICE") == "first" or not all(
             v is None or v.type.is_static for v in node.inputs):
-        return bound[0]
+        return kernels[0], kernels[0].bind(node, constants)
     key = (torch.get_num_threads(), tuple(k.name for k in kernels), node.op, node.attrs,
            tuple(None if v is None else repr(v.type) for v in node.inputs))
     name = _MEMO.get(key)
-    if name is None:
-        ins = [None if v is None else (c if c is not None else _random_like(v)) for v, c in zip(node.inputs, constants)]
-        ref = None
-        ref_k = next((k for k, _ in bound if k.target == "reference"), None)
-        if ref_k is not None:
-            try:
-                with torch.no_grad():
-                    ref = ref_k.fn(ins, node.attrs)
-            except Exception:
-                ref = None
-        times = [_time(fn, ins, node.attrs, None if k.target == "reference" else ref) for k, fn in bound]
-        if all(t == math.inf for t in times):
-            return next(b for b in bound if b[0].target == "reference") if ref_k is not None else bound[0]
-        name = bound[min(range(len(bound)), key=times.__getitem__)][0].name
-        _MEMO[key] = name
-    return next(b for b in bound if b[0].name == name)
+    if name is not None:  # known: prepare (pack weights for) the winner only
+        k = next(k for k in kernels if k.name == name)
+        return k, k.bind(node, constants)
+    bound = [(k, k.bind(node, constants)) for k in kernels]
+    ins = [None if v is None else (c if c is not None else _random_like(v)) for v, c in zip(node.inputs, constants)]
+    ref = None
+    ref_k = next((k for k, _ in bound if k.target == "reference"), None)
+    if ref_k is not None:
+        try:
+            with torch.no_grad():
+                ref = ref_k.fn(ins, node.attrs)
+        except Exception:
+            ref = None
+    times = [_time(fn, ins, node.attrs, None if k.target == "reference" else ref) for k, fn in bound]
+    if all(t == math.inf for t in times):
+        return next(b for b in bound if b[0].target == "reference") if ref_k is not None else bound[0]
+    best = bound[min(range(len(bound)), key=times.__getitem__)]
+    _MEMO[key] = best[0].name
+    return best

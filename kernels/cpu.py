@@ -56,7 +56,8 @@ def _fused_ok(node: Node) -> bool:
 
 def _threads() -> int:
     # One thread: with two, the recurrence's per-step spin barrier competes with torch's
-    # own OpenMP workers (which spin after every parallel op) and ran 2-3x slower here.
+    # own OpenMP workers, which spin after every parallel op (slower in our measurements;
+    # rerun with `kiln bench kernels --op lstm` after changing this).
     return 1
 
 

@@ -50,9 +50,6 @@ class Partition:
     graph: Graph
     groups: list[KernelGroup]
 
-    def group_of(self) -> dict[Node, KernelGroup]:
-        return {n: g for g in self.groups for n in g.nodes}
-
     def summary(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for g in self.groups:

@@ -100,6 +100,7 @@ def _sweep(graph: Graph, rules: Sequence[Rule]) -> tuple[Graph, int]:
         ins = tuple(None if v is None else env.get(v, v) for v in n.inputs)
         node = n if ins == n.inputs else Node(n.op, ins, n.attrs, n.outputs, n.scope)
         rw.emit(node)
+        pos = len(rw.nodes) - 1
         replaced = None
         for pattern, fn in by_op.get(node.op, []) + generic:
             m = Match(root=node)
@@ -117,7 +118,7 @@ def _sweep(graph: Graph, rules: Sequence[Rule]) -> tuple[Graph, int]:
             if len(replaced) != len(node.outputs):
                 raise RuntimeError(f"rule for {node.op.value} returned {len(replaced)} values for "
                                    f"{len(node.outputs)} outputs")
-            rw.nodes.remove(node)
+            del rw.nodes[pos]
             for old, new in zip(node.outputs, replaced):
                 if (old.type.dtype, old.type.shape) != (new.type.dtype, new.type.shape):
                     raise RuntimeError(f"rewrite of {node.op.value} changed type {old.type!r} -> {new.type!r}")

@@ -45,8 +45,8 @@ def compile_graph(graph: Graph, target: str = "cpu", passes=None, precision: str
     if hit is not None and (hit.get("optimized") != optimized_hash or
                             len(hit.get("kernels", ())) != len(result.graph.nodes)):
         hit = None  # recorded for a different optimized graph: rebuild, never trust
-    _check_memory(result.graph)
-    plan = build_plan(result.graph, target, kernel_choices=hit["kernels"] if hit else None)
+    memory = _check_memory(result.graph)
+    plan = build_plan(result.graph, target, kernel_choices=hit["kernels"] if hit else None, memory=memory)
     plan.partition = result.partition
     plan.pass_records = result.records
     plan.cache_hit = hit is not None
@@ -66,8 +66,8 @@ def available_memory() -> int:
     return 1 << 62  # unknown: do not refuse
 
 
-def _check_memory(graph: Graph) -> None:
-    """Refuse, before any allocation, a plan whose buffers cannot fit in memory."""
+def _check_memory(graph: Graph):
+    """Refuse, before any allocation, a plan whose buffers cannot fit in memory; return the memory plan."""
     from .plan import plan_memory
 
     stats = plan_memory(graph)
@@ -78,3 +78,4 @@ def _check_memory(graph: Graph) -> None:
     if need > have:
         raise KilnError(f"{graph.name} needs {need / 2**30:.1f} GiB for inputs and intermediate buffers "
                         f"(plus {weights / 2**30:.1f} GiB of weights); only {have / 2**30:.1f} GiB is available")
+    return stats

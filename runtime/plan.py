@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kiln.ir import Graph, Node, OpKind, Value
+from kiln.ir import Graph, Node, Value
 from kiln.kernels.choice import choose
 from kiln.kernels.registry import candidates
 
@@ -87,7 +87,8 @@ def run_all(graph: Graph, inputs: list[torch.Tensor], target: str = "reference")
     return env
 
 
-def build_plan(graph: Graph, target: str = "cpu", kernel_choices: list[str] | None = None) -> Plan:
+def build_plan(graph: Graph, target: str = "cpu", kernel_choices: list[str] | None = None,
+               memory: "MemoryStats | None" = None) -> Plan:
     """``kernel_choices`` (one kernel name per node, from the compile cache) skips measuring."""
     slot: dict[Value, int] = {}
 
@@ -118,7 +119,7 @@ def build_plan(graph: Graph, target: str = "cpu", kernel_choices: list[str] | No
                           tuple(sorted({slot[v] for v in dead})), n, k.name))
     plan = Plan(graph, target, tuple(steps), len(slot), input_slots, tuple(get(v) for v in graph.outputs),
                 const_slots, kernel_names=counts)
-    plan.memory = plan_memory(graph)
+    plan.memory = memory if memory is not None else plan_memory(graph)
     return plan
 
 
@@ -146,6 +147,3 @@ def plan_memory(graph: Graph) -> MemoryStats | None:
     _, arena = _C.plan_memory(sizes, [first[v] for v in vals], [last[v] for v in vals], 64)
     return MemoryStats(len(vals), sum(sizes), arena)
 
-
-def fallback_nodes(graph: Graph) -> list[Node]:
-    return [n for n in graph.nodes if n.op is OpKind.FALLBACK]

@@ -105,8 +105,8 @@ class CompiledModel:
                 if isinstance(example_inputs, torch.Tensor):
                     example_inputs = (example_inputs,)
                 self._prepare(tuple(example_inputs), dict(example_kwargs or {}))
-        functools.update_wrapper(self, model if callable(model) and not self.is_onnx else self.__call__,
-                                 updated=())
+        if not self.is_onnx and not isinstance(model, torch.nn.Module):
+            functools.update_wrapper(self, model, updated=())  # a decorated function keeps its name and doc
 
     # -- compilation ------------------------------------------------------------------
     def _key(self, leaves) -> tuple:

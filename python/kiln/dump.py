@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from kiln.ir import Graph, OpKind, format_graph, to_json
 from kiln.ir.cost import node_bytes, node_flops
+from kiln.ir.printer import format_attrs
 
 from .errors import KilnError
 
@@ -94,8 +95,6 @@ def view(graph: Graph) -> dict:
         i = len(nodes)
         for o in n.outputs:
             ids[o] = i
-        from kiln.ir.printer import format_attrs
-
         attrs = format_attrs(n.attrs)
         label = n.op.value
         act = getattr(n.attrs, "activation", None)
