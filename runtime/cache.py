@@ -35,21 +35,8 @@ def enabled() -> bool:
     return os.environ.get("KILN_CACHE", "1") != "0"
 
 
-def cpu_features() -> str:
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    flags = ",".join(sorted(x for x in have if x.startswith(("avx", "amx", "fma", "f16c"))))
-                    break
-    except OSError:
-        pass
-    return f"{platform.machine()}:{flags}"
-
-
-def make_key(graph_hash: str, target: str, options: dict) -> str:
+def make_key(graph_hash: str, target, options: dict) -> str:
+    """``target`` is a ``kiln.target.Target``: its key carries the CPU's ISA features or the GPU's SM."""
     import torch
 
     from kiln import __version__
@@ -57,8 +44,8 @@ def make_key(graph_hash: str, target: str, options: dict) -> str:
     from kiln.kernels.registry import all_kernels
 
     # the kernels a choice could pick from: a new or removed kernel invalidates old choices
-    kernels = ",".join(sorted(k.name for k in all_kernels() if k.target in (target, "reference")))
-    parts = [FORMAT, str(VERSION), __version__, torch.__version__, graph_hash, target, cpu_features(),
+    kernels = ",".join(sorted(k.name for k in all_kernels() if k.target in (target.kind, "reference")))
+    parts = [FORMAT, str(VERSION), __version__, torch.__version__, graph_hash, target.key(), platform.machine(),
              json.dumps(options, sort_keys=True, default=str), kernels]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 

@@ -8,6 +8,7 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.ir import Graph, verify
+from kiln.target import Target
 
 from . import cache
 from .plan import Plan, build_plan
@@ -16,8 +17,9 @@ OPTIONS = {"passes", "precision"}
 PRECISIONS = ("fp32", "bf16")
 
 
-def compile_graph(graph: Graph, target: str = "cpu", passes=None, precision: str = "fp32",
+def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, precision: str = "fp32",
                   **options) -> tuple[Plan, Graph]:
+    target = Target.parse(target)
     unknown = set(options) - OPTIONS
     if unknown:
         raise KilnError(f"unknown kiln.compile option(s): {', '.join(sorted(unknown))}")
@@ -46,7 +48,7 @@ def compile_graph(graph: Graph, target: str = "cpu", passes=None, precision: str
                             len(hit.get("kernels", ())) != len(result.graph.nodes)):
         hit = None  # recorded for a different optimized graph: rebuild, never trust
     memory = _check_memory(result.graph)
-    plan = build_plan(result.graph, target, kernel_choices=hit["kernels"] if hit else None, memory=memory)
+    plan = build_plan(result.graph, target.kind, kernel_choices=hit["kernels"] if hit else None, memory=memory)
     plan.partition = result.partition
     plan.pass_records = result.records
     plan.cache_hit = hit is not None

@@ -11,8 +11,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .errors import KilnError
-
-TARGETS = ("cpu", "reference")
+from .target import Target
 
 
 @dataclass
@@ -69,12 +68,13 @@ class CompiledModel:
     with the wrong number of inputs, a wrong dtype, rank or device raise ``KilnError``.
     """
 
-    def __init__(self, model, example_inputs=None, example_kwargs=None, *, target: str = "cpu",
+    def __init__(self, model, example_inputs=None, example_kwargs=None, *, target: "str | Target" = "cpu",
                  name: str | None = None, **options):
-        if target not in TARGETS:
-            raise KilnError(f"unknown target {target!r}; Kiln supports {', '.join(TARGETS)}")
+        self.target_spec = Target.parse(target)
+        if self.target_spec.kind == "cuda":
+            raise KilnError("target cuda is not supported yet")
         self.source = model
-        self.target = target
+        self.target = self.target_spec.kind
         self.options = options
         self.is_onnx = _is_onnx(model)
         self.name = name or (type(model).__name__ if not self.is_onnx else "onnx_model")
