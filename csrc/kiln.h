@@ -18,13 +18,18 @@ void gru_cell(const float* gx, const float* gh, const float* b_hh, const float* 
 
 // Whole-layer recurrences (AVX-512): gx [T, B, G*H] is the hoisted input projection (LSTM:
 // both biases included; GRU: b_ih only), packed = pack_recurrent_weight(w_hh), y [T, B, H].
+// gx and y may be strided views (a batch-first tensor seen as [T, B, .]): their rows must
+// be contiguous; the strides are in elements.
 std::vector<float> pack_recurrent_weight(const float* w_hh, int64_t gates, int64_t hidden);
 bool recurrence_supported();
+struct SeqStrides {
+  int64_t gx_t, gx_b, y_t, y_b;
+};
 // `threads` split the hidden units of each step (a spin barrier separates steps).
 void lstm_recurrence(const float* gx, const float* packed, const float* h0, const float* c0, float* y, float* hn,
-                     float* cn, int64_t T, int64_t B, int64_t H, int threads);
+                     float* cn, int64_t T, int64_t B, int64_t H, SeqStrides st, int threads);
 void gru_recurrence(const float* gx, const float* packed, const float* b_hh, const float* h0, float* y, float* hn,
-                    int64_t T, int64_t B, int64_t H, int threads);
+                    int64_t T, int64_t B, int64_t H, SeqStrides st, int threads);
 
 struct MemoryPlan {
   std::vector<int64_t> offsets;  // byte offset of each buffer in the arena

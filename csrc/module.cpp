@@ -71,7 +71,21 @@ farray pack_recurrent_weight_py(farray w_hh, int64_t gates) {
   return out;
 }
 
-void lstm_recurrence_py(farray gx, farray packed, farray h0, farray c0, farray y, farray hn, farray cn, int threads) {
+// gx and y of the recurrences may be strided [T, B, .] views (batch-first tensors
+// transposed) as long as each row is contiguous; returns their strides in elements.
+using sarray = py::array_t<float>;
+
+kiln::SeqStrides seq_strides(const py::buffer_info& x, const py::buffer_info& y, int64_t T, int64_t B, int64_t H,
+                             const sarray& ya) {
+  if (!ya.writeable()) throw py::value_error("y must be writable");
+  need(y, {T, B, H}, "y");
+  for (auto* b : {&x, &y})
+    if (b->strides[2] != static_cast<py::ssize_t>(sizeof(float)) || b->strides[0] % 4 || b->strides[1] % 4)
+      throw py::value_error("gx and y need contiguous rows (last-dimension stride 1)");
+  return {x.strides[0] / 4, x.strides[1] / 4, y.strides[0] / 4, y.strides[1] / 4};
+}
+
+void lstm_recurrence_py(sarray gx, farray packed, farray h0, farray c0, sarray y, farray hn, farray cn, int threads) {
   auto x = gx.request(), p = packed.request(), a = h0.request(), c = c0.request(), yb = y.request(), hb = hn.request(),
        cb = cn.request();
   if (x.ndim != 3 || x.shape[2] % 4 != 0) throw py::value_error("gx: expected (T, B, 4H)");
@@ -79,19 +93,18 @@ void lstm_recurrence_py(farray gx, farray packed, farray h0, farray c0, farray y
   need(p, {(H + 15) / 16 * H * 4 * 16}, "packed");
   need(a, {B, H}, "h0");
   need(c, {B, H}, "c0");
-  need(yb, {T, B, H}, "y");
+  const auto st = seq_strides(x, yb, T, B, H, y);
   need(hb, {B, H}, "hn");
   need(cb, {B, H}, "cn");
-  check_writable(y, "y");
   check_writable(hn, "hn");
   check_writable(cn, "cn");
   py::gil_scoped_release nogil;
   kiln::lstm_recurrence(static_cast<const float*>(x.ptr), static_cast<const float*>(p.ptr),
                         static_cast<const float*>(a.ptr), static_cast<const float*>(c.ptr), static_cast<float*>(yb.ptr),
-                        static_cast<float*>(hb.ptr), static_cast<float*>(cb.ptr), T, B, H, threads);
+                        static_cast<float*>(hb.ptr), static_cast<float*>(cb.ptr), T, B, H, st, threads);
 }
 
-void gru_recurrence_py(farray gx, farray packed, farray b_hh, farray h0, farray y, farray hn, int threads) {
+void gru_recurrence_py(sarray gx, farray packed, farray b_hh, farray h0, sarray y, farray hn, int threads) {
   auto x = gx.request(), p = packed.request(), bb = b_hh.request(), a = h0.request(), yb = y.request(),
        hb = hn.request();
   if (x.ndim != 3 || x.shape[2] % 3 != 0) throw py::value_error("gx: expected (T, B, 3H)");
@@ -99,14 +112,13 @@ void gru_recurrence_py(farray gx, farray packed, farray b_hh, farray h0, farray 
   need(p, {(H + 15) / 16 * H * 3 * 16}, "packed");
   need(bb, {3 * H}, "b_hh");
   need(a, {B, H}, "h0");
-  need(yb, {T, B, H}, "y");
+  const auto st = seq_strides(x, yb, T, B, H, y);
   need(hb, {B, H}, "hn");
-  check_writable(y, "y");
   check_writable(hn, "hn");
   py::gil_scoped_release nogil;
   kiln::gru_recurrence(static_cast<const float*>(x.ptr), static_cast<const float*>(p.ptr),
                        static_cast<const float*>(bb.ptr), static_cast<const float*>(a.ptr), static_cast<float*>(yb.ptr),
-                       static_cast<float*>(hb.ptr), T, B, H, threads);
+                       static_cast<float*>(hb.ptr), T, B, H, st, threads);
 }
 
 }  // namespace
@@ -124,10 +136,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("recurrence_supported", &kiln::recurrence_supported, "Whether the fused recurrences were built (AVX-512).");
   m.def("lstm_recurrence", &lstm_recurrence_py, py::arg("gx").noconvert(), py::arg("packed").noconvert(),
         py::arg("h0").noconvert(), py::arg("c0").noconvert(), py::arg("y").noconvert(), py::arg("hn").noconvert(),
-        py::arg("cn").noconvert(), py::arg("threads") = 1, "One LSTM layer over all steps: gx (T,B,4H) hoisted projection -> y (T,B,H).");
+        py::arg("cn").noconvert(), py::arg("threads") = 1, "One LSTM layer over all steps: gx (T,B,4H) hoisted projection -> y (T,B,H); gx and y may be strided views with contiguous rows.");
   m.def("gru_recurrence", &gru_recurrence_py, py::arg("gx").noconvert(), py::arg("packed").noconvert(),
         py::arg("b_hh").noconvert(), py::arg("h0").noconvert(), py::arg("y").noconvert(), py::arg("hn").noconvert(),
-        py::arg("threads") = 1, "One GRU layer over all steps: gx (T,B,3H) = x W_ih^T + b_ih -> y (T,B,H).");
+        py::arg("threads") = 1, "One GRU layer over all steps: gx (T,B,3H) = x W_ih^T + b_ih -> y (T,B,H); gx and y may be strided views with contiguous rows.");
   m.def(
       "plan_memory",
       [](const std::vector<int64_t>& sizes, const std::vector<int64_t>& first, const std::vector<int64_t>& last,

@@ -55,10 +55,9 @@ def _fused_ok(node: Node) -> bool:
 
 
 def _threads() -> int:
-    # One thread: with two, the recurrence's per-step spin barrier competes with torch's
-    # own OpenMP workers, which spin after every parallel op (slower in our measurements;
-    # rerun with `kiln bench kernels --op lstm` after changing this).
-    return 1
+    # The recurrences run on torch's own OpenMP workers (kiln._C shares torch's libgomp),
+    # so they follow torch.get_num_threads() like every other kernel.
+    return torch.get_num_threads()
 
 
 def _weights_packer(w_index: int, gates: int):
@@ -75,23 +74,31 @@ def _weights_packer(w_index: int, gates: int):
     return prepare
 
 
+def _seq_views(x: torch.Tensor, a: A.RNNAttrs, H: int):
+    """gx as a [T, B, G*H] view and y allocated in the layer's own layout, also seen as
+    [T, B, H]: the C++ recurrence takes strided views, so a batch-first layer copies nothing."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    T, B = (x.shape[1], x.shape[0]) if a.batch_first else (x.shape[0], x.shape[1])
+    y = torch.empty((B, T, H) if a.batch_first else (T, B, H))
+    tb = (lambda t: t.transpose(0, 1)) if a.batch_first else (lambda t: t)
+    return tb(x), y, tb(y), B
+
+
 def lstm_fused(ins, a: A.RNNAttrs, packed=None):
     """One hoisted LSTM layer: every step's GEMM and gates in C++ (kiln._C.lstm_recurrence)."""
     x, h0, c0, w_hh = ins[:4]
     b_hh = ins[4] if len(ins) > 4 else None
     if packed is None:
         packed = _native().pack_recurrent_weight(w_hh.contiguous().numpy(), 4)
-    xt = x.transpose(0, 1) if a.batch_first else x
     if b_hh is not None:
-        xt = xt + b_hh
-    gx = xt.contiguous()
-    T, B = gx.shape[0], gx.shape[1]
+        x = x + b_hh
     H = a.hidden_size
-    y = torch.empty(T, B, H)
+    gx, y, y_tb, B = _seq_views(x, a, H)
     hn, cn = torch.empty(1, B, H), torch.empty(1, B, H)
     _native().lstm_recurrence(gx.numpy(), packed, h0[0].contiguous().numpy(), c0[0].contiguous().numpy(),
-                              y.numpy(), hn[0].numpy(), cn[0].numpy(), _threads())
-    return (y.transpose(0, 1) if a.batch_first else y), hn, cn
+                              y_tb.numpy(), hn[0].numpy(), cn[0].numpy(), _threads())
+    return y, hn, cn
 
 
 def gru_fused(ins, a: A.RNNAttrs, packed=None):
@@ -101,13 +108,11 @@ def gru_fused(ins, a: A.RNNAttrs, packed=None):
     b_hh = ins[3] if len(ins) > 3 else torch.zeros(3 * H)
     if packed is None:
         packed = _native().pack_recurrent_weight(w_hh.contiguous().numpy(), 3)
-    gx = (x.transpose(0, 1) if a.batch_first else x).contiguous()
-    T, B = gx.shape[0], gx.shape[1]
-    y = torch.empty(T, B, H)
+    gx, y, y_tb, B = _seq_views(x, a, H)
     hn = torch.empty(1, B, H)
     _native().gru_recurrence(gx.numpy(), packed, b_hh.contiguous().numpy(), h0[0].contiguous().numpy(),
-                             y.numpy(), hn[0].numpy(), _threads())
-    return (y.transpose(0, 1) if a.batch_first else y), hn
+                             y_tb.numpy(), hn[0].numpy(), _threads())
+    return y, hn
 
 
 register_kernel(OpKind.LSTM, "cpu", name="cpu.lstm_fused", accepts=_fused_ok, prepare=_weights_packer(3, 4))(lstm_fused)

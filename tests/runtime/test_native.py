@@ -151,6 +151,27 @@ def test_fused_recurrences_match_step_by_step_torch(T, B, H, threads):
 
 
 @needs_avx512
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_recurrences_take_batch_first_strided_views(threads):
+    # batch-first tensors seen as [T, B, .]: nothing is copied, results are the same
+    T, B, H = 6, 5, 24
+    gx4, w4 = torch.randn(B, T, 4 * H), torch.randn(4 * H, H) * 0.3
+    h0, c0 = torch.randn(B, H), torch.randn(B, H)
+    y, hn, cn = torch.empty(B, T, H), torch.empty(B, H), torch.empty(B, H)
+    _C.lstm_recurrence(gx4.transpose(0, 1).numpy(), _C.pack_recurrent_weight(w4.numpy(), 4), h0.numpy(), c0.numpy(),
+                       y.transpose(0, 1).numpy(), hn.numpy(), cn.numpy(), threads)
+    ry, rh, rc = _lstm_steps(gx4.transpose(0, 1), w4, h0, c0)
+    torch.testing.assert_close(y, ry.transpose(0, 1), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(hn, rh, atol=2e-5, rtol=1e-4)
+    gx3, w3, b_hh = torch.randn(B, T, 3 * H), torch.randn(3 * H, H) * 0.3, torch.randn(3 * H)
+    y = torch.empty(B, T, H)
+    _C.gru_recurrence(gx3.transpose(0, 1).numpy(), _C.pack_recurrent_weight(w3.numpy(), 3), b_hh.numpy(), h0.numpy(),
+                      y.transpose(0, 1).numpy(), hn.numpy(), threads)
+    ry, rh = _gru_steps(gx3.transpose(0, 1), w3, b_hh, h0)
+    torch.testing.assert_close(y, ry.transpose(0, 1), atol=2e-5, rtol=1e-4)
+
+
+@needs_avx512
 def test_fused_recurrence_rejects_bad_arguments():
     T, B, H = 3, 2, 16
     gx = np.zeros((T, B, 4 * H), np.float32)
@@ -162,3 +183,10 @@ def test_fused_recurrence_rejects_bad_arguments():
         _C.lstm_recurrence(gx, p, s, s, np.zeros((T, B, H + 1), np.float32), s.copy(), s.copy())
     with pytest.raises(ValueError, match="w_hh"):
         _C.pack_recurrent_weight(np.zeros((5, 4), np.float32), 4)
+    with pytest.raises(ValueError, match="contiguous rows"):  # a row with a stride is refused
+        _C.lstm_recurrence(np.zeros((T, B, 8 * H), np.float32)[:, :, ::2], p, s, s, np.zeros((T, B, H), np.float32),
+                           s.copy(), s.copy())
+    with pytest.raises(ValueError, match="writable"):
+        y = np.zeros((T, B, H), np.float32)
+        y.flags.writeable = False
+        _C.lstm_recurrence(gx, p, s, s, y, s.copy(), s.copy())
