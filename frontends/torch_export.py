@@ -18,6 +18,7 @@ from kiln.ir import DType, Graph, OpKind, TensorType, Value
 from kiln.ir import attrs as A
 
 from .common import FrontendBuilder
+from .torch_rnn import rnn_leaf_ops
 
 aten = torch.ops.aten
 
@@ -392,6 +393,9 @@ def _rnn(kind):
         x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first = args
         if train and dropout:
             return None
+        per_layer = (4 if has_biases else 2) * (2 if bidirectional else 1)
+        if len(params) != per_layer * num_layers:  # LSTM proj_size adds W_hr: not an op Kiln has
+            return None
         hx = list(hx) if isinstance(hx, (list, tuple)) else [hx]
         a = A.RNNAttrs(hidden_size=hx[0].shape[-1], num_layers=int(num_layers), bidirectional=bool(bidirectional),
                        batch_first=bool(batch_first), has_biases=bool(has_biases))
@@ -401,6 +405,9 @@ def _rnn(kind):
 
 conv(aten.lstm)(_rnn(OpKind.LSTM))
 conv(aten.gru)(_rnn(OpKind.GRU))
+# nn.LSTM / nn.GRU export as these leaf ops (frontends/torch_rnn.py); same signatures as aten's
+conv(torch.ops.kiln.lstm)(_rnn(OpKind.LSTM))
+conv(torch.ops.kiln.gru)(_rnn(OpKind.GRU))
 
 
 # ----------------------------------------------------------------------------- data movement
@@ -667,7 +674,7 @@ def _template(a, ins: list, env_lookup):
 
 
 def export_program(model, args: tuple, kwargs: dict | None = None):
-    with torch.no_grad():
+    with torch.no_grad(), rnn_leaf_ops():
         ep = torch.export.export(model, tuple(args), kwargs or {}, strict=False)
     return ep.run_decompositions({})
 

@@ -374,8 +374,11 @@ def gru(ins, a: A.RNNAttrs):
 def _resolve_target(name: str):
     # "aten.foo.default" -> torch.ops.aten.foo.default; only torch's op namespaces are allowed
     parts = name.split(".")
-    if len(parts) < 2 or parts[0] not in ("aten", "prims", "quantized", "torchvision"):
+    # ("kiln" holds the leaf ops nn.LSTM/nn.GRU export as: frontends/torch_rnn.py)
+    if len(parts) < 2 or parts[0] not in ("aten", "prims", "quantized", "torchvision", "kiln"):
         raise ValueError(f"fallback target {name!r} is not a torch op")
+    if parts[0] == "kiln":
+        import kiln.frontends.torch_rnn  # noqa: F401  (registers torch.ops.kiln.*)
     obj = torch.ops
     for p in parts:
         obj = getattr(obj, p)
