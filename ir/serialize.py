@@ -84,7 +84,16 @@ def tensor_from_bytes(data: bytes, dtype: torch.dtype, shape) -> torch.Tensor:
     return flat.view(dtype).reshape(tuple(shape)).clone()
 
 
-def to_json(g: Graph) -> str:
+def _constant(v_doc: dict, t: torch.Tensor, ref: str | None) -> dict:
+    if ref is not None:  # stored elsewhere (a model's parameter): only its name and dtype
+        return {**v_doc, "dtype": str(t.dtype), "ref": ref}
+    return {**v_doc, "dtype": str(t.dtype), "data": base64.b64encode(tensor_to_bytes(t)).decode()}
+
+
+def to_json(g: Graph, refs: dict[Value, str] | None = None) -> str:
+    """``refs`` names constants to store by reference instead of by value (``from_json``
+    then needs ``resolve``)."""
+    refs = refs or {}
     ids: dict[Value, int] = {}
 
     def vid(v: Value) -> int:
@@ -98,8 +107,7 @@ def to_json(g: Graph) -> str:
     doc = {
         "format": FORMAT, "version": VERSION, "name": g.name,
         "inputs": [val(v) for v in g.inputs],
-        "constants": [{**val(v), "dtype": str(t.dtype), "data": base64.b64encode(tensor_to_bytes(t)).decode()}
-                      for v, t in g.constants.items()],
+        "constants": [_constant(val(v), t, refs.get(v)) for v, t in g.constants.items()],
         "nodes": [{"op": n.op.value, "inputs": [None if v is None else vid(v) for v in n.inputs],
                    "attrs": encode(n.attrs), "outputs": [val(v) for v in n.outputs], "scope": n.scope}
                   for n in g.nodes],
@@ -108,7 +116,9 @@ def to_json(g: Graph) -> str:
     return json.dumps(doc)
 
 
-def from_json(text: str) -> Graph:
+def from_json(text: str, resolve=None) -> Graph:
+    """``resolve(name) -> Tensor`` supplies constants stored by reference; a missing one or
+    one whose dtype or shape differs from the recorded type is a ``SerializeError``."""
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
@@ -136,7 +146,13 @@ def from_json(text: str) -> Graph:
     for d in doc["constants"]:
         v = mk(d)
         dt = getattr(torch, d["dtype"].removeprefix("torch."))
-        constants[v] = tensor_from_bytes(base64.b64decode(d["data"]), dt, v.type.shape)
+        if "ref" in d:
+            t = resolve(d["ref"]) if resolve is not None else None
+            if not isinstance(t, torch.Tensor) or t.dtype != dt or tuple(t.shape) != tuple(v.type.shape):
+                raise SerializeError(f"constant {d['ref']!r}: missing or not a {dt} tensor of shape {v.type.shape}")
+            constants[v] = t.detach()
+        else:
+            constants[v] = tensor_from_bytes(base64.b64decode(d["data"]), dt, v.type.shape)
     nodes = []
     for d in doc["nodes"]:
         op = OpKind(d["op"])

@@ -148,20 +148,32 @@ class CompiledModel:
             out_spec, literals, fallbacks = None, {}, []
             names = [v.name for v in graph.inputs]
         else:
-            from kiln.frontends.torch_export import export_program, from_exported
-
-            try:
-                ep = export_program(self._module, args, kwargs)
-            except KilnError:
-                raise
-            except Exception as e:
-                raise KilnError(f"torch.export could not trace {self.name}: {type(e).__name__}: "
-                                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
-            imp = from_exported(ep, self.name)
-            graph, out_spec, literals, fallbacks = imp.graph, imp.out_spec, imp.out_literals, imp.fallbacks
-            names = _input_names(ep, leaves)
+            graph, out_spec, literals, fallbacks, names = self._import_torch(args, kwargs, leaves)
         plan, graph = compile_graph(graph, target=self.target, **self.options)
         return Compiled(plan, graph, out_spec, literals, fallbacks, names)
+
+    def _import_torch(self, args, kwargs, leaves):
+        """torch.export + conversion, or a verified entry of the import cache."""
+        from kiln.frontends import import_cache
+        from kiln.frontends.torch_export import export_program, from_exported
+        from kiln.runtime import cache
+
+        key = import_cache.fingerprint(self._module, args, kwargs) if cache.enabled() else None
+        hit = import_cache.load(key, self._module, args, kwargs, leaves) if key else None
+        if hit is not None:
+            return hit
+        try:
+            ep = export_program(self._module, args, kwargs)
+        except KilnError:
+            raise
+        except Exception as e:
+            raise KilnError(f"torch.export could not trace {self.name}: {type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+        imp = from_exported(ep, self.name)
+        names = _input_names(ep, leaves)
+        if key:
+            import_cache.store(key, self._module, imp.graph, imp.out_spec, imp.out_literals, imp.fallbacks, names)
+        return imp.graph, imp.out_spec, imp.out_literals, imp.fallbacks, names
 
     # -- calling ----------------------------------------------------------------------
     def _check(self, leaves, tree):

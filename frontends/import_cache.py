@@ -1,0 +1,234 @@
+"""The import cache: a torch model's imported graph, reused without running torch.export.
+
+Exporting is most of a warm compile (seconds: importing torch.export's machinery, tracing,
+decomposing), and its result depends only on the model's code, configuration and input
+types — not on weight values. An entry stores the imported graph with every parameter and
+buffer *by name* (weights are bound from the model being compiled, never from the cache),
+the output structure, the fallback list and the input names.
+
+The key (``fingerprint``) covers, for every submodule: its name and class, the source file
+of every class in its MRO outside torch, the files of the functions and classes its
+methods reference as globals, its other attributes (values of plain data; functions and
+classes by source file; a model holding an object whose only description is a memory
+address is not cached at all), its
+``training`` flag, and its parameters' and buffers' names, shapes and dtypes; plus the
+example inputs' structure, shapes and dtypes (and non-tensor values), and the Kiln and torch
+versions.
+
+A key can still miss a behaviour change (a global configuration value read inside
+``forward``, code reached through two levels of calls into another file). So a hit is
+verified before it is trusted: the cached graph runs on the example inputs with the
+reference (torch) kernels and must match the model's own outputs; otherwise the entry is
+dropped and the model is exported again. ``KILN_CACHE=0`` turns the cache off.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import json
+import os
+import sys
+import types
+import weakref
+
+import torch
+import torch.utils._pytree as pytree
+
+from kiln.ir import Graph
+from kiln.ir.serialize import SerializeError, from_json, to_json
+
+FORMAT = "kiln-import-cache/1"
+_PRIMITIVE = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
+
+@functools.lru_cache(maxsize=1024)
+def _file_digest(path: str, mtime_ns: int, size: int) -> str:  # noqa: ARG001 (stat fields key the memo)
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _source_digest(obj) -> str | None:
+    try:
+        path = inspect.getsourcefile(obj) or inspect.getfile(obj)
+    except (TypeError, OSError):
+        return None
+    try:
+        st = os.stat(path)
+        return f"{path}:{_file_digest(path, st.st_mtime_ns, st.st_size)}"
+    except OSError:
+        return None
+
+
+def _is_torch(obj) -> bool:
+    mod = getattr(obj, "__module__", None) or ""
+    return mod == "torch" or mod.startswith("torch.")
+
+
+def _code_globals(fn, seen: set) -> list:
+    """Globals a function's code (and its nested code) names, resolved in its module."""
+    code = getattr(fn, "__code__", None)
+    if code is None or id(code) in seen:
+        return []
+    seen.add(id(code))
+    names, stack = set(), [code]
+    while stack:
+        c = stack.pop()
+        names.update(c.co_names)
+        stack.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+    g = getattr(fn, "__globals__", {})
+    return [g[n] for n in sorted(names) if n in g]
+
+
+def _class_parts(cls, seen: set) -> list[str]:
+    parts = []
+    for k in cls.__mro__:
+        if k is object or _is_torch(k):
+            continue
+        parts.append(f"{k.__module__}.{k.__qualname__}@{_source_digest(k)}")
+        for attr in vars(k).values():
+            fn = attr.__func__ if isinstance(attr, (staticmethod, classmethod)) else attr
+            for obj in _code_globals(fn, seen):
+                if isinstance(obj, types.ModuleType) or _is_torch(obj):
+                    continue  # a module's own version is keyed when its functions are named
+                if inspect.isfunction(obj) or inspect.isclass(obj):
+                    parts.append(f"global {getattr(obj, '__qualname__', '?')}@{_source_digest(obj)}")
+                elif isinstance(obj, _PRIMITIVE):
+                    parts.append(f"global {obj!r}")
+    return parts
+
+
+class _Unkeyable(Exception):
+    """An attribute with no stable description: the model is exported every time."""
+
+
+def _stable(v) -> str:
+    """A description of an attribute that is the same in every process, or _Unkeyable."""
+    if isinstance(v, _PRIMITIVE):
+        return repr(v)
+    if isinstance(v, torch.Tensor):
+        return f"T{tuple(v.shape)}:{v.dtype}"  # values are weights: bound from the model
+    if isinstance(v, weakref.ref):
+        return "weakref"  # (nn.RNN keeps weak references to its own parameters)
+    if isinstance(v, (list, tuple, set, frozenset)):
+        items = sorted(map(_stable, v)) if isinstance(v, (set, frozenset)) else map(_stable, v)
+        return f"{type(v).__name__}({', '.join(items)})"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_stable(k)}: {_stable(x)}" for k, x in v.items()) + "}"
+    if inspect.isfunction(v) or inspect.isclass(v) or inspect.ismethod(v) or inspect.isbuiltin(v):
+        return f"{getattr(v, '__module__', '')}.{getattr(v, '__qualname__', '?')}@{_source_digest(v)}"
+    r = repr(v)
+    if " at 0x" in r:
+        raise _Unkeyable(type(v).__name__)
+    return f"{type(v).__module__}.{type(v).__qualname__}:{r}"
+
+
+_SKIP_ATTRS = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_forward_hooks",
+               "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_is_full_backward_hook", "training"}
+
+
+def fingerprint(module: torch.nn.Module, args: tuple, kwargs: dict) -> str | None:
+    from kiln import __version__
+
+    if getattr(module, "_kiln_no_import_cache", False):
+        return None
+    h = hashlib.sha256()
+    seen: set = set()
+    h.update(f"{FORMAT}|{__version__}|{torch.__version__}|{sys.version_info[:2]}".encode())
+    classes = set()
+    for name, m in module.named_modules(remove_duplicate=False):
+        if m._forward_hooks or m._forward_pre_hooks:
+            return None  # hooks can change anything: export every time
+        try:
+            attrs = sorted((k, _stable(v)) for k, v in vars(m).items()
+                           if k not in _SKIP_ATTRS and not isinstance(v, torch.nn.Module))
+        except _Unkeyable:
+            return None
+        h.update(f"|{name}:{type(m).__module__}.{type(m).__qualname__}:{m.training}:{attrs}".encode())
+        for pn, p in list(m._parameters.items()) + list(m._buffers.items()):
+            h.update(f"|{pn}:{None if p is None else (tuple(p.shape), p.dtype)}".encode())
+        classes.add(type(m))
+    for cls in sorted(classes, key=lambda c: f"{c.__module__}.{c.__qualname__}"):
+        h.update("|".join(_class_parts(cls, seen)).encode())
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    h.update(str(spec).encode())
+    for x in leaves:
+        h.update((f"|T{tuple(x.shape)}:{x.dtype}:{x.device.type}" if isinstance(x, torch.Tensor)
+                  else f"|V{x!r}").encode())
+    return h.hexdigest()
+
+
+def _named_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    named = dict(module.named_parameters(remove_duplicate=False))
+    named.update(module.named_buffers(remove_duplicate=False))
+    return named
+
+
+def store(key: str, module: torch.nn.Module, graph: Graph, out_spec, out_literals: dict, fallbacks: list,
+          names: list[str]) -> None:
+    from kiln.runtime import cache
+
+    by_ptr = {}
+    for n, t in _named_tensors(module).items():
+        by_ptr.setdefault((t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype), n)
+    refs = {}
+    for v, t in graph.constants.items():
+        n = by_ptr.get((t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype))
+        if n is not None and t.numel() > 0:
+            refs[v] = n
+    try:
+        payload = {"graph": to_json(graph, refs), "out_spec": None if out_spec is None else pytree.treespec_dumps(out_spec),
+                   "out_literals": [[k, v] for k, v in out_literals.items()], "fallbacks": [list(f) for f in fallbacks],
+                   "names": list(names)}
+        json.dumps(payload)
+    except Exception:  # noqa: BLE001  (an output structure or literal without a serial form: no entry)
+        return
+    cache.store("import:" + key, payload)
+
+
+def load(key: str, module: torch.nn.Module, args: tuple, kwargs: dict, leaves: list):
+    """(graph, out_spec, out_literals, fallbacks, names) from a verified entry, else None."""
+    from kiln.runtime import cache
+
+    hit = cache.load("import:" + key)
+    if hit is None:
+        return None
+    named = _named_tensors(module)
+    try:
+        graph = from_json(hit["graph"], resolve=named.get)
+        out_spec = None if hit["out_spec"] is None else pytree.treespec_loads(hit["out_spec"])
+        literals = {int(k): v for k, v in hit["out_literals"]}
+        fallbacks = [tuple(f) for f in hit["fallbacks"]]
+        names = list(hit["names"])
+    except (SerializeError, KeyError, TypeError, ValueError):
+        return None
+    if not _same_outputs(graph, module, args, kwargs, leaves):
+        return None
+    return graph, out_spec, literals, fallbacks, names
+
+
+def _same_outputs(graph: Graph, module, args, kwargs, leaves) -> bool:
+    from kiln.runtime.plan import build_plan
+
+    tensors = [x.contiguous() for x in leaves if isinstance(x, torch.Tensor)]
+    try:
+        with torch.no_grad():
+            got = build_plan(graph, "reference").run(tensors)
+            want = [t for t in pytree.tree_leaves(module(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+    except Exception:  # noqa: BLE001  (a graph that cannot run is not the model)
+        return False
+    if len(got) != len(want):
+        return False
+    for g, w in zip(got, want):
+        if g.shape != w.shape or g.dtype != w.dtype:
+            return False
+        if w.is_floating_point():
+            scale = max(1.0, float(w.abs().nan_to_num(0, 0, 0).max())) if w.numel() else 1.0
+            if not torch.allclose(g, w, rtol=1e-4, atol=1e-5 * scale, equal_nan=True):
+                return False
+        elif not torch.equal(g, w):
+            return False
+    return True

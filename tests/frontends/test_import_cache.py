@@ -1,0 +1,106 @@
+"""The import cache: a second compile of the same model skips torch.export, binds the new
+model's weights, and never trusts an entry whose graph does not reproduce the model."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import kiln
+from kiln.frontends import import_cache, torch_export
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path))
+
+CONFIG = {"scale": 2.0}  # read inside forward: a global the fingerprint cannot see
+
+
+class Net(nn.Module):
+    def __init__(self, act="relu"):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+        self.act = act
+
+    def forward(self, x):
+        y = self.fc(x) * CONFIG["scale"]
+        return torch.relu(y) if self.act == "relu" else torch.tanh(y)
+
+
+def _count_exports(monkeypatch):
+    calls = []
+    real = torch_export.export_program
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch_export, "export_program", counting)
+    return calls
+
+
+def test_second_compile_skips_export_and_binds_the_new_weights(monkeypatch):
+    calls = _count_exports(monkeypatch)
+    x = torch.randn(3, 8)
+    torch.manual_seed(0)
+    kiln.compile(Net(), (x,))
+    other = Net()  # same code and shapes, different weights
+    fast = kiln.compile(other, (x,))
+    assert len(calls) == 1
+    torch.testing.assert_close(fast(x), other(x))
+
+
+def test_an_attribute_change_is_a_new_key(monkeypatch):
+    calls = _count_exports(monkeypatch)
+    x = torch.randn(3, 8)
+    kiln.compile(Net("relu"), (x,))
+    tanh = Net("tanh")
+    fast = kiln.compile(tanh, (x,))
+    assert len(calls) == 2
+    torch.testing.assert_close(fast(x), tanh(x))
+    assert import_cache.fingerprint(Net("relu"), (x,), {}) != import_cache.fingerprint(tanh, (x,), {})
+    assert import_cache.fingerprint(Net(), (x,), {}) != import_cache.fingerprint(Net(), (torch.randn(2, 8),), {})
+
+
+def test_an_entry_that_no_longer_reproduces_the_model_is_not_trusted(monkeypatch):
+    calls = _count_exports(monkeypatch)
+    x = torch.randn(3, 8)
+    model = Net()
+    kiln.compile(model, (x,))
+    monkeypatch.setitem(CONFIG, "scale", -1.0)  # same fingerprint, different function
+    fast = kiln.compile(model, (x,))
+    assert len(calls) == 2  # verification failed, exported again
+    torch.testing.assert_close(fast(x), model(x))
+
+
+def test_models_with_hooks_or_unstable_attributes_are_not_cached():
+    x = torch.randn(3, 8)
+    hooked = Net()
+    hooked.register_forward_hook(lambda m, i, o: o * 2)
+    assert import_cache.fingerprint(hooked, (x,), {}) is None
+    odd = Net()
+    odd.helper = object()  # described only by its address
+    assert import_cache.fingerprint(odd, (x,), {}) is None
+
+
+def test_new_process_compiles_without_torch_export(tmp_path):
+    code = """
+import sys, torch, kiln
+from kiln.frontends import torch_export
+m, i = kiln.models.lstm(seq=8, batch=2)
+if sys.argv[1] == "warm":
+    def boom(*a, **k):
+        raise AssertionError("torch.export ran")
+    torch_export.export_program = boom
+f = kiln.compile(m, i)
+torch.testing.assert_close(f(*i), m(*i))
+print("ok", "torch.export._trace" in sys.modules)
+"""
+    env = {"KILN_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    cold = subprocess.run([sys.executable, "-c", code, "cold"], env=env, capture_output=True, text=True)
+    assert cold.returncode == 0, cold.stderr[-2000:]
+    warm = subprocess.run([sys.executable, "-c", code, "warm"], env=env, capture_output=True, text=True)
+    assert warm.returncode == 0, warm.stderr[-2000:]
+    assert warm.stdout.split() == ["ok", "False"]  # the export machinery was never even imported
