@@ -18,13 +18,19 @@ int main() {
         auto gx = vec(T * B * 4 * H), w = vec(4 * H * H), h0 = vec(B * H), c0 = vec(B * H);
         std::vector<float> y(T * B * H), hn(B * H), cn(B * H);
         auto p = kiln::pack_recurrent_weight(w.data(), 4, H);
-        if (kiln::recurrence_supported())
-          kiln::lstm_recurrence(gx.data(), p.data(), h0.data(), c0.data(), y.data(), hn.data(), cn.data(), T, B, H,
-                                threads);
+        // time-major (T, B, .) and batch-first (B, T, .) seen as strided (T, B, .) views
+        const kiln::SeqStrides tm4{B * 4 * H, 4 * H, B * H, H}, bf4{4 * H, T * 4 * H, H, T * H};
+        const kiln::SeqStrides tm3{B * 3 * H, 3 * H, B * H, H}, bf3{3 * H, T * 3 * H, H, T * H};
         auto gx3 = vec(T * B * 3 * H), w3 = vec(3 * H * H), b3 = vec(3 * H);
         auto p3 = kiln::pack_recurrent_weight(w3.data(), 3, H);
-        if (kiln::recurrence_supported())
-          kiln::gru_recurrence(gx3.data(), p3.data(), b3.data(), h0.data(), y.data(), hn.data(), T, B, H, threads);
+        if (kiln::recurrence_supported()) {
+          for (const auto& st : {tm4, bf4})
+            kiln::lstm_recurrence(gx.data(), p.data(), h0.data(), c0.data(), y.data(), hn.data(), cn.data(), T, B, H,
+                                  st, threads);
+          for (const auto& st : {tm3, bf3})
+            kiln::gru_recurrence(gx3.data(), p3.data(), b3.data(), h0.data(), y.data(), hn.data(), T, B, H, st,
+                                 threads);
+        }
         std::vector<float> gh(B * 4 * H), ho(B * H), co(B * H);
         kiln::lstm_cell(gx.data(), gh.data(), c0.data(), ho.data(), co.data(), B, H);
         std::vector<float> gh3(B * 3 * H);

@@ -15,7 +15,7 @@ def test_kernels_under_address_sanitizer(tmp_path):
     sources = [s for s in glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) if not s.endswith("module.cpp")]
     exe = tmp_path / "asan_driver"
     build = subprocess.run([CXX, "-std=c++17", "-O1", "-g", "-march=native", "-fsanitize=address,undefined",
-                            "-fno-omit-frame-pointer", "-I", os.path.join(ROOT, "csrc"),
+                            "-fno-omit-frame-pointer", "-fopenmp", "-I", os.path.join(ROOT, "csrc"),
                             os.path.join(os.path.dirname(__file__), "asan_driver.cpp"), *sources, "-o", str(exe),
                             "-pthread"], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
