@@ -369,15 +369,15 @@ def record_launches(plan: GpuPlan) -> list:
 def build_ahead(plan: GpuPlan, sms: tuple[int, ...] | None = None) -> AheadReport:
     """Compile every distinct kernel of the plan to cubin for each SM in ``sms``."""
     from kiln.codegen import cuda as cgen
-    from kiln.kernels.triton.launch import compile_ahead, dedupe
+    from kiln.kernels.triton.launch import compile_many, dedupe
 
     t0 = time.perf_counter()
     sms = sms or (plan.target.sm,)
     records = dedupe(record_launches(plan))
     report = AheadReport(tuple(sms))
     cuda_sources = {g.cuda_r.name: g.cuda_r.source for g in plan.generated if g.cuda_r is not None}
+    report.triton = compile_many(records, sms)
     for sm in sms:
-        report.triton[sm] = [compile_ahead(r, sm) for r in records]
         if cuda_sources:
             try:
                 report.cubins[sm] = cgen.compile_cubin(list(cuda_sources.values()), sm)

@@ -127,3 +127,38 @@ def compile_ahead(record: LaunchRecord, sm: int) -> Built:
         return Built(record, sm, len(k.asm["cubin"]))
     except Exception as e:  # noqa: BLE001  (reported per kernel, never hidden)
         return Built(record, sm, 0, f"{type(e).__name__}: {str(e).strip()[:400]}")
+
+
+_POOL_WORK: list = []
+
+
+def _compile_index(i: int) -> tuple[int, str]:
+    rec, sm = _POOL_WORK[i]
+    b = compile_ahead(rec, sm)
+    return b.cubin_bytes, b.error
+
+
+def compile_many(records: list[LaunchRecord], sms, jobs: int | None = None) -> dict[int, list[Built]]:
+    """Compile every record for every SM; with ``jobs`` > 1 in forked worker processes
+    (the records' kernels are inherited, not pickled)."""
+    import multiprocessing
+    import os
+
+    work = [(r, sm) for sm in sms for r in records]
+    if jobs is None:
+        jobs = int(os.environ.get("KILN_BUILD_JOBS", "0")) or min(4, len(os.sched_getaffinity(0)))
+    results: list[tuple[int, str]]
+    if jobs > 1 and len(work) > 1 and "fork" in multiprocessing.get_all_start_methods():
+        global _POOL_WORK
+        _POOL_WORK = work
+        try:
+            with multiprocessing.get_context("fork").Pool(min(jobs, len(work))) as pool:
+                results = pool.map(_compile_index, range(len(work)), chunksize=1)
+        finally:
+            _POOL_WORK = []
+    else:
+        results = [(b.cubin_bytes, b.error) for b in (compile_ahead(r, sm) for r, sm in work)]
+    out: dict[int, list[Built]] = {sm: [] for sm in sms}
+    for (r, sm), (nbytes, err) in zip(work, results):
+        out[sm].append(Built(r, sm, nbytes, err))
+    return out
