@@ -14,7 +14,8 @@ from kiln.target import cuda
 
 def random_inputs(graph):
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(tuple(v.type.shape), generator=g).to(v.type.dtype.to_torch()) for v in graph.inputs]
+    return [torch.randn(tuple(v.type.shape), generator=g, device="cpu").to(v.type.dtype.to_torch())
+            .to(torch.get_default_device()) for v in graph.inputs]
 
 
 def run_graph(graph, inputs):
@@ -179,6 +180,8 @@ def _models():
 
 @pytest.mark.parametrize("name,model,inputs", list(_models()), ids=lambda x: x if isinstance(x, str) else "")
 def test_models_compiled_for_cuda_match_eager(name, model, inputs):
+    device = torch.get_default_device()  # cpu under the interpreter, cuda on a GPU
+    model, inputs = model.to(device), tuple(x.to(device) for x in inputs)
     cm = kiln.compile(model, inputs, target="cuda")
     plan = cm.compiled[0].plan
     assert not plan.torch_ops, plan.torch_ops  # every op runs in a Triton kernel
