@@ -18,6 +18,7 @@ interpreter on CPU tensors, with the CUDA C kernels left out).
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -185,6 +186,11 @@ class GpuPlan:
     cache_hit: bool = False
     memory: object = None
     _device_consts: dict = field(default_factory=dict)
+    _graph: object = None  # a captured torch.cuda.CUDAGraph, False when capture failed
+    _graph_sig: list = field(default_factory=list)
+    _static_in: list = field(default_factory=list)
+    _static_out: list = field(default_factory=list)
+    _runs: int = 0
 
     def _consts_on(self, device) -> tuple:
         key = str(device)
@@ -226,6 +232,38 @@ class GpuPlan:
 
     def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         dev = self._ensure_runnable(inputs)
+        if dev.type != "cuda" or os.environ.get("KILN_CUDA_GRAPHS", "1") == "0" or self._graph is False:
+            return self._run_steps(inputs, dev)
+        self._runs += 1
+        if self._graph is None:
+            if self._runs < 3:  # the first calls tune and JIT-compile; capture once that is done
+                return self._run_steps(inputs, dev)
+            self._capture(inputs, dev)
+            if self._graph is False:
+                return self._run_steps(inputs, dev)
+        if [(tuple(x.shape), x.stride(), x.dtype) for x in inputs] != self._graph_sig:
+            return self._run_steps(inputs, dev)
+        for s, x in zip(self._static_in, inputs):
+            s.copy_(x)
+        self._graph.replay()
+        return [o.clone() for o in self._static_out]
+
+    def _capture(self, inputs, dev):
+        """Replay the whole plan as one CUDA graph: one launch instead of one per kernel
+        (the per-kernel Python and launch overhead dominates small batches)."""
+        try:
+            self._static_in = [x.clone() for x in inputs]
+            self._run_steps(self._static_in, dev)  # warm on the side stream's allocator
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                self._static_out = self._run_steps(self._static_in, dev)
+            self._graph = g
+            self._graph_sig = [(tuple(x.shape), x.stride(), x.dtype) for x in inputs]
+        except Exception:  # noqa: BLE001  (a step that cannot be captured: run step by step)
+            self._graph = False
+
+    def _run_steps(self, inputs, dev) -> list[torch.Tensor]:
         slots: list = [None] * self.num_slots
         for i, t in self._consts_on(dev):
             slots[i] = t
@@ -323,7 +361,8 @@ def build_gpu_plan(graph: Graph, part: Partition | None, target, ahead: bool = T
                    counts, torch_ops, list(kernels.values()), partition=part)
     from kiln.kernels.triton.launch import _interpreting
 
-    if ahead and not _interpreting():  # interpreted kernels are Python, not compilable
+    # Without a device, build every kernel now; with one, kernels JIT-compile (and tune) there
+    if ahead and not _interpreting() and not torch.cuda.is_available():
         plan.ahead = build_ahead(plan)
     return plan
 
