@@ -33,6 +33,7 @@ def test_target_is_inferred_from_the_inputs():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_runs_on_the_gpu(compiled):
     model, inputs, _ = compiled
     model = model.cuda()

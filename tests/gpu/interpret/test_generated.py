@@ -1,5 +1,8 @@
 """Generated Triton kernels for fused groups, run by Triton's CPU interpreter, against the
 reference executor; and whole models compiled for target cuda, run the same way."""
+import os
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -10,6 +13,11 @@ from kiln.ir import attrs as A
 from kiln.passes.partition import partition
 from kiln.runtime.gpu_plan import build_gpu_plan
 from kiln.target import cuda
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from interpret_device import default_device, skip_unless_runnable  # noqa: E402,F401  (an autouse fixture)
+
+skip_unless_runnable()
 
 
 def random_inputs(graph):

@@ -1,4 +1,7 @@
 """Every Triton library kernel, run by Triton's CPU interpreter, against the torch reference."""
+import os
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,6 +10,11 @@ from kiln.ir import attrs as A
 from kiln.ir.attrs import Activation
 from kiln.kernels.reference import epilogue, rnn_hoisted_reference
 from kiln.kernels.triton import attention, conv, gemm, norm, rnn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from interpret_device import default_device, skip_unless_runnable  # noqa: E402,F401  (an autouse fixture)
+
+skip_unless_runnable()
 
 
 def close(out, ref, rel=1e-4):
