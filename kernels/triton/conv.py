@@ -7,6 +7,8 @@ input's strides, so NCHW and channels-last activations both work unchanged. The 
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -72,6 +74,25 @@ def conv2d_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr,
              acc.to(y_ptr.dtype.element_ty), mask=cmask)
 
 
+_WEIGHT_MATRICES: dict[int, tuple] = {}  # id(weight) -> (weakref to weight, matrix)
+
+
+def _weight_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """The weight as a contiguous [C_out, C_in/g * KH * KW] matrix in logical (c, kh, kw)
+    order. A channels-last weight needs a copy for that; it is made once per weight tensor
+    (weights are the plan's constants) rather than on every call."""
+    co = weight.shape[0]
+    if weight.is_contiguous():
+        return weight.reshape(co, -1)
+    entry = _WEIGHT_MATRICES.get(id(weight))
+    if entry is not None and entry[0]() is weight:
+        return entry[1]
+    mat = weight.reshape(co, -1).contiguous()
+    key = id(weight)
+    _WEIGHT_MATRICES[key] = (weakref.ref(weight, lambda _: _WEIGHT_MATRICES.pop(key, None)), mat)
+    return mat
+
+
 def _out(size, k, s, p, d, ceil=False):
     span = size + 2 * p - d * (k - 1) - 1
     o = (-(-span // s) if ceil else span // s) + 1
@@ -91,9 +112,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias=None, residual=None, stri
         channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and c > 1
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     y = torch.empty((n, co, oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
-    w2 = weight.reshape(co, cg * kh * kw)
-    if not w2.is_contiguous():
-        w2 = w2.contiguous()
+    w2 = _weight_matrix(weight)
     r = residual
     rs = r.stride() if r is not None else (0, 0, 0, 0)
     m = n * oh * ow
