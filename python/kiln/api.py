@@ -70,7 +70,8 @@ class CompiledModel:
 
     def __init__(self, model, example_inputs=None, example_kwargs=None, *, target: "str | Target | None" = None,
                  name: str | None = None, **options):
-        if target is None:  # inferred: CUDA example inputs mean the cuda target
+        self._infer_target = target is None  # CUDA inputs (examples or the first call's) mean cuda
+        if target is None:
             leaves = pytree.tree_leaves((example_inputs, example_kwargs))
             target = "cuda" if any(isinstance(x, torch.Tensor) and x.is_cuda for x in leaves) else "cpu"
         self.target_spec = Target.parse(target)
@@ -138,6 +139,9 @@ class CompiledModel:
 
     def _compile(self, args, kwargs, leaves) -> Compiled:
         from kiln.runtime.compile import compile_graph
+
+        if self._infer_target and not self._plans and any(isinstance(x, torch.Tensor) and x.is_cuda for x in leaves):
+            self.target_spec, self.target = Target.parse("cuda"), "cuda"
 
         for i, x in enumerate(leaves):
             if self.target != "cuda" and isinstance(x, torch.Tensor) and x.device.type != "cpu":
