@@ -99,10 +99,11 @@ class GeneratedKernel:
             grid = (triton.cdiv(n, meta["BLOCK"]),)
         launch(self.fn, grid, (*ins, *outs, n), meta, warps, 1)
 
-    def __call__(self, ins: list[torch.Tensor], out_values=None) -> list[torch.Tensor]:
+    def __call__(self, ins: list[torch.Tensor], in_values=None, out_values=None) -> list[torch.Tensor]:
         from kiln.kernels.triton.tuning import choose_config, on_device, signature_of
 
         device = ins[0].device if ins else torch.device("cuda")
+        ins = [_as_layout(t, v) for t, v in zip(ins, in_values or self.r.inputs)]
         outs = [empty_like_value(v, device) for v in (out_values or self.r.outputs)]
         if self.renderer is None:
             if on_device(*ins) and self.cuda_r is not None and self.cupy is not None:
@@ -112,7 +113,7 @@ class GeneratedKernel:
         if self.renderer == "cuda":
             self.cupy.launch(self.cuda_r.name, [*ins, *outs], self.r.numel)
             return outs
-        sig = signature_of(*ins, self.r.source)
+        sig = signature_of(*ins)  # the kernel's name carries its source's hash
         cfg = choose_config(f"gen.{self.r.name}", self.space, sig, lambda c: self._launch_triton(ins, outs, c), *ins)
         self._launch_triton(ins, outs, cfg)
         return outs
@@ -132,6 +133,17 @@ class GeneratedKernel:
         res = tune(TuningKey(f"gen.renderer.{self.r.name}", signature_of(*ins), _target_key()),
                    Space.of(renderer=["triton", "cuda"]), measure, "max")
         return res.config["renderer"]
+
+
+def _as_layout(t: torch.Tensor, v: Value) -> torch.Tensor:
+    """The tensor with the strides the generated code assumes for ``v`` (its IR layout);
+    a copy only when a producer chose another memory format."""
+    from kiln.codegen.render import physical_strides
+
+    want = physical_strides(v)
+    if all(a == b for a, b, n in zip(t.stride(), want, t.shape) if n != 1) and t.dim() == len(want):
+        return t
+    return torch.empty_strided(tuple(t.shape), want, dtype=t.dtype, device=t.device).copy_(t)
 
 
 def _torch_step(node: Node):
@@ -331,7 +343,7 @@ def build_gpu_plan(graph: Graph, part: Partition | None, target, ahead: bool = T
             if g is None:
                 g = kernels[r.name] = GeneratedKernel(r, crs.get(id(r)))
             add("triton", "gen." + ("reduction" if r.reduce_extent else "elementwise"),
-                lambda ins, g=g, outs=tuple(r.outputs): g(ins, outs), r.inputs, r.outputs, group.nodes)
+                lambda ins, g=g, r=r: g(ins, r.inputs, r.outputs), r.inputs, r.outputs, group.nodes)
         return True
 
     for group in part.groups:
