@@ -48,6 +48,12 @@ def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, pre
                             len(hit.get("kernels", ())) != len(result.graph.nodes)):
         hit = None  # recorded for a different optimized graph: rebuild, never trust
     memory = _check_memory(result.graph)
+    if target.kind == "cuda":  # Triton / CUDA C kernels, built ahead of time for the target SM
+        from .gpu_plan import build_gpu_plan
+
+        plan = build_gpu_plan(result.graph, result.partition, target)
+        plan.pass_records, plan.memory = result.records, memory
+        return plan, result.graph
     plan = build_plan(result.graph, target.kind, kernel_choices=hit["kernels"] if hit else None, memory=memory)
     plan.partition = result.partition
     plan.pass_records = result.records

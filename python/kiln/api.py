@@ -68,11 +68,13 @@ class CompiledModel:
     with the wrong number of inputs, a wrong dtype, rank or device raise ``KilnError``.
     """
 
-    def __init__(self, model, example_inputs=None, example_kwargs=None, *, target: "str | Target" = "cpu",
+    def __init__(self, model, example_inputs=None, example_kwargs=None, *, target: "str | Target | None" = None,
                  name: str | None = None, **options):
+        self._infer_target = target is None  # CUDA inputs (examples or the first call's) mean cuda
+        if target is None:
+            leaves = pytree.tree_leaves((example_inputs, example_kwargs))
+            target = "cuda" if any(isinstance(x, torch.Tensor) and x.is_cuda for x in leaves) else "cpu"
         self.target_spec = Target.parse(target)
-        if self.target_spec.kind == "cuda":
-            raise KilnError("target cuda is not supported yet")
         self.source = model
         self.target = self.target_spec.kind
         self.options = options
@@ -138,8 +140,11 @@ class CompiledModel:
     def _compile(self, args, kwargs, leaves) -> Compiled:
         from kiln.runtime.compile import compile_graph
 
+        if self._infer_target and not self._plans and any(isinstance(x, torch.Tensor) and x.is_cuda for x in leaves):
+            self.target_spec, self.target = Target.parse("cuda"), "cuda"
+
         for i, x in enumerate(leaves):
-            if isinstance(x, torch.Tensor) and x.device.type != "cpu":
+            if self.target != "cuda" and isinstance(x, torch.Tensor) and x.device.type != "cpu":
                 raise KilnError(f"input {i} is on {x.device}; the {self.target} target runs on the CPU")
         if self.is_onnx:
             from kiln.frontends.onnx_import import from_onnx
@@ -149,7 +154,7 @@ class CompiledModel:
             names = [v.name for v in graph.inputs]
         else:
             graph, out_spec, literals, fallbacks, names = self._import_torch(args, kwargs, leaves)
-        plan, graph = compile_graph(graph, target=self.target, **self.options)
+        plan, graph = compile_graph(graph, target=self.target_spec, **self.options)
         return Compiled(plan, graph, out_spec, literals, fallbacks, names)
 
     def _import_torch(self, args, kwargs, leaves):
@@ -191,7 +196,7 @@ class CompiledModel:
             if x.dim() != len(s.shape):
                 raise KilnError(f"input {s.name!r}: expected rank {len(s.shape)} (shape like {list(s.shape)}), "
                                 f"got shape {list(x.shape)}")
-            if x.device.type != s.device:
+            if x.device.type != s.device and self.target != "cuda":  # a cuda plan checks its device
                 raise KilnError(f"input {s.name!r}: compiled for device {s.device}, got {x.device}")
 
     def __call__(self, *args, **kwargs):

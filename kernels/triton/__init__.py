@@ -1,0 +1,1 @@
+"""Triton kernels for the cuda target (run on CPU under TRITON_INTERPRET=1 in tests)."""
