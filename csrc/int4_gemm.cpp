@@ -87,31 +87,46 @@ void narrow_block(int64_t row0, int64_t p, const Args& a) {
   const float* x = a.x + row0 * k;
   const __m512 table = nibble_table();
   __m512 out[MR][NR];
+  #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
+    #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) out[i][j] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     __m512 acc[MR][NR];
+    #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i)
+      #pragma GCC unroll 8
       for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
     for (int64_t kp = g * pairs; kp < (g + 1) * pairs; ++kp) {
       __m512 lo[NR], hi[NR];
+      #pragma GCC unroll 8
       for (int j = 0; j < NR; ++j) {
         const __m512i raw = _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(b + (j * half + kp) * 16)));
         lo[j] = _mm512_permutexvar_ps(raw, table);
         hi[j] = _mm512_permutexvar_ps(_mm512_srli_epi32(raw, 4), table);
       }
+      #pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) {
         const __m512 x0 = _mm512_set1_ps(x[i * k + 2 * kp]), x1 = _mm512_set1_ps(x[i * k + 2 * kp + 1]);
+        #pragma GCC unroll 8
         for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(x1, hi[j], _mm512_fmadd_ps(x0, lo[j], acc[i][j]));
       }
     }
+    #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
       const __m512 s = _mm512_load_ps(sc + (j * groups + g) * 16);
+      #pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) out[i][j] = _mm512_fmadd_ps(acc[i][j], s, out[i][j]);
     }
   }
+  // finish from memory: a rolled loop over `out` would keep it out of registers
+  alignas(64) float sums[MR][NR * 16];
+  #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) finish16(out[i][j], row0 + i, (p + j) * 16, a);
+    #pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) _mm512_store_ps(sums[i] + 16 * j, out[i][j]);
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) finish16(_mm512_load_ps(sums[i] + 16 * j), row0 + i, (p + j) * 16, a);
 }
 
 using NarrowFn = void (*)(int64_t, int64_t, const Args&);
@@ -134,7 +149,9 @@ void wide_block(const float* buf, int64_t kc, int64_t row0, int64_t k0, int64_t 
                 const Args& a) {
   const int64_t k = a.w->k, n = a.w->n;
   __m512 acc[MR][kWidePanels];
+  #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
+    #pragma GCC unroll 8
     for (int j = 0; j < kWidePanels; ++j)
       acc[i][j] = (first || j >= np) ? _mm512_setzero_ps()
                                      : _mm512_maskz_loadu_ps(col_mask(n - col0 - 16 * j), a.y + (row0 + i) * n + col0 + 16 * j);
@@ -143,6 +160,7 @@ void wide_block(const float* buf, int64_t kc, int64_t row0, int64_t k0, int64_t 
     const float* bk = buf + kk * 64;
     const __m512 b0 = _mm512_load_ps(bk), b1 = _mm512_load_ps(bk + 16), b2 = _mm512_load_ps(bk + 32),
                  b3 = _mm512_load_ps(bk + 48);
+    #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const __m512 xv = _mm512_set1_ps(x[i * k + kk]);
       acc[i][0] = _mm512_fmadd_ps(xv, b0, acc[i][0]);
@@ -151,11 +169,18 @@ void wide_block(const float* buf, int64_t kc, int64_t row0, int64_t k0, int64_t 
       acc[i][3] = _mm512_fmadd_ps(xv, b3, acc[i][3]);
     }
   }
+  alignas(64) float sums[MR][kWidePanels * 16];
+  #pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+    #pragma GCC unroll 8
+    for (int j = 0; j < kWidePanels; ++j) _mm512_store_ps(sums[i] + 16 * j, acc[i][j]);
+  #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < np; ++j) {
       const int64_t col = col0 + 16 * j;
-      if (last) finish16(acc[i][j], row0 + i, col, a);
-      else _mm512_mask_storeu_ps(a.y + (row0 + i) * n + col, col_mask(n - col), acc[i][j]);
+      const __m512 v = _mm512_load_ps(sums[i] + 16 * j);
+      if (last) finish16(v, row0 + i, col, a);
+      else _mm512_mask_storeu_ps(a.y + (row0 + i) * n + col, col_mask(n - col), v);
     }
 }
 
@@ -172,6 +197,7 @@ void wide_region(int64_t m0, int64_t m1, int64_t p0, int64_t p1, const Args& a) 
     const int np = static_cast<int>(std::min<int64_t>(kWidePanels, p1 - p));
     for (int64_t k0 = 0; k0 < w.k; k0 += kChunkK) {
       const int64_t kc = std::min<int64_t>(kChunkK, w.k - k0);
+      #pragma GCC unroll 8
       for (int j = 0; j < kWidePanels; ++j) {
         if (j >= np) {
           for (int64_t kk = 0; kk < kc; ++kk) _mm512_store_ps(buf + kk * 64 + 16 * j, _mm512_setzero_ps());

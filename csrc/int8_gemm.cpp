@@ -142,21 +142,33 @@ inline void store16(__m512i acc, int64_t row, int64_t col, const Ctx& c) {
 template <int MR, int NR>
 void vnni_block(const uint8_t* a, int64_t lda, const int8_t* b, int64_t panel_bytes, int64_t groups, int64_t row0,
                 int64_t col0, const Ctx& c) {
+  // Every loop over MR / NR is unrolled so that acc lives in registers; the epilogue reads
+  // the sums back from memory (a rolled loop over acc would make GCC keep acc in memory).
   __m512i acc[MR][NR];
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_si512();
   for (int64_t g = 0; g < groups; ++g) {
     __m512i bv[NR];
+#pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) bv[j] = _mm512_load_si512(b + j * panel_bytes + g * 64);
+#pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       int32_t four;
       std::memcpy(&four, a + i * lda + 4 * g, 4);
       const __m512i av = _mm512_set1_epi32(four);
+#pragma GCC unroll 8
       for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av, bv[j]);
     }
   }
+  alignas(64) int32_t sums[MR][NR * 16];
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) store16(acc[i][j], row0 + i, col0 + 16 * j, c);
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) _mm512_store_si512(sums[i] + 16 * j, acc[i][j]);
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) store16(_mm512_load_si512(sums[i] + 16 * j), row0 + i, col0 + 16 * j, c);
 }
 
 using VnniFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, int64_t, int64_t, const Ctx&);
