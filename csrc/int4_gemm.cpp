@@ -78,8 +78,12 @@ inline void finish16(__m512 v, int64_t row, int64_t col, const Args& a) {
 }
 
 // ---- few rows: dequantize in registers ----
+// With few accumulators the FMA latency (4 cycles) bounds the loop, so small blocks keep
+// the even-k and odd-k products in separate accumulators (kSplit) to double the chains.
 template <int MR, int NR>
 void narrow_block(int64_t row0, int64_t p, const Args& a) {
+  constexpr bool kSplit = MR * NR < 8;
+  constexpr int kSets = kSplit ? 2 : 1;
   const Int4Weight& w = *a.w;
   const int64_t k = w.k, half = k / 2, groups = k / w.group, pairs = w.group / 2;
   const uint8_t* b = w.packed.get() + p * half * 16;
@@ -87,58 +91,73 @@ void narrow_block(int64_t row0, int64_t p, const Args& a) {
   const float* x = a.x + row0 * k;
   const __m512 table = nibble_table();
   __m512 out[MR][NR];
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) out[i][j] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m512 acc[MR][NR];
-    #pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i)
-      #pragma GCC unroll 8
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+    __m512 acc[kSets][MR][NR];
+#pragma GCC unroll 8
+    for (int h = 0; h < kSets; ++h)
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+        for (int j = 0; j < NR; ++j) acc[h][i][j] = _mm512_setzero_ps();
     for (int64_t kp = g * pairs; kp < (g + 1) * pairs; ++kp) {
       __m512 lo[NR], hi[NR];
-      #pragma GCC unroll 8
+#pragma GCC unroll 8
       for (int j = 0; j < NR; ++j) {
-        const __m512i raw = _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(b + (j * half + kp) * 16)));
+        const __m512i raw =
+            _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(b + (j * half + kp) * 16)));
         lo[j] = _mm512_permutexvar_ps(raw, table);
         hi[j] = _mm512_permutexvar_ps(_mm512_srli_epi32(raw, 4), table);
       }
-      #pragma GCC unroll 8
+#pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) {
         const __m512 x0 = _mm512_set1_ps(x[i * k + 2 * kp]), x1 = _mm512_set1_ps(x[i * k + 2 * kp + 1]);
-        #pragma GCC unroll 8
-        for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(x1, hi[j], _mm512_fmadd_ps(x0, lo[j], acc[i][j]));
+#pragma GCC unroll 8
+        for (int j = 0; j < NR; ++j) {
+          acc[0][i][j] = _mm512_fmadd_ps(x0, lo[j], acc[0][i][j]);
+          acc[kSets - 1][i][j] = _mm512_fmadd_ps(x1, hi[j], acc[kSets - 1][i][j]);
+        }
       }
     }
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
       const __m512 s = _mm512_load_ps(sc + (j * groups + g) * 16);
-      #pragma GCC unroll 8
-      for (int i = 0; i < MR; ++i) out[i][j] = _mm512_fmadd_ps(acc[i][j], s, out[i][j]);
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) {
+        const __m512 sum = kSplit ? _mm512_add_ps(acc[0][i][j], acc[kSets - 1][i][j]) : acc[0][i][j];
+        out[i][j] = _mm512_fmadd_ps(sum, s, out[i][j]);
+      }
     }
   }
   // finish from memory: a rolled loop over `out` would keep it out of registers
   alignas(64) float sums[MR][NR * 16];
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) _mm512_store_ps(sums[i] + 16 * j, out[i][j]);
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) finish16(_mm512_load_ps(sums[i] + 16 * j), row0 + i, (p + j) * 16, a);
 }
 
+// Row blocks of up to 4; one row takes 4 panels at a time, more rows 2 (register budget).
 using NarrowFn = void (*)(int64_t, int64_t, const Args&);
-const NarrowFn kNarrow[4][2] = {{narrow_block<1, 1>, narrow_block<1, 2>},
-                                {narrow_block<2, 1>, narrow_block<2, 2>},
-                                {narrow_block<3, 1>, narrow_block<3, 2>},
-                                {narrow_block<4, 1>, narrow_block<4, 2>}};
+const NarrowFn kNarrow[4][4] = {{narrow_block<1, 1>, narrow_block<1, 2>, narrow_block<1, 3>, narrow_block<1, 4>},
+                                {narrow_block<2, 1>, narrow_block<2, 2>, nullptr, nullptr},
+                                {narrow_block<3, 1>, narrow_block<3, 2>, nullptr, nullptr},
+                                {narrow_block<4, 1>, narrow_block<4, 2>, nullptr, nullptr}};
+constexpr int64_t kNarrowPanels = 4;
 
 void narrow_region(int64_t m0, int64_t m1, int64_t p0, int64_t p1, const Args& a) {
-  for (int64_t p = p0; p < p1; p += 2) {
-    const int64_t np = std::min<int64_t>(2, p1 - p);
-    for (int64_t r = m0; r < m1; r += 4) kNarrow[std::min<int64_t>(4, m1 - r) - 1][np - 1](r, p, a);
+  // panels outer: a block of weights is read from memory once and reused by all rows
+  for (int64_t pb = p0; pb < p1; pb += kNarrowPanels) {
+    const int64_t pb_end = std::min(p1, pb + kNarrowPanels);
+    for (int64_t r = m0; r < m1; r += 4) {
+      const int64_t mr = std::min<int64_t>(4, m1 - r), step = mr == 1 ? 4 : 2;
+      for (int64_t p = pb; p < pb_end; p += step) kNarrow[mr - 1][std::min(step, pb_end - p) - 1](r, p, a);
+    }
   }
 }
 
@@ -149,9 +168,9 @@ void wide_block(const float* buf, int64_t kc, int64_t row0, int64_t k0, int64_t 
                 const Args& a) {
   const int64_t k = a.w->k, n = a.w->n;
   __m512 acc[MR][kWidePanels];
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int j = 0; j < kWidePanels; ++j)
       acc[i][j] = (first || j >= np) ? _mm512_setzero_ps()
                                      : _mm512_maskz_loadu_ps(col_mask(n - col0 - 16 * j), a.y + (row0 + i) * n + col0 + 16 * j);
@@ -160,7 +179,7 @@ void wide_block(const float* buf, int64_t kc, int64_t row0, int64_t k0, int64_t 
     const float* bk = buf + kk * 64;
     const __m512 b0 = _mm512_load_ps(bk), b1 = _mm512_load_ps(bk + 16), b2 = _mm512_load_ps(bk + 32),
                  b3 = _mm512_load_ps(bk + 48);
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const __m512 xv = _mm512_set1_ps(x[i * k + kk]);
       acc[i][0] = _mm512_fmadd_ps(xv, b0, acc[i][0]);
@@ -170,11 +189,11 @@ void wide_block(const float* buf, int64_t kc, int64_t row0, int64_t k0, int64_t 
     }
   }
   alignas(64) float sums[MR][kWidePanels * 16];
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int j = 0; j < kWidePanels; ++j) _mm512_store_ps(sums[i] + 16 * j, acc[i][j]);
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < np; ++j) {
       const int64_t col = col0 + 16 * j;
@@ -197,7 +216,7 @@ void wide_region(int64_t m0, int64_t m1, int64_t p0, int64_t p1, const Args& a) 
     const int np = static_cast<int>(std::min<int64_t>(kWidePanels, p1 - p));
     for (int64_t k0 = 0; k0 < w.k; k0 += kChunkK) {
       const int64_t kc = std::min<int64_t>(kChunkK, w.k - k0);
-      #pragma GCC unroll 8
+#pragma GCC unroll 8
       for (int j = 0; j < kWidePanels; ++j) {
         if (j >= np) {
           for (int64_t kk = 0; kk < kc; ++kk) _mm512_store_ps(buf + kk * 64 + 16 * j, _mm512_setzero_ps());
@@ -231,7 +250,7 @@ void linear_int4(const float* x, int64_t m, const Int4Weight& w, const float* bi
   if (m == 0) return;
   const Args a{x, &w, bias, act, y};
   const bool wide = m >= kManyRows;
-  const int64_t panel_block = wide ? kWidePanels : 2, row_block = wide ? 4 * kWideRows : 4;
+  const int64_t panel_block = wide ? kWidePanels : kNarrowPanels, row_block = wide ? 4 * kWideRows : 4;
   const int64_t nblk = (w.panels + panel_block - 1) / panel_block, mblk = (m + row_block - 1) / row_block;
   const bool by_columns = nblk >= threads || nblk >= mblk;
   const int64_t blocks = by_columns ? nblk : mblk;

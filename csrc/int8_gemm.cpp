@@ -178,15 +178,26 @@ const VnniFn kVnniBlocks[kVnniRows][kVnniPanels] = {KILN_VNNI_ROW(1), KILN_VNNI_
                                                     KILN_VNNI_ROW(4), KILN_VNNI_ROW(5), KILN_VNNI_ROW(6)};
 #undef KILN_VNNI_ROW
 
+// Rows per outer chunk: the chunk's activations (about 256 KiB) stay in L2 while every
+// weight panel streams past them once per chunk. A multiple of the row block.
+int64_t row_chunk(int64_t lda, int64_t rows_per_block) {
+  const int64_t rows = std::max<int64_t>(rows_per_block, (256 * 1024) / std::max<int64_t>(lda, 1));
+  return rows / rows_per_block * rows_per_block;
+}
+
 void vnni_region(const uint8_t* a, int64_t lda, int64_t m0, int64_t m1, int64_t p0, int64_t p1, const Ctx& c) {
   const Int8Weight& w = *c.w;
   const int64_t panel_bytes = w.k_pad * 16, groups = (w.k + 3) / 4;
   const int8_t* packed = reinterpret_cast<const int8_t*>(w.packed.get());
-  for (int64_t p = p0; p < p1; p += kVnniPanels) {
-    const int64_t np = std::min<int64_t>(kVnniPanels, p1 - p);
-    for (int64_t r = m0; r < m1; r += kVnniRows) {
-      const int64_t nr = std::min<int64_t>(kVnniRows, m1 - r);
-      kVnniBlocks[nr - 1][np - 1](a + r * lda, lda, packed + p * panel_bytes, panel_bytes, groups, r, p * 16, c);
+  const int64_t chunk = row_chunk(lda, kVnniRows);
+  for (int64_t mc = m0; mc < m1; mc += chunk) {
+    const int64_t mc_end = std::min(m1, mc + chunk);
+    for (int64_t p = p0; p < p1; p += kVnniPanels) {
+      const int64_t np = std::min<int64_t>(kVnniPanels, p1 - p);
+      for (int64_t r = mc; r < mc_end; r += kVnniRows) {
+        const int64_t nr = std::min<int64_t>(kVnniRows, mc_end - r);
+        kVnniBlocks[nr - 1][np - 1](a + r * lda, lda, packed + p * panel_bytes, panel_bytes, groups, r, p * 16, c);
+      }
     }
   }
 }
@@ -237,21 +248,25 @@ void amx_region(const uint8_t* a, int64_t lda, int64_t m0, int64_t m1, int64_t p
   const Int8Weight& w = *c.w;
   const int64_t panel_bytes = w.k_pad * 16, kblocks = w.k_pad / 64;
   const int8_t* packed = reinterpret_cast<const int8_t*>(w.packed.get());
+  const int64_t chunk = row_chunk(lda, 32);
+  for (int64_t mc = m0; mc < m1; mc += chunk) {
+  const int64_t mc_end = std::min(m1, mc + chunk);
   for (int64_t p = p0; p < p1; p += 2) {
     const bool two_n = p1 - p > 1;
     const int8_t* b = packed + p * panel_bytes;
-    for (int64_t r = m0; r < m1; r += 32) {
-      const bool two_m = m1 - r > 16;
+    for (int64_t r = mc; r < mc_end; r += 32) {
+      const bool two_m = mc_end - r > 16;
       const uint8_t* ar = a + r * lda;
       if (two_m && two_n) amx_block<2, 2>(ar, lda, b, panel_bytes, kblocks, scratch);
       else if (two_m) amx_block<2, 1>(ar, lda, b, panel_bytes, kblocks, scratch);
       else if (two_n) amx_block<1, 2>(ar, lda, b, panel_bytes, kblocks, scratch);
       else amx_block<1, 1>(ar, lda, b, panel_bytes, kblocks, scratch);
-      const int64_t rows = std::min<int64_t>(32, m1 - r);
+      const int64_t rows = std::min<int64_t>(32, mc_end - r);
       for (int64_t i = 0; i < rows; ++i)
         for (int64_t j = 0; j < (two_n ? 2 : 1) && (p + j) * 16 < w.n; ++j)
           store16(_mm512_load_si512(scratch + i * 32 + 16 * j), r + i, (p + j) * 16, c);
     }
+  }
   }
   _tile_release();
 }
