@@ -1,8 +1,8 @@
-"""Microbenchmark of Kiln's quantized CPU GEMMs against torch on the same threads.
+"""Microbenchmark of Kiln's quantized CPU GEMMs (and the int8 conv built on them) against torch on the same threads.
 
     python -m kiln.bench.int8_gemm [--threads 1 2] [--repeats 30] [--quick]
 
-Three tables, every engine of a table timed interleaved (one call of each per round, so a
+Four tables, every engine of a table timed interleaved (one call of each per round, so a
 noisy neighbour slows all of them alike), median over rounds:
 
 1. square 1024^3 GEMM: Kiln int8 (uint8 activations x int8 weights -> fp32 with the fused
@@ -13,6 +13,8 @@ noisy neighbour slows all of them alike), median over rounds:
    input per row inside the call) vs torch fp32, torch's dynamic int8 Linear (fbgemm) and
    ONNX Runtime's dynamically quantized MatMul when onnxruntime is installed.
 3. int4 weight-only ``linear_int4`` (group 128) vs torch fp32, for decode (M=1) and M=128.
+4. ResNet-18 convs: ``qconv2d_nhwc`` (uint8 NHWC in, fused bias + relu + requantize, uint8
+   out) vs torch fp32 conv and torch's int8 conv (fbgemm, quantized tensors in and out).
 
 Timings include each engine's whole call (Kiln: the conversion to and from numpy too).
 """
@@ -140,12 +142,40 @@ def int4(threads: int, repeats: int) -> None:
                 "torch fp32 F.linear")
 
 
+def conv(threads: int, repeats: int) -> None:
+    """ResNet-18 3x3 convs (batch 1, 224x224 input) and its strided 1x1 downsample."""
+    for c, oc, h, k, stride, pad in [(64, 64, 56, 3, 1, 1), (128, 128, 28, 3, 1, 1), (256, 256, 14, 3, 1, 1),
+                                     (512, 512, 7, 3, 1, 1), (64, 128, 56, 1, 2, 0)]:
+        w = torch.randn(oc, c, k, k) * 0.05
+        b = torch.randn(oc)
+        x = torch.randn(1, c, h, h).relu()
+        w_q, w_scale = q.quantize_weight_int8(w.reshape(oc, -1))
+        w_q = w_q.reshape(oc, c, k, k)
+        packed = q.prepack_conv_int8(w_q, w_scale)
+        x_scale = float(x.max()) / 255
+        x_q = torch.round(x / x_scale).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        qx = torch.quantize_per_tensor(x, x_scale, 0, torch.quint8)
+        tq = torch.ao.nn.quantized.Conv2d(c, oc, k, stride=stride, padding=pad)
+        tq.set_weight_bias(torch.quantize_per_channel(w, w_scale.double(), torch.zeros(oc, dtype=torch.long), 0,
+                                                      torch.qint8), b)
+        tq.scale, tq.zero_point = 0.05, 0
+        oh = (h + 2 * pad - k) // stride + 1
+        engines = {"torch fp32 F.conv2d": lambda: F.conv2d(x, w, b, stride, pad),
+                   "torch int8 conv (fbgemm)": lambda: tq(qx),
+                   "kiln qconv2d_nhwc u8->u8": lambda: q.qconv2d_nhwc(
+                       x_q, x_scale, 0, packed, b, "relu", stride=stride, padding=pad, out_scale=0.05,
+                       threads=threads)}
+        _report(f"conv {k}x{k}/{stride} C={c} OC={oc} {h}x{h}, {threads} thread(s)",
+                2.0 * oh * oh * oc * c * k * k, _interleaved(engines, repeats), "torch fp32 F.conv2d")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--size", type=int, default=1024, help="M = N = K of the square GEMM")
-    ap.add_argument("--only", choices=["square", "bert", "int4"], nargs="+", default=["square", "bert", "int4"])
+    ap.add_argument("--only", choices=["square", "bert", "int4", "conv"], nargs="+",
+                    default=["square", "bert", "int4", "conv"])
     args = ap.parse_args(argv)
     caps = q.capabilities()
     print(f"kiln quantized kernels: {caps}; torch {torch.__version__}")
@@ -163,6 +193,8 @@ def main(argv=None) -> None:
                     bert(t, args.repeats)
                 if "int4" in args.only:
                     int4(t, args.repeats)
+                if "conv" in args.only:
+                    conv(t, args.repeats)
     finally:
         torch.set_num_threads(old)
 

@@ -19,6 +19,8 @@ Weights are prepacked once (``prepack_int8`` / ``prepack_int4``), at plan-build 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -144,6 +146,88 @@ def qlinear_dynamic(x: torch.Tensor, packed, bias: torch.Tensor | None = None, a
     x2, lead = _rows(x, "x")
     out = _C().qlinear_dynamic(_np(x2, torch.float32, "x"), packed, _bias(bias), activation, path, _threads(threads))
     return torch.from_numpy(out).reshape(*lead, packed.n)
+
+
+# ---------------------------------------------------------------------------------------
+# int8 conv2d (NHWC): im2col + the int8 GEMM with its fused epilogue
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Int8Conv:
+    """A conv weight prepacked for ``qconv2d_nhwc``: the GEMM weight is [OC, KH * KW * C]
+    with k ordered (kh, kw, c), matching the NHWC patches."""
+
+    packed: object
+    out_channels: int
+    in_channels: int
+    kernel: tuple[int, int]
+
+
+def prepack_conv_int8(w_q: torch.Tensor, w_scale: torch.Tensor) -> Int8Conv:
+    """w_q int8 [OC, C, KH, KW] (torch's layout), per-output-channel w_scale fp32 [OC]."""
+    if w_q.dim() != 4:
+        raise ValueError("w_q: expected shape (OC, C, KH, KW)")
+    oc, c, kh, kw = w_q.shape
+    return Int8Conv(prepack_int8(w_q.permute(0, 2, 3, 1).reshape(oc, kh * kw * c), w_scale), oc, c, (kh, kw))
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _patches_nhwc(x_q: torch.Tensor, x_zp: int, kernel, stride, padding) -> tuple[torch.Tensor, int, int]:
+    """[N, H, W, C] uint8 -> ([N * OH * OW, KH * KW * C], OH, OW); padding holds the zero point
+    (the quantized 0.0), so padded taps add nothing after the zero-point correction."""
+    n, h, w, c = x_q.shape
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    if ph or pw:
+        padded = torch.full((n, h + 2 * ph, w + 2 * pw, c), x_zp, dtype=torch.uint8)
+        padded[:, ph:ph + h, pw:pw + w] = x_q
+        x_q, h, w = padded, h + 2 * ph, w + 2 * pw
+    oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+    if (kh, kw) == (1, 1):
+        cols = x_q[:, ::sh, ::sw][:, :oh, :ow]
+        return cols.reshape(n * oh * ow, c), oh, ow
+    x_q = x_q.contiguous()
+    sn, sh_, sw_, sc = x_q.stride()
+    view = x_q.as_strided((n, oh, ow, kh, kw, c), (sn, sh_ * sh, sw_ * sw, sh_, sw_, sc))
+    return view.reshape(n * oh * ow, kh * kw * c), oh, ow
+
+
+def qconv2d_nhwc(x_q: torch.Tensor, x_scale: float, x_zp: int, conv: Int8Conv, bias: torch.Tensor | None = None,
+                 activation: str = "none", *, stride=1, padding=0, out_scale: float | None = None, out_zp: int = 0,
+                 path: str = "auto", threads: int | None = None) -> torch.Tensor:
+    """int8 conv2d on NHWC uint8 activations (per-tensor x_scale / x_zp), groups = 1, no dilation.
+
+    Same epilogue as ``qlinear_static``: fp32 [N, OH, OW, OC], or uint8 requantized with
+    (out_scale, out_zp) for the next int8 layer. 1x1 stride-1 convs read x_q in place;
+    others gather patches (im2col) first.
+    """
+    if x_q.dim() != 4 or x_q.shape[-1] != conv.in_channels:
+        raise ValueError(f"x_q: expected shape (N, H, W, {conv.in_channels})")
+    if x_q.dtype != torch.uint8:
+        raise TypeError(f"x_q: expected dtype torch.uint8, got {x_q.dtype}")
+    cols, oh, ow = _patches_nhwc(x_q, int(x_zp), conv.kernel, _pair(stride), _pair(padding))
+    y = qlinear_static(cols, x_scale, x_zp, conv.packed, bias, activation, out_scale=out_scale, out_zp=out_zp,
+                       path=path, threads=threads)
+    return y.reshape(x_q.shape[0], oh, ow, conv.out_channels)
+
+
+def ref_qconv2d_nhwc(x_q, x_scale, x_zp, w_q, w_scale, bias=None, activation="none", *, stride=1, padding=0,
+                     out_scale=None, out_zp=0):
+    """Reference of ``qconv2d_nhwc`` (unpacked w_q [OC, C, KH, KW]): exact integer conv in
+    float64, then the same fp32 epilogue as ``ref_qlinear_static``."""
+    xc = x_q.permute(0, 3, 1, 2).double() - int(x_zp)
+    acc = F.conv2d(xc, w_q.double(), stride=_pair(stride), padding=_pair(padding))
+    acc = acc.permute(0, 2, 3, 1).to(torch.int32)
+    y = acc.float() * (torch.tensor(x_scale, dtype=torch.float32) * w_scale)
+    if bias is not None:
+        y = y + bias
+    y = ref_activation(y, activation)
+    if out_scale is not None:
+        inv = 1.0 / torch.tensor(out_scale, dtype=torch.float32)
+        y = (torch.round(y * inv) + out_zp).clamp(0, 255).to(torch.uint8)
+    return y
 
 
 # ---------------------------------------------------------------------------------------
