@@ -6,7 +6,7 @@ Four tables, every engine of a table timed interleaved (one call of each per rou
 noisy neighbour slows all of them alike), median over rounds:
 
 1. square 1024^3 GEMM: Kiln int8 (uint8 activations x int8 weights -> fp32 with the fused
-   dequantize epilogue) on the VNNI and the AMX path vs torch fp32 ``F.linear`` and
+   dequantize epilogue) on the VNNI and the AMX path vs torch fp32 ``x @ w.T`` and
    torch's ``_int_mm`` (int8 -> int32). GOP/s count 2*M*N*K; ratio = torch fp32 time /
    engine time (the speedup); the best round is printed beside the median.
 2. BERT-base linear shapes (M=128 tokens): Kiln ``qlinear_dynamic`` (quantizes the fp32
@@ -16,7 +16,9 @@ noisy neighbour slows all of them alike), median over rounds:
 4. ResNet-18 convs: ``qconv2d_nhwc`` (uint8 NHWC in, fused bias + relu + requantize, uint8
    out) vs torch fp32 conv and torch's int8 conv (fbgemm, quantized tensors in and out).
 
-Timings include each engine's whole call (Kiln: the conversion to and from numpy too).
+Timings include each engine's whole call (Kiln: the torch <-> numpy views too). Kiln and
+torch fp32 write into preallocated outputs (``out=``), as a compiled plan does; torch's
+quantized modules and ONNX Runtime allocate theirs (they offer no out argument).
 """
 from __future__ import annotations
 
@@ -93,17 +95,18 @@ def square(threads: int, repeats: int, size: int) -> None:
     x_q = torch.randint(0, 256, (m, k), dtype=torch.uint8)
     x = torch.randn(m, k)
     a8, b8 = torch.randint(-128, 128, (m, k), dtype=torch.int8), w_q.T.contiguous()
-    engines = {"torch fp32 F.linear": lambda: F.linear(x, w)}
+    y, y32 = torch.empty(m, n), torch.empty(m, n, dtype=torch.int32)
+    engines = {"torch fp32 linear": lambda: torch.mm(x, w.t(), out=y)}
     if q.capabilities()["amx"]:
-        engines["kiln int8 AMX"] = lambda: q.qlinear_static(x_q, 0.02, 128, packed, path="amx", threads=threads)
-    engines["kiln int8 VNNI"] = lambda: q.qlinear_static(x_q, 0.02, 128, packed, path="vnni", threads=threads)
+        engines["kiln int8 AMX"] = lambda: q.qlinear_static(x_q, 0.02, 128, packed, path="amx", threads=threads, out=y)
+    engines["kiln int8 VNNI"] = lambda: q.qlinear_static(x_q, 0.02, 128, packed, path="vnni", threads=threads, out=y)
     try:
         torch._int_mm(a8[:32, :64], b8[:64, :32])
-        engines["torch _int_mm (int32 out)"] = lambda: torch._int_mm(a8, b8)
-    except (RuntimeError, AttributeError):
+        engines["torch _int_mm (int32 out)"] = lambda: torch._int_mm(a8, b8, out=y32)
+    except (RuntimeError, AttributeError, TypeError):
         pass
     _report(f"{m}x{n}x{k} GEMM, {threads} thread(s)", 2.0 * m * n * k, _interleaved(engines, repeats),
-            "torch fp32 F.linear")
+            "torch fp32 linear")
 
 
 def bert(threads: int, repeats: int) -> None:
@@ -116,17 +119,18 @@ def bert(threads: int, repeats: int) -> None:
         fb = torch.ao.nn.quantized.dynamic.Linear(k, n, dtype=torch.qint8)
         fb.set_weight_bias(torch.quantize_per_channel(w, w_scale.double(), torch.zeros(n, dtype=torch.long), 0,
                                                       torch.qint8), b)
-        engines = {"torch fp32 F.linear": lambda: F.linear(x, w, b),
+        y = torch.empty(m, n)
+        engines = {"torch fp32 linear": lambda: torch.addmm(b, x, w.t(), out=y),
                    "torch dynamic int8 (fbgemm)": lambda: fb(x),
-                   "kiln qlinear_dynamic auto": lambda: q.qlinear_dynamic(x, packed, b, threads=threads),
+                   "kiln qlinear_dynamic auto": lambda: q.qlinear_dynamic(x, packed, b, threads=threads, out=y),
                    "kiln qlinear_dynamic VNNI": lambda: q.qlinear_dynamic(x, packed, b, path="vnni",
-                                                                         threads=threads)}
+                                                                         threads=threads, out=y)}
         ort_fn = _ort_dynamic_matmul(w, threads)
         if ort_fn is not None:
             xn = x.numpy()
             engines["onnxruntime dynamic int8"] = lambda: ort_fn(xn)
         _report(f"BERT linear M={m} K={k} N={n}, {threads} thread(s) (kiln auto = {q.int8_path(m)})",
-                2.0 * m * n * k, _interleaved(engines, repeats), "torch fp32 F.linear")
+                2.0 * m * n * k, _interleaved(engines, repeats), "torch fp32 linear")
 
 
 def int4(threads: int, repeats: int) -> None:
@@ -135,11 +139,12 @@ def int4(threads: int, repeats: int) -> None:
         w_packed, scales = q.quantize_weight_int4(w, 128)
         packed = q.prepack_int4(w_packed, scales)
         x = torch.randn(m, k)
-        engines = {"torch fp32 F.linear": lambda: F.linear(x, w),
-                   "kiln linear_int4 g128": lambda: q.linear_int4(x, packed, threads=threads)}
+        y = torch.empty(m, n)
+        engines = {"torch fp32 linear": lambda: torch.mm(x, w.t(), out=y),
+                   "kiln linear_int4 g128": lambda: q.linear_int4(x, packed, threads=threads, out=y)}
         _report(f"int4 weight-only M={m} K={k} N={n}, {threads} thread(s) (weights {n * k // 2 / 1e6:.1f} MB int4,"
                 f" {n * k * 4 / 1e6:.1f} MB fp32)", 2.0 * m * n * k, _interleaved(engines, repeats),
-                "torch fp32 F.linear")
+                "torch fp32 linear")
 
 
 def conv(threads: int, repeats: int) -> None:

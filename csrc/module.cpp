@@ -11,7 +11,7 @@
 #include "kiln.h"
 
 namespace py = pybind11;
-void register_quant_kernels(py::module_& m);  // quant_bindings.cpp
+void register_quant_kernels(py::module_& m);  // bindings/quant.cpp
 using farray = py::array_t<float, py::array::c_style>;
 
 namespace {

@@ -62,6 +62,21 @@ def _bias(bias: torch.Tensor | None):
     return None if bias is None else _np(bias, torch.float32, "bias")
 
 
+def _out(out: torch.Tensor | None, dtype: torch.dtype, rows: int, n: int):
+    """A caller's output tensor as a writable [rows, n] numpy view (None: the kernel allocates)."""
+    if out is None:
+        return None
+    if not isinstance(out, torch.Tensor) or out.dtype != dtype or out.device.type != "cpu":
+        raise TypeError(f"out: expected a CPU tensor of dtype {dtype}")
+    if not out.is_contiguous() or out.numel() != rows * n or (out.dim() and out.shape[-1] != n):
+        raise ValueError(f"out: expected a contiguous tensor of {rows} x {n} elements (last dim {n})")
+    return out.detach().view(rows, n).numpy()
+
+
+def _result(arr, out: torch.Tensor | None, lead: tuple[int, ...], n: int) -> torch.Tensor:
+    return out if out is not None else torch.from_numpy(arr).reshape(*lead, n)
+
+
 def _check_activation(activation: str) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -87,12 +102,14 @@ def prepack_int8(w_q: torch.Tensor, w_scale: torch.Tensor):
     return _C().int8_prepack(_np(w_q, torch.int8, "w_q"), _np(w_scale, torch.float32, "w_scale"))
 
 
-def int8_gemm_s32(x_q: torch.Tensor, packed, *, path: str = "auto", threads: int | None = None) -> torch.Tensor:
+def int8_gemm_s32(x_q: torch.Tensor, packed, *, path: str = "auto", threads: int | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """The exact int32 core: ``x_q.int() @ w_q.int().T`` for x_q uint8 [M, K] -> int32 [M, N]."""
     one, zero = torch.ones(1), torch.zeros(1, dtype=torch.int32)
-    out = _C().int8_gemm(_np(x_q, torch.uint8, "x_q"), packed, one.numpy(), zero.numpy(), None, "none", "s32",
-                         1.0, 0, path, _threads(threads))
-    return torch.from_numpy(out)
+    m = x_q.shape[0] if x_q.dim() == 2 else -1
+    res = _C().int8_gemm(_np(x_q, torch.uint8, "x_q"), packed, one.numpy(), zero.numpy(), None, "none", "s32",
+                         1.0, 0, path, _threads(threads), _out(out, torch.int32, m, packed.n))
+    return _result(res, out, (m,), packed.n)
 
 
 def _qparam(v, m: int, dtype: torch.dtype, name: str) -> torch.Tensor:
@@ -104,13 +121,15 @@ def _qparam(v, m: int, dtype: torch.dtype, name: str) -> torch.Tensor:
 
 def qlinear_static(x_q: torch.Tensor, x_scale, x_zp, packed, bias: torch.Tensor | None = None,
                    activation: str = "none", *, out_scale: float | None = None, out_zp: int = 0,
-                   path: str = "auto", threads: int | None = None) -> torch.Tensor:
+                   path: str = "auto", threads: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """int8 linear on already quantized activations (static quantization chains).
 
     x_q: uint8 [..., K]; x_scale (float) and x_zp (int) per tensor, or tensors of one value
     per row. Computes ``y = act(x_scale * w_scale[n] * (x_q @ w_q^T - x_zp * w_q.sum(1)) + bias)``
     and returns fp32 [..., N], or, when ``out_scale`` is given, the requantized uint8
     ``clamp(round(y * (1 / out_scale)) + out_zp, 0, 255)`` (fp32 reciprocal, ties to even).
+    ``out``: optional preallocated contiguous result (fp32 or uint8, [..., N]; must not
+    overlap x_q), written and returned.
     """
     _check_activation(activation)
     x2, lead = _rows(x_q, "x_q")
@@ -118,12 +137,13 @@ def qlinear_static(x_q: torch.Tensor, x_scale, x_zp, packed, bias: torch.Tensor 
     xs = _qparam(x_scale, m, torch.float32, "x_scale")
     xz = _qparam(x_zp, m, torch.int32, "x_zp")
     if out_scale is None:
-        out = _C().int8_gemm(_np(x2, torch.uint8, "x_q"), packed, xs.numpy(), xz.numpy(), _bias(bias), activation,
-                             "f32", 1.0, 0, path, _threads(threads))
+        res = _C().int8_gemm(_np(x2, torch.uint8, "x_q"), packed, xs.numpy(), xz.numpy(), _bias(bias), activation,
+                             "f32", 1.0, 0, path, _threads(threads), _out(out, torch.float32, m, packed.n))
     else:
-        out = _C().int8_gemm(_np(x2, torch.uint8, "x_q"), packed, xs.numpy(), xz.numpy(), _bias(bias), activation,
-                             "u8", float(out_scale), int(out_zp), path, _threads(threads))
-    return torch.from_numpy(out).reshape(*lead, packed.n)
+        res = _C().int8_gemm(_np(x2, torch.uint8, "x_q"), packed, xs.numpy(), xz.numpy(), _bias(bias), activation,
+                             "u8", float(out_scale), int(out_zp), path, _threads(threads),
+                             _out(out, torch.uint8, m, packed.n))
+    return _result(res, out, lead, packed.n)
 
 
 def quantize_per_row(x: torch.Tensor, threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -136,16 +156,18 @@ def quantize_per_row(x: torch.Tensor, threads: int | None = None) -> tuple[torch
 
 
 def qlinear_dynamic(x: torch.Tensor, packed, bias: torch.Tensor | None = None, activation: str = "none", *,
-                    path: str = "auto", threads: int | None = None) -> torch.Tensor:
+                    path: str = "auto", threads: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Dynamic int8 linear (BERT's int8 linear layers): fp32 [..., K] -> fp32 [..., N].
 
     Each row of x is quantized to uint8 inside the kernel (``ref_quantize_per_row``), then
     ``y = act(scale[m] * w_scale[n] * (x_q @ w_q^T - zp[m] * w_q.sum(1)) + bias)``.
+    ``out``: optional preallocated contiguous fp32 result [..., N], written and returned.
     """
     _check_activation(activation)
     x2, lead = _rows(x, "x")
-    out = _C().qlinear_dynamic(_np(x2, torch.float32, "x"), packed, _bias(bias), activation, path, _threads(threads))
-    return torch.from_numpy(out).reshape(*lead, packed.n)
+    res = _C().qlinear_dynamic(_np(x2, torch.float32, "x"), packed, _bias(bias), activation, path, _threads(threads),
+                               _out(out, torch.float32, x2.shape[0], packed.n))
+    return _result(res, out, lead, packed.n)
 
 
 # ---------------------------------------------------------------------------------------
@@ -248,17 +270,18 @@ def prepack_int4(w_packed: torch.Tensor, scales: torch.Tensor, group_size: int |
 
 
 def linear_int4(x: torch.Tensor, packed, bias: torch.Tensor | None = None, activation: str = "none", *,
-                threads: int | None = None) -> torch.Tensor:
+                threads: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """int4 weight-only linear: ``act(x @ (q * scales)^T + bias)``, x fp32 [..., K] -> fp32 [..., N].
 
     Accumulates in fp32: each group's partial sum is scaled once (few rows), or the weights
     are dequantized to fp32 in blocks (16 rows and more); either way equal to the reference
-    up to fp32 rounding.
+    up to fp32 rounding. ``out``: optional preallocated contiguous fp32 result [..., N].
     """
     _check_activation(activation)
     x2, lead = _rows(x, "x")
-    out = _C().linear_int4(_np(x2, torch.float32, "x"), packed, _bias(bias), activation, _threads(threads))
-    return torch.from_numpy(out).reshape(*lead, packed.n)
+    res = _C().linear_int4(_np(x2, torch.float32, "x"), packed, _bias(bias), activation, _threads(threads),
+                           _out(out, torch.float32, x2.shape[0], packed.n))
+    return _result(res, out, lead, packed.n)
 
 
 # ---------------------------------------------------------------------------------------

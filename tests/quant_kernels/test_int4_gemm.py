@@ -59,3 +59,11 @@ def test_linear_int4_argument_errors():
         q.linear_int4(torch.randn(3, 32), packed)
     with pytest.raises(ValueError, match="activation"):
         q.linear_int4(torch.randn(3, 64), packed, activation="elu")
+
+
+def test_linear_int4_into_preallocated_output():
+    w_packed, scales = q.quantize_weight_int4(torch.randn(20, 128), 64)
+    x = torch.randn(3, 128)
+    out = torch.empty(3, 20)
+    assert q.linear_int4(x, q.prepack_int4(w_packed, scales), out=out) is out
+    assert max_err_ok(out, q.ref_linear_int4(x, w_packed, scales), rel=1e-5)[0]

@@ -154,3 +154,23 @@ def test_argument_errors():
     if not CAPS["amx"]:
         with pytest.raises(RuntimeError, match="AMX"):
             q.int8_gemm_s32(x_q, packed, path="amx")
+
+
+def test_preallocated_outputs_are_written_and_checked():
+    w_q, w_scale = _weight(24, 40)
+    packed = q.prepack_int8(w_q, w_scale)
+    x = torch.randn(2, 5, 40)
+    out = torch.full((2, 5, 24), float("nan"))
+    assert q.qlinear_dynamic(x, packed, out=out) is out
+    assert max_err_ok(out, q.ref_qlinear_dynamic(x, w_q, w_scale), rel=1e-5)[0]
+    x_q = torch.randint(0, 256, (10, 40), dtype=torch.uint8)
+    s32 = torch.empty(10, 24, dtype=torch.int32)
+    assert q.int8_gemm_s32(x_q, packed, out=s32) is s32 and torch.equal(s32, q.ref_int8_gemm_s32(x_q, w_q))
+    u8 = torch.empty(10, 24, dtype=torch.uint8)
+    assert q.qlinear_static(x_q, 0.1, 3, packed, out_scale=0.5, out=u8) is u8
+    with pytest.raises(TypeError, match="out"):
+        q.qlinear_dynamic(x, packed, out=torch.empty(2, 5, 24, dtype=torch.float64))
+    with pytest.raises(ValueError, match="out"):
+        q.qlinear_dynamic(x, packed, out=torch.empty(2, 5, 23))
+    with pytest.raises(ValueError, match="out"):
+        q.qlinear_dynamic(x, packed, out=torch.empty(24, 10).t())  # not contiguous

@@ -1,6 +1,7 @@
-// Python bindings of the quantized GEMMs (kiln._C.int8_* / linear_int4). Like module.cpp:
-// arrays are noconvert (a wrong dtype or layout is rejected, never copied), and every shape
-// is checked before the GIL is released. kiln/kernels/int8_cpu.py wraps these for torch.
+// Python bindings of the quantized GEMMs (kiln._C.int8_* / linear_int4), registered from
+// module.cpp. Kept out of csrc/*.cpp, which the sanitizer test builds without pybind11. Like
+// module.cpp: arrays are noconvert (a wrong dtype or layout is rejected, never copied), every
+// shape is checked before the GIL is released. kiln/kernels/int8_cpu.py wraps these for torch.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -64,6 +65,19 @@ int64_t rows_of(const py::buffer_info& x, int64_t k, const char* name) {
   return x.shape[0];
 }
 
+// The caller's output array (checked: dtype, C-contiguous, shape, writable) or a new one.
+// Reusing one output buffer saves the page faults of a fresh multi-megabyte allocation.
+template <typename T>
+carray<T> output(const std::optional<py::array>& out, int64_t m, int64_t n) {
+  if (!out) return carray<T>({m, n});
+  if (!py::isinstance<carray<T>>(*out) || !(out->flags() & py::array::c_style))
+    throw py::type_error("out: expected a C-contiguous array of the output dtype");
+  carray<T> o = py::reinterpret_borrow<carray<T>>(*out);
+  check_shape(o.request(), {m, n}, "out");
+  if (!o.writeable()) throw py::value_error("out must be writable");
+  return o;
+}
+
 struct Int8Packed {
   std::shared_ptr<Int8Weight> w;
 };
@@ -83,7 +97,8 @@ Int8Packed int8_prepack_py(carray<int8_t> w_q, carray<float> w_scale) {
 
 py::array int8_gemm_py(carray<uint8_t> x_q, const Int8Packed& p, carray<float> x_scale, carray<int32_t> x_zp,
                        std::optional<carray<float>> bias, const std::string& activation, const std::string& out,
-                       float out_scale, int out_zp, const std::string& path, int threads) {
+                       float out_scale, int out_zp, const std::string& path, int threads,
+                       std::optional<py::array> out_array) {
   const Int8Weight& w = *p.w;
   auto xb = x_q.request();
   const int64_t m = rows_of(xb, w.k, "x_q");
@@ -102,17 +117,17 @@ py::array int8_gemm_py(carray<uint8_t> x_q, const Int8Packed& p, carray<float> x
   py::array result;
   if (out == "s32") {
     ep.kind = OutKind::kS32;
-    result = carray<int32_t>({m, w.n});
+    result = output<int32_t>(out_array, m, w.n);
   } else if (out == "f32") {
     ep.kind = OutKind::kF32;
-    result = carray<float>({m, w.n});
+    result = output<float>(out_array, m, w.n);
   } else if (out == "u8") {
     if (!(out_scale > 0.0f)) throw py::value_error("out_scale must be positive");
     if (out_zp < 0 || out_zp > 255) throw py::value_error("out_zp must be in [0, 255]");
     ep.kind = OutKind::kU8;
     ep.out_scale = out_scale;
     ep.out_zp = out_zp;
-    result = carray<uint8_t>({m, w.n});
+    result = output<uint8_t>(out_array, m, w.n);
   } else {
     throw py::value_error("out must be s32, f32 or u8; got '" + out + "'");
   }
@@ -141,14 +156,15 @@ py::tuple quantize_rows_py(carray<float> x, int threads) {
 }
 
 carray<float> qlinear_dynamic_py(carray<float> x, const Int8Packed& p, std::optional<carray<float>> bias,
-                                 const std::string& activation, const std::string& path, int threads) {
+                                 const std::string& activation, const std::string& path, int threads,
+                                 std::optional<py::array> out) {
   const Int8Weight& w = *p.w;
   const int64_t m = rows_of(x.request(), w.k, "x");
   check_threads(threads);
   const float* b = bias_ptr(bias, w.n);
   const Activation act = parse_activation(activation);
   const Path chosen = parse_path(path);
-  carray<float> y({m, w.n});
+  carray<float> y = output<float>(out, m, w.n);
   float* yp = y.mutable_data();
   {
     py::gil_scoped_release nogil;
@@ -168,13 +184,13 @@ Int4Packed int4_prepack_py(carray<uint8_t> w_packed, carray<float> scales, int64
 }
 
 carray<float> linear_int4_py(carray<float> x, const Int4Packed& p, std::optional<carray<float>> bias,
-                             const std::string& activation, int threads) {
+                             const std::string& activation, int threads, std::optional<py::array> out) {
   const Int4Weight& w = *p.w;
   const int64_t m = rows_of(x.request(), w.k, "x");
   check_threads(threads);
   const float* b = bias_ptr(bias, w.n);
   const Activation act = parse_activation(activation);
-  carray<float> y({m, w.n});
+  carray<float> y = output<float>(out, m, w.n);
   float* yp = y.mutable_data();
   {
     py::gil_scoped_release nogil;
@@ -208,18 +224,20 @@ void register_quant_kernels(py::module_& m) {
   m.def("int8_gemm", &int8_gemm_py, py::arg("x_q").noconvert(), py::arg("packed"), py::arg("x_scale").noconvert(),
         py::arg("x_zp").noconvert(), py::arg("bias").noconvert() = py::none(), py::arg("activation") = "none",
         py::arg("out") = "f32", py::arg("out_scale") = 1.0f, py::arg("out_zp") = 0, py::arg("path") = "auto",
-        py::arg("threads") = 1,
-        "x_q uint8 (M, K) x packed weight: out 's32' (raw sums), 'f32' or 'u8' (requantized) (M, N).");
+        py::arg("threads") = 1, py::arg("out_array").noconvert() = py::none(),
+        "x_q uint8 (M, K) x packed weight: out 's32' (raw sums), 'f32' or 'u8' (requantized) (M, N), written to\n"
+        "out_array when given.");
   m.def("quantize_rows_u8", &quantize_rows_py, py::arg("x").noconvert(), py::arg("threads") = 1,
         "Per-row asymmetric uint8 quantization of x fp32 (M, K) -> (x_q, scale (M,), zp int32 (M,)).");
   m.def("qlinear_dynamic", &qlinear_dynamic_py, py::arg("x").noconvert(), py::arg("packed"),
         py::arg("bias").noconvert() = py::none(), py::arg("activation") = "none", py::arg("path") = "auto",
-        py::arg("threads") = 1, "Dynamic int8 linear: quantize x fp32 (M, K) per row, int8 GEMM, fp32 (M, N).");
+        py::arg("threads") = 1, py::arg("out").noconvert() = py::none(),
+        "Dynamic int8 linear: quantize x fp32 (M, K) per row, int8 GEMM, fp32 (M, N) (into out when given).");
   m.def("int4_prepack", &int4_prepack_py, py::arg("w_packed").noconvert(), py::arg("scales").noconvert(),
         py::arg("group"), "Prepack int4 weights (N, K // 2) uint8 with scales fp32 (N, K // group).");
   m.def("linear_int4", &linear_int4_py, py::arg("x").noconvert(), py::arg("packed"),
         py::arg("bias").noconvert() = py::none(), py::arg("activation") = "none", py::arg("threads") = 1,
-        "int4 weight-only linear: x fp32 (M, K) -> fp32 (M, N).");
+        py::arg("out").noconvert() = py::none(), "int4 weight-only linear: x fp32 (M, K) -> fp32 (M, N) (into out when given).");
   m.def("int8_path", [](int64_t rows, const std::string& path) {
     try {
       return std::string(path_name(resolve_path(parse_path(path), rows)));
