@@ -29,8 +29,8 @@ class Pool {
       owner_pid_ = getpid();
     }
     while (workers_ < threads - 1) {
-      // Never joined or destroyed: the workers live for the whole process.
-      new std::thread([this, id = workers_ + 1, seen = generation_.load()] { work(id, seen); });
+      // Detached: the workers live for the whole process.
+      std::thread([this, id = workers_ + 1, seen = generation_.load()] { work(id, seen); }).detach();
       ++workers_;
     }
     {
