@@ -26,11 +26,11 @@
 
 namespace kiln::quant {
 
-AlignedBytes aligned_bytes(size_t bytes) {
+AlignedBytes aligned_bytes(size_t bytes, bool zero) {
   const size_t rounded = std::max<size_t>(64, (bytes + 63) / 64 * 64);
   void* p = std::aligned_alloc(64, rounded);
   if (p == nullptr) throw std::bad_alloc();
-  std::memset(p, 0, rounded);
+  if (zero) std::memset(p, 0, rounded);
   return AlignedBytes(static_cast<uint8_t*>(p));
 }
 
@@ -311,13 +311,20 @@ void gemm_ready(const uint8_t* a, int64_t lda, int64_t m, const Int8Weight& w, c
   });
 }
 
-// Zero-padded activation buffer: rows rounded up to 16, row length k_pad.
+// Activation buffer with rows rounded up to 32 and row length k_pad; only the padding is
+// zeroed here (the caller writes the first K columns of the first M rows).
 struct PaddedA {
   AlignedBytes bytes;
   int64_t ld;
 };
 PaddedA padded_a(int64_t m, const Int8Weight& w) {
-  return {aligned_bytes(static_cast<size_t>(round_up(std::max<int64_t>(m, 1), 32) * w.k_pad)), w.k_pad};
+  const int64_t rows = round_up(std::max<int64_t>(m, 1), 32);
+  PaddedA pad{aligned_bytes(static_cast<size_t>(rows * w.k_pad), /*zero=*/false), w.k_pad};
+  uint8_t* base = pad.bytes.get();
+  if (w.k < w.k_pad)
+    for (int64_t r = 0; r < m; ++r) std::memset(base + r * w.k_pad + w.k, 0, static_cast<size_t>(w.k_pad - w.k));
+  std::memset(base + m * w.k_pad, 0, static_cast<size_t>((rows - m) * w.k_pad));
+  return pad;
 }
 
 }  // namespace

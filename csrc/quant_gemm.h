@@ -24,7 +24,7 @@ struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }
 };
 using AlignedBytes = std::unique_ptr<uint8_t, FreeDeleter>;
-AlignedBytes aligned_bytes(size_t bytes);  // 64-byte aligned, zero-filled
+AlignedBytes aligned_bytes(size_t bytes, bool zero = true);  // 64-byte aligned, zero-filled unless told
 
 bool vnni_supported();  // AVX512-VNNI (built and present)
 bool amx_supported();   // AMX-INT8 present and the kernel granted tile state to this process
