@@ -1,6 +1,6 @@
 """Microbenchmark of Kiln's quantized CPU GEMMs (and the int8 conv built on them) against torch on the same threads.
 
-    python -m kiln.bench.int8_gemm [--threads 1 2] [--repeats 30] [--quick]
+    python -m kiln.bench.int8_gemm [--threads 1 2] [--repeats 30] [--size 1024] [--only square bert int4 conv]
 
 Four tables, every engine of a table timed interleaved (one call of each per round, so a
 noisy neighbour slows all of them alike), median over rounds:

@@ -14,8 +14,14 @@ The int8 core computes ``acc = x_q @ w_q^T`` exactly in int32 with AVX512-VNNI (
 AMX-INT8 (tdpbusd; chosen automatically when present and M >= 16), then a fused epilogue
 ``y = act(x_scale[m] * w_scale[n] * (acc[m, n] - x_zp[m] * w_q[n].sum()) + bias[n])``.
 Activations: ``none``, ``relu``, ``gelu`` (erf), ``gelu_tanh``, ``silu``.
-Weights are prepacked once (``prepack_int8`` / ``prepack_int4``), at plan-build time.
-``threads`` defaults to ``torch.get_num_threads()``.
+Weights are prepacked once (``prepack_int8`` / ``prepack_int4`` / ``prepack_conv_int8``), at
+plan-build time. ``threads`` defaults to ``torch.get_num_threads()``; results can go to a
+preallocated ``out``.
+
+Entry points: ``qlinear_dynamic`` (fp32 in, per-row dynamic quantization, fp32 out),
+``qlinear_static`` (uint8 in, fp32 or requantized uint8 out), ``int8_gemm_s32`` (the exact
+int32 core), ``qconv2d_nhwc`` (int8 conv via im2col + the GEMM), ``linear_int4`` (int4
+weight-only). Each has a ``ref_*`` twin in plain torch that defines its result.
 """
 from __future__ import annotations
 
