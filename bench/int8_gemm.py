@@ -28,7 +28,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from kiln.kernels import int8_cpu as q
 
 
@@ -110,68 +109,79 @@ def square(threads: int, repeats: int, size: int) -> None:
 
 
 def bert(threads: int, repeats: int) -> None:
-    m = 128
     for k, n in [(768, 768), (768, 3072), (3072, 768)]:
-        w, b = torch.randn(n, k) * 0.05, torch.randn(n)
-        x = torch.randn(m, k)
-        w_q, w_scale = q.quantize_weight_int8(w)
-        packed = q.prepack_int8(w_q, w_scale)
-        fb = torch.ao.nn.quantized.dynamic.Linear(k, n, dtype=torch.qint8)
-        fb.set_weight_bias(torch.quantize_per_channel(w, w_scale.double(), torch.zeros(n, dtype=torch.long), 0,
-                                                      torch.qint8), b)
-        y = torch.empty(m, n)
-        engines = {"torch fp32 linear": lambda: torch.addmm(b, x, w.t(), out=y),
-                   "torch dynamic int8 (fbgemm)": lambda: fb(x),
-                   "kiln qlinear_dynamic auto": lambda: q.qlinear_dynamic(x, packed, b, threads=threads, out=y),
-                   "kiln qlinear_dynamic VNNI": lambda: q.qlinear_dynamic(x, packed, b, path="vnni",
-                                                                         threads=threads, out=y)}
-        ort_fn = _ort_dynamic_matmul(w, threads)
-        if ort_fn is not None:
-            xn = x.numpy()
-            engines["onnxruntime dynamic int8"] = lambda: ort_fn(xn)
-        _report(f"BERT linear M={m} K={k} N={n}, {threads} thread(s) (kiln auto = {q.int8_path(m)})",
-                2.0 * m * n * k, _interleaved(engines, repeats), "torch fp32 linear")
+        _bert_shape(threads, repeats, 128, k, n)
+
+
+def _bert_shape(threads: int, repeats: int, m: int, k: int, n: int) -> None:
+    w, b = torch.randn(n, k) * 0.05, torch.randn(n)
+    x = torch.randn(m, k)
+    w_q, w_scale = q.quantize_weight_int8(w)
+    packed = q.prepack_int8(w_q, w_scale)
+    fb = torch.ao.nn.quantized.dynamic.Linear(k, n, dtype=torch.qint8)
+    fb.set_weight_bias(torch.quantize_per_channel(w, w_scale.double(), torch.zeros(n, dtype=torch.long), 0,
+                                                  torch.qint8), b)
+    y = torch.empty(m, n)
+    engines = {"torch fp32 linear": lambda: torch.addmm(b, x, w.t(), out=y),
+               "torch dynamic int8 (fbgemm)": lambda: fb(x),
+               "kiln qlinear_dynamic auto": lambda: q.qlinear_dynamic(x, packed, b, threads=threads, out=y),
+               "kiln qlinear_dynamic VNNI": lambda: q.qlinear_dynamic(x, packed, b, path="vnni",
+                                                                     threads=threads, out=y)}
+    ort_fn = _ort_dynamic_matmul(w, threads)
+    if ort_fn is not None:
+        xn = x.numpy()
+        engines["onnxruntime dynamic int8"] = lambda: ort_fn(xn)
+    _report(f"BERT linear M={m} K={k} N={n}, {threads} thread(s) (kiln auto = {q.int8_path(m)})",
+            2.0 * m * n * k, _interleaved(engines, repeats), "torch fp32 linear")
 
 
 def int4(threads: int, repeats: int) -> None:
     for m, k, n in [(1, 4096, 4096), (1, 768, 3072), (128, 768, 3072)]:
-        w = torch.randn(n, k)
-        w_packed, scales = q.quantize_weight_int4(w, 128)
-        packed = q.prepack_int4(w_packed, scales)
-        x = torch.randn(m, k)
-        y = torch.empty(m, n)
-        engines = {"torch fp32 linear": lambda: torch.mm(x, w.t(), out=y),
-                   "kiln linear_int4 g128": lambda: q.linear_int4(x, packed, threads=threads, out=y)}
-        _report(f"int4 weight-only M={m} K={k} N={n}, {threads} thread(s) (weights {n * k // 2 / 1e6:.1f} MB int4,"
-                f" {n * k * 4 / 1e6:.1f} MB fp32)", 2.0 * m * n * k, _interleaved(engines, repeats),
-                "torch fp32 linear")
+        _int4_shape(threads, repeats, m, k, n)
+
+
+def _int4_shape(threads: int, repeats: int, m: int, k: int, n: int) -> None:
+    w = torch.randn(n, k)
+    w_packed, scales = q.quantize_weight_int4(w, 128)
+    packed = q.prepack_int4(w_packed, scales)
+    x = torch.randn(m, k)
+    y = torch.empty(m, n)
+    engines = {"torch fp32 linear": lambda: torch.mm(x, w.t(), out=y),
+               "kiln linear_int4 g128": lambda: q.linear_int4(x, packed, threads=threads, out=y)}
+    _report(f"int4 weight-only M={m} K={k} N={n}, {threads} thread(s) (weights {n * k // 2 / 1e6:.1f} MB int4,"
+            f" {n * k * 4 / 1e6:.1f} MB fp32)", 2.0 * m * n * k, _interleaved(engines, repeats),
+            "torch fp32 linear")
 
 
 def conv(threads: int, repeats: int) -> None:
     """ResNet-18 3x3 convs (batch 1, 224x224 input) and its strided 1x1 downsample."""
     for c, oc, h, k, stride, pad in [(64, 64, 56, 3, 1, 1), (128, 128, 28, 3, 1, 1), (256, 256, 14, 3, 1, 1),
                                      (512, 512, 7, 3, 1, 1), (64, 128, 56, 1, 2, 0)]:
-        w = torch.randn(oc, c, k, k) * 0.05
-        b = torch.randn(oc)
-        x = torch.randn(1, c, h, h).relu()
-        w_q, w_scale = q.quantize_weight_int8(w.reshape(oc, -1))
-        w_q = w_q.reshape(oc, c, k, k)
-        packed = q.prepack_conv_int8(w_q, w_scale)
-        x_scale = float(x.max()) / 255
-        x_q = torch.round(x / x_scale).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-        qx = torch.quantize_per_tensor(x, x_scale, 0, torch.quint8)
-        tq = torch.ao.nn.quantized.Conv2d(c, oc, k, stride=stride, padding=pad)
-        tq.set_weight_bias(torch.quantize_per_channel(w, w_scale.double(), torch.zeros(oc, dtype=torch.long), 0,
-                                                      torch.qint8), b)
-        tq.scale, tq.zero_point = 0.05, 0
-        oh = (h + 2 * pad - k) // stride + 1
-        engines = {"torch fp32 F.conv2d": lambda: F.conv2d(x, w, b, stride, pad),
-                   "torch int8 conv (fbgemm)": lambda: tq(qx),
-                   "kiln qconv2d_nhwc u8->u8": lambda: q.qconv2d_nhwc(
-                       x_q, x_scale, 0, packed, b, "relu", stride=stride, padding=pad, out_scale=0.05,
-                       threads=threads)}
-        _report(f"conv {k}x{k}/{stride} C={c} OC={oc} {h}x{h}, {threads} thread(s)",
-                2.0 * oh * oh * oc * c * k * k, _interleaved(engines, repeats), "torch fp32 F.conv2d")
+        _conv_shape(threads, repeats, c, oc, h, k, stride, pad)
+
+
+def _conv_shape(threads: int, repeats: int, c: int, oc: int, h: int, k: int, stride: int, pad: int) -> None:
+    w = torch.randn(oc, c, k, k) * 0.05
+    b = torch.randn(oc)
+    x = torch.randn(1, c, h, h).relu()
+    w_q, w_scale = q.quantize_weight_int8(w.reshape(oc, -1))
+    w_q = w_q.reshape(oc, c, k, k)
+    packed = q.prepack_conv_int8(w_q, w_scale)
+    x_scale = float(x.max()) / 255
+    x_q = torch.round(x / x_scale).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    qx = torch.quantize_per_tensor(x, x_scale, 0, torch.quint8)
+    tq = torch.ao.nn.quantized.Conv2d(c, oc, k, stride=stride, padding=pad)
+    tq.set_weight_bias(torch.quantize_per_channel(w, w_scale.double(), torch.zeros(oc, dtype=torch.long), 0,
+                                                  torch.qint8), b)
+    tq.scale, tq.zero_point = 0.05, 0
+    oh = (h + 2 * pad - k) // stride + 1
+    engines = {"torch fp32 F.conv2d": lambda: F.conv2d(x, w, b, stride, pad),
+               "torch int8 conv (fbgemm)": lambda: tq(qx),
+               "kiln qconv2d_nhwc u8->u8": lambda: q.qconv2d_nhwc(
+                   x_q, x_scale, 0, packed, b, "relu", stride=stride, padding=pad, out_scale=0.05,
+                   threads=threads)}
+    _report(f"conv {k}x{k}/{stride} C={c} OC={oc} {h}x{h}, {threads} thread(s)",
+            2.0 * oh * oh * oc * c * k * k, _interleaved(engines, repeats), "torch fp32 F.conv2d")
 
 
 def main(argv=None) -> None:

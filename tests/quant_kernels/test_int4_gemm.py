@@ -1,7 +1,6 @@
 """The int4 weight-only GEMM (kiln._C.linear_int4) against its torch reference."""
 import pytest
 import torch
-
 from conftest import max_err_ok
 from kiln.kernels import int8_cpu as q
 

@@ -1,7 +1,6 @@
 """int8 NHWC conv2d (im2col + the int8 GEMM) against an exact integer reference."""
 import pytest
 import torch
-
 from conftest import max_err_ok
 from kiln.kernels import int8_cpu as q
 
@@ -20,7 +19,7 @@ def test_qconv2d_nhwc_fp32_and_requantized(c, oc, k, stride, pad, h):
     w_scale = torch.rand(oc) * 0.01 + 1e-3
     bias = torch.randn(oc)
     conv = q.prepack_conv_int8(w_q, w_scale)
-    kw = dict(stride=stride, padding=pad)
+    kw = {"stride": stride, "padding": pad}
     got = q.qconv2d_nhwc(x_q, 0.02, 120, conv, bias, "relu", **kw, threads=2)
     want = q.ref_qconv2d_nhwc(x_q, 0.02, 120, w_q, w_scale, bias, "relu", **kw)
     assert got.shape == want.shape

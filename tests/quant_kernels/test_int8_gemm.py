@@ -3,7 +3,6 @@ exact int32 cores on both paths, exact dynamic quantization, fused epilogues wit
 rounding, and argument checking."""
 import pytest
 import torch
-
 from conftest import max_err_ok
 from kiln.kernels import int8_cpu as q
 
