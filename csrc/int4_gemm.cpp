@@ -172,8 +172,9 @@ void wide_block(const float* buf, int64_t kc, int64_t row0, int64_t k0, int64_t 
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 8
     for (int j = 0; j < kWidePanels; ++j)
-      acc[i][j] = (first || j >= np) ? _mm512_setzero_ps()
-                                     : _mm512_maskz_loadu_ps(col_mask(n - col0 - 16 * j), a.y + (row0 + i) * n + col0 + 16 * j);
+      acc[i][j] = (first || j >= np)
+                      ? _mm512_setzero_ps()
+                      : _mm512_maskz_loadu_ps(col_mask(n - col0 - 16 * j), a.y + (row0 + i) * n + col0 + 16 * j);
   const float* x = a.x + row0 * k + k0;
   for (int64_t kk = 0; kk < kc; ++kk) {
     const float* bk = buf + kk * 64;
@@ -204,7 +205,8 @@ void wide_block(const float* buf, int64_t kc, int64_t row0, int64_t k0, int64_t 
 }
 
 using WideFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, int, bool, bool, const Args&);
-const WideFn kWide[kWideRows] = {wide_block<1>, wide_block<2>, wide_block<3>, wide_block<4>, wide_block<5>, wide_block<6>};
+const WideFn kWide[kWideRows] = {wide_block<1>, wide_block<2>, wide_block<3>,
+                                 wide_block<4>, wide_block<5>, wide_block<6>};
 
 void wide_region(int64_t m0, int64_t m1, int64_t p0, int64_t p1, const Args& a) {
   const Int4Weight& w = *a.w;
@@ -227,7 +229,8 @@ void wide_region(int64_t m0, int64_t m1, int64_t p0, int64_t p1, const Args& a) 
         for (int64_t kk = 0; kk < kc; kk += 2) {
           const int64_t kabs = k0 + kk;
           const __m512 s = _mm512_load_ps(sc + (kabs / w.group) * 16);
-          const __m512i raw = _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(b + (kabs / 2) * 16)));
+          const __m512i raw =
+              _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(b + (kabs / 2) * 16)));
           _mm512_store_ps(buf + kk * 64 + 16 * j, _mm512_mul_ps(_mm512_permutexvar_ps(raw, table), s));
           _mm512_store_ps(buf + (kk + 1) * 64 + 16 * j,
                           _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(raw, 4), table), s));

@@ -73,7 +73,8 @@ bool amx_supported() {
 
 Path resolve_path(Path path, int64_t m) {
   if (path == Path::kAuto) return amx_supported() && m >= kAmxMinRows ? Path::kAmx : Path::kVnni;
-  if (path == Path::kAmx && !amx_supported()) throw std::runtime_error("the AMX-INT8 path is not available on this CPU");
+  if (path == Path::kAmx && !amx_supported())
+    throw std::runtime_error("the AMX-INT8 path is not available on this CPU");
   if (!vnni_supported()) throw std::runtime_error("the int8 GEMM needs AVX512-VNNI");
   return path;
 }
@@ -377,7 +378,8 @@ void quantize_rows_u8(const float* x, int64_t m, int64_t k, uint8_t* x_q, int64_
       uint8_t* qr = x_q + r * ldq;
       for (int64_t j = 0; j < k; j += 16) {
         const __mmask16 mask = col_mask(k - j);
-        const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, xr + j), vinv)), vz);
+        const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, xr + j), vinv);
+        const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(v), vz);
         _mm512_mask_cvtusepi32_storeu_epi8(qr + j, mask, _mm512_max_epi32(q, _mm512_setzero_si512()));
       }
     }

@@ -103,8 +103,10 @@ py::array int8_gemm_py(carray<uint8_t> x_q, const Int8Packed& p, carray<float> x
   auto xb = x_q.request();
   const int64_t m = rows_of(xb, w.k, "x_q");
   auto sb = x_scale.request(), zb = x_zp.request();
-  if (sb.ndim != 1 || (sb.shape[0] != 1 && sb.shape[0] != m)) throw py::value_error("x_scale: expected shape (1,) or (M,)");
-  if (zb.ndim != 1 || (zb.shape[0] != 1 && zb.shape[0] != m)) throw py::value_error("x_zp: expected shape (1,) or (M,)");
+  if (sb.ndim != 1 || (sb.shape[0] != 1 && sb.shape[0] != m))
+    throw py::value_error("x_scale: expected shape (1,) or (M,)");
+  if (zb.ndim != 1 || (zb.shape[0] != 1 && zb.shape[0] != m))
+    throw py::value_error("x_zp: expected shape (1,) or (M,)");
   check_threads(threads);
   Epilogue ep;
   ep.x_scale = x_scale.data();
@@ -237,7 +239,8 @@ void register_quant_kernels(py::module_& m) {
         py::arg("group"), "Prepack int4 weights (N, K // 2) uint8 with scales fp32 (N, K // group).");
   m.def("linear_int4", &linear_int4_py, py::arg("x").noconvert(), py::arg("packed"),
         py::arg("bias").noconvert() = py::none(), py::arg("activation") = "none", py::arg("threads") = 1,
-        py::arg("out").noconvert() = py::none(), "int4 weight-only linear: x fp32 (M, K) -> fp32 (M, N) (into out when given).");
+        py::arg("out").noconvert() = py::none(),
+        "int4 weight-only linear: x fp32 (M, K) -> fp32 (M, N) (into out when given).");
   m.def("int8_path", [](int64_t rows, const std::string& path) {
     try {
       return std::string(path_name(resolve_path(parse_path(path), rows)));
