@@ -251,23 +251,23 @@ void amx_region(const uint8_t* a, int64_t lda, int64_t m0, int64_t m1, int64_t p
   const int8_t* packed = reinterpret_cast<const int8_t*>(w.packed.get());
   const int64_t chunk = row_chunk(lda, 32);
   for (int64_t mc = m0; mc < m1; mc += chunk) {
-  const int64_t mc_end = std::min(m1, mc + chunk);
-  for (int64_t p = p0; p < p1; p += 2) {
-    const bool two_n = p1 - p > 1;
-    const int8_t* b = packed + p * panel_bytes;
-    for (int64_t r = mc; r < mc_end; r += 32) {
-      const bool two_m = mc_end - r > 16;
-      const uint8_t* ar = a + r * lda;
-      if (two_m && two_n) amx_block<2, 2>(ar, lda, b, panel_bytes, kblocks, scratch);
-      else if (two_m) amx_block<2, 1>(ar, lda, b, panel_bytes, kblocks, scratch);
-      else if (two_n) amx_block<1, 2>(ar, lda, b, panel_bytes, kblocks, scratch);
-      else amx_block<1, 1>(ar, lda, b, panel_bytes, kblocks, scratch);
-      const int64_t rows = std::min<int64_t>(32, mc_end - r);
-      for (int64_t i = 0; i < rows; ++i)
-        for (int64_t j = 0; j < (two_n ? 2 : 1) && (p + j) * 16 < w.n; ++j)
-          store16(_mm512_load_si512(scratch + i * 32 + 16 * j), r + i, (p + j) * 16, c);
+    const int64_t mc_end = std::min(m1, mc + chunk);
+    for (int64_t p = p0; p < p1; p += 2) {
+      const bool two_n = p1 - p > 1;
+      const int8_t* b = packed + p * panel_bytes;
+      for (int64_t r = mc; r < mc_end; r += 32) {
+        const bool two_m = mc_end - r > 16;
+        const uint8_t* ar = a + r * lda;
+        if (two_m && two_n) amx_block<2, 2>(ar, lda, b, panel_bytes, kblocks, scratch);
+        else if (two_m) amx_block<2, 1>(ar, lda, b, panel_bytes, kblocks, scratch);
+        else if (two_n) amx_block<1, 2>(ar, lda, b, panel_bytes, kblocks, scratch);
+        else amx_block<1, 1>(ar, lda, b, panel_bytes, kblocks, scratch);
+        const int64_t rows = std::min<int64_t>(32, mc_end - r);
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t j = 0; j < (two_n ? 2 : 1) && (p + j) * 16 < w.n; ++j)
+            store16(_mm512_load_si512(scratch + i * 32 + 16 * j), r + i, (p + j) * 16, c);
+      }
     }
-  }
   }
   _tile_release();
 }
