@@ -11,6 +11,7 @@
 #include "kiln.h"
 
 namespace py = pybind11;
+void register_quant_kernels(py::module_& m);  // bindings/quant.cpp
 using farray = py::array_t<float, py::array::c_style>;
 
 namespace {
@@ -149,4 +150,5 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("sizes"), py::arg("first"), py::arg("last"), py::arg("alignment") = 64,
       "Assign arena offsets to buffers with lifetimes [first, last]; returns (offsets, arena_bytes).");
+  register_quant_kernels(m);
 }
