@@ -21,7 +21,7 @@ from .launch import launch
 from .tuning import choose_config, launch_params, signature_of
 
 
-@space(BLOCK_M=[64, 32, 128], BLOCK_N=[64, 32, 128], BLOCK_K=[32, 16, 64], num_warps=[4, 8], num_stages=[3, 2])
+@space(BLOCK_M=[64, 32, 128], BLOCK_N=[64, 32, 128], BLOCK_K=[32, 16, 64], num_warps=[4, 8], num_stages=[2, 3])
 @triton.jit
 def conv2d_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr,
                   C, H, W, OH, OW, M, CO_G, KG,

@@ -29,7 +29,7 @@ def _fits(cfg: dict) -> bool:
 
 
 @space(_fits, BLOCK_M=[64, 32, 128], BLOCK_N=[64, 32, 128], BLOCK_K=[32, 16, 64], num_warps=[4, 8],
-       num_stages=[3, 2, 4])
+       num_stages=[2, 3, 4])
 @triton.jit
 def gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, res_ptr, M, N, K,
                 s_ab, s_am, s_ak, s_bb, s_bk, s_bn, s_cb, s_cm, s_cn, s_rb, s_rm, s_rn,
