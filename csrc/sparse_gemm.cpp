@@ -77,6 +77,9 @@ void parallel(int threads, F&& f) {
   for (auto& t : pool) t.join();
 }
 
+// Floats of xT one K chunk may span (1 MiB): half of a Sapphire Rapids core's L2.
+constexpr int64_t kChunkFloats = int64_t{1} << 18;
+
 // One block row (R output rows) x one tile of V*16 tokens starting at m0, over the nonzero
 // blocks [b0, b1) of that row. `accumulate` adds to what yT holds (an earlier K chunk);
 // `finish` applies the epilogue (the last K chunk).
@@ -140,7 +143,7 @@ void block_rows(const SparseWeight& w, int64_t br0, int64_t br1, const float* xT
                 const float* res, int act, float* yT) {
   constexpr int64_t tile = 16 * V;
   const int64_t bw = w.bw;
-  const int64_t chunk_blocks = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(M, 1) / bw);
+  const int64_t chunk_blocks = std::max<int64_t>(1, kChunkFloats / std::max<int64_t>(M, 1) / bw);
   const int64_t bcols = (w.K + bw - 1) / bw;
   std::vector<int32_t> cursor(w.row_ptr + br0, w.row_ptr + br1);
   for (int64_t c0 = 0; c0 < std::max<int64_t>(bcols, 1); c0 += chunk_blocks) {
@@ -159,16 +162,35 @@ void block_rows(const SparseWeight& w, int64_t br0, int64_t br1, const float* xT
   }
 }
 
+// The register tile is R rows x V vectors of 16 tokens: V as wide as M allows (masked
+// lanes past M are wasted FMAs), at most 32 accumulators in all.
+template <int R, int Vmax>
+void dispatch_v(const SparseWeight& w, int64_t br0, int64_t br1, const float* xT, int64_t M, const float* bias,
+                const float* res, int act, float* yT) {
+  if constexpr (Vmax > 1) {
+    if (M <= 16 * (Vmax / 2)) return dispatch_v<R, Vmax / 2>(w, br0, br1, xT, M, bias, res, act, yT);
+  }
+  block_rows<R, Vmax>(w, br0, br1, xT, M, bias, res, act, yT);
+}
+
 void dispatch_rows(const SparseWeight& w, int64_t br0, int64_t br1, const float* xT, int64_t M, const float* bias,
                    const float* res, int act, float* yT) {
   switch (w.bh) {
-    case 1: return block_rows<1, 8>(w, br0, br1, xT, M, bias, res, act, yT);
-    case 2: return block_rows<2, 8>(w, br0, br1, xT, M, bias, res, act, yT);
-    case 4: return block_rows<4, 4>(w, br0, br1, xT, M, bias, res, act, yT);
-    case 8: return block_rows<8, 2>(w, br0, br1, xT, M, bias, res, act, yT);
-    case 16: return block_rows<16, 1>(w, br0, br1, xT, M, bias, res, act, yT);
+    case 1: return dispatch_v<1, 8>(w, br0, br1, xT, M, bias, res, act, yT);
+    case 2: return dispatch_v<2, 8>(w, br0, br1, xT, M, bias, res, act, yT);
+    case 4: return dispatch_v<4, 4>(w, br0, br1, xT, M, bias, res, act, yT);
+    case 8: return dispatch_v<8, 2>(w, br0, br1, xT, M, bias, res, act, yT);
+    case 16: return dispatch_v<16, 1>(w, br0, br1, xT, M, bias, res, act, yT);
     default: throw std::invalid_argument("sparse_gemm: block height must be 1, 2, 4, 8 or 16");
   }
+}
+
+// Threads pay off only with enough work to cover starting them (tens of microseconds).
+int useful_threads(const SparseWeight& w, int64_t batch, int64_t M, int threads) {
+  const int64_t rows = (w.N + w.bh - 1) / w.bh;
+  const int64_t macs = static_cast<int64_t>(w.row_ptr[rows]) * w.bh * w.bw * M * batch;
+  const int64_t by_work = 1 + macs / (int64_t{1} << 21);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(threads), rows, by_work})));
 }
 
 // First block row of thread `id`'s share, balancing nonzero blocks (plus one per row for
@@ -184,17 +206,18 @@ int64_t split_point(const SparseWeight& w, int64_t rows, int id, int threads) {
   return lo;
 }
 
-// dst [cols, rows] = src [rows, cols]^T for a range of destination rows, 16 at a time by gather.
+// dst [cols, rows] = src [rows, cols]^T for destination rows [c0, c1), in 32 x 32 tiles so
+// both sides stay in cache (gathers with a page-sized stride were TLB-bound).
 void transpose_rows(const float* src, int64_t rows, int64_t cols, float* dst, int64_t c0, int64_t c1) {
-  const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                         _mm512_set1_epi32(static_cast<int>(cols)));
-  for (int64_t c = c0; c < c1; ++c)
-    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
-      const __mmask16 m = mask_of(rows - r0);
-      const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, src + r0 * cols + c, 4);
-      _mm512_mask_storeu_ps(dst + c * rows + r0, m, v);
+  constexpr int64_t T = 32;
+  for (int64_t cb = c0; cb < c1; cb += T)
+    for (int64_t rb = 0; rb < rows; rb += T) {
+      const int64_t ce = std::min(c1, cb + T), re = std::min(rows, rb + T);
+      for (int64_t c = cb; c < ce; ++c)
+        for (int64_t r = rb; r < re; ++r) dst[c * rows + r] = src[r * cols + c];
     }
 }
+
 
 }  // namespace
 
@@ -203,7 +226,7 @@ bool sparse_gemm_supported() { return true; }
 void sparse_gemm_t(const SparseWeight& w, const float* xT, int64_t batch, int64_t M, const float* bias,
                    const float* residual, int act, float* yT, int threads) {
   const int64_t rows = (w.N + w.bh - 1) / w.bh;
-  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, rows)));
+  threads = useful_threads(w, batch, M, threads);
   parallel(threads, [&](int id, int nt) {
     const int64_t r0 = split_point(w, rows, id, nt), r1 = split_point(w, rows, id + 1, nt);
     for (int64_t b = 0; b < batch; ++b)
@@ -216,7 +239,7 @@ void sparse_linear(const SparseWeight& w, const float* x, int64_t M, const float
                    int act, float* y, int threads) {
   const int64_t N = w.N, K = w.K;
   std::vector<float> xT(static_cast<size_t>(K * M)), yT(static_cast<size_t>(N * M));
-  threads = std::max(1, threads);
+  threads = useful_threads(w, 1, M, threads);
   parallel(std::min<int64_t>(threads, K), [&](int id, int nt) {
     transpose_rows(x, M, K, xT.data(), K * id / nt, K * (id + 1) / nt);
   });

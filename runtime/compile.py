@@ -13,12 +13,15 @@ from kiln.target import Target
 from . import cache
 from .plan import Plan, build_plan
 
-OPTIONS = {"passes", "precision"}
+OPTIONS = {"passes", "precision", "sparse"}
 PRECISIONS = ("fp32", "bf16")
+# Sparse weights are compressed only where measurement shows the sparse kernel faster
+# (passes/sparsity.py), so "auto" is safe as the default: dense models pay a zero count.
+DEFAULT_SPARSE = "auto"
 
 
 def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, precision: str = "fp32",
-                  **options) -> tuple[Plan, Graph]:
+                  sparse: str = DEFAULT_SPARSE, **options) -> tuple[Plan, Graph]:
     target = Target.parse(target)
     unknown = set(options) - OPTIONS
     if unknown:
@@ -27,6 +30,12 @@ def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, pre
         raise KilnError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     from kiln.ir import structural_hash
     from kiln.passes.pipeline import run_pipeline
+    from kiln.passes.sparsity import parse_mode
+
+    try:
+        parse_mode(sparse)
+    except ValueError as e:
+        raise KilnError(str(e)) from None
 
     verify(graph)
     if isinstance(passes, str):
@@ -35,11 +44,16 @@ def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, pre
     # land), keyed by the graph's structure and shapes. The pipeline itself is cheap and
     # deterministic: it reruns, and its result must hash to what the entry recorded.
     key = cache.make_key(structural_hash(graph, include_constants=False), target,
-                         {"passes": passes, "precision": precision, "threads": torch.get_num_threads()}) \
+                         {"passes": passes, "precision": precision, "threads": torch.get_num_threads(),
+                          "sparse": sparse}) \
         if cache.enabled() else None
+    from kiln.kernels.sparse import measure
+
+    sparse_log: list = []
     try:
         result = run_pipeline(graph, select=passes, verify_each=os.environ.get("KILN_VERIFY") == "1",
-                              options={"precision": precision})
+                              options={"precision": precision, "sparse": sparse, "sparse_measure": measure,
+                                       "sparse_log": sparse_log, "target": target.kind})
     except ValueError as e:
         raise KilnError(str(e)) from None
     optimized_hash = structural_hash(result.graph, include_constants=False)
@@ -52,6 +66,7 @@ def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, pre
     plan.partition = result.partition
     plan.pass_records = result.records
     plan.cache_hit = hit is not None
+    plan.sparsity = sparse_log
     if key and hit is None:
         cache.store(key, {"optimized": optimized_hash, "kernels": [s.kernel for s in plan.steps]})
     return plan, result.graph
