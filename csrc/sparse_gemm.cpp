@@ -24,6 +24,7 @@ namespace kiln {
 namespace {
 
 #define KILN_INLINE inline __attribute__((always_inline))
+#define KILN_INLINE_LAMBDA __attribute__((always_inline))
 
 KILN_INLINE __m512 erf16(__m512 x) {
   // Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7), odd extension
@@ -83,7 +84,7 @@ constexpr int64_t kChunkFloats = int64_t{1} << 18;
 // One block row (R output rows) x one tile of V*16 tokens starting at m0, over the nonzero
 // blocks [b0, b1) of that row. `accumulate` adds to what yT holds (an earlier K chunk);
 // `finish` applies the epilogue (the last K chunk).
-template <int R, int V, bool kMasked>
+template <int R, int V, bool kMasked, int BW>
 KILN_INLINE void block_row_tile(const SparseWeight& w, int64_t br, int32_t b0, int32_t b1, const float* xT, int64_t M,
                                 int64_t m0, bool accumulate, bool finish, const float* bias, const float* res, int act,
                                 float* yT) {
@@ -98,22 +99,28 @@ KILN_INLINE void block_row_tile(const SparseWeight& w, int64_t br, int32_t b0, i
     for (int v = 0; v < V; ++v)
       acc[r][v] = accumulate ? _mm512_maskz_loadu_ps(mk[v], yT + n * M + m0 + 16 * v) : _mm512_setzero_ps();
   }
-  const int bw = w.bw;
+  const int bw = BW > 0 ? BW : w.bw;  // BW: the block width when known at compile time (loop unrolled)
   for (int32_t b = b0; b < b1; ++b) {
     const int64_t k0 = static_cast<int64_t>(w.col[b]) * bw;
     const float* vb = w.values + static_cast<int64_t>(b) * R * bw;
-    const int jn = static_cast<int>(std::min<int64_t>(bw, w.K - k0));
-    for (int j = 0; j < jn; ++j) {
+    auto column = [&](int j) KILN_INLINE_LAMBDA {
       const float* xr = xT + (k0 + j) * M + m0;
       __m512 xv[V];
 #pragma GCC unroll 8
       for (int v = 0; v < V; ++v) xv[v] = kMasked ? _mm512_maskz_loadu_ps(mk[v], xr + 16 * v) : _mm512_loadu_ps(xr + 16 * v);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
         const __m512 wv = _mm512_set1_ps(vb[r * bw + j]);
 #pragma GCC unroll 8
         for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(wv, xv[v], acc[r][v]);
       }
+    };
+    if (BW > 0 && k0 + BW <= w.K) {
+#pragma GCC unroll 8
+      for (int j = 0; j < BW; ++j) column(j);
+    } else {  // a block past the last column of K (or a width not known at compile time)
+      const int jn = static_cast<int>(std::min<int64_t>(bw, w.K - k0));
+      for (int j = 0; j < jn; ++j) column(j);
     }
   }
 #pragma GCC unroll 8
@@ -138,7 +145,7 @@ KILN_INLINE void block_row_tile(const SparseWeight& w, int64_t br, int32_t b0, i
 // L2: unstructured rows touch columns all over K, and streaming all of xT from L3 for
 // every row made the kernel bandwidth-bound. Columns are sorted within a row, so a
 // per-row cursor walks each row's blocks chunk by chunk.
-template <int R, int V>
+template <int R, int V, int BW>
 void block_rows(const SparseWeight& w, int64_t br0, int64_t br1, const float* xT, int64_t M, const float* bias,
                 const float* res, int act, float* yT) {
   constexpr int64_t tile = 16 * V;
@@ -156,31 +163,41 @@ void block_rows(const SparseWeight& w, int64_t br0, int64_t br1, const float* xT
       cursor[br - br0] = b1;
       int64_t m0 = 0;
       for (; m0 + tile <= M; m0 += tile)
-        block_row_tile<R, V, false>(w, br, b0, b1, xT, M, m0, accumulate, finish, bias, res, act, yT);
-      if (m0 < M) block_row_tile<R, V, true>(w, br, b0, b1, xT, M, m0, accumulate, finish, bias, res, act, yT);
+        block_row_tile<R, V, false, BW>(w, br, b0, b1, xT, M, m0, accumulate, finish, bias, res, act, yT);
+      if (m0 < M) block_row_tile<R, V, true, BW>(w, br, b0, b1, xT, M, m0, accumulate, finish, bias, res, act, yT);
     }
   }
 }
 
 // The register tile is R rows x V vectors of 16 tokens: V as wide as M allows (masked
 // lanes past M are wasted FMAs), at most 32 accumulators in all.
-template <int R, int Vmax>
+template <int R, int Vmax, int BW>
 void dispatch_v(const SparseWeight& w, int64_t br0, int64_t br1, const float* xT, int64_t M, const float* bias,
                 const float* res, int act, float* yT) {
   if constexpr (Vmax > 1) {
-    if (M <= 16 * (Vmax / 2)) return dispatch_v<R, Vmax / 2>(w, br0, br1, xT, M, bias, res, act, yT);
+    if (M <= 16 * (Vmax / 2)) return dispatch_v<R, Vmax / 2, BW>(w, br0, br1, xT, M, bias, res, act, yT);
   }
-  block_rows<R, Vmax>(w, br0, br1, xT, M, bias, res, act, yT);
+  block_rows<R, Vmax, BW>(w, br0, br1, xT, M, bias, res, act, yT);
+}
+
+template <int R, int Vmax>
+void dispatch_bw(const SparseWeight& w, int64_t br0, int64_t br1, const float* xT, int64_t M, const float* bias,
+                 const float* res, int act, float* yT) {
+  switch (w.bw) {
+    case 1: return dispatch_v<R, Vmax, 1>(w, br0, br1, xT, M, bias, res, act, yT);
+    case 4: return dispatch_v<R, Vmax, 4>(w, br0, br1, xT, M, bias, res, act, yT);
+    default: return dispatch_v<R, Vmax, 0>(w, br0, br1, xT, M, bias, res, act, yT);
+  }
 }
 
 void dispatch_rows(const SparseWeight& w, int64_t br0, int64_t br1, const float* xT, int64_t M, const float* bias,
                    const float* res, int act, float* yT) {
   switch (w.bh) {
-    case 1: return dispatch_v<1, 8>(w, br0, br1, xT, M, bias, res, act, yT);
-    case 2: return dispatch_v<2, 8>(w, br0, br1, xT, M, bias, res, act, yT);
-    case 4: return dispatch_v<4, 4>(w, br0, br1, xT, M, bias, res, act, yT);
-    case 8: return dispatch_v<8, 2>(w, br0, br1, xT, M, bias, res, act, yT);
-    case 16: return dispatch_v<16, 1>(w, br0, br1, xT, M, bias, res, act, yT);
+    case 1: return dispatch_bw<1, 8>(w, br0, br1, xT, M, bias, res, act, yT);
+    case 2: return dispatch_bw<2, 8>(w, br0, br1, xT, M, bias, res, act, yT);
+    case 4: return dispatch_bw<4, 4>(w, br0, br1, xT, M, bias, res, act, yT);
+    case 8: return dispatch_bw<8, 2>(w, br0, br1, xT, M, bias, res, act, yT);
+    case 16: return dispatch_bw<16, 1>(w, br0, br1, xT, M, bias, res, act, yT);
     default: throw std::invalid_argument("sparse_gemm: block height must be 1, 2, 4, 8 or 16");
   }
 }

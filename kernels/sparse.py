@@ -88,6 +88,7 @@ def _prepare_conv(node: Node, consts: list):
     act = _ACT_CODES[a.activation]
     threads = _threads()
     pointwise = (kh, kw) == (1, 1) and a.stride == (1, 1) and a.padding == (0, 0)
+    out_cl = node.outputs[0].type.layout.kind is LayoutKind.CHANNELS_LAST
 
     def run(ins, attrs):
         values, col, row_ptr = weight(ins)
@@ -108,7 +109,9 @@ def _prepare_conv(node: Node, consts: list):
         yt = torch.empty(b, co, cols.shape[2])
         r = None if res is None else _np(res.reshape(b, co, -1))
         _native().sparse_gemm_t(cols.numpy(), values, col, row_ptr, co, bh, bw, bias, r, act, yt.numpy(), threads)
-        return yt.view(b, co, oh, ow)
+        y = yt.view(b, co, oh, ow)
+        # deliver the layout the graph planned (channels-last consumers would convert it anyway)
+        return y.contiguous(memory_format=torch.channels_last) if out_cl else y
     return run
 
 
@@ -137,8 +140,10 @@ def measure(options: list[tuple[Node, list]], target: str = "cpu", rounds: int =
     bound = []  # (option index, kernel name, fn, inputs)
     x = None
     for i, (node, consts) in enumerate(options):
-        if x is None:
+        if x is None:  # in the layout the plan will pass (a channels-last conv input costs differently)
             x = _random_like(node.inputs[0])
+            if node.inputs[0].type.layout.kind is LayoutKind.CHANNELS_LAST and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
         ins = [x] + [None if v is None else (c if c is not None else _random_like(v))
                      for v, c in zip(node.inputs[1:], consts[1:])]
         for k in candidates(node, target):

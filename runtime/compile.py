@@ -56,6 +56,8 @@ def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, pre
                                        "sparse_log": sparse_log, "target": target.kind})
     except ValueError as e:
         raise KilnError(str(e)) from None
+    if sparse == "auto" and any(d.format != "dense" for d in sparse_log) and all(v.type.is_static for v in graph.inputs):
+        result = _guard_sparse(graph, result, passes, precision, target, sparse_log)
     optimized_hash = structural_hash(result.graph, include_constants=False)
     hit = cache.load(key) if key else None
     if hit is not None and (hit.get("optimized") != optimized_hash or
@@ -70,6 +72,24 @@ def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, pre
     if key and hit is None:
         cache.store(key, {"optimized": optimized_hash, "kernels": [s.kernel for s in plan.steps]})
     return plan, result.graph
+
+
+def _guard_sparse(graph, result, passes, precision, target, sparse_log):
+    """Keep the sparse graph only if its plan beats the dense plan end to end (runtime/sparse_guard.py)."""
+    from kiln.passes.pipeline import run_pipeline
+
+    from .sparse_guard import sparse_plan_wins
+
+    dense = run_pipeline(graph, select=passes, options={"precision": precision, "sparse": "off",
+                                                        "target": target.kind})
+    wins, dense_ms, sparse_ms = sparse_plan_wins(build_plan(result.graph, target.kind), build_plan(dense.graph, target.kind))
+    for d in sparse_log:
+        if d.format != "dense":
+            d.reason += (f"; whole model {dense_ms / sparse_ms:.2f}x" if wins else
+                         f"; reverted to dense: the whole model ran {sparse_ms:.3f} ms sparse vs {dense_ms:.3f} ms dense")
+            if not wins:
+                d.format = "dense"
+    return result if wins else dense
 
 
 def available_memory() -> int:
