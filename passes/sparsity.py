@@ -40,7 +40,7 @@ MODES = ("off", "auto", "csr", "bsr", "2:4")
 
 @dataclass
 class SparseDecision:
-    layer: str  # the node's scope (module path), else its output's name
+    layer: str  # the module path (from the weight's parameter name), else the node's scope
     op: str
     shape: tuple  # dense weight shape
     sparsity: float  # fraction of zeros
@@ -118,7 +118,9 @@ def _sparse_node(n: Node, w2d: torch.Tensor, layout: Layout) -> tuple[Node, dict
 
 
 def _layer_name(n: Node) -> str:
-    return n.scope or n.outputs[0].name
+    """The module path: imported weights are named after their parameter (``fc1.weight``)."""
+    w = n.inputs[1].name.removesuffix("_nhwc").removesuffix(".weight")
+    return w if w != n.inputs[1].name or not n.scope else n.scope
 
 
 class _Decider:
