@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from kiln.ir import LayoutKind, Node, OpKind
 from kiln.ir import attrs as A
-from kiln.ir.sparse import block_of
+from kiln.ir.sparse import CSR, block_of, densify, encode
 
 from .registry import candidates, register_kernel
 
@@ -38,7 +38,8 @@ def _accepts(node: Node) -> bool:
     x = node.inputs[0].type
     bh, _ = block_of(a.layout)
     return (supported() and x.dtype.value == "float32" and node.inputs[1].type.dtype.value == "float32"
-            and a.layout.kind in (LayoutKind.SPARSE_CSR, LayoutKind.SPARSE_BSR) and bh in (1, 2, 4, 8, 16))
+            and a.layout.kind in (LayoutKind.SPARSE_CSR, LayoutKind.SPARSE_BSR, LayoutKind.SPARSE_24)
+            and bh in (1, 2, 4, 8, 16))
 
 
 def _opt(ins, i):
@@ -50,7 +51,20 @@ def _np(t: torch.Tensor | None):
 
 
 def _weight(node: Node, consts: list):
-    """The weight arrays as numpy, converted once at plan build (or per call if not constant)."""
+    """The weight arrays as numpy, converted once at plan build (or per call if not constant).
+
+    A 2:4 weight (the ``cuda`` target's format) runs here as CSR: the same nonzeros."""
+    a = node.attrs
+    if a.layout.kind is LayoutKind.SPARSE_24:
+        shape = (a.shape[0], math.prod(a.shape[1:]))
+
+        def as_csr(parts):
+            e = encode(densify(a.layout, shape, parts[0], parts[1], None), CSR)
+            return [_np(e.values), _np(e.indices), _np(e.indptr)]
+        if consts[1] is not None and consts[2] is not None:
+            fixed = as_csr(consts[1:3])
+            return lambda ins: fixed
+        return lambda ins: as_csr(ins[1:3])
     fixed = [None if c is None else _np(c) for c in consts[1:4]]
     return lambda ins: [f if f is not None else _np(ins[i + 1]) for i, f in enumerate(fixed)]
 

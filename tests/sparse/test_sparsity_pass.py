@@ -192,3 +192,32 @@ def test_compile_option_end_to_end():
             assert plan.graph.count(OpKind.SPARSE_LINEAR) == 0 and plan.sparsity == []
     with pytest.raises(kiln.KilnError, match="sparse must be"):
         kiln.compile(p, (x,), sparse="diagonal")
+
+
+@pytest.mark.parametrize("mode", ["csr", "bsr", "bsr(16,1)", "2:4"])
+@pytest.mark.parametrize("op", ["linear", "conv"])
+def test_cpu_kernel_bound_directly_matches_reference(mode, op):
+    """The CPU kernel itself (not whichever the timing picks) for every encoding, 2:4 included."""
+    from kiln.kernels.registry import select_kernel
+
+    pattern = "2:4" if mode == "2:4" else "unstructured"
+    b = GraphBuilder(op)
+    if op == "linear":
+        x = b.input("x", (2, 5, 32))
+        y = b.add(OpKind.LINEAR, x, b.const(_pruned((24, 32), 0.5, pattern), "w"), b.const(torch.randn(24), "b"),
+                  attrs=A.LinearAttrs(A.Activation.SILU))
+    else:
+        x = b.input("x", (2, 4, 7, 7))
+        y = b.add(OpKind.CONV2D, x, b.const(_pruned((16, 4, 3, 3), 0.5, pattern), "w"), b.const(torch.randn(16), "b"),
+                  attrs=A.Conv2dAttrs(padding=(1, 1), activation=A.Activation.RELU))
+    after = sparsify(b.build([y]), {"sparse": mode})
+    node = after.nodes[0]
+    assert node.op in (OpKind.SPARSE_LINEAR, OpKind.SPARSE_CONV2D)
+    consts = [None if v is None else after.constants.get(v) for v in node.inputs]
+    k = select_kernel(node, "cpu")
+    assert k.name.startswith("cpu.sparse")
+    xin = torch.randn(tuple(node.inputs[0].type.shape))
+    ins = [xin] + consts[1:]
+    ref = select_kernel(node, "reference").fn(ins, node.attrs)
+    ok, err, tol = max_err_ok(k.bind(node, consts)(ins, node.attrs), ref)
+    assert ok, (err, tol)
