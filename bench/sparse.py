@@ -148,11 +148,12 @@ def pruned_digits(model, train, sparsity: float = 0.75, steps: int = 300, seed: 
 
 def digits(threads: int, repeats: int = 30) -> dict:
     import kiln
+    from kiln.pruning import layer_sparsity
 
     model, train, test = train_digits()
     pruned = pruned_digits(model, train)
     out = dict(dense_top1=accuracy(model, *test), pruned_top1=accuracy(pruned, *test),
-               layer_sparsity=kiln.pruning.layer_sparsity(pruned))
+               layer_sparsity=layer_sparsity(pruned))
     for batch in (1, 64):
         x = test[0][:batch]
         dense_k = kiln.compile(pruned, (x,), sparse="off")
