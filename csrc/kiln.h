@@ -42,4 +42,24 @@ struct MemoryPlan {
 MemoryPlan plan_memory(const std::vector<int64_t>& sizes, const std::vector<int64_t>& first,
                        const std::vector<int64_t>& last, int64_t alignment);
 
+// Sparse weight [N, K] in BSR: blocks of bh x bw (CSR is bh = bw = 1). values [nnzb, bh, bw]
+// row-major per block, col [nnzb] the block column (k0 = col * bw), row_ptr [ceil(N/bh)+1].
+struct SparseWeight {
+  const float* values;
+  const int32_t* col;
+  const int32_t* row_ptr;
+  int64_t N, K;
+  int bh, bw;
+};
+// Epilogue activations (the order of kiln.ir.attrs.Activation).
+enum SparseAct { kActNone = 0, kActRelu, kActGelu, kActGeluTanh, kActTanh, kActSigmoid, kActSilu };
+bool sparse_gemm_supported();
+// yT[b] [N, M] = act(W @ xT[b] + bias[:, None] + residual[b]) for b < batch; xT [batch, K, M].
+// `threads` split the block rows (balanced by nonzero blocks).
+void sparse_gemm_t(const SparseWeight& w, const float* xT, int64_t batch, int64_t M, const float* bias,
+                   const float* residual, int act, float* yT, int threads);
+// y [M, N] = act(x [M, K] @ W^T + bias + residual [M, N]).
+void sparse_linear(const SparseWeight& w, const float* x, int64_t M, const float* bias, const float* residual,
+                   int act, float* y, int threads);
+
 }  // namespace kiln

@@ -122,6 +122,72 @@ void gru_recurrence_py(sarray gx, farray packed, farray b_hh, farray h0, sarray 
                        static_cast<float*>(hb.ptr), T, B, H, st, threads);
 }
 
+using iarray = py::array_t<int32_t, py::array::c_style>;
+
+// Checks a BSR weight completely (row_ptr monotone from 0, block columns in range, array
+// sizes) so the kernel can index without bounds checks.
+kiln::SparseWeight sparse_weight(const farray& values, const iarray& col, const iarray& row_ptr, int64_t N, int64_t K,
+                                 int bh, int bw) {
+  if (N < 0 || K < 0 || bh <= 0 || bw <= 0) throw py::value_error("sparse weight: bad shape or block");
+  if (bh != 1 && bh != 2 && bh != 4 && bh != 8 && bh != 16) throw py::value_error("block height must be 1, 2, 4, 8 or 16");
+  const int64_t rows = (N + bh - 1) / bh, bcols = (K + bw - 1) / bw;
+  auto rp = row_ptr.request(), cb = col.request(), vb = values.request();
+  if (rp.ndim != 1 || rp.shape[0] != rows + 1) throw py::value_error("row_ptr: expected ceil(N/bh)+1 entries");
+  const int32_t* r = static_cast<const int32_t*>(rp.ptr);
+  if (r[0] != 0) throw py::value_error("row_ptr[0] must be 0");
+  for (int64_t i = 0; i < rows; ++i)
+    if (r[i + 1] < r[i]) throw py::value_error("row_ptr must be non-decreasing");
+  const int64_t nnzb = r[rows];
+  if (cb.ndim != 1 || cb.shape[0] != nnzb) throw py::value_error("col: expected row_ptr[-1] entries");
+  if (vb.size != nnzb * bh * bw) throw py::value_error("values: expected row_ptr[-1] * bh * bw entries");
+  const int32_t* c = static_cast<const int32_t*>(cb.ptr);
+  for (int64_t i = 0; i < nnzb; ++i)
+    if (c[i] < 0 || c[i] >= bcols) throw py::value_error("col: block column out of range");
+  for (int64_t i = 0; i < rows; ++i)  // the kernel walks each row's columns in order
+    for (int64_t j = r[i] + 1; j < r[i + 1]; ++j)
+      if (c[j] <= c[j - 1]) throw py::value_error("col: block columns must increase within a row");
+  return {static_cast<const float*>(vb.ptr), c, r, N, K, bh, bw};
+}
+
+const float* optional_array(const py::object& o, int64_t size, const char* name) {
+  if (o.is_none()) return nullptr;
+  // no conversion: a converted copy would die before the kernel reads it
+  if (!farray::check_(o)) throw py::type_error(std::string(name) + ": expected a C-contiguous float32 array");
+  auto a = py::reinterpret_borrow<farray>(o);
+  if (a.size() != size) throw py::value_error(std::string(name) + ": wrong size");
+  return a.data();
+}
+
+void sparse_linear_py(farray x, farray values, iarray col, iarray row_ptr, int64_t N, int bh, int bw, py::object bias,
+                      py::object residual, int act, farray y, int threads) {
+  auto xb = x.request(), yb = y.request();
+  if (xb.ndim != 2) throw py::value_error("x: expected (M, K)");
+  const int64_t M = xb.shape[0], K = xb.shape[1];
+  const kiln::SparseWeight w = sparse_weight(values, col, row_ptr, N, K, bh, bw);
+  check_2d(yb, "y", M, N);
+  check_writable(y, "y");
+  if (act < 0 || act > kiln::kActSilu) throw py::value_error("unknown activation");
+  const float* b = optional_array(bias, N, "bias");
+  const float* r = optional_array(residual, M * N, "residual");
+  py::gil_scoped_release nogil;
+  kiln::sparse_linear(w, static_cast<const float*>(xb.ptr), M, b, r, act, static_cast<float*>(yb.ptr), threads);
+}
+
+void sparse_gemm_t_py(farray xT, farray values, iarray col, iarray row_ptr, int64_t N, int bh, int bw, py::object bias,
+                      py::object residual, int act, farray yT, int threads) {
+  auto xb = xT.request(), yb = yT.request();
+  if (xb.ndim != 3) throw py::value_error("xT: expected (B, K, M)");
+  const int64_t B = xb.shape[0], K = xb.shape[1], M = xb.shape[2];
+  const kiln::SparseWeight w = sparse_weight(values, col, row_ptr, N, K, bh, bw);
+  need(yb, {B, N, M}, "yT");
+  check_writable(yT, "yT");
+  if (act < 0 || act > kiln::kActSilu) throw py::value_error("unknown activation");
+  const float* b = optional_array(bias, N, "bias");
+  const float* r = optional_array(residual, B * N * M, "residual");
+  py::gil_scoped_release nogil;
+  kiln::sparse_gemm_t(w, static_cast<const float*>(xb.ptr), B, M, b, r, act, static_cast<float*>(yb.ptr), threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -151,4 +217,13 @@ PYBIND11_MODULE(_C, m) {
       py::arg("sizes"), py::arg("first"), py::arg("last"), py::arg("alignment") = 64,
       "Assign arena offsets to buffers with lifetimes [first, last]; returns (offsets, arena_bytes).");
   register_quant_kernels(m);
+  m.def("sparse_gemm_supported", &kiln::sparse_gemm_supported, "Whether the sparse GEMM kernels were built (AVX-512).");
+  m.def("sparse_linear", &sparse_linear_py, py::arg("x").noconvert(), py::arg("values").noconvert(),
+        py::arg("col").noconvert(), py::arg("row_ptr").noconvert(), py::arg("N"), py::arg("bh"), py::arg("bw"),
+        py::arg("bias"), py::arg("residual"), py::arg("act"), py::arg("y").noconvert(), py::arg("threads") = 1,
+        "y (M,N) = act(x (M,K) @ W^T + bias + residual), W (N,K) in BSR (bh x bw blocks; CSR: 1x1).");
+  m.def("sparse_gemm_t", &sparse_gemm_t_py, py::arg("xT").noconvert(), py::arg("values").noconvert(),
+        py::arg("col").noconvert(), py::arg("row_ptr").noconvert(), py::arg("N"), py::arg("bh"), py::arg("bw"),
+        py::arg("bias"), py::arg("residual"), py::arg("act"), py::arg("yT").noconvert(), py::arg("threads") = 1,
+        "yT (B,N,M) = act(W @ xT (B,K,M) + bias[:,None] + residual): convolutions after im2col.");
 }

@@ -199,3 +199,27 @@ class FallbackAttrs:
     kwargs: tuple
     out_types: tuple[TensorType, ...]
     reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SparseLinearAttrs:
+    """SPARSE_LINEAR: LINEAR whose constant weight (dense shape ``shape`` = (out, in)) is
+    stored compressed in ``layout``: CSR and BSR as (values, column indices, row pointers),
+    2:4 as (the two kept values per group of four, their int8 positions in the group)."""
+
+    layout: Layout
+    shape: tuple[int, int]
+    activation: Activation = Activation.NONE
+
+
+@dataclass(frozen=True, slots=True)
+class SparseConv2dAttrs:
+    """SPARSE_CONV2D: CONV2D (groups 1) whose weight (dense ``shape`` = (co, ci, kh, kw)) is
+    stored as a sparse [co, ci*kh*kw] matrix in ``layout``, run as im2col x sparse GEMM."""
+
+    layout: Layout
+    shape: tuple[int, int, int, int]
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    activation: Activation = Activation.NONE

@@ -13,7 +13,7 @@ import torch
 
 from .dtypes import DType
 from .ops import OpKind, infer_types, opdef
-from .types import TensorType
+from .types import ROW_MAJOR, Layout, TensorType
 
 _ids = itertools.count()
 
@@ -128,13 +128,14 @@ class GraphBuilder:
         self._inputs.append(v)
         return v
 
-    def const(self, tensor: torch.Tensor, name: str = "c") -> Value:
+    def const(self, tensor: torch.Tensor, name: str = "c", layout: Layout = ROW_MAJOR) -> Value:
+        """``layout`` tags how the tensor is stored (the parts of a sparse weight carry theirs)."""
         if not isinstance(tensor, torch.Tensor):
             tensor = torch.as_tensor(tensor)
         tensor = tensor.detach()
         if tensor.device.type != "cpu":
             tensor = tensor.cpu()
-        v = Value(TensorType(DType.from_torch(tensor.dtype), tuple(tensor.shape)), self._unique(name))
+        v = Value(TensorType(DType.from_torch(tensor.dtype), tuple(tensor.shape), layout), self._unique(name))
         self._constants[v] = tensor.contiguous()
         return v
 

@@ -56,6 +56,8 @@ class OpKind(enum.Enum):
     # structured
     ATTENTION = "attention"; LSTM = "lstm"; GRU = "gru"  # noqa: E702
     FALLBACK = "fallback"
+    # sparse weights (compressed constant operands; see attrs.SparseLinearAttrs)
+    SPARSE_LINEAR = "sparse_linear"; SPARSE_CONV2D = "sparse_conv2d"  # noqa: E702
 
     def __repr__(self) -> str:
         return self.value
@@ -540,6 +542,64 @@ def _gru(ins, a):
 @op(OpKind.FALLBACK, A.FallbackAttrs, operands=("xs*",), category=Category.FALLBACK)
 def _fallback(ins, a):
     return a.out_types
+
+
+# ----------------------------------------------------------------------------- sparse weights
+def _check_sparse_weight(kind: str, ins, layout, n: int, k: int):
+    """values/indices/indptr must match the layout and the dense (n, k) weight they encode."""
+    from .types import LayoutKind
+
+    values, indices, indptr = ins[1], ins[2], ins[3]
+    if values.layout != layout:
+        _err(kind, f"values layout {values.layout!r} != {layout!r}")
+    if layout.kind is LayoutKind.SPARSE_24:
+        if k % 4 or tuple(values.shape) != (n, k // 2) or tuple(indices.shape) != (n, k // 2):
+            _err(kind, f"2:4 values/indices must be ({n}, {k // 2}) with in-features % 4 == 0")
+        if indices.dtype is not DType.INT8 or indptr is not None:
+            _err(kind, "2:4 indices are int8 positions within each group of four, and there is no indptr")
+        return
+    if layout.kind not in (LayoutKind.SPARSE_CSR, LayoutKind.SPARSE_BSR):
+        _err(kind, f"unsupported sparse layout {layout!r}")
+    bh, bw = layout.block if layout.kind is LayoutKind.SPARSE_BSR else (1, 1)
+    if indptr is None or indices.dtype is not DType.INT32 or indptr.dtype is not DType.INT32:
+        _err(kind, "CSR/BSR need int32 indices and indptr")
+    nnzb = indices.shape[0]
+    if tuple(indptr.shape) != (-(-n // bh) + 1,) or indices.rank != 1:
+        _err(kind, f"indptr must have {-(-n // bh) + 1} entries and indices be 1-D")
+    want = (nnzb, bh, bw) if layout.kind is LayoutKind.SPARSE_BSR else (nnzb,)
+    if tuple(values.shape) != want:
+        _err(kind, f"values shape {values.shape} != {want}")
+
+
+@op(OpKind.SPARSE_LINEAR, A.SparseLinearAttrs, operands=("x", "values", "indices", "indptr?", "bias?", "residual?"),
+    category=Category.COMPUTE)
+def _sparse_linear(ins, a):
+    x, b, r = ins[0], (list(ins) + [None] * 6)[4], (list(ins) + [None] * 6)[5]
+    n, k = a.shape
+    if x.rank < 1 or x.shape[-1] != k:
+        _err("sparse_linear", f"x {x.shape} does not match weight {a.shape} (out, in)")
+    _check_sparse_weight("sparse_linear", (list(ins) + [None] * 4)[:4], a.layout, n, k)
+    if b is not None and tuple(b.shape) != (n,):
+        _err("sparse_linear", f"bias shape {b.shape} != ({n},)")
+    return _check_residual("sparse_linear", r, TensorType(promote_types(x, ins[1]), x.shape[:-1] + (n,)))
+
+
+@op(OpKind.SPARSE_CONV2D, A.SparseConv2dAttrs, operands=("x", "values", "indices", "indptr?", "bias?", "residual?"),
+    category=Category.COMPUTE)
+def _sparse_conv2d(ins, a):
+    x, b, r = ins[0], (list(ins) + [None] * 6)[4], (list(ins) + [None] * 6)[5]
+    co, ci, kh, kw = a.shape
+    if x.rank != 4 or (isinstance(x.shape[1], int) and x.shape[1] != ci):
+        _err("sparse_conv2d", f"input {x.shape} does not match weight {a.shape}")
+    _check_sparse_weight("sparse_conv2d", (list(ins) + [None] * 4)[:4], a.layout, co, ci * kh * kw)
+    if b is not None and tuple(b.shape) != (co,):
+        _err("sparse_conv2d", f"bias shape {b.shape} != ({co},)")
+    oh = _conv_out(x.shape[2], kh, a.stride[0], a.padding[0], a.dilation[0])
+    ow = _conv_out(x.shape[3], kw, a.stride[1], a.padding[1], a.dilation[1])
+    if (isinstance(oh, int) and oh <= 0) or (isinstance(ow, int) and ow <= 0):
+        _err("sparse_conv2d", f"input {x.shape} too small for kernel {(kh, kw)}")
+    out = TensorType(promote_types(x, ins[1]), (x.shape[0], co, oh, ow))
+    return _check_residual("sparse_conv2d", r, out)
 
 
 _missing = [k for k in OpKind if k not in OPS]

@@ -403,3 +403,23 @@ def fallback(ins, a: A.FallbackAttrs):
         outs = tuple(o for o in out if isinstance(o, torch.Tensor))
         return outs[0] if len(a.out_types) == 1 else outs
     return out
+
+
+def _sparse_weight(ins, a):
+    from kiln.ir.sparse import densify
+
+    n = a.shape[0]
+    return densify(a.layout, (n, a.shape[1] if len(a.shape) == 2 else a.shape[1] * a.shape[2] * a.shape[3]), ins[1], ins[2], _opt(ins, 3))
+
+
+@ref(OpKind.SPARSE_LINEAR)
+def sparse_linear(ins, a: A.SparseLinearAttrs):
+    return epilogue(F.linear(ins[0], _sparse_weight(ins, a).to(ins[0].dtype), _opt(ins, 4)), _opt(ins, 5),
+                    a.activation)
+
+
+@ref(OpKind.SPARSE_CONV2D)
+def sparse_conv2d(ins, a: A.SparseConv2dAttrs):
+    w = _sparse_weight(ins, a).reshape(a.shape).to(ins[0].dtype)
+    y = F.conv2d(ins[0], w, _opt(ins, 4), a.stride, a.padding, a.dilation)
+    return epilogue(y, _opt(ins, 5), a.activation)

@@ -13,12 +13,15 @@ from kiln.target import Target
 from . import cache
 from .plan import Plan, build_plan
 
-OPTIONS = {"passes", "precision"}
+OPTIONS = {"passes", "precision", "sparse"}
 PRECISIONS = ("fp32", "bf16")
+# Sparse weights are compressed only where measurement shows the sparse kernel faster
+# (passes/sparsity.py), so "auto" is safe as the default: dense models pay a zero count.
+DEFAULT_SPARSE = "auto"
 
 
 def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, precision: str = "fp32",
-                  **options) -> tuple[Plan, Graph]:
+                  sparse: str = DEFAULT_SPARSE, **options) -> tuple[Plan, Graph]:
     target = Target.parse(target)
     unknown = set(options) - OPTIONS
     if unknown:
@@ -27,6 +30,12 @@ def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, pre
         raise KilnError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     from kiln.ir import structural_hash
     from kiln.passes.pipeline import run_pipeline
+    from kiln.passes.sparsity import parse_mode
+
+    try:
+        parse_mode(sparse)
+    except ValueError as e:
+        raise KilnError(str(e)) from None
 
     verify(graph)
     if isinstance(passes, str):
@@ -35,13 +44,20 @@ def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, pre
     # land), keyed by the graph's structure and shapes. The pipeline itself is cheap and
     # deterministic: it reruns, and its result must hash to what the entry recorded.
     key = cache.make_key(structural_hash(graph, include_constants=False), target,
-                         {"passes": passes, "precision": precision, "threads": torch.get_num_threads()}) \
+                         {"passes": passes, "precision": precision, "threads": torch.get_num_threads(),
+                          "sparse": sparse}) \
         if cache.enabled() else None
+    from kiln.kernels.sparse import measure
+
+    sparse_log: list = []
     try:
         result = run_pipeline(graph, select=passes, verify_each=os.environ.get("KILN_VERIFY") == "1",
-                              options={"precision": precision})
+                              options={"precision": precision, "sparse": sparse, "sparse_measure": measure,
+                                       "sparse_log": sparse_log, "target": target.kind})
     except ValueError as e:
         raise KilnError(str(e)) from None
+    if sparse == "auto" and any(d.format != "dense" for d in sparse_log) and all(v.type.is_static for v in graph.inputs):
+        result = _guard_sparse(graph, result, passes, precision, target, sparse_log)
     optimized_hash = structural_hash(result.graph, include_constants=False)
     hit = cache.load(key) if key else None
     if hit is not None and (hit.get("optimized") != optimized_hash or
@@ -58,9 +74,28 @@ def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, pre
     plan.partition = result.partition
     plan.pass_records = result.records
     plan.cache_hit = hit is not None
+    plan.sparsity = sparse_log
     if key and hit is None:
         cache.store(key, {"optimized": optimized_hash, "kernels": [s.kernel for s in plan.steps]})
     return plan, result.graph
+
+
+def _guard_sparse(graph, result, passes, precision, target, sparse_log):
+    """Keep the sparse graph only if its plan beats the dense plan end to end (runtime/sparse_guard.py)."""
+    from kiln.passes.pipeline import run_pipeline
+
+    from .sparse_guard import sparse_plan_wins
+
+    dense = run_pipeline(graph, select=passes, options={"precision": precision, "sparse": "off",
+                                                        "target": target.kind})
+    wins, dense_ms, sparse_ms = sparse_plan_wins(build_plan(result.graph, target.kind), build_plan(dense.graph, target.kind))
+    for d in sparse_log:
+        if d.format != "dense":
+            d.reason += (f"; whole model {dense_ms / sparse_ms:.2f}x" if wins else
+                         f"; reverted to dense: the whole model ran {sparse_ms:.3f} ms sparse vs {dense_ms:.3f} ms dense")
+            if not wins:
+                d.format = "dense"
+    return result if wins else dense
 
 
 def available_memory() -> int:

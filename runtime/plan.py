@@ -51,6 +51,7 @@ class Plan:
     partition: object = None  # kiln.passes.partition.Partition, when the pipeline ran
     pass_records: list = field(default_factory=list)
     cache_hit: bool = False
+    sparsity: list = field(default_factory=list)  # passes.sparsity.SparseDecision per layer considered
 
     def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         slots: list = [None] * self.num_slots

@@ -13,10 +13,17 @@ def __getattr__(name):
     if name in ("compile", "explain", "CompiledModel", "Explanation"):
         from . import api
         return getattr(api, name)
+    if name in ("sparsify", "distill"):
+        from . import pruning
+        return getattr(pruning, name)
+    if name in ("sparsity_report", "SparsityReport"):
+        from . import sparse_report
+        return getattr(sparse_report, name)
     if name == "models":
         import importlib
         return importlib.import_module(".models", __name__)
     raise AttributeError(f"module 'kiln' has no attribute {name!r}")
 
 
-__all__ = ["compile", "explain", "CompiledModel", "Explanation", "KilnError", "models", "__version__"]
+__all__ = ["compile", "explain", "CompiledModel", "Explanation", "KilnError", "models", "__version__",
+           "sparsify", "distill", "sparsity_report", "SparsityReport"]

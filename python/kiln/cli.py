@@ -96,6 +96,27 @@ def _cmd_debug_accuracy(args) -> int:
     return 1 if report.divergence else 0
 
 
+def _cmd_sparsity_report(args) -> int:
+    import torch
+
+    import kiln
+
+    from .modelref import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, inputs = load_model(args.model)
+    if inputs is None:
+        raise kiln.KilnError("sparsity-report needs a PyTorch model (an example name or package.module:factory)")
+    pruned = model
+    if args.sparsity > 0:
+        layers = args.layers.split(",") if args.layers else None
+        pruned = kiln.sparsify(model, args.sparsity, args.pattern, layers)
+    print(kiln.sparsity_report(pruned, inputs, dense_model=model if pruned is not model else None,
+                               sparse=args.sparse, repeats=args.repeats))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kiln", description="Kiln: a deep-learning compiler for PyTorch and ONNX models.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
@@ -156,6 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("explain", help="list the ops of a model that fall back to PyTorch, and why")
     e.add_argument("model", help="an example model name, an ONNX file, or package.module:factory")
     e.set_defaults(fn=_cmd_explain)
+    sr = sub.add_parser("sparsity-report", help="prune a model and show what sparse kernels buy, per layer and end to end")
+    sr.add_argument("model", help="example model name or package.module:factory")
+    sr.add_argument("--sparsity", type=float, default=0.0, help="prune to this sparsity first (default: as given)")
+    sr.add_argument("--pattern", default="unstructured", help="unstructured, block(r,c), 2:4 or channel")
+    sr.add_argument("--layers", help="comma-separated module names or fnmatch patterns to prune (default: all)")
+    sr.add_argument("--sparse", default="auto", help="the compile's sparse option: auto, csr, bsr, bsr(R,C)")
+    sr.add_argument("--repeats", type=int, default=10)
+    sr.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    sr.set_defaults(fn=_cmd_sparsity_report)
     args = p.parse_args(argv)
     if args.version:
         from . import __version__
