@@ -13,18 +13,23 @@ from kiln.target import Target
 from . import cache
 from .plan import Plan, build_plan
 
-OPTIONS = {"passes", "precision"}
+OPTIONS = {"passes", "precision", "tune", "codegen"}
+# tune: how long generated kernels may autotune ("none" | "fast" | "max" | seconds per kernel
+# group); codegen: whether kernel groups may run as generated (TVM) kernels at all.
 PRECISIONS = ("fp32", "bf16")
 
 
 def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, precision: str = "fp32",
-                  **options) -> tuple[Plan, Graph]:
+                  tune="fast", codegen: bool = True, **options) -> tuple[Plan, Graph]:
     target = Target.parse(target)
     unknown = set(options) - OPTIONS
     if unknown:
         raise KilnError(f"unknown kiln.compile option(s): {', '.join(sorted(unknown))}")
     if precision not in PRECISIONS:
         raise KilnError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    from kiln.codegen.autotune import Budget
+
+    Budget.parse(tune)  # a bad value fails here, before any work
     from kiln.ir import structural_hash
     from kiln.passes.pipeline import run_pipeline
 
@@ -35,7 +40,8 @@ def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, pre
     # land), keyed by the graph's structure and shapes. The pipeline itself is cheap and
     # deterministic: it reruns, and its result must hash to what the entry recorded.
     key = cache.make_key(structural_hash(graph, include_constants=False), target,
-                         {"passes": passes, "precision": precision, "threads": torch.get_num_threads()}) \
+                         {"passes": passes, "precision": precision, "threads": torch.get_num_threads(),
+                          "tune": tune, "codegen": codegen}) \
         if cache.enabled() else None
     try:
         result = run_pipeline(graph, select=passes, verify_each=os.environ.get("KILN_VERIFY") == "1",
@@ -48,13 +54,37 @@ def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, pre
                             len(hit.get("kernels", ())) != len(result.graph.nodes)):
         hit = None  # recorded for a different optimized graph: rebuild, never trust
     memory = _check_memory(result.graph)
-    plan = build_plan(result.graph, target.kind, kernel_choices=hit["kernels"] if hit else None, memory=memory)
+    generate = _generator(result.graph, target, tune) if codegen and target.kind == "cpu" else None
+    plan = build_plan(result.graph, target.kind, kernel_choices=hit["kernels"] if hit else None, memory=memory,
+                      partition=result.partition, generate=generate)
     plan.partition = result.partition
     plan.pass_records = result.records
     plan.cache_hit = hit is not None
     if key and hit is None:
-        cache.store(key, {"optimized": optimized_hash, "kernels": [s.kernel for s in plan.steps]})
+        cache.store(key, {"optimized": optimized_hash, "kernels": plan.node_kernels})
     return plan, result.graph
+
+
+def _generator(graph: Graph, target: Target, tune):
+    """``generate(group)``: the group's generated kernel (tuned within ``tune``), or None when
+    the TensorIR renderer does not cover it or code generation fails (per-node kernels run)."""
+    from kiln.codegen.tvm import supports
+    from kiln.ir import OpKind
+    from kiln.kernels.generated import generated_kernel
+
+    views = {OpKind.RESHAPE, OpKind.EXPAND, OpKind.SLICE, OpKind.PERMUTE, OpKind.IDENTITY}
+
+    def generate(group):
+        if len(group.nodes) == 1 and group.nodes[0].op in views:
+            return None  # a lone view costs nothing in torch; a kernel would copy
+        if supports(group) is not None:
+            return None
+        try:
+            return generated_kernel(group, graph, target, torch.get_num_threads(), tune)
+        except Exception:  # noqa: BLE001  (a group that fails to generate runs node by node)
+            return None
+
+    return generate
 
 
 def available_memory() -> int:
