@@ -120,6 +120,12 @@ def _cast(v, dtype: str):
     return tirx.Cast(dtype, v)
 
 
+def _tirx():
+    from tvm import tirx
+
+    return tirx
+
+
 def _const(value, dtype: str):
     from tvm import tirx
 
@@ -304,8 +310,8 @@ def _binary(*kinds):
 _binary(OpKind.ADD)(lambda a, b, at, cd: a + b)
 _binary(OpKind.SUB)(lambda a, b, at, cd: a - b)
 _binary(OpKind.MUL)(lambda a, b, at, cd: a * b)
-_binary(OpKind.EQ)(lambda a, b, at, cd: a == b)
-_binary(OpKind.NE)(lambda a, b, at, cd: a != b)
+_binary(OpKind.EQ)(lambda a, b, at, cd: _tirx().EQ(a, b))  # `==` on exprs builds a lazy EqualOp
+_binary(OpKind.NE)(lambda a, b, at, cd: _tirx().NE(a, b))
 _binary(OpKind.LT)(lambda a, b, at, cd: a < b)
 _binary(OpKind.LE)(lambda a, b, at, cd: a <= b)
 _binary(OpKind.GT)(lambda a, b, at, cd: a > b)
@@ -423,15 +429,18 @@ def _concat(ctx, ins, a: A.AxisAttrs, out):
     from tvm import tirx
 
     cd = compute_dtype(tvm_dtype(out))
+    offs = [0]
+    for x in ins:
+        offs.append(offs[-1] + x.shape[a.axis])
 
     def at(idx):
-        offs = [0]
-        for x in ins:
-            offs.append(offs[-1] + x.shape[a.axis])
         v = None
-        for x, off in reversed(list(zip(ins, offs))):
-            val = _cast(x([i - off if d == a.axis else i for d, i in enumerate(idx)]), cd)
-            v = val if v is None else tirx.Select(idx[a.axis] >= off, val, v)
+        for i in reversed(range(len(ins))):
+            x, n = ins[i], ins[i].shape[a.axis]
+            # clamped, so the branch Select does not take still reads in bounds
+            src = [tirx.max(tirx.min(j - offs[i], n - 1), 0) if d == a.axis else j for d, j in enumerate(idx)]
+            val = _cast(x(src), cd)
+            v = val if v is None else tirx.Select(idx[a.axis] < offs[i + 1], val, v)
         return v
 
     return at

@@ -40,8 +40,9 @@ class GeneratedKernel:
     """A compiled group kernel: ``self(inputs, attrs)`` returns the group's outputs (a tensor
     or a tuple, in ``group.outputs`` order)."""
 
-    def __init__(self, func, group, name: str, config: dict, built: bool):
+    def __init__(self, func, group, name: str, config: dict, built: bool, tuning=None):
         self.func, self.name, self.config, self.built = func, name, config, built
+        self.tuning = tuning  # the tuner's TuneResult (trials measured, database hit)
         self.in_nhwc = tuple(_nhwc(v) for v in group.inputs)
         self.outs = tuple((tuple(v.type.shape), v.type.dtype.to_torch(), _nhwc(v)) for v in group.outputs)
 
@@ -219,7 +220,7 @@ def generated_kernel(group, graph, target, threads: int, tune="fast", db=None) -
 
     result = run_tuner(key, space, measure, tune, db=db)
     fn, built = compiled(group, result.config, target, threads)
-    return GeneratedKernel(fn, group, KERNEL_PREFIX + signature_hash(group), result.config, built)
+    return GeneratedKernel(fn, group, KERNEL_PREFIX + signature_hash(group), result.config, built, result)
 
 
 def _as_list(out) -> list:
@@ -229,10 +230,12 @@ def _as_list(out) -> list:
 # ----------------------------------------------------------------------------- the choice
 def choose_group(group, graph, kernel: GeneratedKernel, node_fns: list, threads: int) -> bool:
     """Does the generated kernel beat running ``node_fns`` (the per-node choices) one by one?
-    It must first agree with the reference; results are memoized per process."""
+    It must first agree with the reference; results are memoized per process.
+    ``KILN_GROUP_CHOICE=generated`` skips the timing (an agreeing generated kernel wins), for
+    tests and debugging, as ``KILN_KERNEL_CHOICE=first`` does for per-node kernels."""
     from kiln.codegen.tvm import signature
 
-    memo = (signature(group), threads, kernel.name, tuple(getattr(f, "__qualname__", repr(f)) for f in node_fns))
+    memo = (signature(group), threads, kernel.name, os.environ.get("KILN_GROUP_CHOICE"), tuple(getattr(f, "__qualname__", repr(f)) for f in node_fns))
     if memo in _CHOICE:
         return _CHOICE[memo]
     ins = group_inputs(group, graph)
@@ -242,7 +245,7 @@ def choose_group(group, graph, kernel: GeneratedKernel, node_fns: list, threads:
             ok = _agrees(tuple(_as_list(kernel(ins))), tuple(ref))
         except Exception:
             ok = False
-        if ok:
+        if ok and os.environ.get("KILN_GROUP_CHOICE") != "generated":
             gen_t = _best_time(lambda: kernel(ins))
             node_t = _best_time(lambda: run_nodes(group, ins, node_fns))
             ok = gen_t < node_t
