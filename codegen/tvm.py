@@ -700,6 +700,21 @@ def schedule_group(sch, outputs: list[str], config: dict, threads: int) -> None:
         _schedule_block(sch, b, config, threads)
 
 
+def tune_space(group, threads: int):
+    """The template's space without knobs that cannot matter for ``group``: no task grain
+    on one thread (no parallel loop), no reduction unrolling without a reduction."""
+    from kiln.codegen.autotune import Space
+
+    anchored = any(n.op in _REDUCING for n in group.nodes)
+    axes = tuple((k, v[:1] if (k == "grain" and threads == 1) or (k == "unroll" and not anchored) else v)
+                 for k, v in schedule_group.tune_space.axes)
+    return Space(axes, schedule_group.tune_space.valid)
+
+
+_REDUCING = {OpKind.SUM, OpKind.MEAN, OpKind.MAX, OpKind.MIN, OpKind.SOFTMAX, OpKind.LOG_SOFTMAX,
+             OpKind.LAYER_NORM}
+
+
 def _is_reduction(sch, b) -> bool:
     return any(int(iv.iter_type) != 0 for iv in sch.get(b).iter_vars)
 

@@ -200,11 +200,11 @@ def _best_time(fn, repeats: int = REPEATS) -> float:
 def generated_kernel(group, graph, target, threads: int, tune="fast", db=None) -> GeneratedKernel:
     """Tune (or take the tuning database's winner), compile (or load from the cache) and wrap."""
     from kiln.codegen.autotune import TuningKey, tune as run_tuner
-    from kiln.codegen.tvm import schedule_group, signature, signature_hash
+    from kiln.codegen.tvm import signature, signature_hash, tune_space
 
     sig = signature(group)
     key = TuningKey("tvm.group", f"{sig}\nthreads={threads}", target.key())
-    space = schedule_group.tune_space
+    space = tune_space(group, threads)
     ins = ref = None
 
     def measure(cfg: dict) -> float:
