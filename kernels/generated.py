@@ -31,6 +31,9 @@ from kiln.ir import LayoutKind
 from .choice import REPEATS, _agrees, _random_like
 
 KERNEL_PREFIX = "tvm.group."
+# TVM's pool threads spin-wait for the next parallel loop by default, taking cores from the
+# torch/oneDNN kernels that run between generated ones: let them sleep at once instead
+os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 _LOADED: dict[str, object] = {}  # module path -> loaded function
 _CHOICE: dict[tuple, bool] = {}  # (signature, threads, node kernels) -> generated wins
 _runtime_ready = False
