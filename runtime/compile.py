@@ -16,11 +16,16 @@ from .plan import Plan, build_plan
 OPTIONS = {"passes", "precision", "tune", "codegen"}
 # tune: how long generated kernels may autotune ("none" | "fast" | "max" | seconds per kernel
 # group); codegen: whether kernel groups may run as generated (TVM) kernels at all.
+# The default is "none": the schedule template's default configuration (or the tuning
+# database's winner when an earlier compile tuned the group). A cold compile already pays
+# for importing TVM and building one module per distinct group; "fast" adds up to 8
+# builds and measurements per group, about as much again, for kernels that are memory-bound
+# and gain little from tuning. Users who compile once and run long ask for "fast" or "max".
 PRECISIONS = ("fp32", "bf16")
 
 
 def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, precision: str = "fp32",
-                  tune="fast", codegen: bool = True, **options) -> tuple[Plan, Graph]:
+                  tune="none", codegen: bool = True, **options) -> tuple[Plan, Graph]:
     target = Target.parse(target)
     unknown = set(options) - OPTIONS
     if unknown:

@@ -6,6 +6,7 @@ per-call cost is a loop over prebuilt tuples. Buffers die right after their last
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +51,7 @@ class Plan:
     kernel_names: dict[str, int] = field(default_factory=dict)
     partition: object = None  # kiln.passes.partition.Partition, when the pipeline ran
     node_kernels: list = field(default_factory=list)  # the kernel each node runs in (cached choices)
+    codegen_seconds: float = 0.0  # spent generating, tuning, loading and choosing group kernels
     pass_records: list = field(default_factory=list)
     cache_hit: bool = False
 
@@ -109,6 +111,7 @@ def build_plan(graph: Graph, target: str = "cpu", kernel_choices: list[str] | No
     index = {n: i for i, n in enumerate(graph.nodes)}
     node_kernels: list[str] = [""] * len(graph.nodes)
     units: list[tuple] = []  # (kernel name, fn, attrs, inputs, outputs, node)
+    codegen_s = 0.0
     for nodes, gen_group in _units(graph, partition, generate is not None and target != "reference"):
         chosen = []
         for n in nodes:
@@ -118,7 +121,9 @@ def build_plan(graph: Graph, target: str = "cpu", kernel_choices: list[str] | No
             if recorded is not None:
                 cands = [k for k in cands if k.name == recorded] or cands
             chosen.append(choose(n, cands, [None if v is None else graph.constants.get(v) for v in n.inputs]))
+        t0 = time.perf_counter()
         gen = _generated(gen_group, nodes, chosen, graph, kernel_choices, index, generate)
+        codegen_s += time.perf_counter() - t0
         if gen is not None:
             for n in nodes:
                 node_kernels[index[n]] = gen.name
@@ -144,6 +149,7 @@ def build_plan(graph: Graph, target: str = "cpu", kernel_choices: list[str] | No
     plan = Plan(graph, target, tuple(steps), len(slot), input_slots, tuple(get(v) for v in graph.outputs),
                 const_slots, kernel_names=counts)
     plan.node_kernels = node_kernels
+    plan.codegen_seconds = codegen_s
     plan.memory = memory if memory is not None else plan_memory(graph)
     return plan
 
