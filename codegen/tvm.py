@@ -5,8 +5,8 @@ one reduction or normalization, becomes one TensorIR function: every node is a
 ``te.compute`` stage built from the per-op table ``TE_OPS`` (OpKind -> expression builder),
 ``te.create_prim_func`` turns the stages into blocks, and the schedule template
 ``schedule_group`` inlines the injective blocks and parallelizes/vectorizes/unrolls what is
-left. The template's knobs are the search space declared beside it; ``build`` lowers one
-configuration to machine code for ``Target.arch`` (LLVM ``mcpu``).
+left (``kiln.codegen.schedules_cpu``). The template's knobs are the search space declared
+beside it; ``build`` lowers one configuration to machine code for ``Target.arch`` (LLVM ``mcpu``).
 
 Layouts: a channels-last operand or result is addressed in its physical NHWC order, so
 the kernel reads and writes the tensors the plan holds without a relayout copy.
@@ -23,8 +23,7 @@ import hashlib
 import math
 from typing import Callable
 
-from kiln.codegen.autotune import space
-from kiln.ir import LayoutKind, OpKind, TensorType
+from kiln.ir import ROW_MAJOR, LayoutKind, OpKind, TensorType
 from kiln.ir import attrs as A
 
 
@@ -58,10 +57,11 @@ def _is_float(dtype: str) -> bool:
 # ----------------------------------------------------------------------------- tensors
 class Operand:
     """A logical view of a rendered tensor: ``load(idx)`` gives its value (in its compute
-    dtype) at a logical index; ``shape`` is the logical shape; ``dtype`` the stored dtype."""
+    dtype) at a logical index; ``shape`` is the logical shape; ``dtype`` the stored dtype;
+    ``ttype`` the IR type of the value it renders (for type promotion), when it is one."""
 
-    def __init__(self, shape: tuple[int, ...], dtype: str, load: Callable):
-        self.shape, self.dtype, self._load = tuple(shape), dtype, load
+    def __init__(self, shape: tuple[int, ...], dtype: str, load: Callable, ttype: TensorType | None = None):
+        self.shape, self.dtype, self._load, self.ttype = tuple(shape), dtype, load, ttype
 
     def __call__(self, idx):
         return self._load(list(idx))
@@ -81,7 +81,7 @@ def _physical(shape, layout) -> tuple[tuple[int, ...], Callable]:
     raise Unsupported(f"layout {layout!r}")
 
 
-def _from_tensor(t, layout) -> Operand:
+def _from_tensor(t, layout, ttype: TensorType | None = None) -> Operand:
     """An Operand over a te tensor stored in ``layout`` (physical order)."""
     from tvm import tirx
 
@@ -96,7 +96,7 @@ def _from_tensor(t, layout) -> Operand:
         v = t(*to_phys(idx))
         return v if cd == dtype else tirx.Cast(cd, v)
 
-    return Operand(shape, dtype, load)
+    return Operand(shape, dtype, load, ttype)
 
 
 def _broadcast(x: Operand, out_shape) -> Callable:
@@ -637,9 +637,7 @@ def render(group):
         phys, _ = _physical(v.type.shape, v.type.layout)
         p = te.placeholder(phys, tvm_dtype(v.type), name=f"in{i}")
         placeholders.append(p)
-        env[v] = _from_tensor(p, v.type.layout)
-    for v in group.inputs:
-        env[v].ttype = v.type
+        env[v] = _from_tensor(p, v.type.layout, v.type)
     stage: dict = {}
     for j, n in enumerate(group.nodes):
         if len(n.outputs) != 1:
@@ -653,8 +651,8 @@ def render(group):
         layout = out.type.layout if out in group.outputs else None
         op = _materialize(expr, tuple(out.type.shape), dt, layout, f"n{j}")
         stage[out] = op
-        env[out] = op if isinstance(op, Operand) else _from_tensor(op, out.type.layout if layout else _ROW)
-        env[out].ttype = out.type
+        env[out] = Operand(op.shape, op.dtype, op._load, out.type) if isinstance(op, Operand) else \
+            _from_tensor(op, out.type.layout if layout else ROW_MAJOR, out.type)
     outs = []
     for v in group.outputs:
         t = stage[v]
@@ -664,132 +662,18 @@ def render(group):
     return placeholders, outs
 
 
-class _Row:
-    kind = LayoutKind.ROW_MAJOR
-
-
-_ROW = _Row()
-
-
 def _materialize(expr, shape, dtype, layout, name, force=False):
     """A te stage holding ``expr`` (cast to ``dtype``), in ``layout``'s physical order."""
     from tvm import te
 
     if isinstance(expr, Operand) and not force and layout is None:
         return expr  # a pure view (to_layout of a row-major intermediate): nothing to compute
-    phys, to_phys = _physical(shape, layout or _ROW)
+    phys, to_phys = _physical(shape, layout or ROW_MAJOR)
     if phys != tuple(shape):  # NHWC storage: physical (n, h, w, c) holds logical (n, c, h, w)
         return te.compute(phys, lambda n, h, w, c: _cast(expr([n, c, h, w]), dtype), name=name)
     if not shape:
         return te.compute((), lambda: _cast(expr([]), dtype), name=name)
     return te.compute(shape, lambda *i: _cast(expr(list(i)), dtype), name=name)
-
-
-# ----------------------------------------------------------------------------- the schedule template
-@space(vector=[16, 8, 32, 64], grain=[1 << 15, 1 << 12, 1 << 18], rvector=[16, 8, 0], unroll=[0, 4])
-def schedule_group(sch, outputs: list[str], config: dict, threads: int) -> None:
-    """Inline every injective stage into its consumers. Then each reduction block: split
-    its (fused) reduction loop into [outer, ``rvector`` lanes] and rfactor the lanes, so a
-    vectorized block accumulates ``rvector`` partial results per row and a short block
-    combines them; unroll the outer reduction loop by ``unroll``. Each spatial loop nest:
-    fuse, split into [parallel tasks of ``grain`` elements, ..., ``vector`` lanes] and
-    vectorize the lanes when they divide the extent. Parallel loops only when ``threads > 1``."""
-    for b in sch.get_child_blocks(sch.get_sblock("root")):
-        name = sch.get(b).name_hint
-        if name in outputs or _is_reduction(sch, b):
-            continue
-        sch.compute_inline(b)
-    for b in sch.get_child_blocks(sch.get_sblock("root")):
-        if _is_reduction(sch, b):
-            _schedule_reduction(sch, b, config, threads)
-        else:
-            _schedule_spatial(sch, b, config, threads)
-
-
-def _spatial_reduce_loops(sch, b):
-    loops = sch.get_loops(b)
-    n_spatial = sum(1 for iv in sch.get(b).iter_vars if int(iv.iter_type) == 0)
-    return loops[:n_spatial], loops[n_spatial:]
-
-
-def _extent(sch, loop) -> int:
-    return int(sch.get(loop).extent.value)
-
-
-def _fuse(sch, loops):
-    return loops[0] if len(loops) == 1 else sch.fuse(*loops)
-
-
-def _schedule_reduction(sch, b, config: dict, threads: int) -> None:
-    spatial, red = _spatial_reduce_loops(sch, b)
-    r = _fuse(sch, red)
-    rv = config["rvector"]
-    ext = _extent(sch, r)
-    if rv and ext % rv == 0 and ext >= 2 * rv:
-        ko, ki = sch.split(r, [None, rv])
-        rf = sch.rfactor(ki, 0)
-        rf_loops = sch.get_loops(rf)  # [spatial..., ko, ki]; ki is a spatial lane of the rf block
-        sch.vectorize(rf_loops[-1])
-        _unroll(sch, rf_loops[-2], config["unroll"])
-        _parallel_rows(sch, rf_loops[:len(spatial)], threads)
-        spatial = sch.get_loops(b)[:len(spatial)]  # the combining block: [spatial..., lanes]
-    else:
-        _unroll(sch, r, config["unroll"])
-    _parallel_rows(sch, spatial, threads)
-
-
-def _unroll(sch, loop, factor: int) -> None:
-    ext = _extent(sch, loop)
-    if factor and ext > factor and ext % factor == 0:
-        _, inner = sch.split(loop, [None, factor])
-        sch.unroll(inner)
-
-
-def _parallel_rows(sch, spatial, threads: int) -> None:
-    if not spatial:
-        return
-    fused = _fuse(sch, spatial)
-    if threads > 1 and _extent(sch, fused) > 1:
-        sch.parallel(fused)
-
-
-def _schedule_spatial(sch, b, config: dict, threads: int) -> None:
-    loops = sch.get_loops(b)
-    if not loops:
-        return
-    fused = _fuse(sch, loops)
-    extent = _extent(sch, fused)
-    vec = config["vector"]
-    if vec > 1 and extent % vec == 0 and extent > vec:
-        outer, lanes = sch.split(fused, [None, vec])
-        sch.vectorize(lanes)
-    else:
-        outer, vec = fused, 1
-    if threads > 1:
-        per_task = max(1, config["grain"] // vec)
-        if extent // vec > per_task:
-            po, _ = sch.split(outer, [None, per_task])
-            sch.parallel(po)
-
-
-def tune_space(group, threads: int):
-    """The template's space without knobs that cannot matter for ``group``: no task grain
-    on one thread (no parallel loop), no reduction unrolling without a reduction."""
-    from kiln.codegen.autotune import Space
-
-    anchored = any(n.op in _REDUCING for n in group.nodes)
-    axes = tuple((k, v[:1] if (k == "grain" and threads == 1) or (k in ("unroll", "rvector") and not anchored)
-                  else v)
-                 for k, v in schedule_group.tune_space.axes)
-    return Space(axes, schedule_group.tune_space.valid)
-
-
-_REDUCING = {OpKind.SUM, OpKind.MEAN, OpKind.MAX, OpKind.MIN, OpKind.SOFTMAX, OpKind.LOG_SOFTMAX,
-             OpKind.LAYER_NORM}
-
-
-def _is_reduction(sch, b) -> bool:
-    return any(int(iv.iter_type) != 0 for iv in sch.get(b).iter_vars)
 
 
 # ----------------------------------------------------------------------------- building
@@ -807,6 +691,8 @@ def build(group, config: dict, target, threads: int):
     import tvm
     from tvm import te
     import tvm.s_tir as s_tir
+
+    from .schedules_cpu import schedule_group
 
     placeholders, outs = render(group)
     func = te.create_prim_func(placeholders + outs).with_attr("global_symbol", "main")

@@ -203,7 +203,8 @@ def _best_time(fn, repeats: int = REPEATS) -> float:
 def generated_kernel(group, graph, target, threads: int, tune="fast", db=None) -> GeneratedKernel:
     """Tune (or take the tuning database's winner), compile (or load from the cache) and wrap."""
     from kiln.codegen.autotune import TuningKey, tune as run_tuner
-    from kiln.codegen.tvm import signature, signature_hash, tune_space
+    from kiln.codegen.schedules_cpu import tune_space
+    from kiln.codegen.tvm import signature, signature_hash
 
     sig = signature(group)
     key = TuningKey("tvm.group", f"{sig}\nthreads={threads}", target.key())
