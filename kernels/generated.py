@@ -265,26 +265,45 @@ def _as_list(out) -> list:
 
 
 # ----------------------------------------------------------------------------- the choice
-def choose_group(group, graph, kernel: GeneratedKernel, node_fns: list, threads: int) -> bool:
-    """Does the generated kernel beat running ``node_fns`` (the per-node choices) one by one?
-    It must first agree with the reference; results are memoized per process.
+# A group whose per-node kernels take less than this is left alone: a generated kernel could
+# save at most this much per call, while generating it costs a TVM import and a build at
+# compile time.
+WORTH_GENERATING_S = 25e-6
+
+
+def choose_group(group, graph, make_kernel, node_fns: list, threads: int) -> "GeneratedKernel | None":
+    """The generated kernel for ``group`` (``make_kernel(group)``, or None when it cannot be
+    generated) if it beats running ``node_fns`` (the per-node choices) one by one, else None.
+    It must first agree with the reference. Groups whose per-node time is below
+    ``WORTH_GENERATING_S`` are not generated at all. Decisions are memoized per process.
     ``KILN_GROUP_CHOICE=generated`` skips the timing (an agreeing generated kernel wins), for
     tests and debugging, as ``KILN_KERNEL_CHOICE=first`` does for per-node kernels."""
     from kiln.codegen.tvm import signature
 
-    memo = (signature(group), threads, kernel.name, os.environ.get("KILN_GROUP_CHOICE"), tuple(getattr(f, "__qualname__", repr(f)) for f in node_fns))
-    if memo in _CHOICE:
-        return _CHOICE[memo]
+    forced = os.environ.get("KILN_GROUP_CHOICE") == "generated"
+    memo = (signature(group), threads, forced, tuple(getattr(f, "__qualname__", repr(f)) for f in node_fns))
+    if memo in _CHOICE and not _CHOICE[memo]:
+        return None
     ins = group_inputs(group, graph)
     with torch.no_grad():
+        node_t = None
+        if not forced and memo not in _CHOICE:
+            node_t = _best_time(lambda: run_nodes(group, ins, node_fns))
+            if node_t < WORTH_GENERATING_S:
+                _CHOICE[memo] = False
+                return None
+        kernel = make_kernel(group)
+        if kernel is None:
+            _CHOICE[memo] = False
+            return None
+        if memo in _CHOICE:
+            return kernel
         try:
             ref = reference_outputs(group, ins)
             ok = _agrees(tuple(_as_list(kernel(ins))), tuple(ref))
         except Exception:
             ok = False
-        if ok and os.environ.get("KILN_GROUP_CHOICE") != "generated":
-            gen_t = _best_time(lambda: kernel(ins))
-            node_t = _best_time(lambda: run_nodes(group, ins, node_fns))
-            ok = gen_t < node_t
+        if ok and not forced:
+            ok = _best_time(lambda: kernel(ins)) < node_t
     _CHOICE[memo] = ok
-    return ok
+    return kernel if ok else None

@@ -204,10 +204,7 @@ def _generated(group, nodes, chosen, graph, kernel_choices, index, generate):
         if not all(r.startswith(KERNEL_PREFIX) for r in recorded):
             return None  # the cache says per-node kernels won
         return generate(group)  # the cache says this group runs generated: no measuring
-    gen = generate(group)
-    if gen is None:
-        return None
-    return gen if choose_group(group, graph, gen, [fn for _, fn in chosen], torch.get_num_threads()) else None
+    return choose_group(group, graph, generate, [fn for _, fn in chosen], torch.get_num_threads())
 
 
 def plan_memory(graph: Graph) -> MemoryStats | None:

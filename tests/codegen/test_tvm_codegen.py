@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -197,8 +198,9 @@ def test_a_generated_kernel_that_disagrees_never_wins():
             return super().__call__(ins, attrs) + 1e-2
 
     wrong = Wrong(good.func, group, "wrong", good.config, False)
-    fast_nodes = [lambda ins, a: ins[0]] * len(graph.nodes)  # never slower than anything
-    assert not generated.choose_group(group, graph, wrong, fast_nodes, 1)
+    # per-node kernels slow enough to be worth replacing: only the numbers can disqualify
+    slow_nodes = [lambda ins, a: (time.sleep(1e-3), ins[0])[1]] * len(graph.nodes)
+    assert generated.choose_group(group, graph, lambda g: wrong, slow_nodes, 1) is None
 
 
 class SmallModel(torch.nn.Module):
@@ -267,3 +269,13 @@ def test_compiled_module_cache_hit_in_new_process(tmp_path):
     warm = _compile_in_new_process(tmp_path)
     assert warm["ok"] and warm["hit"] and warm["generated"] == 1
     assert warm["built"] == 0 and not warm["tvm_imported"]  # loaded from the cache: no code generation
+
+
+def test_groups_too_cheap_to_gain_from_a_kernel_are_not_generated():
+    graph = one_op(OpKind.RELU, [(4, 8)])
+    group = whole_graph_group(graph)
+
+    def must_not_generate(g):
+        raise AssertionError("generated a kernel for a group that cannot gain from one")
+
+    assert generated.choose_group(group, graph, must_not_generate, [lambda ins, a: ins[0]], 1) is None
