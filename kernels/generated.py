@@ -268,7 +268,7 @@ def _as_list(out) -> list:
 # A group whose per-node kernels take less than this is left alone: a generated kernel could
 # save at most this much per call, while generating it costs a TVM import and a build at
 # compile time.
-WORTH_GENERATING_S = 25e-6
+WORTH_GENERATING_S = 10e-6
 
 
 def choose_group(group, graph, make_kernel, node_fns: list, threads: int) -> "GeneratedKernel | None":
