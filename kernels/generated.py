@@ -31,6 +31,7 @@ from kiln.ir import LayoutKind
 from .choice import REPEATS, _agrees, _random_like
 
 KERNEL_PREFIX = "tvm.group."
+ALIGNMENT = 64  # bytes: what TVM assumes of every buffer it is given
 # TVM's pool threads spin-wait for the next parallel loop by default, taking cores from the
 # torch/oneDNN kernels that run between generated ones: let them sleep at once instead
 os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
@@ -54,7 +55,12 @@ class GeneratedKernel:
         for t, nhwc in zip(ins, self.in_nhwc):
             if nhwc:
                 t = t.permute(0, 2, 3, 1)  # the physical NHWC order of a channels-last tensor
-            args.append(t if t.is_contiguous() else t.contiguous())
+            if not t.is_contiguous() or t.data_ptr() % ALIGNMENT:
+                # the generated code assumes compact buffers on TVM's 64-byte alignment (it
+                # uses aligned vector loads): views at an offset and foreign (numpy) memory
+                # are copied into a fresh torch allocation, which is 64-byte aligned
+                t = t.clone(memory_format=torch.contiguous_format)
+            args.append(t)
         outs, views = [], []
         for shape, dt, nhwc in self.outs:
             o = torch.empty(shape, dtype=dt, memory_format=torch.channels_last if nhwc else torch.contiguous_format)
