@@ -338,9 +338,10 @@ def _div(a, b, at: A.DivAttrs, cd):
 
     if at.rounding is A.Rounding.NONE:
         return a / b
-    if _is_float(cd):
-        return (tirx.trunc if at.rounding is A.Rounding.TRUNC else tirx.floor)(a / b)
-    return (tirx.truncdiv if at.rounding is A.Rounding.TRUNC else tirx.floordiv)(a, b)
+    if not _is_float(cd):
+        # torch raises on an integer division by zero; generated code would trap (SIGFPE)
+        raise Unsupported("integer division")
+    return (tirx.trunc if at.rounding is A.Rounding.TRUNC else tirx.floor)(a / b)
 
 
 @_binary(OpKind.POW)

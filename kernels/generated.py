@@ -294,7 +294,10 @@ def choose_group(group, graph, make_kernel, node_fns: list, threads: int) -> "Ge
     with torch.no_grad():
         node_t = None
         if not forced and memo not in _CHOICE:
-            node_t = _best_time(lambda: run_nodes(group, ins, node_fns))
+            try:
+                node_t = _best_time(lambda: run_nodes(group, ins, node_fns))
+            except Exception:  # noqa: BLE001  (e.g. an integer division by the random zeros)
+                node_t = 0.0  # nothing to compare against: keep the per-node kernels
             if node_t < WORTH_GENERATING_S:
                 _CHOICE[memo] = False
                 return None
