@@ -74,14 +74,13 @@ def _generator(graph: Graph, target: Target, tune):
     """``generate(group)``: the group's generated kernel (tuned within ``tune``), or None when
     the TensorIR renderer does not cover it or code generation fails (per-node kernels run)."""
     from kiln.codegen.tvm import supports
-    from kiln.ir import OpKind
     from kiln.kernels.generated import generated_kernel
 
-    views = {OpKind.RESHAPE, OpKind.EXPAND, OpKind.SLICE, OpKind.PERMUTE, OpKind.IDENTITY}
+    from kiln.ir import Category, opdef
 
     def generate(group):
-        if len(group.nodes) == 1 and group.nodes[0].op in views:
-            return None  # a lone view costs nothing in torch; a kernel would copy
+        if len(group.nodes) == 1 and opdef(group.nodes[0].op).category is Category.MOVEMENT:
+            return None  # a lone view or copy: torch does it in one pass already, nothing to fuse
         if supports(group) is not None:
             return None
         try:
