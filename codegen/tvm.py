@@ -27,6 +27,11 @@ from kiln.ir import ROW_MAJOR, LayoutKind, OpKind, TensorType
 from kiln.ir import attrs as A
 
 
+# Part of every compiled module's cache key: bump it when rendering or scheduling changes
+# the code generated for the same group and configuration.
+CODEGEN_VERSION = 2
+
+
 class Unsupported(Exception):
     """The group (an op, dtype, layout or dynamic shape) is outside what the renderer emits."""
 
@@ -245,7 +250,9 @@ def _gelu(v, a: A.GeluAttrs, cd):
 
     half, one = _const(0.5, cd), _const(1.0, cd)
     if a.approximate is A.GeluApprox.NONE:
-        return half * v * (one + tirx.erf(v * _const(1 / math.sqrt(2), cd)))
+        exact = half * v * (one + tirx.erf(v * _const(1 / math.sqrt(2), cd)))
+        # torch's gelu gives NaN at +-inf (the formula alone gives inf at +inf): match it
+        return tirx.Select(tirx.isinf(v), _const(float("nan"), cd), exact)
     inner = _const(math.sqrt(2 / math.pi), cd) * (v + _const(0.044715, cd) * v * v * v)
     return half * v * (one + tirx.tanh(inner))
 
@@ -538,9 +545,14 @@ def _layer_norm(ctx, ins, a: A.LayerNormAttrs, out):
     w = ins[1] if len(ins) > 1 and ins[1] is not None else None
     b = ins[2] if len(ins) > 2 and ins[2] is not None else None
     cd = _acc(x)
-    axes = tuple(range(len(x.shape) - a.normalized_ndim, len(x.shape)))
-    inv_n = _const(1.0 / math.prod(x.shape[i] for i in axes), cd)
-    mean = ctx.reduce("sum", x, x.shape, axes, cd)
+    xd = x
+
+    def x(i):
+        return _cast(xd(i), cd)
+
+    axes = tuple(range(len(xd.shape) - a.normalized_ndim, len(xd.shape)))
+    inv_n = _const(1.0 / math.prod(xd.shape[i] for i in axes), cd)
+    mean = ctx.reduce("sum", x, xd.shape, axes, cd)
 
     def keep(idx):
         return [0 if d in axes else i for d, i in enumerate(idx)]
@@ -548,16 +560,18 @@ def _layer_norm(ctx, ins, a: A.LayerNormAttrs, out):
     def centered(i):
         return x(i) - mean(keep(i)) * inv_n
 
-    var = ctx.reduce("sum", lambda i: centered(i) * centered(i), x.shape, axes, cd)
-    off = len(x.shape) - a.normalized_ndim
+    var = ctx.reduce("sum", lambda i: centered(i) * centered(i), xd.shape, axes, cd)
+    off = len(xd.shape) - a.normalized_ndim
 
     def at(idx):
-        v = centered(idx) * tirx.rsqrt(var(keep(idx)) * inv_n + _const(a.eps, cd))
+        s2 = var(keep(idx))
+        v = centered(idx) * tirx.rsqrt(s2 * inv_n + _const(a.eps, cd))
         if w is not None:
-            v = v * w(idx[off:])
+            v = v * _cast(w(idx[off:]), cd)
         if b is not None:
-            v = v + b(idx[off:])
-        return v
+            v = v + _cast(b(idx[off:]), cd)
+        # a variance that overflows (inputs near 1e30) gives NaN in torch, not zeros
+        return tirx.Select(tirx.isinf(s2), _const(float("nan"), cd), v)
     return at
 
 

@@ -126,8 +126,9 @@ def module_key(signature: str, config: dict, target, threads: int) -> str:
     """What determines the machine code: the group, the schedule config, the target (CPU
     name and ISA features), the thread count (parallel loops or none) and the versions."""
     from kiln import __version__
+    from kiln.codegen.tvm import CODEGEN_VERSION
 
-    parts = [__version__, _tvm_version(), signature, json.dumps(config, sort_keys=True), target.key(), str(threads)]
+    parts = [__version__, str(CODEGEN_VERSION), _tvm_version(), signature, json.dumps(config, sort_keys=True), target.key(), str(threads)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
