@@ -19,7 +19,9 @@ import torch
 
 from kiln.demo import first_tensor
 
-ENGINES = ("eager", "inductor", "onnxruntime", "tvm", "kiln", "kiln_bf16")
+ENGINES = ("eager", "inductor", "onnxruntime", "tvm", "kiln", "kiln_bf16", "kiln_nocodegen")
+# kiln_nocodegen: Kiln with generated (TVM) group kernels off, to see what they add; not run by default
+DEFAULT_ENGINES = ENGINES[:-1]
 
 
 def _inductor(model, inputs):
@@ -101,7 +103,7 @@ def bench_model(name: str, factory_kwargs: dict, engines, threads_list, repeats:
         for e in engines:
             if e == "eager":
                 continue
-            key = e if e in ("inductor", "kiln", "kiln_bf16") else f"{e}@{threads}"  # ORT/TVM bind threads
+            key = e if e in ("inductor", "kiln", "kiln_bf16", "kiln_nocodegen") else f"{e}@{threads}"  # ORT/TVM bind threads
             if key not in built and e not in errors:
                 log(f"{name}: building {e} ({threads} thread(s))")
                 t = time.perf_counter()
@@ -118,6 +120,8 @@ def bench_model(name: str, factory_kwargs: dict, engines, threads_list, repeats:
                         compile_s["kiln_warm"] = warm
                     elif e == "kiln_bf16":
                         built[key] = _kiln(model, inputs, precision="bf16")[0]
+                    elif e == "kiln_nocodegen":
+                        built[key] = _kiln(model, inputs, codegen=False)[0]
                 except Exception as ex:  # a peer that cannot run this model is reported, not fatal
                     errors[e] = f"{type(ex).__name__}: {str(ex).strip().splitlines()[0][:200] if str(ex).strip() else ''}"
                     continue
@@ -145,7 +149,7 @@ def bench_model(name: str, factory_kwargs: dict, engines, threads_list, repeats:
                     fns[e](*inputs)
                     times[e].append((time.perf_counter() - t) * 1e3)
         med = {e: statistics.median(v) for e, v in times.items()}
-        peers = [med[e] for e in med if e not in ("eager", "kiln", "kiln_bf16")]
+        peers = [med[e] for e in med if e not in ("eager", "kiln", "kiln_bf16", "kiln_nocodegen")]
         row = {"median_ms": med, "max_abs_err": errs,
                "kiln_bf16_vs_eager": med["eager"] / med["kiln_bf16"] if "kiln_bf16" in med else None,
                "kiln_vs_eager": med["eager"] / med["kiln"] if "kiln" in med else None,
@@ -165,7 +169,7 @@ def run(names=None, quick: bool = False, engines=None, threads=(1, 2), repeats: 
 
     from kiln.progress import progress
 
-    engines = list(engines or ([e for e in ENGINES if e != "tvm"] if quick else ENGINES))
+    engines = list(engines or ([e for e in DEFAULT_ENGINES if e != "tvm"] if quick else DEFAULT_ENGINES))
     configs = QUICK if quick else FULL
     names = names or list(configs)
     repeats = repeats or (5 if quick else 20)

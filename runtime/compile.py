@@ -13,7 +13,14 @@ from kiln.target import Target
 from . import cache
 from .plan import Plan, build_plan
 
-OPTIONS = {"passes", "precision", "sparse"}
+OPTIONS = {"passes", "precision", "sparse", "tune", "codegen"}
+# tune: how long generated kernels may autotune ("none" | "fast" | "max" | seconds per kernel
+# group); codegen: whether kernel groups may run as generated (TVM) kernels at all.
+# The default is "none": the schedule template's default configuration (or the tuning
+# database's winner when an earlier compile tuned the group). A cold compile already pays
+# for importing TVM and building one module per distinct group; "fast" adds up to 8
+# builds and measurements per group, about as much again, for kernels that are memory-bound
+# and gain little from tuning. Users who compile once and run long ask for "fast" or "max".
 PRECISIONS = ("fp32", "bf16")
 # Sparse weights are compressed only where measurement shows the sparse kernel faster
 # (passes/sparsity.py), so "auto" is safe as the default: dense models pay a zero count.
@@ -21,13 +28,17 @@ DEFAULT_SPARSE = "auto"
 
 
 def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, precision: str = "fp32",
-                  sparse: str = DEFAULT_SPARSE, **options) -> tuple[Plan, Graph]:
+                  sparse: str = DEFAULT_SPARSE, tune="none", codegen: bool = True,
+                  **options) -> tuple[Plan, Graph]:
     target = Target.parse(target)
     unknown = set(options) - OPTIONS
     if unknown:
         raise KilnError(f"unknown kiln.compile option(s): {', '.join(sorted(unknown))}")
     if precision not in PRECISIONS:
         raise KilnError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    from kiln.codegen.autotune import Budget
+
+    Budget.parse(tune)  # a bad value fails here, before any work
     from kiln.ir import structural_hash
     from kiln.passes.pipeline import run_pipeline
     from kiln.passes.sparsity import parse_mode
@@ -45,7 +56,7 @@ def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, pre
     # deterministic: it reruns, and its result must hash to what the entry recorded.
     key = cache.make_key(structural_hash(graph, include_constants=False), target,
                          {"passes": passes, "precision": precision, "threads": torch.get_num_threads(),
-                          "sparse": sparse}) \
+                          "sparse": sparse, "tune": tune, "codegen": codegen}) \
         if cache.enabled() else None
     from kiln.kernels.sparse import measure
 
@@ -70,13 +81,15 @@ def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, pre
         plan = build_gpu_plan(result.graph, result.partition, target)
         plan.pass_records, plan.memory = result.records, memory
         return plan, result.graph
-    plan = build_plan(result.graph, target.kind, kernel_choices=hit["kernels"] if hit else None, memory=memory)
+    generate = _generator(result.graph, target, tune) if codegen and target.kind == "cpu" else None
+    plan = build_plan(result.graph, target.kind, kernel_choices=hit["kernels"] if hit else None, memory=memory,
+                      partition=result.partition, generate=generate)
     plan.partition = result.partition
     plan.pass_records = result.records
     plan.cache_hit = hit is not None
     plan.sparsity = sparse_log
     if key and hit is None:
-        cache.store(key, {"optimized": optimized_hash, "kernels": [s.kernel for s in plan.steps]})
+        cache.store(key, {"optimized": optimized_hash, "kernels": plan.node_kernels})
     return plan, result.graph
 
 
@@ -96,6 +109,27 @@ def _guard_sparse(graph, result, passes, precision, target, sparse_log):
             if not wins:
                 d.format = "dense"
     return result if wins else dense
+
+
+def _generator(graph: Graph, target: Target, tune):
+    """``generate(group)``: the group's generated kernel (tuned within ``tune``), or None when
+    the TensorIR renderer does not cover it or code generation fails (per-node kernels run)."""
+    from kiln.codegen.tvm import supports
+    from kiln.kernels.generated import generated_kernel
+
+    from kiln.ir import Category, opdef
+
+    def generate(group):
+        if len(group.nodes) == 1 and opdef(group.nodes[0].op).category is Category.MOVEMENT:
+            return None  # a lone view or copy: torch does it in one pass already, nothing to fuse
+        if supports(group) is not None:
+            return None
+        try:
+            return generated_kernel(group, graph, target, torch.get_num_threads(), tune)
+        except Exception:  # noqa: BLE001  (a group that fails to generate runs node by node)
+            return None
+
+    return generate
 
 
 def available_memory() -> int:

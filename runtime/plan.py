@@ -6,6 +6,7 @@ per-call cost is a loop over prebuilt tuples. Buffers die right after their last
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +50,8 @@ class Plan:
     memory: MemoryStats | None = None
     kernel_names: dict[str, int] = field(default_factory=dict)
     partition: object = None  # kiln.passes.partition.Partition, when the pipeline ran
+    node_kernels: list = field(default_factory=list)  # the kernel each node runs in (cached choices)
+    codegen_seconds: float = 0.0  # spent generating, tuning, loading and choosing group kernels
     pass_records: list = field(default_factory=list)
     cache_hit: bool = False
     sparsity: list = field(default_factory=list)  # passes.sparsity.SparseDecision per layer considered
@@ -89,8 +92,14 @@ def run_all(graph: Graph, inputs: list[torch.Tensor], target: str = "reference")
 
 
 def build_plan(graph: Graph, target: str = "cpu", kernel_choices: list[str] | None = None,
-               memory: "MemoryStats | None" = None) -> Plan:
-    """``kernel_choices`` (one kernel name per node, from the compile cache) skips measuring."""
+               memory: "MemoryStats | None" = None, partition=None, generate=None) -> Plan:
+    """``kernel_choices`` (one kernel name per node, from the compile cache) skips measuring.
+
+    With a ``partition`` and a ``generate(group) -> GeneratedKernel | None`` (see
+    ``kiln.kernels.generated``), each kernel group can run as one generated kernel: it does
+    when ``kernel_choices`` says so, else when it beats the group's per-node kernels by
+    measurement. Steps then follow the partition's group order (a valid execution order).
+    """
     slot: dict[Value, int] = {}
 
     def get(v: Value) -> int:
@@ -100,28 +109,103 @@ def build_plan(graph: Graph, target: str = "cpu", kernel_choices: list[str] | No
 
     input_slots = tuple(get(v) for v in graph.inputs)
     const_slots = tuple((get(v), t) for v, t in graph.constants.items())
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    node_kernels: list[str] = [""] * len(graph.nodes)
+    units: list[tuple] = []  # (kernel name, fn, attrs, inputs, outputs, node)
+    codegen_s = 0.0
+    for nodes, gen_group in _units(graph, partition, generate is not None and target != "reference"):
+        chosen = []
+        for n in nodes:
+            cands = candidates(n, target)
+            recorded = kernel_choices[index[n]] if kernel_choices is not None and index[n] < len(kernel_choices) \
+                else None
+            if recorded is not None:
+                cands = [k for k in cands if k.name == recorded] or cands
+            chosen.append(choose(n, cands, [None if v is None else graph.constants.get(v) for v in n.inputs]))
+        t0 = time.perf_counter()
+        gen = _generated(gen_group, nodes, chosen, graph, kernel_choices, index, generate)
+        codegen_s += time.perf_counter() - t0
+        if gen is not None:
+            for n in nodes:
+                node_kernels[index[n]] = gen.name
+            units.append((gen.name, gen, None, tuple(gen_group.inputs), tuple(gen_group.outputs), nodes[-1]))
+            continue
+        for n, (k, fn) in zip(nodes, chosen):
+            node_kernels[index[n]] = k.name
+            units.append((k.name, fn, n.attrs, n.inputs, n.outputs, n))
     last_use: dict[Value, int] = {}
-    for i, n in enumerate(graph.nodes):
-        for v in n.inputs:
+    for i, u in enumerate(units):
+        for v in u[3]:
             if v is not None:
                 last_use[v] = i
     keep = set(graph.outputs) | set(graph.inputs) | set(graph.constants)
     steps, counts = [], {}
-    for i, n in enumerate(graph.nodes):
-        cands = candidates(n, target)
-        if kernel_choices is not None and i < len(kernel_choices):
-            cands = [k for k in cands if k.name == kernel_choices[i]] or cands
-        k, fn = choose(n, cands, [None if v is None else graph.constants.get(v) for v in n.inputs])
-        counts[k.name] = counts.get(k.name, 0) + 1
-        outs = tuple(get(v) for v in n.outputs)
-        dead = [v for v in n.inputs if v is not None and last_use.get(v) == i and v not in keep]
-        dead += [v for v in n.outputs if v not in last_use and v not in keep]  # never used
-        steps.append(Step(fn, n.attrs, tuple(None if v is None else get(v) for v in n.inputs), outs,
-                          tuple(sorted({slot[v] for v in dead})), n, k.name))
+    for i, (name, fn, attrs, ins, outs_v, node) in enumerate(units):
+        counts[name] = counts.get(name, 0) + 1
+        outs = tuple(get(v) for v in outs_v)
+        dead = [v for v in ins if v is not None and last_use.get(v) == i and v not in keep]
+        dead += [v for v in outs_v if v not in last_use and v not in keep]  # never used
+        steps.append(Step(fn, attrs, tuple(None if v is None else get(v) for v in ins), outs,
+                          tuple(sorted({slot[v] for v in dead})), node, name))
     plan = Plan(graph, target, tuple(steps), len(slot), input_slots, tuple(get(v) for v in graph.outputs),
                 const_slots, kernel_names=counts)
+    plan.node_kernels = node_kernels
+    plan.codegen_seconds = codegen_s
     plan.memory = memory if memory is not None else plan_memory(graph)
     return plan
+
+
+_GENERATED_KINDS = ("injective", "reduction")
+
+
+def _units(graph: Graph, partition, generating: bool):
+    """(nodes, group that may run as one generated kernel or None), in execution order."""
+    if partition is None or not generating:
+        for n in graph.nodes:
+            yield [n], None
+        return
+    for g in partition.groups:
+        if g.kind in _GENERATED_KINDS:
+            yield list(g.nodes), g
+        elif g.kind == "compute" and len(g.nodes) > 1:
+            # the anchor keeps its library kernel; the injective consumers after it may be generated
+            yield [g.nodes[0]], None
+            yield list(g.nodes[1:]), subgroup(graph, g, g.nodes[1:])
+        else:
+            yield list(g.nodes), None
+
+
+def subgroup(graph: Graph, group, nodes: list[Node]):
+    """A kernel group of ``nodes`` (a suffix of ``group``): inputs and outputs recomputed."""
+    from kiln.passes.partition import KernelGroup
+
+    inside = {o for n in nodes for o in n.outputs}
+    users_outside = set(graph.outputs)
+    members = set(nodes)
+    for n in graph.nodes:
+        if n not in members:
+            users_outside.update(v for v in n.inputs if v in inside)
+    ins: list[Value] = []
+    for n in nodes:
+        for v in n.inputs:
+            if v is not None and v not in inside and v not in ins:
+                ins.append(v)
+    kind = "injective"
+    return KernelGroup(group.id, kind, list(nodes), ins, [o for n in nodes for o in n.outputs if o in users_outside])
+
+
+def _generated(group, nodes, chosen, graph, kernel_choices, index, generate):
+    """The generated kernel for ``group`` if it runs as one (recorded choice or measured win)."""
+    if group is None:
+        return None
+    from kiln.kernels.generated import KERNEL_PREFIX, choose_group
+
+    recorded = [kernel_choices[index[n]] for n in nodes if kernel_choices is not None and index[n] < len(kernel_choices)]
+    if recorded and len(recorded) == len(nodes):
+        if not all(r.startswith(KERNEL_PREFIX) for r in recorded):
+            return None  # the cache says per-node kernels won
+        return generate(group)  # the cache says this group runs generated: no measuring
+    return choose_group(group, graph, generate, [fn for _, fn in chosen], torch.get_num_threads())
 
 
 def plan_memory(graph: Graph) -> MemoryStats | None:

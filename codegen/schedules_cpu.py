@@ -1,0 +1,116 @@
+"""The CPU schedule template for generated kernel groups, with its search space.
+
+``schedule_group`` takes the TensorIR of a rendered group (``kiln.codegen.tvm.render``):
+injective stages are inlined, reductions are rfactored into vectorized partial results,
+spatial loop nests are fused, vectorized and split into parallel tasks. The knobs are the
+space declared beside it with ``@space``; ``tune_space`` drops the knobs that cannot matter
+for a given group and thread count, so the tuner does not measure duplicates.
+"""
+from __future__ import annotations
+
+from kiln.codegen.autotune import Space, space
+from kiln.ir import OpKind
+
+
+@space(vector=[16, 8, 32, 64], grain=[1 << 15, 1 << 12, 1 << 18], rvector=[16, 8, 0], unroll=[0, 4])
+def schedule_group(sch, outputs: list[str], config: dict, threads: int) -> None:
+    """Inline every injective stage into its consumers. Then each reduction block: split
+    its (fused) reduction loop into [outer, ``rvector`` lanes] and rfactor the lanes, so a
+    vectorized block accumulates ``rvector`` partial results per row and a short block
+    combines them; unroll the outer reduction loop by ``unroll``. Each spatial loop nest:
+    fuse, split into [parallel tasks of ``grain`` elements, ..., ``vector`` lanes] and
+    vectorize the lanes when they divide the extent. Parallel loops only when ``threads > 1``."""
+    for b in sch.get_child_blocks(sch.get_sblock("root")):
+        name = sch.get(b).name_hint
+        if name in outputs or _is_reduction(sch, b):
+            continue
+        sch.compute_inline(b)
+    for b in sch.get_child_blocks(sch.get_sblock("root")):
+        if _is_reduction(sch, b):
+            _schedule_reduction(sch, b, config, threads)
+        else:
+            _schedule_spatial(sch, b, config, threads)
+
+
+def _spatial_reduce_loops(sch, b):
+    loops = sch.get_loops(b)
+    n_spatial = sum(1 for iv in sch.get(b).iter_vars if int(iv.iter_type) == 0)
+    return loops[:n_spatial], loops[n_spatial:]
+
+
+def _extent(sch, loop) -> int:
+    return int(sch.get(loop).extent.value)
+
+
+def _fuse(sch, loops):
+    return loops[0] if len(loops) == 1 else sch.fuse(*loops)
+
+
+def _schedule_reduction(sch, b, config: dict, threads: int) -> None:
+    spatial, red = _spatial_reduce_loops(sch, b)
+    r = _fuse(sch, red)
+    rv = config["rvector"]
+    ext = _extent(sch, r)
+    if rv and ext % rv == 0 and ext >= 2 * rv:
+        ko, ki = sch.split(r, [None, rv])
+        rf = sch.rfactor(ki, 0)
+        rf_loops = sch.get_loops(rf)  # [spatial..., ko, ki]; ki is a spatial lane of the rf block
+        sch.vectorize(rf_loops[-1])
+        _unroll(sch, rf_loops[-2], config["unroll"])
+        _parallel_rows(sch, rf_loops[:len(spatial)], threads)
+        spatial = sch.get_loops(b)[:len(spatial)]  # the combining block: [spatial..., lanes]
+    else:
+        _unroll(sch, r, config["unroll"])
+    _parallel_rows(sch, spatial, threads)
+
+
+def _unroll(sch, loop, factor: int) -> None:
+    ext = _extent(sch, loop)
+    if factor and ext > factor and ext % factor == 0:
+        _, inner = sch.split(loop, [None, factor])
+        sch.unroll(inner)
+
+
+def _parallel_rows(sch, spatial, threads: int) -> None:
+    if not spatial:
+        return
+    fused = _fuse(sch, spatial)
+    if threads > 1 and _extent(sch, fused) > 1:
+        sch.parallel(fused)
+
+
+def _schedule_spatial(sch, b, config: dict, threads: int) -> None:
+    loops = sch.get_loops(b)
+    if not loops:
+        return
+    fused = _fuse(sch, loops)
+    extent = _extent(sch, fused)
+    vec = config["vector"]
+    if vec > 1 and extent % vec == 0 and extent > vec:
+        outer, lanes = sch.split(fused, [None, vec])
+        sch.vectorize(lanes)
+    else:
+        outer, vec = fused, 1
+    if threads > 1:
+        per_task = max(1, config["grain"] // vec)
+        if extent // vec > per_task:
+            po, _ = sch.split(outer, [None, per_task])
+            sch.parallel(po)
+
+
+def tune_space(group, threads: int):
+    """The template's space without knobs that cannot matter for ``group``: no task grain
+    on one thread (no parallel loop), no reduction unrolling without a reduction."""
+    anchored = any(n.op in _REDUCING for n in group.nodes)
+    axes = tuple((k, v[:1] if (k == "grain" and threads == 1) or (k in ("unroll", "rvector") and not anchored)
+                  else v)
+                 for k, v in schedule_group.tune_space.axes)
+    return Space(axes, schedule_group.tune_space.valid)
+
+
+_REDUCING = {OpKind.SUM, OpKind.MEAN, OpKind.MAX, OpKind.MIN, OpKind.SOFTMAX, OpKind.LOG_SOFTMAX,
+             OpKind.LAYER_NORM}
+
+
+def _is_reduction(sch, b) -> bool:
+    return any(int(iv.iter_type) != 0 for iv in sch.get(b).iter_vars)
