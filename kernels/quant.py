@@ -80,7 +80,9 @@ _INT4PACK = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
 
 def _int4_ok(node: Node) -> bool:
-    return _INT4PACK and node.attrs.bits == 4 and node.inputs[0].type.is_static
+    # torch's packing wants N a multiple of 16
+    return (_INT4PACK and node.attrs.bits == 4 and node.inputs[0].type.is_static and
+            node.inputs[1].shape[0] % 16 == 0)
 
 
 def _prepare_int4(node: Node, consts: list):

@@ -1,9 +1,9 @@
 """The pass pipeline: one explicit, ordered list of named phases.
 
-    canonicalize -> fold -> fuse -> precision -> layout -> partition
+    canonicalize -> fold -> fuse -> precision -> quantize -> layout -> partition
 
-(quantize and sparsify slot in before partition as that work lands; ``precision`` runs
-only for ``precision="bf16"``.) ``run_pipeline``
+(sparsify slots in before partition as that work lands; ``precision`` runs only for
+``precision="bf16"``, ``quantize`` only for ``quantize="int8-..."/"int4-weight"``.) ``run_pipeline``
 runs them in order; ``select`` chooses phases or single passes by name, and a name
 prefixed with ``-`` skips it. Every pass run is timed and counted; ``on_pass`` receives
 (pass record, graph before, graph after) so the dump tool can show what each pass did.
@@ -18,10 +18,11 @@ from typing import Callable, Iterable
 
 from kiln.ir import Graph, verify
 
-from . import attention, epilogue, fold, precision, recognize, rnn, simplify
+from . import attention, epilogue, fold, precision, quantize, recognize, rnn, simplify
 from .cse import cse
 from .layout import channels_last
 from .partition import Partition, partition, verify_partition
+from .quantize_payoff import quantize_pass
 from .rewrite import dead_code_elimination, rewrite
 
 
@@ -30,6 +31,7 @@ class Pass:
     name: str
     fn: Callable[[Graph], Graph]
     when: Callable[[dict], bool] | None = None  # runs only for compile options it accepts
+    with_options: bool = False  # fn(graph, options): passes that need compile-time inputs
 
 
 def rules_pass(name: str, rules, when=None) -> Pass:
@@ -38,6 +40,10 @@ def rules_pass(name: str, rules, when=None) -> Pass:
 
 def _bf16(options: dict) -> bool:
     return options.get("precision") == "bf16"
+
+
+def _quantize(options: dict) -> bool:
+    return options.get("quantize") in quantize.SCHEMES
 
 
 CLEANUP = [rules_pass("simplify", simplify.RULES), Pass("cse", cse), Pass("dce", dead_code_elimination)]
@@ -49,6 +55,8 @@ PHASES: list[tuple[str, list[Pass]]] = [
               rules_pass("rnn", rnn.RULES), rules_pass("constant_fold", fold.CONSTANT_FOLD),
               rules_pass("epilogue", epilogue.RULES), *CLEANUP]),
     ("precision", [rules_pass("bf16", precision.RULES, when=_bf16), *[Pass(p.name, p.fn, _bf16) for p in CLEANUP]]),
+    ("quantize", [Pass("quantize", quantize_pass, _quantize, with_options=True),
+                  *[Pass(p.name, p.fn, _quantize) for p in CLEANUP]]),
     ("layout", [Pass("channels_last", channels_last)]),
     ("partition", []),  # the cut into kernel groups; it does not rewrite the graph
 ]
@@ -112,7 +120,7 @@ def run_pipeline(graph: Graph, select: Iterable[str] | None = None,
             if not on(phase, p.name) or (p.when is not None and not p.when(options)):
                 continue
             t = time.perf_counter()
-            after = p.fn(graph)
+            after = p.fn(graph, options) if p.with_options else p.fn(graph)
             rec = PassRecord(phase, p.name, time.perf_counter() - t, len(graph.nodes), len(after.nodes))
             records.append(rec)
             if verify_each:

@@ -15,6 +15,11 @@ from .plan import Plan, build_plan
 
 OPTIONS = {"passes", "precision"}
 PRECISIONS = ("fp32", "bf16")
+# quantization (passes/quantize*.py): scheme, calibration batches (lists of graph inputs),
+# observer, int4 group size, SQNR floor, whether to time layers, a list receiving decisions
+OPTIONS |= {"quantize", "calibration", "observer", "group_size", "min_sqnr", "quantize_payoff",
+            "quantize_report"}
+QUANTIZE = ("none", "int8-dynamic", "int8-static", "int8-weight", "int4-weight")
 
 
 def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, precision: str = "fp32",
@@ -25,6 +30,7 @@ def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, pre
         raise KilnError(f"unknown kiln.compile option(s): {', '.join(sorted(unknown))}")
     if precision not in PRECISIONS:
         raise KilnError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    pipeline_options = {"precision": precision, **_quantize_options(options, target)}
     from kiln.ir import structural_hash
     from kiln.passes.pipeline import run_pipeline
 
@@ -35,11 +41,13 @@ def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, pre
     # land), keyed by the graph's structure and shapes. The pipeline itself is cheap and
     # deterministic: it reruns, and its result must hash to what the entry recorded.
     key = cache.make_key(structural_hash(graph, include_constants=False), target,
-                         {"passes": passes, "precision": precision, "threads": torch.get_num_threads()}) \
+                         {"passes": passes, "precision": precision, "threads": torch.get_num_threads(),
+                          **{k: v for k, v in options.items()
+                             if k not in ("calibration", "quantize_report")}}) \
         if cache.enabled() else None
     try:
         result = run_pipeline(graph, select=passes, verify_each=os.environ.get("KILN_VERIFY") == "1",
-                              options={"precision": precision})
+                              options=pipeline_options)
     except ValueError as e:
         raise KilnError(str(e)) from None
     optimized_hash = structural_hash(result.graph, include_constants=False)
@@ -55,6 +63,33 @@ def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, pre
     if key and hit is None:
         cache.store(key, {"optimized": optimized_hash, "kernels": [s.kernel for s in plan.steps]})
     return plan, result.graph
+
+
+def _quantize_options(options: dict, target) -> dict:
+    scheme = options.get("quantize") or "none"
+    if scheme not in QUANTIZE:
+        raise KilnError(f"quantize must be one of {', '.join(QUANTIZE)}, got {scheme!r}")
+    if scheme == "none":
+        extra = sorted(k for k in options if k not in ("quantize", "passes"))
+        if extra:
+            raise KilnError(f"option(s) {', '.join(extra)} need quantize=...")
+        return {}
+    from kiln.passes.calibrate import OBSERVERS
+
+    from .quant_exec import QuantExecutor
+
+    cal = options.get("calibration")
+    if scheme == "int8-static" and not cal:
+        raise KilnError("quantize='int8-static' needs calibration=[inputs, ...] (a few representative batches)")
+    if scheme != "int8-static" and options.get("observer") is not None:
+        raise KilnError(f"observer= applies to quantize='int8-static', not {scheme!r}")
+    if options.get("observer", "minmax") not in OBSERVERS:
+        raise KilnError(f"observer must be one of {', '.join(OBSERVERS)}, got {options['observer']!r}")
+    if options.get("group_size") is not None and (scheme != "int4-weight" or options["group_size"] not in (32, 64, 128)):
+        raise KilnError("group_size (32, 64 or 128) applies to quantize='int4-weight' only")
+    out = {k: v for k, v in options.items() if k != "passes"}
+    out["quant_executor"] = QuantExecutor(target.kind)
+    return out
 
 
 def available_memory() -> int:
