@@ -64,7 +64,7 @@ class Observer:
 
 def entropy_threshold(x: torch.Tensor, bins: int = 2048, levels: int = 128) -> float:
     """The threshold T minimizing KL(P || Q): P the histogram of |x| clipped to [0, T]
-    (outliers folded into the last bin), Q that histogram merged into ``levels`` bins and
+    (outliers folded into the last bin), Q the bins below T merged into ``levels`` bins and
     expanded back over the nonzero bins."""
     amax = float(x.max()) if x.numel() else 0.0
     if amax == 0.0:
@@ -76,10 +76,12 @@ def entropy_threshold(x: torch.Tensor, bins: int = 2048, levels: int = 128) -> f
         p = hist[:i].clone()
         p[-1] += hist[i:].sum()  # clipped outliers land in the last bin
         idx = torch.arange(i) * levels // i  # which of the `levels` merged bins each bin joins
-        used = (p > 0).double()
-        merged = torch.zeros(levels, dtype=torch.float64).index_add_(0, idx, p)
+        used = (hist[:i] > 0).double()
+        # Q: the unclipped bins merged to `levels` values (what 8 bits can hold), spread back
+        # evenly over the nonzero bins; the clipped mass is missing from Q, not from P
+        merged = torch.zeros(levels, dtype=torch.float64).index_add_(0, idx, hist[:i])
         counts = torch.zeros(levels, dtype=torch.float64).index_add_(0, idx, used)
-        q = (merged / counts.clamp(min=1))[idx] * used  # spread evenly over the nonzero bins
+        q = (merged / counts.clamp(min=1))[idx] * used
         nz = p > 0
         ps, qs = p[nz] / p.sum(), q[nz]
         if bool((qs <= 0).any()):

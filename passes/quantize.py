@@ -40,6 +40,14 @@ def _opt(n: Node, i: int) -> Value | None:
     return n.inputs[i] if len(n.inputs) > i else None
 
 
+def _operands(*vs):
+    """Optional trailing operands that are absent are left off."""
+    vs = list(vs)
+    while vs and vs[-1] is None:
+        vs.pop()
+    return vs
+
+
 def eligible(n: Node, consts, scheme: str, group_size: int = 128) -> bool:
     """A float32 LINEAR (or, for int8-static, CONV2D) with a constant weight."""
     if n.op not in (OpKind.LINEAR, OpKind.CONV2D):
@@ -116,7 +124,7 @@ def _dynamic(plan: QuantPlan):
     def fn(m, rw):
         n = m.root
         wq, ws = _weights(rw, n.inputs[1])
-        y = rw.add(OpKind.QLINEAR_DYNAMIC, n.inputs[0], wq, ws, _opt(n, 2), _opt(n, 3),
+        y = rw.add(OpKind.QLINEAR_DYNAMIC, *_operands(n.inputs[0], wq, ws, _opt(n, 2), _opt(n, 3)),
                    attrs=A.QLinearDynamicAttrs(n.attrs.activation))
         return _finish(rw, plan, n, y)
     return fn
@@ -131,8 +139,8 @@ def _weight_only(plan: QuantPlan, bits: int):
         else:
             q, s = QF.quantize_weight_int4(w, plan.group_size)
         attrs = A.WeightOnlyAttrs(bits, 0 if bits == 8 else plan.group_size, n.attrs.activation)
-        y = rw.add(OpKind.LINEAR_WEIGHT_ONLY, n.inputs[0], rw.const(q, "w_q"), rw.const(s, "w_scale"),
-                   _opt(n, 2), _opt(n, 3), attrs=attrs)
+        y = rw.add(OpKind.LINEAR_WEIGHT_ONLY, *_operands(n.inputs[0], rw.const(q, "w_q"), rw.const(s, "w_scale"),
+                                                         _opt(n, 2), _opt(n, 3)), attrs=attrs)
         return _finish(rw, plan, n, y)
     return fn
 
@@ -144,10 +152,11 @@ def _static_linear(plan: QuantPlan):
         wq, ws = _weights(rw, n.inputs[1])
         res, act = _opt(n, 3), n.attrs.activation
         if res is not None:  # the residual add (then activation) runs in float after the GEMM
-            y = rw.add(OpKind.QLINEAR, x, wq, ws, _opt(n, 2), attrs=A.QLinearAttrs(xs, xzp))
+            y = rw.add(OpKind.QLINEAR, *_operands(x, wq, ws, _opt(n, 2)), attrs=A.QLinearAttrs(xs, xzp))
             return _finish(rw, plan, n, _activation(rw, rw.add(OpKind.ADD, y, res), act))
         osc, ozp = _out_qparams(plan, n)
-        y = rw.add(OpKind.QLINEAR, x, wq, ws, _opt(n, 2), attrs=A.QLinearAttrs(xs, xzp, osc, ozp, act))
+        y = rw.add(OpKind.QLINEAR, *_operands(x, wq, ws, _opt(n, 2)),
+                   attrs=A.QLinearAttrs(xs, xzp, osc, ozp, act))
         return _finish(rw, plan, n, y)
     return fn
 
@@ -164,8 +173,7 @@ def _static_conv(plan: QuantPlan):
             res, rsc, rzp = _u8(rw, plan, res)
         attrs = A.QConv2dAttrs(xs, xzp, a.stride, a.padding, a.dilation, a.groups, osc, ozp, a.activation,
                                rsc, rzp)
-        ins = [x, wq, ws, _opt(n, 2)] + ([res] if res is not None else [])
-        return _finish(rw, plan, n, rw.add(OpKind.QCONV2D, *ins, attrs=attrs))
+        return _finish(rw, plan, n, rw.add(OpKind.QCONV2D, *_operands(x, wq, ws, _opt(n, 2), res), attrs=attrs))
     return fn
 
 

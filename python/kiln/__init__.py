@@ -13,10 +13,14 @@ def __getattr__(name):
     if name in ("compile", "explain", "CompiledModel", "Explanation"):
         from . import api
         return getattr(api, name)
+    if name in ("quantize_report", "QuantReport"):
+        from . import quantize
+        return getattr(quantize, name)
     if name == "models":
         import importlib
         return importlib.import_module(".models", __name__)
     raise AttributeError(f"module 'kiln' has no attribute {name!r}")
 
 
-__all__ = ["compile", "explain", "CompiledModel", "Explanation", "KilnError", "models", "__version__"]
+__all__ = ["compile", "explain", "CompiledModel", "Explanation", "KilnError", "models", "__version__",
+           "quantize_report", "QuantReport"]

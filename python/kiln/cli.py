@@ -96,6 +96,27 @@ def _cmd_debug_accuracy(args) -> int:
     return 1 if report.divergence else 0
 
 
+def _cmd_quantize_report(args) -> int:
+    from .modelref import load_model
+
+    import kiln
+
+    model, inputs = load_model(args.model)
+    if inputs is None:
+        from kiln.errors import KilnError
+
+        raise KilnError("quantize-report needs a model with example inputs (a built-in name or module:factory)")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    # calibration: the example inputs (representative data needs the Python API)
+    report = kiln.quantize_report(model, inputs, quantize=args.scheme, calibration=[inputs],
+                                  **({"observer": args.observer} if args.observer else {}))
+    print(report)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kiln", description="Kiln: a deep-learning compiler for PyTorch and ONNX models.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
@@ -156,6 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("explain", help="list the ops of a model that fall back to PyTorch, and why")
     e.add_argument("model", help="an example model name, an ONNX file, or package.module:factory")
     e.set_defaults(fn=_cmd_explain)
+    qr = sub.add_parser("quantize-report", help="per-layer quantization decisions, accuracy and speed")
+    qr.add_argument("model", help="an example model name or package.module:factory")
+    qr.add_argument("--scheme", default="int8-dynamic",
+                    choices=["int8-dynamic", "int8-static", "int8-weight", "int4-weight", "bf16"])
+    qr.add_argument("--observer", choices=["minmax", "percentile", "entropy"], help="int8-static range observer")
+    qr.add_argument("--threads", type=int)
+    qr.set_defaults(fn=_cmd_quantize_report)
     args = p.parse_args(argv)
     if args.version:
         from . import __version__
