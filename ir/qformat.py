@@ -83,8 +83,9 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     The range of each row is widened to include 0 (so 0 is exact); zero points are whole
     numbers kept as float32.
     """
-    lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
-    lo = lo.clamp(max=0)
+    # amin/amax, not aminmax: torch's aminmax along a dim is ~100x slower on CPU
+    lo = x.amin(-1, keepdim=True).clamp_(max=0)
+    hi = x.amax(-1, keepdim=True)
     scale = (hi.clamp(min=0) - lo).div_(255.0).clamp_(min=1e-8)
     zp = torch.round(-lo / scale).clamp_(0, 255)
     q = torch.round(x * (1.0 / scale)).add_(zp).clamp_(0, 255).to(torch.uint8)
