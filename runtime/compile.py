@@ -65,28 +65,35 @@ def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, pre
     return plan, result.graph
 
 
-def _quantize_options(options: dict, target) -> dict:
+def check_quantize_options(options: dict) -> str:
+    """Validate the quantization options (before any tracing); return the scheme."""
     scheme = options.get("quantize") or "none"
     if scheme not in QUANTIZE:
         raise KilnError(f"quantize must be one of {', '.join(QUANTIZE)}, got {scheme!r}")
     if scheme == "none":
-        extra = sorted(k for k in options if k not in ("quantize", "passes"))
+        extra = sorted(k for k in options if k not in ("quantize", "passes", "precision", "target", "name")
+                       and options[k] is not None)
         if extra:
             raise KilnError(f"option(s) {', '.join(extra)} need quantize=...")
-        return {}
+        return scheme
     from kiln.passes.calibrate import OBSERVERS
 
-    from .quant_exec import QuantExecutor
-
-    cal = options.get("calibration")
-    if scheme == "int8-static" and not cal:
+    if scheme == "int8-static" and not options.get("calibration"):
         raise KilnError("quantize='int8-static' needs calibration=[inputs, ...] (a few representative batches)")
     if scheme != "int8-static" and options.get("observer") is not None:
         raise KilnError(f"observer= applies to quantize='int8-static', not {scheme!r}")
-    if options.get("observer", "minmax") not in OBSERVERS:
+    if (options.get("observer") or "minmax") not in OBSERVERS:
         raise KilnError(f"observer must be one of {', '.join(OBSERVERS)}, got {options['observer']!r}")
     if options.get("group_size") is not None and (scheme != "int4-weight" or options["group_size"] not in (32, 64, 128)):
         raise KilnError("group_size (32, 64 or 128) applies to quantize='int4-weight' only")
+    return scheme
+
+
+def _quantize_options(options: dict, target) -> dict:
+    if check_quantize_options(options) == "none":
+        return {}
+    from .quant_exec import QuantExecutor
+
     out = {k: v for k, v in options.items() if k != "passes"}
     out["quant_executor"] = QuantExecutor(target.kind)
     return out

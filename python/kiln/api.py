@@ -229,6 +229,9 @@ def _quantize_options(options: dict) -> dict:
             item = (item,) if isinstance(item, torch.Tensor) else tuple(item)
             batches.append([x.contiguous() for x in pytree.tree_leaves(item) if isinstance(x, torch.Tensor)])
         options["calibration"] = batches
+    from kiln.runtime.compile import check_quantize_options
+
+    check_quantize_options(options)  # a bad combination fails before tracing the model
     return options
 
 
