@@ -17,8 +17,8 @@ OPTIONS = {"passes", "precision"}
 PRECISIONS = ("fp32", "bf16")
 # quantization (passes/quantize*.py): scheme, calibration batches (lists of graph inputs),
 # observer, int4 group size, SQNR floor, whether to time layers, a list receiving decisions
-OPTIONS |= {"quantize", "calibration", "observer", "group_size", "min_sqnr", "quantize_payoff",
-            "quantize_report"}
+QUANTIZE_OPTIONS = {"calibration", "observer", "group_size", "min_sqnr", "quantize_payoff", "quantize_report"}
+OPTIONS |= {"quantize"} | QUANTIZE_OPTIONS
 QUANTIZE = ("none", "int8-dynamic", "int8-static", "int8-weight", "int4-weight")
 
 
@@ -71,8 +71,7 @@ def check_quantize_options(options: dict) -> str:
     if scheme not in QUANTIZE:
         raise KilnError(f"quantize must be one of {', '.join(QUANTIZE)}, got {scheme!r}")
     if scheme == "none":
-        extra = sorted(k for k in options if k not in ("quantize", "passes", "precision", "target", "name")
-                       and options[k] is not None)
+        extra = sorted(k for k in options if k in QUANTIZE_OPTIONS and options[k] is not None)
         if extra:
             raise KilnError(f"option(s) {', '.join(extra)} need quantize=...")
         return scheme
