@@ -117,13 +117,17 @@ def test_qlinear_dynamic_kernel(act):
     _check_kernels(b.build([y]), [torch.randn(2, 5, 48) * 3, torch.randn(2, 5, 32)], "cpu.onednn_qlinear_dynamic")
 
 
-def test_int4_and_static_linear_kernels():
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_kernel(group):
     b = GraphBuilder()
-    x = b.input("x", (4, 64))
-    p, s = QF.quantize_weight_int4(torch.randn(32, 64), 32)
-    y = b.add(OpKind.LINEAR_WEIGHT_ONLY, x, b.const(p), b.const(s), b.const(torch.randn(32)),
-              attrs=A.WeightOnlyAttrs(4, 32))
-    _check_kernels(b.build([y]), [torch.randn(4, 64)], "cpu.int4pack_linear")
+    x = b.input("x", (2, 3, 256))
+    p, s = QF.quantize_weight_int4(torch.randn(48, 256), group)
+    y = b.add(OpKind.LINEAR_WEIGHT_ONLY, x, b.const(p), b.const(s), b.const(torch.randn(48)),
+              attrs=A.WeightOnlyAttrs(4, group, A.Activation.RELU))
+    _check_kernels(b.build([y]), [torch.randn(2, 3, 256)], "cpu.int4pack_linear")
+
+
+def test_static_linear_kernel():
     b = GraphBuilder()
     x = b.input("x", (4, 64))
     wq, ws = QF.quantize_weight_int8(torch.randn(16, 64))
