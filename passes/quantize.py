@@ -200,7 +200,63 @@ def apply(graph: Graph, plan: QuantPlan) -> Graph:
     """Rewrite the chosen layers (``plan`` already holds every decision)."""
     if not plan.chosen:
         return graph
-    return rewrite(graph, rules(plan), name="quantize")
+    graph = rewrite(graph, rules(plan), name="quantize")
+    return merge_dynamic_siblings(graph) if plan.scheme == "int8-dynamic" else graph
+
+
+def merge_dynamic_siblings(graph: Graph) -> Graph:
+    """QLINEAR_DYNAMIC nodes reading the same input with the same epilogue (attention's q, k
+    and v projections) become one wider GEMM and slices of its output: the input is
+    quantized once, and one GEMM keeps the cores busier than three. Exact: rows are
+    quantized the same way and output columns are independent."""
+    consts = graph.constants
+    groups: dict[tuple, list[Node]] = {}
+    for n in graph.nodes:
+        if (n.op is OpKind.QLINEAR_DYNAMIC and len(n.inputs) <= 4 and
+                all(v in consts for v in n.inputs[1:] if v is not None)):
+            groups.setdefault((n.inputs[0], n.attrs, len(n.inputs)), []).append(n)
+    groups = {k: ns for k, ns in groups.items() if len(ns) > 1}
+    if not groups:
+        return graph
+    from kiln.ir import infer_types
+
+    first = {ns[0]: ns for ns in groups.values()}
+    merged_away = {n for ns in groups.values() for n in ns[1:]}
+    constants = dict(consts)
+    env: dict[Value, Value] = {}
+    nodes: list[Node] = []
+
+    def const(t: torch.Tensor, like: Value) -> Value:
+        v = Value(like.type.with_shape(t.shape), f"{like.name}_merged")
+        constants[v] = t.contiguous()
+        return v
+
+    for n in graph.nodes:
+        if n in merged_away:
+            continue
+        ins = tuple(None if v is None else env.get(v, v) for v in n.inputs)
+        if n not in first:
+            nodes.append(n if ins == n.inputs else Node(n.op, ins, n.attrs, n.outputs, n.scope))
+            continue
+        ns = first[n]
+        cat = [const(torch.cat([consts[m.inputs[i]] for m in ns]), n.inputs[i]) for i in range(1, len(n.inputs))]
+        op_ins = (ins[0], *cat)
+        (t,) = infer_types(OpKind.QLINEAR_DYNAMIC, [v.type for v in op_ins], n.attrs)
+        wide = Value(t, f"{n.outputs[0].name}_merged")
+        nodes.append(Node(OpKind.QLINEAR_DYNAMIC, op_ins, n.attrs, (wide,), n.scope))
+        start, axis = 0, t.rank - 1
+        for m in ns:
+            width = m.outputs[0].shape[-1]
+            sa = A.SliceAttrs(axis, start, start + width)
+            (st,) = infer_types(OpKind.SLICE, [t], sa)
+            out = Value(st, m.outputs[0].name)
+            nodes.append(Node(OpKind.SLICE, (wide,), sa, (out,), m.scope))
+            env[m.outputs[0]] = out
+            start += width
+    from .rewrite import dead_code_elimination
+
+    outputs = tuple(env.get(v, v) for v in graph.outputs)
+    return dead_code_elimination(graph.replace(nodes=tuple(nodes), outputs=outputs, constants=constants))
 
 
 def static_params(observers: dict, kind: str) -> dict[Value, tuple[float, int]]:

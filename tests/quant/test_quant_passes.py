@@ -195,3 +195,28 @@ def test_cli_quantize_report(capsys, tmp_path, monkeypatch):
     assert main(["quantize-report", "qr_tiny:make", "--scheme", "int8-dynamic"]) == 0
     out = capsys.readouterr().out
     assert "quantize=int8-dynamic" in out and "32x128 @ 256x128" in out and "SQNR" in out
+
+
+def test_dynamic_siblings_share_one_gemm():
+    """q, k, v projections of one input: one QLINEAR_DYNAMIC and three slices, same numbers."""
+    from kiln.passes import quantize as Q
+    from kiln.passes.rewrite import rewrite
+
+    b = GraphBuilder("qkv")
+    x = b.input("x", (2, 6, 32))
+    outs = [b.add(OpKind.LINEAR, x, b.const(torch.randn(n, 32)), b.const(torch.randn(n))) for n in (32, 32, 16)]
+    y = b.add(OpKind.ADD, outs[0], outs[1])
+    g = b.build([y, outs[2]])
+    plan = Q.QuantPlan("int8-dynamic", {n.outputs[0] for n in g.nodes if n.op is OpKind.LINEAR})
+    separate = rewrite(g, Q.rules(plan))
+    assert separate.count(OpKind.QLINEAR_DYNAMIC) == 3
+    merged = Q.merge_dynamic_siblings(separate)
+    assert merged.count(OpKind.QLINEAR_DYNAMIC) == 1 and merged.count(OpKind.SLICE) == 3
+    wide = next(n for n in merged.nodes if n.op is OpKind.QLINEAR_DYNAMIC)
+    assert wide.outputs[0].shape == (2, 6, 80)
+    xs = [torch.randn(2, 6, 32)]
+    for a, m in zip(run_graph(separate, xs), run_graph(merged, xs)):
+        assert torch.allclose(a, m, atol=1e-5, rtol=1e-5)
+    for r, c in zip(run_graph(g, xs), run_graph(merged, xs, target="cpu")):
+        assert QF.sqnr_db(r, c) > 30
+    assert _quantize(g, _opts("int8-dynamic")).count(OpKind.QLINEAR_DYNAMIC) == 1  # in the phase too
