@@ -14,7 +14,7 @@ each output's SQNR against the float32 engine (end-to-end agreement, not a timin
 from __future__ import annotations
 
 import argparse
-import io
+import functools
 import json
 import os
 import statistics
@@ -70,8 +70,12 @@ def _onnx_sessions(model, inputs, threads: int) -> dict:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         names = [i.name for i in sess.get_inputs()]
-        out[name] = (lambda s, n: lambda *a: s.run(None, {k: t.numpy() for k, t in zip(n, a)})[0])(sess, names)
+        out[name] = functools.partial(_ort_run, sess, names)
     return out
+
+
+def _ort_run(sess, names, *args):
+    return sess.run(None, {k: t.numpy() for k, t in zip(names, args)})[0]
 
 
 def bench_bert(threads_list, repeats: int, layers: int, seq: int) -> dict:
@@ -161,9 +165,8 @@ def bench_gemm(threads_list, repeats: int, n: int = 1024) -> dict:
             for k in candidates(node, "cpu"):
                 if k.target == "reference":
                     continue  # float32 math over integer values: torch_fp32 is that, faster
-                fn = k.bind(node, consts)
-                fns[f"{node.op.value}:{k.name}"] = (lambda f, i, a: lambda: f(i, a))(fn, ins, node.attrs)
-        med = _interleave({k: (lambda f: lambda: f())(f) for k, f in fns.items()}, (), repeats)
+                fns[f"{node.op.value}:{k.name}"] = functools.partial(k.bind(node, consts), ins, node.attrs)
+        med = _interleave(fns, (), repeats)
         res["threads"][str(threads)] = {"median_ms": med,
                                         "gflops": {k: flops / (v * 1e-3) / 1e9 for k, v in med.items()}}
     return res

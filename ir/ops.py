@@ -550,7 +550,7 @@ def _u8(shape, scale: float, zero_point: int) -> TensorType:
     return TensorType(DType.UINT8, tuple(shape), quant=QuantSpec(QScheme.PER_TENSOR, scale, zero_point))
 
 
-def _check_int8_weight(kind, x, w, s, b, k_axis_ok=True):
+def _check_int8_weight(kind, w, s, b):
     if w.dtype is not DType.INT8 or s.dtype is not DType.FLOAT32 or tuple(s.shape) != (w.shape[0],):
         _err(kind, f"weight must be int8 with one float32 scale per output channel, got {w!r}, {s!r}")
     if b is not None and (tuple(b.shape) != (w.shape[0],) or b.dtype is not DType.FLOAT32):
@@ -590,7 +590,7 @@ def _qlinear_dynamic(ins, a):
     x, w, s, b, r = (list(ins) + [None, None])[:5]
     if x.dtype is not DType.FLOAT32 or w.rank != 2 or x.rank < 1 or x.shape[-1] != w.shape[1]:
         _err("qlinear_dynamic", f"x {x!r} and weight {w!r} (out, in) do not match")
-    _check_int8_weight("qlinear_dynamic", x, w, s, b)
+    _check_int8_weight("qlinear_dynamic", w, s, b)
     return _check_residual("qlinear_dynamic", r, TensorType(DType.FLOAT32, x.shape[:-1] + (w.shape[0],)))
 
 
@@ -604,7 +604,7 @@ def _linear_weight_only(ins, a):
     if a.bits == 8:
         if x.shape[-1] != w.shape[1]:
             _err("linear_weight_only", f"x {x.shape} and weight {w.shape} do not match")
-        _check_int8_weight("linear_weight_only", x, w, s, b)
+        _check_int8_weight("linear_weight_only", w, s, b)
     elif a.bits == 4:
         k = x.shape[-1]
         if a.group_size not in (32, 64, 128) or not isinstance(k, int) or k % a.group_size:
@@ -624,7 +624,7 @@ def _qlinear(ins, a):
     x, w, s, b = (list(ins) + [None])[:4]
     if x.dtype is not DType.UINT8 or w.rank != 2 or x.rank < 1 or x.shape[-1] != w.shape[1]:
         _err("qlinear", f"x {x!r} must be uint8 and match weight {w!r}")
-    _check_int8_weight("qlinear", x, w, s, b)
+    _check_int8_weight("qlinear", w, s, b)
     return _qout("qlinear", x.shape[:-1] + (w.shape[0],), a, None)
 
 
@@ -634,7 +634,7 @@ def _qconv2d(ins, a):
     x, w, s, b, r = (list(ins) + [None, None])[:5]
     if x.dtype is not DType.UINT8 or x.rank != 4 or w.rank != 4:
         _err("qconv2d", f"expected a 4-D uint8 input and 4-D weight, got {x!r}, {w!r}")
-    _check_int8_weight("qconv2d", x, w, s, b)
+    _check_int8_weight("qconv2d", w, s, b)
     n, c, h, wd = x.shape
     co, ci, kh, kw = w.shape
     if isinstance(c, int) and c != ci * a.groups:

@@ -8,7 +8,6 @@ reference (``kernels/reference.py``) on the node's shapes and times it.
 from __future__ import annotations
 
 import torch
-
 from kiln.ir import Node, OpKind
 from kiln.ir import attrs as A
 from kiln.ir import qformat as QF

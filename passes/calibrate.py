@@ -16,7 +16,6 @@ import math
 from typing import Callable, Iterable
 
 import torch
-
 from kiln.ir import Graph, Value
 
 SAMPLE = 1 << 18  # values kept per observer (a uniform subsample beyond that)

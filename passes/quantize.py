@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-
 from kiln.ir import DType, Graph, Node, OpKind, Value
 from kiln.ir import attrs as A
 from kiln.ir import qformat as QF
@@ -261,7 +260,3 @@ def merge_dynamic_siblings(graph: Graph) -> Graph:
 
 def static_params(observers: dict, kind: str) -> dict[Value, tuple[float, int]]:
     return {v: QF.per_tensor_qparams(*o.range(kind)) for v, o in observers.items()}
-
-
-def weights_of(graph: Graph, v: Value) -> torch.Tensor:
-    return graph.constants[v]

@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from kiln.ir import Graph, GraphBuilder, Node, Value
 from kiln.ir import qformat as QF
 

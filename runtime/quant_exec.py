@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import torch
-
 from kiln.ir import Graph
 
 from .plan import build_plan, run_all

@@ -5,11 +5,10 @@ Every eligible layer is quantized (``quantize_payoff=False``: the timing rule wo
 some small layers float, which only helps accuracy), and the quantized compile is
 compared with the float32 compile of the same trained model on held-out data.
 """
+import kiln
 import pytest
 import torch
 import torch.nn as nn
-
-import kiln
 from kiln.ir import OpKind
 
 

@@ -2,7 +2,6 @@
 against its torch reference."""
 import pytest
 import torch
-
 from conftest import assert_structural_equal
 from kiln.ir import DType, GraphBuilder, IRTypeError, OpKind, from_json, to_json, verify
 from kiln.ir import attrs as A

@@ -2,7 +2,6 @@
 per-layer payoff rule, option errors and the report."""
 import pytest
 import torch
-
 from conftest import assert_structural_equal, max_err_ok, run_graph
 from kiln.errors import KilnError
 from kiln.ir import GraphBuilder, OpKind
@@ -37,7 +36,7 @@ def test_dynamic_before_expected_and_numerics():
     after = _quantize(g, _opts("int8-dynamic"))
     b = GraphBuilder("mlp")
     x = b.input("x", (8, 64))
-    i8 = lambda n, k: b.const(torch.zeros(n, k, dtype=torch.int8))  # noqa: E731
+    i8 = lambda n, k: b.const(torch.zeros(n, k, dtype=torch.int8))
     h = b.add(OpKind.QLINEAR_DYNAMIC, x, i8(128, 64), b.const(torch.ones(128)), b.const(torch.ones(128)),
               attrs=A.QLinearDynamicAttrs(A.Activation.RELU))
     y = b.add(OpKind.QLINEAR_DYNAMIC, h, i8(16, 128), b.const(torch.ones(16)), b.const(torch.ones(16)))
