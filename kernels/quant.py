@@ -62,7 +62,7 @@ def _prepare_qlinear_dynamic(node: Node, consts: list):
         xq, s, zp = QF.quantize_rows(x.reshape(-1, k))
         y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, packed, ws, zeros, None, 1.0, 0, torch.float32,
                                                "none", [], "")
-        y = y.sub_(zp * row_sums).mul_(s)
+        y = y.addr_(zp.view(-1), row_sums, alpha=-1).mul_(s)  # one pass: y -= zp (x) row_sums
         bias = bias_c if bias_c is not None else _opt(ins, 3)
         if bias is not None:
             y = y.add_(bias)
