@@ -209,6 +209,23 @@ class SparseLinearAttrs:
 
     layout: Layout
     shape: tuple[int, int]
+# ----------------------------------------------------------------------------- quantization
+# Formats: see the quantized weight formats in the README (int8 weights symmetric per output
+# channel; int4 group-wise, two per byte, low nibble first; activations asymmetric uint8).
+@dataclass(frozen=True, slots=True)
+class QuantizeAttrs:
+    """QUANTIZE (float32 -> uint8) and DEQUANTIZE (uint8 -> float32), one scale per tensor:
+    ``real = (q - zero_point) * scale``."""
+
+    scale: float
+    zero_point: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class QLinearDynamicAttrs:
+    """QLINEAR_DYNAMIC: activations quantized per row at run time (asymmetric uint8),
+    weights int8 per output channel; epilogue ``act(y + bias + residual)`` in float32."""
+
     activation: Activation = Activation.NONE
 
 
@@ -223,3 +240,42 @@ class SparseConv2dAttrs:
     padding: tuple[int, int] = (0, 0)
     dilation: tuple[int, int] = (1, 1)
     activation: Activation = Activation.NONE
+class WeightOnlyAttrs:
+    """LINEAR_WEIGHT_ONLY: float activations, integer weights. ``bits=8``: int8 [N, K] with
+    one scale per output channel; ``bits=4``: uint8 [N, K // 2] (two values per byte) with
+    scales [N, K // group_size]."""
+
+    bits: int = 8
+    group_size: int = 0
+    activation: Activation = Activation.NONE
+
+
+@dataclass(frozen=True, slots=True)
+class QLinearAttrs:
+    """QLINEAR (static int8): uint8 input quantized with (x_scale, x_zero_point) from
+    calibration. ``out_scale=None``: float32 output; else uint8 output requantized with
+    (out_scale, out_zero_point) after bias and activation."""
+
+    x_scale: float
+    x_zero_point: int
+    out_scale: float | None = None
+    out_zero_point: int = 0
+    activation: Activation = Activation.NONE
+
+
+@dataclass(frozen=True, slots=True)
+class QConv2dAttrs:
+    """QCONV2D (static int8): as QLINEAR, for a convolution. A residual operand has the
+    output's dtype; a uint8 residual carries (residual_scale, residual_zero_point)."""
+
+    x_scale: float
+    x_zero_point: int
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    out_scale: float | None = None
+    out_zero_point: int = 0
+    activation: Activation = Activation.NONE
+    residual_scale: float | None = None
+    residual_zero_point: int = 0

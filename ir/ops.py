@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from . import attrs as A
-from .dtypes import DType
+from .dtypes import DType, QScheme, QuantSpec
 from .types import Dim, Sym, TensorType
 
 
@@ -58,6 +58,9 @@ class OpKind(enum.Enum):
     FALLBACK = "fallback"
     # sparse weights (compressed constant operands; see attrs.SparseLinearAttrs)
     SPARSE_LINEAR = "sparse_linear"; SPARSE_CONV2D = "sparse_conv2d"  # noqa: E702
+    # quantized (passes/quantize*.py)
+    QUANTIZE = "quantize"; DEQUANTIZE = "dequantize"; QLINEAR_DYNAMIC = "qlinear_dynamic"  # noqa: E702
+    LINEAR_WEIGHT_ONLY = "linear_weight_only"; QLINEAR = "qlinear"; QCONV2D = "qconv2d"  # noqa: E702
 
     def __repr__(self) -> str:
         return self.value
@@ -600,6 +603,103 @@ def _sparse_conv2d(ins, a):
         _err("sparse_conv2d", f"input {x.shape} too small for kernel {(kh, kw)}")
     out = TensorType(promote_types(x, ins[1]), (x.shape[0], co, oh, ow))
     return _check_residual("sparse_conv2d", r, out)
+# ----------------------------------------------------------------------------- quantized
+def _u8(shape, scale: float, zero_point: int) -> TensorType:
+    return TensorType(DType.UINT8, tuple(shape), quant=QuantSpec(QScheme.PER_TENSOR, scale, zero_point))
+
+
+def _check_int8_weight(kind, w, s, b):
+    if w.dtype is not DType.INT8 or s.dtype is not DType.FLOAT32 or tuple(s.shape) != (w.shape[0],):
+        _err(kind, f"weight must be int8 with one float32 scale per output channel, got {w!r}, {s!r}")
+    if b is not None and (tuple(b.shape) != (w.shape[0],) or b.dtype is not DType.FLOAT32):
+        _err(kind, f"bias {b!r} must be float32 ({w.shape[0]},)")
+
+
+def _qout(kind, shape, a, r, r_scale=None):
+    out = TensorType(DType.FLOAT32, tuple(shape)) if a.out_scale is None else _u8(shape, a.out_scale,
+                                                                                   a.out_zero_point)
+    if r is not None:
+        if tuple(r.shape) != tuple(out.shape) or r.dtype is not out.dtype:
+            _err(kind, f"residual {r!r} must match the output {out!r}")
+        if out.dtype is DType.UINT8 and r_scale is None:
+            _err(kind, "a uint8 residual needs residual_scale")
+    return (out,)
+
+
+@op(OpKind.QUANTIZE, A.QuantizeAttrs)
+def _quantize(ins, a):
+    x = ins[0]
+    if x.dtype is not DType.FLOAT32 or not a.scale > 0 or not 0 <= a.zero_point <= 255:
+        _err("quantize", f"needs float32 input, scale > 0 and zero point in [0, 255]; got {x!r}, {a}")
+    return (TensorType(DType.UINT8, x.shape, x.layout, QuantSpec(QScheme.PER_TENSOR, a.scale, a.zero_point)),)
+
+
+@op(OpKind.DEQUANTIZE, A.QuantizeAttrs)
+def _dequantize(ins, a):
+    x = ins[0]
+    if x.dtype is not DType.UINT8:
+        _err("dequantize", f"needs a uint8 input, got {x!r}")
+    return (TensorType(DType.FLOAT32, x.shape, x.layout),)
+
+
+@op(OpKind.QLINEAR_DYNAMIC, A.QLinearDynamicAttrs, operands=("x", "weight", "w_scale", "bias?", "residual?"),
+    category=Category.COMPUTE)
+def _qlinear_dynamic(ins, a):
+    x, w, s, b, r = (list(ins) + [None, None])[:5]
+    if x.dtype is not DType.FLOAT32 or w.rank != 2 or x.rank < 1 or x.shape[-1] != w.shape[1]:
+        _err("qlinear_dynamic", f"x {x!r} and weight {w!r} (out, in) do not match")
+    _check_int8_weight("qlinear_dynamic", w, s, b)
+    return _check_residual("qlinear_dynamic", r, TensorType(DType.FLOAT32, x.shape[:-1] + (w.shape[0],)))
+
+
+@op(OpKind.LINEAR_WEIGHT_ONLY, A.WeightOnlyAttrs, operands=("x", "weight", "scales", "bias?", "residual?"),
+    category=Category.COMPUTE)
+def _linear_weight_only(ins, a):
+    x, w, s, b, r = (list(ins) + [None, None])[:5]
+    if x.dtype is not DType.FLOAT32 or w.rank != 2 or x.rank < 1:
+        _err("linear_weight_only", f"bad operands {x!r}, {w!r}")
+    n = w.shape[0]
+    if a.bits == 8:
+        if x.shape[-1] != w.shape[1]:
+            _err("linear_weight_only", f"x {x.shape} and weight {w.shape} do not match")
+        _check_int8_weight("linear_weight_only", w, s, b)
+    elif a.bits == 4:
+        k = x.shape[-1]
+        if a.group_size not in (32, 64, 128) or not isinstance(k, int) or k % a.group_size:
+            _err("linear_weight_only", f"int4 needs group size 32/64/128 dividing K={k}, got {a.group_size}")
+        if w.dtype is not DType.UINT8 or w.shape[1] * 2 != k or tuple(s.shape) != (n, k // a.group_size):
+            _err("linear_weight_only", f"int4 weight must be uint8 [{n}, {k // 2}] with scales "
+                                       f"[{n}, {k // a.group_size}], got {w!r}, {s!r}")
+        if b is not None and tuple(b.shape) != (n,):
+            _err("linear_weight_only", f"bias shape {b.shape} != ({n},)")
+    else:
+        _err("linear_weight_only", f"bits must be 8 or 4, got {a.bits}")
+    return _check_residual("linear_weight_only", r, TensorType(DType.FLOAT32, x.shape[:-1] + (n,)))
+
+
+@op(OpKind.QLINEAR, A.QLinearAttrs, operands=("x", "weight", "w_scale", "bias?"), category=Category.COMPUTE)
+def _qlinear(ins, a):
+    x, w, s, b = (list(ins) + [None])[:4]
+    if x.dtype is not DType.UINT8 or w.rank != 2 or x.rank < 1 or x.shape[-1] != w.shape[1]:
+        _err("qlinear", f"x {x!r} must be uint8 and match weight {w!r}")
+    _check_int8_weight("qlinear", w, s, b)
+    return _qout("qlinear", x.shape[:-1] + (w.shape[0],), a, None)
+
+
+@op(OpKind.QCONV2D, A.QConv2dAttrs, operands=("x", "weight", "w_scale", "bias?", "residual?"),
+    category=Category.COMPUTE)
+def _qconv2d(ins, a):
+    x, w, s, b, r = (list(ins) + [None, None])[:5]
+    if x.dtype is not DType.UINT8 or x.rank != 4 or w.rank != 4:
+        _err("qconv2d", f"expected a 4-D uint8 input and 4-D weight, got {x!r}, {w!r}")
+    _check_int8_weight("qconv2d", w, s, b)
+    n, c, h, wd = x.shape
+    co, ci, kh, kw = w.shape
+    if isinstance(c, int) and c != ci * a.groups:
+        _err("qconv2d", f"input channels {c} != weight in-channels {ci} x groups {a.groups}")
+    oh = _conv_out(h, kh, a.stride[0], a.padding[0], a.dilation[0])
+    ow = _conv_out(wd, kw, a.stride[1], a.padding[1], a.dilation[1])
+    return _qout("qconv2d", (n, co, oh, ow), a, r, a.residual_scale)
 
 
 _missing = [k for k in OpKind if k not in OPS]

@@ -423,3 +423,61 @@ def sparse_conv2d(ins, a: A.SparseConv2dAttrs):
     w = _sparse_weight(ins, a).reshape(a.shape).to(ins[0].dtype)
     y = F.conv2d(ins[0], w, _opt(ins, 4), a.stride, a.padding, a.dilation)
     return epilogue(y, _opt(ins, 5), a.activation)
+# ----------------------------------------------------------------------------- quantized
+# Integer products are summed in float32 here (exact up to 2**24, then rounded like any
+# float32 GEMM); the fast kernels sum in int32 and agree within the choice tolerance.
+from kiln.ir import qformat as QF  # noqa: E402
+
+
+def _requantize(y, a):
+    return y if a.out_scale is None else QF.quantize_tensor(y, a.out_scale, a.out_zero_point)
+
+
+@ref(OpKind.QUANTIZE)
+def quantize(ins, a: A.QuantizeAttrs):
+    return QF.quantize_tensor(ins[0], a.scale, a.zero_point)
+
+
+@ref(OpKind.DEQUANTIZE)
+def dequantize(ins, a: A.QuantizeAttrs):
+    return QF.dequantize_tensor(ins[0], a.scale, a.zero_point)
+
+
+@ref(OpKind.QLINEAR_DYNAMIC)
+def qlinear_dynamic(ins, a: A.QLinearDynamicAttrs):
+    x, wq, ws = ins[0], ins[1], ins[2]
+    xq, xs, xzp = QF.quantize_rows(x)
+    acc = F.linear(xq.float() - xzp, wq.float())
+    y = acc * xs * ws
+    if _opt(ins, 3) is not None:
+        y = y + ins[3]
+    return epilogue(y, _opt(ins, 4), a.activation)
+
+
+@ref(OpKind.LINEAR_WEIGHT_ONLY)
+def linear_weight_only(ins, a: A.WeightOnlyAttrs):
+    x, wq, s = ins[0], ins[1], ins[2]
+    w = QF.dequantize_weight_int8(wq, s) if a.bits == 8 else QF.dequantize_weight_int4(wq, s, a.group_size)
+    return epilogue(F.linear(x, w, _opt(ins, 3)), _opt(ins, 4), a.activation)
+
+
+@ref(OpKind.QLINEAR)
+def qlinear(ins, a: A.QLinearAttrs):
+    x, wq, ws = ins[0], ins[1], ins[2]
+    y = F.linear(x.float() - a.x_zero_point, wq.float()) * (a.x_scale * ws)
+    if _opt(ins, 3) is not None:
+        y = y + ins[3]
+    return _requantize(epilogue(y, None, a.activation), a)
+
+
+@ref(OpKind.QCONV2D)
+def qconv2d(ins, a: A.QConv2dAttrs):
+    x, wq, ws = ins[0], ins[1], ins[2]
+    y = F.conv2d(x.float() - a.x_zero_point, wq.float(), None, a.stride, a.padding, a.dilation, a.groups)
+    y = y * (a.x_scale * ws)[None, :, None, None]
+    if _opt(ins, 3) is not None:
+        y = y + ins[3][None, :, None, None]
+    r = _opt(ins, 4)
+    if r is not None and r.dtype == torch.uint8:
+        r = QF.dequantize_tensor(r, a.residual_scale, a.residual_zero_point)
+    return _requantize(epilogue(y, r, a.activation), a)

@@ -1,9 +1,10 @@
 """The pass pipeline: one explicit, ordered list of named phases.
 
-    canonicalize -> fold -> fuse -> precision -> layout -> sparsify -> partition
+    canonicalize -> fold -> fuse -> precision -> quantize -> layout -> sparsify -> partition
 
-(quantize slots in before partition as that work lands; ``precision`` runs only for
-``precision="bf16"``, ``sparsify`` only when the ``sparse`` option is not "off".) ``run_pipeline``
+(``precision`` runs only for ``precision="bf16"``, ``quantize`` only for
+``quantize="int8-..."/"int4-weight"``, ``sparsify`` only when the ``sparse`` option is not
+"off".) ``run_pipeline``
 runs them in order; ``select`` chooses phases or single passes by name, and a name
 prefixed with ``-`` skips it. Every pass run is timed and counted; ``on_pass`` receives
 (pass record, graph before, graph after) so the dump tool can show what each pass did.
@@ -18,10 +19,11 @@ from typing import Callable, Iterable
 
 from kiln.ir import Graph, verify
 
-from . import attention, epilogue, fold, precision, recognize, rnn, simplify, sparsity
+from . import attention, epilogue, fold, precision, quantize, recognize, rnn, simplify, sparsity
 from .cse import cse
 from .layout import channels_last
 from .partition import Partition, partition, verify_partition
+from .quantize_payoff import quantize_pass
 from .rewrite import dead_code_elimination, rewrite
 
 
@@ -45,6 +47,10 @@ def _sparse(options: dict) -> bool:
     return options.get("sparse", "off") != "off"
 
 
+def _quantize(options: dict) -> bool:
+    return options.get("quantize") in quantize.SCHEMES
+
+
 CLEANUP = [rules_pass("simplify", simplify.RULES), Pass("cse", cse), Pass("dce", dead_code_elimination)]
 
 PHASES: list[tuple[str, list[Pass]]] = [
@@ -54,6 +60,8 @@ PHASES: list[tuple[str, list[Pass]]] = [
               rules_pass("rnn", rnn.RULES), rules_pass("constant_fold", fold.CONSTANT_FOLD),
               rules_pass("epilogue", epilogue.RULES), *CLEANUP]),
     ("precision", [rules_pass("bf16", precision.RULES, when=_bf16), *[Pass(p.name, p.fn, _bf16) for p in CLEANUP]]),
+    ("quantize", [Pass("quantize", quantize_pass, _quantize, with_options=True),
+                  *[Pass(p.name, p.fn, _quantize) for p in CLEANUP]]),
     ("layout", [Pass("channels_last", channels_last)]),
     ("sparsify", [Pass("sparsify", sparsity.sparsify, _sparse, with_options=True)]),
     ("partition", []),  # the cut into kernel groups; it does not rewrite the graph

@@ -25,6 +25,11 @@ PRECISIONS = ("fp32", "bf16")
 # Sparse weights are compressed only where measurement shows the sparse kernel faster
 # (passes/sparsity.py), so "auto" is safe as the default: dense models pay a zero count.
 DEFAULT_SPARSE = "auto"
+# quantization (passes/quantize*.py): scheme, calibration batches (lists of graph inputs),
+# observer, int4 group size, SQNR floor, whether to time layers, a list receiving decisions
+QUANTIZE_OPTIONS = {"calibration", "observer", "group_size", "min_sqnr", "quantize_payoff", "quantize_report"}
+OPTIONS |= {"quantize"} | QUANTIZE_OPTIONS
+QUANTIZE = ("none", "int8-dynamic", "int8-static", "int8-weight", "int4-weight")
 
 
 def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, precision: str = "fp32",
@@ -39,6 +44,7 @@ def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, pre
     from kiln.codegen.autotune import Budget
 
     Budget.parse(tune)  # a bad value fails here, before any work
+    pipeline_options = {"precision": precision, **_quantize_options(options, target)}
     from kiln.ir import structural_hash
     from kiln.passes.pipeline import run_pipeline
     from kiln.passes.sparsity import parse_mode
@@ -56,19 +62,21 @@ def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, pre
     # deterministic: it reruns, and its result must hash to what the entry recorded.
     key = cache.make_key(structural_hash(graph, include_constants=False), target,
                          {"passes": passes, "precision": precision, "threads": torch.get_num_threads(),
-                          "sparse": sparse, "tune": tune, "codegen": codegen}) \
+                          "sparse": sparse, "tune": tune, "codegen": codegen,
+                          **{k: v for k, v in options.items()
+                             if k not in ("calibration", "quantize_report")}}) \
         if cache.enabled() else None
     from kiln.kernels.sparse import measure
 
     sparse_log: list = []
     try:
         result = run_pipeline(graph, select=passes, verify_each=os.environ.get("KILN_VERIFY") == "1",
-                              options={"precision": precision, "sparse": sparse, "sparse_measure": measure,
+                              options={**pipeline_options, "sparse": sparse, "sparse_measure": measure,
                                        "sparse_log": sparse_log, "target": target.kind})
     except ValueError as e:
         raise KilnError(str(e)) from None
     if sparse == "auto" and any(d.format != "dense" for d in sparse_log) and all(v.type.is_static for v in graph.inputs):
-        result = _guard_sparse(graph, result, passes, precision, target, sparse_log)
+        result = _guard_sparse(graph, result, passes, pipeline_options, target, sparse_log)
     optimized_hash = structural_hash(result.graph, include_constants=False)
     hit = cache.load(key) if key else None
     if hit is not None and (hit.get("optimized") != optimized_hash or
@@ -93,14 +101,13 @@ def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, pre
     return plan, result.graph
 
 
-def _guard_sparse(graph, result, passes, precision, target, sparse_log):
+def _guard_sparse(graph, result, passes, pipeline_options, target, sparse_log):
     """Keep the sparse graph only if its plan beats the dense plan end to end (runtime/sparse_guard.py)."""
     from kiln.passes.pipeline import run_pipeline
 
     from .sparse_guard import sparse_plan_wins
 
-    dense = run_pipeline(graph, select=passes, options={"precision": precision, "sparse": "off",
-                                                        "target": target.kind})
+    dense = run_pipeline(graph, select=passes, options={**pipeline_options, "sparse": "off", "target": target.kind})
     wins, dense_ms, sparse_ms = sparse_plan_wins(build_plan(result.graph, target.kind), build_plan(dense.graph, target.kind))
     for d in sparse_log:
         if d.format != "dense":
@@ -130,6 +137,39 @@ def _generator(graph: Graph, target: Target, tune):
             return None
 
     return generate
+
+
+def check_quantize_options(options: dict) -> str:
+    """Validate the quantization options (before any tracing); return the scheme."""
+    scheme = options.get("quantize") or "none"
+    if scheme not in QUANTIZE:
+        raise KilnError(f"quantize must be one of {', '.join(QUANTIZE)}, got {scheme!r}")
+    if scheme == "none":
+        extra = sorted(k for k in options if k in QUANTIZE_OPTIONS and options[k] is not None)
+        if extra:
+            raise KilnError(f"option(s) {', '.join(extra)} need quantize=...")
+        return scheme
+    from kiln.passes.calibrate import OBSERVERS
+
+    if scheme == "int8-static" and not options.get("calibration"):
+        raise KilnError("quantize='int8-static' needs calibration=[inputs, ...] (a few representative batches)")
+    if scheme != "int8-static" and options.get("observer") is not None:
+        raise KilnError(f"observer= applies to quantize='int8-static', not {scheme!r}")
+    if (options.get("observer") or "minmax") not in OBSERVERS:
+        raise KilnError(f"observer must be one of {', '.join(OBSERVERS)}, got {options['observer']!r}")
+    if options.get("group_size") is not None and (scheme != "int4-weight" or options["group_size"] not in (32, 64, 128)):
+        raise KilnError("group_size (32, 64 or 128) applies to quantize='int4-weight' only")
+    return scheme
+
+
+def _quantize_options(options: dict, target) -> dict:
+    if check_quantize_options(options) == "none":
+        return {}
+    from .quant_exec import QuantExecutor
+
+    out = {k: v for k, v in options.items() if k != "passes"}
+    out["quant_executor"] = QuantExecutor(target.kind)
+    return out
 
 
 def available_memory() -> int:

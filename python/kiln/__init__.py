@@ -19,6 +19,9 @@ def __getattr__(name):
     if name in ("sparsity_report", "SparsityReport"):
         from . import sparse_report
         return getattr(sparse_report, name)
+    if name in ("quantize_report", "QuantReport"):
+        from . import quantize
+        return getattr(quantize, name)
     if name == "models":
         import importlib
         return importlib.import_module(".models", __name__)
@@ -26,4 +29,4 @@ def __getattr__(name):
 
 
 __all__ = ["compile", "explain", "CompiledModel", "Explanation", "KilnError", "models", "__version__",
-           "sparsify", "distill", "sparsity_report", "SparsityReport"]
+           "sparsify", "distill", "sparsity_report", "SparsityReport", "quantize_report", "QuantReport"]

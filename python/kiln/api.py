@@ -77,7 +77,7 @@ class CompiledModel:
         self.target_spec = Target.parse(target)
         self.source = model
         self.target = self.target_spec.kind
-        self.options = options
+        self.options = _quantize_options(options)
         self.is_onnx = _is_onnx(model)
         self.name = name or (type(model).__name__ if not self.is_onnx else "onnx_model")
         self._plans: dict[tuple, Compiled] = {}
@@ -227,6 +227,29 @@ class CompiledModel:
 
     def __repr__(self) -> str:
         return f"<kiln.CompiledModel {self.name} target={self.target} specializations={len(self._plans)}>"
+
+
+def _quantize_options(options: dict) -> dict:
+    """``quantize="bf16"`` is ``precision="bf16"``; calibration batches become lists of the
+    graph's tensor inputs (each batch is a tuple of the model's positional inputs, or one
+    tensor)."""
+    options = dict(options)
+    if options.get("quantize") == "bf16":
+        if options.get("precision", "bf16") != "bf16":
+            raise KilnError(f"quantize='bf16' conflicts with precision={options['precision']!r}")
+        del options["quantize"]
+        options["precision"] = "bf16"
+    cal = options.get("calibration")
+    if cal is not None:
+        batches = []
+        for item in cal:
+            item = (item,) if isinstance(item, torch.Tensor) else tuple(item)
+            batches.append([x.contiguous() for x in pytree.tree_leaves(item) if isinstance(x, torch.Tensor)])
+        options["calibration"] = batches
+    from kiln.runtime.compile import check_quantize_options
+
+    check_quantize_options(options)  # a bad combination fails before tracing the model
+    return options
 
 
 def _input_names(ep, leaves) -> list[str]:

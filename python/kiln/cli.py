@@ -126,6 +126,24 @@ def _cmd_sparsity_report(args) -> int:
         pruned = kiln.sparsify(model, args.sparsity, args.pattern, layers)
     print(kiln.sparsity_report(pruned, inputs, dense_model=model if pruned is not model else None,
                                sparse=args.sparse, repeats=args.repeats))
+def _cmd_quantize_report(args) -> int:
+    from .modelref import load_model
+
+    import kiln
+
+    model, inputs = load_model(args.model)
+    if inputs is None:
+        from kiln.errors import KilnError
+
+        raise KilnError("quantize-report needs a model with example inputs (a built-in name or module:factory)")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    # calibration: the example inputs (representative data needs the Python API)
+    report = kiln.quantize_report(model, inputs, quantize=args.scheme, calibration=[inputs],
+                                  **({"observer": args.observer} if args.observer else {}))
+    print(report)
     return 0
 
 
@@ -205,6 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     sr.add_argument("--repeats", type=int, default=10)
     sr.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     sr.set_defaults(fn=_cmd_sparsity_report)
+    qr = sub.add_parser("quantize-report", help="per-layer quantization decisions, accuracy and speed")
+    qr.add_argument("model", help="an example model name or package.module:factory")
+    qr.add_argument("--scheme", default="int8-dynamic",
+                    choices=["int8-dynamic", "int8-static", "int8-weight", "int4-weight", "bf16"])
+    qr.add_argument("--observer", choices=["minmax", "percentile", "entropy"], help="int8-static range observer")
+    qr.add_argument("--threads", type=int)
+    qr.set_defaults(fn=_cmd_quantize_report)
     args = p.parse_args(argv)
     if args.version:
         from . import __version__

@@ -42,6 +42,8 @@ def _make(shape, dtype, gen):
         return torch.randint(0, int(gen.split(":")[1]), shape, dtype=torch.int64)
     if dtype == BOOL or gen == "bool":
         return torch.rand(shape) > 0.5
+    if dtype == torch.uint8:  # quantized activations, packed int4 weights: the whole byte range
+        return torch.randint(0, 256, shape, dtype=dtype)
     if not dtype.is_floating_point:
         return torch.randint(-5, 6, shape, dtype=dtype)
     t = torch.randn(shape)
@@ -189,6 +191,48 @@ CASES = [
              _gru_ref(xp.transpose(0, 1), h0, torch.eye(3 * H), w_hh, torch.zeros(3 * H), b_hh))),
          A.RNNAttrs(H, 1, proj_hoisted=True), dtypes=(F32,), tol=1e-5, id="hoisted_time_major"),
 ]
+
+# quantized ops: independent torch expressions (torch's own quantizer, dequantized math)
+I8, U8 = torch.int8, torch.uint8
+
+
+def _deq_w(w, s):
+    return w.float() * s.reshape((-1,) + (1,) * (w.dim() - 1))
+
+
+def _int4(w, s, g):
+    lo, hi = (w & 15).to(torch.int16), (w >> 4).to(torch.int16)
+    q = torch.stack([lo, hi], 2).reshape(w.shape[0], -1)
+    return (torch.where(q > 7, q - 16, q).float()) * s.repeat_interleave(g, 1)
+
+
+def _torch_quantize(x):
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore")
+        return torch.quantize_per_tensor(x, 0.05, 7, torch.quint8).int_repr()
+
+
+CASES += [
+    Case(OpKind.QUANTIZE, ((3, 5),), _torch_quantize, A.QuantizeAttrs(0.05, 7), dtypes=(F32,)),
+    Case(OpKind.DEQUANTIZE, ((3, 5),), lambda x: (x.float() - 7) * 0.05, A.QuantizeAttrs(0.05, 7), dtypes=(U8,)),
+    Case(OpKind.QLINEAR_DYNAMIC, ((4, 32), (6, 32), (6,), (6,)),  # within per-row 8-bit rounding of x
+         lambda x, w, s, b: F.linear(x, _deq_w(w, s), b), A.QLinearDynamicAttrs(), dtypes=(F32,),
+         in_dtypes=(F32, I8, F32, F32), gen="positive", tol=0.1),
+    Case(OpKind.LINEAR_WEIGHT_ONLY, ((4, 8), (6, 8), (6,), (6,)),
+         lambda x, w, s, b: F.linear(x, _deq_w(w, s), b), A.WeightOnlyAttrs(8), dtypes=(F32,),
+         in_dtypes=(F32, I8, F32, F32), id="int8"),
+    Case(OpKind.LINEAR_WEIGHT_ONLY, ((4, 64), (6, 32), (6, 2)),
+         lambda x, w, s: F.linear(x, _int4(w, s, 32)), A.WeightOnlyAttrs(4, 32), dtypes=(F32,),
+         in_dtypes=(F32, U8, F32), id="int4", tol=1e-4),
+    Case(OpKind.QLINEAR, ((4, 8), (6, 8), (6,), (6,)),
+         lambda x, w, s, b: F.linear((x.float() - 3) * 0.1, _deq_w(w, s), b), A.QLinearAttrs(0.1, 3),
+         dtypes=(U8,), in_dtypes=(U8, I8, F32, F32), tol=1e-4),
+    Case(OpKind.QCONV2D, ((1, 4, 5, 5), (6, 4, 3, 3), (6,), (6,), (1, 6, 5, 5)),
+         lambda x, w, s, b, r: torch.relu(F.conv2d((x.float() - 3) * 0.1, _deq_w(w, s), b, padding=1) + r),
+         A.QConv2dAttrs(0.1, 3, padding=(1, 1), activation=A.Activation.RELU), dtypes=(U8,),
+         in_dtypes=(U8, I8, F32, F32, F32), tol=1e-4),
+]
+
 
 # (op, case id, dtype) -> why it is expected to fail
 EXPECTED_FAILURES: dict[tuple, str] = {}
