@@ -209,6 +209,22 @@ class SparseLinearAttrs:
 
     layout: Layout
     shape: tuple[int, int]
+    activation: Activation = Activation.NONE
+
+
+@dataclass(frozen=True, slots=True)
+class SparseConv2dAttrs:
+    """SPARSE_CONV2D: CONV2D (groups 1) whose weight (dense ``shape`` = (co, ci, kh, kw)) is
+    stored as a sparse [co, ci*kh*kw] matrix in ``layout``, run as im2col x sparse GEMM."""
+
+    layout: Layout
+    shape: tuple[int, int, int, int]
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    activation: Activation = Activation.NONE
+
+
 # ----------------------------------------------------------------------------- quantization
 # Formats: see the quantized weight formats in the README (int8 weights symmetric per output
 # channel; int4 group-wise, two per byte, low nibble first; activations asymmetric uint8).
@@ -230,16 +246,6 @@ class QLinearDynamicAttrs:
 
 
 @dataclass(frozen=True, slots=True)
-class SparseConv2dAttrs:
-    """SPARSE_CONV2D: CONV2D (groups 1) whose weight (dense ``shape`` = (co, ci, kh, kw)) is
-    stored as a sparse [co, ci*kh*kw] matrix in ``layout``, run as im2col x sparse GEMM."""
-
-    layout: Layout
-    shape: tuple[int, int, int, int]
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
-    activation: Activation = Activation.NONE
 class WeightOnlyAttrs:
     """LINEAR_WEIGHT_ONLY: float activations, integer weights. ``bits=8``: int8 [N, K] with
     one scale per output channel; ``bits=4``: uint8 [N, K // 2] (two values per byte) with

@@ -603,6 +603,8 @@ def _sparse_conv2d(ins, a):
         _err("sparse_conv2d", f"input {x.shape} too small for kernel {(kh, kw)}")
     out = TensorType(promote_types(x, ins[1]), (x.shape[0], co, oh, ow))
     return _check_residual("sparse_conv2d", r, out)
+
+
 # ----------------------------------------------------------------------------- quantized
 def _u8(shape, scale: float, zero_point: int) -> TensorType:
     return TensorType(DType.UINT8, tuple(shape), quant=QuantSpec(QScheme.PER_TENSOR, scale, zero_point))

@@ -423,6 +423,8 @@ def sparse_conv2d(ins, a: A.SparseConv2dAttrs):
     w = _sparse_weight(ins, a).reshape(a.shape).to(ins[0].dtype)
     y = F.conv2d(ins[0], w, _opt(ins, 4), a.stride, a.padding, a.dilation)
     return epilogue(y, _opt(ins, 5), a.activation)
+
+
 # ----------------------------------------------------------------------------- quantized
 # Integer products are summed in float32 here (exact up to 2**24, then rounded like any
 # float32 GEMM); the fast kernels sum in int32 and agree within the choice tolerance.

@@ -126,6 +126,9 @@ def _cmd_sparsity_report(args) -> int:
         pruned = kiln.sparsify(model, args.sparsity, args.pattern, layers)
     print(kiln.sparsity_report(pruned, inputs, dense_model=model if pruned is not model else None,
                                sparse=args.sparse, repeats=args.repeats))
+    return 0
+
+
 def _cmd_quantize_report(args) -> int:
     from .modelref import load_model
 
