@@ -50,7 +50,7 @@ def kernels_for(op: OpKind, target: str) -> list[Kernel]:
 
 def candidates(node: Node, target: str) -> list[Kernel]:
     """Every kernel for ``target`` that accepts ``node``, else the reference kernel alone."""
-    from . import cpu, onednn, quant, reference, sparse  # noqa: F401
+    from . import cpu, onednn, quant, quant_native, reference, sparse  # noqa: F401
 
     ks = [k for k in _REGISTRY.get((node.op, target), []) if k.accepts(node)] if target != "reference" else []
     ref = select_kernel(node, "reference")
@@ -59,7 +59,7 @@ def candidates(node: Node, target: str) -> list[Kernel]:
 
 def select_kernel(node: Node, target: str) -> Kernel:
     """The kernel the runtime uses for ``node`` on ``target``: first accepting, else reference."""
-    from . import cpu, onednn, quant, reference, sparse  # noqa: F401  (registers the kernels)
+    from . import cpu, onednn, quant, quant_native, reference, sparse  # noqa: F401  (registers the kernels)
 
     if target != "reference":
         for k in _REGISTRY.get((node.op, target), []):
@@ -72,6 +72,6 @@ def select_kernel(node: Node, target: str) -> Kernel:
 
 
 def all_kernels() -> list[Kernel]:
-    from . import cpu, onednn, quant, reference, sparse  # noqa: F401
+    from . import cpu, onednn, quant, quant_native, reference, sparse  # noqa: F401
 
     return [k for ks in _REGISTRY.values() for k in ks]
