@@ -2,9 +2,10 @@
 int4 weight-only) as kernel candidates for the quantized IR ops on the ``cpu`` target.
 
 They compete with the oneDNN kernels of ``kernels/quant.py``: ``kernels.choice`` checks each
-against the reference and keeps the fastest. Activations are quantized with the same
-function the reference uses (``qformat.quantize_rows``), so the int8 products are the
-reference's exactly and only float rounding in the epilogue differs.
+against the reference and keeps the fastest. The C++ per-row activation quantization follows
+``qformat.quantize_rows`` (the reference's) to the bit — same range, scale, zero point and
+ties-to-even rounding — so the int8 products are the reference's and only float rounding in
+the epilogue differs.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import torch
 
 from kiln.ir import Node, OpKind
 from kiln.ir import attrs as A
-from kiln.ir import qformat as QF
 
 from . import int8_cpu as I8
 from .reference import epilogue
@@ -64,12 +64,9 @@ def _prepare_dynamic(node: Node, consts: list):
     bias_c = _opt(consts, 3)
 
     def run(ins, a: A.QLinearDynamicAttrs):
-        x = ins[0]
-        xq, s, zp = QF.quantize_rows(x.reshape(-1, x.shape[-1]))
         fused, res = _split_epilogue(ins, a.activation)
         bias = bias_c if bias_c is not None else _opt(ins, 3)
-        y = I8.qlinear_static(xq, s.reshape(-1), zp.reshape(-1).to(torch.int32), packed, bias, fused)
-        y = y.reshape(*x.shape[:-1], y.shape[-1])
+        y = I8.qlinear_dynamic(ins[0], packed, bias, fused)
         return y if fused != "none" or (res is None and a.activation is A.Activation.NONE) else \
             epilogue(y, res, a.activation)
     return run
