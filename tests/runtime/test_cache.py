@@ -38,14 +38,24 @@ def _compile_in_new_process(env_dir):
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def _entries(d):
-    return [f for f in os.listdir(os.path.join(d, "compile")) if f.endswith(".kiln") and not f.startswith(".")]
+def _entries(d, kind="kernels"):
+    """Cache entries of one kind: "kernels" (a compile's kernel choices) or "import" (a torch
+    model's imported graph, frontends/import_cache.py)."""
+    out = []
+    for f in os.listdir(os.path.join(d, "compile")):
+        if f.endswith(".kiln") and not f.startswith("."):
+            with open(os.path.join(d, "compile", f), "rb") as fh:
+                fh.readline()
+                is_import = b'"graph"' in fh.read(64)
+            if is_import == (kind == "import"):
+                out.append(f)
+    return out
 
 
 def test_second_compile_in_a_new_process_hits(cache_dir):
     assert _compile_in_new_process(cache_dir) == {"hit": False, "ok": True}
     assert _compile_in_new_process(cache_dir) == {"hit": True, "ok": True}
-    assert len(_entries(cache_dir)) == 1
+    assert len(_entries(cache_dir)) == 1 and len(_entries(cache_dir, "import")) == 1
 
 
 def _one_entry(cache_dir):
