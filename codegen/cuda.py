@@ -17,7 +17,7 @@ import tempfile
 from kiln.ir import DType, OpKind
 from kiln.ir import attrs as A
 
-from .render import E, KernelSpec, Renderer, Rendered, Unsupported, numel, split_group
+from .render import INFIX_OPS, E, KernelSpec, Renderer, Rendered, Unsupported, numel, split_group
 
 C_TYPES = {DType.FLOAT32: "float", DType.FLOAT64: "double", DType.INT64: "long long", DType.INT32: "int",
            DType.INT16: "short", DType.INT8: "signed char", DType.UINT8: "unsigned char", DType.BOOL: "bool"}
@@ -58,6 +58,7 @@ def _clamp(r, n, x):
 
 
 CUDA_OPS = {
+    **INFIX_OPS,
     OpKind.NEG: lambda r, n, x: f"(-{x})",
     OpKind.ABS: lambda r, n, x: f"(({x}) < 0 ? -({x}) : ({x}))",
     OpKind.EXP: lambda r, n, x: f"expf({_f(x)})",
@@ -80,20 +81,10 @@ CUDA_OPS = {
     OpKind.CEIL: lambda r, n, x: f"ceilf({x})" if _dt(n).is_float else x,
     OpKind.SIGN: lambda r, n, x: f"(({x}) > 0 ? 1 : (({x}) < 0 ? -1 : 0))",
     OpKind.CAST: lambda r, n, x: r.cast(f"(({x}) != 0)" if n.attrs.dtype is DType.BOOL else x, n.attrs.dtype),
-    OpKind.IDENTITY: lambda r, n, x: x,
     OpKind.ISNAN: lambda r, n, x: f"(({x}) != ({x}))",
-    OpKind.ADD: lambda r, n, a, b: f"({a} + {b})",
-    OpKind.SUB: lambda r, n, a, b: f"({a} - {b})",
-    OpKind.MUL: lambda r, n, a, b: f"({a} * {b})",
     OpKind.DIV: _div,
     OpKind.MAXIMUM: lambda r, n, a, b: f"max({a}, {b})",
     OpKind.MINIMUM: lambda r, n, a, b: f"min({a}, {b})",
-    OpKind.EQ: lambda r, n, a, b: f"({a} == {b})",
-    OpKind.NE: lambda r, n, a, b: f"({a} != {b})",
-    OpKind.LT: lambda r, n, a, b: f"({a} < {b})",
-    OpKind.LE: lambda r, n, a, b: f"({a} <= {b})",
-    OpKind.GT: lambda r, n, a, b: f"({a} > {b})",
-    OpKind.GE: lambda r, n, a, b: f"({a} >= {b})",
     OpKind.AND: lambda r, n, a, b: f"(({a}) && ({b}))",
     OpKind.OR: lambda r, n, a, b: f"(({a}) || ({b}))",
     OpKind.WHERE: lambda r, n, c, a, b: f"(({c}) ? ({a}) : ({b}))",

@@ -30,6 +30,23 @@ ROW_OPS = {OpKind.SOFTMAX, OpKind.LOG_SOFTMAX, OpKind.LAYER_NORM}
 MAX_REDUCTION = 16384  # the reduced extent must fit in one program's registers
 
 
+# Operators every C-like renderer spells the same (Triton's Python and CUDA C alike): the
+# per-language tables add only what differs.
+INFIX_OPS = {
+    OpKind.IDENTITY: lambda r, n, x: x,
+    OpKind.ADD: lambda r, n, a, b: f"({a} + {b})",
+    OpKind.SUB: lambda r, n, a, b: f"({a} - {b})",
+    OpKind.MUL: lambda r, n, a, b: f"({a} * {b})",
+    OpKind.EQ: lambda r, n, a, b: f"({a} == {b})",
+    OpKind.NE: lambda r, n, a, b: f"({a} != {b})",
+    OpKind.LT: lambda r, n, a, b: f"({a} < {b})",
+    OpKind.LE: lambda r, n, a, b: f"({a} <= {b})",
+    OpKind.GT: lambda r, n, a, b: f"({a} > {b})",
+    OpKind.GE: lambda r, n, a, b: f"({a} >= {b})",
+}
+
+
+
 class Unsupported(Exception):
     """This renderer cannot express the group; the plan runs its nodes another way."""
 

@@ -23,7 +23,7 @@ from kiln.codegen.autotune import Space
 from kiln.ir import DType, OpKind
 from kiln.ir import attrs as A
 
-from .render import E, KernelSpec, Renderer, Rendered, Unsupported, numel, reduce_extent, split_group
+from .render import INFIX_OPS, E, KernelSpec, Renderer, Rendered, Unsupported, numel, reduce_extent, split_group
 
 TL_TYPES = {DType.FLOAT32: "tl.float32", DType.FLOAT16: "tl.float16", DType.BFLOAT16: "tl.bfloat16",
             DType.FLOAT64: "tl.float64", DType.INT64: "tl.int64", DType.INT32: "tl.int32", DType.INT16: "tl.int16",
@@ -69,6 +69,7 @@ def _clamp(r, n, x):
 
 
 TRITON_OPS = {
+    **INFIX_OPS,
     OpKind.NEG: lambda r, n, x: f"-{x}",
     OpKind.ABS: lambda r, n, x: f"tl.abs({x})",
     OpKind.EXP: lambda r, n, x: f"tl.exp({_f(x)})",
@@ -91,20 +92,10 @@ TRITON_OPS = {
     OpKind.CEIL: lambda r, n, x: f"tl.ceil({x})" if _dt(n).is_float else x,
     OpKind.SIGN: lambda r, n, x: f"tl.where({x} > 0, 1, tl.where({x} < 0, -1, 0)).to({TL_TYPES[_dt(n)]})",
     OpKind.CAST: lambda r, n, x: r.cast(f"({x} != 0)" if n.attrs.dtype is DType.BOOL else x, n.attrs.dtype),
-    OpKind.IDENTITY: lambda r, n, x: x,
     OpKind.ISNAN: lambda r, n, x: f"({x} != {x})",
-    OpKind.ADD: lambda r, n, a, b: f"({a} + {b})",
-    OpKind.SUB: lambda r, n, a, b: f"({a} - {b})",
-    OpKind.MUL: lambda r, n, a, b: f"({a} * {b})",
     OpKind.DIV: _div,
     OpKind.MAXIMUM: lambda r, n, a, b: f"tl.maximum({a}, {b})",
     OpKind.MINIMUM: lambda r, n, a, b: f"tl.minimum({a}, {b})",
-    OpKind.EQ: lambda r, n, a, b: f"({a} == {b})",
-    OpKind.NE: lambda r, n, a, b: f"({a} != {b})",
-    OpKind.LT: lambda r, n, a, b: f"({a} < {b})",
-    OpKind.LE: lambda r, n, a, b: f"({a} <= {b})",
-    OpKind.GT: lambda r, n, a, b: f"({a} > {b})",
-    OpKind.GE: lambda r, n, a, b: f"({a} >= {b})",
     OpKind.AND: lambda r, n, a, b: f"(({a} != 0) & ({b} != 0))",
     OpKind.OR: lambda r, n, a, b: f"(({a} != 0) | ({b} != 0))",
     OpKind.WHERE: lambda r, n, c, a, b: f"tl.where({c} != 0, {a}, {b})",
