@@ -55,9 +55,11 @@ def _fused_ok(node: Node) -> bool:
 
 
 def _threads() -> int:
-    # The recurrences run on torch's own OpenMP workers (kiln._C shares torch's libgomp),
-    # so they follow torch.get_num_threads() like every other kernel.
-    return torch.get_num_threads()
+    # One thread for now. The recurrences can run on torch's own OpenMP workers (kiln._C
+    # shares torch's libgomp) and a layer alone is 2.2x faster on two of them, but end to
+    # end the two-thread forecaster measured no faster (kiln bench models lstm); revisit
+    # with `kiln bench kernels --op lstm` and the model bench together.
+    return 1
 
 
 def _weights_packer(w_index: int, gates: int):
