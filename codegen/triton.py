@@ -226,9 +226,9 @@ def load(r: Rendered):
     key = f"{r.name}_{digest}"
     if key in _LOADED:
         return _LOADED[key]
-    root = os.environ.get("KILN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kiln")
-    d = os.path.join(root, "triton_gen")
-    os.makedirs(d, exist_ok=True)
+    from kiln.runtime.cache import cache_dir
+
+    d = cache_dir("triton_gen")
     path = os.path.join(d, f"{key}.py")
     if not os.path.exists(path):
         tmp = f"{path}.{os.getpid()}.tmp"

@@ -7,24 +7,6 @@
 
 namespace kiln::quant {
 
-// erf by Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7), so gelu matches torch's
-// exact (erf) gelu to about 1e-7 * |x|.
-inline __m512 erf16(__m512 x) {
-  const __m512 a = _mm512_abs_ps(x);
-  const __m512 t = recip16(_mm512_fmadd_ps(a, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f)));
-  __m512 p = _mm512_set1_ps(1.061405429f);
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
-  p = _mm512_mul_ps(p, t);
-  const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a)));
-  const __m512 y = _mm512_fnmadd_ps(p, e, _mm512_set1_ps(1.0f));
-  // copy x's sign onto y (y >= 0)
-  const __m512i sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(static_cast<int>(0x80000000u)));
-  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(y), sign));
-}
-
 inline __m512 activate16(__m512 y, Activation act) {
   switch (act) {
     case Activation::kNone:

@@ -26,23 +26,6 @@ namespace {
 #define KILN_INLINE inline __attribute__((always_inline))
 #define KILN_INLINE_LAMBDA __attribute__((always_inline))
 
-KILN_INLINE __m512 erf16(__m512 x) {
-  // Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7), odd extension
-  const __m512 ax = _mm512_abs_ps(x);
-  const __m512 t = recip16(_mm512_fmadd_ps(ax, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f)));
-  __m512 p = _mm512_set1_ps(1.061405429f);
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
-  p = _mm512_mul_ps(p, t);
-  const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(ax, ax)));
-  const __m512 y = _mm512_fnmadd_ps(p, e, _mm512_set1_ps(1.0f));
-  // copy the sign of x onto y
-  const __m512i sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x80000000));
-  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(y), sign));
-}
-
 KILN_INLINE __m512 activate(__m512 v, int act) {
   switch (act) {
     case kActRelu: return _mm512_max_ps(v, _mm512_setzero_ps());

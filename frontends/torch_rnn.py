@@ -1,9 +1,9 @@
 """Export ``nn.LSTM``/``nn.GRU`` as single leaf ops instead of tracing through them.
 
 ``torch.export`` traces ``aten.lstm``/``aten.gru`` through their decompositions to infer
-output shapes: a fake-tensor pass over every time step of every layer, seconds per
-model (11 s of the 13 s export of the 2-layer, 96-step example forecaster) — for ops the
-frontend then converts whole anyway. During export, ``rnn_leaf_ops()`` routes the two
+output shapes: a fake-tensor pass over every time step of every layer, most of the
+export time of a recurrent model (see ``python -m kiln.bench.compile_time lstm``) — for
+ops the frontend then converts whole anyway. During export, ``rnn_leaf_ops()`` routes the two
 ``_VF`` calls ``nn.LSTM``/``nn.GRU`` make to the custom ops ``kiln::lstm``/``kiln::gru``:
 the same signature as ``aten.lstm.input``/``aten.gru.input``, a real implementation that
 calls aten, and a fake implementation that only computes shapes. Packed sequences (the

@@ -76,43 +76,19 @@ def _nhwc(v) -> bool:
 
 # ----------------------------------------------------------------------------- the module cache
 def module_dir() -> str:
-    """``<KILN_CACHE_DIR or ~/.cache/kiln>/compile/tvm``: beside the compile cache's entries."""
-    root = os.environ.get("KILN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kiln")
-    d = os.path.join(root, "compile", "tvm")
-    os.makedirs(d, exist_ok=True)
-    return d
+    """``<cache root>/compile/tvm``: beside the compile cache's entries."""
+    from kiln.runtime.cache import cache_dir
+
+    return cache_dir(os.path.join("compile", "tvm"))
 
 
 def evict_modules(max_bytes: int | None = None) -> None:
     """Keep the exported modules under ``KILN_TVM_CACHE_MAX_MB`` (default 512), least recently used out first."""
+    from kiln.runtime.cache import evict_lru
+
     if max_bytes is None:
         max_bytes = int(float(os.environ.get("KILN_TVM_CACHE_MAX_MB", "512")) * 1024 * 1024)
-    d = module_dir()
-    entries = []
-    for name in os.listdir(d):
-        p = os.path.join(d, name)
-        try:
-            st = os.stat(p)
-        except OSError:
-            continue
-        if name.startswith(".tmp-"):
-            if time.time() - st.st_mtime > 3600:  # left behind by a crashed writer
-                _unlink(p)
-            continue
-        entries.append((st.st_mtime, st.st_size, p))
-    total = sum(e[1] for e in entries)
-    for _, size, p in sorted(entries):
-        if total <= max_bytes:
-            break
-        _unlink(p)
-        total -= size
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+    evict_lru(module_dir(), max_bytes, lambda name: True)
 
 
 def _tvm_version() -> str:

@@ -9,6 +9,8 @@ the epilogue differs.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kiln.ir import Node, OpKind
@@ -22,7 +24,8 @@ _ACT = {A.Activation.NONE: "none", A.Activation.RELU: "relu", A.Activation.GELU:
         A.Activation.GELU_TANH: "gelu_tanh", A.Activation.SILU: "silu"}
 
 
-def _caps() -> dict:
+@functools.lru_cache(maxsize=None)
+def _caps() -> dict:  # asked once per node by ``accepts``: the CPU does not change
     try:
         return I8.capabilities()
     except Exception:  # noqa: BLE001  (an extension built without the kernels: no candidates)
@@ -42,13 +45,17 @@ def _fp32_static(node: Node) -> bool:
     return x.is_static and x.dtype.to_torch() == torch.float32
 
 
-def _split_epilogue(ins, act: A.Activation):
-    """(activation the kernel fuses, residual added after it): a residual must be added before
-    the activation, so with one the kernel runs without its activation."""
-    res = _opt(ins, 4)
-    if res is None and act in _ACT:
-        return _ACT[act], None
-    return "none", res
+def _fused_run(call, bias_c):
+    """The plan's function for a kernel ``call(x, bias, activation)`` that fuses bias and
+    the activations in ``_ACT``: a residual must be added before the activation, so with one
+    (or an activation the kernel lacks) the kernel runs without it and the rest follows here."""
+    def run(ins, a):
+        res = _opt(ins, 4)
+        fuse = res is None and a.activation in _ACT
+        bias = bias_c if bias_c is not None else _opt(ins, 3)
+        y = call(ins[0], bias, _ACT[a.activation] if fuse else "none")
+        return y if fuse else epilogue(y, res, a.activation)
+    return run
 
 
 # ----------------------------------------------------------------------------- dynamic int8
@@ -61,15 +68,7 @@ def _prepare_dynamic(node: Node, consts: list):
     if wq is None or ws is None:
         return _unusable
     packed = I8.prepack_int8(wq, ws)
-    bias_c = _opt(consts, 3)
-
-    def run(ins, a: A.QLinearDynamicAttrs):
-        fused, res = _split_epilogue(ins, a.activation)
-        bias = bias_c if bias_c is not None else _opt(ins, 3)
-        y = I8.qlinear_dynamic(ins[0], packed, bias, fused)
-        return y if fused != "none" or (res is None and a.activation is A.Activation.NONE) else \
-            epilogue(y, res, a.activation)
-    return run
+    return _fused_run(lambda x, bias, act: I8.qlinear_dynamic(x, packed, bias, act), _opt(consts, 3))
 
 
 register_kernel(OpKind.QLINEAR_DYNAMIC, "cpu", name="cpu.kiln_qlinear_dynamic", accepts=_dynamic_ok,
@@ -87,15 +86,7 @@ def _prepare_int4(node: Node, consts: list):
     if wq is None or scales is None:
         return _unusable
     packed = I8.prepack_int4(wq, scales, node.attrs.group_size)
-    bias_c = _opt(consts, 3)
-
-    def run(ins, a: A.WeightOnlyAttrs):
-        fused, res = _split_epilogue(ins, a.activation)
-        bias = bias_c if bias_c is not None else _opt(ins, 3)
-        y = I8.linear_int4(ins[0], packed, bias, fused)
-        return y if fused != "none" or (res is None and a.activation is A.Activation.NONE) else \
-            epilogue(y, res, a.activation)
-    return run
+    return _fused_run(lambda x, bias, act: I8.linear_int4(x, packed, bias, act), _opt(consts, 3))
 
 
 register_kernel(OpKind.LINEAR_WEIGHT_ONLY, "cpu", name="cpu.kiln_linear_int4", accepts=_int4_ok,

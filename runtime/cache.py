@@ -24,9 +24,13 @@ FORMAT = "kiln-compile-cache"
 VERSION = 1
 
 
-def cache_dir() -> str:
-    d = os.environ.get("KILN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kiln")
-    d = os.path.join(d, "compile")
+def cache_root() -> str:
+    """``KILN_CACHE_DIR``, default ``~/.cache/kiln``: every cache Kiln keeps lives below it."""
+    return os.environ.get("KILN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kiln")
+
+
+def cache_dir(sub: str = "compile") -> str:
+    d = os.path.join(cache_root(), sub)
     os.makedirs(d, exist_ok=True)
     return d
 
@@ -102,7 +106,13 @@ def store(key: str, data: dict) -> None:
 def evict(max_bytes: int | None = None) -> None:
     if max_bytes is None:
         max_bytes = int(float(os.environ.get("KILN_CACHE_MAX_MB", "2048")) * 1024 * 1024)
-    d = cache_dir()
+    evict_lru(cache_dir(), max_bytes, lambda name: name.endswith(".kiln"))
+
+
+def evict_lru(d: str, max_bytes: int, is_entry) -> None:
+    """Delete the least recently used entries of directory ``d`` (files whose name
+    ``is_entry`` accepts) until they total at most ``max_bytes``; temporary files a crashed
+    writer left behind (``.tmp-*``, over an hour old) go too."""
     entries = []
     for name in os.listdir(d):
         p = os.path.join(d, name)
@@ -111,19 +121,20 @@ def evict(max_bytes: int | None = None) -> None:
         except OSError:
             continue
         if name.startswith(".tmp-") and time.time() - st.st_mtime > 3600:
-            try:
-                os.unlink(p)  # left behind by a crashed writer
-            except OSError:
-                pass
+            _unlink(p)
             continue
-        if name.endswith(".kiln") and not name.startswith("."):
+        if is_entry(name) and not name.startswith("."):
             entries.append((st.st_mtime, st.st_size, p))
     total = sum(e[1] for e in entries)
     for _, size, p in sorted(entries):
         if total <= max_bytes:
             break
-        try:
-            os.unlink(p)
-            total -= size
-        except OSError:
-            pass
+        _unlink(p)
+        total -= size
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -86,8 +86,9 @@ _DEFAULT: dict[str, TuningDB] = {}
 def default_path() -> str:
     if os.environ.get("KILN_TUNING_DB"):
         return os.environ["KILN_TUNING_DB"]
-    root = os.environ.get("KILN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kiln")
-    return os.path.join(root, "tuning.sqlite")
+    from kiln.runtime.cache import cache_root
+
+    return os.path.join(cache_root(), "tuning.sqlite")
 
 
 def default_db() -> TuningDB:
