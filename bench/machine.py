@@ -1,6 +1,6 @@
 """The machine's measured roofline: peak fp32 GEMM throughput and memory bandwidth.
 
-Measured once per thread count and cached (``$KILN_CACHE_DIR`` or ``~/.cache/kiln``),
+Measured once per thread count and cached (``<cache root>/bench``, see ``kiln.runtime.cache``),
 because the kernel benchmarks report every result as a fraction of these two numbers.
 """
 from __future__ import annotations
@@ -10,12 +10,6 @@ import os
 import time
 
 import torch
-
-
-def cache_dir() -> str:
-    d = os.environ.get("KILN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kiln")
-    os.makedirs(d, exist_ok=True)
-    return d
 
 
 def _best(fn, repeats: int) -> float:
@@ -46,7 +40,9 @@ def measure(threads: int) -> dict:
 
 def roofline(threads: int | None = None, refresh: bool = False) -> dict:
     threads = threads or torch.get_num_threads()
-    path = os.path.join(cache_dir(), f"machine-{threads}t.json")
+    from kiln.runtime.cache import cache_dir
+
+    path = os.path.join(cache_dir("bench"), f"machine-{threads}t.json")
     if not refresh and os.path.exists(path):
         try:
             with open(path) as f:

@@ -87,8 +87,20 @@ def _kiln(model, inputs, **options):
     return fast, cold, warm
 
 
+_COMPUTE_OPS = ("linear", "matmul", "conv2d", "attention", "lstm", "gru")
+
+
+def gemm_flops(compiled) -> int:
+    """FLOPs of the GEMM-like ops (linear, matmul, conv, attention, recurrences) in Kiln's
+    optimized fp32 graph: the work no engine can skip at fp32."""
+    from kiln.ir.cost import node_flops
+
+    return sum(node_flops(n) for c in compiled.compiled for n in c.graph.nodes if n.op.value in _COMPUTE_OPS)
+
+
 def bench_model(name: str, factory_kwargs: dict, engines, threads_list, repeats: int, log) -> dict:
     from kiln import models
+    from kiln.bench.machine import measure
 
     model, inputs = models.get(name, **factory_kwargs)
     with torch.no_grad():
@@ -118,6 +130,7 @@ def bench_model(name: str, factory_kwargs: dict, engines, threads_list, repeats:
                         fast, cold, warm = _kiln(model, inputs)
                         built[key] = fast
                         compile_s["kiln_warm"] = warm
+                        result["gemm_gflop"] = gemm_flops(fast) / 1e9
                     elif e == "kiln_bf16":
                         built[key] = _kiln(model, inputs, precision="bf16")[0]
                     elif e == "kiln_nocodegen":
@@ -149,11 +162,16 @@ def bench_model(name: str, factory_kwargs: dict, engines, threads_list, repeats:
                     fns[e](*inputs)
                     times[e].append((time.perf_counter() - t) * 1e3)
         med = {e: statistics.median(v) for e, v in times.items()}
+        # the fp32 compute floor: this model's GEMM FLOPs at the fp32 GEMM rate measured now
+        # (a 1024^3 torch.mm), so the table shows how close every engine already is to it
+        peak = measure(threads)["peak_gflops"]
         peers = [med[e] for e in med if e not in ("eager", "kiln", "kiln_bf16", "kiln_nocodegen")]
         row = {"median_ms": med, "max_abs_err": errs,
                "kiln_bf16_vs_eager": med["eager"] / med["kiln_bf16"] if "kiln_bf16" in med else None,
                "kiln_vs_eager": med["eager"] / med["kiln"] if "kiln" in med else None,
-               "kiln_vs_best_peer": (min(peers) / med["kiln"]) if peers and "kiln" in med else None}
+               "kiln_vs_best_peer": (min(peers) / med["kiln"]) if peers and "kiln" in med else None,
+               "peak_gflops": peak,
+               "fp32_floor_ms": result["gemm_gflop"] / peak * 1e3 if "gemm_gflop" in result else None}
         result["threads"][str(threads)] = row
     result["compile_s"] = compile_s
     result["errors"] = errors
@@ -192,9 +210,12 @@ def markdown(res: dict) -> str:
     engines = res["engines"]
     lines = [f"Median latency in ms ({res['repeats']} interleaved runs per engine); ratios are speedups of Kiln.",
              "",
-             "| model | threads | " + " | ".join(engines) + " | Kiln vs eager | Kiln vs best peer | Kiln max err |"
-             " Kiln bf16 vs eager | bf16 max err |",
-             "|---|---|" + "---|" * len(engines) + "---|---|---|---|---|"]
+             "fp32 floor: the model's GEMM/conv/attention/recurrence FLOPs at the fp32 GEMM rate measured in the",
+             "same run (1024^3 torch.mm); no fp32 engine can be much faster than it.",
+             "",
+             "| model | threads | " + " | ".join(engines) + " | fp32 floor | Kiln vs eager | Kiln vs best peer |"
+             " Kiln max err | Kiln bf16 vs eager | bf16 max err |",
+             "|---|---|" + "---|" * len(engines) + "---|---|---|---|---|---|"]
     for r in res["results"]:
         for th, row in r["threads"].items():
             cells = [f"{row['median_ms'][e]:.2f}" if e in row["median_ms"] else "—" for e in engines]
@@ -203,7 +224,8 @@ def markdown(res: dict) -> str:
             err = row["max_abs_err"].get("kiln")
             vb = f"{row['kiln_bf16_vs_eager']:.2f}x" if row.get("kiln_bf16_vs_eager") else "—"
             eb = row["max_abs_err"].get("kiln_bf16")
-            lines.append(f"| {r['model']} | {th} | " + " | ".join(cells) + f" | {ve} | {vp} | "
+            floor = f"{row['fp32_floor_ms']:.2f}" if row.get("fp32_floor_ms") else "—"
+            lines.append(f"| {r['model']} | {th} | " + " | ".join(cells) + f" | {floor} | {ve} | {vp} | "
                          + (f"{err:.1e}" if err is not None else "—") + f" | {vb} | "
                          + (f"{eb:.1e}" if eb is not None else "—") + " |")
     lines += ["", "Compile time (s): " + "; ".join(

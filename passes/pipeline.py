@@ -20,6 +20,7 @@ from typing import Callable, Iterable
 from kiln.ir import Graph, verify
 
 from . import attention, epilogue, fold, precision, quantize, recognize, rnn, simplify, sparsity
+from .horizontal import fuse_sibling_linears
 from .cse import cse
 from .layout import channels_last
 from .partition import Partition, partition, verify_partition
@@ -58,8 +59,12 @@ PHASES: list[tuple[str, list[Pass]]] = [
     ("fold", [rules_pass("constant_fold", fold.CONSTANT_FOLD), rules_pass("fold_bn", fold.FOLD_BN), *CLEANUP]),
     ("fuse", [rules_pass("recognize", recognize.RULES), rules_pass("attention", attention.RULES),
               rules_pass("rnn", rnn.RULES), rules_pass("constant_fold", fold.CONSTANT_FOLD),
-              rules_pass("epilogue", epilogue.RULES), *CLEANUP]),
-    ("precision", [rules_pass("bf16", precision.RULES, when=_bf16), *[Pass(p.name, p.fn, _bf16) for p in CLEANUP]]),
+              rules_pass("epilogue", epilogue.RULES), Pass("horizontal", fuse_sibling_linears), *CLEANUP]),
+    # the round-trip rule runs again after CSE has merged duplicate casts (a value read by
+    # two bf16 consumers has two casts, so two uses, until then)
+    ("precision", [rules_pass("bf16", precision.RULES, when=_bf16), *[Pass(p.name, p.fn, _bf16) for p in CLEANUP],
+                   rules_pass("bf16_round_trips", precision.ROUND_TRIPS, when=_bf16),
+                   *[Pass(p.name, p.fn, _bf16) for p in CLEANUP]]),
     ("quantize", [Pass("quantize", quantize_pass, _quantize, with_options=True),
                   *[Pass(p.name, p.fn, _quantize) for p in CLEANUP]]),
     ("layout", [Pass("channels_last", channels_last)]),

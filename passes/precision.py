@@ -120,8 +120,8 @@ def _is_cast_to(dt):
     return lambda n: n.attrs.dtype is dt
 
 
-RULES = [
-    (P(OpKind.CAST, where=_is_cast_to(BF16)), _cast_round_trip),
+ROUND_TRIPS = [(P(OpKind.CAST, where=_is_cast_to(BF16)), _cast_round_trip)]
+RULES = ROUND_TRIPS + [
     (P(OpKind.LINEAR, where=_f32), _linear),
     (P(OpKind.CONV2D, where=_f32), _conv),
     (P(OpKind.MATMUL, where=_f32), _matmul),

@@ -48,3 +48,23 @@ def test_precision_option_is_checked():
     model, inputs = models.lstm(seq=8)
     with pytest.raises(KilnError, match="precision must be one of"):
         kiln.compile(model, inputs, precision="fp8")
+
+
+def test_bf16_max_pool_between_convs_stays_bf16_when_read_twice():
+    """ResNet's stem: conv -> max-pool -> (conv, residual). The pooled value has two bf16
+    readers, so two casts until CSE merges them; the round trip must still go."""
+    from kiln.passes.pipeline import run_pipeline
+    from kiln.ir import GraphBuilder
+    from kiln.ir import attrs as A
+
+    b = GraphBuilder("stem")
+    x = b.input("x", (1, 4, 8, 8))
+    w1, w2 = b.const(torch.randn(4, 4, 3, 3)), b.const(torch.randn(4, 4, 3, 3))
+    y = b.add(OpKind.CONV2D, x, w1, attrs=A.Conv2dAttrs(padding=(1, 1)))
+    p = b.add(OpKind.MAX_POOL2D, y, attrs=A.Pool2dAttrs(kernel=(2, 2), stride=(2, 2)))
+    z = b.add(OpKind.CONV2D, p, w2, None, p, attrs=A.Conv2dAttrs(padding=(1, 1)))
+    g = b.build((z,))
+    out = run_pipeline(g, select=["precision"], options={"precision": "bf16"}, verify_each=True).graph
+    pool = [n for n in out.nodes if n.op is OpKind.MAX_POOL2D]
+    assert len(pool) == 1 and pool[0].outputs[0].dtype is DType.BFLOAT16
+    assert sum(n.op is OpKind.CAST for n in out.nodes) == 2  # x in, result out
