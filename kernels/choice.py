@@ -19,7 +19,7 @@ from kiln.ir import Node
 from .registry import Kernel
 
 _MEMO: dict[tuple, str] = {}
-REPEATS = 3
+REPEATS = 5
 
 
 def _random_like(v) -> torch.Tensor:
@@ -60,20 +60,33 @@ def _agrees(out, ref, lsb: bool = False) -> bool:
     return True
 
 
-def _time(fn, ins, attrs, ref=None, lsb: bool = False) -> float:
+def _warm(fn, ins, attrs, ref=None, lsb: bool = False) -> bool:
+    """One untimed call (first-call costs), checked against the reference when given."""
     try:
         with torch.no_grad():
-            out = fn(ins, attrs)  # warm-up (and the first-call costs)
-            if ref is not None and not _agrees(out, ref, lsb):
-                return math.inf  # a kernel that disagrees with the reference is never chosen
-            best = math.inf
-            for _ in range(REPEATS):
-                t = time.perf_counter()
-                fn(ins, attrs)
-                best = min(best, time.perf_counter() - t)
-        return best
+            out = fn(ins, attrs)
+        return ref is None or _agrees(out, ref, lsb)  # a kernel that disagrees is never chosen
     except Exception:
-        return math.inf
+        return False
+
+
+def _timed(fns: list, ins, attrs) -> list[float]:
+    """Best time of each function over REPEATS rounds that take the candidates in turn, so
+    a burst of machine noise (these machines are shared) hits them alike rather than
+    deciding for whichever candidate ran in a quiet moment."""
+    best = [math.inf] * len(fns)
+    with torch.no_grad():
+        for _ in range(REPEATS):
+            for i, fn in enumerate(fns):
+                if fn is None:
+                    continue
+                try:
+                    t = time.perf_counter()
+                    fn(ins, attrs)
+                    best[i] = min(best[i], time.perf_counter() - t)
+                except Exception:
+                    fns[i], best[i] = None, math.inf
+    return best
 
 
 def choose(node: Node, kernels: list[Kernel], constants: list) -> tuple[Kernel, object]:
@@ -98,7 +111,8 @@ def choose(node: Node, kernels: list[Kernel], constants: list) -> tuple[Kernel, 
         except Exception:
             ref = None
     lsb = node.outputs[0].type.quant is not None
-    times = [_time(fn, ins, node.attrs, None if k.target == "reference" else ref, lsb) for k, fn in bound]
+    fns = [fn if _warm(fn, ins, node.attrs, None if k.target == "reference" else ref, lsb) else None for k, fn in bound]
+    times = _timed(fns, ins, node.attrs)
     if all(t == math.inf for t in times):
         return next(b for b in bound if b[0].target == "reference") if ref_k is not None else bound[0]
     best = bound[min(range(len(bound)), key=times.__getitem__)]
