@@ -63,3 +63,17 @@ void sparse_linear(const SparseWeight& w, const float* x, int64_t M, const float
                    int act, float* y, int threads);
 
 }  // namespace kiln
+
+namespace kiln {
+
+// Max pooling over NHWC activations (csrc/pool.cpp): x [N, H, W, C] -> y [N, OH, OW, C],
+// fp32 or bf16 (as raw uint16). Window positions outside the input are skipped (torch's
+// -inf padding); a NaN in a window makes that output NaN. `threads` split the output rows.
+struct PoolShape {
+  int64_t N, H, W, C, OH, OW;
+  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
+};
+bool max_pool_supported();
+void max_pool2d_nhwc(const void* x, void* y, const PoolShape& s, bool bf16, int threads);
+
+}  // namespace kiln

@@ -33,6 +33,15 @@ class Kernel:
 
 
 _REGISTRY: dict[tuple[OpKind, str], list[Kernel]] = {}
+# the modules whose import registers kernels (imported on first lookup, not at package import)
+_KERNEL_MODULES = ("cpu", "pool_cpu", "onednn", "quant", "quant_native", "reference", "sparse")
+
+
+def _load_kernel_modules() -> None:
+    import importlib
+
+    for m in _KERNEL_MODULES:
+        importlib.import_module(f"{__package__}.{m}")
 
 
 def register_kernel(op: OpKind, target: str, name: str | None = None, accepts=None, prepare=None):
@@ -50,7 +59,7 @@ def kernels_for(op: OpKind, target: str) -> list[Kernel]:
 
 def candidates(node: Node, target: str) -> list[Kernel]:
     """Every kernel for ``target`` that accepts ``node``, else the reference kernel alone."""
-    from . import cpu, onednn, quant, quant_native, reference, sparse  # noqa: F401
+    _load_kernel_modules()
 
     ks = [k for k in _REGISTRY.get((node.op, target), []) if k.accepts(node)] if target != "reference" else []
     ref = select_kernel(node, "reference")
@@ -59,7 +68,7 @@ def candidates(node: Node, target: str) -> list[Kernel]:
 
 def select_kernel(node: Node, target: str) -> Kernel:
     """The kernel the runtime uses for ``node`` on ``target``: first accepting, else reference."""
-    from . import cpu, onednn, quant, quant_native, reference, sparse  # noqa: F401  (registers the kernels)
+    _load_kernel_modules()
 
     if target != "reference":
         for k in _REGISTRY.get((node.op, target), []):
@@ -72,6 +81,6 @@ def select_kernel(node: Node, target: str) -> Kernel:
 
 
 def all_kernels() -> list[Kernel]:
-    from . import cpu, onednn, quant, quant_native, reference, sparse  # noqa: F401
+    _load_kernel_modules()
 
     return [k for ks in _REGISTRY.values() for k in ks]

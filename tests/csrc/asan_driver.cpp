@@ -39,6 +39,24 @@ int main() {
       }
     }
   }
+  // max-pool: exact-size buffers, channel tails (C % 16 != 0), windows hanging over every edge
+  if (kiln::max_pool_supported()) {
+    for (int64_t C : {3, 16, 21})
+      for (int64_t k : {1, 3})
+        for (int64_t s : {1, 2}) {
+          const int64_t N = 2, H = 7, W = 5, p = k / 2;
+          const int64_t OH = (H + 2 * p - k + s - 1) / s + 1, OW = (W + 2 * p - k + s - 1) / s + 1;  // ceil
+          kiln::PoolShape ps{N, H, W, C, OH, OW, k, k, s, s, p, p, 1, 1};
+          auto x = vec(N * H * W * C);
+          std::vector<float> y(N * OH * OW * C);
+          std::vector<uint16_t> xb(x.size()), yb(y.size());
+          for (int threads : {1, 2}) {
+            kiln::max_pool2d_nhwc(x.data(), y.data(), ps, false, threads);
+            kiln::max_pool2d_nhwc(xb.data(), yb.data(), ps, true, threads);
+          }
+          ++cases;
+        }
+  }
   auto plan = kiln::plan_memory({100, 0, 5000, 64}, {0, 1, 1, 3}, {2, 1, 4, 3}, 64);
   std::printf("asan ok: %d kernel cases, arena %lld\n", cases, static_cast<long long>(plan.arena_bytes));
   return 0;

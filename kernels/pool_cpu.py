@@ -1,0 +1,52 @@
+"""Max pooling over channels-last activations in C++ (``kiln._C.max_pool2d_nhwc``).
+
+A candidate beside torch's kernel for 4-D channels-last fp32/bf16 MAX_POOL2D (ResNet's
+stem); ``kernels.choice`` keeps whichever measures faster on the node's shapes. The output
+shape comes from the node's type (so ceil_mode needs nothing here).
+"""
+from __future__ import annotations
+
+import torch
+
+from kiln.ir import LayoutKind, Node, OpKind
+from kiln.ir import attrs as A
+
+from .registry import register_kernel
+
+
+def _accepts(node: Node) -> bool:
+    x, y = node.inputs[0].type, node.outputs[0].type
+    if x.rank != 4 or not x.is_static or x.layout.kind is not LayoutKind.CHANNELS_LAST:
+        return False
+    if x.dtype.value not in ("float32", "bfloat16"):
+        return False
+    from kiln import _C
+
+    return _C.max_pool_supported()
+
+
+def _nhwc(t: torch.Tensor):
+    """The NHWC array behind a channels-last tensor (bf16 as its int16 bits)."""
+    v = t.permute(0, 2, 3, 1)
+    return (v.view(torch.int16) if t.dtype == torch.bfloat16 else v).numpy()
+
+
+def _prepare(node: Node, consts: list):
+    from kiln import _C
+
+    a: A.Pool2dAttrs = node.attrs
+    shape = tuple(node.outputs[0].type.shape)
+
+    def run(ins, attrs):
+        x = ins[0]
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.empty(shape, dtype=x.dtype, memory_format=torch.channels_last)
+        _C.max_pool2d_nhwc(_nhwc(x), _nhwc(y), a.kernel, a.stride, a.padding, a.dilation, torch.get_num_threads())
+        return y
+    return run
+
+
+@register_kernel(OpKind.MAX_POOL2D, "cpu", name="cpu.max_pool2d_nhwc", accepts=_accepts, prepare=_prepare)
+def max_pool2d_nhwc(ins, attrs):
+    raise RuntimeError("cpu.max_pool2d_nhwc runs through its prepared function")
