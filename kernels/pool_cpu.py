@@ -15,7 +15,7 @@ from .registry import register_kernel
 
 
 def _accepts(node: Node) -> bool:
-    x, y = node.inputs[0].type, node.outputs[0].type
+    x = node.inputs[0].type
     if x.rank != 4 or not x.is_static or x.layout.kind is not LayoutKind.CHANNELS_LAST:
         return False
     if x.dtype.value not in ("float32", "bfloat16"):
