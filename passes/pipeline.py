@@ -51,13 +51,21 @@ def _quantize(options: dict) -> bool:
     return options.get("quantize") in quantize.SCHEMES
 
 
+def _hoist_rnn_projections(options: dict) -> bool:
+    # The CPU kernels of a recurrent layer choose by measurement whether to project its input
+    # inside the recurrence or up front; the cuda kernels take the hoisted form, and the
+    # quantizer needs the projection as a LINEAR of its own.
+    return options.get("target", "cpu") != "cpu" or _quantize(options)
+
+
 CLEANUP = [rules_pass("simplify", simplify.RULES), Pass("cse", cse), Pass("dce", dead_code_elimination)]
 
 PHASES: list[tuple[str, list[Pass]]] = [
     ("canonicalize", CLEANUP),
     ("fold", [rules_pass("constant_fold", fold.CONSTANT_FOLD), rules_pass("fold_bn", fold.FOLD_BN), *CLEANUP]),
     ("fuse", [rules_pass("recognize", recognize.RULES), rules_pass("attention", attention.RULES),
-              rules_pass("rnn", rnn.RULES), rules_pass("constant_fold", fold.CONSTANT_FOLD),
+              rules_pass("rnn", rnn.SPLIT), rules_pass("rnn_hoist", rnn.HOIST, when=_hoist_rnn_projections),
+              rules_pass("constant_fold", fold.CONSTANT_FOLD),
               rules_pass("epilogue", epilogue.RULES), *CLEANUP]),
     ("precision", [rules_pass("bf16", precision.RULES, when=_bf16), *[Pass(p.name, p.fn, _bf16) for p in CLEANUP]]),
     ("quantize", [Pass("quantize", quantize_pass, _quantize, with_options=True),
