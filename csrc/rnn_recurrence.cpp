@@ -97,6 +97,12 @@ KILN_INLINE void accumulate(const float* a, int64_t a_stride, const float* panel
     __m512 w[G];
 #pragma GCC unroll 4
     for (int g = 0; g < G; ++g) w[g] = _mm512_loadu_ps(panel + k * (G * kBlock) + g * kBlock);
+    // A panel of K = I + H rows outgrows L1 (64 KB for I = H = 128), and each row tile reads
+    // it again: fetch 8 rows ahead (measured 6-9% faster at that size, neutral when it fits).
+    // A prefetch past the panel's end is a harmless hint.
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g)
+      _mm_prefetch(reinterpret_cast<const char*>(panel + (k + 8) * (G * kBlock) + g * kBlock), _MM_HINT_T0);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m512 x = _mm512_set1_ps(a[r * a_stride + k]);
@@ -117,18 +123,52 @@ KILN_INLINE void fill(__m512 (&acc)[R][kAcc], const float* init) {
     for (int g = 0; g < kAcc; ++g) acc[r][g] = init == nullptr ? _mm512_setzero_ps() : _mm512_loadu_ps(init + g * kBlock);
 }
 
+// The gates' sigmoid and tanh, leaner than simd_math.h's (about a fifth of the layer's time
+// went to them): 2^t as 2^round(t) (vscalefps, saturating) times a degree-5 polynomial for
+// 2^f, f in [-0.5, 0.5] (relative error 2e-7). Reducing t = x log2(e) in one step loses
+// relative accuracy for large |x|, where sigmoid and tanh are flat: the absolute error
+// stays under 3e-7 over the whole range, as with simd_math.h's. NaN propagates; +-inf and
+// +-1e30 saturate.
+KILN_INLINE __m512 gate_exp2(__m512 t) {
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.32765e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.67554e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550713e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402212e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314697e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.00000007f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// 1 / (1 + e^-x); the clamp keeps e^-x finite (the Newton step in recip16 would turn
+// 0 * inf into NaN); max_ps returns its second operand when that is NaN
+KILN_INLINE __m512 gate_sigmoid(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-88.0f), x);
+  const __m512 e = gate_exp2(_mm512_mul_ps(x, _mm512_set1_ps(-1.44269504088896341f)));
+  return recip16(_mm512_add_ps(_mm512_set1_ps(1.0f), e));
+}
+
+// 2 / (1 + e^-2x) - 1
+KILN_INLINE __m512 gate_tanh(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-44.0f), x);
+  const __m512 e = gate_exp2(_mm512_mul_ps(x, _mm512_set1_ps(-2.88539008177792682f)));
+  return _mm512_fmsub_ps(recip16(_mm512_add_ps(_mm512_set1_ps(1.0f), e)), _mm512_set1_ps(2.0f), _mm512_set1_ps(1.0f));
+}
+
 // c = f c + i g; h = o tanh(c), for 16 units (m masks the tail past H)
 KILN_INLINE void lstm_cell16(__m512 i, __m512 f, __m512 g, __m512 o, float* c, float* h, __mmask16 m) {
-  const __m512 cn = _mm512_fmadd_ps(sigmoid16(f), _mm512_maskz_loadu_ps(m, c), _mm512_mul_ps(sigmoid16(i), tanh16(g)));
+  const __m512 cn =
+      _mm512_fmadd_ps(gate_sigmoid(f), _mm512_maskz_loadu_ps(m, c), _mm512_mul_ps(gate_sigmoid(i), gate_tanh(g)));
   _mm512_mask_storeu_ps(c, m, cn);
-  _mm512_mask_storeu_ps(h, m, _mm512_mul_ps(sigmoid16(o), tanh16(cn)));
+  _mm512_mask_storeu_ps(h, m, _mm512_mul_ps(gate_sigmoid(o), gate_tanh(cn)));
 }
 
 // n = tanh(nx + r nh); h = (1 - z) n + z h_prev == n + z (h_prev - n)
 KILN_INLINE void gru_cell16(__m512 r, __m512 z, __m512 nx, __m512 nh, const float* h_prev, float* h, __mmask16 m) {
-  const __m512 n = tanh16(_mm512_fmadd_ps(sigmoid16(r), nh, nx));
+  const __m512 n = gate_tanh(_mm512_fmadd_ps(gate_sigmoid(r), nh, nx));
   const __m512 hp = _mm512_maskz_loadu_ps(m, h_prev);
-  _mm512_mask_storeu_ps(h, m, _mm512_fmadd_ps(sigmoid16(z), _mm512_sub_ps(hp, n), n));
+  _mm512_mask_storeu_ps(h, m, _mm512_fmadd_ps(gate_sigmoid(z), _mm512_sub_ps(hp, n), n));
 }
 
 // What one step of one row tile sees. Row b of x / h_prev / h_out is at b * x_b / h_b / y_b;
