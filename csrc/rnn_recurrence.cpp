@@ -18,7 +18,6 @@
 #include <string>
 #include <vector>
 
-#include <omp.h>
 #include <sched.h>
 
 #include "kiln.h"
@@ -258,59 +257,36 @@ inline void for_row_tiles(int64_t B, F&& f) {
   }
 }
 
-// A sense-reversing spin barrier: the steps are tens of microseconds, far too short for
-// a condition variable.
-class SpinBarrier {
- public:
-  explicit SpinBarrier(int n) : n_(n), waiting_(0), sense_(false) {}
-  void wait() {
-    const bool my = !sense_.load(std::memory_order_relaxed);
-    if (waiting_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
-      waiting_.store(0, std::memory_order_relaxed);
-      sense_.store(my, std::memory_order_release);
-    } else {
-      // spin (a step is tens of microseconds), but yield now and then so an oversubscribed
-      // machine still makes progress
-      for (int spins = 1; sense_.load(std::memory_order_acquire) != my; ++spins) {
-        _mm_pause();
-        if ((spins & 1023) == 0) sched_yield();
-      }
-    }
-  }
-
- private:
-  const int n_;
-  std::atomic<int> waiting_;
-  std::atomic<bool> sense_;
-};
-
-// Runs step(t, block_begin, block_end) for t = 0..T-1 over `blocks` hidden blocks split
-// between `threads` threads, with a barrier after every step (step t+1 reads all of h_t).
+// Runs step(t, block_begin, block_end) for t = 0..T-1 over `blocks` hidden blocks.
+// With several threads each step is cut into one chunk of blocks per thread, and the
+// chunks are claimed in order from a shared counter: a chunk of step t starts once every
+// chunk of step t-1 is done (it reads all of h_{t-1}). Claiming rather than a fixed split
+// matters on a shared machine: a thread that loses its core between chunks holds nobody
+// up, the others take its chunks (with a fixed split every step would wait for it).
 // The threads are OpenMP's: kiln._C links libgomp.so.1, which is the very runtime torch has
 // already loaded, so these are torch's intra-op workers. Threads of our own would compete
 // for the cores with torch's workers, which spin for a while after every parallel torch op
 // (such as the input projection that runs just before a hoisted recurrence).
 template <typename Step>
 void run_steps(int64_t T, int64_t blocks, int threads, Step&& step) {
-  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, blocks)));
-  if (threads == 1) {
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
+  if (chunks == 1) {
     for (int64_t t = 0; t < T; ++t) step(t, 0, blocks);
     return;
   }
-  SpinBarrier barrier(threads);
-#pragma omp parallel num_threads(threads)
-  {
-    const int n = omp_get_num_threads();  // the runtime may grant fewer than asked
-    const int id = omp_get_thread_num();
-    if (n == threads) {
-      const int64_t lo = blocks * id / threads, hi = blocks * (id + 1) / threads;
-      for (int64_t t = 0; t < T; ++t) {
-        step(t, lo, hi);
-        barrier.wait();
-      }
-    } else if (id == 0) {
-      for (int64_t t = 0; t < T; ++t) step(t, 0, blocks);
+  std::atomic<int64_t> next{0}, done{0};
+#pragma omp parallel num_threads(static_cast<int>(chunks))
+  for (int64_t item = next.fetch_add(1, std::memory_order_relaxed); item < T * chunks;
+       item = next.fetch_add(1, std::memory_order_relaxed)) {
+    const int64_t t = item / chunks, c = item % chunks;
+    // spin (a chunk takes microseconds), but yield now and then so an oversubscribed machine
+    // still makes progress
+    for (int spins = 1; done.load(std::memory_order_acquire) < t * chunks; ++spins) {
+      _mm_pause();
+      if ((spins & 1023) == 0) sched_yield();
     }
+    step(t, blocks * c / chunks, blocks * (c + 1) / chunks);
+    done.fetch_add(1, std::memory_order_release);
   }
 }
 
@@ -322,6 +298,13 @@ void run_layer(const float* x, const float* h0, float* y, float* hn, int64_t T, 
   run_steps(T, blocks_of(H), threads, [&](int64_t t, int64_t lo, int64_t hi) {
     const StepRows s{x + t * st.x_t, st.x_b, t == 0 ? h0 : y + (t - 1) * st.y_t, t == 0 ? H : st.y_b, y + t * st.y_t,
                      st.y_b};
+    // With several threads, the other threads wrote their parts of h_{t-1} in their own
+    // caches: request all of it up front so the transfers overlap instead of stalling the
+    // GEMM loop one line at a time (measured 6-17% faster on two threads; 16 KB for B = 32,
+    // H = 128).
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t k = 0; k < H; k += kBlock)
+        _mm_prefetch(reinterpret_cast<const char*>(s.h_prev + b * s.h_b + k), _MM_HINT_T0);
     for (int64_t jb = lo; jb < hi; ++jb) for_row_tiles(B, [&](auto R, int64_t b0) { tile(R, s, b0, jb); });
   });
   for (int64_t b = 0; b < B; ++b) {

@@ -69,11 +69,10 @@ def _recurrence_ok(node: Node) -> bool:
 
 
 def _threads() -> int:
-    # One thread for now. The recurrences can run on torch's own OpenMP workers (kiln._C
-    # shares torch's libgomp) and a layer alone is 2.2x faster on two of them, but end to
-    # end the two-thread forecaster measured no faster (kiln bench models lstm); revisit
-    # with `kiln bench kernels --op lstm` and the model bench together.
-    return 1
+    # torch's intra-op thread count, read at call time (a plan built at one setting runs at
+    # another). The threads are torch's own OpenMP workers (kiln._C shares torch's libgomp)
+    # and split each step's hidden blocks, with a spin barrier between steps.
+    return torch.get_num_threads()
 
 
 def _np(t: torch.Tensor | None):
