@@ -16,20 +16,31 @@ void lstm_cell(const float* gx, const float* gh, const float* c, float* h_out, f
 void gru_cell(const float* gx, const float* gh, const float* b_hh, const float* h, float* h_out, int64_t batch,
               int64_t hidden);
 
-// Whole-layer recurrences (AVX-512): gx [T, B, G*H] is the hoisted input projection (LSTM:
-// both biases included; GRU: b_ih only), packed = pack_recurrent_weight(w_hh), y [T, B, H].
-// gx and y may be strided views (a batch-first tensor seen as [T, B, .]): their rows must
-// be contiguous; the strides are in elements.
-std::vector<float> pack_recurrent_weight(const float* w_hh, int64_t gates, int64_t hidden);
+// Whole-layer recurrences (AVX-512), see rnn_recurrence.cpp. y [T, B, H]. The sequence
+// tensors (gx or x, and y) may be strided views (a batch-first tensor seen as [T, B, .]):
+// their rows must be contiguous; the strides are in elements.
 bool recurrence_supported();
 struct SeqStrides {
-  int64_t gx_t, gx_b, y_t, y_b;
+  int64_t x_t, x_b, y_t, y_b;  // x: gx for the hoisted forms, x for the fused ones
 };
 // `threads` split the hidden units of each step (a spin barrier separates steps).
+//
+// Hoisted: gx [T, B, G*H] is the input projection of every step (LSTM: both biases
+// included; GRU: b_ih only), packed = pack_recurrent_weight(w_hh).
+std::vector<float> pack_recurrent_weight(const float* w_hh, int64_t gates, int64_t hidden);
 void lstm_recurrence(const float* gx, const float* packed, const float* h0, const float* c0, float* y, float* hn,
                      float* cn, int64_t T, int64_t B, int64_t H, SeqStrides st, int threads);
 void gru_recurrence(const float* gx, const float* packed, const float* b_hh, const float* h0, float* y, float* hn,
                     int64_t T, int64_t B, int64_t H, SeqStrides st, int threads);
+// Fused: x [T, B, I] is the layer's input and the projection runs inside each step;
+// packed = pack_layer_weight(w_ih (G*H, I), w_hh (G*H, H), b_ih, b_hh), biases may be null.
+int64_t layer_block_floats(int64_t gates, int64_t input, int64_t hidden);  // packed size = blocks x this
+std::vector<float> pack_layer_weight(const float* w_ih, const float* w_hh, const float* b_ih, const float* b_hh,
+                                     int64_t gates, int64_t input, int64_t hidden);
+void lstm_layer(const float* x, const float* packed, const float* h0, const float* c0, float* y, float* hn, float* cn,
+                int64_t T, int64_t B, int64_t I, int64_t H, SeqStrides st, int threads);
+void gru_layer(const float* x, const float* packed, const float* h0, float* y, float* hn, int64_t T, int64_t B,
+               int64_t I, int64_t H, SeqStrides st, int threads);
 
 struct MemoryPlan {
   std::vector<int64_t> offsets;  // byte offset of each buffer in the arena

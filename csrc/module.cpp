@@ -63,14 +63,26 @@ void need(const py::buffer_info& b, std::initializer_list<int64_t> shape, const 
   if (!ok) throw py::value_error(std::string(name) + ": wrong shape");
 }
 
+const float* optional_array(const py::object& o, int64_t size, const char* name) {
+  if (o.is_none()) return nullptr;
+  // no conversion: a converted copy would die before the kernel reads it
+  if (!farray::check_(o)) throw py::type_error(std::string(name) + ": expected a C-contiguous float32 array");
+  auto a = py::reinterpret_borrow<farray>(o);
+  if (a.size() != size) throw py::value_error(std::string(name) + ": wrong size");
+  return a.data();
+}
+
+farray to_farray(const std::vector<float>& v) {
+  farray out(static_cast<py::ssize_t>(v.size()));
+  std::copy(v.begin(), v.end(), out.mutable_data());
+  return out;
+}
+
 farray pack_recurrent_weight_py(farray w_hh, int64_t gates) {
   auto w = w_hh.request();
   if (w.ndim != 2 || gates <= 0 || w.shape[0] != gates * w.shape[1]) throw py::value_error("w_hh: expected (G*H, H)");
   const int64_t H = w.shape[1];
-  std::vector<float> packed = kiln::pack_recurrent_weight(static_cast<const float*>(w.ptr), gates, H);
-  farray out(static_cast<py::ssize_t>(packed.size()));
-  std::copy(packed.begin(), packed.end(), out.mutable_data());
-  return out;
+  return to_farray(kiln::pack_recurrent_weight(static_cast<const float*>(w.ptr), gates, H));
 }
 
 // gx and y of the recurrences may be strided [T, B, .] views (batch-first tensors
@@ -123,6 +135,55 @@ void gru_recurrence_py(sarray gx, farray packed, farray b_hh, farray h0, sarray 
                        static_cast<float*>(hb.ptr), T, B, H, st, threads);
 }
 
+farray pack_layer_weight_py(farray w_ih, farray w_hh, py::object b_ih, py::object b_hh, int64_t gates) {
+  auto wi = w_ih.request(), wh = w_hh.request();
+  if (gates != 3 && gates != 4) throw py::value_error("gates: 4 (LSTM) or 3 (GRU)");
+  if (wh.ndim != 2 || wh.shape[0] != gates * wh.shape[1]) throw py::value_error("w_hh: expected (G*H, H)");
+  const int64_t H = wh.shape[1];
+  if (wi.ndim != 2 || wi.shape[0] != gates * H) throw py::value_error("w_ih: expected (G*H, I)");
+  const int64_t I = wi.shape[1];
+  const float* bi = optional_array(b_ih, gates * H, "b_ih");
+  const float* bh = optional_array(b_hh, gates * H, "b_hh");
+  return to_farray(kiln::pack_layer_weight(static_cast<const float*>(wi.ptr), static_cast<const float*>(wh.ptr), bi,
+                                           bh, gates, I, H));
+}
+
+// The fused layers: x (T, B, I), y (T, B, H); H comes from y, I from x.
+struct LayerShape {
+  int64_t T, B, I, H;
+  kiln::SeqStrides st;
+};
+
+LayerShape layer_shape(const py::buffer_info& x, const py::buffer_info& p, const sarray& y, int64_t gates) {
+  auto yb = y.request();
+  if (x.ndim != 3 || yb.ndim != 3) throw py::value_error("x and y: expected (T, B, I) and (T, B, H)");
+  const int64_t T = x.shape[0], B = x.shape[1], I = x.shape[2], H = yb.shape[2];
+  need(p, {(H + 15) / 16 * kiln::layer_block_floats(gates, I, H)}, "packed");
+  return {T, B, I, H, seq_strides(x, yb, T, B, H, y)};
+}
+
+void lstm_layer_py(sarray x, farray packed, farray h0, farray c0, sarray y, farray hn, farray cn, int threads) {
+  auto xb = x.request(), p = packed.request(), a = h0.request(), c = c0.request(), hb = hn.request(), cb = cn.request();
+  const LayerShape s = layer_shape(xb, p, y, 4);
+  for (auto* b : {&a, &c, &hb, &cb}) need(*b, {s.B, s.H}, "h0, c0, hn and cn");
+  check_writable(hn, "hn");
+  check_writable(cn, "cn");
+  py::gil_scoped_release nogil;
+  kiln::lstm_layer(static_cast<const float*>(xb.ptr), static_cast<const float*>(p.ptr), static_cast<const float*>(a.ptr),
+                   static_cast<const float*>(c.ptr), static_cast<float*>(y.request().ptr), static_cast<float*>(hb.ptr),
+                   static_cast<float*>(cb.ptr), s.T, s.B, s.I, s.H, s.st, threads);
+}
+
+void gru_layer_py(sarray x, farray packed, farray h0, sarray y, farray hn, int threads) {
+  auto xb = x.request(), p = packed.request(), a = h0.request(), hb = hn.request();
+  const LayerShape s = layer_shape(xb, p, y, 3);
+  for (auto* b : {&a, &hb}) need(*b, {s.B, s.H}, "h0 and hn");
+  check_writable(hn, "hn");
+  py::gil_scoped_release nogil;
+  kiln::gru_layer(static_cast<const float*>(xb.ptr), static_cast<const float*>(p.ptr), static_cast<const float*>(a.ptr),
+                  static_cast<float*>(y.request().ptr), static_cast<float*>(hb.ptr), s.T, s.B, s.I, s.H, s.st, threads);
+}
+
 using iarray = py::array_t<int32_t, py::array::c_style>;
 
 // Checks a BSR weight completely (row_ptr monotone from 0, block columns in range, array
@@ -148,15 +209,6 @@ kiln::SparseWeight sparse_weight(const farray& values, const iarray& col, const 
     for (int64_t j = r[i] + 1; j < r[i + 1]; ++j)
       if (c[j] <= c[j - 1]) throw py::value_error("col: block columns must increase within a row");
   return {static_cast<const float*>(vb.ptr), c, r, N, K, bh, bw};
-}
-
-const float* optional_array(const py::object& o, int64_t size, const char* name) {
-  if (o.is_none()) return nullptr;
-  // no conversion: a converted copy would die before the kernel reads it
-  if (!farray::check_(o)) throw py::type_error(std::string(name) + ": expected a C-contiguous float32 array");
-  auto a = py::reinterpret_borrow<farray>(o);
-  if (a.size() != size) throw py::value_error(std::string(name) + ": wrong size");
-  return a.data();
 }
 
 void sparse_linear_py(farray x, farray values, iarray col, iarray row_ptr, int64_t N, int bh, int bw, py::object bias,
@@ -208,6 +260,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("gru_recurrence", &gru_recurrence_py, py::arg("gx").noconvert(), py::arg("packed").noconvert(),
         py::arg("b_hh").noconvert(), py::arg("h0").noconvert(), py::arg("y").noconvert(), py::arg("hn").noconvert(),
         py::arg("threads") = 1, "One GRU layer over all steps: gx (T,B,3H) = x W_ih^T + b_ih -> y (T,B,H); gx and y may be strided views with contiguous rows.");
+  m.def("pack_layer_weight", &pack_layer_weight_py, py::arg("w_ih").noconvert(), py::arg("w_hh").noconvert(),
+        py::arg("b_ih"), py::arg("b_hh"), py::arg("gates"),
+        "Prepack W_ih (G*H, I), W_hh (G*H, H) and the biases (or None) for lstm_layer / gru_layer.");
+  m.def("lstm_layer", &lstm_layer_py, py::arg("x").noconvert(), py::arg("packed").noconvert(),
+        py::arg("h0").noconvert(), py::arg("c0").noconvert(), py::arg("y").noconvert(), py::arg("hn").noconvert(),
+        py::arg("cn").noconvert(), py::arg("threads") = 1,
+        "One LSTM layer over all steps, input projection inside each step: x (T,B,I) -> y (T,B,H); x and y may be strided views with contiguous rows.");
+  m.def("gru_layer", &gru_layer_py, py::arg("x").noconvert(), py::arg("packed").noconvert(), py::arg("h0").noconvert(),
+        py::arg("y").noconvert(), py::arg("hn").noconvert(), py::arg("threads") = 1,
+        "One GRU layer over all steps, input projection inside each step: x (T,B,I) -> y (T,B,H); x and y may be strided views with contiguous rows.");
   m.def(
       "plan_memory",
       [](const std::vector<int64_t>& sizes, const std::vector<int64_t>& first, const std::vector<int64_t>& last,

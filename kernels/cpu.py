@@ -1,9 +1,18 @@
-"""CPU kernels that beat the reference: recurrent networks.
+"""CPU kernels that beat the reference: recurrent networks (LSTM/GRU).
 
-LSTM/GRU: the input projection of every time step is one GEMM per layer before the
-recurrence (done inside the kernel for the structured op, or by a LINEAR node once the
-``rnn`` pass hoisted it); each step is then one GEMM (h @ W_hh^T, into a preallocated
-buffer) plus one fused C++ kernel for the gates (``kiln._C.lstm_cell`` / ``gru_cell``).
+A layer runs one of three ways, chosen per layer by measurement (kernels/choice.py):
+
+- ``cpu.lstm_layer`` / ``cpu.gru_layer``: the whole layer in C++ (``kiln._C.lstm_layer``);
+  each step's GEMM is [x_t, h_{t-1}] @ [W_ih; W_hh]^T fused with the gates, so the input
+  projection needs no pass of its own and no [T, B, G*H] buffer is written and read back;
+- ``cpu.lstm_hoisted`` / ``cpu.gru_hoisted``: the input projection of every step as one
+  torch GEMM first, then the C++ recurrence over it (``kiln._C.lstm_recurrence``), which
+  can win when the input is much wider than the hidden state;
+- ``cpu.lstm`` / ``cpu.gru``: per step one torch GEMM (h @ W_hh^T) plus one fused C++
+  cell for the gates (``kiln._C.lstm_cell`` / ``gru_cell``); needs no AVX-512.
+
+A recurrence whose projection the ``rnn_hoist`` pass moved into a LINEAR (so that the
+quantizer can take it) runs the C++ recurrence alone (``cpu.lstm_recurrence``).
 """
 from __future__ import annotations
 
@@ -49,36 +58,68 @@ def _project(layer_in, w_ih, bias, T, B, width):
     return torch.mm(flat, w_ih.t()).view(T, B, width)
 
 
-def _fused_ok(node: Node) -> bool:
-    """The whole-layer C++ recurrence takes the hoisted form (the rnn pass produces it)."""
+def _native_ok(node: Node) -> bool:
+    """The C++ layers take the op with its input projection (one or more layers)."""
+    return _rnn_ok(node) and not node.attrs.proj_hoisted and _native().recurrence_supported()
+
+
+def _recurrence_ok(node: Node) -> bool:
+    """The C++ recurrence alone takes the hoisted form (the rnn_hoist pass produces it)."""
     return _rnn_ok(node) and node.attrs.proj_hoisted and _native().recurrence_supported()
 
 
 def _threads() -> int:
-    # One thread for now. The recurrences can run on torch's own OpenMP workers (kiln._C
-    # shares torch's libgomp) and a layer alone is 2.2x faster on two of them, but end to
-    # end the two-thread forecaster measured no faster (kiln bench models lstm); revisit
-    # with `kiln bench kernels --op lstm` and the model bench together.
-    return 1
+    # torch's intra-op thread count, read at call time (a plan built at one setting runs at
+    # another). The threads are torch's own OpenMP workers (kiln._C shares torch's libgomp)
+    # and split each step's hidden blocks, with a spin barrier between steps.
+    return torch.get_num_threads()
 
 
-def _weights_packer(w_index: int, gates: int):
-    """prepare hook: pack a constant W_hh once, when the plan is built."""
+def _np(t: torch.Tensor | None):
+    return None if t is None else t.contiguous().numpy()
+
+
+def _pack_layer(w_ih, w_hh, b_ih, b_hh, gates: int):
+    """Fused form: one panel over [W_ih; W_hh] per block of hidden units, biases included."""
+    return _native().pack_layer_weight(_np(w_ih), _np(w_hh), _np(b_ih), _np(b_hh), gates)
+
+
+def _pack_hoisted(w_ih, w_hh, b_ih, b_hh, gates: int):
+    """Hoisted form: (W_ih^T, projection bias, packed W_hh, recurrent bias). LSTM adds both
+    biases in the projection; GRU keeps b_hh for the cell, where r multiplies b_hn. An op
+    hoisted already (w_ih None) has only its recurrent bias left."""
+    if w_ih is None:
+        bias, rec_bias = None, b_hh
+    elif gates == 4:
+        bias, rec_bias = (b_ih + b_hh if b_ih is not None else None), None
+    else:
+        bias, rec_bias = b_ih, b_hh
+    if gates == 3 and rec_bias is None:
+        rec_bias = torch.zeros(w_hh.shape[0])
+    w_t = None if w_ih is None else w_ih.t().contiguous()
+    rec_bias = None if rec_bias is None else rec_bias.contiguous()
+    return w_t, bias, _native().pack_recurrent_weight(_np(w_hh), gates), rec_bias
+
+
+def _packer(fn, pack, gates: int):
+    """prepare hook: pack every layer's weights once, when the plan is built (weights
+    computed at run time are packed on every call instead)."""
+    nstate = 2 if gates == 4 else 1
+
     def prepare(node: Node, consts: list):
-        w = consts[w_index]
-        packed = None if w is None else _native().pack_recurrent_weight(w.contiguous().numpy(), gates)
-        fn = lstm_fused if gates == 4 else gru_fused
+        packed = None
+        if all(c is not None for c in consts[1 + nstate:]):
+            packed = [pack(*w, gates) for w in _layers(consts, node.attrs, nstate, gates)]
 
         def run(ins, attrs):
-            p = packed if packed is not None else _native().pack_recurrent_weight(ins[w_index].contiguous().numpy(), gates)
-            return fn(ins, attrs, p)
+            return fn(ins, attrs, packed)
         return run
     return prepare
 
 
 def _seq_views(x: torch.Tensor, a: A.RNNAttrs, H: int):
-    """gx as a [T, B, G*H] view and y allocated in the layer's own layout, also seen as
-    [T, B, H]: the C++ recurrence takes strided views, so a batch-first layer copies nothing."""
+    """x as a [T, B, F] view and y allocated in the layer's own layout, also seen as
+    [T, B, H]: the C++ layers take strided views, so a batch-first layer copies nothing."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     T, B = (x.shape[1], x.shape[0]) if a.batch_first else (x.shape[0], x.shape[1])
@@ -87,38 +128,103 @@ def _seq_views(x: torch.Tensor, a: A.RNNAttrs, H: int):
     return tb(x), y, tb(y), B
 
 
-def lstm_fused(ins, a: A.RNNAttrs, packed=None):
-    """One hoisted LSTM layer: every step's GEMM and gates in C++ (kiln._C.lstm_recurrence)."""
-    x, h0, c0, w_hh = ins[:4]
-    b_hh = ins[4] if len(ins) > 4 else None
+def _hoisted_projection(x, w_t, bias):
+    """Every step's x @ W_ih^T (+ bias) as one GEMM, in x's own layout."""
+    flat = x.reshape(-1, x.shape[-1])
+    gx = torch.mm(flat, w_t) if bias is None else torch.addmm(bias, flat, w_t)
+    return gx.view(*x.shape[:-1], w_t.shape[1])
+
+
+def _lstm(ins, a: A.RNNAttrs, packed, pack, layer):
+    """Runs `layer(x, packed, h0, c0, hn, cn) -> y` over the layers of an LSTM op."""
+    x, h0, c0 = ins[:3]
     if packed is None:
-        packed = _native().pack_recurrent_weight(w_hh.contiguous().numpy(), 4)
-    if b_hh is not None:
-        x = x + b_hh
-    H = a.hidden_size
-    gx, y, y_tb, B = _seq_views(x, a, H)
-    hn, cn = torch.empty(1, B, H), torch.empty(1, B, H)
-    _native().lstm_recurrence(gx.numpy(), packed, h0[0].contiguous().numpy(), c0[0].contiguous().numpy(),
-                              y_tb.numpy(), hn[0].numpy(), cn[0].numpy(), _threads())
-    return y, hn, cn
+        packed = [pack(*w, 4) for w in _layers(ins, a, 2, 4)]
+    hn, cn = torch.empty_like(h0), torch.empty_like(c0)
+    for i, p in enumerate(packed):
+        x = layer(x, p, h0[i].contiguous(), c0[i].contiguous(), hn[i], cn[i])
+    return x, hn, cn
 
 
-def gru_fused(ins, a: A.RNNAttrs, packed=None):
-    """One hoisted GRU layer: every step's GEMM and gates in C++ (kiln._C.gru_recurrence)."""
-    x, h0, w_hh = ins[:3]
-    H = a.hidden_size
-    b_hh = ins[3] if len(ins) > 3 else torch.zeros(3 * H)
+def _gru(ins, a: A.RNNAttrs, packed, pack, layer):
+    x, h0 = ins[:2]
     if packed is None:
-        packed = _native().pack_recurrent_weight(w_hh.contiguous().numpy(), 3)
-    gx, y, y_tb, B = _seq_views(x, a, H)
-    hn = torch.empty(1, B, H)
-    _native().gru_recurrence(gx.numpy(), packed, b_hh.contiguous().numpy(), h0[0].contiguous().numpy(),
-                             y_tb.numpy(), hn[0].numpy(), _threads())
-    return y, hn
+        packed = [pack(*w, 3) for w in _layers(ins, a, 1, 3)]
+    hn = torch.empty_like(h0)
+    for i, p in enumerate(packed):
+        x = layer(x, p, h0[i].contiguous(), hn[i])
+    return x, hn
 
 
-register_kernel(OpKind.LSTM, "cpu", name="cpu.lstm_fused", accepts=_fused_ok, prepare=_weights_packer(3, 4))(lstm_fused)
-register_kernel(OpKind.GRU, "cpu", name="cpu.gru_fused", accepts=_fused_ok, prepare=_weights_packer(2, 3))(gru_fused)
+def lstm_layer(ins, a: A.RNNAttrs, packed=None):
+    """Every layer in C++ with the input projection inside each step (kiln._C.lstm_layer)."""
+    def layer(x, p, h0, c0, hn, cn):
+        xs, y, y_tb, _ = _seq_views(x, a, a.hidden_size)
+        _native().lstm_layer(xs.numpy(), p, h0.numpy(), c0.numpy(), y_tb.numpy(), hn.numpy(), cn.numpy(), _threads())
+        return y
+    return _lstm(ins, a, packed, _pack_layer, layer)
+
+
+def gru_layer(ins, a: A.RNNAttrs, packed=None):
+    """Every layer in C++ with the input projection inside each step (kiln._C.gru_layer)."""
+    def layer(x, p, h0, hn):
+        xs, y, y_tb, _ = _seq_views(x, a, a.hidden_size)
+        _native().gru_layer(xs.numpy(), p, h0.numpy(), y_tb.numpy(), hn.numpy(), _threads())
+        return y
+    return _gru(ins, a, packed, _pack_layer, layer)
+
+
+def _lstm_recurrence(gx, p_hh, h0, c0, hn, cn, a: A.RNNAttrs):
+    gx, y, y_tb, _ = _seq_views(gx, a, a.hidden_size)
+    _native().lstm_recurrence(gx.numpy(), p_hh, h0.numpy(), c0.numpy(), y_tb.numpy(), hn.numpy(), cn.numpy(),
+                              _threads())
+    return y
+
+
+def _gru_recurrence(gx, p_hh, b_hh, h0, hn, a: A.RNNAttrs):
+    gx, y, y_tb, _ = _seq_views(gx, a, a.hidden_size)
+    _native().gru_recurrence(gx.numpy(), p_hh, b_hh.numpy(), h0.numpy(), y_tb.numpy(), hn.numpy(), _threads())
+    return y
+
+
+def lstm_hoisted(ins, a: A.RNNAttrs, packed=None):
+    """Per layer: one torch GEMM projects every step's input, then the C++ recurrence."""
+    def layer(x, p, h0, c0, hn, cn):
+        w_t, bias, p_hh, _ = p
+        return _lstm_recurrence(_hoisted_projection(x, w_t, bias), p_hh, h0, c0, hn, cn, a)
+    return _lstm(ins, a, packed, _pack_hoisted, layer)
+
+
+def gru_hoisted(ins, a: A.RNNAttrs, packed=None):
+    """Per layer: one torch GEMM projects every step's input, then the C++ recurrence."""
+    def layer(x, p, h0, hn):
+        w_t, bias, p_hh, b_hh = p
+        return _gru_recurrence(_hoisted_projection(x, w_t, bias), p_hh, b_hh, h0, hn, a)
+    return _gru(ins, a, packed, _pack_hoisted, layer)
+
+
+def lstm_recurrence(ins, a: A.RNNAttrs, packed=None):
+    """A hoisted LSTM layer (its input is the projection): the C++ recurrence alone."""
+    def layer(x, p, h0, c0, hn, cn):
+        _, _, p_hh, b_hh = p
+        return _lstm_recurrence(x if b_hh is None else x + b_hh, p_hh, h0, c0, hn, cn, a)
+    return _lstm(ins, a, packed, _pack_hoisted, layer)
+
+
+def gru_recurrence(ins, a: A.RNNAttrs, packed=None):
+    """A hoisted GRU layer (its input is the projection plus b_ih): the C++ recurrence alone."""
+    def layer(x, p, h0, hn):
+        _, _, p_hh, b_hh = p
+        return _gru_recurrence(x, p_hh, b_hh, h0, hn, a)
+    return _gru(ins, a, packed, _pack_hoisted, layer)
+
+
+for _fn, _pack, _ok in ((lstm_layer, _pack_layer, _native_ok), (lstm_hoisted, _pack_hoisted, _native_ok),
+                        (lstm_recurrence, _pack_hoisted, _recurrence_ok)):
+    register_kernel(OpKind.LSTM, "cpu", name=f"cpu.{_fn.__name__}", accepts=_ok, prepare=_packer(_fn, _pack, 4))(_fn)
+for _fn, _pack, _ok in ((gru_layer, _pack_layer, _native_ok), (gru_hoisted, _pack_hoisted, _native_ok),
+                        (gru_recurrence, _pack_hoisted, _recurrence_ok)):
+    register_kernel(OpKind.GRU, "cpu", name=f"cpu.{_fn.__name__}", accepts=_ok, prepare=_packer(_fn, _pack, 3))(_fn)
 
 
 @register_kernel(OpKind.LSTM, "cpu", name="cpu.lstm", accepts=_rnn_ok)

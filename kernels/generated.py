@@ -206,6 +206,14 @@ def run_nodes(group, ins: list, fns: list) -> list:
     return [env[v] for v in group.outputs]
 
 
+def _views_only(outs: list, ins: list) -> bool:
+    """Every output is a view of an input (a slice then a reshape, say): the per-node kernels
+    move no data, and a generated kernel, which writes its outputs, cannot beat that; not
+    generating it also saves the TVM import and build at compile time."""
+    storages = {t.untyped_storage().data_ptr() for t in ins if isinstance(t, torch.Tensor)}
+    return all(isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() in storages for o in outs)
+
+
 def _best_time(fn, repeats: int = REPEATS) -> float:
     fn()
     best = math.inf
@@ -257,8 +265,9 @@ WORTH_GENERATING_S = 10e-6
 def choose_group(group, graph, make_kernel, node_fns: list, threads: int) -> "GeneratedKernel | None":
     """The generated kernel for ``group`` (``make_kernel(group)``, or None when it cannot be
     generated) if it beats running ``node_fns`` (the per-node choices) one by one, else None.
-    It must first agree with the reference. Groups whose per-node time is below
-    ``WORTH_GENERATING_S`` are not generated at all. Decisions are memoized per process.
+    It must first agree with the reference. Groups whose per-node kernels only make views,
+    or take less than ``WORTH_GENERATING_S``, are not generated at all. Decisions are
+    memoized per process.
     ``KILN_GROUP_CHOICE=generated`` skips the timing (an agreeing generated kernel wins), for
     tests and debugging, as ``KILN_KERNEL_CHOICE=first`` does for per-node kernels."""
     from kiln.codegen.tvm import signature
@@ -272,6 +281,9 @@ def choose_group(group, graph, make_kernel, node_fns: list, threads: int) -> "Ge
         node_t = None
         if not forced and memo not in _CHOICE:
             try:
+                if _views_only(run_nodes(group, ins, node_fns), ins):
+                    _CHOICE[memo] = False
+                    return None
                 node_t = _best_time(lambda: run_nodes(group, ins, node_fns))
             except Exception:  # noqa: BLE001  (e.g. an integer division by the random zeros)
                 node_t = 0.0  # nothing to compare against: keep the per-node kernels

@@ -52,13 +52,21 @@ def _quantize(options: dict) -> bool:
     return options.get("quantize") in quantize.SCHEMES
 
 
+def _hoist_rnn_projections(options: dict) -> bool:
+    # The CPU kernels of a recurrent layer choose by measurement whether to project its input
+    # inside the recurrence or up front; the cuda kernels take the hoisted form, and the
+    # quantizer needs the projection as a LINEAR of its own.
+    return options.get("target", "cpu") != "cpu" or _quantize(options)
+
+
 CLEANUP = [rules_pass("simplify", simplify.RULES), Pass("cse", cse), Pass("dce", dead_code_elimination)]
 
 PHASES: list[tuple[str, list[Pass]]] = [
     ("canonicalize", CLEANUP),
     ("fold", [rules_pass("constant_fold", fold.CONSTANT_FOLD), rules_pass("fold_bn", fold.FOLD_BN), *CLEANUP]),
     ("fuse", [rules_pass("recognize", recognize.RULES), rules_pass("attention", attention.RULES),
-              rules_pass("rnn", rnn.RULES), rules_pass("constant_fold", fold.CONSTANT_FOLD),
+              rules_pass("rnn", rnn.SPLIT), rules_pass("rnn_hoist", rnn.HOIST, when=_hoist_rnn_projections),
+              rules_pass("constant_fold", fold.CONSTANT_FOLD),
               rules_pass("epilogue", epilogue.RULES), Pass("horizontal", fuse_sibling_linears), *CLEANUP]),
     # the round-trip rule runs again after CSE has merged duplicate casts (a value read by
     # two bf16 consumers has two casts, so two uses, until then)

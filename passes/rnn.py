@@ -1,9 +1,13 @@
-"""Recurrent networks: hoist each layer's input projection out of the recurrence.
+"""Recurrent networks: one structured op per layer, and hoisting for the quantizer.
 
-A multi-layer LSTM/GRU op becomes, per layer, one LINEAR over all time steps (x @ W_ih^T
-+ b_ih, plus b_hh for LSTM) and a one-layer recurrence in hoisted form. The recurrence
-stays one structured op; the GEMM in front of it is an ordinary LINEAR that the rest of
-the compiler (kernel choice, quantization) treats like any other.
+``SPLIT`` (fuse phase): a multi-layer LSTM/GRU op becomes a chain of one-layer ops, each
+layer's output the next one's input, so every layer gets its own kernel choice. The
+kernels of a layer choose by measurement between projecting the input inside every step
+of the recurrence and one GEMM over all steps up front (kernels/cpu.py).
+
+``HOIST`` (quantize phase, only when quantizing): each layer's input projection becomes
+an ordinary LINEAR over all time steps (x @ W_ih^T + b_ih, plus b_hh for LSTM) in front
+of a recurrence in hoisted form, so the quantizer can turn that GEMM into an integer one.
 """
 from __future__ import annotations
 
@@ -13,44 +17,53 @@ from kiln.ir import attrs as A
 from .pattern import P
 
 
-def _hoist(m, rw):
+def _split(m, rw):
     n = m.root
     a: A.RNNAttrs = n.attrs
-    if a.proj_hoisted or a.bidirectional:
+    if a.num_layers == 1 or a.proj_hoisted or a.bidirectional:
         return None
     lstm = n.op is OpKind.LSTM
     nstate = 2 if lstm else 1
     states = n.inputs[1:1 + nstate]
     ws = n.inputs[1 + nstate:]
     per = 4 if a.has_biases else 2
-    if any(rw.constant(w) is None for w in ws):
-        return None  # weights computed at run time: keep the op whole
-    layer_in = n.inputs[0]
-    hs, cs = [], []
+    one = A.RNNAttrs(a.hidden_size, 1, False, a.batch_first, a.has_biases)
+    layer_in, hs, cs = n.inputs[0], [], []
     for layer in range(a.num_layers):
-        w_ih, w_hh = ws[layer * per], ws[layer * per + 1]
-        b_ih = rw.constant(ws[layer * per + 2]) if a.has_biases else None
-        b_hh = ws[layer * per + 3] if a.has_biases else None
-        if lstm and b_ih is not None:
-            bias = rw.const(b_ih + rw.constant(b_hh), "rnn_bias")  # both biases add before the gates
-            rec_bias = None
-        else:
-            bias = ws[layer * per + 2] if b_ih is not None else None
-            rec_bias = b_hh
-        xp = rw.add(OpKind.LINEAR, layer_in, w_ih, *([bias] if bias is not None else []))
-        st = [rw.add(OpKind.SLICE, s, attrs=A.SliceAttrs(0, layer, layer + 1)) if a.num_layers > 1 else s
-              for s in states]
-        one = A.RNNAttrs(a.hidden_size, 1, False, a.batch_first, a.has_biases, proj_hoisted=True)
-        outs = rw.add(n.op, xp, *st, w_hh, *([rec_bias] if rec_bias is not None else []), attrs=one)
+        st = [rw.add(OpKind.SLICE, s, attrs=A.SliceAttrs(0, layer, layer + 1)) for s in states]
+        outs = rw.add(n.op, layer_in, *st, *ws[layer * per:(layer + 1) * per], attrs=one)
         layer_in = outs[0]
         hs.append(outs[1])
         if lstm:
             cs.append(outs[2])
 
     def cat(vs):
-        return vs[0] if len(vs) == 1 else rw.add(OpKind.CONCAT, *vs, attrs=A.AxisAttrs(0))
+        return rw.add(OpKind.CONCAT, *vs, attrs=A.AxisAttrs(0))
 
     return (layer_in, cat(hs), cat(cs)) if lstm else (layer_in, cat(hs))
 
 
-RULES = [(P((OpKind.LSTM, OpKind.GRU)), _hoist)]
+def _hoist(m, rw):
+    n = m.root
+    a: A.RNNAttrs = n.attrs
+    if a.num_layers != 1 or a.proj_hoisted or a.bidirectional:
+        return None
+    lstm = n.op is OpKind.LSTM
+    nstate = 2 if lstm else 1
+    w_ih, w_hh, *bs = n.inputs[1 + nstate:]
+    if any(rw.constant(w) is None for w in (w_ih, w_hh, *bs)):
+        return None  # weights computed at run time: keep the op whole
+    if lstm and bs:
+        bias = rw.const(rw.constant(bs[0]) + rw.constant(bs[1]), "rnn_bias")  # both biases add before the gates
+        rec_bias = None
+    else:
+        bias = bs[0] if bs else None
+        rec_bias = bs[1] if bs else None
+    xp = rw.add(OpKind.LINEAR, n.inputs[0], w_ih, *([bias] if bias is not None else []))
+    hoisted = A.RNNAttrs(a.hidden_size, 1, False, a.batch_first, a.has_biases, proj_hoisted=True)
+    return rw.add(n.op, xp, *n.inputs[1:1 + nstate], w_hh, *([rec_bias] if rec_bias is not None else []),
+                  attrs=hoisted)
+
+
+SPLIT = [(P((OpKind.LSTM, OpKind.GRU)), _split)]
+HOIST = [(P((OpKind.LSTM, OpKind.GRU)), _hoist)]

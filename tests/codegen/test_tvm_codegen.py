@@ -278,7 +278,22 @@ def test_groups_too_cheap_to_gain_from_a_kernel_are_not_generated():
     def must_not_generate(g):
         raise AssertionError("generated a kernel for a group that cannot gain from one")
 
-    assert generated.choose_group(group, graph, must_not_generate, [lambda ins, a: ins[0]], 1) is None
+    assert generated.choose_group(group, graph, must_not_generate, [lambda ins, a: ins[0].clone()], 1) is None
+
+
+def test_groups_whose_nodes_only_make_views_are_not_generated():
+    # the forecasters' head input, y[:, -1] flattened: a slice and a reshape, both views
+    b = GraphBuilder("last_step")
+    y = b.input("y", (4, 6, 8))
+    last = b.add(OpKind.SLICE, y, attrs=A.SliceAttrs(1, 5, 6))
+    graph = b.build([b.add(OpKind.RESHAPE, last, attrs=A.ShapeAttrs((4, 8)))])
+    group = whole_graph_group(graph)
+
+    def must_not_generate(g):
+        raise AssertionError("generated a kernel for a group of views")
+
+    slow_views = [lambda ins, a: (time.sleep(1e-3), ins[0][:, 5:6])[1], lambda ins, a: ins[0].reshape(4, 8)]
+    assert generated.choose_group(group, graph, must_not_generate, slow_views, 1) is None
 
 
 def test_inputs_at_unaligned_addresses_are_safe():

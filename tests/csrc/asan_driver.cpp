@@ -30,6 +30,22 @@ int main() {
           for (const auto& st : {tm3, bf3})
             kiln::gru_recurrence(gx3.data(), p3.data(), b3.data(), h0.data(), y.data(), hn.data(), T, B, H, st,
                                  threads);
+          // the fused layers, with and without biases, input sizes of every tail
+          for (int64_t I : {1, 5, 16}) {
+            auto x = vec(T * B * I), wi4 = vec(4 * H * I), wi3 = vec(3 * H * I), b4 = vec(4 * H);
+            const kiln::SeqStrides tmx{B * I, I, B * H, H}, bfx{I, T * I, H, T * H};
+            for (bool bias : {true, false}) {
+              auto q4 = kiln::pack_layer_weight(wi4.data(), w.data(), bias ? b4.data() : nullptr,
+                                                bias ? b4.data() : nullptr, 4, I, H);
+              auto q3 = kiln::pack_layer_weight(wi3.data(), w3.data(), bias ? b3.data() : nullptr,
+                                                bias ? b3.data() : nullptr, 3, I, H);
+              for (const auto& st : {tmx, bfx}) {
+                kiln::lstm_layer(x.data(), q4.data(), h0.data(), c0.data(), y.data(), hn.data(), cn.data(), T, B, I,
+                                 H, st, threads);
+                kiln::gru_layer(x.data(), q3.data(), h0.data(), y.data(), hn.data(), T, B, I, H, st, threads);
+              }
+            }
+          }
         }
         std::vector<float> gh(B * 4 * H), ho(B * H), co(B * H);
         kiln::lstm_cell(gx.data(), gh.data(), c0.data(), ho.data(), co.data(), B, H);

@@ -39,7 +39,7 @@ def _fresh_triton_cache():
 def _plan(name, **kw):
     model, inputs = get(name, **kw)
     graph = from_exported(export_program(model, tuple(inputs), {}), name).graph
-    result = run_pipeline(graph)
+    result = run_pipeline(graph, options={"target": "cuda"})  # as kiln.compile passes it
     return build_gpu_plan(result.graph, result.partition, cuda("sm_90"), ahead=False)
 
 

@@ -190,3 +190,34 @@ def test_fused_recurrence_rejects_bad_arguments():
         y = np.zeros((T, B, H), np.float32)
         y.flags.writeable = False
         _C.lstm_recurrence(gx, p, s, s, y, s.copy(), s.copy())
+
+
+@needs_avx512
+def test_fused_layer_rejects_bad_arguments():
+    T, B, F, H = 3, 2, 5, 16  # F: input size
+    x = np.zeros((T, B, F), np.float32)
+    w_ih, w_hh = np.zeros((4 * H, F), np.float32), np.zeros((4 * H, H), np.float32)
+    p = _C.pack_layer_weight(w_ih, w_hh, None, None, 4)
+    s = np.zeros((B, H), np.float32)
+    y = np.zeros((T, B, H), np.float32)
+    _C.lstm_layer(x, p, s, s, y, s.copy(), s.copy())
+    with pytest.raises(ValueError, match="packed"):
+        _C.lstm_layer(x, p[:-1], s, s, y, s.copy(), s.copy())
+    with pytest.raises(ValueError, match="packed"):  # packed for another input size
+        _C.lstm_layer(np.zeros((T, B, F + 1), np.float32), p, s, s, y, s.copy(), s.copy())
+    with pytest.raises(ValueError, match="packed"):  # LSTM panels are not GRU panels
+        _C.gru_layer(x, p, s, y, s.copy())
+    with pytest.raises(ValueError, match="h0"):
+        _C.lstm_layer(x, p, np.zeros((B, H + 1), np.float32), s, y, s.copy(), s.copy())
+    with pytest.raises(ValueError, match="w_ih"):
+        _C.pack_layer_weight(np.zeros((3 * H, F), np.float32), w_hh, None, None, 4)
+    with pytest.raises(ValueError, match="b_ih"):
+        _C.pack_layer_weight(w_ih, w_hh, np.zeros(H, np.float32), None, 4)
+    with pytest.raises(ValueError, match="gates"):
+        _C.pack_layer_weight(w_ih, w_hh, None, None, 2)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        _C.lstm_layer(np.zeros((T, B, 2 * F), np.float32)[:, :, ::2], p, s, s, y, s.copy(), s.copy())
+    with pytest.raises(ValueError, match="writable"):
+        ro = s.copy()
+        ro.flags.writeable = False
+        _C.lstm_layer(x, p, s, s, y, s.copy(), ro)
