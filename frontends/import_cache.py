@@ -137,7 +137,9 @@ def fingerprint(module: torch.nn.Module, args: tuple, kwargs: dict) -> str | Non
         return None
     h = hashlib.sha256()
     seen: set = set()
-    h.update(f"{FORMAT}|{__version__}|{torch.__version__}|{sys.version_info[:2]}".encode())
+    from kiln.runtime.cache import code_fingerprint
+
+    h.update(f"{FORMAT}|{__version__}|{code_fingerprint()}|{torch.__version__}|{sys.version_info[:2]}".encode())
     classes = set()
     for name, m in module.named_modules(remove_duplicate=False):
         if m._forward_hooks or m._forward_pre_hooks:

@@ -1,8 +1,8 @@
 """The compile cache: a compile's decisions, keyed by what determines them.
 
 Key: the imported graph's structural hash (ops, attributes, shapes, dtypes; not weight
-values), the compile options, the target with its CPU features, and the versions of Kiln
-and torch. An entry is one file ``<key>.kiln``: a header line (format, version, key,
+values), the compile options, the target with its CPU features, the versions of Kiln and
+torch, and a fingerprint of Kiln's code (``code_fingerprint``). An entry is one file ``<key>.kiln``: a header line (format, version, key,
 SHA-256 of the payload) and the payload (kernel choices, and the hash of the optimized
 graph they were made for). Writes go to a temporary
 file then ``os.replace`` — readers see a whole entry or none, and two processes writing the
@@ -39,6 +39,38 @@ def enabled() -> bool:
     return os.environ.get("KILN_CACHE", "1") != "0"
 
 
+_CODE_PACKAGES = ("kiln", "kiln.ir", "kiln.frontends", "kiln.passes", "kiln.kernels", "kiln.codegen", "kiln.runtime")
+_fingerprint: str | None = None
+
+
+def code_fingerprint() -> str:
+    """SHA-256 over Kiln's own code: every Python source of the compiler's packages and the
+    native module. Cached decisions (kernel choices, imported graphs) are made by the code;
+    one made by other code — a development checkout between commits, an upgrade that kept
+    the version number — is never reused. Computed once per process (a few milliseconds)."""
+    global _fingerprint
+    if _fingerprint is None:
+        import importlib.util
+
+        files = []
+        for name in _CODE_PACKAGES:  # located, not imported (kiln.codegen would import TVM)
+            for d in importlib.util.find_spec(name).submodule_search_locations:
+                files += [os.path.join(d, f) for f in os.listdir(d) if f.endswith(".py")]
+        try:
+            from kiln import _C
+
+            files.append(_C.__file__)
+        except ImportError:
+            pass
+        h = hashlib.sha256()
+        for f in sorted(set(files)):
+            h.update(os.path.basename(f).encode())
+            with open(f, "rb") as fh:
+                h.update(hashlib.sha256(fh.read()).digest())
+        _fingerprint = h.hexdigest()
+    return _fingerprint
+
+
 def make_key(graph_hash: str, target, options: dict) -> str:
     """``target`` is a ``kiln.target.Target``: its key carries the CPU's ISA features or the GPU's SM."""
     import torch
@@ -49,8 +81,8 @@ def make_key(graph_hash: str, target, options: dict) -> str:
 
     # the kernels a choice could pick from: a new or removed kernel invalidates old choices
     kernels = ",".join(sorted(k.name for k in all_kernels() if k.target in (target.kind, "reference")))
-    parts = [FORMAT, str(VERSION), __version__, torch.__version__, graph_hash, target.key(), platform.machine(),
-             json.dumps(options, sort_keys=True, default=str), kernels]
+    parts = [FORMAT, str(VERSION), __version__, code_fingerprint(), torch.__version__, graph_hash, target.key(),
+             platform.machine(), json.dumps(options, sort_keys=True, default=str), kernels]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
