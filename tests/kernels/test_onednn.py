@@ -79,3 +79,27 @@ def test_linear_takes_strided_views():
     fn = _kernel(OpKind.LINEAR).bind(node, [None, w])
     view = torch.randn(16, 4).t()  # a (4, 16) view with strides (1, 4)
     torch.testing.assert_close(fn([view, w], node.attrs), ref_linear([view, w], node.attrs), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_mkl_packed_linear(act, residual, bias):
+    """cpu.mkl_linear (MKL packed sgemm, fp32): GEMM, then bias/residual/activation."""
+    from kiln.kernels import mkl
+
+    if not mkl._MKL:
+        pytest.skip("torch was built without MKL")
+    b = GraphBuilder()
+    x = b.input("x", (3, 7, 20))
+    w, bv = torch.randn(24, 20), torch.randn(24)
+    r = b.input("r", (3, 7, 24)) if residual else None
+    ins = [x, b.const(w), b.const(bv) if bias else None] + ([r] if residual else [])
+    while ins and ins[-1] is None:
+        ins.pop()
+    node = b.build([b.add(OpKind.LINEAR, *ins, attrs=A.LinearAttrs(act))]).nodes[0]
+    assert mkl._accepts(node)
+    args = [torch.randn(3, 7, 20), w, bv if bias else None] + ([torch.randn(3, 7, 24)] if residual else [])
+    k = next(k for k in kernels_for(OpKind.LINEAR, "cpu") if k.name == "cpu.mkl_linear")
+    fn = k.bind(node, [None, w, bv if bias else None] + ([None] if residual else []))
+    torch.testing.assert_close(fn(args, node.attrs), ref_linear(args, node.attrs), atol=1e-4, rtol=1e-4)
