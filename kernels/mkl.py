@@ -42,6 +42,7 @@ def _prepare(node: Node, consts: list):
 
     def run(ins, a):
         bias = (bias_c if bias_c is not None else ins[2]) if has_bias else None
+        # a strided view (rows apart by more than k) is fine: MKL takes the row stride
         y = torch.ops.mkl._mkl_linear(ins[0].reshape(rows, k), packed, w, bias, rows).view(out_shape)
         return epilogue(y, ins[3] if has_res else None, a.activation)
     return run

@@ -103,3 +103,5 @@ def test_mkl_packed_linear(act, residual, bias):
     k = next(k for k in kernels_for(OpKind.LINEAR, "cpu") if k.name == "cpu.mkl_linear")
     fn = k.bind(node, [None, w, bv if bias else None] + ([None] if residual else []))
     torch.testing.assert_close(fn(args, node.attrs), ref_linear(args, node.attrs), atol=1e-4, rtol=1e-4)
+    args[0] = torch.randn(3, 7, 40)[..., :20]  # a strided view (rows 40 apart), as a slice hands over
+    torch.testing.assert_close(fn(args, node.attrs), ref_linear(args, node.attrs), atol=1e-4, rtol=1e-4)
