@@ -54,17 +54,9 @@ def gemm_nodes(shapes: list[str]) -> list[tuple[str, Node, list]]:
 
 
 def _inputs(node: Node, consts: list) -> list:
-    ins = []
-    for v, c in zip(node.inputs, consts):
-        if v is None:
-            ins.append(None)
-        elif c is not None:
-            ins.append(c)
-        else:
-            dt = v.type.dtype.to_torch()
-            shape = tuple(v.type.shape)
-            ins.append(torch.randn(shape, dtype=dt) if dt.is_floating_point else torch.zeros(shape, dtype=dt))
-    return ins
+    from kiln.kernels.choice import _random_like  # the values kernel choice times on
+
+    return [None if v is None else (c if c is not None else _random_like(v)) for v, c in zip(node.inputs, consts)]
 
 
 def _time(fn, ins, attrs, repeats: int) -> list[float]:

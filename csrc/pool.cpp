@@ -1,7 +1,8 @@
 // Max pooling over channels-last (NHWC) activations, fp32 or bf16.
 //
-// torch's channels-last max-pool takes about twice as long as a copy of its input on a
-// ResNet stem; in NHWC every window position is a contiguous run of C channels, so one
+// On ResNet's stem torch's channels-last max-pool takes 1.8x as long as this kernel
+// (`kiln bench kernels --op max_pool2d --threads 1`). In NHWC every window position is a
+// contiguous run of C channels, so one
 // output pixel is an elementwise max of kh*kw channel vectors (16 lanes per zmm), and each
 // input row is read from cache by the overlapping windows. bf16 is widened to fp32 for the
 // max and narrowed back by truncation, which is exact: every value is a bf16 value.

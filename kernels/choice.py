@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from kiln.ir import Node
+from kiln.ir import LayoutKind, Node
 
 from .registry import Kernel
 
@@ -23,15 +23,21 @@ REPEATS = 5
 
 
 def _random_like(v) -> torch.Tensor:
+    """A random run-time value of ``v``'s type, stored as the plan stores it (a channels-last
+    value in channels-last memory), so kernels are timed on the layout they will get."""
     t = v.type
     dt = t.dtype.to_torch()
     if dt == torch.bool:
-        return torch.rand(t.shape) > 0.5
-    if dt.is_floating_point:
-        return torch.randn(t.shape, dtype=dt)
-    if dt == torch.uint8 and t.quant is not None:  # quantized activations: the whole range
-        return torch.randint(0, 256, t.shape, dtype=dt)
-    return torch.zeros(t.shape, dtype=dt)
+        x = torch.rand(t.shape) > 0.5
+    elif dt.is_floating_point:
+        x = torch.randn(t.shape, dtype=dt)
+    elif dt == torch.uint8 and t.quant is not None:  # quantized activations: the whole range
+        x = torch.randint(0, 256, t.shape, dtype=dt)
+    else:
+        x = torch.zeros(t.shape, dtype=dt)
+    if t.rank == 4 and t.layout.kind is LayoutKind.CHANNELS_LAST:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def _agrees(out, ref, lsb: bool = False) -> bool:
@@ -70,13 +76,13 @@ def _warm(fn, ins, attrs, ref=None, lsb: bool = False) -> bool:
         return False
 
 
-def _timed(fns: list, ins, attrs) -> list[float]:
-    """Best time of each function over REPEATS rounds that take the candidates in turn, so
+def _timed(fns: list, ins, attrs, repeats: int = REPEATS) -> list[float]:
+    """Best time of each function over ``repeats`` rounds that take the candidates in turn, so
     a burst of machine noise (these machines are shared) hits them alike rather than
     deciding for whichever candidate ran in a quiet moment."""
     best = [math.inf] * len(fns)
     with torch.no_grad():
-        for _ in range(REPEATS):
+        for _ in range(repeats):
             for i, fn in enumerate(fns):
                 if fn is None:
                     continue

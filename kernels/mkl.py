@@ -1,9 +1,10 @@
 """fp32 GEMM through MKL's packed sgemm (torch's ``mkl::_mkl_linear``), weights packed once
 at plan build for the node's row count.
 
-On BERT-base's GEMM shapes (128 rows, one thread) MKL's packed kernel measured 5-25%
-faster than oneDNN's prepacked inner product (123-152 vs 115-142 GFLOP/s), so it is a
-candidate beside ``cpu.onednn_linear`` and the reference;
+On BERT-base's GEMM shapes (128 rows, one thread) MKL's packed kernel measured 5-12%
+faster than oneDNN's prepacked inner product (``kiln bench kernels --op linear --shapes
+128x768x768,128x768x2304,128x768x3072,128x3072x768 --threads 1``), so it is a candidate
+beside ``cpu.onednn_linear`` and the reference;
 ``kernels.choice`` keeps whichever is fastest per node. The epilogue (residual add,
 activation) runs after the GEMM, as torch ops: MKL has no post-ops, and where a fused
 oneDNN epilogue is worth more, the oneDNN candidate wins the measurement.

@@ -37,11 +37,17 @@ _REGISTRY: dict[tuple[OpKind, str], list[Kernel]] = {}
 _KERNEL_MODULES = ("cpu", "pool_cpu", "onednn", "mkl", "quant", "quant_native", "reference", "sparse")
 
 
-def _load_kernel_modules() -> None:
-    import importlib
+_loaded = False
 
-    for m in _KERNEL_MODULES:
-        importlib.import_module(f"{__package__}.{m}")
+
+def _load_kernel_modules() -> None:
+    global _loaded
+    if not _loaded:
+        import importlib
+
+        for m in _KERNEL_MODULES:
+            importlib.import_module(f"{__package__}.{m}")
+        _loaded = True
 
 
 def register_kernel(op: OpKind, target: str, name: str | None = None, accepts=None, prepare=None):

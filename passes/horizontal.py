@@ -2,9 +2,10 @@
 
 BERT's query, key and value projections are three ``x @ W_i^T + b_i`` on the same ``x``.
 One GEMM over the concatenated weight ``[W_q; W_k; W_v]`` reads ``x`` once and runs a wider
-(N = 3 x 768) product, which oneDNN executes about 8% faster than three narrow ones (fp32
-and bf16, measured on BERT-base shapes); each sibling's result is then a SLICE of the
-fused output along the last axis (a view, no copy).
+(N = 3 x 768) product: in ``kiln bench kernels --op linear --shapes 128x768x768,128x768x2304
+--threads 1`` one 2304-wide fp32 GEMM took 0.73x (MKL) and 0.79x (oneDNN) the time of three
+768-wide ones. Each sibling's result is then a SLICE of the fused output along the last
+axis (a view, no copy).
 
 The rewrite is exact: every output column is still the dot product of the same row of ``x``
 with the same weight row, plus the same bias. It fires only when every sibling has a

@@ -47,7 +47,7 @@ def code_fingerprint() -> str:
     """SHA-256 over Kiln's own code: every Python source of the compiler's packages and the
     native module. Cached decisions (kernel choices, imported graphs) are made by the code;
     one made by other code — a development checkout between commits, an upgrade that kept
-    the version number — is never reused. Computed once per process (a few milliseconds)."""
+    the version number — is never reused. Computed once per process."""
     global _fingerprint
     if _fingerprint is None:
         import importlib.util

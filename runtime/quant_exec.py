@@ -2,7 +2,6 @@
 run a graph (every value, or its outputs) and time two graphs against each other."""
 from __future__ import annotations
 
-import time
 
 import torch
 from kiln.ir import Graph
@@ -25,15 +24,12 @@ class QuantExecutor:
 
     def time_pair(self, a: Graph, b: Graph, inputs: list[torch.Tensor]) -> tuple[float, float]:
         """Best-of-``REPEATS`` seconds of ``a`` and ``b`` on the target's kernels, interleaved."""
+        from kiln.kernels.choice import _timed
+
         pa, pb = build_plan(a, self.target), build_plan(b, self.target)
-        best = [float("inf"), float("inf")]
         with torch.no_grad():
             for _ in range(3):
                 pa.run(list(inputs))
                 pb.run(list(inputs))
-            for _ in range(REPEATS):
-                for i, p in enumerate((pa, pb)):
-                    t = time.perf_counter()
-                    p.run(list(inputs))
-                    best[i] = min(best[i], time.perf_counter() - t)
-        return best[0], best[1]
+        ta, tb = _timed([lambda i, _: pa.run(list(i)), lambda i, _: pb.run(list(i))], inputs, None, REPEATS)
+        return ta, tb
