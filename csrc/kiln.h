@@ -88,3 +88,20 @@ bool max_pool_supported();
 void max_pool2d_nhwc(const void* x, void* y, const PoolShape& s, bool bf16, int threads);
 
 }  // namespace kiln
+
+namespace kiln {
+
+// Winograd F(m x m, 3 x 3) transforms for stride-1 3x3 convolutions over NHWC fp32
+// (csrc/winograd.cpp). x [N, H, W, C]; V and M are [(m+2)^2, T, C] and [(m+2)^2, T, K] with
+// T = N * ceil(OH/m) * ceil(OW/m) tiles; y [N, OH, OW, K]; bias [K] and residual (shaped as y)
+// may be null. The GEMMs V[p] @ U[p] between the two transforms run in the caller.
+struct WinogradShape {
+  int64_t N, H, W, C, K, OH, OW, ph, pw, m;
+};
+bool winograd_supported();
+int64_t winograd_tiles(const WinogradShape& s);
+void winograd_input(const float* x, float* V, const WinogradShape& s, int threads);
+void winograd_output(const float* M, float* y, const float* bias, const float* residual, bool relu,
+                     const WinogradShape& s, int threads);
+
+}  // namespace kiln

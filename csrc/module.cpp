@@ -13,6 +13,7 @@
 namespace py = pybind11;
 void register_quant_kernels(py::module_& m);  // bindings/quant.cpp
 void register_pool_kernels(py::module_& m);   // bindings/pool.cpp
+void register_winograd_kernels(py::module_& m);  // bindings/winograd.cpp
 using farray = py::array_t<float, py::array::c_style>;
 
 namespace {
@@ -281,6 +282,7 @@ PYBIND11_MODULE(_C, m) {
       "Assign arena offsets to buffers with lifetimes [first, last]; returns (offsets, arena_bytes).");
   register_quant_kernels(m);
   register_pool_kernels(m);
+  register_winograd_kernels(m);
   m.def("sparse_gemm_supported", &kiln::sparse_gemm_supported, "Whether the sparse GEMM kernels were built (AVX-512).");
   m.def("sparse_linear", &sparse_linear_py, py::arg("x").noconvert(), py::arg("values").noconvert(),
         py::arg("col").noconvert(), py::arg("row_ptr").noconvert(), py::arg("N"), py::arg("bh"), py::arg("bw"),

@@ -1,0 +1,86 @@
+// Python binding of the Winograd transforms (kiln._C.winograd_input / winograd_output),
+// registered from module.cpp. Arrays are checked (dtype, C-contiguity, shapes, writable
+// outputs) before the GIL is released; nothing is copied. kiln/kernels/winograd.py wraps
+// them for channels-last torch tensors and runs the GEMMs between them.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <string>
+
+#include "kiln.h"
+
+namespace py = pybind11;
+using farray = py::array_t<float, py::array::c_style>;
+
+namespace {
+
+void expect(const py::buffer_info& b, const char* name, std::initializer_list<int64_t> shape) {
+  bool ok = b.ndim == static_cast<py::ssize_t>(shape.size());
+  int i = 0;
+  for (int64_t d : shape) ok = ok && b.shape[i++] == d;
+  if (!ok) throw py::value_error(std::string(name) + ": shape does not match the convolution");
+}
+
+kiln::WinogradShape shape_of(const py::buffer_info& x, const py::buffer_info& y, int64_t ph, int64_t pw, int64_t m) {
+  if (x.ndim != 4 || y.ndim != 4) throw py::value_error("x and y: expected (N, H, W, C) and (N, OH, OW, K)");
+  if (m != 2 && m != 4) throw py::value_error("m must be 2 or 4");
+  kiln::WinogradShape s{x.shape[0], x.shape[1], x.shape[2], x.shape[3], y.shape[3], y.shape[1], y.shape[2], ph, pw, m};
+  if (y.shape[0] != s.N) throw py::value_error("y: batch must match x");
+  if (s.OH != s.H + 2 * ph - 2 || s.OW != s.W + 2 * pw - 2)
+    throw py::value_error("y: spatial size must be that of a stride-1 3x3 convolution of x");
+  return s;
+}
+
+void input_py(farray x, farray V, int64_t OH, int64_t OW, int64_t K, int64_t ph, int64_t pw, int64_t m, int threads) {
+  auto xb = x.request(), vb = V.request();
+  if (xb.ndim != 4) throw py::value_error("x: expected (N, H, W, C)");
+  if (!V.writeable()) throw py::value_error("V must be writable");
+  if (threads < 1) throw py::value_error("threads must be >= 1");
+  py::buffer_info yb(nullptr, sizeof(float), "f", 4, {xb.shape[0], OH, OW, K}, {0, 0, 0, 0});
+  const kiln::WinogradShape s = shape_of(xb, yb, ph, pw, m);
+  expect(vb, "V", {(m + 2) * (m + 2), kiln::winograd_tiles(s), s.C});
+  const float* xp = x.data();
+  float* vp = V.mutable_data();
+  py::gil_scoped_release nogil;
+  kiln::winograd_input(xp, vp, s, threads);
+}
+
+void output_py(farray M, farray y, std::optional<farray> bias, std::optional<farray> residual, bool relu, int64_t H,
+               int64_t W, int64_t C, int64_t ph, int64_t pw, int64_t m, int threads) {
+  auto mb = M.request(), yb = y.request();
+  if (yb.ndim != 4) throw py::value_error("y: expected (N, OH, OW, K)");
+  if (!y.writeable()) throw py::value_error("y must be writable");
+  if (threads < 1) throw py::value_error("threads must be >= 1");
+  py::buffer_info xb(nullptr, sizeof(float), "f", 4, {yb.shape[0], H, W, C}, {0, 0, 0, 0});
+  const kiln::WinogradShape s = shape_of(xb, yb, ph, pw, m);
+  expect(mb, "M", {(m + 2) * (m + 2), kiln::winograd_tiles(s), s.K});
+  const float* bp = nullptr;
+  const float* rp = nullptr;
+  if (bias) {
+    expect(bias->request(), "bias", {s.K});
+    bp = bias->data();
+  }
+  if (residual) {
+    expect(residual->request(), "residual", {s.N, s.OH, s.OW, s.K});
+    rp = residual->data();
+  }
+  const float* mp = M.data();
+  float* yp = y.mutable_data();
+  py::gil_scoped_release nogil;
+  kiln::winograd_output(mp, yp, bp, rp, relu, s, threads);
+}
+
+}  // namespace
+
+void register_winograd_kernels(py::module_& m) {
+  m.def("winograd_supported", &kiln::winograd_supported, "Whether the Winograd transforms were built (AVX-512).");
+  m.def("winograd_input", &input_py, py::arg("x").noconvert(), py::arg("V").noconvert(), py::arg("OH"), py::arg("OW"),
+        py::arg("K"), py::arg("ph"), py::arg("pw"), py::arg("m"), py::arg("threads") = 1,
+        "V ((m+2)^2, T, C) = input transform of every m x m output tile of a 3x3 stride-1 conv over x (N,H,W,C).");
+  m.def("winograd_output", &output_py, py::arg("M").noconvert(), py::arg("y").noconvert(), py::arg("bias"),
+        py::arg("residual"), py::arg("relu"), py::arg("H"), py::arg("W"), py::arg("C"), py::arg("ph"), py::arg("pw"),
+        py::arg("m"), py::arg("threads") = 1,
+        "y (N,OH,OW,K) = act(output transform of M ((m+2)^2, T, K) + bias + residual).");
+}

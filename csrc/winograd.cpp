@@ -1,0 +1,213 @@
+// Winograd convolution F(m x m, 3 x 3) over channels-last (NHWC) fp32 activations: the two
+// transforms. A 3x3 stride-1 convolution becomes
+//   V[p][t][c] = (B^T d_t B)[p]          input transform of each m x m output tile t
+//   M[p]       = V[p] @ U[p]             one GEMM per transform point p (U: transformed weights)
+//   y_t        = act(A^T M_t A + bias + residual)
+// F(4x4, 3x3) does 4x fewer multiplies than the direct convolution, F(2x2, 3x3) 2.25x; the
+// GEMMs run in the caller (torch.bmm); this file holds the transforms, vectorized over 16
+// channels per zmm (in NHWC a pixel's channels are contiguous). Tiles that overhang the
+// input read zeros (the convolution's zero padding); tiles that overhang the output write
+// only their valid pixels.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+
+#include <omp.h>
+
+#include "kiln.h"
+
+namespace kiln {
+
+#ifdef __AVX512F__
+namespace {
+
+inline __mmask16 lanes(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
+
+// 1-D transforms, out = B^T in and y = A^T in (Lavin & Gray's matrices). `in` has R points.
+struct F2 {
+  static constexpr int M = 2, R = 4;
+  static void bt(const __m512* d, __m512* o) {
+    o[0] = _mm512_sub_ps(d[0], d[2]);
+    o[1] = _mm512_add_ps(d[1], d[2]);
+    o[2] = _mm512_sub_ps(d[2], d[1]);
+    o[3] = _mm512_sub_ps(d[1], d[3]);
+  }
+  static void at(const __m512* m, __m512* y) {
+    y[0] = _mm512_add_ps(_mm512_add_ps(m[0], m[1]), m[2]);
+    y[1] = _mm512_sub_ps(_mm512_sub_ps(m[1], m[2]), m[3]);
+  }
+};
+
+struct F4 {
+  static constexpr int M = 4, R = 6;
+  static void bt(const __m512* d, __m512* o) {
+    const __m512 four = _mm512_set1_ps(4.f), five = _mm512_set1_ps(5.f), two = _mm512_set1_ps(2.f);
+    const __m512 s13 = _mm512_fnmadd_ps(four, d[2], d[4]);  // d4 - 4 d2
+    const __m512 t13 = _mm512_fnmadd_ps(four, d[1], d[3]);  // d3 - 4 d1
+    const __m512 s24 = _mm512_sub_ps(d[4], d[2]);           // d4 - d2
+    const __m512 t24 = _mm512_mul_ps(two, _mm512_sub_ps(d[3], d[1]));  // 2 (d3 - d1)
+    o[0] = _mm512_add_ps(_mm512_fnmadd_ps(five, d[2], _mm512_mul_ps(four, d[0])), d[4]);
+    o[1] = _mm512_add_ps(s13, t13);
+    o[2] = _mm512_sub_ps(s13, t13);
+    o[3] = _mm512_add_ps(s24, t24);
+    o[4] = _mm512_sub_ps(s24, t24);
+    o[5] = _mm512_add_ps(_mm512_fnmadd_ps(five, d[3], _mm512_mul_ps(four, d[1])), d[5]);
+  }
+  static void at(const __m512* m, __m512* y) {
+    const __m512 two = _mm512_set1_ps(2.f), four = _mm512_set1_ps(4.f), eight = _mm512_set1_ps(8.f);
+    const __m512 a = _mm512_add_ps(m[1], m[2]), b = _mm512_sub_ps(m[1], m[2]);
+    const __m512 c = _mm512_add_ps(m[3], m[4]), d = _mm512_sub_ps(m[3], m[4]);
+    y[0] = _mm512_add_ps(_mm512_add_ps(m[0], a), c);
+    y[1] = _mm512_fmadd_ps(two, d, b);
+    y[2] = _mm512_fmadd_ps(four, c, a);
+    y[3] = _mm512_add_ps(_mm512_fmadd_ps(eight, d, b), m[5]);
+  }
+};
+
+struct Tiling {
+  int64_t TH, TW, T;
+};
+
+template <typename F>
+Tiling tiling(const WinogradShape& s) {
+  const int64_t TH = (s.OH + F::M - 1) / F::M, TW = (s.OW + F::M - 1) / F::M;
+  return {TH, TW, s.N * TH * TW};
+}
+
+template <typename F>
+void input_tiles(const float* x, float* V, const WinogradShape& s, const Tiling& g, int64_t t0, int64_t t1) {
+  constexpr int R = F::R;
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t n = t / (g.TH * g.TW), th = (t / g.TW) % g.TH, tw = t % g.TW;
+    const int64_t h0 = th * F::M - s.ph, w0 = tw * F::M - s.pw;
+    for (int64_t c = 0; c < s.C; c += 16) {
+      const __mmask16 mk = lanes(s.C - c);
+      __m512 d[R][R], tmp[R][R];
+      for (int i = 0; i < R; ++i) {
+        const int64_t h = h0 + i;
+        const bool hv = h >= 0 && h < s.H;
+        const float* row = x + ((n * s.H + (hv ? h : 0)) * s.W) * s.C + c;
+        for (int j = 0; j < R; ++j) {
+          const int64_t w = w0 + j;
+          d[i][j] = (hv && w >= 0 && w < s.W) ? _mm512_maskz_loadu_ps(mk, row + w * s.C) : zero;
+        }
+      }
+      for (int j = 0; j < R; ++j) {  // columns: tmp = B^T d
+        __m512 col[R], out[R];
+        for (int i = 0; i < R; ++i) col[i] = d[i][j];
+        F::bt(col, out);
+        for (int i = 0; i < R; ++i) tmp[i][j] = out[i];
+      }
+      for (int i = 0; i < R; ++i) {  // rows: V = tmp B
+        __m512 out[R];
+        F::bt(tmp[i], out);
+        for (int j = 0; j < R; ++j) _mm512_mask_storeu_ps(V + ((i * R + j) * g.T + t) * s.C + c, mk, out[j]);
+      }
+    }
+  }
+}
+
+template <typename F>
+void output_tiles(const float* Mt, float* y, const float* bias, const float* res, bool relu, const WinogradShape& s,
+                  const Tiling& g, int64_t t0, int64_t t1) {
+  constexpr int R = F::R, M = F::M;
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t n = t / (g.TH * g.TW), th = (t / g.TW) % g.TH, tw = t % g.TW;
+    const int64_t oh0 = th * M, ow0 = tw * M;
+    const int64_t mh = std::min<int64_t>(M, s.OH - oh0), mw = std::min<int64_t>(M, s.OW - ow0);
+    for (int64_t k = 0; k < s.K; k += 16) {
+      const __mmask16 mk = lanes(s.K - k);
+      __m512 tmp[M][R];
+      for (int j = 0; j < R; ++j) {  // columns: tmp = A^T m
+        __m512 col[R], out[M];
+        for (int i = 0; i < R; ++i) col[i] = _mm512_maskz_loadu_ps(mk, Mt + ((i * R + j) * g.T + t) * s.K + k);
+        F::at(col, out);
+        for (int i = 0; i < M; ++i) tmp[i][j] = out[i];
+      }
+      const __m512 b = bias ? _mm512_maskz_loadu_ps(mk, bias + k) : zero;
+      for (int i = 0; i < mh; ++i) {  // rows: y = tmp A, then the epilogue
+        __m512 out[M];
+        F::at(tmp[i], out);
+        const int64_t base = ((n * s.OH + oh0 + i) * s.OW + ow0) * s.K + k;
+        for (int j = 0; j < mw; ++j) {
+          __m512 v = _mm512_add_ps(out[j], b);
+          if (res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, res + base + j * s.K));
+          if (relu) v = _mm512_max_ps(v, zero);
+          _mm512_mask_storeu_ps(y + base + j * s.K, mk, v);
+        }
+      }
+    }
+  }
+}
+
+template <typename Body>
+void over_tiles(int64_t T, int threads, Body body) {
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, T)));
+  if (threads == 1) {
+    body(0, T);
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  {
+    const int n = omp_get_num_threads(), id = omp_get_thread_num();
+    body(T * id / n, T * (id + 1) / n);
+  }
+}
+
+}  // namespace
+#endif
+
+bool winograd_supported() {
+#ifdef __AVX512F__
+  return true;
+#else
+  return false;
+#endif
+}
+
+int64_t winograd_tiles(const WinogradShape& s) {
+  const int64_t m = s.m;
+  if (m != 2 && m != 4) throw std::invalid_argument("winograd: m must be 2 or 4");
+  return s.N * ((s.OH + m - 1) / m) * ((s.OW + m - 1) / m);
+}
+
+void winograd_input(const float* x, float* V, const WinogradShape& s, int threads) {
+#ifdef __AVX512F__
+  if (s.m == 4) {
+    const Tiling g = tiling<F4>(s);
+    over_tiles(g.T, threads, [&](int64_t a, int64_t b) { input_tiles<F4>(x, V, s, g, a, b); });
+  } else if (s.m == 2) {
+    const Tiling g = tiling<F2>(s);
+    over_tiles(g.T, threads, [&](int64_t a, int64_t b) { input_tiles<F2>(x, V, s, g, a, b); });
+  } else {
+    throw std::invalid_argument("winograd: m must be 2 or 4");
+  }
+#else
+  (void)x; (void)V; (void)s; (void)threads;
+  throw std::runtime_error("winograd needs AVX-512");
+#endif
+}
+
+void winograd_output(const float* Mt, float* y, const float* bias, const float* residual, bool relu,
+                     const WinogradShape& s, int threads) {
+#ifdef __AVX512F__
+  if (s.m == 4) {
+    const Tiling g = tiling<F4>(s);
+    over_tiles(g.T, threads, [&](int64_t a, int64_t b) { output_tiles<F4>(Mt, y, bias, residual, relu, s, g, a, b); });
+  } else if (s.m == 2) {
+    const Tiling g = tiling<F2>(s);
+    over_tiles(g.T, threads, [&](int64_t a, int64_t b) { output_tiles<F2>(Mt, y, bias, residual, relu, s, g, a, b); });
+  } else {
+    throw std::invalid_argument("winograd: m must be 2 or 4");
+  }
+#else
+  (void)Mt; (void)y; (void)bias; (void)residual; (void)relu; (void)s; (void)threads;
+  throw std::runtime_error("winograd needs AVX-512");
+#endif
+}
+
+}  // namespace kiln

@@ -1,0 +1,112 @@
+"""Winograd convolution for 3x3 stride-1 fp32 convolutions over channels-last activations.
+
+F(m x m, 3 x 3) computes each m x m output tile from a (m+2) x (m+2) input tile with
+(m+2)^2 multiplies per channel pair instead of 9 m^2: 4x fewer for F(4x4), 2.25x for
+F(2x2). The work becomes (m+2)^2 independent GEMMs ``V[p] @ U[p]`` between an input and an
+output transform: the transforms are C++ (``csrc/winograd.cpp``, vectorized over channels,
+the epilogue — bias, residual add, ReLU — fused into the output transform), the GEMMs are
+``torch.bmm`` (MKL), the weights are transformed once at plan build.
+
+The arithmetic differs from a direct convolution's, so the result does too: on ResNet-18's
+3x3 layers (unit-variance inputs, He-initialised weights) F(4x4) stays within about 1e-5 of
+the largest output and F(2x2) within about 1e-6, both inside the fp32 agreement that
+``kernels.choice`` demands of every candidate (1e-4 of the largest output) before it may be
+timed; torch's own conv differs from a float64 reference by about 1e-6 there.
+Both tile sizes are candidates: F(4x4) wins where the GEMMs are compute bound (large
+images, few channels), F(2x2) where the transformed weights (16/9 of the weights against
+F(4x4)'s 4x) must stream from memory (7x7 images, 512 channels), and oneDNN's direct conv
+where neither pays (``kiln bench kernels --op conv2d``).
+"""
+from __future__ import annotations
+
+import torch
+
+from kiln.ir import LayoutKind, Node, OpKind
+from kiln.ir import attrs as A
+
+from .registry import register_kernel
+
+# Winograd's G matrices (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks"):
+# U = G g G^T transforms a 3x3 filter g; B^T and A^T live in csrc/winograd.cpp.
+_G = {2: ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
+      4: ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+          (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))}
+
+
+def transform_weight(w: torch.Tensor, m: int) -> torch.Tensor:
+    """U [(m+2)^2, C, K] of a [K, C, 3, 3] weight, computed in float64."""
+    g = torch.tensor(_G[m], dtype=torch.float64)
+    r = m + 2
+    u = torch.einsum("ik,ockl,jl->ijco", g, w.double(), g)
+    return u.reshape(r * r, w.shape[1], w.shape[0]).float().contiguous()
+
+
+def _accepts(node: Node) -> bool:
+    if len(node.inputs) < 2:
+        return False
+    x, w = node.inputs[0].type, node.inputs[1].type
+    a: A.Conv2dAttrs = node.attrs
+    if not (x.is_static and x.rank == 4 and x.layout.kind is LayoutKind.CHANNELS_LAST):
+        return False
+    if x.dtype.value != "float32" or w.dtype.value != "float32" or tuple(w.shape[2:]) != (3, 3):
+        return False
+    if a.stride != (1, 1) or a.dilation != (1, 1) or a.groups != 1:
+        return False
+    if a.activation not in (A.Activation.NONE, A.Activation.RELU) or min(a.padding) < 0:
+        return False
+    from kiln import _C
+
+    return _C.winograd_supported()
+
+
+def _nhwc(t: torch.Tensor):
+    return t.permute(0, 2, 3, 1).numpy()
+
+
+def _cl(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous(memory_format=torch.channels_last) else t.contiguous(memory_format=torch.channels_last)
+
+
+def _prepare(m: int):
+    def prepare(node: Node, consts: list):
+        from kiln import _C
+
+        w = consts[1]
+        if w is None:
+            return _unusable
+        u = transform_weight(w, m)
+        a: A.Conv2dAttrs = node.attrs
+        ph, pw = a.padding
+        n, c, h, wd = node.inputs[0].type.shape
+        out_shape = tuple(node.outputs[0].type.shape)
+        k, oh, ow = out_shape[1], out_shape[2], out_shape[3]
+        tiles = n * -(-oh // m) * -(-ow // m)
+        bias_c = consts[2] if len(consts) > 2 and consts[2] is not None else None
+        if bias_c is not None:
+            bias_c = bias_c.float().contiguous()
+        has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
+        has_res = len(node.inputs) > 3 and node.inputs[3] is not None
+        relu = a.activation is A.Activation.RELU
+
+        def run(ins, attrs):
+            threads = torch.get_num_threads()
+            v = torch.empty(u.shape[0], tiles, c)
+            _C.winograd_input(_nhwc(_cl(ins[0])), v.numpy(), oh, ow, k, ph, pw, m, threads)
+            mt = torch.bmm(v, u)
+            y = torch.empty(out_shape, memory_format=torch.channels_last)
+            bias = (bias_c if bias_c is not None else ins[2].float().contiguous()) if has_bias else None
+            res = _nhwc(_cl(ins[3])) if has_res else None
+            _C.winograd_output(mt.numpy(), _nhwc(y), None if bias is None else bias.numpy(), res, relu,
+                               h, wd, c, ph, pw, m, threads)
+            return y
+        return run
+    return prepare
+
+
+def _unusable(ins, a):
+    raise RuntimeError("Winograd convolution needs a constant weight")
+
+
+for _m in (4, 2):
+    register_kernel(OpKind.CONV2D, "cpu", name=f"cpu.winograd{_m}_conv", accepts=_accepts,
+                    prepare=_prepare(_m))(_unusable)
