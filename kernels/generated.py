@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from kiln.ir import LayoutKind
+from kiln.ir import LayoutKind, OpKind
 
 from .choice import REPEATS, _agrees, _random_like, _timed
 
@@ -214,6 +214,19 @@ def _views_only(outs: list, ins: list) -> bool:
     return all(isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() in storages for o in outs)
 
 
+# ops torch runs as a view of their input wherever the input's strides allow
+_VIEW_OPS = frozenset({OpKind.RESHAPE, OpKind.PERMUTE, OpKind.EXPAND, OpKind.SLICE})
+
+
+def _view_ops_only(group) -> bool:
+    """Every node is a reshape, permute, expand or slice. Run one by one in torch they make
+    views wherever the run-time input's strides allow, and copy once (torch's copy kernel)
+    where they do not. The choice cannot see which: it times contiguous random inputs, while
+    the plan's may be strided -- BERT's attention output is [B,H,S,D] over [B,S,H,D] memory,
+    so its permute + reshape is free in torch but a copy (after a clone) in a generated kernel."""
+    return all(n.op in _VIEW_OPS for n in group.nodes)
+
+
 def _best_time(fn, repeats: int = REPEATS) -> float:
     fn()
     best = math.inf
@@ -265,8 +278,9 @@ WORTH_GENERATING_S = 10e-6
 def choose_group(group, graph, make_kernel, node_fns: list, threads: int) -> "GeneratedKernel | None":
     """The generated kernel for ``group`` (``make_kernel(group)``, or None when it cannot be
     generated) if it beats running ``node_fns`` (the per-node choices) one by one, else None.
-    It must first agree with the reference. Groups whose per-node kernels only make views,
-    or take less than ``WORTH_GENERATING_S``, are not generated at all. Decisions are
+    It must first agree with the reference. Groups of view-making ops only, groups whose
+    per-node kernels only make views, or take less than ``WORTH_GENERATING_S``, are not
+    generated at all. Decisions are
     memoized per process.
     ``KILN_GROUP_CHOICE=generated`` skips the timing (an agreeing generated kernel wins), for
     tests and debugging, as ``KILN_KERNEL_CHOICE=first`` does for per-node kernels."""
@@ -274,7 +288,7 @@ def choose_group(group, graph, make_kernel, node_fns: list, threads: int) -> "Ge
 
     forced = os.environ.get("KILN_GROUP_CHOICE") == "generated"
     memo = (signature(group), threads, forced, tuple(getattr(f, "__qualname__", repr(f)) for f in node_fns))
-    if memo in _CHOICE and not _CHOICE[memo]:
+    if (memo in _CHOICE and not _CHOICE[memo]) or (not forced and _view_ops_only(group)):
         return None
     ins = group_inputs(group, graph)
     with torch.no_grad():
