@@ -5,8 +5,8 @@ Each float32 LINEAR / CONV2D / MATMUL / ATTENTION becomes: operands cast to bflo
 (constant weights converted once, at compile time), the op in bfloat16, the result cast
 back to float32. A GEMM keeps its bias and activation and a conv its whole epilogue
 (oneDNN computes them on the fp32 accumulator, then rounds once); a GEMM's residual add
-runs in float32 after the cast. A bf16 -> f32 -> reshape/permute/max-pool -> bf16 round
-trip is removed (it is exact). The pass changes numerics by
+runs in float32 after the cast. A bf16 -> f32 -> slice/reshape/permute/max-pool -> bf16
+round trip is removed (it is exact). The pass changes numerics by
 design; ``precision="bf16"`` opts in, and the error bound is the caller's to check.
 """
 from __future__ import annotations
@@ -74,11 +74,13 @@ def _linear(m, rw):
 
 
 # ops that commute exactly with rounding f32 -> bf16 (data movement; max is monotone)
-_MOVES = (OpKind.RESHAPE, OpKind.PERMUTE, OpKind.MAX_POOL2D)
+_MOVES = (OpKind.RESHAPE, OpKind.PERMUTE, OpKind.SLICE, OpKind.EXPAND, OpKind.MAX_POOL2D)
 
 
 def _cast_round_trip(m, rw):
-    """bf16 -> f32 -> reshapes/permutes -> bf16 is exact: move the data in bf16, no casts."""
+    """bf16 -> f32 -> slices/reshapes/permutes -> bf16 is exact: move the data in bf16, no
+    casts (BERT's Q, K and V: sliced from one bf16 GEMM output, heads split, cast for the
+    bf16 attention)."""
     chain, v = [], m.root.inputs[0]
     while True:
         n = rw.producer(v)
