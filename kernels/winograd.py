@@ -11,7 +11,8 @@ The arithmetic differs from a direct convolution's, so the result does too: on R
 3x3 layers (unit-variance inputs, He-initialised weights) F(4x4) stays within about 1e-5 of
 the largest output and F(2x2) within about 1e-6, both inside the fp32 agreement that
 ``kernels.choice`` demands of every candidate (1e-4 of the largest output) before it may be
-timed; torch's own conv differs from a float64 reference by about 1e-6 there.
+timed; torch's own conv differs from a float64 reference by about 1e-6 there. The transforms
+subtract, so an input holding +-inf gives NaN where a direct convolution may give +-inf.
 Both tile sizes are candidates: F(4x4) wins where the GEMMs are compute bound (large
 images, few channels), F(2x2) where the transformed weights (16/9 of the weights against
 F(4x4)'s 4x) must stream from memory (7x7 images, 512 channels), and oneDNN's direct conv
@@ -41,6 +42,18 @@ def transform_weight(w: torch.Tensor, m: int) -> torch.Tensor:
     return u.reshape(r * r, w.shape[1], w.shape[0]).float().contiguous()
 
 
+# The transformed input and the GEMM result are (m+2)^2 / m^2 times the size of the input
+# and output (2.25x for F(4x4)); beyond this many bytes each (large images or batches) the
+# direct convolution is left alone rather than allocating them.
+MAX_BUFFER_BYTES = 256 << 20
+
+
+def _buffer_bytes(node: Node, m: int) -> int:
+    n, c, _, _ = node.inputs[0].type.shape
+    _, k, oh, ow = node.outputs[0].type.shape
+    return (m + 2) ** 2 * n * -(-oh // m) * -(-ow // m) * max(c, k) * 4
+
+
 def _accepts(node: Node) -> bool:
     if len(node.inputs) < 2:
         return False
@@ -53,6 +66,8 @@ def _accepts(node: Node) -> bool:
     if a.stride != (1, 1) or a.dilation != (1, 1) or a.groups != 1:
         return False
     if a.activation not in (A.Activation.NONE, A.Activation.RELU) or min(a.padding) < 0:
+        return False
+    if _buffer_bytes(node, 2) > MAX_BUFFER_BYTES:
         return False
     from kiln import _C
 
@@ -72,7 +87,7 @@ def _prepare(m: int):
         from kiln import _C
 
         w = consts[1]
-        if w is None:
+        if w is None or _buffer_bytes(node, m) > MAX_BUFFER_BYTES:
             return _unusable
         u = transform_weight(w, m)
         a: A.Conv2dAttrs = node.attrs

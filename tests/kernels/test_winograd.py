@@ -10,7 +10,7 @@ from kiln import _C
 from kiln.ir import DType, GraphBuilder, Layout, LayoutKind, OpKind
 from kiln.ir import attrs as A
 from kiln.kernels import winograd
-from kiln.kernels.registry import candidates
+from kiln.kernels.registry import candidates, kernels_for
 
 pytestmark = pytest.mark.skipif(not _C.winograd_supported(), reason="built without AVX-512")
 RELU, NONE = A.Activation.RELU, A.Activation.NONE
@@ -126,3 +126,18 @@ def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError):  # bias of the wrong length
         _C.winograd_output(torch.empty(36, 4, 8).numpy(), y, torch.empty(7).numpy(), None, False, 6, 6, 8, 1, 1, 4)
     _C.winograd_input(x, v, 6, 6, 8, 1, 1, 4)  # and the right arguments pass
+
+
+def test_large_transformed_buffers_are_declined(monkeypatch):
+    """Past MAX_BUFFER_BYTES per transformed buffer the direct convolution is left alone."""
+    w = torch.randn(8, 8, 3, 3)
+    node = _node((1, 8, 32, 32), w, None, False, A.Conv2dAttrs(padding=(1, 1)))
+    assert winograd._accepts(node)
+    monkeypatch.setattr(winograd, "MAX_BUFFER_BYTES", winograd._buffer_bytes(node, 2) - 1)
+    assert not winograd._accepts(node)
+    # F(2x2)'s buffers are the larger (4x the output against F(4x4)'s 2.25x); bound anyway,
+    # a kernel past the limit declines to run
+    k = next(k for k in kernels_for(OpKind.CONV2D, "cpu") if k.name == "cpu.winograd2_conv")
+    with pytest.raises(RuntimeError):
+        k.bind(node, [None, w])([torch.randn(1, 8, 32, 32).contiguous(memory_format=torch.channels_last), w],
+                                node.attrs)
