@@ -280,8 +280,7 @@ def choose_group(group, graph, make_kernel, node_fns: list, threads: int) -> "Ge
     generated) if it beats running ``node_fns`` (the per-node choices) one by one, else None.
     It must first agree with the reference. Groups of view-making ops only, groups whose
     per-node kernels only make views, or take less than ``WORTH_GENERATING_S``, are not
-    generated at all. Decisions are
-    memoized per process.
+    generated at all. Decisions are memoized per process.
     ``KILN_GROUP_CHOICE=generated`` skips the timing (an agreeing generated kernel wins), for
     tests and debugging, as ``KILN_KERNEL_CHOICE=first`` does for per-node kernels."""
     from kiln.codegen.tvm import signature

@@ -119,7 +119,8 @@ def _prepare(m: int):
 
 
 def _unusable(ins, a):
-    raise RuntimeError("Winograd convolution needs a constant weight")
+    raise RuntimeError(f"Winograd convolution needs a constant weight and transformed buffers under "
+                       f"{MAX_BUFFER_BYTES >> 20} MB")
 
 
 for _m in (4, 2):

@@ -296,6 +296,26 @@ def test_groups_whose_nodes_only_make_views_are_not_generated():
     assert generated.choose_group(group, graph, must_not_generate, slow_views, 1) is None
 
 
+def test_groups_of_view_ops_are_not_generated_even_where_they_copy():
+    # BERT's head merge: permute + reshape copies on a contiguous input (what the choice
+    # would time) but is a view of sdpa's [B,S,H,D]-strided output (what the plan passes)
+    b = GraphBuilder("merge_heads")
+    o = b.input("o", (1, 4, 8, 16))
+    p = b.add(OpKind.PERMUTE, o, attrs=A.PermuteAttrs((0, 2, 1, 3)))
+    graph = b.build([b.add(OpKind.RESHAPE, p, attrs=A.ShapeAttrs((1, 8, 64)))])
+    group = whole_graph_group(graph)
+
+    def must_not_generate(g):
+        raise AssertionError("generated a kernel for a group of view ops")
+
+    slow_copies = [lambda ins, a: (time.sleep(1e-3), ins[0].permute(0, 2, 1, 3))[1],
+                   lambda ins, a: ins[0].reshape(1, 8, 64)]
+    assert generated.choose_group(group, graph, must_not_generate, slow_copies, 1) is None
+    strided = torch.randn(1, 8, 4, 16).transpose(1, 2)  # sdpa's output layout
+    merged = slow_copies[1]([slow_copies[0]([strided], None)], None)
+    assert merged.untyped_storage().data_ptr() == strided.untyped_storage().data_ptr()
+
+
 def test_inputs_at_unaligned_addresses_are_safe():
     # generated code uses aligned vector loads: views at an offset and numpy-owned memory
     # (16-byte aligned) must still give the right answer, not a crash
