@@ -15,16 +15,14 @@
 #include <limits>
 #include <stdexcept>
 
-#include <omp.h>
-
 #include "kiln.h"
+#include "simd_math.h"
+#include "thread_pool.h"
 
 namespace kiln {
 
 #ifdef __AVX512F__
 namespace {
-
-inline __mmask16 lanes(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
 
 struct F32 {
   using T = float;
@@ -54,7 +52,7 @@ void pool_rows(const typename D::T* x, typename D::T* y, const PoolShape& s, int
       const int64_t w0 = ow * s.sw - s.pw;
       typename D::T* out = y + (row * s.OW + ow) * s.C;
       for (int64_t c = 0; c < s.C; c += 16) {
-        const __mmask16 m = lanes(s.C - c);
+        const __mmask16 m = tail_mask(s.C - c);
         __m512 acc = lowest;
         __mmask16 nan = 0;
         for (int64_t i = 0; i < s.kh; ++i) {
@@ -78,17 +76,7 @@ void pool_rows(const typename D::T* x, typename D::T* y, const PoolShape& s, int
 
 template <typename D>
 void pool(const typename D::T* x, typename D::T* y, const PoolShape& s, int threads) {
-  const int64_t rows = s.N * s.OH;
-  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, rows)));
-  if (threads == 1) {
-    pool_rows<D>(x, y, s, 0, rows);
-    return;
-  }
-#pragma omp parallel num_threads(threads)
-  {
-    const int n = omp_get_num_threads(), id = omp_get_thread_num();
-    pool_rows<D>(x, y, s, rows * id / n, rows * (id + 1) / n);
-  }
+  parallel_ranges(s.N * s.OH, threads, [&](int64_t a, int64_t b) { pool_rows<D>(x, y, s, a, b); });
 }
 
 }  // namespace

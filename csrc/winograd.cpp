@@ -14,16 +14,14 @@
 #include <cstdint>
 #include <stdexcept>
 
-#include <omp.h>
-
 #include "kiln.h"
+#include "simd_math.h"
+#include "thread_pool.h"
 
 namespace kiln {
 
 #ifdef __AVX512F__
 namespace {
-
-inline __mmask16 lanes(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
 
 // 1-D transforms, out = B^T in and y = A^T in (Lavin & Gray's matrices). `in` has R points.
 struct F2 {
@@ -84,7 +82,7 @@ void input_tiles(const float* x, float* V, const WinogradShape& s, const Tiling&
     const int64_t n = t / (g.TH * g.TW), th = (t / g.TW) % g.TH, tw = t % g.TW;
     const int64_t h0 = th * F::M - s.ph, w0 = tw * F::M - s.pw;
     for (int64_t c = 0; c < s.C; c += 16) {
-      const __mmask16 mk = lanes(s.C - c);
+      const __mmask16 mk = tail_mask(s.C - c);
       __m512 d[R][R], tmp[R][R];
       for (int i = 0; i < R; ++i) {
         const int64_t h = h0 + i;
@@ -120,7 +118,7 @@ void output_tiles(const float* Mt, float* y, const float* bias, const float* res
     const int64_t oh0 = th * M, ow0 = tw * M;
     const int64_t mh = std::min<int64_t>(M, s.OH - oh0), mw = std::min<int64_t>(M, s.OW - ow0);
     for (int64_t k = 0; k < s.K; k += 16) {
-      const __mmask16 mk = lanes(s.K - k);
+      const __mmask16 mk = tail_mask(s.K - k);
       __m512 tmp[M][R];
       for (int j = 0; j < R; ++j) {  // columns: tmp = A^T m
         __m512 col[R], out[M];
@@ -141,20 +139,6 @@ void output_tiles(const float* Mt, float* y, const float* bias, const float* res
         }
       }
     }
-  }
-}
-
-template <typename Body>
-void over_tiles(int64_t T, int threads, Body body) {
-  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, T)));
-  if (threads == 1) {
-    body(0, T);
-    return;
-  }
-#pragma omp parallel num_threads(threads)
-  {
-    const int n = omp_get_num_threads(), id = omp_get_thread_num();
-    body(T * id / n, T * (id + 1) / n);
   }
 }
 
@@ -179,10 +163,10 @@ void winograd_input(const float* x, float* V, const WinogradShape& s, int thread
 #ifdef __AVX512F__
   if (s.m == 4) {
     const Tiling g = tiling<F4>(s);
-    over_tiles(g.T, threads, [&](int64_t a, int64_t b) { input_tiles<F4>(x, V, s, g, a, b); });
+    parallel_ranges(g.T, threads, [&](int64_t a, int64_t b) { input_tiles<F4>(x, V, s, g, a, b); });
   } else if (s.m == 2) {
     const Tiling g = tiling<F2>(s);
-    over_tiles(g.T, threads, [&](int64_t a, int64_t b) { input_tiles<F2>(x, V, s, g, a, b); });
+    parallel_ranges(g.T, threads, [&](int64_t a, int64_t b) { input_tiles<F2>(x, V, s, g, a, b); });
   } else {
     throw std::invalid_argument("winograd: m must be 2 or 4");
   }
@@ -197,10 +181,10 @@ void winograd_output(const float* Mt, float* y, const float* bias, const float* 
 #ifdef __AVX512F__
   if (s.m == 4) {
     const Tiling g = tiling<F4>(s);
-    over_tiles(g.T, threads, [&](int64_t a, int64_t b) { output_tiles<F4>(Mt, y, bias, residual, relu, s, g, a, b); });
+    parallel_ranges(g.T, threads, [&](int64_t a, int64_t b) { output_tiles<F4>(Mt, y, bias, residual, relu, s, g, a, b); });
   } else if (s.m == 2) {
     const Tiling g = tiling<F2>(s);
-    over_tiles(g.T, threads, [&](int64_t a, int64_t b) { output_tiles<F2>(Mt, y, bias, residual, relu, s, g, a, b); });
+    parallel_ranges(g.T, threads, [&](int64_t a, int64_t b) { output_tiles<F2>(Mt, y, bias, residual, relu, s, g, a, b); });
   } else {
     throw std::invalid_argument("winograd: m must be 2 or 4");
   }

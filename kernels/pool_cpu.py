@@ -11,6 +11,7 @@ import torch
 from kiln.ir import LayoutKind, Node, OpKind
 from kiln.ir import attrs as A
 
+from .nhwc import as_channels_last, nhwc_array
 from .registry import register_kernel
 
 
@@ -25,12 +26,6 @@ def _accepts(node: Node) -> bool:
     return _C.max_pool_supported()
 
 
-def _nhwc(t: torch.Tensor):
-    """The NHWC array behind a channels-last tensor (bf16 as its int16 bits)."""
-    v = t.permute(0, 2, 3, 1)
-    return (v.view(torch.int16) if t.dtype == torch.bfloat16 else v).numpy()
-
-
 def _prepare(node: Node, consts: list):
     from kiln import _C
 
@@ -38,11 +33,9 @@ def _prepare(node: Node, consts: list):
     shape = tuple(node.outputs[0].type.shape)
 
     def run(ins, attrs):
-        x = ins[0]
-        if not x.is_contiguous(memory_format=torch.channels_last):
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = as_channels_last(ins[0])
         y = torch.empty(shape, dtype=x.dtype, memory_format=torch.channels_last)
-        _C.max_pool2d_nhwc(_nhwc(x), _nhwc(y), a.kernel, a.stride, a.padding, a.dilation, torch.get_num_threads())
+        _C.max_pool2d_nhwc(nhwc_array(x), nhwc_array(y), a.kernel, a.stride, a.padding, a.dilation, torch.get_num_threads())
         return y
     return run
 

@@ -23,24 +23,22 @@ void expect(const py::buffer_info& b, const char* name, std::initializer_list<in
   if (!ok) throw py::value_error(std::string(name) + ": shape does not match the convolution");
 }
 
-kiln::WinogradShape shape_of(const py::buffer_info& x, const py::buffer_info& y, int64_t ph, int64_t pw, int64_t m) {
-  if (x.ndim != 4 || y.ndim != 4) throw py::value_error("x and y: expected (N, H, W, C) and (N, OH, OW, K)");
+// The convolution's shape from x (N, H, W, C) and y (N, OH, OW, K), checked: a 3x3 stride-1 conv.
+kiln::WinogradShape shape_of(int64_t N, int64_t H, int64_t W, int64_t C, int64_t K, int64_t OH, int64_t OW,
+                             int64_t ph, int64_t pw, int64_t m, int threads) {
   if (m != 2 && m != 4) throw py::value_error("m must be 2 or 4");
-  kiln::WinogradShape s{x.shape[0], x.shape[1], x.shape[2], x.shape[3], y.shape[3], y.shape[1], y.shape[2], ph, pw, m};
-  if (y.shape[0] != s.N) throw py::value_error("y: batch must match x");
-  if (s.OH != s.H + 2 * ph - 2 || s.OW != s.W + 2 * pw - 2)
+  if (threads < 1) throw py::value_error("threads must be >= 1");
+  if (OH != H + 2 * ph - 2 || OW != W + 2 * pw - 2)
     throw py::value_error("y: spatial size must be that of a stride-1 3x3 convolution of x");
-  return s;
+  return {N, H, W, C, K, OH, OW, ph, pw, m};
 }
 
 void input_py(farray x, farray V, int64_t OH, int64_t OW, int64_t K, int64_t ph, int64_t pw, int64_t m, int threads) {
-  auto xb = x.request(), vb = V.request();
+  auto xb = x.request();
   if (xb.ndim != 4) throw py::value_error("x: expected (N, H, W, C)");
   if (!V.writeable()) throw py::value_error("V must be writable");
-  if (threads < 1) throw py::value_error("threads must be >= 1");
-  py::buffer_info yb(nullptr, sizeof(float), "f", 4, {xb.shape[0], OH, OW, K}, {0, 0, 0, 0});
-  const kiln::WinogradShape s = shape_of(xb, yb, ph, pw, m);
-  expect(vb, "V", {(m + 2) * (m + 2), kiln::winograd_tiles(s), s.C});
+  const kiln::WinogradShape s = shape_of(xb.shape[0], xb.shape[1], xb.shape[2], xb.shape[3], K, OH, OW, ph, pw, m, threads);
+  expect(V.request(), "V", {(m + 2) * (m + 2), kiln::winograd_tiles(s), s.C});
   const float* xp = x.data();
   float* vp = V.mutable_data();
   py::gil_scoped_release nogil;
@@ -49,13 +47,11 @@ void input_py(farray x, farray V, int64_t OH, int64_t OW, int64_t K, int64_t ph,
 
 void output_py(farray M, farray y, std::optional<farray> bias, std::optional<farray> residual, bool relu, int64_t H,
                int64_t W, int64_t C, int64_t ph, int64_t pw, int64_t m, int threads) {
-  auto mb = M.request(), yb = y.request();
+  auto yb = y.request();
   if (yb.ndim != 4) throw py::value_error("y: expected (N, OH, OW, K)");
   if (!y.writeable()) throw py::value_error("y must be writable");
-  if (threads < 1) throw py::value_error("threads must be >= 1");
-  py::buffer_info xb(nullptr, sizeof(float), "f", 4, {yb.shape[0], H, W, C}, {0, 0, 0, 0});
-  const kiln::WinogradShape s = shape_of(xb, yb, ph, pw, m);
-  expect(mb, "M", {(m + 2) * (m + 2), kiln::winograd_tiles(s), s.K});
+  const kiln::WinogradShape s = shape_of(yb.shape[0], H, W, C, yb.shape[3], yb.shape[1], yb.shape[2], ph, pw, m, threads);
+  expect(M.request(), "M", {(m + 2) * (m + 2), kiln::winograd_tiles(s), s.K});
   const float* bp = nullptr;
   const float* rp = nullptr;
   if (bias) {

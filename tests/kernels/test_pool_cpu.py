@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from kiln import _C
 from kiln.ir import GraphBuilder, Layout, LayoutKind, OpKind
 from kiln.ir import attrs as A
-from kiln.kernels.pool_cpu import _nhwc
+from kiln.kernels.nhwc import nhwc_array as _nhwc
 from kiln.kernels.registry import candidates
 
 pytestmark = pytest.mark.skipif(not _C.max_pool_supported(), reason="built without AVX-512")
