@@ -105,3 +105,26 @@ void winograd_output(const float* M, float* y, const float* bias, const float* r
                      const WinogradShape& s, int threads);
 
 }  // namespace kiln
+
+namespace kiln {
+
+// Fused attention O = softmax(Q K^T * scale + mask) V (csrc/attention.cpp). q [B, H, Sq, D],
+// k and v [B, H, Sk, D], o [B, H, Sq, D], all fp32 or all bf16 (raw uint16), each in any
+// strides (in elements) with unit stride along D. mask: an fp32 additive mask read at
+// mask + b*ms[0] + h*ms[1] + i*ms[2] + j*ms[3] (ms[3] is 0 or 1; 0 strides broadcast),
+// or null. causal hides keys j > i. Computed in fp32.
+struct AttentionArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* o;
+  const float* mask;
+  int64_t q_stride[3], k_stride[3], v_stride[3], o_stride[3], mask_stride[4];
+  int64_t B, H, Sq, Sk, D;
+  float scale;
+  bool causal, bf16;
+};
+bool attention_supported();
+void attention(const AttentionArgs& a, int threads);
+
+}  // namespace kiln

@@ -1,0 +1,87 @@
+"""Fused attention in C++ (``kiln._C.attention``): softmax(q k^T * scale + mask) v for fp32
+and bf16 q/k/v of any strides, one pass per (batch, head, block of query rows).
+
+A candidate beside torch's ``scaled_dot_product_attention`` (the reference kernel);
+``kernels.choice`` keeps whichever measures faster on the node's shapes. Two things make it
+worth having in a Transformer block: q, k and v arrive as strided views of one fused QKV
+projection and are read in place, and the output is written straight into [B, S, H, D]
+memory, so the head merge after it stays a view. Arithmetic is fp32 throughout (bf16 inputs
+are widened exactly, the output rounded once), so on bf16 it trades speed for accuracy
+against sdpa's bf16 path; the measurement decides.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kiln.ir import Node, OpKind
+from kiln.ir import attrs as A
+
+from .registry import register_kernel
+
+_DTYPES = ("float32", "bfloat16")
+
+
+def _accepts(node: Node) -> bool:
+    if len(node.inputs) < 3:
+        return False
+    q, k, v = (node.inputs[i].type for i in range(3))
+    if not all(t.is_static and t.rank == 4 for t in (q, k, v)):
+        return False
+    if q.dtype.value not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        return False
+    if len(node.inputs) > 3 and node.inputs[3] is not None:
+        m = node.inputs[3].type
+        if not m.is_static or m.rank > 4 or m.dtype.value not in _DTYPES + ("bool",):
+            return False
+        target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        padded = (1,) * (4 - m.rank) + tuple(m.shape)
+        if any(d not in (1, t) for d, t in zip(padded, target)):
+            return False
+    from kiln import _C
+
+    return _C.attention_supported()
+
+
+def _array(t: torch.Tensor):
+    """The numpy view of ``t`` (bf16 as its int16 bits), unit stride along the last dim."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _mask_array(mask: torch.Tensor, shape: tuple):
+    """An fp32 additive mask broadcast (0 strides, no copy) to ``shape``."""
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape).masked_fill_(~mask, -math.inf)
+    elif mask.dtype != torch.float32:
+        mask = mask.float()
+    return mask.expand(shape).numpy()
+
+
+def _prepare(node: Node, consts: list):
+    from kiln import _C
+
+    a: A.AttentionAttrs = node.attrs
+    b, h, sq, d = node.inputs[0].type.shape
+    sk = node.inputs[1].type.shape[2]
+    scale = a.scale if a.scale is not None else 1.0 / math.sqrt(d)
+    dtype = node.inputs[0].type.dtype.to_torch()
+
+    def run(ins, attrs):
+        # [B, S, H, D] memory seen as [B, H, S, D]: what sdpa returns, so the merge is a view
+        o = torch.empty((b, sq, h, d), dtype=dtype).transpose(1, 2)
+        mask = ins[3] if len(ins) > 3 and ins[3] is not None else None
+        _C.attention(_array(ins[0]), _array(ins[1]), _array(ins[2]), _array(o),
+                     None if mask is None else _mask_array(mask, (b, h, sq, sk)), scale, a.causal,
+                     torch.get_num_threads())
+        return o
+    return run
+
+
+@register_kernel(OpKind.ATTENTION, "cpu", name="cpu.fused_attention", accepts=_accepts, prepare=_prepare)
+def fused_attention(ins, attrs):
+    raise RuntimeError("cpu.fused_attention runs through its prepared function")
