@@ -159,24 +159,57 @@ _GENERATED_KINDS = ("injective", "reduction")
 
 
 def _units(graph: Graph, partition, generating: bool):
-    """(nodes, group that may run as one generated kernel or None), in execution order."""
+    """(nodes, group that may run as one generated kernel or None), in execution order.
+
+    A compute group's anchor keeps its library kernel (oneDNN/MKL), so its injective tail
+    (the epilogue the GEMM could not take, e.g. bf16 -> f32 cast + residual add) would be a
+    kernel of its own. When that tail feeds one normalization/reduction group and nothing
+    else (BERT's add before LayerNorm), it runs at the head of that group instead: one
+    generated kernel, and the tail's result never goes through memory."""
     if partition is None or not generating:
         for n in graph.nodes:
             yield [n], None
         return
+    owner = {n: g for g in partition.groups for n in g.nodes}
+    readers: dict[Value, list[Node]] = {}
+    for n in graph.nodes:
+        for v in n.inputs:
+            if v is not None:
+                readers.setdefault(v, []).append(n)
+    prefix: dict[int, list[Node]] = {}  # reduction group id -> tails to run at its head
     for g in partition.groups:
         if g.kind in _GENERATED_KINDS:
-            yield list(g.nodes), g
+            head = prefix.pop(g.id, [])
+            nodes = head + list(g.nodes)
+            yield nodes, (subgroup(graph, g, nodes, g.kind) if head else g)
         elif g.kind == "compute" and len(g.nodes) > 1:
-            # the anchor keeps its library kernel; the injective consumers after it may be generated
             yield [g.nodes[0]], None
-            yield list(g.nodes[1:]), subgroup(graph, g, g.nodes[1:])
+            tail = g.nodes[1:]
+            into = _sole_reduction_consumer(graph, tail, owner, readers)
+            if into is not None:
+                prefix.setdefault(into.id, []).extend(tail)
+            else:
+                yield list(tail), subgroup(graph, g, tail)
         else:
             yield list(g.nodes), None
 
 
-def subgroup(graph: Graph, group, nodes: list[Node]):
-    """A kernel group of ``nodes`` (a suffix of ``group``): inputs and outputs recomputed."""
+def _sole_reduction_consumer(graph: Graph, tail: list[Node], owner: dict, readers: dict):
+    """The reduction group that alone reads ``tail``'s results (none a graph output), else None."""
+    made = [o for n in tail for o in n.outputs]
+    if set(made) & set(graph.outputs):
+        return None
+    members = set(tail)
+    groups = {id(owner[r]): owner[r] for v in made for r in readers.get(v, ()) if r not in members}
+    if len(groups) != 1:
+        return None
+    (g,) = groups.values()
+    return g if g.kind == "reduction" else None
+
+
+def subgroup(graph: Graph, group, nodes: list[Node], kind: str = "injective"):
+    """A kernel group of ``nodes`` (part of ``group``, or a tail joined to it): inputs and
+    outputs recomputed."""
     from kiln.passes.partition import KernelGroup
 
     inside = {o for n in nodes for o in n.outputs}
@@ -190,7 +223,6 @@ def subgroup(graph: Graph, group, nodes: list[Node]):
         for v in n.inputs:
             if v is not None and v not in inside and v not in ins:
                 ins.append(v)
-    kind = "injective"
     return KernelGroup(group.id, kind, list(nodes), ins, [o for n in nodes for o in n.outputs if o in users_outside])
 
 

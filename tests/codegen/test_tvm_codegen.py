@@ -328,3 +328,36 @@ def test_inputs_at_unaligned_addresses_are_safe():
     assert x.data_ptr() % 64 and y.data_ptr() % 64
     const = [graph.constants[v] for v in graph.constants]
     torch.testing.assert_close(kernel([x, y] + const), run_graph(graph, [x, y])[0])
+
+
+class _TailIntoNorm(torch.nn.Module):
+    """linear -> (mul, add): an epilogue no GEMM kernel takes, feeding a LayerNorm."""
+
+    def __init__(self, tail_used_elsewhere: bool):
+        super().__init__()
+        self.fc, self.ln, self.elsewhere = torch.nn.Linear(64, 64), torch.nn.LayerNorm(64), tail_used_elsewhere
+
+    def forward(self, x):
+        t = self.fc(x) * 0.5 + x
+        return (self.ln(t), t * 3.0) if self.elsewhere else self.ln(t)
+
+
+@pytest.mark.parametrize("elsewhere", [False, True])
+def test_gemm_tail_runs_in_the_normalization_kernel_it_feeds(monkeypatch, elsewhere):
+    import kiln
+
+    monkeypatch.setenv("KILN_GROUP_CHOICE", "generated")
+    m = _TailIntoNorm(elsewhere).eval()
+    x = torch.randn(8, 64)
+    c = kiln.compile(m, (x,))
+    with torch.no_grad():
+        for got, ref in zip(*(o if isinstance(o, tuple) else (o,) for o in (c(x), m(x)))):
+            ok, err, tol = max_err_ok(got, ref)
+            assert ok, f"max abs error {err:.3g} > {tol:.3g}"
+    plan = c.compiled[0].plan
+    kernel_of = {n.op: k for n, k in zip(plan.graph.nodes, plan.node_kernels)}
+    assert not kernel_of[OpKind.LINEAR].startswith(generated.KERNEL_PREFIX)  # the GEMM keeps its library kernel
+    tail_with_norm = kernel_of[OpKind.MUL] == kernel_of[OpKind.LAYER_NORM]
+    assert kernel_of[OpKind.LAYER_NORM].startswith(generated.KERNEL_PREFIX)
+    # merged only when the normalization is the tail's sole reader
+    assert tail_with_norm is not elsewhere, (elsewhere, kernel_of)
