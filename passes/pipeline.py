@@ -59,6 +59,11 @@ def _hoist_rnn_projections(options: dict) -> bool:
     return options.get("target", "cpu") != "cpu" or _quantize(options)
 
 
+def _cpu_float(options: dict) -> bool:
+    """Float CPU compiles (quantized GEMMs take their residual inside their own epilogue)."""
+    return options.get("target", "cpu") == "cpu" and not _quantize(options)
+
+
 CLEANUP = [rules_pass("simplify", simplify.RULES), Pass("cse", cse), Pass("dce", dead_code_elimination)]
 
 PHASES: list[tuple[str, list[Pass]]] = [
@@ -67,7 +72,9 @@ PHASES: list[tuple[str, list[Pass]]] = [
     ("fuse", [rules_pass("recognize", recognize.RULES), rules_pass("attention", attention.RULES),
               rules_pass("rnn", rnn.SPLIT), rules_pass("rnn_hoist", rnn.HOIST, when=_hoist_rnn_projections),
               rules_pass("constant_fold", fold.CONSTANT_FOLD),
-              rules_pass("epilogue", epilogue.RULES), Pass("horizontal", fuse_sibling_linears), *CLEANUP]),
+              rules_pass("epilogue", epilogue.RULES),
+              rules_pass("residual_to_norm", epilogue.RESIDUAL_TO_NORM, when=_cpu_float),
+              Pass("horizontal", fuse_sibling_linears), *CLEANUP]),
     # the round-trip rule runs again after CSE has merged duplicate casts (a value read by
     # two bf16 consumers has two casts, so two uses, until then)
     ("precision", [rules_pass("bf16", precision.RULES, when=_bf16), *[Pass(p.name, p.fn, _bf16) for p in CLEANUP],

@@ -296,6 +296,32 @@ def test_epilogue_linear_bias_residual_gelu():
     assert_same_outputs(g, out)
 
 
+def test_residual_before_layer_norm_stays_an_add_on_cpu():
+    # no CPU GEMM kernel adds a residual inside the GEMM: the add goes to the LayerNorm's kernel
+    w, bias, gamma, beta = torch.randn(8, 8), torch.randn(8), torch.randn(8), torch.randn(8)
+
+    def before(b, x):
+        y = b.add(OpKind.ADD, b.add(OpKind.ADD, b.add(OpKind.LINEAR, x, b.const(w)), b.const(bias)), x)
+        return b.add(OpKind.LAYER_NORM, y, b.const(gamma), b.const(beta), attrs=A.LayerNormAttrs())
+
+    def expected(b, x):
+        y = b.add(OpKind.ADD, b.add(OpKind.LINEAR, x, b.const(w), b.const(bias)), x)
+        return b.add(OpKind.LAYER_NORM, y, b.const(gamma), b.const(beta), attrs=A.LayerNormAttrs())
+
+    def folded(b, x):
+        y = b.add(OpKind.LINEAR, x, b.const(w), b.const(bias), x)
+        return b.add(OpKind.LAYER_NORM, y, b.const(gamma), b.const(beta), attrs=A.LayerNormAttrs())
+
+    g = build(before, (2, 3, 8))
+    out = run_pipeline(g, select=["epilogue", "residual_to_norm"], verify_each=True, options={"target": "cpu"}).graph
+    assert_structural_equal(out, build(expected, (2, 3, 8)))
+    assert_same_outputs(g, out)
+    # a GPU GEMM adds it in its epilogue, and so does a quantized CPU GEMM: both keep it folded
+    for options in ({"target": "cuda"}, {"target": "cpu", "quantize": "int8-dynamic"}):
+        out = run_pipeline(g, select=["epilogue", "residual_to_norm"], options=options).graph
+        assert_structural_equal(out, build(folded, (2, 3, 8)))
+
+
 def test_horizontal_fuses_sibling_linears_into_one_gemm_and_slices():
     ws = [torch.randn(8, 6), torch.randn(4, 6), torch.randn(8, 6)]
     bs = [torch.randn(8), torch.randn(4), torch.randn(8)]
