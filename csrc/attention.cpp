@@ -10,8 +10,15 @@
 //   P      = exp(scores + mask - rowmax)   (masked and causal-hidden keys give exactly 0)
 //   O      = (P V) / rowsum                4 rows x 64 of D per register block
 // All arithmetic is fp32; bf16 inputs are widened exactly and O is rounded to nearest even.
+// bf16 on a CPU with AMX-BF16 takes the tile path instead (attend_block_amx): the two
+// products run as tdpbf16ps (bf16 products, fp32 sums) over K and V packed in the tiles'
+// pair-interleaved layout, P is rounded to bf16 for the second product (as torch's bf16 sdpa
+// does), the softmax stays fp32.
 // Rows whose keys are all masked give 0 (as torch's sdpa does); NaN inputs give NaN rows.
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -43,6 +50,9 @@ inline __m512 load16(const void* base, int64_t i, bool bf16, __mmask16 m) {
 
 // fp32 -> bf16, round to nearest even; NaN stays a (quiet) NaN.
 inline __m256i to_bf16(__m512 x) {
+#ifdef __AVX512BF16__
+  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));  // one instruction, same rounding
+#endif
   const __m512i b = _mm512_castps_si512(x);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
@@ -59,6 +69,16 @@ inline void store16(void* base, int64_t i, bool bf16, __mmask16 m, __m512 x) {
 }
 
 inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+
+// exp(t) for t = score - row max <= 0, as 0 below -80: exp(-80) = 1.8e-35, so what is dropped
+// is far under fp32 resolution next to the row's largest term (exp(0) = 1), and no
+// denormal ever reaches the sums or the P V products (denormal operands take microcode
+// assists: with wide score ranges they made the kernel 6x slower). Masked keys (t = -inf)
+// give exactly 0; NaN stays NaN (the comparison is unordered-true).
+inline __m512 softmax_numerator(__m512 t) {
+  const __mmask16 keep = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-80.f), _CMP_NLT_UQ);
+  return _mm512_maskz_mov_ps(keep, exp16(_mm512_max_ps(_mm512_set1_ps(-80.f), t)));
+}
 
 // In-register transpose of a 16 x 16 fp32 block: r[i][j] -> r[j][i].
 inline void transpose16(__m512* r) {
@@ -179,7 +199,6 @@ void attend_block(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, int6
 
   // softmax numerators in place; 1 / row sums (0 for a row with every key masked)
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  const __m512 lo = _mm512_set1_ps(-104.f);  // exp(-104) rounds to 0 in fp32
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row = r0 + r;
     float* s = &w.s[r * Skp];
@@ -205,10 +224,7 @@ void attend_block(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, int6
     const __m512 mv = _mm512_set1_ps(m);
     __m512 sum = _mm512_setzero_ps();
     for (int64_t j = 0; j < Skp; j += 16) {
-      const __m512 x = _mm512_loadu_ps(s + j);
-      // -inf (masked) stays -inf - m = -inf; max(lo, .) keeps NaN (second operand)
-      const __mmask16 hidden = _mm512_cmp_ps_mask(x, ninf, _CMP_EQ_OQ);
-      const __m512 p = _mm512_maskz_mov_ps(static_cast<__mmask16>(~hidden), exp16(_mm512_max_ps(lo, _mm512_sub_ps(x, mv))));
+      const __m512 p = softmax_numerator(_mm512_sub_ps(_mm512_loadu_ps(s + j), mv));
       _mm512_storeu_ps(s + j, p);
       sum = _mm512_add_ps(sum, p);
     }
@@ -244,8 +260,208 @@ void attend_block(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, int6
   }
 }
 
+
+// ---- AMX-BF16: every tile 16 rows x 64 bytes (16 x 32 bf16, or 16 x 16 fp32) ----
+// tiles 0-3: fp32 accumulators (4 x 16 columns), 4: A (16 rows x 32 bf16), 5: B (16 pairs x 16 columns)
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+void load_tile_config() {
+  TileConfig cfg{};
+  cfg.palette_id = 1;
+  for (int t = 0; t < 6; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  // GCC's _tile_loadconfig names only the config's first 8 bytes as its memory operand, so
+  // without a barrier the rows/colsb stores above count as dead and are dropped
+  __asm__ __volatile__("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
+inline int64_t round32(int64_t n) { return (n + 31) / 32 * 32; }
+
+struct AmxScratch {
+  std::vector<uint16_t> q, kv, vv, p;
+  std::vector<float> s, inv;
+  alignas(64) float c[16 * 64];
+};
+
+// C[16 x 16 nt] += A (16 x 32 k, row stride lda bytes) * B (16 k-pairs x 16 nt columns), over kblocks.
+template <int NT>
+inline void tile_gemm(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t b_kstep, int64_t ldb, int64_t kblocks,
+                      float* c, int64_t ldc) {
+  _tile_zero(0);
+  if (NT > 1) _tile_zero(1);
+  if (NT > 2) _tile_zero(2);
+  if (NT > 3) _tile_zero(3);
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    _tile_loadd(4, a + kb * 32, lda);
+    const uint16_t* bk = b + kb * b_kstep;
+    _tile_loadd(5, bk, ldb);
+    _tile_dpbf16ps(0, 4, 5);
+    if (NT > 1) { _tile_loadd(5, bk + 32, ldb); _tile_dpbf16ps(1, 4, 5); }
+    if (NT > 2) { _tile_loadd(5, bk + 64, ldb); _tile_dpbf16ps(2, 4, 5); }
+    if (NT > 3) { _tile_loadd(5, bk + 96, ldb); _tile_dpbf16ps(3, 4, 5); }
+  }
+  _tile_stored(0, c, ldc);
+  if (NT > 1) _tile_stored(1, c + 16, ldc);
+  if (NT > 2) _tile_stored(2, c + 32, ldc);
+  if (NT > 3) _tile_stored(3, c + 48, ldc);
+}
+
+inline void tile_gemm_n(int nt, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t b_kstep, int64_t ldb,
+                        int64_t kblocks, float* c, int64_t ldc) {
+  switch (nt) {
+    case 4: tile_gemm<4>(a, lda, b, b_kstep, ldb, kblocks, c, ldc); break;
+    case 3: tile_gemm<3>(a, lda, b, b_kstep, ldb, kblocks, c, ldc); break;
+    case 2: tile_gemm<2>(a, lda, b, b_kstep, ldb, kblocks, c, ldc); break;
+    default: tile_gemm<1>(a, lda, b, b_kstep, ldb, kblocks, c, ldc); break;
+  }
+}
+
+void attend_block_amx(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, int64_t r1, AmxScratch& w) {
+  const int64_t D = a.D, Dk = round32(D), Dn = round16(D);
+  const int64_t Sk = a.causal ? std::min(a.Sk, r1) : a.Sk;
+  const int64_t Skp = round32(Sk);
+  const int64_t rows = r1 - r0, rows_p = round16(rows);
+  const uint16_t* q = static_cast<const uint16_t*>(a.q);
+  const uint16_t* k = static_cast<const uint16_t*>(a.k);
+  const uint16_t* v = static_cast<const uint16_t*>(a.v);
+  w.q.assign(rows_p * Dk, 0);
+  w.kv.resize(Dk / 2 * Skp * 2);
+  w.vv.resize(Skp / 2 * Dn * 2);
+  w.p.resize(rows_p * Skp);
+  w.s.resize(rows_p * Skp);
+  w.inv.resize(rows_p);
+
+  // Q rows, zero-padded to Dk columns and rows_p rows
+  const int64_t qbase = b * a.q_stride[0] + h * a.q_stride[1];
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t d0 = 0; d0 < D; d0 += 32) {
+      const __mmask32 m = D - d0 >= 32 ? 0xFFFFFFFFu : (1u << (D - d0)) - 1;
+      _mm512_mask_storeu_epi16(&w.q[r * Dk + d0], m,
+                               _mm512_maskz_loadu_epi16(m, q + qbase + (r0 + r) * a.q_stride[2] + d0));
+    }
+  // K^T in pairs: kv[kk][n] (one 32-bit pair) = K[n][2kk, 2kk+1], a 16 x 16 transpose of pairs
+  const int64_t kbase = b * a.k_stride[0] + h * a.k_stride[1];
+  uint32_t* kv32 = reinterpret_cast<uint32_t*>(w.kv.data());
+  for (int64_t j0 = 0; j0 < Skp; j0 += 16)
+    for (int64_t d0 = 0; d0 < Dk; d0 += 32) {
+      __m512 r[16];
+      const __mmask32 m = D - d0 >= 32 ? 0xFFFFFFFFu : D > d0 ? (1u << (D - d0)) - 1 : 0u;
+      for (int64_t i = 0; i < 16; ++i)
+        r[i] = j0 + i < Sk ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(m, k + kbase + (j0 + i) * a.k_stride[2] + d0))
+                           : _mm512_setzero_ps();
+      transpose16(r);
+      for (int64_t i = 0; i < 16; ++i) _mm512_storeu_ps(reinterpret_cast<float*>(kv32 + (d0 / 2 + i) * Skp + j0), r[i]);
+    }
+  // V in pairs: vv[kk][d] = (V[2kk][d], V[2kk+1][d]), rows past Sk zero
+  const int64_t vbase = b * a.v_stride[0] + h * a.v_stride[1];
+  uint32_t* vv32 = reinterpret_cast<uint32_t*>(w.vv.data());
+  for (int64_t kk = 0; kk < Skp / 2; ++kk)
+    for (int64_t d0 = 0; d0 < Dn; d0 += 16) {
+      const __mmask16 m = tail_mask(D - d0);
+      const int64_t j = 2 * kk;
+      const __m256i lo = j < Sk ? _mm256_maskz_loadu_epi16(m, v + vbase + j * a.v_stride[2] + d0) : _mm256_setzero_si256();
+      const __m256i hi = j + 1 < Sk ? _mm256_maskz_loadu_epi16(m, v + vbase + (j + 1) * a.v_stride[2] + d0)
+                                    : _mm256_setzero_si256();
+      const __m512i pair = _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+      _mm512_storeu_si512(vv32 + kk * Dn + d0, pair);
+    }
+
+  // scores = Q K^T (fp32), 64 keys per pass
+  for (int64_t r = 0; r < rows_p; r += 16)
+    for (int64_t n0 = 0; n0 < Skp; n0 += 64) {
+      const int nt = static_cast<int>(std::min<int64_t>(4, (Skp - n0) / 16));
+      tile_gemm_n(nt, &w.q[r * Dk], Dk * 2, &w.kv[n0 * 2], 16 * Skp * 2, Skp * 4, Dk / 32, &w.s[r * Skp + n0], Skp * 4);
+    }
+
+  // softmax: fp32 numerators rounded to bf16 into p, 1 / fp32 row sums
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 scale = _mm512_set1_ps(a.scale);
+  std::fill(w.p.begin(), w.p.end(), 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t row = r0 + r;
+    float* s = &w.s[r * Skp];
+    const int64_t visible = a.causal ? std::min(Sk, row + 1) : Sk;
+    const float* mrow = a.mask ? a.mask + b * a.mask_stride[0] + h * a.mask_stride[1] + row * a.mask_stride[2] : nullptr;
+    __m512 mx = ninf;
+    for (int64_t j = 0; j < Skp; j += 16) {
+      const __mmask16 live = tail_mask(visible - j > 0 ? visible - j : 0);
+      __m512 x = _mm512_mask_mov_ps(ninf, live, _mm512_mul_ps(scale, _mm512_loadu_ps(s + j)));
+      if (mrow) {
+        const __m512 mv = a.mask_stride[3] ? _mm512_maskz_loadu_ps(live, mrow + j) : _mm512_set1_ps(mrow[0]);
+        x = _mm512_mask_add_ps(x, live, x, mv);
+      }
+      _mm512_storeu_ps(s + j, x);
+      mx = _mm512_max_ps(mx, x);
+    }
+    const float m = _mm512_reduce_max_ps(mx);
+    if (m == -std::numeric_limits<float>::infinity()) {
+      w.inv[r] = 0.f;
+      continue;
+    }
+    const __m512 mv = _mm512_set1_ps(m);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < Skp; j += 16) {
+      const __m512 p = softmax_numerator(_mm512_sub_ps(_mm512_loadu_ps(s + j), mv));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(&w.p[r * Skp + j]), to_bf16(p));
+      sum = _mm512_add_ps(sum, p);
+    }
+    w.inv[r] = 1.f / _mm512_reduce_add_ps(sum);
+  }
+
+  // O = P V / rowsum, 64 columns of D per pass
+  const int64_t obase = b * a.o_stride[0] + h * a.o_stride[1];
+  for (int64_t r = 0; r < rows_p; r += 16)
+    for (int64_t d0 = 0; d0 < Dn; d0 += 64) {
+      const int nt = static_cast<int>(std::min<int64_t>(4, (Dn - d0) / 16));
+      tile_gemm_n(nt, &w.p[r * Skp], Skp * 2, &w.vv[d0 * 2], 16 * Dn * 2, Dn * 4, Skp / 32, w.c, 64 * 4);
+      for (int64_t i = 0; i < 16 && r + i < rows; ++i) {
+        const __m512 inv = _mm512_set1_ps(w.inv[r + i]);
+        const int64_t oo = obase + (r0 + r + i) * a.o_stride[2];
+        for (int c = 0; c < nt; ++c) {
+          const int64_t d = d0 + 16 * c;
+          store16(a.o, oo + d, true, tail_mask(D - d), _mm512_mul_ps(_mm512_loadu_ps(w.c + i * 64 + 16 * c), inv));
+        }
+      }
+    }
+}
+#endif
+
+bool cpu_has_amx_bf16() {
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+  // AMX-BF16 and AMX-TILE (CPUID.7.0:EDX bits 22, 24), and the tile state granted by Linux
+  // (ARCH_REQ_XCOMP_PERM for XTILEDATA; the grant holds for the whole process)
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!((d >> 22) & 1u) || !((d >> 24) & 1u)) return false;
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 #endif
+
+bool amx_bf16_supported() {
+#ifdef __AVX512F__
+  return cpu_has_amx_bf16();
+#else
+  return false;
+#endif
+}
 
 bool attention_supported() {
 #ifdef __AVX512F__
@@ -268,8 +484,24 @@ void attention(const AttentionArgs& a, int threads) {
   const int64_t max_rows = std::max<int64_t>(kRows, kMaxScores / round16(std::max<int64_t>(a.Sk, 1)) / kRows * kRows);
   rows = std::min(std::max<int64_t>(rows, std::min<int64_t>(a.Sq, 16)), max_rows);
   const int64_t blocks = (a.Sq + rows - 1) / rows;
+  const bool amx = a.bf16 && a.path != AttentionPath::kFma && amx_bf16_supported();
+  if (a.path == AttentionPath::kAmx && !amx) throw std::runtime_error("attention: the AMX-BF16 path needs bf16 and AMX");
   parallel_ranges(bh_count * blocks, threads, [&](int64_t t0, int64_t t1) {
-    Scratch w;
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+    if (amx) {
+      load_tile_config();
+      // kept per thread across calls: fresh buffers every call cost page faults and cache
+      // misses that doubled a BERT layer's attention in a model's run (not in a loop of it)
+      static thread_local AmxScratch w;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t blk = t % blocks, bh = t / blocks;
+        attend_block_amx(a, bh / a.H, bh % a.H, blk * rows, std::min(a.Sq, blk * rows + rows), w);
+      }
+      _tile_release();
+      return;
+    }
+#endif
+    static thread_local Scratch w;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t blk = t % blocks, bh = t / blocks;
       const int64_t r0 = blk * rows, r1 = std::min(a.Sq, r0 + rows);

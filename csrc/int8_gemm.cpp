@@ -244,6 +244,9 @@ void amx_region(const uint8_t* a, int64_t lda, int64_t m0, int64_t m1, int64_t p
     cfg.rows[t] = 16;
     cfg.colsb[t] = 64;
   }
+  // GCC's _tile_loadconfig names only the config's first 8 bytes as its memory operand: the
+  // barrier keeps the rows/colsb stores from being dropped as dead
+  __asm__ __volatile__("" : : "r"(&cfg) : "memory");
   _tile_loadconfig(&cfg);
   alignas(64) int32_t scratch[32 * 32];
   const Int8Weight& w = *c.w;

@@ -113,6 +113,7 @@ namespace kiln {
 // strides (in elements) with unit stride along D. mask: an fp32 additive mask read at
 // mask + b*ms[0] + h*ms[1] + i*ms[2] + j*ms[3] (ms[3] is 0 or 1; 0 strides broadcast),
 // or null. causal hides keys j > i. Computed in fp32.
+enum class AttentionPath { kAuto, kFma, kAmx };  // kAuto: AMX for bf16 where the CPU has it
 struct AttentionArgs {
   const void* q;
   const void* k;
@@ -123,8 +124,10 @@ struct AttentionArgs {
   int64_t B, H, Sq, Sk, D;
   float scale;
   bool causal, bf16;
+  AttentionPath path;
 };
 bool attention_supported();
+bool amx_bf16_supported();  // AMX-BF16 built, present, and tile state granted to this process
 void attention(const AttentionArgs& a, int threads);
 
 }  // namespace kiln

@@ -5,9 +5,11 @@ A candidate beside torch's ``scaled_dot_product_attention`` (the reference kerne
 ``kernels.choice`` keeps whichever measures faster on the node's shapes. Two things make it
 worth having in a Transformer block: q, k and v arrive as strided views of one fused QKV
 projection and are read in place, and the output is written straight into [B, S, H, D]
-memory, so the head merge after it stays a view. Arithmetic is fp32 throughout (bf16 inputs
-are widened exactly, the output rounded once), so on bf16 it trades speed for accuracy
-against sdpa's bf16 path; the measurement decides.
+memory, so the head merge after it stays a view. fp32 runs on AVX-512 FMAs at about the
+core's FMA rate; bf16 runs the two products on AMX tiles (tdpbf16ps, fp32 sums, P rounded to
+bf16 as torch's bf16 sdpa does) where the CPU has AMX-BF16, else widened to fp32. The
+softmax is fp32 either way, with terms under exp(-80) of the row's largest dropped so no
+denormal reaches the sums (``csrc/attention.cpp``).
 """
 from __future__ import annotations
 

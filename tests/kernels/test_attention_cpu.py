@@ -76,6 +76,45 @@ def test_matches_float64_reference(dtype, case):
         assert err <= (2e-5 if dtype == torch.float32 else max(8e-3, 1.01 * err_sdpa)), (err, err_sdpa, threads)
 
 
+def _direct(q, k, v, mask=None, causal=False, path="auto", threads=1):
+    """Straight through the binding, choosing the bf16 path (AMX tiles or fp32 FMAs)."""
+    B, H, Sq, D = q.shape
+    o = torch.empty(B, Sq, H, D, dtype=q.dtype).transpose(1, 2)
+    m = None if mask is None else mask.float().expand(B, H, Sq, k.shape[2]).numpy()
+    _C.attention(_array(q), _array(k), _array(v), _array(o), m, 1 / math.sqrt(D), causal, threads, path)
+    return o
+
+
+@pytest.mark.skipif(not _C.amx_bf16_supported(), reason="no AMX-BF16 on this CPU")
+@pytest.mark.parametrize("case", CASES)
+def test_bf16_amx_tiles_match_the_fma_path_and_float64(case):
+    B, H, Sq, Sk, D, causal, mshape = case
+    g = torch.Generator().manual_seed(Sk * 7 + D)
+    q, k, v = (torch.randn(B, H, s, D, generator=g).bfloat16() for s in (Sq, Sk, Sk))
+    mask = 3 * torch.randn(mshape, generator=g) if mshape else None
+    ref = _reference(q, k, v, mask, causal)
+    for threads in (1, 2):
+        amx, fma = (_direct(q, k, v, mask, causal, p, threads) for p in ("amx", "fma"))
+        # P is rounded to bf16 for the tile product (as in torch's bf16 sdpa), then the output:
+        # within two bf16 steps (2^-7 relative each) of the largest output
+        top = max(1.0, float(ref.abs().max()))
+        assert float((amx.double() - ref).abs().max()) <= 2 ** -6 * top
+        assert float((amx.double() - fma.double()).abs().max()) <= 2 ** -6 * top
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wide_score_ranges_flush_negligible_terms_not_accuracy(dtype):
+    # scores spanning hundreds: most exp() terms would be fp32 denormals; they are dropped
+    # (under 1.8e-35 of the row's largest), and the result is still the softmax's
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (10 * torch.randn(1, 4, 64, 64, generator=g)).to(dtype), torch.randn(1, 4, 64, 64, generator=g).to(dtype), \
+        torch.randn(1, 4, 64, 64, generator=g).to(dtype)
+    ref = _reference(q, k, v)
+    for path in ("auto", "fma"):
+        err = float((_direct(q, k, v, path=path).double() - ref).abs().max())
+        assert err <= (2e-5 if dtype == torch.float32 else 1.5e-2), (path, err)
+
+
 def test_strided_views_of_one_qkv_projection_and_merged_output_layout():
     B, S, H, D = 2, 50, 4, 24
     qkv = torch.randn(B, S, 3 * H * D)
@@ -119,6 +158,10 @@ def test_bad_arguments_are_rejected():
         _C.attention(**args(mask=torch.zeros(1, 2, 4, 7).numpy()))
     with pytest.raises(ValueError):
         _C.attention(**args(threads=0))
+    with pytest.raises(ValueError):
+        _C.attention(**args(path="tiles"))
+    with pytest.raises(ValueError):  # the AMX path is bf16 only
+        _C.attention(**args(path="amx"))
 
 
 def test_candidate_only_for_supported_nodes():
