@@ -12,14 +12,20 @@ from kiln.codegen.autotune import Space, space
 from kiln.ir import OpKind
 
 
-@space(vector=[16, 8, 32, 64], grain=[1 << 15, 1 << 12, 1 << 18], rvector=[16, 8, 0], unroll=[0, 4])
+# grain: elements per parallel task. The default, 64K, parallelizes a loop nest only from 128K
+# elements: on this machine kind a TVM parallel launch costs about as much as 64K fp32 elements
+# of elementwise work (2 threads: 131K elements 39 us parallel / 41 us on one thread, 1M
+# elements 285 / 560 us; a 128 x 768 LayerNorm group 136 us parallel, 67 us on one thread).
+@space(vector=[16, 8, 32, 64], grain=[1 << 16, 1 << 14, 1 << 18], rvector=[16, 8, 0], unroll=[0, 4])
 def schedule_group(sch, outputs: list[str], config: dict, threads: int) -> None:
     """Inline every injective stage into its consumers. Then each reduction block: split
     its (fused) reduction loop into [outer, ``rvector`` lanes] and rfactor the lanes, so a
     vectorized block accumulates ``rvector`` partial results per row and a short block
     combines them; unroll the outer reduction loop by ``unroll``. Each spatial loop nest:
     fuse, split into [parallel tasks of ``grain`` elements, ..., ``vector`` lanes] and
-    vectorize the lanes when they divide the extent. Parallel loops only when ``threads > 1``."""
+    vectorize the lanes when they divide the extent. Parallel loops only when ``threads > 1``
+    and the nest holds at least two tasks of ``grain`` elements (a reduction: its rows times
+    their length)."""
     for b in sch.get_child_blocks(sch.get_sblock("root")):
         name = sch.get(b).name_hint
         if name in outputs or _is_reduction(sch, b):
@@ -57,11 +63,11 @@ def _schedule_reduction(sch, b, config: dict, threads: int) -> None:
         rf_loops = sch.get_loops(rf)  # [spatial..., ko, ki]; ki is a spatial lane of the rf block
         sch.vectorize(rf_loops[-1])
         _unroll(sch, rf_loops[-2], config["unroll"])
-        _parallel_rows(sch, rf_loops[:len(spatial)], threads)
+        _parallel_rows(sch, rf_loops[:len(spatial)], threads, ext, config["grain"])
         spatial = sch.get_loops(b)[:len(spatial)]  # the combining block: [spatial..., lanes]
     else:
         _unroll(sch, r, config["unroll"])
-    _parallel_rows(sch, spatial, threads)
+    _parallel_rows(sch, spatial, threads, ext, config["grain"])
 
 
 def _unroll(sch, loop, factor: int) -> None:
@@ -71,11 +77,12 @@ def _unroll(sch, loop, factor: int) -> None:
         sch.unroll(inner)
 
 
-def _parallel_rows(sch, spatial, threads: int) -> None:
+def _parallel_rows(sch, spatial, threads: int, row_length: int, grain: int) -> None:
     if not spatial:
         return
     fused = _fuse(sch, spatial)
-    if threads > 1 and _extent(sch, fused) > 1:
+    rows = _extent(sch, fused)
+    if threads > 1 and rows > 1 and rows * row_length >= 2 * grain:
         sch.parallel(fused)
 
 
@@ -91,7 +98,7 @@ def _schedule_spatial(sch, b, config: dict, threads: int) -> None:
         sch.vectorize(lanes)
     else:
         outer, vec = fused, 1
-    if threads > 1:
+    if threads > 1 and extent >= 2 * config["grain"]:
         per_task = max(1, config["grain"] // vec)
         if extent // vec > per_task:
             po, _ = sch.split(outer, [None, per_task])

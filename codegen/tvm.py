@@ -29,7 +29,7 @@ from kiln.ir import attrs as A
 
 # Part of every compiled module's cache key: bump it when rendering or scheduling changes
 # the code generated for the same group and configuration.
-CODEGEN_VERSION = 2
+CODEGEN_VERSION = 4
 
 
 class Unsupported(Exception):

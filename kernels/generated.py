@@ -38,14 +38,40 @@ os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 _LOADED: dict[str, object] = {}  # module path -> loaded function
 _CHOICE: dict[tuple, bool] = {}  # (signature, threads, node kernels) -> generated wins
 _runtime_ready = False
+# TVM's thread pool, as Kiln sized it (None: not yet). Left to the user when they set
+# TVM_NUM_THREADS themselves.
+_pool_threads: int | None = None
+_USER_POOL = "TVM_NUM_THREADS" in os.environ
+
+
+def tvm_pool_threads(threads: int) -> None:
+    """Size TVM's thread pool for kernels built with ``threads`` threads of parallel loops.
+
+    Left alone, TVM's runtime gives its pool half the cores on x86 (it assumes two
+    hyperthreads per core) and pins its threads, the calling one included, to cores: on a
+    2-core machine every "parallel" generated kernel ran on one core (CPU time / wall time
+    1.00), and pinning would tie torch's main thread to one core. So Kiln sizes the pool to
+    the plan's thread count, unpinned (TVM_BIND_THREADS=0), and resizes it only when a plan
+    of another thread count runs."""
+    global _pool_threads
+    if _pool_threads == threads or _USER_POOL:
+        return
+    _load_runtime()
+    import tvm_ffi
+
+    os.environ["TVM_NUM_THREADS"] = str(threads)  # TVM caps the pool at this (read on configure)
+    os.environ["TVM_BIND_THREADS"] = "0"
+    tvm_ffi.get_global_func("runtime.config_threadpool")(1, threads)
+    _pool_threads = threads
 
 
 class GeneratedKernel:
     """A compiled group kernel: ``self(inputs, attrs)`` returns the group's outputs (a tensor
     or a tuple, in ``group.outputs`` order)."""
 
-    def __init__(self, func, group, name: str, config: dict, built: bool, tuning=None):
+    def __init__(self, func, group, name: str, config: dict, built: bool, tuning=None, threads: int = 1):
         self.func, self.name, self.config, self.built = func, name, config, built
+        self.threads = threads  # built with parallel loops for this many threads (1: none)
         self.tuning = tuning  # the tuner's TuneResult (trials measured, database hit)
         self.in_nhwc = tuple(_nhwc(v) for v in group.inputs)
         self.outs = tuple((tuple(v.type.shape), v.type.dtype.to_torch(), _nhwc(v)) for v in group.outputs)
@@ -66,6 +92,8 @@ class GeneratedKernel:
             o = torch.empty(shape, dtype=dt, memory_format=torch.channels_last if nhwc else torch.contiguous_format)
             outs.append(o)
             views.append(o.permute(0, 2, 3, 1) if nhwc else o)
+        if self.threads > 1 and _pool_threads != self.threads:
+            tvm_pool_threads(self.threads)
         self.func(*args, *views)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
@@ -254,14 +282,14 @@ def generated_kernel(group, graph, target, threads: int, tune="fast", db=None) -
             ins = group_inputs(group, graph)
             with torch.no_grad():
                 ref = reference_outputs(group, ins)
-        k = GeneratedKernel(_build_in_memory(group, cfg, target, threads), group, "", cfg, True)
+        k = GeneratedKernel(_build_in_memory(group, cfg, target, threads), group, "", cfg, True, threads=threads)
         if not _agrees(tuple(_as_list(k(ins))), tuple(ref)):
             return math.inf  # wrong numbers never win
         return _best_time(lambda: k(ins))
 
     result = run_tuner(key, space, measure, tune, db=db)
     fn, built = compiled(group, result.config, target, threads)
-    return GeneratedKernel(fn, group, KERNEL_PREFIX + signature_hash(group), result.config, built, result)
+    return GeneratedKernel(fn, group, KERNEL_PREFIX + signature_hash(group), result.config, built, result, threads)
 
 
 def _as_list(out) -> list:

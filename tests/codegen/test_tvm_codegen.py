@@ -37,7 +37,7 @@ def check_generated(graph, threads=1, config=None, inputs=None):
     assert tvm_codegen.supports(group) is None, tvm_codegen.supports(group)
     config = config or schedule_group.tune_space.default()
     fn = generated._build_in_memory(group, config, host_cpu(), threads)
-    kernel = generated.GeneratedKernel(fn, group, "test", config, True)
+    kernel = generated.GeneratedKernel(fn, group, "test", config, True, threads=threads)
     inputs = inputs if inputs is not None else random_inputs(graph)
     expected = run_graph(graph, inputs)
     got = kernel(list(inputs) + [graph.constants[v] for v in graph.constants])
@@ -137,9 +137,9 @@ def _chain():
     return b.build([b.add(OpKind.RELU, b.add(OpKind.ADD, b.add(OpKind.MUL, x, y), b.const(torch.tensor(1.0))))])
 
 
-def _two_outputs():
+def _two_outputs(rows=8):
     b = GraphBuilder("two")
-    x = b.input("x", (8, 128))
+    x = b.input("x", (rows, 128))
     s = b.add(OpKind.ADD, x, x)
     return b.build([s, b.add(OpKind.SOFTMAX, b.add(OpKind.TANH, s), attrs=A.AxisAttrs(1))])
 
@@ -157,10 +157,32 @@ def test_generated_kernel_matches_reference(name, make):
     check_generated(make())
 
 
+def _scheduled_script(group, config, threads) -> str:
+    import tvm
+    import tvm.s_tir as s_tir
+    from tvm import te
+
+    placeholders, outs = tvm_codegen.render(group)
+    sch = s_tir.Schedule(tvm.IRModule({"main": te.create_prim_func(placeholders + outs)}))
+    schedule_group(sch, [t.op.name for t in outs], config, threads)
+    return sch.mod.script()
+
+
 @pytest.mark.parametrize("config", list(schedule_group.tune_space)[::12])
 def test_every_schedule_config_is_correct_with_parallel_loops(config):
-    graph = _two_outputs()
+    graph = _two_outputs(rows=2048)  # 256K elements: past two tasks of every grain but the largest
+    if config["grain"] * 2 <= 2048 * 128:
+        assert "T.parallel" in _scheduled_script(whole_graph_group(graph), config, 2)
     check_generated(graph, threads=2, config=config)
+
+
+def test_small_groups_get_no_parallel_loop():
+    # a TVM parallel launch costs about what 64K elements of work do: below two tasks of
+    # the grain, the loops stay serial even on several threads
+    config = schedule_group.tune_space.default()
+    assert "T.parallel" not in _scheduled_script(whole_graph_group(_two_outputs(rows=8)), config, 2)
+    assert "T.parallel" in _scheduled_script(whole_graph_group(_two_outputs(rows=2048)), config, 2)
+    assert "T.parallel" not in _scheduled_script(whole_graph_group(_two_outputs(rows=2048)), config, 1)
 
 
 def test_unsupported_groups_are_declined():
@@ -361,3 +383,17 @@ def test_gemm_tail_runs_in_the_normalization_kernel_it_feeds(monkeypatch, elsewh
     assert kernel_of[OpKind.LAYER_NORM].startswith(generated.KERNEL_PREFIX)
     # merged only when the normalization is the tail's sole reader
     assert tail_with_norm is not elsewhere, (elsewhere, kernel_of)
+
+
+def test_parallel_kernels_get_a_pool_of_their_thread_count_without_pinning(monkeypatch):
+    # TVM alone sizes its pool to half the cores on x86 (one thread on a 2-core machine) and
+    # pins threads, the caller included, to cores
+    monkeypatch.setattr(generated, "_USER_POOL", False)
+    monkeypatch.setattr(generated, "_pool_threads", None)
+    monkeypatch.setenv("TVM_NUM_THREADS", "1")  # restored after the test; Kiln sets its own
+    affinity = os.sched_getaffinity(0)
+    check_generated(_two_outputs(rows=2048), threads=2)
+    import tvm_ffi
+
+    assert tvm_ffi.get_global_func("runtime.NumThreads")() == 2
+    assert os.sched_getaffinity(0) == affinity
