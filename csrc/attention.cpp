@@ -39,6 +39,9 @@ namespace {
 constexpr int64_t kRows = 4;  // query rows per register block
 // A task's score block stays under this many floats (256 KB: L2-resident beside K^T and V).
 constexpr int64_t kMaxScores = 64 * 1024;
+// Per-thread scratch is kept between calls up to this many K^T/V elements (4 MB of fp32),
+// and freed after a call that needed more.
+constexpr size_t kKeepScratch = 1 << 20;
 
 inline __m512 load16(const void* base, int64_t i, bool bf16, __mmask16 m) {
   if (bf16) {
@@ -498,6 +501,7 @@ void attention(const AttentionArgs& a, int threads) {
         attend_block_amx(a, bh / a.H, bh % a.H, blk * rows, std::min(a.Sq, blk * rows + rows), w);
       }
       _tile_release();
+      if (w.kv.capacity() + w.vv.capacity() > kKeepScratch) w = AmxScratch{};  // long sequences: give it back
       return;
     }
 #endif
@@ -507,6 +511,7 @@ void attention(const AttentionArgs& a, int threads) {
       const int64_t r0 = blk * rows, r1 = std::min(a.Sq, r0 + rows);
       attend_block(a, bh / a.H, bh % a.H, r0, r1, w);
     }
+    if (w.kt.capacity() + w.v.capacity() > kKeepScratch) w = Scratch{};
   });
 #else
   (void)a; (void)threads;

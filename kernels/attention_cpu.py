@@ -35,6 +35,8 @@ def _accepts(node: Node) -> bool:
         return False
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         return False
+    if 0 in q.shape or 0 in k.shape:
+        return False  # empty attention: the reference's conventions apply
     if len(node.inputs) > 3 and node.inputs[3] is not None:
         m = node.inputs[3].type
         if not m.is_static or m.rank > 4 or m.dtype.value not in _DTYPES + ("bool",):
