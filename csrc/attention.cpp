@@ -55,13 +55,14 @@ inline __m512 load16(const void* base, int64_t i, bool bf16, __mmask16 m) {
 inline __m256i to_bf16(__m512 x) {
 #ifdef __AVX512BF16__
   return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));  // one instruction, same rounding
-#endif
+#else
   const __m512i b = _mm512_castps_si512(x);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
   const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
   r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(0x40)));
   return _mm512_cvtepi32_epi16(r);
+#endif
 }
 
 inline void store16(void* base, int64_t i, bool bf16, __mmask16 m, __m512 x) {
