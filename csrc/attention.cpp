@@ -27,6 +27,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "amx_tiles.h"
 #include "kiln.h"
 #include "simd_math.h"
 #include "thread_pool.h"
@@ -108,41 +109,54 @@ inline void transpose16(__m512* r) {
   }
 }
 
-// scores[r][j0 .. j0+16 NV) = sum_d q[r][d] kt[d][j0 ..]: kRows rows x NV vectors of keys.
+// out[r][c] = sum_k a[r * lda + k] * b[k * ldb + 16 c .. +16): kRows rows x NV vectors, the
+// sums kept in registers (broadcast one a element, FMA it into NV vectors of b's row k).
+// Scores are (scaled q) x K^T with k over D; the output is P x V with k over the keys.
 template <int NV>
-inline void qk_block(const float* q, int64_t D, const float* kt, int64_t ldk, float* s, int64_t lds) {
+inline void fma_block(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K, __m512 (*out)[4]) {
   __m512 acc[kRows][NV];
   for (int r = 0; r < kRows; ++r)
     for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; ++d) {
-    __m512 kv[NV];
-    for (int c = 0; c < NV; ++c) kv[c] = _mm512_loadu_ps(kt + d * ldk + 16 * c);
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 bv[NV];
+    for (int c = 0; c < NV; ++c) bv[c] = _mm512_loadu_ps(b + k * ldb + 16 * c);
     for (int r = 0; r < kRows; ++r) {
-      const __m512 qb = _mm512_set1_ps(q[r * D + d]);
-      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_fmadd_ps(qb, kv[c], acc[r][c]);
-    }
-  }
-  for (int r = 0; r < kRows; ++r)
-    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(s + r * lds + 16 * c, acc[r][c]);
-}
-
-// o[r][d0 .. d0+16 NV) = sum_j p[r][j] v[j][d0 ..]: kRows rows x NV vectors of D. The sums
-// stay in registers and are written to `out` once.
-template <int NV>
-inline void pv_block(const float* p, int64_t lds, int64_t Sk, const float* v, int64_t ldv, __m512 (*out)[4]) {
-  __m512 acc[kRows][NV];
-  for (int r = 0; r < kRows; ++r)
-    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < Sk; ++j) {
-    __m512 vv[NV];
-    for (int c = 0; c < NV; ++c) vv[c] = _mm512_loadu_ps(v + j * ldv + 16 * c);
-    for (int r = 0; r < kRows; ++r) {
-      const __m512 pb = _mm512_set1_ps(p[r * lds + j]);
-      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_fmadd_ps(pb, vv[c], acc[r][c]);
+      const __m512 ab = _mm512_set1_ps(a[r * lda + k]);
+      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_fmadd_ps(ab, bv[c], acc[r][c]);
     }
   }
   for (int r = 0; r < kRows; ++r)
     for (int c = 0; c < NV; ++c) out[r][c] = acc[r][c];
+}
+
+inline void fma_block_n(int nv, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K, __m512 (*out)[4]) {
+  switch (nv) {
+    case 4: fma_block<4>(a, lda, b, ldb, K, out); break;
+    case 3: fma_block<3>(a, lda, b, ldb, K, out); break;
+    case 2: fma_block<2>(a, lda, b, ldb, K, out); break;
+    default: fma_block<1>(a, lda, b, ldb, K, out); break;
+  }
+}
+
+// One score row made ready for the softmax: scaled, the mask added, keys the row may not
+// see (causal, padding) set to -inf, written back; returns the row's max (-inf when nothing
+// is visible).
+inline float masked_row(const AttentionArgs& a, int64_t b, int64_t h, int64_t row, float* s, int64_t Skp,
+                        int64_t visible, __m512 scale) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const float* mrow = a.mask ? a.mask + b * a.mask_stride[0] + h * a.mask_stride[1] + row * a.mask_stride[2] : nullptr;
+  __m512 mx = ninf;
+  for (int64_t j = 0; j < Skp; j += 16) {
+    const __mmask16 live = tail_mask(visible - j > 0 ? visible - j : 0);
+    __m512 x = _mm512_mask_mov_ps(ninf, live, _mm512_mul_ps(scale, _mm512_loadu_ps(s + j)));
+    if (mrow) {
+      const __m512 mv = a.mask_stride[3] ? _mm512_maskz_loadu_ps(live, mrow + j) : _mm512_set1_ps(mrow[0]);
+      x = _mm512_mask_add_ps(x, live, x, mv);
+    }
+    _mm512_storeu_ps(s + j, x);
+    mx = _mm512_max_ps(mx, x);
+  }
+  return _mm512_reduce_max_ps(mx);
 }
 
 struct Scratch {
@@ -189,37 +203,22 @@ void attend_block(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, int6
                             _mm512_mul_ps(scale, load16(a.q, qbase + (r0 + r) * a.q_stride[2] + d0, bf, m)));
     }
 
-  // scores
-  for (int64_t r = 0; r < rows_p; r += kRows) {
-    int64_t j = 0;
-    for (; j + 64 <= Skp; j += 64) qk_block<4>(&w.q[r * D], D, &w.kt[j], Skp, &w.s[r * Skp + j], Skp);
-    switch ((Skp - j) / 16) {
-      case 3: qk_block<3>(&w.q[r * D], D, &w.kt[j], Skp, &w.s[r * Skp + j], Skp); break;
-      case 2: qk_block<2>(&w.q[r * D], D, &w.kt[j], Skp, &w.s[r * Skp + j], Skp); break;
-      case 1: qk_block<1>(&w.q[r * D], D, &w.kt[j], Skp, &w.s[r * Skp + j], Skp); break;
-      default: break;
+  // scores, 64 keys per block
+  for (int64_t r = 0; r < rows_p; r += kRows)
+    for (int64_t j = 0; j < Skp; j += 64) {
+      const int nv = static_cast<int>(std::min<int64_t>(4, (Skp - j) / 16));
+      __m512 acc[kRows][4];
+      fma_block_n(nv, &w.q[r * D], D, &w.kt[j], Skp, D, acc);
+      for (int i = 0; i < kRows; ++i)
+        for (int c = 0; c < nv; ++c) _mm512_storeu_ps(&w.s[(r + i) * Skp + j + 16 * c], acc[i][c]);
     }
-  }
 
   // softmax numerators in place; 1 / row sums (0 for a row with every key masked)
-  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 one = _mm512_set1_ps(1.f);  // the scale is already in q
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row = r0 + r;
     float* s = &w.s[r * Skp];
-    const int64_t visible = a.causal ? std::min(Sk, row + 1) : Sk;
-    const float* mrow = a.mask ? a.mask + b * a.mask_stride[0] + h * a.mask_stride[1] + row * a.mask_stride[2] : nullptr;
-    __m512 mx = ninf;
-    for (int64_t j = 0; j < Skp; j += 16) {
-      const __mmask16 live = tail_mask(visible - j > 0 ? visible - j : 0);
-      __m512 x = _mm512_mask_mov_ps(ninf, live, _mm512_loadu_ps(s + j));
-      if (mrow) {
-        const __m512 mv = a.mask_stride[3] ? _mm512_maskz_loadu_ps(live, mrow + j) : _mm512_set1_ps(mrow[0]);
-        x = _mm512_mask_add_ps(x, live, x, mv);
-      }
-      _mm512_storeu_ps(s + j, x);
-      mx = _mm512_max_ps(mx, x);
-    }
-    const float m = _mm512_reduce_max_ps(mx);
+    const float m = masked_row(a, b, h, row, s, Skp, a.causal ? std::min(Sk, row + 1) : Sk, one);
     if (m == -std::numeric_limits<float>::infinity()) {  // nothing visible: the row is 0
       std::fill(s, s + Skp, 0.f);
       w.inv[r] = 0.f;
@@ -245,12 +244,7 @@ void attend_block(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, int6
     for (int64_t d0 = 0; d0 < Dp; d0 += 64) {
       const int nv = static_cast<int>(std::min<int64_t>(4, (Dp - d0) / 16));
       __m512 acc[kRows][4];
-      switch (nv) {
-        case 4: pv_block<4>(&w.s[r * Skp], Skp, Sk, &w.v[d0], Dp, acc); break;
-        case 3: pv_block<3>(&w.s[r * Skp], Skp, Sk, &w.v[d0], Dp, acc); break;
-        case 2: pv_block<2>(&w.s[r * Skp], Skp, Sk, &w.v[d0], Dp, acc); break;
-        default: pv_block<1>(&w.s[r * Skp], Skp, Sk, &w.v[d0], Dp, acc); break;
-      }
+      fma_block_n(nv, &w.s[r * Skp], Skp, &w.v[d0], Dp, Sk, acc);
       for (int64_t i = 0; i < kRows && r + i < rows; ++i) {
         const __m512 inv = _mm512_set1_ps(w.inv[r + i]);
         const int64_t oo = obase + (r0 + r + i) * a.o_stride[2];
@@ -265,30 +259,9 @@ void attend_block(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, int6
 }
 
 
-// ---- AMX-BF16: every tile 16 rows x 64 bytes (16 x 32 bf16, or 16 x 16 fp32) ----
+// ---- AMX-BF16: every tile 16 rows x 64 bytes (16 x 32 bf16, or 16 x 16 fp32; load_full_tiles) ----
 // tiles 0-3: fp32 accumulators (4 x 16 columns), 4: A (16 rows x 32 bf16), 5: B (16 pairs x 16 columns)
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-void load_tile_config() {
-  TileConfig cfg{};
-  cfg.palette_id = 1;
-  for (int t = 0; t < 6; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  // GCC's _tile_loadconfig names only the config's first 8 bytes as its memory operand, so
-  // without a barrier the rows/colsb stores above count as dead and are dropped
-  __asm__ __volatile__("" : : "r"(&cfg) : "memory");
-  _tile_loadconfig(&cfg);
-}
-
 inline int64_t round32(int64_t n) { return (n + 31) / 32 * 32; }
 
 struct AmxScratch {
@@ -388,26 +361,12 @@ void attend_block_amx(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, 
     }
 
   // softmax: fp32 numerators rounded to bf16 into p, 1 / fp32 row sums
-  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   const __m512 scale = _mm512_set1_ps(a.scale);
   std::fill(w.p.begin(), w.p.end(), 0);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row = r0 + r;
     float* s = &w.s[r * Skp];
-    const int64_t visible = a.causal ? std::min(Sk, row + 1) : Sk;
-    const float* mrow = a.mask ? a.mask + b * a.mask_stride[0] + h * a.mask_stride[1] + row * a.mask_stride[2] : nullptr;
-    __m512 mx = ninf;
-    for (int64_t j = 0; j < Skp; j += 16) {
-      const __mmask16 live = tail_mask(visible - j > 0 ? visible - j : 0);
-      __m512 x = _mm512_mask_mov_ps(ninf, live, _mm512_mul_ps(scale, _mm512_loadu_ps(s + j)));
-      if (mrow) {
-        const __m512 mv = a.mask_stride[3] ? _mm512_maskz_loadu_ps(live, mrow + j) : _mm512_set1_ps(mrow[0]);
-        x = _mm512_mask_add_ps(x, live, x, mv);
-      }
-      _mm512_storeu_ps(s + j, x);
-      mx = _mm512_max_ps(mx, x);
-    }
-    const float m = _mm512_reduce_max_ps(mx);
+    const float m = masked_row(a, b, h, row, s, Skp, a.causal ? std::min(Sk, row + 1) : Sk, scale);
     if (m == -std::numeric_limits<float>::infinity()) {
       w.inv[r] = 0.f;
       continue;
@@ -493,7 +452,7 @@ void attention(const AttentionArgs& a, int threads) {
   parallel_ranges(bh_count * blocks, threads, [&](int64_t t0, int64_t t1) {
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
     if (amx) {
-      load_tile_config();
+      load_full_tiles();
       // kept per thread across calls: fresh buffers every call cost page faults and cache
       // misses that doubled a BERT layer's attention in a model's run (not in a loop of it)
       static thread_local AmxScratch w;

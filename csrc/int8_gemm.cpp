@@ -16,6 +16,7 @@
 #include <cstring>
 #include <stdexcept>
 
+#include "amx_tiles.h"
 #include "quant_gemm.h"
 #include "thread_pool.h"
 
@@ -205,14 +206,6 @@ void vnni_region(const uint8_t* a, int64_t lda, int64_t m0, int64_t m1, int64_t 
 
 // ---- AMX: tiles 0-3 accumulate C (2 x 2 of 16 x 16 int32), 4-5 hold A, 6-7 hold B ----
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__)
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
 template <int MT, int NT>
 void amx_block(const uint8_t* a, int64_t lda, const int8_t* b, int64_t panel_bytes, int64_t kblocks,
                int32_t* scratch) {
@@ -238,16 +231,7 @@ void amx_block(const uint8_t* a, int64_t lda, const int8_t* b, int64_t panel_byt
 }
 
 void amx_region(const uint8_t* a, int64_t lda, int64_t m0, int64_t m1, int64_t p0, int64_t p1, const Ctx& c) {
-  TileConfig cfg{};
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  // GCC's _tile_loadconfig names only the config's first 8 bytes as its memory operand: the
-  // barrier keeps the rows/colsb stores from being dropped as dead
-  __asm__ __volatile__("" : : "r"(&cfg) : "memory");
-  _tile_loadconfig(&cfg);
+  load_full_tiles();
   alignas(64) int32_t scratch[32 * 32];
   const Int8Weight& w = *c.w;
   const int64_t panel_bytes = w.k_pad * 16, kblocks = w.k_pad / 64;
