@@ -269,10 +269,12 @@ def generated_kernel(group, graph, target, threads: int, tune="fast", db=None) -
     """Tune (or take the tuning database's winner), compile (or load from the cache) and wrap."""
     from kiln.codegen.autotune import TuningKey, tune as run_tuner
     from kiln.codegen.schedules_cpu import tune_space
-    from kiln.codegen.tvm import signature, signature_hash
+    from kiln.codegen.tvm import CODEGEN_VERSION, signature, signature_hash
 
     sig = signature(group)
-    key = TuningKey("tvm.group", f"{sig}\nthreads={threads}", target.key())
+    # the schedule template's version is part of the key: a config tuned for an older
+    # template (what its knobs meant then) is not reused
+    key = TuningKey(f"tvm.group.v{CODEGEN_VERSION}", f"{sig}\nthreads={threads}", target.key())
     space = tune_space(group, threads)
     ins = ref = None
 

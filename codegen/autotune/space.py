@@ -26,6 +26,12 @@ class Space:
             if self.valid is None or self.valid(cfg):
                 yield cfg
 
+    def __contains__(self, cfg) -> bool:
+        """``cfg`` names exactly this space's axes, each with one of its choices, and is valid."""
+        if not isinstance(cfg, dict) or set(cfg) != {k for k, _ in self.axes}:
+            return False
+        return all(cfg[k] in v for k, v in self.axes) and (self.valid is None or bool(self.valid(cfg)))
+
     def default(self) -> dict:
         """The first valid configuration: what runs when tuning is off."""
         return next(iter(self))

@@ -53,7 +53,7 @@ def tune(key: TuningKey, space_: Space, measure: Callable[[dict], float], budget
     budget = Budget.parse(budget)
     db = db if db is not None else default_db()
     hit = db.get(key)
-    if hit is not None:
+    if hit is not None and hit[0] in space_:  # a config from an older space is tuned again
         return TuneResult(hit[0], hit[1], 0, True)
     if budget.max_trials == 0:
         return TuneResult(space_.default(), math.inf, 0, False)

@@ -51,6 +51,18 @@ def test_tune_picks_fastest_failures_lose_and_db_round_trips(tmp_path):
     assert "'b': 2" in out
 
 
+def test_a_stored_config_outside_the_current_space_is_tuned_again(tmp_path):
+    # a schedule template whose knobs changed: what was stored for the old space is not reused
+    db = TuningDB(str(tmp_path / "t.sqlite"))
+    key = TuningKey("test.kernel", "f32[8,8]", "cpu:x")
+    db.put(key, {"b": 32768}, 1e-6)
+    s = Space.of(b=[1, 2])
+    assert {"b": 2} in s and {"b": 32768} not in s and {"b": 2, "c": 1} not in s
+    r = tune(key, s, lambda c: float(c["b"]), "max", db)
+    assert r.config == {"b": 1} and not r.from_db
+    assert tune(key, s, lambda c: pytest.fail("now a hit"), "max", db).from_db
+
+
 def test_budget_none_uses_default_and_all_failing_is_an_error(tmp_path):
     db = TuningDB(str(tmp_path / "t.sqlite"))
     s = Space.of(b=[3, 5])
