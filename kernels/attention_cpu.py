@@ -63,6 +63,8 @@ def _mask_array(mask: torch.Tensor, shape: tuple):
         mask = torch.zeros(mask.shape).masked_fill_(~mask, -math.inf)
     elif mask.dtype != torch.float32:
         mask = mask.float()
+    if mask.shape[-1] != 1 and mask.stride(-1) not in (0, 1):
+        mask = mask.contiguous()  # the kernel reads a row of keys with unit (or zero) stride
     return mask.expand(shape).numpy()
 
 

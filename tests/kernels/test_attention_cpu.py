@@ -129,6 +129,13 @@ def test_strided_views_of_one_qkv_projection_and_merged_output_layout():
     assert torch.allclose(_kernel(qt, k, v), _kernel(q, k, v), atol=1e-6)
 
 
+def test_a_mask_strided_along_the_keys_is_read_right():
+    q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
+    mask = torch.randn(1, 2, 7, 5).transpose(-1, -2)  # [1, 2, 5, 7] with key stride 5
+    assert mask.stride(-1) not in (0, 1)
+    assert torch.allclose(_kernel(q, k, v, mask).double(), _reference(q, k, v, mask), atol=2e-6)
+
+
 def test_bool_mask_fully_masked_rows_and_nan():
     q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
     keep = torch.ones(1, 2, 4, 6, dtype=torch.bool)
