@@ -13,7 +13,7 @@ from kiln.ir import OpKind
 
 
 # grain: elements per parallel task. The default, 64K, parallelizes a loop nest only from 128K
-# elements: on this machine kind a TVM parallel launch costs about as much as 64K fp32 elements
+# elements: on this machine kind (one-off measurements) a TVM parallel launch costs about as much as 64K fp32 elements
 # of elementwise work (2 threads: 131K elements 39 us parallel / 41 us on one thread, 1M
 # elements 285 / 560 us; a 128 x 768 LayerNorm group 136 us parallel, 67 us on one thread).
 @space(vector=[16, 8, 32, 64], grain=[1 << 16, 1 << 14, 1 << 18], rvector=[16, 8, 0], unroll=[0, 4])

@@ -3,7 +3,7 @@
 //
 // Why a kernel of Kiln's own: in a Transformer block Q, K and V are strided views of one
 // QKV projection, and the heads are merged right after; torch's sdpa runs three passes
-// over them at these sizes (BERT-base: 128 x 128 scores per head, D = 64) and measured
+// over them at these sizes (BERT-base: 128 x 128 scores per head, D = 64) and measured (one-off)
 // about half of one core's FMA rate. Here each task takes one (batch, head, block of query
 // rows), widens its K^T and V into fp32 scratch once, and keeps the score block in L1/L2:
 //   scores = (scale Q) K^T   register-blocked 4 rows x 64 keys, broadcast-FMA over D
@@ -78,7 +78,7 @@ inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 // exp(t) for t = score - row max <= 0, as 0 below -80: exp(-80) = 1.8e-35, so what is dropped
 // is far under fp32 resolution next to the row's largest term (exp(0) = 1), and no
 // denormal ever reaches the sums or the P V products (denormal operands take microcode
-// assists: with wide score ranges they made the kernel 6x slower). Masked keys (t = -inf)
+// assists: with wide score ranges they made the kernel 6x slower in a one-off check). Masked keys (t = -inf)
 // give exactly 0; NaN stays NaN (the comparison is unordered-true).
 inline __m512 softmax_numerator(__m512 t) {
   const __mmask16 keep = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-80.f), _CMP_NLT_UQ);
@@ -159,6 +159,23 @@ inline float masked_row(const AttentionArgs& a, int64_t b, int64_t h, int64_t ro
   return _mm512_reduce_max_ps(mx);
 }
 
+// One row's softmax after masked_row: the numerators p go to store(j, p), 16 keys at a time,
+// and 1 / their sum is returned; a row that sees no key stores nothing and returns 0.
+template <typename Store>
+inline float softmax_row(const AttentionArgs& a, int64_t b, int64_t h, int64_t row, float* s, int64_t Skp,
+                         int64_t visible, __m512 scale, Store store) {
+  const float m = masked_row(a, b, h, row, s, Skp, visible, scale);
+  if (m == -std::numeric_limits<float>::infinity()) return 0.f;
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < Skp; j += 16) {
+    const __m512 p = softmax_numerator(_mm512_sub_ps(_mm512_loadu_ps(s + j), mv));
+    store(j, p);
+    sum = _mm512_add_ps(sum, p);
+  }
+  return 1.f / _mm512_reduce_add_ps(sum);
+}
+
 struct Scratch {
   std::vector<float> kt, v, q, s, inv;
 };
@@ -218,20 +235,9 @@ void attend_block(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, int6
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row = r0 + r;
     float* s = &w.s[r * Skp];
-    const float m = masked_row(a, b, h, row, s, Skp, a.causal ? std::min(Sk, row + 1) : Sk, one);
-    if (m == -std::numeric_limits<float>::infinity()) {  // nothing visible: the row is 0
-      std::fill(s, s + Skp, 0.f);
-      w.inv[r] = 0.f;
-      continue;
-    }
-    const __m512 mv = _mm512_set1_ps(m);
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < Skp; j += 16) {
-      const __m512 p = softmax_numerator(_mm512_sub_ps(_mm512_loadu_ps(s + j), mv));
-      _mm512_storeu_ps(s + j, p);
-      sum = _mm512_add_ps(sum, p);
-    }
-    w.inv[r] = 1.f / _mm512_reduce_add_ps(sum);
+    w.inv[r] = softmax_row(a, b, h, row, s, Skp, a.causal ? std::min(Sk, row + 1) : Sk, one,
+                           [s](int64_t j, __m512 p) { _mm512_storeu_ps(s + j, p); });
+    if (w.inv[r] == 0.f) std::fill(s, s + Skp, 0.f);  // nothing visible: the row is 0
   }
   for (int64_t r = rows; r < rows_p; ++r) {
     std::fill(&w.s[r * Skp], &w.s[r * Skp] + Skp, 0.f);
@@ -365,20 +371,9 @@ void attend_block_amx(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, 
   std::fill(w.p.begin(), w.p.end(), 0);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row = r0 + r;
-    float* s = &w.s[r * Skp];
-    const float m = masked_row(a, b, h, row, s, Skp, a.causal ? std::min(Sk, row + 1) : Sk, scale);
-    if (m == -std::numeric_limits<float>::infinity()) {
-      w.inv[r] = 0.f;
-      continue;
-    }
-    const __m512 mv = _mm512_set1_ps(m);
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < Skp; j += 16) {
-      const __m512 p = softmax_numerator(_mm512_sub_ps(_mm512_loadu_ps(s + j), mv));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(&w.p[r * Skp + j]), to_bf16(p));
-      sum = _mm512_add_ps(sum, p);
-    }
-    w.inv[r] = 1.f / _mm512_reduce_add_ps(sum);
+    uint16_t* p = &w.p[r * Skp];
+    w.inv[r] = softmax_row(a, b, h, row, &w.s[r * Skp], Skp, a.causal ? std::min(Sk, row + 1) : Sk, scale,
+                           [p](int64_t j, __m512 x) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), to_bf16(x)); });
   }
 
   // O = P V / rowsum, 64 columns of D per pass
@@ -453,8 +448,7 @@ void attention(const AttentionArgs& a, int threads) {
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
     if (amx) {
       load_full_tiles();
-      // kept per thread across calls: fresh buffers every call cost page faults and cache
-      // misses that doubled a BERT layer's attention in a model's run (not in a loop of it)
+      // kept per thread across calls: no allocation per call
       static thread_local AmxScratch w;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t blk = t % blocks, bh = t / blocks;

@@ -50,9 +50,9 @@ def tvm_pool_threads(threads: int) -> None:
     Left alone, TVM's runtime gives its pool half the cores on x86 (it assumes two
     hyperthreads per core) and pins its threads, the calling one included, to cores: on a
     2-core machine every "parallel" generated kernel ran on one core (CPU time / wall time
-    1.00), and pinning would tie torch's main thread to one core. So Kiln sizes the pool to
-    the plan's thread count, unpinned (TVM_BIND_THREADS=0), and resizes it only when a plan
-    of another thread count runs."""
+    1.00 in a one-off check), and pinning would tie torch's main thread to one core. So
+    Kiln sizes the pool to the plan's thread count, unpinned (TVM_BIND_THREADS=0), and
+    resizes it only when a plan of another thread count runs."""
     global _pool_threads
     if _pool_threads == threads or _USER_POOL:
         return

@@ -176,6 +176,7 @@ def _units(graph: Graph, partition, generating: bool):
         for v in n.inputs:
             if v is not None:
                 readers.setdefault(v, []).append(n)
+    returned = set(graph.outputs)
     prefix: dict[int, list[Node]] = {}  # reduction group id -> tails to run at its head
     for g in partition.groups:
         if g.kind in _GENERATED_KINDS:
@@ -185,7 +186,7 @@ def _units(graph: Graph, partition, generating: bool):
         elif g.kind == "compute" and len(g.nodes) > 1:
             yield [g.nodes[0]], None
             tail = g.nodes[1:]
-            into = _sole_reduction_consumer(graph, tail, owner, readers)
+            into = _sole_reduction_consumer(tail, owner, readers, returned)
             if into is not None:
                 prefix.setdefault(into.id, []).extend(tail)
             else:
@@ -194,10 +195,10 @@ def _units(graph: Graph, partition, generating: bool):
             yield list(g.nodes), None
 
 
-def _sole_reduction_consumer(graph: Graph, tail: list[Node], owner: dict, readers: dict):
-    """The reduction group that alone reads ``tail``'s results (none a graph output), else None."""
+def _sole_reduction_consumer(tail: list[Node], owner: dict, readers: dict, returned: set):
+    """The reduction group that alone reads ``tail``'s results (none of them ``returned``), else None."""
     made = [o for n in tail for o in n.outputs]
-    if set(made) & set(graph.outputs):
+    if set(made) & returned:
         return None
     members = set(tail)
     groups = {id(owner[r]): owner[r] for v in made for r in readers.get(v, ()) if r not in members}
