@@ -131,3 +131,12 @@ bool amx_bf16_supported();  // AMX-BF16 built, present, and tile state granted t
 void attention(const AttentionArgs& a, int threads);
 
 }  // namespace kiln
+
+namespace kiln {
+
+// The address of a TVMBackendParallelLaunch-compatible launcher that runs a generated
+// kernel's parallel tasks on the OpenMP workers (torch's intra-op threads).
+uintptr_t tvm_parallel_launch_address();
+int64_t tvm_parallel_launches();  // how many launches it has taken (tests, diagnostics)
+
+}  // namespace kiln

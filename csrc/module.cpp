@@ -281,6 +281,9 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("sizes"), py::arg("first"), py::arg("last"), py::arg("alignment") = 64,
       "Assign arena offsets to buffers with lifetimes [first, last]; returns (offsets, arena_bytes).");
+  m.def("tvm_parallel_launch_address", &kiln::tvm_parallel_launch_address,
+        "Address of a TVMBackendParallelLaunch replacement that runs tasks on torch's OpenMP workers.");
+  m.def("tvm_parallel_launches", &kiln::tvm_parallel_launches, "Parallel launches that replacement has taken.");
   register_quant_kernels(m);
   register_pool_kernels(m);
   register_winograd_kernels(m);

@@ -42,6 +42,38 @@ _runtime_ready = False
 # TVM_NUM_THREADS themselves.
 _pool_threads: int | None = None
 _USER_POOL = "TVM_NUM_THREADS" in os.environ
+# id() of loaded kernels whose parallel loops run on torch's OpenMP workers (see
+# _launch_on_openmp); others (tuning candidates built in memory) use TVM's own pool.
+_ON_OPENMP: set[int] = set()
+
+
+def _launch_on_openmp(path: str) -> bool:
+    """Point the loaded module at ``path`` to Kiln's OpenMP launcher for its parallel loops.
+
+    TVM's generated host code starts parallel loops through a function pointer each exported
+    module holds (``__TVMBackendParallelLaunch``, set to TVM's thread pool when the module
+    loads). That pool is a second set of threads beside torch's OpenMP workers, which spin
+    for a while after each parallel torch op, so a generated kernel after a torch op shared
+    a core with a spinning worker: the 2-thread ``kiln bench elementwise`` reached 61% of
+    the copy bandwidth, 101% with the spinning off (OMP_WAIT_POLICY=PASSIVE; one-off pair of
+    runs). ``kiln._C``'s launcher runs the tasks on the OpenMP workers themselves.
+    ``KILN_TVM_THREAD_POOL=1`` keeps TVM's pool (for comparison)."""
+    if os.environ.get("KILN_TVM_THREAD_POOL") == "1":
+        return False
+    try:
+        from kiln import _C
+
+        lib = ctypes.CDLL(path)  # the handle the TVM runtime already opened (same file)
+        hook = ctypes.c_void_p.in_dll(lib, "__TVMBackendParallelLaunch")
+    except (ImportError, OSError, ValueError):  # no extension, or no parallel loops
+        return False
+    try:  # a barrier inside a parallel loop needs TVM's pool (Kiln's schedules emit none)
+        ctypes.c_void_p.in_dll(lib, "__TVMBackendParallelBarrier")
+        return False
+    except ValueError:
+        pass
+    hook.value = _C.tvm_parallel_launch_address()
+    return True
 
 
 def tvm_pool_threads(threads: int) -> None:
@@ -72,6 +104,7 @@ class GeneratedKernel:
     def __init__(self, func, group, name: str, config: dict, built: bool, tuning=None, threads: int = 1):
         self.func, self.name, self.config, self.built = func, name, config, built
         self.threads = threads  # built with parallel loops for this many threads (1: none)
+        self.tvm_pool = threads > 1 and id(func) not in _ON_OPENMP  # else torch's OpenMP workers
         self.tuning = tuning  # the tuner's TuneResult (trials measured, database hit)
         self.in_nhwc = tuple(_nhwc(v) for v in group.inputs)
         self.outs = tuple((tuple(v.type.shape), v.type.dtype.to_torch(), _nhwc(v)) for v in group.outputs)
@@ -92,7 +125,7 @@ class GeneratedKernel:
             o = torch.empty(shape, dtype=dt, memory_format=torch.channels_last if nhwc else torch.contiguous_format)
             outs.append(o)
             views.append(o.permute(0, 2, 3, 1) if nhwc else o)
-        if self.threads > 1 and _pool_threads != self.threads:
+        if self.tvm_pool and _pool_threads != self.threads:
             tvm_pool_threads(self.threads)
         self.func(*args, *views)
         return outs[0] if len(outs) == 1 else tuple(outs)
@@ -166,6 +199,8 @@ def load_cached(key: str):
     except Exception:  # a truncated or foreign file: rebuild it, never trust it
         return None
     _LOADED[path] = fn
+    if _launch_on_openmp(path):
+        _ON_OPENMP.add(id(fn))
     try:
         os.utime(path)
     except OSError:

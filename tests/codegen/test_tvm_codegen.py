@@ -397,3 +397,33 @@ def test_parallel_kernels_get_a_pool_of_their_thread_count_without_pinning(monke
 
     assert tvm_ffi.get_global_func("runtime.NumThreads")() == 2
     assert os.sched_getaffinity(0) == affinity
+
+
+@pytest.mark.parametrize("tvm_pool", [False, True])
+def test_loaded_parallel_kernels_run_on_torch_openmp_workers(monkeypatch, tmp_path, tvm_pool):
+    # TVM's own pool would share the cores with torch's OpenMP workers, which spin after each
+    # torch op; an exported module's parallel loops go through kiln._C's OpenMP launcher
+    # instead (KILN_TVM_THREAD_POOL=1 keeps TVM's pool)
+    from kiln import _C
+
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("KILN_TVM_THREAD_POOL", "1" if tvm_pool else "0")
+    graph = _two_outputs(rows=4096)  # 512K elements: parallel loops at 2 threads
+    group = whole_graph_group(graph)
+    config = schedule_group.tune_space.default()
+    fn, built = generated.compiled(group, config, host_cpu(), 2)
+    kernel = generated.GeneratedKernel(fn, group, "test", config, built, threads=2)
+    assert kernel.tvm_pool is tvm_pool
+    inputs = random_inputs(graph)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        before = _C.tvm_parallel_launches()
+        got = kernel(list(inputs))
+        launched = _C.tvm_parallel_launches() - before
+    finally:
+        torch.set_num_threads(threads)
+    assert (launched > 0) is not tvm_pool  # a launch per parallel stage
+    for g, e in zip(got, run_graph(graph, inputs)):
+        ok, err, tol = max_err_ok(g, e, 1e-4)
+        assert ok, f"max abs error {err:.3g} > {tol:.3g}"

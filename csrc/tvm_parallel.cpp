@@ -1,0 +1,59 @@
+// The parallel loops of TVM-generated kernels, run on torch's OpenMP workers.
+//
+// TVM's host code calls its runtime's thread pool through a function pointer that each
+// exported module holds (`__TVMBackendParallelLaunch`, filled in when the module loads).
+// That pool is a second set of threads beside torch's OpenMP workers, which spin for a
+// while after every parallel torch op: a generated kernel that follows a torch/oneDNN op
+// had its pool thread share a core with a spinning OpenMP worker (the 2-thread elementwise
+// bench reached 61% of the copy bandwidth; with OMP_WAIT_POLICY=PASSIVE, which stops the
+// spinning, 101%). kernels/generated.py points loaded modules at the launcher below, so
+// generated kernels and torch's ops take turns on the same threads.
+#include <omp.h>
+
+#include <atomic>
+#include <cstdint>
+
+#include "kiln.h"
+
+namespace {
+
+std::atomic<int64_t> launches{0};  // parallel launches taken, for tests and diagnostics
+
+// TVM's C ABI for parallel loops (tvm/runtime/c_backend_api.h)
+struct ParallelGroupEnv {
+  void* sync_handle;  // for TVMBackendParallelBarrier; modules that call it keep TVM's pool
+  int32_t num_task;
+};
+using ParallelLambda = int (*)(int task_id, ParallelGroupEnv* penv, void* cdata);
+
+int openmp_parallel_launch(ParallelLambda flambda, void* cdata, int num_task) {
+  // num_task 0: as many tasks as threads; the plan calls kernels with torch's thread count
+  // set for this thread (omp_get_max_threads is torch.get_num_threads under OpenMP)
+  const int n = num_task > 0 ? num_task : (omp_in_parallel() ? 1 : omp_get_max_threads());
+  ParallelGroupEnv env{nullptr, n};
+  launches.fetch_add(1, std::memory_order_relaxed);
+  if (n <= 1 || omp_in_parallel()) {  // already on a worker: run the tasks here, in order
+    for (int t = 0; t < n; ++t)
+      if (flambda(t, &env, cdata) != 0) return -1;
+    return 0;
+  }
+  std::atomic<int> failed{0};
+#pragma omp parallel num_threads(n)
+  {
+    // every task must run even if the runtime grants fewer threads than asked
+    const int threads = omp_get_num_threads(), id = omp_get_thread_num();
+    for (int t = id; t < n; t += threads)
+      if (flambda(t, &env, cdata) != 0) failed.store(1, std::memory_order_relaxed);
+  }
+  return failed.load() ? -1 : 0;
+}
+
+}  // namespace
+
+namespace kiln {
+
+uintptr_t tvm_parallel_launch_address() { return reinterpret_cast<uintptr_t>(&openmp_parallel_launch); }
+
+int64_t tvm_parallel_launches() { return launches.load(); }
+
+}  // namespace kiln
