@@ -19,6 +19,7 @@ imports TVM at import time: a warm compile loads exported modules without it.
 """
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import math
 from typing import Callable
@@ -29,7 +30,7 @@ from kiln.ir import attrs as A
 
 # Part of every compiled module's cache key: bump it when rendering or scheduling changes
 # the code generated for the same group and configuration.
-CODEGEN_VERSION = 4
+CODEGEN_VERSION = 5
 
 
 class Unsupported(Exception):
@@ -41,6 +42,8 @@ _DTYPES = {"float32": "float32", "float64": "float64", "bfloat16": "bfloat16", "
            "int8": "int8", "int16": "int16", "int32": "int32", "int64": "int64", "uint8": "uint8",
            "bool": "bool"}
 _LOW_PRECISION = ("bfloat16", "float16")
+# whether exp/tanh/erf/sigmoid render as tvm_math's vectorizable forms (set per group by render)
+_VECTOR_MATH: contextvars.ContextVar[bool] = contextvars.ContextVar("kiln_vector_math", default=False)
 
 
 def tvm_dtype(t: TensorType) -> str:
@@ -187,10 +190,18 @@ def _unary(*kinds):
 
 def _math(name):
     def f(v, a, cd):
-        from tvm import tirx
-
-        return getattr(tirx, name)(v)
+        return _fn(name, v, cd)
     return f
+
+
+def _fn(name: str, v, cd: str):
+    """``tirx.<name>(v)``, or its vectorizable form (``tvm_math``) in float32 arithmetic."""
+    from tvm import tirx
+
+    from . import tvm_math
+
+    fast = tvm_math.FLOAT32.get(name) if cd == "float32" and _VECTOR_MATH.get() else None
+    return fast(v) if fast is not None else getattr(tirx, name)(v)
 
 
 for _k, _n in {OpKind.EXP: "exp", OpKind.LOG: "log", OpKind.SQRT: "sqrt", OpKind.RSQRT: "rsqrt",
@@ -239,9 +250,8 @@ def _sign(v, a, cd):
 
 @_unary(OpKind.SILU)
 def _silu(v, a, cd):
-    from tvm import tirx
 
-    return v * tirx.sigmoid(v)
+    return v * _fn("sigmoid", v, cd)
 
 
 @_unary(OpKind.GELU)
@@ -250,11 +260,11 @@ def _gelu(v, a: A.GeluAttrs, cd):
 
     half, one = _const(0.5, cd), _const(1.0, cd)
     if a.approximate is A.GeluApprox.NONE:
-        exact = half * v * (one + tirx.erf(v * _const(1 / math.sqrt(2), cd)))
+        exact = half * v * (one + _fn("erf", v * _const(1 / math.sqrt(2), cd), cd))
         # torch's gelu gives NaN at +-inf (the formula alone gives inf at +inf): match it
         return tirx.Select(tirx.isinf(v), _const(float("nan"), cd), exact)
     inner = _const(math.sqrt(2 / math.pi), cd) * (v + _const(0.044715, cd) * v * v * v)
-    return half * v * (one + tirx.tanh(inner))
+    return half * v * (one + _fn("tanh", inner, cd))
 
 
 @_unary(OpKind.LEAKY_RELU)
@@ -531,10 +541,10 @@ def _softmax(log: bool):
         def keep(idx):
             return [0 if d == a.axis else i for d, i in enumerate(idx)]
 
-        s = ctx.reduce("sum", lambda i: tirx.exp(x(i) - m(keep(i))), x.shape, (a.axis,), cd)
+        s = ctx.reduce("sum", lambda i: _fn("exp", x(i) - m(keep(i)), cd), x.shape, (a.axis,), cd)
         if log:
             return lambda idx: x(idx) - m(keep(idx)) - tirx.log(s(keep(idx)))
-        return lambda idx: tirx.exp(x(idx) - m(keep(idx))) / s(keep(idx))
+        return lambda idx: _fn("exp", x(idx) - m(keep(idx)), cd) / s(keep(idx))
     return build
 
 
@@ -639,13 +649,48 @@ def signature_hash(group) -> str:
     return hashlib.sha256(signature(group).encode()).hexdigest()[:24]
 
 
+# ops rendered with tvm_math's forms (exp, tanh, erf, sigmoid inside)
+_TRANSCENDENTAL = frozenset({OpKind.EXP, OpKind.TANH, OpKind.ERF, OpKind.SIGMOID, OpKind.SILU, OpKind.GELU,
+                             OpKind.SOFTMAX, OpKind.LOG_SOFTMAX})
+MAX_VECTOR_MATH_DEPTH = 2
+
+
+def _vector_math_ok(group) -> bool:
+    """Whether ``group`` renders exp/tanh/erf/sigmoid in tvm_math's vectorizable forms.
+
+    Not with 16-bit floats: the forms hold TIR Lets, which TVM's vectorizer rejects in loops
+    that store bf16/fp16. Not past ``MAX_VECTOR_MATH_DEPTH`` of them nested in one
+    expression: compile time grew steeply with nesting (one-off: three nested GELUs 4 s,
+    four nested tanh 47 s, against 0.6 s for two)."""
+    values = list(group.inputs) + [o for n in group.nodes for o in n.outputs]
+    if any(tvm_dtype(v.type) in _LOW_PRECISION for v in values):
+        return False
+    depth: dict = {}
+    for n in group.nodes:
+        d = max((depth.get(v, 0) for v in n.inputs if v is not None), default=0) + (n.op in _TRANSCENDENTAL)
+        if d > MAX_VECTOR_MATH_DEPTH:
+            return False
+        for o in n.outputs:
+            depth[o] = d
+    return True
+
+
 def render(group):
     """The group as TE: (placeholders in group-input order, output tensors in group-output order)."""
-    from tvm import te
 
     why = supports(group)
     if why:
         raise Unsupported(why)
+    token = _VECTOR_MATH.set(_vector_math_ok(group))
+    try:
+        return _render(group)
+    finally:
+        _VECTOR_MATH.reset(token)
+
+
+def _render(group):
+    from tvm import te
+
     ctx = Ctx("t")
     placeholders, env = [], {}
     for i, v in enumerate(group.inputs):
