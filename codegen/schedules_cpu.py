@@ -13,9 +13,12 @@ from kiln.ir import OpKind
 
 
 # grain: elements per parallel task. The default, 64K, parallelizes a loop nest only from 128K
-# elements: on this machine kind (one-off measurements) a TVM parallel launch costs about as much as 64K fp32 elements
-# of elementwise work (2 threads: 131K elements 39 us parallel / 41 us on one thread, 1M
-# elements 285 / 560 us; a 128 x 768 LayerNorm group 136 us parallel, 67 us on one thread).
+# elements: on this machine kind (one-off measurements) a parallel launch on TVM's pool cost
+# about as much as 64K fp32 elements of elementwise work (2 threads: 131K elements 39 us
+# parallel / 41 us on one thread, 1M elements 285 / 560 us; a 128 x 768 LayerNorm group
+# 136 us parallel, 67 us on one thread). On the OpenMP launcher that loaded kernels now use
+# (kernels/generated.py) a 16K grain still did not pay (one-off: the LayerNorm group 152 us
+# parallel at 16K, 99 us serial; a 512 x 768 one 323 us at 16K, 295 us at 64K).
 @space(vector=[16, 8, 32, 64], grain=[1 << 16, 1 << 14, 1 << 18], rvector=[16, 8, 0], unroll=[0, 4])
 def schedule_group(sch, outputs: list[str], config: dict, threads: int) -> None:
     """Inline every injective stage into its consumers. Then each reduction block: split

@@ -84,7 +84,9 @@ def tvm_pool_threads(threads: int) -> None:
     2-core machine every "parallel" generated kernel ran on one core (CPU time / wall time
     1.00 in a one-off check), and pinning would tie torch's main thread to one core. So
     Kiln sizes the pool to the plan's thread count, unpinned (TVM_BIND_THREADS=0), and
-    resizes it only when a plan of another thread count runs."""
+    resizes it only when a plan of another thread count runs. Loaded (exported) kernels do
+    not use this pool (``_launch_on_openmp``); tuning candidates built in memory do, and all
+    kernels with ``KILN_TVM_THREAD_POOL=1``."""
     global _pool_threads
     if _pool_threads == threads or _USER_POOL:
         return
