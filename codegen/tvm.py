@@ -250,7 +250,6 @@ def _sign(v, a, cd):
 
 @_unary(OpKind.SILU)
 def _silu(v, a, cd):
-
     return v * _fn("sigmoid", v, cd)
 
 
@@ -677,7 +676,6 @@ def _vector_math_ok(group) -> bool:
 
 def render(group):
     """The group as TE: (placeholders in group-input order, output tensors in group-output order)."""
-
     why = supports(group)
     if why:
         raise Unsupported(why)

@@ -6,8 +6,8 @@
 // while after every parallel torch op: a generated kernel that follows a torch/oneDNN op
 // had its pool thread share a core with a spinning OpenMP worker (the 2-thread elementwise
 // bench reached 61% of the copy bandwidth; with OMP_WAIT_POLICY=PASSIVE, which stops the
-// spinning, 101%). kernels/generated.py points loaded modules at the launcher below, so
-// generated kernels and torch's ops take turns on the same threads.
+// spinning, 101%: a one-off pair of runs). kernels/generated.py points loaded modules at
+// the launcher below, so generated kernels and torch's ops take turns on the same threads.
 #include <omp.h>
 
 #include <atomic>
