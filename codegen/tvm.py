@@ -30,7 +30,7 @@ from kiln.ir import attrs as A
 
 # Part of every compiled module's cache key: bump it when rendering or scheduling changes
 # the code generated for the same group and configuration.
-CODEGEN_VERSION = 5
+CODEGEN_VERSION = 6
 
 
 class Unsupported(Exception):

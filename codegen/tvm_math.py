@@ -87,8 +87,11 @@ def _exp(x):
     nf = tirx.floor(r0 * _c(_LOG2E) + _c(0.5))  # in [-126, 128]
     r = r0 - nf * _c(_LN2_HI) - nf * _c(_LN2_LO)
     p = _horner(r, _EXP_POLY) * r * r + r + _c(1.0)
-    half = tirx.floor(nf * _c(0.5))  # 2**nf as two factors, each a normal float
-    y = p * _pow2(tirx.Cast("int32", half)) * _pow2(tirx.Cast("int32", nf - half))
+    # 2**nf as two factors, each a normal float. A NaN x makes p NaN already; nf is zeroed so
+    # the float -> int conversion never sees NaN (LLVM makes that poison, not a fixed value)
+    ni = tirx.Select(nf == nf, nf, _c(0.0))
+    half = tirx.floor(ni * _c(0.5))
+    y = p * _pow2(tirx.Cast("int32", half)) * _pow2(tirx.Cast("int32", ni - half))
     return tirx.Select(x < _c(_EXP_LO), _c(0.0), y)
 
 
@@ -102,7 +105,8 @@ def _rational(x, clamp, p, q):
 def _tanh(x):
     from tvm import tirx
 
-    # past +-9 tanh is +-1 in float32; the rational stops just short of it at its clamp
+    # past +-9 tanh is within an ulp of +-1 in float32 (exactly +-1 from about 9.1); the
+    # rational stops a few ulp short of it at its clamp
     y = _rational(x, _TANH_CLAMP, _TANH_P, _TANH_Q)
     return tirx.Select(x > _c(9.0), _c(1.0), tirx.Select(x < _c(-9.0), _c(-1.0), y))
 
