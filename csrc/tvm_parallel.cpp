@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "kiln.h"
+#include "thread_pool.h"
 
 namespace {
 
@@ -28,23 +29,15 @@ using ParallelLambda = int (*)(int task_id, ParallelGroupEnv* penv, void* cdata)
 
 int openmp_parallel_launch(ParallelLambda flambda, void* cdata, int num_task) {
   // num_task 0: as many tasks as threads; the plan calls kernels with torch's thread count
-  // set for this thread (omp_get_max_threads is torch.get_num_threads under OpenMP)
+  // set for this thread (omp_get_max_threads is torch.get_num_threads under OpenMP). Already
+  // on a worker, parallel_run's nested region has one thread and runs the tasks in order.
   const int n = num_task > 0 ? num_task : (omp_in_parallel() ? 1 : omp_get_max_threads());
   ParallelGroupEnv env{nullptr, n};
   launches.fetch_add(1, std::memory_order_relaxed);
-  if (n <= 1 || omp_in_parallel()) {  // already on a worker: run the tasks here, in order
-    for (int t = 0; t < n; ++t)
-      if (flambda(t, &env, cdata) != 0) return -1;
-    return 0;
-  }
   std::atomic<int> failed{0};
-#pragma omp parallel num_threads(n)
-  {
-    // every task must run even if the runtime grants fewer threads than asked
-    const int threads = omp_get_num_threads(), id = omp_get_thread_num();
-    for (int t = id; t < n; t += threads)
-      if (flambda(t, &env, cdata) != 0) failed.store(1, std::memory_order_relaxed);
-  }
+  kiln::parallel_run(n, [&](int t) {
+    if (flambda(t, &env, cdata) != 0) failed.store(1, std::memory_order_relaxed);
+  });
   return failed.load() ? -1 : 0;
 }
 
