@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 
@@ -92,12 +91,7 @@ def _cmd_bench_models(args) -> int:
 def _cmd_bench_elementwise(args) -> int:
     from kiln.bench import elementwise as E
 
-    res = E.run(args.n, args.repeats, args.threads, args.tune)
-    sys.stdout.write(E.table(res))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
-    return 0
+    return E.main_with(args)
 
 
 def _cmd_debug_accuracy(args) -> int:
@@ -199,11 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     bm.add_argument("--markdown", metavar="FILE")
     bm.set_defaults(fn=_cmd_bench_models)
     be = bsub.add_parser("elementwise", help="a generated fused elementwise kernel vs memory bandwidth and eager")
-    be.add_argument("--n", type=int, default=16 * 1024 * 1024, help="elements (default 16M)")
-    be.add_argument("--repeats", type=int, default=10)
-    be.add_argument("--threads", type=int)
-    be.add_argument("--tune", default="fast", help="none, fast, max or seconds")
-    be.add_argument("--json", metavar="FILE")
+    from kiln.bench.elementwise import add_arguments as _elementwise_arguments  # no torch import
+
+    _elementwise_arguments(be)
     be.set_defaults(fn=_cmd_bench_elementwise)
     bp.set_defaults(fn=lambda a: (bp.print_help(), 0)[1])
     dbg = sub.add_parser("debug", help="debugging tools")

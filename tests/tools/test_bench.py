@@ -54,3 +54,16 @@ def test_bench_models_quick(tmp_path, threads):
             assert "kiln_bf16" in row["median_ms"]
         assert "kiln" in r["compile_s"]
     assert md.read_text().startswith("Median latency") and "| resnet18 | 1 |" in out
+
+
+def test_bench_elementwise_ops_and_size_sweep(tmp_path):
+    j = tmp_path / "e.json"
+    out = _kiln("bench", "elementwise", "--op", "gelu", "--n", "4096", "65536", "--repeats", "1", "--threads", "1",
+                "--tune", "none", "--json", str(j))
+    res = json.loads(j.read_text())
+    assert [r["n"] for r in res] == [4096, 65536]  # one result per size, in order
+    for r in res:
+        assert r["op"] == "gelu" and r["bytes_per_element"] == 8
+        assert set(r["engines"]) == {"kiln kernel", "kiln step", "torch eager"}
+        assert all(e["median_ms"] > 0 and e["fraction_of_bandwidth"] > 0 for e in r["engines"].values())
+    assert "gelu(x) over 65,536 fp32" in out
