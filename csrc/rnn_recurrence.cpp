@@ -140,17 +140,19 @@ KILN_INLINE __m512 gate_exp2(__m512 t) {
   return _mm512_scalef_ps(p, n);
 }
 
-// 1 / (1 + e^-x); the clamp keeps e^-x finite (the Newton step in recip16 would turn
-// 0 * inf into NaN); max_ps returns its second operand when that is NaN
+// 1 / (1 + e^-x); the clamp to |x| <= 87 keeps e^-x finite (the Newton step in recip16
+// would turn 0 * inf into NaN) and every step's result normal (a denormal or underflowing
+// result takes a microcode assist without flush-to-zero; see simd_math.h). min/max_ps
+// return their second operand when that is NaN.
 KILN_INLINE __m512 gate_sigmoid(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-88.0f), x);
+  x = _mm512_min_ps(_mm512_set1_ps(87.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x));
   const __m512 e = gate_exp2(_mm512_mul_ps(x, _mm512_set1_ps(-1.44269504088896341f)));
   return recip16(_mm512_add_ps(_mm512_set1_ps(1.0f), e));
 }
 
-// 2 / (1 + e^-2x) - 1
+// 2 / (1 + e^-2x) - 1, |x| clamped to 43.5 (as gate_sigmoid's 87; tanh(43.5) rounds to 1)
 KILN_INLINE __m512 gate_tanh(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-44.0f), x);
+  x = _mm512_min_ps(_mm512_set1_ps(43.5f), _mm512_max_ps(_mm512_set1_ps(-43.5f), x));
   const __m512 e = gate_exp2(_mm512_mul_ps(x, _mm512_set1_ps(-2.88539008177792682f)));
   return _mm512_fmsub_ps(recip16(_mm512_add_ps(_mm512_set1_ps(1.0f), e)), _mm512_set1_ps(2.0f), _mm512_set1_ps(1.0f));
 }
