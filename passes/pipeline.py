@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 
 from kiln.ir import Graph, verify
 
-from . import attention, epilogue, fold, precision, quantize, recognize, rnn, simplify, sparsity
+from . import attention, epilogue, fold, precision, quantize, recognize, rnn, rows, simplify, sparsity
 from .horizontal import fuse_sibling_linears
 from .cse import cse
 from .layout import channels_last
@@ -67,7 +67,7 @@ def _cpu_float(options: dict) -> bool:
 CLEANUP = [rules_pass("simplify", simplify.RULES), Pass("cse", cse), Pass("dce", dead_code_elimination)]
 
 PHASES: list[tuple[str, list[Pass]]] = [
-    ("canonicalize", CLEANUP),
+    ("canonicalize", [*CLEANUP, Pass("demanded_rows", rows.push_row_slices)]),
     ("fold", [rules_pass("constant_fold", fold.CONSTANT_FOLD), rules_pass("fold_bn", fold.FOLD_BN), *CLEANUP]),
     ("fuse", [rules_pass("recognize", recognize.RULES), rules_pass("attention", attention.RULES),
               rules_pass("rnn", rnn.SPLIT), rules_pass("rnn_hoist", rnn.HOIST, when=_hoist_rnn_projections),

@@ -1,0 +1,144 @@
+"""The demanded-rows pass (passes/rows.py): before/expected graphs, the cases it must leave
+alone, and a BERT-style classifier end to end."""
+import torch
+
+import kiln
+from kiln.ir import DType, GraphBuilder, OpKind
+from kiln.ir import attrs as A
+from kiln.passes.pipeline import run_pipeline
+
+from conftest import assert_same_outputs, assert_structural_equal
+
+
+def run_pass(g):
+    return run_pipeline(g, select=["demanded_rows"], verify_each=True).graph
+
+
+def build(fn, *shapes, dtypes=None):
+    b = GraphBuilder("g")
+    xs = [b.input(f"x{i}", s, (dtypes or {}).get(i, DType.FLOAT32)) for i, s in enumerate(shapes)]
+    out = fn(b, *xs)
+    return b.build(out if isinstance(out, tuple) else (out,))
+
+
+def _slice(b, v, axis, start, end):
+    return b.add(OpKind.SLICE, v, attrs=A.SliceAttrs(axis, start, end))
+
+
+W1, B1, W2, G, BETA = torch.randn(32, 16), torch.randn(32), torch.randn(16, 32), torch.randn(16), torch.randn(16)
+
+
+def _block(b, x):
+    """linear -> gelu -> linear (+ residual) -> layer_norm: every op row-wise along axis 1."""
+    h = b.add(OpKind.GELU, b.add(OpKind.LINEAR, x, b.const(W1), b.const(B1)))
+    y = b.add(OpKind.ADD, x, b.add(OpKind.LINEAR, h, b.const(W2)))
+    return b.add(OpKind.LAYER_NORM, y, b.const(G), b.const(BETA), attrs=A.LayerNormAttrs())
+
+
+def test_a_slice_moves_above_the_row_wise_ops_that_feed_it():
+    g = build(lambda b, x: _slice(b, _block(b, x), 1, 2, 3), (2, 8, 16))
+    out = run_pass(g)
+    assert_structural_equal(out, build(lambda b, x: _block(b, _slice(b, x, 1, 2, 3)), (2, 8, 16)))
+    assert_same_outputs(g, out)
+
+
+def test_query_rows_of_attention_and_its_mask():
+    def before(b, q, k, v, m):
+        return _slice(b, b.add(OpKind.ATTENTION, q, k, v, m, attrs=A.AttentionAttrs()), 2, 3, 5)
+
+    def expected(b, q, k, v, m):
+        return b.add(OpKind.ATTENTION, _slice(b, q, 2, 3, 5), k, v, _slice(b, m, 2, 3, 5), attrs=A.AttentionAttrs())
+
+    shapes = [(1, 2, 8, 4)] * 3 + [(1, 1, 8, 8)]
+    g = build(before, *shapes)
+    out = run_pass(g)
+    assert_structural_equal(out, build(expected, *shapes))
+    assert_same_outputs(g, out)
+
+
+def test_matmul_rows_through_permute_and_reshape_with_a_broadcast_operand():
+    def before(b, x, y, s):
+        t = b.add(OpKind.PERMUTE, b.add(OpKind.RESHAPE, x, attrs=A.ShapeAttrs((2, 6, 2, 4))), attrs=A.PermuteAttrs((0, 2, 1, 3)))
+        z = b.add(OpKind.MUL, b.add(OpKind.MATMUL, t, y), s)  # s (5,) broadcasts over the rows
+        return _slice(b, z, 2, 0, 1)
+
+    def expected(b, x, y, s):
+        x1 = _slice(b, x, 1, 0, 1)
+        t = b.add(OpKind.PERMUTE, b.add(OpKind.RESHAPE, x1, attrs=A.ShapeAttrs((2, 1, 2, 4))), attrs=A.PermuteAttrs((0, 2, 1, 3)))
+        return b.add(OpKind.MUL, b.add(OpKind.MATMUL, t, y), s)
+
+    shapes = [(2, 6, 8), (2, 2, 4, 5), (5,)]
+    g = build(before, *shapes)
+    out = run_pass(g)
+    assert_structural_equal(out, build(expected, *shapes))
+    assert_same_outputs(g, out)
+
+
+def test_declines_where_rows_mix_or_the_value_is_needed_whole():
+    causal = A.AttentionAttrs(causal=True)
+    cases = [
+        # the softmax normalizes along the sliced axis
+        (lambda b, x: _slice(b, b.add(OpKind.SOFTMAX, x, attrs=A.AxisAttrs(1)), 1, 0, 2), [(2, 8, 16)]),
+        # a concat along the sliced axis (not an op the pass knows)
+        (lambda b, x: _slice(b, b.add(OpKind.CONCAT, x, x, attrs=A.AxisAttrs(1)), 1, 0, 1), [(2, 8, 16)]),
+        # causal attention: a query row's visible keys depend on its position
+        (lambda b, q, k, v: _slice(b, b.add(OpKind.ATTENTION, q, k, v, attrs=causal), 2, 3, 5), [(1, 2, 8, 4)] * 3),
+        # the linear's output is also a graph output, whole
+        (lambda b, x: (lambda y: (_slice(b, y, 1, 0, 1), y))(b.add(OpKind.LINEAR, x, b.const(W1))), [(2, 8, 16)]),
+        # two readers want different rows
+        (lambda b, x: (lambda y: b.add(OpKind.ADD, _slice(b, y, 1, 0, 1), _slice(b, y, 1, 1, 2)))(
+            b.add(OpKind.RELU, x)), [(2, 8, 16)]),
+    ]
+    for fn, shapes in cases:
+        g = build(fn, *shapes)
+        out = run_pass(g)
+        assert out.op_counts() == g.op_counts(), out.op_counts()
+        assert_same_outputs(g, out)
+
+
+def test_bert_classifier_runs_its_last_layer_on_the_pooled_token():
+    model, (ids, mask) = kiln.models.bert(layers=2, seq=16, hidden=64, heads=4, ffn=96, vocab=100)
+    compiled = kiln.compile(model, (ids, mask))
+    graph = compiled.compiled[0].graph
+    ffn = [n for n in graph.nodes if n.op is OpKind.LINEAR and n.outputs[0].shape[-1] == 96]
+    assert sorted(n.outputs[0].shape[-2] for n in ffn) == [1, 16]  # last layer: one token
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, mask), model(ids, mask), atol=1e-4, rtol=1e-4)
+
+
+def test_a_constant_index_take_is_a_row_slice():
+    # ONNX spells x[:, 0] as Gather(axis=1) of a scalar index: a TAKE
+    def before(b, x):
+        return b.add(OpKind.TAKE, b.add(OpKind.RELU, x), b.const(torch.tensor(-1)), attrs=A.AxisAttrs(1))
+
+    def expected(b, x):
+        return b.add(OpKind.RESHAPE, b.add(OpKind.RELU, _slice(b, x, 1, 7, 8)), attrs=A.ShapeAttrs((2, 16)))
+
+    g = build(before, (2, 8, 16))
+    out = run_pass(g)
+    assert_structural_equal(out, build(expected, (2, 8, 16)))
+    assert_same_outputs(g, out)
+
+
+def test_reductions_over_other_axes_keep_the_rows():
+    # a layer norm as ONNX opset 14 spells it: means over the last axis, with and without keepdim
+    def chain(b, x):
+        mu = b.add(OpKind.MEAN, x, attrs=A.ReduceAttrs((2,), keepdim=True))
+        c = b.add(OpKind.SUB, x, mu)
+        var = b.add(OpKind.MEAN, b.add(OpKind.MUL, c, c), attrs=A.ReduceAttrs((2,), keepdim=False))
+        return b.add(OpKind.DIV, c, b.add(OpKind.RESHAPE, b.add(OpKind.SQRT, var), attrs=A.ShapeAttrs((2, 8, 1))))
+
+    def before(b, x):
+        return _slice(b, chain(b, x), 1, 0, 1)
+
+    def expected(b, x):
+        x1 = _slice(b, x, 1, 0, 1)
+        mu = b.add(OpKind.MEAN, x1, attrs=A.ReduceAttrs((2,), keepdim=True))
+        c = b.add(OpKind.SUB, x1, mu)
+        var = b.add(OpKind.MEAN, b.add(OpKind.MUL, c, c), attrs=A.ReduceAttrs((2,), keepdim=False))
+        return b.add(OpKind.DIV, c, b.add(OpKind.RESHAPE, b.add(OpKind.SQRT, var), attrs=A.ShapeAttrs((2, 1, 1))))
+
+    g = build(before, (2, 8, 16))
+    out = run_pass(g)
+    assert_structural_equal(out, build(expected, (2, 8, 16)))
+    assert_same_outputs(g, out)
