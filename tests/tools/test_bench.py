@@ -67,3 +67,14 @@ def test_bench_elementwise_ops_and_size_sweep(tmp_path):
         assert set(r["engines"]) == {"kiln kernel", "kiln step", "torch eager"}
         assert all(e["median_ms"] > 0 and e["fraction_of_bandwidth"] > 0 for e in r["engines"].values())
     assert "gelu(x) over 65,536 fp32" in out
+
+
+def test_pass_ab_compiles_with_and_without_the_pass():
+    p = subprocess.run([sys.executable, "-m", "kiln.bench.pass_ab", "demanded_rows", "--models", "lstm", "--threads", "1",
+                        "--repeats", "2"], capture_output=True, text=True, timeout=600, env=ENV)
+    assert p.returncode == 0, p.stderr[-2000:]
+    row = [line for line in p.stdout.splitlines() if line.startswith("| lstm |")]
+    assert len(row) == 1 and row[0].split("|")[6].strip().endswith("x")  # a measured speedup column
+    bad = subprocess.run([sys.executable, "-m", "kiln.bench.pass_ab", "no_such_pass", "--models", "lstm",
+                          "--threads", "1", "--repeats", "1"], capture_output=True, text=True, timeout=600, env=ENV)
+    assert bad.returncode != 0 and "unknown pass or phase" in bad.stderr
