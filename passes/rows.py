@@ -13,9 +13,10 @@ input, which the key and value projections read in full), and the last layer's q
 projection, attention rows, output projection, layer norms and feed-forward run on one
 token instead of 128 (about 7% of BERT-base's FLOPs).
 
-Exact by construction: a rebuilt op computes the same numbers for the rows it keeps (no
-reduction, normalization or contraction runs along the sliced axis). Ops it does not know
-take their inputs whole, and the slice stays where it was.
+Exact by construction: a rebuilt op computes the same values for the rows it keeps (no
+reduction, normalization or contraction runs along the sliced axis), up to the summation
+order a GEMM kernel picks for the smaller shape. Ops it does not know take their inputs
+whole, and the slice stays where it was.
 """
 from __future__ import annotations
 
