@@ -99,7 +99,7 @@ def run(n: int = 16 * 1024 * 1024, repeats: int = 10, threads: int | None = None
         ins = [torch.randn(n) * (4.0 if n_in == 1 else 1.0) for _ in range(n_in)]
         out = torch.empty(n)
         # a wrong kernel has no speed: checked against the chain in float64 (torch's own float32
-        # GELU is about 1e-6 off it, as far as Kiln's)
+        # GELU is about as far off it, 1e-6, as Kiln's)
         expected = eager(*(t.double() for t in ins))
         got = kernel(ins)
         if not torch.allclose(got.double(), expected, rtol=1e-5, atol=2e-6):
