@@ -1,8 +1,9 @@
 """Microbenchmark of Kiln's quantized CPU GEMMs (and the int8 conv built on them) against torch on the same threads.
 
-    python -m kiln.bench.int8_gemm [--threads 1 2] [--repeats 30] [--size 1024] [--only square bert int4 conv]
+    python -m kiln.bench.int8_gemm [--threads 1 2] [--repeats 30] [--size 1024]
+        [--only square bert int4 conv epilogue]
 
-Four tables, every engine of a table timed interleaved (one call of each per round, so a
+Five tables, every engine of a table timed interleaved (one call of each per round, so a
 noisy neighbour slows all of them alike), median over rounds:
 
 1. square 1024^3 GEMM: Kiln int8 (uint8 activations x int8 weights -> fp32 with the fused
@@ -15,6 +16,11 @@ noisy neighbour slows all of them alike), median over rounds:
 3. int4 weight-only ``linear_int4`` (group 128) vs torch fp32, for decode (M=1) and M=128.
 4. ResNet-18 convs: ``qconv2d_nhwc`` (uint8 NHWC in, fused bias + relu + requantize, uint8
    out) vs torch fp32 conv and torch's int8 conv (fbgemm, quantized tensors in and out).
+5. The fused activation epilogue (csrc/simd_math.h) on small and on saturating outputs:
+   ``linear_int4`` with an identity weight (so y = act(x)) over 4096 x 256 outputs of
+   |x| ~ 1 and ~ 30, each activation against none. Where a step of an activation
+   underflows into denormals the second row costs far more than the first (see the note
+   in simd_math.h).
 
 Timings include each engine's whole call (Kiln: the torch <-> numpy views too). Kiln and
 torch fp32 write into preallocated outputs (``out=``), as a compiled plan does; torch's
@@ -153,6 +159,20 @@ def _int4_shape(threads: int, repeats: int, m: int, k: int, n: int) -> None:
             "torch fp32 linear")
 
 
+def epilogue(threads: int, repeats: int) -> None:
+    n = 256
+    packed = q.prepack_int4(q.pack_int4(torch.eye(n, dtype=torch.int64)), torch.ones(n, n // 64), 64)
+    out = torch.empty(4096, n)
+    for scale in (1.0, 30.0):
+        x = torch.randn(4096, n) * scale
+        engines = {act: (lambda act=act: q.linear_int4(x, packed, None, act, threads=threads, out=out))
+                   for act in ("none", "gelu", "gelu_tanh", "silu")}
+        res = _interleaved(engines, repeats)
+        base = res["none"][0]
+        print(f"  epilogue, {threads} thread(s), outputs |x| ~ {scale:g}: " + ", ".join(
+            f"{act} {med * 1e3:.2f} ms (+{(med - base) * 1e3:.2f})" for act, (med, _) in res.items()))
+
+
 def conv(threads: int, repeats: int) -> None:
     """ResNet-18 3x3 convs (batch 1, 224x224 input) and its strided 1x1 downsample."""
     for c, oc, h, k, stride, pad in [(64, 64, 56, 3, 1, 1), (128, 128, 28, 3, 1, 1), (256, 256, 14, 3, 1, 1),
@@ -189,8 +209,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--size", type=int, default=1024, help="M = N = K of the square GEMM")
-    ap.add_argument("--only", choices=["square", "bert", "int4", "conv"], nargs="+",
-                    default=["square", "bert", "int4", "conv"])
+    ap.add_argument("--only", choices=["square", "bert", "int4", "conv", "epilogue"], nargs="+",
+                    default=["square", "bert", "int4", "conv", "epilogue"])
     args = ap.parse_args(argv)
     caps = q.capabilities()
     print(f"kiln quantized kernels: {caps}; torch {torch.__version__}")
@@ -210,6 +230,8 @@ def main(argv=None) -> None:
                     int4(t, args.repeats)
                 if "conv" in args.only:
                     conv(t, args.repeats)
+                if "epilogue" in args.only:
+                    epilogue(t, args.repeats)
     finally:
         torch.set_num_threads(old)
 

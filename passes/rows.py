@@ -11,7 +11,8 @@ axis), the op is rebuilt on the sliced inputs; the demand then moves on to those
 The slice reads end up where a value is also needed whole (for BERT: the last layer's
 input, which the key and value projections read in full), and the last layer's query
 projection, attention rows, output projection, layer norms and feed-forward run on one
-token instead of 128 (about 7% of BERT-base's FLOPs).
+token instead of 128: 6.9% of BERT-base's FLOPs (`kiln dump bert --stats`, total MFLOP
+20,842 against 22,393 with `--passes=-demanded_rows`).
 
 Exact by construction: a rebuilt op computes the same values for the rows it keeps (no
 reduction, normalization or contraction runs along the sliced axis), up to the summation
