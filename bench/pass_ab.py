@@ -1,11 +1,15 @@
-"""What one pass buys: a model compiled with and without it, timed interleaved in one process.
+"""What one pass (or one kernel) buys: a model compiled with and without it, timed interleaved
+in one process.
 
     python -m kiln.bench.pass_ab demanded_rows [--models bert hf_bert] [--threads 1 2]
         [--precision fp32 bf16] [--repeats 30]
+    python -m kiln.bench.pass_ab --kernel cpu.amx_linear --precision bf16
 
-Both plans come from the same ``kiln.compile`` call but for ``passes=["-<pass>"]``; rounds
-alternate which runs first, and the figure is the median of each (the machine is shared,
-so only the ratio within one run means much). Both plans' outputs are checked against eager.
+Both plans come from the same ``kiln.compile`` call but for ``passes=["-<pass>"]`` (or
+``exclude_kernels=[<kernel>]``: the kernel is not a candidate, the others are chosen as
+usual); rounds alternate which runs first, and the figure is the median of each (the
+machine is shared, so only the ratio within one run means much). Both plans' outputs are
+checked against eager.
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ def _tensor(y):
     return y.logits if hasattr(y, "logits") else y
 
 
-def measure(name: str, pass_name: str, threads: int, precision: str, repeats: int) -> dict:
+def measure(name: str, pass_name: str | None, threads: int, precision: str, repeats: int,
+            kernel: str | None = None) -> dict:
     import kiln
 
     old = torch.get_num_threads()
@@ -28,7 +33,8 @@ def measure(name: str, pass_name: str, threads: int, precision: str, repeats: in
     try:
         model, inputs = kiln.models.get(name)
         opts = {"precision": "bf16"} if precision == "bf16" else {}
-        plans = {"without": kiln.compile(model, inputs, passes=[f"-{pass_name}"], **opts),
+        without = {"exclude_kernels": [kernel]} if kernel else {"passes": [f"-{pass_name}"]}
+        plans = {"without": kiln.compile(model, inputs, **without, **opts),
                  "with": kiln.compile(model, inputs, **opts)}
         times: dict[str, list[float]] = {k: [] for k in plans}
         with torch.no_grad():
@@ -51,18 +57,21 @@ def measure(name: str, pass_name: str, threads: int, precision: str, repeats: in
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("pass_name", help="a pass or phase name of passes/pipeline.py (an unknown name lists them)")
+    ap.add_argument("pass_name", nargs="?", help="a pass or phase name of passes/pipeline.py (an unknown name lists them)")
+    ap.add_argument("--kernel", help="compare with and without this kernel (a name as plan.kernel_names gives it)")
     ap.add_argument("--models", nargs="+", default=["bert"])
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     ap.add_argument("--repeats", type=int, default=30)
     a = ap.parse_args(argv)
-    print(f"| model | precision | threads | without {a.pass_name} (ms) | with (ms) | speedup | max abs err (without / with) |")
+    if (a.pass_name is None) == (a.kernel is None):
+        ap.error("give a pass name or --kernel NAME (one of them)")
+    print(f"| model | precision | threads | without {a.pass_name or a.kernel} (ms) | with (ms) | speedup | max abs err (without / with) |")
     print("|---|---|---|---|---|---|---|")
     for name in a.models:
         for prec in a.precision:
             for th in a.threads:
-                r = measure(name, a.pass_name, th, prec, a.repeats)
+                r = measure(name, a.pass_name, th, prec, a.repeats, a.kernel)
                 m, e = r["median_ms"], r["max_abs_err"]
                 print(f"| {name} | {prec} | {th} | {m['without']:.2f} | {m['with']:.2f} | {r['speedup']:.3f}x | "
                       f"{e['without']:.1e} / {e['with']:.1e} |", flush=True)

@@ -17,6 +17,7 @@
 #include <stdexcept>
 
 #include "amx_tiles.h"
+#include "gemm_split.h"
 #include "quant_gemm.h"
 #include "thread_pool.h"
 
@@ -260,21 +261,6 @@ void amx_region(const uint8_t* a, int64_t lda, int64_t m0, int64_t m1, int64_t p
 }
 #endif
 
-// Splits the panels (columns) between threads when there are enough of them, else the rows.
-struct Split {
-  int threads;
-  bool by_columns;
-  int64_t blocks, panel_block, row_block;
-};
-
-Split plan_split(int threads, int64_t m, int64_t panels, int64_t panel_block, int64_t row_block) {
-  const int64_t nblk = (panels + panel_block - 1) / panel_block, mblk = (m + row_block - 1) / row_block;
-  const bool by_columns = nblk >= threads || nblk >= mblk;
-  const int64_t blocks = by_columns ? nblk : mblk;
-  return {static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, blocks))), by_columns, blocks, panel_block,
-          row_block};
-}
-
 // The core: a is readable as the chosen path needs (see the file comment).
 void gemm_ready(const uint8_t* a, int64_t lda, int64_t m, const Int8Weight& w, const Epilogue& ep, Path path,
                 int threads) {
@@ -282,15 +268,8 @@ void gemm_ready(const uint8_t* a, int64_t lda, int64_t m, const Int8Weight& w, c
   const bool amx = path == Path::kAmx;
   const Split s = amx ? plan_split(threads, m, w.panels, 2, 32) : plan_split(threads, m, w.panels, kVnniPanels, 24);
   parallel_run(s.threads, [&](int t) {
-    const int64_t lo = s.blocks * t / s.threads, hi = s.blocks * (t + 1) / s.threads;
-    int64_t m0 = 0, m1 = m, p0 = 0, p1 = w.panels;
-    if (s.by_columns) {
-      p0 = lo * s.panel_block;
-      p1 = std::min(w.panels, hi * s.panel_block);
-    } else {
-      m0 = lo * s.row_block;
-      m1 = std::min(m, hi * s.row_block);
-    }
+    int64_t m0, m1, p0, p1;
+    s.range(t, m, w.panels, m0, m1, p0, p1);
     if (m0 >= m1 || p0 >= p1) return;
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__)
     if (amx) return amx_region(a, lda, m0, m1, p0, p1, c);

@@ -16,7 +16,7 @@
 
 namespace kiln::quant {
 
-enum class Activation : int { kNone = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4 };
+enum class Activation : int { kNone = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4, kTanh = 5, kSigmoid = 6 };
 enum class Path : int { kAuto = 0, kVnni = 1, kAmx = 2 };
 enum class OutKind : int { kS32 = 0, kF32 = 1, kU8 = 2 };
 

@@ -27,6 +27,10 @@ inline __m512 activate16(__m512 y, Activation act) {
     }
     case Activation::kSilu:
       return _mm512_mul_ps(y, sigmoid16(y));
+    case Activation::kTanh:
+      return tanh16(y);
+    case Activation::kSigmoid:
+      return sigmoid16(y);
   }
   return y;
 }

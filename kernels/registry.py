@@ -34,7 +34,7 @@ class Kernel:
 
 _REGISTRY: dict[tuple[OpKind, str], list[Kernel]] = {}
 # the modules whose import registers kernels (imported on first lookup, not at package import)
-_KERNEL_MODULES = ("cpu", "pool_cpu", "attention_cpu", "onednn", "winograd", "mkl", "quant", "quant_native", "reference", "sparse")
+_KERNEL_MODULES = ("cpu", "pool_cpu", "attention_cpu", "onednn", "amx_linear", "winograd", "mkl", "quant", "quant_native", "reference", "sparse")
 
 
 _loaded = False

@@ -13,7 +13,10 @@ from kiln.target import Target
 from . import cache
 from .plan import Plan, build_plan
 
-OPTIONS = {"passes", "precision", "sparse", "tune", "codegen"}
+OPTIONS = {"passes", "precision", "sparse", "tune", "codegen", "exclude_kernels"}
+# exclude_kernels: kernel names (``kiln dump``/``plan.kernel_names`` spell them) never to use,
+# e.g. to compare a model with and without one candidate (`python -m kiln.bench.pass_ab
+# --kernel NAME`); the reference kernel cannot be excluded (it is every op's fallback).
 # tune: how long generated kernels may autotune ("none" | "fast" | "max" | seconds per kernel
 # group); codegen: whether kernel groups may run as generated (TVM) kernels at all.
 # The default is "none": the schedule template's default configuration (or the tuning
@@ -39,6 +42,9 @@ def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, pre
     unknown = set(options) - OPTIONS
     if unknown:
         raise KilnError(f"unknown kiln.compile option(s): {', '.join(sorted(unknown))}")
+    excluded = options.get("exclude_kernels") or ()
+    if isinstance(excluded, str) or not all(isinstance(k, str) for k in excluded):
+        raise KilnError("exclude_kernels must be a list of kernel names, e.g. ['cpu.amx_linear']")
     if precision not in PRECISIONS:
         raise KilnError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     from kiln.codegen.autotune import Budget
@@ -91,7 +97,8 @@ def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, pre
         return plan, result.graph
     generate = _generator(result.graph, target, tune) if codegen and target.kind == "cpu" else None
     plan = build_plan(result.graph, target.kind, kernel_choices=hit["kernels"] if hit else None, memory=memory,
-                      partition=result.partition, generate=generate)
+                      partition=result.partition, generate=generate,
+                      exclude=frozenset(options.get("exclude_kernels") or ()))
     plan.partition = result.partition
     plan.pass_records = result.records
     plan.cache_hit = hit is not None

@@ -92,8 +92,10 @@ def run_all(graph: Graph, inputs: list[torch.Tensor], target: str = "reference")
 
 
 def build_plan(graph: Graph, target: str = "cpu", kernel_choices: list[str] | None = None,
-               memory: "MemoryStats | None" = None, partition=None, generate=None) -> Plan:
-    """``kernel_choices`` (one kernel name per node, from the compile cache) skips measuring.
+               memory: "MemoryStats | None" = None, partition=None, generate=None,
+               exclude: frozenset[str] = frozenset()) -> Plan:
+    """``kernel_choices`` (one kernel name per node, from the compile cache) skips measuring;
+    kernels named in ``exclude`` are not candidates (the reference always is).
 
     With a ``partition`` and a ``generate(group) -> GeneratedKernel | None`` (see
     ``kiln.kernels.generated``), each kernel group can run as one generated kernel: it does
@@ -116,7 +118,7 @@ def build_plan(graph: Graph, target: str = "cpu", kernel_choices: list[str] | No
     for nodes, gen_group in _units(graph, partition, generate is not None and target != "reference"):
         chosen = []
         for n in nodes:
-            cands = candidates(n, target)
+            cands = [k for k in candidates(n, target) if k.name not in exclude or k.target == "reference"]
             recorded = kernel_choices[index[n]] if kernel_choices is not None and index[n] < len(kernel_choices) \
                 else None
             if recorded is not None:

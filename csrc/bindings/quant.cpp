@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 
+#include "activation.h"
 #include "quant_gemm.h"
 
 namespace py = pybind11;
@@ -18,15 +19,6 @@ namespace {
 
 template <typename T>
 using carray = py::array_t<T, py::array::c_style>;
-
-Activation parse_activation(const std::string& s) {
-  if (s == "none") return Activation::kNone;
-  if (s == "relu") return Activation::kRelu;
-  if (s == "gelu") return Activation::kGelu;
-  if (s == "gelu_tanh") return Activation::kGeluTanh;
-  if (s == "silu") return Activation::kSilu;
-  throw py::value_error("activation must be one of none, relu, gelu, gelu_tanh, silu; got '" + s + "'");
-}
 
 Path parse_path(const std::string& s) {
   if (s == "auto") return Path::kAuto;

@@ -1,0 +1,90 @@
+"""bf16 LINEAR on AMX tiles in C++ (``kiln._C.bf16_linear``, ``csrc/bf16_gemm.cpp``): the
+weight prepacked once into AMX B-tile panels, fp32 sums, bias + residual + activation fused
+into the store, one bf16 rounding at the end.
+
+A candidate beside oneDNN's prepacked bf16 linear and the reference; ``kernels.choice``
+keeps whichever measures faster on the node's shapes. Where it wins: BERT-style layers at
+batch 1 (128 rows), whose weights come from memory on every call; the kernel prefetches the
+next weight panels while the tiles compute (`python -m kiln.bench.bf16_gemm`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kiln.ir import Node, OpKind
+from kiln.ir import attrs as A
+
+from .registry import register_kernel
+
+_ACTIVATIONS = {A.Activation.NONE: "none", A.Activation.RELU: "relu", A.Activation.TANH: "tanh",
+                A.Activation.SIGMOID: "sigmoid", A.Activation.SILU: "silu", A.Activation.GELU: "gelu",
+                A.Activation.GELU_TANH: "gelu_tanh"}
+
+
+def supported() -> bool:
+    from kiln import _C
+
+    return _C.bf16_gemm_supported()
+
+
+def _accepts(node: Node) -> bool:
+    x, w = node.inputs[0].type, node.inputs[1].type
+    if not (x.is_static and x.rank >= 2 and x.dtype.value == "bfloat16" and w.dtype == x.dtype and w.rank == 2):
+        return False
+    if x.shape[-1] != w.shape[1] or 0 in x.shape or 0 in w.shape or node.attrs.activation not in _ACTIVATIONS:
+        return False
+    if len(node.inputs) > 3 and node.inputs[3] is not None:
+        r = node.inputs[3].type
+        if r.dtype.value not in ("bfloat16", "float32") or tuple(r.shape) != tuple(node.outputs[0].type.shape):
+            return False
+    return supported()
+
+
+def bits(t: torch.Tensor):
+    """The numpy view of a bf16 tensor (its int16 bits) or an fp32 one, as a 2-D [rows, cols]
+    array with a contiguous last dimension (rows may keep a stride)."""
+    t = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+    if (t.shape[-1] > 1 and t.stride(-1) != 1) or (t.shape[0] > 1 and t.stride(0) < t.shape[1]):
+        t = t.contiguous()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _prepare(node: Node, consts: list):
+    from kiln import _C
+
+    w = consts[1]
+    if w is None:
+        return None
+    packed = _C.bf16_prepack(bits(w.contiguous()))
+    has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
+    bias_c = consts[2] if has_bias else None
+    bias_c = None if bias_c is None else bias_c.float().contiguous().numpy()
+    has_res = len(node.inputs) > 3 and node.inputs[3] is not None
+    act = _ACTIVATIONS[node.attrs.activation]
+    out_shape = tuple(node.outputs[0].type.shape)
+    rows, n = math.prod(out_shape[:-1]), out_shape[-1]
+
+    def run(ins, attrs):
+        x = ins[0]
+        if x.dim() != 2:  # a view when the leading dims merge, else a copy
+            x = x.reshape(rows, x.shape[-1])
+        bias = bias_c if bias_c is not None or not has_bias else ins[2].float().contiguous().numpy()
+        out = torch.empty(out_shape, dtype=torch.bfloat16)
+        _C.bf16_linear(bits(x), packed, bias, bits(ins[3]) if has_res else None, act,
+                       out.view(rows, n).view(torch.int16).numpy(), torch.get_num_threads())
+        return out
+    return run
+
+
+def _unusable(ins, a):
+    raise RuntimeError("cpu.amx_linear needs a constant weight")
+
+
+def _prepare_or_unusable(node: Node, consts: list):
+    fn = _prepare(node, consts)
+    return fn if fn is not None else _unusable
+
+
+register_kernel(OpKind.LINEAR, "cpu", name="cpu.amx_linear", accepts=_accepts, prepare=_prepare_or_unusable)(_unusable)
