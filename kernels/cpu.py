@@ -12,7 +12,9 @@ A layer runs one of three ways, chosen per layer by measurement (kernels/choice.
   cell for the gates (``kiln._C.lstm_cell`` / ``gru_cell``); needs no AVX-512.
 
 A recurrence whose projection the ``rnn_hoist`` pass moved into a LINEAR (so that the
-quantizer can take it) runs the C++ recurrence alone (``cpu.lstm_recurrence``).
+quantizer can take it) runs the C++ recurrence alone (``cpu.lstm_recurrence``). With
+``precision="bf16"`` on a CPU with AMX-BF16, LSTM layers are bf16 and run on AMX tiles
+(``cpu.lstm_layer_amx``, ``csrc/rnn_amx.cpp``).
 """
 from __future__ import annotations
 
@@ -225,6 +227,49 @@ for _fn, _pack, _ok in ((lstm_layer, _pack_layer, _native_ok), (lstm_hoisted, _p
 for _fn, _pack, _ok in ((gru_layer, _pack_layer, _native_ok), (gru_hoisted, _pack_hoisted, _native_ok),
                         (gru_recurrence, _pack_hoisted, _recurrence_ok)):
     register_kernel(OpKind.GRU, "cpu", name=f"cpu.{_fn.__name__}", accepts=_ok, prepare=_packer(_fn, _pack, 3))(_fn)
+
+
+def _amx_ok(node: Node) -> bool:
+    """bf16 LSTM layers (passes/precision.py makes them) on a CPU with AMX-BF16."""
+    a = node.attrs
+    x = node.inputs[0].type
+    return (not a.bidirectional and not a.proj_hoisted and x.dtype.value == "bfloat16" and x.is_static
+            and all(v.type.dtype == x.dtype for v in node.inputs[1:]) and _native().lstm_amx_supported())
+
+
+def _bits(t: torch.Tensor):
+    return t.view(torch.int16).numpy()
+
+
+def _pack_amx(w_ih, w_hh, b_ih, b_hh, gates: int):
+    def f32(t):
+        return None if t is None else t.float().contiguous().numpy()
+    return _native().lstm_amx_pack(f32(w_ih), f32(w_hh), f32(b_ih), f32(b_hh))
+
+
+def lstm_layer_amx(ins, a: A.RNNAttrs, packed=None):
+    """bf16 layers in C++ on AMX tiles (kiln._C.lstm_layer_amx): each step's GEMM as tile
+    products with fp32 sums, the cell state fp32 throughout, h rounded to bf16 once a step."""
+    x, h0, c0 = ins[:3]
+    if packed is None:
+        packed = [_pack_amx(*w, 4) for w in _layers(ins, a, 2, 4)]
+    H = a.hidden_size
+    hn = torch.empty(h0.shape, dtype=torch.bfloat16)
+    cn = torch.empty(c0.shape, dtype=torch.float32)
+    for i, p in enumerate(packed):
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        T, B = (x.shape[1], x.shape[0]) if a.batch_first else (x.shape[0], x.shape[1])
+        y = torch.empty((B, T, H) if a.batch_first else (T, B, H), dtype=torch.bfloat16)
+        tb = (lambda t: t.transpose(0, 1)) if a.batch_first else (lambda t: t)
+        _native().lstm_layer_amx(_bits(tb(x)), p, _bits(h0[i].contiguous()), c0[i].float().contiguous().numpy(),
+                                 _bits(tb(y)), _bits(hn[i]), cn[i].numpy(), _threads())
+        x = y
+    return x, hn, cn.to(torch.bfloat16)
+
+
+register_kernel(OpKind.LSTM, "cpu", name="cpu.lstm_layer_amx", accepts=_amx_ok,
+                prepare=_packer(lstm_layer_amx, _pack_amx, 4))(lstm_layer_amx)
 
 
 @register_kernel(OpKind.LSTM, "cpu", name="cpu.lstm", accepts=_rnn_ok)

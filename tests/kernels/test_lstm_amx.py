@@ -1,0 +1,115 @@
+"""The bf16 LSTM layer on AMX tiles (``cpu.lstm_layer_amx``, csrc/rnn_amx.cpp) against torch's
+fp32 LSTM run on the same bf16-rounded weights and inputs; the bf16 precision pass that
+makes LSTM layers bf16; a compiled forecaster in bf16 against eager fp32."""
+import copy
+
+import pytest
+import torch
+
+from kiln import _C
+from kiln.ir import DType, GraphBuilder, OpKind
+from kiln.ir import attrs as A
+from kiln.kernels.registry import candidates
+
+pytestmark = pytest.mark.skipif(not _C.lstm_amx_supported(), reason="needs a CPU with AMX-BF16")
+
+
+def _bits(t):
+    return t.view(torch.int16).numpy()
+
+
+def _bf16_exact(lstm):
+    """A copy whose weights are the bf16-rounded ones, in fp32 (what the kernel multiplies)."""
+    out = copy.deepcopy(lstm)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.copy_(p.bfloat16().float())
+    return out
+
+
+@pytest.mark.parametrize("T,B,I,H", [(96, 32, 8, 128), (12, 32, 128, 128), (7, 5, 3, 20), (4, 17, 40, 33),
+                                     (3, 40, 64, 16), (0, 4, 8, 16)])
+def test_layer_matches_fp32_on_bf16_operands(T, B, I, H):
+    torch.manual_seed(T * 100 + B + I + H)
+    lstm = torch.nn.LSTM(I, H)
+    x = torch.randn(T, B, I).bfloat16()
+    h0, c0 = (torch.randn(B, H) * 0.5).bfloat16(), torch.randn(B, H) * 0.5
+    packed = _C.lstm_amx_pack(*(p.detach().numpy() for p in (lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0,
+                                                             lstm.bias_hh_l0)))
+    y = torch.empty(T, B, H, dtype=torch.bfloat16)
+    hn, cn = torch.empty(B, H, dtype=torch.bfloat16), torch.empty(B, H)
+    _C.lstm_layer_amx(_bits(x), packed, _bits(h0), c0.numpy(), _bits(y), _bits(hn), cn.numpy(), 2)
+    if T == 0:  # (torch's LSTM refuses empty sequences) the state passes through
+        assert torch.equal(hn, h0) and torch.equal(cn, c0)
+        return
+    with torch.no_grad():
+        ref, (rh, rc) = _bf16_exact(lstm)(x.float(), (h0.float()[None], c0[None]))
+    # h is rounded to bf16 every step (the next step's operand): a few bf16 steps after T steps
+    torch.testing.assert_close(y.float(), ref, atol=1e-2, rtol=0)
+    torch.testing.assert_close(hn.float(), rh[0], atol=1e-2, rtol=0)
+    torch.testing.assert_close(cn, rc[0], atol=2e-2, rtol=0)
+
+
+def test_batch_first_views_and_bad_arguments():
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(8, 16, batch_first=True)
+    x = torch.randn(4, 6, 8).bfloat16()  # (B, T, I): the kernel takes the (T, B, I) view
+    packed = _C.lstm_amx_pack(*(p.detach().numpy() for p in (lstm.weight_ih_l0, lstm.weight_hh_l0)))
+    y = torch.empty(4, 6, 16, dtype=torch.bfloat16)
+    h0, hn = torch.zeros(4, 16, dtype=torch.bfloat16), torch.empty(4, 16, dtype=torch.bfloat16)
+    c0, cn = torch.zeros(4, 16), torch.empty(4, 16)
+    _C.lstm_layer_amx(_bits(x.transpose(0, 1)), packed, _bits(h0), c0.numpy(), _bits(y.transpose(0, 1)), _bits(hn),
+                      cn.numpy(), 1)
+    with torch.no_grad():
+        lstm.bias_ih_l0.zero_()
+        lstm.bias_hh_l0.zero_()
+        ref, _ = _bf16_exact(lstm)(x.float())
+    torch.testing.assert_close(y.float(), ref, atol=1e-2, rtol=0)
+    with pytest.raises(ValueError, match="x"):
+        _C.lstm_layer_amx(_bits(torch.zeros(6, 4, 7, dtype=torch.bfloat16)), packed, _bits(h0), c0.numpy(),
+                          _bits(y.transpose(0, 1)), _bits(hn), cn.numpy(), 1)
+    with pytest.raises(ValueError, match="h0"):
+        _C.lstm_layer_amx(_bits(x.transpose(0, 1)), packed, _bits(torch.zeros(3, 16, dtype=torch.bfloat16)),
+                          c0.numpy(), _bits(y.transpose(0, 1)), _bits(hn), cn.numpy(), 1)
+    with pytest.raises(ValueError, match="threads"):
+        _C.lstm_layer_amx(_bits(x.transpose(0, 1)), packed, _bits(h0), c0.numpy(), _bits(y.transpose(0, 1)),
+                          _bits(hn), cn.numpy(), 0)
+
+
+def _lstm_graph(weights_const=True, bidirectional=False):
+    b = GraphBuilder()
+    x = b.input("x", (2, 5, 8), DType.FLOAT32)
+    h0 = b.input("h0", (1, 2, 16), DType.FLOAT32)
+    c0 = b.input("c0", (1, 2, 16), DType.FLOAT32)
+    ws = [torch.randn(64, 8), torch.randn(64, 16), torch.randn(64), torch.randn(64)]
+    wv = [b.const(w) if weights_const else b.input(f"w{i}", tuple(w.shape), DType.FLOAT32) for i, w in enumerate(ws)]
+    outs = b.add(OpKind.LSTM, x, h0, c0, *wv, attrs=A.RNNAttrs(16, 1, bidirectional, True, True))
+    return b.build(list(outs))
+
+
+def test_precision_pass_makes_lstm_layers_bf16():
+    from kiln.passes.pipeline import run_pipeline
+
+    g = run_pipeline(_lstm_graph(), select=["precision"], options={"precision": "bf16", "target": "cpu"}).graph
+    lstm = next(n for n in g.nodes if n.op is OpKind.LSTM)
+    assert all(v.type.dtype is DType.BFLOAT16 for v in lstm.inputs + lstm.outputs)
+    assert all(v.type.dtype is DType.FLOAT32 for v in g.outputs)  # cast back for the rest of the graph
+    assert any(k.name == "cpu.lstm_layer_amx" for k in candidates(lstm, "cpu"))
+    # run-time weights, or fp32 compiles: the layer stays fp32
+    for graph, prec in ((_lstm_graph(weights_const=False), "bf16"), (_lstm_graph(), "fp32")):
+        g = run_pipeline(graph, select=["precision"], options={"precision": prec, "target": "cpu"}).graph
+        assert next(n for n in g.nodes if n.op is OpKind.LSTM).inputs[0].type.dtype is DType.FLOAT32
+
+
+def test_compiled_forecaster_bf16_matches_eager():
+    import kiln
+
+    model, inputs = kiln.models.get("lstm")
+    compiled = kiln.compile(model, inputs, precision="bf16")
+    assert compiled.compiled[0].plan.kernel_names.get("cpu.lstm_layer_amx", 0) >= 1
+    with torch.no_grad():
+        ref = model(*inputs)
+        out = compiled(*inputs)
+    assert out.dtype == torch.float32
+    # bf16 operands through 96 steps: within 2% of the output's scale
+    assert float((out - ref).abs().max()) <= 2e-2 * float(ref.abs().max())
