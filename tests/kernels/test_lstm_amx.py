@@ -27,12 +27,12 @@ def _bf16_exact(lstm):
     return out
 
 
-@pytest.mark.parametrize("T,B,I,H", [(96, 32, 8, 128), (12, 32, 128, 128), (7, 5, 3, 20), (4, 17, 40, 33),
+@pytest.mark.parametrize("T,B,In,H", [(96, 32, 8, 128), (12, 32, 128, 128), (7, 5, 3, 20), (4, 17, 40, 33),
                                      (3, 40, 64, 16), (0, 4, 8, 16)])
-def test_layer_matches_fp32_on_bf16_operands(T, B, I, H):
-    torch.manual_seed(T * 100 + B + I + H)
-    lstm = torch.nn.LSTM(I, H)
-    x = torch.randn(T, B, I).bfloat16()
+def test_layer_matches_fp32_on_bf16_operands(T, B, In, H):
+    torch.manual_seed(T * 100 + B + In + H)
+    lstm = torch.nn.LSTM(In, H)
+    x = torch.randn(T, B, In).bfloat16()
     h0, c0 = (torch.randn(B, H) * 0.5).bfloat16(), torch.randn(B, H) * 0.5
     packed = _C.lstm_amx_pack(*(p.detach().numpy() for p in (lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0,
                                                              lstm.bias_hh_l0)))
