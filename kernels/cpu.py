@@ -13,8 +13,8 @@ A layer runs one of three ways, chosen per layer by measurement (kernels/choice.
 
 A recurrence whose projection the ``rnn_hoist`` pass moved into a LINEAR (so that the
 quantizer can take it) runs the C++ recurrence alone (``cpu.lstm_recurrence``). With
-``precision="bf16"`` on a CPU with AMX-BF16, LSTM layers are bf16 and run on AMX tiles
-(``cpu.lstm_layer_amx``, ``csrc/rnn_amx.cpp``).
+``precision="bf16"`` on a CPU with AMX-BF16, LSTM and GRU layers are bf16 and run on AMX
+tiles (``cpu.lstm_layer_amx`` / ``cpu.gru_layer_amx``, ``csrc/rnn_amx.cpp``).
 """
 from __future__ import annotations
 
@@ -230,11 +230,11 @@ for _fn, _pack, _ok in ((gru_layer, _pack_layer, _native_ok), (gru_hoisted, _pac
 
 
 def _amx_ok(node: Node) -> bool:
-    """bf16 LSTM layers (passes/precision.py makes them) on a CPU with AMX-BF16."""
+    """bf16 LSTM / GRU layers (passes/precision.py makes them) on a CPU with AMX-BF16."""
     a = node.attrs
     x = node.inputs[0].type
     return (not a.bidirectional and not a.proj_hoisted and x.dtype.value == "bfloat16" and x.is_static
-            and all(v.type.dtype == x.dtype for v in node.inputs[1:]) and _native().lstm_amx_supported())
+            and all(v.type.dtype == x.dtype for v in node.inputs[1:]) and _native().rnn_amx_supported())
 
 
 def _bits(t: torch.Tensor):
@@ -244,7 +244,21 @@ def _bits(t: torch.Tensor):
 def _pack_amx(w_ih, w_hh, b_ih, b_hh, gates: int):
     def f32(t):
         return None if t is None else t.float().contiguous().numpy()
-    return _native().lstm_amx_pack(f32(w_ih), f32(w_hh), f32(b_ih), f32(b_hh))
+    return _native().rnn_amx_pack(f32(w_ih), f32(w_hh), f32(b_ih), f32(b_hh))
+
+
+def _amx_layers(x, a: A.RNNAttrs, packed, run):
+    """Runs ``run(x_tbi, p, i, y_tbh)`` per layer on (T, B, F) views; returns the last y."""
+    H = a.hidden_size
+    tb = (lambda t: t.transpose(0, 1)) if a.batch_first else (lambda t: t)
+    for i, p in enumerate(packed):
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        T, B = (x.shape[1], x.shape[0]) if a.batch_first else (x.shape[0], x.shape[1])
+        y = torch.empty((B, T, H) if a.batch_first else (T, B, H), dtype=torch.bfloat16)
+        run(_bits(tb(x)), p, i, _bits(tb(y)))
+        x = y
+    return x
 
 
 def lstm_layer_amx(ins, a: A.RNNAttrs, packed=None):
@@ -253,23 +267,29 @@ def lstm_layer_amx(ins, a: A.RNNAttrs, packed=None):
     x, h0, c0 = ins[:3]
     if packed is None:
         packed = [_pack_amx(*w, 4) for w in _layers(ins, a, 2, 4)]
-    H = a.hidden_size
     hn = torch.empty(h0.shape, dtype=torch.bfloat16)
     cn = torch.empty(c0.shape, dtype=torch.float32)
-    for i, p in enumerate(packed):
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-        T, B = (x.shape[1], x.shape[0]) if a.batch_first else (x.shape[0], x.shape[1])
-        y = torch.empty((B, T, H) if a.batch_first else (T, B, H), dtype=torch.bfloat16)
-        tb = (lambda t: t.transpose(0, 1)) if a.batch_first else (lambda t: t)
-        _native().lstm_layer_amx(_bits(tb(x)), p, _bits(h0[i].contiguous()), c0[i].float().contiguous().numpy(),
-                                 _bits(tb(y)), _bits(hn[i]), cn[i].numpy(), _threads())
-        x = y
-    return x, hn, cn.to(torch.bfloat16)
+    y = _amx_layers(x, a, packed, lambda xs, p, i, ys: _native().lstm_layer_amx(
+        xs, p, _bits(h0[i].contiguous()), c0[i].float().contiguous().numpy(), ys, _bits(hn[i]), cn[i].numpy(),
+        _threads()))
+    return y, hn, cn.to(torch.bfloat16)
+
+
+def gru_layer_amx(ins, a: A.RNNAttrs, packed=None):
+    """bf16 GRU layers in C++ on AMX tiles (kiln._C.gru_layer_amx), as lstm_layer_amx."""
+    x, h0 = ins[:2]
+    if packed is None:
+        packed = [_pack_amx(*w, 3) for w in _layers(ins, a, 1, 3)]
+    hn = torch.empty(h0.shape, dtype=torch.bfloat16)
+    y = _amx_layers(x, a, packed, lambda xs, p, i, ys: _native().gru_layer_amx(
+        xs, p, _bits(h0[i].contiguous()), ys, _bits(hn[i]), _threads()))
+    return y, hn
 
 
 register_kernel(OpKind.LSTM, "cpu", name="cpu.lstm_layer_amx", accepts=_amx_ok,
                 prepare=_packer(lstm_layer_amx, _pack_amx, 4))(lstm_layer_amx)
+register_kernel(OpKind.GRU, "cpu", name="cpu.gru_layer_amx", accepts=_amx_ok,
+                prepare=_packer(gru_layer_amx, _pack_amx, 3))(gru_layer_amx)
 
 
 @register_kernel(OpKind.LSTM, "cpu", name="cpu.lstm", accepts=_rnn_ok)

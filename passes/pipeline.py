@@ -44,13 +44,13 @@ def _bf16(options: dict) -> bool:
     return options.get("precision") == "bf16"
 
 
-def _bf16_lstm(options: dict) -> bool:
-    """bf16 LSTM layers where their AMX kernel runs (a CPU compile on a CPU with AMX-BF16)."""
+def _bf16_rnn(options: dict) -> bool:
+    """bf16 LSTM / GRU layers where their AMX kernels run (a CPU compile on a CPU with AMX-BF16)."""
     if not _bf16(options) or options.get("target", "cpu") != "cpu":
         return False
     from kiln import _C
 
-    return _C.lstm_amx_supported()
+    return _C.rnn_amx_supported()
 
 
 def _sparse(options: dict) -> bool:
@@ -87,7 +87,7 @@ PHASES: list[tuple[str, list[Pass]]] = [
     # the round-trip rule runs again after CSE has merged duplicate casts (a value read by
     # two bf16 consumers has two casts, so two uses, until then)
     ("precision", [rules_pass("bf16", precision.RULES, when=_bf16),
-                   rules_pass("bf16_lstm", precision.LSTM_RULES, when=_bf16_lstm),
+                   rules_pass("bf16_rnn", precision.RNN_RULES, when=_bf16_rnn),
                    *[Pass(p.name, p.fn, _bf16) for p in CLEANUP],
                    rules_pass("bf16_round_trips", precision.ROUND_TRIPS, when=_bf16),
                    *[Pass(p.name, p.fn, _bf16) for p in CLEANUP]]),

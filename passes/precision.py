@@ -1,6 +1,6 @@
 """Reduced precision: run GEMMs, convolutions and attention in bfloat16 (AMX on CPUs that
 have it), with float32 accumulation inside the kernels and float32 everywhere else; on a
-CPU with AMX, LSTM layers too (``LSTM_RULES``: the recurrence's GEMMs on AMX tiles).
+CPU with AMX, LSTM and GRU layers too (``RNN_RULES``: the recurrence's GEMMs on AMX tiles).
 
 Each float32 LINEAR / CONV2D / MATMUL / ATTENTION becomes: operands cast to bfloat16
 (constant weights converted once, at compile time), the op in bfloat16, the result cast
@@ -119,17 +119,18 @@ def _attention(m, rw):
     return rw.add(OpKind.CAST, rw.add(OpKind.ATTENTION, *ins, attrs=n.attrs), attrs=A.CastAttrs(F32))
 
 
-def _lstm(m, rw):
-    """An LSTM layer in bf16: x, the states and the (constant) weights cast to bf16, the op's
-    three outputs cast back to fp32. The CPU kernel for it (``cpu.lstm_layer_amx``) runs each
-    step's GEMM on AMX tiles with fp32 sums and keeps the cell state in fp32 inside; the bf16
-    reference (torch's LSTM) is its oracle."""
+def _rnn(m, rw):
+    """An LSTM / GRU layer in bf16: x, the states and the (constant) weights cast to bf16, the
+    op's outputs cast back to fp32. The CPU kernels for it (``cpu.lstm_layer_amx``,
+    ``cpu.gru_layer_amx``) run each step's GEMM on AMX tiles with fp32 sums (an LSTM's cell
+    state stays fp32 inside); the bf16 reference (torch's LSTM / GRU) is their oracle."""
     n = m.root
     a: A.RNNAttrs = n.attrs
-    if a.bidirectional or a.proj_hoisted or any(rw.constant(w) is None for w in n.inputs[3:]):
-        return None  # weights computed at run time, or forms the kernel does not take: fp32
-    y, hn, cn = rw.add(OpKind.LSTM, *[_bf16(rw, v) for v in n.inputs], attrs=a)
-    return tuple(rw.add(OpKind.CAST, v, attrs=A.CastAttrs(F32)) for v in (y, hn, cn))
+    nstate = 2 if n.op is OpKind.LSTM else 1
+    if a.bidirectional or a.proj_hoisted or any(rw.constant(w) is None for w in n.inputs[1 + nstate:]):
+        return None  # weights computed at run time, or forms the kernels do not take: fp32
+    outs = rw.add(n.op, *[_bf16(rw, v) for v in n.inputs], attrs=a)
+    return tuple(rw.add(OpKind.CAST, v, attrs=A.CastAttrs(F32)) for v in outs)
 
 
 def _is_cast_to(dt):
@@ -143,6 +144,6 @@ RULES = ROUND_TRIPS + [
     (P(OpKind.MATMUL, where=_f32), _matmul),
     (P(OpKind.ATTENTION, where=_f32), _attention),
 ]
-# bf16 recurrences: only where the AMX LSTM kernel runs (passes/pipeline.py decides), since
-# elsewhere a bf16 LSTM is no faster than the fp32 C++ layer and only less exact
-LSTM_RULES = [(P(OpKind.LSTM, where=_f32), _lstm)]
+# bf16 recurrences: only where the AMX kernels run (passes/pipeline.py decides), since
+# elsewhere a bf16 LSTM / GRU is no faster than the fp32 C++ layer and only less exact
+RNN_RULES = [(P((OpKind.LSTM, OpKind.GRU), where=_f32), _rnn)]

@@ -1,6 +1,7 @@
-"""The bf16 LSTM layer on AMX tiles (``cpu.lstm_layer_amx``, csrc/rnn_amx.cpp) against torch's
-fp32 LSTM run on the same bf16-rounded weights and inputs; the bf16 precision pass that
-makes LSTM layers bf16; a compiled forecaster in bf16 against eager fp32."""
+"""The bf16 LSTM and GRU layers on AMX tiles (``cpu.lstm_layer_amx`` / ``cpu.gru_layer_amx``,
+csrc/rnn_amx.cpp) against torch's fp32 LSTM / GRU run on the same bf16-rounded weights and
+inputs; the bf16 precision pass that makes them bf16; a compiled forecaster in bf16 against
+eager fp32."""
 import copy
 
 import pytest
@@ -11,7 +12,7 @@ from kiln.ir import DType, GraphBuilder, OpKind
 from kiln.ir import attrs as A
 from kiln.kernels.registry import candidates
 
-pytestmark = pytest.mark.skipif(not _C.lstm_amx_supported(), reason="needs a CPU with AMX-BF16")
+pytestmark = pytest.mark.skipif(not _C.rnn_amx_supported(), reason="needs a CPU with AMX-BF16")
 
 
 def _bits(t):
@@ -34,7 +35,7 @@ def test_layer_matches_fp32_on_bf16_operands(T, B, In, H):
     lstm = torch.nn.LSTM(In, H)
     x = torch.randn(T, B, In).bfloat16()
     h0, c0 = (torch.randn(B, H) * 0.5).bfloat16(), torch.randn(B, H) * 0.5
-    packed = _C.lstm_amx_pack(*(p.detach().numpy() for p in (lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0,
+    packed = _C.rnn_amx_pack(*(p.detach().numpy() for p in (lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0,
                                                              lstm.bias_hh_l0)))
     y = torch.empty(T, B, H, dtype=torch.bfloat16)
     hn, cn = torch.empty(B, H, dtype=torch.bfloat16), torch.empty(B, H)
@@ -54,7 +55,7 @@ def test_batch_first_views_and_bad_arguments():
     torch.manual_seed(0)
     lstm = torch.nn.LSTM(8, 16, batch_first=True)
     x = torch.randn(4, 6, 8).bfloat16()  # (B, T, I): the kernel takes the (T, B, I) view
-    packed = _C.lstm_amx_pack(*(p.detach().numpy() for p in (lstm.weight_ih_l0, lstm.weight_hh_l0)))
+    packed = _C.rnn_amx_pack(*(p.detach().numpy() for p in (lstm.weight_ih_l0, lstm.weight_hh_l0)))
     y = torch.empty(4, 6, 16, dtype=torch.bfloat16)
     h0, hn = torch.zeros(4, 16, dtype=torch.bfloat16), torch.empty(4, 16, dtype=torch.bfloat16)
     c0, cn = torch.zeros(4, 16), torch.empty(4, 16)
@@ -74,6 +75,30 @@ def test_batch_first_views_and_bad_arguments():
     with pytest.raises(ValueError, match="threads"):
         _C.lstm_layer_amx(_bits(x.transpose(0, 1)), packed, _bits(h0), c0.numpy(), _bits(y.transpose(0, 1)),
                           _bits(hn), cn.numpy(), 0)
+
+
+@pytest.mark.parametrize("T,B,In,H", [(40, 32, 8, 128), (7, 5, 3, 20), (4, 17, 40, 33), (0, 4, 8, 16)])
+def test_gru_layer_matches_fp32_on_bf16_operands(T, B, In, H):
+    torch.manual_seed(T * 100 + B + In + H + 1)
+    gru = torch.nn.GRU(In, H)
+    x = torch.randn(T, B, In).bfloat16()
+    h0 = (torch.randn(B, H) * 0.5).bfloat16()
+    packed = _C.rnn_amx_pack(*(p.detach().numpy() for p in (gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0,
+                                                            gru.bias_hh_l0)))
+    assert packed.gates == 3
+    y = torch.empty(T, B, H, dtype=torch.bfloat16)
+    hn = torch.empty(B, H, dtype=torch.bfloat16)
+    _C.gru_layer_amx(_bits(x), packed, _bits(h0), _bits(y), _bits(hn), 2)
+    if T == 0:
+        assert torch.equal(hn, h0)
+        return
+    with torch.no_grad():
+        ref, rh = _bf16_exact(gru)(x.float(), h0.float()[None])
+    torch.testing.assert_close(y.float(), ref, atol=1e-2, rtol=0)
+    torch.testing.assert_close(hn.float(), rh[0], atol=1e-2, rtol=0)
+    with pytest.raises(ValueError, match="LSTM"):  # GRU weights into the LSTM layer, and back
+        _C.gru_layer_amx(_bits(x), _C.rnn_amx_pack(*(torch.randn(4 * H, d).numpy() for d in (In, H))), _bits(h0),
+                         _bits(y), _bits(hn), 1)
 
 
 def _lstm_graph(weights_const=True, bidirectional=False):
@@ -101,15 +126,30 @@ def test_precision_pass_makes_lstm_layers_bf16():
         assert next(n for n in g.nodes if n.op is OpKind.LSTM).inputs[0].type.dtype is DType.FLOAT32
 
 
-def test_compiled_forecaster_bf16_matches_eager():
+class _GRUForecaster(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = torch.nn.GRU(8, 64, num_layers=2, batch_first=True)
+        self.head = torch.nn.Linear(64, 12)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("family", ["lstm", "gru"])
+def test_compiled_forecaster_bf16_matches_eager(family):
     import kiln
 
-    model, inputs = kiln.models.get("lstm")
+    if family == "lstm":
+        model, inputs = kiln.models.get("lstm")
+    else:
+        torch.manual_seed(0)
+        model, inputs = _GRUForecaster().eval(), (torch.randn(16, 48, 8),)
     compiled = kiln.compile(model, inputs, precision="bf16")
-    assert compiled.compiled[0].plan.kernel_names.get("cpu.lstm_layer_amx", 0) >= 1
+    assert compiled.compiled[0].plan.kernel_names.get(f"cpu.{family}_layer_amx", 0) >= 1
     with torch.no_grad():
         ref = model(*inputs)
         out = compiled(*inputs)
     assert out.dtype == torch.float32
-    # bf16 operands through 96 steps: within 2% of the output's scale
+    # bf16 operands through the whole sequence: within 2% of the output's scale
     assert float((out - ref).abs().max()) <= 2e-2 * float(ref.abs().max())
