@@ -5,7 +5,8 @@
 // layer's bf16 output).
 //
 // Why: at a forecaster's shapes (batch 32, hidden 128) the fp32 step is a 32 x 256 x 512
-// FMA GEMM, about nine tenths of the layer's time; on AMX tiles that GEMM is several times
+// FMA GEMM, which even at the machine's fp32 GEMM rate is most of the layer's time (the
+// `fp32 floor` column of `kiln bench models`); on AMX tiles that GEMM is several times
 // cheaper and the fp32 gate math is what is left.
 //
 // Weight layout (rnn_amx_pack): K = [x part padded to Ip (a multiple of 32); h part padded

@@ -234,7 +234,8 @@ def _amx_ok(node: Node) -> bool:
     a = node.attrs
     x = node.inputs[0].type
     return (not a.bidirectional and not a.proj_hoisted and x.dtype.value == "bfloat16" and x.is_static
-            and all(v.type.dtype == x.dtype for v in node.inputs[1:]) and _native().rnn_amx_supported())
+            and all(v is not None and v.type.dtype == x.dtype for v in node.inputs[1:])
+            and _native().rnn_amx_supported())
 
 
 def _bits(t: torch.Tensor):
