@@ -48,8 +48,10 @@ def _bf16_rnn(options: dict) -> bool:
     """bf16 LSTM / GRU layers where their AMX kernels run (a CPU compile on a CPU with AMX-BF16)."""
     if not _bf16(options) or options.get("target", "cpu") != "cpu":
         return False
-    from kiln import _C
-
+    try:
+        from kiln import _C
+    except ImportError:  # no native module: the layers stay fp32 (the reference runs them)
+        return False
     return _C.rnn_amx_supported()
 
 

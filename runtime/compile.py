@@ -14,9 +14,10 @@ from . import cache
 from .plan import Plan, build_plan
 
 OPTIONS = {"passes", "precision", "sparse", "tune", "codegen", "exclude_kernels"}
-# exclude_kernels: kernel names (``kiln dump``/``plan.kernel_names`` spell them) never to use,
-# e.g. to compare a model with and without one candidate (`python -m kiln.bench.pass_ab
-# --kernel NAME`); the reference kernel cannot be excluded (it is every op's fallback).
+# exclude_kernels: names of per-op kernels (as ``plan.kernel_names`` spells them) never to
+# use, e.g. to compare a model with and without one candidate (`python -m kiln.bench.pass_ab
+# --kernel NAME`); the reference kernel cannot be excluded (it is every op's fallback), and
+# generated group kernels are turned off with codegen=False instead.
 # tune: how long generated kernels may autotune ("none" | "fast" | "max" | seconds per kernel
 # group); codegen: whether kernel groups may run as generated (TVM) kernels at all.
 # The default is "none": the schedule template's default configuration (or the tuning
