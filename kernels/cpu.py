@@ -23,6 +23,7 @@ import torch
 from kiln.ir import Node, OpKind
 from kiln.ir import attrs as A
 
+from .attention_cpu import _array as _bits  # bf16 as int16 bits, unit last-dim stride
 from .registry import register_kernel
 
 
@@ -236,10 +237,6 @@ def _amx_ok(node: Node) -> bool:
     return (not a.bidirectional and not a.proj_hoisted and x.dtype.value == "bfloat16" and x.is_static
             and all(v is not None and v.type.dtype == x.dtype for v in node.inputs[1:])
             and _native().rnn_amx_supported())
-
-
-def _bits(t: torch.Tensor):
-    return t.view(torch.int16).numpy()
 
 
 def _pack_amx(w_ih, w_hh, b_ih, b_hh, gates: int):
