@@ -1,5 +1,6 @@
-"""What Kiln's plan executor itself costs per forward: the Python loop over steps, with
-every kernel replaced by one that returns its precomputed result at once.
+"""What Kiln's plan executor itself costs per forward: the plan's generated straight-line
+function (``runtime/straightline.py``), with every kernel replaced by one that returns its
+precomputed result at once.
 
     python -m kiln.bench.executor_overhead [models...] [--threads N]
 

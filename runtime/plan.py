@@ -1,8 +1,9 @@
 """Executable plans: a compiled graph as a flat list of kernel calls over buffer slots.
 
-The plan is built once per graph and target. Running it touches no graph objects: each
-step is (kernel function, attributes, input slots, output slots, slots to free), so the
-per-call cost is a loop over prebuilt tuples. Buffers die right after their last use.
+The plan is built once per graph and target. Each step is (kernel function, attributes,
+input slots, output slots, slots to free); running the plan touches no graph objects and
+no step list: the steps are written out as one generated Python function that calls the
+kernels directly (``runtime.straightline``). Buffers die right after their last use.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import torch
 from kiln.ir import Graph, Node, Value
 from kiln.kernels.choice import choose
 from kiln.kernels.registry import candidates
+
+from .straightline import generate, step_at
 
 
 class KernelFailure(RuntimeError):
@@ -55,27 +58,24 @@ class Plan:
     pass_records: list = field(default_factory=list)
     cache_hit: bool = False
     sparsity: list = field(default_factory=list)  # passes.sparsity.SparseDecision per layer considered
+    _forward: tuple = field(init=False, repr=False, compare=False)  # (function, code, first step's line)
+
+    def __post_init__(self):
+        self._forward = generate(self.steps, self.input_slots, self.output_slots, self.const_slots)
 
     def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        slots: list = [None] * self.num_slots
-        for i, t in self.const_slots:
-            slots[i] = t
-        for i, t in zip(self.input_slots, inputs):
-            slots[i] = t
-        for s in self.steps:
-            try:
-                r = s.fn([None if i is None else slots[i] for i in s.ins], s.attrs)
-            except Exception as e:  # name the node; the original error stays chained
-                where = f" ({s.node.scope})" if s.node.scope else ""
-                raise KernelFailure(f"kernel {s.kernel} for {s.node.op.value}{where} failed: {e}") from e
-            if len(s.outs) == 1:
-                slots[s.outs[0]] = r
-            else:
-                for i, t in zip(s.outs, r):
-                    slots[i] = t
-            for i in s.free:
-                slots[i] = None
-        return [slots[i] for i in self.output_slots]
+        forward, code, first = self._forward
+        if len(inputs) != len(self.input_slots):
+            raise ValueError(f"plan takes {len(self.input_slots)} inputs, got {len(inputs)}")
+        try:
+            return forward(inputs)
+        except Exception as e:  # name the node; the original error stays chained
+            k = step_at(e.__traceback__, code, first)
+            if k is None:
+                raise
+            s = self.steps[k]
+            where = f" ({s.node.scope})" if s.node.scope else ""
+            raise KernelFailure(f"kernel {s.kernel} for {s.node.op.value}{where} failed: {e}") from e
 
 
 def run_all(graph: Graph, inputs: list[torch.Tensor], target: str = "reference") -> dict[Value, torch.Tensor]:

@@ -85,6 +85,7 @@ class CompiledModel:
         self._spec: list[InputSpec] | None = None
         self._value_inputs: set[int] = set()  # inputs whose values the plan is specialized to
         self._in_tree = None
+        self._tensor_args: int | None = None  # compiled for this many positional tensors and nothing else
         if self.is_onnx:
             from kiln.frontends.onnx_import import load_onnx
 
@@ -134,6 +135,8 @@ class CompiledModel:
                 self._plans[key] = c
                 if self._spec is None:
                     self._in_tree = tree
+                    if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+                        self._tensor_args = len(args)
                     self._spec = [_leaf_spec(n, x) for n, x in zip(c.input_names, leaves)]
         return c
 
@@ -182,8 +185,9 @@ class CompiledModel:
 
     # -- calling ----------------------------------------------------------------------
     def _check(self, leaves, tree):
+        """``tree`` None: the caller saw the structure match (positional tensors only)."""
         spec = self._spec
-        if tree != self._in_tree or len(leaves) != len(spec):
+        if (tree is not None and tree != self._in_tree) or len(leaves) != len(spec):
             raise KilnError(f"{self.name} was compiled for {len(spec)} input(s) "
                             f"({', '.join(s.name for s in spec)}); got {len(leaves)}")
         for s, x in zip(spec, leaves):
@@ -200,7 +204,11 @@ class CompiledModel:
                 raise KilnError(f"input {s.name!r}: compiled for device {s.device}, got {x.device}")
 
     def __call__(self, *args, **kwargs):
-        leaves, tree = pytree.tree_flatten((args, kwargs))
+        if not kwargs and len(args) == self._tensor_args and all(isinstance(a, torch.Tensor) for a in args):
+            # the common call, positional tensors as compiled: no pytree walk (tens of us)
+            leaves, tree = args, None
+        else:
+            leaves, tree = pytree.tree_flatten((args, kwargs))
         if self._spec is None:
             c = self._prepare(args, kwargs)
         else:

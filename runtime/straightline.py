@@ -1,0 +1,70 @@
+"""A plan as one generated Python function: the kernels called directly, in order.
+
+Interpreting a plan means, per step, a loop iteration, a list of operands gathered from a
+slot list by index, and the results stored back by index. Here the plan is written out once
+as straight-line source instead, one line per step::
+
+    def forward(inputs):
+        v0, v1 = inputs
+        v4 = k0([v0, c2], a0)
+        _r = k1([v4], a1); v5 = _r[0]; v6 = _r[1]; del _r; del v4
+        ...
+        return [v6]
+
+Each slot is a local variable, and each kernel function, attribute object and constant is a
+closure cell of the function that builds ``forward``, so the hot path holds no dispatch: a
+step is a call and a few local stores. A buffer is dropped (``del``) right after its last
+use, as the interpreting loop did. The line a kernel raised on names its step: ``step_at``
+maps a traceback back to it, so failures still name the node, at no cost to a call that
+succeeds. ``python -m kiln.bench.executor_overhead`` measures what remains per step.
+"""
+from __future__ import annotations
+
+import itertools
+import types
+
+_COUNTER = itertools.count()
+
+
+def _operand(i, consts: set[int]) -> str:
+    if i is None:
+        return "None"
+    return f"c{i}" if i in consts else f"v{i}"
+
+
+def generate(steps, input_slots, output_slots, const_slots):
+    """(forward(inputs) -> list of outputs, its code object, first step's line number)."""
+    consts = {i for i, _ in const_slots}
+    cells: dict[str, object] = {f"c{i}": t for i, t in const_slots}
+    body = []
+    ins = ", ".join(f"v{i}" for i in input_slots)
+    body.append(f"    {ins}{',' if len(input_slots) == 1 else ''} = inputs" if input_slots else "    pass")
+    for n, s in enumerate(steps):
+        cells[f"k{n}"], cells[f"a{n}"] = s.fn, s.attrs
+        call = f"k{n}([{', '.join(_operand(i, consts) for i in s.ins)}], a{n})"
+        if len(s.outs) == 1:
+            line = f"v{s.outs[0]} = {call}"
+        else:  # a kernel of several results returns a sequence (it may hold more than used)
+            line = f"_r = {call}; " + "; ".join(f"v{o} = _r[{j}]" for j, o in enumerate(s.outs)) + "; del _r"
+        dead = [f"v{i}" for i in s.free if i not in consts]
+        if dead:
+            line += f"; del {', '.join(dead)}"
+        body.append("    " + line)
+    body.append(f"    return [{', '.join(_operand(i, consts) for i in output_slots)}]")
+    names = sorted(cells)
+    src = (f"def _make({', '.join(names)}):\n" if names else "def _make():\n") + \
+        "  def forward(inputs):\n" + "\n".join("  " + b for b in body) + "\n  return forward\n"
+    filename = f"<kiln plan {next(_COUNTER)}>"
+    scope: dict = {}
+    exec(compile(src, filename, "exec"), scope)  # noqa: S102 - the source is generated above
+    forward = scope["_make"](*(cells[k] for k in names))
+    return forward, forward.__code__, 4  # line 1 _make, 2 forward, 3 unpacking, 4 the first step
+
+
+def step_at(tb: types.TracebackType | None, code: types.CodeType, first_line: int) -> int | None:
+    """The index of the step whose line in ``code`` the traceback passes through, if any."""
+    while tb is not None:
+        if tb.tb_frame.f_code is code:
+            return tb.tb_lineno - first_line
+        tb = tb.tb_next
+    return None
