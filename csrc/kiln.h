@@ -143,6 +143,10 @@ struct AttentionArgs {
 };
 bool attention_supported();
 bool amx_bf16_supported();  // AMX-BF16 built, present, and tile state granted to this process
+// Register-only FMA or AMX-BF16 throughput (GFLOP/s summed over `threads` running at once;
+// peak.cpp): the ceilings kernels are read against.
+enum class PeakUnit { kFma, kAmxBf16 };
+double compute_peak_gflops(PeakUnit unit, int threads, int64_t iters);
 void attention(const AttentionArgs& a, int threads);
 
 }  // namespace kiln

@@ -286,6 +286,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("tvm_parallel_launch_address", &kiln::tvm_parallel_launch_address,
         "Address of a TVMBackendParallelLaunch replacement that runs tasks on torch's OpenMP workers.");
   m.def("tvm_parallel_launches", &kiln::tvm_parallel_launches, "Parallel launches that replacement has taken.");
+  m.def(
+      "compute_peak_gflops",
+      [](const std::string& unit, int threads, int64_t iters) {
+        if (unit != "fma" && unit != "amx_bf16") throw py::value_error("unit: expected 'fma' or 'amx_bf16'");
+        py::gil_scoped_release nogil;
+        return kiln::compute_peak_gflops(unit == "fma" ? kiln::PeakUnit::kFma : kiln::PeakUnit::kAmxBf16, threads,
+                                         iters);
+      },
+      py::arg("unit"), py::arg("threads") = 1, py::arg("iters") = 2000000,
+      "Register-only throughput of the fp32 FMA units or the AMX-BF16 tiles, GFLOP/s summed over threads run at once.");
   register_quant_kernels(m);
   register_pool_kernels(m);
   register_winograd_kernels(m);
