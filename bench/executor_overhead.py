@@ -36,20 +36,8 @@ def measure(name: str, repeats: int = 200) -> dict:
     compiled = kiln.compile(model, inputs)
     plan = compiled.compiled[0].plan
     with torch.no_grad():
-        slots: list = [None] * plan.num_slots
-        for i, t in plan.const_slots:
-            slots[i] = t
-        for i, t in zip(plan.input_slots, inputs):
-            slots[i] = t
-        instant = []
-        for s in plan.steps:  # run once for real; each step then replays its own result
-            r = s.fn([None if i is None else slots[i] for i in s.ins], s.attrs)
-            if len(s.outs) == 1:
-                slots[s.outs[0]] = r
-            else:
-                for i, t in zip(s.outs, r):
-                    slots[i] = t
-            instant.append(dataclasses.replace(s, fn=lambda ins, a, r=r: r))
+        instant = []  # run once for real; each step then replays its own result
+        plan.interpret(list(inputs), lambda s, r: instant.append(dataclasses.replace(s, fn=lambda ins, a, r=r: r)))
         hollow = dataclasses.replace(plan, steps=tuple(instant))
         overhead = _median_s(lambda: hollow.run(list(inputs)), repeats)
         real = _median_s(lambda: plan.run(list(inputs)), max(5, repeats // 20))

@@ -63,6 +63,22 @@ class Plan:
     def __post_init__(self):
         self._forward = generate(self.steps, self.input_slots, self.output_slots, self.const_slots)
 
+    def interpret(self, inputs: list[torch.Tensor], on_step=None) -> list[torch.Tensor]:
+        """The steps run one at a time over a slot list, nothing freed: what the generated
+        function must equal, and a hook for tools (``on_step(step, result)`` after each)."""
+        slots: list = [None] * self.num_slots
+        for i, t in self.const_slots:
+            slots[i] = t
+        for i, t in zip(self.input_slots, inputs):
+            slots[i] = t
+        for s in self.steps:
+            r = s.fn([None if i is None else slots[i] for i in s.ins], s.attrs)
+            for i, t in zip(s.outs, (r,) if len(s.outs) == 1 else r):
+                slots[i] = t
+            if on_step is not None:
+                on_step(s, r)
+        return [slots[i] for i in self.output_slots]
+
     def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         forward, code, first = self._forward
         if len(inputs) != len(self.input_slots):

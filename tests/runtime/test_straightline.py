@@ -33,30 +33,13 @@ def _compiled(target):
     return m, ins, kiln.compile(m, ins, target=target)
 
 
-def _interpret(plan, inputs):
-    """The steps run one at a time over a slot list: what the generated code must equal."""
-    slots = [None] * plan.num_slots
-    for i, t in plan.const_slots:
-        slots[i] = t
-    for i, t in zip(plan.input_slots, inputs):
-        slots[i] = t
-    for s in plan.steps:
-        r = s.fn([None if i is None else slots[i] for i in s.ins], s.attrs)
-        if len(s.outs) == 1:
-            slots[s.outs[0]] = r
-        else:
-            for i, t in zip(s.outs, r):
-                slots[i] = t
-    return [slots[i] for i in plan.output_slots]
-
-
 @pytest.mark.parametrize("target", ["reference", "cpu"])
 def test_generated_executor_matches_steps_and_eager(target):
     m, ins, cm = _compiled(target)
     plan = cm.compiled[0].plan
     with torch.no_grad():
         got = plan.run(list(ins))
-        want = _interpret(plan, list(ins))
+        want = plan.interpret(list(ins))  # the steps one at a time over a slot list
         eager = m(*ins)
     assert len(got) == len(want) == 3
     for g, w in zip(got, want):
