@@ -23,6 +23,7 @@
 #include "kiln.h"
 #include "rnn_steps.h"
 #include "simd_math.h"
+#include "thread_pool.h"
 
 namespace kiln {
 
@@ -222,23 +223,41 @@ inline void for_row_tiles(int64_t B, F&& f) {
   }
 }
 
+// Batch rows are independent recurrences, so with enough rows each thread takes its own
+// rows through all T steps: no barrier between steps and no h_{t-1} written by another core
+// (each thread reads all the weight panels from its own L2 instead). Below this many rows a
+// thread, the threads split each step's hidden blocks (run_steps) instead.
+constexpr int64_t kMinRowsPerThread = 12;
+
 // The layer loop every form shares: step t reads h_{t-1} (h0 first) and x's row t, and runs
-// `tile(R, rows, b0, jb)` over its hidden blocks jb and all row tiles; then hn = h_{T-1}.
+// `tile(R, rows, b0, jb)` over hidden blocks jb and row tiles of the batch; then hn = h_{T-1}.
 template <typename Tile>
 void run_layer(const float* x, const float* h0, float* y, float* hn, int64_t T, int64_t B, int64_t H, SeqStrides st,
                int threads, Tile&& tile) {
-  run_steps(T, blocks_of(H), threads, [&](int64_t t, int64_t lo, int64_t hi) {
+  auto step = [&](int64_t t, int64_t b_lo, int64_t b_hi, int64_t j_lo, int64_t j_hi, bool shared_h) {
     const StepRows s{x + t * st.x_t, st.x_b, t == 0 ? h0 : y + (t - 1) * st.y_t, t == 0 ? H : st.y_b, y + t * st.y_t,
                      st.y_b};
-    // With several threads, the other threads wrote their parts of h_{t-1} in their own
-    // caches: request all of it up front so the transfers overlap instead of stalling the
-    // GEMM loop one line at a time (measured 6-17% faster on two threads; 16 KB for B = 32,
-    // H = 128).
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t k = 0; k < H; k += kBlock)
-        _mm_prefetch(reinterpret_cast<const char*>(s.h_prev + b * s.h_b + k), _MM_HINT_T0);
-    for (int64_t jb = lo; jb < hi; ++jb) for_row_tiles(B, [&](auto R, int64_t b0) { tile(R, s, b0, jb); });
-  });
+    // With the hidden blocks split, the other threads wrote their parts of h_{t-1} in their
+    // own caches: request all of it up front so the transfers overlap instead of stalling
+    // the GEMM loop one line at a time (measured 6-17% faster on two threads; 16 KB for
+    // B = 32, H = 128). Kept on one thread, where it was measured neutral to slightly faster.
+    if (shared_h)
+      for (int64_t b = b_lo; b < b_hi; ++b)
+        for (int64_t k = 0; k < H; k += kBlock)
+          _mm_prefetch(reinterpret_cast<const char*>(s.h_prev + b * s.h_b + k), _MM_HINT_T0);
+    for (int64_t jb = j_lo; jb < j_hi; ++jb)
+      for_row_tiles(b_hi - b_lo, [&](auto R, int64_t b0) { tile(R, s, b_lo + b0, jb); });
+  };
+  const int64_t parts = std::min<int64_t>(threads, B / kMinRowsPerThread);
+  if (parts > 1) {
+    parallel_run(static_cast<int>(parts), [&](int id) {
+      const int64_t lo = B * id / parts, hi = B * (id + 1) / parts;
+      for (int64_t t = 0; t < T; ++t) step(t, lo, hi, 0, blocks_of(H), false);
+    });
+  } else {
+    run_steps(T, blocks_of(H), threads,
+              [&](int64_t t, int64_t lo, int64_t hi) { step(t, 0, B, lo, hi, true); });
+  }
   for (int64_t b = 0; b < B; ++b) {
     const float* last = T > 0 ? y + (T - 1) * st.y_t + b * st.y_b : h0 + b * H;
     std::memcpy(hn + b * H, last, sizeof(float) * H);

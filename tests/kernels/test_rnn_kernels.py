@@ -3,7 +3,9 @@
 Each kernel that accepts the node runs twice: with its weights prepacked at plan time
 (constant weights, the usual case) and packed on the call (weights as run-time inputs).
 Shapes: input and hidden sizes that are not multiples of 16, batches that are not
-multiples of the kernels' 6-row tiles, one time step, both layouts, two layers, no biases.
+multiples of the kernels' 6-row tiles, one time step, both layouts, two layers, no biases;
+on two threads batches both under and over the size at which the threads split the batch
+rows rather than each step's hidden units.
 """
 import pytest
 import torch
@@ -20,6 +22,7 @@ SHAPES = [  # T, B, F (input size), H, layers, batch_first, bias
     (6, 13, 8, 33, 2, False, True),
     (4, 32, 40, 128, 2, True, True),
     (3, 5, 6, 7, 1, True, False),
+    (3, 29, 9, 24, 1, False, True),  # two threads split the rows 14 / 15 (tiles 6+6+2, 6+6+3)
 ]
 
 
