@@ -249,13 +249,7 @@ def ref_qconv2d_nhwc(x_q, x_scale, x_zp, w_q, w_scale, bias=None, activation="no
     acc = F.conv2d(xc, w_q.double(), stride=_pair(stride), padding=_pair(padding))
     acc = acc.permute(0, 2, 3, 1).to(torch.int32)
     y = acc.float() * (torch.tensor(x_scale, dtype=torch.float32) * w_scale)
-    if bias is not None:
-        y = y + bias
-    y = ref_activation(y, activation)
-    if out_scale is not None:
-        inv = 1.0 / torch.tensor(out_scale, dtype=torch.float32)
-        y = (torch.round(y * inv) + out_zp).clamp(0, 255).to(torch.uint8)
-    return y
+    return _ref_epilogue(y, bias, activation, out_scale, out_zp)
 
 
 # ---------------------------------------------------------------------------------------
@@ -340,6 +334,18 @@ def ref_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
     return y
 
 
+def _ref_epilogue(y, bias, activation: str, out_scale, out_zp):
+    """bias, activation, then (with an output scale) requantization to uint8: the fp32
+    epilogue every int8 reference shares."""
+    if bias is not None:
+        y = y + bias
+    y = ref_activation(y, activation)
+    if out_scale is not None:
+        inv = 1.0 / torch.tensor(out_scale, dtype=torch.float32)
+        y = (torch.round(y * inv) + out_zp).clamp(0, 255).to(torch.uint8)
+    return y
+
+
 def ref_int8_gemm_s32(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     """Exact x_q @ w_q^T in int32 (float64 holds every partial sum exactly for K <= 65536)."""
     return (x_q.double() @ w_q.double().T).to(torch.int32)
@@ -370,13 +376,7 @@ def ref_qlinear_static(x_q, x_scale, x_zp, w_q, w_scale, bias=None, activation="
     acc = ref_int8_gemm_s32(x2, w_q)
     exact = acc - xz * w_q.to(torch.int32).sum(dim=1)[None, :]
     y = exact.float() * (xs * w_scale[None, :])
-    if bias is not None:
-        y = y + bias
-    y = ref_activation(y, activation)
-    if out_scale is not None:
-        inv = 1.0 / torch.tensor(out_scale, dtype=torch.float32)
-        y = (torch.round(y * inv) + out_zp).clamp(0, 255).to(torch.uint8)
-    return y.reshape(*lead, w_q.shape[0])
+    return _ref_epilogue(y, bias, activation, out_scale, out_zp).reshape(*lead, w_q.shape[0])
 
 
 def ref_qlinear_dynamic(x, w_q, w_scale, bias=None, activation="none"):

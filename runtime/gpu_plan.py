@@ -27,6 +27,7 @@ import torch
 from kiln.errors import KilnError
 from kiln.ir import Graph, LayoutKind, Node, OpKind, Value
 from kiln.kernels.registry import select_kernel
+from kiln.runtime.plan import slots_for
 from kiln.passes.partition import GroupKind, KernelGroup, Partition, partition as make_partition
 
 
@@ -302,15 +303,7 @@ def build_gpu_plan(graph: Graph, part: Partition | None, target, ahead: bool = T
     from kiln.kernels.triton import ops as _register  # noqa: F401  (registers the cuda kernels)
 
     part = part if part is not None else make_partition(graph)
-    slot: dict[Value, int] = {}
-
-    def get(v: Value) -> int:
-        if v not in slot:
-            slot[v] = len(slot)
-        return slot[v]
-
-    input_slots = tuple(get(v) for v in graph.inputs)
-    const_slots = tuple((get(v), t) for v, t in graph.constants.items())
+    slot, get, input_slots, const_slots = slots_for(graph)
     steps: list[GpuStep] = []
     counts: dict[str, int] = {}
     torch_ops: dict[str, str] = {}

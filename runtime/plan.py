@@ -107,6 +107,21 @@ def run_all(graph: Graph, inputs: list[torch.Tensor], target: str = "reference")
     return env
 
 
+def slots_for(graph: Graph):
+    """(slot of each value, ``get(v)`` numbering values in order of first mention, the
+    inputs' slots, (slot, tensor) of each constant): the buffer slots a plan runs over."""
+    slot: dict[Value, int] = {}
+
+    def get(v: Value) -> int:
+        if v not in slot:
+            slot[v] = len(slot)
+        return slot[v]
+
+    input_slots = tuple(get(v) for v in graph.inputs)
+    const_slots = tuple((get(v), t) for v, t in graph.constants.items())
+    return slot, get, input_slots, const_slots
+
+
 def build_plan(graph: Graph, target: str = "cpu", kernel_choices: list[str] | None = None,
                memory: "MemoryStats | None" = None, partition=None, generate=None,
                exclude: frozenset[str] = frozenset()) -> Plan:
@@ -118,15 +133,7 @@ def build_plan(graph: Graph, target: str = "cpu", kernel_choices: list[str] | No
     when ``kernel_choices`` says so, else when it beats the group's per-node kernels by
     measurement. Steps then follow the partition's group order (a valid execution order).
     """
-    slot: dict[Value, int] = {}
-
-    def get(v: Value) -> int:
-        if v not in slot:
-            slot[v] = len(slot)
-        return slot[v]
-
-    input_slots = tuple(get(v) for v in graph.inputs)
-    const_slots = tuple((get(v), t) for v, t in graph.constants.items())
+    slot, get, input_slots, const_slots = slots_for(graph)
     index = {n: i for i, n in enumerate(graph.nodes)}
     node_kernels: list[str] = [""] * len(graph.nodes)
     units: list[tuple] = []  # (kernel name, fn, attrs, inputs, outputs, node)
