@@ -3,7 +3,9 @@ reference, on the shapes the example models really run (or ``--shapes``).
 
 Reports median time and spread (25th-75th percentile), GFLOP/s, GB/s and the fraction
 of the machine's roofline: attainable time = max(FLOPs / peak, bytes / bandwidth) over
-measured time, with peak and bandwidth measured on this machine (bench/machine.py).
+measured time, with peak and bandwidth measured on this machine (bench/machine.py). The
+header also gives the register-only fp32 FMA ceiling of the thread count, measured at the
+start of the run (``kiln._C.compute_peak_gflops``): no fp32 kernel's GFLOP/s can pass it.
 """
 from __future__ import annotations
 
@@ -79,7 +81,10 @@ def run(target: str = "cpu", quick: bool = False, op: str | None = None, shapes:
 
     if threads:
         torch.set_num_threads(threads)
-    roof = roofline()
+    roof = dict(roofline())
+    from kiln import _C
+
+    roof["fma_gflops"] = _C.compute_peak_gflops("fma", torch.get_num_threads(), 1_000_000)
     repeats = repeats or (5 if quick else 20)
     nodes = gemm_nodes(shapes) if shapes else model_nodes(quick)
     if op:
@@ -111,7 +116,8 @@ def run(target: str = "cpu", quick: bool = False, op: str | None = None, shapes:
 def table(result: dict) -> str:
     m = result["machine"]
     lines = [f"target {result['target']}, {result['threads']} thread(s); machine: "
-             f"{m['peak_gflops']:.0f} GFLOP/s fp32 GEMM, {m['bandwidth_gbs']:.1f} GB/s copy",
+             f"{m['peak_gflops']:.0f} GFLOP/s fp32 GEMM, {m['bandwidth_gbs']:.1f} GB/s copy"
+             + (f", fp32 FMA ceiling {m['fma_gflops']:.0f} GFLOP/s now" if "fma_gflops" in m else ""),
              f"{'op':<20}{'shape':<34}{'kernel':<26}{'median us':>10}{'spread us':>16}{'GFLOP/s':>9}{'GB/s':>7}"
              f"{'roofline':>9}"]
     for r in result["rows"]:
