@@ -97,3 +97,14 @@ def test_wrong_input_count_is_an_error():
     _, ins, cm = _compiled("reference")
     with pytest.raises(ValueError, match="plan takes 2 inputs, got 1"):
         cm.compiled[0].plan.run([ins[0]])
+
+
+def test_plans_with_no_steps_or_returned_inputs_and_constants():
+    x, y = torch.randn(2), torch.randn(3)
+    ident = kiln.compile(lambda a: a, (x,))
+    assert len(ident.compiled[0].plan.steps) == 0 and ident(x) is x
+    swap = kiln.compile(lambda a, b: (b, a + 1, torch.ones(3)), (x, y))
+    got = swap(x, y)
+    assert got[0] is y
+    torch.testing.assert_close(got[1], x + 1)
+    torch.testing.assert_close(got[2], torch.ones(3))
