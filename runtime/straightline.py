@@ -6,14 +6,15 @@ as straight-line source instead, one line per step::
 
     def forward(inputs):
         v0, v1 = inputs
-        v4 = k0([v0, c2], a0)
-        _r = k1([v4], a1); v5 = _r[0]; v6 = _r[1]; del _r; del v4
+        v4 = k[0]([v0, c[2]], a[0])
+        _r = k[1]([v4], a[1]); v5 = _r[0]; v6 = _r[1]; del _r; del v4
         ...
         return [v6]
 
-Each slot is a local variable, and each kernel function, attribute object and constant is a
-closure cell of the function that builds ``forward``, so the hot path holds no dispatch: a
-step is a call and a few local stores. A buffer is dropped (``del``) right after its last
+Each slot is a local variable; the kernel functions, their attributes and the constants sit
+in three closure cells (tuples and a dict indexed by literals: one cell per step made
+CPython's compiler superlinear, 3 s for 20,000 steps), so the hot path holds no dispatch: a
+step is a call, a few constant-index loads and local stores. A buffer is dropped (``del``) right after its last
 use, as the interpreting loop did. The line a kernel raised on names its step: ``step_at``
 maps a traceback back to it, so failures still name the node, at no cost to a call that
 succeeds. ``python -m kiln.bench.executor_overhead`` measures what remains per step.
@@ -29,19 +30,18 @@ _COUNTER = itertools.count()
 def _operand(i, consts: set[int]) -> str:
     if i is None:
         return "None"
-    return f"c{i}" if i in consts else f"v{i}"
+    return f"c[{i}]" if i in consts else f"v{i}"
 
 
 def generate(steps, input_slots, output_slots, const_slots):
     """(forward(inputs) -> list of outputs, its code object, first step's line number)."""
     consts = {i for i, _ in const_slots}
-    cells: dict[str, object] = {f"c{i}": t for i, t in const_slots}
+    const_of = dict(const_slots)
     body = []
     ins = ", ".join(f"v{i}" for i in input_slots)
     body.append(f"    {ins}{',' if len(input_slots) == 1 else ''} = inputs" if input_slots else "    pass")
     for n, s in enumerate(steps):
-        cells[f"k{n}"], cells[f"a{n}"] = s.fn, s.attrs
-        call = f"k{n}([{', '.join(_operand(i, consts) for i in s.ins)}], a{n})"
+        call = f"k[{n}]([{', '.join(_operand(i, consts) for i in s.ins)}], a[{n}])"
         if len(s.outs) == 1:
             line = f"v{s.outs[0]} = {call}"
         else:  # a kernel of several results returns a sequence (it may hold more than used)
@@ -51,13 +51,11 @@ def generate(steps, input_slots, output_slots, const_slots):
             line += f"; del {', '.join(dead)}"
         body.append("    " + line)
     body.append(f"    return [{', '.join(_operand(i, consts) for i in output_slots)}]")
-    names = sorted(cells)
-    src = (f"def _make({', '.join(names)}):\n" if names else "def _make():\n") + \
-        "  def forward(inputs):\n" + "\n".join("  " + b for b in body) + "\n  return forward\n"
+    src = "def _make(k, a, c):\n  def forward(inputs):\n" + "\n".join("  " + b for b in body) + "\n  return forward\n"
     filename = f"<kiln plan {next(_COUNTER)}>"
     scope: dict = {}
     exec(compile(src, filename, "exec"), scope)  # noqa: S102 - the source is generated above
-    forward = scope["_make"](*(cells[k] for k in names))
+    forward = scope["_make"](tuple(s.fn for s in steps), tuple(s.attrs for s in steps), const_of)
     return forward, forward.__code__, 4  # line 1 _make, 2 forward, 3 unpacking, 4 the first step
 
 

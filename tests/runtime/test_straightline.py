@@ -108,3 +108,18 @@ def test_plans_with_no_steps_or_returned_inputs_and_constants():
     assert got[0] is y
     torch.testing.assert_close(got[1], x + 1)
     torch.testing.assert_close(got[2], torch.ones(3))
+
+
+def test_long_plans_generate_and_run():
+    """Thousands of steps and constants (the generated source indexes them, so its size and
+    compile time grow linearly)."""
+    from types import SimpleNamespace
+
+    from kiln.runtime.straightline import generate
+
+    n = 3000
+    consts = tuple((n + 1 + i, torch.tensor(float(i))) for i in range(n))
+    steps = [SimpleNamespace(fn=lambda ins, a: ins[0] + ins[1], attrs=None, ins=(i, n + 1 + i), outs=(i + 1,),
+                             free=(i,) if i else ()) for i in range(n)]
+    forward, _, _ = generate(steps, (0,), (n,), consts)
+    assert float(forward([torch.tensor(0.0)])[0]) == sum(range(n))
