@@ -1,6 +1,7 @@
 """``kiln.compile`` and ``kiln.explain``: the public entry points."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -77,6 +78,7 @@ class CompiledModel:
         self.target_spec = Target.parse(target)
         self.source = model
         self.target = self.target_spec.kind
+        self._threads = _threads_option(options.pop("threads", None))
         self.options = _quantize_options(options)
         self.is_onnx = _is_onnx(model)
         self.name = name or (type(model).__name__ if not self.is_onnx else "onnx_model")
@@ -94,7 +96,8 @@ class CompiledModel:
             self._onnx = load_onnx(model)
             self._value_inputs = value_inputs(self._onnx)
             if example_inputs is not None:
-                self._prepare(tuple(example_inputs), {})
+                with _using_threads(self._threads):
+                    self._prepare(tuple(example_inputs), {})
         else:
             if isinstance(model, torch.nn.Module):
                 self._module = model
@@ -107,7 +110,8 @@ class CompiledModel:
             if example_inputs is not None:
                 if isinstance(example_inputs, torch.Tensor):
                     example_inputs = (example_inputs,)
-                self._prepare(tuple(example_inputs), dict(example_kwargs or {}))
+                with _using_threads(self._threads):
+                    self._prepare(tuple(example_inputs), dict(example_kwargs or {}))
         if not self.is_onnx and not isinstance(model, torch.nn.Module):
             functools.update_wrapper(self, model, updated=())  # a decorated function keeps its name and doc
 
@@ -204,6 +208,12 @@ class CompiledModel:
                 raise KilnError(f"input {s.name!r}: compiled for device {s.device}, got {x.device}")
 
     def __call__(self, *args, **kwargs):
+        if self._threads is None or self._threads == torch.get_num_threads():
+            return self._call(args, kwargs)
+        with _using_threads(self._threads):
+            return self._call(args, kwargs)
+
+    def _call(self, args, kwargs):
         if not kwargs and len(args) == self._tensor_args and all(isinstance(a, torch.Tensor) for a in args):
             # the common call, positional tensors as compiled: no pytree walk (tens of us)
             leaves, tree = args, None
@@ -235,6 +245,31 @@ class CompiledModel:
 
     def __repr__(self) -> str:
         return f"<kiln.CompiledModel {self.name} target={self.target} specializations={len(self._plans)}>"
+
+
+def _threads_option(threads):
+    """``threads=N``: the model compiles and runs with N intra-op threads whatever torch's
+    setting (None: torch.get_num_threads() at each call, as plans are keyed by it)."""
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise KilnError(f"threads must be a positive int, got {threads!r}")
+    return threads
+
+
+@contextlib.contextmanager
+def _using_threads(threads):
+    """torch's intra-op thread count set to ``threads`` for the block (it is process-wide:
+    torch work on other Python threads sees it meanwhile), then restored."""
+    old = torch.get_num_threads()
+    if threads is None or threads == old:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _quantize_options(options: dict) -> dict:

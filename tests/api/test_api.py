@@ -1,4 +1,6 @@
 """The public API: decorator forms, torch.compile, guards, fallbacks and explain."""
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -119,3 +121,32 @@ def test_export_failure_is_a_kiln_error():
 
     with pytest.raises(KilnError, match="torch.export could not trace"):
         kiln.compile(DataDependent(), (torch.randn(3),))
+
+
+def test_threads_option_compiles_and_runs_with_that_many_threads():
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(3, 8)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fast = kiln.compile(m, (x,), threads=1)
+        assert torch.get_num_threads() == 2  # restored after compiling
+        c = fast.compiled[0]
+        seen = []
+
+        def watched(s):
+            def fn(ins, a):
+                seen.append(torch.get_num_threads())
+                return s.fn(ins, a)
+            return dataclasses.replace(s, fn=fn)
+
+        c.plan = dataclasses.replace(c.plan, steps=tuple(watched(s) for s in c.plan.steps))
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), m(x))
+        assert seen and set(seen) == {1}  # every kernel ran with one thread
+        assert torch.get_num_threads() == 2  # restored after the call
+        assert [k[0] for k in fast._plans] == [("threads", 1)]  # the plan was built for one thread
+    finally:
+        torch.set_num_threads(old)
+    with pytest.raises(KilnError, match="threads must be a positive int"):
+        kiln.compile(m, (x,), threads=0)
