@@ -87,7 +87,7 @@ class Plan:
             return forward(inputs)
         except Exception as e:  # name the node; the original error stays chained
             k = step_at(e.__traceback__, code, first)
-            if k is None:
+            if k is None or not 0 <= k < len(self.steps):  # not inside a kernel call
                 raise
             s = self.steps[k]
             where = f" ({s.node.scope})" if s.node.scope else ""
