@@ -69,10 +69,14 @@ def roofline(threads: int | None = None, refresh: bool = False) -> dict:
 
 
 def ceilings(threads: int) -> dict:
-    """One round of every ceiling at ``threads`` threads (AMX: None without AMX-BF16)."""
+    """One round of every ceiling at ``threads`` threads (FMA / AMX: None where not built or
+    not present)."""
     from kiln import _C
 
-    fma = _C.compute_peak_gflops("fma", threads, 1_000_000)
+    try:
+        fma = _C.compute_peak_gflops("fma", threads, 1_000_000)
+    except RuntimeError:  # built without AVX-512
+        fma = None
     amx = _C.compute_peak_gflops("amx_bf16", threads, 200_000) if _C.amx_bf16_supported() else None
     m = measure(threads)
     return {"fma": fma, "amx_bf16": amx, "gemm": m["peak_gflops"], "copy": m["bandwidth_gbs"]}

@@ -78,3 +78,18 @@ def test_pass_ab_compiles_with_and_without_the_pass():
     bad = subprocess.run([sys.executable, "-m", "kiln.bench.pass_ab", "no_such_pass", "--models", "lstm",
                           "--threads", "1", "--repeats", "1"], capture_output=True, text=True, timeout=600, env=ENV)
     assert bad.returncode != 0 and "unknown pass or phase" in bad.stderr
+
+
+def test_machine_ceilings(capsys):
+    from kiln import _C
+    from kiln.bench import machine
+
+    if _C.attention_supported():  # built with AVX-512
+        assert _C.compute_peak_gflops("fma", 1, 10_000) > 0
+    with pytest.raises(ValueError):
+        _C.compute_peak_gflops("fp64", 1, 10)
+    with pytest.raises(ValueError):
+        _C.compute_peak_gflops("fma", 0, 10)
+    machine.main(["--rounds", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "| threads | FMA fp32 GFLOP/s |" in out and "\n| 1 | " in out
