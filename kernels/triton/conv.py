@@ -16,7 +16,7 @@ import triton.language as tl
 from kiln.codegen.autotune import space
 from kiln.ir.attrs import Activation
 
-from .gemm import ACT_CODES, _precision
+from .gemm import ACT_CODES, _precision, activate
 from .launch import launch
 from .tuning import choose_config, launch_params, signature_of
 
@@ -58,18 +58,7 @@ def conv2d_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr,
     if HAS_RES:
         acc += tl.load(res_ptr + nb[:, None] * s_rn + co[None, :] * s_rc + oh[:, None] * s_rh + ow[:, None] * s_rw,
                        mask=cmask, other=0.0)
-    if ACT == 1:
-        acc = tl.maximum(acc, 0.0)
-    elif ACT == 2:
-        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
-    elif ACT == 3:
-        acc = 0.5 * acc * (1.0 + (2.0 * tl.sigmoid(2.0 * 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)) - 1.0))
-    elif ACT == 4:
-        acc = 2.0 * tl.sigmoid(2.0 * acc) - 1.0
-    elif ACT == 5:
-        acc = tl.sigmoid(acc)
-    elif ACT == 6:
-        acc = acc * tl.sigmoid(acc)
+    acc = activate(acc, ACT)
     tl.store(y_ptr + nb[:, None] * s_yn + co[None, :] * s_yc + oh[:, None] * s_yh + ow[:, None] * s_yw,
              acc.to(y_ptr.dtype.element_ty), mask=cmask)
 

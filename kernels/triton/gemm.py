@@ -24,6 +24,25 @@ ACT_CODES = {Activation.NONE: 0, Activation.RELU: 1, Activation.GELU: 2, Activat
              Activation.TANH: 4, Activation.SIGMOID: 5, Activation.SILU: 6}
 
 
+@triton.jit
+def activate(acc, ACT: tl.constexpr):
+    """The fused activation ``ACT`` (``ACT_CODES``; 0: none) on an fp32 tile; tanh as
+    2 sigmoid(2x) - 1 (no tanh in tl)."""
+    if ACT == 1:
+        acc = tl.maximum(acc, 0.0)
+    elif ACT == 2:
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+    elif ACT == 3:
+        acc = 0.5 * acc * (1.0 + (2.0 * tl.sigmoid(2.0 * 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)) - 1.0))
+    elif ACT == 4:
+        acc = 2.0 * tl.sigmoid(2.0 * acc) - 1.0
+    elif ACT == 5:
+        acc = tl.sigmoid(acc)
+    elif ACT == 6:
+        acc = acc * tl.sigmoid(acc)
+    return acc
+
+
 def _fits(cfg: dict) -> bool:
     return cfg["BLOCK_M"] * cfg["BLOCK_N"] <= 128 * 128
 
@@ -56,18 +75,7 @@ def gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, res_ptr, M, N, K,
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0)[None, :]
     if HAS_RES:
         acc += tl.load(res_ptr + batch * s_rb + rm[:, None] * s_rm + rn[None, :] * s_rn, mask=cmask, other=0.0)
-    if ACT == 1:
-        acc = tl.maximum(acc, 0.0)
-    elif ACT == 2:
-        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
-    elif ACT == 3:
-        acc = 0.5 * acc * (1.0 + (2.0 * tl.sigmoid(2.0 * 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)) - 1.0))
-    elif ACT == 4:
-        acc = 2.0 * tl.sigmoid(2.0 * acc) - 1.0
-    elif ACT == 5:
-        acc = tl.sigmoid(acc)
-    elif ACT == 6:
-        acc = acc * tl.sigmoid(acc)
+    acc = activate(acc, ACT)
     tl.store(c_ptr + batch * s_cb + rm[:, None] * s_cm + rn[None, :] * s_cn,
              acc.to(c_ptr.dtype.element_ty), mask=cmask)
 
