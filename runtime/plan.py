@@ -58,7 +58,7 @@ class Plan:
     pass_records: list = field(default_factory=list)
     cache_hit: bool = False
     sparsity: list = field(default_factory=list)  # passes.sparsity.SparseDecision per layer considered
-    _forward: tuple = field(init=False, repr=False, compare=False)  # (function, code, first step's line)
+    _forward: object = field(init=False, repr=False, compare=False)  # the generated function
 
     def __post_init__(self):
         self._forward = generate(self.steps, self.input_slots, self.output_slots, self.const_slots)
@@ -80,13 +80,12 @@ class Plan:
         return [slots[i] for i in self.output_slots]
 
     def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        forward, code, first = self._forward
         if len(inputs) != len(self.input_slots):
             raise ValueError(f"plan takes {len(self.input_slots)} inputs, got {len(inputs)}")
         try:
-            return forward(inputs)
+            return self._forward(inputs)
         except Exception as e:  # name the node; the original error stays chained
-            k = step_at(e.__traceback__, code, first)
+            k = step_at(e.__traceback__, self._forward)
             if k is None or not 0 <= k < len(self.steps):  # not inside a kernel call
                 raise
             s = self.steps[k]

@@ -25,18 +25,18 @@ import itertools
 import types
 
 _COUNTER = itertools.count()
+FIRST_STEP_LINE = 4  # line 1 _make, 2 forward, 3 the inputs' unpacking
 
 
-def _operand(i, consts: set[int]) -> str:
+def _operand(i, consts: dict) -> str:
     if i is None:
         return "None"
     return f"c[{i}]" if i in consts else f"v{i}"
 
 
 def generate(steps, input_slots, output_slots, const_slots):
-    """(forward(inputs) -> list of outputs, its code object, first step's line number)."""
-    consts = {i for i, _ in const_slots}
-    const_of = dict(const_slots)
+    """forward(inputs) -> list of outputs; step k runs on line FIRST_STEP_LINE + k."""
+    consts = dict(const_slots)
     body = []
     ins = ", ".join(f"v{i}" for i in input_slots)
     body.append(f"    {ins}{',' if len(input_slots) == 1 else ''} = inputs" if input_slots else "    pass")
@@ -55,14 +55,14 @@ def generate(steps, input_slots, output_slots, const_slots):
     filename = f"<kiln plan {next(_COUNTER)}>"
     scope: dict = {}
     exec(compile(src, filename, "exec"), scope)  # noqa: S102 - the source is generated above
-    forward = scope["_make"](tuple(s.fn for s in steps), tuple(s.attrs for s in steps), const_of)
-    return forward, forward.__code__, 4  # line 1 _make, 2 forward, 3 unpacking, 4 the first step
+    return scope["_make"](tuple(s.fn for s in steps), tuple(s.attrs for s in steps), consts)
 
 
-def step_at(tb: types.TracebackType | None, code: types.CodeType, first_line: int) -> int | None:
-    """The index of the step whose line in ``code`` the traceback passes through, if any."""
+def step_at(tb: types.TracebackType | None, forward) -> int | None:
+    """The index of the step whose line in ``forward`` the traceback passes through, if any
+    (unchecked: a line outside the steps gives an index outside them)."""
     while tb is not None:
-        if tb.tb_frame.f_code is code:
-            return tb.tb_lineno - first_line
+        if tb.tb_frame.f_code is forward.__code__:
+            return tb.tb_lineno - FIRST_STEP_LINE
         tb = tb.tb_next
     return None

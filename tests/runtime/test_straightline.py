@@ -121,5 +121,5 @@ def test_long_plans_generate_and_run():
     consts = tuple((n + 1 + i, torch.tensor(float(i))) for i in range(n))
     steps = [SimpleNamespace(fn=lambda ins, a: ins[0] + ins[1], attrs=None, ins=(i, n + 1 + i), outs=(i + 1,),
                              free=(i,) if i else ()) for i in range(n)]
-    forward, _, _ = generate(steps, (0,), (n,), consts)
+    forward = generate(steps, (0,), (n,), consts)
     assert float(forward([torch.tensor(0.0)])[0]) == sum(range(n))
