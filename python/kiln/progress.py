@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
+
+from .options import settings
 
 AREAS = ("frontend", "passes", "tune", "codegen", "runtime", "bench")
 
 
 def progress(iterable=None, total=None, desc: str = "", unit: str = "it"):
     """A tqdm bar on an interactive stderr; the plain iterable otherwise."""
-    if not sys.stderr.isatty() or os.environ.get("KILN_PROGRESS") == "0":
+    if not sys.stderr.isatty() or not settings().progress:
         return iterable if iterable is not None else _Null()
     from tqdm import tqdm
 
@@ -29,7 +30,8 @@ class _Null:
 
 
 def enabled(area: str) -> bool:
-    return area in os.environ.get("KILN_LOG", "").split(",") or "all" in os.environ.get("KILN_LOG", "").split(",")
+    areas = settings().log_areas
+    return area in areas or "all" in areas
 
 
 def log(area: str) -> logging.Logger:
