@@ -3,7 +3,7 @@
 A *literal* is a constant that does not come from the model's weights: ``arange``,
 shape arithmetic, ONNX ``Constant`` nodes. Ops whose operands are all literals (position
 ids, masks built from ``arange``, ``Shape -> Gather -> Concat`` chains) are evaluated
-right away with the reference kernels, so the graph never carries shape plumbing.
+right away with the ops' reference meaning (kiln.ir.reference), so the graph never carries shape plumbing.
 Weights are never folded here; that is the constant-folding pass's job.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 from kiln.ir import DType, Graph, GraphBuilder, Node, OpKind, Value, opdef
 from kiln.ir import attrs as A
 from kiln.ir.ops import infer_types
+from kiln.ir.reference import evaluate as evaluate_node
 
 
 class ImportError_(Exception):
@@ -44,8 +45,6 @@ class FrontendBuilder(GraphBuilder):
         """
         if v in self._constants:
             return self._constants[v]
-        from kiln.kernels.registry import select_kernel
-
         producer = {o: n for n in self._nodes for o in n.outputs}
         memo: dict[Value, torch.Tensor] = dict(self._constants)
 
@@ -61,7 +60,7 @@ class FrontendBuilder(GraphBuilder):
                 if i is not None and t is None:
                     return None
                 args.append(t)
-            r = select_kernel(n, "reference").fn(args, n.attrs)
+            r = evaluate_node(n, args)
             for o, t in zip(n.outputs, r if isinstance(r, tuple) else (r,)):
                 memo[o] = t
             return memo[x]
@@ -72,12 +71,9 @@ class FrontendBuilder(GraphBuilder):
         attrs = opdef(op).attrs() if attrs is None else attrs
         present = [v for v in inputs if v is not None]
         if present and op is not OpKind.FALLBACK and all(v in self.literals for v in present):
-            from kiln.kernels.registry import select_kernel
-
             types = infer_types(op, [None if v is None else v.type for v in inputs], attrs)
             node = Node(op, tuple(inputs), attrs, (), "")
-            fn = select_kernel(node, "reference").fn
-            r = fn([None if v is None else self.literals[v] for v in inputs], attrs)
+            r = evaluate_node(node, [None if v is None else self.literals[v] for v in inputs])
             rs = r if isinstance(r, tuple) else (r,)
             outs = tuple(self.literal(t.contiguous(), name or op.value) for t in rs)
             for t, v in zip(types, outs):

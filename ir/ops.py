@@ -1,7 +1,8 @@
 """Op kinds and their definitions: attributes, operands, and shape/dtype inference.
 
-Each op kind has exactly one definition here. Its torch reference implementation lives in
-``kiln.kernels.reference`` (the IR itself never executes anything).
+Each op kind has exactly one definition here. What it computes, as a torch implementation,
+is in ``kiln.ir.reference`` (constant folding evaluates with it; the runtime's reference
+kernels are it).
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import torch
 
 from kiln.ir import Node, OpKind
 
-from .reference import epilogue
+from kiln.ir.reference import epilogue
 from .registry import register_kernel
 
 _MKL = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")

@@ -13,7 +13,7 @@ import torch
 from kiln.ir import Node, OpKind
 from kiln.ir import attrs as A
 
-from .reference import epilogue
+from kiln.ir.reference import epilogue
 from .registry import register_kernel
 
 _MKLDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")

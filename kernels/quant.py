@@ -3,7 +3,7 @@
 weights prepacked once at plan build and the epilogue fused where oneDNN allows.
 
 Like every fast kernel these are candidates: ``kernels.choice`` checks each against the
-reference (``kernels/reference.py``) on the node's shapes and times it.
+reference (``kiln.ir.reference``) on the node's shapes and times it.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from kiln.ir import Node, OpKind
 from kiln.ir import attrs as A
 from kiln.ir import qformat as QF
 
-from .reference import epilogue
+from kiln.ir.reference import epilogue
 from .registry import register_kernel
 
 _ONEDNN = hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qlinear_pointwise")

@@ -17,7 +17,7 @@ from kiln.ir import Node, OpKind
 from kiln.ir import attrs as A
 
 from . import int8_cpu as I8
-from .reference import epilogue
+from kiln.ir.reference import epilogue
 from .registry import register_kernel
 
 _ACT = {A.Activation.NONE: "none", A.Activation.RELU: "relu", A.Activation.GELU: "gelu",

@@ -2,7 +2,7 @@
 
 Every operand is addressed through its strides, so a linear layer's [N, K] weight, a
 transposed or broadcast batch operand and channels-last activations need no copy. The
-epilogue is ``act(a @ b + bias + residual)`` (kiln.kernels.reference.epilogue), computed
+epilogue is ``act(a @ b + bias + residual)`` (kiln.ir.reference.epilogue), computed
 on the accumulator tile before the one store. Activations are ``ACT`` codes (``ACT_CODES``).
 Weight formats for the quantized kernels follow the shared format description: int8
 [N, K] with fp32 per-channel scales; int4 packed two per byte (low nibble = even k) with

@@ -8,7 +8,7 @@ from kiln import _C
 from kiln.ir import DType, GraphBuilder, OpKind
 from kiln.ir import attrs as A
 from kiln.kernels import amx_linear
-from kiln.kernels.reference import linear as ref_linear
+from kiln.ir.reference import linear as ref_linear
 from kiln.kernels.registry import kernels_for
 
 pytestmark = pytest.mark.skipif(not amx_linear.supported(), reason="needs a CPU with AMX-BF16")

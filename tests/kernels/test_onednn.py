@@ -5,8 +5,8 @@ import torch
 from kiln.ir import DType, GraphBuilder, Layout, LayoutKind, OpKind
 from kiln.ir import attrs as A
 from kiln.kernels import onednn
-from kiln.kernels.reference import conv2d as ref_conv
-from kiln.kernels.reference import linear as ref_linear
+from kiln.ir.reference import conv2d as ref_conv
+from kiln.ir.reference import linear as ref_linear
 from kiln.kernels.registry import kernels_for
 
 pytestmark = pytest.mark.skipif(not onednn._MKLDNN, reason="torch was built without oneDNN")

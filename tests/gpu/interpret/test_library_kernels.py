@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from kiln.ir import attrs as A
 from kiln.ir.attrs import Activation
-from kiln.kernels.reference import epilogue, rnn_hoisted_reference
+from kiln.ir.reference import epilogue, rnn_hoisted_reference
 from kiln.kernels.triton import attention, conv, gemm, norm, rnn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
