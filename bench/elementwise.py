@@ -76,7 +76,7 @@ def _time(fn) -> float:
 
 def run(n: int = 16 * 1024 * 1024, repeats: int = 10, threads: int | None = None, tune="fast",
         op: str = "affine_relu") -> dict:
-    from kiln.kernels.generated import generated_kernel
+    from kiln.runtime.generated import generated_kernel
     from kiln.passes.partition import partition
     from kiln.target import host_cpu
 

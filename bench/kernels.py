@@ -56,9 +56,9 @@ def gemm_nodes(shapes: list[str]) -> list[tuple[str, Node, list]]:
 
 
 def _inputs(node: Node, consts: list) -> list:
-    from kiln.kernels.choice import _random_like  # the values kernel choice times on
+    from kiln.kernels.choice import random_like  # the values kernel choice times on
 
-    return [None if v is None else (c if c is not None else _random_like(v)) for v, c in zip(node.inputs, consts)]
+    return [None if v is None else (c if c is not None else random_like(v)) for v, c in zip(node.inputs, consts)]
 
 
 def _time(fn, ins, attrs, repeats: int) -> list[float]:

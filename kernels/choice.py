@@ -5,24 +5,29 @@ A candidate must first agree with the reference kernel on those inputs (within t
 dtype's tolerance); failures and disagreements score infinity. Results are memoized per
 (kernel names, op, attrs, input types) for the life of the process, and recorded in the
 compile cache.
+
+A kernel group can also run as one generated kernel: ``choose_group`` weighs it against
+the group's per-node choices the same way. Timing is ``kernels.timing``'s interleaved rounds.
 """
 from __future__ import annotations
 
 import math
-import os
-import time
 
 import torch
 
-from kiln.ir import LayoutKind, Node
+from kiln.ir import LayoutKind, Node, OpKind
+from kiln.ir.reference import REFERENCE
+from kiln.options import settings
 
 from .registry import Kernel
+from .timing import best_seconds
 
 _MEMO: dict[tuple, str] = {}
+_GROUP_MEMO: dict[tuple, bool] = {}  # (signature, threads, node kernels) -> generated wins
 REPEATS = 5
 
 
-def _random_like(v) -> torch.Tensor:
+def random_like(v) -> torch.Tensor:
     """A random run-time value of ``v``'s type, stored as the plan stores it (a channels-last
     value in channels-last memory), so kernels are timed on the layout they will get."""
     t = v.type
@@ -40,7 +45,7 @@ def _random_like(v) -> torch.Tensor:
     return x
 
 
-def _agrees(out, ref, lsb: bool = False) -> bool:
+def agrees(out, ref, lsb: bool = False) -> bool:
     """``lsb``: integer outputs are quantized values and may differ by one step (rounding
     ties after a float32 requantization scale land either way)."""
     outs = out if isinstance(out, tuple) else (out,)
@@ -71,33 +76,19 @@ def _warm(fn, ins, attrs, ref=None, lsb: bool = False) -> bool:
     try:
         with torch.no_grad():
             out = fn(ins, attrs)
-        return ref is None or _agrees(out, ref, lsb)  # a kernel that disagrees is never chosen
+        return ref is None or agrees(out, ref, lsb)  # a kernel that disagrees is never chosen
     except Exception:
         return False
 
 
-def _timed(fns: list, ins, attrs, repeats: int = REPEATS) -> list[float]:
-    """Best time of each function over ``repeats`` rounds that take the candidates in turn, so
-    a burst of machine noise (these machines are shared) hits them alike rather than
-    deciding for whichever candidate ran in a quiet moment."""
-    best = [math.inf] * len(fns)
-    with torch.no_grad():
-        for _ in range(repeats):
-            for i, fn in enumerate(fns):
-                if fn is None:
-                    continue
-                try:
-                    t = time.perf_counter()
-                    fn(ins, attrs)
-                    best[i] = min(best[i], time.perf_counter() - t)
-                except Exception:
-                    fns[i], best[i] = None, math.inf
-    return best
+def timed(fns: list, ins, attrs, repeats: int = REPEATS) -> list[float]:
+    """Best seconds of each kernel function (None: skipped) on ``ins``, interleaved rounds."""
+    return best_seconds([None if fn is None else (lambda fn=fn: fn(ins, attrs)) for fn in fns], repeats)
 
 
 def choose(node: Node, kernels: list[Kernel], constants: list) -> tuple[Kernel, object]:
     """Return (kernel, bound function) of the fastest candidate for ``node``."""
-    if len(kernels) == 1 or os.environ.get("KILN_KERNEL_CHOICE") == "first" or not all(
+    if len(kernels) == 1 or settings().kernel_choice == "first" or not all(
             v is None or v.type.is_static for v in node.inputs):
         return kernels[0], kernels[0].bind(node, constants)
     key = (torch.get_num_threads(), tuple(k.name for k in kernels), node.op, node.attrs,
@@ -107,7 +98,7 @@ def choose(node: Node, kernels: list[Kernel], constants: list) -> tuple[Kernel, 
         k = next(k for k in kernels if k.name == name)
         return k, k.bind(node, constants)
     bound = [(k, k.bind(node, constants)) for k in kernels]
-    ins = [None if v is None else (c if c is not None else _random_like(v)) for v, c in zip(node.inputs, constants)]
+    ins = [None if v is None else (c if c is not None else random_like(v)) for v, c in zip(node.inputs, constants)]
     ref = None
     ref_k = next((k for k, _ in bound if k.target == "reference"), None)
     if ref_k is not None:
@@ -118,9 +109,109 @@ def choose(node: Node, kernels: list[Kernel], constants: list) -> tuple[Kernel, 
             ref = None
     lsb = node.outputs[0].type.quant is not None
     fns = [fn if _warm(fn, ins, node.attrs, None if k.target == "reference" else ref, lsb) else None for k, fn in bound]
-    times = _timed(fns, ins, node.attrs)
+    times = timed(fns, ins, node.attrs)
     if all(t == math.inf for t in times):
         return next(b for b in bound if b[0].target == "reference") if ref_k is not None else bound[0]
     best = bound[min(range(len(bound)), key=times.__getitem__)]
     _MEMO[key] = best[0].name
     return best
+
+
+# ----------------------------------------------------------------------------- kernel groups
+def group_inputs(group, graph) -> list:
+    """Inputs to measure on: the constants as they are, random tensors for run-time values."""
+    return [graph.constants[v] if v in graph.constants else random_like(v) for v in group.inputs]
+
+
+def reference_outputs(group, ins: list) -> list:
+    """The group's outputs computed node by node with the ops' reference meaning."""
+    return run_nodes(group, ins, [REFERENCE[n.op] for n in group.nodes])
+
+
+def run_nodes(group, ins: list, fns: list) -> list:
+    env = dict(zip(group.inputs, ins))
+    for n, fn in zip(group.nodes, fns):
+        r = fn([None if v is None else env[v] for v in n.inputs], n.attrs)
+        for v, t in zip(n.outputs, r if isinstance(r, tuple) else (r,)):
+            env[v] = t
+    return [env[v] for v in group.outputs]
+
+
+def _views_only(outs: list, ins: list) -> bool:
+    """Every output is a view of an input (a slice then a reshape, say): the per-node kernels
+    move no data, and a generated kernel, which writes its outputs, cannot beat that; not
+    generating it also saves the TVM import and build at compile time."""
+    storages = {t.untyped_storage().data_ptr() for t in ins if isinstance(t, torch.Tensor)}
+    return all(isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() in storages for o in outs)
+
+
+# ops torch runs as a view of their input wherever the input's strides allow
+_VIEW_OPS = frozenset({OpKind.RESHAPE, OpKind.PERMUTE, OpKind.EXPAND, OpKind.SLICE})
+
+
+def _view_ops_only(group) -> bool:
+    """Every node is a reshape, permute, expand or slice. Run one by one in torch they make
+    views wherever the run-time input's strides allow, and copy once (torch's copy kernel)
+    where they do not. The choice cannot see which: it times contiguous random inputs, while
+    the plan's may be strided -- BERT's attention output is [B,H,S,D] over [B,S,H,D] memory,
+    so its permute + reshape is free in torch but a copy (after a clone) in a generated kernel."""
+    return all(n.op in _VIEW_OPS for n in group.nodes)
+
+
+# ----------------------------------------------------------------------------- the choice
+# A group whose per-node kernels take less than this is left alone: a generated kernel could
+# save at most this much per call, while generating it costs a TVM import and a build at
+# compile time.
+WORTH_GENERATING_S = 10e-6
+
+
+def choose_group(group, graph, make_kernel, node_fns: list, threads: int):
+    """The generated kernel for ``group`` (``make_kernel(group)``, or None when it cannot be
+    generated) if it beats running ``node_fns`` (the per-node choices) one by one, else None.
+    It must first agree with the reference. Groups of view-making ops only, groups whose
+    per-node kernels only make views, or take less than ``WORTH_GENERATING_S``, are not
+    generated at all. Decisions are memoized per process.
+    ``KILN_GROUP_CHOICE=generated`` skips the timing (an agreeing generated kernel wins), for
+    tests and debugging, as ``KILN_KERNEL_CHOICE=first`` does for per-node kernels."""
+    from kiln.codegen.tvm import signature
+
+    forced = settings().group_choice == "generated"
+    memo = (signature(group), threads, forced, tuple(getattr(f, "__qualname__", repr(f)) for f in node_fns))
+    if (memo in _GROUP_MEMO and not _GROUP_MEMO[memo]) or (not forced and _view_ops_only(group)):
+        return None
+    ins = group_inputs(group, graph)
+    with torch.no_grad():
+        node_t = None
+        if not forced and memo not in _GROUP_MEMO:
+            try:
+                if _views_only(run_nodes(group, ins, node_fns), ins):
+                    _GROUP_MEMO[memo] = False
+                    return None
+                node_t = best_seconds([lambda: run_nodes(group, ins, node_fns)], REPEATS, warmup=1)[0]
+            except Exception:  # noqa: BLE001  (e.g. an integer division by the random zeros)
+                node_t = math.inf
+            # a failing per-node run leaves nothing to compare against: keep the per-node kernels
+            if node_t < WORTH_GENERATING_S or node_t == math.inf:
+                _GROUP_MEMO[memo] = False
+                return None
+        kernel = make_kernel(group)
+        if kernel is None:
+            _GROUP_MEMO[memo] = False
+            return None
+        if memo in _GROUP_MEMO:
+            return kernel
+        try:
+            ref = reference_outputs(group, ins)
+            ok = agrees(tuple(as_output_list(kernel(ins))), tuple(ref))
+        except Exception:
+            ok = False
+        if ok and not forced:  # both again, in turn, so machine noise hits them alike
+            gen_t, nodes_t = best_seconds([lambda: kernel(ins), lambda: run_nodes(group, ins, node_fns)], REPEATS)
+            ok = gen_t < nodes_t
+    _GROUP_MEMO[memo] = ok
+    return kernel if ok else None
+
+
+def as_output_list(out) -> list:
+    """A kernel's result (a tensor, or a tuple for several outputs) as a list."""
+    return list(out) if isinstance(out, tuple) else [out]

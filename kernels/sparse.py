@@ -149,16 +149,16 @@ def measure(options: list[tuple[Node, list]], target: str = "cpu", rounds: int =
     option; a kernel that disagrees with the first option (the dense original) beyond
     float32 rounding scores infinity.
     """
-    from .choice import _agrees, _random_like
+    from .choice import agrees, random_like
 
     bound = []  # (option index, kernel name, fn, inputs)
     x = None
     for i, (node, consts) in enumerate(options):
         if x is None:  # in the layout the plan will pass (a channels-last conv input costs differently)
-            x = _random_like(node.inputs[0])
+            x = random_like(node.inputs[0])
             if node.inputs[0].type.layout.kind is LayoutKind.CHANNELS_LAST and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-        ins = [x] + [None if v is None else (c if c is not None else _random_like(v))
+        ins = [x] + [None if v is None else (c if c is not None else random_like(v))
                      for v, c in zip(node.inputs[1:], consts[1:])]
         for k in candidates(node, target):
             if i > 0 and k.target == "reference":
@@ -180,7 +180,7 @@ def measure(options: list[tuple[Node, list]], target: str = "cpu", rounds: int =
                 continue
             if ref is None:
                 ref = out
-            ok[j] = _agrees(out, ref)
+            ok[j] = agrees(out, ref)
             if ok[j]:
                 err[i] = min(err[i], float((out - ref).abs().max()) if out.numel() else 0.0)
         for _ in range(rounds):

@@ -130,7 +130,7 @@ def _generator(graph: Graph, target: Target, tune):
     """``generate(group)``: the group's generated kernel (tuned within ``tune``), or None when
     the TensorIR renderer does not cover it or code generation fails (per-node kernels run)."""
     from kiln.codegen.tvm import supports
-    from kiln.kernels.generated import generated_kernel
+    from .generated import generated_kernel
 
     from kiln.ir import Category, opdef
 

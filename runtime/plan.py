@@ -128,7 +128,7 @@ def build_plan(graph: Graph, target: str = "cpu", kernel_choices: list[str] | No
     kernels named in ``exclude`` are not candidates (the reference always is).
 
     With a ``partition`` and a ``generate(group) -> GeneratedKernel | None`` (see
-    ``kiln.kernels.generated``), each kernel group can run as one generated kernel: it does
+    ``kiln.runtime.generated``), each kernel group can run as one generated kernel: it does
     when ``kernel_choices`` says so, else when it beats the group's per-node kernels by
     measurement. Steps then follow the partition's group order (a valid execution order).
     """
@@ -255,7 +255,9 @@ def _generated(group, nodes, chosen, graph, kernel_choices, index, generate):
     """The generated kernel for ``group`` if it runs as one (recorded choice or measured win)."""
     if group is None:
         return None
-    from kiln.kernels.generated import KERNEL_PREFIX, choose_group
+    from kiln.kernels.choice import choose_group
+
+    from .generated import KERNEL_PREFIX
 
     recorded = [kernel_choices[index[n]] for n in nodes if kernel_choices is not None and index[n] < len(kernel_choices)]
     if recorded and len(recorded) == len(nodes):

@@ -84,11 +84,10 @@ _DEFAULT: dict[str, TuningDB] = {}
 
 
 def default_path() -> str:
-    if os.environ.get("KILN_TUNING_DB"):
-        return os.environ["KILN_TUNING_DB"]
-    from kiln.runtime.cache import cache_root
+    """``KILN_TUNING_DB``, default ``<KILN_CACHE_DIR>/tuning.sqlite``."""
+    from kiln.options import settings
 
-    return os.path.join(cache_root(), "tuning.sqlite")
+    return settings().tuning_db
 
 
 def default_db() -> TuningDB:

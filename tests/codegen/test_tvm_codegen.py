@@ -17,7 +17,9 @@ from kiln.codegen.autotune import Budget, TuningDB  # noqa: E402
 from kiln.codegen.schedules_cpu import schedule_group  # noqa: E402
 from kiln.ir import DType, GraphBuilder, Layout, LayoutKind, OpKind, Sym  # noqa: E402
 from kiln.ir import attrs as A  # noqa: E402
-from kiln.kernels import generated  # noqa: E402
+from kiln.codegen import tvm_runtime  # noqa: E402
+from kiln.kernels import choice  # noqa: E402
+from kiln.runtime import generated, module_cache  # noqa: E402
 from kiln.passes.partition import KernelGroup  # noqa: E402
 from kiln.target import host_cpu  # noqa: E402
 
@@ -36,8 +38,8 @@ def check_generated(graph, threads=1, config=None, inputs=None):
     group = whole_graph_group(graph)
     assert tvm_codegen.supports(group) is None, tvm_codegen.supports(group)
     config = config or schedule_group.tune_space.default()
-    fn = generated._build_in_memory(group, config, host_cpu(), threads)
-    kernel = generated.GeneratedKernel(fn, group, "test", config, True, threads=threads)
+    fn = module_cache.build_in_memory(group, config, host_cpu(), threads)
+    kernel = tvm_runtime.GeneratedKernel(fn, group, "test", config, True, threads=threads)
     inputs = inputs if inputs is not None else random_inputs(graph)
     expected = run_graph(graph, inputs)
     got = kernel(list(inputs) + [graph.constants[v] for v in graph.constants])
@@ -215,14 +217,14 @@ def test_a_generated_kernel_that_disagrees_never_wins():
     group = whole_graph_group(graph)
     good = generated.generated_kernel(group, graph, host_cpu(), 1, "none")
 
-    class Wrong(generated.GeneratedKernel):
+    class Wrong(tvm_runtime.GeneratedKernel):
         def __call__(self, ins, attrs=None):
             return super().__call__(ins, attrs) + 1e-2
 
     wrong = Wrong(good.func, group, "wrong", good.config, False)
     # per-node kernels slow enough to be worth replacing: only the numbers can disqualify
     slow_nodes = [lambda ins, a: (time.sleep(1e-3), ins[0])[1]] * len(graph.nodes)
-    assert generated.choose_group(group, graph, lambda g: wrong, slow_nodes, 1) is None
+    assert choice.choose_group(group, graph, lambda g: wrong, slow_nodes, 1) is None
 
 
 class SmallModel(torch.nn.Module):
@@ -248,10 +250,10 @@ def test_model_end_to_end_with_generated_kernels(monkeypatch):
         ok, err, tol = max_err_ok(c(x, y), m(x, y))
     assert ok, f"max abs error {err:.3g} > {tol:.3g}"
     steps = c.compiled[0].plan.steps
-    generated_steps = [s for s in steps if isinstance(s.fn, generated.GeneratedKernel)]
+    generated_steps = [s for s in steps if isinstance(s.fn, tvm_runtime.GeneratedKernel)]
     assert len(generated_steps) >= 2
     # the GEMM keeps its library kernel; its injective consumers run as one generated kernel
-    assert any(a.node.op is OpKind.LINEAR and isinstance(b.fn, generated.GeneratedKernel)
+    assert any(a.node.op is OpKind.LINEAR and isinstance(b.fn, tvm_runtime.GeneratedKernel)
                for a, b in zip(steps, steps[1:]))
 
 
@@ -261,7 +263,7 @@ from kiln.ir import GraphBuilder, OpKind
 from kiln.ir import attrs as A
 from kiln.runtime.compile import compile_graph
 from kiln.runtime.plan import build_plan
-import kiln.kernels.generated as G
+from kiln.codegen.tvm_runtime import GeneratedKernel
 b = GraphBuilder("g")
 x, y = b.input("x", (32, 256)), b.input("y", (256,))
 h = b.add(OpKind.TANH, b.add(OpKind.MUL, x, y))
@@ -271,7 +273,7 @@ plan, optimized = compile_graph(graph, tune="none")
 xs = [torch.randn(32, 256), torch.randn(256)]
 with torch.no_grad():
     ok = bool(torch.allclose(plan.run(xs)[0], build_plan(graph, "reference").run(xs)[0], atol=1e-4))
-steps = [s for s in plan.steps if isinstance(s.fn, G.GeneratedKernel)]
+steps = [s for s in plan.steps if isinstance(s.fn, GeneratedKernel)]
 print(json.dumps({"ok": ok, "hit": plan.cache_hit, "generated": len(steps),
                   "built": sum(s.fn.built for s in steps), "tvm_imported": "tvm" in sys.modules}))
 """
@@ -300,7 +302,7 @@ def test_groups_too_cheap_to_gain_from_a_kernel_are_not_generated():
     def must_not_generate(g):
         raise AssertionError("generated a kernel for a group that cannot gain from one")
 
-    assert generated.choose_group(group, graph, must_not_generate, [lambda ins, a: ins[0].clone()], 1) is None
+    assert choice.choose_group(group, graph, must_not_generate, [lambda ins, a: ins[0].clone()], 1) is None
 
 
 def test_groups_whose_nodes_only_make_views_are_not_generated():
@@ -315,7 +317,7 @@ def test_groups_whose_nodes_only_make_views_are_not_generated():
         raise AssertionError("generated a kernel for a group of views")
 
     slow_views = [lambda ins, a: (time.sleep(1e-3), ins[0][:, 5:6])[1], lambda ins, a: ins[0].reshape(4, 8)]
-    assert generated.choose_group(group, graph, must_not_generate, slow_views, 1) is None
+    assert choice.choose_group(group, graph, must_not_generate, slow_views, 1) is None
 
 
 def test_groups_of_view_ops_are_not_generated_even_where_they_copy():
@@ -332,7 +334,7 @@ def test_groups_of_view_ops_are_not_generated_even_where_they_copy():
 
     slow_copies = [lambda ins, a: (time.sleep(1e-3), ins[0].permute(0, 2, 1, 3))[1],
                    lambda ins, a: ins[0].reshape(1, 8, 64)]
-    assert generated.choose_group(group, graph, must_not_generate, slow_copies, 1) is None
+    assert choice.choose_group(group, graph, must_not_generate, slow_copies, 1) is None
     strided = torch.randn(1, 8, 4, 16).transpose(1, 2)  # sdpa's output layout
     merged = slow_copies[1]([slow_copies[0]([strided], None)], None)
     assert merged.untyped_storage().data_ptr() == strided.untyped_storage().data_ptr()
@@ -388,8 +390,8 @@ def test_gemm_tail_runs_in_the_normalization_kernel_it_feeds(monkeypatch, elsewh
 def test_parallel_kernels_get_a_pool_of_their_thread_count_without_pinning(monkeypatch):
     # TVM alone sizes its pool to half the cores on x86 (one thread on a 2-core machine) and
     # pins threads, the caller included, to cores
-    monkeypatch.setattr(generated, "_USER_POOL", False)
-    monkeypatch.setattr(generated, "_pool_threads", None)
+    monkeypatch.setattr(tvm_runtime, "_USER_POOL", False)
+    monkeypatch.setattr(tvm_runtime, "_pool_threads", None)
     monkeypatch.setenv("TVM_NUM_THREADS", "1")  # restored after the test; Kiln sets its own
     affinity = os.sched_getaffinity(0)
     check_generated(_two_outputs(rows=2048), threads=2)
@@ -411,8 +413,8 @@ def test_loaded_parallel_kernels_run_on_torch_openmp_workers(monkeypatch, tmp_pa
     graph = _two_outputs(rows=4096)  # 512K elements: parallel loops at 2 threads
     group = whole_graph_group(graph)
     config = schedule_group.tune_space.default()
-    fn, built = generated.compiled(group, config, host_cpu(), 2)
-    kernel = generated.GeneratedKernel(fn, group, "test", config, built, threads=2)
+    fn, built = module_cache.compiled(group, config, host_cpu(), 2)
+    kernel = tvm_runtime.GeneratedKernel(fn, group, "test", config, built, threads=2)
     assert kernel.tvm_pool is tvm_pool
     inputs = random_inputs(graph)
     threads = torch.get_num_threads()

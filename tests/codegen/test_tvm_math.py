@@ -12,7 +12,8 @@ pytest.importorskip("tvm")
 from kiln.codegen.schedules_cpu import schedule_group  # noqa: E402
 from kiln.ir import DType, GraphBuilder, OpKind  # noqa: E402
 from kiln.ir import attrs as A  # noqa: E402
-from kiln.kernels import generated  # noqa: E402
+from kiln.codegen import tvm_runtime  # noqa: E402
+from kiln.runtime import module_cache  # noqa: E402
 from kiln.passes.partition import KernelGroup  # noqa: E402
 from kiln.target import host_cpu  # noqa: E402
 
@@ -39,7 +40,7 @@ def _kernel(op, attrs, shape):
     x = b.input("x", shape, DType.FLOAT32)
     group = _group(b.build([b.add(op, x, attrs=attrs)]))
     config = schedule_group.tune_space.default()
-    return generated.GeneratedKernel(generated._build_in_memory(group, config, host_cpu(), 1), group, "test", config,
+    return tvm_runtime.GeneratedKernel(module_cache.build_in_memory(group, config, host_cpu(), 1), group, "test", config,
                                      True)
 
 
@@ -92,6 +93,6 @@ def test_deep_nesting_keeps_tvm_functions_and_numbers(tmp_path):
     assert _undefined_math(group, tmp_path)  # TVM lowers its tanh through libm expf
     x = torch.randn(64, 256) * 3
     config = schedule_group.tune_space.default()
-    kernel = generated.GeneratedKernel(generated._build_in_memory(group, config, host_cpu(), 1), group, "test", config,
+    kernel = tvm_runtime.GeneratedKernel(module_cache.build_in_memory(group, config, host_cpu(), 1), group, "test", config,
                                        True)
     assert torch.allclose(kernel([x]), x.tanh().tanh().tanh(), atol=1e-6)

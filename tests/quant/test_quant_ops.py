@@ -6,7 +6,7 @@ from conftest import assert_structural_equal
 from kiln.ir import DType, GraphBuilder, IRTypeError, OpKind, from_json, to_json, verify
 from kiln.ir import attrs as A
 from kiln.ir import qformat as QF
-from kiln.kernels.choice import _agrees
+from kiln.kernels.choice import agrees
 from kiln.kernels.registry import candidates
 
 
@@ -95,7 +95,7 @@ def _check_kernels(graph, inputs, expect: str):
         for k in ks[:-1]:
             seen.add(k.name)
             out = k.bind(n, consts)(ins, n.attrs)
-            assert _agrees(out, ref, n.outputs[0].type.quant is not None), k.name
+            assert agrees(out, ref, n.outputs[0].type.quant is not None), k.name
         env[n.outputs[0]] = ref
     assert expect in seen
 

@@ -6,7 +6,7 @@ import torch
 from kiln.ir import GraphBuilder, OpKind
 from kiln.ir import attrs as A
 from kiln.kernels import int8_cpu as I8
-from kiln.kernels.choice import _agrees
+from kiln.kernels.choice import agrees
 from kiln.kernels.registry import candidates
 
 caps = I8.capabilities()
@@ -28,7 +28,7 @@ def _check(node, consts, name, x, extra=()):
     ins = [x, *consts[1:], *extra]
     got = ks[name].bind(node, consts)(ins, node.attrs)
     ref = candidates(node, "reference")[0].fn(ins, node.attrs)
-    assert _agrees(got, ref), (got - ref).abs().max()
+    assert agrees(got, ref), (got - ref).abs().max()
 
 
 @pytest.mark.skipif(not caps.get("vnni"), reason="needs AVX512-VNNI")

@@ -1,0 +1,148 @@
+"""Running TVM-generated kernels inside Kiln's plans: the runtime library, loaded modules,
+the thread pool, and ``GeneratedKernel``, the wrapper a plan calls.
+
+A generated group kernel is a TVM ``main`` function over DLPack tensors. ``GeneratedKernel``
+allocates the group's outputs and lets the function write into them (torch tensors go to
+TVM through DLPack, no copies). An exported module (a shared library) is loaded with the
+TVM runtime alone (``tvm_ffi``): a warm compile neither imports the TVM compiler nor
+generates code.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+
+import torch
+
+from kiln.ir import LayoutKind
+from kiln.options import configure_tvm_environment, settings
+
+ALIGNMENT = 64  # bytes: what TVM assumes of every buffer it is given
+_runtime_ready = False
+# TVM's thread pool, as Kiln sized it (None: not yet). Left to the user when they set
+# TVM_NUM_THREADS themselves (read before Kiln sets it).
+_pool_threads: int | None = None
+_USER_POOL = settings().user_tvm_threads
+# id() of loaded kernels whose parallel loops run on torch's OpenMP workers (see
+# launch_on_openmp); others (tuning candidates built in memory) use TVM's own pool.
+_ON_OPENMP: set[int] = set()
+_LOADED: dict[str, object] = {}  # module path -> loaded function
+
+
+def load_runtime() -> None:
+    """Make the TVM runtime library's symbols global (exported modules call its thread pool)."""
+    global _runtime_ready
+    if _runtime_ready:
+        return
+    configure_tvm_environment()  # before the pool exists: its threads must not spin
+    spec = importlib.util.find_spec("tvm")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("apache-tvm is not installed")
+    import tvm_ffi  # noqa: F401  (loads libtvm_ffi, which the runtime library links against)
+
+    lib = os.path.join(list(spec.submodule_search_locations)[0], "lib", "libtvm_runtime.so")
+    ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+    _runtime_ready = True
+
+
+def launch_on_openmp(path: str) -> bool:
+    """Point the loaded module at ``path`` to Kiln's OpenMP launcher for its parallel loops.
+
+    TVM's generated host code starts parallel loops through a function pointer each exported
+    module holds (``__TVMBackendParallelLaunch``, set to TVM's thread pool when the module
+    loads). That pool is a second set of threads beside torch's OpenMP workers, which spin
+    for a while after each parallel torch op, so a generated kernel after a torch op shared
+    a core with a spinning worker (``kiln bench elementwise`` at two threads shows the
+    cost). ``kiln._C``'s launcher runs the tasks on the OpenMP workers themselves.
+    ``KILN_TVM_THREAD_POOL=1`` keeps TVM's pool (for comparison)."""
+    if settings().tvm_thread_pool:
+        return False
+    try:
+        from kiln import _C
+
+        lib = ctypes.CDLL(path)  # the handle the TVM runtime already opened (same file)
+        hook = ctypes.c_void_p.in_dll(lib, "__TVMBackendParallelLaunch")
+    except (ImportError, OSError, ValueError):  # no extension, or no parallel loops
+        return False
+    try:  # a barrier inside a parallel loop needs TVM's pool (Kiln's schedules emit none)
+        ctypes.c_void_p.in_dll(lib, "__TVMBackendParallelBarrier")
+        return False
+    except ValueError:
+        pass
+    hook.value = _C.tvm_parallel_launch_address()
+    return True
+
+
+def load_module(path: str):
+    """The ``main`` function of the exported module at ``path`` (loaded once per process),
+    its parallel loops on torch's OpenMP workers where possible; raises if it does not load."""
+    if path in _LOADED:
+        return _LOADED[path]
+    load_runtime()
+    import tvm_ffi
+
+    fn = tvm_ffi.load_module(path)["main"]
+    _LOADED[path] = fn
+    if launch_on_openmp(path):
+        _ON_OPENMP.add(id(fn))
+    return fn
+
+
+def tvm_pool_threads(threads: int) -> None:
+    """Size TVM's thread pool for kernels built with ``threads`` threads of parallel loops.
+
+    Left alone, TVM's runtime gives its pool half the cores on x86 (it assumes two
+    hyperthreads per core) and pins its threads, the calling one included, to cores: on a
+    2-core machine every "parallel" generated kernel ran on one core, and pinning would tie
+    torch's main thread to one core. So Kiln sizes the pool to the plan's thread count,
+    unpinned, and resizes it only when a plan of another thread count runs. Loaded
+    (exported) kernels do not use this pool (``launch_on_openmp``); tuning candidates built
+    in memory do, and all kernels with ``KILN_TVM_THREAD_POOL=1``."""
+    global _pool_threads
+    if _pool_threads == threads or _USER_POOL:
+        return
+    load_runtime()
+    import tvm_ffi
+
+    configure_tvm_environment(threads)  # TVM caps the pool at this (read on configure)
+    tvm_ffi.get_global_func("runtime.config_threadpool")(1, threads)
+    _pool_threads = threads
+
+
+class GeneratedKernel:
+    """A compiled group kernel: ``self(inputs, attrs)`` returns the group's outputs (a tensor
+    or a tuple, in ``group.outputs`` order)."""
+
+    def __init__(self, func, group, name: str, config: dict, built: bool, tuning=None, threads: int = 1):
+        self.func, self.name, self.config, self.built = func, name, config, built
+        self.threads = threads  # built with parallel loops for this many threads (1: none)
+        self.tvm_pool = threads > 1 and id(func) not in _ON_OPENMP  # else torch's OpenMP workers
+        self.tuning = tuning  # the tuner's TuneResult (trials measured, database hit)
+        self.in_nhwc = tuple(_nhwc(v) for v in group.inputs)
+        self.outs = tuple((tuple(v.type.shape), v.type.dtype.to_torch(), _nhwc(v)) for v in group.outputs)
+
+    def __call__(self, ins, attrs=None):
+        args = []
+        for t, nhwc in zip(ins, self.in_nhwc):
+            if nhwc:
+                t = t.permute(0, 2, 3, 1)  # the physical NHWC order of a channels-last tensor
+            if not t.is_contiguous() or t.data_ptr() % ALIGNMENT:
+                # the generated code assumes compact buffers on TVM's 64-byte alignment (it
+                # uses aligned vector loads): views at an offset and foreign (numpy) memory
+                # are copied into a fresh torch allocation, which is 64-byte aligned
+                t = t.clone(memory_format=torch.contiguous_format)
+            args.append(t)
+        outs, views = [], []
+        for shape, dt, nhwc in self.outs:
+            o = torch.empty(shape, dtype=dt, memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+            outs.append(o)
+            views.append(o.permute(0, 2, 3, 1) if nhwc else o)
+        if self.tvm_pool and _pool_threads != self.threads:
+            tvm_pool_threads(self.threads)
+        self.func(*args, *views)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def _nhwc(v) -> bool:
+    return v.type.layout.kind is LayoutKind.CHANNELS_LAST and v.type.rank == 4

@@ -1,0 +1,75 @@
+"""The one way Kiln times things: candidates run in turn, round after round.
+
+These machines are shared and their speed drifts within seconds, so a candidate timed in
+a block of its own can win or lose by the moment it ran in. Interleaving puts every
+candidate in every round: a burst of noise hits them alike. Kernel choice keeps the best
+round of each (the least disturbed); end-to-end comparisons report medians.
+
+A candidate that raises is dropped from later rounds and scores infinity. Timing runs
+under ``torch.no_grad()``.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+
+@dataclass
+class Timing:
+    """Seconds per round of one candidate; empty when it failed."""
+
+    samples: list = field(default_factory=list)
+
+    @property
+    def best(self) -> float:
+        return min(self.samples) if self.samples else math.inf
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples) if self.samples else math.inf
+
+
+def interleaved(fns: Sequence[Callable[[], object] | None], rounds: int, warmup: int = 0) -> list[Timing]:
+    """Time each zero-argument function once per round, the functions in turn, after
+    ``warmup`` untimed calls each. ``None`` entries (and functions that raise) get an empty
+    ``Timing``."""
+    live = list(fns)
+    out = [Timing() for _ in live]
+    with torch.no_grad():
+        for _ in range(warmup):
+            for i, fn in enumerate(live):
+                if fn is not None and not _call(fn):
+                    live[i] = None
+        for _ in range(rounds):
+            for i, fn in enumerate(live):
+                if fn is None:
+                    continue
+                t = time.perf_counter()
+                if not _call(fn):
+                    live[i], out[i].samples = None, []
+                    continue
+                out[i].samples.append(time.perf_counter() - t)
+    return out
+
+
+def _call(fn) -> bool:
+    try:
+        fn()
+        return True
+    except Exception:  # noqa: BLE001  (a failing candidate loses; it never breaks the compile)
+        return False
+
+
+def best_seconds(fns: Sequence[Callable[[], object] | None], rounds: int, warmup: int = 0) -> list[float]:
+    """Best round of each function (infinity for a failure)."""
+    return [t.best for t in interleaved(fns, rounds, warmup)]
+
+
+def median_ms(fns: Sequence[Callable[[], object]], rounds: int, warmup: int = 1) -> list[float]:
+    """Median milliseconds of each function."""
+    return [t.median * 1e3 for t in interleaved(fns, rounds, warmup)]
