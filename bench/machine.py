@@ -49,9 +49,9 @@ def measure(threads: int) -> dict:
 
 def roofline(threads: int | None = None, refresh: bool = False) -> dict:
     threads = threads or torch.get_num_threads()
-    from kiln.runtime.cache import cache_dir
+    from kiln.options import cache_subdir
 
-    path = os.path.join(cache_dir("bench"), f"machine-{threads}t.json")
+    path = os.path.join(cache_subdir("bench"), f"machine-{threads}t.json")
     if not refresh and os.path.exists(path):
         try:
             with open(path) as f:

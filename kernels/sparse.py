@@ -9,7 +9,6 @@ NCHW output directly. Bias, residual and activation are fused in the kernel's ep
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 import torch.nn.functional as F
@@ -150,6 +149,7 @@ def measure(options: list[tuple[Node, list]], target: str = "cpu", rounds: int =
     float32 rounding scores infinity.
     """
     from .choice import agrees, random_like
+    from .timing import best_seconds
 
     bound = []  # (option index, kernel name, fn, inputs)
     x = None
@@ -167,29 +167,23 @@ def measure(options: list[tuple[Node, list]], target: str = "cpu", rounds: int =
                 bound.append((i, k.name, k.bind(node, consts), ins, node.attrs))
             except Exception:
                 continue
-    best = [(math.inf, "")] * len(options)
     err = [math.inf] * len(options)
     ref = None
-    ok = {}
+    live = []
     with torch.no_grad():
-        for j, (i, name, fn, ins, attrs) in enumerate(bound):
+        for i, name, fn, ins, attrs in bound:
             try:
                 out = fn(ins, attrs)
-            except Exception:
-                ok[j] = False
+            except Exception:  # noqa: BLE001  (a kernel that fails is not a candidate)
                 continue
             if ref is None:
                 ref = out
-            ok[j] = agrees(out, ref)
-            if ok[j]:
+            if agrees(out, ref):
                 err[i] = min(err[i], float((out - ref).abs().max()) if out.numel() else 0.0)
-        for _ in range(rounds):
-            for j, (i, name, fn, ins, attrs) in enumerate(bound):
-                if not ok.get(j):
-                    continue
-                t = time.perf_counter()
-                fn(ins, attrs)
-                dt = time.perf_counter() - t
-                if dt < best[i][0]:
-                    best[i] = (dt, name)
+                live.append((i, name, fn, ins, attrs))
+    seconds = best_seconds([lambda fn=fn, ins=ins, attrs=attrs: fn(ins, attrs) for _, _, fn, ins, attrs in live], rounds)
+    best = [(math.inf, "")] * len(options)
+    for (i, name, *_), t in zip(live, seconds):
+        if t < best[i][0]:
+            best[i] = (t, name)
     return [(t, name, e) for (t, name), e in zip(best, err)]

@@ -17,9 +17,9 @@ from typing import Callable, Iterable
 
 import torch
 from kiln.ir import Graph, Value
+from kiln.options import OBSERVERS
 
 SAMPLE = 1 << 18  # values kept per observer (a uniform subsample beyond that)
-OBSERVERS = ("minmax", "percentile", "entropy")
 
 
 class Observer:

@@ -4,23 +4,26 @@
 
 (``precision`` runs only for ``precision="bf16"``, ``quantize`` only for
 ``quantize="int8-..."/"int4-weight"``, ``sparsify`` only when the ``sparse`` option is not
-"off".) ``run_pipeline``
-runs them in order; ``select`` chooses phases or single passes by name, and a name
-prefixed with ``-`` skips it. Every pass run is timed and counted; ``on_pass`` receives
-(pass record, graph before, graph after) so the dump tool can show what each pass did.
-Under ``KILN_VERIFY=1`` (always in tests) the IR verifier runs after every pass.
+"off".) ``run_pipeline`` runs them in order for one ``CompileOptions``; its ``passes``
+field (or ``select``) chooses phases or single passes by name, and a name prefixed with
+``-`` skips it. Every pass run is timed and counted; ``on_pass`` receives (pass record,
+graph before, graph after) so the dump tool can show what each pass did. With
+``verify=True`` (``KILN_VERIFY=1``; always in tests) the IR verifier runs after every pass.
+Passes that measure get the driver's ``Measurer`` through their ``PassContext``.
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+from kiln.errors import KilnError
 from kiln.ir import Graph, verify
+from kiln.options import CompileOptions
 
 from . import attention, epilogue, fold, precision, quantize, recognize, rnn, rows, simplify, sparsity
 from .horizontal import fuse_sibling_linears
+from .context import Decisions, Measurer, PassContext
 from .cse import cse
 from .layout import channels_last
 from .partition import Partition, partition, verify_partition
@@ -32,21 +35,21 @@ from .rewrite import dead_code_elimination, rewrite
 class Pass:
     name: str
     fn: Callable[[Graph], Graph]
-    when: Callable[[dict], bool] | None = None  # runs only for compile options it accepts
-    with_options: bool = False  # fn(graph, options): a pass whose decisions depend on the compile's options
+    when: Callable[[PassContext], bool] | None = None  # runs only in compiles it accepts
+    with_context: bool = False  # fn(graph, ctx): a pass whose decisions depend on the compile
 
 
 def rules_pass(name: str, rules, when=None) -> Pass:
     return Pass(name, lambda g: rewrite(g, rules, name=name), when)
 
 
-def _bf16(options: dict) -> bool:
-    return options.get("precision") == "bf16"
+def _bf16(ctx: PassContext) -> bool:
+    return ctx.options.precision == "bf16"
 
 
-def _bf16_rnn(options: dict) -> bool:
+def _bf16_rnn(ctx: PassContext) -> bool:
     """bf16 LSTM / GRU layers where their AMX kernels run (a CPU compile on a CPU with AMX-BF16)."""
-    if not _bf16(options) or options.get("target", "cpu") != "cpu":
+    if not _bf16(ctx) or ctx.target != "cpu":
         return False
     try:
         from kiln import _C
@@ -55,24 +58,24 @@ def _bf16_rnn(options: dict) -> bool:
     return _C.rnn_amx_supported()
 
 
-def _sparse(options: dict) -> bool:
-    return options.get("sparse", "off") != "off"
+def _sparse(ctx: PassContext) -> bool:
+    return ctx.options.sparse != "off"
 
 
-def _quantize(options: dict) -> bool:
-    return options.get("quantize") in quantize.SCHEMES
+def _quantize(ctx: PassContext) -> bool:
+    return ctx.options.quantize is not None
 
 
-def _hoist_rnn_projections(options: dict) -> bool:
+def _hoist_rnn_projections(ctx: PassContext) -> bool:
     # The CPU kernels of a recurrent layer choose by measurement whether to project its input
     # inside the recurrence or up front; the cuda kernels take the hoisted form, and the
     # quantizer needs the projection as a LINEAR of its own.
-    return options.get("target", "cpu") != "cpu" or _quantize(options)
+    return ctx.target != "cpu" or _quantize(ctx)
 
 
-def _cpu_float(options: dict) -> bool:
+def _cpu_float(ctx: PassContext) -> bool:
     """Float CPU compiles (quantized GEMMs take their residual inside their own epilogue)."""
-    return options.get("target", "cpu") == "cpu" and not _quantize(options)
+    return ctx.target == "cpu" and not _quantize(ctx)
 
 
 CLEANUP = [rules_pass("simplify", simplify.RULES), Pass("cse", cse), Pass("dce", dead_code_elimination)]
@@ -93,10 +96,10 @@ PHASES: list[tuple[str, list[Pass]]] = [
                    *[Pass(p.name, p.fn, _bf16) for p in CLEANUP],
                    rules_pass("bf16_round_trips", precision.ROUND_TRIPS, when=_bf16),
                    *[Pass(p.name, p.fn, _bf16) for p in CLEANUP]]),
-    ("quantize", [Pass("quantize", quantize_pass, _quantize, with_options=True),
+    ("quantize", [Pass("quantize", quantize_pass, _quantize, with_context=True),
                   *[Pass(p.name, p.fn, _quantize) for p in CLEANUP]]),
     ("layout", [Pass("channels_last", channels_last)]),
-    ("sparsify", [Pass("sparsify", sparsity.sparsify, _sparse, with_options=True)]),
+    ("sparsify", [Pass("sparsify", sparsity.sparsify, _sparse, with_context=True)]),
     ("partition", []),  # the cut into kernel groups; it does not rewrite the graph
 ]
 PHASE_NAMES = [p for p, _ in PHASES]
@@ -117,10 +120,19 @@ class PipelineResult:
     graph: Graph
     partition: Partition | None
     records: list[PassRecord] = field(default_factory=list)
+    decisions: Decisions = field(default_factory=Decisions)
 
     @property
     def seconds(self) -> float:
         return sum(r.seconds for r in self.records)
+
+
+def check_selection(select) -> None:
+    """Raise ``KilnError`` naming the phases and passes when ``select`` names an unknown one."""
+    unknown = [s for s in select or () if s.lstrip("-") not in PHASE_NAMES + PASS_NAMES]
+    if unknown:
+        raise KilnError(f"unknown pass or phase {unknown}; phases: {', '.join(PHASE_NAMES)}; "
+                        f"passes: {', '.join(PASS_NAMES)}")
 
 
 def _enabled(select: Iterable[str] | None):
@@ -129,9 +141,7 @@ def _enabled(select: Iterable[str] | None):
     select = list(select)
     if not select:
         return lambda phase, name: False
-    unknown = [s for s in select if s.lstrip("-") not in PHASE_NAMES + PASS_NAMES]
-    if unknown:
-        raise ValueError(f"unknown pass or phase {unknown}; phases: {PHASE_NAMES}; passes: {PASS_NAMES}")
+    check_selection(select)
     skip = {s[1:] for s in select if s.startswith("-")}
     keep = {s for s in select if not s.startswith("-")}
 
@@ -143,23 +153,27 @@ def _enabled(select: Iterable[str] | None):
     return on
 
 
-def run_pipeline(graph: Graph, select: Iterable[str] | None = None,
-                 on_pass: Callable[[PassRecord, Graph, Graph], None] | None = None,
-                 verify_each: bool | None = None, options: dict | None = None) -> PipelineResult:
-    on = _enabled(select)
-    options = options or {}
-    if verify_each is None:
-        verify_each = os.environ.get("KILN_VERIFY") == "1"
-    from kiln.progress import log as _log
+_ALL = object()
 
-    logger = _log("passes")
+
+def run_pipeline(graph: Graph, options: CompileOptions | None = None, *, select=_ALL,
+                 on_pass: Callable[[PassRecord, Graph, Graph], None] | None = None,
+                 verify_each: bool | None = None, measure: Measurer | None = None) -> PipelineResult:
+    """Run the phases ``options`` selects (``select``, when given, overrides ``options.passes``)."""
+    ctx = PassContext(options if options is not None else CompileOptions(), measure)
+    on = _enabled(ctx.options.passes if select is _ALL else select)
+    if verify_each is None:
+        verify_each = ctx.options.verify
+    from kiln.progress import log
+
+    logger = log("passes")
     records: list[PassRecord] = []
     for phase, passes in PHASES:
         for p in passes:
-            if not on(phase, p.name) or (p.when is not None and not p.when(options)):
+            if not on(phase, p.name) or (p.when is not None and not p.when(ctx)):
                 continue
             t = time.perf_counter()
-            after = p.fn(graph, options) if p.with_options else p.fn(graph)
+            after = p.fn(graph, ctx) if p.with_context else p.fn(graph)
             rec = PassRecord(phase, p.name, time.perf_counter() - t, len(graph.nodes), len(after.nodes))
             records.append(rec)
             if verify_each:
@@ -180,4 +194,4 @@ def run_pipeline(graph: Graph, select: Iterable[str] | None = None,
             verify_partition(part)
         records.append(PassRecord("partition", "partition", time.perf_counter() - t, len(graph.nodes),
                                   len(graph.nodes)))
-    return PipelineResult(graph, part, records)
+    return PipelineResult(graph, part, records, ctx.decisions)

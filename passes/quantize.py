@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 import torch
 from kiln.ir import DType, Graph, Node, OpKind, Value
 from kiln.ir import attrs as A
-from kiln.ir import qformat as QF
+from kiln.ir import qformat
 
 from .pattern import P
 from .rewrite import rewrite
 
-SCHEMES = ("int8-dynamic", "int8-static", "int8-weight", "int4-weight")
 F32 = DType.FLOAT32
 _ACT_OPS = {A.Activation.RELU: OpKind.RELU, A.Activation.TANH: OpKind.TANH, A.Activation.SIGMOID: OpKind.SIGMOID,
             A.Activation.SILU: OpKind.SILU}
@@ -85,7 +84,7 @@ def keep_uint8(graph: Graph, chosen: set[Value]) -> set[Value]:
 
 
 def _weights(rw, w: Value) -> tuple[Value, Value]:
-    q, s = QF.quantize_weight_int8(rw.constant(w))
+    q, s = qformat.quantize_weight_int8(rw.constant(w))
     return rw.const(q, "w_q"), rw.const(s, "w_scale")
 
 
@@ -134,9 +133,9 @@ def _weight_only(plan: QuantPlan, bits: int):
         n = m.root
         w = rw.constant(n.inputs[1])
         if bits == 8:
-            q, s = QF.quantize_weight_int8(w)
+            q, s = qformat.quantize_weight_int8(w)
         else:
-            q, s = QF.quantize_weight_int4(w, plan.group_size)
+            q, s = qformat.quantize_weight_int4(w, plan.group_size)
         attrs = A.WeightOnlyAttrs(bits, 0 if bits == 8 else plan.group_size, n.attrs.activation)
         y = rw.add(OpKind.LINEAR_WEIGHT_ONLY, *_operands(n.inputs[0], rw.const(q, "w_q"), rw.const(s, "w_scale"),
                                                          _opt(n, 2), _opt(n, 3)), attrs=attrs)
@@ -259,4 +258,4 @@ def merge_dynamic_siblings(graph: Graph) -> Graph:
 
 
 def static_params(observers: dict, kind: str) -> dict[Value, tuple[float, int]]:
-    return {v: QF.per_tensor_qparams(*o.range(kind)) for v, o in observers.items()}
+    return {v: qformat.per_tensor_qparams(*o.range(kind)) for v, o in observers.items()}

@@ -4,10 +4,11 @@ For each eligible layer the quantized version is built on its own (a one-node gr
 its rewrite), run on the layer's real inputs from the first calibration batch, and
 compared with float32 by SQNR; then both are timed, interleaved, with the kernels the
 runtime would pick. Below ``min_sqnr`` dB or not faster: the layer stays float. Every
-decision is recorded (``LayerDecision``) for ``kiln.quantize_report``.
+decision is recorded (``LayerDecision``) in the compile's report (``kiln.quantize_report``
+shows it).
 
-The graph is executed through ``executor`` (given by the runtime in the compile options),
-so this pass stays below the runtime in the layering.
+Graphs run and are timed through the context's ``Measurer`` (the compile driver's), so
+this pass stays below the runtime in the layering.
 """
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from dataclasses import dataclass
 
 import torch
 from kiln.ir import Graph, GraphBuilder, Node, Value
-from kiln.ir import qformat as QF
+from kiln.ir import qformat
 
 from . import quantize as Q
-from .calibrate import OBSERVERS, calibrate
+from .calibrate import calibrate
+from .context import PassContext
 
 MIN_SQNR_DB = {"int8-dynamic": 25.0, "int8-static": 20.0, "int8-weight": 30.0, "int4-weight": 15.0}
 
@@ -76,16 +78,13 @@ def _random_inputs(graph: Graph) -> list[torch.Tensor]:
     return out
 
 
-def quantize_pass(graph: Graph, options: dict) -> Graph:
-    scheme = options["quantize"]
-    ex = options["quant_executor"]
-    group = int(options.get("group_size") or 128)
-    observer = options.get("observer") or "minmax"
-    if observer not in OBSERVERS:
-        raise ValueError(f"unknown observer {observer!r}; choose one of {', '.join(OBSERVERS)}")
-    min_sqnr = options.get("min_sqnr")
-    min_sqnr = MIN_SQNR_DB[scheme] if min_sqnr is None else float(min_sqnr)
-    measure = options.get("quantize_payoff", True)
+def quantize_pass(graph: Graph, ctx: PassContext) -> Graph:
+    q = ctx.options.quantize
+    ex = ctx.measure
+    if ex is None:
+        raise ValueError("the quantize pass needs a Measurer in its PassContext (the compile driver gives one)")
+    scheme, group, observer, measure = q.scheme, q.group_size, q.observer, q.measure_payoff
+    min_sqnr = MIN_SQNR_DB[scheme] if q.min_sqnr is None else float(q.min_sqnr)
     cands = [n for n in graph.nodes if Q.eligible(n, graph.constants, scheme, group)]
     if not cands:
         return graph
@@ -93,7 +92,7 @@ def quantize_pass(graph: Graph, options: dict) -> Graph:
     watch = {v for n in cands for v in n.inputs if v is not None and v not in graph.constants}
     if static:
         watch |= {n.outputs[0] for n in cands}
-    batches = options.get("calibration") or [_random_inputs(graph)]
+    batches = [list(b) for b in q.calibration] or [_random_inputs(graph)]
     observers, first = calibrate(graph, batches, watch, ex.run_all)
     params = Q.static_params(observers, observer) if static else {}
     decisions, chosen, times = [], set(), {}
@@ -102,9 +101,7 @@ def quantize_pass(graph: Graph, options: dict) -> Graph:
         decisions.append(d)
         if d.quantized:
             chosen.add(n.outputs[0])
-    report = options.get("quantize_report")
-    if report is not None:
-        report.extend(decisions)
+    ctx.decisions.quantization.extend(decisions)
     plan = Q.QuantPlan(scheme, chosen, params, Q.keep_uint8(graph, chosen) if static else set(), group)
     return Q.apply(graph, plan)
 
@@ -116,7 +113,7 @@ def _judge(n: Node, graph: Graph, scheme, group, params, first, min_sqnr, measur
     qg = Q.apply(fp, plan)
     inputs = [first[where[v]] for v in fp.inputs]
     ref = ex.run(fp, inputs)[0]
-    sqnr = QF.sqnr_db(ref, ex.run(qg, inputs)[0])
+    sqnr = qformat.sqnr_db(ref, ex.run(qg, inputs)[0])
     t_fp = t_q = None
     if measure and sqnr >= min_sqnr:
         key = (n.op, scheme, repr(n.attrs), tuple(None if v is None else repr(v.type) for v in n.inputs))

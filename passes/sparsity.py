@@ -4,8 +4,8 @@ A LINEAR (or groups-1 CONV2D) whose constant weight has at least ``MIN_ZERO_FRAC
 zeros becomes SPARSE_LINEAR (SPARSE_CONV2D) over the weight encoded as CSR, BSR or 2:4
 (``kiln.ir.sparse``). Which format, if any, is decided per layer:
 
-- ``sparse="auto"``: by measurement on the layer's real shapes. The compile passes a
-  ``sparse_measure`` function (kernel timing lives above the passes); the dense layer and
+- ``sparse="auto"``: by measurement on the layer's real shapes, through the pass
+  context's ``Measurer`` (kernel timing lives above the passes); the dense layer and
   every candidate encoding run interleaved, and an encoding wins only if it beats dense by
   ``MARGIN``. So auto can never make a layer slower than the dense kernel it replaces,
   beyond timing noise, and a dense model pays only a zero count over its weights.
@@ -14,8 +14,8 @@ zeros becomes SPARSE_LINEAR (SPARSE_CONV2D) over the weight encoded as CSR, BSR 
   timed here (2:4 is the tensor-core format of the ``cuda`` target).
 - ``sparse="off"``: nothing.
 
-Every layer considered gets a ``SparseDecision`` appended to ``options["sparse_log"]``
-(when given), with the times and the reason: ``kiln.sparsity_report`` shows them.
+Every layer considered gets a ``SparseDecision`` in the context's decisions, with the times
+and the reason: the compile's report holds them and ``kiln.sparsity_report`` shows them.
 """
 from __future__ import annotations
 
@@ -29,13 +29,13 @@ from kiln.ir import DType, Graph, Layout, LayoutKind, Node, OpKind, TensorType, 
 from kiln.ir import attrs as A
 from kiln.ir import sparse as S
 
+from .context import PassContext
 from .pattern import Const, Opt, P
 from .rewrite import rewrite
 
 MIN_ZERO_FRACTION = 0.5
 MARGIN = 0.9  # a sparse format must take at most 90% of the dense time to be chosen
 MAX_FILL = 2.0  # skip block formats that would store more than 2x the nonzeros (mostly padding)
-MODES = ("off", "auto", "csr", "bsr", "2:4")
 
 
 @dataclass
@@ -53,18 +53,18 @@ class SparseDecision:
 
 
 def parse_mode(mode: str) -> tuple[str, Layout | None]:
-    """("off"|"auto"|"forced", layout to force)."""
-    mode = (mode or "off").strip().lower()
+    """("off"|"auto"|"forced", layout to force) for a sparse mode as ``kiln.options.parse_sparse``
+    spells it."""
     if mode in ("off", "auto"):
         return mode, None
     if mode == "csr":
         return "forced", S.CSR
     if mode == "2:4":
         return "forced", S.SPARSE_24
-    m = re.fullmatch(r"bsr(?:\((\d+),\s*(\d+)\))?", mode)
+    m = re.fullmatch(r"bsr\((\d+),(\d+)\)", mode)
     if m:
-        return "forced", S.bsr(int(m.group(1) or 4), int(m.group(2) or 4))
-    raise ValueError(f"sparse must be one of off, auto, csr, bsr, bsr(R,C), 2:4; got {mode!r}")
+        return "forced", S.bsr(int(m.group(1)), int(m.group(2)))
+    raise ValueError(f"not a canonical sparse mode: {mode!r} (kiln.options.parse_sparse makes one)")
 
 
 def layout_name(layout: Layout | None) -> str:
@@ -124,11 +124,11 @@ def _layer_name(n: Node) -> str:
 
 
 class _Decider:
-    def __init__(self, options: dict):
-        self.mode, self.forced = parse_mode(options.get("sparse", "off"))
-        self.measure = options.get("sparse_measure")
-        self.target = options.get("target", "cpu")
-        self.log = options.get("sparse_log")
+    def __init__(self, ctx: PassContext):
+        self.mode, self.forced = parse_mode(ctx.options.sparse)
+        self.measure = None if ctx.measure is None else ctx.measure.time_nodes
+        self.target = ctx.target
+        self.log = ctx.decisions.sparsity
         self.memo: dict[tuple, Layout | None] = {}
 
     def __call__(self, n: Node, w: torch.Tensor, graph_consts) -> Layout | None:
@@ -138,10 +138,9 @@ class _Decider:
         return self.memo[key]
 
     def _record(self, n, w, fmt, reason, **kw):
-        if self.log is not None:
-            zeros = 1.0 - float((w != 0).sum()) / max(w.numel(), 1)
-            self.log.append(SparseDecision(_layer_name(n), n.op.value, tuple(n.inputs[1].type.shape), round(zeros, 4),
-                                           fmt, reason, **kw))
+        zeros = 1.0 - float((w != 0).sum()) / max(w.numel(), 1)
+        self.log.append(SparseDecision(_layer_name(n), n.op.value, tuple(n.inputs[1].type.shape), round(zeros, 4),
+                                       fmt, reason, **kw))
 
     def _decide(self, n: Node, w: torch.Tensor, consts) -> Layout | None:
         zeros = 1.0 - float((w != 0).sum()) / max(w.numel(), 1)
@@ -158,7 +157,7 @@ class _Decider:
             self._record(n, w, "dense", f"no sparse format for target {self.target}")
             return None
         if self.target != "cpu" or self.measure is None or not n.inputs[0].type.is_static:
-            why = ("no timing function given" if self.measure is None else
+            why = ("no Measurer given" if self.measure is None else
                    "dynamic input shape" if not n.inputs[0].type.is_static else f"target {self.target} cannot be timed here")
             if self.target == "cuda" and layouts == [S.SPARSE_24]:
                 self._record(n, w, layout_name(S.SPARSE_24), "2:4 pattern: tensor-core sparse kernel (not timed: "
@@ -195,9 +194,9 @@ def _weight_2d(n: Node, w: torch.Tensor) -> torch.Tensor | None:
     return w.reshape(w.shape[0], -1)
 
 
-def sparsify(graph: Graph, options: dict) -> Graph:
+def sparsify(graph: Graph, ctx: PassContext) -> Graph:
     """The pass: LINEAR/CONV2D with sparse constant weights -> SPARSE_* where it pays."""
-    decide = _Decider(options)
+    decide = _Decider(ctx)
     if decide.mode == "off":
         return graph
 

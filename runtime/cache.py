@@ -20,23 +20,18 @@ import platform
 import tempfile
 import time
 
+from kiln.options import cache_subdir, settings
+
 FORMAT = "kiln-compile-cache"
 VERSION = 1
 
 
-def cache_root() -> str:
-    """``KILN_CACHE_DIR``, default ``~/.cache/kiln``: every cache Kiln keeps lives below it."""
-    return os.environ.get("KILN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kiln")
-
-
-def cache_dir(sub: str = "compile") -> str:
-    d = os.path.join(cache_root(), sub)
-    os.makedirs(d, exist_ok=True)
-    return d
+def cache_dir() -> str:
+    return cache_subdir("compile")
 
 
 def enabled() -> bool:
-    return os.environ.get("KILN_CACHE", "1") != "0"
+    return settings().cache
 
 
 _CODE_PACKAGES = ("kiln", "kiln.ir", "kiln.frontends", "kiln.passes", "kiln.kernels", "kiln.codegen", "kiln.runtime")
@@ -137,7 +132,7 @@ def store(key: str, data: dict) -> None:
 
 def evict(max_bytes: int | None = None) -> None:
     if max_bytes is None:
-        max_bytes = int(float(os.environ.get("KILN_CACHE_MAX_MB", "2048")) * 1024 * 1024)
+        max_bytes = settings().cache_max_bytes
     evict_lru(cache_dir(), max_bytes, lambda name: name.endswith(".kiln"))
 
 

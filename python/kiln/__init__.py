@@ -4,6 +4,7 @@
     print(kiln.explain(model, example_inputs))
 """
 from .errors import KilnError
+from .options import CompileOptions, QuantOptions
 
 __version__ = "0.1.0"
 
@@ -13,6 +14,9 @@ def __getattr__(name):
     if name in ("compile", "explain", "CompiledModel", "Explanation"):
         from . import api
         return getattr(api, name)
+    if name == "CompileReport":
+        from .report import CompileReport
+        return CompileReport
     if name in ("sparsify", "distill"):
         from . import pruning
         return getattr(pruning, name)
@@ -28,5 +32,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'kiln' has no attribute {name!r}")
 
 
-__all__ = ["compile", "explain", "CompiledModel", "Explanation", "KilnError", "models", "__version__",
+__all__ = ["compile", "explain", "CompiledModel", "Explanation", "CompileOptions", "QuantOptions", "CompileReport",
+           "KilnError", "models", "__version__",
            "sparsify", "distill", "sparsity_report", "SparsityReport", "quantize_report", "QuantReport"]

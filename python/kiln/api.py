@@ -11,7 +11,10 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from .driver import Compiled
 from .errors import KilnError
+from .options import CompileOptions
+from .report import CompileReport
 from .target import Target
 
 
@@ -22,18 +25,6 @@ class InputSpec:
     shape: tuple
     device: str
     value: Any = None
-
-
-@dataclass
-class Compiled:
-    """One specialization: a plan for one set of input shapes."""
-
-    plan: Any
-    graph: Any
-    out_spec: Any
-    out_literals: dict
-    fallbacks: list
-    input_names: list[str]
 
 
 class _FnModule(torch.nn.Module):
@@ -69,34 +60,36 @@ class CompiledModel:
     with the wrong number of inputs, a wrong dtype, rank or device raise ``KilnError``.
     """
 
-    def __init__(self, model, example_inputs=None, example_kwargs=None, *, target: "str | Target | None" = None,
-                 name: str | None = None, **options):
-        self._infer_target = target is None  # CUDA inputs (examples or the first call's) mean cuda
-        if target is None:
+    def __init__(self, model, example_inputs=None, example_kwargs=None, *, options: CompileOptions | None = None,
+                 name: str | None = None, **keywords):
+        from . import driver
+
+        self.options = CompileOptions.parse(options, **keywords)
+        driver.check_options(self.options)  # a bad option fails here, before tracing the model
+        if self.options.target is None:  # CUDA inputs (examples or the first call's) mean cuda
             leaves = pytree.tree_leaves((example_inputs, example_kwargs))
-            target = "cuda" if any(isinstance(x, torch.Tensor) and x.is_cuda for x in leaves) else "cpu"
-        self.target_spec = Target.parse(target)
+            on_gpu = any(isinstance(x, torch.Tensor) and x.is_cuda for x in leaves)
+            self._infer_target = True
+            self.options = self.options.replace(target=Target.parse("cuda" if on_gpu else "cpu"))
+        else:
+            self._infer_target = False
         self.source = model
-        self.target = self.target_spec.kind
-        self._threads = _threads_option(options.pop("threads", None))
-        self.options = _quantize_options(options)
         self.is_onnx = _is_onnx(model)
         self.name = name or (type(model).__name__ if not self.is_onnx else "onnx_model")
         self._plans: dict[tuple, Compiled] = {}
+        self._latest: Compiled | None = None
         self._lock = threading.Lock()
         self._spec: list[InputSpec] | None = None
         self._value_inputs: set[int] = set()  # inputs whose values the plan is specialized to
         self._in_tree = None
         self._tensor_args: int | None = None  # compiled for this many positional tensors and nothing else
         if self.is_onnx:
-            from kiln.frontends.onnx_import import load_onnx
-
-            from kiln.frontends.onnx_import import value_inputs
+            from kiln.frontends.onnx_import import load_onnx, value_inputs
 
             self._onnx = load_onnx(model)
             self._value_inputs = value_inputs(self._onnx)
             if example_inputs is not None:
-                with _using_threads(self._threads):
+                with _using_threads(self.options.threads):
                     self._prepare(tuple(example_inputs), {})
         else:
             if isinstance(model, torch.nn.Module):
@@ -110,10 +103,19 @@ class CompiledModel:
             if example_inputs is not None:
                 if isinstance(example_inputs, torch.Tensor):
                     example_inputs = (example_inputs,)
-                with _using_threads(self._threads):
+                with _using_threads(self.options.threads):
                     self._prepare(tuple(example_inputs), dict(example_kwargs or {}))
         if not self.is_onnx and not isinstance(model, torch.nn.Module):
             functools.update_wrapper(self, model, updated=())  # a decorated function keeps its name and doc
+
+    @property
+    def target(self) -> str:
+        return self.options.resolved_target().kind
+
+    @property
+    def report(self) -> CompileReport | None:
+        """What the latest compile decided (None before the first compile)."""
+        return self._latest.report if self._latest is not None else None
 
     # -- compilation ------------------------------------------------------------------
     def _key(self, leaves) -> tuple:
@@ -137,6 +139,7 @@ class CompiledModel:
             if c is None:
                 c = self._compile(args, kwargs, leaves)
                 self._plans[key] = c
+                self._latest = c
                 if self._spec is None:
                     self._in_tree = tree
                     if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
@@ -145,47 +148,18 @@ class CompiledModel:
         return c
 
     def _compile(self, args, kwargs, leaves) -> Compiled:
-        from kiln.runtime.compile import compile_graph
+        from . import driver
 
         if self._infer_target and not self._plans and any(isinstance(x, torch.Tensor) and x.is_cuda for x in leaves):
-            self.target_spec, self.target = Target.parse("cuda"), "cuda"
-
+            self.options = self.options.replace(target=Target.parse("cuda"))
         for i, x in enumerate(leaves):
             if self.target != "cuda" and isinstance(x, torch.Tensor) and x.device.type != "cpu":
                 raise KilnError(f"input {i} is on {x.device}; the {self.target} target runs on the CPU")
         if self.is_onnx:
-            from kiln.frontends.onnx_import import from_onnx
-
-            graph = from_onnx(self._onnx, [x for x in leaves if isinstance(x, torch.Tensor)])
-            out_spec, literals, fallbacks = None, {}, []
-            names = [v.name for v in graph.inputs]
+            imp = driver.import_onnx(self._onnx, [x for x in leaves if isinstance(x, torch.Tensor)])
         else:
-            graph, out_spec, literals, fallbacks, names = self._import_torch(args, kwargs, leaves)
-        plan, graph = compile_graph(graph, target=self.target_spec, **self.options)
-        return Compiled(plan, graph, out_spec, literals, fallbacks, names)
-
-    def _import_torch(self, args, kwargs, leaves):
-        """torch.export + conversion, or a verified entry of the import cache."""
-        from kiln.frontends import import_cache
-        from kiln.frontends.torch_export import export_program, from_exported
-        from kiln.runtime import cache
-
-        key = import_cache.fingerprint(self._module, args, kwargs) if cache.enabled() else None
-        hit = import_cache.load(key, self._module, args, kwargs, leaves) if key else None
-        if hit is not None:
-            return hit
-        try:
-            ep = export_program(self._module, args, kwargs)
-        except KilnError:
-            raise
-        except Exception as e:
-            raise KilnError(f"torch.export could not trace {self.name}: {type(e).__name__}: "
-                            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
-        imp = from_exported(ep, self.name)
-        names = _input_names(ep, leaves)
-        if key:
-            import_cache.store(key, self._module, imp.graph, imp.out_spec, imp.out_literals, imp.fallbacks, names)
-        return imp.graph, imp.out_spec, imp.out_literals, imp.fallbacks, names
+            imp = driver.import_torch(self._module, args, kwargs, leaves, self.name)
+        return driver.compile_imported(imp, self.options, self.name)
 
     # -- calling ----------------------------------------------------------------------
     def _check(self, leaves, tree):
@@ -208,9 +182,10 @@ class CompiledModel:
                 raise KilnError(f"input {s.name!r}: compiled for device {s.device}, got {x.device}")
 
     def __call__(self, *args, **kwargs):
-        if self._threads is None or self._threads == torch.get_num_threads():
+        threads = self.options.threads
+        if threads is None or threads == torch.get_num_threads():
             return self._call(args, kwargs)
-        with _using_threads(self._threads):
+        with _using_threads(threads):
             return self._call(args, kwargs)
 
     def _call(self, args, kwargs):
@@ -247,16 +222,6 @@ class CompiledModel:
         return f"<kiln.CompiledModel {self.name} target={self.target} specializations={len(self._plans)}>"
 
 
-def _threads_option(threads):
-    """``threads=N``: the model compiles and runs with N intra-op threads whatever torch's
-    setting (None: torch.get_num_threads() at each call, as plans are keyed by it)."""
-    if threads is None:
-        return None
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise KilnError(f"threads must be a positive int, got {threads!r}")
-    return threads
-
-
 @contextlib.contextmanager
 def _using_threads(threads):
     """torch's intra-op thread count set to ``threads`` for the block (it is process-wide:
@@ -272,46 +237,20 @@ def _using_threads(threads):
         torch.set_num_threads(old)
 
 
-def _quantize_options(options: dict) -> dict:
-    """``quantize="bf16"`` is ``precision="bf16"``; calibration batches become lists of the
-    graph's tensor inputs (each batch is a tuple of the model's positional inputs, or one
-    tensor)."""
-    options = dict(options)
-    if options.get("quantize") == "bf16":
-        if options.get("precision", "bf16") != "bf16":
-            raise KilnError(f"quantize='bf16' conflicts with precision={options['precision']!r}")
-        del options["quantize"]
-        options["precision"] = "bf16"
-    cal = options.get("calibration")
-    if cal is not None:
-        batches = []
-        for item in cal:
-            item = (item,) if isinstance(item, torch.Tensor) else tuple(item)
-            batches.append([x.contiguous() for x in pytree.tree_leaves(item) if isinstance(x, torch.Tensor)])
-        options["calibration"] = batches
-    from kiln.runtime.compile import check_quantize_options
-
-    check_quantize_options(options)  # a bad combination fails before tracing the model
-    return options
-
-
-def _input_names(ep, leaves) -> list[str]:
-    from torch.export.graph_signature import InputKind
-
-    names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind is InputKind.USER_INPUT]
-    return names if len(names) == len(leaves) else [f"input{i}" for i in range(len(leaves))]
-
-
-def compile(model=None, example_inputs=None, example_kwargs=None, **options):
+def compile(model=None, example_inputs=None, example_kwargs=None, *, options: CompileOptions | None = None,
+            **keywords):
     """Compile a model with Kiln; returns a callable with the model's signature.
 
     ``model`` is an ``nn.Module``, a function of tensors, an ONNX file path or an
     ``onnx.ModelProto``. Without ``example_inputs`` the model compiles on its first call.
+    Options are keywords (``precision="bf16"``, ``quantize="int8-dynamic"``, ... — see
+    ``kiln.CompileOptions``) or a ``CompileOptions`` as ``options=`` (keywords override it).
     Also usable as a decorator: ``@kiln.compile`` or ``@kiln.compile(target="cpu")``.
     """
+    options = CompileOptions.parse(options, **keywords)  # a bad option fails here, also for a decorator
     if model is None:
-        return lambda m: CompiledModel(m, example_inputs, example_kwargs, **options)
-    return CompiledModel(model, example_inputs, example_kwargs, **options)
+        return lambda m: CompiledModel(m, example_inputs, example_kwargs, options=options)
+    return CompiledModel(model, example_inputs, example_kwargs, options=options)
 
 
 @dataclass
@@ -332,10 +271,10 @@ class Explanation:
         return "\n".join(lines)
 
 
-def explain(model, example_inputs=None, example_kwargs=None, **options) -> Explanation:
+def explain(model, example_inputs=None, example_kwargs=None, **keywords) -> Explanation:
     """Compile ``model`` and report which ops fell back to PyTorch and why."""
-    cm = CompiledModel(model, example_inputs, example_kwargs, **options)
-    if not cm.compiled:
+    cm = CompiledModel(model, example_inputs, example_kwargs, **keywords)
+    if cm.report is None:
         raise KilnError("kiln.explain needs example inputs for this model")
     c = cm.compiled[0]
-    return Explanation(c.graph, list(c.fallbacks), dict(c.plan.kernel_names))
+    return Explanation(c.graph, list(c.report.fallbacks), dict(c.report.kernels))

@@ -1,21 +1,16 @@
 """``make demo`` / ``kiln demo``: compile the example models and compare with eager PyTorch."""
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 
 import torch
 
+from kiln.kernels.timing import median_ms
+
 
 def _median_ms(fn, args, repeat: int) -> float:
-    fn(*args)  # warm up
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn(*args)
-        ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
+    return median_ms([lambda: fn(*args)], repeat, warmup=1)[0]
 
 
 def first_tensor(x) -> torch.Tensor:

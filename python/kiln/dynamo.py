@@ -6,10 +6,15 @@ real inputs (``torch.export`` re-traces the FX module), and recompiles per input
 from __future__ import annotations
 
 
-def kiln_backend(gm, example_inputs, **options):
+def kiln_backend(gm, example_inputs, options=None):
+    """``torch.compile(..., options={...})`` hands its options dict over as ``options``: the
+    same keywords as ``kiln.compile`` (or a ``kiln.CompileOptions``)."""
     from .api import CompiledModel
+    from .options import CompileOptions
 
-    compiled = CompiledModel(gm, name="dynamo_graph", **options)
+    parsed = options if isinstance(options, CompileOptions) or options is None \
+        else CompileOptions.parse(**dict(options))
+    compiled = CompiledModel(gm, name="dynamo_graph", options=parsed)
 
     def run(*args):
         return compiled(*args)

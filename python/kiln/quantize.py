@@ -7,11 +7,11 @@ error against the float32 compile, and both latencies (interleaved runs, medians
 """
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass, field
 
 import torch
+
+from kiln.kernels.timing import median_ms
 
 from .errors import KilnError
 
@@ -20,7 +20,7 @@ from .errors import KilnError
 class QuantReport:
     model: str
     scheme: str
-    layers: list = field(default_factory=list)  # kiln.passes.quantize_payoff.LayerDecision
+    layers: list = field(default_factory=list)  # kiln.passes.quantize_payoff.LayerDecision (compiled.report)
     output_sqnr_db: float = float("nan")
     max_abs_err: float = float("nan")
     fp32_ms: float = float("nan")
@@ -63,32 +63,21 @@ def quantize_report(model, example_inputs, quantize: str = "int8-dynamic", calib
                     **options) -> QuantReport:
     """Compile ``model`` in float32 and with ``quantize``; report each layer's decision and
     the end-to-end accuracy and speed on ``example_inputs``."""
-    from kiln.ir import qformat as QF
+    from kiln.ir import qformat
 
     from .api import CompiledModel
 
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
-    decisions: list = []
     fp = CompiledModel(model, example_inputs, **{k: v for k, v in options.items() if k == "target"})
-    q = CompiledModel(model, example_inputs, quantize=quantize, calibration=calibration,
-                      quantize_report=decisions, **options)
-    if quantize == "bf16":
-        pass  # no per-layer decisions: every GEMM/conv runs in bfloat16
+    q = CompiledModel(model, example_inputs, quantize=quantize, calibration=calibration, **options)
+    decisions = list(q.report.quantization)  # none for bf16: every GEMM/conv runs in bfloat16
     ref, out = _flat(fp(*example_inputs)), _flat(q(*example_inputs))
     if not ref:
         raise KilnError("quantize_report needs a model with floating-point outputs")
-    sq = min(QF.sqnr_db(r, o) for r, o in zip(ref, out))
+    sq = min(qformat.sqnr_db(r, o) for r, o in zip(ref, out))
     err = max(float((r - o).abs().max()) for r, o in zip(ref, out))
-    times = {"fp": [], "q": []}
-    for _ in range(2):
-        fp(*example_inputs), q(*example_inputs)
-    for _ in range(repeats):
-        for name, m in (("fp", fp), ("q", q)):
-            t = time.perf_counter()
-            m(*example_inputs)
-            times[name].append(time.perf_counter() - t)
+    fp_ms, q_ms = median_ms([lambda: fp(*example_inputs), lambda: q(*example_inputs)], repeats, warmup=2)
     name = getattr(q, "name", type(model).__name__)
-    return QuantReport(name, quantize, decisions, sq, err, statistics.median(times["fp"]) * 1e3,
-                       statistics.median(times["q"]) * 1e3, dict(q.compiled[0].plan.kernel_names))
+    return QuantReport(name, quantize, decisions, sq, err, fp_ms, q_ms, dict(q.report.kernels))

@@ -13,11 +13,11 @@ accuracy of the dense model and of the compiled sparse model.
 """
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass, field
 
 import torch
+
+from kiln.kernels.timing import median_ms
 
 from .errors import KilnError
 
@@ -82,16 +82,7 @@ def _top1(fn, data) -> float:
 
 def time_interleaved(fns: list, inputs: tuple, repeats: int) -> list[float]:
     """Median ms of each function, the runs interleaved (a load burst hits all alike)."""
-    times = [[] for _ in fns]
-    with torch.no_grad():
-        for f in fns:
-            f(*inputs)  # warm-up
-        for _ in range(repeats):
-            for i, f in enumerate(fns):
-                t = time.perf_counter()
-                f(*inputs)
-                times[i].append(time.perf_counter() - t)
-    return [statistics.median(t) * 1e3 for t in times]
+    return median_ms([lambda f=f: f(*inputs) for f in fns], repeats, warmup=1)
 
 
 def sparsity_report(model, inputs, *, dense_model=None, data=None, sparse: str = "auto", repeats: int = 20,
@@ -106,7 +97,7 @@ def sparsity_report(model, inputs, *, dense_model=None, data=None, sparse: str =
     dense_k = kiln_compile(model, inputs, sparse="off", **compile_options)
     sparse_k = kiln_compile(model, inputs, sparse=sparse, **compile_options)
     rep = SparsityReport(type(model).__name__, threads=torch.get_num_threads())
-    rep.layers = list(sparse_k.compiled[0].plan.sparsity)
+    rep.layers = list(sparse_k.report.sparsity)
     with torch.no_grad():
         a, b = _first(dense_k(*inputs)), _first(sparse_k(*inputs))
         rep.max_output_diff = float((a - b).abs().max())

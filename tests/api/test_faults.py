@@ -6,7 +6,7 @@ from torch import nn
 import kiln
 from kiln import KilnError
 from kiln.ir import GraphBuilder, OpKind
-from kiln.runtime.compile import compile_graph
+from kiln.driver import compile_graph
 
 
 def test_nan_and_inf_weights_compute_what_eager_computes():

@@ -32,11 +32,11 @@ def test_model_matches_eager_at_two_batch_sizes(name):
         assert ok, f"{name} (batch 3): max abs error {err:.3g} > {tol:.3g}"
     assert len(fast.compiled) == 2  # the new shapes got their own specialization
     c = fast.compiled[0]
-    assert not c.fallbacks, c.fallbacks
+    assert not c.report.fallbacks, c.report.fallbacks
     if name in ("lstm", "gru"):  # recurrent layers stay structured ops: one per layer after hoisting
         assert c.graph.count(OpKind.LSTM if name == "lstm" else OpKind.GRU) == 2
         assert len(c.graph.nodes) < 10
-        assert any(k.startswith("cpu.") for k in c.plan.kernel_names)
+        assert any(k.startswith("cpu.") for k in c.report.kernels)
 
 
 def test_hf_bert_returns_the_model_output_object_and_explains_no_fallbacks():

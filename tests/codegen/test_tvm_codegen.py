@@ -261,7 +261,8 @@ _COMPILE_IN_NEW_PROCESS = """
 import json, sys, torch
 from kiln.ir import GraphBuilder, OpKind
 from kiln.ir import attrs as A
-from kiln.runtime.compile import compile_graph
+from kiln.driver import compile_graph
+from kiln.options import CompileOptions
 from kiln.runtime.plan import build_plan
 from kiln.codegen.tvm_runtime import GeneratedKernel
 b = GraphBuilder("g")
@@ -269,12 +270,13 @@ x, y = b.input("x", (32, 256)), b.input("y", (256,))
 h = b.add(OpKind.TANH, b.add(OpKind.MUL, x, y))
 out = b.add(OpKind.LAYER_NORM, h, b.const(torch.randn(256)), b.const(torch.randn(256)), attrs=A.LayerNormAttrs())
 graph = b.build([out])
-plan, optimized = compile_graph(graph, tune="none")
+compiled = compile_graph(graph, CompileOptions.parse(tune="none"))
+plan = compiled.plan
 xs = [torch.randn(32, 256), torch.randn(256)]
 with torch.no_grad():
     ok = bool(torch.allclose(plan.run(xs)[0], build_plan(graph, "reference").run(xs)[0], atol=1e-4))
 steps = [s for s in plan.steps if isinstance(s.fn, GeneratedKernel)]
-print(json.dumps({"ok": ok, "hit": plan.cache_hit, "generated": len(steps),
+print(json.dumps({"ok": ok, "hit": compiled.report.compile_cache_hit, "generated": len(steps),
                   "built": sum(s.fn.built for s in steps), "tvm_imported": "tvm" in sys.modules}))
 """
 

@@ -104,7 +104,7 @@ def test_op_matches_eager(fn, shapes, dtype, kind):
         want = fn(*xs)
     fast = kiln.compile(fn, xs)
     _compare(fast(*xs), want, dtype)
-    assert not fast.compiled[0].fallbacks, fast.compiled[0].fallbacks
+    assert not fast.report.fallbacks, fast.report.fallbacks
 
 
 EDGE_OPS = ["add_alpha", "mul_bcast", "div", "maximum", "where", "relu", "gelu", "sigmoid_tanh_exp", "sum_mean",

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from kiln.options import CompileOptions
 from kiln import _C
 from kiln.ir import DType, GraphBuilder, OpKind
 from kiln.ir import attrs as A
@@ -115,14 +116,14 @@ def _lstm_graph(weights_const=True, bidirectional=False):
 def test_precision_pass_makes_lstm_layers_bf16():
     from kiln.passes.pipeline import run_pipeline
 
-    g = run_pipeline(_lstm_graph(), select=["precision"], options={"precision": "bf16", "target": "cpu"}).graph
+    g = run_pipeline(_lstm_graph(), select=["precision"], options=CompileOptions.parse(precision="bf16", target="cpu")).graph
     lstm = next(n for n in g.nodes if n.op is OpKind.LSTM)
     assert all(v.type.dtype is DType.BFLOAT16 for v in lstm.inputs + lstm.outputs)
     assert all(v.type.dtype is DType.FLOAT32 for v in g.outputs)  # cast back for the rest of the graph
     assert any(k.name == "cpu.lstm_layer_amx" for k in candidates(lstm, "cpu"))
     # run-time weights, or fp32 compiles: the layer stays fp32
     for graph, prec in ((_lstm_graph(weights_const=False), "bf16"), (_lstm_graph(), "fp32")):
-        g = run_pipeline(graph, select=["precision"], options={"precision": prec, "target": "cpu"}).graph
+        g = run_pipeline(graph, select=["precision"], options=CompileOptions.parse(precision=prec, target="cpu")).graph
         assert next(n for n in g.nodes if n.op is OpKind.LSTM).inputs[0].type.dtype is DType.FLOAT32
 
 

@@ -3,6 +3,7 @@ import math
 
 import torch
 
+from kiln.options import CompileOptions
 from kiln.ir import DType, GraphBuilder, LayoutKind, OpKind
 from kiln.ir import attrs as A
 from kiln.passes.cse import cse
@@ -273,7 +274,7 @@ def test_rnn_hoist_makes_one_projection_gemm_per_layer_for_cuda():
     ws, before, shapes = _two_layer_lstm()
     g = build(before, *shapes)
     assert run_pipeline(g, select=["rnn", "rnn_hoist"]).graph.count(OpKind.LINEAR) == 0  # cpu: not hoisted
-    out = run_pipeline(g, select=["rnn", "rnn_hoist"], verify_each=True, options={"target": "cuda"}).graph
+    out = run_pipeline(g, select=["rnn", "rnn_hoist"], verify_each=True, options=CompileOptions.parse(target="cuda")).graph
     assert_structural_equal(out, build(_layers_expected(ws, hoisted=True), *shapes))
     assert_same_outputs(g, out)
 
@@ -313,12 +314,12 @@ def test_residual_before_layer_norm_stays_an_add_on_cpu():
         return b.add(OpKind.LAYER_NORM, y, b.const(gamma), b.const(beta), attrs=A.LayerNormAttrs())
 
     g = build(before, (2, 3, 8))
-    out = run_pipeline(g, select=["epilogue", "residual_to_norm"], verify_each=True, options={"target": "cpu"}).graph
+    out = run_pipeline(g, select=["epilogue", "residual_to_norm"], verify_each=True, options=CompileOptions.parse(target="cpu")).graph
     assert_structural_equal(out, build(expected, (2, 3, 8)))
     assert_same_outputs(g, out)
     # a GPU GEMM adds it in its epilogue, and so does a quantized CPU GEMM: both keep it folded
     for options in ({"target": "cuda"}, {"target": "cpu", "quantize": "int8-dynamic"}):
-        out = run_pipeline(g, select=["epilogue", "residual_to_norm"], options=options).graph
+        out = run_pipeline(g, select=["epilogue", "residual_to_norm"], options=CompileOptions.parse(**options)).graph
         assert_structural_equal(out, build(folded, (2, 3, 8)))
 
 

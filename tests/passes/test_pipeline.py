@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import kiln
+from kiln.options import CompileOptions
 from kiln import KilnError, models
 from kiln.frontends.torch_export import export_program, from_exported
 from kiln.ir import OpKind
@@ -42,7 +43,7 @@ def test_pipeline_preserves_outputs_and_fires(name):
         assert len(layers) == 2 and not any(n.attrs.proj_hoisted for n in layers)
         assert layers[1].inputs[0] is layers[0].outputs[0]
         # for cuda: one projection GEMM per layer, feeding the recurrence directly
-        cuda = run_pipeline(g, options={"target": "cuda"}).graph
+        cuda = run_pipeline(g, options=CompileOptions.parse(target="cuda")).graph
         assert_same_outputs(g, cuda, list(inputs))
         producers = {o: n for n in cuda.nodes for o in n.outputs}
         layers = [n for n in cuda.nodes if n.op is rnn]
@@ -139,10 +140,10 @@ def test_passes_option_selects_and_skips_phases():
     no_fold = kiln.compile(model, inputs, passes=["-fold"]).compiled[0]
     assert no_fold.graph.count(OpKind.BATCH_NORM) == 20
     none = kiln.compile(model, inputs, passes="none").compiled[0]
-    assert none.graph.count(OpKind.BATCH_NORM) == 20 and none.plan.partition is None
+    assert none.graph.count(OpKind.BATCH_NORM) == 20 and none.report.passes == []  # no partition either
     only = kiln.compile(model, inputs, passes=["canonicalize", "fold"]).compiled[0]
     assert only.graph.count(OpKind.TO_LAYOUT) == 0 and only.graph.count(OpKind.BATCH_NORM) == 0
-    names = [r.phase for r in full.plan.pass_records]
+    names = [r.phase for r in full.report.passes]
     assert [p for p in PHASE_NAMES if p in names] == [p for p in PHASE_NAMES
                                                       if p not in ("precision", "quantize")]  # fp32
     with pytest.raises(KilnError, match="unknown pass or phase"):

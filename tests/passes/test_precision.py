@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import kiln
+from kiln.options import CompileOptions
 from kiln import KilnError, models
 from kiln.ir import DType, OpKind
 
@@ -64,7 +65,7 @@ def test_bf16_max_pool_between_convs_stays_bf16_when_read_twice():
     p = b.add(OpKind.MAX_POOL2D, y, attrs=A.Pool2dAttrs(kernel=(2, 2), stride=(2, 2)))
     z = b.add(OpKind.CONV2D, p, w2, None, p, attrs=A.Conv2dAttrs(padding=(1, 1)))
     g = b.build((z,))
-    out = run_pipeline(g, select=["precision"], options={"precision": "bf16"}, verify_each=True).graph
+    out = run_pipeline(g, select=["precision"], options=CompileOptions.parse(precision="bf16"), verify_each=True).graph
     pool = [n for n in out.nodes if n.op is OpKind.MAX_POOL2D]
     assert len(pool) == 1 and pool[0].outputs[0].dtype is DType.BFLOAT16
     assert sum(n.op is OpKind.CAST for n in out.nodes) == 2  # x in, result out
@@ -88,7 +89,7 @@ def test_bf16_attention_takes_qkv_sliced_from_the_bf16_gemm():
         heads.append(b.add(OpKind.PERMUTE, r, attrs=A.PermuteAttrs((0, 2, 1, 3))))
     y = b.add(OpKind.ATTENTION, *heads, attrs=A.AttentionAttrs())
     g = b.build((y,))
-    out = run_pipeline(g, select=["precision"], options={"precision": "bf16"}, verify_each=True).graph
+    out = run_pipeline(g, select=["precision"], options=CompileOptions.parse(precision="bf16"), verify_each=True).graph
     attn = next(n for n in out.nodes if n.op is OpKind.ATTENTION)
     producer = out.producers()
     for v in attn.inputs:  # each operand is a view chain straight off the bf16 GEMM

@@ -6,16 +6,16 @@ from conftest import assert_structural_equal, max_err_ok, run_graph
 from kiln.errors import KilnError
 from kiln.ir import GraphBuilder, OpKind
 from kiln.ir import attrs as A
-from kiln.ir import qformat as QF
+from kiln.ir import qformat
+from kiln.options import CompileOptions
 from kiln.passes.calibrate import Observer, entropy_threshold
 from kiln.passes.pipeline import run_pipeline
 from kiln.passes.quantize_payoff import decide
-from kiln.runtime.quant_exec import QuantExecutor
+from kiln.runtime.measuring import PlanMeasurer
 
 
 def _opts(scheme, cal=None, **kw):
-    return {"quantize": scheme, "calibration": cal, "quant_executor": QuantExecutor("cpu"),
-            "quantize_payoff": False, **kw}
+    return CompileOptions.parse(quantize=scheme, calibration=cal, quantize_payoff=False, **kw)
 
 
 def _mlp():
@@ -27,8 +27,11 @@ def _mlp():
     return b.build([y])
 
 
-def _quantize(graph, opts):
-    return run_pipeline(graph, select=["quantize"], options=opts).graph
+def _quantize(graph, opts, decisions=None):
+    res = run_pipeline(graph, opts, select=["quantize"], measure=PlanMeasurer("cpu"))
+    if decisions is not None:
+        decisions.extend(res.decisions.quantization)
+    return res.graph
 
 
 def test_dynamic_before_expected_and_numerics():
@@ -49,7 +52,7 @@ def test_dynamic_before_expected_and_numerics():
 @pytest.mark.parametrize("scheme,bits", [("int8-weight", 8), ("int4-weight", 4)])
 def test_weight_only(scheme, bits):
     g = _mlp()
-    after = _quantize(g, _opts(scheme, group_size=32))
+    after = _quantize(g, _opts(scheme, group_size=32 if bits == 4 else None))
     nodes = [n for n in after.nodes if n.op is OpKind.LINEAR_WEIGHT_ONLY]
     assert len(nodes) == 2 and all(n.attrs.bits == bits for n in nodes)
     if bits == 4:
@@ -92,8 +95,8 @@ def test_static_keeps_int8_through_conv_relu_add():
     assert len(deq) == 1 and deq[0].inputs[0] is convs[0].outputs[0] and convs[2].inputs[4] is deq[0].outputs[0]
     xs = [torch.randn(2, 4, 8, 8)]
     ref = run_graph(g, xs)[0]
-    assert QF.sqnr_db(ref, run_graph(after, xs)[0]) > 25
-    assert QF.sqnr_db(ref, run_graph(after, xs, target="cpu")[0]) > 25  # the oneDNN kernels too
+    assert qformat.sqnr_db(ref, run_graph(after, xs)[0]) > 25
+    assert qformat.sqnr_db(ref, run_graph(after, xs, target="cpu")[0]) > 25  # the oneDNN kernels too
 
 
 def test_static_uint8_residual_with_float_output():
@@ -108,7 +111,7 @@ def test_static_uint8_residual_with_float_output():
 def test_sqnr_floor_keeps_layers_float():
     g = _mlp()
     rep = []
-    after = _quantize(g, _opts("int4-weight", min_sqnr=80.0, quantize_report=rep, group_size=32))
+    after = _quantize(g, _opts("int4-weight", min_sqnr=80.0, group_size=32), rep)
     assert after.count(OpKind.LINEAR) == 2 and after.count(OpKind.LINEAR_WEIGHT_ONLY) == 0
     assert len(rep) == 2 and not any(d.quantized for d in rep) and all("SQNR" in d.reason for d in rep)
 
@@ -217,5 +220,5 @@ def test_dynamic_siblings_share_one_gemm():
     for a, m in zip(run_graph(separate, xs), run_graph(merged, xs)):
         assert torch.allclose(a, m, atol=1e-5, rtol=1e-5)
     for r, c in zip(run_graph(g, xs), run_graph(merged, xs, target="cpu")):
-        assert QF.sqnr_db(r, c) > 30
+        assert qformat.sqnr_db(r, c) > 30
     assert _quantize(g, _opts("int8-dynamic")).count(OpKind.QLINEAR_DYNAMIC) == 1  # in the phase too

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import kiln
-from kiln.frontends import import_cache, torch_export
+from kiln import import_cache
+from kiln.frontends import torch_export
 
 
 @pytest.fixture(autouse=True)

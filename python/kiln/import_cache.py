@@ -37,6 +37,8 @@ import torch.utils._pytree as pytree
 
 from kiln.ir import Graph
 from kiln.ir.serialize import SerializeError, from_json, to_json
+from kiln.runtime import cache
+from kiln.runtime.plan import build_plan
 
 FORMAT = "kiln-import-cache/1"
 _PRIMITIVE = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
@@ -137,9 +139,7 @@ def fingerprint(module: torch.nn.Module, args: tuple, kwargs: dict) -> str | Non
         return None
     h = hashlib.sha256()
     seen: set = set()
-    from kiln.runtime.cache import code_fingerprint
-
-    h.update(f"{FORMAT}|{__version__}|{code_fingerprint()}|{torch.__version__}|{sys.version_info[:2]}".encode())
+    h.update(f"{FORMAT}|{__version__}|{cache.code_fingerprint()}|{torch.__version__}|{sys.version_info[:2]}".encode())
     classes = set()
     for name, m in module.named_modules(remove_duplicate=False):
         if m._forward_hooks or m._forward_pre_hooks:
@@ -173,8 +173,6 @@ def _named_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def store(key: str, module: torch.nn.Module, graph: Graph, out_spec, out_literals: dict, fallbacks: list,
           names: list[str]) -> None:
-    from kiln.runtime import cache
-
     by_ptr = {}
     for n, t in _named_tensors(module).items():
         by_ptr.setdefault((t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype), n)
@@ -195,8 +193,6 @@ def store(key: str, module: torch.nn.Module, graph: Graph, out_spec, out_literal
 
 def load(key: str, module: torch.nn.Module, args: tuple, kwargs: dict, leaves: list):
     """(graph, out_spec, out_literals, fallbacks, names) from a verified entry, else None."""
-    from kiln.runtime import cache
-
     hit = cache.load("import:" + key)
     if hit is None:
         return None
@@ -215,8 +211,6 @@ def load(key: str, module: torch.nn.Module, args: tuple, kwargs: dict, leaves: l
 
 
 def _same_outputs(graph: Graph, module, args, kwargs, leaves) -> bool:
-    from kiln.runtime.plan import build_plan
-
     tensors = [x.contiguous() for x in leaves if isinstance(x, torch.Tensor)]
     try:
         with torch.no_grad():

@@ -1,0 +1,239 @@
+"""The compile driver: import -> pass pipeline -> partition -> plan, for one set of inputs.
+
+This is the only module that imports frontends, passes, kernels, codegen and runtime
+together. It owns the caches that span them (the import cache: torch.export skipped on a
+verified hit; the compile cache: kernel choices reused) and the measuring interface the
+quantization and sparsity passes time layers through. Everything it decides comes back in a
+``CompileReport``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import KilnError
+from .options import CompileOptions
+from .report import CompileReport
+
+
+@dataclass
+class Imported:
+    """A model imported for one set of inputs."""
+
+    graph: object  # kiln.ir.Graph
+    out_spec: object = None  # the output pytree structure (None: ONNX, a tuple of outputs)
+    out_literals: dict = field(default_factory=dict)  # output leaves that are constants, by position
+    fallbacks: list = field(default_factory=list)  # (aten op, scope, why)
+    input_names: list = field(default_factory=list)
+    cache_hit: bool = False
+    seconds: float = 0.0
+
+
+@dataclass
+class Compiled:
+    """One specialization: a plan for one set of input shapes."""
+
+    plan: object  # kiln.runtime.plan.Plan
+    graph: object  # the optimized graph
+    out_spec: object
+    out_literals: dict
+    input_names: list
+    report: CompileReport
+
+
+# ----------------------------------------------------------------------------- import
+def import_torch(module: torch.nn.Module, args: tuple, kwargs: dict, leaves: list, name: str) -> Imported:
+    """torch.export + conversion, or a verified entry of the import cache."""
+    from . import import_cache
+    from kiln.frontends.torch_export import export_program, from_exported
+    from kiln.runtime import cache
+
+    t0 = time.perf_counter()
+    key = import_cache.fingerprint(module, args, kwargs) if cache.enabled() else None
+    hit = import_cache.load(key, module, args, kwargs, leaves) if key else None
+    if hit is not None:
+        graph, out_spec, literals, fallbacks, names = hit
+        return Imported(graph, out_spec, literals, fallbacks, names, True, time.perf_counter() - t0)
+    try:
+        ep = export_program(module, args, kwargs)
+    except KilnError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise KilnError(f"torch.export could not trace {name}: {type(e).__name__}: {first}") from e
+    imp = from_exported(ep, name)
+    names = _input_names(ep, leaves)
+    if key:
+        import_cache.store(key, module, imp.graph, imp.out_spec, imp.out_literals, imp.fallbacks, names)
+    return Imported(imp.graph, imp.out_spec, imp.out_literals, list(imp.fallbacks), names, False,
+                    time.perf_counter() - t0)
+
+
+def import_onnx(model, tensors: list) -> Imported:
+    from kiln.frontends.onnx_import import from_onnx
+
+    t0 = time.perf_counter()
+    graph = from_onnx(model, tensors)
+    return Imported(graph, input_names=[v.name for v in graph.inputs], seconds=time.perf_counter() - t0)
+
+
+def _input_names(ep, leaves) -> list[str]:
+    from torch.export.graph_signature import InputKind
+
+    names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind is InputKind.USER_INPUT]
+    return names if len(names) == len(leaves) else [f"input{i}" for i in range(len(leaves))]
+
+
+def check_options(options: CompileOptions) -> None:
+    """What ``CompileOptions.parse`` cannot check alone: pass names are the pipeline's."""
+    from kiln.passes.pipeline import check_selection
+
+    check_selection(options.passes)
+
+
+# ----------------------------------------------------------------------------- compile
+def compile_imported(imp: Imported, options: CompileOptions, name: str) -> Compiled:
+    """Run the pipeline on an imported graph and build its plan."""
+    from kiln.ir import structural_hash, verify
+    from kiln.passes.pipeline import run_pipeline
+    from kiln.runtime import cache
+    from kiln.runtime.measuring import PlanMeasurer
+
+    target = options.resolved_target()
+    graph = imp.graph
+    verify(graph)
+    t0 = time.perf_counter()
+    # The cache holds the compile's decisions (kernel choices), keyed by the graph's
+    # structure and shapes. The pipeline itself is cheap and deterministic: it reruns, and
+    # its result must hash to what the entry recorded.
+    key = cache.make_key(structural_hash(graph, include_constants=False), target,
+                         {**options.key(), "threads": torch.get_num_threads()}) if cache.enabled() else None
+    measurer = PlanMeasurer(target.kind)
+    try:
+        result = run_pipeline(graph, options, measure=measurer)
+    except ValueError as e:
+        raise KilnError(str(e)) from None
+    sparse = result.decisions.sparsity
+    if options.sparse == "auto" and any(d.format != "dense" for d in sparse) and \
+            all(v.type.is_static for v in graph.inputs):
+        result = _guard_sparse(graph, result, options, measurer)
+    passes_s = time.perf_counter() - t0
+    optimized_hash = structural_hash(result.graph, include_constants=False)
+    hit = cache.load(key) if key else None
+    if hit is not None and (hit.get("optimized") != optimized_hash or
+                            len(hit.get("kernels", ())) != len(result.graph.nodes)):
+        hit = None  # recorded for a different optimized graph: rebuild, never trust
+    memory = _check_memory(result.graph)
+    t1 = time.perf_counter()
+    plan = _build_plan(result, options, target, hit)
+    plan_s = time.perf_counter() - t1
+    node_kernels = getattr(plan, "node_kernels", None) or []  # cuda plans record none
+    if key and hit is None and node_kernels:
+        cache.store(key, {"optimized": optimized_hash, "kernels": node_kernels})
+    report = CompileReport(
+        model=name, target=str(target), options=options,
+        input_shapes=tuple(tuple(v.type.shape) for v in graph.inputs),
+        fallbacks=list(imp.fallbacks), kernels=dict(plan.kernel_names),
+        node_kernels=[(_label(n), k) for n, k in zip(result.graph.nodes, node_kernels)],
+        quantization=list(result.decisions.quantization), sparsity=list(result.decisions.sparsity),
+        passes=list(result.records),
+        seconds={"import": imp.seconds, "passes": passes_s, "plan": plan_s,
+                 "codegen": getattr(plan, "codegen_seconds", 0.0), "total": imp.seconds + passes_s + plan_s},
+        import_cache_hit=imp.cache_hit, compile_cache_hit=hit is not None, memory=memory,
+        graph_nodes=len(result.graph.nodes))
+    return Compiled(plan, result.graph, imp.out_spec, imp.out_literals, imp.input_names, report)
+
+
+def _label(node) -> str:
+    return f"{node.op.value}" + (f" ({node.scope})" if node.scope else "")
+
+
+def _build_plan(result, options: CompileOptions, target, hit):
+    from kiln.runtime.plan import build_plan
+
+    if target.kind == "cuda":  # Triton / CUDA C kernels, built ahead of time for the target SM
+        from kiln.runtime.gpu_plan import build_gpu_plan
+
+        return build_gpu_plan(result.graph, result.partition, target)
+    generate = _generator(result.graph, target, options.tune_budget) \
+        if options.codegen and target.kind == "cpu" else None
+    return build_plan(result.graph, target.kind, kernel_choices=hit["kernels"] if hit else None,
+                      partition=result.partition, generate=generate, exclude=options.exclude_kernels)
+
+
+def _guard_sparse(graph, result, options: CompileOptions, measurer):
+    """Keep the sparse graph only if its plan beats the dense plan end to end (runtime/sparse_guard.py)."""
+    from kiln.passes.pipeline import run_pipeline
+    from kiln.runtime.plan import build_plan
+    from kiln.runtime.sparse_guard import sparse_plan_wins
+
+    kind = options.resolved_target().kind
+    dense = run_pipeline(graph, options.replace(sparse="off"), measure=measurer)
+    wins, dense_ms, sparse_ms = sparse_plan_wins(build_plan(result.graph, kind), build_plan(dense.graph, kind))
+    for d in result.decisions.sparsity:
+        if d.format != "dense":
+            d.reason += (f"; whole model {dense_ms / sparse_ms:.2f}x" if wins else
+                         f"; reverted to dense: the whole model ran {sparse_ms:.3f} ms sparse vs {dense_ms:.3f} ms dense")
+            if not wins:
+                d.format = "dense"
+    if wins:
+        return result
+    dense.decisions.sparsity = result.decisions.sparsity  # what was tried, and why it was reverted
+    dense.decisions.quantization = result.decisions.quantization
+    return dense
+
+
+def _generator(graph, target, tune):
+    """``generate(group)``: the group's generated kernel (tuned within ``tune``), or None when
+    the TensorIR renderer does not cover it or code generation fails (per-node kernels run)."""
+    from kiln.codegen.tvm import supports
+    from kiln.ir import Category, opdef
+    from kiln.runtime.generated import generated_kernel
+
+    def generate(group):
+        if len(group.nodes) == 1 and opdef(group.nodes[0].op).category is Category.MOVEMENT:
+            return None  # a lone view or copy: torch does it in one pass already, nothing to fuse
+        if supports(group) is not None:
+            return None
+        try:
+            return generated_kernel(group, graph, target, torch.get_num_threads(), tune)
+        except Exception:  # noqa: BLE001  (a group that fails to generate runs node by node)
+            return None
+
+    return generate
+
+
+# ----------------------------------------------------------------------------- memory
+def available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: do not refuse
+
+
+def _check_memory(graph):
+    """Refuse, before any allocation, a plan whose buffers cannot fit in memory; return the memory plan."""
+    from kiln.runtime.plan import plan_memory
+
+    stats = plan_memory(graph)
+    weights = sum(t.numel() * t.element_size() for t in graph.constants.values())
+    io = sum(v.type.nbytes() for v in graph.inputs if v.type.is_static)
+    need = (stats.arena_bytes if stats else 0) + io
+    have = available_memory()
+    if need > have:
+        raise KilnError(f"{graph.name} needs {need / 2**30:.1f} GiB for inputs and intermediate buffers "
+                        f"(plus {weights / 2**30:.1f} GiB of weights); only {have / 2**30:.1f} GiB is available")
+    return stats
+
+
+def compile_graph(graph, options: CompileOptions | None = None) -> Compiled:
+    """Compile a Kiln IR graph (already imported) with ``options``."""
+    options = CompileOptions.parse(options)
+    check_options(options)
+    return compile_imported(Imported(graph, input_names=[v.name for v in graph.inputs]), options, graph.name)
