@@ -54,9 +54,9 @@ def _onnxruntime(model, inputs, threads):
 
 
 def _tvm(model, inputs, threads):
-    import os
+    from kiln.options import configure_tvm_environment
 
-    os.environ["TVM_NUM_THREADS"] = str(threads)
+    configure_tvm_environment(threads)
     import tvm
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program

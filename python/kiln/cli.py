@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .options import OBSERVERS, QUANT_SCHEMES, SPARSE_MODES
+
 
 def _cmd_demo(args) -> int:
     from .demo import run_demo
@@ -32,66 +34,66 @@ def _write(text: str, out: str | None) -> None:
 def _cmd_dump(args) -> int:
     import os
 
-    from . import dump as D
+    from . import dump
 
-    graph = D.import_model(args.model)
+    graph = dump.import_model(args.model)
     select = args.passes.split(",") if args.passes else None
-    stages = D.run_stages(graph, select)
+    stages = dump.run_stages(graph, select)
     if args.each_pass:
         os.makedirs(args.each_pass, exist_ok=True)
         ext = {"text": "txt"}.get(args.format, args.format)
         for i, st in enumerate(stages):
             path = os.path.join(args.each_pass, f"{i:02d}_{st.label.replace('/', '_')}.{ext}")
             with open(path, "w") as f:
-                f.write(D.render(st.graph, args.format))
+                f.write(dump.render(st.graph, args.format))
         print(f"wrote {len(stages)} files to {args.each_pass}", file=sys.stderr)
         return 0
     if args.diff:
         a, b = args.diff
-        ga = D.pick(stages, a) if a != "input" else stages[0].graph
-        gb = D.pick(stages, b) if b != "input" else stages[0].graph
-        _write(D.diff(ga, gb, a, b), args.output)
+        ga = dump.pick(stages, a) if a != "input" else stages[0].graph
+        gb = dump.pick(stages, b) if b != "input" else stages[0].graph
+        _write(dump.diff(ga, gb, a, b), args.output)
         return 0
     if args.after:
-        g = D.pick(stages, args.after)
+        g = dump.pick(stages, args.after)
     elif args.before:
-        g = D.pick(stages, args.before, before=True)
+        g = dump.pick(stages, args.before, before=True)
     else:
         g = stages[-1].graph
-    _write(D.stats(g) if args.stats else D.render(g, args.format), args.output)
+    _write(dump.stats(g) if args.stats else dump.render(g, args.format), args.output)
     return 0
 
 
 def _cmd_bench_kernels(args) -> int:
-    from kiln.bench import kernels as K
+    from kiln.bench import kernels as kernel_bench
 
-    res = K.run(target=args.target, quick=args.quick, op=args.op, shapes=args.shapes.split(",") if args.shapes else None,
+    res = kernel_bench.run(target=args.target, quick=args.quick, op=args.op, shapes=args.shapes.split(",") if args.shapes else None,
                 repeats=args.repeats, threads=args.threads)
-    sys.stdout.write(K.table(res))
+    sys.stdout.write(kernel_bench.table(res))
     if args.json:
-        K.save_json(res, args.json)
+        kernel_bench.save_json(res, args.json)
     if args.csv:
-        K.write_csv(res, args.csv)
+        kernel_bench.write_csv(res, args.csv)
     if args.plot:
-        K.plot(res, args.plot)
+        kernel_bench.plot(res, args.plot)
     return 0
 
 
 def _cmd_bench_models(args) -> int:
-    from kiln.bench import models as M
+    from kiln.bench import models as model_bench
 
     threads = tuple(int(t) for t in args.threads.split(","))
-    res = M.run(args.models or None, quick=args.quick, engines=args.engines.split(",") if args.engines else None,
+    res = model_bench.run(args.models or None, quick=args.quick, engines=args.engines.split(",") if args.engines else None,
                 threads=threads, repeats=args.repeats)
-    sys.stdout.write(M.markdown(res))
-    M.save(res, args.json, args.markdown)
+    sys.stdout.write(model_bench.markdown(res))
+    model_bench.save(res, args.json, args.markdown)
     return 0
 
 
 def _cmd_bench_elementwise(args) -> int:
-    from kiln.bench import elementwise as E
+    from kiln.bench import elementwise
 
-    return E.main_with(args)
+    return elementwise.main_with(args)
 
 
 def _cmd_debug_accuracy(args) -> int:
@@ -214,15 +216,15 @@ def main(argv: list[str] | None = None) -> int:
     sr.add_argument("--sparsity", type=float, default=0.0, help="prune to this sparsity first (default: as given)")
     sr.add_argument("--pattern", default="unstructured", help="unstructured, block(r,c), 2:4 or channel")
     sr.add_argument("--layers", help="comma-separated module names or fnmatch patterns to prune (default: all)")
-    sr.add_argument("--sparse", default="auto", help="the compile's sparse option: auto, csr, bsr, bsr(R,C)")
+    sr.add_argument("--sparse", default="auto",
+                    help=f"the compile's sparse option: {', '.join(m for m in SPARSE_MODES if m != 'off')}")
     sr.add_argument("--repeats", type=int, default=10)
     sr.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     sr.set_defaults(fn=_cmd_sparsity_report)
     qr = sub.add_parser("quantize-report", help="per-layer quantization decisions, accuracy and speed")
     qr.add_argument("model", help="an example model name or package.module:factory")
-    qr.add_argument("--scheme", default="int8-dynamic",
-                    choices=["int8-dynamic", "int8-static", "int8-weight", "int4-weight", "bf16"])
-    qr.add_argument("--observer", choices=["minmax", "percentile", "entropy"], help="int8-static range observer")
+    qr.add_argument("--scheme", default="int8-dynamic", choices=[*QUANT_SCHEMES, "bf16"])
+    qr.add_argument("--observer", choices=OBSERVERS, help="int8-static range observer")
     qr.add_argument("--threads", type=int)
     qr.set_defaults(fn=_cmd_quantize_report)
     args = p.parse_args(argv)
