@@ -3,10 +3,9 @@
 The exported program keeps high-level ops (``run_decompositions({})`` only functionalizes),
 so ``linear``, ``layer_norm``, ``scaled_dot_product_attention`` and ``lstm`` arrive whole.
 When the exported graph is already functional and every op in it has a converter, the
-decomposition step is skipped (``export_program``): it cost 0.3-2.4 s per model (one-off
-timing; more on a process's first export), a large share of a cold compile (the LSTM's
-measured 2.31 s before and 1.15 s after, ``python -m kiln.bench.compile_time`` in two
-sessions' runs), and changes only the spelling of a few ops there (``batch_norm``, ``reshape``, ``to``, ``dropout``). An import that
+decomposition step is skipped (``export_program``): it is a large share of a cold compile
+(``python -m kiln.bench.compile_time`` shows the cold compile time per model), and changes
+only the spelling of a few ops there (``batch_norm``, ``reshape``, ``to``, ``dropout``). An import that
 needs a fallback redoes the conversion from the decomposed program (``from_exported``).
 ATen ops without a converter (``aten_converters.py``) become FALLBACK nodes that run the
 ATen op eagerly; they are listed by ``kiln.explain`` with the reason.

@@ -55,6 +55,48 @@ def test_torch_compile_backend():
         torch.testing.assert_close(opt(x[:1]), m(x[:1]))
 
 
+def test_torch_compile_backend_takes_kiln_options():
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)).eval()
+    x = torch.randn(4, 8)
+    torch._dynamo.reset()
+    seen = []
+    real = kiln.api.CompiledModel.__init__
+
+    def spy(self, *a, **k):
+        real(self, *a, **k)
+        seen.append(self.options)
+
+    opt = torch.compile(m, backend="kiln", options={"precision": "bf16", "exclude_kernels": ["cpu.mkl_linear"]})
+    try:
+        kiln.api.CompiledModel.__init__ = spy
+        with torch.no_grad():
+            out = opt(x)
+    finally:
+        kiln.api.CompiledModel.__init__ = real
+    torch.testing.assert_close(out, m(x), rtol=3e-2, atol=3e-2)  # bf16 GEMMs
+    assert seen and seen[0].precision == "bf16" and seen[0].exclude_kernels == {"cpu.mkl_linear"}
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="precision must be one of fp32, bf16"):
+        torch.compile(m, backend="kiln", options={"precision": "fp16"})(x)
+
+
+def test_options_are_one_typed_object():
+    opts = kiln.CompileOptions.parse(quantize="int8-static", calibration=[torch.randn(2, 8)], sparse="BSR")
+    assert opts.quantize.scheme == "int8-static" and len(opts.quantize.calibration) == 1
+    assert opts.sparse == "bsr(4,4)" and opts.tune_budget == "none"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.precision = "bf16"
+    m = nn.Linear(8, 2).eval()
+    x = torch.randn(3, 8)
+    fast = kiln.compile(m, (x,), options=opts.replace(quantize=None), precision="bf16")  # keywords override
+    assert fast.options.precision == "bf16" and fast.options.sparse == "bsr(4,4)"
+    assert fast.report.options is fast.options and fast.report.input_shapes == ((3, 8),)
+    with pytest.raises(KilnError, match="unknown kiln.compile option.*known: calibration"):
+        kiln.compile(m, (x,), precison="bf16")
+    with pytest.raises(KilnError, match="tune must be one of none, fast, max or a number of seconds"):
+        kiln.compile(m, (x,), tune="slow")
+
+
 def test_guards_name_the_input_and_expectation():
     m = TwoOut().eval()
     x, y = torch.randn(2, 4), torch.randn(2, 3)
