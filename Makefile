@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kiln-installed
 PYTEST ?= -q
 
-.PHONY: all install demo test test-slow fuzz onnx-conformance clean
+.PHONY: all install demo test test-slow bench-smoke fuzz onnx-conformance clean
 
 all: demo
 
@@ -29,6 +29,12 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest $(PYTEST) -p no:logging -m slow tests
+
+# The benchmarks run end to end on their quick settings and write well-formed output
+# (nothing about speed is asserted): tests marked `bench`, kept out of `make test` for their
+# run time. .ci/run runs both.
+bench-smoke: $(STAMP)
+	$(PY) -m pytest $(PYTEST) -p no:logging -m bench tests
 
 # A bigger fuzzing budget than the default suite's 200 graphs: make fuzz N=2000 [START=200]
 N ?= 1000

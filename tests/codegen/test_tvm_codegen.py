@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -212,7 +211,33 @@ def test_tuning_round_trip_through_the_database(tmp_path):
     torch.testing.assert_close(again(x + const), run_graph(graph, x)[0])
 
 
-def test_a_generated_kernel_that_disagrees_never_wins():
+@pytest.fixture
+def fake_timer(monkeypatch):
+    """The group choice's clock, faked: the per-node kernels take ``node_s`` and a generated
+    kernel ``generated_s`` (each function still runs once, so failures show), and the
+    decisions it memoizes start empty and are dropped after the test."""
+    class Times:
+        node_s = 1.0
+        generated_s = 0.5
+
+    def best_seconds(fns, rounds, warmup=0):
+        for fn in fns:
+            fn()
+        # choose_group times [per-node] alone, then [generated, per-node] together
+        return [Times.node_s] if len(fns) == 1 else [Times.generated_s, Times.node_s]
+
+    monkeypatch.setattr(choice, "_GROUP_MEMO", {})
+    monkeypatch.setattr(choice, "best_seconds", best_seconds)
+    return Times
+
+
+def _reference_fns(graph):
+    from kiln.kernels.registry import select_kernel
+
+    return [select_kernel(n, "reference").fn for n in graph.nodes]
+
+
+def test_a_generated_kernel_that_disagrees_never_wins(fake_timer):
     graph = _chain()
     group = whole_graph_group(graph)
     good = generated.generated_kernel(group, graph, host_cpu(), 1, "none")
@@ -222,9 +247,16 @@ def test_a_generated_kernel_that_disagrees_never_wins():
             return super().__call__(ins, attrs) + 1e-2
 
     wrong = Wrong(good.func, group, "wrong", good.config, False)
-    # per-node kernels slow enough to be worth replacing: only the numbers can disqualify
-    slow_nodes = [lambda ins, a: (time.sleep(1e-3), ins[0])[1]] * len(graph.nodes)
-    assert choice.choose_group(group, graph, lambda g: wrong, slow_nodes, 1) is None
+    # the per-node kernels take longer than the generated one: the agreeing kernel wins,
+    # so only the numbers can disqualify the other
+    nodes = _reference_fns(graph)
+    assert choice.choose_group(group, graph, lambda g: good, nodes, 1) is good
+    choice._GROUP_MEMO.clear()
+    assert choice.choose_group(group, graph, lambda g: wrong, nodes, 1) is None
+    # and a generated kernel that is slower than the per-node kernels loses too
+    choice._GROUP_MEMO.clear()
+    fake_timer.generated_s = 2 * fake_timer.node_s
+    assert choice.choose_group(group, graph, lambda g: good, nodes, 1) is None
 
 
 class SmallModel(torch.nn.Module):
@@ -297,17 +329,24 @@ def test_compiled_module_cache_hit_in_new_process(tmp_path):
     assert warm["built"] == 0 and not warm["tvm_imported"]  # loaded from the cache: no code generation
 
 
-def test_groups_too_cheap_to_gain_from_a_kernel_are_not_generated():
+def test_groups_too_cheap_to_gain_from_a_kernel_are_not_generated(fake_timer):
     graph = one_op(OpKind.RELU, [(4, 8)])
     group = whole_graph_group(graph)
 
     def must_not_generate(g):
         raise AssertionError("generated a kernel for a group that cannot gain from one")
 
-    assert choice.choose_group(group, graph, must_not_generate, [lambda ins, a: ins[0].clone()], 1) is None
+    fake_timer.node_s = choice.WORTH_GENERATING_S / 2
+    assert choice.choose_group(group, graph, must_not_generate, _reference_fns(graph), 1) is None
+    # the same group with per-node kernels above the threshold is worth trying to generate
+    choice._GROUP_MEMO.clear()
+    fake_timer.node_s = choice.WORTH_GENERATING_S * 2
+    asked = []
+    assert choice.choose_group(group, graph, lambda g: asked.append(g), _reference_fns(graph), 1) is None
+    assert asked == [group]
 
 
-def test_groups_whose_nodes_only_make_views_are_not_generated():
+def test_groups_whose_nodes_only_make_views_are_not_generated(fake_timer):
     # the forecasters' head input, y[:, -1] flattened: a slice and a reshape, both views
     b = GraphBuilder("last_step")
     y = b.input("y", (4, 6, 8))
@@ -318,11 +357,13 @@ def test_groups_whose_nodes_only_make_views_are_not_generated():
     def must_not_generate(g):
         raise AssertionError("generated a kernel for a group of views")
 
-    slow_views = [lambda ins, a: (time.sleep(1e-3), ins[0][:, 5:6])[1], lambda ins, a: ins[0].reshape(4, 8)]
-    assert choice.choose_group(group, graph, must_not_generate, slow_views, 1) is None
+    # per-node kernels slow enough to be worth replacing (the fake timer's node_s): only
+    # their being views declines
+    views = [lambda ins, a: ins[0][:, 5:6], lambda ins, a: ins[0].reshape(4, 8)]
+    assert choice.choose_group(group, graph, must_not_generate, views, 1) is None
 
 
-def test_groups_of_view_ops_are_not_generated_even_where_they_copy():
+def test_groups_of_view_ops_are_not_generated_even_where_they_copy(fake_timer):
     # BERT's head merge: permute + reshape copies on a contiguous input (what the choice
     # would time) but is a view of sdpa's [B,S,H,D]-strided output (what the plan passes)
     b = GraphBuilder("merge_heads")
@@ -334,11 +375,10 @@ def test_groups_of_view_ops_are_not_generated_even_where_they_copy():
     def must_not_generate(g):
         raise AssertionError("generated a kernel for a group of view ops")
 
-    slow_copies = [lambda ins, a: (time.sleep(1e-3), ins[0].permute(0, 2, 1, 3))[1],
-                   lambda ins, a: ins[0].reshape(1, 8, 64)]
-    assert choice.choose_group(group, graph, must_not_generate, slow_copies, 1) is None
+    copies = [lambda ins, a: ins[0].permute(0, 2, 1, 3), lambda ins, a: ins[0].reshape(1, 8, 64)]
+    assert choice.choose_group(group, graph, must_not_generate, copies, 1) is None
     strided = torch.randn(1, 8, 4, 16).transpose(1, 2)  # sdpa's output layout
-    merged = slow_copies[1]([slow_copies[0]([strided], None)], None)
+    merged = copies[1]([copies[0]([strided], None)], None)
     assert merged.untyped_storage().data_ptr() == strided.untyped_storage().data_ptr()
 
 

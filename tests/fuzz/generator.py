@@ -181,8 +181,11 @@ def shrink(spec: dict) -> dict:
 
 
 def save_regression(spec: dict, directory: str) -> str:
+    """Writes ``spec`` as ``<directory>/seed<seed>.json`` (a ``"note"`` key, when present,
+    says what the case exercises; ``build`` ignores it)."""
     import os
 
+    os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, f"seed{spec['seed']}.json")
     with open(path, "w") as f:
         json.dump(spec, f, indent=1)

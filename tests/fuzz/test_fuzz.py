@@ -33,9 +33,15 @@ def test_random_models_match_eager(block):
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(HERE, "regressions", "*.json"))) or [None])
+REGRESSIONS = sorted(glob.glob(os.path.join(HERE, "regressions", "*.json")))
+
+
+def test_regressions_folder_holds_saved_cases():
+    assert REGRESSIONS, "tests/fuzz/regressions/ holds no saved case"
+
+
+@pytest.mark.parametrize("path", REGRESSIONS, ids=os.path.basename)
 def test_regressions(path):
-    if path is None:
-        pytest.skip("no saved regressions")
-    spec = json.load(open(path))
+    with open(path) as f:
+        spec = json.load(f)
     assert check(spec) is None

@@ -3,22 +3,15 @@ alone, and a BERT-style classifier end to end."""
 import torch
 
 import kiln
-from kiln.ir import DType, GraphBuilder, OpKind
+from kiln.ir import OpKind
 from kiln.ir import attrs as A
-from kiln.passes.pipeline import run_pipeline
 
 from conftest import assert_same_outputs, assert_structural_equal
+from graphs import build, run_pass as run_named_pass
 
 
 def run_pass(g):
-    return run_pipeline(g, select=["demanded_rows"], verify_each=True).graph
-
-
-def build(fn, *shapes, dtypes=None):
-    b = GraphBuilder("g")
-    xs = [b.input(f"x{i}", s, (dtypes or {}).get(i, DType.FLOAT32)) for i, s in enumerate(shapes)]
-    out = fn(b, *xs)
-    return b.build(out if isinstance(out, tuple) else (out,))
+    return run_named_pass("demanded_rows", g)
 
 
 def _slice(b, v, axis, start, end):

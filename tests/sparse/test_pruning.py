@@ -99,6 +99,24 @@ def test_distillation_keeps_masks_and_learns():
 
 
 def test_distill_stops_on_an_exhausted_iterator():
+    """A one-shot iterator of one batch gives one step, not ten and not a hang: distill
+    returns the fine-tuned student, its pruned weights still zero."""
     m = _model()
     x = torch.randn(8, 3, 5, 5)
-    kiln.distill(kiln.sparsify(m, 0.5), m, iter([(x, m(x).argmax(-1))]), steps=10)  # one batch, then done
+    student = kiln.sparsify(m, 0.5)
+    start = {n: mod.weight.detach().clone() for n, mod in prunable_layers(student)}
+    teacher_calls = []
+    m.register_forward_hook(lambda *_: teacher_calls.append(1))  # the teacher runs once per step
+    with torch.no_grad():
+        batch = (x, m(x).argmax(-1))
+    teacher_calls.clear()
+    out = kiln.distill(student, m, iter([batch]), steps=10)  # one batch, then done
+    assert out is student and not out.training
+    assert len(teacher_calls) == 1
+    assert any(not torch.equal(mod.weight, start[n]) for n, mod in prunable_layers(out))  # it did train
+    for n, mod in prunable_layers(out):
+        assert bool((mod.weight[start[n] == 0] == 0).all()), f"{n}: a pruned weight came back"
+    # an empty iterator: no step at all
+    teacher_calls.clear()
+    kiln.distill(student, m, iter([]), steps=10)
+    assert not teacher_calls

@@ -1,5 +1,6 @@
 """kiln bench: the quick kernel and model benchmarks run end to end and write well-formed
-JSON. No timing assertions: benchmarks measure, tests only check that they ran."""
+JSON. No timing assertions: benchmarks measure, tests only check that they ran. The runs are
+marked ``bench`` (minutes each): ``make bench-smoke`` runs them, ``make test`` does not."""
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ def test_console_script_help():
         assert cmd in out
 
 
+@pytest.mark.bench
 def test_bench_kernels_quick(tmp_path):
     j, c, png = tmp_path / "k.json", tmp_path / "k.csv", tmp_path / "roof.png"
     out = _kiln("bench", "kernels", "--quick", "--json", str(j), "--csv", str(c), "--plot", str(png))
@@ -40,6 +42,7 @@ def test_bench_kernels_quick(tmp_path):
     assert "roofline" in out
 
 
+@pytest.mark.bench
 @pytest.mark.parametrize("threads", ["1,2"])
 def test_bench_models_quick(tmp_path, threads):
     j, md = tmp_path / "m.json", tmp_path / "m.md"
@@ -56,6 +59,7 @@ def test_bench_models_quick(tmp_path, threads):
     assert md.read_text().startswith("Median latency") and "| resnet18 | 1 |" in out
 
 
+@pytest.mark.bench
 def test_bench_elementwise_ops_and_size_sweep(tmp_path):
     j = tmp_path / "e.json"
     out = _kiln("bench", "elementwise", "--op", "gelu", "--n", "4096", "65536", "--repeats", "1", "--threads", "1",
@@ -69,6 +73,7 @@ def test_bench_elementwise_ops_and_size_sweep(tmp_path):
     assert "gelu(x) over 65,536 fp32" in out
 
 
+@pytest.mark.bench
 def test_pass_ab_compiles_with_and_without_the_pass():
     p = subprocess.run([sys.executable, "-m", "kiln.bench.pass_ab", "demanded_rows", "--models", "lstm", "--threads", "1",
                         "--repeats", "2"], capture_output=True, text=True, timeout=600, env=ENV)
@@ -80,9 +85,8 @@ def test_pass_ab_compiles_with_and_without_the_pass():
     assert bad.returncode != 0 and "unknown pass or phase" in bad.stderr
 
 
-def test_machine_ceilings(capsys):
+def test_compute_peak_gflops_checks_its_arguments():
     from kiln import _C
-    from kiln.bench import machine
 
     if _C.attention_supported():  # built with AVX-512
         assert _C.compute_peak_gflops("fma", 1, 10_000) > 0
@@ -90,6 +94,12 @@ def test_machine_ceilings(capsys):
         _C.compute_peak_gflops("fp64", 1, 10)
     with pytest.raises(ValueError):
         _C.compute_peak_gflops("fma", 0, 10)
+
+
+@pytest.mark.bench
+def test_machine_ceilings(capsys):
+    from kiln.bench import machine
+
     machine.main(["--rounds", "1", "--threads", "1"])
     out = capsys.readouterr().out
     assert "| threads | FMA fp32 GFLOP/s |" in out and "\n| 1 | " in out
