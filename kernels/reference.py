@@ -428,27 +428,27 @@ def sparse_conv2d(ins, a: A.SparseConv2dAttrs):
 # ----------------------------------------------------------------------------- quantized
 # Integer products are summed in float32 here (exact up to 2**24, then rounded like any
 # float32 GEMM); the fast kernels sum in int32 and agree within the choice tolerance.
-from kiln.ir import qformat as QF  # noqa: E402
+from kiln.ir import qformat  # noqa: E402
 
 
 def _requantize(y, a):
-    return y if a.out_scale is None else QF.quantize_tensor(y, a.out_scale, a.out_zero_point)
+    return y if a.out_scale is None else qformat.quantize_tensor(y, a.out_scale, a.out_zero_point)
 
 
 @ref(OpKind.QUANTIZE)
 def quantize(ins, a: A.QuantizeAttrs):
-    return QF.quantize_tensor(ins[0], a.scale, a.zero_point)
+    return qformat.quantize_tensor(ins[0], a.scale, a.zero_point)
 
 
 @ref(OpKind.DEQUANTIZE)
 def dequantize(ins, a: A.QuantizeAttrs):
-    return QF.dequantize_tensor(ins[0], a.scale, a.zero_point)
+    return qformat.dequantize_tensor(ins[0], a.scale, a.zero_point)
 
 
 @ref(OpKind.QLINEAR_DYNAMIC)
 def qlinear_dynamic(ins, a: A.QLinearDynamicAttrs):
     x, wq, ws = ins[0], ins[1], ins[2]
-    xq, xs, xzp = QF.quantize_rows(x)
+    xq, xs, xzp = qformat.quantize_rows(x)
     acc = F.linear(xq.float() - xzp, wq.float())
     y = acc * xs * ws
     if _opt(ins, 3) is not None:
@@ -459,7 +459,7 @@ def qlinear_dynamic(ins, a: A.QLinearDynamicAttrs):
 @ref(OpKind.LINEAR_WEIGHT_ONLY)
 def linear_weight_only(ins, a: A.WeightOnlyAttrs):
     x, wq, s = ins[0], ins[1], ins[2]
-    w = QF.dequantize_weight_int8(wq, s) if a.bits == 8 else QF.dequantize_weight_int4(wq, s, a.group_size)
+    w = qformat.dequantize_weight_int8(wq, s) if a.bits == 8 else qformat.dequantize_weight_int4(wq, s, a.group_size)
     return epilogue(F.linear(x, w, _opt(ins, 3)), _opt(ins, 4), a.activation)
 
 
@@ -481,5 +481,5 @@ def qconv2d(ins, a: A.QConv2dAttrs):
         y = y + ins[3][None, :, None, None]
     r = _opt(ins, 4)
     if r is not None and r.dtype == torch.uint8:
-        r = QF.dequantize_tensor(r, a.residual_scale, a.residual_zero_point)
+        r = qformat.dequantize_tensor(r, a.residual_scale, a.residual_zero_point)
     return _requantize(epilogue(y, r, a.activation), a)

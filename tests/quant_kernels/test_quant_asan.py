@@ -1,7 +1,7 @@
 """The quantized GEMMs built with AddressSanitizer + UBSan and run on awkward shapes.
 
-Slow (the sanitized build of the templated kernels takes about a minute on 2 cores), so it
-runs with `make test-slow`; tests/csrc/test_asan.py links these sources in the default run."""
+Slow (a sanitized build of the templated kernels), so it runs with `make test-slow`;
+tests/csrc/test_asan.py links these sources in the default run."""
 import os
 import shutil
 import subprocess
