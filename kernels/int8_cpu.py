@@ -321,9 +321,10 @@ def ref_quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     that is 0), zp = round(-min / scale) clamped to [0, 255], x_q = clamp(round(x * (1 / scale))
     + zp, 0, 255); round = ties to even.
 
-    This is ``qformat.quantize_rows`` except for rows whose whole range is under 255e-8,
-    where quantize_rows raises the scale to 1e-8 and this rule keeps it (an all-zero row
-    gives x_q = 0 and zp = 0 under both, with scale 1 here).
+    Returns (x_q uint8 [M, K], scale fp32 [M], zp int32 [M]). The values are
+    ``qformat.quantize_rows``'s except in rows whose whole range is under 255e-8, where
+    quantize_rows raises the scale to 1e-8 and this rule keeps it (an all-zero row gives
+    x_q = 0 and zp = 0 under both, with scale 1 here).
     """
     x = x.float()
     mn = x.amin(dim=1).clamp(max=0)
