@@ -34,6 +34,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from kiln.ir import qformat
 from kiln.kernels import int8_cpu as q
 
 
@@ -95,7 +96,7 @@ def _ort_dynamic_matmul(w: torch.Tensor, threads: int):
 def square(threads: int, repeats: int, size: int) -> None:
     m = n = k = size
     w = torch.randn(n, k)
-    w_q, w_scale = q.quantize_weight_int8(w)
+    w_q, w_scale = qformat.quantize_weight_int8(w)
     packed = q.prepack_int8(w_q, w_scale)
     x_q = torch.randint(0, 256, (m, k), dtype=torch.uint8)
     x = torch.randn(m, k)
@@ -122,7 +123,7 @@ def bert(threads: int, repeats: int) -> None:
 def _bert_shape(threads: int, repeats: int, m: int, k: int, n: int) -> None:
     w, b = torch.randn(n, k) * 0.05, torch.randn(n)
     x = torch.randn(m, k)
-    w_q, w_scale = q.quantize_weight_int8(w)
+    w_q, w_scale = qformat.quantize_weight_int8(w)
     packed = q.prepack_int8(w_q, w_scale)
     fb = torch.ao.nn.quantized.dynamic.Linear(k, n, dtype=torch.qint8)
     fb.set_weight_bias(torch.quantize_per_channel(w, w_scale.double(), torch.zeros(n, dtype=torch.long), 0,
@@ -148,7 +149,7 @@ def int4(threads: int, repeats: int) -> None:
 
 def _int4_shape(threads: int, repeats: int, m: int, k: int, n: int) -> None:
     w = torch.randn(n, k)
-    w_packed, scales = q.quantize_weight_int4(w, 128)
+    w_packed, scales = qformat.quantize_weight_int4(w, 128)
     packed = q.prepack_int4(w_packed, scales)
     x = torch.randn(m, k)
     y = torch.empty(m, n)
@@ -161,7 +162,7 @@ def _int4_shape(threads: int, repeats: int, m: int, k: int, n: int) -> None:
 
 def epilogue(threads: int, repeats: int) -> None:
     n = 256
-    packed = q.prepack_int4(q.pack_int4(torch.eye(n, dtype=torch.int64)), torch.ones(n, n // 64), 64)
+    packed = q.prepack_int4(qformat.pack_int4(torch.eye(n, dtype=torch.int64)), torch.ones(n, n // 64), 64)
     out = torch.empty(4096, n)
     for scale in (1.0, 30.0):
         x = torch.randn(4096, n) * scale
@@ -184,7 +185,7 @@ def _conv_shape(threads: int, repeats: int, c: int, oc: int, h: int, k: int, str
     w = torch.randn(oc, c, k, k) * 0.05
     b = torch.randn(oc)
     x = torch.randn(1, c, h, h).relu()
-    w_q, w_scale = q.quantize_weight_int8(w.reshape(oc, -1))
+    w_q, w_scale = qformat.quantize_weight_int8(w.reshape(oc, -1))
     w_q = w_q.reshape(oc, c, k, k)
     packed = q.prepack_conv_int8(w_q, w_scale)
     x_scale = float(x.max()) / 255

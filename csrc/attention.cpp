@@ -3,8 +3,9 @@
 //
 // Why a kernel of Kiln's own: in a Transformer block Q, K and V are strided views of one
 // QKV projection, and the heads are merged right after; torch's sdpa runs three passes
-// over them at these sizes (BERT-base: 128 x 128 scores per head, D = 64) and measured (one-off)
-// about half of one core's FMA rate. Here each task takes one (batch, head, block of query
+// over them at these sizes (BERT-base: 128 x 128 scores per head, D = 64), well below one
+// core's FMA rate (`kiln bench kernels --op attention` times both and gives the fraction of
+// the roofline). Here each task takes one (batch, head, block of query
 // rows), widens its K^T and V into fp32 scratch once, and keeps the score block in L1/L2:
 //   scores = (scale Q) K^T   register-blocked 4 rows x 64 keys, broadcast-FMA over D
 //   P      = exp(scores + mask - rowmax)   (masked and causal-hidden keys give exactly 0)
@@ -78,7 +79,7 @@ inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 // exp(t) for t = score - row max <= 0, as 0 below -80: exp(-80) = 1.8e-35, so what is dropped
 // is far under fp32 resolution next to the row's largest term (exp(0) = 1), and no
 // denormal ever reaches the sums or the P V products (denormal operands take microcode
-// assists: with wide score ranges they made the kernel 6x slower in a one-off check). Masked keys (t = -inf)
+// assists, which with wide score ranges dominated the kernel's time). Masked keys (t = -inf)
 // give exactly 0; NaN stays NaN (the comparison is unordered-true).
 inline __m512 softmax_numerator(__m512 t) {
   const __mmask16 keep = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-80.f), _CMP_NLT_UQ);
@@ -140,9 +141,9 @@ inline void fma_block_n(int nv, const float* a, int64_t lda, const float* b, int
 
 // The softmax of R score rows (row0 .. row0 + R - 1, rows ld floats apart), R <= 4 at a
 // time: each row's chains (max, then exp and sum) are serial, and one row of 128 keys is too
-// short for the core to overlap it with the next, so R rows are interleaved instead (the
-// whole attention about 3% faster at BERT's shapes, fp32 and bf16, in a one-off interleaved
-// A/B: the products and the packing weigh more than the softmax). First pass: scale, add
+// short for the core to overlap it with the next, so R rows are interleaved instead (a
+// small gain for the whole attention at BERT's shapes: the products and the packing weigh
+// more than the softmax). First pass: scale, add
 // the mask, set keys the row may not see (causal, padding) to -inf, written back, row max.
 // Second pass: the numerators go to store(i, j, p), 16 keys at a time, and inv[i] = 1 / their
 // sum; a row that sees no key stores zeros and gets inv 0.

@@ -86,8 +86,8 @@ inline void store16(__m512 acc, int64_t row, int64_t col, int64_t n, const Bf16E
 // The epilogue of the previous block, run a few vectors at a time between this block's tile
 // instructions: tdpbf16ps keeps the AMX unit busy for 16 cycles while the vector units would
 // otherwise idle, so bias, activation and bf16 rounding cost (almost) nothing extra. Without
-// this overlap GELU's epilogue made the 128 x 3072 layer about 10% slower than oneDNN's
-// (one-off, in a 12-layer sweep like `kiln.bench.bf16_gemm`'s).
+// this overlap a GELU epilogue left BERT's 128 x 3072 layer behind oneDNN's
+// (`python -m kiln.bench.bf16_gemm` times both).
 struct Pending {
   const float* scratch = nullptr;  // 32 x 32 fp32, 128-byte rows
   int64_t row = 0, col = 0, n = 0;
@@ -141,8 +141,7 @@ using BlockFn = void (*)(const char*, int64_t, const uint16_t*, int64_t, int64_t
 const BlockFn kBlocks[2][2] = {{amx_block<1, 1>, amx_block<1, 2>}, {amx_block<2, 1>, amx_block<2, 2>}};
 
 // Rows [m0, m1) x panels [p0, p1) on the calling thread. (Splitting K into chunks whose
-// weight part stays in L1 measured slower at BERT's shapes: one-off, `kiln.bench.bf16_gemm`
-// with a K-chunk option since removed along with the chunking.)
+// weight part stays in L1 was tried and was slower at BERT's shapes.)
 void amx_region(const uint16_t* a, int64_t lda, int64_t m0, int64_t m1, int64_t p0, int64_t p1, const Bf16Weight& w,
                 const Bf16Epilogue& ep) {
   load_full_tiles();

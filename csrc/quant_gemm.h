@@ -1,4 +1,4 @@
-// Kiln's quantized CPU GEMMs (formats: QUANT_FORMATS in the design notes, summarized here).
+// Kiln's quantized CPU GEMMs (formats: kiln.ir.qformat, ir/qformat.py; summarized here).
 //
 // int8: weights w_q int8 [N, K], symmetric per output channel (w ~ w_q * w_scale[n]);
 // activations uint8, asymmetric (x ~ (x_q - x_zp) * x_scale) per row or per tensor. The

@@ -96,7 +96,7 @@ KILN_INLINE void accumulate(const float* a, int64_t a_stride, const float* panel
 #pragma GCC unroll 4
     for (int g = 0; g < G; ++g) w[g] = _mm512_loadu_ps(panel + k * (G * kBlock) + g * kBlock);
     // A panel of K = I + H rows outgrows L1 (64 KB for I = H = 128), and each row tile reads
-    // it again: fetch 8 rows ahead (measured 6-9% faster at that size, neutral when it fits).
+    // it again: fetch 8 rows ahead (a gain at that size, neutral when the panel fits).
     // A prefetch past the panel's end is a harmless hint.
 #pragma GCC unroll 4
     for (int g = 0; g < G; ++g)
@@ -239,8 +239,8 @@ void run_layer(const float* x, const float* h0, float* y, float* hn, int64_t T, 
                      st.y_b};
     // With the hidden blocks split, the other threads wrote their parts of h_{t-1} in their
     // own caches: request all of it up front so the transfers overlap instead of stalling
-    // the GEMM loop one line at a time (measured 6-17% faster on two threads; 16 KB for
-    // B = 32, H = 128). Kept on one thread, where it was measured neutral to slightly faster.
+    // the GEMM loop one line at a time (16 KB for B = 32, H = 128). The one-thread path
+    // runs it too; there it was neutral or a small gain.
     if (shared_h)
       for (int64_t b = b_lo; b < b_hi; ++b)
         for (int64_t k = 0; k < H; k += kBlock)

@@ -1,6 +1,6 @@
 // Parallel regions for Kiln's C++ kernels, on the OpenMP workers torch already runs
-// (a BERT-base linear layer takes 0.1-1 ms: spawning threads per call would cost a visible
-// share, and a pool of our own would compete with torch's spinning workers).
+// (a BERT-base linear layer is short enough that spawning threads per call would cost a
+// visible share of it, and a pool of our own would compete with torch's spinning workers).
 #pragma once
 #include <algorithm>
 #include <cstdint>

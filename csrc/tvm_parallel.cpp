@@ -4,10 +4,11 @@
 // exported module holds (`__TVMBackendParallelLaunch`, filled in when the module loads).
 // That pool is a second set of threads beside torch's OpenMP workers, which spin for a
 // while after every parallel torch op: a generated kernel that follows a torch/oneDNN op
-// had its pool thread share a core with a spinning OpenMP worker (the 2-thread elementwise
-// bench reached 61% of the copy bandwidth; with OMP_WAIT_POLICY=PASSIVE, which stops the
-// spinning, 101%: a one-off pair of runs). kernels/generated.py points loaded modules at
-// the launcher below, so generated kernels and torch's ops take turns on the same threads.
+// had its pool thread share a core with a spinning OpenMP worker, and ran well below the
+// copy bandwidth that it reached once OMP_WAIT_POLICY=PASSIVE stopped the spinning
+// (`kiln bench elementwise --threads 2` reports the fraction). kernels/generated.py points
+// loaded modules at the launcher below, so generated kernels and torch's ops take turns on
+// the same threads.
 #include <omp.h>
 
 #include <atomic>

@@ -1,35 +1,57 @@
-"""The quantized tensor formats every Kiln quantized kernel shares, as torch functions.
+"""Kiln's quantized tensor formats, defined once: what the stored integers and scales mean.
 
-Passes use them to produce weights, reference kernels to read them back, fast kernels to
-quantize activations bit-for-bit as the reference does (so the kernel choice's numerics
-check compares like with like).
+The quantization passes produce weights with these functions, the reference kernels read
+them back with them, and every fast kernel (oneDNN and C++ on ``cpu``, Triton on ``cuda``)
+takes its operands in exactly this format. A kernel that wants its own memory layout
+(the C++ kernels' VNNI/AMX panels, torch's int4pack) builds it from this one when the plan
+is built; the values stay the ones defined here.
 
-- int8 weight: int8 [N, K], symmetric per output channel, values in [-127, 127];
-  ``w ~= w_q * scale[:, None]``.
-- int4 weight: values in [-8, 7] packed two per byte as uint8 [N, K // 2] (k = 2j in the
-  low nibble of byte j, k = 2j + 1 in the high nibble, two's complement); scales float32
-  [N, K // G]: ``w[n, k] ~= q[n, k] * scale[n, k // G]``.
-- activations: asymmetric uint8, ``x ~= (x_q - zero_point) * scale``; per row (token) at
-  run time for dynamic int8, per tensor from calibration for static int8.
+Weights are symmetric (no zero point) with fp32 scales:
+
+- int8: int8 ``[N, ...]``, values in [-127, 127] (-128 is never produced), one scale per
+  output channel (axis 0): ``w ~= w_q * scale[n]``. Conv weights ``[OC, C, KH, KW]`` too.
+- int4: values in [-8, 7] (the quantizer uses [-7, 7]), two per byte as uint8
+  ``[N, K // 2]``: k = 2j in the low nibble of byte j, k = 2j + 1 in the high nibble, two's
+  complement; one scale per group of G consecutive k, ``[N, K // G]``, G in
+  ``INT4_GROUP_SIZES``: ``w[n, k] ~= q[n, k] * scale[n, k // G]``.
+
+Activations are asymmetric uint8, ``x ~= (x_q - zero_point) * scale``, with the range
+widened to include 0 so that 0.0 is exact (zero padding stays zero): per tensor from
+calibration for static int8 (``per_tensor_qparams``), per row (token) at run time for
+dynamic int8 (``quantize_rows``).
 """
 from __future__ import annotations
 
 import torch
 
-QMAX8 = 127
-EPS = 1e-12
+INT8_QMAX = 127  # int8 weights use [-INT8_QMAX, INT8_QMAX]
+INT4_QMIN, INT4_QMAX = -8, 7  # what a nibble holds; the quantizer uses [-INT4_QMAX, INT4_QMAX]
+INT4_GROUP_SIZES = (32, 64, 128)  # the group sizes the int4 kernels support
+EPS = 1e-12  # smallest weight scale (an all-zero channel or group)
 
 
+# ----------------------------------------------------------------------------- int8 weights
 def quantize_weight_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel (axis 0) int8: returns (w_q int8, scale float32 [N])."""
     flat = w.detach().float().reshape(w.shape[0], -1)
-    scale = (flat.abs().amax(1) / QMAX8).clamp(min=EPS)
-    q = torch.round(flat / scale[:, None]).clamp(-QMAX8, QMAX8).to(torch.int8)
+    scale = (flat.abs().amax(1) / INT8_QMAX).clamp(min=EPS)
+    q = torch.round(flat / scale[:, None]).clamp(-INT8_QMAX, INT8_QMAX).to(torch.int8)
     return q.reshape(w.shape).contiguous(), scale.contiguous()
 
 
 def dequantize_weight_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.reshape((-1,) + (1,) * (q.dim() - 1))
+
+
+# ----------------------------------------------------------------------------- int4 weights
+def int4_shapes(n: int, k: int, group_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The shapes of an int4 weight of [N, K] with groups of ``group_size``: (packed, scales)."""
+    return (n, k // 2), (n, k // group_size)
+
+
+def int4_group_size(k: int, scales: torch.Tensor) -> int:
+    """The group size of int4 scales [N, K // G] for a weight of K columns."""
+    return k // scales.shape[1]
 
 
 def quantize_weight_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,12 +60,13 @@ def quantize_weight_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor
     if k % group_size or k % 2:
         raise ValueError(f"K={k} is not a multiple of the group size {group_size}")
     g = w.detach().float().reshape(n, k // group_size, group_size)
-    scale = (g.abs().amax(2) / 7).clamp(min=EPS)  # symmetric: [-7, 7] used, -8 never produced
-    q = torch.round(g / scale[:, :, None]).clamp(-8, 7).to(torch.int8).reshape(n, k)
+    scale = (g.abs().amax(2) / INT4_QMAX).clamp(min=EPS)  # symmetric: -8 is never produced
+    q = torch.round(g / scale[:, :, None]).clamp(INT4_QMIN, INT4_QMAX).to(torch.int8).reshape(n, k)
     return pack_int4(q), scale.contiguous()
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Integers in [-8, 7], [N, K] (K even), any integer dtype -> uint8 [N, K // 2]."""
     nib = (q.to(torch.int16) & 0xF).to(torch.uint8)
     return (nib[:, 0::2] | (nib[:, 1::2] << 4)).contiguous()
 
@@ -61,6 +84,7 @@ def dequantize_weight_int4(packed: torch.Tensor, scale: torch.Tensor, group_size
     return q * scale.repeat_interleave(group_size, dim=1)
 
 
+# ----------------------------------------------------------------------------- uint8 activations
 def per_tensor_qparams(lo: float, hi: float) -> tuple[float, int]:
     """Asymmetric uint8 (scale, zero point) covering [lo, hi] (widened to include 0)."""
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
@@ -69,7 +93,12 @@ def per_tensor_qparams(lo: float, hi: float) -> tuple[float, int]:
     return scale, zp
 
 
-def quantize_tensor(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+def quantize_tensor(x: torch.Tensor, scale, zero_point: int) -> torch.Tensor:
+    """``clamp(round(x * (1 / scale)) + zero_point, 0, 255)`` as uint8, ties to even.
+
+    ``scale`` a Python float: the reciprocal is taken in double (the reference kernels); a
+    float32 tensor: in float32 (what the C++ kernels compute when they requantize).
+    """
     return torch.round(x * (1.0 / scale)).add_(zero_point).clamp_(0, 255).to(torch.uint8)
 
 
@@ -80,10 +109,10 @@ def dequantize_tensor(q: torch.Tensor, scale: float, zero_point: int) -> torch.T
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dynamic per-row asymmetric uint8 over the last axis: (x_q, scale [..., 1], zero_point [..., 1]).
 
-    The range of each row is widened to include 0 (so 0 is exact); zero points are whole
-    numbers kept as float32.
+    The range of each row is widened to include 0 (so 0 is exact); scales are at least
+    1e-8; zero points are whole numbers kept as float32.
     """
-    # amin/amax, not aminmax: torch's aminmax along a dim is ~100x slower on CPU
+    # amin/amax, not aminmax: torch's aminmax along a dim is far slower on CPU
     lo = x.amin(-1, keepdim=True).clamp_(max=0)
     hi = x.amax(-1, keepdim=True)
     scale = (hi.clamp(min=0) - lo).div_(255.0).clamp_(min=1e-8)

@@ -1,22 +1,18 @@
 """Kiln's quantized CPU GEMMs (C++, ``kiln._C``) for torch tensors, with a pure-torch
 reference for each (the test oracle).
 
-Formats (shared with every Kiln quantized kernel):
-
-- int8 weight ``w_q`` int8 [N, K], symmetric per output channel: ``w ~ w_q * w_scale[:, None]``.
-- uint8 activations, asymmetric: ``x ~ (x_q - x_zp) * x_scale``, per row (dynamic) or per
-  tensor (static, from calibration).
-- int4 weight: values in [-8, 7], two per byte, uint8 [N, K // 2] (k = 2j in the low nibble
-  of byte j, k = 2j + 1 in the high nibble, two's complement), fp32 scales [N, K // G] for
-  group size G in {32, 64, 128}: ``w[n, k] ~ q[n, k] * scales[n, k // G]``.
+Operands are in Kiln's quantized formats (``kiln.ir.qformat``): int8 weights per output
+channel, int4 weights packed two per byte with group scales (group size in
+``qformat.INT4_GROUP_SIZES``), uint8 activations with a zero point, per row (dynamic) or per
+tensor (static, from calibration).
 
 The int8 core computes ``acc = x_q @ w_q^T`` exactly in int32 with AVX512-VNNI (vpdpbusd) or
 AMX-INT8 (tdpbusd; chosen automatically when present and M >= 16), then a fused epilogue
 ``y = act(x_scale[m] * w_scale[n] * (acc[m, n] - x_zp[m] * w_q[n].sum()) + bias[n])``.
 Activations: ``none``, ``relu``, ``gelu`` (erf), ``gelu_tanh``, ``silu``.
-Weights are prepacked once (``prepack_int8`` / ``prepack_int4`` / ``prepack_conv_int8``), at
-plan-build time. ``threads`` defaults to ``torch.get_num_threads()``; results can go to a
-preallocated ``out``.
+Weights are prepacked once (``prepack_int8`` / ``prepack_int4`` / ``prepack_conv_int8``) into
+the kernels' own blocked layout (``csrc/quant_gemm.h``), at plan-build time. ``threads``
+defaults to ``torch.get_num_threads()``; results can go to a preallocated ``out``.
 
 Entry points: ``qlinear_dynamic`` (fp32 in, per-row dynamic quantization, fp32 out),
 ``qlinear_static`` (uint8 in, fp32 or requantized uint8 out), ``int8_gemm_s32`` (the exact
@@ -29,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from kiln.ir import qformat
 
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
 PATHS = ("auto", "vnni", "amx")
@@ -259,13 +257,13 @@ def ref_qconv2d_nhwc(x_q, x_scale, x_zp, w_q, w_scale, bias=None, activation="no
 def prepack_int4(w_packed: torch.Tensor, scales: torch.Tensor, group_size: int | None = None):
     """Prepack an int4 weight: w_packed uint8 [N, K // 2], scales fp32 [N, K // G].
 
-    ``group_size`` defaults to K // scales.shape[1] and must be 32, 64 or 128.
+    ``group_size`` defaults to K // scales.shape[1] and must be in ``qformat.INT4_GROUP_SIZES``.
     Returns an opaque ``kiln._C.Int4PackedWeight`` (attributes ``n``, ``k``, ``group``).
     """
     if scales.dim() != 2 or scales.shape[1] == 0:
         raise ValueError("scales: expected shape (N, K // group_size)")
     k = 2 * w_packed.shape[-1]
-    g = k // scales.shape[1] if group_size is None else int(group_size)
+    g = qformat.int4_group_size(k, scales) if group_size is None else int(group_size)
     return _C().int4_prepack(_np(w_packed, torch.uint8, "w_packed"), _np(scales, torch.float32, "scales"), g)
 
 
@@ -282,39 +280,6 @@ def linear_int4(x: torch.Tensor, packed, bias: torch.Tensor | None = None, activ
     res = _C().linear_int4(_np(x2, torch.float32, "x"), packed, _bias(bias), activation, _threads(threads),
                            _out(out, torch.float32, x2.shape[0], packed.n))
     return _result(res, out, lead, packed.n)
-
-
-# ---------------------------------------------------------------------------------------
-# Weight quantizers (for tests and benchmarks; the quantization passes own the real ones)
-# ---------------------------------------------------------------------------------------
-
-def quantize_weight_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 [N, K] -> (w_q int8 in [-127, 127], w_scale fp32 [N]), symmetric per channel."""
-    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).float()
-    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
-
-
-def quantize_weight_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 [N, K] -> (packed uint8 [N, K // 2], scales fp32 [N, K // G]), symmetric per group."""
-    n, k = w.shape
-    g = w.reshape(n, k // group_size, group_size)
-    scales = (g.abs().amax(dim=2) / 7.0).clamp(min=1e-12).float()
-    q = torch.round(g / scales[..., None]).clamp(-8, 7).to(torch.int8).reshape(n, k)
-    return pack_int4(q), scales
-
-
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """int values in [-8, 7], [N, K] (K even) -> uint8 [N, K // 2] (low nibble = even k)."""
-    nib = (q.to(torch.int16) & 0xF).to(torch.uint8)
-    return nib[:, 0::2] | (nib[:, 1::2] << 4)
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K // 2] -> int8 [N, K] with values in [-8, 7]."""
-    lo = (packed & 0xF).to(torch.int16)
-    hi = (packed >> 4).to(torch.int16)
-    q = torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], -1)
-    return torch.where(q >= 8, q - 16, q).to(torch.int8)
 
 
 # ---------------------------------------------------------------------------------------
@@ -340,9 +305,8 @@ def _ref_epilogue(y, bias, activation: str, out_scale, out_zp):
     if bias is not None:
         y = y + bias
     y = ref_activation(y, activation)
-    if out_scale is not None:
-        inv = 1.0 / torch.tensor(out_scale, dtype=torch.float32)
-        y = (torch.round(y * inv) + out_zp).clamp(0, 255).to(torch.uint8)
+    if out_scale is not None:  # the kernels take the reciprocal of the fp32 output scale
+        y = qformat.quantize_tensor(y, torch.tensor(out_scale, dtype=torch.float32), out_zp)
     return y
 
 
@@ -352,9 +316,15 @@ def ref_int8_gemm_s32(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
 
 
 def ref_quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The dynamic quantization rule, in fp32: per row, the range [min(x, 0), max(x, 0)]
-    maps onto [0, 255]: scale = (max - min) / 255 (1 where that is 0), zp = round(-min / scale)
-    clamped to [0, 255], x_q = clamp(round(x * (1 / scale)) + zp, 0, 255); round = ties to even.
+    """The C++ kernels' dynamic quantization rule (``quantize_per_row``), in fp32: per row,
+    the range [min(x, 0), max(x, 0)] maps onto [0, 255]: scale = (max - min) / 255 (1 where
+    that is 0), zp = round(-min / scale) clamped to [0, 255], x_q = clamp(round(x * (1 / scale))
+    + zp, 0, 255); round = ties to even.
+
+    Returns (x_q uint8 [M, K], scale fp32 [M], zp int32 [M]). The values are
+    ``qformat.quantize_rows``'s except in rows whose whole range is under 255e-8, where
+    quantize_rows raises the scale to 1e-8 and this rule keeps it (an all-zero row gives
+    x_q = 0 and zp = 0 under both, with scale 1 here).
     """
     x = x.float()
     mn = x.amin(dim=1).clamp(max=0)
@@ -388,8 +358,6 @@ def ref_qlinear_dynamic(x, w_q, w_scale, bias=None, activation="none"):
 
 def ref_linear_int4(x, w_packed, scales, bias=None, activation="none"):
     """Reference of ``linear_int4``: dequantize (q * scale) to fp32, then an fp32 linear."""
-    q = unpack_int4(w_packed).float()
-    n, k = q.shape
-    g = k // scales.shape[1]
-    w = (q.reshape(n, k // g, g) * scales[..., None]).reshape(n, k)
+    k = 2 * w_packed.shape[1]
+    w = qformat.dequantize_weight_int4(w_packed, scales, qformat.int4_group_size(k, scales))
     return ref_activation(F.linear(x.float(), w, bias), activation)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from kiln.ir import Node, OpKind
 from kiln.ir import attrs as A
-from kiln.ir import qformat as QF
+from kiln.ir import qformat
 
 from kiln.ir.reference import epilogue
 from .registry import register_kernel
@@ -59,7 +59,7 @@ def _prepare_qlinear_dynamic(node: Node, consts: list):
     def run(ins, a):
         x = ins[0]
         lead = x.shape[:-1]
-        xq, s, zp = QF.quantize_rows(x.reshape(-1, k))
+        xq, s, zp = qformat.quantize_rows(x.reshape(-1, k))
         y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, packed, ws, zeros, None, 1.0, 0, torch.float32,
                                                "none", [], "")
         y = y.addr_(zp.view(-1), row_sums, alpha=-1).mul_(s)  # one pass: y -= zp (x) row_sums
@@ -89,7 +89,7 @@ def _prepare_int4(node: Node, consts: list):
     u = q + 8 with zero 0 is our q * scale."""
     wq, s = consts[1], consts[2]
     a: A.WeightOnlyAttrs = node.attrs
-    q = QF.unpack_int4(wq).to(torch.int32) + 8  # [N, K] in [0, 15]
+    q = qformat.unpack_int4(wq).to(torch.int32) + 8  # [N, K] in [0, 15]
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
     sz = torch.stack([s.t(), torch.zeros_like(s.t())], dim=2).contiguous()  # [K // G, N, 2]
     bias_c = consts[3] if len(consts) > 3 else None

@@ -2,10 +2,11 @@
 int4 weight-only) as kernel candidates for the quantized IR ops on the ``cpu`` target.
 
 They compete with the oneDNN kernels of ``kernels/quant.py``: ``kernels.choice`` checks each
-against the reference and keeps the fastest. The C++ per-row activation quantization follows
-``qformat.quantize_rows`` (the reference's) to the bit — same range, scale, zero point and
-ties-to-even rounding — so the int8 products are the reference's and only float rounding in
-the epilogue differs.
+against the reference and keeps the fastest. The C++ per-row activation quantization
+(``int8_cpu.ref_quantize_per_row``) follows ``qformat.quantize_rows`` (the reference's) to
+the bit — same range, scale, zero point and ties-to-even rounding — except in rows whose
+whole range is under 255e-8, so the int8 products are the reference's and only float
+rounding in the epilogue differs.
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import torch
 
 from kiln.ir import Node, OpKind
 from kiln.ir import attrs as A
+from kiln.ir import qformat
 
-from . import int8_cpu as I8
+from . import int8_cpu
 from kiln.ir.reference import epilogue
 from .registry import register_kernel
 
@@ -27,7 +29,7 @@ _ACT = {A.Activation.NONE: "none", A.Activation.RELU: "relu", A.Activation.GELU:
 @functools.lru_cache(maxsize=None)
 def _caps() -> dict:  # asked once per node by ``accepts``: the CPU does not change
     try:
-        return I8.capabilities()
+        return int8_cpu.capabilities()
     except Exception:  # noqa: BLE001  (an extension built without the kernels: no candidates)
         return {}
 
@@ -67,8 +69,8 @@ def _prepare_dynamic(node: Node, consts: list):
     wq, ws = consts[1], consts[2]
     if wq is None or ws is None:
         return _unusable
-    packed = I8.prepack_int8(wq, ws)
-    return _fused_run(lambda x, bias, act: I8.qlinear_dynamic(x, packed, bias, act), _opt(consts, 3))
+    packed = int8_cpu.prepack_int8(wq, ws)
+    return _fused_run(lambda x, bias, act: int8_cpu.qlinear_dynamic(x, packed, bias, act), _opt(consts, 3))
 
 
 register_kernel(OpKind.QLINEAR_DYNAMIC, "cpu", name="cpu.kiln_qlinear_dynamic", accepts=_dynamic_ok,
@@ -78,15 +80,16 @@ register_kernel(OpKind.QLINEAR_DYNAMIC, "cpu", name="cpu.kiln_qlinear_dynamic", 
 # ----------------------------------------------------------------------------- int4 weight-only
 def _int4_ok(node: Node) -> bool:
     a: A.WeightOnlyAttrs = node.attrs
-    return _fp32_static(node) and a.bits == 4 and a.group_size in (32, 64, 128) and _caps().get("int4", False)
+    return (_fp32_static(node) and a.bits == 4 and a.group_size in qformat.INT4_GROUP_SIZES and
+            _caps().get("int4", False))
 
 
 def _prepare_int4(node: Node, consts: list):
     wq, scales = consts[1], consts[2]
     if wq is None or scales is None:
         return _unusable
-    packed = I8.prepack_int4(wq, scales, node.attrs.group_size)
-    return _fused_run(lambda x, bias, act: I8.linear_int4(x, packed, bias, act), _opt(consts, 3))
+    packed = int8_cpu.prepack_int4(wq, scales, node.attrs.group_size)
+    return _fused_run(lambda x, bias, act: int8_cpu.linear_int4(x, packed, bias, act), _opt(consts, 3))
 
 
 register_kernel(OpKind.LINEAR_WEIGHT_ONLY, "cpu", name="cpu.kiln_linear_int4", accepts=_int4_ok,

@@ -1,8 +1,12 @@
 """The kernel registry, keyed by (OpKind, target).
 
 Every op kind has a ``reference`` kernel (torch), which is the fallback and the test oracle.
-Faster kernels register for a target with a predicate saying which nodes they accept; the
-runtime picks the first accepting kernel for its target, else the reference.
+Faster kernels register for a target with a predicate saying which nodes they accept. How
+one is picked depends on the target: on ``cpu`` every accepting kernel and the reference are
+candidates (``candidates``) and ``kernels.choice`` times them on the node's shapes, keeping
+the fastest of those that agree with the reference (the first candidate when the shapes are
+not static); on ``cuda`` the plan takes the first accepting kernel in registration order,
+else the reference (``select_kernel``).
 """
 from __future__ import annotations
 
@@ -34,7 +38,8 @@ class Kernel:
 
 _REGISTRY: dict[tuple[OpKind, str], list[Kernel]] = {}
 # the modules whose import registers kernels (imported on first lookup, not at package import)
-_KERNEL_MODULES = ("cpu", "pool_cpu", "attention_cpu", "onednn", "amx_linear", "winograd", "mkl", "quant", "quant_native", "reference", "sparse")
+_KERNEL_MODULES = ("rnn_cpu", "pool_cpu", "attention_cpu", "onednn", "amx_linear", "winograd", "mkl", "quant",
+                   "quant_native", "reference", "sparse")
 
 
 _loaded = False
@@ -73,7 +78,8 @@ def candidates(node: Node, target: str) -> list[Kernel]:
 
 
 def select_kernel(node: Node, target: str) -> Kernel:
-    """The kernel the runtime uses for ``node`` on ``target``: first accepting, else reference."""
+    """The first kernel for ``target`` that accepts ``node``, else the reference (the cuda
+    plan's pick, and how callers get an op's reference kernel)."""
     _load_kernel_modules()
 
     if target != "reference":

@@ -3,7 +3,7 @@
 ``SPLIT`` (fuse phase): a multi-layer LSTM/GRU op becomes a chain of one-layer ops, each
 layer's output the next one's input, so every layer gets its own kernel choice. The
 kernels of a layer choose by measurement between projecting the input inside every step
-of the recurrence and one GEMM over all steps up front (kernels/cpu.py).
+of the recurrence and one GEMM over all steps up front (kernels/rnn_cpu.py).
 
 ``HOIST`` (quantize phase, only when quantizing): each layer's input projection becomes
 an ordinary LINEAR over all time steps (x @ W_ih^T + b_ih, plus b_hh for LSTM) in front

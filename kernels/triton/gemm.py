@@ -4,9 +4,9 @@ Every operand is addressed through its strides, so a linear layer's [N, K] weigh
 transposed or broadcast batch operand and channels-last activations need no copy. The
 epilogue is ``act(a @ b + bias + residual)`` (kiln.ir.reference.epilogue), computed
 on the accumulator tile before the one store. Activations are ``ACT`` codes (``ACT_CODES``).
-Weight formats for the quantized kernels follow the shared format description: int8
-[N, K] with fp32 per-channel scales; int4 packed two per byte (low nibble = even k) with
-fp32 group scales [N, K // G].
+The weight-only int8 / int4 kernels read weights in Kiln's quantized format as the passes
+store them (``kiln.ir.qformat``: int8 [N, K] with per-channel scales; int4 packed two per
+byte with group scales [N, K // G]), decoding the nibbles in the kernel.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from kiln.codegen.autotune import space
+from kiln.ir import qformat
 from kiln.ir.attrs import Activation
 
 from .launch import launch
@@ -192,7 +193,7 @@ def int4_gemm_kernel(x_ptr, wp_ptr, scale_ptr, bias_ptr, y_ptr, M, N, K, s_xm, s
         wmask = (kk[:, None] < K) & (rn[None, :] < N)
         byte = tl.load(wp_ptr + rn[None, :] * s_wn + (kk[:, None] // 2), mask=wmask, other=0).to(tl.int32)
         q = (byte >> ((kk[:, None] % 2) * 4)) & 0xF
-        q = tl.where(q >= 8, q - 16, q)  # two's-complement nibble
+        q = tl.where(q >= 8, q - 16, q)  # two's-complement nibble (qformat.unpack_int4)
         part = tl.dot(x, q.to(tl.float32), input_precision="ieee")
         s = tl.load(scale_ptr + rn * s_sn + k0 // GROUP, mask=rn < N, other=0.0)
         acc += part * s[None, :]
@@ -206,7 +207,8 @@ def int4_linear(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, g
     """x [..., K] fp32 @ dequant(w_packed uint8 [N, K//2], scales [N, K//G])^T + bias."""
     lead, k = x.shape[:-1], x.shape[-1]
     n = w_packed.shape[0]
-    if k % group_size or w_packed.shape[1] * 2 != k or scales.shape != (n, k // group_size):
+    packed_shape, scales_shape = qformat.int4_shapes(n, k, group_size)
+    if k % group_size or tuple(w_packed.shape) != packed_shape or tuple(scales.shape) != scales_shape:
         raise ValueError(f"int4 weight {tuple(w_packed.shape)} / scales {tuple(scales.shape)} do not fit "
                          f"K={k}, group {group_size}")
     x2 = x.reshape(-1, k)
@@ -227,27 +229,3 @@ def int4_linear(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, g
     run(choose_config("triton.int4_linear", space_, sig, run, x))
     return y.reshape(*lead, n)
 
-
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8 (the shared format): w ≈ w_q * scale[:, None]."""
-    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
-    return torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8), scale.float()
-
-
-def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group-wise symmetric int4, packed two per byte (low nibble = even k)."""
-    n, k = w.shape
-    g = w.reshape(n, k // group_size, group_size)
-    scale = (g.abs().amax(dim=2) / 7.0).clamp_min(1e-12)
-    q = torch.clamp(torch.round(g / scale[..., None]), -8, 7).to(torch.int32).reshape(n, k)
-    nib = q & 0xF
-    packed = (nib[:, 0::2] | (nib[:, 1::2] << 4)).to(torch.uint8)
-    return packed, scale.float()
-
-
-def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    lo = (packed.to(torch.int32) & 0xF)
-    hi = (packed.to(torch.int32) >> 4) & 0xF
-    q = torch.stack([lo, hi], dim=2).reshape(packed.shape[0], -1)
-    q = torch.where(q >= 8, q - 16, q).float()
-    return q * scales.repeat_interleave(group_size, dim=1)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from kiln.ir import qformat
 from kiln.kernels import int8_cpu as q
 
 _C = pytest.importorskip("kiln._C")
@@ -52,7 +53,7 @@ def test_cell_sigmoid_and_tanh_saturate_exactly():
 def test_gemm_epilogue_activations_saturate_exactly(activation):
     # an identity weight (int4 ones, scale 1): y = act(x) exactly as the epilogue computes it
     n = 64
-    w_packed = q.pack_int4(torch.eye(n, dtype=torch.int64))
+    w_packed = qformat.pack_int4(torch.eye(n, dtype=torch.int64))
     packed = q.prepack_int4(w_packed, torch.ones(n, 1), 64)
     x = torch.cat([PROBES, torch.zeros((-PROBES.numel()) % n)]).reshape(-1, n)
     got = q.linear_int4(x, packed, None, activation)

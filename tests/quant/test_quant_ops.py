@@ -5,35 +5,35 @@ import torch
 from conftest import assert_structural_equal
 from kiln.ir import DType, GraphBuilder, IRTypeError, OpKind, from_json, to_json, verify
 from kiln.ir import attrs as A
-from kiln.ir import qformat as QF
+from kiln.ir import qformat
 from kiln.kernels.choice import agrees
 from kiln.kernels.registry import candidates
 
 
 def test_int8_weight_format():
     w = torch.randn(6, 10)
-    q, s = QF.quantize_weight_int8(w)
+    q, s = qformat.quantize_weight_int8(w)
     assert q.dtype == torch.int8 and s.shape == (6,) and int(q.abs().max()) <= 127
     assert torch.equal(q.abs().amax(1), torch.full((6,), 127, dtype=torch.int8))  # each row uses its range
-    assert float((QF.dequantize_weight_int8(q, s) - w).abs().max()) <= float(s.max()) / 2 + 1e-6
+    assert float((qformat.dequantize_weight_int8(q, s) - w).abs().max()) <= float(s.max()) / 2 + 1e-6
 
 
 def test_int4_pack_layout_and_round_trip():
     q = torch.tensor([[-8, 7, 1, -1, 0, 3, -2, 5]], dtype=torch.int8)
-    p = QF.pack_int4(q)
+    p = qformat.pack_int4(q)
     assert p.dtype == torch.uint8 and p.shape == (1, 4)
     assert int(p[0, 0]) == (0x8 | (0x7 << 4))  # k=0 in the low nibble, k=1 in the high nibble
-    assert torch.equal(QF.unpack_int4(p), q)
+    assert torch.equal(qformat.unpack_int4(p), q)
     w = torch.randn(16, 128)
-    packed, s = QF.quantize_weight_int4(w, 32)
+    packed, s = qformat.quantize_weight_int4(w, 32)
     assert packed.shape == (16, 64) and s.shape == (16, 4)
-    err = (QF.dequantize_weight_int4(packed, s, 32) - w).abs()
+    err = (qformat.dequantize_weight_int4(packed, s, 32) - w).abs()
     assert float((err / s.repeat_interleave(32, 1)).max()) <= 0.5 + 1e-5  # half a step
 
 
 def test_quantize_rows_zero_is_exact():
     x = torch.tensor([[-1.0, 0.0, 2.0], [0.0, 0.0, 0.0], [1.0, 2.0, 3.0]])
-    q, s, zp = QF.quantize_rows(x)
+    q, s, zp = qformat.quantize_rows(x)
     back = (q.float() - zp) * s
     assert float(back[0, 1]) == 0.0 and torch.equal(back[1], torch.zeros(3))
     assert float((back - x).abs().max()) <= float(s.max()) / 2 + 1e-6
@@ -62,7 +62,7 @@ def _qconv_graph(u8_residual: bool):
     b = GraphBuilder()
     x = b.input("x", (1, 8, 6, 6))
     r = b.input("r", (1, 8, 6, 6))
-    wq, ws = QF.quantize_weight_int8(torch.randn(8, 8, 3, 3))
+    wq, ws = qformat.quantize_weight_int8(torch.randn(8, 8, 3, 3))
     xq = b.add(OpKind.QUANTIZE, x, attrs=A.QuantizeAttrs(0.02, 128))
     res = b.add(OpKind.QUANTIZE, r, attrs=A.QuantizeAttrs(0.03, 100)) if u8_residual else r
     attrs = A.QConv2dAttrs(0.02, 128, padding=(1, 1), out_scale=0.05 if u8_residual else None,
@@ -110,7 +110,7 @@ def test_qconv2d_kernel(u8):
 def test_qlinear_dynamic_kernel(act):
     b = GraphBuilder()
     x = b.input("x", (2, 5, 48))
-    wq, ws = QF.quantize_weight_int8(torch.randn(32, 48))
+    wq, ws = qformat.quantize_weight_int8(torch.randn(32, 48))
     y = b.add(OpKind.QLINEAR_DYNAMIC, x, b.const(wq), b.const(ws), b.const(torch.randn(32)), b.input("r", (2, 5, 32)),
               attrs=A.QLinearDynamicAttrs(act))
     _check_kernels(b.build([y]), [torch.randn(2, 5, 48) * 3, torch.randn(2, 5, 32)], "cpu.onednn_qlinear_dynamic")
@@ -120,7 +120,7 @@ def test_qlinear_dynamic_kernel(act):
 def test_int4_kernel(group):
     b = GraphBuilder()
     x = b.input("x", (2, 3, 256))
-    p, s = QF.quantize_weight_int4(torch.randn(48, 256), group)
+    p, s = qformat.quantize_weight_int4(torch.randn(48, 256), group)
     y = b.add(OpKind.LINEAR_WEIGHT_ONLY, x, b.const(p), b.const(s), b.const(torch.randn(48)),
               attrs=A.WeightOnlyAttrs(4, group, A.Activation.RELU))
     _check_kernels(b.build([y]), [torch.randn(2, 3, 256)], "cpu.int4pack_linear")
@@ -129,7 +129,7 @@ def test_int4_kernel(group):
 def test_static_linear_kernel():
     b = GraphBuilder()
     x = b.input("x", (4, 64))
-    wq, ws = QF.quantize_weight_int8(torch.randn(16, 64))
+    wq, ws = qformat.quantize_weight_int8(torch.randn(16, 64))
     xq = b.add(OpKind.QUANTIZE, x, attrs=A.QuantizeAttrs(0.05, 120))
     y = b.add(OpKind.QLINEAR, xq, b.const(wq), b.const(ws), b.const(torch.randn(16)),
               attrs=A.QLinearAttrs(0.05, 120, 0.1, 7, A.Activation.RELU))
@@ -145,7 +145,7 @@ def test_reference_matches_dequantized_math():
     env = run_all(g, [x, r])
     n = g.nodes[-1]
     xq = env[n.inputs[0]]
-    w = QF.dequantize_weight_int8(g.constants[n.inputs[1]], g.constants[n.inputs[2]])
+    w = qformat.dequantize_weight_int8(g.constants[n.inputs[1]], g.constants[n.inputs[2]])
     want = torch.relu(torch.nn.functional.conv2d((xq.float() - 128) * 0.02, w, g.constants[n.inputs[3]],
                                                  padding=1) + r)
     assert torch.allclose(env[n.outputs[0]], want, atol=1e-4, rtol=1e-4)

@@ -2,9 +2,9 @@
 import pytest
 import torch
 from conftest import max_err_ok
-from kiln.kernels import int8_cpu as q
+from kiln.kernels import int8_cpu
 
-pytestmark = pytest.mark.skipif(not q.capabilities()["vnni"], reason="needs AVX512-VNNI")
+pytestmark = pytest.mark.skipif(not int8_cpu.capabilities()["vnni"], reason="needs AVX512-VNNI")
 
 # (C, OC, kernel, stride, padding, H): ResNet-style convs at small sizes, including the
 # 7x7 stem (C = 3: K = 147 = 4 * 36 + 3) and the strided 1x1 downsample
@@ -18,23 +18,23 @@ def test_qconv2d_nhwc_fp32_and_requantized(c, oc, k, stride, pad, h):
     w_q = torch.randint(-127, 128, (oc, c, k, k), dtype=torch.int8)
     w_scale = torch.rand(oc) * 0.01 + 1e-3
     bias = torch.randn(oc)
-    conv = q.prepack_conv_int8(w_q, w_scale)
+    conv = int8_cpu.prepack_conv_int8(w_q, w_scale)
     kw = {"stride": stride, "padding": pad}
-    got = q.qconv2d_nhwc(x_q, 0.02, 120, conv, bias, "relu", **kw, threads=2)
-    want = q.ref_qconv2d_nhwc(x_q, 0.02, 120, w_q, w_scale, bias, "relu", **kw)
+    got = int8_cpu.qconv2d_nhwc(x_q, 0.02, 120, conv, bias, "relu", **kw, threads=2)
+    want = int8_cpu.ref_qconv2d_nhwc(x_q, 0.02, 120, w_q, w_scale, bias, "relu", **kw)
     assert got.shape == want.shape
     assert max_err_ok(got, want, rel=1e-5)[0]
     out_scale = float(want.max()) / 255
-    got8 = q.qconv2d_nhwc(x_q, 0.02, 120, conv, bias, "relu", **kw, out_scale=out_scale, out_zp=0)
-    want8 = q.ref_qconv2d_nhwc(x_q, 0.02, 120, w_q, w_scale, bias, "relu", **kw, out_scale=out_scale, out_zp=0)
+    got8 = int8_cpu.qconv2d_nhwc(x_q, 0.02, 120, conv, bias, "relu", **kw, out_scale=out_scale, out_zp=0)
+    want8 = int8_cpu.ref_qconv2d_nhwc(x_q, 0.02, 120, w_q, w_scale, bias, "relu", **kw, out_scale=out_scale, out_zp=0)
     assert got8.dtype == torch.uint8 and (got8.int() - want8.int()).abs().max() <= 1
 
 
 def test_qconv2d_nhwc_argument_errors():
-    conv = q.prepack_conv_int8(torch.zeros(4, 3, 3, 3, dtype=torch.int8), torch.ones(4))
+    conv = int8_cpu.prepack_conv_int8(torch.zeros(4, 3, 3, 3, dtype=torch.int8), torch.ones(4))
     with pytest.raises(ValueError, match="x_q"):
-        q.qconv2d_nhwc(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), 1.0, 0, conv)  # NCHW by mistake
+        int8_cpu.qconv2d_nhwc(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), 1.0, 0, conv)  # NCHW by mistake
     with pytest.raises(TypeError, match="uint8"):
-        q.qconv2d_nhwc(torch.zeros(1, 8, 8, 3), 1.0, 0, conv)
+        int8_cpu.qconv2d_nhwc(torch.zeros(1, 8, 8, 3), 1.0, 0, conv)
     with pytest.raises(ValueError, match="OC, C, KH, KW"):
-        q.prepack_conv_int8(torch.zeros(4, 27, dtype=torch.int8), torch.ones(4))
+        int8_cpu.prepack_conv_int8(torch.zeros(4, 27, dtype=torch.int8), torch.ones(4))

@@ -4,9 +4,10 @@ rounding, and argument checking."""
 import pytest
 import torch
 from conftest import max_err_ok
-from kiln.kernels import int8_cpu as q
+from kiln.ir import qformat
+from kiln.kernels import int8_cpu
 
-CAPS = q.capabilities()
+CAPS = int8_cpu.capabilities()
 pytestmark = pytest.mark.skipif(not CAPS["vnni"], reason="needs AVX512-VNNI")
 PATHS = ["vnni"] + (["amx"] if CAPS["amx"] else [])
 ODD_SHAPES = [(1, 1, 1), (1, 33, 5), (3, 17, 13), (7, 50, 129), (16, 16, 64), (33, 47, 65), (64, 80, 256),
@@ -24,9 +25,9 @@ def test_int32_core_exact_on_odd_shapes(path, threads):
     for m, n, k in ODD_SHAPES:
         w_q, w_scale = _weight(n, k)
         x_q = torch.randint(0, 256, (m, k), dtype=torch.uint8)
-        got = q.int8_gemm_s32(x_q, q.prepack_int8(w_q, w_scale), path=path, threads=threads)
+        got = int8_cpu.int8_gemm_s32(x_q, int8_cpu.prepack_int8(w_q, w_scale), path=path, threads=threads)
         assert got.dtype == torch.int32 and got.shape == (m, n)
-        assert torch.equal(got, q.ref_int8_gemm_s32(x_q, w_q)), (m, n, k)
+        assert torch.equal(got, int8_cpu.ref_int8_gemm_s32(x_q, w_q)), (m, n, k)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -35,8 +36,8 @@ def test_int32_core_extremes_do_not_saturate(path):
     k = 4096
     x_q = torch.full((32, k), 255, dtype=torch.uint8)
     w_q = torch.cat([torch.full((16, k), -128, dtype=torch.int8), torch.full((16, k), 127, dtype=torch.int8)])
-    got = q.int8_gemm_s32(x_q, q.prepack_int8(w_q, torch.ones(32)), path=path, threads=2)
-    assert torch.equal(got, q.ref_int8_gemm_s32(x_q, w_q))
+    got = int8_cpu.int8_gemm_s32(x_q, int8_cpu.prepack_int8(w_q, torch.ones(32)), path=path, threads=2)
+    assert torch.equal(got, int8_cpu.ref_int8_gemm_s32(x_q, w_q))
     assert got[0, 0].item() == 255 * -128 * k
 
 
@@ -44,9 +45,9 @@ def test_aligned_input_is_read_in_place_and_matches():
     # M a multiple of 32 and K of 64: both paths read x_q without the padded copy
     w_q, w_scale = _weight(48, 128)
     x_q = torch.randint(0, 256, (64, 128), dtype=torch.uint8)
-    packed = q.prepack_int8(w_q, w_scale)
+    packed = int8_cpu.prepack_int8(w_q, w_scale)
     for path in PATHS:
-        assert torch.equal(q.int8_gemm_s32(x_q, packed, path=path), q.ref_int8_gemm_s32(x_q, w_q))
+        assert torch.equal(int8_cpu.int8_gemm_s32(x_q, packed, path=path), int8_cpu.ref_int8_gemm_s32(x_q, w_q))
 
 
 def test_quantize_per_row_is_exact():
@@ -55,24 +56,25 @@ def test_quantize_per_row_is_exact():
     x[2] = x[2].abs() + 0.5  # all positive: zp 0
     x[3] = -x[3].abs() - 0.5  # all negative: zp 255
     for threads in (1, 2):
-        got = q.quantize_per_row(x, threads=threads)
-        want = q.ref_quantize_per_row(x)
+        got = int8_cpu.quantize_per_row(x, threads=threads)
+        want = int8_cpu.ref_quantize_per_row(x)
         for g, w in zip(got, want):
             assert torch.equal(g, w)
     big = torch.randn(64, 700)
-    assert all(torch.equal(g, w) for g, w in zip(q.quantize_per_row(big, 2), q.ref_quantize_per_row(big)))
+    assert all(torch.equal(g, w) for g, w in zip(int8_cpu.quantize_per_row(big, 2), int8_cpu.ref_quantize_per_row(big)))
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("activation", q.ACTIVATIONS)
+@pytest.mark.parametrize("activation", int8_cpu.ACTIVATIONS)
 def test_qlinear_dynamic_matches_reference(path, activation):
     for (m, n, k), threads in [((1, 40, 33), 1), ((20, 70, 96), 2), ((37, 33, 200), 2)]:
         w = torch.randn(n, k)
-        w_q, w_scale = q.quantize_weight_int8(w)
+        w_q, w_scale = qformat.quantize_weight_int8(w)
         bias = torch.randn(n)
         x = torch.randn(m, k)
-        got = q.qlinear_dynamic(x, q.prepack_int8(w_q, w_scale), bias, activation, path=path, threads=threads)
-        want = q.ref_qlinear_dynamic(x, w_q, w_scale, bias, activation)
+        packed = int8_cpu.prepack_int8(w_q, w_scale)
+        got = int8_cpu.qlinear_dynamic(x, packed, bias, activation, path=path, threads=threads)
+        want = int8_cpu.ref_qlinear_dynamic(x, w_q, w_scale, bias, activation)
         ok, err, tol = max_err_ok(got, want, rel=1e-5)
         assert ok, (m, n, k, err, tol)
 
@@ -80,8 +82,8 @@ def test_qlinear_dynamic_matches_reference(path, activation):
 def test_qlinear_dynamic_is_close_to_fp32_and_keeps_leading_dims():
     w = torch.randn(64, 256)
     x = torch.randn(2, 24, 256)
-    w_q, w_scale = q.quantize_weight_int8(w)
-    got = q.qlinear_dynamic(x, q.prepack_int8(w_q, w_scale), None, "none")
+    w_q, w_scale = qformat.quantize_weight_int8(w)
+    got = int8_cpu.qlinear_dynamic(x, int8_cpu.prepack_int8(w_q, w_scale), None, "none")
     assert got.shape == (2, 24, 64)
     want = torch.nn.functional.linear(x, w)
     assert (got - want).abs().max() < 0.02 * want.abs().max()  # int8 rounding, not a bug
@@ -93,10 +95,10 @@ def test_qlinear_static_per_tensor_and_per_row(path):
     w_q, w_scale = _weight(n, k)
     bias = torch.randn(n)
     x_q = torch.randint(0, 256, (m, k), dtype=torch.uint8)
-    packed = q.prepack_int8(w_q, w_scale)
+    packed = int8_cpu.prepack_int8(w_q, w_scale)
     for xs, xz in [(0.05, 128), (torch.rand(m) * 0.1 + 0.01, torch.randint(0, 256, (m,), dtype=torch.int32))]:
-        got = q.qlinear_static(x_q, xs, xz, packed, bias, "relu", path=path, threads=2)
-        want = q.ref_qlinear_static(x_q, xs, xz, w_q, w_scale, bias, "relu")
+        got = int8_cpu.qlinear_static(x_q, xs, xz, packed, bias, "relu", path=path, threads=2)
+        want = int8_cpu.ref_qlinear_static(x_q, xs, xz, w_q, w_scale, bias, "relu")
         assert max_err_ok(got, want, rel=1e-5)[0]
 
 
@@ -105,71 +107,72 @@ def test_qlinear_static_requantized_u8_output(path):
     m, n, k = 19, 40, 64
     w_q, w_scale = _weight(n, k)
     x_q = torch.randint(0, 256, (m, k), dtype=torch.uint8)
-    packed = q.prepack_int8(w_q, w_scale)
-    ref_f32 = q.ref_qlinear_static(x_q, 0.05, 100, w_q, w_scale, None, "none")
+    packed = int8_cpu.prepack_int8(w_q, w_scale)
+    ref_f32 = int8_cpu.ref_qlinear_static(x_q, 0.05, 100, w_q, w_scale, None, "none")
     out_scale = float(ref_f32.abs().max()) / 200  # some outputs clamp at 0 and 255
-    got = q.qlinear_static(x_q, 0.05, 100, packed, None, "none", out_scale=out_scale, out_zp=128, path=path)
-    want = q.ref_qlinear_static(x_q, 0.05, 100, w_q, w_scale, None, "none", out_scale=out_scale, out_zp=128)
+    got = int8_cpu.qlinear_static(x_q, 0.05, 100, packed, None, "none", out_scale=out_scale, out_zp=128, path=path)
+    want = int8_cpu.ref_qlinear_static(x_q, 0.05, 100, w_q, w_scale, None, "none", out_scale=out_scale, out_zp=128)
     assert got.dtype == torch.uint8
     assert (got.int() - want.int()).abs().max() <= 1  # a rounding tie may fall either way
     assert (want == 0).any() and (want == 255).any()
 
 
 def test_auto_path_choice():
-    assert q.int8_path(1) == "vnni"
-    assert q.int8_path(128) == ("amx" if CAPS["amx"] else "vnni")
-    assert q.int8_path(128, "vnni") == "vnni"
+    assert int8_cpu.int8_path(1) == "vnni"
+    assert int8_cpu.int8_path(128) == ("amx" if CAPS["amx"] else "vnni")
+    assert int8_cpu.int8_path(128, "vnni") == "vnni"
 
 
 def test_argument_errors():
     w_q, w_scale = _weight(8, 16)
-    packed = q.prepack_int8(w_q, w_scale)
+    packed = int8_cpu.prepack_int8(w_q, w_scale)
     x = torch.randn(4, 16)
     with pytest.raises(TypeError, match="dtype"):
-        q.prepack_int8(w_q.float(), w_scale)
+        int8_cpu.prepack_int8(w_q.float(), w_scale)
     with pytest.raises(ValueError, match="w_scale"):
-        q.prepack_int8(w_q, torch.ones(7))
+        int8_cpu.prepack_int8(w_q, torch.ones(7))
     with pytest.raises(ValueError, match=r"x: expected shape \(M, 16\)"):
-        q.qlinear_dynamic(torch.randn(4, 15), packed)
+        int8_cpu.qlinear_dynamic(torch.randn(4, 15), packed)
     with pytest.raises(TypeError, match="dtype"):
-        q.qlinear_dynamic(x.double(), packed)
+        int8_cpu.qlinear_dynamic(x.double(), packed)
     with pytest.raises(ValueError, match="activation"):
-        q.qlinear_dynamic(x, packed, activation="tanh")
+        int8_cpu.qlinear_dynamic(x, packed, activation="tanh")
     with pytest.raises(ValueError, match="path"):
-        q.qlinear_dynamic(x, packed, path="sse")
+        int8_cpu.qlinear_dynamic(x, packed, path="sse")
     with pytest.raises(ValueError, match="bias"):
-        q.qlinear_dynamic(x, packed, torch.ones(9))
+        int8_cpu.qlinear_dynamic(x, packed, torch.ones(9))
     with pytest.raises(ValueError, match="threads"):
-        q.qlinear_dynamic(x, packed, threads=0)
+        int8_cpu.qlinear_dynamic(x, packed, threads=0)
     x_q = torch.zeros(4, 16, dtype=torch.uint8)
     with pytest.raises(ValueError, match="x_scale"):
-        q.qlinear_static(x_q, torch.ones(3), 0, packed)
+        int8_cpu.qlinear_static(x_q, torch.ones(3), 0, packed)
     with pytest.raises(ValueError, match="out_zp"):
-        q.qlinear_static(x_q, 1.0, 0, packed, out_scale=1.0, out_zp=300)
+        int8_cpu.qlinear_static(x_q, 1.0, 0, packed, out_scale=1.0, out_zp=300)
     with pytest.raises(ValueError, match="out_scale"):
-        q.qlinear_static(x_q, 1.0, 0, packed, out_scale=0.0)
+        int8_cpu.qlinear_static(x_q, 1.0, 0, packed, out_scale=0.0)
     with pytest.raises(ValueError, match="K must be at most"):
-        q.prepack_int8(torch.zeros(1, 65537, dtype=torch.int8), torch.ones(1))
+        int8_cpu.prepack_int8(torch.zeros(1, 65537, dtype=torch.int8), torch.ones(1))
     if not CAPS["amx"]:
         with pytest.raises(RuntimeError, match="AMX"):
-            q.int8_gemm_s32(x_q, packed, path="amx")
+            int8_cpu.int8_gemm_s32(x_q, packed, path="amx")
 
 
 def test_preallocated_outputs_are_written_and_checked():
     w_q, w_scale = _weight(24, 40)
-    packed = q.prepack_int8(w_q, w_scale)
+    packed = int8_cpu.prepack_int8(w_q, w_scale)
     x = torch.randn(2, 5, 40)
     out = torch.full((2, 5, 24), float("nan"))
-    assert q.qlinear_dynamic(x, packed, out=out) is out
-    assert max_err_ok(out, q.ref_qlinear_dynamic(x, w_q, w_scale), rel=1e-5)[0]
+    assert int8_cpu.qlinear_dynamic(x, packed, out=out) is out
+    assert max_err_ok(out, int8_cpu.ref_qlinear_dynamic(x, w_q, w_scale), rel=1e-5)[0]
     x_q = torch.randint(0, 256, (10, 40), dtype=torch.uint8)
     s32 = torch.empty(10, 24, dtype=torch.int32)
-    assert q.int8_gemm_s32(x_q, packed, out=s32) is s32 and torch.equal(s32, q.ref_int8_gemm_s32(x_q, w_q))
+    assert int8_cpu.int8_gemm_s32(x_q, packed, out=s32) is s32
+    assert torch.equal(s32, int8_cpu.ref_int8_gemm_s32(x_q, w_q))
     u8 = torch.empty(10, 24, dtype=torch.uint8)
-    assert q.qlinear_static(x_q, 0.1, 3, packed, out_scale=0.5, out=u8) is u8
+    assert int8_cpu.qlinear_static(x_q, 0.1, 3, packed, out_scale=0.5, out=u8) is u8
     with pytest.raises(TypeError, match="out"):
-        q.qlinear_dynamic(x, packed, out=torch.empty(2, 5, 24, dtype=torch.float64))
+        int8_cpu.qlinear_dynamic(x, packed, out=torch.empty(2, 5, 24, dtype=torch.float64))
     with pytest.raises(ValueError, match="out"):
-        q.qlinear_dynamic(x, packed, out=torch.empty(2, 5, 23))
+        int8_cpu.qlinear_dynamic(x, packed, out=torch.empty(2, 5, 23))
     with pytest.raises(ValueError, match="out"):
-        q.qlinear_dynamic(x, packed, out=torch.empty(24, 10).t())  # not contiguous
+        int8_cpu.qlinear_dynamic(x, packed, out=torch.empty(24, 10).t())  # not contiguous

@@ -5,11 +5,12 @@ import torch
 
 from kiln.ir import GraphBuilder, OpKind
 from kiln.ir import attrs as A
-from kiln.kernels import int8_cpu as I8
+from kiln.ir import qformat
+from kiln.kernels import int8_cpu
 from kiln.kernels.choice import agrees
 from kiln.kernels.registry import candidates
 
-caps = I8.capabilities()
+caps = int8_cpu.capabilities()
 
 
 def _node(op, attrs, x_shape, consts):
@@ -37,7 +38,7 @@ def _check(node, consts, name, x, extra=()):
 def test_qlinear_dynamic_native_matches_reference(act, m):
     torch.manual_seed(0)
     w = torch.randn(48, 80)
-    wq, ws = I8.quantize_weight_int8(w)
+    wq, ws = qformat.quantize_weight_int8(w)
     node, consts = _node(OpKind.QLINEAR_DYNAMIC, A.QLinearDynamicAttrs(act), (2, m, 80), [wq, ws, torch.randn(48)])
     _check(node, consts, "cpu.kiln_qlinear_dynamic", torch.randn(2, m, 80))
 
@@ -47,7 +48,7 @@ def test_qlinear_dynamic_native_matches_reference(act, m):
 def test_int4_weight_only_native_matches_reference(group):
     torch.manual_seed(1)
     w = torch.randn(32, 256)
-    packed, scales = I8.quantize_weight_int4(w, group)
+    packed, scales = qformat.quantize_weight_int4(w, group)
     node, consts = _node(OpKind.LINEAR_WEIGHT_ONLY, A.WeightOnlyAttrs(4, group, A.Activation.RELU), (5, 256),
                          [packed, scales, None])
     _check(node, consts, "cpu.kiln_linear_int4", torch.randn(5, 256))

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.ir import attrs as A
+from kiln.ir import qformat
 from kiln.ir.attrs import Activation
 from kiln.ir.reference import epilogue, rnn_hoisted_reference
 from kiln.kernels.triton import attention, conv, gemm, norm, rnn
@@ -41,7 +42,7 @@ def test_batched_matmul(a_shape, b_shape):
 
 def test_int8_weight_only_linear():
     x, w, b = torch.randn(5, 3, 64), torch.randn(40, 64), torch.randn(40)
-    wq, scale = gemm.quantize_int8(w)
+    wq, scale = qformat.quantize_weight_int8(w)
     assert wq.dtype == torch.int8 and wq.abs().max() <= 127 and scale.shape == (40,)
     close(gemm.int8_linear(x, wq, scale, b), F.linear(x, wq.float() * scale[:, None], b))
     close(gemm.int8_linear(x, wq, scale), F.linear(x, w), rel=3e-2)  # the quantization error itself is small
@@ -50,12 +51,12 @@ def test_int8_weight_only_linear():
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_int4_weight_only_linear(group):
     x, w = torch.randn(7, 256), torch.randn(24, 256)
-    packed, scales = gemm.quantize_int4(w, group)
+    packed, scales = qformat.quantize_weight_int4(w, group)
     assert packed.dtype == torch.uint8 and packed.shape == (24, 128) and scales.shape == (24, 256 // group)
     # the packing follows the shared format: byte j holds k=2j (low nibble) and k=2j+1 (high)
     q = torch.clamp(torch.round(w.reshape(24, -1, group) / scales[..., None]), -8, 7).reshape(24, 256).int()
     assert torch.equal((packed[:, 3].int() & 0xF), q[:, 6] & 0xF) and torch.equal(packed[:, 3].int() >> 4, q[:, 7] & 0xF)
-    ref = F.linear(x, gemm.dequantize_int4(packed, scales, group))
+    ref = F.linear(x, qformat.dequantize_weight_int4(packed, scales, group))
     close(gemm.int4_linear(x, packed, scales, group), ref)
     close(gemm.int4_linear(x, packed, scales, group, bias=torch.ones(24)), ref + 1)
 

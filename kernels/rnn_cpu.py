@@ -1,4 +1,4 @@
-"""CPU kernels that beat the reference: recurrent networks (LSTM/GRU).
+"""The recurrent-network (LSTM/GRU) kernels of the ``cpu`` target, in C++ (``kiln._C``).
 
 A layer runs one of three ways, chosen per layer by measurement (kernels/choice.py):
 
