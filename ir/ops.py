@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from kiln.options import INT4_GROUP_SIZES
+
 from . import attrs as A
 from .dtypes import DType, QScheme, QuantSpec
 from .types import Dim, Sym, TensorType
@@ -668,7 +670,7 @@ def _linear_weight_only(ins, a):
         _check_int8_weight("linear_weight_only", w, s, b)
     elif a.bits == 4:
         k = x.shape[-1]
-        if a.group_size not in (32, 64, 128) or not isinstance(k, int) or k % a.group_size:
+        if a.group_size not in INT4_GROUP_SIZES or not isinstance(k, int) or k % a.group_size:
             _err("linear_weight_only", f"int4 needs group size 32/64/128 dividing K={k}, got {a.group_size}")
         if w.dtype is not DType.UINT8 or w.shape[1] * 2 != k or tuple(s.shape) != (n, k // a.group_size):
             _err("linear_weight_only", f"int4 weight must be uint8 [{n}, {k // 2}] with scales "

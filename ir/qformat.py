@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import torch
 
+from kiln.options import INT4_GROUP_SIZES  # noqa: F401  (the group sizes users may ask for are exactly
+# the ones the int4 kernels support: defined once, with the other option values)
+
 INT8_QMAX = 127  # int8 weights use [-INT8_QMAX, INT8_QMAX]
 INT4_QMIN, INT4_QMAX = -8, 7  # what a nibble holds; the quantizer uses [-INT4_QMAX, INT4_QMAX]
-INT4_GROUP_SIZES = (32, 64, 128)  # the group sizes the int4 kernels support
 EPS = 1e-12  # smallest weight scale (an all-zero channel or group)
 
 

@@ -15,8 +15,8 @@ import torch
 from kiln.ir import Node, OpKind
 from kiln.ir import attrs as A
 
-from .attention_cpu import _array
-from .onednn import _with_fallback
+from .nhwc import native_array
+from .onednn import with_fallback
 from .registry import register_kernel
 
 _ACTIVATIONS = {A.Activation.NONE: "none", A.Activation.RELU: "relu", A.Activation.TANH: "tanh",
@@ -49,7 +49,7 @@ def bits(t: torch.Tensor):
     t = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
     if t.shape[0] > 1 and t.stride(0) < t.shape[1]:
         t = t.contiguous()  # overlapping (broadcast) rows
-    return _array(t)
+    return native_array(t)
 
 
 def _prepare(node: Node, consts: list):
@@ -84,4 +84,4 @@ def _unusable(ins, a):
 
 
 register_kernel(OpKind.LINEAR, "cpu", name="cpu.amx_linear", accepts=_accepts,
-                prepare=_with_fallback(_prepare, _unusable))(_unusable)
+                prepare=with_fallback(_prepare, _unusable))(_unusable)

@@ -20,6 +20,7 @@ import torch
 from kiln.ir import Node, OpKind
 from kiln.ir import attrs as A
 
+from .nhwc import native_array
 from .registry import register_kernel
 
 _DTYPES = ("float32", "bfloat16")
@@ -50,13 +51,6 @@ def _accepts(node: Node) -> bool:
     return _C.attention_supported()
 
 
-def _array(t: torch.Tensor):
-    """The numpy view of ``t`` (bf16 as its int16 bits), unit stride along the last dim."""
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
-
-
 def _mask_array(mask: torch.Tensor, shape: tuple):
     """An fp32 additive mask broadcast (0 strides, no copy) to ``shape``."""
     if mask.dtype == torch.bool:
@@ -81,7 +75,7 @@ def _prepare(node: Node, consts: list):
         # [B, S, H, D] memory seen as [B, H, S, D]: what sdpa returns, so the merge is a view
         o = torch.empty((b, sq, h, d), dtype=dtype).transpose(1, 2)
         mask = ins[3] if len(ins) > 3 and ins[3] is not None else None
-        _C.attention(_array(ins[0]), _array(ins[1]), _array(ins[2]), _array(o),
+        _C.attention(native_array(ins[0]), native_array(ins[1]), native_array(ins[2]), native_array(o),
                      None if mask is None else _mask_array(mask, (b, h, sq, sk)), scale, a.causal,
                      torch.get_num_threads())
         return o

@@ -1,4 +1,4 @@
-"""Channels-last tensors as the C++ kernels take them: the NHWC array behind the tensor."""
+"""Tensors as the C++ kernels take them: numpy views (bf16 as its int16 bits), NHWC for channels-last."""
 from __future__ import annotations
 
 import torch
@@ -13,3 +13,10 @@ def nhwc_array(t: torch.Tensor):
     """The NHWC numpy view of a channels-last tensor (bf16 as its int16 bits); no copy."""
     v = t.permute(0, 2, 3, 1)
     return (v.view(torch.int16) if t.dtype == torch.bfloat16 else v).numpy()
+
+
+def native_array(t: torch.Tensor):
+    """The numpy view of ``t`` (bf16 as its int16 bits), unit stride along the last dim."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()

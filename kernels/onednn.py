@@ -91,7 +91,8 @@ def _prepare_conv(node: Node, consts: list):
     return run
 
 
-def _with_fallback(prepare, reference):
+def with_fallback(prepare, reference):
+    """A ``prepare`` that falls back to ``reference`` when ``prepare`` returns None."""
     def wrapped(node, consts):
         fn = prepare(node, consts)
         return fn if fn is not None else reference
@@ -103,6 +104,6 @@ def _unusable(ins, a):
 
 
 register_kernel(OpKind.LINEAR, "cpu", name="cpu.onednn_linear", accepts=_linear_ok,
-                prepare=_with_fallback(_prepare_linear, _unusable))(_unusable)
+                prepare=with_fallback(_prepare_linear, _unusable))(_unusable)
 register_kernel(OpKind.CONV2D, "cpu", name="cpu.onednn_conv", accepts=_conv_ok,
-                prepare=_with_fallback(_prepare_conv, _unusable))(_unusable)
+                prepare=with_fallback(_prepare_conv, _unusable))(_unusable)

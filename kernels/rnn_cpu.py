@@ -23,7 +23,7 @@ import torch
 from kiln.ir import Node, OpKind
 from kiln.ir import attrs as A
 
-from .attention_cpu import _array as _bits  # bf16 as int16 bits, unit last-dim stride
+from .nhwc import native_array as _bits  # bf16 as int16 bits, unit last-dim stride
 from .registry import register_kernel
 
 

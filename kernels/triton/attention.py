@@ -83,9 +83,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, caus
     m = mask if mask is not None else q
     ms = mask.stride() if mask is not None else (0, 0, 0, 0)
     block_d = max(16, triton.next_power_of_2(d))
-    from .gemm import _precision
+    from .gemm import dot_precision
 
-    prec = _precision()
+    prec = dot_precision()
     sig = signature_of(q, k, v, m if mask is not None else None, causal)
 
     def run(cfg):

@@ -16,7 +16,7 @@ import triton.language as tl
 from kiln.codegen.autotune import space
 from kiln.ir.attrs import Activation
 
-from .gemm import ACT_CODES, _precision, activate
+from .gemm import ACT_CODES, activate, dot_precision
 from .launch import launch
 from .tuning import choose_config, launch_params, signature_of
 
@@ -107,7 +107,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias=None, residual=None, stri
     m = n * oh * ow
     sig = signature_of(x, weight, stride, padding, dilation, groups, bias is not None, r is not None,
                        activation.value, channels_last)
-    prec = _precision()
+    prec = dot_precision()
 
     def run(cfg):
         meta, warps, stages = launch_params(cfg)

@@ -81,7 +81,7 @@ def gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, res_ptr, M, N, K,
              acc.to(c_ptr.dtype.element_ty), mask=cmask)
 
 
-def _precision() -> str:
+def dot_precision() -> str:
     # fp32 GEMMs match torch: TF32 only where the user allowed it for torch too
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
@@ -94,7 +94,7 @@ def _gemm3(a: torch.Tensor, b: torch.Tensor, bias, residual, activation: Activat
     dummy = c
     res = residual if residual is not None else dummy
     sig = signature_of(a, b, bias is not None, residual is not None, activation.value)
-    prec = _precision()
+    prec = dot_precision()
 
     def run(cfg):
         meta, warps, stages = launch_params(cfg)

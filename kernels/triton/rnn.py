@@ -14,7 +14,7 @@ import triton.language as tl
 
 from kiln.codegen.autotune import space
 
-from .gemm import _precision
+from .gemm import dot_precision
 from .launch import launch
 from .tuning import choose_config, launch_params, signature_of
 
@@ -86,7 +86,7 @@ def rnn_hoisted(xp: torch.Tensor, h0: torch.Tensor, c0, w_hh: torch.Tensor, b_hh
     if xs.stride(2) != 1:
         xs = xs.contiguous()
     sig = signature_of(xs, w, b_hh is not None, lstm)
-    prec = _precision()
+    prec = dot_precision()
 
     def step(cfg, t):
         meta, warps, _ = launch_params(cfg)

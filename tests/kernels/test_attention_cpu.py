@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from kiln import _C
 from kiln.ir import DType, GraphBuilder, OpKind
 from kiln.ir import attrs as A
-from kiln.kernels.attention_cpu import _array
+from kiln.kernels.nhwc import native_array as _array
 from kiln.kernels.registry import candidates
 
 pytestmark = pytest.mark.skipif(not _C.attention_supported(), reason="built without AVX-512")
