@@ -194,11 +194,11 @@ class TextEmitter(Emitter):
         code = super().combine(n, [None if o is None else o.code for o in operands])
         return E(code, _r(*(o for o in operands if o is not None)))
 
-    def node_value(self, n, value):
-        return value if _NAME.fullmatch(value.code) else self.tmp(value.code, value.r)
-
     def bind(self, value):
         return value if _NAME.fullmatch(value.code) else self.tmp(value.code, value.r)
+
+    def node_value(self, n, value):
+        return self.bind(value)
 
     def select(self, cond, a, b):
         return self.tmp(self.select_code(cond.code, a.code, b.code), _r(cond, a, b))

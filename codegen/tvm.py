@@ -31,9 +31,6 @@ from kiln.ir import attrs as A
 from .tvm_ops import LOW_PRECISION, TIR_OPS, cast, compute_dtype, const, tvm_dtype
 from .walk import MOVEMENT_OPS, REDUCE_OPS, ROW_OPS, Emitter, Unsupported, Walker, physical_order, static_shape
 
-__all__ = ["CODEGEN_VERSION", "Unsupported", "unsupported_reason", "signature", "signature_hash", "render",
-           "build", "llvm_target", "tvm_dtype", "compute_dtype", "MAX_VECTOR_MATH_DEPTH"]
-
 # Part of every compiled module's cache key: bump it when rendering or scheduling changes
 # the code generated for the same group and configuration.
 CODEGEN_VERSION = 7
@@ -170,10 +167,10 @@ class TirEmitter(Emitter):
         return min(max(c, lo), hi) if isinstance(c, int) else tirx.max(tirx.min(c, hi), lo)
 
     def less(self, c, k):
-        return c < k
+        return const(c < k, "bool") if isinstance(c, int) else c < k
 
     def at_least(self, c, k):
-        return c >= k
+        return const(c >= k, "bool") if isinstance(c, int) else c >= k
 
     def all_of(self, conds):
         from tvm import tirx

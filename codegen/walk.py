@@ -96,48 +96,28 @@ def reduced_axes(n: Node) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------- the emitter
 class Emitter:
     """What a target supplies to the walk. ``OPS[kind](emitter, node, *operands)`` renders an
-    elementwise op from its operands' values (None for an absent optional operand)."""
+    elementwise op from its operands' values (None for an absent optional operand). The
+    methods without a body here are the target's to write."""
 
     target = ""  # named in messages
     OPS: dict[OpKind, Callable] = {}
 
-    # -- coordinates: integer index expressions ------------------------------------------
-    def index(self, k: int):
-        """The constant coordinate ``k``."""
-        raise NotImplementedError
-
-    def is_zero(self, c) -> bool:
-        raise NotImplementedError
-
-    def affine(self, terms, offset: int = 0):
-        """sum(c * k for c, k in terms) + offset."""
-        raise NotImplementedError
-
-    def floordiv(self, c, k: int):
-        raise NotImplementedError
-
-    def mod(self, c, k: int):
-        raise NotImplementedError
-
-    def clamp(self, c, lo: int, hi: int):
-        raise NotImplementedError
-
-    def less(self, c, k: int):
-        """The condition c < k."""
-        raise NotImplementedError
-
-    def at_least(self, c, k: int):
-        """The condition c >= k."""
-        raise NotImplementedError
-
-    def all_of(self, conds: list):
-        raise NotImplementedError
+    # -- coordinates: integer index expressions; ``k``, ``lo``, ``hi`` are Python ints -----
+    def index(self, k): raise NotImplementedError  # the constant coordinate k
+    def is_zero(self, c) -> bool: raise NotImplementedError
+    def affine(self, terms, offset=0): raise NotImplementedError  # sum(c * k for c, k in terms) + offset
+    def floordiv(self, c, k): raise NotImplementedError
+    def mod(self, c, k): raise NotImplementedError
+    def clamp(self, c, lo, hi): raise NotImplementedError
+    def less(self, c, k): raise NotImplementedError  # the condition c < k
+    def at_least(self, c, k): raise NotImplementedError  # the condition c >= k
+    def all_of(self, conds): raise NotImplementedError
 
     def coord_key(self, c):
         """A hashable stand-in for a coordinate, for memoization."""
         return c
 
-    # -- values --------------------------------------------------------------------------
+    # -- values ------------------------------------------------------------------------------
     def load(self, v: Value, coords: list):
         """``v``, a group input or a value stored earlier, at logical ``coords``."""
         raise NotImplementedError
@@ -158,48 +138,27 @@ class Emitter:
         return value
 
     def bind(self, value):
-        """``value``, named when the target names values that are used more than once."""
+        """``value``, named where the target names values that are used more than once."""
         return value
 
-    def select(self, cond, a, b):
-        raise NotImplementedError
+    def select(self, cond, a, b): raise NotImplementedError
+    def constant(self, x, dtype): raise NotImplementedError  # x as a value of IR dtype ``dtype``
 
-    def constant(self, x, dtype):
-        """The constant ``x`` as a value of IR dtype ``dtype``."""
-        raise NotImplementedError
-
-    # -- reductions and the normalization formulas ----------------------------------------
+    # -- reductions and the normalization formulas -----------------------------------------
     def reduce(self, key, kind: OpKind, body: Callable, shape, axes, row: list):
         """The ``kind`` (SUM, MAX, MIN) reduction over ``axes`` of ``body(coords)`` (coordinates
         over ``shape``), for the row at ``row`` (its ``axes`` entries are 0). ``key`` names
         the reduction: the same key is the same reduction at another row."""
         raise NotImplementedError
 
-    def add(self, a, b):
-        raise NotImplementedError
-
-    def sub(self, a, b):
-        raise NotImplementedError
-
-    def mul(self, a, b):
-        raise NotImplementedError
-
-    def div(self, a, b):
-        raise NotImplementedError
-
-    def exp(self, a):
-        raise NotImplementedError
-
-    def log(self, a):
-        raise NotImplementedError
-
-    def mean(self, total, count: int):
-        """``total`` / ``count``."""
-        raise NotImplementedError
-
-    def normalize(self, centered, var, eps: float):
-        """``centered`` / sqrt(``var`` + ``eps``)."""
-        raise NotImplementedError
+    def add(self, a, b): raise NotImplementedError
+    def sub(self, a, b): raise NotImplementedError
+    def mul(self, a, b): raise NotImplementedError
+    def div(self, a, b): raise NotImplementedError
+    def exp(self, a): raise NotImplementedError
+    def log(self, a): raise NotImplementedError
+    def mean(self, total, count: int): raise NotImplementedError  # total / count
+    def normalize(self, centered, var, eps: float): raise NotImplementedError  # centered / sqrt(var + eps)
 
     def guard_overflow(self, squared, y):
         """A layer norm's result ``y`` given its sum of squared deviations ``squared`` (NaN
