@@ -1,6 +1,7 @@
 """CUDA C renderer: fused elementwise (injective) groups as CUDA C kernels.
 
-The walk is codegen.render's; this file is CUDA C syntax and the per-op table. One
+The walk is codegen.walk's, the text emitter codegen.render's; this file is CUDA C syntax
+and the per-op table. One
 thread per output element. Kernels are compiled with nvcc to a cubin for the target SM
 (``compile_cubin``; this works on machines without a GPU) and loaded with CuPy's
 RawModule on a GPU (NVRTC when nvcc is absent there).
@@ -17,7 +18,8 @@ import tempfile
 from kiln.ir import DType, OpKind
 from kiln.ir import attrs as A
 
-from .render import INFIX_OPS, E, KernelSpec, Renderer, Rendered, Unsupported, numel, split_group
+from .render import INFIX_OPS, E, KernelSpec, Rendered, TextEmitter, split_group
+from .walk import Unsupported, numel, storage_offset, unflatten
 
 C_TYPES = {DType.FLOAT32: "float", DType.FLOAT64: "double", DType.INT64: "long long", DType.INT32: "int",
            DType.INT16: "short", DType.INT8: "signed char", DType.UINT8: "unsigned char", DType.BOOL: "bool"}
@@ -91,9 +93,9 @@ CUDA_OPS = {
 }
 
 
-class CudaRenderer(Renderer):
+class CudaEmitter(TextEmitter):
     OPS = CUDA_OPS
-    language = "cuda"
+    target = "cuda"
     AND = "&&"
 
     def __init__(self, spec: KernelSpec):
@@ -104,10 +106,10 @@ class CudaRenderer(Renderer):
     def assign(self, name, code):
         return f"auto {name} = {code};"
 
-    def floordiv(self, a, b):
+    def floordiv_code(self, a, b):
         return f"{a} / {b}"
 
-    def mod(self, a, b):
+    def mod_code(self, a, b):
         return f"{a} % {b}"
 
     def imin(self, a, b):
@@ -116,7 +118,7 @@ class CudaRenderer(Renderer):
     def imax(self, a, b):
         return f"max((long long)({a}), (long long)({b}))"
 
-    def select(self, c, a, b):
+    def select_code(self, c, a, b):
         return f"(({c}) ? ({a}) : ({b}))"
 
     def cast(self, code, dtype):
@@ -133,20 +135,21 @@ class CudaRenderer(Renderer):
     def sqrt(self, code):
         return f"sqrtf({code})"
 
-    def load(self, arg, offset, v):
+    def load_code(self, arg, offset, v):
         if v.type.dtype not in C_TYPES:
             raise Unsupported(f"dtype {v.type.dtype.value}")
         return f"in{arg}[{offset.code}]"
 
     def render(self, name: str) -> Rendered:
         spec = self.spec
-        coords = self.decompose(E("offs"), spec.shape)
+        coords = unflatten(self, E("offs"), spec.shape)
         stores = []
         for k, out in enumerate(spec.outputs):
             if out.type.dtype not in C_TYPES:
                 raise Unsupported(f"dtype {out.type.dtype.value}")
-            val = self.value_at(out, coords)
-            stores.append(f"out{k}[{self.offset(out, coords).code}] = ({C_TYPES[out.type.dtype]})({val.code});")
+            val = self.walker.value_at(out, coords)
+            off = storage_offset(self, out, coords)
+            stores.append(f"out{k}[{off.code}] = ({C_TYPES[out.type.dtype]})({val.code});")
         params = [f"const {C_TYPES[v.type.dtype]}* __restrict__ in{i}" for i, v in enumerate(self.inputs)]
         params += [f"{C_TYPES[v.type.dtype]}* __restrict__ out{i}" for i, v in enumerate(spec.outputs)]
         body = [f'extern "C" __global__ void {name}({", ".join(params)}, long long XN) {{',
@@ -159,7 +162,7 @@ class CudaRenderer(Renderer):
 def render_group(group) -> list[Rendered]:
     out = []
     for spec in split_group(group):
-        r = CudaRenderer(spec).render("KILN_KERNEL")
+        r = CudaEmitter(spec).render("KILN_KERNEL")
         r.name = f"kiln_cu_{hashlib.sha256(r.source.encode()).hexdigest()[:12]}"
         r.source = r.source.replace("KILN_KERNEL", r.name, 1)
         out.append(r)

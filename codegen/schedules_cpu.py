@@ -1,8 +1,8 @@
 """The CPU schedule template for generated kernel groups, with its search space.
 
-``schedule_group`` takes the TensorIR of a rendered group (``kiln.codegen.tvm.render``):
-injective stages are inlined, reductions are rfactored into vectorized partial results,
-spatial loop nests are fused, vectorized and split into parallel tasks. The knobs are the
+``schedule_group`` takes the TensorIR of a rendered group (``kiln.codegen.tvm.render``: a
+block per output and per reduction): reductions are rfactored into vectorized partial
+results, spatial loop nests are fused, vectorized and split into parallel tasks. The knobs are the
 space declared beside it with ``@space``; ``tune_space`` drops the knobs that cannot matter
 for a given group and thread count, so the tuner does not measure duplicates.
 """
@@ -13,15 +13,14 @@ from kiln.ir import OpKind
 
 
 # grain: elements per parallel task. The default, 64K, parallelizes a loop nest only from 128K
-# elements: on this machine kind (one-off measurements) a parallel launch on TVM's pool cost
-# about as much as 64K fp32 elements of elementwise work (2 threads: 131K elements 39 us
-# parallel / 41 us on one thread, 1M elements 285 / 560 us; a 128 x 768 LayerNorm group
-# 136 us parallel, 67 us on one thread). On the OpenMP launcher that loaded kernels now use
-# (kernels/generated.py) a 16K grain still did not pay (one-off: the LayerNorm group 152 us
-# parallel at 16K, 99 us serial; a 512 x 768 one 323 us at 16K, 295 us at 64K).
+# elements: below that, starting the parallel tasks (on TVM's pool, and on the OpenMP launcher
+# that loaded kernels use, kernels/generated.py) cost about as much as the work they split,
+# and smaller grains did not pay for elementwise or LayerNorm groups. The tuner tries the
+# other grains.
 @space(vector=[16, 8, 32, 64], grain=[1 << 16, 1 << 14, 1 << 18], rvector=[16, 8, 0], unroll=[0, 4])
 def schedule_group(sch, outputs: list[str], config: dict, threads: int) -> None:
-    """Inline every injective stage into its consumers. Then each reduction block: split
+    """Inline every injective stage that is not one of ``outputs`` into its consumers (the
+    renderer makes none; a hand-written TE function may). Then each reduction block: split
     its (fused) reduction loop into [outer, ``rvector`` lanes] and rfactor the lanes, so a
     vectorized block accumulates ``rvector`` partial results per row and a short block
     combines them; unroll the outer reduction loop by ``unroll``. Each spatial loop nest:

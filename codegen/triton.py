@@ -1,6 +1,7 @@
 """Triton renderer: a fused elementwise/reduction kernel group as a Triton kernel.
 
-The walk is codegen.render's; this file is the Triton syntax and the per-op table. An
+The walk is codegen.walk's, the text emitter codegen.render's; this file is the Triton
+syntax and the per-op table. An
 injective kernel runs one lane per output element (``BLOCK`` lanes per program); a
 reduction kernel runs ``XBLOCK`` output rows per program with the reduced extent in
 ``RBLOCK`` lanes (persistent: the row stays in registers), everything 2-D
@@ -23,7 +24,8 @@ from kiln.codegen.autotune import Space
 from kiln.ir import DType, OpKind
 from kiln.ir import attrs as A
 
-from .render import INFIX_OPS, E, KernelSpec, Renderer, Rendered, Unsupported, numel, reduce_extent, split_group
+from .render import INFIX_OPS, E, KernelSpec, Rendered, TextEmitter, reduce_extent, split_group
+from .walk import Unsupported, numel, storage_offset, unflatten
 
 TL_TYPES = {DType.FLOAT32: "tl.float32", DType.FLOAT16: "tl.float16", DType.BFLOAT16: "tl.bfloat16",
             DType.FLOAT64: "tl.float64", DType.INT64: "tl.int64", DType.INT32: "tl.int32", DType.INT16: "tl.int16",
@@ -102,18 +104,18 @@ TRITON_OPS = {
 }
 
 
-class TritonRenderer(Renderer):
+class TritonEmitter(TextEmitter):
     OPS = TRITON_OPS
-    language = "triton"
+    target = "triton"
 
     def __init__(self, spec: KernelSpec):
         super().__init__(spec)
         self.reduction = spec.anchor is not None
 
-    def floordiv(self, a, b):
+    def floordiv_code(self, a, b):
         return f"{a} // {b}"
 
-    def mod(self, a, b):
+    def mod_code(self, a, b):
         return f"{a} % {b}"
 
     def imin(self, a, b):
@@ -122,7 +124,7 @@ class TritonRenderer(Renderer):
     def imax(self, a, b):
         return f"tl.maximum({a}, {b})"
 
-    def select(self, c, a, b):
+    def select_code(self, c, a, b):
         return f"tl.where({c}, {a}, {b})"
 
     def cast(self, code, dtype):
@@ -136,16 +138,16 @@ class TritonRenderer(Renderer):
     def sqrt(self, code):
         return f"tl.sqrt({code})"
 
-    def exp(self, code):
+    def exp_code(self, code):
         return f"tl.exp({code})"
 
-    def log(self, code):
+    def log_code(self, code):
         return f"tl.log({code})"
 
     def r_index(self):
         return E("roffs", True)
 
-    def load(self, arg, offset, v):
+    def load_code(self, arg, offset, v):
         if v.type.dtype not in TL_TYPES:
             raise Unsupported(f"dtype {v.type.dtype.value}")
         if re.fullmatch(r"[\d\s+*()]*", offset.code):  # the same element on every lane: a scalar load
@@ -153,26 +155,23 @@ class TritonRenderer(Renderer):
         mask = "xmask & rmask" if (self.reduction and offset.r) else "xmask"
         return f"tl.load(in{arg} + {offset.code}, mask={mask}, other=0)"
 
-    def reduce(self, kind, e, dtype):
-        if kind is OpKind.SUM:
-            return self.tmp(f"tl.sum(tl.where(xmask & rmask, {e.code}, 0.0), 1)[:, None]", False)
-        if kind is OpKind.MAX:
-            return self.tmp(f"tl.max(tl.where(xmask & rmask, {e.code}, float('-inf')), 1)[:, None]", False)
-        if kind is OpKind.MIN:
-            return self.tmp(f"tl.min(tl.where(xmask & rmask, {e.code}, float('inf')), 1)[:, None]", False)
-        raise Unsupported(f"reduction {kind.value}")
+    def reduce_code(self, kind, e):
+        fill = {OpKind.SUM: "0.0", OpKind.MAX: "float('-inf')", OpKind.MIN: "float('inf')"}.get(kind)
+        if fill is None:
+            raise Unsupported(f"reduction {kind.value}")
+        return f"tl.{kind.value}(tl.where(xmask & rmask, {e.code}, {fill}), 1)[:, None]"
 
     def render(self, name: str) -> Rendered:
         spec = self.spec
         r_extent = reduce_extent(spec)
         lin = E("xoffs") if self.reduction else E("offs")
-        coords = self.decompose(lin, spec.shape)
+        coords = unflatten(self, lin, spec.shape)
         stores = []
         for k, out in enumerate(spec.outputs):
             if out.type.dtype not in TL_TYPES:
                 raise Unsupported(f"dtype {out.type.dtype.value}")
-            val = self.value_at(out, coords)
-            off = self.offset(out, coords)
+            val = self.walker.value_at(out, coords)
+            off = storage_offset(self, out, coords)
             stores.append(f"tl.store(out{k} + {off.code}, tl.where(xmask, {val.code}, {val.code})"
                           f".to(out{k}.dtype.element_ty), mask=xmask)")
         args = [f"in{i}" for i in range(len(self.inputs))] + [f"out{i}" for i in range(len(spec.outputs))]
@@ -198,7 +197,7 @@ def render_group(group) -> list[Rendered]:
     """Every kernel for ``group`` (raises Unsupported when one cannot be generated)."""
     out = []
     for spec in split_group(group):
-        r = TritonRenderer(spec).render("KILN_KERNEL")
+        r = TritonEmitter(spec).render("KILN_KERNEL")
         # named by content, so identical kernels (the same layer repeated) are one kernel
         r.name = f"kiln_{'red' if r.reduce_extent else 'ew'}_{hashlib.sha256(r.source.encode()).hexdigest()[:12]}"
         r.source = r.source.replace("KILN_KERNEL", r.name, 1)
@@ -226,9 +225,9 @@ def load(r: Rendered):
     key = f"{r.name}_{digest}"
     if key in _LOADED:
         return _LOADED[key]
-    from kiln.runtime.cache import cache_dir
+    from kiln.options import cache_subdir
 
-    d = cache_dir("triton_gen")
+    d = cache_subdir("triton_gen")
     path = os.path.join(d, f"{key}.py")
     if not os.path.exists(path):
         tmp = f"{path}.{os.getpid()}.tmp"

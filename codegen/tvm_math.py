@@ -1,10 +1,10 @@
 """float32 exp, tanh, erf and sigmoid for generated kernels, built from arithmetic that vectorizes.
 
 TVM lowers ``tirx.exp`` / ``tanh`` / ``erf`` / ``sigmoid`` to LLVM math intrinsics, which the x86
-backend turns into one libm call per vector lane: a generated ``exp`` over 4M fp32 values took
-31.8 ms against torch's 7.6 ms, a GELU 131 ms against 8 ms (one-off, one thread), so groups
-holding them lost kernel choice and ran node by node. The forms below are polynomials,
-selects and exponent-bit arithmetic, which LLVM keeps in AVX-512 registers:
+backend turns into one libm call per vector lane: generated kernels holding them ran several
+times slower than torch's vectorized functions, so their groups lost kernel choice and ran
+node by node. The forms below are polynomials, selects and exponent-bit arithmetic, which
+LLVM keeps in AVX-512 registers:
 
 - exp: Cephes' ``expf`` (range reduction by ln 2, degree-6 polynomial), the power of two
   built in the exponent bits in two halves so that every intermediate stays a normal
@@ -65,8 +65,8 @@ def _clamp(x, lo, hi):
 def _let(v, body):
     """``body(x)`` with ``x`` bound to ``v`` once: ``v`` may be a long fused expression, and the
     forms read their operand several times (unbound, nested forms grew exponentially). The
-    temporaries inside a form stay unbound: more Lets made LLVM code generation superlinear
-    (one-off: three nested tanh took 9 s to compile with them)."""
+    temporaries inside a form stay unbound: with more Lets, LLVM's code generation time grew
+    superlinearly with the nesting of the forms."""
     from tvm import tirx
 
     x = tirx.Var("x", str(v.ty))

@@ -188,14 +188,14 @@ def _guard_sparse(graph, result, options: CompileOptions, measurer):
 def _generator(graph, target, tune):
     """``generate(group)``: the group's generated kernel (tuned within ``tune``), or None when
     the TensorIR renderer does not cover it or code generation fails (per-node kernels run)."""
-    from kiln.codegen.tvm import supports
+    from kiln.codegen.tvm import unsupported_reason
     from kiln.ir import Category, opdef
     from kiln.runtime.generated import generated_kernel
 
     def generate(group):
         if len(group.nodes) == 1 and opdef(group.nodes[0].op).category is Category.MOVEMENT:
             return None  # a lone view or copy: torch does it in one pass already, nothing to fuse
-        if supports(group) is not None:
+        if unsupported_reason(group) is not None:
             return None
         try:
             return generated_kernel(group, graph, target, torch.get_num_threads(), tune)

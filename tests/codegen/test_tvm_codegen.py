@@ -35,7 +35,7 @@ def whole_graph_group(graph) -> KernelGroup:
 
 def check_generated(graph, threads=1, config=None, inputs=None):
     group = whole_graph_group(graph)
-    assert tvm_codegen.supports(group) is None, tvm_codegen.supports(group)
+    assert tvm_codegen.unsupported_reason(group) is None, tvm_codegen.unsupported_reason(group)
     config = config or schedule_group.tune_space.default()
     fn = module_cache.build_in_memory(group, config, host_cpu(), threads)
     kernel = tvm_runtime.GeneratedKernel(fn, group, "test", config, True, threads=threads)
@@ -190,10 +190,10 @@ def test_unsupported_groups_are_declined():
     b = GraphBuilder("argmax")
     x = b.input("x", (4, 5))
     g = whole_graph_group(b.build([b.add(OpKind.ARGMAX, x, attrs=A.ArgReduceAttrs(1, False))]))
-    assert "argmax" in tvm_codegen.supports(g)
+    assert "argmax" in tvm_codegen.unsupported_reason(g)
     b = GraphBuilder("dyn")
     x = b.input("x", (Sym("batch"), 5))
-    assert tvm_codegen.supports(whole_graph_group(b.build([b.add(OpKind.RELU, x)]))) == "dynamic shape"
+    assert tvm_codegen.unsupported_reason(whole_graph_group(b.build([b.add(OpKind.RELU, x)]))) == "dynamic shape"
 
 
 def test_tuning_round_trip_through_the_database(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kiln.codegen import cuda as cgen
-from kiln.codegen.render import Unsupported
+from kiln.codegen.walk import Unsupported
 from kiln.ir import DType, GraphBuilder, Layout, LayoutKind, OpKind
 from kiln.ir import attrs as A
 from kiln.passes.partition import GroupKind, partition
