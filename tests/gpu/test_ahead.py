@@ -12,6 +12,7 @@ import pytest
 from kiln.codegen.cuda import nvcc
 from kiln.frontends.torch_export import export_program, from_exported
 from kiln.models import get
+from kiln.options import CompileOptions
 from kiln.passes.pipeline import run_pipeline
 from kiln.runtime.gpu_plan import build_ahead, build_gpu_plan, record_launches
 from kiln.kernels.triton.launch import dedupe
@@ -39,7 +40,7 @@ def _fresh_triton_cache():
 def _plan(name, **kw):
     model, inputs = get(name, **kw)
     graph = from_exported(export_program(model, tuple(inputs), {}), name).graph
-    result = run_pipeline(graph, options={"target": "cuda"})  # as kiln.compile passes it
+    result = run_pipeline(graph, CompileOptions.parse(target="cuda"))  # as kiln.compile passes it
     return build_gpu_plan(result.graph, result.partition, cuda("sm_90"), ahead=False)
 
 
