@@ -33,7 +33,7 @@ if engine == "kiln":
     fast = kiln.compile(model, inputs, **opts)
     fast(*inputs)  # kiln.compile builds the plan eagerly; the call checks it runs
     c = fast.compiled[0]
-    print(json.dumps({"seconds": time.perf_counter() - t, "cache_hit": bool(c.plan.cache_hit)}))
+    print(json.dumps({"seconds": time.perf_counter() - t, "cache_hit": bool(c.report.cache_hit)}))
 else:
     import torch._inductor.config as cfg
     cfg.freezing = True

@@ -158,7 +158,7 @@ def digits(threads: int, repeats: int = 30) -> dict:
         x = test[0][:batch]
         dense_k = kiln.compile(pruned, (x,), sparse="off")
         sparse_k = kiln.compile(pruned, (x,), sparse="auto")
-        out[f"formats_b{batch}"] = {d.layer: d.format for d in sparse_k.compiled[0].plan.sparsity}
+        out[f"formats_b{batch}"] = {d.layer: d.format for d in sparse_k.compiled[0].report.sparsity}
         d_ms, s_ms = _interleaved([lambda: dense_k(x), lambda: sparse_k(x)], repeats)
         out[f"b{batch}"] = dict(dense_kiln_ms=d_ms, sparse_kiln_ms=s_ms, speedup=d_ms / s_ms)
     return out
@@ -173,7 +173,7 @@ def bert(threads: int, repeats: int = 5, layers: int = 12, seq: int = 128) -> di
     pruned = kiln.sparsify(model, 0.8, "block(4,4)", layers=["layers.*.fc1", "layers.*.fc2"])
     dense_k = kiln.compile(pruned, inputs, sparse="off")
     sparse_k = kiln.compile(pruned, inputs, sparse="auto")
-    chosen = [d.format for d in sparse_k.compiled[0].plan.sparsity]
+    chosen = [d.format for d in sparse_k.compiled[0].report.sparsity]
     with torch.no_grad():
         diff = float((dense_k(*inputs) - sparse_k(*inputs)).abs().max())
     d_ms, s_ms = _interleaved([lambda: dense_k(*inputs), lambda: sparse_k(*inputs)], repeats)

@@ -3,6 +3,7 @@ the result from the compile cache), plan."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 
 import torch
 
@@ -12,6 +13,17 @@ from kiln.target import Target
 
 from . import cache
 from .plan import Plan, build_plan
+
+
+@dataclass
+class CompileFacts:
+    """What a compile decided beside the plan (plans carry only what their builder made);
+    kiln.driver's CompileReport takes these over."""
+
+    partition: object = None  # kiln.passes.partition.Partition, when the pipeline ran
+    pass_records: list = field(default_factory=list)
+    cache_hit: bool = False
+    sparsity: list = field(default_factory=list)  # passes.sparsity.SparseDecision per layer considered
 
 OPTIONS = {"passes", "precision", "sparse", "tune", "codegen", "exclude_kernels"}
 # exclude_kernels: names of per-op kernels (as ``plan.kernel_names`` spells them) never to
@@ -37,9 +49,12 @@ QUANTIZE = ("none", "int8-dynamic", "int8-static", "int8-weight", "int4-weight")
 
 
 def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, precision: str = "fp32",
-                  sparse: str = DEFAULT_SPARSE, tune="none", codegen: bool = True,
-                  **options) -> tuple[Plan, Graph]:
+                  sparse: str = DEFAULT_SPARSE, tune=None, codegen: bool = True,
+                  **options) -> tuple[Plan, Graph, CompileFacts]:
+    from kiln.options import DEFAULT_TUNE
+
     target = Target.parse(target)
+    tune = DEFAULT_TUNE[target.kind] if tune is None else tune
     unknown = set(options) - OPTIONS
     if unknown:
         raise KilnError(f"unknown kiln.compile option(s): {', '.join(sorted(unknown))}")
@@ -89,24 +104,19 @@ def compile_graph(graph: Graph, target: "str | Target" = "cpu", passes=None, pre
     if hit is not None and (hit.get("optimized") != optimized_hash or
                             len(hit.get("kernels", ())) != len(result.graph.nodes)):
         hit = None  # recorded for a different optimized graph: rebuild, never trust
-    memory = _check_memory(result.graph)
+    _check_memory(result.graph)
     if target.kind == "cuda":  # Triton / CUDA C kernels, built ahead of time for the target SM
-        from .gpu_plan import build_gpu_plan
+        from .cuda_steps import build_gpu_plan
 
-        plan = build_gpu_plan(result.graph, result.partition, target)
-        plan.pass_records, plan.memory = result.records, memory
-        return plan, result.graph
+        plan = build_gpu_plan(result.graph, result.partition, target, tune=tune)
+        return plan, result.graph, CompileFacts(result.partition, result.records, False, sparse_log)
     generate = _generator(result.graph, target, tune) if codegen and target.kind == "cpu" else None
-    plan = build_plan(result.graph, target.kind, kernel_choices=hit["kernels"] if hit else None, memory=memory,
+    plan = build_plan(result.graph, target.kind, kernel_choices=hit["kernels"] if hit else None,
                       partition=result.partition, generate=generate,
                       exclude=frozenset(options.get("exclude_kernels") or ()))
-    plan.partition = result.partition
-    plan.pass_records = result.records
-    plan.cache_hit = hit is not None
-    plan.sparsity = sparse_log
     if key and hit is None:
         cache.store(key, {"optimized": optimized_hash, "kernels": plan.node_kernels})
-    return plan, result.graph
+    return plan, result.graph, CompileFacts(result.partition, result.records, hit is not None, sparse_log)
 
 
 def _guard_sparse(graph, result, passes, pipeline_options, target, sparse_log):
@@ -192,13 +202,13 @@ def available_memory() -> int:
 
 
 def _check_memory(graph: Graph):
-    """Refuse, before any allocation, a plan whose buffers cannot fit in memory; return the memory plan."""
-    from .plan import plan_memory
+    """Refuse, before any allocation, a plan whose buffers cannot fit in memory; return what they need."""
+    from .buffers import graph_memory
 
-    stats = plan_memory(graph)
+    stats = graph_memory(graph)
     weights = sum(t.numel() * t.element_size() for t in graph.constants.values())
     io = sum(v.type.nbytes() for v in graph.inputs if v.type.is_static)
-    need = (stats.arena_bytes if stats else 0) + io
+    need = stats.peak_bytes + io
     have = available_memory()
     if need > have:
         raise KilnError(f"{graph.name} needs {need / 2**30:.1f} GiB for inputs and intermediate buffers "

@@ -34,6 +34,7 @@ class Compiled:
     out_literals: dict
     fallbacks: list
     input_names: list[str]
+    report: Any = None  # runtime.compile.CompileFacts: partition, pass records, cache hit, sparsity
 
 
 class _FnModule(torch.nn.Module):
@@ -161,8 +162,8 @@ class CompiledModel:
             names = [v.name for v in graph.inputs]
         else:
             graph, out_spec, literals, fallbacks, names = self._import_torch(args, kwargs, leaves)
-        plan, graph = compile_graph(graph, target=self.target_spec, **self.options)
-        return Compiled(plan, graph, out_spec, literals, fallbacks, names)
+        plan, graph, report = compile_graph(graph, target=self.target_spec, **self.options)
+        return Compiled(plan, graph, out_spec, literals, fallbacks, names, report)
 
     def _import_torch(self, args, kwargs, leaves):
         """torch.export + conversion, or a verified entry of the import cache."""

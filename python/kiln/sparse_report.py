@@ -106,7 +106,7 @@ def sparsity_report(model, inputs, *, dense_model=None, data=None, sparse: str =
     dense_k = kiln_compile(model, inputs, sparse="off", **compile_options)
     sparse_k = kiln_compile(model, inputs, sparse=sparse, **compile_options)
     rep = SparsityReport(type(model).__name__, threads=torch.get_num_threads())
-    rep.layers = list(sparse_k.compiled[0].plan.sparsity)
+    rep.layers = list(sparse_k.compiled[0].report.sparsity)
     with torch.no_grad():
         a, b = _first(dense_k(*inputs)), _first(sparse_k(*inputs))
         rep.max_output_diff = float((a - b).abs().max())

@@ -267,12 +267,12 @@ x, y = b.input("x", (32, 256)), b.input("y", (256,))
 h = b.add(OpKind.TANH, b.add(OpKind.MUL, x, y))
 out = b.add(OpKind.LAYER_NORM, h, b.const(torch.randn(256)), b.const(torch.randn(256)), attrs=A.LayerNormAttrs())
 graph = b.build([out])
-plan, optimized = compile_graph(graph, tune="none")
+plan, optimized, report = compile_graph(graph, tune="none")
 xs = [torch.randn(32, 256), torch.randn(256)]
 with torch.no_grad():
     ok = bool(torch.allclose(plan.run(xs)[0], build_plan(graph, "reference").run(xs)[0], atol=1e-4))
 steps = [s for s in plan.steps if isinstance(s.fn, G.GeneratedKernel)]
-print(json.dumps({"ok": ok, "hit": plan.cache_hit, "generated": len(steps),
+print(json.dumps({"ok": ok, "hit": report.cache_hit, "generated": len(steps),
                   "built": sum(s.fn.built for s in steps), "tvm_imported": "tvm" in sys.modules}))
 """
 

@@ -18,9 +18,10 @@ def test_builds_ahead_then_raises_when_run(compiled):
     model, inputs, cm = compiled
     plan = cm.compiled[0].plan
     assert cm.target == "cuda" and plan.target.sm == 80
-    assert plan.ahead is not None and plan.ahead.sms == (80,)
-    counts = plan.ahead.counts(80)
-    assert counts["triton"] >= 2 and counts["triton_failed"] == 0 and plan.ahead.failures == []
+    ahead = plan.runner.ahead
+    assert ahead is not None and ahead.sms == (80,)
+    counts = ahead.counts(80)
+    assert counts["triton"] >= 2 and counts["triton_failed"] == 0 and ahead.failures == []
     with pytest.raises(kiln.KilnError, match="needs an NVIDIA GPU"):
         cm(*inputs)
 

@@ -139,10 +139,10 @@ def test_passes_option_selects_and_skips_phases():
     no_fold = kiln.compile(model, inputs, passes=["-fold"]).compiled[0]
     assert no_fold.graph.count(OpKind.BATCH_NORM) == 20
     none = kiln.compile(model, inputs, passes="none").compiled[0]
-    assert none.graph.count(OpKind.BATCH_NORM) == 20 and none.plan.partition is None
+    assert none.graph.count(OpKind.BATCH_NORM) == 20 and none.report.partition is None
     only = kiln.compile(model, inputs, passes=["canonicalize", "fold"]).compiled[0]
     assert only.graph.count(OpKind.TO_LAYOUT) == 0 and only.graph.count(OpKind.BATCH_NORM) == 0
-    names = [r.phase for r in full.plan.pass_records]
+    names = [r.phase for r in full.report.pass_records]
     assert [p for p in PHASE_NAMES if p in names] == [p for p in PHASE_NAMES
                                                       if p not in ("precision", "quantize")]  # fp32
     with pytest.raises(KilnError, match="unknown pass or phase"):

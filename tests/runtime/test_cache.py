@@ -20,7 +20,7 @@ import torch, kiln, tiny_models
 m, x = tiny_models.mlp()
 c = kiln.compile(m, x)
 ok = bool((c(*x) - m(*x)).abs().max() < 1e-5)
-print(json.dumps({{"hit": c.compiled[0].plan.cache_hit, "ok": ok}}))
+print(json.dumps({{"hit": c.compiled[0].report.cache_hit, "ok": ok}}))
 """
 
 
@@ -64,7 +64,7 @@ def _one_entry(cache_dir):
 
     m, x = tiny_models.mlp()
     c = kiln.compile(m, x)
-    assert not c.compiled[0].plan.cache_hit
+    assert not c.compiled[0].report.cache_hit
     (name,) = _entries(cache_dir)
     return m, x, os.path.join(cache_dir, "compile", name)
 
@@ -89,10 +89,10 @@ def test_damaged_entries_are_ignored_and_rebuilt(cache_dir, damage):
         data = json.dumps(h).encode() + b"\n" + payload
     open(path, "wb").write(data)
     c = kiln.compile(m, x)
-    assert not c.compiled[0].plan.cache_hit  # not trusted
+    assert not c.compiled[0].report.cache_hit  # not trusted
     torch.testing.assert_close(c(*x), m(*x))
     assert cache.load(os.path.basename(path)[:-5]) is not None  # rebuilt into a valid entry
-    assert kiln.compile(m, x).compiled[0].plan.cache_hit
+    assert kiln.compile(m, x).compiled[0].report.cache_hit
 
 
 def test_entry_for_a_different_optimized_graph_is_not_used(cache_dir):
@@ -101,7 +101,7 @@ def test_entry_for_a_different_optimized_graph_is_not_used(cache_dir):
     data = cache.load(key)
     cache.store(key, {**data, "kernels": data["kernels"][:-1]})  # recorded for another graph
     c = kiln.compile(m, x)
-    assert not c.compiled[0].plan.cache_hit
+    assert not c.compiled[0].report.cache_hit
     torch.testing.assert_close(c(*x), m(*x))
 
 

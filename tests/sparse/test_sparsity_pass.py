@@ -185,11 +185,11 @@ def test_compile_option_end_to_end():
         cm = kiln.compile(p, (x,), sparse=mode)
         ok, err, tol = max_err_ok(cm(x), p(x))
         assert ok, (mode, err)
-        plan = cm.compiled[0].plan
+        c = cm.compiled[0]
         if mode in ("bsr", "csr"):
-            assert plan.graph.count(OpKind.SPARSE_LINEAR) == 2 and len(plan.sparsity) == 2
+            assert c.plan.graph.count(OpKind.SPARSE_LINEAR) == 2 and len(c.report.sparsity) == 2
         if mode == "off":
-            assert plan.graph.count(OpKind.SPARSE_LINEAR) == 0 and plan.sparsity == []
+            assert c.plan.graph.count(OpKind.SPARSE_LINEAR) == 0 and c.report.sparsity == []
     with pytest.raises(kiln.KilnError, match="sparse must be"):
         kiln.compile(p, (x,), sparse="diagonal")
 
