@@ -25,6 +25,7 @@ class CompileFacts:
     cache_hit: bool = False
     sparsity: list = field(default_factory=list)  # passes.sparsity.SparseDecision per layer considered
 
+
 OPTIONS = {"passes", "precision", "sparse", "tune", "codegen", "exclude_kernels"}
 # exclude_kernels: names of per-op kernels (as ``plan.kernel_names`` spells them) never to
 # use, e.g. to compare a model with and without one candidate (`python -m kiln.bench.pass_ab

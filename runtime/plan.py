@@ -89,12 +89,12 @@ class Plan:
                 return self.forward(inputs, self.consts)
             return self.runner.run(self, inputs)
         except Exception as e:  # name the node; the original error stays chained
-            failure = self.failure(e)
+            failure = self._failure(e)
             if failure is None:  # not inside a kernel call
                 raise
             raise failure from e
 
-    def failure(self, e: BaseException) -> KernelFailure | None:
+    def _failure(self, e: BaseException) -> KernelFailure | None:
         """The KernelFailure naming the step ``e`` was raised in, None when it was raised
         outside the steps."""
         k = step_at(e.__traceback__, self.forward)
