@@ -35,7 +35,7 @@ echo "== 1/2: GPU kernels against torch $( [ "$DRY" = 1 ] && echo '(Triton inter
 if [ "$DRY" = 1 ]; then
   TRITON_INTERPRET=1 timeout 240 "$PY" -m pytest -q -p no:logging -p no:cacheprovider -W ignore tests/gpu/interpret || STATUS=1
 else
-  KILN_GPU_TUNE=none timeout 200 "$PY" -m pytest -q -p no:logging -p no:cacheprovider -W ignore tests/gpu/interpret tests/gpu/test_target_cuda.py || STATUS=1
+  timeout 200 "$PY" -m pytest -q -p no:logging -p no:cacheprovider -W ignore tests/gpu/interpret tests/gpu/test_target_cuda.py || STATUS=1
 fi
 LEFT=$(( 470 - ($(date +%s) - START) ))
 [ "$LEFT" -lt 60 ] && LEFT=60

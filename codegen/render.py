@@ -20,7 +20,7 @@ from kiln.ir import Category, Node, OpKind, Value, opdef
 from kiln.passes.partition import KernelGroup
 
 from .walk import Emitter, Walker, numel, reduced_axes, static_shape, storage_offset, unflatten
-from .walk import Unsupported, physical_strides  # noqa: F401  (runtime.gpu_plan imports them from here)
+from .walk import Unsupported, physical_strides  # noqa: F401  (the cuda plan builder imports them from here)
 
 MAX_REDUCTION = 16384  # the reduced extent must fit in one program's registers
 

@@ -57,17 +57,6 @@ void gru_layer_amx(const uint16_t* x, const RnnAmxWeight& w, const uint16_t* h0,
 void gru_layer(const float* x, const float* packed, const float* h0, float* y, float* hn, int64_t T, int64_t B,
                int64_t I, int64_t H, SeqStrides st, int threads);
 
-struct MemoryPlan {
-  std::vector<int64_t> offsets;  // byte offset of each buffer in the arena
-  int64_t arena_bytes = 0;       // total arena size
-};
-
-// Static buffer assignment: buffers with overlapping lifetimes [first, last] (step indices,
-// inclusive) never share bytes. Greedy by size, largest first, each placed at the lowest
-// offset that fits between the live buffers already placed (the TFLite arena strategy).
-MemoryPlan plan_memory(const std::vector<int64_t>& sizes, const std::vector<int64_t>& first,
-                       const std::vector<int64_t>& last, int64_t alignment);
-
 // Sparse weight [N, K] in BSR: blocks of bh x bw (CSR is bh = bw = 1). values [nnzb, bh, bw]
 // row-major per block, col [nnzb] the block column (k0 = col * bw), row_ptr [ceil(N/bh)+1].
 struct SparseWeight {

@@ -274,15 +274,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("gru_layer", &gru_layer_py, py::arg("x").noconvert(), py::arg("packed").noconvert(), py::arg("h0").noconvert(),
         py::arg("y").noconvert(), py::arg("hn").noconvert(), py::arg("threads") = 1,
         "One GRU layer over all steps, input projection inside each step: x (T,B,I) -> y (T,B,H); x and y may be strided views with contiguous rows.");
-  m.def(
-      "plan_memory",
-      [](const std::vector<int64_t>& sizes, const std::vector<int64_t>& first, const std::vector<int64_t>& last,
-         int64_t alignment) {
-        auto p = kiln::plan_memory(sizes, first, last, alignment);
-        return py::make_tuple(p.offsets, p.arena_bytes);
-      },
-      py::arg("sizes"), py::arg("first"), py::arg("last"), py::arg("alignment") = 64,
-      "Assign arena offsets to buffers with lifetimes [first, last]; returns (offsets, arena_bytes).");
   m.def("tvm_parallel_launch_address", &kiln::tvm_parallel_launch_address,
         "Address of a TVMBackendParallelLaunch replacement that runs tasks on torch's OpenMP workers.");
   m.def("tvm_parallel_launches", &kiln::tvm_parallel_launches, "Parallel launches that replacement has taken.");

@@ -147,6 +147,24 @@ def partition(graph: Graph) -> Partition:
     return Partition(graph, [groups[i] for i in order])
 
 
+def subgroup(graph: Graph, group: KernelGroup, nodes: list[Node], kind: str = GroupKind.INJECTIVE) -> KernelGroup:
+    """A kernel group of ``nodes`` (part of ``group``, e.g. a compute group's epilogue, or a
+    tail joined to it), under ``group``'s id: its inputs and outputs recomputed (an output is
+    a value read by a node outside ``nodes`` or returned)."""
+    inside = {o for n in nodes for o in n.outputs}
+    users_outside = set(graph.outputs)
+    members = set(nodes)
+    for n in graph.nodes:
+        if n not in members:
+            users_outside.update(v for v in n.inputs if v in inside)
+    ins: list[Value] = []
+    for n in nodes:
+        for v in n.inputs:
+            if v is not None and v not in inside and v not in ins:
+                ins.append(v)
+    return KernelGroup(group.id, kind, list(nodes), ins, [o for n in nodes for o in n.outputs if o in users_outside])
+
+
 def _topo_order(groups, deps) -> list[int]:
     state: dict[int, int] = {}
     order: list[int] = []

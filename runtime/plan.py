@@ -1,9 +1,17 @@
 """Executable plans: a compiled graph as a flat list of kernel calls over buffer slots.
 
-The plan is built once per graph and target. Each step is (kernel function, attributes,
-input slots, output slots, slots to free); running the plan touches no graph objects and
-no step list: the steps are written out as one generated Python function that calls the
-kernels directly (``runtime.straightline``). Buffers die right after their last use.
+One structure and one run path serve every target. A plan is built once per graph and
+target: each step is (kernel function, attributes, input slots, output slots, slots to
+free), the kernel called as ``fn(inputs, attrs)`` and returning a tensor, or a sequence for
+a node of several results. Running touches no graph objects and no step list: the steps are
+written out as one generated Python function that calls the kernels directly
+(``runtime.straightline``). Buffers die right after their last use (``runtime.buffers``).
+
+What differs by target is small: the CPU plan calls that function directly; a cuda plan
+runs it through a ``runtime.cuda_run.CudaRunner`` (constants moved to the device once,
+CUDA-graph capture and replay, the "needs a GPU" check). The steps themselves come from
+``build_plan`` here (CPU and reference: kernels chosen by measurement, kernel groups run as
+generated TVM kernels when they win) or ``runtime.cuda_steps.build_gpu_plan``.
 """
 from __future__ import annotations
 
@@ -12,98 +20,108 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kiln.errors import KilnError
 from kiln.ir import Graph, Node, Value
 from kiln.kernels.choice import choose
 from kiln.kernels.registry import candidates
+from kiln.passes.partition import subgroup
+from kiln.target import Target
 
+from .buffers import MemoryStats, dead_values, memory_stats
 from .straightline import generate, step_at
 
 
-class KernelFailure(RuntimeError):
-    """A kernel raised while running; names the node so the user can find it."""
+class KernelFailure(KilnError):
+    """A kernel raised while running; names the kernel, the node's op and its scope so the
+    user can find it (the kernel's own error is the cause)."""
 
 
 @dataclass(frozen=True)
 class Step:
-    fn: object
+    fn: object  # fn(inputs, attrs) -> tensor, or a sequence of tensors for several outputs
     attrs: object
     ins: tuple  # slot per operand (None for an absent optional operand)
     outs: tuple
     free: tuple  # slots whose last use is this step
-    node: Node
+    node: Node  # the node a failure names (a group kernel's last node)
     kernel: str
 
 
-@dataclass
-class MemoryStats:
-    buffers: int
-    total_bytes: int  # sum of all intermediate buffers
-    arena_bytes: int  # planned peak with buffer reuse (kiln._C.plan_memory)
+@dataclass(frozen=True)
+class Unit:
+    """A step before slots are numbered: what a plan builder decides per kernel call."""
+
+    kernel: str
+    fn: object
+    attrs: object
+    ins: tuple  # values (None for an absent optional operand)
+    outs: tuple
+    node: Node
 
 
-@dataclass
+@dataclass(eq=False)
 class Plan:
     graph: Graph
-    target: str
+    target: Target
     steps: tuple[Step, ...]
-    num_slots: int
+    values: tuple[Value, ...]  # the value each slot holds
     input_slots: tuple[int, ...]
     output_slots: tuple[int, ...]
     const_slots: tuple[tuple[int, torch.Tensor], ...]
-    memory: MemoryStats | None = None
-    kernel_names: dict[str, int] = field(default_factory=dict)
-    partition: object = None  # kiln.passes.partition.Partition, when the pipeline ran
+    memory: MemoryStats
+    kernel_names: dict[str, int] = field(default_factory=dict)  # kernel -> steps running it
     node_kernels: list = field(default_factory=list)  # the kernel each node runs in (cached choices)
     codegen_seconds: float = 0.0  # spent generating, tuning, loading and choosing group kernels
-    pass_records: list = field(default_factory=list)
-    cache_hit: bool = False
-    sparsity: list = field(default_factory=list)  # passes.sparsity.SparseDecision per layer considered
-    _forward: object = field(init=False, repr=False, compare=False)  # the generated function
+    torch_ops: dict[str, str] = field(default_factory=dict)  # op -> why it runs its torch reference (cuda)
+    runner: object = None  # a target's run strategy (runtime.cuda_run.CudaRunner); None: the host calls it
+    forward: object = field(init=False, repr=False)  # the generated function: forward(inputs, consts)
+    consts: dict = field(init=False, repr=False)  # slot -> constant, as the host holds them
 
     def __post_init__(self):
-        self._forward = generate(self.steps, self.input_slots, self.output_slots, self.const_slots)
-
-    def interpret(self, inputs: list[torch.Tensor], on_step=None) -> list[torch.Tensor]:
-        """The steps run one at a time over a slot list, nothing freed: what the generated
-        function must equal, and a hook for tools (``on_step(step, result)`` after each)."""
-        slots: list = [None] * self.num_slots
-        for i, t in self.const_slots:
-            slots[i] = t
-        for i, t in zip(self.input_slots, inputs):
-            slots[i] = t
-        for s in self.steps:
-            r = s.fn([None if i is None else slots[i] for i in s.ins], s.attrs)
-            for i, t in zip(s.outs, (r,) if len(s.outs) == 1 else r):
-                slots[i] = t
-            if on_step is not None:
-                on_step(s, r)
-        return [slots[i] for i in self.output_slots]
+        self.forward = generate(self.steps, self.input_slots, self.output_slots, self.const_slots)
+        self.consts = dict(self.const_slots)
 
     def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         if len(inputs) != len(self.input_slots):
             raise ValueError(f"plan takes {len(self.input_slots)} inputs, got {len(inputs)}")
         try:
-            return self._forward(inputs)
+            if self.runner is None:
+                return self.forward(inputs, self.consts)
+            return self.runner.run(self, inputs)
         except Exception as e:  # name the node; the original error stays chained
-            k = step_at(e.__traceback__, self._forward)
-            if k is None or not 0 <= k < len(self.steps):  # not inside a kernel call
+            failure = self._failure(e)
+            if failure is None:  # not inside a kernel call
                 raise
-            s = self.steps[k]
-            where = f" ({s.node.scope})" if s.node.scope else ""
-            raise KernelFailure(f"kernel {s.kernel} for {s.node.op.value}{where} failed: {e}") from e
+            raise failure from e
 
+    def _failure(self, e: BaseException) -> KernelFailure | None:
+        """The KernelFailure naming the step ``e`` was raised in, None when it was raised
+        outside the steps."""
+        k = step_at(e.__traceback__, self.forward)
+        if k is None or not 0 <= k < len(self.steps):
+            return None
+        s = self.steps[k]
+        where = f" ({s.node.scope})" if s.node.scope else ""
+        return KernelFailure(f"kernel {s.kernel} for {s.node.op.value}{where} failed: {e}")
 
-def run_all(graph: Graph, inputs: list[torch.Tensor], target: str = "reference") -> dict[Value, torch.Tensor]:
-    """Every value the graph computes (nothing freed): for debugging and differential checks."""
-    plan = build_plan(graph, target)
-    env: dict[Value, torch.Tensor] = dict(graph.constants)
-    env.update(zip(graph.inputs, inputs))
-    with torch.no_grad():
-        for s in plan.steps:
-            r = s.fn([None if v is None else env[v] for v in s.node.inputs], s.attrs)
-            for v, t in zip(s.node.outputs, r if isinstance(r, tuple) else (r,)):
-                env[v] = t
-    return env
+    def interpret(self, inputs: list, on_step=None, consts=None, call=None) -> list:
+        """The steps run one at a time over a slot list, nothing freed: what the generated
+        function must equal, and a hook for tools (``on_step(step, result)`` after each;
+        ``call(step, operands)`` instead of the step's kernel; ``consts`` by slot instead of
+        the plan's own)."""
+        slots: list = [None] * len(self.values)
+        for i, t in (consts if consts is not None else self.consts).items():
+            slots[i] = t
+        for i, t in zip(self.input_slots, inputs):
+            slots[i] = t
+        for s in self.steps:
+            operands = [None if i is None else slots[i] for i in s.ins]
+            r = s.fn(operands, s.attrs) if call is None else call(s, operands)
+            for i, t in zip(s.outs, (r,) if len(s.outs) == 1 else r):
+                slots[i] = t
+            if on_step is not None:
+                on_step(s, r)
+        return [slots[i] for i in self.output_slots]
 
 
 def slots_for(graph: Graph):
@@ -121,26 +139,60 @@ def slots_for(graph: Graph):
     return slot, get, input_slots, const_slots
 
 
-def build_plan(graph: Graph, target: str = "cpu", kernel_choices: list[str] | None = None,
-               memory: "MemoryStats | None" = None, partition=None, generate=None,
-               exclude: frozenset[str] = frozenset()) -> Plan:
-    """``kernel_choices`` (one kernel name per node, from the compile cache) skips measuring;
-    kernels named in ``exclude`` are not candidates (the reference always is).
+def assemble(graph: Graph, target: Target, units: list[Unit], **built) -> Plan:
+    """The plan running ``units`` in order: slots numbered, each buffer freed after its last
+    use, kernels counted; ``built`` are the builder's other fields (node_kernels, ...)."""
+    slot, get, input_slots, const_slots = slots_for(graph)
+    keep = set(graph.outputs) | set(graph.inputs) | set(graph.constants)
+    pairs = [(u.ins, u.outs) for u in units]
+    dead = dead_values(pairs, keep)
+    steps, counts = [], {}
+    for u, gone in zip(units, dead):
+        counts[u.kernel] = counts.get(u.kernel, 0) + 1
+        outs = tuple(get(v) for v in u.outs)
+        steps.append(Step(u.fn, u.attrs, tuple(None if v is None else get(v) for v in u.ins), outs,
+                          tuple(sorted({slot[v] for v in gone})), u.node, u.kernel))
+    output_slots = tuple(get(v) for v in graph.outputs)
+    return Plan(graph, target, tuple(steps), tuple(slot), input_slots, output_slots, const_slots,
+                memory_stats((u.outs for u in units), dead), kernel_names=counts, **built)
+
+
+def run_all(graph: Graph, inputs: list[torch.Tensor], target: str = "reference") -> dict[Value, torch.Tensor]:
+    """Every value the graph computes (nothing freed): for debugging and differential checks."""
+    plan = build_plan(graph, target)
+    env: dict[Value, torch.Tensor] = dict(graph.constants)
+    env.update(zip(graph.inputs, inputs))
+
+    def keep(s: Step, r) -> None:
+        for i, t in zip(s.outs, (r,) if len(s.outs) == 1 else r):
+            env[plan.values[i]] = t
+
+    with torch.no_grad():
+        plan.interpret(list(inputs), keep)
+    return env
+
+
+def build_plan(graph: Graph, target: "str | Target" = "cpu", kernel_choices: list[str] | None = None,
+               partition=None, generate=None, exclude: frozenset[str] = frozenset()) -> Plan:
+    """A plan for the CPU (or the reference kernels): per node, the fastest kernel that agrees
+    with the reference. ``kernel_choices`` (one kernel name per node, from the compile cache)
+    skips measuring; kernels named in ``exclude`` are not candidates (the reference always is).
 
     With a ``partition`` and a ``generate(group) -> GeneratedKernel | None`` (see
     ``kiln.runtime.generated``), each kernel group can run as one generated kernel: it does
     when ``kernel_choices`` says so, else when it beats the group's per-node kernels by
     measurement. Steps then follow the partition's group order (a valid execution order).
     """
-    slot, get, input_slots, const_slots = slots_for(graph)
+    target = Target.parse(target)
+    kind = target.kind
     index = {n: i for i, n in enumerate(graph.nodes)}
     node_kernels: list[str] = [""] * len(graph.nodes)
-    units: list[tuple] = []  # (kernel name, fn, attrs, inputs, outputs, node)
+    units: list[Unit] = []
     codegen_s = 0.0
-    for nodes, gen_group in _units(graph, partition, generate is not None and target != "reference"):
+    for nodes, gen_group in _units(graph, partition, generate is not None and kind != "reference"):
         chosen = []
         for n in nodes:
-            cands = [k for k in candidates(n, target) if k.name not in exclude or k.target == "reference"]
+            cands = [k for k in candidates(n, kind) if k.name not in exclude or k.target == "reference"]
             recorded = kernel_choices[index[n]] if kernel_choices is not None and index[n] < len(kernel_choices) \
                 else None
             if recorded is not None:
@@ -152,31 +204,12 @@ def build_plan(graph: Graph, target: str = "cpu", kernel_choices: list[str] | No
         if gen is not None:
             for n in nodes:
                 node_kernels[index[n]] = gen.name
-            units.append((gen.name, gen, None, tuple(gen_group.inputs), tuple(gen_group.outputs), nodes[-1]))
+            units.append(Unit(gen.name, gen, None, tuple(gen_group.inputs), tuple(gen_group.outputs), nodes[-1]))
             continue
         for n, (k, fn) in zip(nodes, chosen):
             node_kernels[index[n]] = k.name
-            units.append((k.name, fn, n.attrs, n.inputs, n.outputs, n))
-    last_use: dict[Value, int] = {}
-    for i, u in enumerate(units):
-        for v in u[3]:
-            if v is not None:
-                last_use[v] = i
-    keep = set(graph.outputs) | set(graph.inputs) | set(graph.constants)
-    steps, counts = [], {}
-    for i, (name, fn, attrs, ins, outs_v, node) in enumerate(units):
-        counts[name] = counts.get(name, 0) + 1
-        outs = tuple(get(v) for v in outs_v)
-        dead = [v for v in ins if v is not None and last_use.get(v) == i and v not in keep]
-        dead += [v for v in outs_v if v not in last_use and v not in keep]  # never used
-        steps.append(Step(fn, attrs, tuple(None if v is None else get(v) for v in ins), outs,
-                          tuple(sorted({slot[v] for v in dead})), node, name))
-    plan = Plan(graph, target, tuple(steps), len(slot), input_slots, tuple(get(v) for v in graph.outputs),
-                const_slots, kernel_names=counts)
-    plan.node_kernels = node_kernels
-    plan.codegen_seconds = codegen_s
-    plan.memory = memory if memory is not None else plan_memory(graph)
-    return plan
+            units.append(Unit(k.name, fn, n.attrs, tuple(n.inputs), tuple(n.outputs), n))
+    return assemble(graph, target, units, node_kernels=node_kernels, codegen_seconds=codegen_s)
 
 
 _GENERATED_KINDS = ("injective", "reduction")
@@ -232,25 +265,6 @@ def _sole_reduction_consumer(tail: list[Node], owner: dict, readers: dict, retur
     return g if g.kind == "reduction" else None
 
 
-def subgroup(graph: Graph, group, nodes: list[Node], kind: str = "injective"):
-    """A kernel group of ``nodes`` (part of ``group``, or a tail joined to it): inputs and
-    outputs recomputed."""
-    from kiln.passes.partition import KernelGroup
-
-    inside = {o for n in nodes for o in n.outputs}
-    users_outside = set(graph.outputs)
-    members = set(nodes)
-    for n in graph.nodes:
-        if n not in members:
-            users_outside.update(v for v in n.inputs if v in inside)
-    ins: list[Value] = []
-    for n in nodes:
-        for v in n.inputs:
-            if v is not None and v not in inside and v not in ins:
-                ins.append(v)
-    return KernelGroup(group.id, kind, list(nodes), ins, [o for n in nodes for o in n.outputs if o in users_outside])
-
-
 def _generated(group, nodes, chosen, graph, kernel_choices, index, generate):
     """The generated kernel for ``group`` if it runs as one (recorded choice or measured win)."""
     if group is None:
@@ -265,29 +279,3 @@ def _generated(group, nodes, chosen, graph, kernel_choices, index, generate):
             return None  # the cache says per-node kernels won
         return generate(group)  # the cache says this group runs generated: no measuring
     return choose_group(group, graph, generate, [fn for _, fn in chosen], torch.get_num_threads())
-
-
-def plan_memory(graph: Graph) -> MemoryStats | None:
-    """Static buffer assignment for the graph's intermediates (sizes need static shapes)."""
-    from kiln import _C
-
-    first: dict[Value, int] = {}
-    last: dict[Value, int] = {}
-    for i, n in enumerate(graph.nodes):
-        for v in n.outputs:
-            first[v] = i
-            last[v] = i
-        for v in n.inputs:
-            if v in first:
-                last[v] = i
-    end = len(graph.nodes)
-    for v in graph.outputs:
-        if v in last:
-            last[v] = end
-    vals = [v for v in first if v.type.is_static]
-    if not vals:
-        return MemoryStats(0, 0, 0)
-    sizes = [v.type.nbytes() for v in vals]
-    _, arena = _C.plan_memory(sizes, [first[v] for v in vals], [last[v] for v in vals], 64)
-    return MemoryStats(len(vals), sum(sizes), arena)
-

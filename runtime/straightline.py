@@ -4,20 +4,22 @@ Interpreting a plan means, per step, a loop iteration, a list of operands gather
 slot list by index, and the results stored back by index. Here the plan is written out once
 as straight-line source instead, one line per step::
 
-    def forward(inputs):
+    def forward(inputs, c):
         v0, v1 = inputs
         v4 = k[0]([v0, c[2]], a[0])
         _r = k[1]([v4], a[1]); v5 = _r[0]; v6 = _r[1]; del _r; del v4
         ...
         return [v6]
 
-Each slot is a local variable; the kernel functions, their attributes and the constants sit
-in three closure cells (tuples and a dict indexed by literals: one cell per step made
-CPython's compiler superlinear, 3 s for 20,000 steps), so the hot path holds no dispatch: a
-step is a call, a few constant-index loads and local stores. A buffer is dropped (``del``) right after its last
-use, as the interpreting loop did. The line a kernel raised on names its step: ``step_at``
-maps a traceback back to it, so failures still name the node, at no cost to a call that
-succeeds. ``python -m kiln.bench.executor_overhead`` measures what remains per step.
+Each slot is a local variable; the kernel functions and their attributes sit in two closure
+cells (tuples indexed by literals: one cell per step made CPython's compile time grow
+superlinearly with the steps), and the constants come in as ``c``, a dict indexed by literal slots
+(the host's tensors, or a device's copies of them: one function serves both). The hot path
+holds no dispatch: a step is a call, a few constant-index loads and local stores. A buffer
+is dropped (``del``) right after its last use, as the interpreting loop did. The line a
+kernel raised on names its step: ``step_at`` maps a traceback back to it, so failures
+still name the node, at no cost to a call that succeeds. ``python -m
+kiln.bench.executor_overhead`` measures what remains per step.
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ def _operand(i, consts: dict) -> str:
 
 
 def generate(steps, input_slots, output_slots, const_slots):
-    """forward(inputs) -> list of outputs; step k runs on line FIRST_STEP_LINE + k."""
+    """forward(inputs, consts) -> list of outputs, ``consts`` a dict holding a tensor for each
+    slot of ``const_slots``; step k runs on line FIRST_STEP_LINE + k."""
     consts = dict(const_slots)
     body = []
     ins = ", ".join(f"v{i}" for i in input_slots)
@@ -51,11 +54,11 @@ def generate(steps, input_slots, output_slots, const_slots):
             line += f"; del {', '.join(dead)}"
         body.append("    " + line)
     body.append(f"    return [{', '.join(_operand(i, consts) for i in output_slots)}]")
-    src = "def _make(k, a, c):\n  def forward(inputs):\n" + "\n".join("  " + b for b in body) + "\n  return forward\n"
+    src = "def _make(k, a):\n  def forward(inputs, c):\n" + "\n".join("  " + b for b in body) + "\n  return forward\n"
     filename = f"<kiln plan {next(_COUNTER)}>"
     scope: dict = {}
     exec(compile(src, filename, "exec"), scope)  # noqa: S102 - the source is generated above
-    return scope["_make"](tuple(s.fn for s in steps), tuple(s.attrs for s in steps), consts)
+    return scope["_make"](tuple(s.fn for s in steps), tuple(s.attrs for s in steps))
 
 
 def step_at(tb: types.TracebackType | None, forward) -> int | None:

@@ -68,13 +68,14 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, num_warps: int = 
         return
     if any(g <= 0 for g in grid):
         return  # an empty tensor: nothing to do
-    if _interpreting():
+    if interpreting():
         kernel[grid](*args, **constexprs)  # the interpreter ignores warps and stages
     else:
         kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     from triton import knobs
 
     return bool(knobs.runtime.interpret)
@@ -144,9 +145,11 @@ def compile_many(records: list[LaunchRecord], sms, jobs: int | None = None) -> d
     import multiprocessing
     import os
 
+    from kiln.options import settings
+
     work = [(r, sm) for sm in sms for r in records]
     if jobs is None:
-        jobs = int(os.environ.get("KILN_BUILD_JOBS", "0")) or min(4, len(os.sched_getaffinity(0)))
+        jobs = settings().build_jobs or min(4, len(os.sched_getaffinity(0)))
     results: list[tuple[int, str]]
     if jobs > 1 and len(work) > 1 and "fork" in multiprocessing.get_all_start_methods():
         global _POOL_WORK

@@ -4,19 +4,20 @@ Without a GPU (building ahead, or the interpreter) a kernel uses its space's def
 configuration. On a GPU the configurations are timed on the device with
 ``triton.testing.do_bench`` through the shared tuner, and the winner lands in the shared
 tuning database keyed by the CUDA target's key (GPU name and SM), so the next compile of
-the same shapes does not measure again. ``KILN_GPU_TUNE`` sets the budget
-(``none``/``fast``/``max``/seconds; default ``fast``).
+the same shapes does not measure again. The budget (``none``/``fast``/``max``/seconds) is
+the compile's ``tune`` option: a cuda plan runs its kernels inside ``tuning_budget(tune)``;
+outside any, kernels tune with ``fast``.
 """
 from __future__ import annotations
 
+import contextvars
 import functools
-import os
 
 import torch
 
 from kiln.codegen.autotune import Space, TuningKey, tune
 
-from .launch import _interpreting, is_recording
+from .launch import interpreting, is_recording
 
 
 def signature_of(*parts) -> str:
@@ -31,7 +32,7 @@ def signature_of(*parts) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _target_key() -> str:
+def target_key() -> str:
     from kiln.target import cuda
 
     return cuda().key()
@@ -41,14 +42,34 @@ def on_device(*tensors) -> bool:
     return any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
 
 
-_CHOSEN: dict[tuple[str, str], dict] = {}  # this process's decisions: no database query per launch
+_CHOSEN: dict[tuple, dict] = {}  # this process's decisions: no database query per launch
+_BUDGET: contextvars.ContextVar = contextvars.ContextVar("kiln_gpu_tuning_budget", default="fast")
+
+
+class tuning_budget:
+    """``with tuning_budget(tune):`` kernels launched inside tune within ``tune`` ("none" |
+    "fast" | "max" | seconds per kernel)."""
+
+    __slots__ = ("budget", "_token")
+
+    def __init__(self, budget):
+        self.budget = budget
+
+    def __enter__(self):
+        self._token = _BUDGET.set(self.budget)
+        return self
+
+    def __exit__(self, *exc):
+        _BUDGET.reset(self._token)
+        return False
 
 
 def choose_config(kernel: str, space_: Space, signature: str, run, *tensors) -> dict:
     """``run(config)`` launches the kernel once with ``config`` (used only for measuring)."""
-    if is_recording() or _interpreting() or not on_device(*tensors):
+    if is_recording() or interpreting() or not on_device(*tensors):
         return space_.default()
-    hit = _CHOSEN.get((kernel, signature))
+    budget = _BUDGET.get()
+    hit = _CHOSEN.get((kernel, signature, budget))
     if hit is not None:
         return hit
     from triton.testing import do_bench
@@ -56,13 +77,8 @@ def choose_config(kernel: str, space_: Space, signature: str, run, *tensors) -> 
     def measure(cfg: dict) -> float:
         return do_bench(lambda: run(cfg), warmup=5, rep=20) * 1e-3
 
-    budget = os.environ.get("KILN_GPU_TUNE", "fast")
-    try:
-        budget = float(budget)
-    except ValueError:
-        pass
-    cfg = tune(TuningKey(kernel, signature, _target_key()), space_, measure, budget).config
-    _CHOSEN[(kernel, signature)] = cfg
+    cfg = tune(TuningKey(kernel, signature, target_key()), space_, measure, budget).config
+    _CHOSEN[(kernel, signature, budget)] = cfg
     return cfg
 
 

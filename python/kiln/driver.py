@@ -125,12 +125,12 @@ def compile_imported(imp: Imported, options: CompileOptions, name: str) -> Compi
     if hit is not None and (hit.get("optimized") != optimized_hash or
                             len(hit.get("kernels", ())) != len(result.graph.nodes)):
         hit = None  # recorded for a different optimized graph: rebuild, never trust
-    memory = _check_memory(result.graph)
+    _check_memory(result.graph)
     t1 = time.perf_counter()
     plan = _build_plan(result, options, target, hit)
     plan_s = time.perf_counter() - t1
-    node_kernels = getattr(plan, "node_kernels", None) or []  # cuda plans record none
-    if key and hit is None and node_kernels:
+    node_kernels = plan.node_kernels
+    if key and hit is None and target.kind == "cpu":  # cuda plans are not built from recorded choices
         cache.store(key, {"optimized": optimized_hash, "kernels": node_kernels})
     report = CompileReport(
         model=name, target=str(target), options=options,
@@ -140,8 +140,8 @@ def compile_imported(imp: Imported, options: CompileOptions, name: str) -> Compi
         quantization=list(result.decisions.quantization), sparsity=list(result.decisions.sparsity),
         passes=list(result.records),
         seconds={"import": imp.seconds, "passes": passes_s, "plan": plan_s,
-                 "codegen": getattr(plan, "codegen_seconds", 0.0), "total": imp.seconds + passes_s + plan_s},
-        import_cache_hit=imp.cache_hit, compile_cache_hit=hit is not None, memory=memory,
+                 "codegen": plan.codegen_seconds, "total": imp.seconds + passes_s + plan_s},
+        import_cache_hit=imp.cache_hit, compile_cache_hit=hit is not None, memory=plan.memory,
         graph_nodes=len(result.graph.nodes))
     return Compiled(plan, result.graph, imp.out_spec, imp.out_literals, imp.input_names, report)
 
@@ -154,9 +154,9 @@ def _build_plan(result, options: CompileOptions, target, hit):
     from kiln.runtime.plan import build_plan
 
     if target.kind == "cuda":  # Triton / CUDA C kernels, built ahead of time for the target SM
-        from kiln.runtime.gpu_plan import build_gpu_plan
+        from kiln.runtime.cuda_steps import build_gpu_plan
 
-        return build_gpu_plan(result.graph, result.partition, target)
+        return build_gpu_plan(result.graph, result.partition, target, tune=options.tune_budget)
     generate = _generator(result.graph, target, options.tune_budget) \
         if options.codegen and target.kind == "cpu" else None
     return build_plan(result.graph, target.kind, kernel_choices=hit["kernels"] if hit else None,
@@ -217,14 +217,14 @@ def available_memory() -> int:
     return 1 << 62  # unknown: do not refuse
 
 
-def _check_memory(graph):
-    """Refuse, before any allocation, a plan whose buffers cannot fit in memory; return the memory plan."""
-    from kiln.runtime.plan import plan_memory
+def _check_memory(graph) -> None:
+    """Refuse, before any allocation (or kernel measurement), a plan whose buffers cannot fit in memory."""
+    from kiln.runtime.buffers import graph_memory
 
-    stats = plan_memory(graph)
+    stats = graph_memory(graph)
     weights = sum(t.numel() * t.element_size() for t in graph.constants.values())
     io = sum(v.type.nbytes() for v in graph.inputs if v.type.is_static)
-    need = (stats.arena_bytes if stats else 0) + io
+    need = stats.peak_bytes + io
     have = available_memory()
     if need > have:
         raise KilnError(f"{graph.name} needs {need / 2**30:.1f} GiB for inputs and intermediate buffers "

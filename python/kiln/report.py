@@ -51,9 +51,5 @@ class CompileReport:
             lines.append("sparsity:")
             lines += [f"  {d.layer}: {d.format} ({d.reason})" for d in self.sparsity]
         if self.memory is not None:
-            lines.append(f"memory: peak intermediate buffers {self.memory_peak_bytes() / 2**20:.1f} MiB")
+            lines.append(f"memory: peak intermediate buffers {self.memory.peak_bytes / 2**20:.1f} MiB")
         return "\n".join(lines)
-
-    def memory_peak_bytes(self) -> int:
-        m = self.memory
-        return int(getattr(m, "peak_bytes", getattr(m, "arena_bytes", 0)) or 0)

@@ -73,7 +73,6 @@ int main() {
           ++cases;
         }
   }
-  auto plan = kiln::plan_memory({100, 0, 5000, 64}, {0, 1, 1, 3}, {2, 1, 4, 3}, 64);
-  std::printf("asan ok: %d kernel cases, arena %lld\n", cases, static_cast<long long>(plan.arena_bytes));
+  std::printf("asan ok: %d kernel cases\n", cases);
   return 0;
 }

@@ -14,7 +14,8 @@ from kiln.frontends.torch_export import export_program, from_exported
 from kiln.models import get
 from kiln.options import CompileOptions
 from kiln.passes.pipeline import run_pipeline
-from kiln.runtime.gpu_plan import build_ahead, build_gpu_plan, record_launches
+from kiln.runtime.cuda_run import build_ahead, record_launches
+from kiln.runtime.cuda_steps import build_gpu_plan
 from kiln.kernels.triton.launch import dedupe
 from kiln.target import cuda
 
@@ -48,7 +49,7 @@ def _check(name, plan):
     assert EXPECTED[name] <= set(plan.kernel_names), plan.kernel_names
     assert not plan.torch_ops, plan.torch_ops
     distinct = len(dedupe(record_launches(plan)))
-    cuda_c = sum(1 for g in plan.generated if g.cuda_r is not None)
+    cuda_c = sum(1 for g in plan.runner.generated if g.cuda_r is not None)
     report = build_ahead(plan, (80, 90))
     assert report.failures == []
     for sm in (80, 90):

@@ -17,7 +17,7 @@ from kiln.codegen.walk import Unsupported
 from kiln.ir import DType, GraphBuilder, Layout, LayoutKind, OpKind
 from kiln.ir import attrs as A
 from kiln.passes.partition import GroupKind, partition
-from kiln.runtime.gpu_plan import empty_like_value
+from kiln.runtime.cuda_steps import empty_like_value
 from kiln.runtime.plan import run_all
 
 SHIM = r"""

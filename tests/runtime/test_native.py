@@ -1,5 +1,4 @@
-"""kiln._C: fused RNN cells against torch, argument checking, and the memory planner."""
-import random
+"""kiln._C: fused RNN cells against torch, and argument checking."""
 
 import numpy as np
 import pytest
@@ -67,42 +66,6 @@ def test_cells_reject_bad_arguments():
         _C.gru_cell(g3, np.zeros((2, 5), np.float32), np.zeros(6, np.float32), c, c.copy())
     with pytest.raises(ValueError, match="b_hh"):
         _C.gru_cell(g3, g3, np.zeros(5, np.float32), c, c.copy())
-
-
-def _check_plan(sizes, first, last, offsets, arena, align):
-    for i in range(len(sizes)):
-        assert offsets[i] % align == 0 and offsets[i] + sizes[i] <= arena
-        for j in range(i):
-            if first[i] <= last[j] and first[j] <= last[i] and sizes[i] and sizes[j]:
-                assert offsets[i] + sizes[i] <= offsets[j] or offsets[j] + sizes[j] <= offsets[i], (i, j)
-
-
-def test_memory_planner_never_overlaps_live_buffers():
-    rng = random.Random(0)
-    for _ in range(200):
-        n = rng.randint(1, 30)
-        sizes = [rng.randint(0, 5000) for _ in range(n)]
-        first = [rng.randint(0, 40) for _ in range(n)]
-        last = [f + rng.randint(0, 10) for f in first]
-        offsets, arena = _C.plan_memory(sizes, first, last, 64)
-        _check_plan(sizes, first, last, offsets, arena, 64)
-        assert arena <= sum((s + 63) // 64 * 64 for s in sizes)
-
-
-def test_memory_planner_reuses_dead_buffers():
-    offsets, arena = _C.plan_memory([1024, 1024, 1024], [0, 1, 2], [0, 1, 2], 64)
-    assert arena == 1024 and offsets == [0, 0, 0]
-
-
-def test_memory_planner_rejects_bad_input():
-    with pytest.raises(ValueError):
-        _C.plan_memory([1, 2], [0], [0, 1], 64)
-    with pytest.raises(ValueError):
-        _C.plan_memory([1], [2], [1], 64)
-    with pytest.raises(ValueError):
-        _C.plan_memory([-1], [0], [0], 64)
-    with pytest.raises(ValueError):
-        _C.plan_memory([1], [0], [0], 3)
 
 
 def _lstm_steps(gx, w, h, c):

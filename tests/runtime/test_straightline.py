@@ -90,7 +90,7 @@ def test_failure_names_the_node_and_keeps_the_cause():
     broken = dataclasses.replace(plan, steps=tuple(steps))
     with pytest.raises(KernelFailure, match=r"kernel reference\.linear for linear.*failed: deliberate") as e:
         broken.run(list(ins))
-    assert isinstance(e.value.__cause__, RuntimeError)
+    assert isinstance(e.value, kiln.KilnError) and isinstance(e.value.__cause__, RuntimeError)
 
 
 def test_wrong_input_count_is_an_error():
@@ -122,4 +122,4 @@ def test_long_plans_generate_and_run():
     steps = [SimpleNamespace(fn=lambda ins, a: ins[0] + ins[1], attrs=None, ins=(i, n + 1 + i), outs=(i + 1,),
                              free=(i,) if i else ()) for i in range(n)]
     forward = generate(steps, (0,), (n,), consts)
-    assert float(forward([torch.tensor(0.0)])[0]) == sum(range(n))
+    assert float(forward([torch.tensor(0.0)], dict(consts))[0]) == sum(range(n))
