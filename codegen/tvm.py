@@ -33,7 +33,7 @@ from .walk import MOVEMENT_OPS, REDUCE_OPS, ROW_OPS, Emitter, Unsupported, Walke
 
 # Part of every compiled module's cache key: bump it when rendering or scheduling changes
 # the code generated for the same group and configuration.
-CODEGEN_VERSION = 7
+CODEGEN_VERSION = 8
 
 # what the TensorIR renderer covers: its per-op table, and what the walk renders itself
 # (take is not enabled here: a data-dependent index inside a TIR load is untested)
@@ -201,6 +201,14 @@ class TirEmitter(Emitter):
         from tvm import tirx
 
         return tirx.Select(cond, a, b)
+
+    def choose(self, cond, a, b):
+        # Select evaluates both operands, and the simplifier removes the walk's clamps on the
+        # untaken piece's indices under the select's condition: a real out-of-bounds read.
+        # if_then_else evaluates only the branch taken.
+        from tvm import tirx
+
+        return tirx.if_then_else(cond, a, b)
 
     def constant(self, x, dtype):
         from kiln.ir import TensorType

@@ -142,6 +142,14 @@ class Emitter:
         return value
 
     def select(self, cond, a, b): raise NotImplementedError
+
+    def choose(self, cond, a, b):
+        """``a`` where ``cond`` holds, else ``b``, where a branch not chosen may read out of
+        bounds (the concat piece or padded border a lane does not take). The walk clamps
+        those reads, but a target whose simplifier drops the clamps under the select's
+        condition while still evaluating both branches (TensorIR's ``Select``) must branch."""
+        return self.select(cond, a, b)
+
     def constant(self, x, dtype): raise NotImplementedError  # x as a value of IR dtype ``dtype``
 
     # -- reductions and the normalization formulas -----------------------------------------
@@ -290,7 +298,7 @@ class Walker:
             # clamped, so the pieces a lane does not select still read in bounds
             inner[axis] = em.clamp(em.affine([(k, 1)], -st), 0, sz - 1)
             val = em.retype(self.value_at(x, inner), x, out)
-            acc = val if acc is None else em.select(em.less(k, st + sz), val, acc)
+            acc = val if acc is None else em.choose(em.less(k, st + sz), val, acc)
         return acc
 
     def pad(self, n: Node, c: list):
@@ -309,7 +317,7 @@ class Walker:
         val = self.value_at(x, inner)
         if a.mode is A.PadMode.REPLICATE or not conds:
             return val
-        return em.select(em.all_of(conds), val, em.constant(a.value, x.type.dtype))
+        return em.choose(em.all_of(conds), val, em.constant(a.value, x.type.dtype))
 
     def take(self, n: Node, c: list):
         em = self.em

@@ -52,7 +52,7 @@ class CudaRunner:
     """The cuda strategy of ``Plan.run``: one per plan (it holds the plan's CUDA graph)."""
 
     def __init__(self, generated: list, tune="fast"):
-        self.generated = generated  # cuda_steps.GeneratedKernel, one per distinct kernel
+        self.generated = generated  # cuda_steps.GpuGroupKernel, one per distinct kernel
         self.tune = tune  # the budget Triton kernels tune within on the device
         self.ahead: AheadReport | None = None  # set when the kernels were built without a GPU
         self.graphs = settings().cuda_graphs  # KILN_CUDA_GRAPHS=0: kernel by kernel

@@ -38,7 +38,7 @@ def empty_like_value(v: Value, device) -> torch.Tensor:
     return torch.empty(shape, dtype=v.type.dtype.to_torch(), device=device, memory_format=fmt)
 
 
-class GeneratedKernel:
+class GpuGroupKernel:
     """A rendered group kernel: its Triton form and, for injective kernels, its CUDA C form."""
 
     def __init__(self, triton_r, cuda_r=None):
@@ -103,7 +103,7 @@ class GeneratedKernel:
 
 
 def run_generated(ins: list[torch.Tensor], launch) -> "torch.Tensor | list[torch.Tensor]":
-    """A step's kernel function for one rendered kernel: ``launch`` is (GeneratedKernel, the
+    """A step's kernel function for one rendered kernel: ``launch`` is (GpuGroupKernel, the
     rendered kernel it launches)."""
     kernel, r = launch
     outs = kernel(ins, r.inputs, r.outputs)
@@ -142,7 +142,7 @@ def build_gpu_plan(graph: Graph, part: Partition | None, target: "str | Target",
     units: list[Unit] = []
     node_kernel: dict = {}
     torch_ops: dict[str, str] = {}
-    kernels: dict[str, GeneratedKernel] = {}
+    kernels: dict[str, GpuGroupKernel] = {}
     codegen_s = 0.0
 
     def add(name, fn, attrs, ins, outs, nodes):
@@ -173,7 +173,7 @@ def build_gpu_plan(graph: Graph, part: Partition | None, target: "str | Target",
         for r in rs:
             g = kernels.get(r.name)
             if g is None:
-                g = kernels[r.name] = GeneratedKernel(r, crs.get(id(r)))
+                g = kernels[r.name] = GpuGroupKernel(r, crs.get(id(r)))
             add("gen." + ("reduction" if r.reduce_extent else "elementwise"), run_generated, (g, r),
                 r.inputs, r.outputs, group.nodes)
         codegen_s += time.perf_counter() - t0

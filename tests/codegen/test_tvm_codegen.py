@@ -471,3 +471,4 @@ def test_loaded_parallel_kernels_run_on_torch_openmp_workers(monkeypatch, tmp_pa
     for g, e in zip(got, run_graph(graph, inputs)):
         ok, err, tol = max_err_ok(g, e, 1e-4)
         assert ok, f"max abs error {err:.3g} > {tol:.3g}"
+
