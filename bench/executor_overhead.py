@@ -12,20 +12,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
-import time
 
 import torch
 
 
 def _median_s(fn, repeats: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    from kiln.kernels.timing import interleaved
+
+    return interleaved([fn], repeats, warmup=1)[0].median
 
 
 def measure(name: str, repeats: int = 200) -> dict:

@@ -29,8 +29,6 @@ quantized modules and ONNX Runtime allocate theirs (they offer no out argument).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -40,16 +38,11 @@ from kiln.kernels import int8_cpu as q
 
 def _interleaved(engines: dict, repeats: int) -> dict[str, tuple[float, float]]:
     """engine -> (median, best) seconds per call."""
-    for fn in engines.values():  # warm up (first-call allocations, thread pool start)
-        fn()
-        fn()
-    times = {name: [] for name in engines}
-    for _ in range(repeats):
-        for name, fn in engines.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {name: (statistics.median(ts), min(ts)) for name, ts in times.items()}
+    from kiln.kernels.timing import interleaved
+
+    # two warm-up calls each: first-call allocations, thread pool start
+    timed = interleaved(list(engines.values()), repeats, warmup=2)
+    return {name: (t.median, t.best) for name, t in zip(engines, timed)}
 
 
 def _report(title: str, ops: float, res: dict[str, tuple[float, float]], base: str) -> None:

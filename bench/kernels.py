@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 
 import torch
 
@@ -62,13 +61,13 @@ def _inputs(node: Node, consts: list) -> list:
 
 
 def _time(fn, ins, attrs, repeats: int) -> list[float]:
+    from kiln.kernels.timing import interleaved
+
     with torch.no_grad():
-        fn(ins, attrs)
-        ts = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn(ins, attrs)
-            ts.append(time.perf_counter() - t)
+        fn(ins, attrs)  # warm-up, outside the timer: an error here is the kernel's own, and reported
+    ts = interleaved([lambda: fn(ins, attrs)], repeats)[0].samples
+    if not ts:
+        raise RuntimeError("the kernel failed while being timed")
     return ts
 
 

@@ -1,6 +1,6 @@
 """The machine's measured roofline: peak fp32 GEMM throughput and memory bandwidth.
 
-Measured once per thread count and cached (``<cache root>/bench``, see ``kiln.runtime.cache``),
+Measured once per thread count and cached (``<KILN_CACHE_DIR>/bench``),
 because the kernel benchmarks report every result as a fraction of these two numbers.
 
     python -m kiln.bench.machine [--rounds 5] [--threads 1,2]
@@ -22,13 +22,9 @@ import torch
 
 
 def _best(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+    from kiln.kernels.timing import best_seconds
+
+    return best_seconds([fn], repeats, warmup=1)[0]
 
 
 def measure(threads: int) -> dict:

@@ -18,6 +18,7 @@ import warnings
 import torch
 
 from kiln.demo import first_tensor
+from kiln.kernels.timing import interleaved
 
 ENGINES = ("eager", "inductor", "onnxruntime", "tvm", "kiln", "kiln_bf16", "kiln_nocodegen")
 # kiln_nocodegen: Kiln with generated (TVM) group kernels off, to see what they add; not run by default
@@ -157,13 +158,11 @@ def bench_model(name: str, factory_kwargs: dict, engines, threads_list, repeats:
                     fns.pop(e)
                     times.pop(e)
             order = list(fns)
-            for rep in range(repeats):
-                # rotate the order each round so no engine always runs right after another
-                for e in order[rep % len(order):] + order[:rep % len(order)]:
-                    t = time.perf_counter()
-                    fns[e](*inputs)
-                    times[e].append((time.perf_counter() - t) * 1e3)
-        med = {e: statistics.median(v) for e, v in times.items()}
+            # the order rotates each round so no engine always runs right after another
+            timed = interleaved([lambda f=fns[e]: f(*inputs) for e in order], repeats, rotate=True)
+            for e, t in zip(order, timed):
+                times[e] = [x * 1e3 for x in t.samples]
+        med = {e: statistics.median(v) for e, v in times.items() if v}
         # the fp32 compute floor: this model's GEMM FLOPs at the fp32 GEMM rate measured now
         # (a 1024^3 torch.mm), so the table shows how close every engine already is to it
         peak = measure(threads)["peak_gflops"]

@@ -34,10 +34,12 @@ class Timing:
         return statistics.median(self.samples) if self.samples else math.inf
 
 
-def interleaved(fns: Sequence[Callable[[], object] | None], rounds: int, warmup: int = 0) -> list[Timing]:
+def interleaved(fns: Sequence[Callable[[], object] | None], rounds: int, warmup: int = 0,
+                rotate: bool = False) -> list[Timing]:
     """Time each zero-argument function once per round, the functions in turn, after
     ``warmup`` untimed calls each. ``None`` entries (and functions that raise) get an empty
-    ``Timing``."""
+    ``Timing``. ``rotate`` starts each round one function later, so no function always runs
+    right after the same other one (whose cache or thread state it would inherit)."""
     live = list(fns)
     out = [Timing() for _ in live]
     with torch.no_grad():
@@ -45,8 +47,13 @@ def interleaved(fns: Sequence[Callable[[], object] | None], rounds: int, warmup:
             for i, fn in enumerate(live):
                 if fn is not None and not _call(fn):
                     live[i] = None
-        for _ in range(rounds):
-            for i, fn in enumerate(live):
+        for r in range(rounds):
+            order = range(len(live))
+            if rotate and live:
+                k = r % len(live)
+                order = [*range(k, len(live)), *range(k)]
+            for i in order:
+                fn = live[i]
                 if fn is None:
                     continue
                 t = time.perf_counter()
