@@ -3,7 +3,7 @@
     fast = kiln.compile(model, example_inputs)
     print(kiln.explain(model, example_inputs))
 """
-from .errors import KilnError
+from .errors import KilnError, KilnWarning
 from .options import CompileOptions, QuantOptions
 
 __version__ = "0.1.0"
@@ -33,5 +33,5 @@ def __getattr__(name):
 
 
 __all__ = ["compile", "explain", "CompiledModel", "Explanation", "CompileOptions", "QuantOptions", "CompileReport",
-           "KilnError", "models", "__version__",
+           "KilnError", "KilnWarning", "models", "__version__",
            "sparsify", "distill", "sparsity_report", "SparsityReport", "quantize_report", "QuantReport"]

@@ -5,6 +5,7 @@ import contextlib
 import functools
 import os
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .driver import Compiled
-from .errors import KilnError
+from .errors import KilnError, KilnWarning
 from .options import CompileOptions
 from .report import CompileReport
 from .target import Target
@@ -76,7 +77,10 @@ class CompiledModel:
         self.source = model
         self.is_onnx = _is_onnx(model)
         self.name = name or (type(model).__name__ if not self.is_onnx else "onnx_model")
-        self._plans: dict[tuple, Compiled] = {}
+        self._plans: dict[tuple, Compiled] = {}  # at most options.max_specializations
+        self._last_use: dict[tuple, int] = {}  # key -> call count when its plan last ran
+        self._calls = 0
+        self._evicted = False
         self._latest: Compiled | None = None
         self._lock = threading.Lock()
         self._spec: list[InputSpec] | None = None
@@ -139,13 +143,29 @@ class CompiledModel:
             if c is None:
                 c = self._compile(args, kwargs, leaves)
                 self._plans[key] = c
+                self._last_use[key] = self._calls
                 self._latest = c
+                self._evict()
                 if self._spec is None:
                     self._in_tree = tree
                     if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
                         self._tensor_args = len(args)
                     self._spec = [_leaf_spec(n, x) for n, x in zip(c.input_names, leaves)]
         return c
+
+    def _evict(self) -> None:
+        """Drop least recently used plans beyond ``max_specializations`` (warning once)."""
+        while len(self._plans) > self.options.max_specializations:
+            victim = min(self._plans, key=self._last_use.__getitem__)
+            del self._plans[victim], self._last_use[victim]
+            if not self._evicted:
+                self._evicted = True
+                warnings.warn(f"{self.name} has been called with more than {self.options.max_specializations} "
+                              f"input signatures (shapes, dtypes, thread counts); the least recently used plan "
+                              f"was dropped and recompiles if its shapes come back. Raise "
+                              f"max_specializations= to keep more plans.", KilnWarning, stacklevel=4)
+        for k in [k for k in self._last_use if k not in self._plans]:  # a call on another thread
+            del self._last_use[k]  # may have touched a plan while it was being dropped
 
     def _compile(self, args, kwargs, leaves) -> Compiled:
         from . import driver
@@ -198,7 +218,13 @@ class CompiledModel:
             c = self._prepare(args, kwargs)
         else:
             self._check(leaves, tree)
-            c = self._plans.get(self._key(leaves)) or self._prepare(args, kwargs)
+            key = self._key(leaves)
+            c = self._plans.get(key)
+            if c is None:
+                c = self._prepare(args, kwargs)
+            else:
+                self._calls += 1
+                self._last_use[key] = self._calls
         tensors = [x.contiguous() if isinstance(x, torch.Tensor) else x for x in leaves]
         tensors = [x for x in tensors if isinstance(x, torch.Tensor)]
         with torch.no_grad():

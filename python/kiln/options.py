@@ -80,6 +80,7 @@ class CompileOptions:
     exclude_kernels: frozenset = frozenset()
     passes: tuple | None = None  # None: every pass; (): none; names or "-name" to skip
     verify: bool = False  # run the IR verifier after every pass
+    max_specializations: int = 8  # plans kept per compiled model (one per input signature), LRU
 
     # -- parsing ------------------------------------------------------------------------
     @staticmethod
@@ -115,6 +116,11 @@ class CompileOptions:
                                                "a list of kernel names, e.g. ['cpu.amx_linear']")
         if "passes" in keywords:
             fields["passes"] = parse_passes(keywords.pop("passes"))
+        if "max_specializations" in keywords:
+            n = keywords.pop("max_specializations")
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise KilnError(f"max_specializations must be a positive int, got {n!r}")
+            fields["max_specializations"] = n
         assert not keywords, keywords
         out = dataclasses.replace(base, **fields)
         if isinstance(scheme, QuantOptions):

@@ -59,6 +59,8 @@ def test_torch_compile_backend_takes_kiln_options():
     m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)).eval()
     x = torch.randn(4, 8)
     torch._dynamo.reset()
+    import kiln.api
+
     seen = []
     real = kiln.api.CompiledModel.__init__
 
@@ -192,3 +194,24 @@ def test_threads_option_compiles_and_runs_with_that_many_threads():
         torch.set_num_threads(old)
     with pytest.raises(KilnError, match="threads must be a positive int"):
         kiln.compile(m, (x,), threads=0)
+
+
+def test_specializations_are_bounded_lru_and_warn_once():
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU()).eval()
+    fast = kiln.compile(m, (torch.randn(1, 8),), max_specializations=2)
+    with torch.no_grad():
+        fast(torch.randn(2, 8))
+        fast(torch.randn(1, 8))  # batch 1 used last: batch 2 is the least recently used
+        with pytest.warns(kiln.KilnWarning, match="more than 2 input signatures"):
+            fast(torch.randn(3, 8))
+        assert sorted(c.report.input_shapes[0][0] for c in fast.compiled) == [1, 3]
+        import warnings
+
+        x4 = torch.randn(4, 8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the warning is given once
+            out = fast(x4)
+        torch.testing.assert_close(out, m(x4))
+        assert sorted(c.report.input_shapes[0][0] for c in fast.compiled) == [3, 4]
+    with pytest.raises(KilnError, match="max_specializations must be a positive int"):
+        kiln.compile(m, max_specializations=0)
