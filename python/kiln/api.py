@@ -143,6 +143,7 @@ class CompiledModel:
             if c is None:
                 c = self._compile(args, kwargs, leaves)
                 self._plans[key] = c
+                self._calls += 1
                 self._last_use[key] = self._calls
                 self._latest = c
                 self._evict()
