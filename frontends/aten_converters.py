@@ -11,6 +11,7 @@ import torch
 
 from kiln.ir import DType, OpKind, Value
 from kiln.ir import attrs as A
+from kiln.ir.types import Sym
 
 from . import torch_rnn  # noqa: F401  (defines torch.ops.kiln.lstm / gru, converted below)
 from .common import FrontendBuilder
@@ -487,12 +488,22 @@ def _stack(cx, args, kw, n):
     return xs[0] if len(xs) == 1 else cx.add(OpKind.CONCAT, *xs, attrs=A.AxisAttrs(d))
 
 
-def _slice_value(cx, x, dim, start, end, step=1):
+def _slice_value(cx, x, dim, start, end, step=1, length=None):
+    """``x[start:end:step]`` along ``dim``. With symbolic sizes, ``length`` (the result's
+    size along ``dim``, as torch.export recorded it) gives the end exactly."""
     size = x.shape[dim]
     start = 0 if start is None else start
     end = size if end is None else end
-    start = max(0, min(size, start + size if start < 0 else start))
-    end = max(start, min(size, end + size if end < 0 else end))
+    if all(isinstance(v, int) for v in (size, start, end)):
+        start = max(0, min(size, start + size if start < 0 else start))
+        end = max(start, min(size, end + size if end < 0 else end))
+    else:
+        if isinstance(start, int) and start < 0:
+            start = start + size
+        if length is not None:
+            end = start + length * step  # torch clamps an end past the size: exactly ``length`` taken
+        elif isinstance(end, int) and (end < 0 or end >= 2 ** 62):
+            end = end + size if end < 0 else size
     if (start, end, step) == (0, size, 1):
         return x
     return cx.add(OpKind.SLICE, x, attrs=A.SliceAttrs(dim, start, end, step))
@@ -505,7 +516,12 @@ def _slice(cx, args, kw, n):
     start = args[2] if len(args) > 2 else None
     end = args[3] if len(args) > 3 else None
     step = args[4] if len(args) > 4 else 1
-    return _slice_value(cx, x, dim, start, end, step)
+    val = n.meta.get("val")
+    length = None
+    if cx.symbols is not None and isinstance(val, torch.Tensor):
+        d = val.shape[dim]
+        length = cx.symbols.dim(d) if isinstance(d, torch.SymInt) else int(d)
+    return _slice_value(cx, x, dim, start, end, step, length)
 
 
 @conv(aten.select)
@@ -606,10 +622,43 @@ def _pad(cx, args, kw, n):
 
 
 # ----------------------------------------------------------------------------- creation (literals)
+def _symbolic_creation(cx, args, kw, n):
+    """A created tensor whose size is known only per call: a filled one is its fill value
+    expanded to the shape (exact, no memory); ``arange`` is a literal range as long as the
+    size can be, sliced to the call's length."""
+    val = n.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return None
+    op = n.target.overloadpacket
+    shape = tuple(cx.symbols.dim(d) if isinstance(d, torch.SymInt) else int(d) for d in val.shape)
+    if op is aten.arange:
+        nums = [a for a in args if not isinstance(a, Value)]
+        start, end, step = (0, nums[0], 1) if len(nums) == 1 else (nums + [1])[:3]
+        if any(isinstance(x, Sym) for x in (start, step)) or not isinstance(step, int) or step < 1:
+            return None
+        full = cx.literal(torch.arange(start, cx.bound(end), step, dtype=val.dtype))
+        return cx.add(OpKind.SLICE, full, attrs=A.SliceAttrs(0, 0, shape[0]))
+    fills = {aten.zeros: 0, aten.zeros_like: 0, aten.new_zeros: 0, aten.empty: 0, aten.ones: 1,
+             aten.ones_like: 1, aten.new_ones: 1}
+    if op in fills:
+        fill = fills[op]
+    elif op is aten.full:
+        fill = args[1] if len(args) > 1 else kw.get("fill_value")
+    elif op in (aten.full_like, aten.new_full):
+        fill = args[1] if op is aten.full_like else args[2]
+    else:
+        return None
+    if not isinstance(fill, (int, float, bool)):
+        return None
+    return cx.add(OpKind.EXPAND, cx.literal(torch.tensor(fill, dtype=val.dtype)), attrs=A.ShapeAttrs(shape))
+
+
 def _creation(cx, args, kw, n):
+    val = n.meta.get("val")
+    if isinstance(val, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in val.shape):
+        return _symbolic_creation(cx, args, kw, n)
     if any(isinstance(a, Value) for a in list(args) + list(kw.values())):
         # *_like / new_* ops read only the shape of their tensor operand
-        val = n.meta.get("val")
         if not isinstance(val, torch.Tensor):
             return None
         fill = {aten.zeros_like: 0, aten.new_zeros: 0, aten.ones_like: 1, aten.new_ones: 1}.get(

@@ -14,6 +14,10 @@ from kiln.ir import DType, Graph, GraphBuilder, Node, OpKind, Value, opdef
 from kiln.ir import attrs as A
 from kiln.ir.ops import infer_types
 from kiln.ir.reference import evaluate as evaluate_node
+from kiln.ir.types import Sym, has_symbols
+
+
+IMPLIED_MAX = 8192  # the bound() of a size the user left unbounded
 
 
 class ImportError_(Exception):
@@ -24,6 +28,9 @@ class FrontendBuilder(GraphBuilder):
     def __init__(self, name: str):
         super().__init__(name)
         self.literals: dict[Value, torch.Tensor] = {}
+        self.symbols = None  # the torch frontend's SymbolicDims when sizes vary per call
+        self.size_max: dict[str, int | None] = {}  # a symbolic size's largest value (None: unbounded)
+        self.implied_max: dict[str, int] = {}  # the bounds the import had to assume (bound())
 
     def literal(self, tensor, name: str = "lit") -> Value:
         v = self.const(torch.as_tensor(tensor), name)
@@ -70,7 +77,8 @@ class FrontendBuilder(GraphBuilder):
     def add(self, op: OpKind, *inputs, attrs=None, name: str = "", scope: str | None = None):
         attrs = opdef(op).attrs() if attrs is None else attrs
         present = [v for v in inputs if v is not None]
-        if present and op is not OpKind.FALLBACK and all(v in self.literals for v in present):
+        if present and op is not OpKind.FALLBACK and all(v in self.literals for v in present) \
+                and not has_symbols(attrs):  # a size known only at run time: the node stays
             types = infer_types(op, [None if v is None else v.type for v in inputs], attrs)
             node = Node(op, tuple(inputs), attrs, (), "")
             r = evaluate_node(node, [None if v is None else self.literals[v] for v in inputs])
@@ -80,6 +88,20 @@ class FrontendBuilder(GraphBuilder):
                 assert (t.dtype, t.shape) == (v.type.dtype, v.type.shape), (op, t, v.type)
             return outs[0] if len(outs) == 1 else outs
         return super().add(op, *inputs, attrs=attrs, name=name, scope=scope)
+
+    def bound(self, d) -> int:
+        """The largest value dim ``d`` can take: a literal sized for every call (an
+        ``arange(seq)``) is built that long. A size without a maximum gets
+        ``IMPLIED_MAX``, recorded in ``implied_max``: calls beyond it are refused."""
+        if isinstance(d, int):
+            return d
+        values = {}
+        for name in d.symbols:
+            m = self.size_max.get(name)
+            if m is None:
+                m = self.implied_max.setdefault(name, IMPLIED_MAX)
+            values[name] = m
+        return d.evaluate(values)  # sizes grow with their symbols
 
     # -- small helpers the converters share ------------------------------------------
     def scalar(self, value, like: Value | None = None) -> Value:
@@ -116,19 +138,21 @@ class FrontendBuilder(GraphBuilder):
         return g.replace(constants={v: t for v, t in g.constants.items() if v in live})
 
 
-def resolve_shape(in_shape, shape) -> tuple[int, ...]:
-    shape = [int(s) for s in shape]
-    if shape.count(-1) > 1:
+def resolve_shape(in_shape, shape) -> tuple:
+    """``shape`` with its -1 resolved against ``in_shape`` (dims may be symbolic)."""
+    shape = [s if isinstance(s, Sym) else int(s) for s in shape]
+    holes = [i for i, s in enumerate(shape) if isinstance(s, int) and s == -1]
+    if len(holes) > 1:
         raise ValueError(f"more than one -1 in shape {shape}")
-    if -1 in shape:
+    if holes:
         known = 1
-        for s in shape:
-            if s != -1:
-                known *= s
+        for i, s in enumerate(shape):
+            if i != holes[0]:
+                known = known * s
         total = 1
         for d in in_shape:
-            total *= d
-        if known == 0 or total % known:
+            total = total * d
+        if isinstance(known, int) and isinstance(total, int) and (known == 0 or total % known):
             raise ValueError(f"cannot reshape {tuple(in_shape)} to {shape}")
-        shape[shape.index(-1)] = total // known
+        shape[holes[0]] = total // known
     return tuple(shape)

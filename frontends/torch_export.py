@@ -20,8 +20,10 @@ import torch
 import torch.fx as fx
 from torch.export.graph_signature import InputKind, OutputKind
 
+from kiln.errors import KilnError
 from kiln.ir import DType, Graph, OpKind, TensorType, Value
 from kiln.ir import attrs as A
+from kiln.ir.types import symbolic_dim
 
 from .aten_converters import CONVERTERS
 from .common import FrontendBuilder
@@ -35,6 +37,7 @@ class TorchImport:
     out_spec: Any  # pytree spec of the model's outputs
     out_literals: dict[int, Any]  # flat output position -> non-tensor output value
     fallbacks: list[tuple[str, str, str]] = field(default_factory=list)  # (op, scope, reason)
+    implied_max: dict = field(default_factory=dict)  # size name -> the largest value the graph serves
 
 
 # ----------------------------------------------------------------------------- the importer
@@ -46,8 +49,35 @@ def _scope(node: fx.Node) -> str:
     return path.replace("L['self'].", "").replace("L__self___", "")
 
 
-def _tensor_type(t: torch.Tensor) -> TensorType:
-    return TensorType(DType.from_torch(t.dtype), tuple(int(s) for s in t.shape))
+def _tensor_type(t: torch.Tensor, dims: "SymbolicDims | None" = None) -> TensorType:
+    return TensorType(DType.from_torch(t.dtype), tuple(_dim(s, dims) for s in t.shape))
+
+
+class SymbolicDims:
+    """torch.export's size symbols (``s43``) under the names the user gave them (``batch``)."""
+
+    def __init__(self):
+        self.names: dict[str, str] = {}  # torch symbol -> Kiln name
+
+    def dim(self, x):
+        import sympy
+
+        expr = x.node.expr
+        if expr.is_Integer:
+            return int(expr)
+        unknown = [str(s) for s in expr.free_symbols if str(s) not in self.names]
+        if unknown:
+            raise KilnError(f"torch.export made a size dynamic that no dynamic= entry names ({', '.join(unknown)})")
+        return symbolic_dim(str(expr.subs({s: sympy.Symbol(self.names[str(s)]) for s in expr.free_symbols})))
+
+
+def _dim(x, dims: "SymbolicDims | None"):
+    """An IR dim for a torch size: an int, or a symbolic dim named as the user named it."""
+    if isinstance(x, torch.SymInt):
+        if dims is None:
+            raise KilnError("a symbolic size in a program exported without dynamic dims")
+        return dims.dim(x)
+    return int(x)
 
 
 def _template(a, ins: list, env_lookup):
@@ -67,10 +97,11 @@ def _template(a, ins: list, env_lookup):
     raise TypeError(f"unsupported literal {type(a).__name__}")
 
 
-def export_program(model, args: tuple, kwargs: dict | None = None):
-    """``torch.export`` the model; decomposed (functionalized) unless it is importable as is."""
+def export_program(model, args: tuple, kwargs: dict | None = None, dynamic_shapes=None):
+    """``torch.export`` the model; decomposed (functionalized) unless it is importable as is.
+    ``dynamic_shapes`` is torch.export's (``torch.export.Dim``s for the dims that vary)."""
     with torch.no_grad(), rnn_leaf_ops():
-        ep = torch.export.export(model, tuple(args), kwargs or {}, strict=False)
+        ep = torch.export.export(model, tuple(args), kwargs or {}, dynamic_shapes=dynamic_shapes, strict=False)
     if importable_as_exported(ep):
         ep._kiln_undecomposed = True  # from_exported decomposes it after all if a fallback is needed
         return ep
@@ -94,30 +125,48 @@ def importable_as_exported(ep) -> bool:
     return True
 
 
-def from_exported(ep, name: str = "model") -> TorchImport:
-    imp = _convert(ep, name)
+def from_exported(ep, name: str = "model", dims: dict | None = None, size_max: dict | None = None) -> TorchImport:
+    """``dims``: (user input position, axis) -> the name of a size that varies per call (the
+    program was exported with those dims dynamic); they become symbolic dims in the IR.
+    ``size_max``: each such size's largest value (None: unbounded)."""
+    imp = _convert(ep, name, dims, size_max)
     if imp.fallbacks and getattr(ep, "_kiln_undecomposed", False):
         # a converter declined an op of the undecomposed program: the decomposed spelling
         # may be covered (and if not, its fallbacks are the ones to report)
-        imp = _convert(ep.run_decompositions({}), name)
+        imp = _convert(ep.run_decompositions({}), name, dims, size_max)
     return imp
 
 
-def _convert(ep, name: str) -> TorchImport:
+def _convert(ep, name: str, dims: dict | None = None, size_max: dict | None = None) -> TorchImport:
     cx = FrontendBuilder(name)
+    symbols = SymbolicDims() if dims else None
+    cx.symbols = symbols
+    cx.size_max = dict(size_max or {})
     sig = ep.graph_signature
     env: dict[fx.Node, Any] = {}
     state = dict(ep.state_dict)
     consts = dict(getattr(ep, "constants", {}) or {})
     placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
     fallbacks: list[tuple[str, str, str]] = []
+    user = 0
     for node, spec in zip(placeholders, sig.input_specs):
         if spec.kind is InputKind.USER_INPUT:
             val = node.meta.get("val")
+            position, user = user, user + 1
             if not isinstance(val, torch.Tensor):
                 env[node] = val  # a non-tensor input is specialized to its example value
                 continue
-            env[node] = cx.input(spec.arg.name, tuple(int(s) for s in val.shape), DType.from_torch(val.dtype))
+            for axis, d in enumerate(val.shape):
+                want = (dims or {}).get((position, axis))
+                if want is None:
+                    continue
+                if not isinstance(d, torch.SymInt) or not d.node.expr.is_Symbol:
+                    raise KilnError(f"input {spec.arg.name!r} dim {axis} ({want}) cannot vary: the model fixes "
+                                    f"it to {d}")
+                if symbols.names.setdefault(str(d.node.expr), want) != want:
+                    raise KilnError(f"input {spec.arg.name!r} dim {axis} is named {want} but the model makes it "
+                                    f"the same size as {symbols.names[str(d.node.expr)]}")
+            env[node] = cx.input(spec.arg.name, _tensor_type(val, symbols).shape, DType.from_torch(val.dtype))
         elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
             t = state[spec.target] if spec.target in state else consts[spec.target]
             if not isinstance(t, torch.Tensor):
@@ -147,6 +196,10 @@ def _convert(ep, name: str) -> TorchImport:
             src, i = env[node.args[0]], node.args[1]
             env[node] = src[i]
             continue
+        val = node.meta.get("val")
+        if isinstance(val, torch.SymInt):  # size arithmetic (sym_size, mul, floordiv): a dim
+            env[node] = _dim(val, symbols)
+            continue
         args, kwargs = map_arg(node.args), {k: map_arg(v) for k, v in node.kwargs.items()}
         fn = CONVERTERS.lookup(node.target)
         out, reason = None, f"no Kiln converter for {node.target}"
@@ -157,7 +210,7 @@ def _convert(ep, name: str) -> TorchImport:
         if out is None:
             out = _fallback(cx, node, lookup, reason)
             fallbacks.append((str(node.target), cx.scope, reason))
-        _check(node, out)
+        _check(node, out, symbols)
         env[node] = out
 
     out_node = next(n for n in ep.graph.nodes if n.op == "output")
@@ -172,7 +225,7 @@ def _convert(ep, name: str) -> TorchImport:
         else:
             literals[pos] = v
     graph = cx.finish(outputs)
-    return TorchImport(graph, ep.call_spec.in_spec, ep.call_spec.out_spec, literals, fallbacks)
+    return TorchImport(graph, ep.call_spec.in_spec, ep.call_spec.out_spec, literals, fallbacks, dict(cx.implied_max))
 
 
 def _fallback(cx: FrontendBuilder, node: fx.Node, lookup, reason: str):
@@ -183,7 +236,7 @@ def _fallback(cx: FrontendBuilder, node: fx.Node, lookup, reason: str):
     ins: list[Value] = []
     args = _template(tuple(node.args), ins, lookup)
     kwargs = tuple((k, _template(v, ins, lookup)) for k, v in node.kwargs.items())
-    types = tuple(_tensor_type(v) for v in vals if isinstance(v, torch.Tensor))
+    types = tuple(_tensor_type(v, cx.symbols) for v in vals if isinstance(v, torch.Tensor))
     attrs = A.FallbackAttrs(str(node.target), args, kwargs, types, reason)
     outs = cx.add(OpKind.FALLBACK, *ins, attrs=attrs, name=node.name)
     outs = outs if isinstance(outs, tuple) else (outs,)
@@ -193,13 +246,13 @@ def _fallback(cx: FrontendBuilder, node: fx.Node, lookup, reason: str):
     return tuple(next(it) if isinstance(v, torch.Tensor) else None for v in vals)
 
 
-def _check(node: fx.Node, out):
+def _check(node: fx.Node, out, symbols=None):
     """The converted value must have the type torch.export recorded (a converter bug otherwise)."""
     val = node.meta.get("val")
     outs = out if isinstance(out, tuple) else (out,)
     vals = val if isinstance(val, (list, tuple)) else (val,)
     for o, v in zip(outs, vals):
         if isinstance(o, Value) and isinstance(v, torch.Tensor):
-            want = _tensor_type(v)
+            want = _tensor_type(v, symbols)
             if (o.type.dtype, o.type.shape) != (want.dtype, want.shape):
                 raise AssertionError(f"converter for {node.target} produced {o.type!r}, torch says {want!r}")

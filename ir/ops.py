@@ -324,9 +324,12 @@ def _linear(ins, a):
 
 
 def _conv_out(size, k, s, p, d, ceil=False):
-    if not isinstance(size, int):
-        return Sym(f"{size}'")
     eff = d * (k - 1) + 1
+    if not isinstance(size, int):  # the same formula on a symbolic size
+        num = size + 2 * p - eff
+        if ceil:
+            raise IRTypeError("a ceil-mode pooling window over a symbolic size is not supported")
+        return num // s + 1
     num = size + 2 * p - eff
     out = (-(-num // s) if ceil else num // s) + 1
     if ceil and (out - 1) * s >= size + p:  # last window must start inside the input
@@ -387,7 +390,7 @@ def _numel(shape):
 def _reshape(ins, a):
     x = ins[0]
     n = _numel(x.shape)
-    if any(d < 0 for d in a.shape):
+    if any(isinstance(d, int) and d < 0 for d in a.shape):
         _err("reshape", f"target shape {a.shape} must be resolved (no -1)")
     if n is not None and n != _numel(a.shape):
         _err("reshape", f"cannot reshape {x.shape} to {a.shape}")
@@ -424,7 +427,7 @@ def _concat(ins, a):
     for t in ins:
         if t.rank != r or any(t.shape[i] != ins[0].shape[i] for i in range(r) if i != ax):
             _err("concat", f"shapes {[t.shape for t in ins]} do not match off axis {ax}")
-        total = total + t.shape[ax] if isinstance(total, int) and isinstance(t.shape[ax], int) else Sym("concat")
+        total = total + t.shape[ax]
     shape = list(ins[0].shape)
     shape[ax] = total
     return (TensorType(promote_types(*ins), tuple(shape)),)
@@ -436,7 +439,9 @@ def _slice(ins, a):
     if not 0 <= a.axis < x.rank:
         _err("slice", f"axis {a.axis} out of range for rank {x.rank}")
     size = x.shape[a.axis]
-    if a.step < 1 or a.start < 0 or a.end < a.start or (isinstance(size, int) and a.end > size):
+    known = all(isinstance(v, int) for v in (a.start, a.end, size))  # symbolic bounds: checked at run time
+    if a.step < 1 or (isinstance(a.start, int) and a.start < 0) or \
+            (known and (a.end < a.start or a.end > size)):
         _err("slice", f"bad range {a.start}:{a.end}:{a.step} for size {size}")
     shape = list(x.shape)
     shape[a.axis] = -(-(a.end - a.start) // a.step)
@@ -479,7 +484,7 @@ def _pad(ins, a):
         _err("pad", f"need {2 * x.rank} pad amounts, got {len(a.pads)}")
     shape = []
     for i, d in enumerate(x.shape):
-        shape.append(d + a.pads[2 * i] + a.pads[2 * i + 1] if isinstance(d, int) else d)
+        shape.append(d + a.pads[2 * i] + a.pads[2 * i + 1])
     if any(isinstance(d, int) and d < 0 for d in shape):
         _err("pad", f"negative size after padding {x.shape} by {a.pads}")
     return (_t(x, shape=shape),)

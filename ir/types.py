@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import enum
+import functools
+import math
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -10,15 +12,136 @@ from .dtypes import DType, QuantSpec
 
 @dataclass(frozen=True, slots=True, order=True)
 class Sym:
-    """A named symbolic dimension (``batch``, ``seq``): one compiled graph serves many sizes."""
+    """A symbolic dimension: a named size (``batch``, ``seq``) or an integer expression of
+    them (``2*seq``, ``floor(seq/2) + 1``), so one compiled graph serves many sizes.
+
+    ``name`` is the expression's canonical text (sympy's), so equal expressions are equal
+    ``Sym``s. Arithmetic with ints and other ``Sym``s gives ``Sym``s (or an int when the
+    symbols cancel). A size is never negative, but whether ``seq < 5`` holds is not known
+    until run time: comparisons other than equality raise ``TypeError``."""
 
     name: str
 
     def __repr__(self) -> str:
         return self.name
 
+    @property
+    def symbols(self) -> frozenset:
+        """The named sizes this expression depends on."""
+        return frozenset(str(s) for s in _expr(self.name).free_symbols)
+
+    def evaluate(self, sizes: dict) -> int:
+        """The value of the expression for ``sizes`` (name -> int)."""
+        return _evaluator(self.name)(sizes)
+
+    def __add__(self, other): return _dim(_expr_of(self) + _expr_of(other))
+    def __radd__(self, other): return _dim(_expr_of(other) + _expr_of(self))
+    def __sub__(self, other): return _dim(_expr_of(self) - _expr_of(other))
+    def __rsub__(self, other): return _dim(_expr_of(other) - _expr_of(self))
+    def __mul__(self, other): return _dim(_expr_of(self) * _expr_of(other))
+    def __rmul__(self, other): return _dim(_expr_of(other) * _expr_of(self))
+    def __floordiv__(self, other): return _dim(_floor_div(_expr_of(self), _expr_of(other)))
+    def __rfloordiv__(self, other): return _dim(_floor_div(_expr_of(other), _expr_of(self)))
+    def __neg__(self): return _dim(-_expr_of(self))
+
 
 Dim = Union[int, Sym]
+
+
+def is_sym(d) -> bool:
+    return isinstance(d, Sym)
+
+
+def symbolic_dim(text: str) -> Dim:
+    """The dim an expression's text denotes, canonical (an int when it is constant)."""
+    return _dim(_expr(text))
+
+
+def has_symbols(x) -> bool:
+    """Whether ``x`` (a dim, a tuple of them, or an attribute record) holds a symbolic dim."""
+    if isinstance(x, Sym):
+        return True
+    if isinstance(x, (tuple, list)):
+        return any(has_symbols(i) for i in x)
+    fields = getattr(x, "__dataclass_fields__", None)
+    return bool(fields) and any(has_symbols(getattr(x, f)) for f in fields)
+
+
+def resolve_symbols(x, sizes: dict):
+    """``x`` (as in ``has_symbols``) with every symbolic dim evaluated for ``sizes``."""
+    import dataclasses
+
+    if isinstance(x, Sym):
+        return x.evaluate(sizes)
+    if isinstance(x, tuple):
+        return tuple(resolve_symbols(i, sizes) for i in x)
+    if isinstance(x, list):
+        return [resolve_symbols(i, sizes) for i in x]
+    fields = getattr(x, "__dataclass_fields__", None)
+    if fields and has_symbols(x):
+        return dataclasses.replace(x, **{f: resolve_symbols(getattr(x, f), sizes) for f in fields
+                                          if has_symbols(getattr(x, f))})
+    return x
+
+
+def dim_value(d: Dim, sizes: dict) -> int:
+    """A dimension's size for ``sizes`` (name -> int): ints as they are."""
+    return d if isinstance(d, int) else d.evaluate(sizes)
+
+
+def _sympy():
+    import sympy  # torch's own dependency; imported only where a graph has symbolic dims
+
+    return sympy
+
+
+@functools.lru_cache(maxsize=1)
+def _SYMPY_NAMES() -> dict:
+    """Names an expression's text may use: sympy's, and those torch.export writes."""
+    sp = _sympy()
+    return {"floor": sp.floor, "ceiling": sp.ceiling, "Mod": sp.Mod, "Max": sp.Max, "Min": sp.Min,
+            "FloorDiv": lambda a, b: sp.floor(a / b), "CeilDiv": lambda a, b: sp.ceiling(a / b),
+            "PythonMod": sp.Mod, "CeilToInt": sp.ceiling, "FloorToInt": sp.floor, "TruncToInt": sp.floor}
+
+
+@functools.lru_cache(maxsize=4096)
+def _expr(text: str):
+    """The sympy expression of ``text``, its names as positive integers (sizes)."""
+    sp = _sympy()
+    e = sp.sympify(text, locals=_SYMPY_NAMES())
+    return e.subs({x: sp.Symbol(str(x), integer=True, positive=True) for x in e.free_symbols})
+
+
+def _expr_of(d):
+    if isinstance(d, Sym):
+        return _expr(d.name)
+    if isinstance(d, int) and not isinstance(d, bool):
+        return _sympy().Integer(d)
+    return NotImplemented
+
+
+def _floor_div(a, b):
+    return _sympy().floor(a / b)
+
+
+def _dim(e) -> Dim:
+    if e is NotImplemented:
+        return NotImplemented
+    e = _sympy().simplify(e)
+    if e.is_Integer:
+        return int(e)
+    return Sym(str(e))
+
+
+@functools.lru_cache(maxsize=4096)
+def _evaluator(text: str):
+    """``f(sizes) -> int`` for an expression, compiled once."""
+    sp = _sympy()
+    e = _expr(text)
+    names = sorted(str(s) for s in e.free_symbols)
+    syms = sorted(e.free_symbols, key=str)
+    fn = sp.lambdify(syms, e, modules=[{"floor": math.floor, "ceiling": math.ceil, "Max": max, "Min": min}, "math"])
+    return lambda sizes: int(fn(*(sizes[n] for n in names)))
 
 
 class LayoutKind(enum.Enum):
@@ -76,6 +199,21 @@ class TensorType:
                 raise ValueError(f"numel of symbolic shape {self.shape}")
             n *= d
         return n
+
+    @property
+    def symbols(self) -> frozenset:
+        """The named sizes this type's shape depends on (empty when static)."""
+        out: frozenset = frozenset()
+        for d in self.shape:
+            if isinstance(d, Sym):
+                out |= d.symbols
+        return out
+
+    def concrete(self, sizes: dict) -> "TensorType":
+        """This type with every symbolic dim evaluated for ``sizes``."""
+        if self.is_static:
+            return self
+        return self.with_shape(tuple(dim_value(d, sizes) for d in self.shape))
 
     def nbytes(self) -> int:
         return int(self.numel() * self.dtype.itemsize + 0.5)

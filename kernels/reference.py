@@ -11,8 +11,8 @@ from kiln.ir.reference import REFERENCE
 
 from .registry import register_kernel
 
-for _op, _fn in REFERENCE.items():
-    register_kernel(_op, "reference", name=f"reference.{_op.value}")(_fn)
+for _op, _fn in REFERENCE.items():  # torch ops: they take every size from their inputs
+    register_kernel(_op, "reference", name=f"reference.{_op.value}", dynamic=True)(_fn)
 
 
 def _resolve_target(name: str):
@@ -39,7 +39,7 @@ def _fill(template, ins):
     return template
 
 
-@register_kernel(OpKind.FALLBACK, "reference", name="reference.fallback")
+@register_kernel(OpKind.FALLBACK, "reference", name="reference.fallback", dynamic=True)
 def fallback(ins, a: A.FallbackAttrs):
     fn = _resolve_target(a.target)
     out = fn(*_fill(a.args, ins), **{k: _fill(v, ins) for k, v in a.kwargs})

@@ -23,7 +23,11 @@ KernelFn = Callable[..., object]
 class Kernel:
     """``prepare(node, constants)``, when given, runs once when a plan is built (weight
     prepacking and other compile-time work) and returns the function the plan calls;
-    ``constants`` holds the constant tensor of each operand (None for run-time values)."""
+    ``constants`` holds the constant tensor of each operand (None for run-time values).
+
+    ``dynamic``: the kernel serves nodes whose shapes are symbolic (sizes known only per
+    call): it reads every size from its inputs at run time and its ``prepare`` depends on
+    none of them. Other kernels are offered only nodes of static shapes."""
 
     op: OpKind
     target: str
@@ -31,6 +35,7 @@ class Kernel:
     fn: KernelFn
     accepts: Callable[[Node], bool] = lambda node: True
     prepare: Callable | None = None
+    dynamic: bool = False
 
     def bind(self, node: Node, constants: list) -> KernelFn:
         return self.fn if self.prepare is None else self.prepare(node, constants)
@@ -55,9 +60,10 @@ def _load_kernel_modules() -> None:
         _loaded = True
 
 
-def register_kernel(op: OpKind, target: str, name: str | None = None, accepts=None, prepare=None):
+def register_kernel(op: OpKind, target: str, name: str | None = None, accepts=None, prepare=None,
+                    dynamic: bool = False):
     def deco(fn: KernelFn) -> KernelFn:
-        k = Kernel(op, target, name or fn.__name__, fn, accepts or (lambda node: True), prepare)
+        k = Kernel(op, target, name or fn.__name__, fn, accepts or (lambda node: True), prepare, dynamic)
         _REGISTRY.setdefault((op, target), []).append(k)
         return fn
 
@@ -72,7 +78,9 @@ def candidates(node: Node, target: str) -> list[Kernel]:
     """Every kernel for ``target`` that accepts ``node``, else the reference kernel alone."""
     _load_kernel_modules()
 
-    ks = [k for k in _REGISTRY.get((node.op, target), []) if k.accepts(node)] if target != "reference" else []
+    static = is_static(node)
+    ks = [k for k in _REGISTRY.get((node.op, target), []) if (static or k.dynamic) and k.accepts(node)] \
+        if target != "reference" else []
     ref = select_kernel(node, "reference")
     return ks + [ref] if ks else [ref]  # the reference always competes (and is the oracle)
 
@@ -83,13 +91,19 @@ def select_kernel(node: Node, target: str) -> Kernel:
     _load_kernel_modules()
 
     if target != "reference":
+        static = is_static(node)
         for k in _REGISTRY.get((node.op, target), []):
-            if k.accepts(node):
+            if (static or k.dynamic) and k.accepts(node):
                 return k
     ks = _REGISTRY.get((node.op, "reference"))
     if not ks:
         raise KeyError(f"no reference kernel for {node.op.value}")
     return ks[0]
+
+
+def is_static(node: Node) -> bool:
+    """Every operand and result of ``node`` has a static shape."""
+    return all(v is None or v.type.is_static for v in (*node.inputs, *node.outputs))
 
 
 def all_kernels() -> list[Kernel]:

@@ -6,6 +6,7 @@ import torch
 from kiln.ir import OpKind
 from kiln.ir import attrs as A
 from kiln.ir.reference import evaluate
+from kiln.ir.types import has_symbols
 
 from .pattern import Const, Opt, P
 
@@ -19,6 +20,8 @@ def _fold(m, rw):
     n = m.root
     if n.op is OpKind.FALLBACK or not n.inputs:
         return None
+    if has_symbols(n.attrs) or not all(o.type.is_static for o in n.outputs):
+        return None  # its size is known only per call
     ins = [None if v is None else rw.constant(v) for v in n.inputs]
     if any(t is None for t, v in zip(ins, n.inputs) if v is not None):
         return None

@@ -22,6 +22,7 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.ir import Graph, Node, Value
+from kiln.ir.types import Sym, resolve_symbols
 from kiln.kernels.choice import choose
 from kiln.kernels.registry import candidates
 from kiln.passes.partition import subgroup
@@ -76,10 +77,16 @@ class Plan:
     runner: object = None  # a target's run strategy (runtime.cuda_run.CudaRunner); None: the host calls it
     forward: object = field(init=False, repr=False)  # the generated function: forward(inputs, consts)
     consts: dict = field(init=False, repr=False)  # slot -> constant, as the host holds them
+    sizes: tuple = field(init=False, repr=False)  # (name, input slot, axis) of each symbolic size
 
     def __post_init__(self):
-        self.forward = generate(self.steps, self.input_slots, self.output_slots, self.const_slots)
+        self.sizes = input_sizes(self.graph, self.input_slots)
+        self.forward = generate(self.steps, self.input_slots, self.output_slots, self.const_slots, self.sizes)
         self.consts = dict(self.const_slots)
+
+    def size_values(self, inputs: list) -> dict:
+        """The symbolic sizes of this call, read off its inputs."""
+        return {name: inputs[self.input_slots.index(slot)].shape[axis] for name, slot, axis in self.sizes}
 
     def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         if len(inputs) != len(self.input_slots):
@@ -114,14 +121,25 @@ class Plan:
             slots[i] = t
         for i, t in zip(self.input_slots, inputs):
             slots[i] = t
+        sizes = self.size_values(inputs)
         for s in self.steps:
             operands = [None if i is None else slots[i] for i in s.ins]
-            r = s.fn(operands, s.attrs) if call is None else call(s, operands)
+            r = s.fn(operands, resolve_symbols(s.attrs, sizes)) if call is None else call(s, operands)
             for i, t in zip(s.outs, (r,) if len(s.outs) == 1 else r):
                 slots[i] = t
             if on_step is not None:
                 on_step(s, r)
         return [slots[i] for i in self.output_slots]
+
+
+def input_sizes(graph: Graph, input_slots) -> tuple:
+    """(name, input slot, axis) where each symbolic size first appears as an input's dim."""
+    seen: dict = {}
+    for v, slot in zip(graph.inputs, input_slots):
+        for axis, d in enumerate(v.type.shape):
+            if isinstance(d, Sym) and d.name not in seen and d.symbols == {d.name}:
+                seen[d.name] = (d.name, slot, axis)
+    return tuple(seen.values())
 
 
 def slots_for(graph: Graph):
@@ -266,8 +284,9 @@ def _sole_reduction_consumer(tail: list[Node], owner: dict, readers: dict, retur
 
 
 def _generated(group, nodes, chosen, graph, kernel_choices, index, generate):
-    """The generated kernel for ``group`` if it runs as one (recorded choice or measured win)."""
-    if group is None:
+    """The generated kernel for ``group`` if it runs as one (recorded choice or measured win).
+    Generated kernels are built for static shapes: a group with a symbolic size runs node by node."""
+    if group is None or not all(v.type.is_static for n in nodes for v in (*n.inputs, *n.outputs) if v is not None):
         return None
     from kiln.kernels.choice import choose_group
 

@@ -23,8 +23,11 @@ kiln.bench.executor_overhead`` measures what remains per step.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import types
+
+from kiln.ir.types import has_symbols, resolve_symbols
 
 _COUNTER = itertools.count()
 FIRST_STEP_LINE = 4  # line 1 _make, 2 forward, 3 the inputs' unpacking
@@ -36,15 +39,25 @@ def _operand(i, consts: dict) -> str:
     return f"c[{i}]" if i in consts else f"v{i}"
 
 
-def generate(steps, input_slots, output_slots, const_slots):
+def generate(steps, input_slots, output_slots, const_slots, sizes=()):
     """forward(inputs, consts) -> list of outputs, ``consts`` a dict holding a tensor for each
-    slot of ``const_slots``; step k runs on line FIRST_STEP_LINE + k."""
+    slot of ``const_slots``; step k runs on line FIRST_STEP_LINE + k.
+
+    ``sizes``: (name, input slot, axis) of each symbolic size the steps' attributes use (a
+    reshape to ``[batch, seq, 12, 64]``): the sizes are read off the inputs once per call
+    and those attributes resolved with them."""
     consts = dict(const_slots)
     body = []
     ins = ", ".join(f"v{i}" for i in input_slots)
-    body.append(f"    {ins}{',' if len(input_slots) == 1 else ''} = inputs" if input_slots else "    pass")
+    head = f"    {ins}{',' if len(input_slots) == 1 else ''} = inputs" if input_slots else "    pass"
+    if sizes:  # on the same line: step k stays on line FIRST_STEP_LINE + k
+        head += "; sz = {" + ", ".join(f"{name!r}: v{slot}.shape[{axis}]" for name, slot, axis in sizes) + "}"
+    body.append(head)
+    attrs = []
     for n, s in enumerate(steps):
-        call = f"k[{n}]([{', '.join(_operand(i, consts) for i in s.ins)}], a[{n}])"
+        symbolic = has_symbols(s.attrs)
+        attrs.append(functools.partial(resolve_symbols, s.attrs) if symbolic else s.attrs)
+        call = f"k[{n}]([{', '.join(_operand(i, consts) for i in s.ins)}], {f'a[{n}](sz)' if symbolic else f'a[{n}]'})"
         if len(s.outs) == 1:
             line = f"v{s.outs[0]} = {call}"
         else:  # a kernel of several results returns a sequence (it may hold more than used)
@@ -58,7 +71,7 @@ def generate(steps, input_slots, output_slots, const_slots):
     filename = f"<kiln plan {next(_COUNTER)}>"
     scope: dict = {}
     exec(compile(src, filename, "exec"), scope)  # noqa: S102 - the source is generated above
-    return scope["_make"](tuple(s.fn for s in steps), tuple(s.attrs for s in steps))
+    return scope["_make"](tuple(s.fn for s in steps), tuple(attrs))
 
 
 def step_at(tb: types.TracebackType | None, forward) -> int | None:

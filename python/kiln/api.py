@@ -81,6 +81,8 @@ class CompiledModel:
         self._last_use: dict[tuple, int] = {}  # key -> call count when its plan last ran
         self._calls = 0
         self._evicted = False
+        self._dynamic = None  # dynamic.DynamicSpec once the first inputs are seen (dynamic= only)
+        self._dynamic_axes: dict = {}  # flat input position -> {axis: size name}
         self._latest: Compiled | None = None
         self._lock = threading.Lock()
         self._spec: list[InputSpec] | None = None
@@ -126,22 +128,30 @@ class CompiledModel:
         # kernels are chosen (and oneDNN primitives built) for a thread count: a plan is
         # specialized to torch.get_num_threads() at the call
         key = [("threads", torch.get_num_threads())]
+        varying = self._dynamic_axes
         for i, x in enumerate(leaves):
             if not isinstance(x, torch.Tensor):
                 key.append(("v", repr(x)))
             elif i in self._value_inputs:
                 key.append((tuple(x.shape), x.dtype, tuple(x.reshape(-1).tolist())))
+            elif i in varying:  # one plan serves every size of a varying dim
+                axes = varying[i]
+                key.append((tuple(axes.get(a, d) for a, d in enumerate(x.shape)), x.dtype))
             else:
                 key.append((tuple(x.shape), x.dtype))
         return tuple(key)
 
     def _prepare(self, args: tuple, kwargs: dict) -> Compiled:
         leaves, tree = pytree.tree_flatten((args, kwargs))
+        if self.options.dynamic and self._dynamic is None:
+            self._resolve_dynamic(args, kwargs)
         key = self._key(leaves)
         with self._lock:
             c = self._plans.get(key)
             if c is None:
                 c = self._compile(args, kwargs, leaves)
+                if c.size_limits:  # sizes the import had to bound: calls beyond are refused
+                    self._dynamic = self._dynamic.limited(c.size_limits)
                 self._plans[key] = c
                 self._calls += 1
                 self._last_use[key] = self._calls
@@ -168,6 +178,17 @@ class CompiledModel:
         for k in [k for k in self._last_use if k not in self._plans]:  # a call on another thread
             del self._last_use[k]  # may have touched a plan while it was being dropped
 
+    def _resolve_dynamic(self, args, kwargs) -> None:
+        from . import dynamic
+
+        if self.is_onnx:
+            raise KilnError("dynamic= applies to PyTorch models; ONNX inputs are not made dynamic yet")
+        spec = dynamic.resolve(self._module, args, kwargs, self.options.dynamic)
+        axes: dict = {}
+        for d in spec.dims:
+            axes.setdefault(d.position, {})[d.axis] = d.name
+        self._dynamic, self._dynamic_axes = spec, axes
+
     def _compile(self, args, kwargs, leaves) -> Compiled:
         from . import driver
 
@@ -179,13 +200,16 @@ class CompiledModel:
         if self.is_onnx:
             imp = driver.import_onnx(self._onnx, [x for x in leaves if isinstance(x, torch.Tensor)])
         else:
-            imp = driver.import_torch(self._module, args, kwargs, leaves, self.name)
-        return driver.compile_imported(imp, self.options, self.name)
+            imp = driver.import_torch(self._module, args, kwargs, leaves, self.name, self._dynamic)
+        return driver.compile_imported(imp, self.options, self.name,
+                                       self._dynamic.check(leaves) if self._dynamic else None)
 
     # -- calling ----------------------------------------------------------------------
     def _check(self, leaves, tree):
         """``tree`` None: the caller saw the structure match (positional tensors only)."""
         spec = self._spec
+        if self._dynamic is not None:
+            self._dynamic.check(leaves)
         if (tree is not None and tree != self._in_tree) or len(leaves) != len(spec):
             raise KilnError(f"{self.name} was compiled for {len(spec)} input(s) "
                             f"({', '.join(s.name for s in spec)}); got {len(leaves)}")

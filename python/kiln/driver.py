@@ -29,6 +29,7 @@ class Imported:
     input_names: list = field(default_factory=list)
     cache_hit: bool = False
     seconds: float = 0.0
+    size_limits: dict = field(default_factory=dict)  # size name -> a largest value the import assumed
 
 
 @dataclass
@@ -41,34 +42,43 @@ class Compiled:
     out_literals: dict
     input_names: list
     report: CompileReport
+    size_limits: dict = field(default_factory=dict)  # size name -> the largest value the plan serves
 
 
 # ----------------------------------------------------------------------------- import
-def import_torch(module: torch.nn.Module, args: tuple, kwargs: dict, leaves: list, name: str) -> Imported:
-    """torch.export + conversion, or a verified entry of the import cache."""
+def import_torch(module: torch.nn.Module, args: tuple, kwargs: dict, leaves: list, name: str,
+                 dynamic=None) -> Imported:
+    """torch.export + conversion, or a verified entry of the import cache. ``dynamic`` (a
+    ``kiln.dynamic.DynamicSpec``): the dims that vary per call become symbolic."""
     from . import import_cache
     from kiln.frontends.torch_export import export_program, from_exported
     from kiln.runtime import cache
 
     t0 = time.perf_counter()
-    key = import_cache.fingerprint(module, args, kwargs) if cache.enabled() else None
+    dims, dynamic_shapes = None, None
+    if dynamic is not None:
+        from .dynamic import export_arguments
+
+        args, kwargs, dynamic_shapes = export_arguments(module, args, kwargs, dynamic)
+        dims = dynamic.by_position()
+    key = import_cache.fingerprint(module, args, kwargs) if cache.enabled() and dims is None else None
     hit = import_cache.load(key, module, args, kwargs, leaves) if key else None
     if hit is not None:
         graph, out_spec, literals, fallbacks, names = hit
         return Imported(graph, out_spec, literals, fallbacks, names, True, time.perf_counter() - t0)
     try:
-        ep = export_program(module, args, kwargs)
+        ep = export_program(module, args, kwargs, dynamic_shapes)
     except KilnError:
         raise
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise KilnError(f"torch.export could not trace {name}: {type(e).__name__}: {first}") from e
-    imp = from_exported(ep, name)
+    imp = from_exported(ep, name, dims, None if dynamic is None else {d.name: d.max for d in dynamic.dims})
     names = _input_names(ep, leaves)
     if key:
         import_cache.store(key, module, imp.graph, imp.out_spec, imp.out_literals, imp.fallbacks, names)
     return Imported(imp.graph, imp.out_spec, imp.out_literals, list(imp.fallbacks), names, False,
-                    time.perf_counter() - t0)
+                    time.perf_counter() - t0, dict(imp.implied_max))
 
 
 def import_onnx(model, tensors: list) -> Imported:
@@ -94,8 +104,9 @@ def check_options(options: CompileOptions) -> None:
 
 
 # ----------------------------------------------------------------------------- compile
-def compile_imported(imp: Imported, options: CompileOptions, name: str) -> Compiled:
-    """Run the pipeline on an imported graph and build its plan."""
+def compile_imported(imp: Imported, options: CompileOptions, name: str, hints: dict | None = None) -> Compiled:
+    """Run the pipeline on an imported graph and build its plan. ``hints``: the example value
+    of each symbolic size (a dynamic graph's kernels are chosen at those sizes)."""
     from kiln.ir import structural_hash, verify
     from kiln.passes.pipeline import run_pipeline
     from kiln.runtime import cache
@@ -143,7 +154,7 @@ def compile_imported(imp: Imported, options: CompileOptions, name: str) -> Compi
                  "codegen": plan.codegen_seconds, "total": imp.seconds + passes_s + plan_s},
         import_cache_hit=imp.cache_hit, compile_cache_hit=hit is not None, memory=plan.memory,
         graph_nodes=len(result.graph.nodes))
-    return Compiled(plan, result.graph, imp.out_spec, imp.out_literals, imp.input_names, report)
+    return Compiled(plan, result.graph, imp.out_spec, imp.out_literals, imp.input_names, report, imp.size_limits)
 
 
 def _label(node) -> str:

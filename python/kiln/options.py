@@ -67,6 +67,22 @@ class QuantOptions:
 
 
 @dataclass(frozen=True)
+class DynamicDim:
+    """One input dimension that varies from call to call: ``input`` (name or position),
+    ``axis``, the size's ``name`` (dims of one name are the same size: a batch shared by
+    several inputs) and its range, ``min``..``max`` (``max`` None: unbounded)."""
+
+    input: str | int
+    axis: int
+    name: str
+    min: int = 1
+    max: int | None = None
+
+    def range_text(self) -> str:
+        return f"[{self.min}, {'inf' if self.max is None else self.max}]"
+
+
+@dataclass(frozen=True)
 class CompileOptions:
     """How to compile. Build it with ``CompileOptions.parse(**keywords)``; fields are validated."""
 
@@ -81,6 +97,9 @@ class CompileOptions:
     passes: tuple | None = None  # None: every pass; (): none; names or "-name" to skip
     verify: bool = False  # run the IR verifier after every pass
     max_specializations: int = 8  # plans kept per compiled model (one per input signature), LRU
+    # dims that vary per call: True (every input's dim 0 is "batch"; integer and bool [batch, seq]
+    # inputs' dim 1 is "seq"), or DynamicDims (from the dict form); False: every shape exact
+    dynamic: bool | tuple = False
 
     # -- parsing ------------------------------------------------------------------------
     @staticmethod
@@ -116,6 +135,8 @@ class CompileOptions:
                                                "a list of kernel names, e.g. ['cpu.amx_linear']")
         if "passes" in keywords:
             fields["passes"] = parse_passes(keywords.pop("passes"))
+        if "dynamic" in keywords:
+            fields["dynamic"] = parse_dynamic(keywords.pop("dynamic"))
         if "max_specializations" in keywords:
             n = keywords.pop("max_specializations")
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -152,7 +173,8 @@ class CompileOptions:
         return {"precision": self.precision, "quantize": None if self.quantize is None else self.quantize.key(),
                 "sparse": self.sparse, "tune": self.tune_budget, "codegen": self.codegen,
                 "exclude_kernels": sorted(self.exclude_kernels),
-                "passes": None if self.passes is None else list(self.passes)}
+                "passes": None if self.passes is None else list(self.passes),
+                "dynamic": self.dynamic if isinstance(self.dynamic, bool) else [repr(d) for d in self.dynamic]}
 
 
 _QUANT_KEYWORDS = {"calibration", "observer", "group_size", "min_sqnr", "quantize_payoff"}
@@ -223,6 +245,39 @@ def parse_passes(passes) -> tuple | None:
     if not all(isinstance(p, str) for p in passes):
         raise KilnError(f"passes must be 'all', 'none' or a list of pass or phase names, got {passes!r}")
     return tuple(passes)
+
+
+_DYNAMIC_FORM = ("dynamic must be True, False, or a dict {input name or position: {axis: name or "
+                 "(name, min, max)}}, e.g. {'input_ids': {0: 'batch', 1: ('seq', 1, 512)}}")
+
+
+def parse_dynamic(spec) -> bool | tuple:
+    """``dynamic=``: a bool, or the dict form as a tuple of ``DynamicDim``s."""
+    if spec is None or isinstance(spec, bool):
+        return bool(spec)
+    if isinstance(spec, tuple) and all(isinstance(d, DynamicDim) for d in spec):
+        return spec
+    if not isinstance(spec, dict) or not spec:
+        raise KilnError(f"{_DYNAMIC_FORM}; got {spec!r}")
+    dims, ranges = [], {}
+    for inp, axes in spec.items():
+        if isinstance(inp, bool) or not isinstance(inp, (str, int)) or not isinstance(axes, dict) or not axes:
+            raise KilnError(f"{_DYNAMIC_FORM}; got {inp!r}: {axes!r}")
+        for axis, d in axes.items():
+            if isinstance(axis, bool) or not isinstance(axis, int) or axis < 0:
+                raise KilnError(f"dynamic: axis {axis!r} of input {inp!r} must be a non-negative int")
+            name, lo, hi = (d, 1, None) if isinstance(d, str) else (tuple(d) + (None, None))[:3] \
+                if isinstance(d, (tuple, list)) and 1 <= len(d) <= 3 else (None, None, None)
+            lo = 1 if lo is None else lo
+            if not isinstance(name, str) or not name.isidentifier():
+                raise KilnError(f"dynamic: input {inp!r} axis {axis}: a dim's name must be an identifier, got {d!r}")
+            if isinstance(lo, bool) or not isinstance(lo, int) or lo < 1 or \
+                    (hi is not None and (isinstance(hi, bool) or not isinstance(hi, int) or hi < lo)):
+                raise KilnError(f"dynamic: {name}'s range must be 1 <= min <= max (ints), got {d!r}")
+            if ranges.setdefault(name, (lo, hi)) != (lo, hi):
+                raise KilnError(f"dynamic: {name} is given two ranges, {ranges[name]} and {(lo, hi)}")
+            dims.append(DynamicDim(inp, axis, name, lo, hi))
+    return tuple(dims)
 
 
 def _check_quant(q: QuantOptions) -> QuantOptions:

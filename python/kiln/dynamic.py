@@ -1,0 +1,165 @@
+"""``dynamic=``: which input dims vary per call, as torch.export and the guards need them.
+
+``CompileOptions.dynamic`` says it in the user's terms (``True``, or input name/position ->
+axis -> size name and range). Here that becomes, for one model and its example inputs:
+the dims (flat input position, axis, size name, range), torch.export's ``dynamic_shapes``,
+example inputs fit for tracing (torch.export fixes a size of 1 as a constant, so such an
+example dim is widened to 2 by repeating its data), and each size's example value (the
+hint kernels are chosen at).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.utils._pytree as pytree
+
+from .errors import KilnError
+from .options import DynamicDim
+
+
+@dataclass(frozen=True)
+class VaryingDim:
+    position: int  # among the model's flat tensor inputs
+    input: str  # the input's name (for messages)
+    axis: int
+    name: str
+    min: int
+    max: int | None
+
+    def range_text(self) -> str:
+        return f"[{self.min}, {'inf' if self.max is None else self.max}]"
+
+
+@dataclass(frozen=True)
+class DynamicSpec:
+    dims: tuple[VaryingDim, ...]
+    hints: dict  # size name -> its example value
+
+    def limited(self, limits: dict) -> "DynamicSpec":
+        """This spec with the sizes in ``limits`` (name -> max) capped there."""
+        from dataclasses import replace
+
+        dims = tuple(replace(d, max=min(limits[d.name], d.max or limits[d.name])) if d.name in limits else d
+                     for d in self.dims)
+        return DynamicSpec(dims, self.hints)
+
+    def by_position(self) -> dict:
+        """(flat input position, axis) -> size name."""
+        return {(d.position, d.axis): d.name for d in self.dims}
+
+    def check(self, leaves) -> dict:
+        """The sizes of this call, after checking each against its range and every dim of one
+        name against the others; raises KilnError naming the input, the dim and the range."""
+        sizes: dict = {}
+        where: dict = {}
+        for d in self.dims:
+            x = leaves[d.position]
+            n = x.shape[d.axis]
+            if n < d.min or (d.max is not None and n > d.max):
+                raise KilnError(f"input {d.input!r} dim {d.axis} ({d.name}) is {n}, outside the compiled range "
+                                f"{d.range_text()}")
+            if sizes.setdefault(d.name, n) != n:
+                raise KilnError(f"input {d.input!r} dim {d.axis} ({d.name}) is {n} but {where[d.name]} gives "
+                                f"{d.name} = {sizes[d.name]}")
+            where.setdefault(d.name, f"input {d.input!r} dim {d.axis}")
+        return sizes
+
+
+def _params(module: torch.nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, object]]:
+    """(name, value) of each argument as the forward binds it (positional first)."""
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return [(f"input{i}", a) for i, a in enumerate(args)] + list(kwargs.items())
+    out = []
+    for name, value in bound.arguments.items():
+        kind = inspect.signature(module.forward).parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            out += [(f"{name}[{i}]", v) for i, v in enumerate(value)]
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            out += list(value.items())
+        else:
+            out.append((name, value))
+    return out
+
+
+def resolve(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic) -> DynamicSpec:
+    """The varying dims of ``module`` called with ``args``/``kwargs`` under ``dynamic``."""
+    params = _params(module, args, kwargs)
+    leaves = pytree.tree_leaves((args, kwargs))
+    position = {id(v): i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)}
+    if dynamic is True:
+        wanted = []
+        for name, v in params:
+            if isinstance(v, torch.Tensor) and v.dim() >= 1:
+                wanted.append(DynamicDim(name, 0, "batch"))
+                if v.dim() == 2 and not v.is_floating_point():  # token ids and their masks
+                    wanted.append(DynamicDim(name, 1, "seq"))
+    else:
+        wanted = list(dynamic)
+    dims = []
+    names = [n for n, _ in params]
+    for d in wanted:
+        if isinstance(d.input, int):
+            if not 0 <= d.input < len(args):
+                raise KilnError(f"dynamic: input position {d.input} is out of range ({len(args)} positional inputs)")
+            label, value = params[d.input] if d.input < len(params) else (f"input{d.input}", args[d.input])
+        else:
+            hit = [v for n, v in params if n == d.input]
+            if not hit:
+                raise KilnError(f"dynamic: no input named {d.input!r}; the inputs are {', '.join(names)}")
+            label, value = d.input, hit[0]
+        if not isinstance(value, torch.Tensor) or id(value) not in position:
+            raise KilnError(f"dynamic: input {label!r} is not a tensor the model takes directly")
+        if d.axis >= value.dim():
+            raise KilnError(f"dynamic: input {label!r} has {value.dim()} dims, no axis {d.axis}")
+        dims.append(VaryingDim(position[id(value)], label, d.axis, d.name, d.min, d.max))
+    hints = {}
+    for d in dims:
+        n = leaves[d.position].shape[d.axis]
+        if hints.setdefault(d.name, n) != n:
+            raise KilnError(f"dynamic: the example inputs give {d.name} two sizes ({hints[d.name]} and {n})")
+        if n < d.min or (d.max is not None and n > d.max):
+            raise KilnError(f"dynamic: the example input {d.input!r} dim {d.axis} is {n}, outside {d.name}'s "
+                            f"range {d.range_text()}")
+    return DynamicSpec(tuple(dims), hints)
+
+
+def export_arguments(module: torch.nn.Module, args: tuple, kwargs: dict, spec: DynamicSpec):
+    """(args, kwargs, dynamic_shapes) for torch.export: each varying dim a named
+    ``torch.export.Dim``, and example dims of size 1 widened to 2 (torch.export would fix
+    them as constants) by repeating the data along them."""
+    from torch.export import Dim
+
+    widen = {d.name for d in spec.dims if spec.hints[d.name] < 2 and (d.max is None or d.max >= 2)}
+    fixed = {d.name for d in spec.dims if spec.hints[d.name] < 2} - widen
+    if fixed:
+        raise KilnError(f"dynamic: {', '.join(sorted(fixed))} can only be 1: nothing varies")
+    torch_dims = {}
+    for d in spec.dims:
+        if d.name not in torch_dims:
+            lo = max(d.min, 2)  # torch.export fixes sizes 0 and 1; a call of size 1 is still served
+            torch_dims[d.name] = Dim(d.name, min=lo, max=d.max) if d.max is not None else Dim(d.name, min=lo)
+    leaves, tree = pytree.tree_flatten((args, kwargs))
+    per_leaf: dict = {}
+    for d in spec.dims:
+        per_leaf.setdefault(d.position, {})[d.axis] = d
+    for pos, axes in per_leaf.items():
+        x = leaves[pos]
+        for axis, d in axes.items():
+            if d.name in widen:
+                x = x.index_select(axis, torch.arange(2) % x.shape[axis])
+        leaves[pos] = x
+    args2, kwargs2 = pytree.tree_unflatten(leaves, tree)
+    # torch.export's dynamic_shapes mirror (args, kwargs): a {axis: Dim} for each varying tensor
+    shapes = [None if not isinstance(x, torch.Tensor) or i not in per_leaf else
+              {axis: torch_dims[d.name] for axis, d in per_leaf[i].items()} for i, x in enumerate(leaves)]
+    dyn_args, dyn_kwargs = pytree.tree_unflatten(shapes, tree)
+    if dyn_kwargs:
+        names = [n for n, _ in _params(module, args, kwargs)]
+        dynamic_shapes = dict(zip(names, list(dyn_args) + list(dyn_kwargs.values())))
+    else:
+        dynamic_shapes = tuple(dyn_args)
+    return tuple(args2), dict(kwargs2), dynamic_shapes
