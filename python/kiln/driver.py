@@ -29,7 +29,7 @@ class Imported:
     input_names: list = field(default_factory=list)
     cache_hit: bool = False
     seconds: float = 0.0
-    size_limits: dict = field(default_factory=dict)  # size name -> a largest value the import assumed
+    size_limits: dict = field(default_factory=dict)  # size name -> (min, max) the model or the import imposed
 
 
 @dataclass
@@ -42,7 +42,7 @@ class Compiled:
     out_literals: dict
     input_names: list
     report: CompileReport
-    size_limits: dict = field(default_factory=dict)  # size name -> the largest value the plan serves
+    size_limits: dict = field(default_factory=dict)  # size name -> (min, max) the plan serves (None: as asked)
 
 
 # ----------------------------------------------------------------------------- import
@@ -66,19 +66,32 @@ def import_torch(module: torch.nn.Module, args: tuple, kwargs: dict, leaves: lis
     if hit is not None:
         graph, out_spec, literals, fallbacks, names = hit
         return Imported(graph, out_spec, literals, fallbacks, names, True, time.perf_counter() - t0)
-    try:
-        ep = export_program(module, args, kwargs, dynamic_shapes)
-    except KilnError:
-        raise
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise KilnError(f"torch.export could not trace {name}: {type(e).__name__}: {first}") from e
-    imp = from_exported(ep, name, dims, None if dynamic is None else {d.name: d.max for d in dynamic.dims})
+    limits: dict = {}
+    for attempt in range(3):
+        try:
+            ep = export_program(module, args, kwargs, dynamic_shapes)
+            break
+        except KilnError:
+            raise
+        except Exception as e:
+            if dynamic_shapes is not None and "Suggested fixes" in str(e) and attempt < 2:
+                # the model bounds a size (a position table of 512 rows): narrow its range as
+                # torch.export suggests, and refuse calls outside it
+                from .dynamic import narrowed
+
+                dynamic_shapes, found = narrowed(str(e), dynamic_shapes, name)
+                limits.update(found)
+                continue
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise KilnError(f"torch.export could not trace {name}: {type(e).__name__}: {first}") from e
+    size_max = None if dynamic is None else {d.name: limits.get(d.name, (None, d.max))[1] for d in dynamic.dims}
+    imp = from_exported(ep, name, dims, size_max)
+    limits.update({n: (None, m) for n, m in imp.implied_max.items()})
     names = _input_names(ep, leaves)
     if key:
         import_cache.store(key, module, imp.graph, imp.out_spec, imp.out_literals, imp.fallbacks, names)
     return Imported(imp.graph, imp.out_spec, imp.out_literals, list(imp.fallbacks), names, False,
-                    time.perf_counter() - t0, dict(imp.implied_max))
+                    time.perf_counter() - t0, limits)
 
 
 def import_onnx(model, tensors: list) -> Imported:

@@ -38,12 +38,18 @@ class DynamicSpec:
     hints: dict  # size name -> its example value
 
     def limited(self, limits: dict) -> "DynamicSpec":
-        """This spec with the sizes in ``limits`` (name -> max) capped there."""
+        """This spec with the sizes in ``limits`` (name -> (min, max), None: unchanged) narrowed."""
         from dataclasses import replace
 
-        dims = tuple(replace(d, max=min(limits[d.name], d.max or limits[d.name])) if d.name in limits else d
-                     for d in self.dims)
-        return DynamicSpec(dims, self.hints)
+        dims = []
+        for d in self.dims:
+            lo, hi = limits.get(d.name, (None, None))
+            if lo is not None:
+                d = replace(d, min=max(d.min, lo) if lo > 2 else d.min)  # sizes 1 and 2 are served all the same
+            if hi is not None:
+                d = replace(d, max=hi if d.max is None else min(d.max, hi))
+            dims.append(d)
+        return DynamicSpec(tuple(dims), self.hints)
 
     def by_position(self) -> dict:
         """(flat input position, axis) -> size name."""
@@ -163,3 +169,32 @@ def export_arguments(module: torch.nn.Module, args: tuple, kwargs: dict, spec: D
     else:
         dynamic_shapes = tuple(dyn_args)
     return tuple(args2), dict(kwargs2), dynamic_shapes
+
+
+def narrowed(message: str, dynamic_shapes, model: str):
+    """torch.export's suggested fixes applied to ``dynamic_shapes`` when they only narrow
+    ranges: (the new dynamic_shapes, size name -> (min, max)). A fix that fixes a size or
+    ties two sizes together is a KilnError: the model does not let that dim vary freely."""
+    from torch.export import Dim
+    from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
+
+    import re
+
+    fixes = message.split("Suggested fixes:", 1)[-1].splitlines()
+    fixes = [f.strip() for f in fixes if re.fullmatch(r"\s*\w+ = \S.*", f)]
+    try:
+        refined = refine_dynamic_shapes_from_suggested_fixes("Suggested fixes:\n  " + "\n  ".join(fixes),
+                                                             dynamic_shapes)
+    except Exception as e:  # noqa: BLE001  (a message torch cannot parse back)
+        raise KilnError(f"torch.export could not make {model}'s dims dynamic: {message.strip().splitlines()[0]}") from e
+    before, after = pytree.tree_leaves(dynamic_shapes), pytree.tree_leaves(refined)
+    found = {}
+    dim_type = type(Dim("x"))
+    for old, new in zip(before, after):
+        if not isinstance(old, dim_type):
+            continue
+        if not isinstance(new, dim_type):
+            raise KilnError(f"{model} fixes the size {getattr(old, '__name__', old)} to {new}: it cannot vary "
+                            f"(compile without dynamic= for that dim)")
+        found[new.__name__] = (int(new.min), None if not new.max < 2 ** 62 else int(new.max))
+    return refined, found
