@@ -49,6 +49,18 @@ class Node:
     def __repr__(self) -> str:
         return f"Node({self.op.value}, {len(self.inputs)} in, {len(self.outputs)} out)"
 
+    def at_sizes(self, sizes: dict) -> "Node":
+        """This node with every symbolic size given its value in ``sizes`` (name -> int): a
+        stand-in of static shapes, to measure or prepare kernels at representative sizes.
+        Its values are new (same names); the node itself is unchanged."""
+        from .types import resolve_symbols
+
+        def at(v):
+            return None if v is None else Value(v.type.concrete(sizes), v.name)
+
+        return Node(self.op, tuple(at(v) for v in self.inputs), resolve_symbols(self.attrs, sizes),
+                    tuple(at(v) for v in self.outputs), self.scope)
+
 
 @dataclass(eq=False)
 class Graph:

@@ -30,17 +30,19 @@ def _accepts(node: Node) -> bool:
     if len(node.inputs) < 3:
         return False
     q, k, v = (node.inputs[i].type for i in range(3))
-    if not all(t.is_static and t.rank == 4 for t in (q, k, v)):
+    # batch and sequence lengths may be symbolic: the kernel reads them from its inputs
+    if not all(t.rank == 4 and isinstance(t.shape[1], int) and isinstance(t.shape[3], int) for t in (q, k, v)):
         return False
     if q.dtype.value not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         return False
     if 0 in q.shape or 0 in k.shape:
-        return False  # empty attention: the reference's conventions apply
+        return False  # empty attention: the reference's conventions apply (a symbolic size of 0 too:
+        # the kernel checks it at run time)
     if len(node.inputs) > 3 and node.inputs[3] is not None:
         m = node.inputs[3].type
-        if not m.is_static or m.rank > 4 or m.dtype.value not in _DTYPES + ("bool",):
+        if m.rank > 4 or m.dtype.value not in _DTYPES + ("bool",):
             return False
         target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         padded = (1,) * (4 - m.rank) + tuple(m.shape)
@@ -66,12 +68,17 @@ def _prepare(node: Node, consts: list):
     from kiln import _C
 
     a: A.AttentionAttrs = node.attrs
-    b, h, sq, d = node.inputs[0].type.shape
-    sk = node.inputs[1].type.shape[2]
+    d = node.inputs[0].type.shape[3]
     scale = a.scale if a.scale is not None else 1.0 / math.sqrt(d)
     dtype = node.inputs[0].type.dtype.to_torch()
 
     def run(ins, attrs):
+        b, h, sq, _ = ins[0].shape  # read per call: one plan serves every batch and length
+        sk = ins[1].shape[2]
+        if not (b and sq and sk):
+            from kiln.ir.reference import REFERENCE
+
+            return REFERENCE[node.op](ins, attrs)  # empty attention: the reference's conventions
         # [B, S, H, D] memory seen as [B, H, S, D]: what sdpa returns, so the merge is a view
         o = torch.empty((b, sq, h, d), dtype=dtype).transpose(1, 2)
         mask = ins[3] if len(ins) > 3 and ins[3] is not None else None
@@ -82,6 +89,7 @@ def _prepare(node: Node, consts: list):
     return run
 
 
-@register_kernel(OpKind.ATTENTION, "cpu", name="cpu.fused_attention", accepts=_accepts, prepare=_prepare)
+@register_kernel(OpKind.ATTENTION, "cpu", name="cpu.fused_attention", accepts=_accepts, prepare=_prepare,
+                 dynamic=True)
 def fused_attention(ins, attrs):
     raise RuntimeError("cpu.fused_attention runs through its prepared function")

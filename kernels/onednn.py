@@ -25,8 +25,10 @@ _POST_OPS = {A.Activation.NONE: ("none", ""), A.Activation.RELU: ("relu", ""), A
 
 
 def _ok(node: Node) -> bool:
+    # batch dims may be symbolic (a plan serving many sizes): the weight is packed at the
+    # representative size and oneDNN's prepacked primitives take any row count
     x = node.inputs[0].type
-    return (_MKLDNN and x.is_static and x.dtype.value in ("float32", "bfloat16") and
+    return (_MKLDNN and isinstance(x.shape[-1], int) and x.dtype.value in ("float32", "bfloat16") and
             node.inputs[1].type.dtype == x.dtype)
 
 
@@ -57,7 +59,8 @@ def _prepare_linear(node: Node, consts: list):
 
 
 def _conv_ok(node: Node) -> bool:
-    return _ok(node) and node.inputs[0].type.rank == 4
+    x = node.inputs[0].type
+    return _ok(node) and x.rank == 4 and all(isinstance(d, int) for d in x.shape[1:])  # only the batch varies
 
 
 def _prepare_conv(node: Node, consts: list):
@@ -103,7 +106,7 @@ def _unusable(ins, a):
     raise RuntimeError("oneDNN kernel needs a constant weight")
 
 
-register_kernel(OpKind.LINEAR, "cpu", name="cpu.onednn_linear", accepts=_linear_ok,
+register_kernel(OpKind.LINEAR, "cpu", name="cpu.onednn_linear", accepts=_linear_ok, dynamic=True,
                 prepare=with_fallback(_prepare_linear, _unusable))(_unusable)
-register_kernel(OpKind.CONV2D, "cpu", name="cpu.onednn_conv", accepts=_conv_ok,
+register_kernel(OpKind.CONV2D, "cpu", name="cpu.onednn_conv", accepts=_conv_ok, dynamic=True,
                 prepare=with_fallback(_prepare_conv, _unusable))(_unusable)

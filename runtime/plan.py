@@ -24,7 +24,7 @@ from kiln.errors import KilnError
 from kiln.ir import Graph, Node, Value
 from kiln.ir.types import Sym, resolve_symbols
 from kiln.kernels.choice import choose
-from kiln.kernels.registry import candidates
+from kiln.kernels.registry import candidates, is_static
 from kiln.passes.partition import subgroup
 from kiln.target import Target
 
@@ -191,7 +191,7 @@ def run_all(graph: Graph, inputs: list[torch.Tensor], target: str = "reference")
 
 
 def build_plan(graph: Graph, target: "str | Target" = "cpu", kernel_choices: list[str] | None = None,
-               partition=None, generate=None, exclude: frozenset[str] = frozenset()) -> Plan:
+               partition=None, generate=None, exclude: frozenset[str] = frozenset(), sizes: dict | None = None) -> Plan:
     """A plan for the CPU (or the reference kernels): per node, the fastest kernel that agrees
     with the reference. ``kernel_choices`` (one kernel name per node, from the compile cache)
     skips measuring; kernels named in ``exclude`` are not candidates (the reference always is).
@@ -215,7 +215,11 @@ def build_plan(graph: Graph, target: "str | Target" = "cpu", kernel_choices: lis
                 else None
             if recorded is not None:
                 cands = [k for k in cands if k.name == recorded] or cands
-            chosen.append(choose(n, cands, [None if v is None else graph.constants.get(v) for v in n.inputs]))
+            consts = [None if v is None else graph.constants.get(v) for v in n.inputs]
+            # a node of symbolic shapes: its candidates (dynamic kernels) measured and prepared
+            # at the representative sizes; the kernel they choose serves every size
+            at = n if sizes is None or is_static(n) else n.at_sizes(sizes)
+            chosen.append(choose(at, cands, consts))
         t0 = time.perf_counter()
         gen = _generated(gen_group, nodes, chosen, graph, kernel_choices, index, generate)
         codegen_s += time.perf_counter() - t0

@@ -151,7 +151,7 @@ def compile_imported(imp: Imported, options: CompileOptions, name: str, hints: d
         hit = None  # recorded for a different optimized graph: rebuild, never trust
     _check_memory(result.graph)
     t1 = time.perf_counter()
-    plan = _build_plan(result, options, target, hit)
+    plan = _build_plan(result, options, target, hit, hints)
     plan_s = time.perf_counter() - t1
     node_kernels = plan.node_kernels
     if key and hit is None and target.kind == "cpu":  # cuda plans are not built from recorded choices
@@ -174,7 +174,7 @@ def _label(node) -> str:
     return f"{node.op.value}" + (f" ({node.scope})" if node.scope else "")
 
 
-def _build_plan(result, options: CompileOptions, target, hit):
+def _build_plan(result, options: CompileOptions, target, hit, hints=None):
     from kiln.runtime.plan import build_plan
 
     if target.kind == "cuda":  # Triton / CUDA C kernels, built ahead of time for the target SM
@@ -184,7 +184,7 @@ def _build_plan(result, options: CompileOptions, target, hit):
     generate = _generator(result.graph, target, options.tune_budget) \
         if options.codegen and target.kind == "cpu" else None
     return build_plan(result.graph, target.kind, kernel_choices=hit["kernels"] if hit else None,
-                      partition=result.partition, generate=generate, exclude=options.exclude_kernels)
+                      partition=result.partition, generate=generate, exclude=options.exclude_kernels, sizes=hints)
 
 
 def _guard_sparse(graph, result, options: CompileOptions, measurer):
