@@ -88,8 +88,11 @@ def timed(fns: list, ins, attrs, repeats: int = REPEATS) -> list[float]:
 
 def choose(node: Node, kernels: list[Kernel], constants: list) -> tuple[Kernel, object]:
     """Return (kernel, bound function) of the fastest candidate for ``node``."""
-    if len(kernels) == 1 or settings().kernel_choice == "first" or not all(
-            v is None or v.type.is_static for v in node.inputs):
+    if not all(v is None or v.type.is_static for v in (*node.inputs, *node.outputs)):
+        # symbolic shapes and no sizes to measure at: the reference, which takes any size
+        ref = next((k for k in kernels if k.target == "reference"), kernels[-1])
+        return ref, ref.bind(node, constants)
+    if len(kernels) == 1 or settings().kernel_choice == "first":
         return kernels[0], kernels[0].bind(node, constants)
     key = (torch.get_num_threads(), tuple(k.name for k in kernels), node.op, node.attrs,
            tuple(None if v is None else repr(v.type) for v in node.inputs))

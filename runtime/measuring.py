@@ -14,8 +14,12 @@ PAIR_ROUNDS = 10
 
 
 class PlanMeasurer:
-    def __init__(self, target: str = "cpu"):
+    """``sizes``: the example value of each symbolic size, where the graph has any (kernels
+    for symbolic shapes are measured at them)."""
+
+    def __init__(self, target: str = "cpu", sizes: dict | None = None):
         self.target = target
+        self.sizes = sizes
 
     def run_all(self, graph: Graph, inputs: list[torch.Tensor]) -> dict:
         return run_all(graph, inputs)
@@ -25,7 +29,7 @@ class PlanMeasurer:
             return build_plan(graph, "reference").run(list(inputs))
 
     def time_pair(self, a: Graph, b: Graph, inputs: list[torch.Tensor]) -> tuple[float, float]:
-        pa, pb = build_plan(a, self.target), build_plan(b, self.target)
+        pa, pb = build_plan(a, self.target, sizes=self.sizes), build_plan(b, self.target, sizes=self.sizes)
         ta, tb = best_seconds([lambda: pa.run(list(inputs)), lambda: pb.run(list(inputs))], PAIR_ROUNDS, warmup=3)
         return ta, tb
 

@@ -134,7 +134,7 @@ def compile_imported(imp: Imported, options: CompileOptions, name: str, hints: d
     # its result must hash to what the entry recorded.
     key = cache.make_key(structural_hash(graph, include_constants=False), target,
                          {**options.key(), "threads": torch.get_num_threads()}) if cache.enabled() else None
-    measurer = PlanMeasurer(target.kind)
+    measurer = PlanMeasurer(target.kind, hints)
     try:
         result = run_pipeline(graph, options, measure=measurer)
     except ValueError as e:

@@ -91,3 +91,15 @@ def test_dynamic_option_is_checked_before_tracing():
         kiln.compile(m, (x,), dynamic={0: {0: ("batch", 4, 2)}})
     with pytest.raises(KilnError, match="outside batch's range"):
         kiln.compile(m, (x,), dynamic={0: {0: ("batch", 4, 8)}})
+
+
+@pytest.mark.parametrize("options,rel", [({"precision": "bf16"}, 3e-2), ({"quantize": "int8-dynamic"}, 2e-2)])
+def test_reduced_precision_plans_are_dynamic_too(options, rel):
+    model, inputs = models.bert(layers=2, hidden=64, heads=4, ffn=128, vocab=100)
+    fast = kiln.compile(model, inputs, dynamic=True, **options)
+    with torch.no_grad():
+        for batch, seq in [(1, 9), (3, 40)]:
+            args = _tokens(batch, seq, inputs[1])
+            ok, err, tol = max_err_ok(fast(*args), model(*args), rel=rel)
+            assert ok, f"{options} {batch}x{seq}: {err} > {tol}"
+    assert len(fast.compiled) == 1
