@@ -90,6 +90,12 @@ def _cmd_bench_models(args) -> int:
     return 0
 
 
+def _cmd_bench_dynamic(args) -> int:
+    from kiln.bench import dynamic
+
+    return dynamic.main_with(args)
+
+
 def _cmd_bench_elementwise(args) -> int:
     from kiln.bench import elementwise
 
@@ -194,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     bm.add_argument("--json", metavar="FILE")
     bm.add_argument("--markdown", metavar="FILE")
     bm.set_defaults(fn=_cmd_bench_models)
+    bd = bsub.add_parser("dynamic", help="a stream of requests whose shapes change every call, per engine")
+    from kiln.bench.dynamic import add_arguments as _dynamic_arguments  # no torch import
+
+    _dynamic_arguments(bd)
+    bd.set_defaults(fn=_cmd_bench_dynamic)
     be = bsub.add_parser("elementwise", help="a generated fused elementwise kernel vs memory bandwidth and eager")
     from kiln.bench.elementwise import add_arguments as _elementwise_arguments  # no torch import
 

@@ -103,3 +103,15 @@ def test_machine_ceilings(capsys):
     machine.main(["--rounds", "1", "--threads", "1"])
     out = capsys.readouterr().out
     assert "| threads | FMA fp32 GFLOP/s |" in out and "\n| 1 | " in out
+
+
+@pytest.mark.bench
+def test_bench_dynamic_quick(tmp_path):
+    j = tmp_path / "dynamic.json"
+    out = _kiln("bench", "dynamic", "--quick", "--engines", "eager,kiln_dynamic,kiln_static", "--json", str(j))
+    rows = json.loads(j.read_text())
+    assert {(r["model"], r["engine"]) for r in rows} == {(m, e) for m in ("hf_bert", "resnet18")
+                                                          for e in ("eager", "kiln_dynamic", "kiln_static")}
+    assert all("error" not in r for r in rows), rows
+    assert all(r["max_abs_err"] < 1e-3 and r["requests"] == 20 for r in rows)
+    assert "p99/p50" in out

@@ -1,0 +1,188 @@
+"""``kiln bench dynamic``: a stream of requests whose shapes change every call.
+
+    python -m kiln.bench.dynamic [--models hf_bert,resnet18] [--requests 300] [--threads 1]
+                                 [--engines eager,kiln_dynamic,kiln_static,inductor,onnxruntime]
+
+A seeded stream per model: Hugging Face BERT at batch 1 with sequence lengths drawn like real
+text (mostly 16-128 tokens, a tail to 512), ResNet-18 with batch sizes 1-32. Each engine runs
+the whole stream in a process of its own (so its peak RSS is its own): it is built on the
+first request's inputs, then answers every request; every compile it needs along the way
+(Kiln static: one per new shape) counts in the stream's total. Reported per engine: the
+total stream time including compiles, p50 and p99 request latency, peak RSS, and the largest
+output error against eager over the stream (checked on every 10th request).
+
+Engines: ``eager``; ``kiln_dynamic`` (``dynamic=True``); ``kiln_static`` (a plan per shape);
+``inductor`` (``torch.compile(dynamic=True)``); ``onnxruntime`` (dynamic axes); ``openvino``
+(dynamic shapes; when installed). Times from different processes are compared within one run
+of this command only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ENGINES = ("eager", "kiln_dynamic", "kiln_static", "inductor", "onnxruntime", "openvino")
+
+
+def stream(model: str, n: int, seed: int = 0, quick: bool = False) -> list[tuple[int, int]]:
+    """(batch, length) per request: BERT lengths mostly 16-128 with a tail to 512; ResNet
+    batches 1-32 (the length is the image side, fixed)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        if model == "resnet18":
+            out.append((rng.randint(1, 8 if quick else 32), 64 if quick else 224))
+        else:
+            common, top = (48, 64) if quick else (128, 512)
+            seq = rng.randint(16, common) if rng.random() < 0.9 else rng.randint(common + 1, top)
+            out.append((1, seq))
+    return out
+
+
+def _model(name: str, quick: bool):
+    import kiln
+
+    if name == "resnet18":
+        return kiln.models.resnet18(image=64 if quick else 224, num_classes=10 if quick else 1000)
+    small = dict(layers=2, hidden=64, heads=4, ffn=128, vocab=1000) if quick else {}
+    return getattr(kiln.models, name)(**small)
+
+
+def _inputs(name: str, batch: int, length: int, example):
+    import torch
+
+    if name == "resnet18":
+        return (torch.randn(batch, 3, length, length),)
+    return (torch.randint(0, 1000, (batch, length)), torch.ones(batch, length, dtype=example[1].dtype))
+
+
+def _build(engine: str, model, example, name: str):
+    import torch
+
+    if engine == "eager":
+        return model
+    if engine in ("kiln_dynamic", "kiln_static"):
+        import kiln
+
+        return kiln.compile(model, example, dynamic=engine == "kiln_dynamic")
+    if engine == "inductor":
+        fn = torch.compile(model, dynamic=True)
+        return lambda *a: fn(*a)
+    names = ["x"] if name == "resnet18" else ["input_ids", "attention_mask"]
+    axes = {"x": {0: "batch"}} if name == "resnet18" else {n: {0: "batch", 1: "seq"} for n in names}
+    import io
+
+    f = io.BytesIO()
+    torch.onnx.export(model, example, f, input_names=names, dynamic_axes=axes, opset_version=17, dynamo=False)
+    if engine == "onnxruntime":
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        sess = ort.InferenceSession(f.getvalue(), opts, providers=["CPUExecutionProvider"])
+        return lambda *a: torch.from_numpy(sess.run(None, {n: t.numpy() for n, t in zip(names, a)})[0])
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(f.getvalue()), "CPU",
+                                  {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "INFERENCE_PRECISION_HINT": "f32"})
+    return lambda *a: torch.from_numpy(compiled(list(t.numpy() for t in a))[0])
+
+
+def _first(out):
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def run_engine(engine: str, name: str, n: int, threads: int, quick: bool) -> dict:
+    """The whole stream on one engine, in this process."""
+    import torch
+
+    torch.set_num_threads(threads)
+    model, example = _model(name, quick)
+    reqs = stream(name, n, quick=quick)
+    first = _inputs(name, *reqs[0], example)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        fn = _build(engine, model, first, name)
+        build_s = time.perf_counter() - t0
+        lat, err = [], 0.0
+        for i, (b, s) in enumerate(reqs):
+            args = _inputs(name, b, s, example)
+            t = time.perf_counter()
+            out = _first(fn(*args))
+            lat.append(time.perf_counter() - t)
+            if i % 10 == 0:
+                err = max(err, float((out.float() - _first(model(*args)).float()).abs().max()))
+    total = time.perf_counter() - t0
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"engine": engine, "model": name, "threads": threads, "requests": n, "build_s": build_s,
+            "total_s": total, "p50_ms": statistics.median(lat) * 1e3,
+            "p99_ms": sorted(lat)[max(0, int(len(lat) * 0.99) - 1)] * 1e3, "peak_rss_mb": rss_mb,
+            "max_abs_err": err}
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--models", default="hf_bert,resnet18")
+    ap.add_argument("--engines", default="eager,kiln_dynamic,kiln_static,inductor,onnxruntime,openvino")
+    ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--threads", default="1", help="thread counts, e.g. 1,2")
+    ap.add_argument("--quick", action="store_true", help="small models and 20 requests (CI)")
+    ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    return main_with(ap.parse_args(argv))
+
+
+def main_with(args) -> int:
+    n = 20 if args.quick else args.requests
+    if args.child:
+        engine, name, threads = args.child.split(":")
+        print(json.dumps(run_engine(engine, name, n, int(threads), args.quick)))
+        return 0
+    rows = []
+    for name in args.models.split(","):
+        for threads in (int(t) for t in args.threads.split(",")):
+            for engine in args.engines.split(","):
+                if engine not in ENGINES:
+                    raise SystemExit(f"unknown engine {engine!r}; engines: {', '.join(ENGINES)}")
+                cmd = [sys.executable, "-m", "kiln.bench.dynamic", "--child", f"{engine}:{name}:{threads}",
+                       "--requests", str(n)] + (["--quick"] if args.quick else [])
+                print(f"[kiln bench dynamic] {name}, {engine}, {threads} thread(s)", file=sys.stderr)
+                out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+                if out.returncode != 0:
+                    why = (out.stderr.strip().splitlines() or ["failed"])[-1][:200]
+                    rows.append({"engine": engine, "model": name, "threads": threads, "error": why})
+                    continue
+                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print("| model | threads | engine | total s (incl. compiles) | build s | p50 ms | p99 ms | p99/p50 | peak RSS MB | max err |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['model']} | {r['threads']} | {r['engine']} | failed: {r['error']} |||||||")
+            continue
+        print(f"| {r['model']} | {r['threads']} | {r['engine']} | {r['total_s']:.1f} | {r['build_s']:.1f} | "
+              f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['p99_ms'] / r['p50_ms']:.2f} | {r['peak_rss_mb']:.0f} | "
+              f"{r['max_abs_err']:.1e} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
