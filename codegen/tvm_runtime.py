@@ -116,6 +116,7 @@ class GeneratedKernel:
 
     def __init__(self, func, group, name: str, config: dict, built: bool, tuning=None, threads: int = 1):
         self.func, self.name, self.config, self.built = func, name, config, built
+        self.group = group  # what it computes: an artifact ships its module by (group, config, threads)
         self.threads = threads  # built with parallel loops for this many threads (1: none)
         self.tvm_pool = threads > 1 and id(func) not in _ON_OPENMP  # else torch's OpenMP workers
         self.tuning = tuning  # the tuner's TuneResult (trials measured, database hit)

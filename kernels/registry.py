@@ -15,6 +15,10 @@ from typing import Callable
 
 from kiln.ir import Node, OpKind
 
+# CPU features (``kiln.target.CPU_FEATURES`` names) of the kernels that check for them at run time
+AMX_BF16 = ("amx_tile", "amx_bf16", "avx512_bf16")
+VNNI = ("avx512bw", "avx512_vnni")
+
 # A kernel is called as fn(inputs: list[Tensor | None], attrs) -> Tensor | tuple[Tensor, ...]
 KernelFn = Callable[..., object]
 
@@ -23,7 +27,11 @@ KernelFn = Callable[..., object]
 class Kernel:
     """``prepare(node, constants)``, when given, runs once when a plan is built (weight
     prepacking and other compile-time work) and returns the function the plan calls;
-    ``constants`` holds the constant tensor of each operand (None for run-time values)."""
+    ``constants`` holds the constant tensor of each operand (None for run-time values).
+    ``requires`` names the CPU features (``kiln.target.CPU_FEATURES``) the kernel cannot run
+    without: a plan loaded from an artifact on a CPU that lacks one re-chooses that node's
+    kernel (``accepts`` asks the host itself; ``requires`` answers for any target, a
+    simulated one included)."""
 
     op: OpKind
     target: str
@@ -31,6 +39,11 @@ class Kernel:
     fn: KernelFn
     accepts: Callable[[Node], bool] = lambda node: True
     prepare: Callable | None = None
+    requires: frozenset = frozenset()
+
+    def runs_on(self, features) -> bool:
+        """Whether a CPU with ``features`` has everything this kernel needs."""
+        return self.requires <= frozenset(features)
 
     def bind(self, node: Node, constants: list) -> KernelFn:
         return self.fn if self.prepare is None else self.prepare(node, constants)
@@ -55,9 +68,10 @@ def _load_kernel_modules() -> None:
         _loaded = True
 
 
-def register_kernel(op: OpKind, target: str, name: str | None = None, accepts=None, prepare=None):
+def register_kernel(op: OpKind, target: str, name: str | None = None, accepts=None, prepare=None,
+                    requires=()):
     def deco(fn: KernelFn) -> KernelFn:
-        k = Kernel(op, target, name or fn.__name__, fn, accepts or (lambda node: True), prepare)
+        k = Kernel(op, target, name or fn.__name__, fn, accepts or (lambda node: True), prepare, frozenset(requires))
         _REGISTRY.setdefault((op, target), []).append(k)
         return fn
 
@@ -90,6 +104,13 @@ def select_kernel(node: Node, target: str) -> Kernel:
     if not ks:
         raise KeyError(f"no reference kernel for {node.op.value}")
     return ks[0]
+
+
+def kernel_named(name: str) -> Kernel | None:
+    """The registered kernel called ``name`` (None when no kernel has that name)."""
+    _load_kernel_modules()
+
+    return next((k for ks in _REGISTRY.values() for k in ks if k.name == name), None)
 
 
 def all_kernels() -> list[Kernel]:

@@ -41,6 +41,7 @@ class Compiled:
     out_literals: dict
     input_names: list
     report: CompileReport
+    partition: object = None  # the kernel groups the plan was built over (kiln.save records them)
 
 
 # ----------------------------------------------------------------------------- import
@@ -143,7 +144,7 @@ def compile_imported(imp: Imported, options: CompileOptions, name: str) -> Compi
                  "codegen": plan.codegen_seconds, "total": imp.seconds + passes_s + plan_s},
         import_cache_hit=imp.cache_hit, compile_cache_hit=hit is not None, memory=plan.memory,
         graph_nodes=len(result.graph.nodes))
-    return Compiled(plan, result.graph, imp.out_spec, imp.out_literals, imp.input_names, report)
+    return Compiled(plan, result.graph, imp.out_spec, imp.out_literals, imp.input_names, report, result.partition)
 
 
 def _label(node) -> str:

@@ -1,0 +1,450 @@
+"""kiln.save / kiln.load: round trips (in a fresh process, bitwise), several specializations,
+no measuring at load, portability to a CPU with fewer features, and every kind of bad file."""
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+from torch import nn
+
+import kiln
+from kiln import KilnError, KilnWarning
+from kiln.artifact import FORMAT_VERSION
+from kiln.target import Target, host_cpu
+
+
+class Tiny(nn.Module):
+    """A linear (a library kernel), an elementwise tail and a LayerNorm (a generated kernel
+    group), and structured outputs with a constant leaf."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 32)
+        self.norm = nn.LayerNorm(32)
+
+    def forward(self, x, scale):
+        h = self.fc(x)
+        y = self.norm(torch.tanh(h) * scale + 1.0)
+        return {"y": y, "pair": (y.sum(-1), 3)}
+
+
+def _tiny(batch=4):
+    torch.manual_seed(0)
+    return Tiny().eval(), (torch.randn(batch, 16), torch.randn(batch, 32))
+
+
+def _leaves(out):
+    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _bitwise(a, b) -> bool:
+    la, lb = _leaves(a), _leaves(b)
+    return len(la) == len(lb) and all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(la, lb))
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tmp_path_factory):
+    """(path, inputs, outputs of the compiled model) for Tiny, compiled with its generated group."""
+    model, inputs = _tiny()
+    compiled = kiln.compile(model, inputs)
+    path = str(tmp_path_factory.mktemp("art") / "tiny.kiln")
+    compiled.save(path)
+    with torch.no_grad():
+        return path, inputs, compiled(*inputs), compiled
+
+
+# ----------------------------------------------------------------------------- round trips
+def test_round_trip_same_process(tiny_artifact):
+    path, inputs, out, compiled = tiny_artifact
+    loaded = kiln.load(path)
+    assert isinstance(loaded, kiln.CompiledModel)
+    got = loaded(*inputs)
+    assert _bitwise(got, out) and got["pair"][1] == 3
+    assert loaded.report.artifact == path and not loaded.report.rechosen
+    assert loaded.report.kernels == compiled.report.kernels
+
+
+def test_the_weights_member_is_a_safetensors_file(tiny_artifact):
+    from safetensors.torch import load as st_load
+
+    path, *_ = tiny_artifact
+    with zipfile.ZipFile(path) as z:
+        tensors = st_load(z.read("weights.safetensors"))
+        manifest = json.loads(z.read("manifest.json"))
+    assert set(tensors) == set(manifest["weights"]["tensors"])
+    assert manifest["format_version"] == FORMAT_VERSION and manifest["target"]["features"] == sorted(host_cpu().features)
+
+
+_FRESH = r"""
+import sys, torch, kiln
+from safetensors.torch import load_file, save_file
+for path, io in zip(sys.argv[1::2], sys.argv[2::2]):
+    m = kiln.load(path)
+    d = load_file(io)
+    ins = [d[f"in{i}"] for i in range(sum(k.startswith("in") for k in d))]
+    with torch.no_grad():
+        out = m(*ins)
+    leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    save_file({f"out{i}": t.contiguous() for i, t in enumerate(leaves)}, io + ".out")
+# what loading needed: no exporter, no passes, no code generators, no model classes
+bad = [m for m in ("tvm", "triton", "kiln.frontends.torch_export", "kiln.passes.pipeline", "kiln.models",
+                   "transformers") if m in sys.modules]
+assert not bad, bad
+"""
+
+
+def test_round_trip_in_a_fresh_process_is_bitwise(tmp_path, tiny_artifact):
+    """Each model family, saved here and loaded in a new process that imports only kiln."""
+    from safetensors.torch import load_file, save_file
+
+    cases = [("tiny", tiny_artifact[2], tiny_artifact[0], tiny_artifact[1])]
+    for name, kw in [("bert", dict(layers=1, hidden=64, heads=2, seq=16, vocab=100)),
+                     ("resnet18", dict(image=32, num_classes=10)), ("lstm", dict(batch=4, seq=8))]:
+        model, inputs = kiln.models.get(name, **kw)
+        compiled = kiln.compile(model, inputs)
+        path = str(tmp_path / f"{name}.kiln")
+        kiln.save(compiled, path)
+        with torch.no_grad():
+            cases.append((name, compiled(*inputs), path, inputs))
+    argv = []
+    for name, out, path, inputs in cases:
+        io = str(tmp_path / f"{name}.io")
+        save_file({f"in{i}": t for i, t in enumerate(inputs)}, io)
+        argv += [path, io]
+    r = subprocess.run([sys.executable, "-c", _FRESH, *argv], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name, out, path, inputs in cases:
+        got = load_file(str(tmp_path / f"{name}.io.out"))
+        want = _leaves(out)
+        assert len(got) == len(want), name
+        for i, t in enumerate(want):
+            assert torch.equal(got[f"out{i}"], t), f"{name}: output {i} differs after loading in a new process"
+
+
+def test_several_specializations_share_their_weights(tmp_path):
+    model, (x, s) = _tiny(batch=4)
+    compiled = kiln.compile(model)
+    with torch.no_grad():
+        outs = [compiled(x, s), compiled(x[:2], s[:2])]
+    path = str(tmp_path / "two.kiln")
+    kiln.save(compiled, path)
+    manifest = kiln.artifact.info(path)
+    assert len(manifest["plans"]) == 2
+    # fc.weight, fc.bias, norm.weight, norm.bias (and any folded constant) once, not per plan
+    consts = len(compiled.compiled[0].graph.constants)
+    assert len(manifest["weights"]["tensors"]) <= consts
+    loaded = kiln.load(path)
+    assert _bitwise(loaded(x, s), outs[0]) and _bitwise(loaded(x[:2], s[:2]), outs[1])
+    with pytest.raises(KilnError, match="cannot compile new shapes"):
+        loaded(x[:3], s[:3])
+
+
+def test_tied_weights_are_stored_once(tmp_path):
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.b = nn.Linear(8, 8)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    model, x = Tied().eval(), torch.randn(2, 8)
+    compiled = kiln.compile(model, (x,), codegen=False)
+    path = str(tmp_path / "tied.kiln")
+    kiln.save(compiled, path)
+    index = kiln.artifact.info(path)["weights"]["tensors"]
+    shapes = sorted(tuple(r["shape"]) for r in index.values())
+    assert shapes.count((8, 8)) == 1, index
+    assert _bitwise(kiln.load(path)(x), compiled(x))
+
+
+def test_loading_measures_nothing_and_generates_nothing(tiny_artifact, monkeypatch):
+    import kiln.kernels.choice as choice
+    import kiln.runtime.generated as generated
+    import kiln.runtime.module_cache as module_cache
+
+    def forbidden(*a, **k):
+        raise AssertionError("kiln.load measured or generated a kernel")
+
+    for mod, name in [(choice, "best_seconds"), (choice, "choose_group"), (generated, "generated_kernel"),
+                      (module_cache, "build_and_store"), (module_cache, "build_in_memory")]:
+        monkeypatch.setattr(mod, name, forbidden)
+    path, inputs, out, _ = tiny_artifact
+    assert _bitwise(kiln.load(path)(*inputs), out)
+
+
+def test_save_needs_a_compiled_model(tmp_path):
+    model, inputs = _tiny()
+    with pytest.raises(KilnError, match="not been compiled yet"):
+        kiln.save(kiln.compile(model), str(tmp_path / "x.kiln"))
+    with pytest.raises(KilnError, match="takes what kiln.compile returns"):
+        kiln.save(model, str(tmp_path / "x.kiln"))
+    with pytest.raises(KilnError, match="is a directory"):
+        kiln.save(kiln.compile(model, inputs, codegen=False), str(tmp_path))
+
+
+def test_a_failed_save_leaves_no_file_and_keeps_the_old_one(tmp_path, tiny_artifact, monkeypatch):
+    from kiln import artifact_io
+
+    _, inputs, _, compiled = tiny_artifact
+    path = tmp_path / "m.kiln"
+    path.write_bytes(b"the previous artifact")
+
+    def fail(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(artifact_io.Writer, "add_tensors", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        compiled.save(str(path))
+    assert path.read_bytes() == b"the previous artifact"
+    assert sorted(os.listdir(tmp_path)) == ["m.kiln"]  # no temporary file left behind
+    monkeypatch.undo()
+    compiled.save(str(tmp_path / "new.kiln"))
+    assert sorted(os.listdir(tmp_path)) == ["m.kiln", "new.kiln"]
+
+
+# ----------------------------------------------------------------------------- portability
+def _fewer_features(*drop) -> Target:
+    h = host_cpu()
+    return Target("cpu", h.arch, h.features - set(drop), h.cores)
+
+
+def test_generated_kernels_are_rechosen_on_a_cpu_without_their_features(tiny_artifact, monkeypatch):
+    path, inputs, out, compiled = tiny_artifact
+    assert any(k.startswith("tvm.group.") for k in compiled.report.kernels), "the fixture needs a generated kernel"
+    monkeypatch.setenv("KILN_KERNEL_CHOICE", "first")  # the re-choice: no timing in tests
+    smaller = _fewer_features("avx512_fp16")
+    with pytest.warns(KilnWarning, match="chosen again"):
+        loaded = kiln.load(path, target=smaller)
+    assert not any(k.startswith("tvm.group.") for k in loaded.report.kernels)
+    assert loaded.report.rechosen and all("generated module" in why for _, _, why in loaded.report.rechosen)
+    torch.testing.assert_close(loaded(*inputs)["y"], out["y"], rtol=1e-4, atol=1e-4)
+    with pytest.raises(KilnError, match="avx512_fp16"):
+        kiln.load(path, target=smaller, strict=True)
+
+
+def test_an_amx_kernel_is_rechosen_on_a_cpu_without_amx(tmp_path, monkeypatch):
+    from kiln.ir import OpKind
+    from kiln.kernels.registry import all_kernels
+
+    from kiln import _C
+
+    if not _C.rnn_amx_supported():
+        pytest.skip("this CPU has no AMX-BF16")
+    model, inputs = kiln.models.get("lstm", batch=4, seq=8, hidden=32)
+    others = sorted(k.name for k in all_kernels() if k.op is OpKind.LSTM and k.target == "cpu"
+                    and k.name != "cpu.lstm_layer_amx")
+    monkeypatch.setenv("KILN_KERNEL_CHOICE", "first")
+    compiled = kiln.compile(model, inputs, precision="bf16", exclude_kernels=others, codegen=False)
+    assert compiled.report.kernels.get("cpu.lstm_layer_amx")
+    path = str(tmp_path / "lstm_bf16.kiln")
+    compiled.save(path)
+    no_amx = _fewer_features("amx_tile", "amx_bf16", "amx_int8")
+    with pytest.raises(KilnError, match=r"cpu\.lstm_layer_amx.*amx_bf16"):
+        kiln.load(path, target=no_amx, strict=True)
+    with pytest.warns(KilnWarning):
+        loaded = kiln.load(path, target=no_amx)
+    assert "cpu.lstm_layer_amx" not in loaded.report.kernels
+    assert [k for _, k, _ in loaded.report.rechosen] == ["cpu.lstm_layer_amx"] * compiled.report.kernels[
+        "cpu.lstm_layer_amx"]
+    with torch.no_grad():
+        ref = compiled(*inputs)
+        got = loaded(*inputs)
+    assert float((got - ref).abs().max()) <= 2e-2 * max(1.0, float(ref.abs().max()))
+    assert _bitwise(kiln.load(path)(*inputs), ref)  # on this CPU: the AMX kernel again
+
+
+# ----------------------------------------------------------------------------- bad files
+def _rewrite(src: str, dst: str, replace: dict | None = None, drop=(), manifest=None, extra: dict | None = None):
+    """Copy the artifact ``src`` to ``dst`` with members replaced, dropped or added, and the
+    manifest passed through ``manifest(doc)``."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            if info.filename in drop:
+                continue
+            data = (replace or {}).get(info.filename, zin.read(info.filename))
+            if info.filename == "manifest.json" and manifest is not None:
+                doc = json.loads(data)
+                manifest(doc)
+                data = json.dumps(doc).encode()
+            zout.writestr(info.filename, data)
+        for name, data in (extra or {}).items():
+            zout.writestr(name, data)
+    return dst
+
+
+def _member_offset(path: str, name: str) -> int:
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(name)
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 26)
+        n, e = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+    return info.header_offset + 30 + n + e
+
+
+def _flip(src: str, dst: str, offset: int) -> str:
+    data = bytearray(open(src, "rb").read())
+    data[offset] ^= 0x40
+    open(dst, "wb").write(bytes(data))
+    return dst
+
+
+def _kernel_member(path: str) -> str:
+    with zipfile.ZipFile(path) as z:
+        return next(n for n in z.namelist() if n.startswith("kernels/"))
+
+
+def test_truncated_files(tiny_artifact, tmp_path):
+    path = tiny_artifact[0]
+    data = open(path, "rb").read()
+    for cut in (len(data) - 10, len(data) // 2, 100, 0):
+        p = tmp_path / f"cut{cut}.kiln"
+        p.write_bytes(data[:cut])
+        with pytest.raises(KilnError, match="truncated|not a Kiln artifact"):
+            kiln.load(str(p))
+
+
+def test_flipped_bytes_fail_their_checksums(tiny_artifact, tmp_path):
+    path = tiny_artifact[0]
+    with zipfile.ZipFile(path) as z:
+        index = json.loads(z.read("manifest.json"))["weights"]["tensors"]
+    # inside the weights (past the safetensors header): the tensor is named
+    weights = _member_offset(path, "weights.safetensors")
+    size = os.path.getsize(path)
+    with zipfile.ZipFile(path) as z:
+        wsize = z.getinfo("weights.safetensors").file_size
+    p = _flip(path, str(tmp_path / "w.kiln"), weights + wsize - 3)
+    with pytest.raises(KilnError, match=r"weight '.*' fails its checksum"):
+        kiln.load(p)
+    assert len(index) > 1
+    for member, what in [("plans/0/graph.json", "graph.json' fails its checksum"),
+                         (_kernel_member(path), "fails its checksum")]:
+        p = _flip(path, str(tmp_path / "m.kiln"), _member_offset(path, member) + 5)
+        with pytest.raises(KilnError, match=what):
+            kiln.load(p)
+    p = _flip(path, str(tmp_path / "man.kiln"), _member_offset(path, "manifest.json") + 20)
+    with pytest.raises(KilnError, match="manifest.json"):
+        kiln.load(p)
+    assert os.path.getsize(path) == size
+
+
+def test_a_kernel_whose_hash_does_not_match_is_not_loaded(tiny_artifact, tmp_path, monkeypatch):
+    from kiln.codegen import tvm_runtime
+
+    path = tiny_artifact[0]
+    member = _kernel_member(path)
+    with zipfile.ZipFile(path) as z:
+        so = z.read(member)
+    other = so[:-64] + bytes(64)  # the same size, different bytes
+    p = _rewrite(path, str(tmp_path / "k.kiln"), replace={member: other})
+    loaded = []
+    monkeypatch.setattr(tvm_runtime, "load_module", lambda f: loaded.append(f))
+    with pytest.raises(KilnError, match=f"{member}' fails its checksum"):
+        kiln.load(p)
+    assert not loaded
+
+
+def test_missing_member_and_unsafe_names(tiny_artifact, tmp_path):
+    path = tiny_artifact[0]
+    for member in ("weights.safetensors", "plans/0/graph.json", _kernel_member(path)):
+        p = _rewrite(path, str(tmp_path / "miss.kiln"), drop={member})
+        with pytest.raises(KilnError, match=f"member '{member}' is missing"):
+            kiln.load(p)
+    p = _rewrite(path, str(tmp_path / "nomanifest.kiln"), drop={"manifest.json"})
+    with pytest.raises(KilnError, match="without manifest.json"):
+        kiln.load(p)
+    for name in ("../x", "/etc/passwd", "a/../../x"):
+        p = _rewrite(path, str(tmp_path / "evil.kiln"), extra={name: b"x"})
+        with pytest.raises(KilnError, match="unsafe member name"):
+            kiln.load(p)
+
+
+def test_other_format_versions_and_a_manifest_from_the_future(tiny_artifact, tmp_path):
+    path = tiny_artifact[0]
+
+    def future(doc):
+        doc["format_version"] = FORMAT_VERSION + 1
+        doc["kiln_version"] = "9.0"
+
+    p = _rewrite(path, str(tmp_path / "future.kiln"), manifest=future)
+    with pytest.raises(KilnError, match=rf"format version {FORMAT_VERSION + 1}.*9\.0.*reads format version "
+                                        rf"{FORMAT_VERSION}.*upgrade"):
+        kiln.load(p)
+    p = _rewrite(path, str(tmp_path / "old.kiln"), manifest=lambda d: d.update(format_version=0))
+    with pytest.raises(KilnError, match=rf"format version 0.*reads format version {FORMAT_VERSION}"):
+        kiln.load(p)
+    p = _rewrite(path, str(tmp_path / "other.kiln"), manifest=lambda d: d.update(format="something-else"))
+    with pytest.raises(KilnError, match="not a Kiln artifact"):
+        kiln.load(p)
+    p = _rewrite(path, str(tmp_path / "partial.kiln"), manifest=lambda d: d.pop("options"))
+    with pytest.raises(KilnError, match="manifest is incomplete"):
+        kiln.load(p)
+
+
+def test_a_cuda_artifact_on_a_cpu_machine(tiny_artifact, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    p = _rewrite(tiny_artifact[0], str(tmp_path / "cuda.kiln"),
+                 manifest=lambda d: d["target"].update(kind="cuda", arch="sm_90", features=[]))
+    with pytest.raises(KilnError, match=r"compiled for cuda:sm_90 .* no CUDA device"):
+        kiln.load(p)
+
+
+def _consistent(path: str, dst: str, change):
+    """The artifact with its weights rewritten by ``change(tensors)`` and every checksum and
+    index entry updated to match: only the graph check can tell."""
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    from kiln.artifact_io import sha256
+
+    with zipfile.ZipFile(path) as z:
+        tensors = st_load(z.read("weights.safetensors"))
+    change(tensors)
+    data = st_save(tensors)
+
+    def fix(doc):
+        for name, t in tensors.items():
+            doc["weights"]["tensors"][name].update(dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape),
+                                                   sha256=sha256(t.contiguous().view(-1).view(torch.uint8).numpy()))
+        doc["members"]["weights.safetensors"] = {"sha256": sha256(data), "bytes": len(data)}
+
+    return _rewrite(path, dst, replace={"weights.safetensors": data}, manifest=fix)
+
+
+def test_weights_of_the_wrong_shape_or_dtype(tiny_artifact, tmp_path):
+    path = tiny_artifact[0]
+
+    def shape(ts):
+        name = next(n for n, t in ts.items() if t.dim() == 2)
+        ts[name] = ts[name][:, :-1].contiguous()
+
+    def dtype(ts):
+        name = next(n for n, t in ts.items() if t.dtype == torch.float32)
+        ts[name] = ts[name].double()
+
+    for change, what in [(shape, "shape"), (dtype, "dtype")]:
+        p = _consistent(path, str(tmp_path / f"{what}.kiln"), change)
+        with pytest.raises(KilnError, match=r"graph.json does not describe a valid graph.*constant"):
+            kiln.load(p)
+
+
+def test_paths_that_are_not_artifacts(tmp_path):
+    with pytest.raises(KilnError, match="no such file"):
+        kiln.load(str(tmp_path / "absent.kiln"))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "saved_model.pb").write_bytes(b"\x08\x01")
+    with pytest.raises(KilnError, match="is a directory, not a Kiln artifact"):
+        kiln.load(str(tmp_path / "folder"))
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x07\x12\x04kiln")
+    with pytest.raises(KilnError, match="not a Kiln artifact"):
+        kiln.load(str(tmp_path / "model.onnx"))
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as z:
+        z.writestr("readme.txt", "hello")
+    with pytest.raises(KilnError, match="not a Kiln artifact"):
+        kiln.load(str(tmp_path / "other.zip"))
