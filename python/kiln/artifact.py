@@ -192,6 +192,7 @@ def load(path, *, strict: bool = False, target=None, rebuild_kernels: bool = Fal
     naming the problem, before a model is returned.
     """
     t0 = time.perf_counter()
+    secs: dict[str, float] = {}  # where the load's time went (every plan's report.seconds)
     with Reader(path) as r:
         m = r.manifest()
         _check_format(m, r.path)
@@ -207,41 +208,52 @@ def load(path, *, strict: bool = False, target=None, rebuild_kernels: bool = Fal
         if not plans_rec:
             raise KilnError(f"{r.path} holds no plans")
         t1 = time.perf_counter()
-        tensors = r.tensors(wrec["member"], index, threads=max(1, torch.get_num_threads()))
+        secs["manifest"] = t1 - t0
+        tensors = r.tensors(wrec["member"], index, threads=min(4, os.cpu_count() or 1))
         for name, rec in index.items():
             if rec.get("perm") is not None:
                 tensors[name] = _unpermute(tensors[name], rec["perm"], name, r.path)
         t2 = time.perf_counter()
+        secs["read_weights"] = t2 - t1
         generated_ok, why_not = _generated_loadable(built_for, here, rebuild_kernels, plans_rec)
+        secs["runtime"] = time.perf_counter() - t2
         if strict and not generated_ok:
             raise KilnError(f"{r.path}: its generated kernels cannot run here ({why_not}) and strict=True")
         plans, name = [], str(m.get("model", "model"))
         for rec in plans_rec:
-            tp = time.perf_counter()
             try:
+                tk = time.perf_counter()
                 shipped = _shipped(r, rec, members, rebuild_kernels) if generated_ok else None
-                c = _load_plan(r, name, rec, members, tensors, here, options, shipped, strict, rebuild_kernels)
+                _add(secs, "kernels", time.perf_counter() - tk)
+                c = _load_plan(r, name, rec, members, tensors, here, options, shipped, strict, rebuild_kernels, secs)
                 key = _key_from(rec["key"])
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise KilnError(f"{r.path}: a plan record is incomplete or damaged ({type(e).__name__}: {e})") from None
-            c.report.seconds = {"read_weights": t2 - t1, "plan": time.perf_counter() - tp}
             plans.append((key, c))
-    total = time.perf_counter() - t0
-    for _, c in plans:
-        c.report.seconds["total"] = total
     rechosen = [x for _, c in plans for x in c.report.rechosen]
     if rechosen:
         warnings.warn(f"{len(rechosen)} kernel(s) recorded in {r.path} cannot run here and were chosen again "
                       f"(first: {rechosen[0][0]}: {rechosen[0][1]}, {rechosen[0][2]}); kiln.load(strict=True) "
                       f"refuses instead", KilnWarning, stacklevel=2)
+    t3 = time.perf_counter()
     try:
         spec = [_spec_from(s) for s in inputs["spec"]]
         state = ModelState(name, options, m.get("source") == "onnx", spec,
                            _loads_tree(inputs["tree"], r.path), inputs["tensor_args"],
                            set(inputs["value_inputs"]), plans)
+        for (_, c), rec in zip(plans, plans_rec):
+            c.out_spec = _loads_tree(rec.get("out_spec"), r.path)
     except (KeyError, TypeError, ValueError) as e:
         raise KilnError(f"{r.path}: the manifest's input description is damaged ({e})") from None
+    secs["structure"] = time.perf_counter() - t3
+    secs["total"] = time.perf_counter() - t0
+    for _, c in plans:
+        c.report.seconds = dict(secs)
     return CompiledModel.from_state(state)
+
+
+def _add(secs: dict, key: str, seconds: float) -> None:
+    secs[key] = secs.get(key, 0.0) + seconds
 
 
 def _check_format(m: dict, path: str) -> None:
@@ -330,19 +342,24 @@ def _extract(data: bytes, source: str) -> str:
 
 
 def _load_plan(r: Reader, name: str, rec: dict, members: dict, tensors: dict, here: Target, options: CompileOptions,
-               shipped, strict: bool, rebuild: bool) -> Compiled:
+               shipped, strict: bool, rebuild: bool, secs: dict) -> Compiled:
     from kiln.ir import SerializeError, VerifyError, from_json, verify
     from kiln.ir.serialize import decode
     from kiln.runtime.restore import restore_plan
 
+    t0 = time.perf_counter()
     path, member = r.path, rec["graph"]
     text = r.read(member, members.get(member, {}))
     try:
         graph = verify(from_json(text.decode(), resolve=tensors.get))
     except (SerializeError, VerifyError, KeyError, TypeError, ValueError, IndexError) as e:
         raise KilnError(f"{path}: {member} does not describe a valid graph with the saved weights ({e})") from None
+    t1 = time.perf_counter()
     plan, missing = restore_plan(graph, here, rec["node_kernels"], rec.get("groups"), shipped,
                                  strict=strict, rebuild=rebuild, exclude=options.exclude_kernels)
+    _add(secs, "graphs", t1 - t0)
+    _add(secs, "kernels", plan.codegen_seconds)  # loading the generated modules
+    _add(secs, "prepare", time.perf_counter() - t1 - plan.codegen_seconds)
     rep = rec.get("report", {})
     report = CompileReport(
         model=name, target=str(here), options=options,
@@ -355,8 +372,7 @@ def _load_plan(r: Reader, name: str, rec: dict, members: dict, tensors: dict, he
         memory=plan.memory, graph_nodes=len(graph.nodes), artifact=str(path),
         rechosen=[(u.label, u.kernel, u.why) for u in missing])
     literals = {int(k): decode(v) for k, v in rec.get("out_literals", {}).items()}
-    return Compiled(plan, graph, _loads_tree(rec.get("out_spec"), path), literals, list(rec["input_names"]),
-                    report)
+    return Compiled(plan, graph, None, literals, list(rec["input_names"]), report)  # out_spec: set by load
 
 
 # ============================================================================= records

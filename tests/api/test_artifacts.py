@@ -401,7 +401,7 @@ def _consistent(path: str, dst: str, change):
     from safetensors.torch import load as st_load
     from safetensors.torch import save as st_save
 
-    from kiln.artifact_io import sha256
+    from kiln.artifact_io import crc32
 
     with zipfile.ZipFile(path) as z:
         tensors = st_load(z.read("weights.safetensors"))
@@ -411,8 +411,8 @@ def _consistent(path: str, dst: str, change):
     def fix(doc):
         for name, t in tensors.items():
             doc["weights"]["tensors"][name].update(dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape),
-                                                   sha256=sha256(t.contiguous().view(-1).view(torch.uint8).numpy()))
-        doc["members"]["weights.safetensors"] = {"sha256": sha256(data), "bytes": len(data)}
+                                                   crc32=crc32(t.contiguous().view(-1).view(torch.uint8).numpy()))
+        doc["members"]["weights.safetensors"] = {"bytes": len(data)}
 
     return _rewrite(path, dst, replace={"weights.safetensors": data}, manifest=fix)
 
