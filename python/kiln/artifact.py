@@ -527,6 +527,28 @@ def _unpermute(t: torch.Tensor, perm, name: str, path: str) -> torch.Tensor:
     return t.permute(inverse)
 
 
+def read_graph(path, plan: int = 0):
+    """Plan ``plan``'s optimized graph with its weights, checked, without building the plan."""
+    from kiln.ir import SerializeError, VerifyError, from_json, verify
+
+    with Reader(path) as r:
+        m = r.manifest()
+        _check_format(m, r.path)
+        try:
+            rec, index = m["plans"][plan], m["weights"]["tensors"]
+            member, expect = rec["graph"], m["members"].get(rec["graph"], {})
+        except (KeyError, TypeError, IndexError) as e:
+            raise KilnError(f"{r.path}: no plan {plan} ({type(e).__name__}: {e})") from None
+        tensors = r.tensors(m["weights"]["member"], index)
+        for name, w in index.items():
+            if w.get("perm") is not None:
+                tensors[name] = _unpermute(tensors[name], w["perm"], name, r.path)
+        try:
+            return verify(from_json(r.read(member, expect).decode(), resolve=tensors.get))
+        except (SerializeError, VerifyError, KeyError, TypeError, ValueError) as e:
+            raise KilnError(f"{r.path}: {member} is not a valid graph ({e})") from None
+
+
 def info(path) -> dict:
     """The manifest of the artifact at ``path`` (checked for format), plus its file size."""
     with Reader(path) as r:

@@ -96,15 +96,34 @@ assert not bad, bad
 """
 
 
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 64)).eval(), (torch.randn(8, 256),)
+
+
+_SMALL_BERT = dict(layers=1, hidden=64, heads=2, seq=16, vocab=100)
+# (label, model factory, compile options): each family, each precision, each weight format
+_FAMILIES = [
+    ("bert", lambda: kiln.models.get("bert", **_SMALL_BERT), {}),
+    ("resnet18", lambda: kiln.models.get("resnet18", image=32, num_classes=10), {}),
+    ("lstm", lambda: kiln.models.get("lstm", batch=4, seq=8), {}),
+    ("bert_bf16", lambda: kiln.models.get("bert", **_SMALL_BERT), dict(precision="bf16")),
+    ("bert_int8_dynamic", lambda: kiln.models.get("bert", **_SMALL_BERT), dict(quantize="int8-dynamic")),
+    ("mlp_int8_static", _mlp, dict(quantize="int8-static", calibration=[_mlp()[1]])),
+    ("mlp_int4_weight", _mlp, dict(quantize="int4-weight", group_size=32)),
+    ("mlp_bsr", lambda: (kiln.sparsify(_mlp()[0], 0.9, "block(4,4)"), _mlp()[1]), dict(sparse="bsr")),
+]
+
+
 def test_round_trip_in_a_fresh_process_is_bitwise(tmp_path, tiny_artifact):
-    """Each model family, saved here and loaded in a new process that imports only kiln."""
+    """Each model family, precision and weight format, saved here and loaded in a new
+    process that imports only kiln: the outputs are bitwise those of the saved model."""
     from safetensors.torch import load_file, save_file
 
     cases = [("tiny", tiny_artifact[2], tiny_artifact[0], tiny_artifact[1])]
-    for name, kw in [("bert", dict(layers=1, hidden=64, heads=2, seq=16, vocab=100)),
-                     ("resnet18", dict(image=32, num_classes=10)), ("lstm", dict(batch=4, seq=8))]:
-        model, inputs = kiln.models.get(name, **kw)
-        compiled = kiln.compile(model, inputs)
+    for name, factory, options in _FAMILIES:
+        model, inputs = factory()
+        compiled = kiln.compile(model, inputs, **options)
         path = str(tmp_path / f"{name}.kiln")
         kiln.save(compiled, path)
         with torch.no_grad():
@@ -122,6 +141,49 @@ def test_round_trip_in_a_fresh_process_is_bitwise(tmp_path, tiny_artifact):
         assert len(got) == len(want), name
         for i, t in enumerate(want):
             assert torch.equal(got[f"out{i}"], t), f"{name}: output {i} differs after loading in a new process"
+
+
+def test_quantized_and_sparse_formats_are_recorded(tmp_path):
+    model, inputs = _mlp()
+    sparse = kiln.compile(kiln.sparsify(model, 0.9, "block(4,4)"), inputs, sparse="bsr")
+    kiln.save(sparse, str(tmp_path / "s.kiln"))
+    loaded = kiln.load(str(tmp_path / "s.kiln"))
+    assert [d.format for d in loaded.report.sparsity] == [d.format for d in sparse.report.sparsity]
+    assert any(d.format.startswith("bsr") for d in loaded.report.sparsity)
+    quant = kiln.compile(model, inputs, quantize="int4-weight", group_size=32)
+    kiln.save(quant, str(tmp_path / "q.kiln"))
+    loaded = kiln.load(str(tmp_path / "q.kiln"))
+    assert loaded.options.quantize.scheme == "int4-weight" and loaded.options.quantize.group_size == 32
+    assert [d.quantized for d in loaded.report.quantization] == [d.quantized for d in quant.report.quantization]
+
+
+def test_cli_compile_info_run_dump(tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    from kiln.cli import main
+
+    (tmp_path / "artifact_models.py").write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "def small():\n"
+        "    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)).eval(), (torch.randn(2, 8),)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = str(tmp_path / "small.kiln")
+    assert main(["compile", "artifact_models:small", "-o", out, "--quantize", "int8-dynamic"]) == 0
+    assert main(["info", out]) == 0
+    text = capsys.readouterr().out
+    assert "Kiln artifact format" in text and "float32[2, 8]" in text and "int8-dynamic" in text
+    x = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    assert main(["run", out, "-i", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy")]) == 0
+    with torch.no_grad():
+        want = kiln.load(out)(torch.from_numpy(x))
+    assert np.array_equal(np.load(tmp_path / "y.npy"), want.numpy())
+    assert main(["dump", out]) == 0
+    assert "linear" in capsys.readouterr().out
+    assert main(["run", out]) == 2  # no inputs: a KilnError, reported
+    assert "compiled for 1 input" in capsys.readouterr().err
 
 
 def test_several_specializations_share_their_weights(tmp_path):
