@@ -65,6 +65,10 @@ def save(compiled, path) -> None:
         raise KilnError(f"{state.name} has not been compiled yet: pass example inputs to kiln.compile, "
                         f"or call it once, before saving")
     target = state.options.resolved_target()
+    if target.kind != "cpu":
+        raise KilnError(f"saving {target.kind} models is not supported yet: only cpu plans are rebuilt from "
+                        f"recorded kernel choices (cuda plans are built with Triton at compile time, and their "
+                        f"kernels are not shipped)")
     with Writer(path) as w:
         weights = _Weights()
         kernels: dict[str, str] = {}  # module file -> member

@@ -205,6 +205,43 @@ def test_several_specializations_share_their_weights(tmp_path):
         loaded(x[:3], s[:3])
 
 
+def test_keyword_inputs_an_onnx_model_and_another_thread_count(tmp_path):
+    from onnx import TensorProto, helper
+
+    model, (x, s) = _tiny()
+    compiled = kiln.compile(model, (x,), {"scale": s}, codegen=False)
+    kiln.save(compiled, str(tmp_path / "kw.kiln"))
+    loaded = kiln.load(str(tmp_path / "kw.kiln"))
+    assert _bitwise(loaded(x, scale=s), compiled(x, scale=s))
+    with pytest.raises(KilnError, match="compiled for 2 input"):
+        loaded(x)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)  # a plan chosen for another thread count still runs
+    try:
+        assert _bitwise(loaded(x, scale=s), compiled(x, scale=s))
+    finally:
+        torch.set_num_threads(threads)
+
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    g = helper.make_graph([helper.make_node("Tanh", ["a"], ["t"]), helper.make_node("Add", ["t", "a"], ["y"])],
+                          "tiny", [a], [y])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    xa = torch.randn(2, 3)
+    fast = kiln.compile(proto, (xa,))
+    kiln.save(fast, str(tmp_path / "onnx.kiln"))
+    loaded = kiln.load(str(tmp_path / "onnx.kiln"))
+    assert torch.equal(loaded(xa), fast(xa)) and kiln.artifact.info(str(tmp_path / "onnx.kiln"))["source"] == "onnx"
+
+
+def test_saving_a_cuda_model_is_refused(tmp_path):
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU()).eval()
+    fast = kiln.compile(model, (torch.randn(4, 16),), target="cuda:sm_90")  # built ahead, no GPU needed
+    with pytest.raises(KilnError, match="saving cuda models is not supported yet"):
+        kiln.save(fast, str(tmp_path / "c.kiln"))
+    assert not os.listdir(tmp_path)
+
+
 def test_tied_weights_are_stored_once(tmp_path):
     class Tied(nn.Module):
         def __init__(self):
