@@ -328,6 +328,14 @@ def test_generated_kernels_are_rechosen_on_a_cpu_without_their_features(tiny_art
         kiln.load(path, target=smaller, strict=True)
 
 
+def test_rebuild_kernels_builds_the_same_code_again(tiny_artifact, tmp_path, monkeypatch):
+    path, inputs, out, _ = tiny_artifact
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path))  # an empty module cache: every kernel is built
+    loaded = kiln.load(path, rebuild_kernels=True)
+    assert _bitwise(loaded(*inputs), out)
+    assert os.listdir(tmp_path / "compile" / "tvm")
+
+
 def test_an_amx_kernel_is_rechosen_on_a_cpu_without_amx(tmp_path, monkeypatch):
     from kiln.ir import OpKind
     from kiln.kernels.registry import all_kernels
