@@ -26,24 +26,23 @@ loading the shipped modules (TVM's compiler needed).
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
-import importlib
-import json
 import os
 import tempfile
 import time
 import warnings
 
 import torch
-import torch.utils._pytree as pytree
 
 from . import __version__
-from .api import CompiledModel, InputSpec, ModelState
+from .api import CompiledModel, ModelState
 from .artifact_io import MANIFEST, Reader, Writer, sha256
+from .artifact_records import (decisions, dumps_tree, key_from, key_record, loads_tree, options_from,
+                               options_record, report_record, spec_from, spec_record, target_from, target_record,
+                               unpermute, validate)
 from .driver import Compiled
 from .errors import KilnError, KilnWarning
-from .options import CompileOptions, QuantOptions, cache_subdir
+from .options import CompileOptions, cache_subdir
 from .report import CompileReport
 from .target import Target
 
@@ -81,9 +80,9 @@ def save(compiled, path) -> None:
             "torch_version": torch.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "model": state.name, "source": "onnx" if state.is_onnx else "torch",
-            "target": _target_record(target), "options": _options_record(state.options),
-            "inputs": {"spec": [_spec_record(s) for s in state.spec or ()],
-                       "tree": _dumps_tree(state.in_tree), "tensor_args": state.tensor_args,
+            "target": target_record(target), "options": options_record(state.options),
+            "inputs": {"spec": [spec_record(s) for s in state.spec or ()],
+                       "tree": dumps_tree(state.in_tree), "tensor_args": state.tensor_args,
                        "value_inputs": sorted(state.value_inputs)},
             "plans": plans,
             "weights": {"member": WEIGHTS, "tensors": index},
@@ -150,10 +149,10 @@ def _save_plan(w: Writer, weights: _Weights, kernels: dict, i: int, key: tuple, 
         literals = {str(k): encode(v) for k, v in c.out_literals.items()}
     except SerializeError as e:
         raise KilnError(f"cannot save an output that is the constant {e}") from None
-    rec = {"key": _key_record(key), "graph": member,
+    rec = {"key": key_record(key), "graph": member,
            "signature": {"inputs": [encode(v.type) for v in g.inputs], "outputs": [encode(v.type) for v in g.outputs]},
-           "input_names": list(c.input_names), "out_spec": _dumps_tree(c.out_spec), "out_literals": literals,
-           "report": _report_record(c.report)}
+           "input_names": list(c.input_names), "out_spec": dumps_tree(c.out_spec), "out_literals": literals,
+           "report": report_record(c.report)}
     if c.plan.target.kind == "cpu":
         from kiln.runtime.restore import groups_of
 
@@ -201,9 +200,13 @@ def load(path, *, strict: bool = False, target=None, rebuild_kernels: bool = Fal
         m = r.manifest()
         _check_format(m, r.path)
         try:
-            built_for = _target_from(m["target"])
+            validate(m)
+        except KilnError as e:
+            raise KilnError(f"{r.path}: {e}") from None
+        try:
+            built_for = target_from(m["target"])
             here = _load_target(built_for, target, r.path)
-            options = _options_from(m["options"], here)
+            options = options_from(m["options"], here)
             plans_rec, inputs = list(m["plans"]), m["inputs"]
             members, wrec = m["members"], m["weights"]
             index = wrec["tensors"]
@@ -216,7 +219,7 @@ def load(path, *, strict: bool = False, target=None, rebuild_kernels: bool = Fal
         tensors = r.tensors(wrec["member"], index, threads=min(4, os.cpu_count() or 1))
         for name, rec in index.items():
             if rec.get("perm") is not None:
-                tensors[name] = _unpermute(tensors[name], rec["perm"], name, r.path)
+                tensors[name] = unpermute(tensors[name], rec["perm"], name, r.path)
         t2 = time.perf_counter()
         secs["read_weights"] = t2 - t1
         generated_ok, why_not = _generated_loadable(built_for, here, rebuild_kernels, plans_rec)
@@ -230,7 +233,7 @@ def load(path, *, strict: bool = False, target=None, rebuild_kernels: bool = Fal
                 shipped = _shipped(r, rec, members, rebuild_kernels) if generated_ok else None
                 _add(secs, "kernels", time.perf_counter() - tk)
                 c = _load_plan(r, name, rec, members, tensors, here, options, shipped, strict, rebuild_kernels, secs)
-                key = _key_from(rec["key"])
+                key = key_from(rec["key"])
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise KilnError(f"{r.path}: a plan record is incomplete or damaged ({type(e).__name__}: {e})") from None
             plans.append((key, c))
@@ -241,12 +244,16 @@ def load(path, *, strict: bool = False, target=None, rebuild_kernels: bool = Fal
                       f"refuses instead", KilnWarning, stacklevel=2)
     t3 = time.perf_counter()
     try:
-        spec = [_spec_from(s) for s in inputs["spec"]]
+        spec = [spec_from(s) for s in inputs["spec"]]
         state = ModelState(name, options, m.get("source") == "onnx", spec,
-                           _loads_tree(inputs["tree"], r.path), inputs["tensor_args"],
+                           loads_tree(inputs["tree"], r.path), inputs["tensor_args"],
                            set(inputs["value_inputs"]), plans)
         for (_, c), rec in zip(plans, plans_rec):
-            c.out_spec = _loads_tree(rec.get("out_spec"), r.path)
+            c.out_spec = loads_tree(rec.get("out_spec"), r.path)
+            leaves = len(c.graph.outputs) + len(c.out_literals)
+            if (c.out_spec is not None and c.out_spec.num_leaves != leaves) or \
+                    any(not 0 <= i < leaves for i in c.out_literals):
+                raise KilnError(f"{r.path}: a plan's output structure does not match its graph's outputs")
     except (KeyError, TypeError, ValueError) as e:
         raise KilnError(f"{r.path}: the manifest's input description is damaged ({e})") from None
     secs["structure"] = time.perf_counter() - t3
@@ -371,164 +378,15 @@ def _load_plan(r: Reader, name: str, rec: dict, members: dict, tensors: dict, he
         fallbacks=[tuple(f) for f in rep.get("fallbacks", ())], kernels=dict(plan.kernel_names),
         node_kernels=[(n.op.value + (f" ({n.scope})" if n.scope else ""), k)
                       for n, k in zip(graph.nodes, plan.node_kernels)],
-        quantization=_decisions(rep.get("quantization"), "kiln.passes.quantize_payoff", "LayerDecision"),
-        sparsity=_decisions(rep.get("sparsity"), "kiln.passes.sparsity", "SparseDecision"),
+        quantization=decisions(rep.get("quantization"), "kiln.passes.quantize_payoff", "LayerDecision"),
+        sparsity=decisions(rep.get("sparsity"), "kiln.passes.sparsity", "SparseDecision"),
         memory=plan.memory, graph_nodes=len(graph.nodes), artifact=str(path),
         rechosen=[(u.label, u.kernel, u.why) for u in missing])
-    literals = {int(k): decode(v) for k, v in rec.get("out_literals", {}).items()}
+    try:
+        literals = {int(k): decode(v) for k, v in rec.get("out_literals", {}).items()}
+    except SerializeError as e:
+        raise KilnError(f"{path}: a plan's constant outputs are damaged ({e})") from None
     return Compiled(plan, graph, None, literals, list(rec["input_names"]), report)  # out_spec: set by load
-
-
-# ============================================================================= records
-def _target_record(t: Target) -> dict:
-    return {"kind": t.kind, "arch": t.arch, "features": sorted(t.features), "cores": t.cores,
-            "device_name": t.device_name, "key": t.key()}
-
-
-def _target_from(d: dict) -> Target:
-    return Target(str(d["kind"]), str(d["arch"]), frozenset(map(str, d["features"])), int(d["cores"]),
-                  str(d.get("device_name", "")))
-
-
-def _options_record(o: CompileOptions) -> dict:
-    q = None if o.quantize is None else {f.name: getattr(o.quantize, f.name)
-                                         for f in dataclasses.fields(o.quantize) if f.name != "calibration"}
-    return {"precision": o.precision, "quantize": q, "sparse": o.sparse, "tune": o.tune, "codegen": o.codegen,
-            "threads": o.threads, "exclude_kernels": sorted(o.exclude_kernels),
-            "passes": None if o.passes is None else list(o.passes), "verify": o.verify,
-            "max_specializations": o.max_specializations}
-
-
-def _options_from(d: dict, target: Target) -> CompileOptions:
-    q = d.get("quantize")
-    return CompileOptions(
-        target=target, precision=d["precision"], quantize=None if q is None else QuantOptions(**q),
-        sparse=d["sparse"], tune=d["tune"], codegen=bool(d["codegen"]), threads=d["threads"],
-        exclude_kernels=frozenset(d["exclude_kernels"]), passes=None if d["passes"] is None else tuple(d["passes"]),
-        verify=bool(d.get("verify", False)), max_specializations=int(d["max_specializations"]))
-
-
-def _spec_record(s: InputSpec) -> dict:
-    from kiln.ir.serialize import encode
-
-    return {"name": s.name, "dtype": None if s.dtype is None else str(s.dtype).removeprefix("torch."),
-            "shape": list(s.shape), "device": s.device, "value": encode(s.value)}
-
-
-def _spec_from(d: dict) -> InputSpec:
-    from kiln.ir.serialize import decode
-
-    dtype = None if d["dtype"] is None else _dtype(d["dtype"])
-    return InputSpec(str(d["name"]), dtype, tuple(d["shape"]), str(d["device"]), decode(d["value"]))
-
-
-def _dtype(name: str) -> torch.dtype:
-    dt = getattr(torch, str(name).removeprefix("torch."), None)
-    if not isinstance(dt, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}")
-    return dt
-
-
-def _key_record(key: tuple) -> list:
-    """A plan key (``CompiledModel._key``) as JSON: ``["threads", n]``, ``["v", repr]``, or
-    ``{"shape", "dtype"[, "values"]}`` per input."""
-    out = []
-    for e in key:
-        if e[0] in ("threads", "v"):
-            out.append([e[0], e[1]])
-        else:
-            rec = {"shape": list(e[0]), "dtype": str(e[1]).removeprefix("torch.")}
-            if len(e) > 2:
-                rec["values"] = list(e[2])
-            out.append(rec)
-    return out
-
-
-def _key_from(rec: list) -> tuple:
-    out = []
-    for e in rec:
-        if isinstance(e, list):
-            out.append((e[0], e[1]))
-        else:
-            t = (tuple(e["shape"]), _dtype(e["dtype"]))
-            out.append(t + (tuple(e["values"]),) if "values" in e else t)
-    return tuple(out)
-
-
-def _report_record(rep: CompileReport) -> dict:
-    return {"fallbacks": [list(f) for f in rep.fallbacks],
-            "quantization": [dataclasses.asdict(d) for d in rep.quantization],
-            "sparsity": [dataclasses.asdict(d) for d in rep.sparsity],
-            "compile_seconds": dict(rep.seconds)}
-
-
-def _decisions(records, module: str, cls_name: str) -> list:
-    """Quantization / sparsity decisions as their dataclasses again (shapes as tuples)."""
-    if not records:
-        return []
-    cls = getattr(importlib.import_module(module), cls_name)
-    out = []
-    for d in records:
-        fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        try:
-            out.append(cls(**fixed))
-        except TypeError:  # a field this Kiln does not know: keep what the report prints
-            pass
-    return out
-
-
-def _dumps_tree(spec) -> str | None:
-    if spec is None:
-        return None
-    try:
-        return pytree.treespec_dumps(spec)
-    except Exception as e:  # noqa: BLE001  (a container type pytree cannot serialize)
-        raise KilnError(f"cannot save the model's input/output structure {spec}: {e}") from None
-
-
-def _loads_tree(text, path):
-    """A pytree structure; a container type named in it (a Hugging Face ``ModelOutput``, say)
-    is imported from its module first when pytree does not know it yet."""
-    if text is None:
-        return None
-    try:
-        return pytree.treespec_loads(text)
-    except NotImplementedError:
-        pass
-    for name in _tree_types(json.loads(text)):
-        module = name.rpartition(".")[0]
-        if module and module != "builtins":
-            try:
-                importlib.import_module(module)
-            except ImportError as e:
-                raise KilnError(f"{path}: its outputs are a {name}, and module {module} does not import here ({e})")
-    try:
-        return pytree.treespec_loads(text)
-    except (NotImplementedError, ValueError, TypeError) as e:
-        raise KilnError(f"{path}: cannot rebuild the input/output structure ({e})") from None
-
-
-def _tree_types(doc) -> set[str]:
-    out = set()
-
-    def walk(node):
-        if isinstance(node, dict):
-            if isinstance(node.get("type"), str):
-                out.add(node["type"])
-            for child in node.get("children_spec", ()):
-                walk(child)
-
-    walk(doc[1] if isinstance(doc, list) and len(doc) == 2 else doc)
-    return out
-
-
-def _unpermute(t: torch.Tensor, perm, name: str, path: str) -> torch.Tensor:
-    if sorted(perm) != list(range(t.dim())):
-        raise KilnError(f"{path}: weight {name!r} has a damaged layout record")
-    inverse = [0] * len(perm)
-    for i, p in enumerate(perm):
-        inverse[p] = i
-    return t.permute(inverse)
 
 
 def read_graph(path, plan: int = 0):
@@ -546,7 +404,7 @@ def read_graph(path, plan: int = 0):
         tensors = r.tensors(m["weights"]["member"], index)
         for name, w in index.items():
             if w.get("perm") is not None:
-                tensors[name] = _unpermute(tensors[name], w["perm"], name, r.path)
+                tensors[name] = unpermute(tensors[name], w["perm"], name, r.path)
         try:
             return verify(from_json(r.read(member, expect).decode(), resolve=tensors.get))
         except (SerializeError, VerifyError, KeyError, TypeError, ValueError) as e:

@@ -42,6 +42,10 @@ _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", 
 _TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 _MAX_HEADER = 100 << 20  # a safetensors header larger than this is not one Kiln wrote
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # a zip local file header (30 bytes)
+# what zipfile raises on a damaged archive: a damaged compression-method field is
+# NotImplementedError, a damaged flags field can claim encryption (RuntimeError)
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, NotImplementedError, RuntimeError,
+               ValueError, zlib.error, struct.error)
 
 
 def sha256(data) -> str:
@@ -157,7 +161,7 @@ class Reader:
         try:
             self._file = open(self.path, "rb", buffering=0)
             self.zip = zipfile.ZipFile(self._file)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        except _ZIP_ERRORS as e:
             self.close()
             raise KilnError(f"{self.path} is not a Kiln artifact, or it is truncated (not a readable zip: {e})") from None
         self.infos = {}
@@ -189,9 +193,11 @@ class Reader:
         if MANIFEST not in self.infos:
             raise KilnError(f"{self.path} is not a Kiln artifact (a zip without {MANIFEST})")
         try:
-            doc = json.loads(self.zip.read(MANIFEST))
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            data = self.zip.read(MANIFEST)
+        except _ZIP_ERRORS as e:
             raise KilnError(f"{self.path}: {MANIFEST} is corrupt or fails its checksum ({e})") from None
+        try:
+            doc = json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
             raise KilnError(f"{self.path}: {MANIFEST} is not valid JSON ({e})") from None
         if not isinstance(doc, dict):
@@ -203,7 +209,7 @@ class Reader:
         info = self._info(name)
         try:
             data = self.zip.read(info)
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
+        except _ZIP_ERRORS as e:
             if "CRC" in str(e):
                 raise KilnError(f"{self.path}: member {name!r} fails its checksum (CRC-32): the file was "
                                 f"modified or damaged") from None
@@ -255,6 +261,8 @@ class Reader:
             header = json.loads(os.pread(self._file.fileno(), hlen, start + 8))
         except (ValueError, UnicodeDecodeError):
             raise KilnError(f"{self.path}: {name} has a damaged header") from None
+        if not isinstance(header, dict) or not all(isinstance(e, dict) for e in index.values()):
+            raise KilnError(f"{self.path}: {name} has a damaged header, or the manifest a damaged weights index")
         header.pop("__metadata__", None)
         if set(header) != set(index):
             extra, missing = sorted(set(header) - set(index)), sorted(set(index) - set(header))
@@ -264,9 +272,10 @@ class Reader:
         out: dict[str, torch.Tensor] = {}
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             jobs = []
-            for key, entry in sorted(header.items(), key=lambda kv: kv[1].get("data_offsets", [0])[0]):
+            for key, entry in sorted(header.items(), key=_start):
                 t = _empty_for(self.path, name, key, entry, index[key])
-                b, e = entry["data_offsets"]
+                offsets = entry.get("data_offsets")
+                b, e = offsets if isinstance(offsets, list) and len(offsets) == 2 else (None, None)
                 if not (isinstance(b, int) and isinstance(e, int) and 0 <= b <= e and base + e <= end
                         and e - b == t.numel() * t.element_size()):
                     raise KilnError(f"{self.path}: weight {key!r} has damaged offsets in {name}")
@@ -278,6 +287,12 @@ class Reader:
                 if job.result() != index[key].get("crc32"):
                     raise KilnError(f"{self.path}: weight {key!r} fails its checksum (the file was modified or damaged)")
         return out
+
+
+def _start(item) -> int:
+    """Where a header entry's data starts, for reading in file order (damage is reported later)."""
+    offsets = item[1].get("data_offsets") if isinstance(item[1], dict) else None
+    return offsets[0] if isinstance(offsets, list) and offsets and isinstance(offsets[0], int) else 0
 
 
 def _empty_for(path, member, key, entry, expect) -> torch.Tensor:

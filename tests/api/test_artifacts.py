@@ -542,6 +542,71 @@ def test_weights_of_the_wrong_shape_or_dtype(tiny_artifact, tmp_path):
             kiln.load(p)
 
 
+def test_random_damage_is_a_kiln_error_or_harmless(tiny_artifact, tmp_path):
+    """Single-bit flips anywhere in the file (and everywhere in its last bytes, the zip's
+    directory): the load raises KilnError, or the bit was one nothing reads (a timestamp)
+    and the outputs are unchanged."""
+    import random
+
+    path, inputs, out, _ = tiny_artifact
+    data = open(path, "rb").read()
+    rng = random.Random(0)
+    positions = rng.sample(range(len(data) - 100), 60) + list(range(len(data) - 100, len(data), 2))
+    damaged = 0
+    for pos in positions:
+        d = bytearray(data)
+        d[pos] ^= 1 << rng.randrange(8)
+        p = tmp_path / "flip.kiln"
+        p.write_bytes(bytes(d))
+        try:
+            loaded = kiln.load(str(p))
+        except KilnError:
+            damaged += 1
+            continue
+        assert _bitwise(loaded(*inputs), out), f"a flipped bit at {pos} changed the outputs"
+    assert damaged > len(positions) // 2
+
+
+def test_damaged_manifest_fields_are_kiln_errors(tiny_artifact, tmp_path):
+    """Every field of the manifest replaced by values of the wrong kind: a KilnError naming
+    the problem (or nothing reads that field), never another exception."""
+    import random
+
+    path, inputs, _, _ = tiny_artifact
+    with zipfile.ZipFile(path) as z:
+        doc = json.loads(z.read("manifest.json"))
+    fields = []
+
+    def walk(node, where):
+        if isinstance(node, dict):
+            items = node.items()
+        elif isinstance(node, list):
+            items = enumerate(node)
+        else:
+            items = ()
+        for k, v in items:
+            fields.append(where + [k])
+            walk(v, where + [k])
+
+    walk(doc, [])
+    rng = random.Random(0)
+    for where in rng.sample(fields, 40):
+        for value in (None, "x", -1, [], {}):
+            def damage(d, where=where, value=value):
+                node = d
+                for k in where[:-1]:
+                    node = node[k]
+                node[where[-1]] = value
+
+            p = _rewrite(path, str(tmp_path / "m.kiln"), manifest=damage)
+            try:
+                loaded = kiln.load(p)
+                with torch.no_grad():
+                    loaded(*inputs)
+            except KilnError:
+                pass
+
+
 def test_paths_that_are_not_artifacts(tmp_path):
     with pytest.raises(KilnError, match="no such file"):
         kiln.load(str(tmp_path / "absent.kiln"))
