@@ -150,11 +150,13 @@ def restore_plan(graph: Graph, target: Target, node_kernels: list[str], groups, 
         raise KilnError(f"{len(missing)} recorded kernel(s) cannot run on {target}: {lines}{more} "
                         f"(strict=True; without it they are chosen again here)")
     partition = partition_from(graph, groups) if groups is not None else None
-    generate = _shipped_generator(graph, shipped, target, rebuild) if partition is not None and generated_ok else None
-    if partition is not None and generate is None:
-        # the groups still set the execution order; their kernels are chosen node by node
-        def generate(group):  # noqa: E306
-            return None
+    generate = None
+    if partition is not None:
+        if generated_ok and any(k.startswith(KERNEL_PREFIX) for k in node_kernels):
+            generate = _shipped_generator(graph, shipped, target, rebuild)
+        else:  # the groups still set the execution order; their kernels run node by node
+            def generate(group):
+                return None
     plan = build_plan(graph, target, kernel_choices=list(node_kernels), partition=partition, generate=generate,
                       exclude=exclude)
     return plan, missing

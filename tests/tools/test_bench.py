@@ -103,3 +103,15 @@ def test_machine_ceilings(capsys):
     machine.main(["--rounds", "1", "--threads", "1"])
     out = capsys.readouterr().out
     assert "| threads | FMA fp32 GFLOP/s |" in out and "\n| 1 | " in out
+
+
+@pytest.mark.bench
+def test_bench_artifacts_quick(tmp_path):
+    """python -m kiln.bench.artifacts end to end on a small model: it loads the artifact in
+    new processes and checks the outputs are bitwise those of the saved model."""
+    from kiln.bench import artifacts
+
+    out = tmp_path / "a.json"
+    assert artifacts.main(["lstm", "--quick", "--runs", "1", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["bitwise"] and row["artifact_bytes"] > 0 and set(row["split"]) >= {"read_weights", "prepare", "total"}
