@@ -16,9 +16,15 @@ the outputs are bitwise those of the model that was saved. Reported per model (m
   the generated modules), prepare (binding kernels: weight prepacking), structure;
 * read: reading the whole artifact file once, for scale (from the page cache: the file was
   just written, so this is memory speed, not disk speed);
-* first / steady call.
+* first / steady call;
+* the peer: ONNX Runtime's equivalent (``--peer onnxruntime``, the default): the model exported
+  to ONNX and optimized once (``ORT_ENABLE_ALL``, written with ``optimized_model_filepath``),
+  then in each new process ``import onnxruntime``, an ``InferenceSession`` on the optimized
+  file (no further optimization), first and steady call. OpenVINO is not installed here and
+  AOTInductor packages take minutes per model to build: neither is measured.
 
-    python -m kiln.bench.artifacts [resnet18 bert hf_bert lstm] [--precision bf16] [--quick] [--json FILE]
+    python -m kiln.bench.artifacts [resnet18 bert hf_bert lstm] [--precision bf16] [--quick] [--peer none]
+                                   [--json FILE]
 """
 from __future__ import annotations
 
@@ -58,6 +64,26 @@ print(json.dumps({"import_torch": t1 - t0, "import_kiln": t2 - t1, "load": t3 - 
                   "first_call": first, "steady_call": steady, "read_file": read, "bitwise": same}))
 """
 
+_ORT_CHILD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import numpy as np
+import onnxruntime as ort
+t1 = time.perf_counter()
+path, io, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+opts = ort.SessionOptions()
+opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # optimized when it was written
+if threads:
+    opts.intra_op_num_threads = threads
+sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+t2 = time.perf_counter()
+d = np.load(io)
+feed = {i.name: d[f"in{k}"] for k, i in enumerate(sess.get_inputs())}
+t = time.perf_counter(); sess.run(None, feed); first = time.perf_counter() - t
+t = time.perf_counter(); sess.run(None, feed); steady = time.perf_counter() - t
+print(json.dumps({"import": t1 - t0, "load": t2 - t1, "first_call": first, "steady_call": steady}))
+"""
+
 DEFAULT_MODELS = ("resnet18", "bert", "hf_bert", "lstm")
 QUICK = {"resnet18": dict(image=64), "bert": dict(layers=2, hidden=128, heads=2, seq=32),
          "hf_bert": dict(layers=2, hidden=128, heads=2, seq=32), "lstm": dict(batch=4, seq=16)}
@@ -67,7 +93,8 @@ def _state_dict_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-def measure(name: str, precision: str = "fp32", quick: bool = False, runs: int = 3, threads: int | None = None) -> dict:
+def measure(name: str, precision: str = "fp32", quick: bool = False, runs: int = 3, threads: int | None = None,
+            peer: str = "onnxruntime") -> dict:
     import torch
     from safetensors.torch import save_file
 
@@ -105,6 +132,8 @@ def measure(name: str, precision: str = "fp32", quick: bool = False, runs: int =
                 row["error"] = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
                 return row
             children.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        if peer == "onnxruntime":
+            row["onnxruntime"] = _ort(model, inputs, d, runs, threads, env)
     for k in ("import_torch", "import_kiln", "load", "first_call", "steady_call", "read_file"):
         row[k] = statistics.median(c[k] for c in children)
     row["split"] = {k: statistics.median(c["split"].get(k, 0.0) for c in children) for k in children[0]["split"]}
@@ -112,7 +141,58 @@ def measure(name: str, precision: str = "fp32", quick: bool = False, runs: int =
     return row
 
 
+def _ort(model, inputs, folder: str, runs: int, threads: int | None, env: dict) -> dict:
+    """ONNX Runtime: export, optimize once into a file, then load it in fresh processes."""
+    import io as _io
+    import warnings
+
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    raw, optimized = _io.BytesIO(), os.path.join(folder, "optimized.onnx")
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, inputs, raw, opset_version=17, dynamo=False)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.optimized_model_filepath = optimized
+        ort.InferenceSession(raw.getvalue(), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001  (a model ONNX export cannot take: reported, not fatal)
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"}
+    io = os.path.join(folder, "ort_inputs.npz")
+    np.savez(io, **{f"in{i}": x.numpy() for i, x in enumerate(inputs)})
+    children = []
+    for _ in range(runs + 1):  # the first: untimed, as for Kiln
+        r = subprocess.run([sys.executable, "-c", _ORT_CHILD, optimized, io, str(threads or 0)],
+                           capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            return {"error": (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]}
+        children.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    out = {k: statistics.median(c[k] for c in children[1:]) for k in children[1]}
+    out["file_bytes"] = os.path.getsize(optimized)
+    return out
+
+
 def markdown(rows: list[dict]) -> str:
+    lines = _kiln_table(rows)
+    peers = [r for r in rows if "onnxruntime" in r]
+    if peers:
+        lines += ["", "| model | Kiln load + first call s | ONNX Runtime session + first call s | ORT split (import, session, "
+                  "first call, steady ms) | .onnx MB |", "|---|---:|---:|---|---:|"]
+        for r in peers:
+            o = r["onnxruntime"]
+            if "error" in o:
+                lines.append(f"| {r['model']} | | error: {o['error']} | | |")
+                continue
+            lines.append(f"| {r['model']} | {r['load'] + r['first_call']:.3f} | {o['load'] + o['first_call']:.3f} | "
+                         f"{o['import']:.2f}, {o['load']:.3f}, {o['first_call']:.3f}, {o['steady_call'] * 1e3:.1f} | "
+                         f"{o['file_bytes'] / 1e6:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _kiln_table(rows: list[dict]) -> list[str]:
     lines = ["| model | precision | state_dict MB | artifact MB | save s | import torch+kiln s | load s | "
              "load split (s) | read file s | first call ms | steady ms | bitwise |",
              "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]
@@ -125,7 +205,7 @@ def markdown(rows: list[dict]) -> str:
                      f"{r['artifact_bytes'] / 1e6:.1f} | {r['save']:.2f} | {r['import_torch'] + r['import_kiln']:.2f} | "
                      f"{r['load']:.3f} | {split} | {r['read_file']:.3f} | {r['first_call'] * 1e3:.1f} | "
                      f"{r['steady_call'] * 1e3:.1f} | {'yes' if r['bitwise'] else 'NO'} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv=None) -> int:
@@ -135,9 +215,12 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small model configurations (CI)")
     p.add_argument("--runs", type=int, default=3, help="fresh processes per model (medians reported)")
     p.add_argument("--threads", type=int, help="torch threads in every process (default: torch's)")
+    p.add_argument("--peer", default="onnxruntime", choices=["onnxruntime", "none"],
+                   help="also time the peer's equivalent (fp32 only)")
     p.add_argument("--json", metavar="FILE")
     a = p.parse_args(argv)
-    rows = [measure(m, a.precision, a.quick, a.runs, a.threads) for m in a.models]
+    rows = [measure(m, a.precision, a.quick, a.runs, a.threads, a.peer if a.precision == "fp32" else "none")
+            for m in a.models]
     sys.stdout.write(markdown(rows))
     if a.json:
         with open(a.json, "w") as f:

@@ -184,14 +184,18 @@ def _save_kernels(w: Writer, kernels: dict, plan) -> dict:
 
 
 # ============================================================================= load
-def load(path, *, strict: bool = False, target=None, rebuild_kernels: bool = False) -> CompiledModel:
+def load(path, *, strict: bool = False, target=None, rebuild_kernels: bool = False,
+         map_weights: bool = True) -> CompiledModel:
     """The compiled model saved at ``path``, ready to call; nothing is measured or compiled.
 
     ``strict``: raise when a recorded kernel cannot run here (a CPU feature missing, ...)
     instead of choosing that node's kernel again. ``target``: the CPU to load for (default:
     this one; a ``kiln.target.Target`` with fewer features simulates another machine).
     ``rebuild_kernels``: build the generated kernels again from the saved IR rather than
-    load the shipped native modules. Anything wrong with the file raises ``KilnError``
+    load the shipped native modules. ``map_weights``: the weights are the file's own pages
+    (mapped copy-on-write: no copy, shared by every process that loads the file); replace
+    a loaded artifact by renaming a new file over it (as ``kiln.save`` does), never by
+    writing into it — or load with ``map_weights=False`` to read them into private memory. Anything wrong with the file raises ``KilnError``
     naming the problem, before a model is returned.
     """
     t0 = time.perf_counter()
@@ -216,7 +220,7 @@ def load(path, *, strict: bool = False, target=None, rebuild_kernels: bool = Fal
             raise KilnError(f"{r.path} holds no plans")
         t1 = time.perf_counter()
         secs["manifest"] = t1 - t0
-        tensors = r.tensors(wrec["member"], index, threads=min(4, os.cpu_count() or 1))
+        tensors = r.tensors(wrec["member"], index, threads=min(4, os.cpu_count() or 1), mapped=map_weights)
         for name, rec in index.items():
             if rec.get("perm") is not None:
                 tensors[name] = unpermute(tensors[name], rec["perm"], name, r.path)

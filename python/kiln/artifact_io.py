@@ -22,18 +22,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import mmap
 import os
 import struct
 import tempfile
+import time
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
 from .errors import KilnError
 
 MANIFEST = "manifest.json"
+ALIGN = 64  # bytes: where each weight starts in the file (what a fresh torch allocation has)
+PAD = "__kiln_pad_"  # names of the safetensors entries that fill the gaps alignment leaves
+_PADDING_RECORD = 0xD935  # the zip extra-field id Android's zipalign uses for its padding
 # safetensors dtype names (https://github.com/huggingface/safetensors): the ones torch has
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -72,6 +79,12 @@ def _bytes_of(t: torch.Tensor):
 
 
 # ----------------------------------------------------------------------------- writing
+@dataclass
+class _Member:
+    info: zipfile.ZipInfo
+    data: int  # the file offset its data will start at
+
+
 class Writer:
     """``with Writer(path) as w: w.add(...); w.finish(manifest)``: the file appears at
     ``path`` only after ``finish``; an exception before then leaves nothing behind."""
@@ -103,29 +116,59 @@ class Writer:
 
     def add_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
         """Write ``tensors`` (contiguous) as a safetensors member, streamed tensor by tensor;
-        returns the index the manifest keeps: name -> dtype, shape, CRC-32 of its bytes."""
+        returns the index the manifest keeps: name -> dtype, shape, CRC-32 of its bytes.
+
+        Every tensor starts ``ALIGN``-byte aligned in the file, so a reader can map it in place
+        with the alignment a fresh allocation has: the member's data starts aligned (a padding
+        record in its zip header, as ``zipalign`` does), the safetensors header is padded with
+        spaces to end aligned, and a gap before a tensor is a ``PAD``-named uint8 tensor
+        (safetensors allows no unnamed gaps)."""
         check_member_name(name)
-        header, index, offset = {"__metadata__": {"format": "pt"}}, {}, 0
+        start = self._aligned_member(name)
+        header, order, offset, pads = {"__metadata__": {"format": "pt"}}, [], 0, 0
         for key, t in tensors.items():
             if t.dtype not in _ST_DTYPES:
                 raise KilnError(f"weight {key!r} has dtype {t.dtype}, which safetensors cannot hold")
             if not t.is_contiguous():
                 raise ValueError(f"weight {key!r} must be contiguous")
+            if key.startswith(PAD):
+                raise ValueError(f"weight names may not start with {PAD!r}")
+            if offset % ALIGN:
+                gap = ALIGN - offset % ALIGN
+                pad = f"{PAD}{pads}"
+                pads += 1
+                header[pad] = {"dtype": "U8", "shape": [gap], "data_offsets": [offset, offset + gap]}
+                order.append((pad, torch.zeros(gap, dtype=torch.uint8)))
+                offset += gap
             n = t.numel() * t.element_size()
             header[key] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+            order.append((key, t))
             offset += n
         text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-        with self.zip.open(name, "w", force_zip64=True) as f:
+        text += b" " * (-(start.data + 8 + len(text)) % ALIGN)  # the tensors' data starts aligned
+        index = {}
+        with self.zip.open(start.info, "w", force_zip64=True) as f:
             f.write(struct.pack("<Q", len(text)))
             f.write(text)
-            for key, t in tensors.items():
+            for key, t in order:
                 data = _bytes_of(t)
                 f.write(data)
-                index[key] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
-                              "crc32": crc32(data)}
+                if not key.startswith(PAD):
+                    index[key] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+                                  "crc32": crc32(data)}
         self.members[name] = {"bytes": 8 + len(text) + offset}  # checked tensor by tensor (the index)
         return index
+
+    def _aligned_member(self, name: str):
+        """A ZipInfo for ``name`` whose data will start ``ALIGN``-aligned in the file, and where."""
+        info = zipfile.ZipInfo(name, date_time=time.localtime(time.time())[:6])
+        info.compress_type = zipfile.ZIP_STORED
+        here = self._file.tell()
+        # local header (30) + name + the padding record (4 + n) + the zip64 record force_zip64 adds (20)
+        fixed = here + _LOCAL_HEADER.size + len(name.encode()) + 4 + 20
+        n = -fixed % ALIGN
+        info.extra = struct.pack("<HH", _PADDING_RECORD, n) + bytes(n)
+        return _Member(info, fixed + n)
 
     def finish(self, manifest: dict) -> None:
         self.zip.writestr(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
@@ -237,6 +280,13 @@ class Reader:
             raise KilnError(f"{self.path} is truncated: member {info.filename!r} runs past the end of the file")
         return start
 
+    def _mapping(self) -> torch.Tensor:
+        """The whole file as a uint8 tensor over a private mapping; the tensors cut from it
+        keep it alive after the reader closes."""
+        mm = mmap.mmap(self._file.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        mm.madvise(mmap.MADV_WILLNEED)  # read ahead: the checksums touch every page next
+        return torch.frombuffer(mm, dtype=torch.uint8)
+
     def _pread_into(self, buf, offset: int, what: str) -> None:
         view, done = memoryview(buf).cast("B"), 0
         while done < len(view):
@@ -245,10 +295,14 @@ class Reader:
                 raise KilnError(f"{self.path} is truncated (reading {what})")
             done += n
 
-    def tensors(self, name: str, index: dict[str, dict], threads: int = 2) -> dict[str, torch.Tensor]:
-        """The safetensors member ``name`` read into fresh tensors (each 64-byte aligned, read
-        straight from the file), every tensor checked against ``index`` (the manifest's
-        dtype, shape and CRC-32 per name); checking overlaps the reading."""
+    def tensors(self, name: str, index: dict[str, dict], threads: int = 2, mapped: bool = True
+                ) -> dict[str, torch.Tensor]:
+        """The safetensors member ``name``'s tensors, every one checked against ``index`` (the
+        manifest's dtype, shape and CRC-32 per name).
+
+        ``mapped``: an aligned tensor is the file's own pages (a private, copy-on-write
+        mapping: no copy, and processes that load the same file share the memory); else, or
+        for a tensor the writer did not align, it is read into a fresh allocation."""
         info = self._info(name)
         start = self._data_offset(info)
         size = info.file_size
@@ -263,24 +317,29 @@ class Reader:
             raise KilnError(f"{self.path}: {name} has a damaged header") from None
         if not isinstance(header, dict) or not all(isinstance(e, dict) for e in index.values()):
             raise KilnError(f"{self.path}: {name} has a damaged header, or the manifest a damaged weights index")
-        header.pop("__metadata__", None)
+        header = {k: v for k, v in header.items() if k != "__metadata__" and not k.startswith(PAD)}
         if set(header) != set(index):
             extra, missing = sorted(set(header) - set(index)), sorted(set(index) - set(header))
             raise KilnError(f"{self.path}: {name} does not hold the weights the manifest lists "
                             f"(missing {missing[:5]}, unexpected {extra[:5]})")
         base, end = start + 8 + hlen, start + size
+        buf = self._mapping() if mapped else None
         out: dict[str, torch.Tensor] = {}
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             jobs = []
             for key, entry in sorted(header.items(), key=_start):
-                t = _empty_for(self.path, name, key, entry, index[key])
+                dtype, shape = _entry_type(self.path, name, key, entry, index[key])
+                n = math.prod(shape) * dtype.itemsize
                 offsets = entry.get("data_offsets")
                 b, e = offsets if isinstance(offsets, list) and len(offsets) == 2 else (None, None)
-                if not (isinstance(b, int) and isinstance(e, int) and 0 <= b <= e and base + e <= end
-                        and e - b == t.numel() * t.element_size()):
+                if not (isinstance(b, int) and isinstance(e, int) and 0 <= b <= e and base + e <= end and e - b == n):
                     raise KilnError(f"{self.path}: weight {key!r} has damaged offsets in {name}")
-                if t.numel():
-                    self._pread_into(_bytes_of(t), base + b, f"weight {key!r}")
+                if buf is not None and n and (base + b) % ALIGN == 0:
+                    t = buf[base + b:base + e].view(dtype).view(shape)
+                else:
+                    t = torch.empty(shape, dtype=dtype)
+                    if n:
+                        self._pread_into(_bytes_of(t), base + b, f"weight {key!r}")
                 jobs.append((key, pool.submit(crc32, _bytes_of(t))))
                 out[key] = t
             for key, job in jobs:
@@ -295,7 +354,7 @@ def _start(item) -> int:
     return offsets[0] if isinstance(offsets, list) and offsets and isinstance(offsets[0], int) else 0
 
 
-def _empty_for(path, member, key, entry, expect) -> torch.Tensor:
+def _entry_type(path, member, key, entry, expect) -> tuple[torch.dtype, list]:
     dtype = _TORCH_DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) else None
     shape = entry.get("shape") if isinstance(entry, dict) else None
     if dtype is None or not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
@@ -303,4 +362,4 @@ def _empty_for(path, member, key, entry, expect) -> torch.Tensor:
     if str(dtype).removeprefix("torch.") != expect.get("dtype") or shape != expect.get("shape"):
         raise KilnError(f"{path}: weight {key!r} is {str(dtype).removeprefix('torch.')} {shape} in {member}, "
                         f"but the manifest lists {expect.get('dtype')} {expect.get('shape')}")
-    return torch.empty(shape, dtype=dtype)
+    return dtype, shape

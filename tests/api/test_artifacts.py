@@ -74,8 +74,23 @@ def test_the_weights_member_is_a_safetensors_file(tiny_artifact):
     with zipfile.ZipFile(path) as z:
         tensors = st_load(z.read("weights.safetensors"))
         manifest = json.loads(z.read("manifest.json"))
-    assert set(tensors) == set(manifest["weights"]["tensors"])
+    assert {k for k in tensors if not k.startswith("__kiln_pad_")} == set(manifest["weights"]["tensors"])
     assert manifest["format_version"] == FORMAT_VERSION and manifest["target"]["features"] == sorted(host_cpu().features)
+
+
+def test_weights_are_aligned_and_mapped_in_place(tiny_artifact):
+    from kiln.artifact_io import Reader
+
+    path, inputs, out, _ = tiny_artifact
+    with Reader(path) as r:
+        index = r.manifest()["weights"]["tensors"]
+        mapped = r.tensors("weights.safetensors", index)
+        copied = r.tensors("weights.safetensors", index, mapped=False)
+    storages = {t.untyped_storage().data_ptr() for t in mapped.values()}
+    assert len(storages) == 1  # every tensor is a view of the one file mapping
+    assert all(t.data_ptr() % 64 == 0 for t in mapped.values())
+    assert all(torch.equal(mapped[k], copied[k]) for k in index)
+    assert _bitwise(kiln.load(path, map_weights=False)(*inputs), out)
 
 
 _FRESH = r"""
