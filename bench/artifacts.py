@@ -10,7 +10,8 @@ the outputs are bitwise those of the model that was saved. Reported per model (m
 * import: ``import torch`` and ``import kiln`` (not part of the load). The children may write
   bytecode, and an untimed first child writes it, so Kiln's modules import as an installed
   package's do rather than compiling from source in every process;
-* load: seconds in ``kiln.load`` and its split (``compiled.report.seconds``): manifest,
+* load: seconds in ``kiln.load`` and its split (``compiled.report.seconds``): imports (Kiln's
+  runtime and kernel modules, once per process), manifest,
   read_weights (read and SHA-256 checked), runtime (the TVM runtime library, loaded once per
   process when the artifact has generated kernels), graphs, kernels (extracting and loading
   the generated modules), prepare (binding kernels: weight prepacking), structure;
@@ -23,7 +24,8 @@ the outputs are bitwise those of the model that was saved. Reported per model (m
   file (no further optimization), first and steady call. OpenVINO is not installed here and
   AOTInductor packages take minutes per model to build: neither is measured.
 
-    python -m kiln.bench.artifacts [resnet18 bert hf_bert lstm] [--precision bf16] [--quick] [--peer none]
+    python -m kiln.bench.artifacts [resnet18 bert hf_bert lstm] [--precision bf16|int8-dynamic|int8-static]
+                                   [--quick] [--peer none]
                                    [--json FILE]
 """
 from __future__ import annotations
@@ -104,7 +106,9 @@ def measure(name: str, precision: str = "fp32", quick: bool = False, runs: int =
         torch.set_num_threads(threads)
     model, inputs = kiln.models.get(name, **(QUICK.get(name, {}) if quick else {}))
     t = time.perf_counter()
-    compiled = kiln.compile(model, inputs, precision=precision)
+    options = {"precision": precision} if precision in ("fp32", "bf16") else \
+        {"quantize": precision, **({"calibration": [inputs]} if precision == "int8-static" else {})}
+    compiled = kiln.compile(model, inputs, **options)
     compile_s = time.perf_counter() - t
     with torch.no_grad():
         out = compiled(*inputs)
@@ -211,7 +215,8 @@ def _kiln_table(rows: list[dict]) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m kiln.bench.artifacts", description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="*", default=list(DEFAULT_MODELS))
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8-dynamic", "int8-static"],
+                   help="int8-static calibrates on the example inputs")
     p.add_argument("--quick", action="store_true", help="small model configurations (CI)")
     p.add_argument("--runs", type=int, default=3, help="fresh processes per model (medians reported)")
     p.add_argument("--threads", type=int, help="torch threads in every process (default: torch's)")

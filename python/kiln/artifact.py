@@ -195,11 +195,18 @@ def load(path, *, strict: bool = False, target=None, rebuild_kernels: bool = Fal
     load the shipped native modules. ``map_weights``: the weights are the file's own pages
     (mapped copy-on-write: no copy, shared by every process that loads the file); replace
     a loaded artifact by renaming a new file over it (as ``kiln.save`` does), never by
-    writing into it — or load with ``map_weights=False`` to read them into private memory. Anything wrong with the file raises ``KilnError``
-    naming the problem, before a model is returned.
+    writing into it — or load with ``map_weights=False`` to read them into private memory.
+
+    Anything wrong with the file raises ``KilnError`` naming the problem, before a model is
+    returned.
     """
     t0 = time.perf_counter()
     secs: dict[str, float] = {}  # where the load's time went (every plan's report.seconds)
+    import kiln.runtime.restore  # noqa: F401  (the plan builder and the kernel registry: timed apart)
+    from kiln.kernels.registry import all_kernels
+
+    all_kernels()
+    secs["imports"] = time.perf_counter() - t0
     with Reader(path) as r:
         m = r.manifest()
         _check_format(m, r.path)
@@ -219,7 +226,7 @@ def load(path, *, strict: bool = False, target=None, rebuild_kernels: bool = Fal
         if not plans_rec:
             raise KilnError(f"{r.path} holds no plans")
         t1 = time.perf_counter()
-        secs["manifest"] = t1 - t0
+        secs["manifest"] = t1 - t0 - secs["imports"]
         tensors = r.tensors(wrec["member"], index, threads=min(4, os.cpu_count() or 1), mapped=map_weights)
         for name, rec in index.items():
             if rec.get("perm") is not None:
