@@ -227,13 +227,14 @@ def test_keyword_inputs_an_onnx_model_and_another_thread_count(tmp_path):
     compiled = kiln.compile(model, (x,), {"scale": s}, codegen=False)
     kiln.save(compiled, str(tmp_path / "kw.kiln"))
     loaded = kiln.load(str(tmp_path / "kw.kiln"))
-    assert _bitwise(loaded(x, scale=s), compiled(x, scale=s))
+    ref = compiled(x, scale=s)
+    assert _bitwise(loaded(x, scale=s), ref)
     with pytest.raises(KilnError, match="compiled for 2 input"):
         loaded(x)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1 if threads > 1 else 2)  # a plan chosen for another thread count still runs
-    try:
-        assert _bitwise(loaded(x, scale=s), compiled(x, scale=s))
+    torch.set_num_threads(1 if threads > 1 else 2)  # the plan saved for another thread count runs
+    try:  # (kernels may split their sums differently at another thread count: close, not bitwise)
+        torch.testing.assert_close(loaded(x, scale=s)["y"], ref["y"], rtol=1e-5, atol=1e-5)
     finally:
         torch.set_num_threads(threads)
 
