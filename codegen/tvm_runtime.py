@@ -2,16 +2,14 @@
 the thread pool, and ``GeneratedKernel``, the wrapper a plan calls.
 
 A generated group kernel is a TVM ``main`` function over DLPack tensors. ``GeneratedKernel``
-allocates the group's outputs and lets the function write into them (torch tensors go to
-TVM through DLPack, no copies). An exported module (a shared library) is loaded with the
-TVM runtime alone (``tvm_ffi``): a warm compile neither imports the TVM compiler nor
-generates code.
+allocates the group's outputs and lets the function write into them (no copies). An
+exported module (a shared library) is loaded with the TVM runtime libraries alone, through
+the FFI's C ABI (``codegen.tvm_capi``): a warm compile or ``kiln.load`` neither imports the
+TVM compiler nor the ``tvm_ffi`` package, nor generates code.
 """
 from __future__ import annotations
 
 import ctypes
-import importlib.util
-import os
 
 import torch
 
@@ -31,18 +29,15 @@ _LOADED: dict[str, object] = {}  # module path -> loaded function
 
 
 def load_runtime() -> None:
-    """Make the TVM runtime library's symbols global (exported modules call its thread pool)."""
+    """Load the TVM FFI and runtime libraries with global symbols (exported modules call the
+    runtime's thread pool); raises ImportError when apache-tvm is not installed."""
     global _runtime_ready
     if _runtime_ready:
         return
     configure_tvm_environment()  # before the pool exists: its threads must not spin
-    spec = importlib.util.find_spec("tvm")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("apache-tvm is not installed")
-    import tvm_ffi  # noqa: F401  (loads libtvm_ffi, which the runtime library links against)
+    from .tvm_capi import library
 
-    lib = os.path.join(list(spec.submodule_search_locations)[0], "lib", "libtvm_runtime.so")
-    ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+    library()
     _runtime_ready = True
 
 
@@ -80,9 +75,9 @@ def load_module(path: str):
     if path in _LOADED:
         return _LOADED[path]
     load_runtime()
-    import tvm_ffi
+    from .tvm_capi import ExportedFunction
 
-    fn = tvm_ffi.load_module(path)["main"]
+    fn = ExportedFunction(path)
     _LOADED[path] = fn
     if launch_on_openmp(path):
         _ON_OPENMP.add(id(fn))
@@ -103,10 +98,10 @@ def tvm_pool_threads(threads: int) -> None:
     if _pool_threads == threads or _USER_POOL:
         return
     load_runtime()
-    import tvm_ffi
+    from .tvm_capi import config_threadpool
 
     configure_tvm_environment(threads)  # TVM caps the pool at this (read on configure)
-    tvm_ffi.get_global_func("runtime.config_threadpool")(1, threads)
+    config_threadpool(threads)
     _pool_threads = threads
 
 
@@ -116,6 +111,7 @@ class GeneratedKernel:
 
     def __init__(self, func, group, name: str, config: dict, built: bool, tuning=None, threads: int = 1):
         self.func, self.name, self.config, self.built = func, name, config, built
+        self.group = group  # what it computes: an artifact ships its module by (group, config, threads)
         self.threads = threads  # built with parallel loops for this many threads (1: none)
         self.tvm_pool = threads > 1 and id(func) not in _ON_OPENMP  # else torch's OpenMP workers
         self.tuning = tuning  # the tuner's TuneResult (trials measured, database hit)

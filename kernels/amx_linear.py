@@ -17,7 +17,7 @@ from kiln.ir import attrs as A
 
 from .nhwc import native_array
 from .onednn import with_fallback
-from .registry import register_kernel
+from .registry import AMX_BF16, register_kernel
 
 _ACTIVATIONS = {A.Activation.NONE: "none", A.Activation.RELU: "relu", A.Activation.TANH: "tanh",
                 A.Activation.SIGMOID: "sigmoid", A.Activation.SILU: "silu", A.Activation.GELU: "gelu",
@@ -84,4 +84,4 @@ def _unusable(ins, a):
 
 
 register_kernel(OpKind.LINEAR, "cpu", name="cpu.amx_linear", accepts=_accepts,
-                prepare=with_fallback(_prepare, _unusable))(_unusable)
+                prepare=with_fallback(_prepare, _unusable), requires=AMX_BF16)(_unusable)

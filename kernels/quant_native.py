@@ -20,7 +20,7 @@ from kiln.ir import qformat
 
 from . import int8_cpu
 from kiln.ir.reference import epilogue
-from .registry import register_kernel
+from .registry import VNNI, register_kernel
 
 _ACT = {A.Activation.NONE: "none", A.Activation.RELU: "relu", A.Activation.GELU: "gelu",
         A.Activation.GELU_TANH: "gelu_tanh", A.Activation.SILU: "silu"}
@@ -74,7 +74,7 @@ def _prepare_dynamic(node: Node, consts: list):
 
 
 register_kernel(OpKind.QLINEAR_DYNAMIC, "cpu", name="cpu.kiln_qlinear_dynamic", accepts=_dynamic_ok,
-                prepare=_prepare_dynamic)(_unusable)
+                prepare=_prepare_dynamic, requires=VNNI)(_unusable)
 
 
 # ----------------------------------------------------------------------------- int4 weight-only
@@ -93,4 +93,4 @@ def _prepare_int4(node: Node, consts: list):
 
 
 register_kernel(OpKind.LINEAR_WEIGHT_ONLY, "cpu", name="cpu.kiln_linear_int4", accepts=_int4_ok,
-                prepare=_prepare_int4)(_unusable)
+                prepare=_prepare_int4, requires=("avx512f", "avx512bw"))(_unusable)

@@ -15,6 +15,10 @@ from typing import Callable
 
 from kiln.ir import Node, OpKind
 
+# CPU features (``kiln.target.CPU_FEATURES`` names) of the kernels that check for them at run time
+AMX_BF16 = ("amx_tile", "amx_bf16", "avx512_bf16")
+VNNI = ("avx512bw", "avx512_vnni")
+
 # A kernel is called as fn(inputs: list[Tensor | None], attrs) -> Tensor | tuple[Tensor, ...]
 KernelFn = Callable[..., object]
 
@@ -27,7 +31,11 @@ class Kernel:
 
     ``dynamic``: the kernel serves nodes whose shapes are symbolic (sizes known only per
     call): it reads every size from its inputs at run time and its ``prepare`` depends on
-    none of them. Other kernels are offered only nodes of static shapes."""
+    none of them. Other kernels are offered only nodes of static shapes.
+    ``requires`` names the CPU features (``kiln.target.CPU_FEATURES``) the kernel cannot run
+    without: a plan loaded from an artifact on a CPU that lacks one re-chooses that node's
+    kernel (``accepts`` asks the host itself; ``requires`` answers for any target, a
+    simulated one included)."""
 
     op: OpKind
     target: str
@@ -36,6 +44,11 @@ class Kernel:
     accepts: Callable[[Node], bool] = lambda node: True
     prepare: Callable | None = None
     dynamic: bool = False
+    requires: frozenset = frozenset()
+
+    def runs_on(self, features) -> bool:
+        """Whether a CPU with ``features`` has everything this kernel needs."""
+        return self.requires <= frozenset(features)
 
     def bind(self, node: Node, constants: list) -> KernelFn:
         return self.fn if self.prepare is None else self.prepare(node, constants)
@@ -61,9 +74,10 @@ def _load_kernel_modules() -> None:
 
 
 def register_kernel(op: OpKind, target: str, name: str | None = None, accepts=None, prepare=None,
-                    dynamic: bool = False):
+                    dynamic: bool = False, requires=()):
     def deco(fn: KernelFn) -> KernelFn:
-        k = Kernel(op, target, name or fn.__name__, fn, accepts or (lambda node: True), prepare, dynamic)
+        k = Kernel(op, target, name or fn.__name__, fn, accepts or (lambda node: True), prepare, dynamic,
+                   frozenset(requires))
         _REGISTRY.setdefault((op, target), []).append(k)
         return fn
 
@@ -104,6 +118,13 @@ def select_kernel(node: Node, target: str) -> Kernel:
 def is_static(node: Node) -> bool:
     """Every operand and result of ``node`` has a static shape."""
     return all(v is None or v.type.is_static for v in (*node.inputs, *node.outputs))
+
+
+def kernel_named(name: str) -> Kernel | None:
+    """The registered kernel called ``name`` (None when no kernel has that name)."""
+    _load_kernel_modules()
+
+    return next((k for ks in _REGISTRY.values() for k in ks if k.name == name), None)
 
 
 def all_kernels() -> list[Kernel]:

@@ -24,7 +24,7 @@ from kiln.ir import Node, OpKind
 from kiln.ir import attrs as A
 
 from .nhwc import native_array as _bits  # bf16 as int16 bits, unit last-dim stride
-from .registry import register_kernel
+from .registry import AMX_BF16, register_kernel
 
 
 def _native():
@@ -285,9 +285,9 @@ def gru_layer_amx(ins, a: A.RNNAttrs, packed=None):
 
 
 register_kernel(OpKind.LSTM, "cpu", name="cpu.lstm_layer_amx", accepts=_amx_ok,
-                prepare=_packer(lstm_layer_amx, _pack_amx, 4))(lstm_layer_amx)
+                prepare=_packer(lstm_layer_amx, _pack_amx, 4), requires=AMX_BF16)(lstm_layer_amx)
 register_kernel(OpKind.GRU, "cpu", name="cpu.gru_layer_amx", accepts=_amx_ok,
-                prepare=_packer(gru_layer_amx, _pack_amx, 3))(gru_layer_amx)
+                prepare=_packer(gru_layer_amx, _pack_amx, 3), requires=AMX_BF16)(gru_layer_amx)
 
 
 @register_kernel(OpKind.LSTM, "cpu", name="cpu.lstm", accepts=_rnn_ok)

@@ -97,6 +97,18 @@ def compiled(group, config: dict, target, threads: int) -> tuple[object, bool]:
     return build_and_store(group, config, target, threads, key), True
 
 
+def module_file(group, config: dict, target, threads: int) -> str:
+    """The exported module's path for ``group`` under ``config`` (what ``kiln.save`` ships),
+    exported again when it has left the cache since it was loaded."""
+    from kiln.codegen.tvm import signature
+
+    key = module_key(signature(group), config, target, threads)
+    path = os.path.join(module_dir(), f"{key}.so")
+    if not os.path.exists(path):
+        build_and_store(group, config, target, threads, key)
+    return path
+
+
 def build_in_memory(group, config: dict, target, threads: int):
     """A candidate for tuning: compiled, not exported (only the winner is kept)."""
     from kiln.codegen import tvm as tvm_codegen

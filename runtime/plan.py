@@ -208,8 +208,12 @@ def build_plan(graph: Graph, target: "str | Target" = "cpu", kernel_choices: lis
     units: list[Unit] = []
     codegen_s = 0.0
     for nodes, gen_group in _units(graph, partition, generate is not None and kind != "reference"):
+        t0 = time.perf_counter()
+        # recorded as one generated kernel: its nodes' own kernels are neither chosen nor prepared
+        gen = _recorded_generated(gen_group, nodes, kernel_choices, index, generate)
+        codegen_s += time.perf_counter() - t0
         chosen = []
-        for n in nodes:
+        for n in nodes if gen is None else ():
             cands = [k for k in candidates(n, kind) if k.name not in exclude or k.target == "reference"]
             recorded = kernel_choices[index[n]] if kernel_choices is not None and index[n] < len(kernel_choices) \
                 else None
@@ -221,7 +225,8 @@ def build_plan(graph: Graph, target: "str | Target" = "cpu", kernel_choices: lis
             at = n if sizes is None or is_static(n) else n.at_sizes(sizes)
             chosen.append(choose(at, cands, consts))
         t0 = time.perf_counter()
-        gen = _generated(gen_group, nodes, chosen, graph, kernel_choices, index, generate)
+        if gen is None:
+            gen = _generated(gen_group, nodes, chosen, graph, kernel_choices, index, generate)
         codegen_s += time.perf_counter() - t0
         if gen is not None:
             for n in nodes:
@@ -287,18 +292,30 @@ def _sole_reduction_consumer(tail: list[Node], owner: dict, readers: dict, retur
     return g if g.kind == "reduction" else None
 
 
+def _recorded(nodes, kernel_choices, index) -> list | None:
+    recorded = [kernel_choices[index[n]] for n in nodes if kernel_choices is not None and index[n] < len(kernel_choices)]
+    return recorded if recorded and len(recorded) == len(nodes) else None
+
+
+def _recorded_generated(group, nodes, kernel_choices, index, generate):
+    """The generated kernel for ``group`` when the recorded choices say it runs as one (no
+    measuring, and its nodes' own kernels are never prepared); None otherwise, or when it
+    cannot be had here (its nodes' kernels are then chosen again)."""
+    from .generated import KERNEL_PREFIX
+
+    recorded = _recorded(nodes, kernel_choices, index)
+    if group is None or recorded is None or not all(r.startswith(KERNEL_PREFIX) for r in recorded):
+        return None
+    return generate(group)
+
+
 def _generated(group, nodes, chosen, graph, kernel_choices, index, generate):
-    """The generated kernel for ``group`` if it runs as one (recorded choice or measured win).
-    Generated kernels are built for static shapes: a group with a symbolic size runs node by node."""
-    if group is None or not all(v.type.is_static for n in nodes for v in (*n.inputs, *n.outputs) if v is not None):
+    """The generated kernel for ``group`` if it wins by measurement; never when choices were
+    recorded (``_recorded_generated`` took the recorded generated kernels). Generated kernels
+    are built for static shapes: a group with a symbolic size runs node by node."""
+    if group is None or _recorded(nodes, kernel_choices, index) is not None or \
+            not all(v.type.is_static for n in nodes for v in (*n.inputs, *n.outputs) if v is not None):
         return None
     from kiln.kernels.choice import choose_group
 
-    from .generated import KERNEL_PREFIX
-
-    recorded = [kernel_choices[index[n]] for n in nodes if kernel_choices is not None and index[n] < len(kernel_choices)]
-    if recorded and len(recorded) == len(nodes):
-        if not all(r.startswith(KERNEL_PREFIX) for r in recorded):
-            return None  # the cache says per-node kernels won
-        return generate(group)  # the cache says this group runs generated: no measuring
     return choose_group(group, graph, generate, [fn for _, fn in chosen], torch.get_num_threads())

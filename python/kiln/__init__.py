@@ -1,6 +1,7 @@
 """Kiln: a deep-learning compiler for PyTorch and ONNX models.
 
     fast = kiln.compile(model, example_inputs)
+    kiln.save(fast, "model.kiln"); fast = kiln.load("model.kiln")   # in another process
     print(kiln.explain(model, example_inputs))
 """
 from .errors import KilnError, KilnWarning
@@ -14,6 +15,9 @@ def __getattr__(name):
     if name in ("compile", "explain", "CompiledModel", "Explanation"):
         from . import api
         return getattr(api, name)
+    if name in ("save", "load"):
+        from . import artifact
+        return getattr(artifact, name)
     if name == "CompileReport":
         from .report import CompileReport
         return CompileReport
@@ -32,6 +36,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'kiln' has no attribute {name!r}")
 
 
-__all__ = ["compile", "explain", "CompiledModel", "Explanation", "CompileOptions", "QuantOptions", "CompileReport",
+__all__ = ["compile", "explain", "save", "load", "CompiledModel", "Explanation", "CompileOptions", "QuantOptions", "CompileReport",
            "KilnError", "KilnWarning", "models", "__version__",
            "sparsify", "distill", "sparsity_report", "SparsityReport", "quantize_report", "QuantReport"]

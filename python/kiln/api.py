@@ -47,6 +47,20 @@ def _is_onnx(model) -> bool:
     return isinstance(model, onnx.ModelProto)
 
 
+@dataclass
+class ModelState:
+    """What ``kiln.save`` records of a ``CompiledModel`` and ``kiln.load`` rebuilds it from."""
+
+    name: str
+    options: CompileOptions
+    is_onnx: bool
+    spec: list[InputSpec] | None
+    in_tree: Any  # the inputs' pytree structure ((args, kwargs))
+    tensor_args: int | None
+    value_inputs: set
+    plans: list  # (key, Compiled), least recently used first
+
+
 def _leaf_spec(name: str, x) -> InputSpec:
     if isinstance(x, torch.Tensor):
         return InputSpec(name, x.dtype, tuple(x.shape), x.device.type)
@@ -89,6 +103,7 @@ class CompiledModel:
         self._value_inputs: set[int] = set()  # inputs whose values the plan is specialized to
         self._in_tree = None
         self._tensor_args: int | None = None  # compiled for this many positional tensors and nothing else
+        self._saved: dict[tuple, Compiled] | None = None  # loaded from an artifact: every plan it holds
         if self.is_onnx:
             from kiln.frontends.onnx_import import load_onnx, value_inputs
 
@@ -192,6 +207,8 @@ class CompiledModel:
     def _compile(self, args, kwargs, leaves) -> Compiled:
         from . import driver
 
+        if self._saved is not None:
+            return self._saved_plan(leaves)
         if self._infer_target and not self._plans and any(isinstance(x, torch.Tensor) and x.is_cuda for x in leaves):
             self.options = self.options.replace(target=Target.parse("cuda"))
         for i, x in enumerate(leaves):
@@ -264,6 +281,54 @@ class CompiledModel:
             flat.append(c.out_literals[i] if i in c.out_literals else next(it))
         return pytree.tree_unflatten(flat, c.out_spec)
 
+    # -- artifacts --------------------------------------------------------------------
+    def save(self, path) -> None:
+        """Write this compiled model, every specialization, to one artifact file (``kiln.save``)."""
+        from .artifact import save
+
+        save(self, path)
+
+    def state(self) -> ModelState:
+        """What an artifact records beside the plans (``kiln.artifact``)."""
+        if self._dynamic is not None:
+            raise KilnError(f"{self.name} was compiled with dynamic=: saving dynamic plans is not supported yet; "
+                            f"compile without dynamic= (a plan per shape) to save it")
+        with self._lock:
+            plans = sorted(self._plans.items(), key=lambda kv: self._last_use.get(kv[0], 0))
+            return ModelState(self.name, self.options, self.is_onnx, self._spec, self._in_tree, self._tensor_args,
+                              set(self._value_inputs), plans)
+
+    @classmethod
+    def from_state(cls, state: ModelState) -> "CompiledModel":
+        """A compiled model that runs the plans of ``state`` (a loaded artifact) and no others:
+        it has no model to compile new shapes from."""
+        self = cls.__new__(cls)
+        self.options, self._infer_target, self.source, self.is_onnx = state.options, False, None, state.is_onnx
+        self.name = state.name
+        self._plans, self._last_use = {}, {}
+        for i, (key, c) in enumerate(state.plans):
+            self._plans[key], self._last_use[key] = c, i + 1
+        self._saved = dict(self._plans)
+        self._calls, self._evicted = len(state.plans), False
+        self._latest = state.plans[-1][1] if state.plans else None
+        self._lock = threading.Lock()
+        self._spec, self._in_tree, self._tensor_args = state.spec, state.in_tree, state.tensor_args
+        self._value_inputs = set(state.value_inputs)
+        self._dynamic, self._dynamic_axes = None, {}  # artifacts hold static plans only (save refuses dynamic)
+        return self
+
+    def _saved_plan(self, leaves) -> Compiled:
+        """A loaded model's plan for ``leaves``: the one saved for these shapes and dtypes
+        (built for another thread count if need be: it runs correctly at any)."""
+        key = self._key(leaves)
+        for k, c in self._saved.items():
+            if k[1:] == key[1:]:
+                return c
+        have = "; ".join(" ".join(_describe(e) for e in k[1:]) for k in self._saved)
+        raise KilnError(f"{self.name} was loaded from an artifact with plans for [{have}]; got "
+                        f"[{' '.join(_describe(e) for e in key[1:])}]. A loaded model cannot compile new shapes: "
+                        f"compile and save the model with these inputs too")
+
     # -- introspection ----------------------------------------------------------------
     @property
     def compiled(self) -> list[Compiled]:
@@ -271,6 +336,13 @@ class CompiledModel:
 
     def __repr__(self) -> str:
         return f"<kiln.CompiledModel {self.name} target={self.target} specializations={len(self._plans)}>"
+
+
+def _describe(entry) -> str:
+    """One input of a plan key, as a user reads it: float32[1, 128], or the value."""
+    if entry[0] == "v":
+        return entry[1]
+    return f"{str(entry[1]).removeprefix('torch.')}{list(entry[0])}"
 
 
 @contextlib.contextmanager

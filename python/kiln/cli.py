@@ -36,9 +36,14 @@ def _cmd_dump(args) -> int:
 
     from . import dump
 
-    graph = dump.import_model(args.model)
-    select = args.passes.split(",") if args.passes else None
-    stages = dump.run_stages(graph, select)
+    if args.model.endswith(".kiln"):  # an artifact holds the optimized graph: shown as saved
+        from .artifact_cli import saved_graph
+
+        stages = [dump.Stage("saved", "saved", "saved", saved_graph(args.model))]
+    else:
+        graph = dump.import_model(args.model)
+        select = args.passes.split(",") if args.passes else None
+        stages = dump.run_stages(graph, select)
     if args.each_pass:
         os.makedirs(args.each_pass, exist_ok=True)
         ext = {"text": "txt"}.get(args.format, args.format)
@@ -152,6 +157,28 @@ def _cmd_quantize_report(args) -> int:
     return 0
 
 
+def _cmd_compile(args) -> int:
+    from .artifact_cli import compile_to_file
+
+    opts = {k: v for k, v in (("precision", args.precision), ("quantize", args.quantize), ("sparse", args.sparse),
+                              ("target", args.target), ("threads", args.threads)) if v is not None}
+    print(f"wrote {compile_to_file(args.model, args.output, **opts)}", file=sys.stderr)
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from .artifact_cli import run_file
+
+    return run_file(args.artifact, args.input or [], args.output)
+
+
+def _cmd_info(args) -> int:
+    from .artifact_cli import describe
+
+    sys.stdout.write(describe(args.artifact))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kiln", description="Kiln: a deep-learning compiler for PyTorch and ONNX models.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
@@ -162,10 +189,27 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     d.add_argument("--repeat", type=int, default=10, help="timed runs per model (median reported)")
     d.set_defaults(fn=_cmd_demo)
+    cp = sub.add_parser("compile", help="compile a model and save it as one artifact file (kiln.save)")
+    cp.add_argument("model", help="example model name, file.onnx (fixed input shapes), or package.module:factory")
+    cp.add_argument("-o", "--output", required=True, help="the artifact to write (model.kiln)")
+    cp.add_argument("--precision", choices=["fp32", "bf16"])
+    cp.add_argument("--quantize", choices=[*QUANT_SCHEMES, "bf16"])
+    cp.add_argument("--sparse", help=f"sparse mode: {', '.join(SPARSE_MODES)}")
+    cp.add_argument("--target", help="cpu (default) or cuda")
+    cp.add_argument("--threads", type=int, help="torch threads the kernels are chosen for")
+    cp.set_defaults(fn=_cmd_compile)
+    rp = sub.add_parser("run", help="load an artifact and run it on .npy inputs")
+    rp.add_argument("artifact", help="a file written by kiln compile or kiln.save")
+    rp.add_argument("--input", "-i", action="append", metavar="X.npy", help="an input, in order (repeat)")
+    rp.add_argument("-o", "--output", help="write the output (.npy) or outputs (.npz) here")
+    rp.set_defaults(fn=_cmd_run)
+    ip = sub.add_parser("info", help="what an artifact holds: versions, target, inputs, plans, kernels, weights")
+    ip.add_argument("artifact")
+    ip.set_defaults(fn=_cmd_info)
     dp = sub.add_parser("dump", help="show the IR of a model before/after the compiler's passes",
                         description="Dump a model's Kiln IR: by default after the full pipeline.")
     dp.add_argument("model", help="example model name, file.onnx, graph.json (a saved Kiln graph), "
-                                  "or package.module:factory")
+                                  "model.kiln (an artifact's graph, as saved), or package.module:factory")
     dp.add_argument("--format", "-f", default="text", choices=["text", "json", "dot", "svg", "html"])
     dp.add_argument("-o", "--output", help="write to this file (default: standard output)")
     stage = dp.add_mutually_exclusive_group()

@@ -43,6 +43,7 @@ class Compiled:
     input_names: list
     report: CompileReport
     size_limits: dict = field(default_factory=dict)  # size name -> (min, max) the plan serves (None: as asked)
+    partition: object = None  # the kernel groups the plan was built over (kiln.save records them)
 
 
 # ----------------------------------------------------------------------------- import
@@ -167,7 +168,8 @@ def compile_imported(imp: Imported, options: CompileOptions, name: str, hints: d
                  "codegen": plan.codegen_seconds, "total": imp.seconds + passes_s + plan_s},
         import_cache_hit=imp.cache_hit, compile_cache_hit=hit is not None, memory=plan.memory,
         graph_nodes=len(result.graph.nodes))
-    return Compiled(plan, result.graph, imp.out_spec, imp.out_literals, imp.input_names, report, imp.size_limits)
+    return Compiled(plan, result.graph, imp.out_spec, imp.out_literals, imp.input_names, report, imp.size_limits,
+                    result.partition)
 
 
 def _label(node) -> str:

@@ -29,6 +29,8 @@ class CompileReport:
     compile_cache_hit: bool = False  # the kernel choices came from the compile cache (no measuring)
     memory: object = None  # kiln.runtime.plan.MemoryStats
     graph_nodes: int = 0
+    artifact: str = ""  # the file this plan was loaded from (kiln.load); empty for a compile
+    rechosen: list = field(default_factory=list)  # (node, recorded kernel, why) chosen again at load
 
     @property
     def quantized_layers(self) -> int:
@@ -37,10 +39,15 @@ class CompileReport:
     def __str__(self) -> str:
         secs = ", ".join(f"{k} {v:.2f} s" for k, v in self.seconds.items())
         lines = [f"{self.model} on {self.target}, inputs {list(map(list, self.input_shapes))}: "
-                 f"{self.graph_nodes} nodes; {secs}",
-                 f"caches: import {'hit' if self.import_cache_hit else 'miss'}, "
-                 f"compile {'hit' if self.compile_cache_hit else 'miss'}",
-                 f"fallbacks: {len(self.fallbacks)}"]
+                 f"{self.graph_nodes} nodes; {secs}"]
+        if self.artifact:
+            lines.append(f"loaded from {self.artifact}" + (f"; {len(self.rechosen)} kernel(s) chosen again here"
+                                                           if self.rechosen else ""))
+            lines += [f"  {node}: {kernel} ({why})" for node, kernel, why in self.rechosen]
+        else:
+            lines.append(f"caches: import {'hit' if self.import_cache_hit else 'miss'}, "
+                         f"compile {'hit' if self.compile_cache_hit else 'miss'}")
+        lines.append(f"fallbacks: {len(self.fallbacks)}")
         for op, scope, why in self.fallbacks:
             lines.append(f"  {op}" + (f" at {scope}" if scope else "") + f": {why}")
         lines.append("kernels: " + ", ".join(f"{k} x{n}" for k, n in sorted(self.kernels.items())))

@@ -103,3 +103,11 @@ def test_reduced_precision_plans_are_dynamic_too(options, rel):
             ok, err, tol = max_err_ok(fast(*args), model(*args), rel=rel)
             assert ok, f"{options} {batch}x{seq}: {err} > {tol}"
     assert len(fast.compiled) == 1
+
+
+def test_saving_a_dynamic_model_is_refused_clearly(tmp_path):
+    m = torch.nn.Linear(4, 2)
+    fast = kiln.compile(m, (torch.randn(3, 4),), dynamic=True)
+    with pytest.raises(KilnError, match="saving dynamic plans is not supported yet"):
+        kiln.save(fast, tmp_path / "m.kiln")
+    assert not (tmp_path / "m.kiln").exists()

@@ -115,3 +115,15 @@ def test_bench_dynamic_quick(tmp_path):
     assert all("error" not in r for r in rows), rows
     assert all(r["max_abs_err"] < 1e-3 and r["requests"] == 20 for r in rows)
     assert "p99/p50" in out
+
+
+@pytest.mark.bench
+def test_bench_artifacts_quick(tmp_path):
+    """python -m kiln.bench.artifacts end to end on a small model: it loads the artifact in
+    new processes and checks the outputs are bitwise those of the saved model."""
+    from kiln.bench import artifacts
+
+    out = tmp_path / "a.json"
+    assert artifacts.main(["lstm", "--quick", "--runs", "1", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["bitwise"] and row["artifact_bytes"] > 0 and set(row["split"]) >= {"read_weights", "prepare", "total"}
