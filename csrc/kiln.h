@@ -134,8 +134,10 @@ bool attention_supported();
 bool amx_bf16_supported();  // AMX-BF16 built, present, and tile state granted to this process
 // Register-only FMA or AMX-BF16 throughput (GFLOP/s summed over `threads` running at once;
 // peak.cpp): the ceilings kernels are read against.
-enum class PeakUnit { kFma, kAmxBf16 };
-double compute_peak_gflops(PeakUnit unit, int threads, int64_t iters);
+// kClock: dependent one-cycle adds, so the figure is the core clock in GHz;
+// accumulators: independent AMX accumulator tiles in flight (1..6).
+enum class PeakUnit { kFma, kAmxBf16, kAmxInt8, kClock };
+double compute_peak_gflops(PeakUnit unit, int threads, int64_t iters, int accumulators = 6);
 void attention(const AttentionArgs& a, int threads);
 
 }  // namespace kiln

@@ -81,6 +81,9 @@ class CompileOptions:
     passes: tuple | None = None  # None: every pass; (): none; names or "-name" to skip
     verify: bool = False  # run the IR verifier after every pass
     max_specializations: int = 8  # plans kept per compiled model (one per input signature), LRU
+    # measure every kernel choice afresh (more rounds) instead of reusing the compile cache's
+    # recorded choices; the result replaces them (``kiln tune MODEL``). Not part of the key.
+    remeasure: bool = False
 
     # -- parsing ------------------------------------------------------------------------
     @staticmethod
@@ -109,6 +112,8 @@ class CompileOptions:
             fields["codegen"] = _bool("codegen", keywords.pop("codegen"))
         if "verify" in keywords:
             fields["verify"] = _bool("verify", keywords.pop("verify"))
+        if "remeasure" in keywords:
+            fields["remeasure"] = _bool("remeasure", keywords.pop("remeasure"))
         if "threads" in keywords:
             fields["threads"] = parse_threads(keywords.pop("threads"))
         if "exclude_kernels" in keywords:
@@ -361,6 +366,12 @@ def settings() -> Settings:
         log_areas=frozenset(a for a in _env("KILN_LOG").split(",") if a),
         user_tvm_threads="TVM_NUM_THREADS" in os.environ,
     )
+
+
+def child_environment(**variables: str) -> dict[str, str]:
+    """The environment for a subprocess (a benchmark's fresh compile): this process's, with
+    ``variables`` set (``KILN_CACHE_DIR="/tmp/x"``)."""
+    return {**os.environ, **variables}
 
 
 def cache_subdir(sub: str) -> str:

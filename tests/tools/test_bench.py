@@ -54,7 +54,10 @@ def test_bench_models_quick(tmp_path, threads):
             row = r["threads"][th]
             assert {"eager", "kiln"} <= set(row["median_ms"])
             assert row["max_abs_err"]["kiln"] < 1e-3
-            assert "kiln_bf16" in row["median_ms"]
+            assert {"kiln_bf16", "kiln_int8", "openvino", "openvino_bf16", "openvino_int8", "inductor_bf16"} \
+                <= set(row["median_ms"]), r["errors"]
+            assert set(row["fraction_of_amx"]) >= {"kiln_bf16", "kiln_int8", "openvino_int8"}
+            assert row["sqnr_db"]["kiln_bf16"] > 20 and row["sqnr_db"]["openvino"] > 40
         assert "kiln" in r["compile_s"]
     assert md.read_text().startswith("Median latency") and "| resnet18 | 1 |" in out
 
@@ -94,12 +97,30 @@ def test_compute_peak_gflops_checks_its_arguments():
         _C.compute_peak_gflops("fp64", 1, 10)
     with pytest.raises(ValueError):
         _C.compute_peak_gflops("fma", 0, 10)
+    with pytest.raises(ValueError):
+        _C.compute_peak_gflops("amx_int8", 1, 10, 7)  # six accumulators and two sources fill the tiles
+    assert _C.compute_peak_gflops("clock", 1, 10_000) > 0  # GHz
+
+
+def test_amx_peak_counts_every_accumulator():
+    """The AMX loops return positive rates for every accumulator count (where the CPU has AMX);
+    what the rates are is the benchmark's business, not a test's."""
+    from kiln import _C
+    from kiln.bench import machine
+
+    if not _C.amx_bf16_supported():
+        pytest.skip("no AMX on this CPU")
+    for kind in ("bf16", "int8"):
+        for acc in (1, 6):
+            assert machine.amx_rate(kind, 1, acc, iters=1000) > 0
+    assert set(machine.amx_ceilings(1, rounds=1)) == {"bf16", "int8"}
 
 
 @pytest.mark.bench
 def test_machine_ceilings(capsys):
     from kiln.bench import machine
 
-    machine.main(["--rounds", "1", "--threads", "1"])
+    machine.main(["--rounds", "1", "--threads", "1", "--sweep"])
     out = capsys.readouterr().out
-    assert "| threads | FMA fp32 GFLOP/s |" in out and "\n| 1 | " in out
+    assert "| threads | FMA fp32 GFLOP/s | AMX bf16 GFLOP/s | AMX int8 GOP/s |" in out and "\n| 1 | " in out
+    assert "| accumulators | 1 | 2 | 4 | 6 |" in out
