@@ -124,3 +124,29 @@ def test_machine_ceilings(capsys):
     out = capsys.readouterr().out
     assert "| threads | FMA fp32 GFLOP/s | AMX bf16 GFLOP/s | AMX int8 GOP/s |" in out and "\n| 1 | " in out
     assert "| accumulators | 1 | 2 | 4 | 6 |" in out
+
+
+@pytest.mark.bench
+def test_bench_quant_against_openvino_int8(tmp_path):
+    j = tmp_path / "q.json"
+    p = subprocess.run([sys.executable, "-m", "kiln.bench.quant", "--quick", "--threads", "1", "--only", "resnet,lstm",
+                        "--repeats", "2", "--json", str(j)], capture_output=True, text=True, timeout=900, env=ENV)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(j.read_text())
+    row = res["resnet18"]["threads"]["1"]
+    assert set(row["median_ms"]) == {"kiln_fp32", "kiln_int8", "openvino_int8"}
+    agree = row["top1_agreement_pct_over_10"]
+    assert agree["kiln_fp32"] == 100.0 and 0 <= agree["openvino_int8"] <= 100
+    assert row["sqnr_db_vs_eager_fp32"]["kiln_fp32"] > 60 and row["kiln_int8_vs_openvino_int8"] > 0
+    assert "openvino_int8" in res["lstm"]["threads"]["1"]["sqnr_db_vs_eager_fp32"]
+
+
+@pytest.mark.bench
+def test_bench_stability_compiles_in_fresh_processes(tmp_path):
+    j = tmp_path / "s.json"
+    p = subprocess.run([sys.executable, "-m", "kiln.bench.stability", "lstm", "--processes", "2", "--repeats", "2",
+                        "--json", str(j)], capture_output=True, text=True, timeout=900, env=ENV)
+    assert p.returncode == 0, p.stderr[-2000:]
+    (row,) = json.loads(j.read_text())
+    assert len(row["median_ms"]) == 2 and row["spread"] >= 0 and 1 <= row["kernel_sets"] <= 2
+    assert "| lstm | fp32 | 1 |" in p.stdout
