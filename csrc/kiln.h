@@ -90,6 +90,11 @@ struct PoolShape {
 };
 bool max_pool_supported();
 void max_pool2d_nhwc(const void* x, void* y, const PoolShape& s, bool bf16, int threads);
+bool max_pool_u8_supported();
+// Per-tensor uint8 activations (quantize_u8.cpp): QUANTIZE / DEQUANTIZE over n contiguous elements.
+void quantize_u8(const float* x, uint8_t* y, int64_t n, double scale, int32_t zero_point, int threads);
+void dequantize_u8(const uint8_t* x, float* y, int64_t n, double scale, int32_t zero_point, int threads);
+void max_pool2d_nhwc_u8(const uint8_t* x, uint8_t* y, const PoolShape& s, int threads);
 
 }  // namespace kiln
 

@@ -83,6 +83,46 @@ def test_digits_cnn_int8_static(digits, observer):
     assert acc_q >= acc_fp - 1.0
 
 
+class DigitsStemCNN(nn.Module):
+    """ResNet's stem in small: conv + ReLU, max-pool, a residual block; pooled in uint8."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.c3 = nn.Conv2d(16, 16, 3, padding=1)
+        self.c4 = nn.Conv2d(16, 32, 3, padding=1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        p = nn.functional.max_pool2d(torch.relu(self.c1(x)), 3, 2, 1)
+        y = torch.relu(self.c3(torch.relu(self.c2(p))) + p)
+        return self.fc(torch.relu(self.c4(y)).mean((2, 3)))
+
+
+def test_digits_stem_int8_static_pools_in_uint8(digits):
+    _, xtr, xte, yte = digits
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    perm = torch.randperm(len(d.target), generator=torch.Generator().manual_seed(0))
+    model = _train(DigitsStemCNN(), (x[perm[:1397]],), torch.tensor(d.target)[perm[:1397]],
+                   nn.functional.cross_entropy, steps=300, lr=5e-3)
+    n = xte.shape[0]
+    cal = [(xtr[i:i + n],) for i in (0, n, 2 * n)]
+    fp = kiln.compile(model, (xte,))
+    q = kiln.compile(model, (xte,), quantize="int8-static", calibration=cal, quantize_payoff=False)
+    pools = [n for n in q.compiled[0].graph.nodes if n.op is OpKind.MAX_POOL2D]
+    assert len(pools) == 1 and pools[0].inputs[0].dtype.value == "uint8"
+    assert _count(q, OpKind.QCONV2D) == 4
+    acc_fp = float((fp(xte).argmax(1) == yte).float().mean()) * 100
+    acc_q = float((q(xte).argmax(1) == yte).float().mean()) * 100
+    print(f"digits stem CNN: fp32 {acc_fp:.2f}%  int8-static {acc_q:.2f}%")
+    assert acc_fp > 90.0
+    assert acc_q >= acc_fp - 1.0
+
+
 # ----------------------------------------------------------------------------- LSTM forecaster, int8-dynamic
 def _co2_windows(window=32):
     from statsmodels.datasets import co2
