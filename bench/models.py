@@ -6,7 +6,9 @@ Engines, by precision (``PRECISION``):
   --quick), Kiln;
 - bf16: Inductor on bf16 weights, OpenVINO bf16, Kiln ``precision="bf16"``;
 - int8: OpenVINO after NNCF post-training quantization, Kiln int8 (``KILN_INT8``: static for
-  the CNNs, calibrated on the same seeded inputs as NNCF; dynamic for the rest).
+  the CNNs, calibrated on the same seeded inputs as NNCF; dynamic for the rest), on a CPU
+  with AMX-BF16 with ``precision="bf16"`` for what quantization leaves float, as OpenVINO
+  runs its non-quantized ops in bf16 there.
 The peers are built in ``bench/peers.py``. For each thread count the engines run interleaved
 (one call each, in turn, ``repeats`` times, the order rotating), so machine noise hits all
 of them alike; medians are reported with Kiln's ratio against the best peer of its own
@@ -117,8 +119,12 @@ def gemm_flops(compiled) -> int:
 
 
 def _kiln_int8(name: str, model, inputs, calibration):
+    from kiln import _C
+
     scheme = KILN_INT8.get(name, "int8-dynamic")
     extra = {"calibration": calibration} if scheme == "int8-static" else {}
+    if _C.amx_bf16_supported():
+        extra["precision"] = "bf16"
     return _kiln(model, inputs, quantize=scheme, **extra)[0]
 
 
@@ -164,6 +170,9 @@ def bench_model(name: str, factory_kwargs: dict, engines, threads_list, repeats:
         ref = first_tensor(model(*inputs))
     calibration = calibration_inputs(inputs)
     result = {"model": name, "config": factory_kwargs, "threads": {}}
+    if any(PRECISION.get(e) != "fp32" for e in engines) and "kiln" not in engines:
+        # the FLOPs the AMX fractions divide by come from Kiln's fp32 graph
+        result["gemm_gflop"] = gemm_flops(_kiln(model, inputs)[0]) / 1e9
     built: dict[str, object] = {}
     compile_s: dict[str, float] = {}
     errors: dict[str, str] = {}

@@ -45,7 +45,7 @@ def decide(sqnr_db: float, fp32_s: float | None, quant_s: float | None, min_sqnr
         return False, f"SQNR {sqnr_db:.1f} dB < {min_sqnr:.1f} dB"
     if fp32_s is not None and quant_s is not None:
         if not quant_s < fp32_s:
-            return False, f"not faster ({quant_s * 1e3:.3f} ms vs {fp32_s * 1e3:.3f} ms in float32)"
+            return False, f"not faster ({quant_s * 1e3:.3f} ms vs {fp32_s * 1e3:.3f} ms unquantized)"
         return True, f"{fp32_s / quant_s:.2f}x faster, SQNR {sqnr_db:.1f} dB"
     return True, f"SQNR {sqnr_db:.1f} dB (speed not measured)"
 
@@ -98,8 +98,10 @@ def quantize_pass(graph: Graph, ctx: PassContext) -> Graph:
     params = Q.static_params(observers, observer) if static else {}
     decisions, chosen, times = [], set(), {}
     chain = _chains(graph, cands) if static else None
+    # with precision="bf16" a layer left unquantized runs in bf16: that is what int8 must beat
+    bf16 = ctx.options.precision == "bf16"
     for n in cands:
-        d = _judge(n, graph, scheme, group, params, first, min_sqnr, measure, ex, times, chain)
+        d = _judge(n, graph, scheme, group, params, first, min_sqnr, measure, ex, times, chain, bf16)
         decisions.append(d)
         if d.quantized:
             chosen.add(n.outputs[0])
@@ -162,8 +164,15 @@ def _timing_graphs(n: Node, graph: Graph, scheme, group, params, chain):
     return build(True), build(False)
 
 
+def _as_bf16(g: Graph) -> Graph:
+    from . import precision
+    from .rewrite import rewrite
+
+    return rewrite(g, precision.RULES, name="bf16")
+
+
 def _judge(n: Node, graph: Graph, scheme, group, params, first, min_sqnr, measure, ex, times,
-           chain=None) -> LayerDecision:
+           chain=None, bf16: bool = False) -> LayerDecision:
     fp, where = _single(n, graph.constants)
     mini_out = fp.outputs[0]
     plan = Q.QuantPlan(scheme, {mini_out}, {v: params[o] for v, o in where.items() if o in params}, set(), group)
@@ -176,11 +185,8 @@ def _judge(n: Node, graph: Graph, scheme, group, params, first, min_sqnr, measur
         key = (n.op, scheme, repr(n.attrs), tuple(None if v is None else repr(v.type) for v in n.inputs),
                chain is not None and n.inputs[0] in chain[0], chain is not None and n.outputs[0] in chain[1])
         if key not in times:
-            if chain is not None:
-                fp_t, q_t = _timing_graphs(n, graph, scheme, group, params, chain)
-                times[key] = ex.time_pair(fp_t, q_t, inputs)
-            else:
-                times[key] = ex.time_pair(fp, qg, inputs)
+            fp_t, q_t = _timing_graphs(n, graph, scheme, group, params, chain) if chain is not None else (fp, qg)
+            times[key] = ex.time_pair(_as_bf16(fp_t) if bf16 else fp_t, q_t, inputs)
         t_fp, t_q = times[key]
     ok, why = decide(sqnr, t_fp, t_q, min_sqnr)
     x, w = n.inputs[0], n.inputs[1]
