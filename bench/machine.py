@@ -80,7 +80,8 @@ AMX_ACCUMULATORS = (1, 2, 4, 6)
 
 def amx_rate(kind: str, threads: int, accumulators: int = 6, iters: int = 100_000) -> float | None:
     """Register-only AMX throughput (bf16 GFLOP/s or int8 GOP/s) summed over ``threads``
-    threads; None where the CPU (or the build) has no AMX."""
+    threads (``kind`` "bf16_loaded" / "int8_loaded": a 2 x 2 GEMM block loading its source
+    tiles from L1); None where the CPU (or the build) has no AMX."""
     from kiln import _C
 
     try:
@@ -155,11 +156,13 @@ def main(argv=None) -> None:
                     print(f"  {t} thread(s) {k}: measured {med[t, f'amx_{k}'] / (t * AMX_OPS_PER_CYCLE[k] * ghz):.0%}"
                           f" of the theoretical figure for {t} core(s)")
     if args.sweep:
-        print("\nAMX rate by independent accumulator tiles in flight (1 thread, best of 3):")
-        print("| accumulators | " + " | ".join(str(a) for a in AMX_ACCUMULATORS) + " |")
-        print("|---|" + "---|" * len(AMX_ACCUMULATORS))
+        print("\nAMX rate by independent accumulator tiles in flight (1 thread, best of 3), and a GEMM's")
+        print("2 x 2 block loading its four source tiles from L1 every step (what feeding the tiles costs):")
+        print("| accumulators | " + " | ".join(str(a) for a in AMX_ACCUMULATORS) + " | 2x2 block, tiles loaded |")
+        print("|---|" + "---|" * (len(AMX_ACCUMULATORS) + 1))
         for k in ("bf16", "int8"):
             vals = [max((amx_rate(k, 1, a) or 0) for _ in range(3)) for a in AMX_ACCUMULATORS]
+            vals.append(max((amx_rate(f"{k}_loaded", 1) or 0) for _ in range(3)))
             print(f"| {k} | " + " | ".join(f"{v:.0f}" for v in vals) + " |")
     base = counts[0]
     for t in counts[1:]:

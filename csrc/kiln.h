@@ -140,8 +140,9 @@ bool amx_bf16_supported();  // AMX-BF16 built, present, and tile state granted t
 // Register-only FMA or AMX-BF16 throughput (GFLOP/s summed over `threads` running at once;
 // peak.cpp): the ceilings kernels are read against.
 // kClock: dependent one-cycle adds, so the figure is the core clock in GHz;
-// accumulators: independent AMX accumulator tiles in flight (1..6).
-enum class PeakUnit { kFma, kAmxBf16, kAmxInt8, kClock };
+// accumulators: independent AMX accumulator tiles in flight (1..6); the *Loaded units run a
+// 2 x 2 GEMM block that loads its four source tiles from L1 every step.
+enum class PeakUnit { kFma, kAmxBf16, kAmxInt8, kAmxBf16Loaded, kAmxInt8Loaded, kClock };
 double compute_peak_gflops(PeakUnit unit, int threads, int64_t iters, int accumulators = 6);
 void attention(const AttentionArgs& a, int threads);
 

@@ -113,6 +113,7 @@ def test_amx_peak_counts_every_accumulator():
     for kind in ("bf16", "int8"):
         for acc in (1, 6):
             assert machine.amx_rate(kind, 1, acc, iters=1000) > 0
+        assert machine.amx_rate(f"{kind}_loaded", 1, iters=1000) > 0
     assert set(machine.amx_ceilings(1, rounds=1)) == {"bf16", "int8"}
 
 
@@ -123,7 +124,7 @@ def test_machine_ceilings(capsys):
     machine.main(["--rounds", "1", "--threads", "1", "--sweep"])
     out = capsys.readouterr().out
     assert "| threads | FMA fp32 GFLOP/s | AMX bf16 GFLOP/s | AMX int8 GOP/s |" in out and "\n| 1 | " in out
-    assert "| accumulators | 1 | 2 | 4 | 6 |" in out
+    assert "| accumulators | 1 | 2 | 4 | 6 | 2x2 block, tiles loaded |" in out
 
 
 @pytest.mark.bench
