@@ -3,8 +3,8 @@ node's real shapes (constants as they are, random run-time inputs) and keep the 
 where "fastest" is decided by ``kernels.decide``: a difference inside the noise measured in
 the same rounds is a tie, and a tie goes to the prior (the tuning database's earlier winner
 for this node, else the registration order), so the same model gets the same kernels in
-every process. An ambiguous result (a candidate faster than the prior's pick, but within
-the noise) gets one more batch of rounds before the decision.
+every process. A decision against the prior must be reproduced by a second batch of
+rounds (``measure_and_decide``).
 
 A candidate must first agree with the reference kernel on those inputs (within the
 dtype's tolerance); failures and disagreements score infinity. Results are memoized per
@@ -56,16 +56,32 @@ def samples(fns: list, rounds: int) -> list[list[float]]:
 
 
 def measure_and_decide(fns: list, prior: list[int], rounds: int | None = None):
-    """Time ``fns`` (None: disqualified) in interleaved rounds, with one more batch when the
-    first is ambiguous; the ``decide.Decision`` and the samples (None when all failed)."""
+    """Time ``fns`` (None: disqualified) in interleaved rounds and decide (``kernels.decide``);
+    the ``decide.Decision`` and the samples (None when all failed).
+
+    A decision against the prior's pick must repeat: when the first batch picks another
+    candidate, or is ambiguous, a second batch runs, and the other candidate is kept only if
+    the second batch on its own and both batches together pick it too. Otherwise the prior's
+    pick stands: on a machine whose speed drifts, one noisy batch must not change a model's
+    kernels (and a tie is no reason to)."""
     rounds = rounds or (REMEASURE_REPEATS if _REMEASURE[0] else REPEATS)
     got = samples(fns, rounds)
     d = decide.decide(got, prior)
-    if d is not None and d.ambiguous:
-        more = samples([fn if s else None for fn, s in zip(fns, got)], rounds)
-        got = [a + b if b else [] for a, b in zip(got, more)]
-        d = decide.decide(got, prior)
-    return d, got
+    if d is None:
+        return None, got
+    default = next((i for i in prior if got[i]), d.winner)
+    if d.winner == default and not d.ambiguous:
+        return d, got
+    more = samples([fn if s else None for fn, s in zip(fns, got)], rounds)
+    both = [a + b if b else [] for a, b in zip(got, more)]
+    d2, dc = decide.decide(more, prior), decide.decide(both, prior)
+    if dc is None:
+        return None, both
+    if d2 is not None and d2.winner == dc.winner and (d.ambiguous or d2.winner == d.winner):
+        return dc, both
+    if both[default]:  # not reproduced: the prior's pick stands
+        return decide.Decision(default, dc.tied, False), both
+    return dc, both
 
 
 def _db_key(kind: str, key: tuple):

@@ -90,7 +90,7 @@ def test_choose_takes_a_clear_winner_and_records_it(fake_clock):
     fake_clock["times"] = [[2.0] * 5, [1.0] * 5, [3.0] * 5]
     k, _ = choice.choose(_node(), _kernels(), [None])
     assert k.name == "cpu.other"
-    assert fake_clock["batches"] == 1
+    assert fake_clock["batches"] == 2  # against the prior: confirmed by a second batch
     key = next(iter(choice._MEMO))
     assert choice.earlier_winner("node", key) == "cpu.other"
 
@@ -124,12 +124,25 @@ def test_an_ambiguous_first_batch_gets_more_rounds(fake_clock):
 def test_remeasuring_ignores_the_memo(fake_clock):
     fake_clock["times"] = [[1.0] * 5, [2.0] * 5, [3.0] * 5]
     assert choice.choose(_node(), _kernels(), [None])[0].name == "cpu.fast"
+    assert fake_clock["batches"] == 1  # the prior's pick won clearly: one batch
     fake_clock["times"] = [[2.0] * 5, [1.0] * 5, [3.0] * 5]
     assert choice.choose(_node(), _kernels(), [None])[0].name == "cpu.fast"  # memoized: not timed
     assert fake_clock["batches"] == 1
     with choice.remeasuring():
         assert choice.choose(_node(), _kernels(), [None])[0].name == "cpu.other"
+    assert fake_clock["batches"] == 3
+
+
+def test_a_win_against_the_prior_that_does_not_repeat_is_not_taken(fake_clock):
+    # batch 1: cpu.other clearly faster (a noisy moment for cpu.fast); batch 2: equal
+    fake_clock["times"] = [lambda b: [2.0] * 5 if b == 1 else [1.0] * 5, [1.0] * 5, [3.0] * 5]
+    assert choice.choose(_node(), _kernels(), [None])[0].name == "cpu.fast"
     assert fake_clock["batches"] == 2
+    # and one that repeats is taken
+    choice._MEMO.clear()
+    fake_clock["batches"] = 0
+    fake_clock["times"] = [[2.0] * 5, [1.0] * 5, [3.0] * 5]
+    assert choice.choose(_node(), _kernels(), [None])[0].name == "cpu.other"
 
 
 def test_a_kernel_that_disagrees_never_wins(fake_clock):
