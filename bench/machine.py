@@ -7,8 +7,17 @@ because the kernel benchmarks report every result as a fraction of these two num
 
 prints the ceilings themselves, measured afresh in interleaved rounds (these machines are
 shared, and a round that ran in a busy moment shows it): the register-only throughput of the
-fp32 FMA units and of the AMX-BF16 tiles (``kiln._C.compute_peak_gflops``), an fp32 GEMM
-(``torch.mm``, 1024^3) and a 64 MB copy, per thread count, and what the extra threads add.
+fp32 FMA units and of the AMX tiles, bf16 (TDPBF16PS) and int8 (TDPBSSD)
+(``kiln._C.compute_peak_gflops``), an fp32 GEMM (``torch.mm``, 1024^3) and a 64 MB copy, per
+thread count, and what the extra threads add.
+
+The AMX figures are the best over 1..6 independent accumulator tiles (six plus the two
+source tiles fill the eight): each tile instruction's result feeds the next one on the same
+accumulator, so a loop with too few chains in flight measures the instruction's latency,
+not the unit. ``--sweep`` prints the rate per accumulator count. Beside them stands the
+theoretical figure: one TDPBF16PS (16x16x32 multiply-adds, 1,024 FLOP per cycle when one
+issues every 16 cycles) or TDPBSSD (16x16x64, 2,048 ops per cycle) per core, at the core
+clock measured by a chain of dependent one-cycle adds (the clock under AMX load may be lower).
 """
 from __future__ import annotations
 
@@ -64,6 +73,39 @@ def roofline(threads: int | None = None, refresh: bool = False) -> dict:
     return data
 
 
+# one tile instruction per 16 cycles per core: bf16 16x16x32 and int8 16x16x64 multiply-adds
+AMX_OPS_PER_CYCLE = {"bf16": 2 * 16 * 16 * 32 / 16, "int8": 2 * 16 * 16 * 64 / 16}
+AMX_ACCUMULATORS = (1, 2, 4, 6)
+
+
+def amx_rate(kind: str, threads: int, accumulators: int = 6, iters: int = 100_000) -> float | None:
+    """Register-only AMX throughput (bf16 GFLOP/s or int8 GOP/s) summed over ``threads``
+    threads (``kind`` "bf16_loaded" / "int8_loaded": a 2 x 2 GEMM block loading its source
+    tiles from L1); None where the CPU (or the build) has no AMX."""
+    from kiln import _C
+
+    try:
+        return _C.compute_peak_gflops(f"amx_{kind}", threads, iters, accumulators)
+    except RuntimeError:
+        return None
+
+
+def amx_ceilings(threads: int, rounds: int = 3) -> dict:
+    """The AMX ceilings now: the best of ``rounds`` runs with six accumulators, per kind
+    (``{"bf16": GFLOP/s, "int8": GOP/s}``, None where absent)."""
+    out = {}
+    for kind in ("bf16", "int8"):
+        vals = [v for v in (amx_rate(kind, threads) for _ in range(rounds)) if v is not None]
+        out[kind] = max(vals) if vals else None
+    return out
+
+
+def clock_ghz(iters: int = 20_000_000) -> float:
+    from kiln import _C
+
+    return _C.compute_peak_gflops("clock", 1, iters)
+
+
 def ceilings(threads: int) -> dict:
     """One round of every ceiling at ``threads`` threads (FMA / AMX: None where not built or
     not present)."""
@@ -73,23 +115,24 @@ def ceilings(threads: int) -> dict:
         fma = _C.compute_peak_gflops("fma", threads, 1_000_000)
     except RuntimeError:  # built without AVX-512
         fma = None
-    amx = _C.compute_peak_gflops("amx_bf16", threads, 200_000) if _C.amx_bf16_supported() else None
     m = measure(threads)
-    return {"fma": fma, "amx_bf16": amx, "gemm": m["peak_gflops"], "copy": m["bandwidth_gbs"]}
+    return {"fma": fma, "amx_bf16": amx_rate("bf16", threads), "amx_int8": amx_rate("int8", threads),
+            "gemm": m["peak_gflops"], "copy": m["bandwidth_gbs"], "clock": clock_ghz()}
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="The machine's compute and memory ceilings, per thread count.")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    ap.add_argument("--sweep", action="store_true", help="AMX rate per number of accumulator tiles in flight")
     args = ap.parse_args(argv)
     counts = [int(t) for t in args.threads.split(",")]
     rounds: dict[int, list[dict]] = {t: [] for t in counts}
     for _ in range(args.rounds):
         for t in counts:
             rounds[t].append(ceilings(t))
-    cols = [("fma", "FMA fp32 GFLOP/s"), ("amx_bf16", "AMX bf16 GFLOP/s"), ("gemm", "fp32 GEMM GFLOP/s"),
-            ("copy", "copy GB/s")]
+    cols = [("fma", "FMA fp32 GFLOP/s"), ("amx_bf16", "AMX bf16 GFLOP/s"), ("amx_int8", "AMX int8 GOP/s"),
+            ("gemm", "fp32 GEMM GFLOP/s"), ("copy", "copy GB/s"), ("clock", "clock GHz")]
     print(f"median of {args.rounds} interleaved rounds (min-max)")
     print("| threads | " + " | ".join(c for _, c in cols) + " |")
     print("|---|" + "---|" * len(cols))
@@ -99,8 +142,28 @@ def main(argv=None) -> None:
         for k, _ in cols:
             vals = [r[k] for r in rounds[t] if r[k] is not None]
             med[t, k] = statistics.median(vals) if vals else None
-            cells.append(f"{med[t, k]:.0f} ({min(vals):.0f}-{max(vals):.0f})" if vals else "n/a")
+            fmt = ".2f" if k == "clock" else ".0f"
+            cells.append(f"{med[t, k]:{fmt}} ({min(vals):{fmt}}-{max(vals):{fmt}})" if vals else "n/a")
         print(f"| {t} | " + " | ".join(cells) + " |")
+    ghz = med[counts[0], "clock"]
+    if ghz:
+        print(f"\nAMX theoretical at {ghz:.2f} GHz (one tile instruction per 16 cycles per core): "
+              + ", ".join(f"{k} {AMX_OPS_PER_CYCLE[k] * ghz:.0f} G{'FLOP' if k == 'bf16' else 'OP'}/s per core"
+                          for k in ("bf16", "int8")))
+        for t in counts:
+            for k in ("bf16", "int8"):
+                if med[t, f"amx_{k}"]:
+                    print(f"  {t} thread(s) {k}: measured {med[t, f'amx_{k}'] / (t * AMX_OPS_PER_CYCLE[k] * ghz):.0%}"
+                          f" of the theoretical figure for {t} core(s)")
+    if args.sweep:
+        print("\nAMX rate by independent accumulator tiles in flight (1 thread, best of 3), and a GEMM's")
+        print("2 x 2 block loading its four source tiles from L1 every step (what feeding the tiles costs):")
+        print("| accumulators | " + " | ".join(str(a) for a in AMX_ACCUMULATORS) + " | 2x2 block, tiles loaded |")
+        print("|---|" + "---|" * (len(AMX_ACCUMULATORS) + 1))
+        for k in ("bf16", "int8"):
+            vals = [max((amx_rate(k, 1, a) or 0) for _ in range(3)) for a in AMX_ACCUMULATORS]
+            vals.append(max((amx_rate(f"{k}_loaded", 1) or 0) for _ in range(3)))
+            print(f"| {k} | " + " | ".join(f"{v:.0f}" for v in vals) + " |")
     base = counts[0]
     for t in counts[1:]:
         gains = ", ".join(f"{k} {med[t, k] / med[base, k]:.2f}x" for k, _ in cols

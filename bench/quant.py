@@ -1,10 +1,12 @@
 """Quantization benchmarks (``python -m kiln.bench.quant``).
 
 1. BERT-base-style classifier (``kiln.models.bert``): Kiln int8-dynamic vs Kiln float32 vs
-   ONNX Runtime float32 and ONNX Runtime ``quantize_dynamic`` (int8), interleaved, per
-   thread count.
-2. ResNet-18: Kiln int8-static (calibrated on random images, as the weights are random)
-   vs Kiln float32.
+   ONNX Runtime float32 and ONNX Runtime ``quantize_dynamic`` (int8) and OpenVINO after
+   NNCF post-training quantization (``openvino_int8``), interleaved, per thread count.
+2. ResNet-18: Kiln int8-static vs OpenVINO int8 (both calibrated on the same 10 seeded random
+   images, as the weights are random) vs Kiln float32, with accuracy side by side: SQNR
+   against float32 and top-1 agreement with eager float32 over 100 seeded inputs.
+4. The LSTM forecaster: Kiln int8-dynamic vs OpenVINO int8 vs Kiln float32.
 3. int8 GEMM 1024^3: every CPU kernel candidate for a QLINEAR_DYNAMIC and a static QLINEAR
    node (so kernels registered later show up) vs torch float32 GEMM.
 
@@ -91,10 +93,11 @@ def bench_bert(threads_list, repeats: int, layers: int, seq: int) -> dict:
         fp = kiln.compile(model, inputs)
         t_fp = time.perf_counter() - t
         t = time.perf_counter()
-        report: list = []
-        q = kiln.compile(model, inputs, quantize="int8-dynamic", calibration=[inputs], quantize_report=report)
+        q = kiln.compile(model, inputs, quantize="int8-dynamic", calibration=[inputs])
+        report = q.report.quantization
         t_q = time.perf_counter() - t
-        fns = {"kiln_fp32": fp, "kiln_int8": q, **_onnx_sessions(model, inputs, threads)}
+        fns = {"kiln_fp32": fp, "kiln_int8": q, **_onnx_sessions(model, inputs, threads),
+               **_openvino_int8(model, inputs, threads, "bert")}
         with torch.no_grad():
             ref = _first(fp(*inputs))
             sqnr = {e: QF.sqnr_db(ref, _first(f(*inputs))) for e, f in fns.items()}
@@ -103,36 +106,89 @@ def bench_bert(threads_list, repeats: int, layers: int, seq: int) -> dict:
             "median_ms": med, "sqnr_db_vs_kiln_fp32": sqnr, "compile_s": {"kiln_fp32": t_fp, "kiln_int8": t_q},
             "layers_quantized": f"{sum(d.quantized for d in report)}/{len(report)}",
             "kiln_int8_vs_kiln_fp32": med["kiln_fp32"] / med["kiln_int8"],
-            "kiln_int8_vs_ort_int8": med["ort_int8"] / med["kiln_int8"]}
+            "kiln_int8_vs_ort_int8": med["ort_int8"] / med["kiln_int8"],
+            "kiln_int8_vs_openvino_int8": med["openvino_int8"] / med["kiln_int8"] if "openvino_int8" in med else None}
     return res
 
 
-def bench_resnet(threads_list, repeats: int, image: int) -> dict:
-    import kiln
+def _openvino_int8(model, inputs, threads: int, name: str, calibration=None) -> dict:
+    """{"openvino_int8": run} (NNCF post-training quantization), or {} where OpenVINO or NNCF
+    cannot take the model (reported on stderr, not fatal)."""
+    from kiln.bench import peers
+
+    try:
+        return {"openvino_int8": peers.openvino_int8(model, inputs, threads, name, calibration)}
+    except Exception as e:  # noqa: BLE001  (a peer that cannot run is reported, not fatal)
+        _log(f"{name}: openvino_int8 failed: {type(e).__name__}: {e}")
+        return {}
+
+
+def top1_agreement(ref_fn, fn, inputs_list) -> float:
+    """Fraction of the inputs on which ``fn``'s arg-max class matches ``ref_fn``'s."""
+    with torch.no_grad():
+        same = sum(int(_first(ref_fn(*x)).argmax()) == int(_first(fn(*x)).argmax()) for x in inputs_list)
+    return same / len(inputs_list)
+
+
+def sqnr_over(ref_fn, fn, inputs_list) -> float:
+    """SQNR (dB) of ``fn`` against ``ref_fn`` over all the inputs' outputs together."""
     from kiln.ir import qformat as QF
 
+    with torch.no_grad():
+        ref = torch.cat([_first(ref_fn(*x)).reshape(-1) for x in inputs_list])
+        out = torch.cat([_first(fn(*x)).reshape(-1) for x in inputs_list])
+    return QF.sqnr_db(ref, out)
+
+
+def bench_resnet(threads_list, repeats: int, image: int, agreement_inputs: int = 100) -> dict:
+    import kiln
+    from kiln.bench.peers import calibration_inputs
+
     model, inputs = kiln.models.get("resnet18", image=image)
-    g = torch.Generator().manual_seed(1)
-    cal = [(torch.randn(inputs[0].shape, generator=g),) for _ in range(4)]
+    cal = calibration_inputs(inputs, seed=1)
+    test = calibration_inputs(inputs, n=agreement_inputs, seed=2)  # seeded, disjoint from calibration
     res = {"model": f"resnet18 {image}x{image} batch=1", "threads": {}}
     for threads in threads_list:
         torch.set_num_threads(threads)
         _log(f"resnet18: compiling ({threads} thread(s))")
         fp = kiln.compile(model, inputs)
-        report: list = []
         t = time.perf_counter()
-        q = kiln.compile(model, inputs, quantize="int8-static", calibration=cal, quantize_report=report)
+        q = kiln.compile(model, inputs, quantize="int8-static", calibration=cal)
         t_q = time.perf_counter() - t
-        fns = {"kiln_fp32": fp, "kiln_int8": q}
-        with torch.no_grad():
-            ref = _first(fp(*inputs))
-            sqnr = QF.sqnr_db(ref, _first(q(*inputs)))
-            top1 = bool(ref.argmax() == _first(q(*inputs)).argmax())
+        report = q.report.quantization
+        fns = {"kiln_fp32": fp, "kiln_int8": q, **_openvino_int8(model, inputs, threads, "resnet18", cal)}
+        _log(f"resnet18: accuracy over {len(test)} inputs")
+        sqnr = {e: sqnr_over(model, f, test) for e, f in fns.items()}
+        top1 = {e: 100 * top1_agreement(model, f, test) for e, f in fns.items()}
         med = _interleave(fns, inputs, repeats)
         res["threads"][str(threads)] = {
-            "median_ms": med, "sqnr_db_vs_kiln_fp32": sqnr, "same_top1": top1, "compile_s_int8": t_q,
-            "layers_quantized": f"{sum(d.quantized for d in report)}/{len(report)}",
-            "kiln_int8_vs_kiln_fp32": med["kiln_fp32"] / med["kiln_int8"]}
+            "median_ms": med, "sqnr_db_vs_eager_fp32": sqnr, f"top1_agreement_pct_over_{len(test)}": top1,
+            "compile_s_int8": t_q, "layers_quantized": f"{sum(d.quantized for d in report)}/{len(report)}",
+            "kiln_int8_vs_kiln_fp32": med["kiln_fp32"] / med["kiln_int8"],
+            "kiln_int8_vs_openvino_int8": med["openvino_int8"] / med["kiln_int8"] if "openvino_int8" in med else None}
+    return res
+
+
+def bench_lstm(threads_list, repeats: int, seq: int) -> dict:
+    import kiln
+    from kiln.ir import qformat as QF
+
+    model, inputs = kiln.models.get("lstm", seq=seq)
+    res = {"model": f"lstm 2x128 seq={seq} batch=32", "threads": {}}
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        _log(f"lstm: compiling ({threads} thread(s))")
+        fp = kiln.compile(model, inputs)
+        q = kiln.compile(model, inputs, quantize="int8-dynamic")
+        fns = {"kiln_fp32": fp, "kiln_int8": q, **_openvino_int8(model, inputs, threads, "lstm")}
+        with torch.no_grad():
+            ref = _first(model(*inputs))
+            sqnr = {e: QF.sqnr_db(ref, _first(f(*inputs))) for e, f in fns.items()}
+        med = _interleave(fns, inputs, repeats)
+        res["threads"][str(threads)] = {
+            "median_ms": med, "sqnr_db_vs_eager_fp32": sqnr,
+            "kiln_int8_vs_kiln_fp32": med["kiln_fp32"] / med["kiln_int8"],
+            "kiln_int8_vs_openvino_int8": med["openvino_int8"] / med["kiln_int8"] if "openvino_int8" in med else None}
     return res
 
 
@@ -193,12 +249,12 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small configs and few repeats")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--repeats", type=int)
-    p.add_argument("--only", help="comma-separated subset of bert,resnet,gemm")
+    p.add_argument("--only", help="comma-separated subset of bert,resnet,lstm,gemm")
     p.add_argument("--json", metavar="FILE")
     a = p.parse_args(argv)
     threads = [int(t) for t in a.threads.split(",")]
     repeats = a.repeats or (5 if a.quick else 30)
-    only = set(a.only.split(",")) if a.only else {"bert", "resnet", "gemm"}
+    only = set(a.only.split(",")) if a.only else {"bert", "resnet", "lstm", "gemm"}
     warnings.filterwarnings("ignore")
     results = {}
     if "gemm" in only:
@@ -206,7 +262,9 @@ def main(argv=None) -> int:
     if "bert" in only:
         results["bert"] = bench_bert(threads, repeats, 2 if a.quick else 12, 32 if a.quick else 128)
     if "resnet" in only:
-        results["resnet18"] = bench_resnet(threads, repeats, 64 if a.quick else 224)
+        results["resnet18"] = bench_resnet(threads, repeats, 64 if a.quick else 224, 10 if a.quick else 100)
+    if "lstm" in only:
+        results["lstm"] = bench_lstm(threads, repeats, 24 if a.quick else 96)
     sys.stdout.write(markdown(results))
     if a.json:
         with open(a.json, "w") as f:

@@ -90,6 +90,11 @@ struct PoolShape {
 };
 bool max_pool_supported();
 void max_pool2d_nhwc(const void* x, void* y, const PoolShape& s, bool bf16, int threads);
+bool max_pool_u8_supported();
+// Per-tensor uint8 activations (quantize_u8.cpp): QUANTIZE / DEQUANTIZE over n contiguous elements.
+void quantize_u8(const float* x, uint8_t* y, int64_t n, double scale, int32_t zero_point, int threads);
+void dequantize_u8(const uint8_t* x, float* y, int64_t n, double scale, int32_t zero_point, int threads);
+void max_pool2d_nhwc_u8(const uint8_t* x, uint8_t* y, const PoolShape& s, int threads);
 
 }  // namespace kiln
 
@@ -134,8 +139,11 @@ bool attention_supported();
 bool amx_bf16_supported();  // AMX-BF16 built, present, and tile state granted to this process
 // Register-only FMA or AMX-BF16 throughput (GFLOP/s summed over `threads` running at once;
 // peak.cpp): the ceilings kernels are read against.
-enum class PeakUnit { kFma, kAmxBf16 };
-double compute_peak_gflops(PeakUnit unit, int threads, int64_t iters);
+// kClock: dependent one-cycle adds, so the figure is the core clock in GHz;
+// accumulators: independent AMX accumulator tiles in flight (1..6); the *Loaded units run a
+// 2 x 2 GEMM block that loads its four source tiles from L1 every step.
+enum class PeakUnit { kFma, kAmxBf16, kAmxInt8, kAmxBf16Loaded, kAmxInt8Loaded, kClock };
+double compute_peak_gflops(PeakUnit unit, int threads, int64_t iters, int accumulators = 6);
 void attention(const AttentionArgs& a, int threads);
 
 }  // namespace kiln

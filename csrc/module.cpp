@@ -279,14 +279,26 @@ PYBIND11_MODULE(_C, m) {
   m.def("tvm_parallel_launches", &kiln::tvm_parallel_launches, "Parallel launches that replacement has taken.");
   m.def(
       "compute_peak_gflops",
-      [](const std::string& unit, int threads, int64_t iters) {
-        if (unit != "fma" && unit != "amx_bf16") throw py::value_error("unit: expected 'fma' or 'amx_bf16'");
+      [](const std::string& unit, int threads, int64_t iters, int accumulators) {
+        kiln::PeakUnit u;
+        if (unit == "fma") u = kiln::PeakUnit::kFma;
+        else if (unit == "amx_bf16") u = kiln::PeakUnit::kAmxBf16;
+        else if (unit == "amx_int8") u = kiln::PeakUnit::kAmxInt8;
+        else if (unit == "amx_bf16_loaded") u = kiln::PeakUnit::kAmxBf16Loaded;
+        else if (unit == "amx_int8_loaded") u = kiln::PeakUnit::kAmxInt8Loaded;
+        else if (unit == "clock") u = kiln::PeakUnit::kClock;
+        else throw py::value_error("unit: expected 'fma', 'amx_bf16', 'amx_int8', 'amx_bf16_loaded', "
+                                   "'amx_int8_loaded' or 'clock'");
+        if (threads < 1 || iters < 1 || accumulators < 1 || accumulators > 6)
+          throw py::value_error("threads and iters must be >= 1, accumulators 1..6");
         py::gil_scoped_release nogil;
-        return kiln::compute_peak_gflops(unit == "fma" ? kiln::PeakUnit::kFma : kiln::PeakUnit::kAmxBf16, threads,
-                                         iters);
+        return kiln::compute_peak_gflops(u, threads, iters, accumulators);
       },
-      py::arg("unit"), py::arg("threads") = 1, py::arg("iters") = 2000000,
-      "Register-only throughput of the fp32 FMA units or the AMX-BF16 tiles, GFLOP/s summed over threads run at once.");
+      py::arg("unit"), py::arg("threads") = 1, py::arg("iters") = 2000000, py::arg("accumulators") = 6,
+      "Register-only throughput of the fp32 FMA units or the AMX tiles (bf16 GFLOP/s, int8 GOP/s) with "
+      "`accumulators` independent accumulator tiles ('amx_*_loaded': a 2 x 2 GEMM block whose four source tiles are "
+      "loaded from L1 every step), summed over threads run at once; 'clock': the core clock in GHz "
+      "(per thread).");
   register_quant_kernels(m);
   register_pool_kernels(m);
   register_winograd_kernels(m);

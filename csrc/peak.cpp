@@ -1,5 +1,6 @@
-// The machine's compute ceilings, measured: what one core's FMA units and AMX tiles deliver
-// with every operand in registers (no loads), on 1..n threads at once. Kernels' figures are
+// The machine's compute ceilings, measured: what one core's FMA units and AMX tiles (bf16 and
+// int8) deliver with every operand in registers (no loads), on 1..n threads at once, and the
+// core clock the theoretical per-cycle figures are read at. Kernels' figures are
 // read against these (`python -m kiln.bench.machine`), and the two-thread column says
 // whether this machine's threads add compute at all (two vCPUs sharing one physical core's
 // units do not).
@@ -12,6 +13,7 @@
 
 #include "amx_tiles.h"
 #include "kiln.h"
+#include "quant_gemm.h"
 #include "thread_pool.h"
 
 namespace kiln {
@@ -41,38 +43,107 @@ double fma_flops(int64_t iters) {
 }
 #endif
 
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
-// Four accumulators (tiles 0-3) fed by two A and two B tiles, as a 2 x 2 GEMM block: each
-// tdpbf16ps is 16 x 16 x 32 multiply-adds.
-double amx_flops(int64_t iters) {
-  alignas(64) static const uint16_t ones[16 * 32] = {};
+#if defined(__AMX_BF16__) && defined(__AMX_INT8__) && defined(__AMX_TILE__)
+// N independent accumulator tiles (0..N-1, N <= 6) fed by the same two source tiles (6, 7):
+// each tile instruction is 16 x 16 x 32 multiply-adds (bf16) or 16 x 16 x 64 (int8), and one
+// accumulator's chain waits on its own previous result, so too few in flight measure the
+// instruction's latency rather than the unit's throughput. The sources hold nonzero values so
+// that nothing about the data could take a short cut.
+template <int N, bool Int8>
+double amx_ops(int64_t iters) {
+  static_assert(N >= 1 && N <= 6, "six accumulators and two sources fill the eight tiles");
+  alignas(64) static const uint8_t src[16 * 64] = {
+#define KILN_ROW 1, 60, 1, 60, 1, 60, 1, 60, 1, 60, 1, 60, 1, 60, 1, 60
+#define KILN_ROW4 KILN_ROW, KILN_ROW, KILN_ROW, KILN_ROW
+      KILN_ROW4, KILN_ROW4, KILN_ROW4, KILN_ROW4, KILN_ROW4, KILN_ROW4, KILN_ROW4, KILN_ROW4,
+      KILN_ROW4, KILN_ROW4, KILN_ROW4, KILN_ROW4, KILN_ROW4, KILN_ROW4, KILN_ROW4, KILN_ROW4};
+#undef KILN_ROW4
+#undef KILN_ROW
   load_full_tiles();
-  for (int t = 4; t < 8; ++t) {
-    switch (t) {  // tile numbers must be immediates
-      case 4: _tile_loadd(4, ones, 64); break;
-      case 5: _tile_loadd(5, ones, 64); break;
-      case 6: _tile_loadd(6, ones, 64); break;
-      default: _tile_loadd(7, ones, 64); break;
-    }
+  _tile_loadd(6, src, 64);
+  _tile_loadd(7, src, 64);
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3); _tile_zero(4); _tile_zero(5);
+#define KILN_DP(t)                                   \
+  if constexpr (N > t) {                             \
+    if constexpr (Int8) _tile_dpbssd(t, 6, 7);       \
+    else _tile_dpbf16ps(t, 6, 7);                    \
   }
+  for (int64_t it = 0; it < iters; ++it) {
+    KILN_DP(0) KILN_DP(1) KILN_DP(2) KILN_DP(3) KILN_DP(4) KILN_DP(5)
+  }
+#undef KILN_DP
+  alignas(64) float sink[256];
+  _tile_stored(0, sink, 64);
+  _tile_release();
+  __asm__ __volatile__("" : : "r"(sink) : "memory");
+  return N * 16.0 * 16 * (Int8 ? 64 : 32) * 2 * static_cast<double>(iters);
+}
+
+// A GEMM's inner loop with its operands in L1: a 2 x 2 block of accumulators (0-3), two A
+// tiles (4, 5) and two B tiles (6, 7) loaded for every step from 4 KiB that stay in cache.
+// The gap to amx_ops is what feeding the tiles costs.
+template <bool Int8>
+double amx_loaded_ops(int64_t iters) {
+  alignas(64) static uint8_t buf[4][16 * 64];
+  for (int t = 0; t < 4; ++t)
+    for (int i = 0; i < 16 * 64; ++i) buf[t][i] = static_cast<uint8_t>((i % 2) ? 60 : 1);
+  load_full_tiles();
   _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
   for (int64_t it = 0; it < iters; ++it) {
-    _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+    _tile_loadd(4, buf[0], 64);
+    _tile_loadd(6, buf[2], 64);
+    if constexpr (Int8) _tile_dpbssd(0, 4, 6); else _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, buf[3], 64);
+    if constexpr (Int8) _tile_dpbssd(1, 4, 7); else _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(5, buf[1], 64);
+    if constexpr (Int8) { _tile_dpbssd(2, 5, 6); _tile_dpbssd(3, 5, 7); }
+    else { _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7); }
   }
   alignas(64) float sink[256];
   _tile_stored(0, sink, 64);
   _tile_release();
   __asm__ __volatile__("" : : "r"(sink) : "memory");
-  return 4.0 * 16 * 16 * 32 * 2 * static_cast<double>(iters);
+  return 4 * 16.0 * 16 * (Int8 ? 64 : 32) * 2 * static_cast<double>(iters);
+}
+
+template <bool Int8>
+double amx_ops_n(int accumulators, int64_t iters) {
+  switch (accumulators) {
+    case 1: return amx_ops<1, Int8>(iters);
+    case 2: return amx_ops<2, Int8>(iters);
+    case 3: return amx_ops<3, Int8>(iters);
+    case 4: return amx_ops<4, Int8>(iters);
+    case 5: return amx_ops<5, Int8>(iters);
+    default: return amx_ops<6, Int8>(iters);
+  }
 }
 #endif
 
+// Core cycles per second: a chain of dependent 64-bit multiplies, three cycles each (in
+// assembly, so the compiler cannot fold it; not adds of an immediate, which recent cores
+// resolve at register renaming, several to a cycle).
+double scalar_clock(int64_t iters) {
+  uint64_t x = 1;
+  const uint64_t m = 3;
+  for (int64_t it = 0; it < iters; ++it) {
+    __asm__ __volatile__(
+        "imul %1, %0\n\timul %1, %0\n\timul %1, %0\n\timul %1, %0\n\t"
+        "imul %1, %0\n\timul %1, %0\n\timul %1, %0\n\timul %1, %0\n\t"
+        : "+r"(x) : "r"(m));
+  }
+  return 3.0 * 8.0 * static_cast<double>(iters);
+}
+
 }  // namespace
 
-double compute_peak_gflops(PeakUnit unit, int threads, int64_t iters) {
+double compute_peak_gflops(PeakUnit unit, int threads, int64_t iters, int accumulators) {
   if (threads < 1 || iters < 1) throw std::invalid_argument("compute_peak_gflops: threads and iters must be >= 1");
-  if (unit == PeakUnit::kAmxBf16 && !amx_bf16_supported())
-    throw std::runtime_error("compute_peak_gflops: this CPU has no AMX-BF16 tiles");
+  if (accumulators < 1 || accumulators > 6) throw std::invalid_argument("compute_peak_gflops: accumulators must be 1..6");
+  const bool amx_unit = unit == PeakUnit::kAmxBf16 || unit == PeakUnit::kAmxInt8;
+  const bool bf16_unit = unit == PeakUnit::kAmxBf16 || unit == PeakUnit::kAmxBf16Loaded;
+  const bool int8_unit = unit == PeakUnit::kAmxInt8 || unit == PeakUnit::kAmxInt8Loaded;
+  if ((bf16_unit && !amx_bf16_supported()) || (int8_unit && !quant::amx_supported()))
+    throw std::runtime_error("compute_peak_gflops: this CPU has no AMX tiles of that kind");
 #ifndef __AVX512F__
   throw std::runtime_error("compute_peak_gflops: built without AVX-512");
 #endif
@@ -85,9 +156,13 @@ double compute_peak_gflops(PeakUnit unit, int threads, int64_t iters) {
     const auto wait0 = std::chrono::steady_clock::now();
     while (ready.load() < threads && std::chrono::steady_clock::now() - wait0 < std::chrono::milliseconds(20)) {}
     const auto t0 = std::chrono::steady_clock::now();
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
-    if (unit == PeakUnit::kAmxBf16) flops[id] = amx_flops(iters);
+#if defined(__AMX_BF16__) && defined(__AMX_INT8__) && defined(__AMX_TILE__)
+    if (unit == PeakUnit::kAmxBf16) flops[id] = amx_ops_n<false>(accumulators, iters);
+    if (unit == PeakUnit::kAmxInt8) flops[id] = amx_ops_n<true>(accumulators, iters);
+    if (unit == PeakUnit::kAmxBf16Loaded) flops[id] = amx_loaded_ops<false>(iters);
+    if (unit == PeakUnit::kAmxInt8Loaded) flops[id] = amx_loaded_ops<true>(iters);
 #endif
+    if (unit == PeakUnit::kClock) flops[id] = scalar_clock(iters);
 #ifdef __AVX512F__
     if (unit == PeakUnit::kFma) flops[id] = fma_flops(iters);
 #endif

@@ -1,4 +1,6 @@
-// Max pooling over channels-last (NHWC) activations, fp32 or bf16.
+// Max pooling over channels-last (NHWC) activations, fp32, bf16 or uint8 (quantized
+// activations: max commutes with a monotone quantization, so pooling the uint8 values is
+// exactly quantizing the pooled floats).
 //
 // On ResNet's stem this kernel is faster than torch's channels-last max-pool
 // (`kiln bench kernels --op max_pool2d --threads 1` times both). In NHWC every window
@@ -74,6 +76,37 @@ void pool_rows(const typename D::T* x, typename D::T* y, const PoolShape& s, int
   }
 }
 
+#ifdef __AVX512BW__
+// uint8: 64 channels per zmm; 0 is the type's lowest value, and a window always holds at
+// least one element (padding is excluded, as in torch), so starting from 0 is exact.
+void pool_rows_u8(const uint8_t* x, uint8_t* y, const PoolShape& s, int64_t row_begin, int64_t row_end) {
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t n = row / s.OH, oh = row % s.OH;
+    const int64_t h0 = oh * s.sh - s.ph;
+    for (int64_t ow = 0; ow < s.OW; ++ow) {
+      const int64_t w0 = ow * s.sw - s.pw;
+      uint8_t* out = y + (row * s.OW + ow) * s.C;
+      for (int64_t c = 0; c < s.C; c += 64) {
+        const int64_t left = s.C - c;
+        const __mmask64 m = left >= 64 ? ~__mmask64{0} : ((__mmask64{1} << left) - 1);
+        __m512i acc = _mm512_setzero_si512();
+        for (int64_t i = 0; i < s.kh; ++i) {
+          const int64_t h = h0 + i * s.dh;
+          if (h < 0 || h >= s.H) continue;
+          const uint8_t* xrow = x + ((n * s.H + h) * s.W) * s.C + c;
+          for (int64_t j = 0; j < s.kw; ++j) {
+            const int64_t w = w0 + j * s.dw;
+            if (w < 0 || w >= s.W) continue;
+            acc = _mm512_max_epu8(acc, _mm512_maskz_loadu_epi8(m, xrow + w * s.C));
+          }
+        }
+        _mm512_mask_storeu_epi8(out + c, m, acc);
+      }
+    }
+  }
+}
+#endif
+
 template <typename D>
 void pool(const typename D::T* x, typename D::T* y, const PoolShape& s, int threads) {
   parallel_ranges(s.N * s.OH, threads, [&](int64_t a, int64_t b) { pool_rows<D>(x, y, s, a, b); });
@@ -81,6 +114,25 @@ void pool(const typename D::T* x, typename D::T* y, const PoolShape& s, int thre
 
 }  // namespace
 #endif
+
+bool max_pool_u8_supported() {
+#ifdef __AVX512BW__
+  return true;
+#else
+  return false;
+#endif
+}
+
+void max_pool2d_nhwc_u8(const uint8_t* x, uint8_t* y, const PoolShape& s, int threads) {
+#ifdef __AVX512BW__
+  if (s.kh < 1 || s.kw < 1 || s.sh < 1 || s.sw < 1 || s.dh < 1 || s.dw < 1)
+    throw std::invalid_argument("max_pool2d_nhwc: kernel, stride and dilation must be positive");
+  parallel_ranges(s.N * s.OH, threads, [&](int64_t a, int64_t b) { pool_rows_u8(x, y, s, a, b); });
+#else
+  (void)x; (void)y; (void)s; (void)threads;
+  throw std::runtime_error("max_pool2d_nhwc on uint8 needs AVX-512BW");
+#endif
+}
 
 bool max_pool_supported() {
 #ifdef __AVX512F__

@@ -365,7 +365,9 @@ def _pool(ins, a):
     n, c, h, w = x.shape
     oh = _conv_out(h, a.kernel[0], a.stride[0], a.padding[0], a.dilation[0], a.ceil_mode)
     ow = _conv_out(w, a.kernel[1], a.stride[1], a.padding[1], a.dilation[1], a.ceil_mode)
-    return (_t(x, shape=(n, c, oh, ow)),)
+    out = _t(x, shape=(n, c, oh, ow))
+    # the max of quantized values is a quantized value with the same parameters
+    return (TensorType(out.dtype, out.shape, out.layout, x.quant) if x.quant is not None else out,)
 
 
 @op(OpKind.ADAPTIVE_AVG_POOL2D, A.AdaptivePoolAttrs, category=Category.COMPUTE)

@@ -243,7 +243,10 @@ def to_layout(ins, a: A.LayoutAttrs):
 
 @ref(OpKind.MAX_POOL2D)
 def max_pool2d(ins, a: A.Pool2dAttrs):
-    return F.max_pool2d(ins[0], a.kernel, a.stride, a.padding, a.dilation, a.ceil_mode)
+    x = ins[0]
+    if x.dtype == torch.uint8:  # torch's channels-last uint8 max-pool fails on large planes
+        x = x.contiguous()
+    return F.max_pool2d(x, a.kernel, a.stride, a.padding, a.dilation, a.ceil_mode)
 
 
 @ref(OpKind.AVG_POOL2D)

@@ -1,16 +1,23 @@
 """Kernel choice by measurement: when several kernels accept a node, time each on the
-node's real shapes (constants as they are, random run-time inputs) and keep the fastest.
+node's real shapes (constants as they are, random run-time inputs) and keep the fastest --
+where "fastest" is decided by ``kernels.decide``: a difference inside the noise measured in
+the same rounds is a tie, and a tie goes to the prior (the tuning database's earlier winner
+for this node, else the registration order), so the same model gets the same kernels in
+every process. A decision against the prior must be reproduced by a second batch of
+rounds (``measure_and_decide``).
 
 A candidate must first agree with the reference kernel on those inputs (within the
 dtype's tolerance); failures and disagreements score infinity. Results are memoized per
-(kernel names, op, attrs, input types) for the life of the process, and recorded in the
-compile cache.
+(kernel names, op, attrs, input types) for the life of the process, recorded in the
+compile cache, and the winners in the tuning database (the next process's prior).
+``remeasuring()`` re-measures instead of trusting either memo (``kiln tune``).
 
 A kernel group can also run as one generated kernel: ``choose_group`` weighs it against
 the group's per-node choices the same way. Timing is ``kernels.timing``'s interleaved rounds.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -19,12 +26,89 @@ from kiln.ir import LayoutKind, Node, OpKind
 from kiln.ir.reference import REFERENCE
 from kiln.options import settings
 
+from . import decide
 from .registry import Kernel
-from .timing import best_seconds
+from .timing import best_seconds, interleaved
 
 _MEMO: dict[tuple, str] = {}
 _GROUP_MEMO: dict[tuple, bool] = {}  # (signature, threads, node kernels) -> generated wins
 REPEATS = 5
+REMEASURE_REPEATS = 15  # rounds per batch under remeasuring()
+_REMEASURE = [False]
+
+
+@contextlib.contextmanager
+def remeasuring():
+    """Within: every choice is measured afresh (``REMEASURE_REPEATS`` rounds a batch), the
+    process memo and the tuning database's earlier winners serving only as the prior."""
+    old = _REMEASURE[0]
+    _REMEASURE[0] = True
+    try:
+        yield
+    finally:
+        _REMEASURE[0] = old
+
+
+def samples(fns: list, rounds: int) -> list[list[float]]:
+    """Seconds of each round per function (None, or one that raises: empty). The one clock
+    of kernel choice, so tests can fake it."""
+    return [t.samples for t in interleaved(fns, rounds)]
+
+
+def measure_and_decide(fns: list, prior: list[int], rounds: int | None = None):
+    """Time ``fns`` (None: disqualified) in interleaved rounds and decide (``kernels.decide``);
+    the ``decide.Decision`` and the samples (None when all failed).
+
+    A decision against the prior's pick must repeat: when the first batch picks another
+    candidate, or is ambiguous, a second batch runs, and the other candidate is kept only if
+    the second batch on its own and both batches together pick it too. Otherwise the prior's
+    pick stands: on a machine whose speed drifts, one noisy batch must not change a model's
+    kernels (and a tie is no reason to)."""
+    rounds = rounds or (REMEASURE_REPEATS if _REMEASURE[0] else REPEATS)
+    got = samples(fns, rounds)
+    d = decide.decide(got, prior)
+    if d is None:
+        return None, got
+    default = next((i for i in prior if got[i]), d.winner)
+    if d.winner == default and not d.ambiguous:
+        return d, got
+    more = samples([fn if s else None for fn, s in zip(fns, got)], rounds)
+    both = [a + b if b else [] for a, b in zip(got, more)]
+    d2, dc = decide.decide(more, prior), decide.decide(both, prior)
+    if dc is None:
+        return None, both
+    if d2 is not None and d2.winner == dc.winner and (d.ambiguous or d2.winner == d.winner):
+        return dc, both
+    if both[default]:  # not reproduced: the prior's pick stands
+        return decide.Decision(default, dc.tied, False), both
+    return dc, both
+
+
+def _db_key(kind: str, key: tuple):
+    from kiln.codegen.autotune.db import TuningKey
+    from kiln.target import host_cpu
+
+    return TuningKey(f"choice.{kind}", repr(key[1:]), f"{host_cpu().key()}:{key[0]}t")
+
+
+def earlier_winner(kind: str, key: tuple) -> str | None:
+    """The tuning database's recorded winner for this decision (``key[0]`` is the thread count)."""
+    from kiln.codegen.autotune.db import default_db
+
+    try:
+        hit = default_db().get(_db_key(kind, key))
+    except Exception:  # noqa: BLE001  (an unreadable database is no prior, never an error)
+        return None
+    return hit[0].get("winner") if hit else None
+
+
+def record_winner(kind: str, key: tuple, winner: str, seconds: float) -> None:
+    from kiln.codegen.autotune.db import default_db
+
+    try:
+        default_db().put(_db_key(kind, key), {"winner": winner}, seconds if math.isfinite(seconds) else -1.0)
+    except Exception:  # noqa: BLE001  (a read-only cache directory costs the prior, not the compile)
+        pass
 
 
 def random_like(v) -> torch.Tensor:
@@ -81,11 +165,6 @@ def _warm(fn, ins, attrs, ref=None, lsb: bool = False) -> bool:
         return False
 
 
-def timed(fns: list, ins, attrs, repeats: int = REPEATS) -> list[float]:
-    """Best seconds of each kernel function (None: skipped) on ``ins``, interleaved rounds."""
-    return best_seconds([None if fn is None else (lambda fn=fn: fn(ins, attrs)) for fn in fns], repeats)
-
-
 def choose(node: Node, kernels: list[Kernel], constants: list) -> tuple[Kernel, object]:
     """Return (kernel, bound function) of the fastest candidate for ``node``."""
     if not all(v is None or v.type.is_static for v in (*node.inputs, *node.outputs)):
@@ -97,7 +176,7 @@ def choose(node: Node, kernels: list[Kernel], constants: list) -> tuple[Kernel, 
     key = (torch.get_num_threads(), tuple(k.name for k in kernels), node.op, node.attrs,
            tuple(None if v is None else repr(v.type) for v in node.inputs))
     name = _MEMO.get(key)
-    if name is not None:  # known: prepare (pack weights for) the winner only
+    if name is not None and not _REMEASURE[0]:  # known: prepare (pack weights for) the winner only
         k = next(k for k in kernels if k.name == name)
         return k, k.bind(node, constants)
     bound = [(k, k.bind(node, constants)) for k in kernels]
@@ -112,11 +191,14 @@ def choose(node: Node, kernels: list[Kernel], constants: list) -> tuple[Kernel, 
             ref = None
     lsb = node.outputs[0].type.quant is not None
     fns = [fn if _warm(fn, ins, node.attrs, None if k.target == "reference" else ref, lsb) else None for k, fn in bound]
-    times = timed(fns, ins, node.attrs)
-    if all(t == math.inf for t in times):
+    names = [k.name for k, _ in bound]
+    prior = decide.prior_order(names, name or earlier_winner("node", key))
+    d, got = measure_and_decide([None if fn is None else (lambda fn=fn: fn(ins, node.attrs)) for fn in fns], prior)
+    if d is None:
         return next(b for b in bound if b[0].target == "reference") if ref_k is not None else bound[0]
-    best = bound[min(range(len(bound)), key=times.__getitem__)]
+    best = bound[d.winner]
     _MEMO[key] = best[0].name
+    record_winner("node", key, best[0].name, min(got[d.winner]))
     return best
 
 
@@ -179,7 +261,10 @@ def choose_group(group, graph, make_kernel, node_fns: list, threads: int):
     from kiln.codegen.tvm import signature
 
     forced = settings().group_choice == "generated"
-    memo = (signature(group), threads, forced, tuple(getattr(f, "__qualname__", repr(f)) for f in node_fns))
+    fn_names = tuple(getattr(f, "__qualname__", repr(f)) for f in node_fns)
+    memo = (signature(group), threads, forced, fn_names)
+    if _REMEASURE[0]:
+        _GROUP_MEMO.pop(memo, None)
     if (memo in _GROUP_MEMO and not _GROUP_MEMO[memo]) or (not forced and _view_ops_only(group)):
         return None
     ins = group_inputs(group, graph)
@@ -209,8 +294,14 @@ def choose_group(group, graph, make_kernel, node_fns: list, threads: int):
         except Exception:
             ok = False
         if ok and not forced:  # both again, in turn, so machine noise hits them alike
-            gen_t, nodes_t = best_seconds([lambda: kernel(ins), lambda: run_nodes(group, ins, node_fns)], REPEATS)
-            ok = gen_t < nodes_t
+            key = (threads, memo[0], fn_names)
+            # the prior: generated (one pass over memory where the nodes make several), unless
+            # the tuning database recorded the per-node kernels winning this group before
+            prior = [1, 0] if earlier_winner("group", key) == "nodes" else [0, 1]
+            d, got = measure_and_decide([lambda: kernel(ins), lambda: run_nodes(group, ins, node_fns)], prior)
+            ok = d is not None and d.winner == 0
+            if d is not None:
+                record_winner("group", key, "generated" if ok else "nodes", min(got[d.winner]))
     _GROUP_MEMO[memo] = ok
     return kernel if ok else None
 

@@ -3,6 +3,10 @@
 A candidate beside torch's kernel for 4-D channels-last fp32/bf16 MAX_POOL2D (ResNet's
 stem); ``kernels.choice`` keeps whichever measures faster on the node's shapes. The output
 shape comes from the node's type (so ceil_mode needs nothing here).
+
+uint8 (quantized activations, int8-static's stem) in any declared layout: the quantized
+convolutions store channels-last, so the input is read as it lies (copied to channels-last
+only when it is not) and the output is stored channels-last for the next one.
 """
 from __future__ import annotations
 
@@ -17,12 +21,14 @@ from .registry import register_kernel
 
 def _accepts(node: Node) -> bool:
     x = node.inputs[0].type
-    if x.rank != 4 or not x.is_static or x.layout.kind is not LayoutKind.CHANNELS_LAST:
-        return False
-    if x.dtype.value not in ("float32", "bfloat16"):
+    if x.rank != 4 or not x.is_static:
         return False
     from kiln import _C
 
+    if x.dtype.value == "uint8":
+        return _C.max_pool_u8_supported()
+    if x.layout.kind is not LayoutKind.CHANNELS_LAST or x.dtype.value not in ("float32", "bfloat16"):
+        return False
     return _C.max_pool_supported()
 
 

@@ -56,7 +56,7 @@ class Kernel:
 
 _REGISTRY: dict[tuple[OpKind, str], list[Kernel]] = {}
 # the modules whose import registers kernels (imported on first lookup, not at package import)
-_KERNEL_MODULES = ("rnn_cpu", "pool_cpu", "attention_cpu", "onednn", "amx_linear", "winograd", "mkl", "quant",
+_KERNEL_MODULES = ("rnn_cpu", "pool_cpu", "qact_cpu", "attention_cpu", "onednn", "amx_linear", "winograd", "mkl", "quant",
                    "quant_native", "reference", "sparse")
 
 

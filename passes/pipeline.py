@@ -1,10 +1,11 @@
 """The pass pipeline: one explicit, ordered list of named phases.
 
-    canonicalize -> fold -> fuse -> precision -> quantize -> layout -> sparsify -> partition
+    canonicalize -> fold -> fuse -> precision -> quantize -> precision_rest -> layout -> sparsify -> partition
 
-(``precision`` runs only for ``precision="bf16"``, ``quantize`` only for
-``quantize="int8-..."/"int4-weight"``, ``sparsify`` only when the ``sparse`` option is not
-"off".) ``run_pipeline`` runs them in order for one ``CompileOptions``; its ``passes``
+(``precision`` runs only for ``precision="bf16"`` without ``quantize``, ``quantize`` only
+for ``quantize="int8-..."/"int4-weight"``, ``precision_rest`` for both together: the layers
+left float by quantization become bf16; ``sparsify`` only when the ``sparse`` option is
+not "off".) ``run_pipeline`` runs them in order for one ``CompileOptions``; its ``passes``
 field (or ``select``) chooses phases or single passes by name, and a name prefixed with
 ``-`` skips it. Every pass run is timed and counted; ``on_pass`` receives (pass record,
 graph before, graph after) so the dump tool can show what each pass did. With
@@ -47,6 +48,16 @@ def _bf16(ctx: PassContext) -> bool:
     return ctx.options.precision == "bf16"
 
 
+def _bf16_first(ctx: PassContext) -> bool:
+    """bf16 before quantization: a bf16 compile without integer quantization. With both,
+    the layers quantization takes stay integer and the rest becomes bf16 (``_bf16_rest``)."""
+    return _bf16(ctx) and ctx.options.quantize is None
+
+
+def _bf16_rest(ctx: PassContext) -> bool:
+    return _bf16(ctx) and ctx.options.quantize is not None
+
+
 def _bf16_rnn(ctx: PassContext) -> bool:
     """bf16 LSTM / GRU layers where their AMX kernels run (a CPU compile on a CPU with AMX-BF16)."""
     if not _bf16(ctx) or ctx.target != "cpu":
@@ -70,6 +81,11 @@ def _hoist_rnn_projections(ctx: PassContext) -> bool:
     # The CPU kernels of a recurrent layer choose by measurement whether to project its input
     # inside the recurrence or up front; the cuda kernels take the hoisted form, and the
     # quantizer needs the projection as a LINEAR of its own.
+    # With precision="bf16" on a CPU whose AMX runs whole bf16 layers, the layer stays whole:
+    # the bf16 recurrence with its projection inside beats an int8 projection up front plus
+    # a float recurrence.
+    if ctx.target == "cpu" and _quantize(ctx) and _bf16_rnn(ctx):
+        return False
     return ctx.target != "cpu" or _quantize(ctx)
 
 
@@ -91,13 +107,21 @@ PHASES: list[tuple[str, list[Pass]]] = [
               Pass("horizontal", fuse_sibling_linears), *CLEANUP]),
     # the round-trip rule runs again after CSE has merged duplicate casts (a value read by
     # two bf16 consumers has two casts, so two uses, until then)
-    ("precision", [rules_pass("bf16", precision.RULES, when=_bf16),
-                   rules_pass("bf16_rnn", precision.RNN_RULES, when=_bf16_rnn),
-                   *[Pass(p.name, p.fn, _bf16) for p in CLEANUP],
-                   rules_pass("bf16_round_trips", precision.ROUND_TRIPS, when=_bf16),
-                   *[Pass(p.name, p.fn, _bf16) for p in CLEANUP]]),
+    ("precision", [rules_pass("bf16", precision.RULES, when=_bf16_first),
+                   rules_pass("bf16_rnn", precision.RNN_RULES, when=lambda c: _bf16_first(c) and _bf16_rnn(c)),
+                   *[Pass(p.name, p.fn, _bf16_first) for p in CLEANUP],
+                   rules_pass("bf16_round_trips", precision.ROUND_TRIPS, when=_bf16_first),
+                   *[Pass(p.name, p.fn, _bf16_first) for p in CLEANUP]]),
     ("quantize", [Pass("quantize", quantize_pass, _quantize, with_context=True),
                   *[Pass(p.name, p.fn, _quantize) for p in CLEANUP]]),
+    # quantize= with precision="bf16": integer where the payoff rule quantized, bf16 for the
+    # rest (attention, recurrences, layers quantization left float)
+    ("precision_rest", [rules_pass("bf16_rest", precision.RULES, when=_bf16_rest),
+                        rules_pass("bf16_rnn_rest", precision.RNN_RULES,
+                                   when=lambda c: _bf16_rest(c) and _bf16_rnn(c)),
+                        *[Pass(p.name, p.fn, _bf16_rest) for p in CLEANUP],
+                        rules_pass("bf16_round_trips_rest", precision.ROUND_TRIPS, when=_bf16_rest),
+                        *[Pass(p.name, p.fn, _bf16_rest) for p in CLEANUP]]),
     ("layout", [Pass("channels_last", channels_last)]),
     ("sparsify", [Pass("sparsify", sparsity.sparsify, _sparse, with_context=True)]),
     ("partition", []),  # the cut into kernel groups; it does not rewrite the graph

@@ -194,11 +194,47 @@ def rules(plan: QuantPlan) -> list:
             (P(OpKind.QUANTIZE), _dequant_quant)]
 
 
+def _pool_u8(m, rw):
+    """QUANTIZE(MAX_POOL2D(y)) -> MAX_POOL2D(QUANTIZE(y)): exact, as quantization is monotone
+    (the max of the quantized values is the quantized max), and the pool then moves a
+    quarter of the bytes."""
+    pool = rw.producer(m.root.inputs[0])
+    q = rw.add(OpKind.QUANTIZE, pool.inputs[0], attrs=m.root.attrs)
+    return rw.add(OpKind.MAX_POOL2D, q, attrs=pool.attrs)
+
+
+def _requantize_in_conv(m, rw):
+    """QUANTIZE of a float-out QCONV2D (no residual) read by nothing else: the convolution
+    requantizes its own fp32 accumulator (after bias and ReLU) to those parameters, the same
+    values up to rounding ties, without writing the float tensor."""
+    conv = rw.producer(m.root.inputs[0])
+    a: A.QConv2dAttrs = conv.attrs
+    attrs = A.QConv2dAttrs(a.x_scale, a.x_zero_point, a.stride, a.padding, a.dilation, a.groups,
+                           m.root.attrs.scale, m.root.attrs.zero_point, a.activation)
+    return rw.add(OpKind.QCONV2D, *conv.inputs, attrs=attrs)
+
+
+def _float_out_no_residual(n: Node) -> bool:
+    return n.attrs.out_scale is None and (len(n.inputs) < 5 or n.inputs[4] is None) and \
+        n.attrs.activation in (A.Activation.NONE, A.Activation.RELU)
+
+
+# int8 chains through what follows a quantized layer (run after the layers are rewritten)
+STATIC_CHAINS = [
+    (P(OpKind.QUANTIZE, P(OpKind.MAX_POOL2D, single_use=True)), _pool_u8),
+    (P(OpKind.QUANTIZE, P(OpKind.QCONV2D, single_use=True, where=_float_out_no_residual)), _requantize_in_conv),
+]
+
+
 def apply(graph: Graph, plan: QuantPlan) -> Graph:
     """Rewrite the chosen layers (``plan`` already holds every decision)."""
     if not plan.chosen:
         return graph
     graph = rewrite(graph, rules(plan), name="quantize")
+    if plan.scheme == "int8-static":  # after CSE: a value quantized for two readers is one QUANTIZE
+        from .cse import cse
+
+        graph = rewrite(cse(graph), STATIC_CHAINS, name="quantize_chains")
     return merge_dynamic_siblings(graph) if plan.scheme == "int8-dynamic" else graph
 
 

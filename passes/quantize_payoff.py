@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from kiln.ir import Graph, GraphBuilder, Node, Value
+from kiln.ir import Graph, GraphBuilder, Node, OpKind, Value
+from kiln.ir import attrs as A
 from kiln.ir import qformat
 
 from . import quantize as Q
@@ -44,7 +45,7 @@ def decide(sqnr_db: float, fp32_s: float | None, quant_s: float | None, min_sqnr
         return False, f"SQNR {sqnr_db:.1f} dB < {min_sqnr:.1f} dB"
     if fp32_s is not None and quant_s is not None:
         if not quant_s < fp32_s:
-            return False, f"not faster ({quant_s * 1e3:.3f} ms vs {fp32_s * 1e3:.3f} ms in float32)"
+            return False, f"not faster ({quant_s * 1e3:.3f} ms vs {fp32_s * 1e3:.3f} ms unquantized)"
         return True, f"{fp32_s / quant_s:.2f}x faster, SQNR {sqnr_db:.1f} dB"
     return True, f"SQNR {sqnr_db:.1f} dB (speed not measured)"
 
@@ -96,8 +97,11 @@ def quantize_pass(graph: Graph, ctx: PassContext) -> Graph:
     observers, first = calibrate(graph, batches, watch, ex.run_all)
     params = Q.static_params(observers, observer) if static else {}
     decisions, chosen, times = [], set(), {}
+    chain = _chains(graph, cands) if static else None
+    # with precision="bf16" a layer left unquantized runs in bf16: that is what int8 must beat
+    bf16 = ctx.options.precision == "bf16"
     for n in cands:
-        d = _judge(n, graph, scheme, group, params, first, min_sqnr, measure, ex, times)
+        d = _judge(n, graph, scheme, group, params, first, min_sqnr, measure, ex, times, chain, bf16)
         decisions.append(d)
         if d.quantized:
             chosen.add(n.outputs[0])
@@ -106,7 +110,69 @@ def quantize_pass(graph: Graph, ctx: PassContext) -> Graph:
     return Q.apply(graph, plan)
 
 
-def _judge(n: Node, graph: Graph, scheme, group, params, first, min_sqnr, measure, ex, times) -> LayerDecision:
+def _chains(graph: Graph, cands: list[Node]) -> tuple[set[Value], set[Value]]:
+    """For int8-static: the values a candidate layer would read in uint8 (made by another
+    candidate) and the candidates' outputs read only by candidates (handed on in uint8). A
+    layer left float in such a chain pays a dequantize of its input and a quantize of its
+    output; timed alone, a quantized layer would instead pay a quantize of its input that
+    the chain does not have. ``_timing_graphs`` builds both sides as the chain runs them."""
+    made = {n.outputs[0] for n in cands}
+    users = graph.users()
+    outs = set(graph.outputs)
+    chained_out = {v for v in made if v not in outs and users.get(v) and
+                   all(u.outputs[0] in made for u in users[v])}
+    return made, chained_out
+
+
+def _timing_graphs(n: Node, graph: Graph, scheme, group, params, chain):
+    """(float graph, quantized graph) to time ``n`` as the int8 chain runs it: its
+    run-time operands made by a candidate arrive quantized (QUANTIZE then DEQUANTIZE, the
+    same in both graphs: the quantized layer reads the uint8 value directly), and an output
+    handed on in uint8 is quantized after the float layer / requantized inside the
+    quantized one (then dequantized on both sides, as a graph output must be float)."""
+    made, chained_out = chain
+    o = n.outputs[0]
+    quant_out = o in chained_out and o in params
+
+    def build(float_side: bool):
+        b = GraphBuilder("layer_chain")
+        where: dict[Value, Value] = {}
+        ins = []
+        for v in n.inputs:
+            if v is None:
+                ins.append(None)
+            elif v in graph.constants:
+                ins.append(b.const(graph.constants[v], v.name))
+            else:
+                x = b.input(v.name or "x", v.shape, v.dtype)
+                where[x] = v
+                if v in made and v in params:
+                    qa = A.QuantizeAttrs(*params[v])
+                    x = b.add(OpKind.DEQUANTIZE, b.add(OpKind.QUANTIZE, x, attrs=qa), attrs=qa)
+                    where[x] = v
+                ins.append(x)
+        y = b.add(n.op, *ins, attrs=n.attrs)
+        where[y] = o
+        if float_side:
+            if quant_out:  # quantized for the next layer (and back, as the quantized side's output is)
+                qa = A.QuantizeAttrs(*params[o])
+                y = b.add(OpKind.DEQUANTIZE, b.add(OpKind.QUANTIZE, y, attrs=qa), attrs=qa)
+            return b.build([y])
+        plan = Q.QuantPlan(scheme, {y}, {v: params[w] for v, w in where.items() if w in params},
+                           {y} if quant_out else set(), group)
+        return Q.apply(b.build([y]), plan)
+    return build(True), build(False)
+
+
+def _as_bf16(g: Graph) -> Graph:
+    from . import precision
+    from .rewrite import rewrite
+
+    return rewrite(g, precision.RULES, name="bf16")
+
+
+def _judge(n: Node, graph: Graph, scheme, group, params, first, min_sqnr, measure, ex, times,
+           chain=None, bf16: bool = False) -> LayerDecision:
     fp, where = _single(n, graph.constants)
     mini_out = fp.outputs[0]
     plan = Q.QuantPlan(scheme, {mini_out}, {v: params[o] for v, o in where.items() if o in params}, set(), group)
@@ -116,9 +182,11 @@ def _judge(n: Node, graph: Graph, scheme, group, params, first, min_sqnr, measur
     sqnr = qformat.sqnr_db(ref, ex.run(qg, inputs)[0])
     t_fp = t_q = None
     if measure and sqnr >= min_sqnr:
-        key = (n.op, scheme, repr(n.attrs), tuple(None if v is None else repr(v.type) for v in n.inputs))
+        key = (n.op, scheme, repr(n.attrs), tuple(None if v is None else repr(v.type) for v in n.inputs),
+               chain is not None and n.inputs[0] in chain[0], chain is not None and n.outputs[0] in chain[1])
         if key not in times:
-            times[key] = ex.time_pair(fp, qg, inputs)
+            fp_t, q_t = _timing_graphs(n, graph, scheme, group, params, chain) if chain is not None else (fp, qg)
+            times[key] = ex.time_pair(_as_bf16(fp_t) if bf16 else fp_t, q_t, inputs)
         t_fp, t_q = times[key]
     ok, why = decide(sqnr, t_fp, t_q, min_sqnr)
     x, w = n.inputs[0], n.inputs[1]

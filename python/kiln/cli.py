@@ -84,6 +84,27 @@ def _cmd_bench_kernels(args) -> int:
     return 0
 
 
+def _cmd_tune(args) -> int:
+    import torch
+
+    import kiln
+
+    from .modelref import load_model
+
+    model, inputs = load_model(args.model)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    opts = {"precision": args.precision}
+    before = kiln.compile(model, inputs, **opts).report  # the recorded choices, if cached
+    after = kiln.compile(model, inputs, remeasure=True, **opts).report
+    changed = [(label, a, b) for (label, a), (_, b) in zip(before.node_kernels, after.node_kernels) if a != b]
+    print(f"{args.model}: {len(after.node_kernels)} nodes re-measured, {len(changed)} choice(s) changed"
+          + (" (the compile cache now holds the new ones)" if changed else ""))
+    for label, a, b in changed:
+        print(f"  {label}: {a} -> {b}")
+    return 0
+
+
 def _cmd_bench_models(args) -> int:
     from kiln.bench import models as model_bench
 
@@ -222,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
                        help="per op kind: count, parameters, FLOPs and bytes; kernel groups; fallbacks")
     dp.add_argument("--passes", help="comma-separated passes/phases to run ('-name' skips one)")
     dp.set_defaults(fn=_cmd_dump)
+    tp = sub.add_parser("tune", help="re-measure a model's kernel choices and replace the cached ones")
+    tp.add_argument("model", help="example model name, file.onnx, or package.module:factory")
+    tp.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    tp.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    tp.set_defaults(fn=_cmd_tune)
     bp = sub.add_parser("bench", help="kernel microbenchmarks and end-to-end model benchmarks")
     bsub = bp.add_subparsers(dest="bench_cmd", metavar="WHAT")
     bk = bsub.add_parser("kernels", help="every kernel for a target vs the torch reference, with roofline")

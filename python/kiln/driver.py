@@ -146,13 +146,14 @@ def compile_imported(imp: Imported, options: CompileOptions, name: str, hints: d
         result = _guard_sparse(graph, result, options, measurer)
     passes_s = time.perf_counter() - t0
     optimized_hash = structural_hash(result.graph, include_constants=False)
-    hit = cache.load(key) if key else None
+    hit = cache.load(key) if key and not options.remeasure else None
     if hit is not None and (hit.get("optimized") != optimized_hash or
                             len(hit.get("kernels", ())) != len(result.graph.nodes)):
         hit = None  # recorded for a different optimized graph: rebuild, never trust
     _check_memory(result.graph)
     t1 = time.perf_counter()
-    plan = _build_plan(result, options, target, hit, hints)
+    with _choice_policy(options):
+        plan = _build_plan(result, options, target, hit, hints)
     plan_s = time.perf_counter() - t1
     node_kernels = plan.node_kernels
     if key and hit is None and target.kind == "cpu":  # cuda plans are not built from recorded choices
@@ -174,6 +175,15 @@ def compile_imported(imp: Imported, options: CompileOptions, name: str, hints: d
 
 def _label(node) -> str:
     return f"{node.op.value}" + (f" ({node.scope})" if node.scope else "")
+
+
+def _choice_policy(options: CompileOptions):
+    """``remeasure``: every kernel choice measured afresh, not taken from a memo or cache."""
+    import contextlib
+
+    from kiln.kernels.choice import remeasuring
+
+    return remeasuring() if options.remeasure else contextlib.nullcontext()
 
 
 def _build_plan(result, options: CompileOptions, target, hit, hints=None):

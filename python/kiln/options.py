@@ -100,6 +100,9 @@ class CompileOptions:
     # dims that vary per call: True (every input's dim 0 is "batch"; integer and bool [batch, seq]
     # inputs' dim 1 is "seq"), or DynamicDims (from the dict form); False: every shape exact
     dynamic: bool | tuple = False
+    # measure every kernel choice afresh (more rounds) instead of reusing the compile cache's
+    # recorded choices; the result replaces them (``kiln tune MODEL``). Not part of the key.
+    remeasure: bool = False
 
     # -- parsing ------------------------------------------------------------------------
     @staticmethod
@@ -128,6 +131,8 @@ class CompileOptions:
             fields["codegen"] = _bool("codegen", keywords.pop("codegen"))
         if "verify" in keywords:
             fields["verify"] = _bool("verify", keywords.pop("verify"))
+        if "remeasure" in keywords:
+            fields["remeasure"] = _bool("remeasure", keywords.pop("remeasure"))
         if "threads" in keywords:
             fields["threads"] = parse_threads(keywords.pop("threads"))
         if "exclude_kernels" in keywords:
@@ -416,6 +421,12 @@ def settings() -> Settings:
         log_areas=frozenset(a for a in _env("KILN_LOG").split(",") if a),
         user_tvm_threads="TVM_NUM_THREADS" in os.environ,
     )
+
+
+def child_environment(**variables: str) -> dict[str, str]:
+    """The environment for a subprocess (a benchmark's fresh compile): this process's, with
+    ``variables`` set (``KILN_CACHE_DIR="/tmp/x"``)."""
+    return {**os.environ, **variables}
 
 
 def cache_subdir(sub: str) -> str:

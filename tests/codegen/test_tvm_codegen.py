@@ -223,11 +223,18 @@ def fake_timer(monkeypatch):
     def best_seconds(fns, rounds, warmup=0):
         for fn in fns:
             fn()
-        # choose_group times [per-node] alone, then [generated, per-node] together
-        return [Times.node_s] if len(fns) == 1 else [Times.generated_s, Times.node_s]
+        # choose_group times [per-node] alone first
+        return [Times.node_s]
+
+    def samples(fns, rounds):
+        for fn in fns:
+            fn()
+        # then [generated, per-node] together, in rounds
+        return [[Times.generated_s], [Times.node_s]]
 
     monkeypatch.setattr(choice, "_GROUP_MEMO", {})
     monkeypatch.setattr(choice, "best_seconds", best_seconds)
+    monkeypatch.setattr(choice, "samples", samples)
     return Times
 
 

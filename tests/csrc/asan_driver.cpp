@@ -66,12 +66,25 @@ int main() {
           auto x = vec(N * H * W * C);
           std::vector<float> y(N * OH * OW * C);
           std::vector<uint16_t> xb(x.size()), yb(y.size());
+          std::vector<uint8_t> xu(x.size()), yu(y.size());
           for (int threads : {1, 2}) {
             kiln::max_pool2d_nhwc(x.data(), y.data(), ps, false, threads);
             kiln::max_pool2d_nhwc(xb.data(), yb.data(), ps, true, threads);
+            if (kiln::max_pool_u8_supported()) kiln::max_pool2d_nhwc_u8(xu.data(), yu.data(), ps, threads);
           }
           ++cases;
         }
+  }
+  // per-tensor uint8 quantize / dequantize: exact-size buffers, vector tails
+  for (int64_t n : {1, 15, 16, 17, 70000}) {
+    auto x = vec(n);
+    std::vector<uint8_t> q(n);
+    std::vector<float> back(n);
+    for (int threads : {1, 2}) {
+      kiln::quantize_u8(x.data(), q.data(), n, 0.05, 128, threads);
+      kiln::dequantize_u8(q.data(), back.data(), n, 0.05, 128, threads);
+    }
+    ++cases;
   }
   std::printf("asan ok: %d kernel cases\n", cases);
   return 0;

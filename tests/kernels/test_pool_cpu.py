@@ -70,3 +70,37 @@ def test_is_a_candidate_for_channels_last_nodes_only():
             k = next(k for k in candidates(node, "cpu") if k.name == "cpu.max_pool2d_nhwc")
             t = torch.randn(1, 8, 12, 12).contiguous(memory_format=torch.channels_last)
             assert torch.equal(k.bind(node, [None])([t], node.attrs), F.max_pool2d(t, 3, 2, 1))
+
+
+@pytest.mark.skipif(not _C.max_pool_u8_supported(), reason="built without AVX-512BW")
+@pytest.mark.parametrize("channels", [3, 64, 65, 130])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_uint8_matches_torch_bit_for_bit(channels, threads):
+    """Quantized activations: 64 channels a vector, tails masked, padding excluded."""
+    g = torch.Generator().manual_seed(channels)
+    x = torch.randint(0, 256, (2, channels, 13, 11), generator=g, dtype=torch.uint8)
+    for k, s, p, d, ceil in itertools.product((2, 3), (1, 2), (0, 1), (1, 2), (False, True)):
+        if p > (k // 2):
+            continue
+        ref = F.max_pool2d(x, (k, k), (s, s), (p, p), (d, d), ceil)  # torch's NCHW uint8 pool
+        y = torch.empty(ref.shape, dtype=torch.uint8, memory_format=torch.channels_last)
+        _C.max_pool2d_nhwc(_nhwc(x.contiguous(memory_format=torch.channels_last)), _nhwc(y), (k, k), (s, s),
+                           (p, p), (d, d), threads)
+        assert torch.equal(y, ref), (k, s, p, d, ceil)
+
+
+@pytest.mark.skipif(not _C.max_pool_u8_supported(), reason="built without AVX-512BW")
+def test_uint8_nodes_are_candidates_in_any_layout():
+    """int8-static's stem pool: a uint8 value declared NCHW (the quantized convolution stores
+    it channels-last) is pooled as it lies, and an NCHW tensor is taken too."""
+    b = GraphBuilder()
+    x = b.input("x", (1, 8, 12, 12))
+    q = b.add(OpKind.QUANTIZE, x, attrs=A.QuantizeAttrs(0.05, 3))
+    y = b.add(OpKind.MAX_POOL2D, q, attrs=A.Pool2dAttrs((3, 3), (2, 2), (1, 1)))
+    g = b.build((y,))
+    node = next(n for n in g.nodes if n.op is OpKind.MAX_POOL2D)
+    assert node.outputs[0].type.quant == node.inputs[0].type.quant  # a pooled quantized value keeps its parameters
+    k = next(k for k in candidates(node, "cpu") if k.name == "cpu.max_pool2d_nhwc")
+    t = torch.randint(0, 256, (1, 8, 12, 12), dtype=torch.uint8)
+    for inp in (t, t.contiguous(memory_format=torch.channels_last)):
+        assert torch.equal(k.bind(node, [None])([inp], node.attrs), F.max_pool2d(t, 3, 2, 1))

@@ -145,7 +145,7 @@ def test_passes_option_selects_and_skips_phases():
     assert only.graph.count(OpKind.TO_LAYOUT) == 0 and only.graph.count(OpKind.BATCH_NORM) == 0
     names = [r.phase for r in full.report.passes]
     assert [p for p in PHASE_NAMES if p in names] == [p for p in PHASE_NAMES
-                                                      if p not in ("precision", "quantize")]  # fp32
+                                                      if p not in ("precision", "quantize", "precision_rest")]  # fp32
     with pytest.raises(KilnError, match="unknown pass or phase"):
         kiln.compile(model, inputs, passes=["vectorize"])
     with torch.no_grad():

@@ -83,6 +83,46 @@ def test_digits_cnn_int8_static(digits, observer):
     assert acc_q >= acc_fp - 1.0
 
 
+class DigitsStemCNN(nn.Module):
+    """ResNet's stem in small: conv + ReLU, max-pool, a residual block; pooled in uint8."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.c3 = nn.Conv2d(16, 16, 3, padding=1)
+        self.c4 = nn.Conv2d(16, 32, 3, padding=1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        p = nn.functional.max_pool2d(torch.relu(self.c1(x)), 3, 2, 1)
+        y = torch.relu(self.c3(torch.relu(self.c2(p))) + p)
+        return self.fc(torch.relu(self.c4(y)).mean((2, 3)))
+
+
+def test_digits_stem_int8_static_pools_in_uint8(digits):
+    _, xtr, xte, yte = digits
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    perm = torch.randperm(len(d.target), generator=torch.Generator().manual_seed(0))
+    model = _train(DigitsStemCNN(), (x[perm[:1397]],), torch.tensor(d.target)[perm[:1397]],
+                   nn.functional.cross_entropy, steps=300, lr=5e-3)
+    n = xte.shape[0]
+    cal = [(xtr[i:i + n],) for i in (0, n, 2 * n)]
+    fp = kiln.compile(model, (xte,))
+    q = kiln.compile(model, (xte,), quantize="int8-static", calibration=cal, quantize_payoff=False)
+    pools = [n for n in q.compiled[0].graph.nodes if n.op is OpKind.MAX_POOL2D]
+    assert len(pools) == 1 and pools[0].inputs[0].dtype.value == "uint8"
+    assert _count(q, OpKind.QCONV2D) == 4
+    acc_fp = float((fp(xte).argmax(1) == yte).float().mean()) * 100
+    acc_q = float((q(xte).argmax(1) == yte).float().mean()) * 100
+    print(f"digits stem CNN: fp32 {acc_fp:.2f}%  int8-static {acc_q:.2f}%")
+    assert acc_fp > 90.0
+    assert acc_q >= acc_fp - 1.0
+
+
 # ----------------------------------------------------------------------------- LSTM forecaster, int8-dynamic
 def _co2_windows(window=32):
     from statsmodels.datasets import co2
@@ -116,6 +156,28 @@ def test_lstm_forecaster_int8_dynamic():
     assert mse_q <= mse_fp * 1.05
 
 
+def test_lstm_forecaster_int8_dynamic_with_bf16_rest():
+    """quantize= with precision="bf16": on a CPU whose AMX runs whole bf16 LSTM layers the
+    layers stay whole (bf16, projection inside) and the head is int8; within the int8 bound."""
+    from kiln import _C
+    from kiln.models import Forecaster
+
+    torch.manual_seed(0)
+    xtr, ytr, xte, yte = _co2_windows()
+    model = _train(Forecaster("lstm", 1, 32, 2, 1), (xtr,), ytr, nn.functional.mse_loss, steps=80, lr=1e-2)
+    fp = kiln.compile(model, (xte,))
+    q = kiln.compile(model, (xte,), quantize="int8-dynamic", precision="bf16", quantize_payoff=False)
+    graph = q.compiled[0].graph
+    assert _count(q, OpKind.QLINEAR_DYNAMIC) >= 1  # the head
+    if _C.rnn_amx_supported():
+        lstms = [n for n in graph.nodes if n.op is OpKind.LSTM]
+        assert lstms and all(n.inputs[0].dtype.value == "bfloat16" for n in lstms)
+    mse_fp = float(nn.functional.mse_loss(fp(xte), yte))
+    mse_q = float(nn.functional.mse_loss(q(xte), yte))
+    print(f"co2 LSTM: test MSE fp32 {mse_fp:.4f}  int8-dynamic + bf16 {mse_q:.4f}")
+    assert mse_q <= mse_fp * 1.05
+
+
 # ----------------------------------------------------------------------------- Transformer, int8-dynamic
 def _majority_task(n, seq=16, g=None):
     """Label: does token 2 occur more often than token 3? (needs attention over the sequence)"""
@@ -126,7 +188,8 @@ def _majority_task(n, seq=16, g=None):
     return ids[keep], (a > b)[keep].long()
 
 
-def test_transformer_classifier_int8_dynamic():
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_transformer_classifier_int8_dynamic(precision):
     from kiln.models import BertClassifier
 
     torch.manual_seed(0)
@@ -139,10 +202,13 @@ def test_transformer_classifier_int8_dynamic():
     model = _train(model, (xtr, mtr), ytr, nn.functional.cross_entropy, steps=200, lr=3e-3)
     fp = kiln.compile(model, (xte, mte))
     q = kiln.compile(model, (xte, mte), quantize="int8-dynamic", calibration=[(xtr[:256], mtr[:256])],
-                     quantize_payoff=False)
+                     quantize_payoff=False, precision=precision)
     assert _count(q, OpKind.QLINEAR_DYNAMIC) >= 8  # per layer: q/k/v (merged), out, fc1, fc2 (+ pooler, head)
+    if precision == "bf16":  # the rest in bf16: attention
+        att = [n for n in q.compiled[0].graph.nodes if n.op is OpKind.ATTENTION]
+        assert att and all(n.inputs[0].dtype.value == "bfloat16" for n in att)
     acc_fp = float((fp(xte, mte).argmax(1) == yte).float().mean()) * 100
     acc_q = float((q(xte, mte).argmax(1) == yte).float().mean()) * 100
-    print(f"transformer: fp32 {acc_fp:.2f}%  int8-dynamic {acc_q:.2f}%")
+    print(f"transformer: fp32 {acc_fp:.2f}%  int8-dynamic ({precision} rest) {acc_q:.2f}%")
     assert acc_fp > 80.0
     assert acc_q >= acc_fp - 1.0

@@ -222,3 +222,66 @@ def test_dynamic_siblings_share_one_gemm():
     for r, c in zip(run_graph(g, xs), run_graph(merged, xs, target="cpu")):
         assert qformat.sqnr_db(r, c) > 30
     assert _quantize(g, _opts("int8-dynamic")).count(OpKind.QLINEAR_DYNAMIC) == 1  # in the phase too
+
+
+def _stem():
+    """conv+relu -> max-pool -> conv+relu -> conv (+ the pooled residual) + relu -> conv -> mean:
+    ResNet's stem, a block and the next block's first convolution."""
+    b = GraphBuilder("stem")
+    x = b.input("x", (1, 3, 16, 16))
+    c1 = b.add(OpKind.CONV2D, x, b.const(torch.randn(8, 3, 3, 3) * 0.3), b.const(torch.randn(8) * 0.1),
+               attrs=A.Conv2dAttrs(padding=(1, 1), activation=A.Activation.RELU))
+    p = b.add(OpKind.MAX_POOL2D, c1, attrs=A.Pool2dAttrs((3, 3), (2, 2), (1, 1)))
+    c2 = b.add(OpKind.CONV2D, p, b.const(torch.randn(8, 8, 3, 3) * 0.1), b.const(torch.randn(8) * 0.1),
+               attrs=A.Conv2dAttrs(padding=(1, 1), activation=A.Activation.RELU))
+    c3 = b.add(OpKind.CONV2D, c2, b.const(torch.randn(8, 8, 3, 3) * 0.1), None, p,
+               attrs=A.Conv2dAttrs(padding=(1, 1), activation=A.Activation.RELU))
+    c4 = b.add(OpKind.CONV2D, c3, b.const(torch.randn(8, 8, 3, 3) * 0.1), None,
+               attrs=A.Conv2dAttrs(padding=(1, 1), activation=A.Activation.RELU))
+    return b.build([b.add(OpKind.MEAN, c4, attrs=A.ReduceAttrs((2, 3)))])
+
+
+def test_static_pools_in_uint8_after_a_requantizing_conv():
+    """QUANTIZE(MAX_POOL2D(conv)) -> MAX_POOL2D(conv requantizing to those parameters): the
+    stem stays uint8 from the first convolution on (exact: quantization is monotone)."""
+    g = _stem()
+    cal = [[torch.randn(1, 3, 16, 16)] for _ in range(3)]
+    after = _quantize(g, _opts("int8-static", cal))
+    ops = [n.op for n in after.nodes]
+    assert ops == [OpKind.QUANTIZE, OpKind.QCONV2D, OpKind.MAX_POOL2D, OpKind.QCONV2D, OpKind.QCONV2D,
+                   OpKind.QCONV2D, OpKind.MEAN], ops
+    c1, pool, c2, c3 = after.nodes[1:5]
+    assert c1.attrs.out_scale is not None and pool.inputs[0] is c1.outputs[0]
+    assert pool.outputs[0].type.quant is not None and pool.outputs[0].dtype.value == "uint8"
+    assert c2.inputs[0] is pool.outputs[0] and c3.inputs[4] is pool.outputs[0]  # the residual reads it too
+    assert (c2.attrs.x_scale, c2.attrs.x_zero_point) == (c1.attrs.out_scale, c1.attrs.out_zero_point)
+    xs = [torch.randn(1, 3, 16, 16)]
+    ref = run_graph(g, xs)[0]
+    assert qformat.sqnr_db(ref, run_graph(after, xs)[0]) > 25
+    assert qformat.sqnr_db(ref, run_graph(after, xs, target="cpu")[0]) > 25
+
+
+def test_payoff_times_a_layer_as_the_int8_chain_runs_it():
+    """In a chain, a layer left float pays a dequantize in and a quantize out; quantized, it
+    reads the uint8 value directly and requantizes inside: both timing graphs show it."""
+    from kiln.passes import quantize as Q
+    from kiln.passes.quantize_payoff import _chains, _timing_graphs
+
+    g = _convnet()
+    cal = [[torch.randn(2, 4, 8, 8)] for _ in range(2)]
+    res = run_pipeline(g, _opts("int8-static", cal), select=["quantize"], measure=PlanMeasurer("cpu"))
+    assert res.graph.count(OpKind.QCONV2D) == 3
+    from kiln.passes.calibrate import calibrate
+
+    cands = [n for n in g.nodes if Q.eligible(n, g.constants, "int8-static")]
+    watch = {v for n in cands for v in (*n.inputs, n.outputs[0]) if v is not None and v not in g.constants}
+    observers, _ = calibrate(g, cal, watch, PlanMeasurer("cpu").run_all)
+    params = Q.static_params(observers, "minmax")
+    c2 = cands[1]  # reads c1 (a candidate), read only by c3 (a candidate)
+    fp, qg = _timing_graphs(c2, g, "int8-static", 128, params, _chains(g, cands))
+    Q_, DQ = OpKind.QUANTIZE, OpKind.DEQUANTIZE
+    assert [n.op for n in fp.nodes] == [Q_, DQ, OpKind.CONV2D, Q_, DQ]
+    assert [n.op for n in qg.nodes] == [Q_, OpKind.QCONV2D, DQ]
+    assert qg.nodes[1].attrs.out_scale is not None and qg.nodes[1].inputs[0] is qg.nodes[0].outputs[0]
+    xs = [torch.randn(2, 8, 8, 8)]
+    assert qformat.sqnr_db(run_graph(fp, xs)[0], run_graph(qg, xs)[0]) > 20

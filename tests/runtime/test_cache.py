@@ -137,3 +137,26 @@ def test_cache_can_be_disabled(cache_dir, monkeypatch):
     m, x = tiny_models.mlp()
     kiln.compile(m, x)
     assert not os.path.exists(os.path.join(cache_dir, "compile")) or not _entries(cache_dir)
+
+
+def test_remeasure_replaces_the_recorded_choices(cache_dir, monkeypatch):
+    """remeasure=True (kiln tune) measures afresh instead of reusing the entry, and its
+    choices replace the entry's; which kernels win is not this test's business."""
+    m, x, path = _one_entry(cache_dir)
+    key = os.path.basename(path)[:-5]
+    data = cache.load(key)
+    cache.store(key, {**data, "written_by": "earlier"})
+    c = kiln.compile(m, x, remeasure=True)
+    assert not c.report.compile_cache_hit
+    torch.testing.assert_close(c(*x), m(*x))
+    assert "written_by" not in cache.load(key)  # replaced by the new measurement
+    assert kiln.compile(m, x).report.compile_cache_hit
+
+
+def test_kiln_tune_command(cache_dir, capsys):
+    from kiln import cli
+
+    sys.path.insert(0, HERE)
+    assert cli.main(["tune", "tiny_models:mlp", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("tiny_models:mlp: ") and "nodes re-measured" in out

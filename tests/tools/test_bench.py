@@ -54,7 +54,10 @@ def test_bench_models_quick(tmp_path, threads):
             row = r["threads"][th]
             assert {"eager", "kiln"} <= set(row["median_ms"])
             assert row["max_abs_err"]["kiln"] < 1e-3
-            assert "kiln_bf16" in row["median_ms"]
+            assert {"kiln_bf16", "kiln_int8", "openvino", "openvino_bf16", "openvino_int8", "inductor_bf16"} \
+                <= set(row["median_ms"]), r["errors"]
+            assert set(row["fraction_of_amx"]) >= {"kiln_bf16", "kiln_int8", "openvino_int8"}
+            assert row["sqnr_db"]["kiln_bf16"] > 20 and row["sqnr_db"]["openvino"] > 40
         assert "kiln" in r["compile_s"]
     assert md.read_text().startswith("Median latency") and "| resnet18 | 1 |" in out
 
@@ -94,15 +97,60 @@ def test_compute_peak_gflops_checks_its_arguments():
         _C.compute_peak_gflops("fp64", 1, 10)
     with pytest.raises(ValueError):
         _C.compute_peak_gflops("fma", 0, 10)
+    with pytest.raises(ValueError):
+        _C.compute_peak_gflops("amx_int8", 1, 10, 7)  # six accumulators and two sources fill the tiles
+    assert _C.compute_peak_gflops("clock", 1, 10_000) > 0  # GHz
+
+
+def test_amx_peak_counts_every_accumulator():
+    """The AMX loops return positive rates for every accumulator count (where the CPU has AMX);
+    what the rates are is the benchmark's business, not a test's."""
+    from kiln import _C
+    from kiln.bench import machine
+
+    if not _C.amx_bf16_supported():
+        pytest.skip("no AMX on this CPU")
+    for kind in ("bf16", "int8"):
+        for acc in (1, 6):
+            assert machine.amx_rate(kind, 1, acc, iters=1000) > 0
+        assert machine.amx_rate(f"{kind}_loaded", 1, iters=1000) > 0
+    assert set(machine.amx_ceilings(1, rounds=1)) == {"bf16", "int8"}
 
 
 @pytest.mark.bench
 def test_machine_ceilings(capsys):
     from kiln.bench import machine
 
-    machine.main(["--rounds", "1", "--threads", "1"])
+    machine.main(["--rounds", "1", "--threads", "1", "--sweep"])
     out = capsys.readouterr().out
-    assert "| threads | FMA fp32 GFLOP/s |" in out and "\n| 1 | " in out
+    assert "| threads | FMA fp32 GFLOP/s | AMX bf16 GFLOP/s | AMX int8 GOP/s |" in out and "\n| 1 | " in out
+    assert "| accumulators | 1 | 2 | 4 | 6 | 2x2 block, tiles loaded |" in out
+
+
+@pytest.mark.bench
+def test_bench_quant_against_openvino_int8(tmp_path):
+    j = tmp_path / "q.json"
+    p = subprocess.run([sys.executable, "-m", "kiln.bench.quant", "--quick", "--threads", "1", "--only", "resnet,lstm",
+                        "--repeats", "2", "--json", str(j)], capture_output=True, text=True, timeout=900, env=ENV)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(j.read_text())
+    row = res["resnet18"]["threads"]["1"]
+    assert set(row["median_ms"]) == {"kiln_fp32", "kiln_int8", "openvino_int8"}
+    agree = row["top1_agreement_pct_over_10"]
+    assert agree["kiln_fp32"] == 100.0 and 0 <= agree["openvino_int8"] <= 100
+    assert row["sqnr_db_vs_eager_fp32"]["kiln_fp32"] > 60 and row["kiln_int8_vs_openvino_int8"] > 0
+    assert "openvino_int8" in res["lstm"]["threads"]["1"]["sqnr_db_vs_eager_fp32"]
+
+
+@pytest.mark.bench
+def test_bench_stability_compiles_in_fresh_processes(tmp_path):
+    j = tmp_path / "s.json"
+    p = subprocess.run([sys.executable, "-m", "kiln.bench.stability", "lstm", "--processes", "2", "--repeats", "2",
+                        "--json", str(j)], capture_output=True, text=True, timeout=900, env=ENV)
+    assert p.returncode == 0, p.stderr[-2000:]
+    (row,) = json.loads(j.read_text())
+    assert len(row["median_ms"]) == 2 and row["spread"] >= 0 and 1 <= row["kernel_sets"] <= 2
+    assert "| lstm | fp32 | 1 |" in p.stdout
 
 
 @pytest.mark.bench

@@ -1,0 +1,152 @@
+"""Kernel choice decides away from its prior only outside the measured noise (kernels/decide.py,
+kernels/choice.py). Every timing here is faked: no test depends on this machine's clock."""
+import pytest
+import torch
+
+from kiln.ir import GraphBuilder, OpKind
+from kiln.kernels import choice, decide
+from kiln.kernels.registry import Kernel
+
+
+# ----------------------------------------------------------------------------- the rule
+def test_clear_winner_beats_the_prior():
+    d = decide.decide([[1.0, 1.0, 1.01], [0.5, 0.5, 0.51]], prior=[0, 1])
+    assert d.winner == 1 and d.tied == (1,) and not d.ambiguous
+
+
+def test_difference_inside_the_noise_goes_to_the_prior():
+    # 0 is 8% faster at its best, but its rounds spread 20%: a tie, which the prior (1) takes
+    noisy = [0.92, 1.1, 1.15]
+    steady = [1.0, 1.0, 1.01]
+    for prior in ([1, 0], [0, 1]):
+        d = decide.decide([noisy, steady], prior)
+        assert set(d.tied) == {0, 1} and d.winner == prior[0]
+    assert decide.decide([noisy, steady], [1, 0]).ambiguous  # more rounds could tell them apart
+
+
+def test_differences_under_the_minimum_margin_never_decide():
+    a, b = [1.0] * 5, [1.0 - decide.MIN_MARGIN / 2] * 5  # no noise at all, 2.5% apart
+    assert decide.decide([a, b], [0, 1]).winner == 0
+    assert decide.decide([a, b], [1, 0]).winner == 1
+    assert not decide.decide([a, b], [0, 1]).ambiguous
+
+
+def test_failed_candidates_never_win_and_all_failed_is_none():
+    assert decide.decide([[], [2.0]], [0, 1]).winner == 1
+    assert decide.decide([[], []], [0, 1]) is None
+    assert decide.clearly_faster([1.0], []) and not decide.clearly_faster([], [1.0])
+
+
+def test_prior_order_puts_the_earlier_winner_first():
+    assert decide.prior_order(["a", "b", "c"], "c") == [2, 0, 1]
+    assert decide.prior_order(["a", "b"], None) == [0, 1]
+    assert decide.prior_order(["a", "b"], "gone") == [0, 1]  # a winner no longer a candidate
+
+
+def test_noise_is_median_over_best():
+    assert decide.noise([1.0]) == 0.0
+    assert decide.noise([1.0, 1.2, 1.5]) == pytest.approx(0.2)
+
+
+# ----------------------------------------------------------------------------- choose()
+def _node():
+    b = GraphBuilder()
+    x = b.input("x", (4, 8))
+    y = b.add(OpKind.RELU, x)
+    return b.build([y]).nodes[0]
+
+
+def _kernels():
+    ref = Kernel(OpKind.RELU, "reference", "reference.relu", lambda ins, a: torch.relu(ins[0]))
+    fast = Kernel(OpKind.RELU, "cpu", "cpu.fast", lambda ins, a: torch.relu(ins[0]))
+    other = Kernel(OpKind.RELU, "cpu", "cpu.other", lambda ins, a: ins[0].clamp_min(0))
+    return [fast, other, ref]
+
+
+@pytest.fixture
+def fake_clock(monkeypatch, tmp_path):
+    """choice.samples faked: candidate i's rounds are ``times[i]`` (a list, or a function of
+    the batch number). A fresh memo and tuning database per test."""
+    monkeypatch.setenv("KILN_TUNING_DB", str(tmp_path / "tuning.sqlite"))
+    monkeypatch.setattr(choice, "_MEMO", {})
+    state = {"times": [], "batches": 0}
+
+    def samples(fns, rounds):
+        state["batches"] += 1
+        out = []
+        for fn, t in zip(fns, state["times"]):
+            if fn is None:
+                out.append([])
+                continue
+            fn()  # each candidate still runs, so one that raises would show
+            out.append(list(t(state["batches"]) if callable(t) else t))
+        return out
+
+    monkeypatch.setattr(choice, "samples", samples)
+    return state
+
+
+def test_choose_takes_a_clear_winner_and_records_it(fake_clock):
+    fake_clock["times"] = [[2.0] * 5, [1.0] * 5, [3.0] * 5]
+    k, _ = choice.choose(_node(), _kernels(), [None])
+    assert k.name == "cpu.other"
+    assert fake_clock["batches"] == 2  # against the prior: confirmed by a second batch
+    key = next(iter(choice._MEMO))
+    assert choice.earlier_winner("node", key) == "cpu.other"
+
+
+def test_choose_ties_go_to_registration_order_in_every_process(fake_clock):
+    # cpu.other is 3% faster at its best: inside MIN_MARGIN, so the first registered wins
+    fake_clock["times"] = [[1.0] * 5, [0.97] * 5, [1.5] * 5]
+    for _ in range(3):  # as in three fresh processes: memo cleared each time (the database kept)
+        choice._MEMO.clear()
+        assert choice.choose(_node(), _kernels(), [None])[0].name == "cpu.fast"
+
+
+def test_choose_ties_go_to_the_databases_earlier_winner(fake_clock):
+    fake_clock["times"] = [[2.0] * 5, [1.0] * 5, [3.0] * 5]  # a clear win for cpu.other, recorded
+    assert choice.choose(_node(), _kernels(), [None])[0].name == "cpu.other"
+    choice._MEMO.clear()
+    fake_clock["times"] = [[0.98] * 5, [1.0] * 5, [3.0] * 5]  # now a tie: the earlier winner stays
+    assert choice.choose(_node(), _kernels(), [None])[0].name == "cpu.other"
+    choice._MEMO.clear()
+    fake_clock["times"] = [[0.5] * 5, [1.0] * 5, [3.0] * 5]  # a clear reversal still reverses
+    assert choice.choose(_node(), _kernels(), [None])[0].name == "cpu.fast"
+
+
+def test_an_ambiguous_first_batch_gets_more_rounds(fake_clock):
+    # batch 1: cpu.other 10% faster but noisy (a tie, ambiguous); batch 2 settles it
+    fake_clock["times"] = [[1.0] * 5, lambda b: [0.9, 1.2, 1.2, 1.2, 1.2] if b == 1 else [0.9] * 20, [3.0] * 5]
+    assert choice.choose(_node(), _kernels(), [None])[0].name == "cpu.other"
+    assert fake_clock["batches"] == 2
+
+
+def test_remeasuring_ignores_the_memo(fake_clock):
+    fake_clock["times"] = [[1.0] * 5, [2.0] * 5, [3.0] * 5]
+    assert choice.choose(_node(), _kernels(), [None])[0].name == "cpu.fast"
+    assert fake_clock["batches"] == 1  # the prior's pick won clearly: one batch
+    fake_clock["times"] = [[2.0] * 5, [1.0] * 5, [3.0] * 5]
+    assert choice.choose(_node(), _kernels(), [None])[0].name == "cpu.fast"  # memoized: not timed
+    assert fake_clock["batches"] == 1
+    with choice.remeasuring():
+        assert choice.choose(_node(), _kernels(), [None])[0].name == "cpu.other"
+    assert fake_clock["batches"] == 3
+
+
+def test_a_win_against_the_prior_that_does_not_repeat_is_not_taken(fake_clock):
+    # batch 1: cpu.other clearly faster (a noisy moment for cpu.fast); batch 2: equal
+    fake_clock["times"] = [lambda b: [2.0] * 5 if b == 1 else [1.0] * 5, [1.0] * 5, [3.0] * 5]
+    assert choice.choose(_node(), _kernels(), [None])[0].name == "cpu.fast"
+    assert fake_clock["batches"] == 2
+    # and one that repeats is taken
+    choice._MEMO.clear()
+    fake_clock["batches"] = 0
+    fake_clock["times"] = [[2.0] * 5, [1.0] * 5, [3.0] * 5]
+    assert choice.choose(_node(), _kernels(), [None])[0].name == "cpu.other"
+
+
+def test_a_kernel_that_disagrees_never_wins(fake_clock):
+    ks = _kernels()
+    wrong = Kernel(OpKind.RELU, "cpu", "cpu.wrong", lambda ins, a: torch.relu(ins[0]) + 1)
+    fake_clock["times"] = [[0.1] * 5, [1.0] * 5, [2.0] * 5, [3.0] * 5]
+    assert choice.choose(_node(), [wrong, *ks], [None])[0].name == "cpu.fast"
