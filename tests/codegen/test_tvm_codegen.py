@@ -304,6 +304,7 @@ from kiln.driver import compile_graph
 from kiln.options import CompileOptions
 from kiln.runtime.plan import build_plan
 from kiln.codegen.tvm_runtime import GeneratedKernel
+torch.manual_seed(0)
 b = GraphBuilder("g")
 x, y = b.input("x", (32, 256)), b.input("y", (256,))
 h = b.add(OpKind.TANH, b.add(OpKind.MUL, x, y))
@@ -313,9 +314,10 @@ compiled = compile_graph(graph, CompileOptions.parse(tune="none"))
 plan = compiled.plan
 xs = [torch.randn(32, 256), torch.randn(256)]
 with torch.no_grad():
-    ok = bool(torch.allclose(plan.run(xs)[0], build_plan(graph, "reference").run(xs)[0], atol=1e-4))
+    err = float((plan.run(xs)[0] - build_plan(graph, "reference").run(xs)[0]).abs().max())
+ok = err <= 1e-4
 steps = [s for s in plan.steps if isinstance(s.fn, GeneratedKernel)]
-print(json.dumps({"ok": ok, "hit": compiled.report.compile_cache_hit, "generated": len(steps),
+print(json.dumps({"ok": ok, "err": err, "hit": compiled.report.compile_cache_hit, "generated": len(steps),
                   "built": sum(s.fn.built for s in steps), "tvm_imported": "tvm" in sys.modules}))
 """
 
@@ -330,10 +332,10 @@ def _compile_in_new_process(cache_dir):
 
 def test_compiled_module_cache_hit_in_new_process(tmp_path):
     cold = _compile_in_new_process(tmp_path)
-    assert cold["ok"] and not cold["hit"] and cold["generated"] == 1 and cold["built"] == 1
+    assert cold["ok"] and not cold["hit"] and cold["generated"] == 1 and cold["built"] == 1, cold
     warm = _compile_in_new_process(tmp_path)
-    assert warm["ok"] and warm["hit"] and warm["generated"] == 1
-    assert warm["built"] == 0 and not warm["tvm_imported"]  # loaded from the cache: no code generation
+    assert warm["ok"] and warm["hit"] and warm["generated"] == 1, warm
+    assert warm["built"] == 0 and not warm["tvm_imported"], warm  # loaded from the cache: no code generation
 
 
 def test_groups_too_cheap_to_gain_from_a_kernel_are_not_generated(fake_timer):
