@@ -42,7 +42,7 @@ from .artifact_records import (decisions, dumps_tree, key_from, key_record, load
                                unpermute, validate)
 from .driver import Compiled
 from .errors import KilnError, KilnWarning
-from .options import CompileOptions, cache_subdir
+from .options import CompileOptions, cache_subdir, settings
 from .report import CompileReport
 from .target import Target
 
@@ -341,7 +341,9 @@ def _shipped(r: Reader, rec: dict, members: dict, rebuild: bool) -> dict:
 def _extract(data: bytes, source: str) -> str:
     """A verified module's bytes as a file the dynamic loader can open: content-addressed
     under the cache (``<KILN_CACHE_DIR>/artifacts``), written atomically, reused when the
-    file there still has the same hash."""
+    file there still has the same hash, kept under ``KILN_TVM_CACHE_MAX_MB`` with the rest
+    of that folder."""
+    from kiln.runtime.cache import evict_lru
     digest = sha256(data)
     try:
         folder = cache_subdir("artifacts")
@@ -351,6 +353,7 @@ def _extract(data: bytes, source: str) -> str:
     if os.path.exists(path):
         with open(path, "rb") as f:
             if sha256(f.read()) == digest:
+                os.utime(path)  # recently used: evicted last
                 return path
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".so")
     try:
@@ -360,6 +363,9 @@ def _extract(data: bytes, source: str) -> str:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    # the folder stays under the module cache's bound (a process that loaded an evicted file
+    # keeps its mapping; the next load writes it again)
+    evict_lru(folder, settings().tvm_cache_max_bytes, lambda name: name.endswith(".so"))
     return path
 
 
