@@ -25,6 +25,7 @@ from kiln.ir import attrs as A
 
 from .aten_converters import CONVERTERS
 from .common import FrontendBuilder
+from .hf_outputs import register_output_pytrees
 from .torch_rnn import rnn_leaf_ops
 
 
@@ -69,6 +70,7 @@ def _template(a, ins: list, env_lookup):
 
 def export_program(model, args: tuple, kwargs: dict | None = None):
     """``torch.export`` the model; decomposed (functionalized) unless it is importable as is."""
+    register_output_pytrees(model)  # a decoder's DynamicCache output (frontends/hf_outputs.py)
     with torch.no_grad(), rnn_leaf_ops():
         ep = torch.export.export(model, tuple(args), kwargs or {}, strict=False)
     if importable_as_exported(ep):

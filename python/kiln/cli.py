@@ -90,6 +90,12 @@ def _cmd_bench_models(args) -> int:
     return 0
 
 
+def _cmd_bench_suite(args) -> int:
+    from kiln.bench import suite
+
+    return suite.cmd(args)
+
+
 def _cmd_bench_elementwise(args) -> int:
     from kiln.bench import elementwise
 
@@ -194,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     bm.add_argument("--json", metavar="FILE")
     bm.add_argument("--markdown", metavar="FILE")
     bm.set_defaults(fn=_cmd_bench_models)
+    bs = bsub.add_parser("suite", help="the Hugging Face model suite: pass rate, fallbacks, speedups, compile time")
+    from kiln.bench.suite_report import add_arguments as _suite_arguments  # no torch import
+
+    _suite_arguments(bs)
+    bs.set_defaults(fn=_cmd_bench_suite)
     be = bsub.add_parser("elementwise", help="a generated fused elementwise kernel vs memory bandwidth and eager")
     from kiln.bench.elementwise import add_arguments as _elementwise_arguments  # no torch import
 

@@ -47,10 +47,12 @@ class Compiled:
 def import_torch(module: torch.nn.Module, args: tuple, kwargs: dict, leaves: list, name: str) -> Imported:
     """torch.export + conversion, or a verified entry of the import cache."""
     from . import import_cache
+    from kiln.frontends.hf_outputs import register_output_pytrees
     from kiln.frontends.torch_export import export_program, from_exported
     from kiln.runtime import cache
 
     t0 = time.perf_counter()
+    register_output_pytrees(module)  # before the import cache reads an output structure holding a cache
     key = import_cache.fingerprint(module, args, kwargs) if cache.enabled() else None
     hit = import_cache.load(key, module, args, kwargs, leaves) if key else None
     if hit is not None:
