@@ -157,6 +157,8 @@ def _convert(ep, name: str) -> TorchImport:
             if out is None:
                 reason = f"Kiln's {node.target.overloadpacket} converter does not cover these arguments"
         if out is None:
+            out = fold_literal_call(cx, node, lookup)  # an op on literals only: evaluated now
+        if out is None:
             out = _fallback(cx, node, lookup, reason)
             fallbacks.append((str(node.target), cx.scope, reason))
         _check(node, out)
@@ -193,6 +195,46 @@ def _fallback(cx: FrontendBuilder, node: fx.Node, lookup, reason: str):
         return outs[0]
     it = iter(outs)
     return tuple(next(it) if isinstance(v, torch.Tensor) else None for v in vals)
+
+
+def fold_literal_call(cx: FrontendBuilder, node: fx.Node, lookup):
+    """Run an ATen op without a converter whose tensor operands are all literals (index
+    tables built with meshgrid and index assignments, masks) at import time, as the
+    builder folds converted ops; its results are literals. Ops that mutate, draw random
+    numbers or take no tensor at all are left alone. None when it does not apply."""
+    t = node.target
+    if not isinstance(t, torch._ops.OpOverload) or t._schema.is_mutable or \
+            torch.Tag.nondeterministic_seeded in t.tags:
+        return None
+    ins: list[Value] = []
+    try:
+        args = _template(tuple(node.args), ins, lookup)
+        kwargs = {k: _template(v, ins, lookup) for k, v in node.kwargs.items()}
+    except TypeError:
+        return None
+    if not ins or not all(v in cx.literals for v in ins):
+        return None
+    tensors = [cx.literals[v] for v in ins]
+
+    def fill(a):
+        if isinstance(a, tuple) and len(a) == 2 and a[0] == "$":
+            return tensors[a[1]]
+        if isinstance(a, tuple) and len(a) == 2 and a[0] == "$list":
+            return [fill(x) for x in a[1]]
+        if isinstance(a, tuple):
+            return tuple(fill(x) for x in a)
+        return a
+
+    try:
+        with torch.no_grad():
+            r = t(*fill(args), **{k: fill(v) for k, v in kwargs.items()})
+    except Exception:  # noqa: BLE001  (it runs as a fallback instead, and fails there if it must)
+        return None
+    if isinstance(r, torch.Tensor):
+        return cx.literal(r.contiguous())
+    if isinstance(r, (list, tuple)) and all(isinstance(x, torch.Tensor) for x in r):
+        return tuple(cx.literal(x.contiguous()) for x in r)
+    return None
 
 
 def _check(node: fx.Node, out):

@@ -116,6 +116,12 @@ def div(ins, a: A.DivAttrs):
     return torch.div(ins[0], ins[1], rounding_mode=a.rounding.value)
 
 
+@ref(OpKind.CUMSUM)
+def cumsum(ins, a: A.AxisAttrs):
+    x = ins[0]
+    return torch.cumsum(x, a.axis, dtype=None if x.is_floating_point() else torch.int64)
+
+
 @ref(OpKind.WHERE)
 def where(ins, a):
     return torch.where(ins[0], ins[1], ins[2])

@@ -123,6 +123,8 @@ CASES = [
     Case(OpKind.ARGMAX, ((3, 4, 5),), lambda x: x.argmax(1), A.ArgReduceAttrs(1), dtypes=(F32, I64)),
     Case(OpKind.SOFTMAX, ((3, 4, 5),), lambda x: x.softmax(-1), A.AxisAttrs(2)),
     Case(OpKind.LOG_SOFTMAX, ((3, 4, 5),), lambda x: x.log_softmax(1), A.AxisAttrs(1)),
+    Case(OpKind.CUMSUM, ((3, 4, 5),), lambda x: x.cumsum(1), A.AxisAttrs(1), dtypes=FLOATS + (I64,)),
+    Case(OpKind.CUMSUM, ((2, 6),), lambda x: x.cumsum(1), A.AxisAttrs(1), dtypes=(BOOL,), id="bool_to_int64"),
     Case(OpKind.LAYER_NORM, ((2, 3, 8), (8,), (8,)), lambda x, w, b: F.layer_norm(x, (8,), w, b, 1e-5),
          A.LayerNormAttrs(1, 1e-5)),
     Case(OpKind.LAYER_NORM, ((2, 3, 8),), lambda x: F.layer_norm(x, (3, 8)), A.LayerNormAttrs(2, 1e-5), id="no_affine"),
