@@ -113,6 +113,7 @@ def _convert(ep, name: str) -> TorchImport:
     consts = dict(getattr(ep, "constants", {}) or {})
     placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
     fallbacks: list[tuple[str, str, str]] = []
+    shared: dict[tuple, Value] = {}
     for node, spec in zip(placeholders, sig.input_specs):
         if spec.kind is InputKind.USER_INPUT:
             val = node.meta.get("val")
@@ -126,8 +127,13 @@ def _convert(ep, name: str) -> TorchImport:
                 raise TypeError(f"unsupported constant {spec.target}")
             t = t.detach()
             label = spec.target
+            ident = (t.data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            if t.numel() and ident in shared:  # one tensor under several names (tied weights): one constant
+                env[node] = shared[ident]
+                continue
             # integer buffers (position ids, token type ids) are literals; float ones are weights
             env[node] = cx.literal(t, label) if not t.is_floating_point() else cx.weight(t, label)
+            shared[ident] = env[node]
         else:
             raise TypeError(f"unsupported graph input kind {spec.kind}")
 
