@@ -150,6 +150,15 @@ def _celu(cx, args, kw, n):
     return _elu(cx, [args[0], alpha, 1.0, 1.0 / alpha], {}, n)
 
 
+@conv(aten.rrelu)
+def _rrelu(cx, args, kw, n):
+    get = lambda i, name, default: args[i] if len(args) > i else kw.get(name, default)  # noqa: E731
+    lower, upper, training = get(1, "lower", 1 / 8), get(2, "upper", 1 / 3), get(3, "training", False)
+    if training:
+        return None  # random slopes
+    return cx.add(OpKind.LEAKY_RELU, args[0], attrs=A.LeakyReluAttrs((float(lower) + float(upper)) / 2))
+
+
 @conv(aten.threshold)
 def _threshold(cx, args, kw, n):
     x, th, value = args[:3]
@@ -366,6 +375,21 @@ def _max_all(cx, args, kw, n):
     return _reduce(cx, OpKind.MAX if "max" in str(n.target) else OpKind.MIN, x, range(x.type.rank), False)
 
 
+@conv(aten.prod)
+def _prod(cx, args, kw, n):
+    x = args[0]
+    dtype = kw.get("dtype")
+    if n.target._overloadname == "default":
+        axes, keep = tuple(range(x.type.rank)), False
+    else:
+        axes, keep = (_ax(args[1], x.type.rank),), bool(args[2] if len(args) > 2 else kw.get("keepdim", False))
+    if dtype is not None:
+        x = cx.cast(x, DType.from_torch(dtype))
+    elif not x.dtype.is_float:
+        x = cx.cast(x, DType.INT64)  # torch multiplies integers and booleans in int64
+    return _reduce(cx, OpKind.PROD, x, axes, keep)
+
+
 def _argmin_value(cx, x, axis, keep):
     if x.dtype.is_float:
         return cx.add(OpKind.ARGMAX, cx.add(OpKind.NEG, x), attrs=A.ArgReduceAttrs(axis, keep))
@@ -507,6 +531,14 @@ def _norm_value(cx, x, p: float, axes, keep):
     if p == 0:
         return red(OpKind.SUM, cx.cast(_bin(cx, OpKind.NE, x, 0.0), x.dtype))
     return _bin(cx, OpKind.POW, red(OpKind.SUM, _bin(cx, OpKind.POW, a, p)), 1.0 / p)
+
+
+@conv(aten.native_dropout)
+def _native_dropout(cx, args, kw, n):
+    x, p, train = args[0], args[1], args[2] if len(args) > 2 else kw.get("train")
+    if train and p > 0:
+        return None  # random: not inference
+    return x, cx.literal(torch.ones(tuple(x.shape), dtype=torch.bool))
 
 
 # ----------------------------------------------------------------------------- normalizations

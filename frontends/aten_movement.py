@@ -311,6 +311,40 @@ def _im2col(cx, args, kw, n):
     return cx.reshape(y, list(y.shape[1:])) if unbatched else y
 
 
+_PAD_MODES = {aten.reflection_pad1d: A.PadMode.REFLECT, aten.reflection_pad2d: A.PadMode.REFLECT,
+              aten.reflection_pad3d: A.PadMode.REFLECT, aten.replication_pad1d: A.PadMode.REPLICATE,
+              aten.replication_pad2d: A.PadMode.REPLICATE, aten.replication_pad3d: A.PadMode.REPLICATE}
+
+
+@conv(*_PAD_MODES)
+def _pad_mode(cx, args, kw, n):
+    x, pad = args[0], [int(p) for p in args[1]]
+    if any(p < 0 for p in pad) or not x.dtype.is_float:
+        return None
+    r = x.type.rank
+    pairs = {r - 1 - i: (pad[2 * i], pad[2 * i + 1]) for i in range(len(pad) // 2)}  # from the last axis
+    return cx.add(OpKind.PAD, x, attrs=A.PadAttrs(_pad_amounts(x, pairs), _PAD_MODES[n.target.overloadpacket], 0.0))
+
+
+@conv(aten.diagonal)
+def _diagonal(cx, args, kw, n):
+    x = args[0]
+    get = lambda i, name, default: args[i] if len(args) > i else kw.get(name, default)  # noqa: E731
+    off, d1, d2 = get(1, "offset", 0), _ax(get(2, "dim1", 0), x.type.rank), _ax(get(3, "dim2", 1), x.type.rank)
+    if d1 == d2:
+        return None
+    rest = [d for d in range(x.type.rank) if d not in (d1, d2)]
+    y = _permute(cx, x, rest + [d1, d2])
+    rows, cols = x.shape[d1], x.shape[d2]
+    count = max(0, min(rows, cols - off) if off >= 0 else min(rows + off, cols))
+    flat = cx.reshape(y, [x.shape[d] for d in rest] + [rows * cols])
+    start = off if off >= 0 else -off * cols
+    if count == 0:
+        return None
+    # the diagonal of a row-major (rows, cols) block is every (cols + 1)-th element from its start
+    return _slice(cx, flat, len(rest), start, start + (cols + 1) * (count - 1) + 1, cols + 1)
+
+
 @conv(aten.slice_scatter)
 def _slice_scatter(cx, args, kw, n):
     x, src = args[0], args[1]
@@ -355,6 +389,14 @@ def _fill(cx, args, kw, n):
     if x.type.rank == 0:
         return v
     return cx.add(OpKind.EXPAND, cx.reshape(v, [1] * x.type.rank), attrs=A.ShapeAttrs(tuple(x.shape)))
+
+
+@conv(aten.empty_strided, aten.empty_like, aten.new_empty, aten.new_empty_strided)
+def _empty(cx, args, kw, n):
+    val = n.meta.get("val")  # contents are unspecified: zeros, the same on every run
+    if not isinstance(val, torch.Tensor):
+        return None
+    return cx.literal(torch.zeros(tuple(val.shape), dtype=val.dtype))
 
 
 @conv(aten.meshgrid)

@@ -101,8 +101,28 @@ def from_exported(ep, name: str = "model") -> TorchImport:
     if imp.fallbacks and getattr(ep, "_kiln_undecomposed", False):
         # a converter declined an op of the undecomposed program: the decomposed spelling
         # may be covered (and if not, its fallbacks are the ones to report)
-        imp = _convert(ep.run_decompositions({}), name)
+        ep = ep.run_decompositions({})
+        imp = _convert(ep, name)
+    if imp.fallbacks:
+        imp = _with_core_decompositions(ep, name, imp)
     return imp
+
+
+def _with_core_decompositions(ep, name: str, imp: TorchImport) -> TorchImport:
+    """Ops that still fall back and that PyTorch decomposes into its Core ATen opset
+    (``torch._decomp.core_aten_decompositions``): decompose just those and convert again,
+    keeping the result if fewer ops fall back."""
+    from torch._decomp import core_aten_decompositions
+
+    names = {op for op, _, _ in imp.fallbacks}
+    table = {op: fn for op, fn in core_aten_decompositions().items() if str(op) in names}
+    if not table:
+        return imp
+    try:
+        again = _convert(ep.run_decompositions(table), name)
+    except Exception:  # noqa: BLE001  (a decomposition torch cannot run here: keep the fallbacks)
+        return imp
+    return again if len(again.fallbacks) < len(imp.fallbacks) else imp
 
 
 def _convert(ep, name: str) -> TorchImport:

@@ -50,8 +50,8 @@ class OpKind(enum.Enum):
     # reductions and normalizations
     SUM = "sum"; MEAN = "mean"; MAX = "max"; MIN = "min"; ARGMAX = "argmax"  # noqa: E702
     SOFTMAX = "softmax"; LOG_SOFTMAX = "log_softmax"; LAYER_NORM = "layer_norm"; BATCH_NORM = "batch_norm"  # noqa: E702
-    # scans
-    CUMSUM = "cumsum"
+    # scans, and reductions without a generated kernel
+    CUMSUM = "cumsum"; PROD = "prod"  # noqa: E702
     # compute
     MATMUL = "matmul"; LINEAR = "linear"; CONV2D = "conv2d"  # noqa: E702
     MAX_POOL2D = "max_pool2d"; AVG_POOL2D = "avg_pool2d"; ADAPTIVE_AVG_POOL2D = "adaptive_avg_pool2d"  # noqa: E702
@@ -252,6 +252,11 @@ def _reduce(ins, a):
     if any(not 0 <= ax < max(x.rank, 1) for ax in a.axes) or list(a.axes) != sorted(set(a.axes)):
         _err("reduce", f"axes {a.axes} must be sorted, unique and within rank {x.rank}")
     return (_t(x, shape=_reduced_shape(x.shape, a.axes, a.keepdim)),)
+
+
+@op(OpKind.PROD, A.ReduceAttrs, category=Category.REDUCTION)
+def _prod(ins, a):
+    return _reduce(ins, a)  # the same shape rule; the dtype is the operand's (integers arrive as int64)
 
 
 @op(OpKind.ARGMAX, A.ArgReduceAttrs, category=Category.REDUCTION)

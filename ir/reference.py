@@ -133,6 +133,19 @@ def reduce_sum(ins, a: A.ReduceAttrs):
     return torch.sum(x, dim=a.axes, keepdim=a.keepdim, dtype=x.dtype) if a.axes else x.clone()
 
 
+@ref(OpKind.PROD)
+def reduce_prod(ins, a: A.ReduceAttrs):
+    x = ins[0]
+    if not a.axes:
+        return x.clone()
+    if len(a.axes) == x.dim():
+        y = torch.prod(x, dtype=x.dtype)
+        return y.reshape((1,) * x.dim()) if a.keepdim else y
+    for ax in sorted(a.axes, reverse=True):  # torch.prod takes one dim at a time
+        x = torch.prod(x, dim=ax, keepdim=a.keepdim, dtype=x.dtype)
+    return x
+
+
 @ref(OpKind.MEAN)
 def reduce_mean(ins, a: A.ReduceAttrs):
     return torch.mean(ins[0], dim=a.axes, keepdim=a.keepdim) if a.axes else ins[0].clone()

@@ -118,6 +118,10 @@ OPS = [
     ("addcmul_lerp", lambda a, b, c: torch.addcmul(a, b, c, value=0.5) + torch.addcdiv(a, b, c.abs() + 1) +
      torch.lerp(a, b, 0.3), [((3, 4), "randn")] * 3, (F32,)),
     ("remainder_fmod_int", lambda a: torch.remainder(a - 2, 3) + torch.fmod(a - 2, 3), [((3, 4), "int9")], (I64,)),
+    # no converter: PyTorch's own decomposition into its Core ATen opset, applied on import
+    ("core_decompositions", lambda x: torch.logit(x, 1e-6) + torch.xlogy(x, x + 2) + torch.rot90(x, 1, (0, 1)) +
+     torch.nan_to_num(x) + torch.deg2rad(x), [((4, 4), "positive")], (F32,)),
+    ("rrelu_eval", lambda x: F.rrelu(x, training=False), [((3, 4), "randn")], (F32,)),
     # reductions
     ("var_std", lambda x: x.var(1) + x.std(1, keepdim=True).sum(1) + torch.var(x, unbiased=False) +
      torch.var_mean(x, 0, correction=0)[0].sum() + torch.std_mean(x, dim=1)[1], [((3, 6), "randn")], (F32,)),
@@ -127,6 +131,8 @@ OPS = [
     ("max_min_dim", lambda x: torch.max(x, 1)[0] + torch.max(x, 1)[1] + torch.min(x, 0, keepdim=True)[1].sum()
      + torch.max(x) + torch.min(x) + x.argmin(1) + x.argmin(), [((4, 6), "randn")], (F32, I64)),
     ("amax_amin_0d", lambda x: x.sum().amax(0) + x.sum().amin(-1, keepdim=True), [((3, 2), "randn")], (F32,)),
+    ("prod", lambda x: x.prod(1) + x.prod(), [((3, 4), "randn")], (F32, I64)),
+    ("native_dropout_eval", lambda x: torch.ops.aten.native_dropout(x, 0.5, False)[0] * 2, [((3, 4), "randn")], (F32,)),
     # movement
     ("repeat_tile_interleave", lambda x: x.repeat(2, 1, 3).sum(0) + x.tile(2).sum() + x.repeat_interleave(2, 1).sum(),
      [((2, 3), "randn")], (F32, I64)),
@@ -135,6 +141,14 @@ OPS = [
     ("pixel_shuffle", lambda x: F.pixel_unshuffle(F.pixel_shuffle(x, 2), 2) + x, [((1, 8, 3, 2), "randn")], (F32,)),
     ("meshgrid", lambda a, b: sum(t.sum() for t in torch.meshgrid(a, b, indexing="xy")) + torch.stack(
         torch.meshgrid(a, b, indexing="ij")).sum(0), [((3,), "randn"), ((4,), "randn")], (F32,)),
+    ("reflection_replication_pad", lambda x: F.pad(x, (1, 2, 2, 1), mode="reflect") + F.pad(x, (1, 2, 2, 1),
+                                                                                          mode="replicate"),
+     [((1, 2, 4, 5), "randn")], (F32,)),
+    ("pad1d_modes", lambda x: F.pad(x, (2, 1), mode="reflect") * F.pad(x, (2, 1), mode="replicate"),
+     [((2, 3, 6), "randn")], (F32,)),
+    ("diagonal", lambda x: torch.diagonal(x) + torch.diagonal(x, 1, 1, 2).sum() + torch.diagonal(x, -1, 0, 2).sum(),
+     [((4, 5, 4), "randn")], (F32,)),
+    ("empty_like", lambda x: torch.empty_like(x).zero_() + x, [((2, 3), "randn")], (F32,)),
     ("copy_fill", lambda x, v: x.clone().copy_(v) + torch.zeros_like(x).fill_(v.sum()), [((3, 4), "randn"),
                                                                                        ((4,), "randn")], (F32,)),
 ]

@@ -66,6 +66,7 @@ def test_every_listed_model_builds_from_its_config_without_downloads():
 def test_quick_suite_model_matches_eager(name):
     row = suite.run_model(name, quick=True, inductor=False, timing=False)
     assert row["status"] == "pass", (row.get("error"), row.get("rel_err"), row.get("traceback"))
+    assert not row["fallbacks"], row["fallbacks"]  # every op of every listed architecture converts
 
 
 @pytest.mark.bench
