@@ -9,6 +9,7 @@ over the packet's (``aten.min``).
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -126,7 +127,11 @@ def _log_sigmoid(cx, args, kw, n):
         return None
     y = _bin(cx, OpKind.SUB, _bin(cx, OpKind.MINIMUM, x, 0.0),
              cx.add(OpKind.LOG, _bin(cx, OpKind.ADD, cx.add(OpKind.EXP, cx.add(OpKind.NEG, cx.add(OpKind.ABS, x))), 1.0)))
-    return (y, None) if n.target.overloadpacket is aten.log_sigmoid_forward else y  # (a backward buffer)
+    if n.target.overloadpacket is aten.log_sigmoid_forward:
+        if any(u.target is not operator.getitem or u.args[1] != 0 for u in n.users):
+            return None  # the backward buffer is read: let torch compute it
+        return y, None
+    return y
 
 
 @conv(aten.elu)
@@ -637,7 +642,25 @@ def _bn_legit(cx, args, kw, n):
         return _batch_stats_norm(cx, x, w, b, eps)
     if mean is None:
         return None
-    return cx.add(OpKind.BATCH_NORM, x, mean, var, w, b, attrs=A.BatchNormAttrs(float(eps))), None, None
+    y = cx.add(OpKind.BATCH_NORM, x, mean, var, w, b, attrs=A.BatchNormAttrs(float(eps)))
+    return (y,) + _meta_zeros(cx, n, 1)  # eval mode saves no statistics: torch returns empty tensors
+
+
+def _meta_zeros(cx, n, start: int) -> tuple:
+    """Literal zeros shaped as torch.export recorded outputs ``start..`` of ``n`` (the empty
+    statistics tensors an eval-mode norm returns)."""
+    vals = n.meta.get("val")
+    out = []
+    for v in list(vals)[start:]:
+        out.append(cx.literal(torch.zeros(tuple(v.shape), dtype=v.dtype)) if isinstance(v, torch.Tensor) else None)
+    return tuple(out)
+
+
+@conv(aten._native_batch_norm_legit_no_training.default)
+def _bn_no_training(cx, args, kw, n):
+    x, w, b, mean, var, _momentum, eps = args
+    y = cx.add(OpKind.BATCH_NORM, x, mean, var, w, b, attrs=A.BatchNormAttrs(float(eps)))
+    return (y,) + _meta_zeros(cx, n, 1)
 
 
 _bn_eval = CONVERTERS.table.get(aten.batch_norm)

@@ -229,6 +229,16 @@ def _index(cx, args, kw, n):
     return y
 
 
+_index_select_any = CONVERTERS.table.get(aten.index_select)
+
+
+@conv(aten.index_select.default)
+def _index_select(cx, args, kw, n):
+    if args[0].type.rank == 0 or _index_select_any is None:
+        return None  # torch selects from a 0-d tensor as if it had one element; not a take
+    return _index_select_any(cx, args, kw, n)
+
+
 @conv(aten.roll)
 def _roll(cx, args, kw, n):
     x = args[0]

@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 from torch.export.graph_signature import InputKind, OutputKind
 
+from kiln.errors import KilnError
 from kiln.ir import DType, Graph, OpKind, TensorType, Value
 from kiln.ir import attrs as A
 
@@ -178,6 +179,8 @@ def _convert(ep, name: str) -> TorchImport:
         args, kwargs = map_arg(node.args), {k: map_arg(v) for k, v in node.kwargs.items()}
         fn = CONVERTERS.lookup(node.target)
         out, reason = None, f"no Kiln converter for {node.target}"
+        if fn is not None and _complex_values(node, args, kwargs):
+            fn, reason = None, "complex values: no Kiln op computes on them"
         if fn is not None:
             out = fn(cx, list(args), kwargs, node)
             if out is None:
@@ -205,11 +208,34 @@ def _convert(ep, name: str) -> TorchImport:
     return TorchImport(graph, ep.call_spec.in_spec, ep.call_spec.out_spec, literals, fallbacks)
 
 
+def _complex_values(node: fx.Node, args, kwargs) -> bool:
+    """Whether a node reads or makes complex values (they run in PyTorch, as FALLBACKs)."""
+    val = node.meta.get("val")
+    vals = val if isinstance(val, (list, tuple)) else [val]
+    if any(isinstance(v, torch.Tensor) and v.is_complex() for v in vals):
+        return True
+    leaves = list(args) + list(kwargs.values())
+    while leaves:
+        a = leaves.pop()
+        if isinstance(a, (list, tuple)):
+            leaves.extend(a)
+        elif isinstance(a, Value) and a.dtype.is_complex:
+            return True
+    return False
+
+
 def _fallback(cx: FrontendBuilder, node: fx.Node, lookup, reason: str):
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
     val = node.meta.get("val")
     vals = list(val) if isinstance(val, (list, tuple)) else [val]
     if not all(isinstance(v, torch.Tensor) or v is None for v in vals):
-        raise TypeError(f"{node.target} returns non-tensor values; it cannot run as a fallback")
+        raise KilnError(f"{node.target} returns a Python value computed from tensor data "
+                        f"({', '.join(type(v).__name__ for v in vals)}); Kiln compiles graphs of tensors only")
+    if any(isinstance(v, torch.Tensor) and free_unbacked_symbols(v) for v in vals):
+        shapes = [list(v.shape) for v in vals if isinstance(v, torch.Tensor)]
+        raise KilnError(f"{node.target} gives a tensor whose shape depends on the data {shapes}; "
+                        f"Kiln compiles graphs whose shapes are known from the inputs' shapes")
     ins: list[Value] = []
     args = _template(tuple(node.args), ins, lookup)
     kwargs = tuple((k, _template(v, ins, lookup)) for k, v in node.kwargs.items())
