@@ -676,3 +676,8 @@ def _creation(cx, args, kw, n):
 for _t in (aten.arange, aten.zeros, aten.ones, aten.full, aten.scalar_tensor, aten.zeros_like, aten.ones_like,
            aten.full_like, aten.new_ones, aten.new_zeros, aten.new_full, aten.empty):
     conv(_t)(_creation)
+
+
+# converters added for the model suite and the Core ATen opset live beside this file; they
+# register into CONVERTERS (overload-specific entries take precedence over a packet's)
+from . import aten_extended, aten_movement  # noqa: E402,F401

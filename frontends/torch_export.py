@@ -27,6 +27,7 @@ from kiln.ir.types import symbolic_dim
 
 from .aten_converters import CONVERTERS
 from .common import FrontendBuilder
+from .hf_outputs import register_output_pytrees
 from .torch_rnn import rnn_leaf_ops
 
 
@@ -100,6 +101,7 @@ def _template(a, ins: list, env_lookup):
 def export_program(model, args: tuple, kwargs: dict | None = None, dynamic_shapes=None):
     """``torch.export`` the model; decomposed (functionalized) unless it is importable as is.
     ``dynamic_shapes`` is torch.export's (``torch.export.Dim``s for the dims that vary)."""
+    register_output_pytrees(model)  # a decoder's DynamicCache output (frontends/hf_outputs.py)
     with torch.no_grad(), rnn_leaf_ops():
         ep = torch.export.export(model, tuple(args), kwargs or {}, dynamic_shapes=dynamic_shapes, strict=False)
     if importable_as_exported(ep):
@@ -133,8 +135,28 @@ def from_exported(ep, name: str = "model", dims: dict | None = None, size_max: d
     if imp.fallbacks and getattr(ep, "_kiln_undecomposed", False):
         # a converter declined an op of the undecomposed program: the decomposed spelling
         # may be covered (and if not, its fallbacks are the ones to report)
-        imp = _convert(ep.run_decompositions({}), name, dims, size_max)
+        ep = ep.run_decompositions({})
+        imp = _convert(ep, name, dims, size_max)
+    if imp.fallbacks:
+        imp = _with_core_decompositions(ep, name, imp, dims, size_max)
     return imp
+
+
+def _with_core_decompositions(ep, name: str, imp: TorchImport, dims=None, size_max=None) -> TorchImport:
+    """Ops that still fall back and that PyTorch decomposes into its Core ATen opset
+    (``torch._decomp.core_aten_decompositions``): decompose just those and convert again,
+    keeping the result if fewer ops fall back."""
+    from torch._decomp import core_aten_decompositions
+
+    names = {op for op, _, _ in imp.fallbacks}
+    table = {op: fn for op, fn in core_aten_decompositions().items() if str(op) in names}
+    if not table:
+        return imp
+    try:
+        again = _convert(ep.run_decompositions(table), name, dims, size_max)
+    except Exception:  # noqa: BLE001  (a decomposition torch cannot run here: keep the fallbacks)
+        return imp
+    return again if len(again.fallbacks) < len(imp.fallbacks) else imp
 
 
 def _convert(ep, name: str, dims: dict | None = None, size_max: dict | None = None) -> TorchImport:
@@ -149,6 +171,7 @@ def _convert(ep, name: str, dims: dict | None = None, size_max: dict | None = No
     placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
     fallbacks: list[tuple[str, str, str]] = []
     user = 0
+    shared: dict[tuple, Value] = {}
     for node, spec in zip(placeholders, sig.input_specs):
         if spec.kind is InputKind.USER_INPUT:
             val = node.meta.get("val")
@@ -173,8 +196,13 @@ def _convert(ep, name: str, dims: dict | None = None, size_max: dict | None = No
                 raise TypeError(f"unsupported constant {spec.target}")
             t = t.detach()
             label = spec.target
+            ident = (t.data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            if t.numel() and ident in shared:  # one tensor under several names (tied weights): one constant
+                env[node] = shared[ident]
+                continue
             # integer buffers (position ids, token type ids) are literals; float ones are weights
             env[node] = cx.literal(t, label) if not t.is_floating_point() else cx.weight(t, label)
+            shared[ident] = env[node]
         else:
             raise TypeError(f"unsupported graph input kind {spec.kind}")
 
@@ -203,10 +231,14 @@ def _convert(ep, name: str, dims: dict | None = None, size_max: dict | None = No
         args, kwargs = map_arg(node.args), {k: map_arg(v) for k, v in node.kwargs.items()}
         fn = CONVERTERS.lookup(node.target)
         out, reason = None, f"no Kiln converter for {node.target}"
+        if fn is not None and _complex_values(node, args, kwargs):
+            fn, reason = None, "complex values: no Kiln op computes on them"
         if fn is not None:
             out = fn(cx, list(args), kwargs, node)
             if out is None:
                 reason = f"Kiln's {node.target.overloadpacket} converter does not cover these arguments"
+        if out is None:
+            out = fold_literal_call(cx, node, lookup)  # an op on literals only: evaluated now
         if out is None:
             out = _fallback(cx, node, lookup, reason)
             fallbacks.append((str(node.target), cx.scope, reason))
@@ -228,11 +260,34 @@ def _convert(ep, name: str, dims: dict | None = None, size_max: dict | None = No
     return TorchImport(graph, ep.call_spec.in_spec, ep.call_spec.out_spec, literals, fallbacks, dict(cx.implied_max))
 
 
+def _complex_values(node: fx.Node, args, kwargs) -> bool:
+    """Whether a node reads or makes complex values (they run in PyTorch, as FALLBACKs)."""
+    val = node.meta.get("val")
+    vals = val if isinstance(val, (list, tuple)) else [val]
+    if any(isinstance(v, torch.Tensor) and v.is_complex() for v in vals):
+        return True
+    leaves = list(args) + list(kwargs.values())
+    while leaves:
+        a = leaves.pop()
+        if isinstance(a, (list, tuple)):
+            leaves.extend(a)
+        elif isinstance(a, Value) and a.dtype.is_complex:
+            return True
+    return False
+
+
 def _fallback(cx: FrontendBuilder, node: fx.Node, lookup, reason: str):
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
     val = node.meta.get("val")
     vals = list(val) if isinstance(val, (list, tuple)) else [val]
     if not all(isinstance(v, torch.Tensor) or v is None for v in vals):
-        raise TypeError(f"{node.target} returns non-tensor values; it cannot run as a fallback")
+        raise KilnError(f"{node.target} returns a Python value computed from tensor data "
+                        f"({', '.join(type(v).__name__ for v in vals)}); Kiln compiles graphs of tensors only")
+    if any(isinstance(v, torch.Tensor) and free_unbacked_symbols(v) for v in vals):
+        shapes = [list(v.shape) for v in vals if isinstance(v, torch.Tensor)]
+        raise KilnError(f"{node.target} gives a tensor whose shape depends on the data {shapes}; "
+                        f"Kiln compiles graphs whose shapes are known from the inputs' shapes")
     ins: list[Value] = []
     args = _template(tuple(node.args), ins, lookup)
     kwargs = tuple((k, _template(v, ins, lookup)) for k, v in node.kwargs.items())
@@ -244,6 +299,46 @@ def _fallback(cx: FrontendBuilder, node: fx.Node, lookup, reason: str):
         return outs[0]
     it = iter(outs)
     return tuple(next(it) if isinstance(v, torch.Tensor) else None for v in vals)
+
+
+def fold_literal_call(cx: FrontendBuilder, node: fx.Node, lookup):
+    """Run an ATen op without a converter whose tensor operands are all literals (index
+    tables built with meshgrid and index assignments, masks) at import time, as the
+    builder folds converted ops; its results are literals. Ops that mutate, draw random
+    numbers or take no tensor at all are left alone. None when it does not apply."""
+    t = node.target
+    if not isinstance(t, torch._ops.OpOverload) or t._schema.is_mutable or \
+            torch.Tag.nondeterministic_seeded in t.tags:
+        return None
+    ins: list[Value] = []
+    try:
+        args = _template(tuple(node.args), ins, lookup)
+        kwargs = {k: _template(v, ins, lookup) for k, v in node.kwargs.items()}
+    except TypeError:
+        return None
+    if not ins or not all(v in cx.literals for v in ins):
+        return None
+    tensors = [cx.literals[v] for v in ins]
+
+    def fill(a):
+        if isinstance(a, tuple) and len(a) == 2 and a[0] == "$":
+            return tensors[a[1]]
+        if isinstance(a, tuple) and len(a) == 2 and a[0] == "$list":
+            return [fill(x) for x in a[1]]
+        if isinstance(a, tuple):
+            return tuple(fill(x) for x in a)
+        return a
+
+    try:
+        with torch.no_grad():
+            r = t(*fill(args), **{k: fill(v) for k, v in kwargs.items()})
+    except Exception:  # noqa: BLE001  (it runs as a fallback instead, and fails there if it must)
+        return None
+    if isinstance(r, torch.Tensor):
+        return cx.literal(r.contiguous())
+    if isinstance(r, (list, tuple)) and all(isinstance(x, torch.Tensor) for x in r):
+        return tuple(cx.literal(x.contiguous()) for x in r)
+    return None
 
 
 def _check(node: fx.Node, out, symbols=None):

@@ -6,12 +6,20 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln.errors import KilnError
+
+
+class DTypeError(KilnError, TypeError):
+    """A torch dtype Kiln has no element type for (a KilnError: the user's model uses it)."""
+
 
 class DType(enum.Enum):
     """Element type of a tensor value.
 
     ``INT4`` is packed two values per byte (low nibble first); its tensors carry a
-    ``QuantSpec`` saying how to read them back as real numbers.
+    ``QuantSpec`` saying how to read them back as real numbers. Complex values flow
+    through a graph (inputs, outputs, FALLBACK nodes: FFTs and whatever consumes them run
+    in PyTorch); no Kiln op computes on them.
     """
 
     FLOAT64 = "float64"
@@ -25,6 +33,8 @@ class DType(enum.Enum):
     UINT8 = "uint8"
     INT4 = "int4"
     BOOL = "bool"
+    COMPLEX64 = "complex64"
+    COMPLEX128 = "complex128"
 
     def __repr__(self) -> str:
         return self.value
@@ -32,6 +42,10 @@ class DType(enum.Enum):
     @property
     def is_float(self) -> bool:
         return self in _FLOATS
+
+    @property
+    def is_complex(self) -> bool:
+        return self in (DType.COMPLEX64, DType.COMPLEX128)
 
     @property
     def is_int(self) -> bool:
@@ -56,7 +70,7 @@ class DType(enum.Enum):
         try:
             return _FROM_TORCH[dt]
         except KeyError:
-            raise TypeError(f"Kiln has no dtype for torch.{dt}") from None
+            raise DTypeError(f"Kiln has no element type for {dt}") from None
 
     @staticmethod
     def parse(name: str) -> "DType":
@@ -69,10 +83,12 @@ class DType(enum.Enum):
 _FLOATS = {DType.FLOAT64, DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16}
 _INTS = {DType.INT64, DType.INT32, DType.INT16, DType.INT8, DType.UINT8, DType.INT4}
 _BITS = {DType.FLOAT64: 64, DType.FLOAT32: 32, DType.FLOAT16: 16, DType.BFLOAT16: 16, DType.INT64: 64,
-         DType.INT32: 32, DType.INT16: 16, DType.INT8: 8, DType.UINT8: 8, DType.INT4: 4, DType.BOOL: 8}
+         DType.INT32: 32, DType.INT16: 16, DType.INT8: 8, DType.UINT8: 8, DType.INT4: 4, DType.BOOL: 8,
+         DType.COMPLEX64: 64, DType.COMPLEX128: 128}
 _TO_TORCH = {DType.FLOAT64: torch.float64, DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16,
              DType.BFLOAT16: torch.bfloat16, DType.INT64: torch.int64, DType.INT32: torch.int32,
-             DType.INT16: torch.int16, DType.INT8: torch.int8, DType.UINT8: torch.uint8, DType.BOOL: torch.bool}
+             DType.INT16: torch.int16, DType.INT8: torch.int8, DType.UINT8: torch.uint8, DType.BOOL: torch.bool,
+             DType.COMPLEX64: torch.complex64, DType.COMPLEX128: torch.complex128}
 _FROM_TORCH = {v: k for k, v in _TO_TORCH.items()}
 
 

@@ -50,6 +50,8 @@ class OpKind(enum.Enum):
     # reductions and normalizations
     SUM = "sum"; MEAN = "mean"; MAX = "max"; MIN = "min"; ARGMAX = "argmax"  # noqa: E702
     SOFTMAX = "softmax"; LOG_SOFTMAX = "log_softmax"; LAYER_NORM = "layer_norm"; BATCH_NORM = "batch_norm"  # noqa: E702
+    # scans, and reductions without a generated kernel
+    CUMSUM = "cumsum"; PROD = "prod"  # noqa: E702
     # compute
     MATMUL = "matmul"; LINEAR = "linear"; CONV2D = "conv2d"  # noqa: E702
     MAX_POOL2D = "max_pool2d"; AVG_POOL2D = "avg_pool2d"; ADAPTIVE_AVG_POOL2D = "adaptive_avg_pool2d"  # noqa: E702
@@ -252,11 +254,25 @@ def _reduce(ins, a):
     return (_t(x, shape=_reduced_shape(x.shape, a.axes, a.keepdim)),)
 
 
+@op(OpKind.PROD, A.ReduceAttrs, category=Category.REDUCTION)
+def _prod(ins, a):
+    return _reduce(ins, a)  # the same shape rule; the dtype is the operand's (integers arrive as int64)
+
+
 @op(OpKind.ARGMAX, A.ArgReduceAttrs, category=Category.REDUCTION)
 def _argmax(ins, a):
     x = ins[0]
     norm_axis(a.axis, x.rank, "argmax")
     return (TensorType(DType.INT64, _reduced_shape(x.shape, (a.axis,), a.keepdim)),)
+
+
+@op(OpKind.CUMSUM, A.AxisAttrs, category=Category.REDUCTION)
+def _cumsum(ins, a):
+    x = ins[0]
+    if not 0 <= a.axis < max(x.rank, 1):
+        _err("cumsum", f"axis {a.axis} out of range for rank {x.rank}")
+    # torch accumulates integers and booleans in int64
+    return (_t(x, dtype=x.dtype if x.dtype.is_float else DType.INT64),)
 
 
 @op([OpKind.SOFTMAX, OpKind.LOG_SOFTMAX], A.AxisAttrs, category=Category.NORMALIZATION)

@@ -116,6 +116,12 @@ def div(ins, a: A.DivAttrs):
     return torch.div(ins[0], ins[1], rounding_mode=a.rounding.value)
 
 
+@ref(OpKind.CUMSUM)
+def cumsum(ins, a: A.AxisAttrs):
+    x = ins[0]
+    return torch.cumsum(x, a.axis, dtype=None if x.is_floating_point() else torch.int64)
+
+
 @ref(OpKind.WHERE)
 def where(ins, a):
     return torch.where(ins[0], ins[1], ins[2])
@@ -125,6 +131,19 @@ def where(ins, a):
 def reduce_sum(ins, a: A.ReduceAttrs):
     x = ins[0]
     return torch.sum(x, dim=a.axes, keepdim=a.keepdim, dtype=x.dtype) if a.axes else x.clone()
+
+
+@ref(OpKind.PROD)
+def reduce_prod(ins, a: A.ReduceAttrs):
+    x = ins[0]
+    if not a.axes:
+        return x.clone()
+    if len(a.axes) == x.dim():
+        y = torch.prod(x, dtype=x.dtype)
+        return y.reshape((1,) * x.dim()) if a.keepdim else y
+    for ax in sorted(a.axes, reverse=True):  # torch.prod takes one dim at a time
+        x = torch.prod(x, dim=ax, keepdim=a.keepdim, dtype=x.dtype)
+    return x
 
 
 @ref(OpKind.MEAN)

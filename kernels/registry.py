@@ -10,6 +10,7 @@ else the reference (``select_kernel``).
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -51,7 +52,43 @@ class Kernel:
         return self.requires <= frozenset(features)
 
     def bind(self, node: Node, constants: list) -> KernelFn:
-        return self.fn if self.prepare is None else self.prepare(node, constants)
+        if self.prepare is None:
+            return self.fn
+        return _shared_binding(self, node, constants)
+
+
+# A weight used by several nodes (a layer applied repeatedly: cross-layer parameter sharing)
+# is prepacked once, not once per node: nodes with the same kernel, op, attributes, operand
+# types and the very same constant tensors share one prepared function. Entries hold weak
+# references only (the function, the constants), so a kernel candidate that lost its
+# measurement, or a plan that was dropped, frees its packed weights as before.
+_BOUND: dict[tuple, tuple] = {}
+
+
+def _shared_binding(k: Kernel, node: Node, constants: list) -> KernelFn:
+    held = [c for c in constants if c is not None]
+    if not held:
+        return k.prepare(node, constants)
+    try:
+        key = (k.name, k.target, node.op, node.attrs, tuple(None if v is None else v.type for v in node.inputs),
+               tuple(o.type for o in node.outputs), tuple(None if c is None else id(c) for c in constants))
+        hash(key)
+    except TypeError:  # an attribute without a hash: prepare per node
+        return k.prepare(node, constants)
+    hit = _BOUND.get(key)
+    if hit is not None:
+        fn = hit[0]()
+        if fn is not None and all(r() is c for r, c in zip(hit[1], held)):
+            return fn
+    fn = k.prepare(node, constants)
+    try:
+        _BOUND[key] = (weakref.ref(fn), [weakref.ref(c) for c in held])
+    except TypeError:  # not weak-referenceable: not shared
+        return fn
+    if len(_BOUND) > 4096:
+        for dead in [key for key, (f, _) in _BOUND.items() if f() is None]:
+            del _BOUND[dead]
+    return fn
 
 
 _REGISTRY: dict[tuple[OpKind, str], list[Kernel]] = {}

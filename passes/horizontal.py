@@ -60,6 +60,16 @@ def fuse_sibling_linears(graph: Graph) -> Graph:
     absorbed = {n for g in groups for n in g[1:]}
     rw = Rewriter(graph)
     env: dict[Value, Value] = {}
+    # a layer applied several times (cross-layer weight sharing) fuses the same weights at
+    # every use: one fused constant per set of source weights, not one per use
+    fused_consts: dict[tuple, Value] = {}
+
+    def concat_const(vals: list[Value], name: str) -> Value:
+        key = tuple(vals)
+        if key not in fused_consts:
+            fused_consts[key] = rw.const(torch.cat([consts[v] for v in vals]), name)
+        return fused_consts[key]
+
     for n in graph.nodes:
         if n in absorbed:
             continue  # emitted with the group's first member (they read nothing it does not)
@@ -69,8 +79,8 @@ def fuse_sibling_linears(graph: Graph) -> Graph:
             continue
         group = first[n]
         rw.scope = _common_scope(group)
-        w = rw.const(torch.cat([consts[m.inputs[1]] for m in group]), "w_fused")
-        b = rw.const(torch.cat([consts[m.inputs[2]] for m in group]), "b_fused") if len(n.inputs) == 3 else None
+        w = concat_const([m.inputs[1] for m in group], "w_fused")
+        b = concat_const([m.inputs[2] for m in group], "b_fused") if len(n.inputs) == 3 else None
         fused = rw.add(OpKind.LINEAR, ins[0], w, *([b] if b is not None else []), attrs=n.attrs)
         start = 0
         axis = fused.type.rank - 1

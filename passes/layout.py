@@ -101,6 +101,8 @@ def channels_last(graph: Graph) -> Graph:
                     ins.append(prepacked[v])
                 else:
                     ins.append(v)
+            elif v.type.rank != 4:
+                ins.append(v)  # a conv bias that is a graph input (weights lifted by torch.compile): no layout
             else:
                 if v not in to_cl:
                     to_cl[v] = emit_layout(v, CHANNELS_LAST)

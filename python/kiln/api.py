@@ -214,6 +214,8 @@ class CompiledModel:
         for i, x in enumerate(leaves):
             if self.target != "cuda" and isinstance(x, torch.Tensor) and x.device.type != "cpu":
                 raise KilnError(f"input {i} is on {x.device}; the {self.target} target runs on the CPU")
+            if isinstance(x, torch.Tensor) and x.layout != torch.strided:
+                raise KilnError(f"input {i} is a {x.layout} tensor; Kiln compiles dense (strided) tensors")
         if self.is_onnx:
             imp = driver.import_onnx(self._onnx, [x for x in leaves if isinstance(x, torch.Tensor)])
         else:

@@ -122,6 +122,12 @@ def _cmd_bench_dynamic(args) -> int:
     return dynamic.main_with(args)
 
 
+def _cmd_bench_suite(args) -> int:
+    from kiln.bench import suite
+
+    return suite.cmd(args)
+
+
 def _cmd_bench_elementwise(args) -> int:
     from kiln.bench import elementwise
 
@@ -275,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
 
     _dynamic_arguments(bd)
     bd.set_defaults(fn=_cmd_bench_dynamic)
+    bs = bsub.add_parser("suite", help="the Hugging Face model suite: pass rate, fallbacks, speedups, compile time")
+    from kiln.bench.suite_report import add_arguments as _suite_arguments  # no torch import
+
+    _suite_arguments(bs)
+    bs.set_defaults(fn=_cmd_bench_suite)
     be = bsub.add_parser("elementwise", help="a generated fused elementwise kernel vs memory bandwidth and eager")
     from kiln.bench.elementwise import add_arguments as _elementwise_arguments  # no torch import
 

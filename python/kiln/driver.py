@@ -52,10 +52,12 @@ def import_torch(module: torch.nn.Module, args: tuple, kwargs: dict, leaves: lis
     """torch.export + conversion, or a verified entry of the import cache. ``dynamic`` (a
     ``kiln.dynamic.DynamicSpec``): the dims that vary per call become symbolic."""
     from . import import_cache
+    from kiln.frontends.hf_outputs import register_output_pytrees
     from kiln.frontends.torch_export import export_program, from_exported
     from kiln.runtime import cache
 
     t0 = time.perf_counter()
+    register_output_pytrees(module)  # before the import cache reads an output structure holding a cache
     dims, dynamic_shapes = None, None
     if dynamic is not None:
         from .dynamic import export_arguments

@@ -1,0 +1,82 @@
+"""``torch.compile(model, backend="kiln")`` on models with convolutions and normalizations,
+with the parameters dynamo lifts into graph inputs compiled as weights (and recompiled when
+they change)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import kiln
+from kiln.bench import suite_models
+
+
+def _compiled(m):
+    torch._dynamo.reset()
+    return torch.compile(m, backend="kiln")
+
+
+def test_conv_model_compiles_through_dynamo():
+    # failed with "KernelFailure: kernel reference.to_layout ... layout nhwc": the lifted conv bias
+    # (a 1-D graph input) was given a channels-last layout
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    opt = _compiled(m)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), m(x))
+
+
+def test_lifted_weights_are_constants_and_updates_recompile():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    x = torch.randn(1, 3, 6, 6)
+    seen = []
+    real = kiln.api.CompiledModel._compile
+
+    def spy(self, *a, **k):
+        c = real(self, *a, **k)
+        seen.append(c)
+        return c
+
+    kiln.api.CompiledModel._compile = spy
+    try:
+        opt = _compiled(m)
+        with torch.no_grad():
+            torch.testing.assert_close(opt(x), m(x))
+            graph = seen[-1].graph
+            # the weights are graph constants (conv + batch norm folded into one conv), not inputs
+            assert len(graph.inputs) == 1 and len(graph.constants) >= 1
+            assert [n.op.value for n in graph.nodes if n.op.value == "batch_norm"] == []
+            n_compiles = len(seen)
+            opt(x)
+            assert len(seen) == n_compiles  # same weights: no recompile
+            m[0].weight.mul_(-2.0)  # an in-place update: the frozen weights would be stale
+            torch.testing.assert_close(opt(x), m(x))
+            assert len(seen) == n_compiles + 1
+            m.load_state_dict({k: torch.randn_like(v) if v.is_floating_point() else v
+                               for k, v in m.state_dict().items()})
+            m[1].running_var.abs_()
+            torch.testing.assert_close(opt(x), m(x))
+    finally:
+        kiln.api.CompiledModel._compile = real
+
+
+@pytest.mark.parametrize("name", ["convnextv2", "wav2vec2", "bert"])
+def test_suite_models_through_dynamo(name):
+    model, inputs = suite_models.build(name, quick=True)
+    with torch.no_grad():
+        want = model(*inputs).logits
+        got = _compiled(model)(*inputs).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_layout_pass_leaves_a_conv_bias_graph_input_alone():
+    from kiln.ir import OpKind
+    from kiln.passes.layout import channels_last
+
+    fn = lambda x, w, b: torch.relu(torch.nn.functional.conv2d(x, w, b, padding=1))  # noqa: E731
+    xs = [torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), torch.randn(4)]
+    fast = kiln.compile(fn, xs)
+    torch.testing.assert_close(fast(*xs), fn(*xs))
+    g = channels_last(fast.compiled[0].graph)
+    relaid = [n.inputs[0] for n in g.nodes if n.op is OpKind.TO_LAYOUT]
+    assert all(v.type.rank == 4 for v in relaid) and g.inputs[2] not in relaid

@@ -1,0 +1,91 @@
+"""``kiln bench suite``: the checks it makes and the report it writes.
+
+The whole quick suite (every model's tiny config compiled and checked against eager) runs
+here too: that is a correctness test of 26 architectures, not a benchmark (no timing)."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kiln.bench import suite, suite_models
+from kiln.bench.suite_report import markdown, plot, summarize
+
+
+def test_compare_takes_the_worst_output_relative_to_its_scale():
+    want = {"a": torch.tensor([100.0, -200.0]), "b": (torch.tensor([1.0]), torch.tensor([3]))}
+    got = {"a": torch.tensor([100.0, -200.01]), "b": (torch.tensor([1.001]), torch.tensor([3]))}
+    r = suite.compare(got, want)
+    assert r["rel"] == pytest.approx(1e-3, rel=1e-3) and r["scale"] == 1.0  # b: 1e-3 of 1 beats a: 5e-5 of 200
+    assert suite.compare({"a": torch.tensor([1.0]), "b": torch.tensor([2])},
+                         {"a": torch.tensor([1.0]), "b": torch.tensor([3])})["rel"] == math.inf
+    assert "shape" in suite.compare(torch.zeros(2), torch.zeros(3))["why"]
+    assert "output tensors" in suite.compare((torch.zeros(2),), (torch.zeros(2), torch.zeros(2)))["why"]
+
+
+def _row(model, suite_, status, eager, ind, kiln, fallbacks=None, prec="fp32"):
+    return {"model": model, "suite": suite_, "precision": prec, "status": status, "fallbacks": fallbacks or {},
+            "compile_s": {"kiln_cold": 4.0, "inductor": 16.0}, "rel_err": 1e-6,
+            "latency_ms": {"1": {"eager": eager, "inductor": ind, "kiln": kiln}}}
+
+
+def test_summary_is_a_geomean_over_passing_models(tmp_path):
+    rows = [_row("a", "text", "pass", 4.0, 2.0, 1.0), _row("b", "text", "pass", 9.0, 3.0, 1.0, {"aten.cumsum": 1}),
+            _row("c", "text", "fail", 100.0, 1.0, 1.0), _row("d", "vision", "error", 0, 0, 0)]
+    rows[3]["latency_ms"] = {}
+    res = {"quick": False, "precisions": ["fp32"], "threads": [1], "repeats": 3, "date": "d", "torch": "t", "rows": rows}
+    res["summary"] = summarize(res)
+    text = {s["suite"]: s for s in res["summary"]}["text"]
+    assert (text["passed"], text["models"], text["no_fallbacks"]) == (2, 3, 2)
+    assert text["geomean_vs_eager@1"] == pytest.approx(6.0)  # sqrt(4 * 9); c failed and does not count
+    assert text["geomean_vs_inductor@1"] == pytest.approx(math.sqrt(6.0))
+    assert text["geomean_kiln_compile_s"] == pytest.approx(4.0)
+    every = {s["suite"]: s for s in res["summary"]}["all"]
+    assert (every["passed"], every["models"]) == (2, 4)
+    md = markdown(res)
+    assert "| b | text | fp32 | pass |" in md and "cumsum x1" in md and "text fp32: pass 2/3" in md
+    plot(res, str(tmp_path / "s.png"))
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_every_listed_model_builds_from_its_config_without_downloads():
+    assert len(suite_models.MODELS) == 26 and set(suite_models.SUITES) == {
+        "text", "decoder", "speech", "vision", "timeseries"}
+    model, inputs = suite_models.build("resnet", quick=True)
+    again, inputs2 = suite_models.build("resnet", quick=True)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert torch.equal(inputs[0], inputs2[0])  # seeded: every run checks the same model
+
+
+# the quick suite, model by model: each must compile and match eager (fallbacks allowed)
+@pytest.mark.parametrize("name", [m.name for m in suite_models.MODELS])
+def test_quick_suite_model_matches_eager(name):
+    row = suite.run_model(name, quick=True, inductor=False, timing=False)
+    assert row["status"] == "pass", (row.get("error"), row.get("rel_err"), row.get("traceback"))
+    assert not row["fallbacks"], row["fallbacks"]  # every op of every listed architecture converts
+
+
+@pytest.mark.bench
+def test_cli_quick_suite_writes_its_outputs(tmp_path):
+    j, md, png = tmp_path / "s.json", tmp_path / "s.md", tmp_path / "s.png"
+    r = subprocess.run([sys.executable, "-m", "kiln.cli", "bench", "suite", "--quick", "--only", "bert,resnet",
+                        "--json", str(j), "--markdown", str(md), "--plot", str(png)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(j.read_text())
+    assert [row["model"] for row in res["rows"]] == ["bert", "resnet"]
+    assert all(row["status"] == "pass" for row in res["rows"])
+    assert "all fp32: pass 2/2" in md.read_text() and png.stat().st_size > 0
+
+
+@pytest.mark.bench
+def test_isolated_run_times_every_engine_and_records_memory():
+    res = suite.run(["resnet"], threads=(1,), quick=True, isolate=True, inductor=True, repeats=2)
+    row = res["rows"][0]
+    assert row["status"] == "pass", row
+    assert row["rss_mb"]["kiln_compile_peak"] >= row["rss_mb"]["eager_peak"] > 0
+    assert {"kiln_cold", "inductor"} <= set(row["compile_s"])
