@@ -59,6 +59,15 @@ class ModelState:
     tensor_args: int | None
     value_inputs: set
     plans: list  # (key, Compiled), least recently used first
+    dynamic: Any = None  # kiln.dynamic.DynamicSpec of a dynamic= model (its plans' dims are symbolic)
+
+
+def _axes_of(spec) -> dict:
+    """flat input position -> {axis: size name} of a ``DynamicSpec`` (empty for None)."""
+    axes: dict = {}
+    for d in spec.dims if spec is not None else ():
+        axes.setdefault(d.position, {})[d.axis] = d.name
+    return axes
 
 
 def _leaf_spec(name: str, x) -> InputSpec:
@@ -199,10 +208,7 @@ class CompiledModel:
         if self.is_onnx:
             raise KilnError("dynamic= applies to PyTorch models; ONNX inputs are not made dynamic yet")
         spec = dynamic.resolve(self._module, args, kwargs, self.options.dynamic)
-        axes: dict = {}
-        for d in spec.dims:
-            axes.setdefault(d.position, {})[d.axis] = d.name
-        self._dynamic, self._dynamic_axes = spec, axes
+        self._dynamic, self._dynamic_axes = spec, _axes_of(spec)
 
     def _compile(self, args, kwargs, leaves) -> Compiled:
         from . import driver
@@ -292,13 +298,10 @@ class CompiledModel:
 
     def state(self) -> ModelState:
         """What an artifact records beside the plans (``kiln.artifact``)."""
-        if self._dynamic is not None:
-            raise KilnError(f"{self.name} was compiled with dynamic=: saving dynamic plans is not supported yet; "
-                            f"compile without dynamic= (a plan per shape) to save it")
         with self._lock:
             plans = sorted(self._plans.items(), key=lambda kv: self._last_use.get(kv[0], 0))
             return ModelState(self.name, self.options, self.is_onnx, self._spec, self._in_tree, self._tensor_args,
-                              set(self._value_inputs), plans)
+                              set(self._value_inputs), plans, self._dynamic)
 
     @classmethod
     def from_state(cls, state: ModelState) -> "CompiledModel":
@@ -316,7 +319,7 @@ class CompiledModel:
         self._lock = threading.Lock()
         self._spec, self._in_tree, self._tensor_args = state.spec, state.in_tree, state.tensor_args
         self._value_inputs = set(state.value_inputs)
-        self._dynamic, self._dynamic_axes = None, {}  # artifacts hold static plans only (save refuses dynamic)
+        self._dynamic, self._dynamic_axes = state.dynamic, _axes_of(state.dynamic)
         return self
 
     def _saved_plan(self, leaves) -> Compiled:

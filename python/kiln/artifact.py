@@ -37,9 +37,9 @@ import torch
 from . import __version__
 from .api import CompiledModel, ModelState
 from .artifact_io import MANIFEST, Reader, Writer, sha256
-from .artifact_records import (decisions, dumps_tree, key_from, key_record, loads_tree, options_from,
-                               options_record, report_record, spec_from, spec_record, target_from, target_record,
-                               unpermute, validate)
+from .artifact_records import (decisions, dumps_tree, dynamic_from, dynamic_record, key_from, key_record,
+                               loads_tree, options_from, options_record, report_record, spec_from, spec_record,
+                               target_from, target_record, unpermute, validate)
 from .driver import Compiled
 from .errors import KilnError, KilnWarning
 from .options import CompileOptions, cache_subdir, settings
@@ -83,7 +83,7 @@ def save(compiled, path) -> None:
             "target": target_record(target), "options": options_record(state.options),
             "inputs": {"spec": [spec_record(s) for s in state.spec or ()],
                        "tree": dumps_tree(state.in_tree), "tensor_args": state.tensor_args,
-                       "value_inputs": sorted(state.value_inputs)},
+                       "value_inputs": sorted(state.value_inputs), "dynamic": dynamic_record(state.dynamic)},
             "plans": plans,
             "weights": {"member": WEIGHTS, "tensors": index},
             "members": dict(w.members),
@@ -233,6 +233,11 @@ def load(path, *, strict: bool = False, target=None, rebuild_kernels: bool = Fal
                 tensors[name] = unpermute(tensors[name], rec["perm"], name, r.path)
         t2 = time.perf_counter()
         secs["read_weights"] = t2 - t1
+        try:
+            dynamic = dynamic_from(inputs.get("dynamic"))
+        except KilnError as e:
+            raise KilnError(f"{r.path}: {e}") from None
+        sizes = dynamic.hints if dynamic is not None else None  # where a kernel chosen again is measured
         generated_ok, why_not = _generated_loadable(built_for, here, rebuild_kernels, plans_rec)
         secs["runtime"] = time.perf_counter() - t2
         if strict and not generated_ok:
@@ -243,7 +248,8 @@ def load(path, *, strict: bool = False, target=None, rebuild_kernels: bool = Fal
                 tk = time.perf_counter()
                 shipped = _shipped(r, rec, members, rebuild_kernels) if generated_ok else None
                 _add(secs, "kernels", time.perf_counter() - tk)
-                c = _load_plan(r, name, rec, members, tensors, here, options, shipped, strict, rebuild_kernels, secs)
+                c = _load_plan(r, name, rec, members, tensors, here, options, shipped, strict, rebuild_kernels, secs,
+                               sizes)
                 key = key_from(rec["key"])
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise KilnError(f"{r.path}: a plan record is incomplete or damaged ({type(e).__name__}: {e})") from None
@@ -258,7 +264,7 @@ def load(path, *, strict: bool = False, target=None, rebuild_kernels: bool = Fal
         spec = [spec_from(s) for s in inputs["spec"]]
         state = ModelState(name, options, m.get("source") == "onnx", spec,
                            loads_tree(inputs["tree"], r.path), inputs["tensor_args"],
-                           set(inputs["value_inputs"]), plans)
+                           set(inputs["value_inputs"]), plans, dynamic)
         for (_, c), rec in zip(plans, plans_rec):
             c.out_spec = loads_tree(rec.get("out_spec"), r.path)
             leaves = len(c.graph.outputs) + len(c.out_literals)
@@ -370,7 +376,7 @@ def _extract(data: bytes, source: str) -> str:
 
 
 def _load_plan(r: Reader, name: str, rec: dict, members: dict, tensors: dict, here: Target, options: CompileOptions,
-               shipped, strict: bool, rebuild: bool, secs: dict) -> Compiled:
+               shipped, strict: bool, rebuild: bool, secs: dict, sizes: dict | None = None) -> Compiled:
     from kiln.ir import SerializeError, VerifyError, from_json, verify
     from kiln.ir.serialize import decode
     from kiln.runtime.restore import restore_plan
@@ -384,7 +390,7 @@ def _load_plan(r: Reader, name: str, rec: dict, members: dict, tensors: dict, he
         raise KilnError(f"{path}: {member} does not describe a valid graph with the saved weights ({e})") from None
     t1 = time.perf_counter()
     plan, missing = restore_plan(graph, here, rec["node_kernels"], rec.get("groups"), shipped,
-                                 strict=strict, rebuild=rebuild, exclude=options.exclude_kernels)
+                                 strict=strict, rebuild=rebuild, exclude=options.exclude_kernels, sizes=sizes)
     _add(secs, "graphs", t1 - t0)
     _add(secs, "kernels", plan.codegen_seconds)  # loading the generated modules
     _add(secs, "prepare", time.perf_counter() - t1 - plan.codegen_seconds)

@@ -170,7 +170,7 @@ def key_record(key: tuple) -> list:
         if e[0] in ("threads", "v"):
             out.append([e[0], e[1]])
         else:
-            rec = {"shape": list(e[0]), "dtype": str(e[1]).removeprefix("torch.")}
+            rec = {"shape": list(e[0]), "dtype": str(e[1]).removeprefix("torch.")}  # a dim name where it varies
             if len(e) > 2:
                 rec["values"] = list(e[2])
             out.append(rec)
@@ -185,7 +185,7 @@ def key_from(rec: list) -> tuple:
                 isinstance(e[1], int if e[0] == "threads" else str) and not isinstance(e[1], bool):
             out.append((e[0], e[1]))
         elif isinstance(e, dict):
-            validate(e, {"shape": [int], "dtype": str, "?values": [(int, float, bool)]}, f"plan key[{i}]")
+            validate(e, {"shape": [(int, str)], "dtype": str, "?values": [(int, float, bool)]}, f"plan key[{i}]")
             t = (tuple(e["shape"]), dtype_named(e["dtype"]))
             out.append(t + (tuple(e["values"]),) if "values" in e else t)
         else:
@@ -193,6 +193,30 @@ def key_from(rec: list) -> tuple:
     if not out or out[0][0] != "threads":
         raise KilnError("the manifest is damaged: a plan key does not start with its thread count")
     return tuple(out)
+
+
+def dynamic_record(spec) -> dict | None:
+    """A ``kiln.dynamic.DynamicSpec`` as JSON (None for a model without varying dims)."""
+    if spec is None:
+        return None
+    return {"dims": [dataclasses.asdict(d) for d in spec.dims], "hints": dict(spec.hints)}
+
+
+_DIM = {"position": int, "input": str, "axis": int, "name": str, "min": int, "max": (int, None)}
+
+
+def dynamic_from(rec):
+    """``dynamic_record``'s JSON back as a ``DynamicSpec``; ``KilnError`` when it is damaged."""
+    from .dynamic import DynamicSpec, VaryingDim
+
+    if rec is None:
+        return None
+    validate(rec, {"dims": [_DIM], "hints": Map(int)}, "inputs.dynamic")
+    dims = tuple(VaryingDim(**{k: d[k] for k in _DIM}) for d in rec["dims"])
+    if not dims or any(d.name not in rec["hints"] or rec["hints"][d.name] < 1 or d.min < 1 or
+                       (d.max is not None and d.max < d.min) for d in dims):
+        raise KilnError("the manifest is damaged: inputs.dynamic has a dim without a hint or with an empty range")
+    return DynamicSpec(dims, dict(rec["hints"]))
 
 
 def report_record(rep: CompileReport) -> dict:

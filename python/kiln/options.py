@@ -279,10 +279,13 @@ def parse_dynamic(spec) -> bool | tuple:
             if isinstance(lo, bool) or not isinstance(lo, int) or lo < 1 or \
                     (hi is not None and (isinstance(hi, bool) or not isinstance(hi, int) or hi < lo)):
                 raise KilnError(f"dynamic: {name}'s range must be 1 <= min <= max (ints), got {d!r}")
+            if isinstance(d, str):  # a bare name: the range given with the name elsewhere, or [1, inf)
+                dims.append((inp, axis, name))
+                continue
             if ranges.setdefault(name, (lo, hi)) != (lo, hi):
                 raise KilnError(f"dynamic: {name} is given two ranges, {ranges[name]} and {(lo, hi)}")
             dims.append(DynamicDim(inp, axis, name, lo, hi))
-    return tuple(dims)
+    return tuple(d if isinstance(d, DynamicDim) else DynamicDim(*d, *ranges.get(d[2], (1, None))) for d in dims)
 
 
 def _check_quant(q: QuantOptions) -> QuantOptions:

@@ -637,3 +637,29 @@ def test_paths_that_are_not_artifacts(tmp_path):
         z.writestr("readme.txt", "hello")
     with pytest.raises(KilnError, match="not a Kiln artifact"):
         kiln.load(str(tmp_path / "other.zip"))
+
+
+def test_a_damaged_dynamic_record_is_a_kiln_error(tmp_path):
+    m = nn.Sequential(nn.Linear(4, 8), nn.Tanh()).eval()
+    fast = kiln.compile(m, (torch.randn(3, 4),), dynamic={0: {0: ("batch", 1, 16)}})
+    path = str(tmp_path / "dyn.kiln")
+    kiln.save(fast, path)
+    with zipfile.ZipFile(path) as z:
+        rec = json.loads(z.read("manifest.json"))["inputs"]["dynamic"]
+    assert rec["dims"][0]["name"] == "batch" and rec["dims"][0]["max"] == 16
+    fields = [["hints"], ["dims"], ["hints", "batch"]] + [["dims", 0, k] for k in rec["dims"][0]]
+    for where in fields:
+        for value in (None, "x", -1, [], {}):
+            def damage(d, where=where, value=value):
+                node = d["inputs"]["dynamic"]
+                for k in where[:-1]:
+                    node = node[k]
+                node[where[-1]] = value
+
+            p = _rewrite(path, str(tmp_path / "m.kiln"), manifest=damage)
+            try:
+                loaded = kiln.load(p)
+                with torch.no_grad():
+                    loaded(torch.randn(5, 4))
+            except KilnError:
+                pass

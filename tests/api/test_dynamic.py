@@ -105,9 +105,30 @@ def test_reduced_precision_plans_are_dynamic_too(options, rel):
     assert len(fast.compiled) == 1
 
 
-def test_saving_a_dynamic_model_is_refused_clearly(tmp_path):
-    m = torch.nn.Linear(4, 2)
-    fast = kiln.compile(m, (torch.randn(3, 4),), dynamic=True)
-    with pytest.raises(KilnError, match="saving dynamic plans is not supported yet"):
-        kiln.save(fast, tmp_path / "m.kiln")
-    assert not (tmp_path / "m.kiln").exists()
+@pytest.mark.parametrize("name", ["hf_bert"])
+def test_a_dynamic_model_saves_and_loads_with_its_ranges(tmp_path, name):
+    model, inputs = getattr(models, name)(layers=1, hidden=32, heads=2, ffn=64, vocab=100)
+    fast = kiln.compile(model, inputs, dynamic={"input_ids": {0: "batch", 1: ("seq", 1, 200)},
+                                                "attention_mask": {0: "batch", 1: "seq"}})
+    kiln.save(fast, tmp_path / "m.kiln")
+    loaded = kiln.load(tmp_path / "m.kiln")
+    assert loaded.compiled[0].graph.inputs[0].type.shape == (Sym("batch"), Sym("seq"))
+    with torch.no_grad():
+        for batch, seq in [(1, 1), (3, 7), (2, 129), (1, 200)]:
+            args = _tokens(batch, seq, inputs[1])
+            assert torch.equal(_logits(loaded(*args)), _logits(fast(*args))), (batch, seq)
+            ok, err, tol = max_err_ok(_logits(loaded(*args)), _logits(model(*args)))
+            assert ok, f"{batch}x{seq}: {err} > {tol}"
+    assert len(loaded.compiled) == 1  # the one saved plan serves them all
+    with pytest.raises(KilnError, match=r"input 'input_ids' dim 1 \(seq\) is 201, outside the compiled range \[1, 200\]"):
+        loaded(*_tokens(1, 201, inputs[1]))
+
+
+def test_a_bare_dim_name_takes_the_range_given_with_it_elsewhere():
+    from kiln.options import DynamicDim, parse_dynamic
+
+    dims = parse_dynamic({"ids": {1: ("seq", 1, 64)}, "mask": {1: "seq"}, 2: {0: "batch"}})
+    assert dims == (DynamicDim("ids", 1, "seq", 1, 64), DynamicDim("mask", 1, "seq", 1, 64),
+                    DynamicDim(2, 0, "batch", 1, None))
+    with pytest.raises(KilnError, match="seq is given two ranges"):
+        parse_dynamic({"ids": {1: ("seq", 1, 64)}, "mask": {1: ("seq", 2, 64)}})
