@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kiln-installed
 PYTEST ?= -q
 
-.PHONY: all install demo test test-slow bench-smoke fuzz onnx-conformance clean
+.PHONY: all install demo test test-slow bench-smoke fuzz onnx-conformance opinfo suite clean
 
 all: demo
 
@@ -45,6 +45,14 @@ fuzz: $(STAMP)
 # ONNX's own backend node tests on every op Kiln claims: pass / fail / not-supported counts
 onnx-conformance: $(STAMP)
 	$(PY) tests/conformance/onnx_node_tests.py -v
+
+# PyTorch's OpInfo database as a differential sweep (every float32 CPU sample; tests run a slice)
+opinfo: $(STAMP)
+	$(PY) tests/conformance/opinfo_sweep.py
+
+# The Hugging Face model suite against eager and Inductor (one thread; see kiln bench suite --help)
+suite: $(STAMP)
+	$(PY) -m kiln.bench.suite --threads 1
 
 clean:
 	rm -rf build dist *.egg-info
