@@ -80,7 +80,8 @@ def test_damaged_entries_are_ignored_and_rebuilt(cache_dir, damage):
     elif damage == "truncated":
         data = data[: len(data) // 2]
     elif damage == "bad_checksum":
-        data = header + b"\n" + payload.replace(b"reference", b"referencX", 1)
+        assert b'"kernels"' in payload
+        data = header + b"\n" + payload.replace(b'"kernels"', b'"kernelz"', 1)  # valid JSON, another checksum
     elif damage == "other_version":
         h["version"] = 999
         data = json.dumps(h).encode() + b"\n" + payload
