@@ -168,6 +168,12 @@ def export_arguments(module: torch.nn.Module, args: tuple, kwargs: dict, spec: D
         dynamic_shapes = dict(zip(names, list(dyn_args) + list(dyn_kwargs.values())))
     else:
         dynamic_shapes = tuple(dyn_args)
+        params = inspect.signature(module.forward).parameters.values()
+        if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+            # torch.export matches dynamic_shapes to the signature: *args is one entry
+            named = sum(p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                        for p in params)
+            dynamic_shapes = dynamic_shapes[:named] + (dynamic_shapes[named:],)
     return tuple(args2), dict(kwargs2), dynamic_shapes
 
 
