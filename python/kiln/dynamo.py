@@ -19,7 +19,11 @@ no input) keep the per-shape compile.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
+
+from .errors import KilnError, KilnWarning
 
 
 def _is_weight(x) -> bool:
@@ -126,21 +130,34 @@ def kiln_backend(gm, example_inputs, options=None):
     if symbolic:  # one plan for every size Dynamo's guards admit
         parsed = (parsed or CompileOptions.parse()).replace(dynamic=symbolic[1])
     live = [i for i in range(len(example_inputs)) if i not in set(frozen) and i not in sizes]
-    state = {}
+    static = parsed.replace(dynamic=None) if symbolic else parsed
+    state = {"dynamic": bool(symbolic)}
 
     def build(inputs):
         state["seen"] = [(inputs[i], inputs[i]._version) for i in weights]
         state["values"] = [inputs[i].item() for i in scalars]
         graph = _inline_scalars(gm, dict(zip(scalars, state["values"]))) if scalars else gm
         module = _Frozen(graph, inputs, frozen, sizes) if frozen or sizes else graph
-        state["compiled"] = CompiledModel(module, name="dynamo_graph", options=parsed)
+        state["compiled"] = CompiledModel(module, name="dynamo_graph",
+                                          options=parsed if state["dynamic"] else static)
         run.kiln = state["compiled"]
 
     def run(*args):
         if any(args[i] is not t or t._version != v for i, (t, v) in zip(weights, state["seen"])) or \
                 any(args[i].item() != v for i, v in zip(scalars, state["values"])):
             build(args)  # different or updated weights or scalars: compile with them
-        return state["compiled"](*[args[i] for i in live])
+        try:
+            return state["compiled"](*[args[i] for i in live])
+        except KilnError as e:
+            if not state["dynamic"] or state["compiled"].compiled:
+                raise
+            # the dims Dynamo made dynamic do not stay symbolic through torch.export and Kiln:
+            # compile per shape, as without dynamic=
+            warnings.warn(f"torch.compile(backend='kiln'): the graph's symbolic sizes cannot stay symbolic "
+                          f"({e}); compiling a plan per input shape instead", KilnWarning, stacklevel=2)
+            state["dynamic"] = False
+            build(args)
+            return state["compiled"](*[args[i] for i in live])
 
     build(list(example_inputs))
     return run

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import kiln
+import kiln.api  # noqa: F401  (the spies below patch kiln.api.CompiledModel)
 from kiln.bench import suite_models
 
 
@@ -110,3 +111,23 @@ def test_dynamic_true_compiles_one_kiln_plan_for_every_size(monkeypatch):
             x = torch.randn(batch, 4)
             torch.testing.assert_close(opt(x), mlp(x))
     assert len(compiles) == 1
+
+
+def test_dynamic_graph_that_cannot_stay_symbolic_compiles_per_shape(monkeypatch):
+    from kiln import KilnError, KilnWarning, driver
+
+    real = driver.import_torch
+
+    def refuse_dynamic(*a, **k):  # stands for a model whose sizes torch.export or Kiln must fix
+        if (a[5] if len(a) > 5 else k.get("dynamic")) is not None:
+            raise KilnError("dims cannot vary")
+        return real(*a, **k)
+
+    monkeypatch.setattr(driver, "import_torch", refuse_dynamic)
+    mlp = nn.Sequential(nn.Linear(4, 3), nn.ReLU()).eval()
+    torch._dynamo.reset()
+    opt = torch.compile(mlp, backend="kiln", dynamic=True)
+    with torch.no_grad(), pytest.warns(KilnWarning, match="dims cannot vary.*a plan per input shape"):
+        for batch in (2, 5):
+            x = torch.randn(batch, 4)
+            torch.testing.assert_close(opt(x), mlp(x))
