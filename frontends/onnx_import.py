@@ -438,6 +438,9 @@ def _squeeze(c, ins, at, n):
     x = ins[0]
     axes = c.need_lit(n.input[1], "Squeeze axes").tolist() if len(n.input) > 1 and n.input[1] else None
     r = x.type.rank
+    if axes is None and not x.type.is_static:  # which dims are 1 is known only per call
+        raise KilnError(f"Squeeze without axes on a tensor of symbolic shape {list(x.shape)}: its rank would "
+                        f"depend on the call's sizes")
     drop = {a % r for a in axes} if axes is not None else {i for i, d in enumerate(x.shape) if d == 1}
     return [c.b.reshape(x, [d for i, d in enumerate(x.shape) if i not in drop])]
 
