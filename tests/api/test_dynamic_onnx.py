@@ -144,3 +144,16 @@ def test_shape_arithmetic_that_cannot_stay_symbolic():
     assert fast.compiled[0].graph.inputs[0].type.is_static
     with pytest.raises(KilnError, match=r"is_three \(Equal\): whether batch equals 3 depends on the call's sizes"):
         kiln.compile(proto, (torch.randn(2, 4),), dynamic=True)
+
+
+def test_squeeze_without_axes_on_a_dynamic_dim_is_refused():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
+    proto = helper.make_model(helper.make_graph([helper.make_node("Squeeze", ["x"], ["y"], name="sq")], "sq", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(KilnError, match="Squeeze without axes on a tensor of symbolic shape"):
+        kiln.compile(proto, (torch.randn(1, 4),), dynamic=True)
+    with pytest.warns(KilnWarning, match="Squeeze without axes"):
+        fast = kiln.compile(proto, (torch.randn(1, 4),))
+    x1 = torch.randn(1, 4)
+    torch.testing.assert_close(fast(x1), x1[0])
