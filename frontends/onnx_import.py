@@ -18,8 +18,11 @@ from onnx import helper, numpy_helper
 from kiln.errors import KilnError
 from kiln.ir import DType, Graph, OpKind, Value
 from kiln.ir import attrs as A
+from kiln.ir.types import Sym
 
 from .common import FrontendBuilder, resolve_shape
+from .onnx_shapes import SymValue, product, shape_value
+from . import onnx_shapes
 
 MIN_OPSET, VALIDATED_OPSET = 13, 21
 MAX_OPSET = onnx.defs.onnx_opset_version()
@@ -134,7 +137,8 @@ class _Ctx:
         self.proto = proto
         self.b = b
         self.opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-        self.env: dict[str, Value | None] = {"": None}
+        self.env: dict[str, Value | None] = {"": None}  # or a SymValue: sizes known per call
+        self.limits: dict[str, int] = {}  # size name -> the largest value the model serves
 
     def lit(self, name: str) -> np.ndarray | None:
         v = self.env.get(name)
@@ -425,7 +429,7 @@ def _flatten(c, ins, at, n):
     x = ins[0]
     axis = at.get("axis", 1)
     axis = axis + x.type.rank if axis < 0 else axis
-    lead = int(np.prod(x.shape[:axis])) if axis else 1
+    lead = product(x.shape[:axis])
     return [c.b.reshape(x, (lead, -1))]
 
 
@@ -434,6 +438,9 @@ def _squeeze(c, ins, at, n):
     x = ins[0]
     axes = c.need_lit(n.input[1], "Squeeze axes").tolist() if len(n.input) > 1 and n.input[1] else None
     r = x.type.rank
+    if axes is None and not x.type.is_static:  # which dims are 1 is known only per call
+        raise KilnError(f"Squeeze without axes on a tensor of symbolic shape {list(x.shape)}: its rank would "
+                        f"depend on the call's sizes")
     drop = {a % r for a in axes} if axes is not None else {i for i, d in enumerate(x.shape) if d == 1}
     return [c.b.reshape(x, [d for i, d in enumerate(x.shape) if i not in drop])]
 
@@ -490,8 +497,11 @@ def _slice(c, ins, at, n):
         size = x.shape[ax]
         if st <= 0:
             raise KilnError("Slice with a non-positive step is not supported")
-        s = max(0, min(size, s + size if s < 0 else s))
-        e = max(s, min(size, e + size if e < 0 else e))
+        if not isinstance(size, int):
+            s, e = onnx_shapes.clamp(c, n, s, size, ax), onnx_shapes.clamp(c, n, e, size, ax)
+        else:
+            s = max(0, min(size, s + size if s < 0 else s))
+            e = max(s, min(size, e + size if e < 0 else e))
         if (s, e, st) != (0, size, 1):
             x = c.b.add(OpKind.SLICE, x, attrs=A.SliceAttrs(ax, s, e, st))
     return [x]
@@ -601,7 +611,8 @@ def _rnn(c, ins, at, n, kind):
     order = [0, 2, 3, 1] if kind is OpKind.LSTM else [1, 0, 2]
     gates = 4 if kind is OpKind.LSTM else 3
     ws = _rnn_weights(c, n, ins, gates, order, hidden)
-    zeros = lambda: c.b.literal(torch.zeros(nd, B, hidden, dtype=x.dtype.to_torch()))  # noqa: E731
+    zeros = lambda: c.b.add(OpKind.EXPAND, c.b.literal(torch.zeros((), dtype=x.dtype.to_torch())),  # noqa: E731
+                            attrs=A.ShapeAttrs((nd, B, hidden)))
     h0 = ins[5] if len(ins) > 5 and ins[5] is not None else zeros()
     states = [h0]
     if kind is OpKind.LSTM:
@@ -637,29 +648,38 @@ def _eval_literal(c: _Ctx, node) -> list[np.ndarray]:
 
 
 def from_onnx(proto: onnx.ModelProto, example_inputs: list[torch.Tensor] | None = None,
-              name: str | None = None) -> Graph:
-    """Import ``proto``; ``example_inputs`` fix the input shapes (else symbolic dims become 1)."""
+              name: str | None = None, dims: dict | None = None, size_max: dict | None = None,
+              limits: dict | None = None) -> Graph:
+    """Import ``proto``; ``example_inputs`` fix the input shapes (else symbolic dims become 1).
+    ``dims``: (input position, axis) -> the name of a size that varies per call (a symbolic
+    dim in the graph); ``size_max``: each such size's largest value (None: unbounded).
+    ``limits`` (filled in): sizes the model itself bounds (a position table it slices)."""
     g = proto.graph
     b = FrontendBuilder(name or g.name or "onnx_model")
+    b.size_max = dict(size_max or {})
     c = _Ctx(proto, b)
+    dims = dims or {}
     sig = input_signature(proto)
     if example_inputs is not None and len(example_inputs) != len(sig):
         raise KilnError(f"the ONNX model takes {len(sig)} input(s) ({', '.join(s[0] for s in sig)}); "
                         f"got {len(example_inputs)}")
     specialize = value_inputs(proto) if example_inputs is not None else set()
-    for i, (iname, dt, dims) in enumerate(sig):
+    for i, (iname, dt, idims) in enumerate(sig):
         if example_inputs is not None:
             t = example_inputs[i]
             if t.dtype != dt:
                 raise KilnError(f"input {iname!r}: expected dtype {dt}, got {t.dtype}")
-            if t.dim() != len(dims) or any(isinstance(d, int) and d > 0 and d != s for d, s in zip(dims, t.shape)):
-                raise KilnError(f"input {iname!r}: expected shape {list(dims)}, got {list(t.shape)}")
-            shape = tuple(t.shape)
+            if t.dim() != len(idims) or any(isinstance(d, int) and d > 0 and d != s for d, s in zip(idims, t.shape)):
+                raise KilnError(f"input {iname!r}: expected shape {list(idims)}, got {list(t.shape)}")
+            shape = tuple(Sym(dims[(i, a)]) if (i, a) in dims else s for a, s in enumerate(t.shape))
         else:
-            shape = tuple(d if isinstance(d, int) else 1 for d in dims)
+            shape = tuple(d if isinstance(d, int) else 1 for d in idims)
         v = b.input(iname, shape, DType.from_torch(dt))
         c.env[iname] = v
         if i in specialize and example_inputs[i].numel() <= MAX_VALUE_ELEMENTS:
+            if any((i, a) in dims for a in range(len(shape))):
+                raise KilnError(f"input {iname!r} feeds a shape operand (its values are compiled in): its dims "
+                                f"cannot vary per call")
             c.env[iname] = b.literal(example_inputs[i].clone(), iname)  # the plan is specialized to this value
     for init in g.initializer:
         t = numpy_to_torch(numpy_helper.to_array(init))
@@ -670,13 +690,15 @@ def from_onnx(proto: onnx.ModelProto, example_inputs: list[torch.Tensor] | None 
         missing = [i for i, v in zip(node.input, ins) if i and i not in c.env]
         if missing:
             raise KilnError(f"ONNX node {node.name or node.op_type}: undefined input(s) {missing}")
-        if node.op_type in ("Shape", "Size") and ins and ins[0] is not None:
-            shape = list(ins[0].shape)  # static shapes: Shape is always a literal
+        if node.op_type in ("Shape", "Size") and ins and isinstance(ins[0], Value):
+            shape = list(ins[0].shape)  # static dims: Shape is a literal; symbolic ones: a SymValue
             at = _attrs(node)
             if node.op_type == "Size":
-                outs = [b.literal(torch.tensor(int(np.prod(shape)), dtype=torch.int64))]
+                outs = [onnx_shapes.wrap(c, np.array(product(shape), dtype=object))]
             else:
-                outs = [b.literal(torch.tensor(shape[at.get("start", 0):at.get("end", len(shape))], dtype=torch.int64))]
+                outs = [onnx_shapes.wrap(c, shape_value(shape, at.get("start", 0), at.get("end")))]
+        elif any(isinstance(v, SymValue) for v in ins):
+            outs = onnx_shapes.convert(c, node, ins, _attrs(node))
         elif node.op_type in CONVERTERS:  # all-literal operands fold inside the builder
             try:
                 outs = CONVERTERS[node.op_type](c, ins, _attrs(node), node)
@@ -686,6 +708,9 @@ def from_onnx(proto: onnx.ModelProto, example_inputs: list[torch.Tensor] | None 
                 raise KilnError(f"ONNX node {node.name or node.op_type} ({node.op_type}): {e}") from e
         elif all(v is None or v in b.literals for v in ins):
             outs = [b.literal(numpy_to_torch(a), o or "lit") for a, o in zip(_eval_literal(c, node), node.output)]
+        elif node.op_type in ("ConstantOfShape", "Range"):
+            raise KilnError(f"ONNX node {node.name or node.op_type} ({node.op_type}): its shape operands are "
+                            f"computed from tensor data; Kiln needs them constant or computed from input shapes")
         else:
             raise KilnError(f"unsupported ONNX operator {node.op_type} (node {node.name!r}) on non-constant inputs")
         for oname, v in zip(node.output, outs):
@@ -695,5 +720,12 @@ def from_onnx(proto: onnx.ModelProto, example_inputs: list[torch.Tensor] | None 
     for o in g.output:
         if o.name not in c.env:
             raise KilnError(f"ONNX output {o.name!r} is never produced")
+        if isinstance(c.env[o.name], SymValue):
+            raise KilnError(f"ONNX output {o.name!r} is a tensor of sizes that vary per call "
+                            f"({', '.join(c.env[o.name].symbols)}); Kiln compiles it only with static shapes "
+                            f"(dynamic=False)")
         outputs.append(c.env[o.name])
+    if limits is not None:
+        for n, m in list(c.limits.items()) + list(b.implied_max.items()):
+            limits[n] = min(limits.get(n, m), m)
     return b.finish(outputs)

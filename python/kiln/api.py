@@ -105,6 +105,7 @@ class CompiledModel:
         self._calls = 0
         self._evicted = False
         self._dynamic = None  # dynamic.DynamicSpec once the first inputs are seen (dynamic= only)
+        self._dynamic_resolved = False
         self._dynamic_axes: dict = {}  # flat input position -> {axis: size name}
         self._latest: Compiled | None = None
         self._lock = threading.Lock()
@@ -167,13 +168,15 @@ class CompiledModel:
 
     def _prepare(self, args: tuple, kwargs: dict) -> Compiled:
         leaves, tree = pytree.tree_flatten((args, kwargs))
-        if self.options.dynamic and self._dynamic is None:
-            self._resolve_dynamic(args, kwargs)
+        if not self._dynamic_resolved and self._saved is None and \
+                (self.options.dynamic or (self.is_onnx and self.options.dynamic is None)):
+            self._resolve_dynamic(args, kwargs, leaves)
         key = self._key(leaves)
         with self._lock:
             c = self._plans.get(key)
             if c is None:
                 c = self._compile(args, kwargs, leaves)
+                key = self._key(leaves)  # (an ONNX model that could not stay dynamic compiled static)
                 if c.size_limits:  # sizes the import had to bound: calls beyond are refused
                     self._dynamic = self._dynamic.limited(c.size_limits)
                 self._plans[key] = c
@@ -202,12 +205,22 @@ class CompiledModel:
         for k in [k for k in self._last_use if k not in self._plans]:  # a call on another thread
             del self._last_use[k]  # may have touched a plan while it was being dropped
 
-    def _resolve_dynamic(self, args, kwargs) -> None:
+    def _resolve_dynamic(self, args, kwargs, leaves) -> None:
         from . import dynamic
 
+        self._dynamic_resolved = True
         if self.is_onnx:
-            raise KilnError("dynamic= applies to PyTorch models; ONNX inputs are not made dynamic yet")
-        spec = dynamic.resolve(self._module, args, kwargs, self.options.dynamic)
+            from kiln.frontends.onnx_import import input_signature
+
+            spec = dynamic.resolve_onnx(input_signature(self._onnx), list(leaves), self.options.dynamic,
+                                        self._value_inputs)
+            if spec is None:
+                return
+        else:
+            spec = dynamic.resolve(self._module, args, kwargs, self.options.dynamic)
+        self._set_dynamic(spec)
+
+    def _set_dynamic(self, spec) -> None:
         self._dynamic, self._dynamic_axes = spec, _axes_of(spec)
 
     def _compile(self, args, kwargs, leaves) -> Compiled:
@@ -222,8 +235,18 @@ class CompiledModel:
                 raise KilnError(f"input {i} is on {x.device}; the {self.target} target runs on the CPU")
             if isinstance(x, torch.Tensor) and x.layout != torch.strided:
                 raise KilnError(f"input {i} is a {x.layout} tensor; Kiln compiles dense (strided) tensors")
+        if self.is_onnx and self._dynamic is not None and self.options.dynamic is None:
+            # dynamic because the model names its dims (dim_param), not because the caller asked:
+            # a model whose shape computations cannot stay symbolic compiles per shape instead
+            try:
+                imp = driver.import_onnx(self._onnx, [x for x in leaves if isinstance(x, torch.Tensor)], self._dynamic)
+                return driver.compile_imported(imp, self.options, self.name, self._dynamic.check(leaves))
+            except KilnError as e:
+                warnings.warn(f"{self.name}: the ONNX model's dim_param dims cannot stay symbolic ({e}); compiling "
+                              f"a plan per input shape instead", KilnWarning, stacklevel=4)
+                self._set_dynamic(None)
         if self.is_onnx:
-            imp = driver.import_onnx(self._onnx, [x for x in leaves if isinstance(x, torch.Tensor)])
+            imp = driver.import_onnx(self._onnx, [x for x in leaves if isinstance(x, torch.Tensor)], self._dynamic)
         else:
             imp = driver.import_torch(self._module, args, kwargs, leaves, self.name, self._dynamic)
         return driver.compile_imported(imp, self.options, self.name,
@@ -320,6 +343,7 @@ class CompiledModel:
         self._spec, self._in_tree, self._tensor_args = state.spec, state.in_tree, state.tensor_args
         self._value_inputs = set(state.value_inputs)
         self._dynamic, self._dynamic_axes = state.dynamic, _axes_of(state.dynamic)
+        self._dynamic_resolved = True
         return self
 
     def _saved_plan(self, leaves) -> Compiled:

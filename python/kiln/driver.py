@@ -97,12 +97,17 @@ def import_torch(module: torch.nn.Module, args: tuple, kwargs: dict, leaves: lis
                     time.perf_counter() - t0, limits)
 
 
-def import_onnx(model, tensors: list) -> Imported:
+def import_onnx(model, tensors: list, dynamic=None) -> Imported:
+    """``dynamic`` (a ``kiln.dynamic.DynamicSpec``): the dims that vary per call become symbolic."""
     from kiln.frontends.onnx_import import from_onnx
 
     t0 = time.perf_counter()
-    graph = from_onnx(model, tensors)
-    return Imported(graph, input_names=[v.name for v in graph.inputs], seconds=time.perf_counter() - t0)
+    dims = dynamic.by_position() if dynamic is not None else None
+    size_max = {d.name: d.max for d in dynamic.dims} if dynamic is not None else None
+    limits: dict = {}
+    graph = from_onnx(model, tensors, dims=dims, size_max=size_max, limits=limits)
+    return Imported(graph, input_names=[v.name for v in graph.inputs], seconds=time.perf_counter() - t0,
+                    size_limits={n: (None, m) for n, m in limits.items()})
 
 
 def _input_names(ep, leaves) -> list[str]:

@@ -168,6 +168,12 @@ def export_arguments(module: torch.nn.Module, args: tuple, kwargs: dict, spec: D
         dynamic_shapes = dict(zip(names, list(dyn_args) + list(dyn_kwargs.values())))
     else:
         dynamic_shapes = tuple(dyn_args)
+        params = inspect.signature(module.forward).parameters.values()
+        if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+            # torch.export matches dynamic_shapes to the signature: *args is one entry
+            named = sum(p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                        for p in params)
+            dynamic_shapes = dynamic_shapes[:named] + (dynamic_shapes[named:],)
     return tuple(args2), dict(kwargs2), dynamic_shapes
 
 
@@ -198,3 +204,75 @@ def narrowed(message: str, dynamic_shapes, model: str):
                             f"(compile without dynamic= for that dim)")
         found[new.__name__] = (int(new.min), None if not new.max < 2 ** 62 else int(new.max))
     return refined, found
+
+
+def _size_name(text, fallback: str) -> str:
+    """A dim_param as a size name: a plain identifier that sympy reads as a symbol (``N`` or
+    ``E`` are sympy's own names), else ``fallback``."""
+    import sympy
+
+    if isinstance(text, str) and text.isidentifier():
+        try:
+            if isinstance(sympy.sympify(text), sympy.Symbol):
+                return text
+        except Exception:  # noqa: BLE001  (any text sympy cannot read: use the fallback)
+            pass
+        return f"d_{text}"
+    return fallback
+
+
+def resolve_onnx(signature: list, leaves: list, dynamic, fixed_values: set) -> DynamicSpec | None:
+    """The varying dims of an ONNX model (``signature``: (name, dtype, dims) per input, a
+    dim a ``dim_param`` string or ``"?"`` when unknown) called with ``leaves``. ``dynamic``
+    None or True: every dim the model leaves symbolic (named by its dim_param); the dict
+    form: those dims by input name or position. ``fixed_values``: inputs whose values the
+    plan is specialized to (their dims stay exact). None: nothing varies."""
+    names = [n for n, _, _ in signature]
+    if dynamic is None or dynamic is True:
+        wanted = []
+        for i, (name, _, dims) in enumerate(signature):
+            if i in fixed_values:
+                continue
+            for axis, d in enumerate(dims):
+                if isinstance(d, str) or d == 0:
+                    wanted.append(DynamicDim(i, axis, _size_name(d if d != "?" else None, f"{name}_dim{axis}")))
+        if not wanted:
+            if dynamic is True:
+                raise KilnError("dynamic=True: the ONNX model gives every input dim a fixed size (no dim_param); "
+                                "name the dims that vary with the dict form, e.g. {'input': {0: 'batch'}}")
+            return None
+    else:
+        wanted = list(dynamic)
+    dims = []
+    for d in wanted:
+        if isinstance(d.input, int):
+            if not 0 <= d.input < len(signature):
+                raise KilnError(f"dynamic: input position {d.input} is out of range ({len(signature)} inputs)")
+            i = d.input
+        elif d.input in names:
+            i = names.index(d.input)
+        else:
+            raise KilnError(f"dynamic: no input named {d.input!r}; the inputs are {', '.join(names)}")
+        name, _, shape = signature[i]
+        if d.axis >= len(shape):
+            raise KilnError(f"dynamic: input {name!r} has {len(shape)} dims, no axis {d.axis}")
+        if isinstance(shape[d.axis], int) and shape[d.axis] > 0:
+            raise KilnError(f"dynamic: input {name!r} dim {d.axis} ({d.name}) cannot vary: the model fixes it to "
+                            f"{shape[d.axis]}")
+        if i in fixed_values:
+            raise KilnError(f"dynamic: input {name!r} feeds a shape operand (its values are compiled in): its dims "
+                            f"cannot vary per call")
+        dims.append(VaryingDim(i, name, d.axis, d.name, d.min, d.max))
+    hints = {}
+    for d in dims:
+        if d.position >= len(leaves) or not isinstance(leaves[d.position], torch.Tensor):
+            raise KilnError(f"dynamic: input {d.input!r} is not given as a tensor")
+        n = leaves[d.position].shape[d.axis] if d.axis < leaves[d.position].dim() else None
+        if n is None:
+            raise KilnError(f"dynamic: input {d.input!r} has no axis {d.axis}")
+        if hints.setdefault(d.name, n) != n:
+            raise KilnError(f"dynamic: the example inputs give {d.name} two sizes ({hints[d.name]} and {n})")
+        if n < d.min or (d.max is not None and n > d.max):
+            raise KilnError(f"dynamic: the example input {d.input!r} dim {d.axis} is {n}, outside {d.name}'s "
+                            f"range {d.range_text()}")
+    return DynamicSpec(tuple(dims), hints)

@@ -98,8 +98,11 @@ class CompileOptions:
     verify: bool = False  # run the IR verifier after every pass
     max_specializations: int = 8  # plans kept per compiled model (one per input signature), LRU
     # dims that vary per call: True (every input's dim 0 is "batch"; integer and bool [batch, seq]
-    # inputs' dim 1 is "seq"), or DynamicDims (from the dict form); False: every shape exact
-    dynamic: bool | tuple = False
+    # inputs' dim 1 is "seq"; for ONNX, the dims the model leaves unnamed or names by dim_param),
+    # or DynamicDims (from the dict form); False: every shape exact. None (not given): exact for
+    # PyTorch models; an ONNX model's dim_param dims vary (falling back to exact shapes, with a
+    # KilnWarning, when its shape computations cannot stay symbolic)
+    dynamic: bool | tuple | None = None
     # measure every kernel choice afresh (more rounds) instead of reusing the compile cache's
     # recorded choices; the result replaces them (``kiln tune MODEL``). Not part of the key.
     remeasure: bool = False
@@ -179,7 +182,7 @@ class CompileOptions:
                 "sparse": self.sparse, "tune": self.tune_budget, "codegen": self.codegen,
                 "exclude_kernels": sorted(self.exclude_kernels),
                 "passes": None if self.passes is None else list(self.passes),
-                "dynamic": self.dynamic if isinstance(self.dynamic, bool) else [repr(d) for d in self.dynamic]}
+                "dynamic": bool(self.dynamic) if not isinstance(self.dynamic, tuple) else [repr(d) for d in self.dynamic]}
 
 
 _QUANT_KEYWORDS = {"calibration", "observer", "group_size", "min_sqnr", "quantize_payoff"}
@@ -256,10 +259,10 @@ _DYNAMIC_FORM = ("dynamic must be True, False, or a dict {input name or position
                  "(name, min, max)}}, e.g. {'input_ids': {0: 'batch', 1: ('seq', 1, 512)}}")
 
 
-def parse_dynamic(spec) -> bool | tuple:
-    """``dynamic=``: a bool, or the dict form as a tuple of ``DynamicDim``s."""
+def parse_dynamic(spec) -> bool | tuple | None:
+    """``dynamic=``: None (not given), a bool, or the dict form as a tuple of ``DynamicDim``s."""
     if spec is None or isinstance(spec, bool):
-        return bool(spec)
+        return spec
     if isinstance(spec, tuple) and all(isinstance(d, DynamicDim) for d in spec):
         return spec
     if not isinstance(spec, dict) or not spec:

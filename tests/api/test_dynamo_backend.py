@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import kiln
+import kiln.api  # noqa: F401  (the spies below patch kiln.api.CompiledModel)
 from kiln.bench import suite_models
 
 
@@ -80,3 +81,53 @@ def test_layout_pass_leaves_a_conv_bias_graph_input_alone():
     g = channels_last(fast.compiled[0].graph)
     relaid = [n.inputs[0] for n in g.nodes if n.op is OpKind.TO_LAYOUT]
     assert all(v.type.rank == 4 for v in relaid) and g.inputs[2] not in relaid
+
+
+def test_dynamic_true_compiles_one_kiln_plan_for_every_size(monkeypatch):
+    """Dynamo hands over symbolic sizes (SymInt inputs, fake tensors with symbolic dims) and
+    Python floats as 0-d tensors (a layer norm's eps): Kiln compiles once, dims dynamic."""
+    from kiln import driver, models
+
+    compiles = []
+    real = driver.compile_imported
+    monkeypatch.setattr(driver, "compile_imported", lambda *a, **k: compiles.append(1) or real(*a, **k))
+    model, inputs = models.bert(layers=1, hidden=32, heads=2, ffn=64, vocab=100)
+    torch._dynamo.reset()
+    opt = torch.compile(model, backend="kiln", dynamic=True)
+    with torch.no_grad():
+        for batch, seq in [(2, 8), (3, 17), (2, 129), (7, 7)]:
+            args = (torch.randint(0, 100, (batch, seq)), torch.ones(batch, seq, dtype=inputs[1].dtype))
+            out, ref = opt(*args), model(*args)
+            out, ref = (o if isinstance(o, torch.Tensor) else o[0] for o in (out, ref))
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert len(compiles) == 1
+
+    compiles.clear()
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    torch._dynamo.reset()
+    opt = torch.compile(mlp, backend="kiln", dynamic=True)
+    with torch.no_grad():
+        for batch in (2, 5, 129):
+            x = torch.randn(batch, 4)
+            torch.testing.assert_close(opt(x), mlp(x))
+    assert len(compiles) == 1
+
+
+def test_dynamic_graph_that_cannot_stay_symbolic_compiles_per_shape(monkeypatch):
+    from kiln import KilnError, KilnWarning, driver
+
+    real = driver.import_torch
+
+    def refuse_dynamic(*a, **k):  # stands for a model whose sizes torch.export or Kiln must fix
+        if (a[5] if len(a) > 5 else k.get("dynamic")) is not None:
+            raise KilnError("dims cannot vary")
+        return real(*a, **k)
+
+    monkeypatch.setattr(driver, "import_torch", refuse_dynamic)
+    mlp = nn.Sequential(nn.Linear(4, 3), nn.ReLU()).eval()
+    torch._dynamo.reset()
+    opt = torch.compile(mlp, backend="kiln", dynamic=True)
+    with torch.no_grad(), pytest.warns(KilnWarning, match="dims cannot vary.*a plan per input shape"):
+        for batch in (2, 5):
+            x = torch.randn(batch, 4)
+            torch.testing.assert_close(opt(x), mlp(x))
