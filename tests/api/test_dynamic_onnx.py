@@ -157,3 +157,18 @@ def test_squeeze_without_axes_on_a_dynamic_dim_is_refused():
         fast = kiln.compile(proto, (torch.randn(1, 4),))
     x1 = torch.randn(1, 4)
     torch.testing.assert_close(fast(x1), x1[0])
+
+
+def test_a_dynamic_onnx_model_saves_and_loads(tmp_path):
+    model, _ = models.bert(layers=1, hidden=32, heads=2, ffn=64, vocab=100)
+    names = ["input_ids", "attention_mask"]
+    proto = _export(model.eval(), _tokens(2, 8), names, {n: {0: "batch", 1: "seq"} for n in names}, False)
+    fast = kiln.compile(proto, _tokens(2, 8))
+    kiln.save(fast, tmp_path / "m.kiln")
+    loaded = kiln.load(tmp_path / "m.kiln")
+    for batch, seq in [(1, 1), (3, 129)]:
+        args = _tokens(batch, seq)
+        a, b = fast(*args), loaded(*args)
+        assert torch.equal(a[0] if isinstance(a, tuple) else a, b[0] if isinstance(b, tuple) else b)
+        _check(loaded, proto, args)
+    assert len(loaded.compiled) == 1
