@@ -46,8 +46,20 @@ def _spatial_reduce_loops(sch, b):
     return loops[:n_spatial], loops[n_spatial:]
 
 
-def _extent(sch, loop) -> int:
-    return int(sch.get(loop).extent.value)
+def _extent(sch, loop) -> int | None:
+    """The loop's trip count; None when it is a symbolic size (known only per call)."""
+    ext = sch.get(loop).extent
+    return int(ext.value) if hasattr(ext, "value") else None
+
+
+def _split_symbolic(sch, loops):
+    """``loops`` as (the leading loops of symbolic extent, the static rest), so the static
+    rest can be fused and vectorized: a symbolic loop cannot be split into whole vectors.
+    A symbolic loop after a static one ends the prefix where it is (the rest is kept whole)."""
+    k = 0
+    while k < len(loops) and _extent(sch, loops[k]) is None:
+        k += 1
+    return loops[:k], loops[k:]
 
 
 def _fuse(sch, loops):
@@ -84,6 +96,10 @@ def _parallel_rows(sch, spatial, threads: int, row_length: int, grain: int) -> N
         return
     fused = _fuse(sch, spatial)
     rows = _extent(sch, fused)
+    if rows is None:  # rows known only per call: parallel when a row alone is worth a share
+        if threads > 1 and row_length * threads >= grain // 4:
+            sch.parallel(fused)
+        return
     if threads > 1 and rows > 1 and rows * row_length >= 2 * grain:
         sch.parallel(fused)
 
@@ -91,6 +107,10 @@ def _parallel_rows(sch, spatial, threads: int, row_length: int, grain: int) -> N
 def _schedule_spatial(sch, b, config: dict, threads: int) -> None:
     loops = sch.get_loops(b)
     if not loops:
+        return
+    outer, inner = _split_symbolic(sch, loops)
+    if outer:
+        _schedule_symbolic_spatial(sch, outer, inner, config, threads)
         return
     fused = _fuse(sch, loops)
     extent = _extent(sch, fused)
@@ -105,6 +125,23 @@ def _schedule_spatial(sch, b, config: dict, threads: int) -> None:
         if extent // vec > per_task:
             po, _ = sch.split(outer, [None, per_task])
             sch.parallel(po)
+
+
+def _schedule_symbolic_spatial(sch, outer, inner, config: dict, threads: int) -> None:
+    """A loop nest whose leading loops have symbolic extents: the static inner loops fused
+    and vectorized as in ``_schedule_spatial``; the symbolic outer loops fused into one,
+    parallel when an inner row alone is worth a share of the grain."""
+    row = 1
+    if inner:
+        lanes_loop = _fuse(sch, inner)
+        row = _extent(sch, lanes_loop)
+        vec = config["vector"]
+        if row is not None and vec > 1 and row % vec == 0 and row > vec:
+            _, lanes = sch.split(lanes_loop, [None, vec])
+            sch.vectorize(lanes)
+    fused = _fuse(sch, outer)
+    if threads > 1 and (row or 1) * threads >= config["grain"] // 4:
+        sch.parallel(fused)
 
 
 def tune_space(group, threads: int):
