@@ -53,12 +53,10 @@ def _extent(sch, loop) -> int | None:
 
 
 def _split_symbolic(sch, loops):
-    """``loops`` as (the leading loops of symbolic extent, the static rest), so the static
-    rest can be fused and vectorized: a symbolic loop cannot be split into whole vectors.
-    A symbolic loop after a static one ends the prefix where it is (the rest is kept whole)."""
-    k = 0
-    while k < len(loops) and _extent(sch, loops[k]) is None:
-        k += 1
+    """``loops`` as (the loops up to the last one of symbolic extent, the static rest), so
+    the static rest can be fused and vectorized: a symbolic loop cannot be split into whole
+    vectors."""
+    k = max((i + 1 for i, lp in enumerate(loops) if _extent(sch, lp) is None), default=0)
     return loops[:k], loops[k:]
 
 
@@ -129,18 +127,28 @@ def _schedule_spatial(sch, b, config: dict, threads: int) -> None:
 
 def _schedule_symbolic_spatial(sch, outer, inner, config: dict, threads: int) -> None:
     """A loop nest whose leading loops have symbolic extents: the static inner loops fused
-    and vectorized as in ``_schedule_spatial``; the symbolic outer loops fused into one,
-    parallel when an inner row alone is worth a share of the grain."""
-    row = 1
+    and vectorized as in ``_schedule_spatial``. Parallel tasks: a static inner extent of two
+    grains or more (a channels-last image per batch row) is split into tasks of ``grain``
+    elements, fused with the symbolic loops and run in parallel; a shorter one (a BERT row)
+    leaves the symbolic loops whole, parallel when a row alone is worth a share of the grain
+    (how many rows a call brings is known only then)."""
+    row, lanes_outer, vec = 1, None, 1
     if inner:
-        lanes_loop = _fuse(sch, inner)
-        row = _extent(sch, lanes_loop)
+        lanes_outer = _fuse(sch, inner)
+        row = _extent(sch, lanes_outer)
         vec = config["vector"]
-        if row is not None and vec > 1 and row % vec == 0 and row > vec:
-            _, lanes = sch.split(lanes_loop, [None, vec])
+        if vec > 1 and row % vec == 0 and row > vec:
+            lanes_outer, lanes = sch.split(lanes_outer, [None, vec])
             sch.vectorize(lanes)
+        else:
+            vec = 1
+    grain = config["grain"]
+    if threads > 1 and lanes_outer is not None and row >= 2 * grain and row // vec > grain // vec:
+        task, _ = sch.split(lanes_outer, [None, max(1, grain // vec)])
+        sch.parallel(_fuse(sch, list(outer) + [task]))
+        return
     fused = _fuse(sch, outer)
-    if threads > 1 and (row or 1) * threads >= config["grain"] // 4:
+    if threads > 1 and row * threads >= grain // 4:
         sch.parallel(fused)
 
 

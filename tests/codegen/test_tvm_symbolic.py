@@ -108,3 +108,40 @@ def _render_reason(graph) -> str:
     except tvm_codegen.Unsupported as e:
         return str(e)
     return ""
+
+
+def _channels_last_bias_relu():
+    from kiln.ir import Layout, LayoutKind
+
+    b = GraphBuilder("nhwc")
+    x = b.input("x", (B, 16, 128, 128))
+    cl = b.add(OpKind.TO_LAYOUT, x, attrs=A.LayoutAttrs(Layout(LayoutKind.CHANNELS_LAST)))
+    return b.build([b.add(OpKind.RELU, b.add(OpKind.ADD, cl, b.const(torch.randn(16, 1, 1))))])
+
+
+@pytest.mark.parametrize("config", list(schedule_group.tune_space)[::12])
+def test_symbolic_batch_over_large_images_splits_into_parallel_tasks(config):
+    # a batch row of 256K elements: tasks of the grain within a row, so batch 1 runs on both
+    # threads too (a row of less than two grains is one task)
+    import tvm
+    import tvm.s_tir as s_tir
+    from tvm import te
+
+    graph = _channels_last_bias_relu()
+    group = whole_graph_group(graph)
+    placeholders, outs = tvm_codegen.render(group)
+    sch = s_tir.Schedule(tvm.IRModule({"main": te.create_prim_func(placeholders + outs)}))
+    schedule_group(sch, [t.op.name for t in outs], config, 2)
+    script = sch.mod.script()
+    assert "T.parallel" in script
+    # split within the row: the parallel loop's extent grows with the batch times the tasks per row
+    tasks = 16 * 128 * 128 // config["grain"]
+    assert (f"T.parallel(batch * T.int64({tasks}))" in script) == (tasks >= 2)
+    kernel = tvm_runtime.GeneratedKernel(module_cache.build_in_memory(group, config, host_cpu(), 2),
+                                         group, "test", config, True, threads=2)
+    for batch in (1, 3):
+        ins = choice.group_inputs(group, graph, {"batch": batch})
+        got, want = kernel(ins), choice.reference_outputs(group, ins, {"batch": batch})[0]
+        assert got.shape == want.shape
+        ok, err, tol = max_err_ok(got, want, 1e-4)
+        assert ok, (batch, err, tol)
