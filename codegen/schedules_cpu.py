@@ -71,7 +71,7 @@ def _schedule_reduction(sch, b, config: dict, threads: int) -> None:
     ext = _extent(sch, r)
     if rv and ext % rv == 0 and ext >= 2 * rv:
         ko, ki = sch.split(r, [None, rv])
-        rf = sch.rfactor(ki, 0)
+        rf = sch.rfactor(ki, len(spatial))  # the lanes innermost: contiguous vector stores
         rf_loops = sch.get_loops(rf)  # [spatial..., ko, ki]; ki is a spatial lane of the rf block
         sch.vectorize(rf_loops[-1])
         _unroll(sch, rf_loops[-2], config["unroll"])
