@@ -46,8 +46,18 @@ def _spatial_reduce_loops(sch, b):
     return loops[:n_spatial], loops[n_spatial:]
 
 
-def _extent(sch, loop) -> int:
-    return int(sch.get(loop).extent.value)
+def _extent(sch, loop) -> int | None:
+    """The loop's trip count; None when it is a symbolic size (known only per call)."""
+    ext = sch.get(loop).extent
+    return int(ext.value) if hasattr(ext, "value") else None
+
+
+def _split_symbolic(sch, loops):
+    """``loops`` as (the loops up to the last one of symbolic extent, the static rest), so
+    the static rest can be fused and vectorized: a symbolic loop cannot be split into whole
+    vectors."""
+    k = max((i + 1 for i, lp in enumerate(loops) if _extent(sch, lp) is None), default=0)
+    return loops[:k], loops[k:]
 
 
 def _fuse(sch, loops):
@@ -61,7 +71,7 @@ def _schedule_reduction(sch, b, config: dict, threads: int) -> None:
     ext = _extent(sch, r)
     if rv and ext % rv == 0 and ext >= 2 * rv:
         ko, ki = sch.split(r, [None, rv])
-        rf = sch.rfactor(ki, 0)
+        rf = sch.rfactor(ki, len(spatial))  # the lanes innermost: contiguous vector stores
         rf_loops = sch.get_loops(rf)  # [spatial..., ko, ki]; ki is a spatial lane of the rf block
         sch.vectorize(rf_loops[-1])
         _unroll(sch, rf_loops[-2], config["unroll"])
@@ -84,6 +94,10 @@ def _parallel_rows(sch, spatial, threads: int, row_length: int, grain: int) -> N
         return
     fused = _fuse(sch, spatial)
     rows = _extent(sch, fused)
+    if rows is None:  # rows known only per call: parallel when a row alone is worth a share
+        if threads > 1 and row_length * threads >= grain // 4:
+            sch.parallel(fused)
+        return
     if threads > 1 and rows > 1 and rows * row_length >= 2 * grain:
         sch.parallel(fused)
 
@@ -91,6 +105,10 @@ def _parallel_rows(sch, spatial, threads: int, row_length: int, grain: int) -> N
 def _schedule_spatial(sch, b, config: dict, threads: int) -> None:
     loops = sch.get_loops(b)
     if not loops:
+        return
+    outer, inner = _split_symbolic(sch, loops)
+    if outer:
+        _schedule_symbolic_spatial(sch, outer, inner, config, threads)
         return
     fused = _fuse(sch, loops)
     extent = _extent(sch, fused)
@@ -105,6 +123,33 @@ def _schedule_spatial(sch, b, config: dict, threads: int) -> None:
         if extent // vec > per_task:
             po, _ = sch.split(outer, [None, per_task])
             sch.parallel(po)
+
+
+def _schedule_symbolic_spatial(sch, outer, inner, config: dict, threads: int) -> None:
+    """A loop nest whose leading loops have symbolic extents: the static inner loops fused
+    and vectorized as in ``_schedule_spatial``. Parallel tasks: a static inner extent of two
+    grains or more (a channels-last image per batch row) is split into tasks of ``grain``
+    elements, fused with the symbolic loops and run in parallel; a shorter one (a BERT row)
+    leaves the symbolic loops whole, parallel when a row alone is worth a share of the grain
+    (how many rows a call brings is known only then)."""
+    row, lanes_outer, vec = 1, None, 1
+    if inner:
+        lanes_outer = _fuse(sch, inner)
+        row = _extent(sch, lanes_outer)
+        vec = config["vector"]
+        if vec > 1 and row % vec == 0 and row > vec:
+            lanes_outer, lanes = sch.split(lanes_outer, [None, vec])
+            sch.vectorize(lanes)
+        else:
+            vec = 1
+    grain = config["grain"]
+    if threads > 1 and lanes_outer is not None and row >= 2 * grain and row // vec > grain // vec:
+        task, _ = sch.split(lanes_outer, [None, max(1, grain // vec)])
+        sch.parallel(_fuse(sch, list(outer) + [task]))
+        return
+    fused = _fuse(sch, outer)
+    if threads > 1 and row * threads >= grain // 4:
+        sch.parallel(fused)
 
 
 def tune_space(group, threads: int):

@@ -27,13 +27,14 @@ import hashlib
 
 from kiln.ir import OpKind, Value
 from kiln.ir import attrs as A
+from kiln.ir.types import has_symbols
 
 from .tvm_ops import LOW_PRECISION, TIR_OPS, cast, compute_dtype, const, tvm_dtype
-from .walk import MOVEMENT_OPS, REDUCE_OPS, ROW_OPS, Emitter, Unsupported, Walker, physical_order, static_shape
+from .walk import MOVEMENT_OPS, REDUCE_OPS, ROW_OPS, Emitter, Unsupported, Walker, physical_order, shape_of
 
 # Part of every compiled module's cache key: bump it when rendering or scheduling changes
 # the code generated for the same group and configuration.
-CODEGEN_VERSION = 8
+CODEGEN_VERSION = 9
 
 # what the TensorIR renderer covers: its per-op table, and what the walk renders itself
 # (take is not enabled here: a data-dependent index inside a TIR load is untested)
@@ -49,12 +50,17 @@ def unsupported_reason(group) -> str | None:
             return f"pad mode {n.attrs.mode.value}"
         if n.op is OpKind.RESHAPE and n.inputs[0].type.is_static and n.inputs[0].type.numel() >= 2 ** 31:
             return "reshape of a tensor with 2**31 or more elements"  # its linear index is int32
+        if has_symbols(n.attrs) and not _symbolic_attrs_ok(n):
+            return f"symbolic attributes of {n.op.value}"
     for v in list(group.inputs) + [o for n in group.nodes for o in n.outputs]:
         if v is None:
             continue
         if not v.type.is_static:
-            return "dynamic shape"
-        if v.type.numel() == 0:
+            try:
+                shape_of(v)
+            except Unsupported as e:
+                return str(e)
+        elif v.type.numel() == 0:
             return "empty tensor"
         try:
             tvm_dtype(v.type)
@@ -63,7 +69,28 @@ def unsupported_reason(group) -> str | None:
             return str(e)
     if not group.outputs:
         return "no outputs"
+    named = {d.name for v in group.inputs for d in v.type.shape if not isinstance(d, int)}
+    if any(not isinstance(d, int) and d.name not in named for v in group.outputs for d in v.type.shape):
+        return "an output size that is no input's dim"  # the outputs are allocated from the inputs' sizes
     return None
+
+
+def _symbolic_attrs_ok(n) -> bool:
+    """Symbolic sizes in attributes the walk never reads (a reshape's or expand's target
+    shape: it works from the output's type), or a slice's end (it reads start and step)."""
+    if n.op in (OpKind.RESHAPE, OpKind.EXPAND):
+        return True
+    return n.op is OpKind.SLICE and not has_symbols((n.attrs.start, n.attrs.step))
+
+
+def size_names(group) -> tuple[str, ...]:
+    """The named symbolic sizes in ``group``'s values, sorted: each becomes a size variable
+    of the generated function, bound from its arguments' shapes at every call."""
+    names = set()
+    for v in list(group.inputs) + [o for n in group.nodes for o in n.outputs]:
+        if v is not None:
+            names |= {d.name for d in v.type.shape if not isinstance(d, int)}
+    return tuple(sorted(names))
 
 
 def signature(group) -> str:
@@ -118,8 +145,9 @@ class TirEmitter(Emitter):
     OPS = TIR_OPS
     target = "TensorIR"
 
-    def __init__(self, vector_math: bool):
+    def __init__(self, vector_math: bool, sizes: dict | None = None):
         self.vector_math = vector_math
+        self.sizes = sizes or {}  # symbolic size name -> its TIR variable
         self.tensors: dict[Value, object] = {}  # group inputs and stored outputs: te tensors
         self.stages: dict = {}  # reduction key -> its te stage
         self.count = 0
@@ -136,6 +164,13 @@ class TirEmitter(Emitter):
     # -- coordinates --------------------------------------------------------------------
     def index(self, k):
         return k
+
+    def dim(self, d):
+        """A dim of the walk's shapes (an int or a named ``Sym``) as a TIR extent."""
+        return d if isinstance(d, int) else self.sizes[d.name]
+
+    def dims(self, shape) -> tuple:
+        return tuple(self.dim(d) for d in shape)
 
     def is_zero(self, c):
         return isinstance(c, int) and c == 0
@@ -223,7 +258,7 @@ class TirEmitter(Emitter):
 
         t = self.stages.get(key)
         if t is None:
-            out_shape = tuple(1 if d in axes else s for d, s in enumerate(shape))
+            out_shape = tuple(1 if d in axes else self.dim(s) for d, s in enumerate(shape))
             rv = {d: te.reduce_axis((0, shape[d]), name=f"k{d}") for d in axes}
             combiner = {OpKind.SUM: te.sum, OpKind.MAX: te.max, OpKind.MIN: te.min}[kind]
 
@@ -274,7 +309,7 @@ class TirEmitter(Emitter):
         """A stage computing ``v`` in its layout's physical order."""
         from tvm import te
 
-        shape = static_shape(v)
+        shape = self.dims(shape_of(v))
         order = physical_order(v)
         dt = tvm_dtype(v.type)
 
@@ -295,12 +330,16 @@ def render(group):
     why = unsupported_reason(group)
     if why:
         raise Unsupported(why)
-    em = TirEmitter(_vector_math_ok(group))
+    from tvm import tirx
+
+    # one variable per named size: the compiled function takes any value of it, bound from
+    # the shape of the first argument that has it (TVM checks the others agree)
+    em = TirEmitter(_vector_math_ok(group), {name: tirx.Var(name, "int64") for name in size_names(group)})
     walker = Walker(group.nodes, em)
     placeholders = []
     for i, v in enumerate(group.inputs):
         order = physical_order(v)
-        shape = static_shape(v)
+        shape = em.dims(shape_of(v))
         placeholders.append(te.placeholder(tuple(shape[d] for d in order), tvm_dtype(v.type), name=f"in{i}"))
         em.tensors[v] = placeholders[-1]
     stored: dict = {}

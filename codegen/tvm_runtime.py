@@ -117,6 +117,25 @@ class GeneratedKernel:
         self.tuning = tuning  # the tuner's TuneResult (trials measured, database hit)
         self.in_nhwc = tuple(_nhwc(v) for v in group.inputs)
         self.outs = tuple((tuple(v.type.shape), v.type.dtype.to_torch(), _nhwc(v)) for v in group.outputs)
+        # symbolic sizes (one kernel serves every value): where each is read off the inputs,
+        # and the output shapes per tuple of sizes seen (a few lengths recur in a stream)
+        self.size_at = _size_positions(group)
+        self._shapes: dict[tuple, tuple] = {}
+
+    def out_shapes(self, ins) -> tuple:
+        """Each output's shape for this call's inputs."""
+        if not self.size_at:
+            return tuple(shape for shape, _, _ in self.outs)
+        key = tuple(ins[i].shape[axis] for i, axis in self.size_at.values())
+        shapes = self._shapes.get(key)
+        if shapes is None:
+            sizes = dict(zip(self.size_at, key))
+            shapes = tuple(tuple(d if isinstance(d, int) else sizes[d.name] for d in shape)
+                           for shape, _, _ in self.outs)
+            if len(self._shapes) >= MAX_SHAPES:
+                self._shapes.clear()  # bounded: a stream of ever new sizes starts over
+            self._shapes[key] = shapes
+        return shapes
 
     def __call__(self, ins, attrs=None):
         args = []
@@ -130,7 +149,7 @@ class GeneratedKernel:
                 t = t.clone(memory_format=torch.contiguous_format)
             args.append(t)
         outs, views = [], []
-        for shape, dt, nhwc in self.outs:
+        for shape, (_, dt, nhwc) in zip(self.out_shapes(ins), self.outs):
             o = torch.empty(shape, dtype=dt, memory_format=torch.channels_last if nhwc else torch.contiguous_format)
             outs.append(o)
             views.append(o.permute(0, 2, 3, 1) if nhwc else o)
@@ -138,6 +157,25 @@ class GeneratedKernel:
             tvm_pool_threads(self.threads)
         self.func(*args, *views)
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+MAX_SHAPES = 256  # output shapes remembered per symbolic kernel
+
+
+def _size_positions(group) -> dict:
+    """name -> (input index, axis) of each named symbolic size in ``group``'s outputs: the
+    first input dim that is that size. Raises when an output's size is not an input's dim
+    (the renderer declines such groups)."""
+    at: dict = {}
+    for i, v in enumerate(group.inputs):
+        for axis, d in enumerate(v.type.shape):
+            if not isinstance(d, int):
+                at.setdefault(d.name, (i, axis))
+    need = {d.name for v in group.outputs for d in v.type.shape if not isinstance(d, int)}
+    missing = need - set(at)
+    if missing:
+        raise ValueError(f"output sizes {sorted(missing)} are no input's dims")
+    return {name: at[name] for name in sorted(need)}
 
 
 def _nhwc(v) -> bool:

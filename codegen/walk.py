@@ -48,6 +48,29 @@ def static_shape(v: Value) -> tuple[int, ...]:
     return tuple(int(d) for d in v.type.shape)
 
 
+def shape_of(v: Value) -> tuple:
+    """``v``'s dims: ints, and named symbolic sizes (``Sym("seq")``) as they are. The walk
+    decides on these (broadcast, which axes a reshape keeps) and passes them to its emitter,
+    which maps a named size to its own size variable (``Emitter.dim``). A size that is an
+    expression of names (``2*seq``) is not supported: no emitter can bind it from a tensor."""
+    out = []
+    for d in v.type.shape:
+        if isinstance(d, int):
+            out.append(int(d))
+        elif d.name.isidentifier():
+            out.append(d)
+        else:
+            raise Unsupported(f"{v} has a size expression {d}")
+    return tuple(out)
+
+
+def static_dims(dims, what: str) -> tuple[int, ...]:
+    """``dims`` when all are ints, else Unsupported (the walk needs their values)."""
+    if not all(isinstance(d, int) for d in dims):
+        raise Unsupported(f"{what} over a symbolic size")
+    return tuple(dims)
+
+
 def numel(shape) -> int:
     return math.prod(shape)
 
@@ -203,7 +226,7 @@ def storage_offset(em: Emitter, v: Value, coords: list):
 
 def broadcast(em: Emitter, coords: list, out: Value, x: Value) -> list:
     """Coordinates into ``x`` for ``coords`` of ``out``, the (right-aligned) broadcast shape."""
-    xs, os_ = static_shape(x), static_shape(out)
+    xs, os_ = shape_of(x), shape_of(out)
     tail = coords[len(coords) - len(xs):] if xs else []
     return [em.index(0) if d == 1 and o != 1 else c for c, d, o in zip(tail, xs, os_[len(os_) - len(xs):])]
 
@@ -218,8 +241,8 @@ def reshape_coords(em: Emitter, c: list, out_shape, in_shape) -> list:
     while (hi < min(len(out_shape), len(in_shape)) - lo
            and out_shape[len(out_shape) - 1 - hi] == in_shape[len(in_shape) - 1 - hi]):
         hi += 1
-    mid_out = out_shape[lo:len(out_shape) - hi]
-    mid_in = in_shape[lo:len(in_shape) - hi]
+    mid_out = static_dims(out_shape[lo:len(out_shape) - hi], "a reshape")
+    mid_in = static_dims(in_shape[lo:len(in_shape) - hi], "a reshape")
     mid = unflatten(em, flatten(em, c[lo:len(c) - hi], mid_out), mid_in) if mid_in else []
     return list(c[:lo]) + mid + list(c[len(c) - hi:])
 
@@ -276,7 +299,7 @@ class Walker:
         if n.op is OpKind.EXPAND:
             return self.value_at(x, broadcast(em, c, n.outputs[0], x))
         if n.op is OpKind.RESHAPE:
-            return self.value_at(x, reshape_coords(em, c, static_shape(n.outputs[0]), static_shape(x)))
+            return self.value_at(x, reshape_coords(em, c, shape_of(n.outputs[0]), shape_of(x)))
         if n.op is OpKind.SLICE:
             inner = list(c)
             inner[a.axis] = em.affine([(c[a.axis], a.step)], a.start)
@@ -290,7 +313,7 @@ class Walker:
     def concat(self, n: Node, c: list):
         em, axis, out = self.em, n.attrs.axis, n.outputs[0]
         k = c[axis]
-        sizes = [static_shape(x)[axis] for x in n.inputs]
+        sizes = static_dims([shape_of(x)[axis] for x in n.inputs], "a concat")
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         acc = None
         for x, st, sz in reversed(list(zip(n.inputs, starts, sizes))):
@@ -306,11 +329,12 @@ class Walker:
         if a.mode not in (A.PadMode.CONSTANT, A.PadMode.REPLICATE):
             raise Unsupported(f"pad mode {a.mode.value}")
         inner, conds = [], []
-        for d, size in enumerate(static_shape(x)):
+        for d, size in enumerate(shape_of(x)):
             before = a.pads[2 * d] if 2 * d < len(a.pads) else 0
             after = a.pads[2 * d + 1] if 2 * d + 1 < len(a.pads) else 0
             k = em.affine([(c[d], 1)], -before) if before else c[d]
             if before or after:
+                static_dims([size], "a pad")
                 conds += [em.at_least(k, 0), em.less(k, size)]
                 k = em.clamp(k, 0, size - 1)  # the unselected branch still reads in bounds
             inner.append(k)
@@ -323,8 +347,8 @@ class Walker:
         em = self.em
         data, idx = n.inputs
         axis = n.attrs.axis
-        ir = len(static_shape(idx))
-        size = static_shape(data)[axis]
+        ir = len(shape_of(idx))
+        (size,) = static_dims([shape_of(data)[axis]], "a take")
         i = self.value_at(idx, list(c[axis:axis + ir]))
         i = em.select(em.less(i, 0), em.affine([(i, 1)], size), i)  # negative indices count from the end
         return self.value_at(data, list(c[:axis]) + [i] + list(c[axis + ir:]))
@@ -346,8 +370,9 @@ class Walker:
 
     def anchor(self, n: Node, c: list):
         em, x = self.em, n.inputs[0]
-        xs = static_shape(x)
+        xs = shape_of(x)
         axes = reduced_axes(n)
+        static_dims([xs[d] for d in axes], "a reduction")
         if not x.type.dtype.is_float:
             raise Unsupported("integer reduction")
         if any(xs[d] == 0 for d in axes):

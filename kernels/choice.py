@@ -203,20 +203,33 @@ def choose(node: Node, kernels: list[Kernel], constants: list) -> tuple[Kernel, 
 
 
 # ----------------------------------------------------------------------------- kernel groups
-def group_inputs(group, graph) -> list:
-    """Inputs to measure on: the constants as they are, random tensors for run-time values."""
-    return [graph.constants[v] if v in graph.constants else random_like(v) for v in group.inputs]
+def group_inputs(group, graph, sizes: dict | None = None) -> list:
+    """Inputs to measure on: the constants as they are, random tensors for run-time values
+    (a symbolic size at its value in ``sizes``, the representative sizes)."""
+    return [graph.constants[v] if v in graph.constants else random_like(_at(v, sizes)) for v in group.inputs]
 
 
-def reference_outputs(group, ins: list) -> list:
+def _at(v, sizes: dict | None):
+    if sizes is None or v.type.is_static:
+        return v
+    from kiln.ir import Value
+
+    return Value(v.type.concrete(sizes), v.name)
+
+
+def reference_outputs(group, ins: list, sizes: dict | None = None) -> list:
     """The group's outputs computed node by node with the ops' reference meaning."""
-    return run_nodes(group, ins, [REFERENCE[n.op] for n in group.nodes])
+    return run_nodes(group, ins, [REFERENCE[n.op] for n in group.nodes], sizes)
 
 
-def run_nodes(group, ins: list, fns: list) -> list:
+def run_nodes(group, ins: list, fns: list, sizes: dict | None = None) -> list:
+    """``fns`` (one per node) run in turn; symbolic attributes resolved for ``sizes``."""
+    from kiln.ir.types import resolve_symbols
+
     env = dict(zip(group.inputs, ins))
     for n, fn in zip(group.nodes, fns):
-        r = fn([None if v is None else env[v] for v in n.inputs], n.attrs)
+        attrs = n.attrs if sizes is None else resolve_symbols(n.attrs, sizes)
+        r = fn([None if v is None else env[v] for v in n.inputs], attrs)
         for v, t in zip(n.outputs, r if isinstance(r, tuple) else (r,)):
             env[v] = t
     return [env[v] for v in group.outputs]
@@ -250,32 +263,34 @@ def _view_ops_only(group) -> bool:
 WORTH_GENERATING_S = 10e-6
 
 
-def choose_group(group, graph, make_kernel, node_fns: list, threads: int):
+def choose_group(group, graph, make_kernel, node_fns: list, threads: int, sizes: dict | None = None):
     """The generated kernel for ``group`` (``make_kernel(group)``, or None when it cannot be
     generated) if it beats running ``node_fns`` (the per-node choices) one by one, else None.
     It must first agree with the reference. Groups of view-making ops only, groups whose
     per-node kernels only make views, or take less than ``WORTH_GENERATING_S``, are not
     generated at all. Decisions are memoized per process.
     ``KILN_GROUP_CHOICE=generated`` skips the timing (an agreeing generated kernel wins), for
-    tests and debugging, as ``KILN_KERNEL_CHOICE=first`` does for per-node kernels."""
+    tests and debugging, as ``KILN_KERNEL_CHOICE=first`` does for per-node kernels.
+    A group of symbolic shapes (its generated kernel takes any size) is measured and checked
+    at ``sizes``, the representative sizes."""
     from kiln.codegen.tvm import signature
 
     forced = settings().group_choice == "generated"
     fn_names = tuple(getattr(f, "__qualname__", repr(f)) for f in node_fns)
-    memo = (signature(group), threads, forced, fn_names)
+    memo = (signature(group), threads, forced, fn_names, None if sizes is None else tuple(sorted(sizes.items())))
     if _REMEASURE[0]:
         _GROUP_MEMO.pop(memo, None)
     if (memo in _GROUP_MEMO and not _GROUP_MEMO[memo]) or (not forced and _view_ops_only(group)):
         return None
-    ins = group_inputs(group, graph)
+    ins = group_inputs(group, graph, sizes)
     with torch.no_grad():
         node_t = None
         if not forced and memo not in _GROUP_MEMO:
             try:
-                if _views_only(run_nodes(group, ins, node_fns), ins):
+                if _views_only(run_nodes(group, ins, node_fns, sizes), ins):
                     _GROUP_MEMO[memo] = False
                     return None
-                node_t = best_seconds([lambda: run_nodes(group, ins, node_fns)], REPEATS, warmup=1)[0]
+                node_t = best_seconds([lambda: run_nodes(group, ins, node_fns, sizes)], REPEATS, warmup=1)[0]
             except Exception:  # noqa: BLE001  (e.g. an integer division by the random zeros)
                 node_t = math.inf
             # a failing per-node run leaves nothing to compare against: keep the per-node kernels
@@ -289,16 +304,16 @@ def choose_group(group, graph, make_kernel, node_fns: list, threads: int):
         if memo in _GROUP_MEMO:
             return kernel
         try:
-            ref = reference_outputs(group, ins)
+            ref = reference_outputs(group, ins, sizes)
             ok = agrees(tuple(as_output_list(kernel(ins))), tuple(ref))
         except Exception:
             ok = False
         if ok and not forced:  # both again, in turn, so machine noise hits them alike
-            key = (threads, memo[0], fn_names)
+            key = (threads, memo[0], fn_names) if sizes is None else (threads, memo[0], fn_names, memo[4])
             # the prior: generated (one pass over memory where the nodes make several), unless
             # the tuning database recorded the per-node kernels winning this group before
             prior = [1, 0] if earlier_winner("group", key) == "nodes" else [0, 1]
-            d, got = measure_and_decide([lambda: kernel(ins), lambda: run_nodes(group, ins, node_fns)], prior)
+            d, got = measure_and_decide([lambda: kernel(ins), lambda: run_nodes(group, ins, node_fns, sizes)], prior)
             ok = d is not None and d.winner == 0
             if d is not None:
                 record_winner("group", key, "generated" if ok else "nodes", min(got[d.winner]))

@@ -45,9 +45,11 @@ FULL = None  # the whole value is needed
 _ELEMENTWISE_ATTRS = (A.NoAttrs, A.GeluAttrs, A.LeakyReluAttrs, A.ClampAttrs, A.CastAttrs, A.DivAttrs)
 
 
-def _static(v: Value) -> bool:
-    """Static shape, plain row-major layout, not quantized (per-axis scales would need slicing)."""
-    return all(isinstance(d, int) for d in v.shape) and v.type.layout.kind is LayoutKind.ROW_MAJOR and v.type.quant is None
+def _plain(v: Value) -> bool:
+    """Plain row-major layout, not quantized (per-axis scales would need slicing). Symbolic
+    dims are fine: the pass compares sizes only for equality (``Sym``s are canonical, so equal
+    expressions compare equal), and a size it cannot prove equal it treats as different."""
+    return v.type.layout.kind is LayoutKind.ROW_MAJOR and v.type.quant is None
 
 
 def _broadcast_input(v: Value | None, out: Value, d: Rows):
@@ -138,9 +140,14 @@ def _own_rows(node: Node, constants: dict) -> Rows | None:
     if node.op is OpKind.TAKE:
         idx = constants.get(node.inputs[1])
         size = node.inputs[0].shape[a.axis]
-        if idx is not None and idx.numel() == 1 and isinstance(size, int) and -size <= int(idx) < size:
-            i = int(idx) % size
-            return Rows(a.axis, i, i + 1)
+        if idx is None or idx.numel() != 1:
+            return None
+        i = int(idx)
+        if isinstance(size, int) and -size <= i < size:
+            i %= size
+        elif isinstance(size, int) or i != 0:  # a symbolic size is at least 1: only index 0 is surely in range
+            return None
+        return Rows(a.axis, i, i + 1)
     return None
 
 
@@ -163,10 +170,10 @@ def push_row_slices(graph: Graph) -> Graph:
         demand[v] = d if cur is unset or cur == d else FULL
 
     for node in reversed(graph.nodes):
-        single = len(node.outputs) == 1 and _static(node.outputs[0])
+        single = len(node.outputs) == 1 and _plain(node.outputs[0])
         d = demand.get(node.outputs[0], FULL) if single else FULL
         ins = None
-        if d is not FULL and all(v is None or _static(v) for v in node.inputs):
+        if d is not FULL and all(v is None or _plain(v) for v in node.inputs):
             ins = input_demands(node, d)
         if ins is not None:
             plans[node] = ins

@@ -23,8 +23,11 @@ KERNEL_PREFIX = "tvm.group."
 TUNING_ROUNDS = 5
 
 
-def generated_kernel(group, graph, target, threads: int, tune="fast", db=None) -> GeneratedKernel:
-    """Tune (or take the tuning database's winner), compile (or load from the cache) and wrap."""
+def generated_kernel(group, graph, target, threads: int, tune="fast", db=None, sizes: dict | None = None) \
+        -> GeneratedKernel:
+    """Tune (or take the tuning database's winner), compile (or load from the cache) and wrap.
+    A group of symbolic shapes compiles to one kernel taking any size; its configuration is
+    tuned at ``sizes`` (the representative sizes)."""
     from kiln.codegen.autotune import TuningKey, tune as run_tuner
     from kiln.codegen.schedules_cpu import tune_space
     from kiln.codegen.tvm import CODEGEN_VERSION, signature, signature_hash
@@ -32,16 +35,17 @@ def generated_kernel(group, graph, target, threads: int, tune="fast", db=None) -
     sig = signature(group)
     # the schedule template's version is part of the key: a config tuned for an older
     # template (what its knobs meant then) is not reused
-    key = TuningKey(f"tvm.group.v{CODEGEN_VERSION}", f"{sig}\nthreads={threads}", target.key())
+    at = "" if sizes is None else f"\nsizes={sorted(sizes.items())}"
+    key = TuningKey(f"tvm.group.v{CODEGEN_VERSION}", f"{sig}\nthreads={threads}{at}", target.key())
     space = tune_space(group, threads)
     ins = ref = None
 
     def measure(cfg: dict) -> float:
         nonlocal ins, ref
         if ins is None:
-            ins = group_inputs(group, graph)
+            ins = group_inputs(group, graph, sizes)
             with torch.no_grad():
-                ref = reference_outputs(group, ins)
+                ref = reference_outputs(group, ins, sizes)
         k = GeneratedKernel(build_in_memory(group, cfg, target, threads), group, "", cfg, True, threads=threads)
         if not agrees(tuple(as_output_list(k(ins))), tuple(ref)):
             return math.inf  # wrong numbers never win

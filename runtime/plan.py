@@ -226,7 +226,7 @@ def build_plan(graph: Graph, target: "str | Target" = "cpu", kernel_choices: lis
             chosen.append(choose(at, cands, consts))
         t0 = time.perf_counter()
         if gen is None:
-            gen = _generated(gen_group, nodes, chosen, graph, kernel_choices, index, generate)
+            gen = _generated(gen_group, nodes, chosen, graph, kernel_choices, index, generate, sizes)
         codegen_s += time.perf_counter() - t0
         if gen is not None:
             for n in nodes:
@@ -309,13 +309,15 @@ def _recorded_generated(group, nodes, kernel_choices, index, generate):
     return generate(group)
 
 
-def _generated(group, nodes, chosen, graph, kernel_choices, index, generate):
+def _generated(group, nodes, chosen, graph, kernel_choices, index, generate, sizes=None):
     """The generated kernel for ``group`` if it wins by measurement; never when choices were
-    recorded (``_recorded_generated`` took the recorded generated kernels). Generated kernels
-    are built for static shapes: a group with a symbolic size runs node by node."""
-    if group is None or _recorded(nodes, kernel_choices, index) is not None or \
-            not all(v.type.is_static for n in nodes for v in (*n.inputs, *n.outputs) if v is not None):
+    recorded (``_recorded_generated`` took the recorded generated kernels). A group with a
+    symbolic size is generated as one kernel for every size (named sizes become variables of
+    the generated function) and measured at ``sizes``; without ``sizes`` it runs node by node."""
+    static = all(v.type.is_static for n in nodes for v in (*n.inputs, *n.outputs) if v is not None)
+    if group is None or _recorded(nodes, kernel_choices, index) is not None or (not static and sizes is None):
         return None
     from kiln.kernels.choice import choose_group
 
-    return choose_group(group, graph, generate, [fn for _, fn in chosen], torch.get_num_threads())
+    return choose_group(group, graph, generate, [fn for _, fn in chosen], torch.get_num_threads(),
+                        None if static else sizes)

@@ -23,7 +23,6 @@ kiln.bench.executor_overhead`` measures what remains per step.
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import types
 
@@ -56,7 +55,7 @@ def generate(steps, input_slots, output_slots, const_slots, sizes=()):
     attrs = []
     for n, s in enumerate(steps):
         symbolic = has_symbols(s.attrs)
-        attrs.append(functools.partial(resolve_symbols, s.attrs) if symbolic else s.attrs)
+        attrs.append(ResolvedAttrs(s.attrs) if symbolic else s.attrs)
         call = f"k[{n}]([{', '.join(_operand(i, consts) for i in s.ins)}], {f'a[{n}](sz)' if symbolic else f'a[{n}]'})"
         if len(s.outs) == 1:
             line = f"v{s.outs[0]} = {call}"
@@ -72,6 +71,31 @@ def generate(steps, input_slots, output_slots, const_slots, sizes=()):
     scope: dict = {}
     exec(compile(src, filename, "exec"), scope)  # noqa: S102 - the source is generated above
     return scope["_make"](tuple(s.fn for s in steps), tuple(attrs))
+
+
+MAX_SIZES = 64  # size tuples remembered per step
+
+
+class ResolvedAttrs:
+    """A step's symbolic attributes, resolved for a call's sizes: evaluated once per tuple
+    of sizes and remembered (a stream of requests repeats a few lengths), in a bounded dict
+    that starts over when full. The sizes dict is built in one order for every call, so its
+    values are the key."""
+
+    __slots__ = ("attrs", "memo")
+
+    def __init__(self, attrs):
+        self.attrs = attrs
+        self.memo: dict = {}
+
+    def __call__(self, sizes: dict):
+        key = tuple(sizes.values())
+        hit = self.memo.get(key)
+        if hit is None:
+            if len(self.memo) >= MAX_SIZES:
+                self.memo.clear()
+            hit = self.memo[key] = resolve_symbols(self.attrs, sizes)
+        return hit
 
 
 def step_at(tb: types.TracebackType | None, forward) -> int | None:

@@ -200,7 +200,7 @@ def _build_plan(result, options: CompileOptions, target, hit, hints=None):
         from kiln.runtime.cuda_steps import build_gpu_plan
 
         return build_gpu_plan(result.graph, result.partition, target, tune=options.tune_budget)
-    generate = _generator(result.graph, target, options.tune_budget) \
+    generate = _generator(result.graph, target, options.tune_budget, hints) \
         if options.codegen and target.kind == "cpu" else None
     return build_plan(result.graph, target.kind, kernel_choices=hit["kernels"] if hit else None,
                       partition=result.partition, generate=generate, exclude=options.exclude_kernels, sizes=hints)
@@ -228,9 +228,10 @@ def _guard_sparse(graph, result, options: CompileOptions, measurer):
     return dense
 
 
-def _generator(graph, target, tune):
+def _generator(graph, target, tune, sizes: dict | None = None):
     """``generate(group)``: the group's generated kernel (tuned within ``tune``), or None when
-    the TensorIR renderer does not cover it or code generation fails (per-node kernels run)."""
+    the TensorIR renderer does not cover it or code generation fails (per-node kernels run).
+    A group of symbolic shapes gets one kernel for every size, tuned at ``sizes``."""
     from kiln.codegen.tvm import unsupported_reason
     from kiln.ir import Category, opdef
     from kiln.runtime.generated import generated_kernel
@@ -241,7 +242,9 @@ def _generator(graph, target, tune):
         if unsupported_reason(group) is not None:
             return None
         try:
-            return generated_kernel(group, graph, target, torch.get_num_threads(), tune)
+            static = all(v is None or v.type.is_static for n in group.nodes for v in (*n.inputs, *n.outputs))
+            return generated_kernel(group, graph, target, torch.get_num_threads(), tune,
+                                    sizes=None if static else sizes)
         except Exception:  # noqa: BLE001  (a group that fails to generate runs node by node)
             return None
 

@@ -135,3 +135,18 @@ def test_reductions_over_other_axes_keep_the_rows():
     out = run_pass(g)
     assert_structural_equal(out, build(expected, (2, 8, 16)))
     assert_same_outputs(g, out)
+
+
+def test_a_dynamic_bert_runs_its_last_layer_on_the_pooled_token_at_every_length():
+    from kiln.ir import Sym
+
+    model, (ids, mask) = kiln.models.bert(layers=2, seq=16, hidden=64, heads=4, ffn=96, vocab=100)
+    compiled = kiln.compile(model, (ids, mask), dynamic=True)
+    graph = compiled.compiled[0].graph
+    ffn = [n for n in graph.nodes if n.op is OpKind.LINEAR and n.outputs[0].shape[-1] == 96]
+    assert sorted(str(n.outputs[0].shape[-2]) for n in ffn) == ["1", "seq"]  # last layer: one token
+    assert any(Sym("seq") in n.outputs[0].shape for n in ffn)
+    with torch.no_grad():
+        for seq in (1, 7, 33):
+            a = (torch.randint(0, 100, (2, seq)), torch.ones(2, seq, dtype=mask.dtype))
+            torch.testing.assert_close(compiled(*a), model(*a), atol=1e-4, rtol=1e-4)

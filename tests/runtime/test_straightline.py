@@ -123,3 +123,17 @@ def test_long_plans_generate_and_run():
                              free=(i,) if i else ()) for i in range(n)]
     forward = generate(steps, (0,), (n,), consts)
     assert float(forward([torch.tensor(0.0)], dict(consts))[0]) == sum(range(n))
+
+
+def test_symbolic_attributes_resolve_per_size_tuple_in_a_bounded_memo():
+    from kiln.ir import attrs as A
+    from kiln.ir.types import Sym
+    from kiln.runtime import straightline
+
+    r = straightline.ResolvedAttrs(A.ShapeAttrs((Sym("batch"), Sym("seq"), 4)))
+    assert r({"batch": 2, "seq": 7}).shape == (2, 7, 4)
+    assert r({"batch": 1, "seq": 129}).shape == (1, 129, 4)
+    assert r({"batch": 2, "seq": 7}) is r({"batch": 2, "seq": 7})  # evaluated once per size tuple
+    for s in range(3 * straightline.MAX_SIZES):
+        assert r({"batch": 1, "seq": s + 1}).shape == (1, s + 1, 4)
+        assert len(r.memo) <= straightline.MAX_SIZES
