@@ -146,10 +146,16 @@ def _cmd_serve(args) -> int:
     except ImportError as e:
         print(f"kiln: error: kiln serve needs Ray Serve (pip install 'kiln[ray]'): {e}", file=sys.stderr)
         return 2
+    import signal
     import time
+
+    def _stop(*_):
+        raise KeyboardInterrupt
 
     serving.run(args.artifact, address=args.address, port=args.port, host=args.host, replicas=args.replicas,
                 max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, threads=args.threads)
+    # a service manager's stop shuts Serve down as Ctrl-C does (set after ray.init, which installs its own)
+    signal.signal(signal.SIGTERM, _stop)
     print(f"serving {args.artifact} at http://{args.host}:{args.port}/ ({args.replicas} replica(s), batches of up "
           f"to {args.max_batch_size} within {args.batch_wait_ms} ms); GET /health, /info; Ctrl-C stops", flush=True)
     try:
@@ -158,6 +164,7 @@ def _cmd_serve(args) -> int:
     except KeyboardInterrupt:
         from ray import serve
 
+        print("kiln serve: shutting down", flush=True)
         serve.shutdown()
     return 0
 
