@@ -37,6 +37,7 @@ class Replica:
     """One replica: the artifact loaded once, a batching queue, one model run at a time."""
 
     def __init__(self, artifact: str, max_batch_size: int = 8, batch_wait_ms: float = 5.0, threads: int = 1):
+        import ray
         import torch
 
         from kiln.artifact import info
@@ -45,9 +46,6 @@ class Replica:
         configure_tvm_environment(threads)  # before the TVM pool exists: it is sized once
         torch.set_num_threads(threads)
         self.batcher = self.make_batcher(artifact)
-        self.model = self.batcher.model
-        import ray
-
         manifest = info(artifact)
         manifest.pop("member_bytes", None)
         self.info = {"artifact": artifact, "manifest": manifest,
@@ -100,10 +98,6 @@ class Replica:
         if fmt == "json":
             return JSONResponse(json_response(result))
         return Response(array_response(result, fmt), media_type="application/octet-stream")
-
-    def check_health(self):
-        if self.model is None:  # called by Serve's controller; a raise restarts the replica
-            raise KilnError("the model is not loaded")
 
 
 KilnServer = serve.deployment(name="kiln")(Replica)  # the Serve deployment; Replica stays subclassable

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BATCH_SIZES
+from serving_fixtures import BATCH_SIZES, artifact, small_model  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,8 @@ import numpy as np
 import pytest
 import torch
 
+from serving_fixtures import artifact, ray_cluster, small_model  # noqa: F401  (fixtures)
+
 
 def test_map_batches_matches_eager(ray_cluster, artifact, small_model):
     """27 rows in batches of 6 (cut into the artifact's plans of 4 and 1, the tail padded),

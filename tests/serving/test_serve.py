@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from serving_fixtures import artifact, ray_cluster, small_model  # noqa: F401  (fixtures)
+
 PORT = 8471
 
 

@@ -1,4 +1,6 @@
-"""A small compiled model saved as an artifact, and a local Ray cluster for the tests here.
+"""A small compiled model saved as an artifact, and a local Ray cluster for the tests here
+(imported by each test module: a conftest.py here would shadow tests/conftest.py, whose
+helpers other test folders import as ``conftest``).
 
 The cluster starts once per test module (``ray.init(num_cpus=2)``, no dashboard) and the
 tests that need it skip, with the reason, when Ray is not installed or does not start."""
