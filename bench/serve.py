@@ -216,13 +216,16 @@ def offline_runs(name, artifact, args, quick) -> list[dict]:
     from kiln.bench.serve_eager import EagerPredictor as eager_predictor
     example = [x.numpy() for x in build(name, 1, quick)[1]]
     n = args.offline
-    cols = {f"in{i}": np.repeat(x, n, axis=0) for i, x in enumerate(example)}
+    columns = [f"in{i}" for i in range(len(example))]
+
+    def inputs(batch):  # made inside the pipeline: n inputs never sit in the object store at once
+        k = len(batch["id"])
+        return {c: np.repeat(x, k, axis=0) for c, x in zip(columns, example)}
+
     rows = []
     for engine in args.engines.split(","):
         for actors in (1,) if quick else (1, 2):
-            ds = ray.data.from_numpy(cols["in0"]) if len(cols) == 1 else ray.data.from_items(
-                [{k: v[i] for k, v in cols.items()} for i in range(n)])
-            columns = ["data"] if len(cols) == 1 else list(cols)
+            ds = ray.data.range(n).map_batches(inputs, batch_size=args.batch, batch_format="numpy")
             extra = {} if engine == "kiln" else {"predictor": eager_predictor,
                                                  "predictor_kwargs": {"name": name, "quick": quick}}
             t = time.perf_counter()
