@@ -1,8 +1,8 @@
 """Request batching over a loaded artifact, without Ray: what ``kiln.serving`` and
 ``kiln.ray`` run inside each replica or actor.
 
-An artifact holds static plans only (``kiln.save`` refuses ``dynamic=`` models), one per
-input signature it was called with. A batch of requests is therefore run like this:
+An artifact holds one plan per input signature it was called with; a static plan takes
+one batch size. A batch of requests is run like this:
 
 * requests are grouped by their non-batch shape and dtype (a BERT request of 128 tokens is
   never stacked with one of 64); each group runs on the plans saved for that shape;
@@ -10,6 +10,9 @@ input signature it was called with. A batch of requests is therefore run like th
   cut into chunks of the saved batch sizes, largest first; the last chunk is padded (its
   last row repeated) up to the smallest saved batch size that holds it, and the padded
   rows' outputs are dropped;
+* a plan whose dims are names (a ``dynamic=`` model's symbolic dims, in artifacts that
+  record them) takes any size there: a symbolic batch dim runs the whole group in one
+  call, nothing cut or padded;
 * each output tensor is cut back along dim 0, so every request gets exactly its rows.
 
 This assumes dim 0 is the batch dim and that rows do not influence each other (true of
@@ -36,10 +39,12 @@ class BadRequest(KilnError):
 
 @dataclass(frozen=True)
 class Signature:
-    """One saved plan's inputs: batch size, and (non-batch shape, dtype) per input."""
+    """One saved plan's inputs: batch size, and (non-batch shape, dtype) per input. A dim
+    that is a name (a ``dynamic=`` artifact's symbolic dim) takes any size: ``batch=None``
+    is a plan that runs every batch size, so its rows are never cut or padded."""
 
-    batch: int
-    rest: tuple  # ((shape[1:], numpy dtype str), ...)
+    batch: int | None
+    rest: tuple  # ((shape[1:] with ints or dim names, numpy dtype str), ...)
 
 
 def signatures(model) -> list[Signature]:
@@ -56,15 +61,15 @@ def signatures(model) -> list[Signature]:
             shape, dtype = entry
             if not shape:
                 raise KilnError(f"{state.name} takes a scalar tensor input: serving batches along dim 0")
-            if batch is None:
+            if not rest:
                 batch = shape[0]
             elif shape[0] != batch:
                 raise KilnError(f"{state.name}'s inputs disagree on dim 0 ({batch} vs {shape[0]}): serving "
                                 f"batches along dim 0 of every input")
             rest.append((tuple(shape[1:]), str(torch.empty((), dtype=dtype).numpy().dtype)))
-        if batch is None:
+        if not rest:
             raise KilnError(f"{state.name} takes no tensor inputs: nothing to serve")
-        out.append(Signature(batch, tuple(rest)))
+        out.append(Signature(batch if isinstance(batch, int) else None, tuple(rest)))
     if state.tensor_args is None or state.tensor_args != len(out[0].rest):
         raise KilnError(f"{state.name} was compiled with keyword or nested inputs: serving calls the model "
                         f"with positional tensors only")
@@ -79,9 +84,15 @@ class Batcher:
         ``sigs`` given (the benchmarks run eager PyTorch this way)."""
         self.model = model
         self.sigs = sigs if sigs is not None else signatures(model)
-        self.by_rest: dict[tuple, list[int]] = {}
-        for s in self.sigs:
-            self.by_rest.setdefault(s.rest, []).append(s.batch)
+        self.by_rest: dict[tuple, list[int]] = {}  # static batch sizes per non-batch pattern
+        self.any_batch: set[tuple] = set()  # patterns with a plan for every batch size
+        # exact (static) patterns are tried before ones with named dims
+        for s in sorted(self.sigs, key=lambda s: any(isinstance(d, str) for shp, _ in s.rest for d in shp)):
+            sizes = self.by_rest.setdefault(s.rest, [])
+            if s.batch is None:
+                self.any_batch.add(s.rest)
+            else:
+                sizes.append(s.batch)
         for sizes in self.by_rest.values():
             sizes.sort()
         self.n_inputs = len(self.sigs[0].rest)
@@ -92,8 +103,27 @@ class Batcher:
         parts = []
         for rest, sizes in self.by_rest.items():
             ins = ", ".join(f"{dt}[B{''.join(f', {d}' for d in s)}]" for s, dt in rest)
-            parts.append(f"({ins}) with B in {sizes}")
+            parts.append(f"({ins}) with " + ("any B" if rest in self.any_batch else f"B in {sizes}"))
         return "; ".join(parts)
+
+    def pattern(self, arrays) -> tuple | None:
+        """The saved non-batch pattern ``arrays`` (one per input) match, or None. A named
+        dim matches any size, the same size wherever the name appears."""
+        for rest in self.by_rest:
+            sizes: dict[str, int] = {}
+            ok = len(rest) == len(arrays)
+            for a, (shape, _) in zip(arrays, rest):
+                if not ok or a.ndim != len(shape) + 1:
+                    ok = False
+                    break
+                for want, got in zip(shape, a.shape[1:]):
+                    if isinstance(want, str):
+                        ok = ok and sizes.setdefault(want, got) == got
+                    else:
+                        ok = ok and want == got
+            if ok:
+                return rest
+        return None
 
     def check(self, arrays) -> tuple:
         """``arrays`` as the model's inputs, or BadRequest. Dtypes are cast within a kind and
@@ -107,11 +137,9 @@ class Batcher:
             if a.dtype == object or a.dtype.kind not in "biuf":
                 raise BadRequest(f"input {i}: expected a numeric array, got dtype {a.dtype} (ragged nested lists?)")
             out.append(a)
-        shapes = tuple(a.shape[1:] for a in out)
         rows = {a.shape[0] if a.ndim else None for a in out}
-        for rest in self.by_rest:
-            if tuple(s for s, _ in rest) != shapes or any(a.ndim != len(s) + 1 for a, (s, _) in zip(out, rest)):
-                continue
+        rest = self.pattern(out)
+        if rest is not None:
             if len(rows) != 1 or 0 in rows:
                 raise BadRequest(f"every input needs the same number of rows (dim 0, at least 1), got "
                                  f"{[a.shape[0] for a in out]}")
@@ -144,16 +172,16 @@ class Batcher:
                 results[i] = o
         return results
 
-    def _sizes_for(self, req) -> list[int]:
-        rest = tuple((a.shape[1:], str(a.dtype)) for a in req)
-        return self.by_rest[rest]
-
     def _run_group(self, reqs: list) -> list:
-        sizes = self._sizes_for(reqs[0])
+        rest = self.pattern(reqs[0])
+        sizes = self.by_rest[rest]
         rows = [r[0].shape[0] for r in reqs]
         stacked = [np.concatenate([r[k] for r in reqs]) if len(reqs) > 1 else reqs[0][k]
                    for k in range(self.n_inputs)]
         total, start, chunks = sum(rows), 0, []
+        if rest in self.any_batch:  # one plan runs every batch size: one call, nothing padded
+            chunks.append(self._run_chunk(stacked, total, total))
+            start = total
         while start < total:
             left = total - start
             fits = [b for b in sizes if b <= left]

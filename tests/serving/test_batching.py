@@ -73,6 +73,35 @@ def test_float_for_an_integer_input_is_refused():
     assert np.array_equal(out[0], [[0, 2, 4]])
 
 
+def test_named_dims_take_any_size_and_an_any_batch_plan_runs_in_one_call():
+    """The signatures of a dynamic= artifact (its plans' keys hold dim names): a symbolic
+    batch dim runs the whole group in one call, unpadded; a named sequence dim takes any
+    length, the same on every input that names it."""
+    import types
+
+    import kiln.batching as kb
+
+    key = (("threads", 1), (("batch", "seq"), torch.int64), (("batch", "seq"), torch.int64))
+    fake = types.SimpleNamespace(state=lambda: types.SimpleNamespace(name="m", plans=[(key, None)], tensor_args=2))
+    sigs = kb.signatures(fake)
+    assert sigs == [kb.Signature(None, ((("seq",), "int64"), (("seq",), "int64")))]
+    calls = []
+
+    def model(ids, mask):
+        calls.append(tuple(ids.shape))
+        return ids * mask
+
+    b = kb.Batcher(model, sigs)
+    assert b.describe() == "(int64[B, seq], int64[B, seq]) with any B"
+    reqs = [b.check([np.full((n, length), n), np.ones((n, length), np.int64)]) for n, length in [(1, 5), (3, 5), (2, 7)]]
+    outs = b.run(reqs)
+    assert sorted(calls) == [(2, 7), (4, 5)]  # one call per length, rows never padded
+    for (ids, _), (y,) in zip(reqs, outs):
+        assert np.array_equal(y, ids)
+    with pytest.raises(kb.BadRequest, match="match no saved plan"):
+        b.check([np.ones((1, 5), np.int64), np.ones((1, 6), np.int64)])  # "seq" disagrees
+
+
 def test_bodies_parse_or_raise_bad_request():
     from kiln.batching import BadRequest, array_response, json_response, parse_body
 
