@@ -30,6 +30,9 @@ def __getattr__(name):
     if name in ("quantize_report", "QuantReport"):
         from . import quantize
         return getattr(quantize, name)
+    if name in ("serving", "ray"):  # these import Ray (an optional extra): only when asked for
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
     if name == "models":
         import importlib
         return importlib.import_module(".models", __name__)

@@ -134,6 +134,41 @@ def _cmd_bench_elementwise(args) -> int:
     return elementwise.main_with(args)
 
 
+def _cmd_bench_serve(args) -> int:
+    from kiln.bench import serve as serve_bench
+
+    return serve_bench.main_with(args)
+
+
+def _cmd_serve(args) -> int:
+    try:
+        from . import serving
+    except ImportError as e:
+        print(f"kiln: error: kiln serve needs Ray Serve (pip install 'kiln[ray]'): {e}", file=sys.stderr)
+        return 2
+    import signal
+    import time
+
+    def _stop(*_):
+        raise KeyboardInterrupt
+
+    serving.run(args.artifact, address=args.address, port=args.port, host=args.host, replicas=args.replicas,
+                max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, threads=args.threads)
+    # a service manager's stop shuts Serve down as Ctrl-C does (set after ray.init, which installs its own)
+    signal.signal(signal.SIGTERM, _stop)
+    print(f"serving {args.artifact} at http://{args.host}:{args.port}/ ({args.replicas} replica(s), batches of up "
+          f"to {args.max_batch_size} within {args.batch_wait_ms} ms); GET /health, /info; Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        print("kiln serve: shutting down", flush=True)
+        serve.shutdown()
+    return 0
+
+
 def _cmd_debug_accuracy(args) -> int:
     from .debugging import accuracy_report
 
@@ -230,6 +265,16 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--input", "-i", action="append", metavar="X.npy", help="an input, in order (repeat)")
     rp.add_argument("-o", "--output", help="write the output (.npy) or outputs (.npz) here")
     rp.set_defaults(fn=_cmd_run)
+    sv = sub.add_parser("serve", help="serve an artifact over HTTP with Ray Serve (request batching, replicas)")
+    sv.add_argument("artifact", help="a file written by kiln compile or kiln.save")
+    sv.add_argument("--replicas", type=int, default=1)
+    sv.add_argument("--max-batch-size", type=int, default=8, help="requests per batch (default 8)")
+    sv.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill (default 5)")
+    sv.add_argument("--threads", type=int, default=1, help="threads (and Ray CPUs) per replica (default 1)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--host", default="127.0.0.1", help="address the HTTP proxy binds (0.0.0.0: every interface)")
+    sv.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a local one")
+    sv.set_defaults(fn=_cmd_serve)
     ip = sub.add_parser("info", help="what an artifact holds: versions, target, inputs, plans, kernels, weights")
     ip.add_argument("artifact")
     ip.set_defaults(fn=_cmd_info)
@@ -291,6 +336,11 @@ def main(argv: list[str] | None = None) -> int:
 
     _elementwise_arguments(be)
     be.set_defaults(fn=_cmd_bench_elementwise)
+    bv = bsub.add_parser("serve", help="Ray Serve throughput and latency, Kiln vs eager; Ray Data offline inference")
+    from kiln.bench.serve import add_arguments as _serve_arguments  # no torch or ray import
+
+    _serve_arguments(bv)
+    bv.set_defaults(fn=_cmd_bench_serve)
     bp.set_defaults(fn=lambda a: (bp.print_help(), 0)[1])
     dbg = sub.add_parser("debug", help="debugging tools")
     dsub = dbg.add_subparsers(dest="debug_cmd", metavar="WHAT")
