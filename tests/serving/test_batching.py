@@ -126,3 +126,33 @@ def test_bodies_parse_or_raise_bad_request():
             parse_body(body, n)
     assert json_response([x]) == {"output": x.tolist()}
     assert np.array_equal(np.load(io.BytesIO(array_response([x], "npy"))), x)
+
+
+def test_a_dynamic_artifact_runs_a_group_in_one_unpadded_call(small_model, tmp_path):
+    """A dynamic= artifact's batch dim is symbolic: requests of 1, 3 and 5 rows run as one
+    9-row call (no cutting to saved sizes, no padding), each answered with its own rows."""
+    import kiln
+    from kiln.batching import Batcher
+
+    fast = kiln.compile(small_model, (torch.randn(2, 3, 8, 8),), dynamic=True)
+    kiln.save(fast, tmp_path / "dyn.kiln")
+    loaded = kiln.load(tmp_path / "dyn.kiln")
+    calls = []
+    run = loaded.__call__
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(loaded, name)
+
+        def __call__(self, *xs):
+            calls.append(tuple(x.shape[0] for x in xs))
+            return run(*xs)
+
+    batcher = Batcher(Counting())
+    rng = np.random.default_rng(0)
+    reqs = [batcher.check([rng.standard_normal((n, 3, 8, 8), dtype=np.float32)]) for n in (1, 3, 5)]
+    outs = batcher.run(reqs)
+    assert calls == [(9,)]
+    for req, out in zip(reqs, outs):
+        assert not isinstance(out, Exception), out
+        np.testing.assert_allclose(out[0], _eager(small_model, req[0]), rtol=1e-4, atol=1e-4)
