@@ -10,6 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CXX = shutil.which("g++")
 
 
+@pytest.mark.slow  # a full ASan build of the kernels: make test-slow (CI runs it)
 @pytest.mark.skipif(CXX is None, reason="g++ is not installed")
 def test_kernels_under_address_sanitizer(tmp_path):
     sources = [s for s in glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) if not s.endswith("module.cpp")]
