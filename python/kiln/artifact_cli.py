@@ -83,6 +83,11 @@ def describe(path: str) -> str:
              "options: " + ", ".join(f"{k}={v}" for k, v in o.items() if v not in (None, [], False) or k == "codegen"),
              "inputs: " + ", ".join(f"{s['name']}: {s['dtype'] or 'value'}{s['shape'] if s['dtype'] else ''}"
                                     for s in m["inputs"]["spec"])]
+    dyn = (m["inputs"].get("dynamic") or {}).get("dims") or ()
+    if dyn:  # one plan serves these sizes
+        lines.append("varying dims: " + ", ".join(
+            f"{d['input']} dim {d['axis']} = {d['name']} in [{d['min']}, {'inf' if d['max'] is None else d['max']}]"
+            for d in dyn))
     for i, p in enumerate(m["plans"]):
         sig = ", ".join(_type(x) for x in p["signature"]["inputs"])
         outs = ", ".join(_type(x) for x in p["signature"]["outputs"])

@@ -645,11 +645,15 @@ def test_paths_that_are_not_artifacts(tmp_path):
         kiln.load(str(tmp_path / "other.zip"))
 
 
-def test_a_damaged_dynamic_record_is_a_kiln_error(tmp_path):
+def test_a_damaged_dynamic_record_is_a_kiln_error(tmp_path, capsys):
+    from kiln.cli import main
+
     m = nn.Sequential(nn.Linear(4, 8), nn.Tanh()).eval()
     fast = kiln.compile(m, (torch.randn(3, 4),), dynamic={0: {0: ("batch", 1, 16)}})
     path = str(tmp_path / "dyn.kiln")
     kiln.save(fast, path)
+    assert main(["info", path]) == 0
+    assert "varying dims: input dim 0 = batch in [1, 16]" in capsys.readouterr().out
     with zipfile.ZipFile(path) as z:
         rec = json.loads(z.read("manifest.json"))["inputs"]["dynamic"]
     assert rec["dims"][0]["name"] == "batch" and rec["dims"][0]["max"] == 16
