@@ -122,15 +122,7 @@ def resolve(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic) -> Dyna
         if d.axis >= value.dim():
             raise KilnError(f"dynamic: input {label!r} has {value.dim()} dims, no axis {d.axis}")
         dims.append(VaryingDim(position[id(value)], label, d.axis, d.name, d.min, d.max))
-    hints = {}
-    for d in dims:
-        n = leaves[d.position].shape[d.axis]
-        if hints.setdefault(d.name, n) != n:
-            raise KilnError(f"dynamic: the example inputs give {d.name} two sizes ({hints[d.name]} and {n})")
-        if n < d.min or (d.max is not None and n > d.max):
-            raise KilnError(f"dynamic: the example input {d.input!r} dim {d.axis} is {n}, outside {d.name}'s "
-                            f"range {d.range_text()}")
-    return DynamicSpec(tuple(dims), hints)
+    return _with_hints(dims, leaves)
 
 
 def export_arguments(module: torch.nn.Module, args: tuple, kwargs: dict, spec: DynamicSpec):
@@ -263,6 +255,12 @@ def resolve_onnx(signature: list, leaves: list, dynamic, fixed_values: set) -> D
             raise KilnError(f"dynamic: input {name!r} feeds a shape operand (its values are compiled in): its dims "
                             f"cannot vary per call")
         dims.append(VaryingDim(i, name, d.axis, d.name, d.min, d.max))
+    return _with_hints(dims, leaves)
+
+
+def _with_hints(dims: list, leaves) -> DynamicSpec:
+    """The spec of ``dims`` with each size's example value (the hint kernels are chosen at),
+    checked: given as a tensor, the axis exists, one size per name, inside its range."""
     hints = {}
     for d in dims:
         if d.position >= len(leaves) or not isinstance(leaves[d.position], torch.Tensor):
