@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from .options import OBSERVERS, QUANT_SCHEMES, SPARSE_MODES
@@ -321,26 +322,19 @@ def main(argv: list[str] | None = None) -> int:
     bm.add_argument("--json", metavar="FILE")
     bm.add_argument("--markdown", metavar="FILE")
     bm.set_defaults(fn=_cmd_bench_models)
-    bd = bsub.add_parser("dynamic", help="a stream of requests whose shapes change every call, per engine")
-    from kiln.bench.dynamic import add_arguments as _dynamic_arguments  # no torch import
-
-    _dynamic_arguments(bd)
-    bd.set_defaults(fn=_cmd_bench_dynamic)
-    bs = bsub.add_parser("suite", help="the Hugging Face model suite: pass rate, fallbacks, speedups, compile time")
-    from kiln.bench.suite_report import add_arguments as _suite_arguments  # no torch import
-
-    _suite_arguments(bs)
-    bs.set_defaults(fn=_cmd_bench_suite)
-    be = bsub.add_parser("elementwise", help="a generated fused elementwise kernel vs memory bandwidth and eager")
-    from kiln.bench.elementwise import add_arguments as _elementwise_arguments  # no torch import
-
-    _elementwise_arguments(be)
-    be.set_defaults(fn=_cmd_bench_elementwise)
-    bv = bsub.add_parser("serve", help="Ray Serve throughput and latency, Kiln vs eager; Ray Data offline inference")
-    from kiln.bench.serve import add_arguments as _serve_arguments  # no torch or ray import
-
-    _serve_arguments(bv)
-    bv.set_defaults(fn=_cmd_bench_serve)
+    # benches whose modules define their own arguments (importing them imports neither torch nor ray)
+    for name, help_, module, fn in (
+            ("dynamic", "a stream of requests whose shapes change every call, per engine",
+             "kiln.bench.dynamic", _cmd_bench_dynamic),
+            ("suite", "the Hugging Face model suite: pass rate, fallbacks, speedups, compile time",
+             "kiln.bench.suite_report", _cmd_bench_suite),
+            ("elementwise", "a generated fused elementwise kernel vs memory bandwidth and eager",
+             "kiln.bench.elementwise", _cmd_bench_elementwise),
+            ("serve", "Ray Serve throughput and latency, Kiln vs eager; Ray Data offline inference",
+             "kiln.bench.serve", _cmd_bench_serve)):
+        sp = bsub.add_parser(name, help=help_)
+        importlib.import_module(module).add_arguments(sp)
+        sp.set_defaults(fn=fn)
     bp.set_defaults(fn=lambda a: (bp.print_help(), 0)[1])
     dbg = sub.add_parser("debug", help="debugging tools")
     dsub = dbg.add_subparsers(dest="debug_cmd", metavar="WHAT")
