@@ -15,7 +15,9 @@ output error against eager over the stream (checked on every 10th request).
 Engines: ``eager``; ``kiln_dynamic`` (``dynamic=True``); ``kiln_static`` (a plan per shape);
 ``inductor`` (``torch.compile(dynamic=True)``); ``onnxruntime`` (dynamic axes); ``openvino``
 (dynamic shapes; when installed). Times from different processes are compared within one run
-of this command only.
+of this command only; ``--interleave`` runs every engine in one process instead, each request
+sent to all engines in turn, so that a shared machine's load falls on all of them alike
+(then no per-engine peak RSS).
 """
 from __future__ import annotations
 
@@ -117,20 +119,54 @@ def run_engine(engine: str, name: str, n: int, threads: int, quick: bool) -> dic
     with torch.no_grad():
         fn = _build(engine, model, first, name)
         build_s = time.perf_counter() - t0
-        lat, err = [], 0.0
+        lat, err, checking = [], 0.0, 0.0
         for i, (b, s) in enumerate(reqs):
             args = _inputs(name, b, s, example)
             t = time.perf_counter()
             out = _first(fn(*args))
             lat.append(time.perf_counter() - t)
-            if i % 10 == 0:
+            if i % 10 == 0:  # the check against eager is not the engine's time: kept out of the total
+                t = time.perf_counter()
                 err = max(err, float((out.float() - _first(model(*args)).float()).abs().max()))
-    total = time.perf_counter() - t0
+                checking += time.perf_counter() - t
+    total = time.perf_counter() - t0 - checking
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"engine": engine, "model": name, "threads": threads, "requests": n, "build_s": build_s,
             "total_s": total, "p50_ms": statistics.median(lat) * 1e3,
             "p99_ms": sorted(lat)[max(0, int(len(lat) * 0.99) - 1)] * 1e3, "peak_rss_mb": rss_mb,
             "max_abs_err": err}
+
+
+def run_interleaved(engines: list[str], name: str, n: int, threads: int, quick: bool) -> list[dict]:
+    """Every engine in this one process, the stream's requests sent to each in turn (the
+    order rotating per request): the machine's load at any moment falls on all engines alike,
+    which separate processes run one after another cannot promise on a shared machine. Each
+    engine's total is its build plus its own requests' time; no per-engine peak RSS."""
+    import torch
+
+    torch.set_num_threads(threads)
+    model, example = _model(name, quick)
+    reqs = stream(name, n, quick=quick)
+    first = _inputs(name, *reqs[0], example)
+    fns, build, lat, err = {}, {}, {e: [] for e in engines}, {e: 0.0 for e in engines}
+    with torch.no_grad():
+        for e in engines:
+            t = time.perf_counter()
+            fns[e] = _build(e, model, first, name)
+            build[e] = time.perf_counter() - t
+        for i, (b, s) in enumerate(reqs):
+            args = _inputs(name, b, s, example)
+            want = _first(model(*args)).float() if i % 10 == 0 else None
+            for e in engines[i % len(engines):] + engines[:i % len(engines)]:
+                t = time.perf_counter()
+                out = _first(fns[e](*args))
+                lat[e].append(time.perf_counter() - t)
+                if want is not None:
+                    err[e] = max(err[e], float((out.float() - want).abs().max()))
+    return [{"engine": e, "model": name, "threads": threads, "requests": n, "build_s": build[e],
+             "total_s": build[e] + sum(lat[e]), "p50_ms": statistics.median(lat[e]) * 1e3,
+             "p99_ms": sorted(lat[e])[max(0, int(len(lat[e]) * 0.99) - 1)] * 1e3, "peak_rss_mb": None,
+             "max_abs_err": err[e]} for e in engines]
 
 
 def per_length(name: str, sizes: list[int], threads: int, quick: bool, layers: int | None, rounds: int) -> list:
@@ -174,6 +210,23 @@ def print_per_length(rows: list) -> None:
               f"{r['dynamic_ms'] / r['static_ms']:.2f} | {r['eager_ms']:.2f} | {r['max_abs_err']:.1e} |")
 
 
+def _against_peers(rows: list) -> list[str]:
+    """Kiln dynamic's total and p50 against the best other engine's, per model and threads."""
+    out = []
+    ok = [r for r in rows if "error" not in r]
+    for key in sorted({(r["model"], r["threads"]) for r in ok}):
+        mine = [r for r in ok if (r["model"], r["threads"]) == key and r["engine"] == "kiln_dynamic"]
+        peers = [r for r in ok if (r["model"], r["threads"]) == key and r["engine"] not in ("kiln_dynamic", "kiln_static")]
+        if not mine or not peers:
+            continue
+        best_total = min(peers, key=lambda r: r["total_s"])
+        best_p50 = min(peers, key=lambda r: r["p50_ms"])
+        out.append(f"{key[0]} @{key[1]} thread(s): Kiln dynamic total {best_total['total_s'] / mine[0]['total_s']:.2f}x "
+                   f"the best peer's ({best_total['engine']}), p50 {best_p50['p50_ms'] / mine[0]['p50_ms']:.2f}x "
+                   f"({best_p50['engine']}); p99/p50 {mine[0]['p99_ms'] / mine[0]['p50_ms']:.2f}")
+    return out
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--models", default="hf_bert,resnet18")
     ap.add_argument("--engines", default="eager,kiln_dynamic,kiln_static,inductor,onnxruntime,openvino")
@@ -184,6 +237,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="instead of the stream: one dynamic plan against a static plan per size, interleaved")
     ap.add_argument("--layers", type=int, help="--per-length: encoder layers of the BERT model")
     ap.add_argument("--rounds", type=int, default=15, help="--per-length: timing rounds")
+    ap.add_argument("--interleave", action="store_true",
+                    help="all engines in one process, each request sent to every engine in turn (no per-engine RSS)")
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--child", help=argparse.SUPPRESS)
 
@@ -210,11 +265,18 @@ def main_with(args) -> int:
         print(json.dumps(run_engine(engine, name, n, int(threads), args.quick)))
         return 0
     rows = []
+    engines = args.engines.split(",")
+    for engine in engines:
+        if engine not in ENGINES:
+            raise SystemExit(f"unknown engine {engine!r}; engines: {', '.join(ENGINES)}")
     for name in args.models.split(","):
         for threads in (int(t) for t in args.threads.split(",")):
-            for engine in args.engines.split(","):
-                if engine not in ENGINES:
-                    raise SystemExit(f"unknown engine {engine!r}; engines: {', '.join(ENGINES)}")
+            if args.interleave:
+                print(f"[kiln bench dynamic] {name}, {', '.join(engines)} interleaved, {threads} thread(s)",
+                      file=sys.stderr)
+                rows += run_interleaved(engines, name, n, threads, args.quick)
+                continue
+            for engine in engines:
                 cmd = [sys.executable, "-m", "kiln.bench.dynamic", "--child", f"{engine}:{name}:{threads}",
                        "--requests", str(n)] + (["--quick"] if args.quick else [])
                 print(f"[kiln bench dynamic] {name}, {engine}, {threads} thread(s)", file=sys.stderr)
@@ -230,9 +292,12 @@ def main_with(args) -> int:
         if "error" in r:
             print(f"| {r['model']} | {r['threads']} | {r['engine']} | failed: {r['error']} |||||||")
             continue
+        rss = "—" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f}"
         print(f"| {r['model']} | {r['threads']} | {r['engine']} | {r['total_s']:.1f} | {r['build_s']:.1f} | "
-              f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['p99_ms'] / r['p50_ms']:.2f} | {r['peak_rss_mb']:.0f} | "
+              f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['p99_ms'] / r['p50_ms']:.2f} | {rss} | "
               f"{r['max_abs_err']:.1e} |")
+    for line in _against_peers(rows):
+        print(line)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

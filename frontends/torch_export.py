@@ -121,6 +121,8 @@ def importable_as_exported(ep) -> bool:
     for node in ep.graph.nodes:
         if node.op != "call_function" or node.target is operator.getitem:
             continue
+        if isinstance(node.meta.get("val"), torch.SymInt):
+            continue  # size arithmetic of a dynamic program (sym_size, mul): the conversion reads its value
         t = node.target
         if not isinstance(t, torch._ops.OpOverload) or t._schema.is_mutable or CONVERTERS.lookup(t) is None:
             return False

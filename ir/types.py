@@ -127,10 +127,29 @@ def _floor_div(a, b):
 def _dim(e) -> Dim:
     if e is NotImplemented:
         return NotImplemented
-    e = _sympy().simplify(e)
+    if not _simplest(e):  # sympy's simplify is costly (its first call imports sympy.physics)
+        e = _simplified(e)
     if e.is_Integer:
         return int(e)
     return Sym(str(e))
+
+
+def _monomial(e) -> bool:
+    return e.is_Symbol or (e.is_Mul and all(a.is_Symbol or a.is_Integer for a in e.args))
+
+
+def _simplest(e) -> bool:
+    """Forms ``sympy.simplify`` returns unchanged: an integer, ``k*a*b``, ``k*a*b + c``."""
+    if e.is_Integer or _monomial(e):
+        return True
+    return e.is_Add and len(e.args) == 2 and sum(a.is_Integer for a in e.args) == 1 and any(
+        _monomial(a) for a in e.args)
+
+
+@functools.lru_cache(maxsize=4096)
+def _simplified(e):
+    """``sympy.simplify``, once per expression (every layer of a model asks for the same ones)."""
+    return _sympy().simplify(e)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -40,11 +41,10 @@ class _FnModule(torch.nn.Module):
 def _is_onnx(model) -> bool:
     if isinstance(model, (str, os.PathLike)):
         return True
-    try:
-        import onnx
-    except ImportError:
-        return False
-    return isinstance(model, onnx.ModelProto)
+    # a ModelProto exists only where onnx was imported: importing it here would cost every
+    # torch compile seconds (onnx loads ml_dtypes)
+    onnx = sys.modules.get("onnx")
+    return onnx is not None and isinstance(model, onnx.ModelProto)
 
 
 @dataclass
@@ -407,11 +407,20 @@ def compile(model=None, example_inputs=None, example_kwargs=None, *, options: Co
 
 @dataclass
 class Explanation:
-    """What Kiln did with a model: its graph, op counts, and every op that fell back."""
+    """What Kiln did with a model: its graph, op counts, every op that fell back, and (with
+    ``profile``) where the compiled model's time goes, fallbacks first."""
 
     graph: Any
     fallbacks: list[tuple[str, str, str]] = field(default_factory=list)
     kernels: dict[str, int] = field(default_factory=dict)
+    steps: list = field(default_factory=list)  # runtime.profile.StepTime per plan step (empty: not profiled)
+    runs: int = 0
+
+    def fallback_time(self) -> tuple[float, dict[str, tuple[int, float]]]:
+        """(the profiled total seconds, fallback op -> (steps, seconds)), costliest first."""
+        from kiln.runtime.profile import fallback_shares
+
+        return fallback_shares(self.steps)
 
     def __str__(self) -> str:
         g = self.graph
@@ -420,13 +429,38 @@ class Explanation:
         for op, scope, why in self.fallbacks:
             lines.append(f"  {op}" + (f" at {scope}" if scope else "") + f": {why}")
         lines.append("kernels: " + ", ".join(f"{k} x{n}" for k, n in sorted(self.kernels.items())))
+        if self.steps:
+            total, by_op = self.fallback_time()
+            spent = sum(t for _, t in by_op.values())
+            pct = (lambda t: 100 * t / total if total else 0.0)
+            lines.append(f"time (each of {len(self.steps)} steps timed alone, median of {self.runs} runs; "
+                         f"{total * 1e3:.3f} ms in all): fallbacks {spent * 1e3:.3f} ms ({pct(spent):.1f}%)")
+            for op, (n, t) in by_op.items():
+                lines.append(f"  {op} x{n}: {t * 1e3:.3f} ms ({pct(t):.1f}%)")
+            lines.append("costliest steps:")
+            for st in sorted(self.steps, key=lambda st: -st.seconds)[:8]:
+                where = f" at {st.scope}" if st.scope else ""
+                lines.append(f"  {st.kernel} ({st.op}{where}): {st.seconds * 1e3:.3f} ms ({pct(st.seconds):.1f}%)")
         return "\n".join(lines)
 
 
-def explain(model, example_inputs=None, example_kwargs=None, **keywords) -> Explanation:
-    """Compile ``model`` and report which ops fell back to PyTorch and why."""
+def explain(model, example_inputs=None, example_kwargs=None, *, profile: bool = True, runs: int = 5,
+            **keywords) -> Explanation:
+    """Compile ``model`` and report which ops fell back to PyTorch and why; with ``profile``,
+    also each fallback's share of the compiled model's time on the example inputs (every
+    step timed alone, median of ``runs``)."""
     cm = CompiledModel(model, example_inputs, example_kwargs, **keywords)
     if cm.report is None:
         raise KilnError("kiln.explain needs example inputs for this model")
     c = cm.compiled[0]
-    return Explanation(c.graph, list(c.report.fallbacks), dict(c.report.kernels))
+    steps = []
+    if profile and c.plan.runner is None:
+        from kiln.runtime.profile import profile_plan
+
+        leaves = pytree.tree_leaves((tuple(example_inputs) if isinstance(example_inputs, (list, tuple))
+                                     else (example_inputs,), example_kwargs or {}))
+        tensors = [torch.as_tensor(x).contiguous() for x in leaves if isinstance(x, torch.Tensor) or
+                   type(x).__module__ == "numpy"]
+        if len(tensors) == len(c.plan.input_slots):
+            steps = profile_plan(c.plan, tensors, runs)
+    return Explanation(c.graph, list(c.report.fallbacks), dict(c.report.kernels), steps, runs if steps else 0)

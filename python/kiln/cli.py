@@ -20,7 +20,7 @@ def _cmd_explain(args) -> int:
     import kiln
 
     model, inputs = load_model(args.model)
-    print(kiln.explain(model, inputs))
+    print(kiln.explain(model, inputs, profile=not args.no_profile, runs=args.runs))
     return 0
 
 
@@ -344,8 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     da.add_argument("--passes", help="comma-separated passes/phases to run ('-name' skips one)")
     da.set_defaults(fn=_cmd_debug_accuracy)
     dbg.set_defaults(fn=lambda a: (dbg.print_help(), 0)[1])
-    e = sub.add_parser("explain", help="list the ops of a model that fall back to PyTorch, and why")
+    e = sub.add_parser("explain", help="list the ops of a model that fall back to PyTorch, why, and their share "
+                                       "of its time")
     e.add_argument("model", help="an example model name, an ONNX file, or package.module:factory")
+    e.add_argument("--no-profile", action="store_true", help="skip timing the compiled model's steps")
+    e.add_argument("--runs", type=int, default=5, help="timed runs per step (median; default 5)")
     e.set_defaults(fn=_cmd_explain)
     sr = sub.add_parser("sparsity-report", help="prune a model and show what sparse kernels buy, per layer and end to end")
     sr.add_argument("model", help="example model name or package.module:factory")

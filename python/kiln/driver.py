@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils._pytree as pytree
 
 from .errors import KilnError
 from .options import CompileOptions
@@ -64,35 +65,32 @@ def import_torch(module: torch.nn.Module, args: tuple, kwargs: dict, leaves: lis
 
         args, kwargs, dynamic_shapes = export_arguments(module, args, kwargs, dynamic)
         dims = dynamic.by_position()
-    key = import_cache.fingerprint(module, args, kwargs) if cache.enabled() and dims is None else None
-    hit = import_cache.load(key, module, args, kwargs, leaves) if key else None
+    key = import_cache.fingerprint(module, args, kwargs, "" if dynamic is None else repr(dynamic.dims)) \
+        if cache.enabled() else None
+    # a dynamic import traces (and checks a hit) on the widened examples (export_arguments)
+    checked = leaves if dynamic is None else pytree.tree_leaves((args, kwargs))
+    hit = import_cache.load(key, module, args, kwargs, checked) if key else None
     if hit is not None:
-        graph, out_spec, literals, fallbacks, names = hit
-        return Imported(graph, out_spec, literals, fallbacks, names, True, time.perf_counter() - t0)
+        graph, out_spec, literals, fallbacks, names, limits = hit
+        return Imported(graph, out_spec, literals, fallbacks, names, True, time.perf_counter() - t0, limits)
+    try:
+        ep = export_program(module, args, kwargs, dynamic_shapes)
+    except KilnError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise KilnError(f"torch.export could not trace {name}: {type(e).__name__}: {first}") from e
     limits: dict = {}
-    for attempt in range(3):
-        try:
-            ep = export_program(module, args, kwargs, dynamic_shapes)
-            break
-        except KilnError:
-            raise
-        except Exception as e:
-            if dynamic_shapes is not None and "Suggested fixes" in str(e) and attempt < 2:
-                # the model bounds a size (a position table of 512 rows): narrow its range as
-                # torch.export suggests, and refuse calls outside it
-                from .dynamic import narrowed
+    if dynamic is not None:  # the ranges the model itself narrowed (a position table of 512 rows)
+        from .dynamic import exported_limits
 
-                dynamic_shapes, found = narrowed(str(e), dynamic_shapes, name)
-                limits.update(found)
-                continue
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise KilnError(f"torch.export could not trace {name}: {type(e).__name__}: {first}") from e
+        limits = exported_limits(ep, dynamic)
     size_max = None if dynamic is None else {d.name: limits.get(d.name, (None, d.max))[1] for d in dynamic.dims}
     imp = from_exported(ep, name, dims, size_max)
     limits.update({n: (None, m) for n, m in imp.implied_max.items()})
     names = _input_names(ep, leaves)
     if key:
-        import_cache.store(key, module, imp.graph, imp.out_spec, imp.out_literals, imp.fallbacks, names)
+        import_cache.store(key, module, imp.graph, imp.out_spec, imp.out_literals, imp.fallbacks, names, limits)
     return Imported(imp.graph, imp.out_spec, imp.out_literals, list(imp.fallbacks), names, False,
                     time.perf_counter() - t0, limits)
 

@@ -126,8 +126,8 @@ def resolve(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic) -> Dyna
 
 
 def export_arguments(module: torch.nn.Module, args: tuple, kwargs: dict, spec: DynamicSpec):
-    """(args, kwargs, dynamic_shapes) for torch.export: each varying dim a named
-    ``torch.export.Dim``, and example dims of size 1 widened to 2 (torch.export would fix
+    """(args, kwargs, dynamic_shapes) for torch.export: each varying dim a
+    ``torch.export.Dim.AUTO`` with its range, and example dims of size 1 widened to 2 (torch.export would fix
     them as constants) by repeating the data along them."""
     from torch.export import Dim
 
@@ -139,7 +139,11 @@ def export_arguments(module: torch.nn.Module, args: tuple, kwargs: dict, spec: D
     for d in spec.dims:
         if d.name not in torch_dims:
             lo = max(d.min, 2)  # torch.export fixes sizes 0 and 1; a call of size 1 is still served
-            torch_dims[d.name] = Dim(d.name, min=lo, max=d.max) if d.max is not None else Dim(d.name, min=lo)
+            # Dim.AUTO, not a named Dim: torch.export infers the model's own bounds (a position
+            # table of 512 rows) and ties in one trace, where a named Dim fails on them and
+            # needs a second trace with the suggested fixes. What it inferred is checked after
+            # the trace (exported_limits; a dim the model fixes is refused when converting).
+            torch_dims[d.name] = Dim.AUTO(min=lo, max=d.max) if d.max is not None else Dim.AUTO(min=lo)
     leaves, tree = pytree.tree_flatten((args, kwargs))
     per_leaf: dict = {}
     for d in spec.dims:
@@ -169,33 +173,39 @@ def export_arguments(module: torch.nn.Module, args: tuple, kwargs: dict, spec: D
     return tuple(args2), dict(kwargs2), dynamic_shapes
 
 
-def narrowed(message: str, dynamic_shapes, model: str):
-    """torch.export's suggested fixes applied to ``dynamic_shapes`` when they only narrow
-    ranges: (the new dynamic_shapes, size name -> (min, max)). A fix that fixes a size or
-    ties two sizes together is a KilnError: the model does not let that dim vary freely."""
-    from torch.export import Dim
-    from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
+def exported_limits(ep, spec: DynamicSpec) -> dict:
+    """Size name -> (min, max) as torch.export inferred them for the varying dims (max None:
+    unbounded); the model narrows a range the user left open, e.g. to its position table."""
+    from torch.export.graph_signature import InputKind
 
-    import re
-
-    fixes = message.split("Suggested fixes:", 1)[-1].splitlines()
-    fixes = [f.strip() for f in fixes if re.fullmatch(r"\s*\w+ = \S.*", f)]
-    try:
-        refined = refine_dynamic_shapes_from_suggested_fixes("Suggested fixes:\n  " + "\n  ".join(fixes),
-                                                             dynamic_shapes)
-    except Exception as e:  # noqa: BLE001  (a message torch cannot parse back)
-        raise KilnError(f"torch.export could not make {model}'s dims dynamic: {message.strip().splitlines()[0]}") from e
-    before, after = pytree.tree_leaves(dynamic_shapes), pytree.tree_leaves(refined)
-    found = {}
-    dim_type = type(Dim("x"))
-    for old, new in zip(before, after):
-        if not isinstance(old, dim_type):
+    users = [n for n, s in zip((n for n in ep.graph.nodes if n.op == "placeholder"), ep.graph_signature.input_specs)
+             if s.kind is InputKind.USER_INPUT]
+    out: dict = {}
+    for d in spec.dims:
+        val = users[d.position].meta.get("val") if d.position < len(users) else None
+        size = val.shape[d.axis] if isinstance(val, torch.Tensor) and d.axis < val.dim() else None
+        if not isinstance(size, torch.SymInt) or not size.node.expr.is_Symbol:
+            continue  # fixed by the model: the conversion refuses it, naming the input
+        vr = ep.range_constraints.get(size.node.expr)
+        if vr is None:
             continue
-        if not isinstance(new, dim_type):
-            raise KilnError(f"{model} fixes the size {getattr(old, '__name__', old)} to {new}: it cannot vary "
-                            f"(compile without dynamic= for that dim)")
-        found[new.__name__] = (int(new.min), None if not new.max < 2 ** 62 else int(new.max))
-    return refined, found
+        lo, hi = _finite(vr.lower), _finite(vr.upper)
+        was_lo, was_hi = out.get(d.name, (None, None))
+        lo = lo if was_lo is None else max(lo or was_lo, was_lo)
+        hi = hi if was_hi is None else (was_hi if hi is None else min(hi, was_hi))
+        out[d.name] = (lo, hi)
+    return out
+
+
+def _finite(bound) -> int | None:
+    """A range bound as an int; None for torch's infinities (and its 2**63 stand-ins)."""
+    if not getattr(bound, "is_integer", False) or getattr(bound, "is_finite", True) is False:
+        return None
+    try:
+        n = int(bound)
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return n if abs(n) < 2 ** 62 else None
 
 
 def _size_name(text, fallback: str) -> str:

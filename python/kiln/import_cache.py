@@ -132,7 +132,9 @@ _SKIP_ATTRS = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_s
                "_is_full_backward_hook", "training"}
 
 
-def fingerprint(module: torch.nn.Module, args: tuple, kwargs: dict) -> str | None:
+def fingerprint(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic: str = "") -> str | None:
+    """``dynamic``: the varying dims as text (a symbolic graph is another entry than the
+    static one of the same model and inputs)."""
     from kiln import __version__
 
     if getattr(module, "_kiln_no_import_cache", False):
@@ -159,6 +161,7 @@ def fingerprint(module: torch.nn.Module, args: tuple, kwargs: dict) -> str | Non
     if any(isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in leaves):
         return None  # the hit check runs the reference kernels: CPU inputs only
     h.update(str(spec).encode())
+    h.update(f"|dynamic:{dynamic}".encode())
     for x in leaves:
         h.update((f"|T{tuple(x.shape)}:{x.dtype}:{x.device.type}" if isinstance(x, torch.Tensor)
                   else f"|V{x!r}").encode())
@@ -172,7 +175,8 @@ def _named_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def store(key: str, module: torch.nn.Module, graph: Graph, out_spec, out_literals: dict, fallbacks: list,
-          names: list[str]) -> None:
+          names: list[str], limits: dict | None = None) -> None:
+    """``limits``: size name -> (min, max) the model's trace narrowed a varying dim to."""
     by_ptr = {}
     for n, t in _named_tensors(module).items():
         by_ptr.setdefault((t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype), n)
@@ -184,7 +188,7 @@ def store(key: str, module: torch.nn.Module, graph: Graph, out_spec, out_literal
     try:
         payload = {"graph": to_json(graph, refs), "out_spec": None if out_spec is None else pytree.treespec_dumps(out_spec),
                    "out_literals": [[k, v] for k, v in out_literals.items()], "fallbacks": [list(f) for f in fallbacks],
-                   "names": list(names)}
+                   "names": list(names), "limits": [[n, lo, hi] for n, (lo, hi) in (limits or {}).items()]}
         json.dumps(payload)
     except Exception:  # noqa: BLE001  (an output structure or literal without a serial form: no entry)
         return
@@ -192,7 +196,7 @@ def store(key: str, module: torch.nn.Module, graph: Graph, out_spec, out_literal
 
 
 def load(key: str, module: torch.nn.Module, args: tuple, kwargs: dict, leaves: list):
-    """(graph, out_spec, out_literals, fallbacks, names) from a verified entry, else None."""
+    """(graph, out_spec, out_literals, fallbacks, names, limits) from a verified entry, else None."""
     hit = cache.load("import:" + key)
     if hit is None:
         return None
@@ -203,11 +207,12 @@ def load(key: str, module: torch.nn.Module, args: tuple, kwargs: dict, leaves: l
         literals = {int(k): v for k, v in hit["out_literals"]}
         fallbacks = [tuple(f) for f in hit["fallbacks"]]
         names = list(hit["names"])
+        limits = {str(n): (lo, hi) for n, lo, hi in hit.get("limits", [])}
     except (SerializeError, KeyError, TypeError, ValueError):
         return None
     if not _same_outputs(graph, module, args, kwargs, leaves):
         return None
-    return graph, out_spec, literals, fallbacks, names
+    return graph, out_spec, literals, fallbacks, names, limits
 
 
 def _same_outputs(graph: Graph, module, args, kwargs, leaves) -> bool:

@@ -147,6 +147,27 @@ def test_unsupported_ops_fall_back_and_are_explained():
     assert "aten.atan.default" in str(ex)
 
 
+def test_explain_profiles_each_step_and_totals_the_fallbacks_time():
+    """Every plan step is timed (a time share per fallback op, named by its torch op);
+    the shares are the steps' own times, whatever they are (no timing asserted)."""
+    m = Unsupported()
+    x = torch.randn(3, 6)
+    ex = kiln.explain(m, (x,), runs=2)
+    fast = kiln.compile(m, (x,))
+    assert len(ex.steps) == len(fast.compiled[0].plan.steps)
+    assert all(s.seconds >= 0 for s in ex.steps)
+    total, by_op = ex.fallback_time()
+    assert sorted(by_op) == ["aten.atan.default", "aten.sort.default"]
+    assert all(n == 1 for n, _ in by_op.values())
+    assert total == pytest.approx(sum(s.seconds for s in ex.steps))
+    assert sum(t for _, t in by_op.values()) == pytest.approx(sum(s.seconds for s in ex.steps if s.fallback))
+    text = str(ex)
+    assert "median of 2 runs" in text and "aten.sort.default x1:" in text and "costliest steps:" in text
+    assert kiln.explain(m, (x,), profile=False).steps == []
+    with pytest.raises(KilnError, match="runs must be at least 1"):
+        kiln.explain(m, (x,), runs=0)
+
+
 def test_bad_arguments():
     with pytest.raises(KilnError, match="unknown target"):
         kiln.compile(nn.Linear(2, 2), (torch.randn(1, 2),), target="tpu")

@@ -132,3 +132,21 @@ def test_a_bare_dim_name_takes_the_range_given_with_it_elsewhere():
                     DynamicDim(2, 0, "batch", 1, None))
     with pytest.raises(KilnError, match="seq is given two ranges"):
         parse_dynamic({"ids": {1: ("seq", 1, 64)}, "mask": {1: ("seq", 2, 64)}})
+
+
+def test_a_dim_the_model_fixes_is_refused_and_a_wider_range_is_narrowed_to_the_models():
+    class FixedLength(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.pos = torch.nn.Embedding(50, 8), torch.nn.Parameter(torch.randn(16, 8))
+
+        def forward(self, ids):
+            return self.emb(ids) + self.pos  # the sequence must be 16 long
+
+    with pytest.raises(KilnError, match=r"input 'ids' dim 1 \(seq\) cannot vary: the model fixes it to 16"):
+        kiln.compile(FixedLength(), (torch.randint(0, 50, (2, 16)),), dynamic=True)
+    model, inputs = models.hf_bert(layers=1, hidden=32, heads=2, ffn=64, vocab=100)
+    fast = kiln.compile(model, inputs, dynamic={"input_ids": {0: "batch", 1: ("seq", 1, 1000)},
+                                                "attention_mask": {0: "batch", 1: "seq"}})
+    with pytest.raises(KilnError, match=r"\(seq\) is 600, outside the compiled range \[1, 512\]"):
+        fast(*_tokens(1, 600, inputs[1]))

@@ -53,6 +53,25 @@ def test_second_compile_skips_export_and_binds_the_new_weights(monkeypatch):
     torch.testing.assert_close(fast(x), other(x))
 
 
+def test_dynamic_compile_hits_with_its_ranges_and_is_not_the_static_entry(monkeypatch):
+    """A dynamic= import is its own entry (the static one of the same model and inputs is not
+    used for it), and a hit keeps the range the model's trace narrowed (the position table)."""
+    calls = _count_exports(monkeypatch)
+    model, inputs = kiln.models.hf_bert(layers=1, hidden=32, heads=2, ffn=64, vocab=100)
+    kiln.compile(model, inputs)
+    kiln.compile(model, inputs, dynamic=True)
+    assert len(calls) == 2
+    torch.manual_seed(1)
+    other, _ = kiln.models.hf_bert(layers=1, hidden=32, heads=2, ffn=64, vocab=100)
+    fast = kiln.compile(other, inputs, dynamic=True)
+    assert len(calls) == 2
+    ids, mask = torch.randint(0, 100, (3, 11)), torch.ones(3, 11, dtype=inputs[1].dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids, mask).logits, other(ids, mask).logits)
+    with pytest.raises(kiln.KilnError, match=r"dim 1 \(seq\) is 513, outside the compiled range \[1, 512\]"):
+        fast(torch.randint(0, 100, (1, 513)), torch.ones(1, 513, dtype=inputs[1].dtype))
+
+
 def test_an_attribute_change_is_a_new_key(monkeypatch):
     calls = _count_exports(monkeypatch)
     x = torch.randn(3, 8)

@@ -143,3 +143,22 @@ def test_symbolic_dims_broadcast_and_matmul():
     assert z.type.shape == (Sym("batch"), 8, 32)
     assert not z.type.is_static
     assert math.isclose(TensorType(DType.INT4, (8,)).dtype.itemsize, 0.5)
+
+
+def test_symbolic_dim_arithmetic_skips_simplify_only_where_it_changes_nothing():
+    """Sym arithmetic names its result by sympy's simplest form; the forms it takes without
+    calling ``simplify`` (integers, k*a*b, k*a*b + c) must be exactly what simplify returns."""
+    import sympy as sp
+
+    from kiln.ir.types import _simplest
+
+    seq, batch = sp.symbols("seq batch", integer=True, positive=True)
+    skipped = [-seq, 2 * seq, seq + 1, seq - 1, 5 - seq, 2 * seq + 2, 768 * batch * seq, 2 * batch * seq + 4,
+               -2 * seq - 2, sp.Integer(7)]
+    for e in skipped:
+        assert _simplest(e), e
+        assert str(sp.simplify(e)) == str(e), e
+    for e in [seq + batch, (seq + 1) * (seq + 2), sp.floor(seq / 2), seq ** 2 + seq]:
+        assert not _simplest(e), e
+    s = Sym("seq")
+    assert -(-s) == s and (s + 1) - 1 == s and (2 * s) // 2 == s
