@@ -66,18 +66,30 @@ def _inputs(name: str, batch: int, length: int, example):
     return (torch.randint(0, 1000, (batch, length)), torch.ones(batch, length, dtype=example[1].dtype))
 
 
-def _build(engine: str, model, example, name: str):
+def _build(engine: str, model, example, name: str, precision: str = "fp32"):
+    """The engine's callable. bf16: Kiln compiles the fp32 model with ``precision="bf16"``;
+    eager and Inductor run a bf16 copy of the model (floating inputs cast to bf16); OpenVINO
+    takes the bf16 inference hint; ONNX Runtime has no bf16 CPU path (refused)."""
+    import copy
+
     import torch
 
+    bf16 = precision == "bf16"
+    if engine in ("eager", "inductor") and bf16:
+        low = copy.deepcopy(model).to(torch.bfloat16)
+        fn = low if engine == "eager" else torch.compile(low, dynamic=True)
+        return lambda *a: fn(*(x.to(torch.bfloat16) if x.is_floating_point() else x for x in a))
     if engine == "eager":
         return model
     if engine in ("kiln_dynamic", "kiln_static"):
         import kiln
 
-        return kiln.compile(model, example, dynamic=engine == "kiln_dynamic")
+        return kiln.compile(model, example, dynamic=engine == "kiln_dynamic", **({"precision": "bf16"} if bf16 else {}))
     if engine == "inductor":
         fn = torch.compile(model, dynamic=True)
         return lambda *a: fn(*a)
+    if engine == "onnxruntime" and bf16:
+        raise RuntimeError("ONNX Runtime has no bf16 execution on CPU")
     names = ["x"] if name == "resnet18" else ["input_ids", "attention_mask"]
     axes = {"x": {0: "batch"}} if name == "resnet18" else {n: {0: "batch", 1: "seq"} for n in names}
     import io
@@ -95,7 +107,8 @@ def _build(engine: str, model, example, name: str):
 
     core = ov.Core()
     compiled = core.compile_model(core.read_model(f.getvalue()), "CPU",
-                                  {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "INFERENCE_PRECISION_HINT": "f32"})
+                                  {"INFERENCE_NUM_THREADS": torch.get_num_threads(),
+                                   "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"})
     return lambda *a: torch.from_numpy(compiled(list(t.numpy() for t in a))[0])
 
 
@@ -107,7 +120,7 @@ def _first(out):
     return out.logits if hasattr(out, "logits") else out[0]
 
 
-def run_engine(engine: str, name: str, n: int, threads: int, quick: bool) -> dict:
+def run_engine(engine: str, name: str, n: int, threads: int, quick: bool, precision: str = "fp32") -> dict:
     """The whole stream on one engine, in this process."""
     import torch
 
@@ -117,7 +130,7 @@ def run_engine(engine: str, name: str, n: int, threads: int, quick: bool) -> dic
     first = _inputs(name, *reqs[0], example)
     t0 = time.perf_counter()
     with torch.no_grad():
-        fn = _build(engine, model, first, name)
+        fn = _build(engine, model, first, name, precision)
         build_s = time.perf_counter() - t0
         lat, err, checking = [], 0.0, 0.0
         for i, (b, s) in enumerate(reqs):
@@ -132,12 +145,13 @@ def run_engine(engine: str, name: str, n: int, threads: int, quick: bool) -> dic
     total = time.perf_counter() - t0 - checking
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"engine": engine, "model": name, "threads": threads, "requests": n, "build_s": build_s,
-            "total_s": total, "p50_ms": statistics.median(lat) * 1e3,
+            "total_s": total, "p50_ms": statistics.median(lat) * 1e3, "precision": precision,
             "p99_ms": sorted(lat)[max(0, int(len(lat) * 0.99) - 1)] * 1e3, "peak_rss_mb": rss_mb,
             "max_abs_err": err}
 
 
-def run_interleaved(engines: list[str], name: str, n: int, threads: int, quick: bool) -> list[dict]:
+def run_interleaved(engines: list[str], name: str, n: int, threads: int, quick: bool,
+                    precision: str = "fp32") -> list[dict]:
     """Every engine in this one process, the stream's requests sent to each in turn (the
     order rotating per request): the machine's load at any moment falls on all engines alike,
     which separate processes run one after another cannot promise on a shared machine. Each
@@ -148,12 +162,18 @@ def run_interleaved(engines: list[str], name: str, n: int, threads: int, quick: 
     model, example = _model(name, quick)
     reqs = stream(name, n, quick=quick)
     first = _inputs(name, *reqs[0], example)
-    fns, build, lat, err = {}, {}, {e: [] for e in engines}, {e: 0.0 for e in engines}
+    fns, build, failed = {}, {}, []
     with torch.no_grad():
-        for e in engines:
+        for e in list(engines):
             t = time.perf_counter()
-            fns[e] = _build(e, model, first, name)
+            try:
+                fns[e] = _build(e, model, first, name, precision)
+            except Exception as ex:  # noqa: BLE001  (an engine that cannot run this: its row says why)
+                failed.append({"engine": e, "model": name, "threads": threads, "error": f"{type(ex).__name__}: {ex}"[:200]})
+                continue
             build[e] = time.perf_counter() - t
+        engines = [e for e in engines if e in fns]
+        lat, err = {e: [] for e in engines}, {e: 0.0 for e in engines}
         for i, (b, s) in enumerate(reqs):
             args = _inputs(name, b, s, example)
             want = _first(model(*args)).float() if i % 10 == 0 else None
@@ -166,7 +186,7 @@ def run_interleaved(engines: list[str], name: str, n: int, threads: int, quick: 
     return [{"engine": e, "model": name, "threads": threads, "requests": n, "build_s": build[e],
              "total_s": build[e] + sum(lat[e]), "p50_ms": statistics.median(lat[e]) * 1e3,
              "p99_ms": sorted(lat[e])[max(0, int(len(lat[e]) * 0.99) - 1)] * 1e3, "peak_rss_mb": None,
-             "max_abs_err": err[e]} for e in engines]
+             "max_abs_err": err[e], "precision": precision} for e in engines] + failed
 
 
 def per_length(name: str, sizes: list[int], threads: int, quick: bool, layers: int | None, rounds: int) -> list:
@@ -237,6 +257,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="instead of the stream: one dynamic plan against a static plan per size, interleaved")
     ap.add_argument("--layers", type=int, help="--per-length: encoder layers of the BERT model")
     ap.add_argument("--rounds", type=int, default=15, help="--per-length: timing rounds")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="bf16: Kiln precision='bf16', eager/Inductor on bf16 weights, OpenVINO's bf16 hint")
     ap.add_argument("--interleave", action="store_true",
                     help="all engines in one process, each request sent to every engine in turn (no per-engine RSS)")
     ap.add_argument("--json", metavar="FILE")
@@ -262,7 +284,7 @@ def main_with(args) -> int:
         return 0
     if args.child:
         engine, name, threads = args.child.split(":")
-        print(json.dumps(run_engine(engine, name, n, int(threads), args.quick)))
+        print(json.dumps(run_engine(engine, name, n, int(threads), args.quick, args.precision)))
         return 0
     rows = []
     engines = args.engines.split(",")
@@ -274,11 +296,11 @@ def main_with(args) -> int:
             if args.interleave:
                 print(f"[kiln bench dynamic] {name}, {', '.join(engines)} interleaved, {threads} thread(s)",
                       file=sys.stderr)
-                rows += run_interleaved(engines, name, n, threads, args.quick)
+                rows += run_interleaved(engines, name, n, threads, args.quick, args.precision)
                 continue
             for engine in engines:
                 cmd = [sys.executable, "-m", "kiln.bench.dynamic", "--child", f"{engine}:{name}:{threads}",
-                       "--requests", str(n)] + (["--quick"] if args.quick else [])
+                       "--requests", str(n), "--precision", args.precision] + (["--quick"] if args.quick else [])
                 print(f"[kiln bench dynamic] {name}, {engine}, {threads} thread(s)", file=sys.stderr)
                 out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
                 if out.returncode != 0:
@@ -286,6 +308,7 @@ def main_with(args) -> int:
                     rows.append({"engine": engine, "model": name, "threads": threads, "error": why})
                     continue
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"precision: {args.precision}" + (" (max err against eager fp32)" if args.precision == "bf16" else ""))
     print("| model | threads | engine | total s (incl. compiles) | build s | p50 ms | p99 ms | p99/p50 | peak RSS MB | max err |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

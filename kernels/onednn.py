@@ -48,14 +48,44 @@ def _prepare_linear(node: Node, consts: list):
     has_res = len(node.inputs) > 3 and node.inputs[3] is not None
     has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
 
+    k = x.shape[-1]
+
+    def gemm(x, bias, post, post_algo):
+        m = x.numel() // k if k else 0
+        if m == rows or m == 0 or row_bucket(m) == m:
+            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, post, [], post_algo)
+        # a row count the plan has not run at (a dynamic plan's new length): oneDNN would
+        # create (JIT-compile) a primitive for it, which costs more than the GEMM at these
+        # sizes. Rows are independent in a GEMM and its row-wise post-ops, so the rows padded
+        # up to a bucket give the same first m rows, from a primitive many lengths share.
+        mb = row_bucket(m)
+        buf = x.new_empty((mb, k))
+        buf[:m].copy_(x.reshape(m, k))
+        buf[m:].zero_()
+        y = torch.ops.mkldnn._linear_pointwise(buf, packed, bias, post, [], post_algo)
+        return y[:m].view(*x.shape[:-1], y.shape[-1])
+
     def run(ins, a):
         x = ins[0] if ins[0].is_contiguous() else ins[0].contiguous()  # views (slices) arrive strided
         bias = (bias_c if bias_c is not None else ins[2]) if has_bias else None
         if has_res:  # residual, then activation: after the GEMM (oneDNN's sum post-op order differs)
-            y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-            return epilogue(y, ins[3], a.activation)
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, attr, [], algo)
+            return epilogue(gemm(x, bias, "none", ""), ins[3], a.activation)
+        return gemm(x, bias, attr, algo)
     return run
+
+
+def row_bucket(m: int) -> int:
+    """The row count a GEMM of ``m`` rows runs at when ``m`` is not the one its plan was
+    built for: ``m`` rounded up to a multiple of 8 up to 64 rows, then of an eighth of the
+    power of two at or above it (16 up to 128, 32 up to 256, ...). Above 64 rows that is at
+    most a quarter more rows; below, the GEMM is bound by reading its weights, whatever its
+    rows. 20 buckets cover 1-512 rows, so oneDNN creates few primitives however many
+    lengths a stream brings."""
+    if m <= 64:
+        step = 8
+    else:
+        step = 1 << ((m - 1).bit_length() - 3)
+    return -(-m // step) * step
 
 
 def _conv_ok(node: Node) -> bool:

@@ -40,6 +40,37 @@ def test_linear(dtype, act, residual):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act,residual", [(A.Activation.NONE, False), (A.Activation.GELU, False),
+                                          (A.Activation.RELU, True)])
+def test_linear_at_row_counts_it_was_not_prepared_for(dtype, act, residual):
+    """A dynamic plan's GEMM, prepared at 2x5 rows, called at other lengths: rows padded up
+    to a bucket, the first rows of the result kept (odd counts, bucket edges, one row)."""
+    b = GraphBuilder()
+    x = b.input("x", (2, 5, 16), DType.from_torch(dtype))
+    w, bias = torch.randn(24, 16).to(dtype), torch.randn(24).to(dtype)
+    r = b.input("r", (2, 5, 24), DType.from_torch(dtype)) if residual else None
+    y = b.add(OpKind.LINEAR, *([x, b.const(w), b.const(bias)] + ([r] if residual else [])), attrs=A.LinearAttrs(act))
+    node = b.build([y]).nodes[0]
+    fn = _kernel(OpKind.LINEAR).bind(node, [None, w, bias] + ([None] if residual else []))
+    atol, rtol = _tol(dtype)
+    for batch, seq in [(1, 1), (1, 7), (3, 17), (1, 64), (1, 65), (1, 129), (2, 511)]:
+        args = [torch.randn(batch, seq, 16).to(dtype), w, bias]
+        args += [torch.randn(batch, seq, 24).to(dtype)] if residual else []
+        got = fn(args, node.attrs)
+        assert got.shape == (batch, seq, 24) and got.is_contiguous()
+        torch.testing.assert_close(got, ref_linear(args, node.attrs), atol=atol, rtol=rtol)
+
+
+def test_row_buckets_are_few_and_close_above():
+    buckets = {onednn.row_bucket(m) for m in range(1, 513)}
+    assert len(buckets) == 20 and max(buckets) == 512
+    for m in range(1, 3000):
+        mb = onednn.row_bucket(m)
+        assert mb >= m and mb % 8 == 0 and onednn.row_bucket(mb) == mb
+        assert m <= 64 or mb <= 1.25 * m
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["row", "nhwc"])
 @pytest.mark.parametrize("case", ["plain", "bias_relu", "residual_relu", "grouped_strided"])
 def test_conv(dtype, layout, case):
