@@ -2,7 +2,8 @@
 
 A candidate beside torch's kernel for 4-D channels-last fp32/bf16 MAX_POOL2D (ResNet's
 stem); ``kernels.choice`` keeps whichever measures faster on the node's shapes. The output
-shape comes from the node's type (so ceil_mode needs nothing here).
+shape comes from the node's type (so ceil_mode needs nothing here), its batch from the
+input (a dynamic plan's batch varies per call).
 
 uint8 (quantized activations, int8-static's stem) in any declared layout: the quantized
 convolutions store channels-last, so the input is read as it lies (copied to channels-last
@@ -21,7 +22,7 @@ from .registry import register_kernel
 
 def _accepts(node: Node) -> bool:
     x = node.inputs[0].type
-    if x.rank != 4 or not x.is_static:
+    if x.rank != 4 or not all(isinstance(d, int) for d in x.shape[1:]):  # the batch may vary per call
         return False
     from kiln import _C
 
@@ -36,16 +37,17 @@ def _prepare(node: Node, consts: list):
     from kiln import _C
 
     a: A.Pool2dAttrs = node.attrs
-    shape = tuple(node.outputs[0].type.shape)
+    shape = tuple(node.outputs[0].type.shape[1:])
 
     def run(ins, attrs):
         x = as_channels_last(ins[0])
-        y = torch.empty(shape, dtype=x.dtype, memory_format=torch.channels_last)
+        y = torch.empty((x.shape[0],) + shape, dtype=x.dtype, memory_format=torch.channels_last)
         _C.max_pool2d_nhwc(nhwc_array(x), nhwc_array(y), a.kernel, a.stride, a.padding, a.dilation, torch.get_num_threads())
         return y
     return run
 
 
-@register_kernel(OpKind.MAX_POOL2D, "cpu", name="cpu.max_pool2d_nhwc", accepts=_accepts, prepare=_prepare)
+@register_kernel(OpKind.MAX_POOL2D, "cpu", name="cpu.max_pool2d_nhwc", accepts=_accepts, prepare=_prepare,
+                 dynamic=True)
 def max_pool2d_nhwc(ins, attrs):
     raise RuntimeError("cpu.max_pool2d_nhwc runs through its prepared function")

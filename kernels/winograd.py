@@ -24,6 +24,7 @@ import torch
 
 from kiln.ir import LayoutKind, Node, OpKind
 from kiln.ir import attrs as A
+from kiln.ir.reference import epilogue
 
 from .nhwc import as_channels_last, nhwc_array
 from .registry import register_kernel
@@ -49,9 +50,10 @@ def transform_weight(w: torch.Tensor, m: int) -> torch.Tensor:
 MAX_BUFFER_BYTES = 256 << 20
 
 
-def _buffer_bytes(node: Node, m: int) -> int:
+def _buffer_bytes(node: Node, m: int, batch: int | None = None) -> int:
     n, c, _, _ = node.inputs[0].type.shape
     _, k, oh, ow = node.outputs[0].type.shape
+    n = batch if batch is not None else n
     return (m + 2) ** 2 * n * -(-oh // m) * -(-ow // m) * max(c, k) * 4
 
 
@@ -60,7 +62,9 @@ def _accepts(node: Node) -> bool:
         return False
     x, w = node.inputs[0].type, node.inputs[1].type
     a: A.Conv2dAttrs = node.attrs
-    if not (x.is_static and x.rank == 4 and x.layout.kind is LayoutKind.CHANNELS_LAST):
+    # the batch may vary per call (a dynamic plan); channels and image size may not
+    if not (x.rank == 4 and all(isinstance(d, int) for d in x.shape[1:]) and
+            x.layout.kind is LayoutKind.CHANNELS_LAST):
         return False
     if x.dtype.value != "float32" or w.dtype.value != "float32" or tuple(w.shape[2:]) != (3, 3):
         return False
@@ -68,7 +72,7 @@ def _accepts(node: Node) -> bool:
         return False
     if a.activation not in (A.Activation.NONE, A.Activation.RELU) or min(a.padding) < 0:
         return False
-    if _buffer_bytes(node, 2) > MAX_BUFFER_BYTES:
+    if _buffer_bytes(node, 2, None if x.is_static else 1) > MAX_BUFFER_BYTES:
         return False
     from kiln import _C
 
@@ -80,15 +84,17 @@ def _prepare(m: int):
         from kiln import _C
 
         w = consts[1]
-        if w is None or _buffer_bytes(node, m) > MAX_BUFFER_BYTES:
+        if w is None or _buffer_bytes(node, m) > MAX_BUFFER_BYTES:  # at the plan's (representative) batch
             return _unusable
         u = transform_weight(w, m)
         a: A.Conv2dAttrs = node.attrs
         ph, pw = a.padding
-        n, c, h, wd = node.inputs[0].type.shape
-        out_shape = tuple(node.outputs[0].type.shape)
-        k, oh, ow = out_shape[1], out_shape[2], out_shape[3]
-        tiles = n * -(-oh // m) * -(-ow // m)
+        _, c, h, wd = node.inputs[0].type.shape
+        _, k, oh, ow = node.outputs[0].type.shape
+        tiles_per_image = -(-oh // m) * -(-ow // m)
+        # a dynamic plan's call whose batch would take the transformed buffers past the cap
+        # runs the direct convolution instead
+        max_batch = MAX_BUFFER_BYTES // _buffer_bytes(node, m, 1)
         bias_c = consts[2] if len(consts) > 2 and consts[2] is not None else None
         if bias_c is not None:
             bias_c = bias_c.float().contiguous()
@@ -97,12 +103,16 @@ def _prepare(m: int):
         relu = a.activation is A.Activation.RELU
 
         def run(ins, attrs):
+            n = ins[0].shape[0]  # per call: a dynamic plan's batch varies
+            bias = (bias_c if bias_c is not None else ins[2].float().contiguous()) if has_bias else None
+            if n > max_batch:
+                return epilogue(torch.nn.functional.conv2d(ins[0], w, bias, 1, (ph, pw)),
+                                ins[3] if has_res else None, a.activation)
             threads = torch.get_num_threads()
-            v = torch.empty(u.shape[0], tiles, c)
+            v = torch.empty(u.shape[0], n * tiles_per_image, c)
             _C.winograd_input(nhwc_array(as_channels_last(ins[0])), v.numpy(), oh, ow, k, ph, pw, m, threads)
             mt = torch.bmm(v, u)
-            y = torch.empty(out_shape, memory_format=torch.channels_last)
-            bias = (bias_c if bias_c is not None else ins[2].float().contiguous()) if has_bias else None
+            y = torch.empty((n, k, oh, ow), memory_format=torch.channels_last)
             res = nhwc_array(as_channels_last(ins[3])) if has_res else None
             _C.winograd_output(mt.numpy(), nhwc_array(y), None if bias is None else bias.numpy(), res, relu,
                                h, wd, c, ph, pw, m, threads)
@@ -117,5 +127,5 @@ def _unusable(ins, a):
 
 
 for _m in (4, 2):
-    register_kernel(OpKind.CONV2D, "cpu", name=f"cpu.winograd{_m}_conv", accepts=_accepts,
+    register_kernel(OpKind.CONV2D, "cpu", name=f"cpu.winograd{_m}_conv", accepts=_accepts, dynamic=True,
                     prepare=_prepare(_m))(_unusable)

@@ -72,6 +72,21 @@ def test_is_a_candidate_for_channels_last_nodes_only():
             assert torch.equal(k.bind(node, [None])([t], node.attrs), F.max_pool2d(t, 3, 2, 1))
 
 
+def test_a_symbolic_batch_is_served_at_any_batch():
+    from kiln.ir import Sym
+
+    b = GraphBuilder()
+    x = b.add(OpKind.TO_LAYOUT, b.input("x", (Sym("batch"), 8, 12, 12)),
+              attrs=A.LayoutAttrs(Layout(LayoutKind.CHANNELS_LAST)))
+    g = b.build((b.add(OpKind.MAX_POOL2D, x, attrs=A.Pool2dAttrs((3, 3), (2, 2), (1, 1))),))
+    node = next(n for n in g.nodes if n.op is OpKind.MAX_POOL2D)
+    k = next(k for k in candidates(node, "cpu") if k.name == "cpu.max_pool2d_nhwc")
+    fn = k.bind(node.at_sizes({"batch": 2}), [None])
+    for n in (1, 2, 5):
+        t = torch.randn(n, 8, 12, 12).contiguous(memory_format=torch.channels_last)
+        assert torch.equal(fn([t], node.attrs), F.max_pool2d(t, 3, 2, 1)), n
+
+
 @pytest.mark.skipif(not _C.max_pool_u8_supported(), reason="built without AVX-512BW")
 @pytest.mark.parametrize("channels", [3, 64, 65, 130])
 @pytest.mark.parametrize("threads", [1, 2])

@@ -141,3 +141,27 @@ def test_large_transformed_buffers_are_declined(monkeypatch):
     with pytest.raises(RuntimeError):
         k.bind(node, [None, w])([torch.randn(1, 8, 32, 32).contiguous(memory_format=torch.channels_last), w],
                                 node.attrs)
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_a_symbolic_batch_runs_any_batch_and_past_the_buffer_cap_the_direct_convolution(m, monkeypatch):
+    """A dynamic plan's node (batch symbolic) gets Winograd as a candidate, prepared at a
+    representative batch of 2 and called at others; a batch whose transformed buffers would
+    pass the cap runs the direct convolution (the same answer)."""
+    from kiln.ir import Sym
+
+    w = torch.randn(16, 8, 3, 3) * 0.2
+    bias = torch.randn(16)
+    attrs = A.Conv2dAttrs(padding=(1, 1), activation=RELU)
+    sym = _node((Sym("batch"), 8, 9, 11), w, bias, True, attrs)
+    assert f"cpu.winograd{m}_conv" in [k.name for k in candidates(sym, "cpu")]
+    k = next(k for k in candidates(sym, "cpu") if k.name == f"cpu.winograd{m}_conv")
+    monkeypatch.setattr(winograd, "MAX_BUFFER_BYTES", winograd._buffer_bytes(sym.at_sizes({"batch": 4}), m))
+    fn = k.bind(sym.at_sizes({"batch": 2}), [None, w, bias, None])
+    for n in (1, 3, 4, 5, 7):  # 5 and 7 are past the cap: direct convolution
+        x = torch.randn(n, 8, 9, 11).contiguous(memory_format=torch.channels_last)
+        r = torch.randn(n, 16, 9, 11).contiguous(memory_format=torch.channels_last)
+        y = fn([x, w, bias, r], attrs)
+        ref = (F.conv2d(x.double(), w.double(), bias.double(), padding=1) + r.double()).relu()
+        assert y.shape == (n, 16, 9, 11)
+        assert (y.double() - ref).abs().max().item() < 1e-4, n
