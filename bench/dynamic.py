@@ -9,8 +9,9 @@ text (mostly 16-128 tokens, a tail to 512), ResNet-18 with batch sizes 1-32. Eac
 the whole stream in a process of its own (so its peak RSS is its own): it is built on the
 first request's inputs, then answers every request; every compile it needs along the way
 (Kiln static: one per new shape) counts in the stream's total. Reported per engine: the
-total stream time including compiles, p50 and p99 request latency, peak RSS, and the largest
-output error against eager over the stream (checked on every 10th request).
+total stream time including compiles, p50 and p99 request latency, peak RSS (and its ratio
+to the peak right after the build: what the stream added), and the largest output error
+against eager over the stream (checked on every 10th request, outside the timings).
 
 Engines: ``eager``; ``kiln_dynamic`` (``dynamic=True``); ``kiln_static`` (a plan per shape);
 ``inductor`` (``torch.compile(dynamic=True)``); ``onnxruntime`` (dynamic axes); ``openvino``
@@ -132,6 +133,7 @@ def run_engine(engine: str, name: str, n: int, threads: int, quick: bool, precis
     with torch.no_grad():
         fn = _build(engine, model, first, name, precision)
         build_s = time.perf_counter() - t0
+        rss_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak so far: the build's
         lat, err, checking = [], 0.0, 0.0
         for i, (b, s) in enumerate(reqs):
             args = _inputs(name, b, s, example)
@@ -147,6 +149,7 @@ def run_engine(engine: str, name: str, n: int, threads: int, quick: bool, precis
     return {"engine": engine, "model": name, "threads": threads, "requests": n, "build_s": build_s,
             "total_s": total, "p50_ms": statistics.median(lat) * 1e3, "precision": precision,
             "p99_ms": sorted(lat)[max(0, int(len(lat) * 0.99) - 1)] * 1e3, "peak_rss_mb": rss_mb,
+            "build_rss_mb": rss_built,
             "max_abs_err": err}
 
 
@@ -316,6 +319,8 @@ def main_with(args) -> int:
             print(f"| {r['model']} | {r['threads']} | {r['engine']} | failed: {r['error']} |||||||")
             continue
         rss = "—" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f}"
+        if r.get("build_rss_mb"):  # how much the stream grew the process past its build
+            rss += f" ({r['peak_rss_mb'] / r['build_rss_mb']:.2f}x build)"
         print(f"| {r['model']} | {r['threads']} | {r['engine']} | {r['total_s']:.1f} | {r['build_s']:.1f} | "
               f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['p99_ms'] / r['p50_ms']:.2f} | {rss} | "
               f"{r['max_abs_err']:.1e} |")

@@ -163,6 +163,13 @@ def test_bench_dynamic_quick(tmp_path):
     assert all("error" not in r for r in rows), rows
     assert all(r["max_abs_err"] < 1e-3 and r["requests"] == 20 for r in rows)
     assert "p99/p50" in out
+    # interleaved in one process, bf16: ONNX Runtime has no bf16 CPU path and says so in its row
+    out = _kiln("bench", "dynamic", "--quick", "--interleave", "--precision", "bf16", "--models", "hf_bert",
+                "--engines", "eager,kiln_dynamic,onnxruntime", "--json", str(j))
+    rows = {r["engine"]: r for r in json.loads(j.read_text())}
+    assert "no bf16" in rows["onnxruntime"]["error"]
+    assert all(rows[e]["precision"] == "bf16" and rows[e]["max_abs_err"] < 5e-2 for e in ("eager", "kiln_dynamic"))
+    assert "Kiln dynamic total" in out
 
 
 @pytest.mark.bench
