@@ -368,11 +368,31 @@ def _sdpa(cx, args, kw, n):
     dropout = args[4] if len(args) > 4 else kw.get("dropout_p", 0.0)
     causal = args[5] if len(args) > 5 else kw.get("is_causal", False)
     scale = args[6] if len(args) > 6 else kw.get("scale")
-    if dropout or kw.get("enable_gqa"):
+    if dropout:
         return None
+    if kw.get("enable_gqa") or (len(args) > 7 and args[7]):
+        k, v = _repeat_heads(cx, k, q), _repeat_heads(cx, v, q)
+        if k is None or v is None:
+            return None
     ins = [q, k, v] + ([mask] if mask is not None else [])
     return cx.add(OpKind.ATTENTION, *ins, attrs=A.AttentionAttrs(None if scale is None else float(scale),
                                                                  bool(causal)))
+
+
+def _repeat_heads(cx, kv, q):
+    """Grouped-query attention (``enable_gqa``): each of ``kv``'s heads repeated for the group
+    of query heads it serves (as ``repeat_interleave`` on the head dim; torch's own rule),
+    so the attention op sees as many key/value heads as query heads. None when the head
+    counts are symbolic or do not divide."""
+    hq, hk = q.shape[-3], kv.shape[-3]
+    if not (isinstance(hq, int) and isinstance(hk, int)) or hk == 0 or hq % hk:
+        return None
+    if hq == hk:
+        return kv
+    lead, (s, d) = list(kv.shape[:-3]), kv.shape[-2:]
+    x = cx.reshape(kv, lead + [hk, 1, s, d])
+    x = cx.add(OpKind.EXPAND, x, attrs=A.ShapeAttrs(tuple(lead + [hk, hq // hk, s, d])))
+    return cx.reshape(x, lead + [hq, s, d])
 
 
 def _rnn(kind):

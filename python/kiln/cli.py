@@ -123,6 +123,12 @@ def _cmd_bench_dynamic(args) -> int:
     return dynamic.main_with(args)
 
 
+def _cmd_bench_suite_dynamo(args) -> int:
+    from kiln.bench import suite_dynamo
+
+    return suite_dynamo.cmd(args)
+
+
 def _cmd_bench_suite(args) -> int:
     from kiln.bench import suite
 
@@ -328,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
              "kiln.bench.dynamic", _cmd_bench_dynamic),
             ("suite", "the Hugging Face model suite: pass rate, fallbacks, speedups, compile time",
              "kiln.bench.suite_report", _cmd_bench_suite),
+            ("suite-dynamo", "the model suite through torch.compile(backend='kiln'): pass rate, graph breaks",
+             "kiln.bench.suite_dynamo", _cmd_bench_suite_dynamo),
             ("elementwise", "a generated fused elementwise kernel vs memory bandwidth and eager",
              "kiln.bench.elementwise", _cmd_bench_elementwise),
             ("serve", "Ray Serve throughput and latency, Kiln vs eager; Ray Data offline inference",

@@ -65,6 +65,9 @@ OPS = [
     ("sdpa", lambda q, k, v: F.scaled_dot_product_attention(q, k, v), [(1, 2, 4, 8)] * 3, FLOATS, "any"),
     ("sdpa_causal", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), [(1, 2, 4, 8)] * 3,
      (F32,), "any"),
+    # grouped-query attention: 6 query heads share 2 key/value heads (Qwen2, Mistral under torch.compile)
+    ("sdpa_gqa", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+     [(1, 6, 5, 8), (1, 2, 5, 8), (1, 2, 5, 8)], FLOATS, "any"),
 ]
 
 

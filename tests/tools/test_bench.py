@@ -182,3 +182,18 @@ def test_bench_artifacts_quick(tmp_path):
     assert artifacts.main(["lstm", "--quick", "--runs", "1", "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())
     assert row["bitwise"] and row["artifact_bytes"] > 0 and set(row["split"]) >= {"read_weights", "prepare", "total"}
+
+
+@pytest.mark.bench
+def test_bench_suite_dynamo_quick(tmp_path):
+    """torch.compile(backend="kiln") over suite models (tiny configs): each passes against
+    eager, and the graphs, graph breaks and fallbacks are reported."""
+    j = tmp_path / "dynamo.json"
+    out = _kiln("bench", "suite-dynamo", "--quick", "--only", "bert,qwen2,resnet", "--json", str(j))
+    rows = {r["model"]: r for r in json.loads(j.read_text())}
+    assert set(rows) == {"bert", "qwen2", "resnet"}
+    for r in rows.values():
+        assert r["status"] == "pass" and r["graphs"] >= 1 and r["rel_err"] <= 1e-4, r
+        assert isinstance(r["break_reasons"], dict) and isinstance(r["fallbacks"], dict)
+    assert rows["qwen2"]["fallbacks"] == {}  # grouped-query SDPA converts (enable_gqa)
+    assert 'torch.compile(backend="kiln"): pass 3/3' in out
