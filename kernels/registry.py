@@ -94,7 +94,7 @@ def _shared_binding(k: Kernel, node: Node, constants: list) -> KernelFn:
 _REGISTRY: dict[tuple[OpKind, str], list[Kernel]] = {}
 # the modules whose import registers kernels (imported on first lookup, not at package import)
 _KERNEL_MODULES = ("rnn_cpu", "pool_cpu", "qact_cpu", "attention_cpu", "onednn", "amx_linear", "winograd", "mkl", "quant",
-                   "quant_native", "reference", "sparse")
+                   "quant_native", "reference", "sparse", "layout_cpu")
 
 
 _loaded = False
