@@ -7,6 +7,8 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -15,7 +17,50 @@ namespace py = pybind11;
 
 namespace {
 
-constexpr int64_t kTile = 32;
+// 16 x 16 tiles: 16 rows of one operand a power-of-two stride apart (C = 512 channels) still
+// fit the L1's sets, where 32 rows evicted each other.
+constexpr int64_t kTile = 16;
+
+#ifdef __AVX512F__
+// In-register transpose of a 16 x 16 block of 4-byte elements: r[i][j] -> r[j][i] (the same
+// shuffles as attention.cpp's; they move bits, so any 4-byte type goes through unchanged).
+inline void transpose16(__m512* r) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 16; i += 8)
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xDD);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xDD);
+  }
+}
+
+// A full 16 x 16 tile of 4-byte elements: 16 row loads, the register transpose, 16 row stores.
+inline bool full_tile(const uint32_t* x, uint32_t* y, int64_t rows, int64_t cols) {
+  __m512 r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(x + i * cols);
+  transpose16(r);
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(y + i * rows, r[i]);
+  return true;
+}
+#endif
+
+template <typename T>
+inline bool full_tile(const T*, T*, int64_t, int64_t) {
+  return false;  // other element sizes: the loops below
+}
 
 template <typename T>
 void transpose_tiles(const T* x, T* y, int64_t batch, int64_t rows, int64_t cols, int threads) {
@@ -24,11 +69,15 @@ void transpose_tiles(const T* x, T* y, int64_t batch, int64_t rows, int64_t cols
   const int64_t tiles = batch * rt * ct;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
   for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t b = t / (rt * ct), r0 = (t / ct) % rt * kTile, c0 = t % ct * kTile;
+    // row tiles fastest: each task's 16 output rows are written front to back, whole cache
+    // lines while they are hot (an output row length like 3199 puts tile edges mid-line)
+    const int64_t b = t / (rt * ct), c0 = (t / rt) % ct * kTile, r0 = t % rt * kTile;
     const int64_t r1 = std::min(rows, r0 + kTile), c1 = std::min(cols, c0 + kTile);
     const T* xb = x + b * rows * cols;
     T* yb = y + b * rows * cols;
-    if (r1 - r0 == kTile && c1 - c0 == kTile) {  // full tile: fixed trip counts vectorize
+    if (r1 - r0 == kTile && c1 - c0 == kTile && full_tile(xb + r0 * cols + c0, yb + c0 * rows + r0, rows, cols)) {
+      // done in registers
+    } else if (r1 - r0 == kTile && c1 - c0 == kTile) {  // full tile: fixed trip counts vectorize
       for (int64_t c = 0; c < kTile; ++c)
         for (int64_t r = 0; r < kTile; ++r) yb[(c0 + c) * rows + r0 + r] = xb[(r0 + r) * cols + c0 + c];
     } else {
