@@ -21,15 +21,20 @@ from .registry import register_kernel
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def available() -> bool:
+    """Whether the native module has the transposition (without it the reference's copy runs)."""
+    try:
+        from kiln import _C
+    except ImportError:
+        return False
+    return hasattr(_C, "transpose_batched")
+
+
 def _accepts(node: Node) -> bool:
     x = node.inputs[0].type
     if x.rank != 4 or not x.is_static or node.attrs.layout.kind not in (LayoutKind.CHANNELS_LAST, LayoutKind.ROW_MAJOR):
         return False
-    try:
-        from kiln import _C
-    except ImportError:  # no native module: the reference's copy runs
-        return False
-    return hasattr(_C, "transpose_batched")
+    return available()
 
 
 def _bits(t: torch.Tensor):
