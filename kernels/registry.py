@@ -92,9 +92,13 @@ def _shared_binding(k: Kernel, node: Node, constants: list) -> KernelFn:
 
 
 _REGISTRY: dict[tuple[OpKind, str], list[Kernel]] = {}
-# the modules whose import registers kernels (imported on first lookup, not at package import)
-_KERNEL_MODULES = ("rnn_cpu", "pool_cpu", "qact_cpu", "attention_cpu", "onednn", "amx_linear", "winograd", "mkl", "quant",
-                   "quant_native", "reference", "sparse")
+# the modules whose import registers kernels (imported on first lookup, not at package import).
+# Their order is the prior of kernel choice among candidates that measure tied: "mkl" comes
+# before "onednn" because MKL's packed sgemm (what Inductor calls for frozen fp32 linears)
+# is the faster fp32 GEMM at transformer shapes by less than the noise margin of one
+# compile's measurement, so ties must go to it (docs/benchmarks.md, the model suite).
+_KERNEL_MODULES = ("rnn_cpu", "pool_cpu", "qact_cpu", "attention_cpu", "mkl", "onednn", "amx_linear", "winograd", "quant",
+                   "quant_native", "reference", "sparse", "layout_cpu")
 
 
 _loaded = False
@@ -110,12 +114,23 @@ def _load_kernel_modules() -> None:
         _loaded = True
 
 
+def _module_rank(fn) -> int:
+    """Position of ``fn``'s module in ``_KERNEL_MODULES`` (other modules after them all)."""
+    mod = getattr(fn, "__module__", "") or ""
+    pkg, _, leaf = mod.rpartition(".")
+    return _KERNEL_MODULES.index(leaf) if pkg == __package__ and leaf in _KERNEL_MODULES else len(_KERNEL_MODULES)
+
+
 def register_kernel(op: OpKind, target: str, name: str | None = None, accepts=None, prepare=None,
                     dynamic: bool = False, requires=()):
     def deco(fn: KernelFn) -> KernelFn:
         k = Kernel(op, target, name or fn.__name__, fn, accepts or (lambda node: True), prepare, dynamic,
                    frozenset(requires))
-        _REGISTRY.setdefault((op, target), []).append(k)
+        ks = _REGISTRY.setdefault((op, target), [])
+        # listed in _KERNEL_MODULES' order whichever module was imported first
+        rank = _module_rank(fn)
+        at = next((i for i, other in enumerate(ks) if _module_rank(other.fn) > rank), len(ks))
+        ks.insert(at, k)
         return fn
 
     return deco

@@ -9,8 +9,11 @@ axis (a view, no copy).
 
 The rewrite is exact: every output column is still the dot product of the same row of ``x``
 with the same weight row, plus the same bias. It fires only when every sibling has a
-constant 2-D weight of the input's dtype, the same bias presence (constant), the same
-activation and no residual operand (a residual differs per sibling).
+constant 2-D weight of the input's dtype, constant biases where present, the same
+activation and no residual operand (a residual differs per sibling). Siblings with and
+without a bias fuse too (Whisper's key projection has none, its query and value do): the
+bias-free ones get zeros, and ``acc + 0`` is ``acc`` (only a -0.0 becomes +0.0, which
+compares and computes the same everywhere downstream).
 """
 from __future__ import annotations
 
@@ -34,10 +37,11 @@ def _key(n: Node, consts: dict) -> tuple | None:
         return None
     if wt.dtype != x.dtype.to_torch() or not wt.is_floating_point():
         return None
-    has_bias = len(n.inputs) == 3
-    if has_bias and (consts.get(n.inputs[2]) is None or consts[n.inputs[2]].dtype != wt.dtype):
-        return None
-    return (x, n.attrs.activation, has_bias, wt.dtype)
+    if len(n.inputs) == 3:
+        bt = consts.get(n.inputs[2])
+        if bt is None or bt.dtype != wt.dtype or tuple(bt.shape) != (wt.shape[0],):
+            return None
+    return (x, n.attrs.activation, wt.dtype)
 
 
 def _common_scope(nodes: list[Node]) -> str:
@@ -70,6 +74,16 @@ def fuse_sibling_linears(graph: Graph) -> Graph:
             fused_consts[key] = rw.const(torch.cat([consts[v] for v in vals]), name)
         return fused_consts[key]
 
+    def concat_bias(group: list[Node]) -> Value | None:
+        if all(len(m.inputs) < 3 for m in group):
+            return None
+        key = tuple(m.inputs[2] if len(m.inputs) == 3 else ("zeros", m.inputs[1]) for m in group)
+        if key not in fused_consts:
+            parts = [consts[m.inputs[2]] if len(m.inputs) == 3 else
+                     torch.zeros(consts[m.inputs[1]].shape[0], dtype=consts[m.inputs[1]].dtype) for m in group]
+            fused_consts[key] = rw.const(torch.cat(parts), "b_fused")
+        return fused_consts[key]
+
     for n in graph.nodes:
         if n in absorbed:
             continue  # emitted with the group's first member (they read nothing it does not)
@@ -80,7 +94,7 @@ def fuse_sibling_linears(graph: Graph) -> Graph:
         group = first[n]
         rw.scope = _common_scope(group)
         w = concat_const([m.inputs[1] for m in group], "w_fused")
-        b = concat_const([m.inputs[2] for m in group], "b_fused") if len(n.inputs) == 3 else None
+        b = concat_bias(group)
         fused = rw.add(OpKind.LINEAR, ins[0], w, *([b] if b is not None else []), attrs=n.attrs)
         start = 0
         axis = fused.type.rank - 1

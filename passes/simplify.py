@@ -40,7 +40,17 @@ def _identity_slice(n):
     return a.start == 0 and a.step == 1 and a.end == n.inputs[0].shape[a.axis]
 
 
-zero, one = is_scalar_const(0.0), is_scalar_const(1.0)
+def _square(m, rw):
+    """pow(x, 2) -> x * x for float x: torch squares by one multiply too (both are the
+    correctly rounded square), and a multiply fuses and vectorizes where a generated kernel
+    would call the scalar libm ``powf`` per element (RMSNorm's ``x.pow(2).mean(-1)``)."""
+    x, out = m["x"], m.root.outputs[0]
+    if not x.dtype.is_float or (x.type.dtype, x.type.shape) != (out.type.dtype, out.type.shape):
+        return None
+    return rw.add(OpKind.MUL, x, x)
+
+
+zero, one, two = is_scalar_const(0.0), is_scalar_const(1.0), is_scalar_const(2.0)
 
 RULES = [
     (P(OpKind.IDENTITY, "x"), lambda m, rw: m["x"]),
@@ -48,6 +58,7 @@ RULES = [
     (P(OpKind.SUB, "x", Const(where=zero)), lambda m, rw: _same_type(m, rw, "x")),
     (P(OpKind.MUL, "x", Const(where=one), commutative=True), lambda m, rw: _same_type(m, rw, "x")),
     (P(OpKind.DIV, "x", Const(where=one), where=true_div), lambda m, rw: _same_type(m, rw, "x")),
+    (P(OpKind.POW, "x", Const(where=two)), _square),
     (P(OpKind.RESHAPE, "x", where=lambda n: tuple(n.attrs.shape) == tuple(n.inputs[0].shape)), lambda m, rw: m["x"]),
     (P(OpKind.RESHAPE, P(OpKind.RESHAPE, "x")), _reshape_chain),
     (P(OpKind.PERMUTE, "x", where=lambda n: n.attrs.perm == tuple(range(len(n.attrs.perm)))), lambda m, rw: m["x"]),

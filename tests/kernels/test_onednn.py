@@ -136,3 +136,19 @@ def test_mkl_packed_linear(act, residual, bias):
     torch.testing.assert_close(fn(args, node.attrs), ref_linear(args, node.attrs), atol=1e-4, rtol=1e-4)
     args[0] = torch.randn(3, 7, 40)[..., :20]  # a strided view (rows 40 apart), as a slice hands over
     torch.testing.assert_close(fn(args, node.attrs), ref_linear(args, node.attrs), atol=1e-4, rtol=1e-4)
+
+
+def test_mkl_is_the_prior_for_static_fp32_linears():
+    """Among candidates that measure tied, kernel choice keeps the one listed first: for a
+    static fp32 linear with a constant weight that is MKL's packed sgemm (Inductor's choice
+    for frozen fp32 linears), then oneDNN, the reference last."""
+    from kiln.kernels import mkl
+    from kiln.kernels.registry import candidates
+
+    if not mkl._MKL:
+        pytest.skip("torch was built without MKL")
+    b = GraphBuilder()
+    x = b.input("x", (1, 8, 16))
+    node = b.build([b.add(OpKind.LINEAR, x, b.const(torch.randn(32, 16)), b.const(torch.randn(32)))]).nodes[0]
+    names = [k.name for k in candidates(node, "cpu")]
+    assert names.index("cpu.mkl_linear") < names.index("cpu.onednn_linear") < names.index("reference.linear"), names

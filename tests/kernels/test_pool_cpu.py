@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln import _C
-from kiln.ir import GraphBuilder, Layout, LayoutKind, OpKind
+from kiln.ir import DType, GraphBuilder, Layout, LayoutKind, OpKind
 from kiln.ir import attrs as A
 from kiln.kernels.nhwc import nhwc_array as _nhwc
 from kiln.kernels.registry import candidates
@@ -119,3 +119,23 @@ def test_uint8_nodes_are_candidates_in_any_layout():
     t = torch.randint(0, 256, (1, 8, 12, 12), dtype=torch.uint8)
     for inp in (t, t.contiguous(memory_format=torch.channels_last)):
         assert torch.equal(k.bind(node, [None])([inp], node.attrs), F.max_pool2d(t, 3, 2, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nchw_max_pool_through_channels_last_matches_torch(dtype):
+    """cpu.max_pool2d_via_nhwc: a row-major (NCHW) input pooled channels-last, returned
+    row-major, bit for bit torch's NCHW max-pool."""
+    b = GraphBuilder()
+    x = b.input("x", (2, 16, 15, 13), {torch.float32: DType.FLOAT32, torch.bfloat16: DType.BFLOAT16}[dtype])
+    attrs = A.Pool2dAttrs((3, 3), (2, 2), (1, 1), (1, 1), True)
+    node = b.build((b.add(OpKind.MAX_POOL2D, x, attrs=attrs),)).nodes[0]
+    k = next(k for k in candidates(node, "cpu") if k.name == "cpu.max_pool2d_via_nhwc")
+    t = torch.randn(2, 16, 15, 13).to(dtype)
+    t[1, 3, 4, 4] = float("nan")
+    y = k.bind(node, [None])([t], attrs)
+    ref = F.max_pool2d(t, 3, 2, 1, 1, True)
+    assert y.is_contiguous() and torch.equal(torch.isnan(y), torch.isnan(ref))
+    assert torch.equal(y.nan_to_num(0), ref.nan_to_num(0))
+    cl = b.build((b.add(OpKind.MAX_POOL2D, b.add(OpKind.TO_LAYOUT, x, attrs=A.LayoutAttrs(Layout(LayoutKind.CHANNELS_LAST))),
+                        attrs=attrs),)).nodes[-1]
+    assert "cpu.max_pool2d_via_nhwc" not in [k.name for k in candidates(cl, "cpu")]  # the NHWC kernels take those

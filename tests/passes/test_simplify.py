@@ -40,3 +40,32 @@ def test_simplify_keeps_broadcasting_identities():
     assert out.op_counts() == {"add": 1}
     assert_structural_equal(out, build(before, (4,)))
     assert_same_outputs(g, out)
+
+
+def test_simplify_square_becomes_a_multiply():
+    # RMSNorm's x.pow(2): a multiply fuses and vectorizes in generated kernels
+    def before(b, x):
+        return b.add(OpKind.MEAN, b.add(OpKind.POW, x, b.const(torch.tensor(2))),
+                     attrs=A.ReduceAttrs((1,), True))
+
+    def expected(b, x):
+        return b.add(OpKind.MEAN, b.add(OpKind.MUL, x, x), attrs=A.ReduceAttrs((1,), True))
+
+    g = build(before, (4, 8))
+    out = run_pass("simplify", g)
+    assert_structural_equal(out, build(expected, (4, 8)))
+    assert_same_outputs(g, out)
+
+
+def test_simplify_keeps_other_powers_and_broadcasting_squares():
+    def cube(b, x):
+        return b.add(OpKind.POW, x, b.const(torch.tensor(3.0)))
+
+    def broadcast(b, x):  # x ** full((2, 4), 2) broadcasts x from (4,): not x * x
+        return b.add(OpKind.POW, x, b.const(torch.full((2, 4), 2.0)))
+
+    for fn in (cube, broadcast):
+        g = build(fn, (4,))
+        out = run_pass("simplify", g)
+        assert out.op_counts() == {"pow": 1}
+        assert_same_outputs(g, out)
