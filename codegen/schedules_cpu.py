@@ -8,6 +8,8 @@ for a given group and thread count, so the tuner does not measure duplicates.
 """
 from __future__ import annotations
 
+import math
+
 from kiln.codegen.autotune import Space, space
 from kiln.ir import OpKind
 
@@ -66,6 +68,9 @@ def _fuse(sch, loops):
 
 def _schedule_reduction(sch, b, config: dict, threads: int) -> None:
     spatial, red = _spatial_reduce_loops(sch, b)
+    if _column_reduction(sch, b, spatial):
+        _schedule_column_reduction(sch, b, spatial, red, config, threads)
+        return
     r = _fuse(sch, red)
     rv = config["rvector"]
     ext = _extent(sch, r)
@@ -80,6 +85,66 @@ def _schedule_reduction(sch, b, config: dict, threads: int) -> None:
     else:
         _unroll(sch, r, config["unroll"])
     _parallel_rows(sch, spatial, threads, ext, config["grain"])
+
+
+def _column_reduction(sch, b, spatial) -> bool:
+    """A reduction over outer axes whose innermost axis is kept: every read indexes its last
+    (contiguous) axis with the block's last spatial variable and no read's last index is
+    reduced (a channels-last image summed over H and W per channel, ConvNeXt V2's GRN). The
+    row schedule would walk each column down its stride, one cache line per element."""
+    if not spatial or _extent(sch, spatial[-1]) in (None, 1):
+        return False
+    blk = sch.get(b)
+    ivs = list(blk.iter_vars)
+    n_spatial = len(spatial)
+    last = ivs[n_spatial - 1].var
+    reduced = [iv.var for iv in ivs[n_spatial:]]
+    hit = False
+    for r in blk.reads:
+        if not r.region:
+            continue
+        idx = r.region[-1].min
+        if idx.same_as(last):
+            hit = True
+        elif any(_uses(idx, v) for v in reduced):
+            return False
+    return hit
+
+
+def _uses(expr, var) -> bool:
+    from tvm import tirx
+
+    found = []
+    tirx.stmt_functor.post_order_visit(expr, lambda e: found.append(e.same_as(var)) if isinstance(e, tirx.Var) else None)
+    return any(found)
+
+
+def _schedule_column_reduction(sch, b, spatial, red, config: dict, threads: int) -> None:
+    """Reduction loops outside the kept innermost axis: each step of the reduction reads one
+    contiguous run and accumulates it into a row of partial sums (the row of ``spatial[-1]``
+    outputs stays in L1; LLVM vectorizes that loop); the init moves into a block of its own
+    ahead of the reduction loops. Parallel tasks: the outer kept loops, or else chunks of the kept
+    axis, when there is work for two grains."""
+    inner = spatial[-1]
+    ext = _extent(sch, inner)
+    rows = math.prod(_extent(sch, lp) or 1 for lp in red) * math.prod(_extent(sch, lp) or 1 for lp in spatial)
+    outer = list(spatial[:-1])
+    vec = config["vector"]
+    lanes_ok = vec > 1 and ext % vec == 0 and ext > vec
+    if threads > 1 and rows >= 2 * config["grain"] and ext // max(vec, 1) >= 2 * threads and \
+            math.prod(_extent(sch, lp) or 1 for lp in outer) < threads:
+        chunks = threads
+        while ext % chunks or (lanes_ok and (ext // chunks) % vec):
+            chunks -= 1
+        if chunks > 1:
+            task, inner = sch.split(inner, [chunks, None])
+            outer.append(task)
+    sch.reorder(*outer, *red, inner)
+    if threads > 1 and outer and rows >= 2 * config["grain"]:
+        sch.parallel(_fuse(sch, outer))
+    sch.decompose_reduction(b, red[0])
+    # the innermost loop is left to LLVM's loop vectorizer: TensorIR refuses to vectorize a
+    # loop under a reduction block's reduction loops
 
 
 def _unroll(sch, loop, factor: int) -> None:

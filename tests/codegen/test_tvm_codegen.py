@@ -104,6 +104,11 @@ CASES = (
         ("mean-keepdim", lambda: one_op(OpKind.MEAN, [(2, 8, 5, 5)], A.ReduceAttrs((2, 3), True))),
         ("max", lambda: one_op(OpKind.MAX, [(4, 6, 7)], A.ReduceAttrs((0, 2), False))),
         ("min", lambda: one_op(OpKind.MIN, [(4, 6, 7)], A.ReduceAttrs((2,), True))),
+        # column reductions (the innermost axis kept): reduction loops outside it
+        ("sum-columns-nhwc", lambda: one_op(OpKind.SUM, [(2, 6, 5, 48)], A.ReduceAttrs((1, 2), True))),
+        ("mean-columns", lambda: one_op(OpKind.MEAN, [(7, 5, 40)], A.ReduceAttrs((0, 1), False))),
+        ("max-columns", lambda: one_op(OpKind.MAX, [(3, 9, 33)], A.ReduceAttrs((1,), True))),
+        ("sum-columns-bf16", lambda: one_op(OpKind.SUM, [(1, 6, 6, 32)], A.ReduceAttrs((1, 2), True), BF16)),
         ("softmax", lambda: one_op(OpKind.SOFTMAX, [(3, 5, 64)], A.AxisAttrs(2))),
         ("softmax-axis1", lambda: one_op(OpKind.SOFTMAX, [(3, 5, 64)], A.AxisAttrs(1))),
         ("log_softmax", lambda: one_op(OpKind.LOG_SOFTMAX, [(3, 64)], A.AxisAttrs(1))),
@@ -184,6 +189,27 @@ def test_small_groups_get_no_parallel_loop():
     assert "T.parallel" not in _scheduled_script(whole_graph_group(_two_outputs(rows=8)), config, 2)
     assert "T.parallel" in _scheduled_script(whole_graph_group(_two_outputs(rows=2048)), config, 2)
     assert "T.parallel" not in _scheduled_script(whole_graph_group(_two_outputs(rows=2048)), config, 1)
+
+
+def _grn_norm(rows=56, channels=384):
+    """ConvNeXt V2's GRN statistic: the L2 norm of a channels-last image over H and W."""
+    b = GraphBuilder("grn")
+    x = b.input("x", (1, rows, rows, channels))
+    s = b.add(OpKind.SUM, b.add(OpKind.MUL, x, x), attrs=A.ReduceAttrs((1, 2), True))
+    return b.build([b.add(OpKind.SQRT, s)])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_column_reductions_loop_over_the_reduced_axes_outside_the_kept_one(threads):
+    # summing over H and W with C innermost: the row schedule walks each channel down a
+    # stride of C elements; the column schedule reads contiguous runs of C, reduction loops
+    # outside (their init in a block of its own)
+    graph = _grn_norm()
+    script = _scheduled_script(whole_graph_group(graph), schedule_group.tune_space.default(), threads)
+    assert "_init" in script and "rfactor" not in script
+    assert ("T.parallel" in script) == (threads > 1)
+    check_generated(graph, threads=threads)
+    check_generated(_grn_norm(rows=7, channels=40), threads=threads)  # too small for parallel tasks
 
 
 def test_unsupported_groups_are_declined():
