@@ -2,7 +2,9 @@
 
 ``schedule_group`` takes the TensorIR of a rendered group (``kiln.codegen.tvm.render``: a
 block per output and per reduction): reductions are rfactored into vectorized partial
-results, spatial loop nests are fused, vectorized and split into parallel tasks. The knobs are the
+results (loops reordered to storage order first where a reduction would walk the innermost
+storage axis with a stride: column sums, group norms over channels-last images), spatial
+loop nests are fused, vectorized and split into parallel tasks. The knobs are the
 space declared beside it with ``@space``; ``tune_space`` drops the knobs that cannot matter
 for a given group and thread count, so the tuner does not measure duplicates.
 """
@@ -68,6 +70,11 @@ def _fuse(sch, loops):
 
 def _schedule_reduction(sch, b, config: dict, threads: int) -> None:
     spatial, red = _spatial_reduce_loops(sch, b)
+    strided = _strided_reduction(sch, b, spatial, red)
+    if strided is not None:
+        _schedule_strided_reduction(sch, b, spatial, red, *strided, threads=threads, grain=config["grain"],
+                                    rvector=config["rvector"])
+        return
     if _column_reduction(sch, b, spatial):
         _schedule_column_reduction(sch, b, spatial, red, config, threads)
         return
@@ -111,12 +118,80 @@ def _column_reduction(sch, b, spatial) -> bool:
     return hit
 
 
-def _uses(expr, var) -> bool:
+def _strided_reduction(sch, b, spatial, red):
+    """``(K, kept)`` when a read's innermost index takes the reduction variable ``r`` as
+    ``r // K``: the reduction walks the innermost storage axis slowest (a group norm over a
+    channels-last image, rendered as a layer norm over each group's NCHW-ordered elements:
+    ``r = c * H * W + hw`` reads ``x[hw, g * cg + c]``). ``kept``: the positions of the
+    spatial loops that index that axis too (the group ``g``)."""
+    if len(red) != 1 or _extent(sch, red[0]) is None:
+        return None
+    blk = sch.get(b)
+    ivs = list(blk.iter_vars)
+    r, ext = ivs[len(spatial)].var, _extent(sch, red[0])
+    for rd in blk.reads:
+        if not rd.region:
+            continue
+        idx = rd.region[-1].min
+        for k in _floordiv_factors(idx, r):
+            if 1 < k < ext and ext % k == 0:
+                return k, [i for i in range(len(spatial)) if _uses(idx, ivs[i].var)]
+    return None
+
+
+def _floordiv_factors(expr, var) -> list[int]:
     from tvm import tirx
 
-    found = []
-    tirx.stmt_functor.post_order_visit(expr, lambda e: found.append(e.same_as(var)) if isinstance(e, tirx.Var) else None)
-    return any(found)
+    return [int(e.b.value) for e in _subexprs(expr)
+            if isinstance(e, tirx.FloorDiv) and e.a.same_as(var) and isinstance(e.b, tirx.IntImm)]
+
+
+def _subexprs(expr):
+    """Every node of an index expression (arithmetic: binary ops, casts, variables, constants)."""
+    stack = [expr]
+    while stack:
+        e = stack.pop()
+        yield e
+        stack.extend(getattr(e, f) for f in ("a", "b", "value")
+                     if hasattr(e, f) and not isinstance(getattr(e, f), (int, float)))
+
+
+def _schedule_strided_reduction(sch, b, spatial, red, k: int, kept: list, threads: int, grain: int,
+                                rvector: int) -> None:
+    """The reduction loop split as ``r = hi * K + lo`` and the loops put in storage order:
+    the other spatial loops, ``lo``, the kept spatial loops, ``hi`` innermost. Each step then
+    reads one contiguous run (all groups' channels at one pixel) instead of one element a
+    cache line; with kept loops inside the reduction, the init moves into a block of its own."""
+    ext = _extent(sch, red[0])
+    hi, lo = sch.split(red[0], [ext // k, k])
+    inner = [spatial[i] for i in kept]
+    outer = [lp for i, lp in enumerate(spatial) if i not in kept]
+    sch.reorder(*outer, lo, *inner, hi)
+    rows = math.prod(_extent(sch, lp) or 1 for lp in outer)
+    parallel = threads > 1 and rows > 1 and \
+        rows * ext * max(1, math.prod(_extent(sch, lp) or 1 for lp in inner)) >= 2 * grain
+    if inner:  # independent sums side by side (one per kept index): no chain to break up
+        if parallel:
+            sch.parallel(_fuse(sch, outer))
+        sch.decompose_reduction(b, lo)
+        return
+    # one sum per row: its contiguous innermost run split into ``rvector`` lanes of partial
+    # sums (rfactored, vectorized), as the row schedule does, so no single add chain serializes it
+    if rvector and (ext // k) % rvector == 0 and ext // k >= 2 * rvector:
+        _, lanes = sch.split(hi, [None, rvector])
+        rf = sch.rfactor(lanes, len(spatial))
+        sch.vectorize(sch.get_loops(rf)[-1])
+        if parallel:
+            sch.parallel(_fuse(sch, sch.get_loops(rf)[:len(outer)]))
+        spatial_now = sch.get_loops(b)[:len(outer)]
+        if parallel:
+            sch.parallel(_fuse(sch, spatial_now))
+    elif parallel:
+        sch.parallel(_fuse(sch, outer))
+
+
+def _uses(expr, var) -> bool:
+    return any(e.same_as(var) for e in _subexprs(expr))
 
 
 def _schedule_column_reduction(sch, b, spatial, red, config: dict, threads: int) -> None:
