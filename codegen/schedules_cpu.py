@@ -2,11 +2,15 @@
 
 ``schedule_group`` takes the TensorIR of a rendered group (``kiln.codegen.tvm.render``: a
 block per output and per reduction): reductions are rfactored into vectorized partial
-results, spatial loop nests are fused, vectorized and split into parallel tasks. The knobs are the
+results (loops reordered to storage order first where a reduction would walk the innermost
+storage axis with a stride: column sums, group norms over channels-last images), spatial
+loop nests are fused, vectorized and split into parallel tasks. The knobs are the
 space declared beside it with ``@space``; ``tune_space`` drops the knobs that cannot matter
 for a given group and thread count, so the tuner does not measure duplicates.
 """
 from __future__ import annotations
+
+import math
 
 from kiln.codegen.autotune import Space, space
 from kiln.ir import OpKind
@@ -66,6 +70,14 @@ def _fuse(sch, loops):
 
 def _schedule_reduction(sch, b, config: dict, threads: int) -> None:
     spatial, red = _spatial_reduce_loops(sch, b)
+    strided = _strided_reduction(sch, b, spatial, red)
+    if strided is not None:
+        _schedule_strided_reduction(sch, b, spatial, red, *strided, threads=threads, grain=config["grain"],
+                                    rvector=config["rvector"])
+        return
+    if _column_reduction(sch, b, spatial):
+        _schedule_column_reduction(sch, b, spatial, red, config, threads)
+        return
     r = _fuse(sch, red)
     rv = config["rvector"]
     ext = _extent(sch, r)
@@ -80,6 +92,134 @@ def _schedule_reduction(sch, b, config: dict, threads: int) -> None:
     else:
         _unroll(sch, r, config["unroll"])
     _parallel_rows(sch, spatial, threads, ext, config["grain"])
+
+
+def _column_reduction(sch, b, spatial) -> bool:
+    """A reduction over outer axes whose innermost axis is kept: every read indexes its last
+    (contiguous) axis with the block's last spatial variable and no read's last index is
+    reduced (a channels-last image summed over H and W per channel, ConvNeXt V2's GRN). The
+    row schedule would walk each column down its stride, one cache line per element."""
+    if not spatial or _extent(sch, spatial[-1]) in (None, 1):
+        return False
+    blk = sch.get(b)
+    ivs = list(blk.iter_vars)
+    n_spatial = len(spatial)
+    last = ivs[n_spatial - 1].var
+    reduced = [iv.var for iv in ivs[n_spatial:]]
+    hit = False
+    for r in blk.reads:
+        if not r.region:
+            continue
+        idx = r.region[-1].min
+        if idx.same_as(last):
+            hit = True
+        elif any(_uses(idx, v) for v in reduced):
+            return False
+    return hit
+
+
+def _strided_reduction(sch, b, spatial, red):
+    """``(K, kept)`` when a read's innermost index takes the reduction variable ``r`` as
+    ``r // K``: the reduction walks the innermost storage axis slowest (a group norm over a
+    channels-last image, rendered as a layer norm over each group's NCHW-ordered elements:
+    ``r = c * H * W + hw`` reads ``x[hw, g * cg + c]``). ``kept``: the positions of the
+    spatial loops that index that axis too (the group ``g``)."""
+    if len(red) != 1 or _extent(sch, red[0]) is None:
+        return None
+    blk = sch.get(b)
+    ivs = list(blk.iter_vars)
+    r, ext = ivs[len(spatial)].var, _extent(sch, red[0])
+    for rd in blk.reads:
+        if not rd.region:
+            continue
+        idx = rd.region[-1].min
+        for k in _floordiv_factors(idx, r):
+            if 1 < k < ext and ext % k == 0:
+                return k, [i for i in range(len(spatial)) if _uses(idx, ivs[i].var)]
+    return None
+
+
+def _floordiv_factors(expr, var) -> list[int]:
+    from tvm import tirx
+
+    return [int(e.b.value) for e in _subexprs(expr)
+            if isinstance(e, tirx.FloorDiv) and e.a.same_as(var) and isinstance(e.b, tirx.IntImm)]
+
+
+def _subexprs(expr):
+    """Every node of an index expression (arithmetic: binary ops, casts, variables, constants)."""
+    stack = [expr]
+    while stack:
+        e = stack.pop()
+        yield e
+        stack.extend(getattr(e, f) for f in ("a", "b", "value")
+                     if hasattr(e, f) and not isinstance(getattr(e, f), (int, float)))
+
+
+def _schedule_strided_reduction(sch, b, spatial, red, k: int, kept: list, threads: int, grain: int,
+                                rvector: int) -> None:
+    """The reduction loop split as ``r = hi * K + lo`` and the loops put in storage order:
+    the other spatial loops, ``lo``, the kept spatial loops, ``hi`` innermost. Each step then
+    reads one contiguous run (all groups' channels at one pixel) instead of one element a
+    cache line; with kept loops inside the reduction, the init moves into a block of its own."""
+    ext = _extent(sch, red[0])
+    hi, lo = sch.split(red[0], [ext // k, k])
+    inner = [spatial[i] for i in kept]
+    outer = [lp for i, lp in enumerate(spatial) if i not in kept]
+    sch.reorder(*outer, lo, *inner, hi)
+    rows = math.prod(_extent(sch, lp) or 1 for lp in outer)
+    parallel = threads > 1 and rows > 1 and \
+        rows * ext * max(1, math.prod(_extent(sch, lp) or 1 for lp in inner)) >= 2 * grain
+    if inner:  # independent sums side by side (one per kept index): no chain to break up
+        if parallel:
+            sch.parallel(_fuse(sch, outer))
+        sch.decompose_reduction(b, lo)
+        return
+    # one sum per row: its contiguous innermost run split into ``rvector`` lanes of partial
+    # sums (rfactored, vectorized), as the row schedule does, so no single add chain serializes it
+    if rvector and (ext // k) % rvector == 0 and ext // k >= 2 * rvector:
+        _, lanes = sch.split(hi, [None, rvector])
+        rf = sch.rfactor(lanes, len(spatial))
+        sch.vectorize(sch.get_loops(rf)[-1])
+        if parallel:
+            sch.parallel(_fuse(sch, sch.get_loops(rf)[:len(outer)]))
+        spatial_now = sch.get_loops(b)[:len(outer)]
+        if parallel:
+            sch.parallel(_fuse(sch, spatial_now))
+    elif parallel:
+        sch.parallel(_fuse(sch, outer))
+
+
+def _uses(expr, var) -> bool:
+    return any(e.same_as(var) for e in _subexprs(expr))
+
+
+def _schedule_column_reduction(sch, b, spatial, red, config: dict, threads: int) -> None:
+    """Reduction loops outside the kept innermost axis: each step of the reduction reads one
+    contiguous run and accumulates it into a row of partial sums (the row of ``spatial[-1]``
+    outputs stays in L1; LLVM vectorizes that loop); the init moves into a block of its own
+    ahead of the reduction loops. Parallel tasks: the outer kept loops, or else chunks of the kept
+    axis, when there is work for two grains."""
+    inner = spatial[-1]
+    ext = _extent(sch, inner)
+    rows = math.prod(_extent(sch, lp) or 1 for lp in red) * math.prod(_extent(sch, lp) or 1 for lp in spatial)
+    outer = list(spatial[:-1])
+    vec = config["vector"]
+    lanes_ok = vec > 1 and ext % vec == 0 and ext > vec
+    if threads > 1 and rows >= 2 * config["grain"] and ext // max(vec, 1) >= 2 * threads and \
+            math.prod(_extent(sch, lp) or 1 for lp in outer) < threads:
+        chunks = threads
+        while ext % chunks or (lanes_ok and (ext // chunks) % vec):
+            chunks -= 1
+        if chunks > 1:
+            task, inner = sch.split(inner, [chunks, None])
+            outer.append(task)
+    sch.reorder(*outer, *red, inner)
+    if threads > 1 and outer and rows >= 2 * config["grain"]:
+        sch.parallel(_fuse(sch, outer))
+    sch.decompose_reduction(b, red[0])
+    # the innermost loop is left to LLVM's loop vectorizer: TensorIR refuses to vectorize a
+    # loop under a reduction block's reduction loops
 
 
 def _unroll(sch, loop, factor: int) -> None:

@@ -1,7 +1,7 @@
 """Layout: run conv chains in channels-last (NHWC) and prepack their weights.
 
 A *conv chain* is a connected set of 4-D nodes that work in any layout (conv, batch
-norm, pooling, elementwise, spatial mean) containing at least one conv. Values inside a
+norm, pooling, padding, elementwise, spatial mean) containing at least one conv. Values inside a
 chain are stored NHWC; one TO_LAYOUT enters each chain input and one leaves each value a
 non-chain node (or the graph output) reads — the fewest conversions for that partition.
 Conv weights are converted once, at compile time. The logical shapes stay NCHW, so
@@ -16,7 +16,10 @@ from kiln.ir import attrs as A
 
 CHANNELS_LAST = Layout(LayoutKind.CHANNELS_LAST)
 ROW = Layout()
-_FRIENDLY = {OpKind.CONV2D, OpKind.BATCH_NORM, OpKind.MAX_POOL2D, OpKind.AVG_POOL2D, OpKind.ADAPTIVE_AVG_POOL2D}
+# PAD: its attributes index logical axes, and its kernels (torch's, generated) keep the
+# storage order (BiT's stem pads between its conv and its max pool)
+_FRIENDLY = {OpKind.CONV2D, OpKind.BATCH_NORM, OpKind.MAX_POOL2D, OpKind.AVG_POOL2D, OpKind.ADAPTIVE_AVG_POOL2D,
+             OpKind.PAD}
 
 
 def _friendly(n: Node, consts) -> bool:

@@ -6,7 +6,7 @@ Each float32 LINEAR / CONV2D / MATMUL / ATTENTION becomes: operands cast to bflo
 (constant weights converted once, at compile time), the op in bfloat16, the result cast
 back to float32. A GEMM keeps its bias and activation and a conv its whole epilogue
 (oneDNN computes them on the fp32 accumulator, then rounds once); a GEMM's residual add
-runs in float32 after the cast. A bf16 -> f32 -> slice/reshape/permute/max-pool -> bf16
+runs in float32 after the cast. A bf16 -> f32 -> slice/reshape/permute/max-pool/pad -> bf16
 round trip is removed (it is exact). The pass changes numerics by
 design; ``precision="bf16"`` opts in, and the error bound is the caller's to check.
 """
@@ -74,8 +74,9 @@ def _linear(m, rw):
     return _epilogue(rw, y, None, res, act, y.type.rank - 1)
 
 
-# ops that commute exactly with rounding f32 -> bf16 (data movement; max is monotone)
-_MOVES = (OpKind.RESHAPE, OpKind.PERMUTE, OpKind.SLICE, OpKind.EXPAND, OpKind.MAX_POOL2D)
+# ops that commute exactly with rounding f32 -> bf16 (data movement; max is monotone; a
+# pad's constant is rounded either way: padded in f32 then rounded, or rounded to pad bf16)
+_MOVES = (OpKind.RESHAPE, OpKind.PERMUTE, OpKind.SLICE, OpKind.EXPAND, OpKind.MAX_POOL2D, OpKind.PAD)
 
 
 def _cast_round_trip(m, rw):

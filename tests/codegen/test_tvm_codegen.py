@@ -104,6 +104,11 @@ CASES = (
         ("mean-keepdim", lambda: one_op(OpKind.MEAN, [(2, 8, 5, 5)], A.ReduceAttrs((2, 3), True))),
         ("max", lambda: one_op(OpKind.MAX, [(4, 6, 7)], A.ReduceAttrs((0, 2), False))),
         ("min", lambda: one_op(OpKind.MIN, [(4, 6, 7)], A.ReduceAttrs((2,), True))),
+        # column reductions (the innermost axis kept): reduction loops outside it
+        ("sum-columns-nhwc", lambda: one_op(OpKind.SUM, [(2, 6, 5, 48)], A.ReduceAttrs((1, 2), True))),
+        ("mean-columns", lambda: one_op(OpKind.MEAN, [(7, 5, 40)], A.ReduceAttrs((0, 1), False))),
+        ("max-columns", lambda: one_op(OpKind.MAX, [(3, 9, 33)], A.ReduceAttrs((1,), True))),
+        ("sum-columns-bf16", lambda: one_op(OpKind.SUM, [(1, 6, 6, 32)], A.ReduceAttrs((1, 2), True), BF16)),
         ("softmax", lambda: one_op(OpKind.SOFTMAX, [(3, 5, 64)], A.AxisAttrs(2))),
         ("softmax-axis1", lambda: one_op(OpKind.SOFTMAX, [(3, 5, 64)], A.AxisAttrs(1))),
         ("log_softmax", lambda: one_op(OpKind.LOG_SOFTMAX, [(3, 64)], A.AxisAttrs(1))),
@@ -184,6 +189,81 @@ def test_small_groups_get_no_parallel_loop():
     assert "T.parallel" not in _scheduled_script(whole_graph_group(_two_outputs(rows=8)), config, 2)
     assert "T.parallel" in _scheduled_script(whole_graph_group(_two_outputs(rows=2048)), config, 2)
     assert "T.parallel" not in _scheduled_script(whole_graph_group(_two_outputs(rows=2048)), config, 1)
+
+
+def _grn_norm(rows=56, channels=384):
+    """ConvNeXt V2's GRN statistic: the L2 norm of a channels-last image over H and W."""
+    b = GraphBuilder("grn")
+    x = b.input("x", (1, rows, rows, channels))
+    s = b.add(OpKind.SUM, b.add(OpKind.MUL, x, x), attrs=A.ReduceAttrs((1, 2), True))
+    return b.build([b.add(OpKind.SQRT, s)])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_column_reductions_loop_over_the_reduced_axes_outside_the_kept_one(threads):
+    # summing over H and W with C innermost: the row schedule walks each channel down a
+    # stride of C elements; the column schedule reads contiguous runs of C, reduction loops
+    # outside (their init in a block of its own)
+    graph = _grn_norm()
+    script = _scheduled_script(whole_graph_group(graph), schedule_group.tune_space.default(), threads)
+    assert "_init" in script and "_rf" not in script
+    assert ("T.parallel" in script) == (threads > 1)
+    check_generated(graph, threads=threads)
+    check_generated(_grn_norm(rows=7, channels=40), threads=threads)  # too small for parallel tasks
+
+
+def _group_norm_nhwc(batch, channels, size, groups):
+    """A group norm + ReLU kernel group as the bf16 channels-last pipeline makes it: a bf16
+    NHWC image cast, viewed NCHW as (N, G, C/G*H*W), layer-normed per group, back to NHWC.
+    Returns (graph, group): the group starts at the cast (its input is the NHWC value)."""
+    import dataclasses
+
+    from kiln.ir import Node, Value
+
+    cl, row = Layout(LayoutKind.CHANNELS_LAST), Layout()
+    b = GraphBuilder("gn")
+    x = b.input("x", (batch, channels, size, size), BF16)
+    y = b.add(OpKind.CAST, b.add(OpKind.TO_LAYOUT, x, attrs=A.LayoutAttrs(cl)), attrs=A.CastAttrs(F32))
+    y = b.add(OpKind.RESHAPE, b.add(OpKind.TO_LAYOUT, y, attrs=A.LayoutAttrs(row)),
+              attrs=A.ShapeAttrs((batch, groups, channels // groups * size * size)))
+    y = b.add(OpKind.LAYER_NORM, y, attrs=A.LayerNormAttrs(1, 1e-5))
+    y = b.add(OpKind.RESHAPE, y, attrs=A.ShapeAttrs((batch, channels, size, size)))
+    y = b.add(OpKind.RELU, b.add(OpKind.TO_LAYOUT, y, attrs=A.LayoutAttrs(cl)))
+    graph = b.build([b.add(OpKind.CAST, y, attrs=A.CastAttrs(BF16))])
+    # the builder stores every result row-major; the cast, ReLU and last cast keep NHWC
+    new, nodes = {}, []
+    for i, n in enumerate(graph.nodes):
+        ins = tuple(new.get(v, v) for v in n.inputs)
+        outs = n.outputs
+        if n.op in (OpKind.CAST, OpKind.RELU):
+            outs = tuple(Value(dataclasses.replace(o.type, layout=cl), o.name) for o in outs)
+            new.update(zip(n.outputs, outs))
+        nodes.append(Node(n.op, ins, n.attrs, outs, n.scope))
+    graph = graph.replace(nodes=tuple(nodes), outputs=tuple(new.get(v, v) for v in graph.outputs))
+    body = list(graph.nodes[1:])
+    return graph, KernelGroup(0, "reduction", body, [body[0].inputs[0]], list(graph.outputs))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("groups", [32, 1])
+def test_group_norm_over_channels_last_reads_in_storage_order(groups, threads):
+    # each group's elements in NCHW order (c * H * W + hw) are strided in NHWC storage: the
+    # reduction loop is split at H * W and the pixel loop put outside the channel loop (and,
+    # with several groups, outside the group loop), so each step reads a contiguous run
+    graph, group = _group_norm_nhwc(2, 64, 32, groups)  # two rows of 64K: parallel tasks on 2 threads
+    config = schedule_group.tune_space.default()
+    script = _scheduled_script(group, config, threads)
+    assert ("_init" in script) == (groups > 1)  # the group loop moved inside the reduction
+    assert ("_rf" in script) == (groups == 1)  # one sum per row: vector lanes of partial sums
+    assert ("T.parallel" in script) == (threads > 1)
+    fn = module_cache.build_in_memory(group, config, host_cpu(), threads)
+    kernel = tvm_runtime.GeneratedKernel(fn, group, "test", config, True, threads=threads)
+    x = torch.randn(2, 64, 32, 32).to(torch.bfloat16)
+    got = kernel([x.contiguous(memory_format=torch.channels_last)])
+    want = torch.relu(torch.nn.functional.group_norm(x.float(), groups, eps=1e-5)).to(torch.bfloat16)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    ok, err, tol = max_err_ok(got.float(), want.float(), 2e-2)
+    assert ok, f"max abs error {err:.3g} > {tol:.3g}"
 
 
 def test_unsupported_groups_are_declined():

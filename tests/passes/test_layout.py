@@ -85,3 +85,28 @@ def test_graphs_without_a_conv_are_left_alone():
     assert out.count(OpKind.TO_LAYOUT) == 0
     assert_structural_equal(out, g)
     assert_same_outputs(g, out)
+
+
+def test_a_pad_between_conv_and_pool_stays_in_the_chain():
+    # BiT's stem: conv, pad, max pool, conv; the pad indexes logical axes, so it runs NHWC
+    # like its neighbours (no conversion out of the chain and back around it)
+    w1, w2 = torch.randn(8, 3, 3, 3), torch.randn(8, 8, 1, 1)
+    pad = A.PadAttrs((0, 0, 0, 0, 1, 1, 1, 1), value=float("-inf"))
+    pool = A.Pool2dAttrs((3, 3), (2, 2))
+
+    def before(b, x):
+        y = b.add(OpKind.CONV2D, x, b.const(w1), attrs=A.Conv2dAttrs(padding=(1, 1)))
+        y = b.add(OpKind.MAX_POOL2D, b.add(OpKind.PAD, y, attrs=pad), attrs=pool)
+        return b.add(OpKind.CONV2D, y, b.const(w2))
+
+    def expected(b, x):
+        y = b.add(OpKind.CONV2D, _to(b, x, NHWC), b.const(w1, layout=NHWC), attrs=A.Conv2dAttrs(padding=(1, 1)))
+        y = b.add(OpKind.MAX_POOL2D, b.add(OpKind.PAD, y, attrs=pad), attrs=pool)
+        return _to(b, b.add(OpKind.CONV2D, y, b.const(w2, layout=NHWC)), ROW)
+
+    g = build(before, (1, 3, 10, 10))
+    out = run_pass("channels_last", g)
+    assert_structural_equal(out, stored_as(build(expected, (1, 3, 10, 10)), NHWC,
+                                           _in_chain(OpKind.CONV2D, OpKind.PAD, OpKind.MAX_POOL2D)))
+    assert out.count(OpKind.TO_LAYOUT) == 2
+    assert_same_outputs(g, out)

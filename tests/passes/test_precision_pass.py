@@ -126,6 +126,26 @@ def test_round_trip_through_views_is_removed():
     assert_same_outputs(g, out, rel=0)  # exact: only bf16 values move
 
 
+def test_round_trip_through_a_pad_and_max_pool_is_removed():
+    # BiT's stem between two bf16 convs: padding (with -inf, or a constant bf16 rounds the
+    # same either way) and max pooling move bf16 values exactly
+    pool = A.Pool2dAttrs((3, 3), (2, 2))
+    for value in (float("-inf"), 0.1):
+        pad = A.PadAttrs((0, 0, 0, 0, 1, 1, 1, 1), value=value)
+
+        def before(b, x):
+            y = b.add(OpKind.PAD, _cast(b, _cast(b, x, BF16), F32), attrs=pad)
+            return _cast(b, b.add(OpKind.MAX_POOL2D, y, attrs=pool), BF16)
+
+        def expected(b, x):
+            return b.add(OpKind.MAX_POOL2D, b.add(OpKind.PAD, _cast(b, x, BF16), attrs=pad), attrs=pool)
+
+        g = build(before, (1, 4, 9, 9))
+        out = run_pass("bf16_round_trips", g, precision="bf16")
+        assert_structural_equal(out, build(expected, (1, 4, 9, 9)))
+        assert_same_outputs(g, out, rel=0)  # exact
+
+
 def test_round_trip_stays_where_a_view_has_other_readers_or_an_op_computes():
     def view_read_twice(b, x):  # the f32 reshape is also an output: it must stay f32
         y = b.add(OpKind.RESHAPE, _cast(b, _cast(b, x, BF16), F32), attrs=A.ShapeAttrs((24,)))

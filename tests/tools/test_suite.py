@@ -89,3 +89,18 @@ def test_isolated_run_times_every_engine_and_records_memory():
     assert row["status"] == "pass", row
     assert row["rss_mb"]["kiln_compile_peak"] >= row["rss_mb"]["eager_peak"] > 0
     assert {"kiln_cold", "inductor"} <= set(row["compile_s"])
+
+
+def test_eager_bf16_error_covers_the_decoder_cache_as_kilns_does():
+    # a fresh process: no earlier compile has registered transformers' cache pytrees, so this
+    # checks that the suite registers them before eager runs (the bf16 bound then comes from
+    # the logits and every cache tensor, the same outputs Kiln's error is taken over)
+    code = ("import json; from kiln.bench import suite; "
+            "r = suite.run_model('qwen2', 'bf16', quick=True, inductor=False, timing=False); "
+            "print(json.dumps({k: r.get(k) for k in ('status', 'output_tensors', 'eager_bf16_rel', 'error')}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    cfg = suite_models.config_of(suite_models.BY_NAME["qwen2"], quick=True)[1]
+    assert row["output_tensors"] == 1 + 2 * cfg.num_hidden_layers, row  # logits, then keys and values per layer
+    assert row["status"] == "pass", row
