@@ -71,12 +71,18 @@ def layout_name(layout: Layout | None) -> str:
     return "dense" if layout is None else repr(layout)
 
 
+def _zero_fraction(w: torch.Tensor) -> float:
+    # count_nonzero reads the weight once; ``(w != 0).sum()`` writes and rereads a mask of it,
+    # and every compile asks this of every linear's weight
+    return 1.0 - int(torch.count_nonzero(w)) / max(w.numel(), 1)
+
+
 def candidate_layouts(w: torch.Tensor, target: str) -> list[Layout]:
     """Encodings worth timing for a 2-D weight on ``target``."""
     if target == "cuda":
         return [S.SPARSE_24] if S.is_24(w) else []
     out = [S.CSR]
-    nnz = max(int((w != 0).sum()), 1)
+    nnz = max(int(torch.count_nonzero(w)), 1)
     for bh, bw in ((4, 4), (8, 1), (16, 1)):
         n, k = w.shape
         rows, cols = -(-n // bh), -(-k // bw)
@@ -138,12 +144,12 @@ class _Decider:
         return self.memo[key]
 
     def _record(self, n, w, fmt, reason, **kw):
-        zeros = 1.0 - float((w != 0).sum()) / max(w.numel(), 1)
+        zeros = _zero_fraction(w)
         self.log.append(SparseDecision(_layer_name(n), n.op.value, tuple(n.inputs[1].type.shape), round(zeros, 4),
                                        fmt, reason, **kw))
 
     def _decide(self, n: Node, w: torch.Tensor, consts) -> Layout | None:
-        zeros = 1.0 - float((w != 0).sum()) / max(w.numel(), 1)
+        zeros = _zero_fraction(w)
         if zeros < MIN_ZERO_FRACTION:
             return None  # dense models: nothing recorded, nothing timed
         if self.forced is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -40,11 +41,10 @@ class _FnModule(torch.nn.Module):
 def _is_onnx(model) -> bool:
     if isinstance(model, (str, os.PathLike)):
         return True
-    try:
-        import onnx
-    except ImportError:
-        return False
-    return isinstance(model, onnx.ModelProto)
+    # a ModelProto exists only once onnx is imported: importing it here to ask (about a second,
+    # most of it ml_dtypes) would be most of a warm compile of a torch model
+    onnx = sys.modules.get("onnx")
+    return onnx is not None and isinstance(model, onnx.ModelProto)
 
 
 @dataclass
