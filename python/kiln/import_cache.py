@@ -156,7 +156,10 @@ def _function(fn, depth: int = 0) -> str:
         raise _Unkeyable(type(fn).__name__)  # a bound method or callable object: its state is unknown
     cells = []
     for c in fn.__closure__ or ():
-        v = c.cell_contents
+        try:
+            v = c.cell_contents
+        except ValueError:  # a cell not yet assigned: what it will hold is unknown
+            raise _Unkeyable("hook") from None
         cells.append(_function(v, depth + 1) if inspect.isfunction(v) else _stable(v))
     glob = []
     for obj in _code_globals(fn, set()):

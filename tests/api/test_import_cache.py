@@ -128,6 +128,16 @@ def test_models_with_opaque_hooks_or_unstable_attributes_are_not_cached():
     captured = Net()
     captured.register_forward_hook(_scaling_hook(object()))  # closes over an object known by address only
     assert import_cache.fingerprint(captured, (x,), {}) is None
+
+    def unassigned():
+        def hook(m, i, o):
+            return o * later
+        pending = Net()
+        pending.register_forward_hook(hook)  # ``later`` is not assigned yet
+        key = import_cache.fingerprint(pending, (x,), {})
+        later = 2.0
+        return key
+    assert unassigned() is None
     odd = Net()
     odd.helper = object()  # described only by its address
     assert import_cache.fingerprint(odd, (x,), {}) is None
