@@ -18,14 +18,18 @@ the outputs are bitwise those of the model that was saved. Reported per model (m
 * read: reading the whole artifact file once, for scale (from the page cache: the file was
   just written, so this is memory speed, not disk speed);
 * first / steady call;
-* the peer: ONNX Runtime's equivalent (``--peer onnxruntime``, the default): the model exported
-  to ONNX and optimized once (``ORT_ENABLE_ALL``, written with ``optimized_model_filepath``),
-  then in each new process ``import onnxruntime``, an ``InferenceSession`` on the optimized
-  file (no further optimization), first and steady call. OpenVINO is not installed here and
-  AOTInductor packages take minutes per model to build: neither is measured.
+* the peers (``--peer all``, the default; fp32): ONNX Runtime's equivalent — the model
+  exported to ONNX and optimized once (``ORT_ENABLE_ALL``, written with
+  ``optimized_model_filepath``), then in each new process ``import onnxruntime``, an
+  ``InferenceSession`` on the optimized file (no further optimization), first and steady call;
+  OpenVINO's — ``convert_model`` + ``save_model`` once, then in each new process
+  ``import openvino``, ``compile_model`` on the IR (f32 inference precision) and the calls,
+  and the same with its compiled-blob cache (``CACHE_DIR``) warm. The peers' imports are
+  outside their figures, as ``import kiln`` is outside Kiln's. AOTInductor packages take
+  minutes per model to build: not measured.
 
     python -m kiln.bench.artifacts [resnet18 bert hf_bert lstm] [--precision bf16|int8-dynamic|int8-static]
-                                   [--quick] [--peer none]
+                                   [--quick] [--peer all|onnxruntime|openvino|none]
                                    [--json FILE]
 """
 from __future__ import annotations
@@ -86,6 +90,29 @@ t = time.perf_counter(); sess.run(None, feed); steady = time.perf_counter() - t
 print(json.dumps({"import": t1 - t0, "load": t2 - t1, "first_call": first, "steady_call": steady}))
 """
 
+_OV_CHILD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import numpy as np
+import openvino as ov
+t1 = time.perf_counter()
+path, io, threads, cache = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+core = ov.Core()
+config = {"INFERENCE_PRECISION_HINT": "f32"}  # its CPU default on AMX machines is bf16
+if threads:
+    config["INFERENCE_NUM_THREADS"] = threads
+if cache:
+    config["CACHE_DIR"] = cache
+compiled = core.compile_model(path, "CPU", config)
+t2 = time.perf_counter()
+d = np.load(io)
+feed = [d[f"in{k}"] for k in range(len(compiled.inputs))]
+t = time.perf_counter(); compiled(feed); first = time.perf_counter() - t
+t = time.perf_counter(); compiled(feed); steady = time.perf_counter() - t
+print(json.dumps({"import": t1 - t0, "load": t2 - t1, "first_call": first, "steady_call": steady}))
+"""
+
+PEERS = ("onnxruntime", "openvino")
 DEFAULT_MODELS = ("resnet18", "bert", "hf_bert", "lstm")
 QUICK = {"resnet18": dict(image=64), "bert": dict(layers=2, hidden=128, heads=2, seq=32),
          "hf_bert": dict(layers=2, hidden=128, heads=2, seq=32), "lstm": dict(batch=4, seq=16)}
@@ -96,7 +123,7 @@ def _state_dict_bytes(model) -> int:
 
 
 def measure(name: str, precision: str = "fp32", quick: bool = False, runs: int = 3, threads: int | None = None,
-            peer: str = "onnxruntime") -> dict:
+            peer: str = "all") -> dict:
     import torch
     from safetensors.torch import save_file
 
@@ -136,8 +163,10 @@ def measure(name: str, precision: str = "fp32", quick: bool = False, runs: int =
                 row["error"] = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
                 return row
             children.append(json.loads(r.stdout.strip().splitlines()[-1]))
-        if peer == "onnxruntime":
+        if peer in ("onnxruntime", "all"):
             row["onnxruntime"] = _ort(model, inputs, d, runs, threads, env)
+        if peer in ("openvino", "all"):
+            row["openvino"] = _openvino(model, inputs, d, runs, threads, env)
     for k in ("import_torch", "import_kiln", "load", "first_call", "steady_call", "read_file"):
         row[k] = statistics.median(c[k] for c in children)
     row["split"] = {k: statistics.median(c["split"].get(k, 0.0) for c in children) for k in children[0]["split"]}
@@ -179,21 +208,88 @@ def _ort(model, inputs, folder: str, runs: int, threads: int | None, env: dict) 
     return out
 
 
+def _children(code: str, argv: list, runs: int, env: dict) -> dict:
+    """Medians of ``runs`` timed children (after an untimed first), or {"error": ...}."""
+    children = []
+    for _ in range(runs + 1):
+        r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            return {"error": (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]}
+        children.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    return {k: statistics.median(c[k] for c in children[1:]) for k in children[1]}
+
+
+def _openvino(model, inputs, folder: str, runs: int, threads: int | None, env: dict) -> dict:
+    """OpenVINO: ``convert_model`` + ``save_model`` (fp32 weights) once, then in fresh
+    processes ``compile_model`` on the saved IR and a first call; again with ``CACHE_DIR``
+    (its compiled-blob cache, filled by the untimed first child), OpenVINO's closest
+    equivalent of loading a compiled artifact."""
+    import warnings
+
+    import numpy as np
+    import torch
+
+    xml = os.path.join(folder, "model.xml")
+    try:
+        import openvino as ov
+
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ov.save_model(ov.convert_model(model, example_input=tuple(inputs)), xml, compress_to_fp16=False)
+    except Exception as e:  # noqa: BLE001  (a model the converter cannot take: reported, not fatal)
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"}
+    io = os.path.join(folder, "ov_inputs.npz")
+    np.savez(io, **{f"in{i}": x.numpy() for i, x in enumerate(inputs)})
+    out = _children(_OV_CHILD, [xml, io, str(threads or 0), ""], runs, env)
+    if "error" not in out:
+        out["file_bytes"] = os.path.getsize(xml) + os.path.getsize(xml[:-4] + ".bin")
+        cached = _children(_OV_CHILD, [xml, io, str(threads or 0), os.path.join(folder, "ov_cache")], runs, env)
+        out["cached"] = cached
+    return out
+
+
 def markdown(rows: list[dict]) -> str:
     lines = _kiln_table(rows)
     peers = [r for r in rows if "onnxruntime" in r]
     if peers:
-        lines += ["", "| model | Kiln load + first call s | ONNX Runtime session + first call s | ORT split (import, session, "
-                  "first call, steady ms) | .onnx MB |", "|---|---:|---:|---|---:|"]
+        lines += ["", "| model | Kiln load + first call s | the same without Kiln's module imports s | "
+                  "ONNX Runtime session + first call s | ORT split (import, session, first call, steady ms) | .onnx MB |",
+                  "|---|---:|---:|---:|---|---:|"]
         for r in peers:
             o = r["onnxruntime"]
             if "error" in o:
-                lines.append(f"| {r['model']} | | error: {o['error']} | | |")
+                lines.append(f"| {r['model']} | | | error: {o['error']} | | |")
                 continue
-            lines.append(f"| {r['model']} | {r['load'] + r['first_call']:.3f} | {o['load'] + o['first_call']:.3f} | "
+            lines.append(f"| {r['model']} | {r['load'] + r['first_call']:.3f} | {_without_imports(r):.3f} | "
+                         f"{o['load'] + o['first_call']:.3f} | "
                          f"{o['import']:.2f}, {o['load']:.3f}, {o['first_call']:.3f}, {o['steady_call'] * 1e3:.1f} | "
                          f"{o['file_bytes'] / 1e6:.1f} |")
+    ov_rows = [r for r in rows if "openvino" in r]
+    if ov_rows:
+        lines += ["", "| model | Kiln load + first call s | the same without Kiln's module imports s | "
+                  "OpenVINO compile_model + first call s | with CACHE_DIR s | "
+                  "OV split (import, compile, first call, steady ms) | cached split (compile, first call) | IR MB |",
+                  "|---|---:|---:|---:|---:|---|---|---:|"]
+        for r in ov_rows:
+            o = r["openvino"]
+            if "error" in o:
+                lines.append(f"| {r['model']} | | | error: {o['error']} | | | | |")
+                continue
+            c = o.get("cached", {})
+            cs = f"{c['load'] + c['first_call']:.3f}" if "load" in c else f"error: {c.get('error', '?')}"
+            csplit = f"{c['load']:.3f}, {c['first_call']:.3f}" if "load" in c else ""
+            lines.append(f"| {r['model']} | {r['load'] + r['first_call']:.3f} | {_without_imports(r):.3f} | "
+                         f"{o['load'] + o['first_call']:.3f} | {cs} | "
+                         f"{o['import']:.2f}, {o['load']:.3f}, {o['first_call']:.3f}, {o['steady_call'] * 1e3:.1f} | "
+                         f"{csplit} | {o['file_bytes'] / 1e6:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def _without_imports(r: dict) -> float:
+    """Kiln's load + first call less the first import of its runtime and kernel modules
+    (the peers' figures exclude ``import onnxruntime`` / ``import openvino``, which load
+    their whole runtimes)."""
+    return r["load"] - r["split"].get("imports", 0.0) + r["first_call"]
 
 
 def _kiln_table(rows: list[dict]) -> list[str]:
@@ -220,8 +316,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small model configurations (CI)")
     p.add_argument("--runs", type=int, default=3, help="fresh processes per model (medians reported)")
     p.add_argument("--threads", type=int, help="torch threads in every process (default: torch's)")
-    p.add_argument("--peer", default="onnxruntime", choices=["onnxruntime", "none"],
-                   help="also time the peer's equivalent (fp32 only)")
+    p.add_argument("--peer", default="all", choices=["all", "onnxruntime", "openvino", "none"],
+                   help="also time the peers' equivalents (fp32 only; all: ONNX Runtime and OpenVINO)")
     p.add_argument("--json", metavar="FILE")
     a = p.parse_args(argv)
     rows = [measure(m, a.precision, a.quick, a.runs, a.threads, a.peer if a.precision == "fp32" else "none")

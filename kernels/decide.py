@@ -22,8 +22,9 @@ of them faster than the prior's pick by more than ``MIN_MARGIN``.
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass
+
+from .timing import median
 
 # differences below this are never worth a decision (and never worth flipping a prior for)
 MIN_MARGIN = 0.05
@@ -41,7 +42,7 @@ def noise(samples: list[float]) -> float:
     if len(samples) < 2:
         return 0.0
     best = min(samples)
-    return (statistics.median(samples) - best) / best if best > 0 else 0.0
+    return (median(samples) - best) / best if best > 0 else 0.0
 
 
 def clearly_faster(a: list[float], b: list[float]) -> bool:

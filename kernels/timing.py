@@ -11,12 +11,21 @@ under ``torch.no_grad()``.
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+
+
+def median(xs) -> float:
+    """``statistics.median``, without importing ``statistics`` (with ``fractions`` and
+    ``decimal``) into every process that loads a plan: this module is on the load path."""
+    s = sorted(xs)
+    n = len(s)
+    if n == 0:
+        raise ValueError("median of no samples")
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
 @dataclass
@@ -31,7 +40,7 @@ class Timing:
 
     @property
     def median(self) -> float:
-        return statistics.median(self.samples) if self.samples else math.inf
+        return median(self.samples) if self.samples else math.inf
 
 
 def interleaved(fns: Sequence[Callable[[], object] | None], rounds: int, warmup: int = 0,

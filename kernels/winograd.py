@@ -36,12 +36,27 @@ _G = {2: ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
           (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))}
 
 
+# columns (channel pairs) transformed per GEMM: the float64 block stays in cache while it
+# is rounded into the float32 result
+_COLUMNS = 1 << 12
+
+
 def transform_weight(w: torch.Tensor, m: int) -> torch.Tensor:
-    """U [(m+2)^2, C, K] of a [K, C, 3, 3] weight, computed in float64."""
+    """U [(m+2)^2, C, K] of a [K, C, 3, 3] weight, computed in float64.
+
+    U[(i, j), c, k] = sum over (a, b) of G[i, a] G[j, b] w[k, c, a, b]: one GEMM of
+    kron(G, G) [(m+2)^2, 9] with the filters as columns [9, C*K], taken in (c, k) order so
+    the result is already U's layout; at load this runs for every 3x3 layer that chose
+    Winograd, so it must cost about one pass over U, not a float64 einsum per filter."""
     g = torch.tensor(_G[m], dtype=torch.float64)
     r = m + 2
-    u = torch.einsum("ik,ockl,jl->ijco", g, w.double(), g)
-    return u.reshape(r * r, w.shape[1], w.shape[0]).float().contiguous()
+    k, c = w.shape[0], w.shape[1]
+    kk = torch.kron(g, g)
+    cols = w.detach().transpose(0, 1).reshape(c * k, 9).double()
+    u = torch.empty(r * r, c * k, dtype=torch.float32)
+    for a in range(0, c * k, _COLUMNS):
+        u[:, a:a + _COLUMNS] = kk @ cols[a:a + _COLUMNS].t()
+    return u.reshape(r * r, c, k)
 
 
 # The transformed input and the GEMM result are (m+2)^2 / m^2 times the size of the input

@@ -71,12 +71,37 @@ def layout_name(layout: Layout | None) -> str:
     return "dense" if layout is None else repr(layout)
 
 
+def _zero_fraction(w: torch.Tensor) -> float:
+    # count_nonzero reads the weight once; ``(w != 0).sum()`` writes and rereads a mask of it
+    return 1.0 - int(torch.count_nonzero(w)) / max(w.numel(), 1)
+
+
+SAMPLE = 1 << 16  # weights larger than this are first looked at through a sample
+
+
+def surely_dense(w: torch.Tensor) -> bool:
+    """Whether a sample of ``SAMPLE`` entries at fixed pseudo-random positions (the same in
+    every process) has under half ``MIN_ZERO_FRACTION`` zeros: the weight is then taken as
+    dense without counting all of it (every compile asks this of every linear's weight,
+    hundreds of MB in a transformer). Random positions, not a stride or a block, so that a
+    structured pattern (2:4, pruned rows or blocks) cannot hide from the sample; a weight
+    with at least ``MIN_ZERO_FRACTION`` zeros passes the sample unless it falls more than
+    100 standard deviations short. Anything else is counted exactly."""
+    n = w.numel()
+    if n <= SAMPLE:
+        return False
+    g = torch.Generator().manual_seed(n)
+    idx = torch.randint(0, n, (SAMPLE,), generator=g)
+    sample = w.reshape(-1)[idx]
+    return 1.0 - int(torch.count_nonzero(sample)) / SAMPLE < MIN_ZERO_FRACTION / 2
+
+
 def candidate_layouts(w: torch.Tensor, target: str) -> list[Layout]:
     """Encodings worth timing for a 2-D weight on ``target``."""
     if target == "cuda":
         return [S.SPARSE_24] if S.is_24(w) else []
     out = [S.CSR]
-    nnz = max(int((w != 0).sum()), 1)
+    nnz = max(int(torch.count_nonzero(w)), 1)
     for bh, bw in ((4, 4), (8, 1), (16, 1)):
         n, k = w.shape
         rows, cols = -(-n // bh), -(-k // bw)
@@ -138,13 +163,12 @@ class _Decider:
         return self.memo[key]
 
     def _record(self, n, w, fmt, reason, **kw):
-        zeros = 1.0 - float((w != 0).sum()) / max(w.numel(), 1)
+        zeros = _zero_fraction(w)
         self.log.append(SparseDecision(_layer_name(n), n.op.value, tuple(n.inputs[1].type.shape), round(zeros, 4),
                                        fmt, reason, **kw))
 
     def _decide(self, n: Node, w: torch.Tensor, consts) -> Layout | None:
-        zeros = 1.0 - float((w != 0).sum()) / max(w.numel(), 1)
-        if zeros < MIN_ZERO_FRACTION:
+        if surely_dense(w) or _zero_fraction(w) < MIN_ZERO_FRACTION:
             return None  # dense models: nothing recorded, nothing timed
         if self.forced is not None:
             if self.forced.kind is LayoutKind.SPARSE_24 and not S.is_24(w):

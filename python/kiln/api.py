@@ -41,8 +41,8 @@ class _FnModule(torch.nn.Module):
 def _is_onnx(model) -> bool:
     if isinstance(model, (str, os.PathLike)):
         return True
-    # a ModelProto exists only where onnx was imported: importing it here would cost every
-    # torch compile seconds (onnx loads ml_dtypes)
+    # a ModelProto exists only once onnx is imported: importing it here to ask (about a second,
+    # most of it ml_dtypes) would be most of a warm compile of a torch model
     onnx = sys.modules.get("onnx")
     return onnx is not None and isinstance(model, onnx.ModelProto)
 

@@ -10,8 +10,10 @@ The key (``fingerprint``) covers, for every submodule: its name and class, the s
 of every class in its MRO outside torch, the files of the functions and classes its
 methods reference as globals, its other attributes (values of plain data; functions and
 classes by source file; a model holding an object whose only description is a memory
-address is not cached at all), its
-``training`` flag, and its parameters' and buffers' names, shapes and dtypes; plus the
+address is not cached at all), its forward hooks and pre-hooks in order (each function's
+code, file, closure values, defaults and globals; a bound method or callable object as a
+hook: not cached), its ``training`` flag, and its parameters' and buffers' names, shapes
+and dtypes; plus the
 example inputs' structure, shapes and dtypes (and non-tensor values), and the Kiln and torch
 versions.
 
@@ -125,6 +127,64 @@ def _stable(v) -> str:
     return f"{type(v).__module__}.{type(v).__qualname__}:{r}"
 
 
+def _code_digest(code: types.CodeType) -> str:
+    """The function's own code (bytecode, constants, names): two functions of one file differ."""
+    h = hashlib.sha256()
+    stack = [code]
+    while stack:
+        c = stack.pop()
+        h.update(c.co_code)
+        h.update(repr(c.co_names).encode())
+        for k in c.co_consts:
+            if isinstance(k, types.CodeType):
+                stack.append(k)
+            else:
+                h.update(repr(k).encode())
+    return h.hexdigest()[:16]
+
+
+def _function(fn, depth: int = 0) -> str:
+    """A forward hook as the same text in every process: its code, the file it comes from,
+    the values it closes over and its defaults (each as ``_stable`` describes it), and the
+    globals its code names; ``_Unkeyable`` when any of these has no stable description."""
+    if depth > 4:
+        raise _Unkeyable("hook")
+    if isinstance(fn, functools.partial):
+        return (f"partial({_function(fn.func, depth + 1)}, {_stable(fn.args)}, "
+                f"{_stable(dict(sorted(fn.keywords.items())))})")
+    if not inspect.isfunction(fn):
+        raise _Unkeyable(type(fn).__name__)  # a bound method or callable object: its state is unknown
+    cells = []
+    for c in fn.__closure__ or ():
+        try:
+            v = c.cell_contents
+        except ValueError:  # a cell not yet assigned: what it will hold is unknown
+            raise _Unkeyable("hook") from None
+        cells.append(_function(v, depth + 1) if inspect.isfunction(v) else _stable(v))
+    glob = []
+    for obj in _code_globals(fn, set()):
+        if isinstance(obj, types.ModuleType) or _is_torch(obj):
+            continue
+        glob.append(_stable(obj) if isinstance(obj, _PRIMITIVE) or inspect.isclass(obj) or inspect.isfunction(obj)
+                    else f"{type(obj).__module__}.{type(obj).__qualname__}")
+    return (f"{fn.__module__}.{fn.__qualname__}@{_source_digest(fn)}:{_code_digest(fn.__code__)}"
+            f":cells{cells}:defaults{_stable(fn.__defaults__)}{_stable(fn.__kwdefaults__)}:globals{glob}")
+
+
+def _hooks(m: torch.nn.Module) -> str:
+    """The module's forward (pre-)hooks in the order they run, with their calling flags.
+    Hooks change what ``forward`` computes (transformers installs output-capturing hooks on a
+    model's first call), so they are part of the key; one with no stable description makes
+    the model uncacheable."""
+    parts = []
+    for kind, hooks, with_kwargs, always in (
+            ("pre", m._forward_pre_hooks, m._forward_pre_hooks_with_kwargs, {}),
+            ("post", m._forward_hooks, m._forward_hooks_with_kwargs, m._forward_hooks_always_called)):
+        for hid, fn in hooks.items():
+            parts.append(f"{kind}:{hid in with_kwargs}:{hid in always}:{_function(fn)}")
+    return "|".join(parts)
+
+
 _SKIP_ATTRS = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_forward_hooks",
                "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
                "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
@@ -144,14 +204,13 @@ def fingerprint(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic: str
     h.update(f"{FORMAT}|{__version__}|{cache.code_fingerprint()}|{torch.__version__}|{sys.version_info[:2]}".encode())
     classes = set()
     for name, m in module.named_modules(remove_duplicate=False):
-        if m._forward_hooks or m._forward_pre_hooks:
-            return None  # hooks can change anything: export every time
         try:
             attrs = sorted((k, _stable(v)) for k, v in vars(m).items()
                            if k not in _SKIP_ATTRS and not isinstance(v, torch.nn.Module))
+            hooks = _hooks(m)
         except _Unkeyable:
             return None
-        h.update(f"|{name}:{type(m).__module__}.{type(m).__qualname__}:{m.training}:{attrs}".encode())
+        h.update(f"|{name}:{type(m).__module__}.{type(m).__qualname__}:{m.training}:{attrs}:{hooks}".encode())
         for pn, p in list(m._parameters.items()) + list(m._buffers.items()):
             h.update(f"|{pn}:{None if p is None else (tuple(p.shape), p.dtype)}".encode())
         classes.add(type(m))

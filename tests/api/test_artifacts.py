@@ -67,6 +67,38 @@ def test_round_trip_same_process(tiny_artifact):
     assert loaded.report.kernels == compiled.report.kernels
 
 
+def test_winograd_round_trip_transforms_the_weights_at_load(tmp_path):
+    """A 3x3 conv that runs Winograd F(4x4) (forced: oneDNN excluded): its transformed
+    weights are computed again at load, bitwise what the compile computed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()
+    x = torch.randn(1, 8, 20, 20)
+    compiled = kiln.compile(model, (x,), exclude_kernels=["cpu.onednn_conv", "cpu.winograd2_conv"])
+    if "cpu.winograd4_conv" not in compiled.report.kernels:
+        pytest.skip("Winograd needs AVX-512 (kiln._C.winograd_supported())")
+    path = str(tmp_path / "wino.kiln")
+    compiled.save(path)
+    loaded = kiln.load(path)
+    assert loaded.report.kernels == compiled.report.kernels
+    with torch.no_grad():
+        assert _bitwise(loaded(x), compiled(x))
+
+
+def test_load_freezes_the_collected_heap_only_when_asked(tiny_artifact):
+    import gc
+
+    path, inputs, out, _ = tiny_artifact
+    gc.unfreeze()
+    try:
+        kiln.load(path, freeze_gc=False)
+        assert gc.get_freeze_count() == 0
+        loaded = kiln.load(path)  # default: what is alive now leaves the collector's generations
+        assert gc.get_freeze_count() > 0
+        assert _bitwise(loaded(*inputs), out)
+    finally:
+        gc.unfreeze()
+
+
 def test_the_weights_member_is_a_safetensors_file(tiny_artifact):
     from safetensors.torch import load as st_load
 

@@ -95,11 +95,68 @@ def test_an_entry_that_no_longer_reproduces_the_model_is_not_trusted(monkeypatch
     torch.testing.assert_close(fast(x), model(x))
 
 
-def test_models_with_hooks_or_unstable_attributes_are_not_cached():
+def _scaling_hook(factor):
+    def hook(m, i, o):
+        return o * factor
+    return hook
+
+
+class _Scaler:
+    def __call__(self, m, i, o):
+        return o * 2
+
+
+def test_hooks_are_part_of_the_key():
+    x = torch.randn(3, 8)
+    plain = import_cache.fingerprint(Net(), (x,), {})
+
+    def key(*hooks, kwargs=False):
+        m = Net()
+        for h in hooks:
+            m.fc.register_forward_hook(h, with_kwargs=kwargs)
+        return import_cache.fingerprint(m, (x,), {})
+
+    doubled = key(_scaling_hook(2.0))
+    assert doubled is not None and doubled != plain
+    assert doubled == key(_scaling_hook(2.0))  # the same hook in another model: the same key
+    assert doubled != key(_scaling_hook(3.0))  # the value it closes over
+    assert key(lambda m, i, o: o * 2) != key(lambda m, i, o: o * 3)  # same file and name, other code
+    assert key(_scaling_hook(2.0), _scaling_hook(3.0)) != key(_scaling_hook(3.0), _scaling_hook(2.0))  # order
+    assert key(lambda m, i, k, o: o, kwargs=True) != key(lambda m, i, k, o: o)  # calling flags count too
+    pre = Net()
+    pre.register_forward_pre_hook(lambda m, i: (i[0] * 2,))
+    assert import_cache.fingerprint(pre, (x,), {}) not in (None, plain)
+
+
+def test_a_hooked_model_hits_only_with_the_same_hook(monkeypatch):
+    calls = _count_exports(monkeypatch)
+    x = torch.randn(3, 8)
+    for factor, exports in ((2.0, 1), (2.0, 1), (-1.0, 2)):
+        m = Net()
+        m.register_forward_hook(_scaling_hook(factor))
+        fast = kiln.compile(m, (x,))
+        assert len(calls) == exports
+        torch.testing.assert_close(fast(x), m(x))
+
+
+def test_models_with_opaque_hooks_or_unstable_attributes_are_not_cached():
     x = torch.randn(3, 8)
     hooked = Net()
-    hooked.register_forward_hook(lambda m, i, o: o * 2)
+    hooked.register_forward_hook(_Scaler())  # a callable object: its state has no description
     assert import_cache.fingerprint(hooked, (x,), {}) is None
+    captured = Net()
+    captured.register_forward_hook(_scaling_hook(object()))  # closes over an object known by address only
+    assert import_cache.fingerprint(captured, (x,), {}) is None
+
+    def unassigned():
+        def hook(m, i, o):
+            return o * later
+        pending = Net()
+        pending.register_forward_hook(hook)  # ``later`` is not assigned yet
+        key = import_cache.fingerprint(pending, (x,), {})
+        later = 2.0
+        return key
+    assert unassigned() is None
     odd = Net()
     odd.helper = object()  # described only by its address
     assert import_cache.fingerprint(odd, (x,), {}) is None

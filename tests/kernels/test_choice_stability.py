@@ -150,3 +150,14 @@ def test_a_kernel_that_disagrees_never_wins(fake_clock):
     wrong = Kernel(OpKind.RELU, "cpu", "cpu.wrong", lambda ins, a: torch.relu(ins[0]) + 1)
     fake_clock["times"] = [[0.1] * 5, [1.0] * 5, [2.0] * 5, [3.0] * 5]
     assert choice.choose(_node(), [wrong, *ks], [None])[0].name == "cpu.fast"
+
+
+def test_median_is_statistics_median():
+    import statistics
+
+    from kiln.kernels.timing import median
+
+    for xs in ([3.0], [2.0, 1.0], [5.0, 1.0, 4.0], [0.5, 0.25, 2.0, 1.0], [1e-6] * 4):
+        assert median(xs) == statistics.median(xs)
+    with pytest.raises(ValueError):
+        median([])

@@ -93,6 +93,19 @@ def test_weight_transform_reproduces_the_filter():
     assert winograd.transform_weight(w, 4).shape == (36, 3, 5)
 
 
+@pytest.mark.parametrize("m", [2, 4])
+def test_weight_transform_is_the_float64_definition(m, monkeypatch):
+    """One GEMM over column blocks (a block boundary inside a filter pair's range too) gives
+    G g G^T of every filter, computed in float64 and rounded once."""
+    monkeypatch.setattr(winograd, "_COLUMNS", 7)
+    w = torch.randn(6, 5, 3, 3)
+    g = torch.tensor(winograd._G[m], dtype=torch.float64)
+    want = torch.einsum("ik,ockl,jl->ijco", g, w.double(), g).reshape((m + 2) ** 2, 5, 6)
+    got = winograd.transform_weight(w, m)
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=float(want.abs().max()) * 2 ** -23)
+
+
 def test_candidates_only_where_winograd_applies():
     w3 = torch.randn(8, 8, 3, 3)
     ok = _node((1, 8, 10, 10), w3, None, False, A.Conv2dAttrs(padding=(1, 1)))

@@ -238,3 +238,28 @@ def test_cpu_kernel_bound_directly_matches_reference(mode, op):
     ref = select_kernel(node, "reference").fn(ins, node.attrs)
     ok, err, tol = max_err_ok(k.bind(node, consts)(ins, node.attrs), ref)
     assert ok, (err, tol)
+
+
+def test_the_density_sample_cannot_miss_structured_sparsity():
+    """Weights of at least MIN_ZERO_FRACTION zeros in the patterns pruning makes (2:4, whole
+    rows, 4x4 blocks, every other column, -0.0 from masking) all reach the exact count;
+    a dense weight and one just under the threshold's half are settled by the sample."""
+    from kiln.passes.sparsity import MIN_ZERO_FRACTION, SAMPLE, surely_dense
+
+    torch.manual_seed(0)
+    n, k = 768, 512
+    assert n * k > SAMPLE
+    dense = torch.randn(n, k)
+    assert surely_dense(dense)
+    two_four = (dense.reshape(-1, 4) * torch.tensor([1.0, 1.0, 0.0, 0.0])).reshape(n, k)
+    rows = dense.clone()
+    rows[n // 2:] = 0
+    blocks = dense.clone().reshape(n // 4, 4, k // 4, 4)
+    blocks[::2, :, :, :] = 0
+    cols = dense.clone()
+    cols[:, 1::2] = 0
+    negzero = -(dense.abs() * (torch.rand(n, k) > 0.6))  # -0.0 where masked
+    for w in (two_four, rows, blocks.reshape(n, k), cols, negzero):
+        assert 1.0 - int(torch.count_nonzero(w)) / w.numel() >= MIN_ZERO_FRACTION - 0.05
+        assert not surely_dense(w)
+    assert not surely_dense(torch.zeros(16, 16))  # small weights are always counted

@@ -182,6 +182,12 @@ def test_bench_artifacts_quick(tmp_path):
     assert artifacts.main(["lstm", "--quick", "--runs", "1", "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())
     assert row["bitwise"] and row["artifact_bytes"] > 0 and set(row["split"]) >= {"read_weights", "prepare", "total"}
+    for peer in ("onnxruntime", "openvino"):  # both peers ran in their own new processes
+        assert "error" not in row[peer], row[peer]
+        assert row[peer]["load"] > 0 and row[peer]["first_call"] > 0
+    assert "error" not in row["openvino"]["cached"], row["openvino"]["cached"]
+    md = artifacts.markdown([row])
+    assert "OpenVINO compile_model" in md and "ONNX Runtime session" in md
 
 
 @pytest.mark.bench
