@@ -86,30 +86,6 @@ inline __m512 softmax_numerator(__m512 t) {
   return _mm512_maskz_mov_ps(keep, exp16(_mm512_max_ps(_mm512_set1_ps(-80.f), t)));
 }
 
-// In-register transpose of a 16 x 16 fp32 block: r[i][j] -> r[j][i].
-inline void transpose16(__m512* r) {
-  __m512 t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
-    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
-    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
-  for (int i = 0; i < 16; i += 8)
-    for (int j = 0; j < 4; ++j) {
-      t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
-      t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xDD);
-    }
-  for (int j = 0; j < 8; ++j) {
-    r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
-    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xDD);
-  }
-}
-
 // out[r][c] = sum_k a[r * lda + k] * b[k * ldb + 16 c .. +16): kRows rows x NV vectors, the
 // sums kept in registers (broadcast one a element, FMA it into NV vectors of b's row k).
 // Scores are (scaled q) x K^T with k over D; the output is P x V with k over the keys.

@@ -13,6 +13,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "simd_math.h"
+
 namespace py = pybind11;
 
 namespace {
@@ -22,36 +24,12 @@ namespace {
 constexpr int64_t kTile = 16;
 
 #ifdef __AVX512F__
-// In-register transpose of a 16 x 16 block of 4-byte elements: r[i][j] -> r[j][i] (the same
-// shuffles as attention.cpp's; they move bits, so any 4-byte type goes through unchanged).
-inline void transpose16(__m512* r) {
-  __m512 t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
-    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
-    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
-  for (int i = 0; i < 16; i += 8)
-    for (int j = 0; j < 4; ++j) {
-      t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
-      t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xDD);
-    }
-  for (int j = 0; j < 8; ++j) {
-    r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
-    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xDD);
-  }
-}
 
 // A full 16 x 16 tile of 4-byte elements: 16 row loads, the register transpose, 16 row stores.
 inline bool full_tile(const uint32_t* x, uint32_t* y, int64_t rows, int64_t cols) {
   __m512 r[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(x + i * cols);
-  transpose16(r);
+  kiln::transpose16(r);
   for (int i = 0; i < 16; ++i) _mm512_storeu_ps(y + i * rows, r[i]);
   return true;
 }
