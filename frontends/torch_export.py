@@ -352,4 +352,10 @@ def _check(node: fx.Node, out, symbols=None):
         if isinstance(o, Value) and isinstance(v, torch.Tensor):
             want = _tensor_type(v, symbols)
             if (o.type.dtype, o.type.shape) != (want.dtype, want.shape):
+                if o.type.dtype == want.dtype and not (o.type.is_static and want.is_static):
+                    # size arithmetic Kiln cannot prove equal to torch's for every size in range
+                    # (a reshape that only works for even lengths): the dim cannot vary here
+                    raise KilnError(f"{node.target} makes a varying size {want.shape} where Kiln derives "
+                                    f"{o.type.shape}: the model constrains the dims it was asked to vary "
+                                    f"(compile without dynamic= for them)")
                 raise AssertionError(f"converter for {node.target} produced {o.type!r}, torch says {want!r}")

@@ -145,6 +145,14 @@ def test_a_dim_the_model_fixes_is_refused_and_a_wider_range_is_narrowed_to_the_m
 
     with pytest.raises(KilnError, match=r"input 'ids' dim 1 \(seq\) cannot vary: the model fixes it to 16"):
         kiln.compile(FixedLength(), (torch.randint(0, 50, (2, 16)),), dynamic=True)
+
+    class EvenLength(torch.nn.Module):
+        def forward(self, x):  # only even lengths reshape: torch traces it without a guard
+            b, s, d = x.shape
+            return x.reshape(b, s // 2, 2 * d).sum(-1)
+
+    with pytest.raises(KilnError, match="the model constrains the dims it was asked to vary"):
+        kiln.compile(EvenLength(), (torch.randn(2, 8, 4),), dynamic={0: {1: "seq"}})
     model, inputs = models.hf_bert(layers=1, hidden=32, heads=2, ffn=64, vocab=100)
     fast = kiln.compile(model, inputs, dynamic={"input_ids": {0: "batch", 1: ("seq", 1, 1000)},
                                                 "attention_mask": {0: "batch", 1: "seq"}})
