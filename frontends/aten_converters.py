@@ -192,9 +192,17 @@ def _type_as(cx, args, kw, n):
 
 
 # identities: functional IR has no aliasing, so copies and views of the same data are one value
-for _t in (aten.clone, aten.contiguous, aten.alias, aten.detach, aten.lift_fresh_copy, aten.dropout,
-           aten.feature_dropout, aten.alpha_dropout, aten.lift_fresh):
+for _t in (aten.clone, aten.contiguous, aten.alias, aten.detach, aten.lift_fresh_copy, aten.lift_fresh):
     conv(_t)(lambda cx, args, kw, n: args[0])
+
+
+@conv(aten.dropout, aten.feature_dropout, aten.alpha_dropout)
+def _dropout(cx, args, kw, n):
+    """An identity in eval mode (or with p = 0). In training mode it draws random numbers:
+    not an identity, so it falls back to torch's op (random, as eager is)."""
+    p = args[1] if len(args) > 1 else kw.get("p", 0.5)
+    train = args[2] if len(args) > 2 else kw.get("train", True)
+    return args[0] if not train or not p else None
 
 
 @conv(aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_constrain_range_for_size,

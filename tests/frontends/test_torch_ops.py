@@ -153,3 +153,18 @@ def test_empty_dims(fn, shapes):
     with torch.no_grad():
         want = fn(*xs)
     _compare(kiln.compile(fn, xs)(*xs), want, F32)
+
+
+def test_dropout_is_an_identity_only_outside_training():
+    """Eval-mode dropout (or p = 0) is an identity; training-mode dropout draws random numbers,
+    so it runs as torch's op (a named fallback), never silently dropped."""
+    x = torch.randn(64, 64) + 3.0
+    ident = kiln.compile(lambda a: F.dropout(a, 0.5, training=False) * 2, [x])
+    torch.testing.assert_close(ident(x), x * 2)
+    assert not ident.report.fallbacks
+    train = kiln.compile(lambda a: F.dropout(a, 0.5, training=True), [x])
+    assert [op for op, _, _ in train.report.fallbacks] and all("dropout" in op for op, _, _ in train.report.fallbacks)
+    y = train(x)
+    kept = y != 0
+    assert 0.3 < float(kept.float().mean()) < 0.7  # about half the elements dropped (4096 draws)
+    torch.testing.assert_close(y[kept], x[kept] * 2)  # the rest scaled by 1 / (1 - p)
