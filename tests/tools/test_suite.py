@@ -91,6 +91,7 @@ def test_isolated_run_times_every_engine_and_records_memory():
     assert {"kiln_cold", "inductor"} <= set(row["compile_s"])
 
 
+@pytest.mark.slow  # a fresh process and a bf16 decoder compile: make test-slow (CI runs it)
 def test_eager_bf16_error_covers_the_decoder_cache_as_kilns_does():
     # a fresh process: no earlier compile has registered transformers' cache pytrees, so this
     # checks that the suite registers them before eager runs (the bf16 bound then comes from
