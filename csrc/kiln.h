@@ -156,3 +156,11 @@ uintptr_t tvm_parallel_launch_address();
 int64_t tvm_parallel_launches();  // how many launches it has taken (tests, diagnostics)
 
 }  // namespace kiln
+
+namespace kiln {
+
+// y [b, c, r] = x [b, r, c] transposed per batch in 16 x 16 tiles, for elements of
+// ``itemsize`` bytes (1, 2, 4 or 8; false for any other size); both C-contiguous.
+bool transpose_batched(const void* x, void* y, int64_t b, int64_t r, int64_t c, int64_t itemsize, int threads);
+
+}  // namespace kiln

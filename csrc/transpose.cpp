@@ -4,8 +4,6 @@
 // here the plane is copied in square tiles that fit L1 (both sides touch a few cache lines
 // per tile row). Elements are moved as raw bytes of their size (1, 2, 4 or 8), so any dtype
 // works; bf16 and fp32 are the ones Kiln's layouts carry.
-#include <pybind11/numpy.h>
-#include <pybind11/pybind11.h>
 
 #include <immintrin.h>
 
@@ -13,9 +11,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kiln.h"
 #include "simd_math.h"
-
-namespace py = pybind11;
 
 namespace {
 
@@ -65,33 +62,18 @@ void transpose_tiles(const T* x, T* y, int64_t batch, int64_t rows, int64_t cols
   }
 }
 
-void transpose_batched_py(py::array x, py::array y, int threads) {
-  if (x.ndim() != 3 || y.ndim() != 3) throw py::value_error("x and y: expected (batch, rows, cols) and (batch, cols, rows)");
-  if (!(x.flags() & py::array::c_style) || !(y.flags() & py::array::c_style))
-    throw py::value_error("x and y must be C-contiguous");
-  if (!y.writeable()) throw py::value_error("y must be writable");
-  if (x.itemsize() != y.itemsize()) throw py::type_error("x and y must have the same element size");
-  if (y.shape(0) != x.shape(0) || y.shape(1) != x.shape(2) || y.shape(2) != x.shape(1))
-    throw py::value_error("y must have shape (batch, cols, rows) of x's (batch, rows, cols)");
-  if (threads < 1) throw py::value_error("threads must be >= 1");
-  const int64_t b = x.shape(0), r = x.shape(1), c = x.shape(2);
-  const void* xp = x.data();
-  void* yp = y.mutable_data();
-  const auto size = x.itemsize();
-  py::gil_scoped_release nogil;
-  switch (size) {
-    case 1: transpose_tiles(static_cast<const uint8_t*>(xp), static_cast<uint8_t*>(yp), b, r, c, threads); break;
-    case 2: transpose_tiles(static_cast<const uint16_t*>(xp), static_cast<uint16_t*>(yp), b, r, c, threads); break;
-    case 4: transpose_tiles(static_cast<const uint32_t*>(xp), static_cast<uint32_t*>(yp), b, r, c, threads); break;
-    case 8: transpose_tiles(static_cast<const uint64_t*>(xp), static_cast<uint64_t*>(yp), b, r, c, threads); break;
-    default: throw py::type_error("element size must be 1, 2, 4 or 8 bytes");
+}  // namespace
+
+namespace kiln {
+
+bool transpose_batched(const void* x, void* y, int64_t b, int64_t r, int64_t c, int64_t itemsize, int threads) {
+  switch (itemsize) {
+    case 1: transpose_tiles(static_cast<const uint8_t*>(x), static_cast<uint8_t*>(y), b, r, c, threads); return true;
+    case 2: transpose_tiles(static_cast<const uint16_t*>(x), static_cast<uint16_t*>(y), b, r, c, threads); return true;
+    case 4: transpose_tiles(static_cast<const uint32_t*>(x), static_cast<uint32_t*>(y), b, r, c, threads); return true;
+    case 8: transpose_tiles(static_cast<const uint64_t*>(x), static_cast<uint64_t*>(y), b, r, c, threads); return true;
+    default: return false;
   }
 }
 
-}  // namespace
-
-void register_transpose_kernels(py::module_& m) {
-  m.def("transpose_batched", &transpose_batched_py, py::arg("x"), py::arg("y"), py::arg("threads") = 1,
-        "y (batch, cols, rows) = x (batch, rows, cols) transposed per batch, in cache-sized tiles; any element "
-        "size of 1, 2, 4 or 8 bytes (both C-contiguous).");
-}
+}  // namespace kiln
