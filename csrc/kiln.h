@@ -1,5 +1,6 @@
 // Kiln's C++ kernels and runtime helpers, exposed to Python as kiln._C.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -162,5 +163,8 @@ namespace kiln {
 // y [b, c, r] = x [b, r, c] transposed per batch in 16 x 16 tiles, for elements of
 // ``itemsize`` bytes (1, 2, 4 or 8; false for any other size); both C-contiguous.
 bool transpose_batched(const void* x, void* y, int64_t b, int64_t r, int64_t c, int64_t itemsize, int threads);
+
+// CRC-32 (zlib's polynomial and value) of n bytes, continuing from crc (0 to start); crc32.cpp.
+uint32_t crc32(const void* data, size_t n, uint32_t crc);
 
 }  // namespace kiln

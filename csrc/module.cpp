@@ -18,6 +18,7 @@ void register_attention_kernels(py::module_& m);  // bindings/attention.cpp
 void register_bf16_gemm_kernels(py::module_& m);  // bindings/bf16_gemm.cpp
 void register_rnn_amx_kernels(py::module_& m);  // bindings/rnn_amx.cpp
 void register_transpose_kernels(py::module_& m);  // transpose.cpp
+void register_checksum(py::module_& m);  // checksum.cpp
 using farray = py::array_t<float, py::array::c_style>;
 
 namespace {
@@ -307,6 +308,7 @@ PYBIND11_MODULE(_C, m) {
   register_bf16_gemm_kernels(m);
   register_rnn_amx_kernels(m);
   register_transpose_kernels(m);
+  register_checksum(m);
   m.def("sparse_gemm_supported", &kiln::sparse_gemm_supported, "Whether the sparse GEMM kernels were built (AVX-512).");
   m.def("sparse_linear", &sparse_linear_py, py::arg("x").noconvert(), py::arg("values").noconvert(),
         py::arg("col").noconvert(), py::arg("row_ptr").noconvert(), py::arg("N"), py::arg("bh"), py::arg("bw"),

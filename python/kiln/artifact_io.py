@@ -13,7 +13,7 @@ Reading trusts nothing: member names must be plain relative paths (no absolute p
 ``..``), the manifest's CRC is checked, every other member's SHA-256 is checked against
 the manifest before it is used (generated kernels before they are loaded), and each
 tensor's CRC-32 against the weights index. The weights use CRC-32, not SHA-256: it finds
-the same damage (truncation, flipped bytes) at about twice the speed on the largest member,
+the same damage (truncation, flipped bytes) many times faster on the largest member,
 and the manifest is not signed, so no checksum in it guards against a deliberate edit
 anyway — trust in an artifact is trust in where it came from. Nothing here unpickles; the
 formats are JSON and safetensors.
@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _C
 from .errors import KilnError
 
 MANIFEST = "manifest.json"
@@ -60,8 +61,10 @@ def sha256(data) -> str:
 
 
 def crc32(data) -> str:
-    """A tensor's checksum in the weights index (hex; zlib releases the GIL while it runs)."""
-    return f"{zlib.crc32(data):08x}"
+    """A tensor's checksum in the weights index: zlib's CRC-32, in hex. Computed by Kiln's
+    carry-less-multiplication kernel (``kiln._C.crc32``: the same value, at memory speed
+    where zlib's table loop was slower than reading the weights; releases the GIL)."""
+    return f"{_C.crc32(data):08x}"
 
 
 def check_member_name(name: str) -> None:
