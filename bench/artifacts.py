@@ -12,7 +12,7 @@ the outputs are bitwise those of the model that was saved. Reported per model (m
   package's do rather than compiling from source in every process;
 * load: seconds in ``kiln.load`` and its split (``compiled.report.seconds``): imports (Kiln's
   runtime and kernel modules, once per process), manifest,
-  read_weights (read and SHA-256 checked), runtime (the TVM runtime library, loaded once per
+  read_weights (mapped and CRC-32 checked), runtime (the TVM runtime library, loaded once per
   process when the artifact has generated kernels), graphs, kernels (extracting and loading
   the generated modules), prepare (binding kernels: weight prepacking), structure;
 * read: reading the whole artifact file once, for scale (from the page cache: the file was
@@ -24,12 +24,18 @@ the outputs are bitwise those of the model that was saved. Reported per model (m
   ``InferenceSession`` on the optimized file (no further optimization), first and steady call;
   OpenVINO's — ``convert_model`` + ``save_model`` once, then in each new process
   ``import openvino``, ``compile_model`` on the IR (f32 inference precision) and the calls,
-  and the same with its compiled-blob cache (``CACHE_DIR``) warm. The peers' imports are
-  outside their figures, as ``import kiln`` is outside Kiln's. AOTInductor packages take
-  minutes per model to build: not measured.
+  and the same with its compiled-blob cache (``CACHE_DIR``) warm; AOTInductor's —
+  ``aoti_compile_and_package`` on the exported program once (Inductor with freezing; minutes
+  per model), then in each new process ``aoti_load_package`` and the calls. The peers'
+  imports are outside their figures, as ``import kiln`` is outside Kiln's.
+* a Hugging Face model (``hf_*``) returns a ``transformers`` output class, which Kiln's load
+  rebuilds, importing ``transformers`` (a second or so, the ``structure`` split). The peers
+  return plain arrays. Its row is measured twice: cold, and with ``transformers`` imported
+  before the load (as a process serving the model has it, for its tokenizer), untimed like
+  the other imports.
 
     python -m kiln.bench.artifacts [resnet18 bert hf_bert lstm] [--precision bf16|int8-dynamic|int8-static]
-                                   [--quick] [--peer all|onnxruntime|openvino|none]
+                                   [--quick] [--peer all|onnxruntime,openvino,aoti|none]
                                    [--json FILE]
 """
 from __future__ import annotations
@@ -49,8 +55,10 @@ t0 = time.perf_counter()
 import torch
 t1 = time.perf_counter()
 import kiln
-t2 = time.perf_counter()
 path, io = sys.argv[1], sys.argv[2]
+if len(sys.argv) > 3 and sys.argv[3]:
+    __import__(sys.argv[3])  # a module the serving process has imported anyway (untimed)
+t2 = time.perf_counter()
 m = kiln.load(path)
 t3 = time.perf_counter()
 from safetensors.torch import load_file
@@ -68,6 +76,26 @@ with open(path, "rb") as f:
 read = time.perf_counter() - t
 print(json.dumps({"import_torch": t1 - t0, "import_kiln": t2 - t1, "load": t3 - t2, "split": m.report.seconds,
                   "first_call": first, "steady_call": steady, "read_file": read, "bitwise": same}))
+"""
+
+_AOTI_CHILD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+import torch._inductor
+t1 = time.perf_counter()
+path, io, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if threads:
+    torch.set_num_threads(threads)
+m = torch._inductor.aoti_load_package(path)
+t2 = time.perf_counter()
+from safetensors.torch import load_file
+d = load_file(io)
+ins = [d[f"in{i}"] for i in range(sum(k.startswith("in") for k in d))]
+with torch.no_grad():
+    t = time.perf_counter(); m(*ins); first = time.perf_counter() - t
+    t = time.perf_counter(); m(*ins); steady = time.perf_counter() - t
+print(json.dumps({"import": t1 - t0, "load": t2 - t1, "first_call": first, "steady_call": steady}))
 """
 
 _ORT_CHILD = r"""
@@ -112,7 +140,7 @@ t = time.perf_counter(); compiled(feed); steady = time.perf_counter() - t
 print(json.dumps({"import": t1 - t0, "load": t2 - t1, "first_call": first, "steady_call": steady}))
 """
 
-PEERS = ("onnxruntime", "openvino")
+PEERS = ("onnxruntime", "openvino", "aoti")
 DEFAULT_MODELS = ("resnet18", "bert", "hf_bert", "lstm")
 QUICK = {"resnet18": dict(image=64), "bert": dict(layers=2, hidden=128, heads=2, seq=32),
          "hf_bert": dict(layers=2, hidden=128, heads=2, seq=32), "lstm": dict(batch=4, seq=16)}
@@ -156,21 +184,32 @@ def measure(name: str, precision: str = "fp32", quick: bool = False, runs: int =
         if threads:
             env.update(OMP_NUM_THREADS=str(threads))
         subprocess.run([sys.executable, "-c", _CHILD, path, io], capture_output=True, text=True, env=env)
-        children = []
-        for _ in range(runs):
-            r = subprocess.run([sys.executable, "-c", _CHILD, path, io], capture_output=True, text=True, env=env)
-            if r.returncode != 0:
-                row["error"] = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
-                return row
-            children.append(json.loads(r.stdout.strip().splitlines()[-1]))
-        if peer in ("onnxruntime", "all"):
+        variants = [("", row)]
+        if name.startswith("hf_"):  # again with the output classes' library already imported
+            row["preimported"] = {**{k: row[k] for k in ("model", "precision", "compile", "state_dict_bytes",
+                                                          "save", "artifact_bytes")}, "preimport": "transformers"}
+            variants.append(("transformers", row["preimported"]))
+        for preimport, into in variants:
+            children = []
+            for _ in range(runs):
+                r = subprocess.run([sys.executable, "-c", _CHILD, path, io, preimport], capture_output=True,
+                                   text=True, env=env)
+                if r.returncode != 0:
+                    row["error"] = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
+                    return row
+                children.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            for k in ("import_torch", "import_kiln", "load", "first_call", "steady_call", "read_file"):
+                into[k] = statistics.median(c[k] for c in children)
+            into["split"] = {k: statistics.median(c["split"].get(k, 0.0) for c in children)
+                             for k in children[0]["split"]}
+            into["bitwise"] = all(c["bitwise"] for c in children)
+        peers = set(PEERS) if peer == "all" else set() if peer == "none" else set(peer.split(","))
+        if "onnxruntime" in peers:
             row["onnxruntime"] = _ort(model, inputs, d, runs, threads, env)
-        if peer in ("openvino", "all"):
+        if "openvino" in peers:
             row["openvino"] = _openvino(model, inputs, d, runs, threads, env)
-    for k in ("import_torch", "import_kiln", "load", "first_call", "steady_call", "read_file"):
-        row[k] = statistics.median(c[k] for c in children)
-    row["split"] = {k: statistics.median(c["split"].get(k, 0.0) for c in children) for k in children[0]["split"]}
-    row["bitwise"] = all(c["bitwise"] for c in children)
+        if "aoti" in peers:
+            row["aoti"] = _aoti(model, inputs, d, runs, threads, env)
     return row
 
 
@@ -205,6 +244,33 @@ def _ort(model, inputs, folder: str, runs: int, threads: int | None, env: dict) 
         children.append(json.loads(r.stdout.strip().splitlines()[-1]))
     out = {k: statistics.median(c[k] for c in children[1:]) for k in children[1]}
     out["file_bytes"] = os.path.getsize(optimized)
+    return out
+
+
+def _aoti(model, inputs, folder: str, runs: int, threads: int | None, env: dict) -> dict:
+    """AOTInductor: ``torch.export`` + ``aoti_compile_and_package`` once (Inductor with freezing,
+    as the strongest Inductor configuration runs), then ``aoti_load_package`` in fresh processes."""
+    import warnings
+
+    import torch
+    from safetensors.torch import save_file
+
+    package = os.path.join(folder, "model.pt2")
+    t = time.perf_counter()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(model, tuple(inputs))
+            torch._inductor.aoti_compile_and_package(ep, package_path=package, inductor_configs={"freezing": True})
+    except Exception as e:  # noqa: BLE001  (a model AOTInductor cannot build: reported, not fatal)
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"}
+    build = time.perf_counter() - t
+    io = os.path.join(folder, "aoti_inputs.safetensors")
+    save_file({f"in{i}": x.contiguous() for i, x in enumerate(inputs)}, io)
+    out = _children(_AOTI_CHILD, [package, io, str(threads or 0)], runs, env)
+    if "error" not in out:
+        out["file_bytes"] = os.path.getsize(package)
+        out["build"] = build
     return out
 
 
@@ -282,6 +348,26 @@ def markdown(rows: list[dict]) -> str:
                          f"{o['load'] + o['first_call']:.3f} | {cs} | "
                          f"{o['import']:.2f}, {o['load']:.3f}, {o['first_call']:.3f}, {o['steady_call'] * 1e3:.1f} | "
                          f"{csplit} | {o['file_bytes'] / 1e6:.1f} |")
+    aoti_rows = [r for r in rows if "aoti" in r]
+    if aoti_rows:
+        lines += ["", "| model | Kiln load + first call s | the same without Kiln's module imports s | "
+                  "AOTInductor aoti_load_package + first call s | AOTI split (load, first call, steady ms) | "
+                  "build s | .pt2 MB |",
+                  "|---|---:|---:|---:|---|---:|---:|"]
+        for r in aoti_rows:
+            o = r["aoti"]
+            if "error" in o:
+                lines.append(f"| {r['model']} | | | error: {o['error']} | | | |")
+                continue
+            lines.append(f"| {r['model']} | {r['load'] + r['first_call']:.3f} | {_without_imports(r):.3f} | "
+                         f"{o['load'] + o['first_call']:.3f} | {o['load']:.3f}, {o['first_call']:.3f}, "
+                         f"{o['steady_call'] * 1e3:.1f} | {o['build']:.0f} | {o['file_bytes'] / 1e6:.1f} |")
+    pre = [r["preimported"] for r in rows if "load" in r.get("preimported", {})]
+    if pre:
+        lines += ["", "With ``transformers`` imported before the load (untimed, as a process serving the model "
+                  "has it for its tokenizer):", ""] + _kiln_table(pre)
+        lines += ["", "| model | Kiln load + first call s | without Kiln's module imports s |", "|---|---:|---:|"]
+        lines += [f"| {r['model']} | {r['load'] + r['first_call']:.3f} | {_without_imports(r):.3f} |" for r in pre]
     return "\n".join(lines) + "\n"
 
 
@@ -308,6 +394,12 @@ def _kiln_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _peers(text: str) -> str:
+    if text in ("all", "none") or (text and set(text.split(",")) <= set(PEERS)):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: expected all, none or a list of {', '.join(PEERS)}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m kiln.bench.artifacts", description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="*", default=list(DEFAULT_MODELS))
@@ -316,8 +408,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small model configurations (CI)")
     p.add_argument("--runs", type=int, default=3, help="fresh processes per model (medians reported)")
     p.add_argument("--threads", type=int, help="torch threads in every process (default: torch's)")
-    p.add_argument("--peer", default="all", choices=["all", "onnxruntime", "openvino", "none"],
-                   help="also time the peers' equivalents (fp32 only; all: ONNX Runtime and OpenVINO)")
+    p.add_argument("--peer", default="all", type=_peers,
+                   help="also time the peers' equivalents (fp32 only): all (ONNX Runtime, OpenVINO and "
+                        "AOTInductor), none, or a comma-separated list of onnxruntime, openvino, aoti")
     p.add_argument("--json", metavar="FILE")
     a = p.parse_args(argv)
     rows = [measure(m, a.precision, a.quick, a.runs, a.threads, a.peer if a.precision == "fp32" else "none")
