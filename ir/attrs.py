@@ -10,7 +10,7 @@ from .types import Layout, TensorType
 
 @dataclass(frozen=True, slots=True)
 class NoAttrs:
-    pass
+    """Attributes of an op that has none."""
 
 
 class GeluApprox(enum.Enum):
@@ -20,17 +20,20 @@ class GeluApprox(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class GeluAttrs:
+    """GELU: exact or tanh-approximated."""
     approximate: GeluApprox = GeluApprox.NONE
 
 
 @dataclass(frozen=True, slots=True)
 class ClampAttrs:
+    """Clamp: lower and upper bounds (None: unbounded)."""
     min: float | None = None
     max: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class LeakyReluAttrs:
+    """Leaky ReLU: the negative slope."""
     alpha: float = 0.01
 
 
@@ -42,39 +45,46 @@ class Rounding(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class DivAttrs:
+    """Division: true, truncating or flooring."""
     rounding: Rounding = Rounding.NONE
 
 
 @dataclass(frozen=True, slots=True)
 class CastAttrs:
+    """Cast: the result dtype."""
     dtype: DType
 
 
 @dataclass(frozen=True, slots=True)
 class ReduceAttrs:
+    """A reduction: its axes and whether they are kept."""
     axes: tuple[int, ...]  # normalized, sorted, non-negative
     keepdim: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class ArgReduceAttrs:
+    """argmax / argmin: the axis and whether it is kept."""
     axis: int
     keepdim: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class AxisAttrs:
+    """An op over one axis (softmax, concat, ...)."""
     axis: int  # normalized, non-negative
 
 
 @dataclass(frozen=True, slots=True)
 class LayerNormAttrs:
+    """Layer norm: how many trailing dims are normalized, and epsilon."""
     normalized_ndim: int = 1  # normalize over the last n axes
     eps: float = 1e-5
 
 
 @dataclass(frozen=True, slots=True)
 class BatchNormAttrs:
+    """Batch norm (inference): epsilon."""
     eps: float = 1e-5
 
 
@@ -92,11 +102,13 @@ class Activation(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class LinearAttrs:
+    """Linear layer: the activation fused into it."""
     activation: Activation = Activation.NONE
 
 
 @dataclass(frozen=True, slots=True)
 class Conv2dAttrs:
+    """2-D convolution: stride, padding, dilation, groups, fused activation."""
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] = (0, 0)
     dilation: tuple[int, int] = (1, 1)
@@ -113,6 +125,7 @@ class LayoutAttrs:
 
 @dataclass(frozen=True, slots=True)
 class Pool2dAttrs:
+    """2-D pooling window: kernel, stride, padding, dilation, rounding, padding in averages."""
     kernel: tuple[int, int]
     stride: tuple[int, int]
     padding: tuple[int, int] = (0, 0)
@@ -123,6 +136,7 @@ class Pool2dAttrs:
 
 @dataclass(frozen=True, slots=True)
 class AdaptivePoolAttrs:
+    """Adaptive pooling: the output size."""
     output_size: tuple[int, int]
 
 
@@ -135,11 +149,13 @@ class ShapeAttrs:
 
 @dataclass(frozen=True, slots=True)
 class PermuteAttrs:
+    """Permute: the new order of the dims."""
     perm: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class SliceAttrs:
+    """Slice: axis, start, end, step."""
     axis: int
     start: int
     end: int
@@ -154,6 +170,7 @@ class PadMode(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class PadAttrs:
+    """Pad: amounts per side, mode and fill value."""
     pads: tuple[int, ...]  # (before, after) per axis, from axis 0
     mode: PadMode = PadMode.CONSTANT
     value: float = 0.0

@@ -40,6 +40,7 @@ class Value:
 
 @dataclass(frozen=True, eq=False, slots=True)
 class Node:
+    """One op applied to input values, producing output values."""
     op: OpKind
     inputs: tuple[Value | None, ...]  # None marks an absent optional operand
     attrs: object
@@ -64,6 +65,7 @@ class Node:
 
 @dataclass(eq=False)
 class Graph:
+    """A function: inputs, nodes in execution order, outputs, and constant tensors."""
     inputs: tuple[Value, ...]
     nodes: tuple[Node, ...]
     outputs: tuple[Value, ...]

@@ -73,6 +73,7 @@ class OpKind(enum.Enum):
 
 @dataclass(frozen=True)
 class OpDef:
+    """One op kind's definition: attributes type, operand arity, shape inference, category."""
     kind: OpKind
     attrs: type
     operands: tuple[str, ...]  # "x" required, "b?" optional, "xs*" variadic (last only)

@@ -174,6 +174,7 @@ class LayoutKind(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Layout:
+    """How a tensor's elements lie in memory (row-major, NHWC, blocked)."""
     kind: LayoutKind = LayoutKind.ROW_MAJOR
     block: tuple[int, ...] = ()
 
@@ -189,6 +190,7 @@ ROW_MAJOR = Layout()
 
 @dataclass(frozen=True, slots=True)
 class TensorType:
+    """A value's type: dtype, shape (static or symbolic), layout and quantization."""
     dtype: DType
     shape: tuple[Dim, ...]
     layout: Layout = field(default=ROW_MAJOR)

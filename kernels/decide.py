@@ -32,6 +32,7 @@ MIN_MARGIN = 0.05
 
 @dataclass(frozen=True)
 class Decision:
+    """The outcome of a measurement: the winner, and the candidates tied with it."""
     winner: int  # index into the candidates
     tied: tuple[int, ...]  # the candidates tied for first, fastest first
     ambiguous: bool

@@ -31,6 +31,7 @@ class GroupKind:
 
 @dataclass
 class KernelGroup:
+    """Nodes that run as one kernel, with the values crossing its boundary."""
     id: int
     kind: str
     nodes: list[Node] = field(default_factory=list)
@@ -47,6 +48,7 @@ class KernelGroup:
 
 @dataclass
 class Partition:
+    """A graph's nodes divided into kernel groups, in a valid execution order."""
     graph: Graph
     groups: list[KernelGroup]
 

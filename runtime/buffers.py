@@ -15,6 +15,7 @@ from kiln.ir import Graph, Value
 
 @dataclass(frozen=True)
 class MemoryStats:
+    """A plan's activation buffers: count, total and peak bytes."""
     buffers: int  # intermediate values with a static size
     total_bytes: int  # their sum, as if none were ever freed
     peak_bytes: int  # the most held at once, each freed after its last use

@@ -39,6 +39,7 @@ class KernelFailure(KilnError):
 
 @dataclass(frozen=True)
 class Step:
+    """One kernel call of a plan: the function, its operand and result slots, what it frees."""
     fn: object  # fn(inputs, attrs) -> tensor, or a sequence of tensors for several outputs
     attrs: object
     ins: tuple  # slot per operand (None for an absent optional operand)
@@ -62,6 +63,7 @@ class Unit:
 
 @dataclass(eq=False)
 class Plan:
+    """An executable graph: the steps in order and the value slots they use."""
     graph: Graph
     target: Target
     steps: tuple[Step, ...]

@@ -40,6 +40,7 @@ class ShippedKernel:
 
 @dataclass(frozen=True)
 class Unavailable:
+    """A recorded kernel that cannot run here, and why."""
     node: int  # index in graph.nodes
     label: str  # the node's op and scope
     kernel: str  # the recorded kernel

@@ -22,6 +22,7 @@ from .target import Target
 
 @dataclass
 class InputSpec:
+    """One positional input of a compiled model: name, dtype, shape, device or a fixed value."""
     name: str
     dtype: torch.dtype | None  # None for a non-tensor input (specialized by value)
     shape: tuple

@@ -84,6 +84,7 @@ def _bytes_of(t: torch.Tensor):
 # ----------------------------------------------------------------------------- writing
 @dataclass
 class _Member:
+    """A zip member being written, and the file offset its data starts at."""
     info: zipfile.ZipInfo
     data: int  # the file offset its data will start at
 

@@ -21,6 +21,7 @@ from .options import DynamicDim
 
 @dataclass(frozen=True)
 class VaryingDim:
+    """One input dim that varies between calls: where it is, its name and range."""
     position: int  # among the model's flat tensor inputs
     input: str  # the input's name (for messages)
     axis: int
@@ -34,6 +35,7 @@ class VaryingDim:
 
 @dataclass(frozen=True)
 class DynamicSpec:
+    """Every varying dim of a model's inputs, and the sizes kernels are chosen at."""
     dims: tuple[VaryingDim, ...]
     hints: dict  # size name -> its example value
 

@@ -349,6 +349,7 @@ def calibration_batches(batches) -> tuple:
 # ----------------------------------------------------------------------------- environment
 @dataclass(frozen=True)
 class EnvVar:
+    """One KILN_* environment variable: its name, default and meaning."""
     name: str
     default: str
     doc: str
@@ -377,6 +378,7 @@ ENVIRONMENT = (
 
 @dataclass(frozen=True)
 class Settings:
+    """The KILN_* environment variables, read and validated once."""
     cache_dir: str
     cache: bool
     cache_max_bytes: int

@@ -14,6 +14,7 @@ from .options import CompileOptions
 
 @dataclass
 class CompileReport:
+    """What a compile decided and measured: kernels, fallbacks, timings, memory."""
     model: str
     target: str
     options: CompileOptions

@@ -24,6 +24,7 @@ CPU_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx51
 
 @dataclass(frozen=True)
 class Target:
+    """A device to compile for: kind, architecture, CPU features, cores."""
     kind: str  # "cpu" | "cuda" | "reference"
     arch: str = ""  # CPU: LLVM -mcpu name ("sapphirerapids"); CUDA: "sm_90"
     features: frozenset[str] = field(default_factory=frozenset)
