@@ -30,7 +30,7 @@ import tempfile
 import time
 import zipfile
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +48,7 @@ _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", 
               torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
               torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 _TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
+_THREADED_BYTES = 32 << 20  # weights members from this size are checksummed on several threads
 _MAX_HEADER = 100 << 20  # a safetensors header larger than this is not one Kiln wrote
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # a zip local file header (30 bytes)
 # what zipfile raises on a damaged archive: a damaged compression-method field is
@@ -329,7 +330,11 @@ class Reader:
         base, end = start + 8 + hlen, start + size
         buf = self._mapping() if mapped else None
         out: dict[str, torch.Tensor] = {}
-        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        # checksums on worker threads (the CRC releases the GIL) only where there is enough to
+        # share: starting the threads costs more than checking a small model's weights
+        if size < _THREADED_BYTES:
+            threads = 1
+        with ThreadPoolExecutor(max_workers=max(1, threads)) if threads > 1 else _Inline() as pool:
             jobs = []
             for key, entry in sorted(header.items(), key=_start):
                 dtype, shape = _entry_type(self.path, name, key, entry, index[key])
@@ -350,6 +355,24 @@ class Reader:
                 if job.result() != index[key].get("crc32"):
                     raise KilnError(f"{self.path}: weight {key!r} fails its checksum (the file was modified or damaged)")
         return out
+
+
+class _Inline:
+    """The part of ThreadPoolExecutor ``tensors`` uses, running each job at once in the caller."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, fn, *args):
+        f = Future()
+        try:
+            f.set_result(fn(*args))
+        except Exception as e:  # noqa: BLE001  (re-raised by result(), as a pool's future does)
+            f.set_exception(e)
+        return f
 
 
 def _start(item) -> int:
