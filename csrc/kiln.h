@@ -111,6 +111,8 @@ struct WinogradShape {
 bool winograd_supported();
 int64_t winograd_tiles(const WinogradShape& s);
 void winograd_input(const float* x, float* V, const WinogradShape& s, int threads);
+// U [(m+2)^2, C, K] = G g G^T of every 3x3 filter of w [K, C, 3, 3] (double arithmetic, rounded once).
+void winograd_weight(const float* w, float* U, int64_t K, int64_t C, int64_t m, int threads);
 void winograd_output(const float* M, float* y, const float* bias, const float* residual, bool relu,
                      const WinogradShape& s, int threads);
 

@@ -195,3 +195,45 @@ void winograd_output(const float* Mt, float* y, const float* bias, const float* 
 }
 
 }  // namespace kiln
+
+namespace kiln {
+
+// U [(m+2)^2, C, K] = G g G^T for every 3x3 filter g = w[k, c] of w [K, C, 3, 3], in double,
+// each result rounded once to float. One pass over w and U: at load this runs for every
+// layer that chose Winograd, so it must cost about writing U. Blocks of 16 filters of one
+// input channel are gathered into double lanes, so the two small matrix products
+// vectorize across filters; U's rows for that channel are then 16 contiguous floats each.
+void winograd_weight(const float* w, float* U, int64_t K, int64_t C, int64_t m, int threads) {
+  static const double G2[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+  static const double G4[6][3] = {{1.0 / 4, 0, 0},
+                                  {-1.0 / 6, -1.0 / 6, -1.0 / 6},
+                                  {-1.0 / 6, 1.0 / 6, -1.0 / 6},
+                                  {1.0 / 24, 1.0 / 12, 1.0 / 6},
+                                  {1.0 / 24, -1.0 / 12, 1.0 / 6},
+                                  {0, 0, 1}};
+  if (m != 2 && m != 4) throw std::invalid_argument("winograd: m must be 2 or 4");
+  const int r = static_cast<int>(m) + 2;
+  const double(*G)[3] = m == 4 ? G4 : G2;
+  constexpr int L = 16;
+  parallel_ranges(C, threads, [&](int64_t c0, int64_t c1) {
+    double g[9][L], t[6][3][L], u[L];
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t k0 = 0; k0 < K; k0 += L) {
+        const int n = static_cast<int>(std::min<int64_t>(L, K - k0));
+        for (int l = 0; l < L; ++l)
+          for (int e = 0; e < 9; ++e) g[e][l] = l < n ? w[((k0 + l) * C + c) * 9 + e] : 0.0;
+        for (int i = 0; i < r; ++i)  // t = G g: [r, 3]
+          for (int b = 0; b < 3; ++b)
+            for (int l = 0; l < L; ++l) t[i][b][l] = G[i][0] * g[b][l] + G[i][1] * g[3 + b][l] + G[i][2] * g[6 + b][l];
+        for (int i = 0; i < r; ++i)  // U = t G^T: [r, r]
+          for (int j = 0; j < r; ++j) {
+            for (int l = 0; l < L; ++l) u[l] = t[i][0][l] * G[j][0] + t[i][1][l] * G[j][1] + t[i][2][l] * G[j][2];
+            float* dst = U + ((i * r + j) * C + c) * K + k0;
+            for (int l = 0; l < n; ++l) dst[l] = static_cast<float>(u[l]);
+          }
+      }
+    }
+  });
+}
+
+}  // namespace kiln

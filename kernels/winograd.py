@@ -30,33 +30,27 @@ from .nhwc import as_channels_last, nhwc_array
 from .registry import register_kernel
 
 # Winograd's G matrices (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks"):
-# U = G g G^T transforms a 3x3 filter g; B^T and A^T live in csrc/winograd.cpp.
+# U = G g G^T transforms a 3x3 filter g. The kernels (csrc/winograd.cpp) hold their own copy
+# with B^T and A^T; this one is the definition the tests check them against.
 _G = {2: ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
       4: ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
           (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))}
 
 
-# columns (channel pairs) transformed per GEMM: the float64 block stays in cache while it
-# is rounded into the float32 result
-_COLUMNS = 1 << 12
-
-
 def transform_weight(w: torch.Tensor, m: int) -> torch.Tensor:
-    """U [(m+2)^2, C, K] of a [K, C, 3, 3] weight, computed in float64.
+    """U [(m+2)^2, C, K] of a [K, C, 3, 3] weight: U[(i, j), c, k] = (G g G^T)[i, j] for
+    g = w[k, c], computed in float64 and rounded once to float32.
 
-    U[(i, j), c, k] = sum over (a, b) of G[i, a] G[j, b] w[k, c, a, b]: one GEMM of
-    kron(G, G) [(m+2)^2, 9] with the filters as columns [9, C*K], taken in (c, k) order so
-    the result is already U's layout; at load this runs for every 3x3 layer that chose
-    Winograd, so it must cost about one pass over U, not a float64 einsum per filter."""
-    g = torch.tensor(_G[m], dtype=torch.float64)
-    r = m + 2
+    At load this runs for every 3x3 layer that chose Winograd, so it must cost about one
+    pass over U: ``kiln._C.winograd_weight`` reads each filter once and writes U in the
+    layout the kernel reads (a float64 GEMM over converted copies of the weight wrote and
+    read the weight three times over)."""
+    from kiln import _C
+
     k, c = w.shape[0], w.shape[1]
-    kk = torch.kron(g, g)
-    cols = w.detach().transpose(0, 1).reshape(c * k, 9).double()
-    u = torch.empty(r * r, c * k, dtype=torch.float32)
-    for a in range(0, c * k, _COLUMNS):
-        u[:, a:a + _COLUMNS] = kk @ cols[a:a + _COLUMNS].t()
-    return u.reshape(r * r, c, k)
+    u = torch.empty((m + 2) ** 2, c, k, dtype=torch.float32)
+    _C.winograd_weight(w.detach().float().contiguous().numpy(), u.numpy(), m, torch.get_num_threads())
+    return u
 
 
 # The transformed input and the GEMM result are (m+2)^2 / m^2 times the size of the input

@@ -68,6 +68,20 @@ void output_py(farray M, farray y, std::optional<farray> bias, std::optional<far
   kiln::winograd_output(mp, yp, bp, rp, relu, s, threads);
 }
 
+void weight_py(farray w, farray U, int64_t m, int threads) {
+  auto wb = w.request();
+  if (wb.ndim != 4 || wb.shape[2] != 3 || wb.shape[3] != 3) throw py::value_error("w: expected (K, C, 3, 3)");
+  if (m != 2 && m != 4) throw py::value_error("m must be 2 or 4");
+  if (threads < 1) throw py::value_error("threads must be >= 1");
+  if (!U.writeable()) throw py::value_error("U must be writable");
+  const int64_t K = wb.shape[0], C = wb.shape[1];
+  expect(U.request(), "U", {(m + 2) * (m + 2), C, K});
+  const float* wp = w.data();
+  float* up = U.mutable_data();
+  py::gil_scoped_release nogil;
+  kiln::winograd_weight(wp, up, K, C, m, threads);
+}
+
 }  // namespace
 
 void register_winograd_kernels(py::module_& m) {
@@ -79,4 +93,6 @@ void register_winograd_kernels(py::module_& m) {
         py::arg("residual"), py::arg("relu"), py::arg("H"), py::arg("W"), py::arg("C"), py::arg("ph"), py::arg("pw"),
         py::arg("m"), py::arg("threads") = 1,
         "y (N,OH,OW,K) = act(output transform of M ((m+2)^2, T, K) + bias + residual).");
+  m.def("winograd_weight", &weight_py, py::arg("w").noconvert(), py::arg("U").noconvert(), py::arg("m"),
+        py::arg("threads") = 1, "U ((m+2)^2, C, K) = G g G^T of every 3x3 filter g of w (K, C, 3, 3), in double.");
 }

@@ -86,6 +86,15 @@ int main() {
     }
     ++cases;
   }
+  // Winograd weight transform: filter counts below, at and past a block of 16
+  for (int64_t K : {1, 16, 37})
+    for (int64_t m : {2, 4})
+      for (int threads : {1, 2}) {
+        auto w = vec(K * 5 * 9);
+        std::vector<float> U((m + 2) * (m + 2) * 5 * K);
+        kiln::winograd_weight(w.data(), U.data(), K, 5, m, threads);
+        ++cases;
+      }
   // CRC-32: exact-size heap buffers of every length around the 64-byte fold and 16-byte tails
   for (size_t n = 0; n < 200; ++n) {
     std::vector<uint8_t> b(n);

@@ -94,16 +94,22 @@ def test_weight_transform_reproduces_the_filter():
 
 
 @pytest.mark.parametrize("m", [2, 4])
-def test_weight_transform_is_the_float64_definition(m, monkeypatch):
-    """One GEMM over column blocks (a block boundary inside a filter pair's range too) gives
-    G g G^T of every filter, computed in float64 and rounded once."""
-    monkeypatch.setattr(winograd, "_COLUMNS", 7)
-    w = torch.randn(6, 5, 3, 3)
+@pytest.mark.parametrize("k", [6, 16, 37])
+def test_weight_transform_is_the_float64_definition(m, k):
+    """G g G^T of every filter, computed in float64 and rounded once, for filter counts below,
+    at and past a block of 16 (and on two threads: channels split between them)."""
+    w = torch.randn(k, 5, 3, 3)
     g = torch.tensor(winograd._G[m], dtype=torch.float64)
-    want = torch.einsum("ik,ockl,jl->ijco", g, w.double(), g).reshape((m + 2) ** 2, 5, 6)
-    got = winograd.transform_weight(w, m)
-    assert got.dtype == torch.float32 and got.is_contiguous()
-    torch.testing.assert_close(got.double(), want, rtol=0, atol=float(want.abs().max()) * 2 ** -23)
+    want = torch.einsum("ik,ockl,jl->ijco", g, w.double(), g).reshape((m + 2) ** 2, 5, k)
+    prev = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got = winograd.transform_weight(w, m)
+            assert got.dtype == torch.float32 and got.is_contiguous()
+            torch.testing.assert_close(got.double(), want, rtol=0, atol=float(want.abs().max()) * 2 ** -23)
+    finally:
+        torch.set_num_threads(prev)
 
 
 def test_candidates_only_where_winograd_applies():
