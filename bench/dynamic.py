@@ -32,6 +32,8 @@ import subprocess
 import sys
 import time
 
+from kiln.options import child_environment, settings
+
 ENGINES = ("eager", "kiln_dynamic", "kiln_static", "inductor", "onnxruntime", "openvino")
 
 
@@ -102,9 +104,11 @@ def _build(engine: str, model, example, name: str, precision: str = "fp32"):
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = torch.get_num_threads()
+        if settings().omp_passive:  # the wait policy torch's OpenMP workers run under (--no-spin)
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sess = ort.InferenceSession(f.getvalue(), opts, providers=["CPUExecutionProvider"])
         return lambda *a: torch.from_numpy(sess.run(None, {n: t.numpy() for n, t in zip(names, a)})[0])
-    import openvino as ov
+    import openvino as ov  # its TBB workers are left as they are, --no-spin or not
 
     core = ov.Core()
     compiled = core.compile_model(core.read_model(f.getvalue()), "CPU",
@@ -268,18 +272,35 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="bf16: Kiln precision='bf16', eager/Inductor on bf16 weights, OpenVINO's bf16 hint")
     ap.add_argument("--interleave", action="store_true",
                     help="all engines in one process, each request sent to every engine in turn (no per-engine RSS)")
+    ap.add_argument("--no-spin", action="store_true",
+                    help="idle worker threads sleep instead of spinning: OMP_WAIT_POLICY=PASSIVE for torch's "
+                         "OpenMP workers (eager, Inductor, Kiln) and allow_spinning=0 for ONNX Runtime's pool "
+                         "(the command runs again in a new process: OpenMP reads the policy when it loads)")
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--namespace", help=argparse.SUPPRESS)  # --no-spin's new process: the parsed arguments
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(ap)
-    return main_with(ap.parse_args(argv))
+    args = ap.parse_args(argv)
+    if args.namespace:
+        args = argparse.Namespace(**json.loads(args.namespace))
+    return main_with(args)
 
 
 def main_with(args) -> int:
+    if getattr(args, "no_spin", False) and not settings().omp_passive:
+        # OpenMP has read its wait policy already (torch loaded it): only a new process changes it
+        ap = argparse.ArgumentParser()
+        add_arguments(ap)
+        mine = {a.dest for a in ap._actions} - {"help", "namespace"}  # (the CLI's namespace holds more)
+        cmd = [sys.executable, "-m", "kiln.bench.dynamic", "--namespace",
+               json.dumps({k: v for k, v in vars(args).items() if k in mine})]
+        return subprocess.run(cmd, env=child_environment(OMP_WAIT_POLICY="PASSIVE")).returncode
     n = 20 if args.quick else args.requests
+    load_start = os.getloadavg()[0]
     if args.per_length:
         sizes = [int(x) for x in args.per_length.split(",")]
         rows = [r for name in args.models.split(",") for t in args.threads.split(",")
@@ -309,13 +330,17 @@ def main_with(args) -> int:
                 cmd = [sys.executable, "-m", "kiln.bench.dynamic", "--child", f"{engine}:{name}:{threads}",
                        "--requests", str(n), "--precision", args.precision] + (["--quick"] if args.quick else [])
                 print(f"[kiln bench dynamic] {name}, {engine}, {threads} thread(s)", file=sys.stderr)
-                out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+                out = subprocess.run(cmd, capture_output=True, text=True, env=child_environment())
                 if out.returncode != 0:
                     why = (out.stderr.strip().splitlines() or ["failed"])[-1][:200]
                     rows.append({"engine": engine, "model": name, "threads": threads, "error": why})
                     continue
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"precision: {args.precision}" + (" (max err against eager fp32)" if args.precision == "bf16" else ""))
+    print("idle workers: " + ("sleep (OMP_WAIT_POLICY=PASSIVE; ONNX Runtime allow_spinning=0)" if settings().omp_passive
+                              else "spin for a while (the runtimes' defaults)") +
+          f"; load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+          f"({os.cpu_count()} CPUs)")
     print("| model | threads | engine | total s (incl. compiles) | build s | p50 ms | p99 ms | p99/p50 | peak RSS MB | max err |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

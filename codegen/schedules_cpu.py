@@ -234,12 +234,19 @@ def _parallel_rows(sch, spatial, threads: int, row_length: int, grain: int) -> N
         return
     fused = _fuse(sch, spatial)
     rows = _extent(sch, fused)
-    if rows is None:  # rows known only per call: parallel when a row alone is worth a share
-        if threads > 1 and row_length * threads >= grain // 4:
+    if rows is None:  # rows known only per call: see _run_time_parallel
+        if threads > 1:
             sch.parallel(fused)
         return
     if threads > 1 and rows > 1 and rows * row_length >= 2 * grain:
         sch.parallel(fused)
+
+
+# _run_time_parallel: a loop over symbolic rows (BERT's [batch, seq, 768]) is always built
+# parallel, since how many rows a call brings is known only then: a LayerNorm over 384 tokens
+# is worth both threads, one over 16 is not. ``GeneratedKernel`` runs a call of less than two
+# grains of work on the calling thread alone (kiln._C's launcher, tvm_parallel_serial), the
+# rule the static loop nests follow at build time.
 
 
 def _schedule_spatial(sch, b, config: dict, threads: int) -> None:
@@ -270,8 +277,7 @@ def _schedule_symbolic_spatial(sch, outer, inner, config: dict, threads: int) ->
     and vectorized as in ``_schedule_spatial``. Parallel tasks: a static inner extent of two
     grains or more (a channels-last image per batch row) is split into tasks of ``grain``
     elements, fused with the symbolic loops and run in parallel; a shorter one (a BERT row)
-    leaves the symbolic loops whole, parallel when a row alone is worth a share of the grain
-    (how many rows a call brings is known only then)."""
+    leaves the symbolic loops whole and parallel (_run_time_parallel)."""
     row, lanes_outer, vec = 1, None, 1
     if inner:
         lanes_outer = _fuse(sch, inner)
@@ -288,7 +294,7 @@ def _schedule_symbolic_spatial(sch, outer, inner, config: dict, threads: int) ->
         sch.parallel(_fuse(sch, list(outer) + [task]))
         return
     fused = _fuse(sch, outer)
-    if threads > 1 and row * threads >= grain // 4:
+    if threads > 1:  # see _run_time_parallel
         sch.parallel(fused)
 
 

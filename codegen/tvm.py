@@ -34,7 +34,7 @@ from .walk import MOVEMENT_OPS, REDUCE_OPS, ROW_OPS, Emitter, Unsupported, Walke
 
 # Part of every compiled module's cache key: bump it when rendering or scheduling changes
 # the code generated for the same group and configuration.
-CODEGEN_VERSION = 11
+CODEGEN_VERSION = 12
 
 # what the TensorIR renderer covers: its per-op table, and what the walk renders itself
 # (take is not enabled here: a data-dependent index inside a TIR load is untested)

@@ -121,6 +121,11 @@ class GeneratedKernel:
         # and the output shapes per tuple of sizes seen (a few lengths recur in a stream)
         self.size_at = _size_positions(group)
         self._shapes: dict[tuple, tuple] = {}
+        # symbolic sizes: the parallel loops are built in and a call with less work than two
+        # grains runs them on this thread alone (schedules_cpu._run_time_parallel); on TVM's
+        # own pool (KILN_TVM_THREAD_POOL=1, tuning candidates) every call runs them in parallel
+        self.serial_below = 2 * int(config.get("grain", 0)) \
+            if threads > 1 and self.size_at and id(func) in _ON_OPENMP else 0
 
     def out_shapes(self, ins) -> tuple:
         """Each output's shape for this call's inputs."""
@@ -155,7 +160,16 @@ class GeneratedKernel:
             views.append(o.permute(0, 2, 3, 1) if nhwc else o)
         if self.tvm_pool and _pool_threads != self.threads:
             tvm_pool_threads(self.threads)
-        self.func(*args, *views)
+        if self.serial_below and max(t.numel() for t in (*args, *outs)) < self.serial_below:
+            from kiln import _C
+
+            _C.tvm_parallel_serial(True)
+            try:
+                self.func(*args, *views)
+            finally:
+                _C.tvm_parallel_serial(False)
+        else:
+            self.func(*args, *views)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 

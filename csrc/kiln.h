@@ -157,6 +157,9 @@ namespace kiln {
 // kernel's parallel tasks on the OpenMP workers (torch's intra-op threads).
 uintptr_t tvm_parallel_launch_address();
 int64_t tvm_parallel_launches();  // how many launches it has taken (tests, diagnostics)
+int64_t tvm_serial_launches();    // of which ran on the calling thread alone
+// Launches from the calling thread run their tasks on it alone while on (one kernel call's worth)
+void tvm_parallel_serial(bool on);
 
 }  // namespace kiln
 

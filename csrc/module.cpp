@@ -279,6 +279,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("tvm_parallel_launch_address", &kiln::tvm_parallel_launch_address,
         "Address of a TVMBackendParallelLaunch replacement that runs tasks on torch's OpenMP workers.");
   m.def("tvm_parallel_launches", &kiln::tvm_parallel_launches, "Parallel launches that replacement has taken.");
+  m.def("tvm_serial_launches", &kiln::tvm_serial_launches,
+        "Of those launches, the ones run on the calling thread alone (tvm_parallel_serial on).");
+  m.def("tvm_parallel_serial", &kiln::tvm_parallel_serial, py::arg("on"),
+        "While on, parallel launches from this thread run their tasks on it, in order (a call too small to share).");
   m.def(
       "compute_peak_gflops",
       [](const std::string& unit, int threads, int64_t iters, int accumulators) {

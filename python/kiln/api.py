@@ -442,7 +442,20 @@ class Explanation:
             for st in sorted(self.steps, key=lambda st: -st.seconds)[:8]:
                 where = f" at {st.scope}" if st.scope else ""
                 lines.append(f"  {st.kernel} ({st.op}{where}): {st.seconds * 1e3:.3f} ms ({pct(st.seconds):.1f}%)")
+            split = self.thread_split()
+            if any(rest > 0 for _, _, rest in split.values()):
+                # which kernels share their work between threads, whatever else runs on the machine
+                lines.append("CPU per kernel, the calling thread / the process's other threads (idle OpenMP "
+                             "workers spin unless OMP_WAIT_POLICY=PASSIVE; their spinning counts):")
+                for k, (n, mine, rest) in list(split.items())[:8]:
+                    lines.append(f"  {k} x{n}: {mine * 1e3:.3f} / {rest * 1e3:.3f} ms")
         return "\n".join(lines)
+
+    def thread_split(self) -> dict[str, tuple[int, float, float]]:
+        """kernel -> (steps, CPU seconds on the calling thread, on the other threads)."""
+        from kiln.runtime.profile import thread_split
+
+        return thread_split(self.steps)
 
 
 def explain(model, example_inputs=None, example_kwargs=None, *, profile: bool = True, runs: int = 5,

@@ -393,6 +393,9 @@ class Settings:
     progress: bool
     log_areas: frozenset = field(default_factory=frozenset)
     user_tvm_threads: bool = False  # TVM_NUM_THREADS set by the user: Kiln leaves TVM's pool alone
+    # OMP_WAIT_POLICY=PASSIVE (read by OpenMP when torch loads it, not by Kiln): idle workers
+    # sleep at once instead of spinning; benchmarks give the other engines' pools the same policy
+    omp_passive: bool = False
 
 
 def _env(name: str) -> str:
@@ -428,6 +431,7 @@ def settings() -> Settings:
         progress=_env("KILN_PROGRESS") != "0",
         log_areas=frozenset(a for a in _env("KILN_LOG").split(",") if a),
         user_tvm_threads="TVM_NUM_THREADS" in os.environ,
+        omp_passive=_env("OMP_WAIT_POLICY").strip().lower() == "passive",
     )
 
 

@@ -145,3 +145,46 @@ def test_symbolic_batch_over_large_images_splits_into_parallel_tasks(config):
         assert got.shape == want.shape
         ok, err, tol = max_err_ok(got, want, 1e-4)
         assert ok, (batch, err, tol)
+
+
+def test_symbolic_rows_run_in_parallel_only_when_the_call_brings_two_grains(monkeypatch, tmp_path):
+    # the loop over symbolic rows is built parallel; the call decides: a few rows run on the
+    # calling thread alone (no parallel region), many rows on torch's OpenMP workers
+    from kiln import _C
+
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("KILN_TVM_THREAD_POOL", "0")
+    graph = _residual_layer_norm()
+    group = whole_graph_group(graph)
+    config = schedule_group.tune_space.default()
+    fn, built = module_cache.compiled(group, config, host_cpu(), 2)
+    kernel = tvm_runtime.GeneratedKernel(fn, group, "test", config, built, threads=2)
+    assert kernel.serial_below == 2 * config["grain"]
+    rows_for_two_grains = -(-kernel.serial_below // 96)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for batch, seq, serial in ((1, 7, True), (2, rows_for_two_grains // 2 + 1, False)):
+            ins = choice.group_inputs(group, graph, {"batch": batch, "seq": seq})
+            launches, serial_launches = _C.tvm_parallel_launches(), _C.tvm_serial_launches()
+            got = kernel(ins)
+            launched = _C.tvm_parallel_launches() - launches
+            ran_serially = _C.tvm_serial_launches() - serial_launches
+            assert launched > 0  # the loop is parallel in the kernel either way
+            assert ran_serially == (launched if serial else 0), (batch, seq, launched, ran_serially)
+            want = choice.reference_outputs(group, ins, {"batch": batch, "seq": seq})[0]
+            ok, err, tol = max_err_ok(got, want, 1e-4)
+            assert ok, (batch, seq, err, tol)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_kernel_on_tvms_own_pool_keeps_every_call_parallel(monkeypatch, tmp_path):
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("KILN_TVM_THREAD_POOL", "1")
+    group = whole_graph_group(_residual_layer_norm())
+    config = schedule_group.tune_space.default()
+    fn, built = module_cache.compiled(group, config, host_cpu(), 2)
+    assert tvm_runtime.GeneratedKernel(fn, group, "test", config, built, threads=2).serial_below == 0
+    one = tvm_runtime.GeneratedKernel(fn, group, "test", config, built, threads=1)
+    assert one.serial_below == 0  # built for one thread: no parallel loop to decide about

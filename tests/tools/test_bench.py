@@ -170,6 +170,14 @@ def test_bench_dynamic_quick(tmp_path):
     assert "no bf16" in rows["onnxruntime"]["error"]
     assert all(rows[e]["precision"] == "bf16" and rows[e]["max_abs_err"] < 5e-2 for e in ("eager", "kiln_dynamic"))
     assert "Kiln dynamic total" in out
+    # --no-spin: the command runs again in a new process whose OpenMP workers sleep when idle
+    # (ONNX Runtime's pool too), and says so
+    out = _kiln("bench", "dynamic", "--quick", "--interleave", "--no-spin", "--models", "hf_bert", "--threads", "2",
+                "--engines", "kiln_dynamic,onnxruntime", "--json", str(j))
+    rows = json.loads(j.read_text())
+    assert [r["engine"] for r in rows] == ["kiln_dynamic", "onnxruntime"]
+    assert all("error" not in r and r["threads"] == 2 and r["max_abs_err"] < 1e-3 for r in rows), rows
+    assert "idle workers: sleep (OMP_WAIT_POLICY=PASSIVE" in out
 
 
 @pytest.mark.bench
