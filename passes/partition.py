@@ -11,13 +11,18 @@ Fusion rule (one pass, topological order, never duplicating a node):
 * a second reduction never joins a group that has one (reduction boundaries);
 * attention, recurrent and fallback ops are groups of their own;
 * a merge that would create a cycle between groups is refused;
+* a layout change whose source is read elsewhere too, and whose result only feeds
+  reductions/normalizations (through reshapes), joins its consumers, not its producer: the
+  producer's group would otherwise write the value twice (once per layout) and the
+  reduction read the copy, where it can read the one stored value through the layout
+  change as a coordinate rewrite (a group norm over a channels-last residual stream);
 * a value used outside its group (or returned) is a group output, written once.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kiln.ir import Category, Graph, Node, Value, opdef
+from kiln.ir import Category, Graph, Node, OpKind, Value, opdef
 
 
 class GroupKind:
@@ -73,8 +78,34 @@ def _node_kind(n: Node) -> str:
     return GroupKind.REDUCTION  # reductions and normalizations
 
 
+def _feeds_only_reductions(v: Value, readers: dict) -> bool:
+    """Does every use of ``v`` reach a reduction/normalization through reshapes alone?"""
+    rs = readers.get(v, [])
+    for r in rs:
+        if r.op is OpKind.RESHAPE:
+            if not _feeds_only_reductions(r.outputs[0], readers):
+                return False
+        elif _node_kind(r) != GroupKind.REDUCTION:
+            return False
+    return bool(rs)
+
+
+def _layout_change_for_consumers(n: Node, readers: dict, outputs: set) -> bool:
+    """A TO_LAYOUT that should start the group of its consumers (see the module's rules)."""
+    if n.op is not OpKind.TO_LAYOUT or n.outputs[0] in outputs:
+        return False
+    src = n.inputs[0]
+    return len(readers.get(src, [])) > 1 and _feeds_only_reductions(n.outputs[0], readers)
+
+
 def partition(graph: Graph) -> Partition:
     producer = {o: n for n in graph.nodes for o in n.outputs}
+    readers: dict[Value, list[Node]] = {}
+    for n in graph.nodes:
+        for v in n.inputs:
+            if v is not None:
+                readers.setdefault(v, []).append(n)
+    returned = set(graph.outputs)
     group_of: dict[Node, KernelGroup] = {}
     groups: list[KernelGroup] = []
     deps: dict[int, set[int]] = {}  # group id -> ids of groups it reads from
@@ -109,7 +140,8 @@ def partition(graph: Graph) -> Partition:
     for n in graph.nodes:
         kind = _node_kind(n)
         target = None
-        if kind in (GroupKind.INJECTIVE, GroupKind.REDUCTION):
+        if kind in (GroupKind.INJECTIVE, GroupKind.REDUCTION) and \
+                not _layout_change_for_consumers(n, readers, returned):
             for v in n.inputs:
                 p = producer.get(v) if v is not None else None
                 if p is not None and can_join(n, kind, group_of[p]):

@@ -1,7 +1,7 @@
 """Partition into kernel groups: fusion decisions and group boundaries."""
 import torch
 
-from kiln.ir import GraphBuilder, OpKind
+from kiln.ir import GraphBuilder, Layout, OpKind
 from kiln.ir import attrs as A
 from kiln.passes.partition import GroupKind, partition, verify_partition
 
@@ -67,3 +67,76 @@ def test_values_used_outside_are_group_outputs():
     p = partition(b.build([n, e]))
     verify_partition(p)
     assert len(p.groups) == 1 and set(p.groups[0].outputs) == {e, n}
+
+
+def _residual_group_norm_graph():
+    """A PoolFormer-like block after the layout pass: a channels-last residual stream
+    (conv, then an add) read by the next residual add and, as NCHW, by a one-group group
+    norm (reshape -> layer norm -> reshape), whose result goes back to channels-last."""
+    from kiln.ir import Layout, LayoutKind
+
+    cl, row = Layout(LayoutKind.CHANNELS_LAST), Layout()
+    b = GraphBuilder("pool")
+    x = b.input("x", (1, 8, 6, 6))
+    xc = b.add(OpKind.TO_LAYOUT, x, attrs=A.LayoutAttrs(cl))
+    y = b.add(OpKind.CONV2D, xc, b.const(torch.randn(8, 8, 1, 1)), attrs=A.Conv2dAttrs())
+    r = b.add(OpKind.ADD, y, xc)  # the residual stream, read twice
+    t = b.add(OpKind.RESHAPE, b.add(OpKind.TO_LAYOUT, r, attrs=A.LayoutAttrs(row)), attrs=A.ShapeAttrs((1, 1, 288)))
+    t = b.add(OpKind.RESHAPE, b.add(OpKind.LAYER_NORM, t, attrs=A.LayerNormAttrs(1, 1e-5)),
+              attrs=A.ShapeAttrs((1, 8, 6, 6)))
+    out = b.add(OpKind.ADD, r, b.add(OpKind.TO_LAYOUT, t, attrs=A.LayoutAttrs(cl)))
+    return b.build([b.add(OpKind.TO_LAYOUT, out, attrs=A.LayoutAttrs(row))])
+
+
+def test_layout_change_into_a_norm_joins_the_norm_not_its_producer():
+    # the residual stream is stored once (channels-last); the norm reads it through the
+    # layout change instead of the producer's group writing an NCHW copy beside it
+    p = partition(_residual_group_norm_graph())
+    verify_partition(p)
+    assert _kinds(p)[:2] == [(GroupKind.INJECTIVE, ["to_layout"]), (GroupKind.COMPUTE, ["conv2d", "add"])]
+    conv = p.groups[1]
+    assert [o.name for o in conv.outputs] == [conv.nodes[-1].outputs[0].name]  # one output: no copy
+    norm = next(g for g in p.groups if "layer_norm" in g.ops)
+    assert norm.kind == GroupKind.REDUCTION and norm.ops[:3] == ["to_layout", "reshape", "layer_norm"]
+    assert norm.inputs == conv.outputs
+
+
+def test_layout_change_with_a_sole_reader_still_joins_its_producer():
+    # nothing else reads the source: joining the producer writes one value, as before
+    b = GraphBuilder()
+    x = b.input("x", (1, 4, 3, 3))
+    e = b.add(OpKind.EXP, x)
+    t = b.add(OpKind.RESHAPE, b.add(OpKind.TO_LAYOUT, e, attrs=A.LayoutAttrs(Layout())), attrs=A.ShapeAttrs((1, 1, 36)))
+    p = partition(b.build([b.add(OpKind.LAYER_NORM, t, attrs=A.LayerNormAttrs(1, 1e-5))]))
+    verify_partition(p)
+    assert _kinds(p) == [(GroupKind.REDUCTION, ["exp", "to_layout", "reshape", "layer_norm"])]
+
+
+def test_residual_group_norm_block_matches_eager_with_generated_groups(monkeypatch):
+    # numbers: the norm group reads the channels-last stream through the layout change
+    import kiln
+
+    monkeypatch.setenv("KILN_GROUP_CHOICE", "generated")
+    monkeypatch.setenv("KILN_CACHE", "0")
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(16, 16, 1)
+            self.norm = torch.nn.GroupNorm(1, 16)
+            self.mlp = torch.nn.Conv2d(16, 16, 1)
+
+        def forward(self, x):
+            r = x + self.conv(x)
+            return r + self.mlp(self.norm(r))
+
+    torch.manual_seed(0)
+    m, x = Block().eval(), torch.randn(1, 16, 12, 12)
+    c = kiln.compile(m, (x,))
+    p = c.compiled[0].partition
+    norm = next(g for g in p.groups if "layer_norm" in g.ops)
+    assert norm.ops[0] == "to_layout"  # the partition this test is about
+    kernels = dict(zip(c.compiled[0].graph.nodes, c.compiled[0].plan.node_kernels))
+    assert all(kernels[n].startswith("tvm.group") for n in norm.nodes)  # ... run as one generated kernel
+    with torch.no_grad():
+        torch.testing.assert_close(c(x), m(x), rtol=1e-5, atol=1e-5)
