@@ -5,6 +5,8 @@ from kiln.ir import GraphBuilder, Layout, OpKind
 from kiln.ir import attrs as A
 from kiln.passes.partition import GroupKind, partition, verify_partition
 
+from conftest import assert_same_outputs
+
 
 def _kinds(p):
     return [(g.kind, g.ops) for g in p.groups]
@@ -140,3 +142,78 @@ def test_residual_group_norm_block_matches_eager_with_generated_groups(monkeypat
     assert all(kernels[n].startswith("tvm.group") for n in norm.nodes)  # ... run as one generated kernel
     with torch.no_grad():
         torch.testing.assert_close(c(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+def _grn_graph():
+    """ConvNeXt V2's GRN after a bf16 GEMM: the GEMM's result widened to f32 feeds both the
+    statistic (a sum of squares over the pixels) and the apply (x * scale + x)."""
+    from kiln.ir import DType
+
+    b = GraphBuilder("grn")
+    x = b.input("x", (1, 16, 32), DType.BFLOAT16)
+    lin = b.add(OpKind.LINEAR, x, b.const(torch.randn(32, 32).to(torch.bfloat16)))
+    c = b.add(OpKind.CAST, lin, attrs=A.CastAttrs(DType.FLOAT32))
+    s = b.add(OpKind.SQRT, b.add(OpKind.SUM, b.add(OpKind.MUL, c, c), attrs=A.ReduceAttrs((1,), True)))
+    m = b.add(OpKind.MEAN, s, attrs=A.ReduceAttrs((2,), True))
+    d = b.add(OpKind.DIV, s, b.add(OpKind.ADD, m, b.const(torch.tensor(1e-6))))
+    return b.build([b.add(OpKind.ADD, b.add(OpKind.MUL, c, d), c)])
+
+
+def test_a_cheap_tail_read_by_two_reductions_is_cloned_one_copy_each():
+    g = _grn_graph()
+    p = partition(g)
+    verify_partition(p)
+    casts = [n for n in p.graph.nodes if n.op is OpKind.CAST]
+    assert len(casts) == 2 and len(g.nodes) + 1 == len(p.graph.nodes)
+    owner = {n: grp for grp in p.groups for n in grp.nodes}
+    readers = {c: {owner[r].id for r in p.graph.nodes if c.outputs[0] in r.inputs and r not in owner[c].nodes}
+               for c in casts}
+    # the statistic's copy is read through the GEMM's tail (the square), the apply's directly
+    assert readers[casts[1]] and readers[casts[0]] == set()
+    sq = next(n for n in p.graph.nodes if n.op is OpKind.MUL and n.inputs[0] is casts[0].outputs[0])
+    assert owner[sq] is owner[casts[0]] is owner[casts[1]]  # the GEMM's epilogue, cut apart by the plan
+    assert_same_outputs(g, p.graph)
+
+
+def test_a_tail_read_by_a_compute_group_is_not_cloned():
+    b = GraphBuilder()
+    x = b.input("x", (4, 8))
+    lin = b.add(OpKind.LINEAR, x, b.const(torch.randn(8, 8)))
+    e = b.add(OpKind.RESHAPE, lin, attrs=A.ShapeAttrs((4, 8)))
+    s = b.add(OpKind.SUM, e, attrs=A.ReduceAttrs((1,), True))
+    g = b.build([s, b.add(OpKind.LINEAR, e, b.const(torch.randn(8, 8)))])
+    assert partition(g).graph is g
+
+
+def test_grn_after_a_bf16_gemm_matches_eager_with_the_plan_reading_the_gemm_output(monkeypatch):
+    import kiln
+
+    monkeypatch.setenv("KILN_GROUP_CHOICE", "generated")
+    monkeypatch.setenv("KILN_CACHE", "0")
+
+    class GRNBlock(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(32, 64)
+            self.gamma = torch.nn.Parameter(torch.randn(64))
+
+        def forward(self, x):  # x: (1, H, W, C), as ConvNeXt V2 after its permute
+            h = self.fc(x)
+            gx = torch.norm(h, p=2, dim=(1, 2), keepdim=True)
+            nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+            return self.gamma * (h * nx) + h
+
+    torch.manual_seed(0)
+    m, x = GRNBlock().eval(), torch.randn(1, 12, 12, 32)
+    c = kiln.compile(m, (x,), precision="bf16")
+    graph, plan = c.compiled[0].graph, c.compiled[0].plan
+    casts = [n for n in graph.nodes if n.op is OpKind.CAST and n.inputs[0].type.dtype.value == "bfloat16"
+             and n.outputs[0].type.dtype.value == "float32" and n.inputs[0].type.rank == 4]
+    assert len(casts) == 2  # one widening per reduction group ...
+    kernels = dict(zip(graph.nodes, plan.node_kernels))
+    assert all(kernels[n].startswith("tvm.group") for n in casts)
+    assert kernels[casts[0]] != kernels[casts[1]]  # ... each run inside its own group's kernel
+    with torch.no_grad():
+        want = m(x)
+        got = c(x)
+    assert ((got - want).abs().max() / want.abs().max()).item() < 2e-2
