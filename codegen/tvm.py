@@ -118,23 +118,26 @@ _TRANSCENDENTAL = frozenset({OpKind.EXP, OpKind.TANH, OpKind.ERF, OpKind.SIGMOID
 MAX_VECTOR_MATH_DEPTH = 2
 
 
-def _vector_math_ok(group) -> bool:
-    """Whether ``group`` renders exp/tanh/erf/sigmoid in tvm_math's vectorizable forms.
+def _vector_math_ok(group) -> str:
+    """How ``group`` renders exp/tanh/erf/sigmoid: in tvm_math's vectorizable forms with
+    their operand bound by a Let ("let"), written out at each use ("inline"), or as TVM's
+    scalar functions ("").
 
-    Not with 16-bit floats: the forms hold TIR Lets, which TVM's vectorizer rejects in loops
-    that store bf16/fp16. Not past ``MAX_VECTOR_MATH_DEPTH`` of them nested in one
-    expression: compile time grows steeply with the nesting depth."""
+    With 16-bit floats the forms cannot hold Lets (TVM's vectorizer rejects them in loops
+    that store bf16/fp16), so they are inlined, and only one deep: each form reads its
+    operand some sixty times, and nested inline forms would multiply that. Otherwise not
+    past ``MAX_VECTOR_MATH_DEPTH`` of them nested in one expression: compile time grows
+    steeply with the nesting depth."""
     values = list(group.inputs) + [o for n in group.nodes for o in n.outputs]
-    if any(tvm_dtype(v.type) in LOW_PRECISION for v in values):
-        return False
+    low = any(tvm_dtype(v.type) in LOW_PRECISION for v in values)
     depth: dict = {}
     for n in group.nodes:
         d = max((depth.get(v, 0) for v in n.inputs if v is not None), default=0) + (n.op in _TRANSCENDENTAL)
-        if d > MAX_VECTOR_MATH_DEPTH:
-            return False
+        if d > (1 if low else MAX_VECTOR_MATH_DEPTH):
+            return ""
         for o in n.outputs:
             depth[o] = d
-    return True
+    return "inline" if low else "let"
 
 
 # ----------------------------------------------------------------------------- the emitter
@@ -145,7 +148,7 @@ class TirEmitter(Emitter):
     OPS = TIR_OPS
     target = "TensorIR"
 
-    def __init__(self, vector_math: bool, sizes: dict | None = None):
+    def __init__(self, vector_math: str, sizes: dict | None = None):
         self.vector_math = vector_math
         self.sizes = sizes or {}  # symbolic size name -> its TIR variable
         self.tensors: dict[Value, object] = {}  # group inputs and stored outputs: te tensors
@@ -159,7 +162,7 @@ class TirEmitter(Emitter):
         from . import tvm_math
 
         fast = tvm_math.FLOAT32.get(name) if dtype == "float32" and self.vector_math else None
-        return fast(v) if fast is not None else getattr(tirx, name)(v)
+        return fast(v, self.vector_math == "let") if fast is not None else getattr(tirx, name)(v)
 
     # -- coordinates --------------------------------------------------------------------
     def index(self, k):

@@ -15,8 +15,10 @@ LLVM keeps in AVX-512 registers:
 - sigmoid: 1 / (1 + exp(-x)).
 
 Each form binds its operand once with a TIR ``Let``. TVM's vectorizer rejects a ``Let``
-in a loop that stores bf16/fp16 (it visits the expression twice: "Let cannot bind the same
-var to two different values"), so groups with 16-bit floats keep TVM's scalar functions
+in a loop that stores bf16/fp16 (its lowering of the narrowing cast reads the stored
+expression several times, so the vectorizer meets the ``Let`` twice: "Let cannot bind the
+same var to two different values"), so groups with 16-bit floats take the forms with the
+operand written out at each use (``bind=False``; LLVM merges the copies), one form deep
 (``codegen.tvm`` decides). NaN propagates through the clamps. Errors are a few float32 ulp
 (tests compare them with torch over the whole input range, ``tests/codegen/test_tvm_math.py``).
 """
@@ -111,20 +113,24 @@ def _tanh(x):
     return tirx.Select(x > _c(9.0), _c(1.0), tirx.Select(x < _c(-9.0), _c(-1.0), y))
 
 
-def exp(v):
-    return _let(v, _exp)
+def _erf(x):
+    return _rational(x, _ERF_CLAMP, _ERF_P, _ERF_Q)
 
 
-def tanh(v):
-    return _let(v, _tanh)
+def exp(v, bind: bool = True):
+    return _let(v, _exp) if bind else _exp(v)
 
 
-def erf(v):
-    return _let(v, lambda x: _rational(x, _ERF_CLAMP, _ERF_P, _ERF_Q))
+def tanh(v, bind: bool = True):
+    return _let(v, _tanh) if bind else _tanh(v)
 
 
-def sigmoid(v):
-    return _c(1.0) / (_c(1.0) + exp(-v))
+def erf(v, bind: bool = True):
+    return _let(v, _erf) if bind else _erf(v)
+
+
+def sigmoid(v, bind: bool = True):
+    return _c(1.0) / (_c(1.0) + exp(-v, bind))
 
 
 # tirx function name -> vectorizable float32 form

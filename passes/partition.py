@@ -11,13 +11,24 @@ Fusion rule (one pass, topological order, never duplicating a node):
 * a second reduction never joins a group that has one (reduction boundaries);
 * attention, recurrent and fallback ops are groups of their own;
 * a merge that would create a cycle between groups is refused;
-* a value used outside its group (or returned) is a group output, written once.
+* a layout change whose source is read elsewhere too, and whose result only feeds
+  reductions/normalizations (through reshapes), joins its consumers, not its producer: the
+  producer's group would otherwise write the value twice (once per layout) and the
+  reduction read the copy, where it can read the one stored value through the layout
+  change as a coordinate rewrite (a group norm over a channels-last residual stream);
+* a value used outside its group (or returned) is a group output, written once;
+* a compute group's tail (its injective epilogue) that would be written to memory only to
+  be read by several reduction groups is cloned, one copy per group, when each copy is
+  cheap (a cast, a view): the plan then runs each copy at the head of its reduction group
+  and the tail's value is never stored (ConvNeXt V2's bf16 GEMM output widened to f32 for
+  both the GRN statistic and its apply: the bf16 value is read twice instead of an f32
+  copy written and read twice).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kiln.ir import Category, Graph, Node, Value, opdef
+from kiln.ir import Category, Graph, Node, OpKind, Value, opdef
 
 
 class GroupKind:
@@ -75,8 +86,110 @@ def _node_kind(n: Node) -> str:
     return GroupKind.REDUCTION  # reductions and normalizations
 
 
+def _feeds_only_reductions(v: Value, readers: dict) -> bool:
+    """Does every use of ``v`` reach a reduction/normalization through reshapes alone?"""
+    rs = readers.get(v, [])
+    for r in rs:
+        if r.op is OpKind.RESHAPE:
+            if not _feeds_only_reductions(r.outputs[0], readers):
+                return False
+        elif _node_kind(r) != GroupKind.REDUCTION:
+            return False
+    return bool(rs)
+
+
+def _layout_change_for_consumers(n: Node, readers: dict, outputs: set) -> bool:
+    """A TO_LAYOUT that should start the group of its consumers (see the module's rules)."""
+    if n.op is not OpKind.TO_LAYOUT or n.outputs[0] in outputs:
+        return False
+    src = n.inputs[0]
+    return len(readers.get(src, [])) > 1 and _feeds_only_reductions(n.outputs[0], readers)
+
+
 def partition(graph: Graph) -> Partition:
+    part = _partition(graph)
+    cloned = _clone_shared_tails(part)
+    return part if cloned is None else _partition(cloned)
+
+
+# cheap to compute twice: one read of the anchor's result per element, no arithmetic to speak of
+_CLONABLE = {OpKind.CAST, OpKind.RESHAPE, OpKind.PERMUTE, OpKind.TO_LAYOUT}
+
+
+def tail_destinations(tail: list[Node], owner: dict, readers: dict, returned: set) -> list[set] | None:
+    """For each node of a compute group's ``tail``, the ids of the groups outside the tail
+    that read its results, directly or through later tail nodes; None when a tail result is
+    returned by the graph."""
+    members = set(tail)
+    dest: dict[Node, set] = {}
+    for t in reversed(tail):
+        d: set = set()
+        for o in t.outputs:
+            if o in returned:
+                return None
+            for r in readers.get(o, ()):
+                d |= dest[r] if r in members else {owner[r].id}
+        dest[t] = d
+    return [dest[t] for t in tail]
+
+
+def _clone_shared_tails(part: Partition) -> Graph | None:
+    """The graph with the cheap nodes of compute tails that feed several reduction groups
+    cloned, one copy per group (see the module's rules); None when there is nothing to clone."""
+    graph = part.graph
+    owner = {n: g for g in part.groups for n in g.nodes}
+    by_id = {g.id: g for g in part.groups}
+    readers: dict[Value, list[Node]] = {}
+    for n in graph.nodes:
+        for v in n.inputs:
+            if v is not None:
+                readers.setdefault(v, []).append(n)
+    returned = set(graph.outputs)
+    clones: dict[Node, list[tuple[int, Node]]] = {}  # original -> (group id, copy) for the extra groups
+    rewire: dict[int, dict[Value, Value]] = {}  # group id -> original value -> its copy for that group
+    for g in part.groups:
+        tail = g.nodes[1:]
+        if g.kind != GroupKind.COMPUTE or not tail:
+            continue
+        dests = tail_destinations(tail, owner, readers, returned)
+        if dests is None or not any(len(d) > 1 for d in dests) or \
+                any(not d or by_id[i].kind != GroupKind.REDUCTION for d in dests for i in d) or \
+                any(len(d) > 1 and t.op not in _CLONABLE for t, d in zip(tail, dests)):
+            continue
+        for t, d in zip(tail, dests):
+            for i in sorted(d)[1:]:
+                m = rewire.setdefault(i, {})
+                outs = tuple(Value(o.type, f"{o.name}_g{i}") for o in t.outputs)
+                copy = Node(t.op, tuple(None if v is None else m.get(v, v) for v in t.inputs), t.attrs, outs, t.scope)
+                m.update(zip(t.outputs, outs))
+                clones.setdefault(t, []).append((i, copy))
+    if not clones:
+        return None
+    dest_of = {}  # tail node -> its single group id (tail nodes that read a cloned value)
+    for g in part.groups:
+        if g.kind == GroupKind.COMPUTE and len(g.nodes) > 1:
+            dests = tail_destinations(g.nodes[1:], owner, readers, returned) or []
+            dest_of.update((t, next(iter(d))) for t, d in zip(g.nodes[1:], dests) if len(d) == 1)
+    nodes = []
+    for n in graph.nodes:
+        m = rewire.get(dest_of.get(n, owner[n].id))
+        if m and n not in clones:
+            ins = tuple(None if v is None else m.get(v, v) for v in n.inputs)
+            nodes.append(n if ins == n.inputs else Node(n.op, ins, n.attrs, n.outputs, n.scope))
+        else:
+            nodes.append(n)
+        nodes.extend(c for _, c in clones.get(n, ()))
+    return graph.replace(nodes=tuple(nodes))
+
+
+def _partition(graph: Graph) -> Partition:
     producer = {o: n for n in graph.nodes for o in n.outputs}
+    readers: dict[Value, list[Node]] = {}
+    for n in graph.nodes:
+        for v in n.inputs:
+            if v is not None:
+                readers.setdefault(v, []).append(n)
+    returned = set(graph.outputs)
     group_of: dict[Node, KernelGroup] = {}
     groups: list[KernelGroup] = []
     deps: dict[int, set[int]] = {}  # group id -> ids of groups it reads from
@@ -111,7 +224,8 @@ def partition(graph: Graph) -> Partition:
     for n in graph.nodes:
         kind = _node_kind(n)
         target = None
-        if kind in (GroupKind.INJECTIVE, GroupKind.REDUCTION):
+        if kind in (GroupKind.INJECTIVE, GroupKind.REDUCTION) and \
+                not _layout_change_for_consumers(n, readers, returned):
             for v in n.inputs:
                 p = producer.get(v) if v is not None else None
                 if p is not None and can_join(n, kind, group_of[p]):

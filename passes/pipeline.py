@@ -124,7 +124,7 @@ PHASES: list[tuple[str, list[Pass]]] = [
                         *[Pass(p.name, p.fn, _bf16_rest) for p in CLEANUP]]),
     ("layout", [Pass("channels_last", channels_last)]),
     ("sparsify", [Pass("sparsify", sparsity.sparsify, _sparse, with_context=True)]),
-    ("partition", []),  # the cut into kernel groups; it does not rewrite the graph
+    ("partition", []),  # the cut into kernel groups; it rewrites the graph only to clone cheap shared tails
 ]
 PHASE_NAMES = [p for p, _ in PHASES]
 PASS_NAMES = sorted({p.name for _, ps in PHASES for p in ps})
@@ -214,7 +214,9 @@ def run_pipeline(graph: Graph, options: CompileOptions | None = None, *, select=
     if on("partition", "partition"):
         t = time.perf_counter()
         part = partition(graph)
+        graph = part.graph  # with any tail nodes the partition cloned
         if verify_each:
+            verify(graph)
             verify_partition(part)
         records.append(PassRecord("partition", "partition", time.perf_counter() - t, len(graph.nodes),
                                   len(graph.nodes)))

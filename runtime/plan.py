@@ -25,7 +25,7 @@ from kiln.ir import Graph, Node, Value
 from kiln.ir.types import Sym, resolve_symbols
 from kiln.kernels.choice import choose
 from kiln.kernels.registry import candidates, is_static
-from kiln.passes.partition import subgroup
+from kiln.passes.partition import subgroup, tail_destinations
 from kiln.target import Target
 
 from .buffers import MemoryStats, dead_values, memory_stats
@@ -272,26 +272,26 @@ def _units(graph: Graph, partition, generating: bool):
         elif g.kind == "compute" and len(g.nodes) > 1:
             yield [g.nodes[0]], None
             tail = g.nodes[1:]
-            into = _sole_reduction_consumer(tail, owner, readers, returned)
+            into = _reduction_consumers(tail, owner, readers, returned)
             if into is not None:
-                prefix.setdefault(into.id, []).extend(tail)
+                for t, dest in zip(tail, into):
+                    prefix.setdefault(dest.id, []).append(t)
             else:
                 yield list(tail), subgroup(graph, g, tail)
         else:
             yield list(g.nodes), None
 
 
-def _sole_reduction_consumer(tail: list[Node], owner: dict, readers: dict, returned: set):
-    """The reduction group that alone reads ``tail``'s results (none of them ``returned``), else None."""
-    made = [o for n in tail for o in n.outputs]
-    if set(made) & returned:
+def _reduction_consumers(tail: list[Node], owner: dict, readers: dict, returned: set) -> list | None:
+    """For each node of ``tail``, the one reduction group that alone reads its results (the
+    partition clones shared cheap tail nodes so that each feeds one); None when a tail result
+    is returned or feeds several groups, or a group that is not a reduction."""
+    dests = tail_destinations(tail, owner, readers, returned)
+    by_id = {g.id: g for g in owner.values()}
+    if dests is None or any(len(d) != 1 for d in dests):
         return None
-    members = set(tail)
-    groups = {id(owner[r]): owner[r] for v in made for r in readers.get(v, ()) if r not in members}
-    if len(groups) != 1:
-        return None
-    (g,) = groups.values()
-    return g if g.kind == "reduction" else None
+    groups = [by_id[next(iter(d))] for d in dests]
+    return groups if all(g.kind == "reduction" for g in groups) else None
 
 
 def _recorded(nodes, kernel_choices, index) -> list | None:

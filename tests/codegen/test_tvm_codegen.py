@@ -266,6 +266,29 @@ def test_group_norm_over_channels_last_reads_in_storage_order(groups, threads):
     assert ok, f"max abs error {err:.3g} > {tol:.3g}"
 
 
+@pytest.mark.parametrize("op,attrs", [(OpKind.GELU, A.GeluAttrs()), (OpKind.SILU, None), (OpKind.TANH, None)])
+def test_bf16_groups_render_vectorizable_math_inline(op, attrs):
+    # a bf16 group (SegFormer's GELU after its depthwise conv) takes tvm_math's forms with
+    # the operand written out, not TVM's scalar libm calls (one call per vector lane)
+    graph = one_op(op, [(8, 256)], attrs, BF16)
+    script = _scheduled_script(whole_graph_group(graph), schedule_group.tune_space.default(), 1)
+    assert "T.erf(" not in script and "T.exp(" not in script and "T.tanh(" not in script
+    assert "T.Let(" not in script and "T.vectorized" in script
+    x = torch.linspace(-12, 12, 8 * 256).reshape(8, 256).to(torch.bfloat16)
+    x[0, :3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    check_generated(graph, inputs=[x])
+
+
+def test_nested_math_in_bf16_groups_keeps_tvms_functions():
+    # two forms deep with 16-bit floats: inline forms would multiply their operand's copies
+    b = GraphBuilder("nested")
+    x = b.input("x", (4, 64), BF16)
+    graph = b.build([b.add(OpKind.TANH, b.add(OpKind.SIGMOID, x))])
+    script = _scheduled_script(whole_graph_group(graph), schedule_group.tune_space.default(), 1)
+    assert "T.tanh(" in script
+    check_generated(graph)
+
+
 def test_unsupported_groups_are_declined():
     b = GraphBuilder("argmax")
     x = b.input("x", (4, 5))
