@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.machinery
 import inspect
 import json
 import os
@@ -53,10 +54,17 @@ def _file_digest(path: str, mtime_ns: int, size: int) -> str:  # noqa: ARG001 (s
 
 
 def _source_digest(obj) -> str | None:
+    # inspect.getfile, with a compiled file's source beside it preferred, as
+    # inspect.getsourcefile would; getsourcefile itself, asked about a file that does not
+    # exist ("<string>"), resolves the real path of every module in sys.modules (once per
+    # process, a visible share of a warm compile), and such a path has no digest either way
     try:
-        path = inspect.getsourcefile(obj) or inspect.getfile(obj)
+        path = inspect.getfile(obj)
     except (TypeError, OSError):
         return None
+    if path.endswith(tuple(importlib.machinery.BYTECODE_SUFFIXES)):
+        src = os.path.splitext(path)[0] + importlib.machinery.SOURCE_SUFFIXES[0]
+        path = src if os.path.exists(src) else path
     try:
         st = os.stat(path)
         return f"{path}:{_file_digest(path, st.st_mtime_ns, st.st_size)}"
