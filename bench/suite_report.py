@@ -75,9 +75,18 @@ def summary_lines(res: dict) -> list[str]:
     return lines
 
 
+def _bf16_cell(check: dict | None) -> str:
+    """The bf16 check's output nearest to failing: Kiln's and eager bf16's RMSE against the
+    fp64 run, and the bound (3x eager's + 1e-4); "—" for fp32 rows."""
+    if not check or "kiln_rmse" not in check:
+        return "—"
+    ref = "" if check.get("reference", "fp64") == "fp64" else " vs fp32"
+    return f"{check['kiln_rmse']:.1e} / {check['eager_bf16_rmse']:.1e} ({check['bound']:.1e}){ref}"
+
+
 def markdown(res: dict) -> str:
     th = [str(t) for t in res["threads"]]
-    head = ["model", "suite", "prec", "status", "rel err", "fallbacks"]
+    head = ["model", "suite", "prec", "status", "rel err", "bf16 RMSE Kiln / eager (bound)", "fallbacks"]
     for t in th:
         head += [f"eager ms @{t}", f"Inductor ms @{t}", f"Kiln ms @{t}", f"vs eager @{t}", f"vs Inductor @{t}"]
     head += ["Kiln cold s", "Kiln warm s", "Inductor s", "RSS eager MB", "RSS compile MB"]
@@ -88,7 +97,7 @@ def markdown(res: dict) -> str:
         fb = ", ".join(f"{op.removeprefix('aten.')} x{n}" for op, n in r.get("fallbacks", {}).items()) or "none"
         status = r["status"] + (f": {r['error']}" if r.get("error") else "")
         cells = [r["model"], r["suite"], r["precision"], status.replace("|", "/"),
-                 _f(r.get("rel_err"), "{:.1e}"), fb]
+                 _f(r.get("rel_err"), "{:.1e}"), _bf16_cell(r.get("bf16_check")), fb]
         for t in th:
             lat = r.get("latency_ms", {}).get(t, {})
             ve, vi = speedups(r, t)
