@@ -211,9 +211,19 @@ def fingerprint(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic: str
     seen: set = set()
     h.update(f"{FORMAT}|{__version__}|{cache.code_fingerprint()}|{torch.__version__}|{sys.version_info[:2]}".encode())
     classes = set()
+    described: dict[int, str] = {}  # by id: one object (a model's config) is held by many submodules
+
+    def stable(v) -> str:
+        if isinstance(v, _PRIMITIVE):
+            return _stable(v)
+        d = described.get(id(v))
+        if d is None:
+            d = described[id(v)] = _stable(v)
+        return d
+
     for name, m in module.named_modules(remove_duplicate=False):
         try:
-            attrs = sorted((k, _stable(v)) for k, v in vars(m).items()
+            attrs = sorted((k, stable(v)) for k, v in vars(m).items()
                            if k not in _SKIP_ATTRS and not isinstance(v, torch.nn.Module))
             hooks = _hooks(m)
         except _Unkeyable:
