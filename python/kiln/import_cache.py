@@ -32,6 +32,7 @@ import inspect
 import json
 import os
 import sys
+import threading
 import types
 import weakref
 
@@ -292,13 +293,33 @@ def load(key: str, module: torch.nn.Module, args: tuple, kwargs: dict, leaves: l
     return graph, out_spec, literals, fallbacks, names, limits
 
 
-def _same_outputs(graph: Graph, module, args, kwargs, leaves) -> bool:
-    tensors = [x.contiguous() for x in leaves if isinstance(x, torch.Tensor)]
+def _run_graph(graph: Graph, tensors: list, box: dict) -> None:
     try:
         with torch.no_grad():
-            got = build_plan(graph, "reference").run(tensors)
-            want = [t for t in pytree.tree_leaves(module(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+            box["got"] = build_plan(graph, "reference").run(tensors)
     except Exception:  # noqa: BLE001  (a graph that cannot run is not the model)
+        box["got"] = None
+
+
+def _same_outputs(graph: Graph, module, args, kwargs, leaves) -> bool:
+    """The cached graph (reference kernels) and the model, each run once on the example
+    inputs, give the same outputs. The two runs are independent: the graph's runs on a
+    helper thread while the model runs on the caller's (whose grad, autocast and other
+    thread-local modes the model's call keeps); torch releases the interpreter lock inside
+    its ops, so on a machine with a free core the check takes about one run's time."""
+    tensors = [x.contiguous() for x in leaves if isinstance(x, torch.Tensor)]
+    box: dict = {}
+    helper = threading.Thread(target=_run_graph, args=(graph, tensors, box), name="kiln-import-check", daemon=True)
+    helper.start()
+    try:
+        with torch.no_grad():
+            want = [t for t in pytree.tree_leaves(module(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+    except Exception:  # noqa: BLE001  (a model that cannot run here cannot confirm the entry)
+        return False
+    finally:
+        helper.join()
+    got = box.get("got")
+    if got is None:
         return False
     if len(got) != len(want):
         return False
