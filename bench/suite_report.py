@@ -75,6 +75,14 @@ def summary_lines(res: dict) -> list[str]:
     return lines
 
 
+def _warm_cell(cs: dict) -> str:
+    """The warm compile's wall seconds, and its CPU seconds where recorded."""
+    if cs.get("kiln_warm") is None:
+        return "—"
+    cpu = cs.get("kiln_warm_cpu")
+    return f"{cs['kiln_warm']:.1f}" + ("" if cpu is None else f" ({cpu:.1f} CPU)")
+
+
 def _bf16_cell(check: dict | None) -> str:
     """The bf16 check's output nearest to failing: Kiln's and eager bf16's RMSE against the
     fp64 run, and the bound (3x eager's + 1e-4); "—" for fp32 rows."""
@@ -104,7 +112,7 @@ def markdown(res: dict) -> str:
             cells += [_f(lat.get("eager")), _f(lat.get("inductor")), _f(lat.get("kiln")), _f(ve, "{:.2f}x"),
                       _f(vi, "{:.2f}x")]
         cs, rss = r.get("compile_s", {}), r.get("rss_mb", {})
-        cells += [_f(cs.get("kiln_cold"), "{:.1f}"), _f(cs.get("kiln_warm"), "{:.1f}"),
+        cells += [_f(cs.get("kiln_cold"), "{:.1f}"), _warm_cell(cs),
                   _f(cs.get("inductor"), "{:.1f}"), _f(rss.get("eager_peak"), "{:.0f}"),
                   _f(rss.get("kiln_compile_peak"), "{:.0f}")]
         lines.append("| " + " | ".join(cells) + " |")
