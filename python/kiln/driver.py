@@ -72,8 +72,8 @@ def import_torch(module: torch.nn.Module, args: tuple, kwargs: dict, leaves: lis
     if hit is not None:
         graph, out_spec, literals, fallbacks, names, limits = hit
         return Imported(graph, out_spec, literals, fallbacks, names, True, time.perf_counter() - t0, limits)
-    # only on a miss: importing the exporter and the ATen converters is a tenth of a second
-    # or more of a warm compile (registering kiln's custom RNN ops among them)
+    # only on a miss: importing the exporter and the ATen converters (which registers
+    # kiln's custom RNN ops) is a visible share of a warm compile
     from kiln.frontends.torch_export import export_program, from_exported
 
     try:

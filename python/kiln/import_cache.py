@@ -311,6 +311,10 @@ def _same_outputs(graph: Graph, module, args, kwargs, leaves) -> bool:
     box: dict = {}
     helper = threading.Thread(target=_run_graph, args=(graph, tensors, box), name="kiln-import-check", daemon=True)
     helper.start()
+    if any(m.training for m in module.modules()):
+        # a module in training mode may update its buffers during the call (batch norm's
+        # running statistics), which the graph reads: the graph runs first, alone
+        helper.join()
     try:
         with torch.no_grad():
             want = [t for t in pytree.tree_leaves(module(*args, **kwargs)) if isinstance(t, torch.Tensor)]

@@ -115,6 +115,23 @@ def test_the_check_runs_the_model_on_the_callers_thread(monkeypatch):
     assert fast.report.import_cache_hit
 
 
+def test_a_model_in_training_mode_runs_after_the_graph(monkeypatch):
+    # its call may update buffers the graph reads (batch norm statistics): no overlap
+    overlapped = []
+
+    class Probe(Net):
+        def forward(self, x):
+            overlapped.append(any(t.name == "kiln-import-check" for t in threading.enumerate()))
+            return super().forward(x)
+
+    calls = _count_exports(monkeypatch)
+    x = torch.randn(3, 8)
+    kiln.compile(Probe().train(), (x,))
+    overlapped.clear()
+    assert kiln.compile(Probe().train(), (x,)).report.import_cache_hit
+    assert len(calls) == 1 and overlapped == [False]
+
+
 def test_a_cached_graph_that_cannot_run_is_not_trusted(monkeypatch):
     calls = _count_exports(monkeypatch)
     x = torch.randn(3, 8)
