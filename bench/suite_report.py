@@ -75,9 +75,26 @@ def summary_lines(res: dict) -> list[str]:
     return lines
 
 
+def _warm_cell(cs: dict) -> str:
+    """The warm compile's wall seconds, and its CPU seconds where recorded."""
+    if cs.get("kiln_warm") is None:
+        return "—"
+    cpu = cs.get("kiln_warm_cpu")
+    return f"{cs['kiln_warm']:.1f}" + ("" if cpu is None else f" ({cpu:.1f} CPU)")
+
+
+def _bf16_cell(check: dict | None) -> str:
+    """The bf16 check's output nearest to failing: Kiln's and eager bf16's RMSE against the
+    fp64 run, and the bound (3x eager's + 1e-4); "—" for fp32 rows."""
+    if not check or "kiln_rmse" not in check:
+        return "—"
+    ref = "" if check.get("reference", "fp64") == "fp64" else " vs fp32"
+    return f"{check['kiln_rmse']:.1e} / {check['eager_bf16_rmse']:.1e} ({check['bound']:.1e}){ref}"
+
+
 def markdown(res: dict) -> str:
     th = [str(t) for t in res["threads"]]
-    head = ["model", "suite", "prec", "status", "rel err", "fallbacks"]
+    head = ["model", "suite", "prec", "status", "rel err", "bf16 RMSE Kiln / eager (bound)", "fallbacks"]
     for t in th:
         head += [f"eager ms @{t}", f"Inductor ms @{t}", f"Kiln ms @{t}", f"vs eager @{t}", f"vs Inductor @{t}"]
     head += ["Kiln cold s", "Kiln warm s", "Inductor s", "RSS eager MB", "RSS compile MB"]
@@ -88,14 +105,14 @@ def markdown(res: dict) -> str:
         fb = ", ".join(f"{op.removeprefix('aten.')} x{n}" for op, n in r.get("fallbacks", {}).items()) or "none"
         status = r["status"] + (f": {r['error']}" if r.get("error") else "")
         cells = [r["model"], r["suite"], r["precision"], status.replace("|", "/"),
-                 _f(r.get("rel_err"), "{:.1e}"), fb]
+                 _f(r.get("rel_err"), "{:.1e}"), _bf16_cell(r.get("bf16_check")), fb]
         for t in th:
             lat = r.get("latency_ms", {}).get(t, {})
             ve, vi = speedups(r, t)
             cells += [_f(lat.get("eager")), _f(lat.get("inductor")), _f(lat.get("kiln")), _f(ve, "{:.2f}x"),
                       _f(vi, "{:.2f}x")]
         cs, rss = r.get("compile_s", {}), r.get("rss_mb", {})
-        cells += [_f(cs.get("kiln_cold"), "{:.1f}"), _f(cs.get("kiln_warm"), "{:.1f}"),
+        cells += [_f(cs.get("kiln_cold"), "{:.1f}"), _warm_cell(cs),
                   _f(cs.get("inductor"), "{:.1f}"), _f(rss.get("eager_peak"), "{:.0f}"),
                   _f(rss.get("kiln_compile_peak"), "{:.0f}")]
         lines.append("| " + " | ".join(cells) + " |")

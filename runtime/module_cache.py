@@ -7,6 +7,7 @@ under ``KILN_TVM_CACHE_MAX_MB`` by evicting the least recently used modules.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -28,7 +29,8 @@ def evict_modules(max_bytes: int | None = None) -> None:
     evict_lru(module_dir(), settings().tvm_cache_max_bytes if max_bytes is None else max_bytes, lambda name: True)
 
 
-def _tvm_version() -> str:
+@functools.lru_cache(maxsize=1)
+def _tvm_version() -> str:  # (the package metadata is read once: every module key names it)
     try:
         return importlib.metadata.version("apache-tvm")
     except importlib.metadata.PackageNotFoundError:

@@ -54,7 +54,6 @@ def import_torch(module: torch.nn.Module, args: tuple, kwargs: dict, leaves: lis
     ``kiln.dynamic.DynamicSpec``): the dims that vary per call become symbolic."""
     from . import import_cache
     from kiln.frontends.hf_outputs import register_output_pytrees
-    from kiln.frontends.torch_export import export_program, from_exported
     from kiln.runtime import cache
 
     t0 = time.perf_counter()
@@ -73,6 +72,10 @@ def import_torch(module: torch.nn.Module, args: tuple, kwargs: dict, leaves: lis
     if hit is not None:
         graph, out_spec, literals, fallbacks, names, limits = hit
         return Imported(graph, out_spec, literals, fallbacks, names, True, time.perf_counter() - t0, limits)
+    # only on a miss: importing the exporter and the ATen converters (which registers
+    # kiln's custom RNN ops) is a visible share of a warm compile
+    from kiln.frontends.torch_export import export_program, from_exported
+
     try:
         ep = export_program(module, args, kwargs, dynamic_shapes)
     except KilnError:

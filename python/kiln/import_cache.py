@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.machinery
 import inspect
 import json
 import os
 import sys
+import threading
 import types
 import weakref
 
@@ -53,10 +55,17 @@ def _file_digest(path: str, mtime_ns: int, size: int) -> str:  # noqa: ARG001 (s
 
 
 def _source_digest(obj) -> str | None:
+    # inspect.getfile, with a compiled file's source beside it preferred, as
+    # inspect.getsourcefile would; getsourcefile itself, asked about a file that does not
+    # exist ("<string>"), resolves the real path of every module in sys.modules (once per
+    # process, a visible share of a warm compile), and such a path has no digest either way
     try:
-        path = inspect.getsourcefile(obj) or inspect.getfile(obj)
+        path = inspect.getfile(obj)
     except (TypeError, OSError):
         return None
+    if path.endswith(tuple(importlib.machinery.BYTECODE_SUFFIXES)):
+        src = os.path.splitext(path)[0] + importlib.machinery.SOURCE_SUFFIXES[0]
+        path = src if os.path.exists(src) else path
     try:
         st = os.stat(path)
         return f"{path}:{_file_digest(path, st.st_mtime_ns, st.st_size)}"
@@ -203,9 +212,19 @@ def fingerprint(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic: str
     seen: set = set()
     h.update(f"{FORMAT}|{__version__}|{cache.code_fingerprint()}|{torch.__version__}|{sys.version_info[:2]}".encode())
     classes = set()
+    described: dict[int, str] = {}  # by id: one object (a model's config) is held by many submodules
+
+    def stable(v) -> str:
+        if isinstance(v, _PRIMITIVE):
+            return _stable(v)
+        d = described.get(id(v))
+        if d is None:
+            d = described[id(v)] = _stable(v)
+        return d
+
     for name, m in module.named_modules(remove_duplicate=False):
         try:
-            attrs = sorted((k, _stable(v)) for k, v in vars(m).items()
+            attrs = sorted((k, stable(v)) for k, v in vars(m).items()
                            if k not in _SKIP_ATTRS and not isinstance(v, torch.nn.Module))
             hooks = _hooks(m)
         except _Unkeyable:
@@ -274,13 +293,37 @@ def load(key: str, module: torch.nn.Module, args: tuple, kwargs: dict, leaves: l
     return graph, out_spec, literals, fallbacks, names, limits
 
 
-def _same_outputs(graph: Graph, module, args, kwargs, leaves) -> bool:
-    tensors = [x.contiguous() for x in leaves if isinstance(x, torch.Tensor)]
+def _run_graph(graph: Graph, tensors: list, box: dict) -> None:
     try:
         with torch.no_grad():
-            got = build_plan(graph, "reference").run(tensors)
-            want = [t for t in pytree.tree_leaves(module(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+            box["got"] = build_plan(graph, "reference").run(tensors)
     except Exception:  # noqa: BLE001  (a graph that cannot run is not the model)
+        box["got"] = None
+
+
+def _same_outputs(graph: Graph, module, args, kwargs, leaves) -> bool:
+    """The cached graph (reference kernels) and the model, each run once on the example
+    inputs, give the same outputs. The two runs are independent: the graph's runs on a
+    helper thread while the model runs on the caller's (whose grad, autocast and other
+    thread-local modes the model's call keeps); torch releases the interpreter lock inside
+    its ops, so on a machine with a free core the check takes about one run's time."""
+    tensors = [x.contiguous() for x in leaves if isinstance(x, torch.Tensor)]
+    box: dict = {}
+    helper = threading.Thread(target=_run_graph, args=(graph, tensors, box), name="kiln-import-check", daemon=True)
+    helper.start()
+    if any(m.training for m in module.modules()):
+        # a module in training mode may update its buffers during the call (batch norm's
+        # running statistics), which the graph reads: the graph runs first, alone
+        helper.join()
+    try:
+        with torch.no_grad():
+            want = [t for t in pytree.tree_leaves(module(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+    except Exception:  # noqa: BLE001  (a model that cannot run here cannot confirm the entry)
+        return False
+    finally:
+        helper.join()
+    got = box.get("got")
+    if got is None:
         return False
     if len(got) != len(want):
         return False

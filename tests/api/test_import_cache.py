@@ -2,6 +2,7 @@
 model's weights, and never trusts an entry whose graph does not reproduce the model."""
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -95,6 +96,57 @@ def test_an_entry_that_no_longer_reproduces_the_model_is_not_trusted(monkeypatch
     torch.testing.assert_close(fast(x), model(x))
 
 
+def test_the_check_runs_the_model_on_the_callers_thread(monkeypatch):
+    # the cached graph runs on a helper thread; the model itself on the caller's, so its
+    # thread-local modes are the caller's
+    seen = []
+
+    class Probe(Net):
+        def forward(self, x):
+            seen.append(threading.current_thread() is threading.main_thread())
+            return super().forward(x)
+
+    calls = _count_exports(monkeypatch)
+    x = torch.randn(3, 8)
+    kiln.compile(Probe(), (x,))
+    seen.clear()
+    fast = kiln.compile(Probe(), (x,))
+    assert len(calls) == 1 and seen == [True]
+    assert fast.report.import_cache_hit
+
+
+def test_a_model_in_training_mode_runs_after_the_graph(monkeypatch):
+    # its call may update buffers the graph reads (batch norm statistics): no overlap
+    overlapped = []
+
+    class Probe(Net):
+        def forward(self, x):
+            overlapped.append(any(t.name == "kiln-import-check" for t in threading.enumerate()))
+            return super().forward(x)
+
+    calls = _count_exports(monkeypatch)
+    x = torch.randn(3, 8)
+    kiln.compile(Probe().train(), (x,))
+    overlapped.clear()
+    assert kiln.compile(Probe().train(), (x,)).report.import_cache_hit
+    assert len(calls) == 1 and overlapped == [False]
+
+
+def test_a_cached_graph_that_cannot_run_is_not_trusted(monkeypatch):
+    calls = _count_exports(monkeypatch)
+    x = torch.randn(3, 8)
+    model = Net()
+    kiln.compile(model, (x,))
+
+    def broken(*a, **k):
+        raise RuntimeError("the helper thread's run fails")
+
+    monkeypatch.setattr(import_cache, "build_plan", broken)
+    fast = kiln.compile(model, (x,))
+    assert len(calls) == 2 and not fast.report.import_cache_hit  # exported again
+    torch.testing.assert_close(fast(x), model(x))
+
+
 def _scaling_hook(factor):
     def hook(m, i, o):
         return o * factor
@@ -165,19 +217,16 @@ def test_models_with_opaque_hooks_or_unstable_attributes_are_not_cached():
 def test_new_process_compiles_without_torch_export(tmp_path):
     code = """
 import sys, torch, kiln
-from kiln.frontends import torch_export
 m, i = kiln.models.lstm(seq=8, batch=2)
-if sys.argv[1] == "warm":
-    def boom(*a, **k):
-        raise AssertionError("torch.export ran")
-    torch_export.export_program = boom
 f = kiln.compile(m, i)
 torch.testing.assert_close(f(*i), m(*i))
-print("ok", "torch.export._trace" in sys.modules)
+print("ok", "torch.export._trace" in sys.modules, "kiln.frontends.torch_export" in sys.modules)
 """
     env = {"KILN_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
     cold = subprocess.run([sys.executable, "-c", code, "cold"], env=env, capture_output=True, text=True)
     assert cold.returncode == 0, cold.stderr[-2000:]
     warm = subprocess.run([sys.executable, "-c", code, "warm"], env=env, capture_output=True, text=True)
     assert warm.returncode == 0, warm.stderr[-2000:]
-    assert warm.stdout.split() == ["ok", "False"]  # the export machinery was never even imported
+    assert cold.stdout.split() == ["ok", "True", "True"]
+    # on a hit neither torch.export's machinery nor Kiln's exporter is even imported
+    assert warm.stdout.split() == ["ok", "False", "False"]

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
 
 from kiln.bench import suite, suite_models
 from kiln.bench.suite_report import markdown, plot, summarize
@@ -25,6 +26,77 @@ def test_compare_takes_the_worst_output_relative_to_its_scale():
                          {"a": torch.tensor([1.0]), "b": torch.tensor([3])})["rel"] == math.inf
     assert "shape" in suite.compare(torch.zeros(2), torch.zeros(3))["why"]
     assert "output tensors" in suite.compare((torch.zeros(2),), (torch.zeros(2), torch.zeros(2)))["why"]
+
+
+def _fake_outputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ref = {"logits": torch.randn(4, 1000, generator=g, dtype=torch.float64),
+           "cache": (torch.randn(2, 64, 32, generator=g, dtype=torch.float64), torch.arange(6))}
+    eager = {"logits": ref["logits"].bfloat16(), "cache": (ref["cache"][0].bfloat16(), ref["cache"][1])}
+    return ref, eager
+
+
+def _scaled_error(ref, eager, k):
+    """A result k times as far from ``ref`` as eager bf16 is, on every floating output."""
+    return {"logits": (ref["logits"] + k * (eager["logits"].double() - ref["logits"])).float(),
+            "cache": ((ref["cache"][0] + k * (eager["cache"][0].double() - ref["cache"][0])).float(),
+                      ref["cache"][1])}
+
+
+def test_bf16_check_is_torchs_rule_against_an_fp64_run():
+    ref, eager = _fake_outputs()
+    good = suite.bf16_check(_scaled_error(ref, eager, 2.0), eager, ref)
+    assert good["pass"], good
+    assert good["kiln_rmse"] == pytest.approx(2 * good["eager_bf16_rmse"], rel=1e-6)
+    assert len(good["outputs"]) == 2  # both floating outputs reported; the integer one compared exactly
+    assert suite.bf16_check({k: v for k, v in eager.items()}, eager, ref)["pass"]  # eager bf16 itself passes
+    # four times eager's error is past 3x + 1e-4 (eager's RMSE on unit normals is about 1e-3)
+    far = suite.bf16_check(_scaled_error(ref, eager, 4.0), eager, ref)
+    assert not far["pass"] and far["kiln_rmse"] > far["bound"], far
+    # a model that amplifies rounding: eager bf16 itself 10% off, Kiln 12% off: passes
+    noisy = {"logits": (ref["logits"] + 0.1 * torch.randn(4, 1000, dtype=torch.float64)).bfloat16(),
+             "cache": eager["cache"]}
+    kiln = {"logits": (ref["logits"] + 0.12 * torch.randn(4, 1000, dtype=torch.float64)).float(),
+            "cache": (eager["cache"][0].float(), ref["cache"][1])}
+    assert suite.bf16_check(kiln, noisy, ref)["pass"]
+
+
+def test_a_wrong_bf16_result_fails_the_check():
+    ref, eager = _fake_outputs()
+    right = _scaled_error(ref, eager, 1.0)
+    wrong = [
+        {**right, "logits": right["logits"] * 1.05},  # 5% off everywhere
+        {**right, "logits": right["logits"].flip(0)},  # rows swapped
+        {**right, "cache": (right["cache"][0] + 0.01, right["cache"][1])},  # only the cache is off
+        {**right, "cache": (right["cache"][0], right["cache"][1] + 1)},  # an integer output differs
+        {**right, "logits": torch.full_like(right["logits"], float("nan"))},
+        {**right, "logits": right["logits"][:3]},  # wrong shape
+    ]
+    for i, got in enumerate(wrong):
+        assert not suite.bf16_check(got, eager, ref)["pass"], i
+
+
+def test_the_suite_fails_a_model_whose_bf16_result_is_wrong(monkeypatch):
+    # the whole path of a bf16 row (eager bf16, the fp64 run, the check) with a fake compile
+    # whose result is 2% off: it must be a failed row, and the honest result a passing one
+    import kiln
+
+    class Fake:
+        def __init__(self, model, factor):
+            self.model, self.factor = model, factor
+            self.report = type("R", (), {"fallbacks": []})()
+
+        def __call__(self, *args):
+            with torch.no_grad():
+                out = self.model(*args)
+            return pytree.tree_map(lambda t: t * self.factor if isinstance(t, torch.Tensor) else t, out)
+
+    for factor, status in ((1.02, "fail"), (1.0, "pass")):
+        monkeypatch.setattr(kiln, "compile", lambda model, inputs, factor=factor, **kw: Fake(model, factor))
+        row = suite.run_model("resnet", "bf16", quick=True, inductor=False, timing=False)
+        assert row["status"] == status, (factor, row.get("bf16_check"), row.get("error"))
+        assert row["bf16_check"]["reference"] == "fp64"
+        assert row["bf16_check"]["eager_bf16_rmse"] > 0
 
 
 def _row(model, suite_, status, eager, ind, kiln, fallbacks=None, prec="fp32"):
