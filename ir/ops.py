@@ -42,9 +42,11 @@ class OpKind(enum.Enum):
     SILU = "silu"; GELU = "gelu"; LEAKY_RELU = "leaky_relu"; CLAMP = "clamp"; NOT = "not"  # noqa: E702
     SIN = "sin"; COS = "cos"; FLOOR = "floor"; CEIL = "ceil"; SIGN = "sign"; CAST = "cast"  # noqa: E702
     IDENTITY = "identity"; ISNAN = "isnan"; TO_LAYOUT = "to_layout"  # noqa: E702
+    ACOS = "acos"; ASIN = "asin"; ATAN = "atan"; ACOSH = "acosh"; ASINH = "asinh"; ATANH = "atanh"  # noqa: E702
+    ROUND = "round"  # half to even, as torch.round and ONNX Round
     # binary elementwise (numpy broadcasting, torch type promotion)
     ADD = "add"; SUB = "sub"; MUL = "mul"; DIV = "div"; POW = "pow"  # noqa: E702
-    MAXIMUM = "maximum"; MINIMUM = "minimum"  # noqa: E702
+    MAXIMUM = "maximum"; MINIMUM = "minimum"; ATAN2 = "atan2"  # noqa: E702
     EQ = "eq"; NE = "ne"; LT = "lt"; LE = "le"; GT = "gt"; GE = "ge"; AND = "and"; OR = "or"  # noqa: E702
     WHERE = "where"
     # reductions and normalizations
@@ -171,7 +173,8 @@ def _t(x: TensorType, dtype=None, shape=None) -> TensorType:
 
 # ----------------------------------------------------------------------------- elementwise
 _FLOAT_UNARY = [OpKind.EXP, OpKind.LOG, OpKind.SQRT, OpKind.RSQRT, OpKind.RECIPROCAL, OpKind.SIGMOID,
-                OpKind.TANH, OpKind.ERF, OpKind.SILU, OpKind.SIN, OpKind.COS]
+                OpKind.TANH, OpKind.ERF, OpKind.SILU, OpKind.SIN, OpKind.COS, OpKind.ACOS, OpKind.ASIN,
+                OpKind.ATAN, OpKind.ACOSH, OpKind.ASINH, OpKind.ATANH]
 
 
 @op(_FLOAT_UNARY)
@@ -181,7 +184,7 @@ def _float_unary(ins, a):
     return (_t(x, dtype=x.dtype if x.dtype.is_float else DType.FLOAT32),)
 
 
-@op([OpKind.NEG, OpKind.ABS, OpKind.RELU, OpKind.FLOOR, OpKind.CEIL, OpKind.SIGN, OpKind.IDENTITY])
+@op([OpKind.NEG, OpKind.ABS, OpKind.RELU, OpKind.FLOOR, OpKind.CEIL, OpKind.SIGN, OpKind.IDENTITY, OpKind.ROUND])
 def _same_unary(ins, a):
     return (_t(ins[0]),)
 
@@ -228,6 +231,13 @@ def _div(ins, a):
     if a.rounding is A.Rounding.NONE and not dt.is_float:
         dt = DType.FLOAT32  # true division of integers is a float, as in torch
     return (TensorType(dt, broadcast_shapes(ins[0].shape, ins[1].shape)),)
+
+
+@op(OpKind.ATAN2, operands=("a", "b"))
+def _atan2(ins, a):
+    dt = promote_types(*ins)
+    # integer operands give the default float type, as in torch
+    return (TensorType(dt if dt.is_float else DType.FLOAT32, broadcast_shapes(ins[0].shape, ins[1].shape)),)
 
 
 @op([OpKind.EQ, OpKind.NE, OpKind.LT, OpKind.LE, OpKind.GT, OpKind.GE, OpKind.AND, OpKind.OR], operands=("a", "b"))

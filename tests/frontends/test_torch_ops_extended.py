@@ -24,6 +24,10 @@ def _mk(shape, dtype=F32, kind="randn"):
     t = torch.randn(shape)
     if kind == "positive":
         t = t.abs() + 0.1
+    elif kind == "unit":  # inside (-1, 1)
+        t = torch.rand(shape) * 1.9 - 0.95
+    elif kind == "above1":
+        t = t.abs() + 1.0
     return t.to(dtype)
 
 
@@ -149,6 +153,13 @@ OPS = [
     ("diagonal", lambda x: torch.diagonal(x) + torch.diagonal(x, 1, 1, 2).sum() + torch.diagonal(x, -1, 0, 2).sum(),
      [((4, 5, 4), "randn")], (F32,)),
     ("empty_like", lambda x: torch.empty_like(x).zero_() + x, [((2, 3), "randn")], (F32,)),
+    # Core ATen: inverse trigonometry, atan2, rounding (half to even; decimals as torch scales)
+    ("inverse_trig", lambda u, v: torch.acos(u) + torch.asin(u) + torch.atanh(u) + torch.atan(v) + torch.acosh(v)
+     + torch.asinh(-v), [((3, 5), "unit"), ((3, 5), "above1")], (F32, BF16)),
+    ("atan2", lambda a, b: torch.atan2(a, b) + torch.arctan2(b, a), [((3, 4), "randn"), ((4,), "randn")], (F32, BF16)),
+    ("round", lambda x: torch.round(x * 2) + torch.round(x, decimals=2) + torch.round(x * 30, decimals=-1),
+     [((4, 6), "randn")], (F32,)),
+    ("round_int", lambda x: torch.round(x) * 2, [((3, 4), "randn")], (I64,)),
     ("copy_fill", lambda x, v: x.clone().copy_(v) + torch.zeros_like(x).fill_(v.sum()), [((3, 4), "randn"),
                                                                                        ((4,), "randn")], (F32,)),
 ]
@@ -179,7 +190,7 @@ def _params():
 
 @pytest.mark.parametrize("fn,specs,dtype", _params())
 def test_converted_op_matches_eager_without_fallback(fn, specs, dtype):
-    tensors = [_mk(s[0], dtype if s[1] in ("randn", "positive") else F32, s[1]) for s in specs]
+    tensors = [_mk(s[0], dtype if s[1] in ("randn", "positive", "unit", "above1") else F32, s[1]) for s in specs]
     if dtype is I64:
         tensors = [t if not t.is_floating_point() else (t * 4).round().to(I64) for t in tensors]
     model = _Model(fn, specs, tensors).eval()

@@ -49,6 +49,12 @@ def _make(shape, dtype, gen):
     t = torch.randn(shape)
     if gen == "positive":
         t = t.abs() + 0.1
+    elif gen == "unit":  # inside (-1, 1): the domain of asin, acos, atanh
+        t = torch.rand(shape) * 1.9 - 0.95
+    elif gen == "above1":  # acosh's domain
+        t = t.abs() + 1.0
+    elif gen == "halves":  # ties for rounding: half to even
+        t = torch.randint(-8, 9, shape) / 2
     return t.to(dtype)
 
 
@@ -98,6 +104,11 @@ CASES = [
     _unary(OpKind.FLOOR, torch.floor), _unary(OpKind.CEIL, torch.ceil), _unary(OpKind.SIGN, torch.sign, FLOATS + (I64,)),
     _unary(OpKind.IDENTITY, lambda x: x, FLOATS + (I64, BOOL)), _unary(OpKind.NOT, torch.logical_not, (BOOL,)),
     _unary(OpKind.ISNAN, lambda x: torch.isnan(x)),
+    _unary(OpKind.ACOS, torch.acos, gen="unit"), _unary(OpKind.ASIN, torch.asin, gen="unit"),
+    _unary(OpKind.ATAN, torch.atan), _unary(OpKind.ACOSH, torch.acosh, gen="above1"),
+    _unary(OpKind.ASINH, torch.asinh), _unary(OpKind.ATANH, torch.atanh, gen="unit"),
+    _unary(OpKind.ROUND, torch.round, FLOATS + (I64,), gen="halves"),
+    Case(OpKind.ROUND, ((3, 5),), torch.round, id="randn", dtypes=(F32,)),
     Case(OpKind.GELU, ((3, 5),), F.gelu, A.GeluAttrs()),
     Case(OpKind.GELU, ((3, 5),), lambda x: F.gelu(x, approximate="tanh"), A.GeluAttrs(A.GeluApprox.TANH), id="tanh"),
     Case(OpKind.LEAKY_RELU, ((3, 5),), lambda x: F.leaky_relu(x, 0.2), A.LeakyReluAttrs(0.2)),
@@ -108,6 +119,8 @@ CASES = [
          id="to_f32"),
     _binary(OpKind.ADD, torch.add), _binary(OpKind.SUB, torch.sub), _binary(OpKind.MUL, torch.mul),
     _binary(OpKind.DIV, torch.div), _binary(OpKind.MAXIMUM, torch.maximum), _binary(OpKind.MINIMUM, torch.minimum),
+    _binary(OpKind.ATAN2, torch.atan2, FLOATS),
+    Case(OpKind.ATAN2, ((3, 5), (3, 5)), torch.atan2, in_dtypes=(I64, None), dtypes=(I64,), id="int_to_float"),
     Case(OpKind.POW, ((3, 5), (1, 5)), torch.pow, gen="positive"),
     Case(OpKind.ADD, ((3, 5), ()), torch.add, id="scalar_operand"),
     Case(OpKind.ADD, ((3, 5), (3, 5)), torch.add, in_dtypes=(None, I64), id="promote_int"),
