@@ -712,4 +712,4 @@ for _t in (aten.arange, aten.zeros, aten.ones, aten.full, aten.scalar_tensor, at
 
 # converters added for the model suite and the Core ATen opset live beside this file; they
 # register into CONVERTERS (overload-specific entries take precedence over a packet's)
-from . import aten_extended, aten_movement  # noqa: E402,F401
+from . import aten_extended, aten_library, aten_movement  # noqa: E402,F401

@@ -63,6 +63,11 @@ class OpKind(enum.Enum):
     # structured
     ATTENTION = "attention"; LSTM = "lstm"; GRU = "gru"  # noqa: E702
     FALLBACK = "fallback"
+    # library ops (ir/ops_library.py): a torch kernel each, no generated code
+    SORT = "sort"; TOPK = "topk"; SCATTER = "scatter"; INDEX_PUT = "index_put"  # noqa: E702
+    MAX_POOL3D = "max_pool3d"; AVG_POOL3D = "avg_pool3d"; ADAPTIVE_AVG_POOL3D = "adaptive_avg_pool3d"  # noqa: E702
+    CDIST = "cdist"; PDIST = "pdist"; EMBEDDING_BAG = "embedding_bag"; GRID_SAMPLE = "grid_sample"  # noqa: E702
+    COL2IM = "col2im"
     # sparse weights (compressed constant operands; see attrs.SparseLinearAttrs)
     SPARSE_LINEAR = "sparse_linear"; SPARSE_CONV2D = "sparse_conv2d"  # noqa: E702
     # quantized (passes/quantize*.py)
@@ -350,7 +355,7 @@ def _linear(ins, a):
     return _check_residual("linear", r, TensorType(promote_types(x, w), x.shape[:-1] + (w.shape[0],)))
 
 
-def _conv_out(size, k, s, p, d, ceil=False):
+def conv_out(size, k, s, p, d, ceil=False):
     eff = d * (k - 1) + 1
     if not isinstance(size, int):  # the same formula on a symbolic size
         num = size + 2 * p - eff
@@ -377,8 +382,8 @@ def _conv2d(ins, a):
         _err("conv2d", f"out channels {co} not divisible by groups {a.groups}")
     if b is not None and tuple(b.shape) != (co,):
         _err("conv2d", f"bias shape {b.shape} != ({co},)")
-    oh = _conv_out(h, kh, a.stride[0], a.padding[0], a.dilation[0])
-    ow = _conv_out(wd, kw, a.stride[1], a.padding[1], a.dilation[1])
+    oh = conv_out(h, kh, a.stride[0], a.padding[0], a.dilation[0])
+    ow = conv_out(wd, kw, a.stride[1], a.padding[1], a.dilation[1])
     if (isinstance(oh, int) and oh <= 0) or (isinstance(ow, int) and ow <= 0):
         _err("conv2d", f"input {x.shape} too small for kernel {(kh, kw)}")
     return _check_residual("conv2d", r, TensorType(promote_types(x, w), (n, co, oh, ow)))
@@ -390,8 +395,8 @@ def _pool(ins, a):
     if x.rank != 4:
         _err("pool2d", f"expected a 4-D input, got {x.shape}")
     n, c, h, w = x.shape
-    oh = _conv_out(h, a.kernel[0], a.stride[0], a.padding[0], a.dilation[0], a.ceil_mode)
-    ow = _conv_out(w, a.kernel[1], a.stride[1], a.padding[1], a.dilation[1], a.ceil_mode)
+    oh = conv_out(h, a.kernel[0], a.stride[0], a.padding[0], a.dilation[0], a.ceil_mode)
+    ow = conv_out(w, a.kernel[1], a.stride[1], a.padding[1], a.dilation[1], a.ceil_mode)
     out = _t(x, shape=(n, c, oh, ow))
     # the max of quantized values is a quantized value with the same parameters
     return (TensorType(out.dtype, out.shape, out.layout, x.quant) if x.quant is not None else out,)
@@ -634,8 +639,8 @@ def _sparse_conv2d(ins, a):
     _check_sparse_weight("sparse_conv2d", (list(ins) + [None] * 4)[:4], a.layout, co, ci * kh * kw)
     if b is not None and tuple(b.shape) != (co,):
         _err("sparse_conv2d", f"bias shape {b.shape} != ({co},)")
-    oh = _conv_out(x.shape[2], kh, a.stride[0], a.padding[0], a.dilation[0])
-    ow = _conv_out(x.shape[3], kw, a.stride[1], a.padding[1], a.dilation[1])
+    oh = conv_out(x.shape[2], kh, a.stride[0], a.padding[0], a.dilation[0])
+    ow = conv_out(x.shape[3], kw, a.stride[1], a.padding[1], a.dilation[1])
     if (isinstance(oh, int) and oh <= 0) or (isinstance(ow, int) and ow <= 0):
         _err("sparse_conv2d", f"input {x.shape} too small for kernel {(kh, kw)}")
     out = TensorType(promote_types(x, ins[1]), (x.shape[0], co, oh, ow))
@@ -736,10 +741,12 @@ def _qconv2d(ins, a):
     co, ci, kh, kw = w.shape
     if isinstance(c, int) and c != ci * a.groups:
         _err("qconv2d", f"input channels {c} != weight in-channels {ci} x groups {a.groups}")
-    oh = _conv_out(h, kh, a.stride[0], a.padding[0], a.dilation[0])
-    ow = _conv_out(wd, kw, a.stride[1], a.padding[1], a.dilation[1])
+    oh = conv_out(h, kh, a.stride[0], a.padding[0], a.dilation[0])
+    ow = conv_out(wd, kw, a.stride[1], a.padding[1], a.dilation[1])
     return _qout("qconv2d", (n, co, oh, ow), a, r, a.residual_scale)
 
+
+from . import ops_library  # noqa: E402,F401  (defines the library ops)
 
 _missing = [k for k in OpKind if k not in OPS]
 if _missing:  # every op kind has exactly one definition
