@@ -219,7 +219,10 @@ def _embedding_bag(cx, args, kw, n):
                                      ((3, "scale_grad_by_freq", False), (4, "mode", 0), (5, "sparse", False),
                                       (6, "per_sample_weights", None))]
     last, pad = _arg(args, kw, 7, "include_last_offset", False), _arg(args, kw, 8, "padding_idx", -1)
-    pad = -1 if pad is None else pad  # (embedding_bag's "no padding index"; _embedding_bag's is -1)
+    if n.target.overloadpacket is aten.embedding_bag:
+        # embedding_bag counts a negative padding index from the end, None is none;
+        # _embedding_bag (the op's own attribute) takes -1 as none
+        pad = -1 if pad is None else (pad + w.shape[0] if pad < 0 else pad)
     if off is None:
         return None
     if any(u.target is not operator.getitem or u.args[1] != 0 for u in n.users):

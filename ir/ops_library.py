@@ -51,8 +51,8 @@ def _topk(ins, a):
 @op(OpKind.SCATTER, A.ScatterAttrs, operands=("data", "indices", "src"), category=Category.COMPUTE)
 def _scatter(ins, a):
     x, idx, src = ins
-    if idx.dtype is not DType.INT64:
-        _err("scatter", f"indices must be int64, got {idx.dtype.value}")
+    if idx.dtype not in _INDEX:
+        _err("scatter", f"indices must be int64/int32, got {idx.dtype.value}")
     if not (x.rank == idx.rank == src.rank or (x.rank == 0 and idx.rank <= 1 and src.rank <= 1)):
         _err("scatter", f"data {x.shape}, indices {idx.shape} and src {src.shape} must have one rank")
     _axis_ok("scatter", a.axis, x.rank)

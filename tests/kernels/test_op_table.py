@@ -219,6 +219,8 @@ CASES += [
     Case(OpKind.SORT, ((2, 6),), lambda x: tuple(torch.sort(x, dim=1, stable=True)), A.SortAttrs(1), dtypes=(F32,),
          id="nan_last", extra={"fixed": {0: torch.tensor([[1.0, float("nan"), -2.0, 1.0, float("nan"), 0.0]] * 2)}}),
     Case(OpKind.TOPK, ((4, 9),), lambda x: tuple(torch.topk(x, 3, 1)), A.TopKAttrs(3, 1), dtypes=FLOATS + (I64,)),
+    Case(OpKind.TOPK, ((2, 6),), lambda x: tuple(torch.topk(x, 3, 1)), A.TopKAttrs(3, 1), dtypes=(F32,),
+         id="nan_largest", extra={"fixed": {0: torch.tensor([[1.0, float("nan"), -2.0, 1.0, float("nan"), 0.0]] * 2)}}),
     Case(OpKind.TOPK, ((7, 3),), lambda x: tuple(torch.topk(x, 2, 0, largest=False)), A.TopKAttrs(2, 0, False),
          dtypes=(I64,), id="smallest_ties"),
     Case(OpKind.SCATTER, ((4, 5), (3, 5), (3, 5)), lambda x, i, s: x.scatter_add(0, i, s), A.ScatterAttrs(0, SR.SUM),
