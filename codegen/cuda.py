@@ -82,6 +82,11 @@ CUDA_OPS = {
     OpKind.FLOOR: lambda r, n, x: f"floorf({x})" if _dt(n).is_float else x,
     OpKind.CEIL: lambda r, n, x: f"ceilf({x})" if _dt(n).is_float else x,
     OpKind.SIGN: lambda r, n, x: f"(({x}) > 0 ? 1 : (({x}) < 0 ? -1 : 0))",
+    **{k: (lambda r, n, x, f=k.value: f"{f}f({_f(x)})")
+       for k in (OpKind.ACOS, OpKind.ASIN, OpKind.ATAN, OpKind.ACOSH, OpKind.ASINH, OpKind.ATANH)},
+    OpKind.ATAN2: lambda r, n, a, b: f"atan2f({_f(a)}, {_f(b)})",
+    # rintf rounds half to even, as torch.round does (roundf rounds half away from zero)
+    OpKind.ROUND: lambda r, n, x: f"rintf({x})" if _dt(n).is_float else x,
     OpKind.CAST: lambda r, n, x: r.cast(f"(({x}) != 0)" if n.attrs.dtype is DType.BOOL else x, n.attrs.dtype),
     OpKind.ISNAN: lambda r, n, x: f"(({x}) != ({x}))",
     OpKind.DIV: _div,

@@ -93,6 +93,12 @@ TRITON_OPS = {
     OpKind.FLOOR: lambda r, n, x: f"tl.floor({x})" if _dt(n).is_float else x,
     OpKind.CEIL: lambda r, n, x: f"tl.ceil({x})" if _dt(n).is_float else x,
     OpKind.SIGN: lambda r, n, x: f"tl.where({x} > 0, 1, tl.where({x} < 0, -1, 0)).to({TL_TYPES[_dt(n)]})",
+    # tl has no inverse trigonometry: CUDA's libdevice (GPU only; the interpreter cannot run it)
+    **{k: (lambda r, n, x, f=k.value: f"libdevice.{f}({_f(x)})")
+       for k in (OpKind.ACOS, OpKind.ASIN, OpKind.ATAN, OpKind.ACOSH, OpKind.ASINH, OpKind.ATANH)},
+    OpKind.ATAN2: lambda r, n, a, b: f"libdevice.atan2({_f(a)}, {_f(b)})",
+    # rint rounds half to even, as torch.round does (libdevice.round rounds half away from zero)
+    OpKind.ROUND: lambda r, n, x: f"libdevice.rint({_f(x)})" if _dt(n).is_float else x,
     OpKind.CAST: lambda r, n, x: r.cast(f"({x} != 0)" if n.attrs.dtype is DType.BOOL else x, n.attrs.dtype),
     OpKind.ISNAN: lambda r, n, x: f"({x} != {x})",
     OpKind.DIV: _div,
@@ -190,7 +196,8 @@ class TritonEmitter(TextEmitter):
         return Rendered(name, src, list(self.inputs), list(spec.outputs), numel(spec.shape), r_extent, "triton")
 
 
-HEADER = "import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
+HEADER = ("import triton\nimport triton.language as tl\nfrom triton.language.extra import libdevice\n\n\n"
+          "@triton.jit\n")
 
 
 def render_group(group) -> list[Rendered]:

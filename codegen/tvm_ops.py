@@ -100,12 +100,30 @@ def _math(name):
 
 for _k, _n in {OpKind.EXP: "exp", OpKind.LOG: "log", OpKind.SQRT: "sqrt", OpKind.RSQRT: "rsqrt",
                OpKind.TANH: "tanh", OpKind.ERF: "erf", OpKind.SIN: "sin", OpKind.COS: "cos",
-               OpKind.FLOOR: "floor", OpKind.CEIL: "ceil", OpKind.SIGMOID: "sigmoid"}.items():
+               OpKind.FLOOR: "floor", OpKind.CEIL: "ceil", OpKind.SIGMOID: "sigmoid", OpKind.ACOS: "acos",
+               OpKind.ASIN: "asin", OpKind.ATAN: "atan", OpKind.ACOSH: "acosh", OpKind.ASINH: "asinh",
+               OpKind.ATANH: "atanh"}.items():
     _unary(_k)(_math(_n))
+
+
+@_unary(OpKind.ROUND)
+def _round(em, v, a, cd):
+    from tvm import tirx
+
+    # nearbyint rounds half to even (the default rounding mode), as torch.round does;
+    # tirx.round rounds half away from zero
+    return tirx.nearbyint(v) if is_float(cd) else v
 
 _unary(OpKind.IDENTITY)(lambda em, v, a, cd: v)
 _unary(OpKind.NEG)(lambda em, v, a, cd: -v)
 _unary(OpKind.RECIPROCAL)(lambda em, v, a, cd: const(1, cd) / v)
+
+
+@_binary(OpKind.ATAN2)
+def _atan2(a, b, attrs, cd):
+    from tvm import tirx
+
+    return tirx.atan2(a, b)
 
 
 @_unary(OpKind.NOT)

@@ -56,7 +56,10 @@ _UNARY = {aten.relu: OpKind.RELU, aten.relu_: OpKind.RELU, aten.neg: OpKind.NEG,
           aten.exp: OpKind.EXP, aten.log: OpKind.LOG, aten.sqrt: OpKind.SQRT, aten.rsqrt: OpKind.RSQRT,
           aten.reciprocal: OpKind.RECIPROCAL, aten.sigmoid: OpKind.SIGMOID, aten.tanh: OpKind.TANH,
           aten.erf: OpKind.ERF, aten.silu: OpKind.SILU, aten.logical_not: OpKind.NOT, aten.sin: OpKind.SIN,
-          aten.cos: OpKind.COS, aten.isnan: OpKind.ISNAN, aten.floor: OpKind.FLOOR, aten.ceil: OpKind.CEIL, aten.sign: OpKind.SIGN}
+          aten.cos: OpKind.COS, aten.isnan: OpKind.ISNAN, aten.floor: OpKind.FLOOR, aten.ceil: OpKind.CEIL, aten.sign: OpKind.SIGN,
+          aten.acos: OpKind.ACOS, aten.asin: OpKind.ASIN, aten.atan: OpKind.ATAN, aten.acosh: OpKind.ACOSH,
+          aten.asinh: OpKind.ASINH, aten.atanh: OpKind.ATANH,
+          aten.round.default: OpKind.ROUND}  # round.decimals: aten_extended.py
 for _t, _k in _UNARY.items():
     conv(_t)(lambda cx, args, kw, n, k=_k: cx.add(k, args[0]))
 
@@ -71,7 +74,7 @@ def _bitwise_not(cx, args, kw, n):
 _BINARY = {aten.mul: OpKind.MUL, aten.pow: OpKind.POW, aten.maximum: OpKind.MAXIMUM,
            aten.minimum: OpKind.MINIMUM, aten.eq: OpKind.EQ, aten.ne: OpKind.NE, aten.lt: OpKind.LT,
            aten.le: OpKind.LE, aten.gt: OpKind.GT, aten.ge: OpKind.GE, aten.logical_and: OpKind.AND,
-           aten.logical_or: OpKind.OR}
+           aten.logical_or: OpKind.OR, aten.atan2: OpKind.ATAN2}
 
 
 def _binary(cx, k, a, b):
@@ -81,7 +84,8 @@ def _binary(cx, k, a, b):
 
 
 for _t, _k in _BINARY.items():
-    conv(_t)(lambda cx, args, kw, n, k=_k: None if kw.get("rounding_mode") else _binary(cx, k, args[0], args[1]))
+    conv(_t)(lambda cx, args, kw, n, k=_k: None if kw.get("rounding_mode") or kw.get("out") is not None
+             else _binary(cx, k, args[0], args[1]))
 
 
 @conv(aten.div)
@@ -708,4 +712,4 @@ for _t in (aten.arange, aten.zeros, aten.ones, aten.full, aten.scalar_tensor, at
 
 # converters added for the model suite and the Core ATen opset live beside this file; they
 # register into CONVERTERS (overload-specific entries take precedence over a packet's)
-from . import aten_extended, aten_movement  # noqa: E402,F401
+from . import aten_extended, aten_library, aten_movement  # noqa: E402,F401

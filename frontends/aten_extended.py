@@ -63,7 +63,9 @@ def _numel(shape, axes) -> int:
 # ----------------------------------------------------------------------------- aliases
 _ALIASES = {aten.multiply: aten.mul, aten.subtract: aten.sub, aten.divide: aten.div, aten.true_divide: aten.div,
             aten.greater: aten.gt, aten.greater_equal: aten.ge, aten.less: aten.lt, aten.less_equal: aten.le,
-            aten.not_equal: aten.ne, aten.clip: aten.clamp, aten.absolute: aten.abs, aten.negative: aten.neg}
+            aten.not_equal: aten.ne, aten.clip: aten.clamp, aten.absolute: aten.abs, aten.negative: aten.neg,
+            aten.arccos: aten.acos, aten.arcsin: aten.asin, aten.arctan: aten.atan, aten.arccosh: aten.acosh,
+            aten.arcsinh: aten.asinh, aten.arctanh: aten.atanh, aten.arctan2: aten.atan2}
 for _alias, _of in _ALIASES.items():
     conv(_alias)(CONVERTERS.table[_of])
 
@@ -232,6 +234,22 @@ def _square(cx, args, kw, n):
     if x.dtype is DType.BOOL:
         return None  # torch squares booleans into int64
     return cx.add(OpKind.MUL, x, x)
+
+
+@conv(aten.round.decimals)
+def _round_decimals(cx, args, kw, n):
+    x = args[0]
+    d = int(kw.get("decimals", args[1] if len(args) > 1 else 0))
+    if d == 0 or not x.dtype.is_float:
+        return cx.add(OpKind.ROUND, x)
+    if x.dtype not in (DType.FLOAT32, DType.FLOAT64):
+        return None  # torch's 16-bit kernels scale in float32: not this arithmetic
+    # torch's own formula: nearbyint(x * 10^d) / 10^d, or nearbyint(x / 10^-d) * 10^-d for d < 0,
+    # with 10^|d| in the tensor's dtype
+    p = float(10.0 ** abs(d))
+    if d > 0:
+        return _bin(cx, OpKind.DIV, cx.add(OpKind.ROUND, _bin(cx, OpKind.MUL, x, p)), p)
+    return _bin(cx, OpKind.MUL, cx.add(OpKind.ROUND, _bin(cx, OpKind.DIV, x, p)), p)
 
 
 @conv(aten.sgn)

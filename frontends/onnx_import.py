@@ -37,7 +37,8 @@ TYPE_ONLY_CHANGES = {
     ("Pad", 24), ("Pad", 25), ("Reshape", 23), ("Reshape", 24), ("Reshape", 25), ("Shape", 23), ("Shape", 24),
     ("Shape", 25), ("Size", 23), ("Size", 24), ("Size", 25), ("Squeeze", 23), ("Squeeze", 24), ("Squeeze", 25),
     ("Transpose", 23), ("Transpose", 24), ("Transpose", 25), ("Unsqueeze", 23), ("Unsqueeze", 24),
-    ("Unsqueeze", 25),
+    ("Unsqueeze", 25), ("Acos", 22), ("Asin", 22), ("Atan", 22), ("Acosh", 22), ("Asinh", 22), ("Atanh", 22),
+    ("Round", 22),
 }
 
 
@@ -174,7 +175,9 @@ def onnx_op(*names):
 _UNARY = {"Relu": OpKind.RELU, "Sigmoid": OpKind.SIGMOID, "Tanh": OpKind.TANH, "Exp": OpKind.EXP,
           "Log": OpKind.LOG, "Sqrt": OpKind.SQRT, "Reciprocal": OpKind.RECIPROCAL, "Neg": OpKind.NEG,
           "Abs": OpKind.ABS, "Erf": OpKind.ERF, "Not": OpKind.NOT, "Sin": OpKind.SIN, "Cos": OpKind.COS,
-          "Floor": OpKind.FLOOR, "Ceil": OpKind.CEIL, "Sign": OpKind.SIGN, "IsNaN": OpKind.ISNAN}
+          "Floor": OpKind.FLOOR, "Ceil": OpKind.CEIL, "Sign": OpKind.SIGN, "IsNaN": OpKind.ISNAN,
+          "Acos": OpKind.ACOS, "Asin": OpKind.ASIN, "Atan": OpKind.ATAN, "Acosh": OpKind.ACOSH,
+          "Asinh": OpKind.ASINH, "Atanh": OpKind.ATANH, "Round": OpKind.ROUND}
 for _n, _k in _UNARY.items():
     onnx_op(_n)(lambda c, ins, at, n, k=_k: [c.b.add(k, ins[0])])
 

@@ -302,3 +302,102 @@ class QConv2dAttrs:
     activation: Activation = Activation.NONE
     residual_scale: float | None = None
     residual_zero_point: int = 0
+
+
+# ----------------------------------------------------------------------------- library ops
+# (ops that run a library kernel of their own: sorting, scatters, 3-D pooling, distances,
+# sampling; defined in ir/ops_library.py)
+@dataclass(frozen=True, slots=True)
+class SortAttrs:
+    """SORT: the axis and the direction. Stable: equal elements keep their order; unstable:
+    ties in whatever order torch's kernel leaves them (the values are the same either way)."""
+    axis: int
+    descending: bool = False
+    stable: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class TopKAttrs:
+    """TOPK: the k largest (or smallest) along an axis, sorted or in torch's unsorted order."""
+    k: int
+    axis: int
+    largest: bool = True
+    sorted: bool = True
+
+
+class ScatterReduce(enum.Enum):
+    NONE = "none"  # assignment (duplicate indices: the last write wins, as torch's CPU kernel)
+    SUM = "sum"
+    PROD = "prod"
+    MEAN = "mean"
+    AMAX = "amax"
+    AMIN = "amin"
+
+
+@dataclass(frozen=True, slots=True)
+class ScatterAttrs:
+    """SCATTER: src's elements written (or reduced) into data at indices along an axis."""
+    axis: int
+    reduce: ScatterReduce = ScatterReduce.NONE
+    include_self: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class IndexPutAttrs:
+    """INDEX_PUT: ``data[idx...] = values`` (or ``+=`` with accumulate); ``axes`` are the
+    dims the index tensors index, in order (the others are taken whole)."""
+    axes: tuple[int, ...]
+    accumulate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Pool3dAttrs:
+    """3-D pooling window (max and average), as torch's max_pool3d / avg_pool3d."""
+    kernel: tuple[int, int, int]
+    stride: tuple[int, int, int]
+    padding: tuple[int, int, int] = (0, 0, 0)
+    dilation: tuple[int, int, int] = (1, 1, 1)
+    ceil_mode: bool = False
+    count_include_pad: bool = True
+    divisor_override: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AdaptivePool3dAttrs:
+    """3-D adaptive average pooling: the output size."""
+    output_size: tuple[int, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class DistAttrs:
+    """CDIST / PDIST: the p of the p-norm; cdist's compute_mode as torch takes it (None,
+    0: matrix products for p = 2 when a side has more than 25 rows, 1: always, 2: never)."""
+    p: float = 2.0
+    compute_mode: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingBagAttrs:
+    """EMBEDDING_BAG: mode 0 sum, 1 mean, 2 max (torch's codes), per bag of offsets."""
+    mode: int = 0
+    include_last_offset: bool = False
+    padding_idx: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class GridSampleAttrs:
+    """GRID_SAMPLE (2-D), torch's codes: interpolation 0 bilinear, 1 nearest, 2 bicubic;
+    padding 0 zeros, 1 border, 2 reflection."""
+    interpolation: int = 0
+    padding: int = 0
+    align_corners: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Col2ImAttrs:
+    """COL2IM (F.fold): sliding-window columns summed back into an image."""
+    output_size: tuple[int, int]
+    kernel: tuple[int, int]
+    dilation: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    stride: tuple[int, int] = (1, 1)

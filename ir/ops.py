@@ -42,9 +42,11 @@ class OpKind(enum.Enum):
     SILU = "silu"; GELU = "gelu"; LEAKY_RELU = "leaky_relu"; CLAMP = "clamp"; NOT = "not"  # noqa: E702
     SIN = "sin"; COS = "cos"; FLOOR = "floor"; CEIL = "ceil"; SIGN = "sign"; CAST = "cast"  # noqa: E702
     IDENTITY = "identity"; ISNAN = "isnan"; TO_LAYOUT = "to_layout"  # noqa: E702
+    ACOS = "acos"; ASIN = "asin"; ATAN = "atan"; ACOSH = "acosh"; ASINH = "asinh"; ATANH = "atanh"  # noqa: E702
+    ROUND = "round"  # half to even, as torch.round and ONNX Round
     # binary elementwise (numpy broadcasting, torch type promotion)
     ADD = "add"; SUB = "sub"; MUL = "mul"; DIV = "div"; POW = "pow"  # noqa: E702
-    MAXIMUM = "maximum"; MINIMUM = "minimum"  # noqa: E702
+    MAXIMUM = "maximum"; MINIMUM = "minimum"; ATAN2 = "atan2"  # noqa: E702
     EQ = "eq"; NE = "ne"; LT = "lt"; LE = "le"; GT = "gt"; GE = "ge"; AND = "and"; OR = "or"  # noqa: E702
     WHERE = "where"
     # reductions and normalizations
@@ -61,6 +63,11 @@ class OpKind(enum.Enum):
     # structured
     ATTENTION = "attention"; LSTM = "lstm"; GRU = "gru"  # noqa: E702
     FALLBACK = "fallback"
+    # library ops (ir/ops_library.py): a torch kernel each, no generated code
+    SORT = "sort"; TOPK = "topk"; SCATTER = "scatter"; INDEX_PUT = "index_put"  # noqa: E702
+    MAX_POOL3D = "max_pool3d"; AVG_POOL3D = "avg_pool3d"; ADAPTIVE_AVG_POOL3D = "adaptive_avg_pool3d"  # noqa: E702
+    CDIST = "cdist"; PDIST = "pdist"; EMBEDDING_BAG = "embedding_bag"; GRID_SAMPLE = "grid_sample"  # noqa: E702
+    COL2IM = "col2im"
     # sparse weights (compressed constant operands; see attrs.SparseLinearAttrs)
     SPARSE_LINEAR = "sparse_linear"; SPARSE_CONV2D = "sparse_conv2d"  # noqa: E702
     # quantized (passes/quantize*.py)
@@ -171,7 +178,8 @@ def _t(x: TensorType, dtype=None, shape=None) -> TensorType:
 
 # ----------------------------------------------------------------------------- elementwise
 _FLOAT_UNARY = [OpKind.EXP, OpKind.LOG, OpKind.SQRT, OpKind.RSQRT, OpKind.RECIPROCAL, OpKind.SIGMOID,
-                OpKind.TANH, OpKind.ERF, OpKind.SILU, OpKind.SIN, OpKind.COS]
+                OpKind.TANH, OpKind.ERF, OpKind.SILU, OpKind.SIN, OpKind.COS, OpKind.ACOS, OpKind.ASIN,
+                OpKind.ATAN, OpKind.ACOSH, OpKind.ASINH, OpKind.ATANH]
 
 
 @op(_FLOAT_UNARY)
@@ -181,7 +189,7 @@ def _float_unary(ins, a):
     return (_t(x, dtype=x.dtype if x.dtype.is_float else DType.FLOAT32),)
 
 
-@op([OpKind.NEG, OpKind.ABS, OpKind.RELU, OpKind.FLOOR, OpKind.CEIL, OpKind.SIGN, OpKind.IDENTITY])
+@op([OpKind.NEG, OpKind.ABS, OpKind.RELU, OpKind.FLOOR, OpKind.CEIL, OpKind.SIGN, OpKind.IDENTITY, OpKind.ROUND])
 def _same_unary(ins, a):
     return (_t(ins[0]),)
 
@@ -228,6 +236,13 @@ def _div(ins, a):
     if a.rounding is A.Rounding.NONE and not dt.is_float:
         dt = DType.FLOAT32  # true division of integers is a float, as in torch
     return (TensorType(dt, broadcast_shapes(ins[0].shape, ins[1].shape)),)
+
+
+@op(OpKind.ATAN2, operands=("a", "b"))
+def _atan2(ins, a):
+    dt = promote_types(*ins)
+    # integer operands give the default float type, as in torch
+    return (TensorType(dt if dt.is_float else DType.FLOAT32, broadcast_shapes(ins[0].shape, ins[1].shape)),)
 
 
 @op([OpKind.EQ, OpKind.NE, OpKind.LT, OpKind.LE, OpKind.GT, OpKind.GE, OpKind.AND, OpKind.OR], operands=("a", "b"))
@@ -340,7 +355,7 @@ def _linear(ins, a):
     return _check_residual("linear", r, TensorType(promote_types(x, w), x.shape[:-1] + (w.shape[0],)))
 
 
-def _conv_out(size, k, s, p, d, ceil=False):
+def conv_out(size, k, s, p, d, ceil=False):
     eff = d * (k - 1) + 1
     if not isinstance(size, int):  # the same formula on a symbolic size
         num = size + 2 * p - eff
@@ -367,8 +382,8 @@ def _conv2d(ins, a):
         _err("conv2d", f"out channels {co} not divisible by groups {a.groups}")
     if b is not None and tuple(b.shape) != (co,):
         _err("conv2d", f"bias shape {b.shape} != ({co},)")
-    oh = _conv_out(h, kh, a.stride[0], a.padding[0], a.dilation[0])
-    ow = _conv_out(wd, kw, a.stride[1], a.padding[1], a.dilation[1])
+    oh = conv_out(h, kh, a.stride[0], a.padding[0], a.dilation[0])
+    ow = conv_out(wd, kw, a.stride[1], a.padding[1], a.dilation[1])
     if (isinstance(oh, int) and oh <= 0) or (isinstance(ow, int) and ow <= 0):
         _err("conv2d", f"input {x.shape} too small for kernel {(kh, kw)}")
     return _check_residual("conv2d", r, TensorType(promote_types(x, w), (n, co, oh, ow)))
@@ -380,8 +395,8 @@ def _pool(ins, a):
     if x.rank != 4:
         _err("pool2d", f"expected a 4-D input, got {x.shape}")
     n, c, h, w = x.shape
-    oh = _conv_out(h, a.kernel[0], a.stride[0], a.padding[0], a.dilation[0], a.ceil_mode)
-    ow = _conv_out(w, a.kernel[1], a.stride[1], a.padding[1], a.dilation[1], a.ceil_mode)
+    oh = conv_out(h, a.kernel[0], a.stride[0], a.padding[0], a.dilation[0], a.ceil_mode)
+    ow = conv_out(w, a.kernel[1], a.stride[1], a.padding[1], a.dilation[1], a.ceil_mode)
     out = _t(x, shape=(n, c, oh, ow))
     # the max of quantized values is a quantized value with the same parameters
     return (TensorType(out.dtype, out.shape, out.layout, x.quant) if x.quant is not None else out,)
@@ -624,8 +639,8 @@ def _sparse_conv2d(ins, a):
     _check_sparse_weight("sparse_conv2d", (list(ins) + [None] * 4)[:4], a.layout, co, ci * kh * kw)
     if b is not None and tuple(b.shape) != (co,):
         _err("sparse_conv2d", f"bias shape {b.shape} != ({co},)")
-    oh = _conv_out(x.shape[2], kh, a.stride[0], a.padding[0], a.dilation[0])
-    ow = _conv_out(x.shape[3], kw, a.stride[1], a.padding[1], a.dilation[1])
+    oh = conv_out(x.shape[2], kh, a.stride[0], a.padding[0], a.dilation[0])
+    ow = conv_out(x.shape[3], kw, a.stride[1], a.padding[1], a.dilation[1])
     if (isinstance(oh, int) and oh <= 0) or (isinstance(ow, int) and ow <= 0):
         _err("sparse_conv2d", f"input {x.shape} too small for kernel {(kh, kw)}")
     out = TensorType(promote_types(x, ins[1]), (x.shape[0], co, oh, ow))
@@ -726,10 +741,12 @@ def _qconv2d(ins, a):
     co, ci, kh, kw = w.shape
     if isinstance(c, int) and c != ci * a.groups:
         _err("qconv2d", f"input channels {c} != weight in-channels {ci} x groups {a.groups}")
-    oh = _conv_out(h, kh, a.stride[0], a.padding[0], a.dilation[0])
-    ow = _conv_out(wd, kw, a.stride[1], a.padding[1], a.dilation[1])
+    oh = conv_out(h, kh, a.stride[0], a.padding[0], a.dilation[0])
+    ow = conv_out(wd, kw, a.stride[1], a.padding[1], a.dilation[1])
     return _qout("qconv2d", (n, co, oh, ow), a, r, a.residual_scale)
 
+
+from . import ops_library  # noqa: E402,F401  (defines the library ops)
 
 _missing = [k for k in OpKind if k not in OPS]
 if _missing:  # every op kind has exactly one definition

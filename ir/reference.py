@@ -55,10 +55,13 @@ for _op, _f in {
     OpKind.RELU: torch.relu, OpKind.SIGMOID: torch.sigmoid, OpKind.TANH: torch.tanh, OpKind.ERF: torch.erf,
     OpKind.SILU: F.silu, OpKind.NOT: torch.logical_not, OpKind.SIN: torch.sin, OpKind.COS: torch.cos,
     OpKind.FLOOR: torch.floor, OpKind.ISNAN: torch.isnan, OpKind.CEIL: torch.ceil, OpKind.SIGN: torch.sign, OpKind.IDENTITY: lambda x: x,
+    OpKind.ACOS: torch.acos, OpKind.ASIN: torch.asin, OpKind.ATAN: torch.atan, OpKind.ACOSH: torch.acosh,
+    OpKind.ASINH: torch.asinh, OpKind.ATANH: torch.atanh, OpKind.ROUND: torch.round,
 }.items():
     _unary(_op, _float_in(_f) if _op in (OpKind.EXP, OpKind.LOG, OpKind.SQRT, OpKind.RSQRT, OpKind.RECIPROCAL,
                                          OpKind.SIGMOID, OpKind.TANH, OpKind.ERF, OpKind.SILU, OpKind.SIN,
-                                         OpKind.COS) else _f)
+                                         OpKind.COS, OpKind.ACOS, OpKind.ASIN, OpKind.ATAN, OpKind.ACOSH,
+                                         OpKind.ASINH, OpKind.ATANH) else _f)
 
 
 @ref(OpKind.GELU)
@@ -90,7 +93,7 @@ def cast(ins, a: A.CastAttrs):
 
 for _op, _f in {
     OpKind.ADD: torch.add, OpKind.SUB: torch.sub, OpKind.MUL: torch.mul,
-    OpKind.POW: torch.pow, OpKind.EQ: torch.eq,
+    OpKind.POW: torch.pow, OpKind.ATAN2: torch.atan2, OpKind.EQ: torch.eq,
     OpKind.NE: torch.ne, OpKind.LT: torch.lt, OpKind.LE: torch.le, OpKind.GT: torch.gt, OpKind.GE: torch.ge,
     OpKind.AND: torch.logical_and, OpKind.OR: torch.logical_or,
 }.items():
@@ -489,3 +492,6 @@ def qconv2d(ins, a: A.QConv2dAttrs):
     if r is not None and r.dtype == torch.uint8:
         r = qformat.dequantize_tensor(r, a.residual_scale, a.residual_zero_point)
     return _requantize(epilogue(y, r, a.activation), a)
+
+
+from . import reference_library  # noqa: E402,F401  (the library ops: sorting, scatters, pooling, ...)

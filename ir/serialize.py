@@ -28,7 +28,7 @@ _RECORDS: dict[str, type] = {c.__name__: c for c in [
     *(getattr(A, n) for n in dir(A) if dataclasses.is_dataclass(getattr(A, n))),
     T.TensorType, T.Layout, T.Sym, D.QuantSpec]}
 _ENUMS: dict[str, type] = {c.__name__: c for c in [D.DType, D.QScheme, T.LayoutKind, A.GeluApprox, A.PadMode,
-                                                    A.Activation, A.Rounding]}
+                                                    A.Activation, A.Rounding, A.ScatterReduce]}
 
 
 class SerializeError(ValueError):

@@ -64,8 +64,9 @@ def one_op(op, shapes, attrs=None, dtype=F32, dtypes=None):
 
 UNARY = [OpKind.NEG, OpKind.ABS, OpKind.EXP, OpKind.LOG, OpKind.SQRT, OpKind.RSQRT, OpKind.RECIPROCAL,
          OpKind.RELU, OpKind.SIGMOID, OpKind.TANH, OpKind.ERF, OpKind.SILU, OpKind.SIN, OpKind.COS,
-         OpKind.FLOOR, OpKind.CEIL, OpKind.SIGN, OpKind.IDENTITY, OpKind.ISNAN]
-BINARY = [OpKind.ADD, OpKind.SUB, OpKind.MUL, OpKind.DIV, OpKind.POW, OpKind.MAXIMUM, OpKind.MINIMUM,
+         OpKind.FLOOR, OpKind.CEIL, OpKind.SIGN, OpKind.IDENTITY, OpKind.ISNAN, OpKind.ACOS, OpKind.ASIN,
+         OpKind.ATAN, OpKind.ACOSH, OpKind.ASINH, OpKind.ATANH, OpKind.ROUND]
+BINARY = [OpKind.ADD, OpKind.SUB, OpKind.MUL, OpKind.DIV, OpKind.POW, OpKind.MAXIMUM, OpKind.MINIMUM, OpKind.ATAN2,
           OpKind.EQ, OpKind.NE, OpKind.LT, OpKind.LE, OpKind.GT, OpKind.GE]
 
 CASES = (
@@ -584,3 +585,8 @@ def test_loaded_parallel_kernels_run_on_torch_openmp_workers(monkeypatch, tmp_pa
         ok, err, tol = max_err_ok(g, e, 1e-4)
         assert ok, f"max abs error {err:.3g} > {tol:.3g}"
 
+
+
+def test_round_ties_go_to_even():
+    # tirx.round rounds half away from zero; torch.round (and the renderer's nearbyint) half to even
+    check_generated(one_op(OpKind.ROUND, [(2, 9)]), inputs=[torch.arange(-4.5, 4.5, 0.5).reshape(2, 9)])

@@ -30,15 +30,6 @@ KNOWN_MISSING = {
     "aten.resize_.default",
     # complex values (FFTs): no complex Kiln dtype
     "aten._fft_c2r.default", "aten._fft_r2c.default",
-    # no Kiln op yet: inverse trigonometry, rounding, sorting, scatters, 3-D pooling, distances, sampling
-    "aten.acos.default", "aten.acosh.default", "aten.asin.default", "aten.asinh.default", "aten.atan.default",
-    "aten.atan2.default", "aten.atan2.out", "aten.atanh.default", "aten.round.default",
-    "aten.sort.default", "aten.topk.default",
-    "aten.index_put.default", "aten.masked_scatter.default", "aten.scatter.src", "aten.scatter.value",
-    "aten.scatter_add.default", "aten.scatter_reduce.two",
-    "aten._adaptive_avg_pool3d.default", "aten.avg_pool3d.default", "aten.max_pool3d_with_indices.default",
-    "aten._cdist_forward.default", "aten._pdist_forward.default", "aten._embedding_bag.default",
-    "aten.col2im.default", "aten.grid_sampler_2d.default", "aten.as_strided.default",
 }
 
 

@@ -24,6 +24,10 @@ def _mk(shape, dtype=F32, kind="randn"):
     t = torch.randn(shape)
     if kind == "positive":
         t = t.abs() + 0.1
+    elif kind == "unit":  # inside (-1, 1)
+        t = torch.rand(shape) * 1.9 - 0.95
+    elif kind == "above1":
+        t = t.abs() + 1.0
     return t.to(dtype)
 
 
@@ -149,9 +153,65 @@ OPS = [
     ("diagonal", lambda x: torch.diagonal(x) + torch.diagonal(x, 1, 1, 2).sum() + torch.diagonal(x, -1, 0, 2).sum(),
      [((4, 5, 4), "randn")], (F32,)),
     ("empty_like", lambda x: torch.empty_like(x).zero_() + x, [((2, 3), "randn")], (F32,)),
+    # Core ATen: inverse trigonometry, atan2, rounding (half to even; decimals as torch scales)
+    ("inverse_trig", lambda u, v: torch.acos(u) + torch.asin(u) + torch.atanh(u) + torch.atan(v) + torch.acosh(v)
+     + torch.asinh(-v), [((3, 5), "unit"), ((3, 5), "above1")], (F32, BF16)),
+    ("atan2", lambda a, b: torch.atan2(a, b) + torch.arctan2(b, a), [((3, 4), "randn"), ((4,), "randn")], (F32, BF16)),
+    ("round", lambda x: torch.round(x * 2) + torch.round(x, decimals=2) + torch.round(x * 30, decimals=-1),
+     [((4, 6), "randn")], (F32,)),
+    ("round_int", lambda x: torch.round(x) * 2, [((3, 4), "randn")], (I64,)),
+    # Core ATen library ops: sorting (ties, stable order), scatters (duplicate indices), index_put
+    # (int and bool-mask indices), masked_scatter, as_strided, 3-D pooling, distances, sampling, bags
+    ("sort", lambda x: torch.stack([torch.sort(x, -1).values, torch.sort(x, -1).indices.to(x.dtype)]),
+     [((3, 7), "randn")], (F32, I64)),
+    ("sort_stable_descending", lambda x: torch.sort(x, dim=0, descending=True, stable=True).indices * 2,
+     [((40, 3), "randn")], (I64,)),
+    ("topk", lambda x: torch.topk(x, 3, 1).values * torch.topk(x, 3, 1, largest=False).indices, [((4, 9), "randn")],
+     (F32, I64)),
+    ("scatter", lambda x, i, s: x.scatter(1, i, s) + x.scatter(1, i, 2.5), [((3, 6), "randn"), ((3, 4), "int6"),
+                                                                           ((3, 5), "randn")], (F32,)),
+    ("scatter_add_reduce", lambda x, i, s: x.scatter_add(0, i, s) + x.scatter_reduce(0, i, s, "amax",
+                                                                                     include_self=False),
+     [((4, 5), "randn"), ((6, 5), "int4"), ((6, 5), "randn")], (F32,)),
+    ("index_put_accumulate", lambda x, i, v: x.index_put((i,), v, accumulate=True), [((5, 3), "randn"),
+                                                                                    ((8,), "int5"), ((8, 3), "randn")],
+     (F32,)),
+    ("index_put_columns", lambda x, i, v: _assign_columns(x, i, v), [((3, 6), "randn"), ((2,), "int6"),
+                                                                     ((3, 2), "randn")], (F32,)),
+    ("index_put_bool_mask", lambda x: _assign_negative(x), [((4, 5), "randn")], (F32,)),
+    ("masked_scatter", lambda x, m, s: x.masked_scatter(m, s), [((3, 4), "randn"), ((4,), "bool"), ((20,), "randn")],
+     (F32,)),
+    ("as_strided", lambda x: x.as_strided((3, 3), (2, 1), 1) * 2, [((4, 5), "randn")], (F32,)),
+    ("max_pool3d_indices", lambda x: F.max_pool3d(x, 2, return_indices=True)[1].float()
+     + F.max_pool3d(x, 2, return_indices=True)[0], [((1, 2, 4, 6, 6), "randn")], (F32,)),
+    ("avg_pool3d_adaptive", lambda x: F.avg_pool3d(x, 3, 2, 1, count_include_pad=False)
+     + F.adaptive_avg_pool3d(x, (3, 3, 3)), [((1, 2, 6, 6, 6), "randn")], (F32,)),
+    ("cdist", lambda a, b: torch.cdist(a, b) + torch.cdist(a, b, 1.0), [((2, 5, 4), "randn"), ((2, 6, 4), "randn")],
+     (F32,)),
+    ("pdist", lambda x: F.pdist(x), [((6, 4), "randn")], (F32,)),
+    ("embedding_bag", lambda i, w: F.embedding_bag(i, w, torch.tensor([0, 2, 5]), mode="mean"),
+     [((7,), "int10"), ((10, 4), "randn", W)], (F32,)),
+    ("embedding_bag_padding", lambda i, w, p: F.embedding_bag(i, w, torch.tensor([0, 3]), mode="sum",
+                                                              per_sample_weights=p, padding_idx=-1),
+     [((6,), "int5"), ((5, 3), "randn", W), ((6,), "randn")], (F32,)),
+    ("grid_sample", lambda x, g: F.grid_sample(x, g, align_corners=False), [((1, 2, 5, 6), "randn"),
+                                                                            ((1, 3, 4, 2), "randn")], (F32,)),
+    ("col2im", lambda x: F.fold(x, (5, 4), (2, 2)), [((2, 12, 12), "randn")], (F32,)),
     ("copy_fill", lambda x, v: x.clone().copy_(v) + torch.zeros_like(x).fill_(v.sum()), [((3, 4), "randn"),
                                                                                        ((4,), "randn")], (F32,)),
 ]
+
+
+def _assign_columns(x, i, v):
+    y = x.clone()
+    y[:, i] = v  # index_put with indices [None, i]
+    return y
+
+
+def _assign_negative(x):
+    y = x.clone()
+    y[y < 0] = 0.5  # index_put with a bool mask and one value
+    return y
 
 
 class _Model(torch.nn.Module):
@@ -179,7 +239,7 @@ def _params():
 
 @pytest.mark.parametrize("fn,specs,dtype", _params())
 def test_converted_op_matches_eager_without_fallback(fn, specs, dtype):
-    tensors = [_mk(s[0], dtype if s[1] in ("randn", "positive") else F32, s[1]) for s in specs]
+    tensors = [_mk(s[0], dtype if s[1] in ("randn", "positive", "unit", "above1") else F32, s[1]) for s in specs]
     if dtype is I64:
         tensors = [t if not t.is_floating_point() else (t * 4).round().to(I64) for t in tensors]
     model = _Model(fn, specs, tensors).eval()

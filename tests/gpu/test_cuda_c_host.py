@@ -120,3 +120,16 @@ def test_channels_last_and_batch_norm():
                b.const(torch.randn(3)), b.const(torch.randn(3)), attrs=A.BatchNormAttrs(1e-5))
     y = b.add(OpKind.RELU, bn)
     _check(b.build([b.add(OpKind.TO_LAYOUT, y, attrs=A.LayoutAttrs(Layout()))]), [torch.randn(2, 3, 4, 5)])
+
+
+def test_inverse_trigonometry_atan2_and_round():
+    b = GraphBuilder()
+    u = b.input("u", (4, 9))  # inside (-1, 1)
+    v = b.input("v", (4, 9))  # above 1
+    h = b.input("h", (4, 9))  # multiples of 0.5: rounding ties go to even
+    t = b.add(OpKind.ADD, b.add(OpKind.ACOS, u), b.add(OpKind.ASIN, u))
+    t = b.add(OpKind.ADD, t, b.add(OpKind.MUL, b.add(OpKind.ATAN, v), b.add(OpKind.ATANH, u)))
+    t = b.add(OpKind.SUB, t, b.add(OpKind.DIV, b.add(OpKind.ACOSH, v), b.add(OpKind.ASINH, v)))
+    t = b.add(OpKind.ADD, b.add(OpKind.ATAN2, t, v), b.add(OpKind.ROUND, h))
+    ins = [torch.rand(4, 9) * 1.9 - 0.95, torch.rand(4, 9) * 3 + 1, torch.arange(-18, 18).reshape(4, 9) / 2]
+    assert _check(b.build([t]), ins) >= 1

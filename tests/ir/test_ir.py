@@ -162,3 +162,23 @@ def test_symbolic_dim_arithmetic_skips_simplify_only_where_it_changes_nothing():
         assert not _simplest(e), e
     s = Sym("seq")
     assert -(-s) == s and (s + 1) - 1 == s and (2 * s) // 2 == s
+
+
+def test_library_ops_round_trip_and_check_their_operands():
+    b = GraphBuilder("lib")
+    x = b.input("x", (4, 6))
+    i = b.input("i", (3, 6), DType.INT64)
+    v, idx = b.add(OpKind.SORT, x, attrs=A.SortAttrs(1, True, False))
+    s = b.add(OpKind.SCATTER, v, i, x, attrs=A.ScatterAttrs(0, A.ScatterReduce.AMAX, False))
+    t, _ = b.add(OpKind.TOPK, s, attrs=A.TopKAttrs(2, 1, False))
+    p = b.add(OpKind.INDEX_PUT, x, b.input("u", (6, 1)), i, attrs=A.IndexPutAttrs((0,), True))
+    g = verify(b.build([t, idx, p]))
+    assert g.outputs[2].type == TensorType(DType.FLOAT32, (4, 6)) and g.outputs[1].type.dtype is DType.INT64
+    g2 = from_json(to_json(g))
+    assert to_json(g2) == to_json(g) and structural_hash(g2) == structural_hash(g)
+    with pytest.raises(IRTypeError, match="topk"):
+        b.add(OpKind.TOPK, x, attrs=A.TopKAttrs(7, 1))  # k above the axis size
+    with pytest.raises(IRTypeError, match="index_put"):
+        b.add(OpKind.INDEX_PUT, x, b.input("w", (2, 6)), i, attrs=A.IndexPutAttrs((0,)))  # (2, 6) vs (3, 6, 6)
+    with pytest.raises(IRTypeError, match="scatter"):
+        b.add(OpKind.SCATTER, x, i, b.input("h", (3, 6), DType.FLOAT16), attrs=A.ScatterAttrs(0))

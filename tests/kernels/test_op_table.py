@@ -49,6 +49,12 @@ def _make(shape, dtype, gen):
     t = torch.randn(shape)
     if gen == "positive":
         t = t.abs() + 0.1
+    elif gen == "unit":  # inside (-1, 1): the domain of asin, acos, atanh
+        t = torch.rand(shape) * 1.9 - 0.95
+    elif gen == "above1":  # acosh's domain
+        t = t.abs() + 1.0
+    elif gen == "halves":  # ties for rounding: half to even
+        t = torch.randint(-8, 9, shape) / 2
     return t.to(dtype)
 
 
@@ -98,6 +104,11 @@ CASES = [
     _unary(OpKind.FLOOR, torch.floor), _unary(OpKind.CEIL, torch.ceil), _unary(OpKind.SIGN, torch.sign, FLOATS + (I64,)),
     _unary(OpKind.IDENTITY, lambda x: x, FLOATS + (I64, BOOL)), _unary(OpKind.NOT, torch.logical_not, (BOOL,)),
     _unary(OpKind.ISNAN, lambda x: torch.isnan(x)),
+    _unary(OpKind.ACOS, torch.acos, gen="unit"), _unary(OpKind.ASIN, torch.asin, gen="unit"),
+    _unary(OpKind.ATAN, torch.atan), _unary(OpKind.ACOSH, torch.acosh, gen="above1"),
+    _unary(OpKind.ASINH, torch.asinh), _unary(OpKind.ATANH, torch.atanh, gen="unit"),
+    _unary(OpKind.ROUND, torch.round, FLOATS + (I64,), gen="halves"),
+    Case(OpKind.ROUND, ((3, 5),), torch.round, id="randn", dtypes=(F32,)),
     Case(OpKind.GELU, ((3, 5),), F.gelu, A.GeluAttrs()),
     Case(OpKind.GELU, ((3, 5),), lambda x: F.gelu(x, approximate="tanh"), A.GeluAttrs(A.GeluApprox.TANH), id="tanh"),
     Case(OpKind.LEAKY_RELU, ((3, 5),), lambda x: F.leaky_relu(x, 0.2), A.LeakyReluAttrs(0.2)),
@@ -108,6 +119,8 @@ CASES = [
          id="to_f32"),
     _binary(OpKind.ADD, torch.add), _binary(OpKind.SUB, torch.sub), _binary(OpKind.MUL, torch.mul),
     _binary(OpKind.DIV, torch.div), _binary(OpKind.MAXIMUM, torch.maximum), _binary(OpKind.MINIMUM, torch.minimum),
+    _binary(OpKind.ATAN2, torch.atan2, FLOATS),
+    Case(OpKind.ATAN2, ((3, 5), (3, 5)), torch.atan2, in_dtypes=(I64, None), dtypes=(I64,), id="int_to_float"),
     Case(OpKind.POW, ((3, 5), (1, 5)), torch.pow, gen="positive"),
     Case(OpKind.ADD, ((3, 5), ()), torch.add, id="scalar_operand"),
     Case(OpKind.ADD, ((3, 5), (3, 5)), torch.add, in_dtypes=(None, I64), id="promote_int"),
@@ -197,6 +210,68 @@ CASES = [
          A.RNNAttrs(H, 1, proj_hoisted=True), dtypes=(F32,), tol=1e-5, id="hoisted_time_major"),
 ]
 
+# library ops (ir/ops_library.py): ties, duplicate indices and NaN as torch has them
+SR = A.ScatterReduce
+CASES += [
+    Case(OpKind.SORT, ((3, 7),), lambda x: tuple(torch.sort(x, dim=1, stable=True)), A.SortAttrs(1), dtypes=FLOATS + (I64,)),
+    Case(OpKind.SORT, ((9, 2),), lambda x: tuple(torch.sort(x, dim=0, descending=True, stable=True)), A.SortAttrs(0, True),
+         dtypes=(I64,), id="descending_ties"),
+    Case(OpKind.SORT, ((2, 6),), lambda x: tuple(torch.sort(x, dim=1, stable=True)), A.SortAttrs(1), dtypes=(F32,),
+         id="nan_last", extra={"fixed": {0: torch.tensor([[1.0, float("nan"), -2.0, 1.0, float("nan"), 0.0]] * 2)}}),
+    Case(OpKind.TOPK, ((4, 9),), lambda x: tuple(torch.topk(x, 3, 1)), A.TopKAttrs(3, 1), dtypes=FLOATS + (I64,)),
+    Case(OpKind.TOPK, ((2, 6),), lambda x: tuple(torch.topk(x, 3, 1)), A.TopKAttrs(3, 1), dtypes=(F32,),
+         id="nan_largest", extra={"fixed": {0: torch.tensor([[1.0, float("nan"), -2.0, 1.0, float("nan"), 0.0]] * 2)}}),
+    Case(OpKind.TOPK, ((7, 3),), lambda x: tuple(torch.topk(x, 2, 0, largest=False)), A.TopKAttrs(2, 0, False),
+         dtypes=(I64,), id="smallest_ties"),
+    Case(OpKind.SCATTER, ((4, 5), (3, 5), (3, 5)), lambda x, i, s: x.scatter_add(0, i, s), A.ScatterAttrs(0, SR.SUM),
+         in_dtypes=(None, I64, None), gen="index:4", dtypes=FLOATS + (I64,), id="add_duplicates"),
+    Case(OpKind.SCATTER, ((3, 6), (3, 4), (3, 5)), lambda x, i, s: x.scatter(1, i, s), A.ScatterAttrs(1),
+         in_dtypes=(None, I64, None), gen="index:6", dtypes=(F32, I64)),
+    Case(OpKind.SCATTER, ((3, 6), (3, 8), (3, 8)),
+         lambda x, i, s: x.scatter_reduce(1, i, s, "amax", include_self=False), A.ScatterAttrs(1, SR.AMAX, False),
+         in_dtypes=(None, I64, None), gen="index:6", dtypes=(F32,), id="amax_without_self"),
+    Case(OpKind.SCATTER, ((3, 6), (3, 8), (3, 8)), lambda x, i, s: x.scatter_reduce(1, i, s, "mean"),
+         A.ScatterAttrs(1, SR.MEAN), in_dtypes=(None, I64, None), gen="index:6", dtypes=(F32, I64), id="mean"),
+    Case(OpKind.INDEX_PUT, ((5, 3), (6, 3), (6,)), lambda x, v, i: x.index_put((i,), v, accumulate=True),
+         A.IndexPutAttrs((0,), True), in_dtypes=(None, None, I64), gen="index:5", dtypes=FLOATS + (I64,),
+         id="accumulate_duplicates"),
+    Case(OpKind.INDEX_PUT, ((3, 4, 5), (2, 4), (2,), (2,)), lambda x, v, i, j: torch.ops.aten.index_put(x, [i, None, j], v),
+         A.IndexPutAttrs((0, 2)), in_dtypes=(None, None, I64, I64), gen="index:3", dtypes=(F32,), id="apart"),
+    Case(OpKind.INDEX_PUT, ((2, 6, 4), (1, 4), (3,)), lambda x, v, i: torch.ops.aten.index_put(x, [None, i], v),
+         A.IndexPutAttrs((1,)), in_dtypes=(None, None, I64), gen="index:6", dtypes=(F32,), id="inner_broadcast"),
+    Case(OpKind.MAX_POOL3D, ((1, 2, 5, 6, 7),), lambda x: F.max_pool3d(x, 3, 2, 1, return_indices=True),
+         A.Pool3dAttrs((3, 3, 3), (2, 2, 2), (1, 1, 1)), dtypes=(F32, BF16)),
+    Case(OpKind.MAX_POOL3D, ((2, 4, 5, 6),), lambda x: F.max_pool3d(x, 2, (1, 2, 2), 0, 2, True, True),
+         A.Pool3dAttrs((2, 2, 2), (1, 2, 2), dilation=(2, 2, 2), ceil_mode=True), dtypes=(F32,), id="unbatched_dilated"),
+    Case(OpKind.AVG_POOL3D, ((1, 2, 5, 6, 7),), lambda x: F.avg_pool3d(x, 3, 2, 1, True, False),
+         A.Pool3dAttrs((3, 3, 3), (2, 2, 2), (1, 1, 1), ceil_mode=True, count_include_pad=False),
+         dtypes=(F32,)),  # torch's CPU avg_pool3d has no 16-bit kernels
+    Case(OpKind.AVG_POOL3D, ((1, 2, 4, 4, 4),), lambda x: F.avg_pool3d(x, 2, divisor_override=3),
+         A.Pool3dAttrs((2, 2, 2), (2, 2, 2), divisor_override=3), dtypes=(F32,), id="divisor"),
+    Case(OpKind.ADAPTIVE_AVG_POOL3D, ((2, 3, 5, 6, 7),), lambda x: F.adaptive_avg_pool3d(x, (2, 3, 4)),
+         A.AdaptivePool3dAttrs((2, 3, 4))),
+    Case(OpKind.CDIST, ((2, 5, 4), (2, 6, 4)), torch.cdist, A.DistAttrs(2.0), dtypes=(F32,)),
+    Case(OpKind.CDIST, ((5, 3), (30, 3)), lambda a, b: torch.cdist(a, b, 1.0), A.DistAttrs(1.0), dtypes=(F32,),
+         id="p1"),
+    Case(OpKind.PDIST, ((6, 4),), F.pdist, A.DistAttrs(2.0), dtypes=(F32,)),
+    Case(OpKind.EMBEDDING_BAG, ((10, 4), (7,), (3,)),
+         lambda w, i, o: F.embedding_bag(i, w, o, mode="mean"), A.EmbeddingBagAttrs(1),
+         in_dtypes=(None, I64, I64), gen="index:10", dtypes=(F32,), extra={"fixed": {2: torch.tensor([0, 2, 2])}}),
+    Case(OpKind.EMBEDDING_BAG, ((10, 4), (7,), (4,), (7,)),
+         lambda w, i, o, p: F.embedding_bag(i, w, o, mode="sum", per_sample_weights=p, include_last_offset=True),
+         A.EmbeddingBagAttrs(0, True), in_dtypes=(None, I64, I64, None), gen="index:10", dtypes=(F32,),
+         id="weighted_last_offset", extra={"fixed": {2: torch.tensor([0, 3, 3, 7])}}),
+    Case(OpKind.GRID_SAMPLE, ((1, 2, 5, 6), (1, 3, 4, 2)), lambda x, g: F.grid_sample(x, g, align_corners=False),
+         A.GridSampleAttrs(), dtypes=(F32,)),
+    Case(OpKind.GRID_SAMPLE, ((2, 2, 5, 6), (2, 3, 4, 2)),
+         lambda x, g: F.grid_sample(x, g, "nearest", "reflection", align_corners=True), A.GridSampleAttrs(1, 2, True),
+         dtypes=(F32,), id="nearest_reflection"),
+    Case(OpKind.COL2IM, ((2, 12, 12),), lambda x: F.fold(x, (5, 4), (2, 2)), A.Col2ImAttrs((5, 4), (2, 2)),
+         dtypes=(F32,)),
+    Case(OpKind.COL2IM, ((8, 9),), lambda x: F.fold(x, (4, 5), 2, 1, 1, 2),
+         A.Col2ImAttrs((4, 5), (2, 2), (1, 1), (1, 1), (2, 2)), dtypes=(F32,), id="unbatched_strided"),
+]
+
 # quantized ops: independent torch expressions (torch's own quantizer, dequantized math)
 I8, U8 = torch.int8, torch.uint8
 
@@ -273,6 +348,8 @@ def test_op_against_torch(case: Case, dtype):
         if case.gen.startswith("index") and idt is None:
             gen = "randn"
         inputs.append(_make(shape, d, gen))
+    for i, t in case.extra.get("fixed", {}).items():  # inputs that must hold particular values
+        inputs[i] = t.to(inputs[i].dtype)
     if case.extra.get("mask_diag"):
         inputs[-1] = inputs[-1] | torch.eye(inputs[-1].shape[-1], dtype=torch.bool)  # no fully-masked rows
     b = GraphBuilder(case.op.value)
