@@ -26,16 +26,20 @@ def _spin(ns: int) -> int:
 @linux
 def test_clocks_count_the_caller_and_the_other_threads_apart():
     clocks = ThreadClocks()
-    done = threading.Event()
+    done, spun, release = threading.Event(), threading.Event(), threading.Event()
     worked = []
-    worker = threading.Thread(target=lambda: (done.wait(), worked.append(_spin(20_000_000))))
+    # the worker stays alive until the second read: an exited thread's clock counts nothing
+    worker = threading.Thread(target=lambda: (done.wait(), worked.append(_spin(20_000_000)), spun.set(),
+                                              release.wait()))
     worker.start()
     clocks.refresh()  # the worker exists now: its clock is read by id
     c0 = clocks.read()
     mine = _spin(10_000_000)
     done.set()
-    worker.join()
+    spun.wait()
     c1 = clocks.read()
+    release.set()
+    worker.join()
     # each thread's own clock advanced by what it measured itself; the caller's count has
     # its own work in it, the others' count has the worker's (plus whatever else ran)
     assert c1[0] - c0[0] >= mine
