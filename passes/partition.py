@@ -139,11 +139,7 @@ def _clone_shared_tails(part: Partition) -> Graph | None:
     graph = part.graph
     owner = {n: g for g in part.groups for n in g.nodes}
     by_id = {g.id: g for g in part.groups}
-    readers: dict[Value, list[Node]] = {}
-    for n in graph.nodes:
-        for v in n.inputs:
-            if v is not None:
-                readers.setdefault(v, []).append(n)
+    readers = graph.users()
     returned = set(graph.outputs)
     clones: dict[Node, list[tuple[int, Node]]] = {}  # original -> (group id, copy) for the extra groups
     rewire: dict[int, dict[Value, Value]] = {}  # group id -> original value -> its copy for that group
@@ -184,11 +180,7 @@ def _clone_shared_tails(part: Partition) -> Graph | None:
 
 def _partition(graph: Graph) -> Partition:
     producer = {o: n for n in graph.nodes for o in n.outputs}
-    readers: dict[Value, list[Node]] = {}
-    for n in graph.nodes:
-        for v in n.inputs:
-            if v is not None:
-                readers.setdefault(v, []).append(n)
+    readers = graph.users()
     returned = set(graph.outputs)
     group_of: dict[Node, KernelGroup] = {}
     groups: list[KernelGroup] = []

@@ -257,11 +257,7 @@ def _units(graph: Graph, partition, generating: bool):
             yield [n], None
         return
     owner = {n: g for g in partition.groups for n in g.nodes}
-    readers: dict[Value, list[Node]] = {}
-    for n in graph.nodes:
-        for v in n.inputs:
-            if v is not None:
-                readers.setdefault(v, []).append(n)
+    readers = graph.users()
     returned = set(graph.outputs)
     prefix: dict[int, list[Node]] = {}  # reduction group id -> tails to run at its head
     for g in partition.groups:
