@@ -29,6 +29,7 @@ from kiln.options import settings
 from . import decide
 from .registry import Kernel
 from .timing import best_seconds, interleaved
+from .vml_dispatch import resolve_vml_dispatch
 
 _MEMO: dict[tuple, str] = {}
 _GROUP_MEMO: dict[tuple, bool] = {}  # (signature, threads, node kernels) -> generated wins
@@ -179,6 +180,7 @@ def choose(node: Node, kernels: list[Kernel], constants: list) -> tuple[Kernel, 
     if name is not None and not _REMEASURE[0]:  # known: prepare (pack weights for) the winner only
         k = next(k for k in kernels if k.name == name)
         return k, k.bind(node, constants)
+    resolve_vml_dispatch()  # the reference must be as accurate on this first run as later
     bound = [(k, k.bind(node, constants)) for k in kernels]
     ins = [None if v is None else (c if c is not None else random_like(v)) for v, c in zip(node.inputs, constants)]
     ref = None
@@ -282,6 +284,7 @@ def choose_group(group, graph, make_kernel, node_fns: list, threads: int, sizes:
         _GROUP_MEMO.pop(memo, None)
     if (memo in _GROUP_MEMO and not _GROUP_MEMO[memo]) or (not forced and _view_ops_only(group)):
         return None
+    resolve_vml_dispatch()
     ins = group_inputs(group, graph, sizes)
     with torch.no_grad():
         node_t = None

@@ -25,6 +25,7 @@ from kiln.ir import Graph, Node, Value
 from kiln.ir.types import Sym, resolve_symbols
 from kiln.kernels.choice import choose
 from kiln.kernels.registry import candidates, is_static
+from kiln.kernels.vml_dispatch import resolve_vml_dispatch
 from kiln.passes.partition import subgroup, tail_destinations
 from kiln.target import Target
 
@@ -82,6 +83,7 @@ class Plan:
     sizes: tuple = field(init=False, repr=False)  # (name, input slot, axis) of each symbolic size
 
     def __post_init__(self):
+        resolve_vml_dispatch()  # before this plan's first (parallel) call: see kernels.vml_dispatch
         self.sizes = input_sizes(self.graph, self.input_slots)
         self.forward = generate(self.steps, self.input_slots, self.output_slots, self.const_slots, self.sizes)
         self.consts = dict(self.const_slots)

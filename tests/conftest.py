@@ -10,6 +10,10 @@ if "KILN_CACHE_DIR" not in os.environ:  # tests never read or write the user's c
 
     os.environ["KILN_CACHE_DIR"] = tempfile.mkdtemp(prefix="kiln-test-cache-")
 warnings.filterwarnings("ignore", category=FutureWarning)
+# eager references computed before any plan exists must be as accurate as later ones
+from kiln.kernels.vml_dispatch import resolve_vml_dispatch  # noqa: E402
+
+resolve_vml_dispatch()
 warnings.filterwarnings("ignore", category=UserWarning, module="contextlib")
 
 
