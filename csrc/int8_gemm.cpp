@@ -114,31 +114,47 @@ struct Ctx {
   float out_inv_scale;
 };
 
-// The fused epilogue for 16 columns of one row.
-inline void store16(__m512i acc, int64_t row, int64_t col, const Ctx& c) {
-  const Epilogue& ep = *c.ep;
+// What the fused epilogue needs of 16 output columns: the same for every row.
+struct Columns16 {
+  int64_t col;
+  __mmask16 mask;
+  __m512i w_sum;
+  __m512 w_scale, bias;
+};
+
+inline Columns16 columns16(int64_t col, const Ctx& c) {
   const __mmask16 mask = col_mask(c.w->n - col);
+  const float* bias = c.ep->bias;
+  return {col, mask, _mm512_loadu_si512(c.w->w_sum.data() + col), _mm512_loadu_ps(c.w->w_scale.data() + col),
+          bias != nullptr ? _mm512_maskz_loadu_ps(mask, bias + col) : _mm512_setzero_ps()};
+}
+
+// The fused epilogue for 16 columns of one row.
+inline void finish16(__m512i acc, int64_t row, const Columns16& k, const Epilogue& ep, float out_inv_scale) {
   if (ep.kind == OutKind::kS32) {
-    _mm512_mask_storeu_epi32(static_cast<int32_t*>(ep.out) + row * ep.ldo + col, mask, acc);
+    _mm512_mask_storeu_epi32(static_cast<int32_t*>(ep.out) + row * ep.ldo + k.col, k.mask, acc);
     return;
   }
   const __m512i zp = _mm512_set1_epi32(ep.x_zp[row * ep.x_zp_stride]);
-  const __m512i exact = _mm512_sub_epi32(acc, _mm512_mullo_epi32(zp, _mm512_loadu_si512(c.w->w_sum.data() + col)));
-  const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(ep.x_scale[row * ep.x_scale_stride]),
-                                     _mm512_loadu_ps(c.w->w_scale.data() + col));
+  const __m512i exact = _mm512_sub_epi32(acc, _mm512_mullo_epi32(zp, k.w_sum));
+  const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(ep.x_scale[row * ep.x_scale_stride]), k.w_scale);
   __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), scale);
-  if (ep.bias != nullptr) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, ep.bias + col));
+  if (ep.bias != nullptr) y = _mm512_add_ps(y, k.bias);
   y = activate16(y, ep.act);
   if (ep.kind == OutKind::kF32) {
-    _mm512_mask_storeu_ps(static_cast<float*>(ep.out) + row * ep.ldo + col, mask, y);
+    _mm512_mask_storeu_ps(static_cast<float*>(ep.out) + row * ep.ldo + k.col, k.mask, y);
     return;
   }
   // clamp before the conversion: out-of-range floats convert to INT_MIN
-  __m512 r = _mm512_mul_ps(y, _mm512_set1_ps(c.out_inv_scale));
+  __m512 r = _mm512_mul_ps(y, _mm512_set1_ps(out_inv_scale));
   r = _mm512_min_ps(_mm512_max_ps(r, _mm512_set1_ps(-512.0f)), _mm512_set1_ps(512.0f));
   __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(r), _mm512_set1_epi32(ep.out_zp));
   q = _mm512_max_epi32(q, _mm512_setzero_si512());
-  _mm512_mask_cvtusepi32_storeu_epi8(static_cast<uint8_t*>(ep.out) + row * ep.ldo + col, mask, q);
+  _mm512_mask_cvtusepi32_storeu_epi8(static_cast<uint8_t*>(ep.out) + row * ep.ldo + k.col, k.mask, q);
+}
+
+inline void store16(__m512i acc, int64_t row, int64_t col, const Ctx& c) {
+  finish16(acc, row, columns16(col, c), *c.ep, c.out_inv_scale);
 }
 
 // ---- VNNI: MR rows x NR panels of 16 columns, all of K in registers ----
@@ -231,6 +247,21 @@ void amx_block(const uint8_t* a, int64_t lda, const int8_t* b, int64_t panel_byt
   if (MT > 1 && NT > 1) _tile_stored(3, scratch + 16 * 32 + 16, 128);
 }
 
+// The fused epilogue of one AMX block: `rows` rows of up to two 16-column panels of int32
+// sums in scratch (128-byte rows), from row r0 and panel p0. What is the same down a
+// column (the weight's sums and scales, the bias) is loaded once per panel and the
+// epilogue's fields once per block (a local copy: the output stores could alias the
+// struct, so finish16 through the pointer reloaded them for every row); store16 per row
+// made the epilogue cost about as much as the tile products at BERT's shapes.
+void store_block(const int32_t* scratch, int64_t r0, int64_t rows, int64_t p0, int panels, const Ctx& c) {
+  const Epilogue ep = *c.ep;
+  const float out_inv_scale = c.out_inv_scale;
+  for (int j = 0; j < panels && (p0 + j) * 16 < c.w->n; ++j) {
+    const Columns16 k = columns16((p0 + j) * 16, c);
+    for (int64_t i = 0; i < rows; ++i) finish16(_mm512_load_si512(scratch + i * 32 + 16 * j), r0 + i, k, ep, out_inv_scale);
+  }
+}
+
 void amx_region(const uint8_t* a, int64_t lda, int64_t m0, int64_t m1, int64_t p0, int64_t p1, const Ctx& c) {
   load_full_tiles();
   alignas(64) int32_t scratch[32 * 32];
@@ -250,10 +281,7 @@ void amx_region(const uint8_t* a, int64_t lda, int64_t m0, int64_t m1, int64_t p
         else if (two_m) amx_block<2, 1>(ar, lda, b, panel_bytes, kblocks, scratch);
         else if (two_n) amx_block<1, 2>(ar, lda, b, panel_bytes, kblocks, scratch);
         else amx_block<1, 1>(ar, lda, b, panel_bytes, kblocks, scratch);
-        const int64_t rows = std::min<int64_t>(32, mc_end - r);
-        for (int64_t i = 0; i < rows; ++i)
-          for (int64_t j = 0; j < (two_n ? 2 : 1) && (p + j) * 16 < w.n; ++j)
-            store16(_mm512_load_si512(scratch + i * 32 + 16 * j), r + i, (p + j) * 16, c);
+        store_block(scratch, r, std::min<int64_t>(32, mc_end - r), p, two_n ? 2 : 1, c);
       }
     }
   }
