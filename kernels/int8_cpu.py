@@ -174,6 +174,25 @@ def qlinear_dynamic(x: torch.Tensor, packed, bias: torch.Tensor | None = None, a
     return _result(res, out, lead, packed.n)
 
 
+
+def qlinear_dynamic_runner(packed, bias: torch.Tensor | None = None):
+    """``qlinear_dynamic`` for one weight and bias, as a compiled plan calls it: the checks
+    and conversions that do not depend on the input are done here, once, so a call costs
+    the kernel and little else. Returns ``run(x, activation) -> y`` for fp32 CPU x [..., K]."""
+    call, n = _C().qlinear_dynamic, packed.n
+    bias_np = _bias(bias)
+
+    def run(x: torch.Tensor, activation: str = "none") -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        if x2.requires_grad:
+            x2 = x2.detach()
+        y = torch.empty(x2.shape[0], n)
+        call(x2.numpy(), packed, bias_np, activation, "auto", torch.get_num_threads(), y.numpy())
+        return y.view(*x.shape[:-1], n)
+    return run
+
 # ---------------------------------------------------------------------------------------
 # int8 conv2d (NHWC): im2col + the int8 GEMM with its fused epilogue
 # ---------------------------------------------------------------------------------------

@@ -70,7 +70,11 @@ def _prepare_dynamic(node: Node, consts: list):
     if wq is None or ws is None:
         return _unusable
     packed = int8_cpu.prepack_int8(wq, ws)
-    return _fused_run(lambda x, bias, act: int8_cpu.qlinear_dynamic(x, packed, bias, act), _opt(consts, 3))
+    bias_c = _opt(consts, 3)
+    if bias_c is None and _opt(node.inputs, 3) is not None:  # a bias computed at run time
+        return _fused_run(lambda x, bias, act: int8_cpu.qlinear_dynamic(x, packed, bias, act), None)
+    fast = int8_cpu.qlinear_dynamic_runner(packed, bias_c)
+    return _fused_run(lambda x, bias, act: fast(x, act), bias_c)
 
 
 register_kernel(OpKind.QLINEAR_DYNAMIC, "cpu", name="cpu.kiln_qlinear_dynamic", accepts=_dynamic_ok,

@@ -176,3 +176,17 @@ def test_preallocated_outputs_are_written_and_checked():
         int8_cpu.qlinear_dynamic(x, packed, out=torch.empty(2, 5, 23))
     with pytest.raises(ValueError, match="out"):
         int8_cpu.qlinear_dynamic(x, packed, out=torch.empty(24, 10).t())  # not contiguous
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_qlinear_dynamic_runner_is_the_checked_call(with_bias):
+    # what a compiled plan calls: the same kernel, its constant arguments converted once
+    w_q, w_scale = qformat.quantize_weight_int8(torch.randn(40, 72))
+    packed = int8_cpu.prepack_int8(w_q, w_scale)
+    bias = torch.randn(40) if with_bias else None
+    run = int8_cpu.qlinear_dynamic_runner(packed, bias)
+    x = torch.randn(2, 72, 33).transpose(1, 2)  # [2, 33, 72], not contiguous
+    for act in ("none", "gelu"):
+        y = run(x, act)
+        assert y.shape == (2, 33, 40)
+        assert torch.equal(y, int8_cpu.qlinear_dynamic(x, packed, bias, act))
