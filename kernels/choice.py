@@ -142,6 +142,12 @@ def agrees(out, ref, lsb: bool = False) -> bool:
             return False
         if o.is_floating_point():
             rel = 1e-4 if o.dtype in (torch.float32, torch.float64) else 3e-2
+            fast = _finite_max_error(o, r)
+            if fast is not None:
+                err, scale = fast
+                if err > rel * scale:
+                    return False
+                continue
             scale = max(1.0, float(r.abs().nan_to_num(0, 0, 0).max())) if r.numel() else 1.0
             d = (o.double() - r.double()).abs()
             if d.numel() and not bool((d.nan_to_num(0, 0, 0) <= rel * scale).all()):
@@ -154,6 +160,28 @@ def agrees(out, ref, lsb: bool = False) -> bool:
         elif not torch.equal(o, r):
             return False
     return True
+
+
+def _finite_max_error(o: torch.Tensor, r: torch.Tensor) -> tuple[float, float] | None:
+    """(max |o - r|, max(1, max |r|)) in four passes over the data, or None when either holds
+    a NaN or an infinity (``agrees`` then takes its exact path, which ignores non-finite
+    differences and compares the NaN positions). The difference is taken in the outputs'
+    own precision (float32 for half types): where o and r agree to the tolerance they are
+    within a factor of two and the float32 difference is exact (Sterbenz), so no verdict
+    differs from the float64 one except within 6e-8 of the bound. It is what makes checking
+    a candidate cost a fraction of running it: the float64 copies, the masks and the NaN
+    maps of the exact path cost several times the kernel on large activations."""
+    if not r.numel():
+        return 0.0, 1.0
+    lo, hi = torch.aminmax(r)
+    scale = max(float(-lo), float(hi))
+    if not math.isfinite(scale):
+        return None
+    d = o - r if o.dtype in (torch.float32, torch.float64) else o.float() - r.float()
+    err = float(d.abs_().max())
+    if not math.isfinite(err):
+        return None
+    return err, max(1.0, scale)
 
 
 def _warm(fn, ins, attrs, ref=None, lsb: bool = False) -> bool:
