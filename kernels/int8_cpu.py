@@ -174,7 +174,6 @@ def qlinear_dynamic(x: torch.Tensor, packed, bias: torch.Tensor | None = None, a
     return _result(res, out, lead, packed.n)
 
 
-
 def qlinear_dynamic_runner(packed, bias: torch.Tensor | None = None):
     """``qlinear_dynamic`` for one weight and bias, as a compiled plan calls it: the checks
     and conversions that do not depend on the input are done here, once, so a call costs
@@ -192,6 +191,7 @@ def qlinear_dynamic_runner(packed, bias: torch.Tensor | None = None):
         call(x2.numpy(), packed, bias_np, activation, "auto", torch.get_num_threads(), y.numpy())
         return y.view(*x.shape[:-1], n)
     return run
+
 
 # ---------------------------------------------------------------------------------------
 # int8 conv2d (NHWC): im2col + the int8 GEMM with its fused epilogue
