@@ -251,8 +251,7 @@ void amx_block(const uint8_t* a, int64_t lda, const int8_t* b, int64_t panel_byt
 // sums in scratch (128-byte rows), from row r0 and panel p0. What is the same down a
 // column (the weight's sums and scales, the bias) is loaded once per panel and the
 // epilogue's fields once per block (a local copy: the output stores could alias the
-// struct, so finish16 through the pointer reloaded them for every row); store16 per row
-// made the epilogue cost about as much as the tile products at BERT's shapes.
+// struct, so finish16 through the pointer reloaded them for every row).
 void store_block(const int32_t* scratch, int64_t r0, int64_t rows, int64_t p0, int panels, const Ctx& c) {
   const Epilogue ep = *c.ep;
   const float out_inv_scale = c.out_inv_scale;
