@@ -442,6 +442,9 @@ class Explanation:
             for st in sorted(self.steps, key=lambda st: -st.seconds)[:8]:
                 where = f" at {st.scope}" if st.scope else ""
                 lines.append(f"  {st.kernel} ({st.op}{where}): {st.seconds * 1e3:.3f} ms ({pct(st.seconds):.1f}%)")
+            lines.append("time by kernel:")
+            for k, (n, t) in list(self.kernel_time().items())[:10]:
+                lines.append(f"  {k} x{n}: {t * 1e3:.3f} ms ({pct(t):.1f}%)")
             split = self.thread_split()
             if any(rest > 0 for _, _, rest in split.values()):
                 # which kernels share their work between threads, whatever else runs on the machine
@@ -450,6 +453,14 @@ class Explanation:
                 for k, (n, mine, rest) in list(split.items())[:8]:
                     lines.append(f"  {k} x{n}: {mine * 1e3:.3f} / {rest * 1e3:.3f} ms")
         return "\n".join(lines)
+
+    def kernel_time(self) -> dict[str, tuple[int, float]]:
+        """kernel -> (steps, seconds) over the profiled steps, costliest first."""
+        out: dict[str, tuple[int, float]] = {}
+        for st in self.steps:
+            n, t = out.get(st.kernel, (0, 0.0))
+            out[st.kernel] = (n + 1, t + st.seconds)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1][1]))
 
     def thread_split(self) -> dict[str, tuple[int, float, float]]:
         """kernel -> (steps, CPU seconds on the calling thread, on the other threads)."""

@@ -20,7 +20,15 @@ def _cmd_explain(args) -> int:
     import kiln
 
     model, inputs = load_model(args.model)
-    print(kiln.explain(model, inputs, profile=not args.no_profile, runs=args.runs))
+    opts = {k: v for k, v in (("precision", args.precision), ("quantize", args.quantize)) if v is not None}
+    if args.quantize == "int8-static" and inputs is not None:  # calibrated on the example inputs, as kiln compile does
+        opts["calibration"] = [inputs]
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        opts["threads"] = args.threads
+    print(kiln.explain(model, inputs, profile=not args.no_profile, runs=args.runs, **opts))
     return 0
 
 
@@ -357,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("model", help="an example model name, an ONNX file, or package.module:factory")
     e.add_argument("--no-profile", action="store_true", help="skip timing the compiled model's steps")
     e.add_argument("--runs", type=int, default=5, help="timed runs per step (median; default 5)")
+    e.add_argument("--precision", choices=["fp32", "bf16"], help="compile in this precision (as kiln.compile)")
+    e.add_argument("--quantize", choices=[*QUANT_SCHEMES, "bf16"],
+                   help="quantize (int8-static calibrates on the example inputs)")
+    e.add_argument("--threads", type=int, help="torch threads for the compile and the profile")
     e.set_defaults(fn=_cmd_explain)
     sr = sub.add_parser("sparsity-report", help="prune a model and show what sparse kernels buy, per layer and end to end")
     sr.add_argument("model", help="example model name or package.module:factory")
