@@ -34,6 +34,9 @@ from .vml_dispatch import resolve_vml_dispatch
 _MEMO: dict[tuple, str] = {}
 _GROUP_MEMO: dict[tuple, bool] = {}  # (signature, threads, node kernels) -> generated wins
 REPEATS = 5
+# a candidate whose best round is this many times the best candidate's, after two rounds,
+# is timed no more (kernels.timing's race): no noise margin comes near it
+RACE = 1.75
 REMEASURE_REPEATS = 15  # rounds per batch under remeasuring()
 _REMEASURE = [False]
 
@@ -53,7 +56,7 @@ def remeasuring():
 def samples(fns: list, rounds: int) -> list[list[float]]:
     """Seconds of each round per function (None, or one that raises: empty). The one clock
     of kernel choice, so tests can fake it."""
-    return [t.samples for t in interleaved(fns, rounds)]
+    return [t.samples for t in interleaved(fns, rounds, race=RACE)]
 
 
 def measure_and_decide(fns: list, prior: list[int], rounds: int | None = None):
@@ -73,8 +76,12 @@ def measure_and_decide(fns: list, prior: list[int], rounds: int | None = None):
     default = next((i for i in prior if got[i]), d.winner)
     if d.winner == default and not d.ambiguous:
         return d, got
-    more = samples([fn if s else None for fn, s in zip(fns, got)], rounds)
-    both = [a + b if b else [] for a, b in zip(got, more)]
+    # the confirming batch times the candidates that ran every round of the first; one
+    # raced out (timed no more: far behind) keeps its first rounds, which lose again
+    full = max(len(s) for s in got)
+    raced = [bool(s) and len(s) < full for s in got]
+    more = samples([fn if s and not r else None for fn, s, r in zip(fns, got, raced)], rounds)
+    both = [a + b if b else (a if r else []) for a, b, r in zip(got, more, raced)]
     d2, dc = decide.decide(more, prior), decide.decide(both, prior)
     if dc is None:
         return None, both

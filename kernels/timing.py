@@ -44,11 +44,16 @@ class Timing:
 
 
 def interleaved(fns: Sequence[Callable[[], object] | None], rounds: int, warmup: int = 0,
-                rotate: bool = False) -> list[Timing]:
+                rotate: bool = False, race: float | None = None) -> list[Timing]:
     """Time each zero-argument function once per round, the functions in turn, after
     ``warmup`` untimed calls each. ``None`` entries (and functions that raise) get an empty
     ``Timing``. ``rotate`` starts each round one function later, so no function always runs
-    right after the same other one (whose cache or thread state it would inherit)."""
+    right after the same other one (whose cache or thread state it would inherit).
+
+    ``race``: from the second round on, a function whose best round is more than ``race``
+    times the best of all is timed no more (its ``Timing`` keeps the rounds it ran, fewer
+    than ``rounds``): a candidate that far behind cannot be a winner, and timing it again
+    is most of what a choice between a fast kernel and a slow one costs."""
     live = list(fns)
     out = [Timing() for _ in live]
     with torch.no_grad():
@@ -70,6 +75,11 @@ def interleaved(fns: Sequence[Callable[[], object] | None], rounds: int, warmup:
                     live[i], out[i].samples = None, []
                     continue
                 out[i].samples.append(time.perf_counter() - t)
+            if race is not None and r >= 1:
+                best = min((t.best for t, fn in zip(out, live) if fn is not None), default=math.inf)
+                for i, fn in enumerate(live):
+                    if fn is not None and out[i].best > race * best:
+                        live[i] = None
     return out
 
 

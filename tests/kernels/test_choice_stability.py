@@ -161,3 +161,50 @@ def test_median_is_statistics_median():
         assert median(xs) == statistics.median(xs)
     with pytest.raises(ValueError):
         median([])
+
+
+class _FakeClock:
+    """``time.perf_counter`` for ``kernels.timing``: advanced only by the timed functions."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def test_a_candidate_far_behind_is_raced_out_after_two_rounds(monkeypatch):
+    from kiln.kernels import timing
+
+    clock = _FakeClock()
+    monkeypatch.setattr(timing, "time", clock)
+    calls = [0, 0, 0]
+
+    def cost(i, seconds):
+        def fn():
+            calls[i] += 1
+            clock.now += seconds
+        return fn
+
+    # 1.0 (the best), 1.5 (inside the race ratio), 2.0 (past it: dropped after round 2)
+    got = timing.interleaved([cost(0, 1.0), cost(1, 1.5), cost(2, 2.0)], rounds=6, race=1.75)
+    assert calls == [6, 6, 2]
+    assert [len(t.samples) for t in got] == [6, 6, 2]
+    assert got[2].best == 2.0  # its rounds are kept: it loses on them
+    clock.now = 0.0
+    assert [len(t.samples) for t in timing.interleaved([cost(0, 1.0), cost(2, 2.0)], rounds=6)] == [6, 6]
+
+
+def test_a_raced_out_candidate_is_not_timed_again_in_the_confirming_batch(fake_clock, monkeypatch):
+    # batch 1: cpu.other clearly beats the prior's pick; the reference was raced out after two
+    # rounds. The confirming batch times only the first two; the reference keeps its rounds.
+    fake_clock["times"] = [[2.0] * 5, [1.0] * 5, [9.0] * 2]
+    seen, fake = [], choice.samples
+
+    def spy(fns, rounds):
+        seen.append([fn is not None for fn in fns])
+        return fake(fns, rounds)
+
+    monkeypatch.setattr(choice, "samples", spy)
+    assert choice.choose(_node(), _kernels(), [None])[0].name == "cpu.other"
+    assert seen == [[True, True, True], [True, True, False]]
