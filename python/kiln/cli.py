@@ -22,7 +22,7 @@ def _cmd_explain(args) -> int:
     model, inputs = load_model(args.model)
     opts = {k: v for k, v in (("precision", args.precision), ("quantize", args.quantize)) if v is not None}
     if args.quantize == "int8-static" and inputs is not None:  # calibrated on the example inputs, as kiln compile does
-        opts["calibration"] = [inputs]
+        opts["calibration"] = [inputs if isinstance(inputs, tuple) else (inputs,)]
     if args.threads is not None:
         import torch
 

@@ -164,9 +164,35 @@ def test_explain_profiles_each_step_and_totals_the_fallbacks_time():
     assert sum(t for _, t in by_op.values()) == pytest.approx(sum(s.seconds for s in ex.steps if s.fallback))
     text = str(ex)
     assert "median of 2 runs" in text and "aten.cummax.default x1:" in text and "costliest steps:" in text
+    by_kernel = ex.kernel_time()
+    assert sum(n for n, _ in by_kernel.values()) == len(ex.steps)
+    assert sum(t for _, t in by_kernel.values()) == pytest.approx(total)
+    assert "time by kernel:" in text
     assert kiln.explain(m, (x,), profile=False).steps == []
     with pytest.raises(KilnError, match="runs must be at least 1"):
         kiln.explain(m, (x,), runs=0)
+
+
+def test_explain_cli_passes_precision_quantize_and_threads_to_the_compile(monkeypatch, capsys):
+    """``kiln explain --precision/--quantize/--threads`` compile as ``kiln.compile`` with those
+    options would (int8-static calibrated on the example inputs)."""
+    import kiln.api
+    from kiln.cli import main
+
+    seen = {}
+    real = kiln.api.explain
+
+    def spy(model, inputs, **kw):
+        seen.update(kw)
+        return real(model, inputs, **kw)
+
+    monkeypatch.setattr(kiln.api, "explain", spy)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: seen.setdefault("set_threads", n))
+    assert main(["explain", "lstm", "--quantize", "int8-static", "--precision", "bf16", "--threads", "1",
+                 "--no-profile"]) == 0
+    assert seen["quantize"] == "int8-static" and seen["precision"] == "bf16" and seen["threads"] == 1
+    assert seen["set_threads"] == 1 and len(seen["calibration"]) == 1
+    assert "kernels:" in capsys.readouterr().out
 
 
 def test_bad_arguments():
