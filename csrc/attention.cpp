@@ -181,11 +181,62 @@ inline void softmax_block(const AttentionArgs& a, int64_t b, int64_t h, int64_t 
   }
 }
 
+// The rows of Q, K and V the thread's next task reads, fetched into L2 while this task packs
+// its own. In a Transformer block Q, K and V were written by the QKV projection, whose
+// weights have streamed through L2 since: they come from L3, one head's slice of each row at
+// a time, a strided pattern the hardware prefetchers do not follow, so without this every
+// task's packing waits on L3 latency row by row.
+struct NextRows {
+  const char* q = nullptr;  // the next task's first Q row (nullptr: no next task)
+  const char* k = nullptr;
+  const char* v = nullptr;
+  int64_t q_rows = 0, kv_rows = 0;
+  int64_t q_ld = 0, k_ld = 0, v_ld = 0;  // bytes between rows
+  int64_t row_bytes = 0;                 // one head's slice of a row
+
+  void q_row(int64_t r) const {
+    if (q != nullptr && r < q_rows) fetch(q + r * q_ld);
+  }
+  void kv_row(int64_t j) const {
+    if (k != nullptr && j < kv_rows) {
+      fetch(k + j * k_ld);
+      fetch(v + j * v_ld);
+    }
+  }
+  void all() const {
+    for (int64_t r = 0; r < q_rows; ++r) q_row(r);
+    for (int64_t j = 0; j < kv_rows; ++j) kv_row(j);
+  }
+
+ private:
+  void fetch(const char* row) const {
+    for (int64_t o = 0; o < row_bytes; o += 64) _mm_prefetch(row + o, _MM_HINT_T1);
+  }
+};
+
+NextRows next_rows(const AttentionArgs& a, int64_t task, int64_t blocks, int64_t rows) {
+  NextRows n;
+  const int64_t es = a.bf16 ? 2 : 4;
+  const int64_t blk = task % blocks, bh = task / blocks, b = bh / a.H, h = bh % a.H;
+  const int64_t r0 = blk * rows, r1 = std::min(a.Sq, r0 + rows);
+  n.q = static_cast<const char*>(a.q) + (b * a.q_stride[0] + h * a.q_stride[1] + r0 * a.q_stride[2]) * es;
+  n.k = static_cast<const char*>(a.k) + (b * a.k_stride[0] + h * a.k_stride[1]) * es;
+  n.v = static_cast<const char*>(a.v) + (b * a.v_stride[0] + h * a.v_stride[1]) * es;
+  n.q_rows = r1 - r0;
+  n.kv_rows = a.causal ? std::min(a.Sk, r1) : a.Sk;
+  n.q_ld = a.q_stride[2] * es;
+  n.k_ld = a.k_stride[2] * es;
+  n.v_ld = a.v_stride[2] * es;
+  n.row_bytes = a.D * es;
+  return n;
+}
+
 struct Scratch {
   std::vector<float> kt, v, q, s, inv;
 };
 
-void attend_block(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, int64_t r1, Scratch& w) {
+void attend_block(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, int64_t r1, Scratch& w,
+                  const NextRows& next) {
   const int64_t D = a.D, Dp = round16(D);
   // keys a causal block can see: j <= row, so up to r1 - 1
   const int64_t Sk = a.causal ? std::min(a.Sk, r1) : a.Sk;
@@ -204,9 +255,12 @@ void attend_block(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, int6
   // V widened to fp32; K^T through 16 x 16 register transposes (K's rows are contiguous in D)
   const int64_t kbase = b * a.k_stride[0] + h * a.k_stride[1];
   const int64_t vbase = b * a.v_stride[0] + h * a.v_stride[1];
-  for (int64_t j = 0; j < Sk; ++j)
+  for (int64_t j = 0; j < Sk; ++j) {
+    next.kv_row(j);
     for (int64_t d0 = 0; d0 < D; d0 += 16)
       _mm512_storeu_ps(w.v.data() + j * Dp + d0, load16(a.v, vbase + j * a.v_stride[2] + d0, bf, tail_mask(D - d0)));
+  }
+  for (int64_t j = Sk; j < next.kv_rows; ++j) next.kv_row(j);
   for (int64_t j0 = 0; j0 < Sk; j0 += 16)
     for (int64_t d0 = 0; d0 < D; d0 += 16) {
       __m512 r[16];
@@ -218,12 +272,15 @@ void attend_block(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, int6
     }
   const __m512 scale = _mm512_set1_ps(a.scale);
   const int64_t qbase = b * a.q_stride[0] + h * a.q_stride[1];
-  for (int64_t r = 0; r < rows; ++r)
+  for (int64_t r = 0; r < rows; ++r) {
+    next.q_row(r);
     for (int64_t d0 = 0; d0 < D; d0 += 16) {
       const __mmask16 m = tail_mask(D - d0);
       _mm512_mask_storeu_ps(w.q.data() + r * D + d0, m,
                             _mm512_mul_ps(scale, load16(a.q, qbase + (r0 + r) * a.q_stride[2] + d0, bf, m)));
     }
+  }
+  for (int64_t r = rows; r < next.q_rows; ++r) next.q_row(r);
 
   // scores, 64 keys per block
   for (int64_t r = 0; r < rows_p; r += kRows)
@@ -276,39 +333,6 @@ struct AmxScratch {
   std::vector<float> s, inv;
   alignas(64) float c[16 * 64];
 };
-
-// The rows of Q, K and V the thread's next task reads, fetched into L2 while this task packs
-// its own. In a Transformer block Q, K and V were written by the QKV projection, whose
-// weights have streamed through L2 since: they come from L3, one head's 128-byte slice of
-// each row at a time, a strided pattern the hardware prefetchers do not follow, so without
-// this every task's packing waits on L3 latency row by row.
-struct NextRows {
-  const uint16_t* q = nullptr;  // the next task's first Q row (nullptr: no next task)
-  const uint16_t* k = nullptr;
-  const uint16_t* v = nullptr;
-  int64_t q_rows = 0, kv_rows = 0;
-  int64_t q_ld = 0, k_ld = 0, v_ld = 0;  // elements between rows
-};
-
-inline void prefetch_row(const uint16_t* row, int64_t elements) {
-  const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t o = 0; o < elements * 2; o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
-}
-
-NextRows next_rows(const AttentionArgs& a, int64_t task, int64_t blocks, int64_t rows) {
-  NextRows n;
-  const int64_t blk = task % blocks, bh = task / blocks, b = bh / a.H, h = bh % a.H;
-  const int64_t r0 = blk * rows, r1 = std::min(a.Sq, r0 + rows);
-  n.q = static_cast<const uint16_t*>(a.q) + b * a.q_stride[0] + h * a.q_stride[1] + r0 * a.q_stride[2];
-  n.k = static_cast<const uint16_t*>(a.k) + b * a.k_stride[0] + h * a.k_stride[1];
-  n.v = static_cast<const uint16_t*>(a.v) + b * a.v_stride[0] + h * a.v_stride[1];
-  n.q_rows = r1 - r0;
-  n.kv_rows = a.causal ? std::min(a.Sk, r1) : a.Sk;
-  n.q_ld = a.q_stride[2];
-  n.k_ld = a.k_stride[2];
-  n.v_ld = a.v_stride[2];
-  return n;
-}
 
 // C[16 x 16 nt] += A (16 x 32 k, row stride lda bytes) * B (16 k-pairs x 16 nt columns), over kblocks.
 template <int NT>
@@ -364,22 +388,21 @@ void attend_block_amx(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, 
   // Q rows, zero-padded to Dk columns and rows_p rows
   const int64_t qbase = b * a.q_stride[0] + h * a.q_stride[1];
   for (int64_t r = 0; r < rows; ++r) {
-    if (next.q != nullptr && r < next.q_rows) prefetch_row(next.q + r * next.q_ld, D);
+    next.q_row(r);
     for (int64_t d0 = 0; d0 < D; d0 += 32) {
       const __mmask32 m = D - d0 >= 32 ? 0xFFFFFFFFu : (1u << (D - d0)) - 1;
       _mm512_mask_storeu_epi16(&w.q[r * Dk + d0], m,
                                _mm512_maskz_loadu_epi16(m, q + qbase + (r0 + r) * a.q_stride[2] + d0));
     }
   }
-  if (next.q != nullptr)
-    for (int64_t r = rows; r < next.q_rows; ++r) prefetch_row(next.q + r * next.q_ld, D);
+  for (int64_t r = rows; r < next.q_rows; ++r) next.q_row(r);
   // K^T in pairs: kv[kk][n] (one 32-bit pair) = K[n][2kk, 2kk+1], a 16 x 16 transpose of pairs
   const int64_t kbase = b * a.k_stride[0] + h * a.k_stride[1];
   uint32_t* kv32 = reinterpret_cast<uint32_t*>(w.kv.data());
   for (int64_t j0 = 0; j0 < Skp; j0 += 16)
     for (int64_t d0 = 0; d0 < Dk; d0 += 32) {
-      if (d0 == 0 && next.k != nullptr)
-        for (int64_t i = j0; i < std::min(j0 + 16, next.kv_rows); ++i) prefetch_row(next.k + i * next.k_ld, D);
+      if (d0 == 0)
+        for (int64_t i = j0; i < j0 + 16; ++i) next.kv_row(i);
       __m512 r[16];
       const __mmask32 m = D - d0 >= 32 ? 0xFFFFFFFFu : D > d0 ? (1u << (D - d0)) - 1 : 0u;
       for (int64_t i = 0; i < 16; ++i)
@@ -392,8 +415,6 @@ void attend_block_amx(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, 
   const int64_t vbase = b * a.v_stride[0] + h * a.v_stride[1];
   uint32_t* vv32 = reinterpret_cast<uint32_t*>(w.vv.data());
   for (int64_t kk = 0; kk < Skp / 2; ++kk) {
-    if (next.v != nullptr)
-      for (int64_t i = 2 * kk; i < std::min(2 * kk + 2, next.kv_rows); ++i) prefetch_row(next.v + i * next.v_ld, D);
     for (int64_t d0 = 0; d0 < Dn; d0 += 16) {
       const __mmask16 m = tail_mask(D - d0);
       const int64_t j = 2 * kk;
@@ -404,11 +425,7 @@ void attend_block_amx(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, 
       _mm512_storeu_si512(vv32 + kk * Dn + d0, pair);
     }
   }
-  if (next.k != nullptr)  // rows past this task's own (a longer next task: causal row blocks)
-    for (int64_t i = Skp; i < next.kv_rows; ++i) {
-      prefetch_row(next.k + i * next.k_ld, D);
-      prefetch_row(next.v + i * next.v_ld, D);
-    }
+  for (int64_t i = Skp; i < next.kv_rows; ++i) next.kv_row(i);  // a longer next task (causal row blocks)
 
   // scores = Q K^T (fp32), 64 keys per pass
   for (int64_t r = 0; r < rows_p; r += 16)
@@ -500,14 +517,7 @@ void attention(const AttentionArgs& a, int threads) {
       load_full_tiles();
       // kept per thread across calls: no allocation per call
       static thread_local AmxScratch w;
-      {  // the first task's rows: all their misses in flight at once rather than row by row
-        const NextRows first = next_rows(a, t0, blocks, rows);
-        for (int64_t r = 0; r < first.q_rows; ++r) prefetch_row(first.q + r * first.q_ld, a.D);
-        for (int64_t r = 0; r < first.kv_rows; ++r) {
-          prefetch_row(first.k + r * first.k_ld, a.D);
-          prefetch_row(first.v + r * first.v_ld, a.D);
-        }
-      }
+      next_rows(a, t0, blocks, rows).all();  // the first task's misses in flight at once, not row by row
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t blk = t % blocks, bh = t / blocks;
         attend_block_amx(a, bh / a.H, bh % a.H, blk * rows, std::min(a.Sq, blk * rows + rows), w,
@@ -519,10 +529,11 @@ void attention(const AttentionArgs& a, int threads) {
     }
 #endif
     static thread_local Scratch w;
+    next_rows(a, t0, blocks, rows).all();
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t blk = t % blocks, bh = t / blocks;
       const int64_t r0 = blk * rows, r1 = std::min(a.Sq, r0 + rows);
-      attend_block(a, bh / a.H, bh % a.H, r0, r1, w);
+      attend_block(a, bh / a.H, bh % a.H, r0, r1, w, t + 1 < t1 ? next_rows(a, t + 1, blocks, rows) : NextRows{});
     }
     if (w.kt.capacity() + w.v.capacity() > kKeepScratch) w = Scratch{};
   });
