@@ -76,10 +76,11 @@ def measure_and_decide(fns: list, prior: list[int], rounds: int | None = None):
     default = next((i for i in prior if got[i]), d.winner)
     if d.winner == default and not d.ambiguous:
         return d, got
-    # the confirming batch times the candidates that ran every round of the first; one
-    # raced out (timed no more: far behind) keeps its first rounds, which lose again
+    # the confirming batch times the candidates that ran every round of the first, and the
+    # prior's pick whatever its first rounds (a decision against it must be reproduced
+    # against it); another one raced out (timed no more: far behind) keeps its first rounds
     full = max(len(s) for s in got)
-    raced = [bool(s) and len(s) < full for s in got]
+    raced = [bool(s) and len(s) < full and i != default for i, s in enumerate(got)]
     more = samples([fn if s and not r else None for fn, s, r in zip(fns, got, raced)], rounds)
     both = [a + b if b else (a if r else []) for a, b, r in zip(got, more, raced)]
     d2, dc = decide.decide(more, prior), decide.decide(both, prior)

@@ -208,3 +208,18 @@ def test_a_raced_out_candidate_is_not_timed_again_in_the_confirming_batch(fake_c
     monkeypatch.setattr(choice, "samples", spy)
     assert choice.choose(_node(), _kernels(), [None])[0].name == "cpu.other"
     assert seen == [[True, True, True], [True, True, False]]
+
+
+def test_the_priors_pick_is_timed_again_even_when_raced_out(fake_clock, monkeypatch):
+    # batch 1: the prior's pick (cpu.fast) had two bad rounds and was raced out; a win against
+    # it must be reproduced with it in the confirming batch, where it is as fast as cpu.other
+    fake_clock["times"] = [lambda b: [3.0] * 2 if b == 1 else [1.0] * 5, [1.0] * 5, [9.0] * 2]
+    seen, fake = [], choice.samples
+
+    def spy(fns, rounds):
+        seen.append([fn is not None for fn in fns])
+        return fake(fns, rounds)
+
+    monkeypatch.setattr(choice, "samples", spy)
+    assert choice.choose(_node(), _kernels(), [None])[0].name == "cpu.fast"  # not reproduced: the prior stands
+    assert seen == [[True, True, True], [True, True, False]]
