@@ -119,7 +119,7 @@ def test_mkl_packed_linear(act, residual, bias):
     """cpu.mkl_linear (MKL packed sgemm, fp32): GEMM, then bias/residual/activation."""
     from kiln.kernels import mkl
 
-    if not mkl._MKL:
+    if not mkl.available():
         pytest.skip("torch was built without MKL")
     b = GraphBuilder()
     x = b.input("x", (3, 7, 20))
@@ -145,10 +145,40 @@ def test_mkl_is_the_prior_for_static_fp32_linears():
     from kiln.kernels import mkl
     from kiln.kernels.registry import candidates
 
-    if not mkl._MKL:
+    if not mkl.available():
         pytest.skip("torch was built without MKL")
     b = GraphBuilder()
     x = b.input("x", (1, 8, 16))
     node = b.build([b.add(OpKind.LINEAR, x, b.const(torch.randn(32, 16)), b.const(torch.randn(32)))]).nodes[0]
     names = [k.name for k in candidates(node, "cpu")]
     assert names.index("cpu.mkl_linear") < names.index("cpu.onednn_linear") < names.index("reference.linear"), names
+
+
+def test_mkl_packed_linear_serves_every_row_count_from_one_packed_weight():
+    """cpu.mkl_linear takes symbolic leading dims (a dynamic plan): the weight packed once at
+    the representative size serves any row count; at the packed size it is bit for bit the
+    result of torch's own ``mkl::_mkl_linear`` (the same MKL call)."""
+    from kiln.ir.types import Sym
+    from kiln.kernels import mkl
+    from kiln.kernels.registry import candidates
+
+    if not mkl.available():
+        pytest.skip("torch was built without MKL")
+    b = GraphBuilder()
+    x = b.input("x", (Sym("batch"), Sym("seq"), 32))
+    w, bv = torch.randn(48, 32), torch.randn(48)
+    g = b.build([b.add(OpKind.LINEAR, x, b.const(w), b.const(bv), attrs=A.LinearAttrs(A.Activation.GELU))])
+    node = g.nodes[0]
+    assert "cpu.mkl_linear" in [k.name for k in candidates(node, "cpu")]
+    k = next(k for k in kernels_for(OpKind.LINEAR, "cpu") if k.name == "cpu.mkl_linear")
+    fn = k.bind(node.at_sizes({"batch": 2, "seq": 64}), [None, w, bv])
+    bias_before = bv.clone()
+    for shape in [(1, 1, 32), (1, 7, 32), (2, 64, 32), (3, 129, 32), (5, 511, 32)]:
+        xs = torch.randn(shape)
+        torch.testing.assert_close(fn([xs, w, bv], node.attrs), ref_linear([xs, w, bv], node.attrs),
+                                   atol=1e-4, rtol=1e-4)
+    assert torch.equal(bv, bias_before)  # the output is never the bias's own memory
+    x2 = torch.randn(128, 32)
+    packed = torch.ops.mkl._mkl_reorder_linear_weight(w, 128)
+    assert torch.equal(mkl.packed_linear(x2, mkl.pack_weight(w, 128), 48, bv),
+                       torch.ops.mkl._mkl_linear(x2, packed, w, bv, 128))
