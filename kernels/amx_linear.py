@@ -32,9 +32,11 @@ def supported() -> bool:
 
 def _accepts(node: Node) -> bool:
     x, w = node.inputs[0].type, node.inputs[1].type
-    if not (x.is_static and x.rank >= 2 and x.dtype.value == "bfloat16" and w.dtype == x.dtype and w.rank == 2):
+    # leading dims may be symbolic (a plan serving many sizes): rows are read per call
+    if not (x.rank >= 2 and isinstance(x.shape[-1], int) and x.dtype.value == "bfloat16" and w.dtype == x.dtype
+            and w.rank == 2 and w.is_static):
         return False
-    if x.shape[-1] != w.shape[1] or 0 in x.shape or 0 in w.shape or node.attrs.activation not in _ACTIVATIONS:
+    if x.shape[-1] != w.shape[1] or 0 in w.shape or node.attrs.activation not in _ACTIVATIONS:
         return False
     if len(node.inputs) > 3 and node.inputs[3] is not None:
         r = node.inputs[3].type
@@ -64,15 +66,18 @@ def _prepare(node: Node, consts: list):
     bias_c = None if bias_c is None else bias_c.float().contiguous().numpy()
     has_res = len(node.inputs) > 3 and node.inputs[3] is not None
     act = _ACTIVATIONS[node.attrs.activation]
-    out_shape = tuple(node.outputs[0].type.shape)
-    rows, n = math.prod(out_shape[:-1]), out_shape[-1]
+    n = w.shape[0]
 
     def run(ins, attrs):
         x = ins[0]
+        lead = x.shape[:-1]
+        rows = math.prod(lead)
+        out = torch.empty((*lead, n), dtype=torch.bfloat16)
+        if rows == 0:
+            return out
         if x.dim() != 2:  # a view when the leading dims merge, else a copy
             x = x.reshape(rows, x.shape[-1])
         bias = bias_c if bias_c is not None or not has_bias else ins[2].float().contiguous().numpy()
-        out = torch.empty(out_shape, dtype=torch.bfloat16)
         _C.bf16_linear(bits(x), packed, bias, bits(ins[3]) if has_res else None, act,
                        out.view(rows, n).view(torch.int16).numpy(), torch.get_num_threads())
         return out
@@ -84,4 +89,4 @@ def _unusable(ins, a):
 
 
 register_kernel(OpKind.LINEAR, "cpu", name="cpu.amx_linear", accepts=_accepts,
-                prepare=with_fallback(_prepare, _unusable), requires=AMX_BF16)(_unusable)
+                prepare=with_fallback(_prepare, _unusable), requires=AMX_BF16, dynamic=True)(_unusable)

@@ -127,3 +127,26 @@ def test_compiled_model_and_exclude_kernels():
     assert not any("amx_linear" in k for k in without.report.kernels)
     with pytest.raises(KilnError, match="exclude_kernels"):
         kiln.compile(model, (x,), exclude_kernels="cpu.amx_linear")
+
+
+def test_kernel_with_symbolic_rows_serves_every_length():
+    """A dynamic plan's linear ([batch, seq, K] with symbolic batch and seq): one prepared
+    kernel (the weight packed once) serves any number of rows, odd ones and zero included."""
+    from kiln.ir.types import Sym
+    from kiln.kernels.registry import candidates
+
+    b = GraphBuilder()
+    x = b.input("x", (Sym("batch"), Sym("seq"), 64), DType.BFLOAT16)
+    r = b.input("r", (Sym("batch"), Sym("seq"), 48), DType.BFLOAT16)
+    w, bias = (torch.randn(48, 64) / 8).bfloat16(), torch.randn(48).bfloat16()
+    node = b.build([b.add(OpKind.LINEAR, x, b.const(w), b.const(bias), r,
+                          attrs=A.LinearAttrs(A.Activation.GELU))]).nodes[0]
+    assert "cpu.amx_linear" in [k.name for k in candidates(node, "cpu")]
+    k = next(k for k in kernels_for(OpKind.LINEAR, "cpu") if k.name == "cpu.amx_linear")
+    fn = k.bind(node.at_sizes({"batch": 1, "seq": 32}), [None, w, bias, None])
+    for shape in [(1, 1), (1, 7), (2, 33), (3, 129), (1, 0)]:
+        xs, rs = torch.randn(*shape, 64).bfloat16(), torch.randn(*shape, 48).bfloat16()
+        out = fn([xs, w, bias, rs], node.attrs)
+        assert out.shape == (*shape, 48) and out.dtype == torch.bfloat16
+        if out.numel():
+            _check_bf16(out.reshape(-1, 48), _exact(xs.reshape(-1, 64), w, bias.float(), rs.reshape(-1, 48), "gelu"))
