@@ -36,7 +36,10 @@ class Kernel:
     ``requires`` names the CPU features (``kiln.target.CPU_FEATURES``) the kernel cannot run
     without: a plan loaded from an artifact on a CPU that lacks one re-chooses that node's
     kernel (``accepts`` asks the host itself; ``requires`` answers for any target, a
-    simulated one included)."""
+    simulated one included).
+    ``approximate``: the kernel computes a different sum than the reference's (a fast
+    algorithm such as Winograd's transforms), so its rounding differs in kind; a plan that
+    uses one is checked end to end before it is kept (``runtime.accuracy_guard``)."""
 
     op: OpKind
     target: str
@@ -46,6 +49,7 @@ class Kernel:
     prepare: Callable | None = None
     dynamic: bool = False
     requires: frozenset = frozenset()
+    approximate: bool = False
 
     def runs_on(self, features) -> bool:
         """Whether a CPU with ``features`` has everything this kernel needs."""
@@ -122,10 +126,10 @@ def _module_rank(fn) -> int:
 
 
 def register_kernel(op: OpKind, target: str, name: str | None = None, accepts=None, prepare=None,
-                    dynamic: bool = False, requires=()):
+                    dynamic: bool = False, requires=(), approximate: bool = False):
     def deco(fn: KernelFn) -> KernelFn:
         k = Kernel(op, target, name or fn.__name__, fn, accepts or (lambda node: True), prepare, dynamic,
-                   frozenset(requires))
+                   frozenset(requires), approximate)
         ks = _REGISTRY.setdefault((op, target), [])
         # listed in _KERNEL_MODULES' order whichever module was imported first
         rank = _module_rank(fn)

@@ -137,4 +137,4 @@ def _unusable(ins, a):
 
 for _m in (4, 2):
     register_kernel(OpKind.CONV2D, "cpu", name=f"cpu.winograd{_m}_conv", accepts=_accepts, dynamic=True,
-                    prepare=_prepare(_m))(_unusable)
+                    prepare=_prepare(_m), approximate=True)(_unusable)

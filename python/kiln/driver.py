@@ -162,6 +162,9 @@ def compile_imported(imp: Imported, options: CompileOptions, name: str, hints: d
     t1 = time.perf_counter()
     with _choice_policy(options):
         plan = _build_plan(result, options, target, hit, hints)
+        accuracy = ""
+        if hit is None and target.kind == "cpu":
+            plan, accuracy = _guard_accuracy(plan, result, options, target, hints)
     plan_s = time.perf_counter() - t1
     node_kernels = plan.node_kernels
     if key and hit is None and target.kind == "cpu":  # cuda plans are not built from recorded choices
@@ -176,7 +179,7 @@ def compile_imported(imp: Imported, options: CompileOptions, name: str, hints: d
         seconds={"import": imp.seconds, "passes": passes_s, "plan": plan_s,
                  "codegen": plan.codegen_seconds, "total": imp.seconds + passes_s + plan_s},
         import_cache_hit=imp.cache_hit, compile_cache_hit=hit is not None, memory=plan.memory,
-        graph_nodes=len(result.graph.nodes))
+        graph_nodes=len(result.graph.nodes), accuracy=accuracy)
     return Compiled(plan, result.graph, imp.out_spec, imp.out_literals, imp.input_names, report, imp.size_limits,
                     result.partition)
 
@@ -205,6 +208,33 @@ def _build_plan(result, options: CompileOptions, target, hit, hints=None):
         if options.codegen and target.kind == "cpu" else None
     return build_plan(result.graph, target.kind, kernel_choices=hit["kernels"] if hit else None,
                       partition=result.partition, generate=generate, exclude=options.exclude_kernels, sizes=hints)
+
+
+def _guard_accuracy(plan, result, options: CompileOptions, target, hints):
+    """(the plan to keep, what the check found) -- runtime/accuracy_guard.py: a plan that uses
+    approximate kernels must agree with the reference kernels end to end, else it is built
+    again without them."""
+    from kiln.kernels.registry import all_kernels
+    from kiln.runtime.accuracy_guard import REL_TOL, worst_relative_error
+    from kiln.runtime.plan import build_plan
+
+    every = {k.name for k in all_kernels() if k.approximate}
+    approximate = sorted(every & set(plan.node_kernels))
+    if not approximate:
+        return plan, ""
+    uses = ", ".join(approximate)
+    try:
+        rel = worst_relative_error(plan, build_plan(result.graph, "reference"), hints)
+        found = f"the whole model was {rel:.1e} of its output's scale from the reference kernels with them"
+    except Exception as e:  # noqa: BLE001  (unverifiable: the approximate kernels are not kept)
+        rel, found = float("inf"), f"the end-to-end check could not run ({type(e).__name__}: {e})"
+    if rel <= REL_TOL:
+        return plan, f"{uses}: whole model within {rel:.1e} of the reference kernels (bound {REL_TOL:.0e})"
+    safer = build_plan(result.graph, target.kind, partition=result.partition,
+                       generate=_generator(result.graph, target, options.tune_budget, hints)
+                       if options.codegen else None,
+                       exclude=frozenset(options.exclude_kernels) | every, sizes=hints)
+    return safer, f"{uses} not used: {found} (bound {REL_TOL:.0e})"
 
 
 def _guard_sparse(graph, result, options: CompileOptions, measurer):

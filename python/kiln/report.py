@@ -32,6 +32,9 @@ class CompileReport:
     graph_nodes: int = 0
     artifact: str = ""  # the file this plan was loaded from (kiln.load); empty for a compile
     rechosen: list = field(default_factory=list)  # (node, recorded kernel, why) chosen again at load
+    # the end-to-end check of approximate kernels (Winograd): what it measured and decided
+    # (empty: the plan uses none, or its choices came from the compile cache)
+    accuracy: str = ""
 
     @property
     def quantized_layers(self) -> int:
@@ -52,6 +55,8 @@ class CompileReport:
         for op, scope, why in self.fallbacks:
             lines.append(f"  {op}" + (f" at {scope}" if scope else "") + f": {why}")
         lines.append("kernels: " + ", ".join(f"{k} x{n}" for k, n in sorted(self.kernels.items())))
+        if self.accuracy:
+            lines.append(f"accuracy: {self.accuracy}")
         if self.quantization:
             lines.append(f"quantization: {self.quantized_layers}/{len(self.quantization)} layers integer")
             lines += [f"  {d.layer}: {'int' if d.quantized else 'float'} ({d.reason})" for d in self.quantization]

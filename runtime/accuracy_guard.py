@@ -1,0 +1,51 @@
+"""The end-to-end accuracy check of approximate kernels (Winograd convolutions).
+
+A kernel marked ``approximate`` computes a different sum than the reference's (Winograd's
+transforms trade multiplications for additions whose rounding differs in kind). Kernel
+choice checks every candidate against the reference on its own node, within the dtype's
+tolerance; what one node's check cannot see is how such errors add up through a deep
+network (through normalizations that divide by small variances, say). So a plan that uses
+one is run once more, end to end, against the reference kernels on the same random inputs,
+and the compile keeps it only if every fp32 output agrees to ``REL_TOL`` of that output's
+scale (the bound Kiln promises for fp32; the model suite's pass criterion).
+"""
+from __future__ import annotations
+
+import torch
+
+from kiln.ir import Graph
+
+REL_TOL = 1e-4
+
+
+def _inputs(graph: Graph, sizes: dict | None) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for v in graph.inputs:
+        t = v.type if v.type.is_static or sizes is None else v.type.concrete(sizes)
+        dt, shape = t.dtype.to_torch(), tuple(t.shape)
+        # integer inputs (token ids, indices) as zeros: always in range
+        out.append(torch.randn(shape, generator=gen).to(dt) if dt.is_floating_point else torch.zeros(shape, dtype=dt))
+    return out
+
+
+def worst_relative_error(plan, reference_plan, sizes: dict | None = None) -> float:
+    """The largest max|plan - reference| / max|reference| over the fp32 outputs (0 when none)."""
+    ins = _inputs(plan.graph, sizes)
+    with torch.no_grad():
+        got = plan.run(list(ins))
+        want = reference_plan.run(list(ins))
+    worst = 0.0
+    for g, w in zip(got, want):
+        if not isinstance(w, torch.Tensor) or w.dtype != torch.float32 or not w.numel():
+            continue
+        if not bool(torch.isfinite(w).all()):
+            continue  # the reference itself overflows on these inputs: nothing to measure against
+        scale = float(w.abs().max())
+        err = float((g.double() - w.double()).abs().max())
+        if err != err or scale == 0.0:  # NaN where the reference is finite, or any error on zeros
+            rel = 0.0 if err == 0.0 else float("inf")
+        else:
+            rel = err / scale
+        worst = max(worst, rel)
+    return worst
