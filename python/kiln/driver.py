@@ -162,9 +162,11 @@ def compile_imported(imp: Imported, options: CompileOptions, name: str, hints: d
     t1 = time.perf_counter()
     with _choice_policy(options):
         plan = _build_plan(result, options, target, hit, hints)
-        accuracy = ""
-        if hit is None and target.kind == "cpu":
-            plan, accuracy = _guard_accuracy(plan, result, options, target, hints)
+        accuracy, drop = _check_approximate(plan, result, hints) if hit is None and target.kind == "cpu" else ("", None)
+        if drop:  # the plan (and its packed weights) goes before the one without them is built
+            plan = None
+            plan = _build_plan(result, options.replace(exclude_kernels=frozenset(options.exclude_kernels) | set(drop)),
+                               target, None, hints)
     plan_s = time.perf_counter() - t1
     node_kernels = plan.node_kernels
     if key and hit is None and target.kind == "cpu":  # cuda plans are not built from recorded choices
@@ -210,31 +212,26 @@ def _build_plan(result, options: CompileOptions, target, hit, hints=None):
                       partition=result.partition, generate=generate, exclude=options.exclude_kernels, sizes=hints)
 
 
-def _guard_accuracy(plan, result, options: CompileOptions, target, hints):
-    """(the plan to keep, what the check found) -- runtime/accuracy_guard.py: a plan that uses
-    approximate kernels must agree with the reference kernels end to end, else it is built
-    again without them."""
+def _check_approximate(plan, result, hints) -> tuple[str, tuple]:
+    """(what the check found, the kernels to build the plan again without: empty to keep it)
+    -- runtime/accuracy_guard.py: a plan that uses approximate kernels must agree with the
+    reference kernels end to end."""
     from kiln.kernels.registry import all_kernels
     from kiln.runtime.accuracy_guard import REL_TOL, worst_relative_error
     from kiln.runtime.plan import build_plan
 
-    every = {k.name for k in all_kernels() if k.approximate}
-    approximate = sorted(every & set(plan.node_kernels))
-    if not approximate:
-        return plan, ""
-    uses = ", ".join(approximate)
+    every = tuple(sorted(k.name for k in all_kernels() if k.approximate))
+    uses = ", ".join(k for k in every if k in set(plan.node_kernels))
+    if not uses:
+        return "", ()
     try:
         rel = worst_relative_error(plan, build_plan(result.graph, "reference"), hints)
         found = f"the whole model was {rel:.1e} of its output's scale from the reference kernels with them"
     except Exception as e:  # noqa: BLE001  (unverifiable: the approximate kernels are not kept)
         rel, found = float("inf"), f"the end-to-end check could not run ({type(e).__name__}: {e})"
     if rel <= REL_TOL:
-        return plan, f"{uses}: whole model within {rel:.1e} of the reference kernels (bound {REL_TOL:.0e})"
-    safer = build_plan(result.graph, target.kind, partition=result.partition,
-                       generate=_generator(result.graph, target, options.tune_budget, hints)
-                       if options.codegen else None,
-                       exclude=frozenset(options.exclude_kernels) | every, sizes=hints)
-    return safer, f"{uses} not used: {found} (bound {REL_TOL:.0e})"
+        return f"{uses}: whole model within {rel:.1e} of the reference kernels (bound {REL_TOL:.0e})", ()
+    return f"{uses} not used: {found} (bound {REL_TOL:.0e})", every
 
 
 def _guard_sparse(graph, result, options: CompileOptions, measurer):
