@@ -13,25 +13,15 @@ from __future__ import annotations
 
 import torch
 
-from kiln.ir import Graph
+from kiln.kernels.choice import group_inputs
 
 REL_TOL = 1e-4
 
 
-def _inputs(graph: Graph, sizes: dict | None) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    out = []
-    for v in graph.inputs:
-        t = v.type if v.type.is_static or sizes is None else v.type.concrete(sizes)
-        dt, shape = t.dtype.to_torch(), tuple(t.shape)
-        # integer inputs (token ids, indices) as zeros: always in range
-        out.append(torch.randn(shape, generator=gen).to(dt) if dt.is_floating_point else torch.zeros(shape, dtype=dt))
-    return out
-
-
 def worst_relative_error(plan, reference_plan, sizes: dict | None = None) -> float:
     """The largest max|plan - reference| / max|reference| over the fp32 outputs (0 when none)."""
-    ins = _inputs(plan.graph, sizes)
+    # random run-time inputs at ``sizes`` (integer ones zero: always in range), as kernel choice makes them
+    ins = group_inputs(plan.graph, plan.graph, sizes)
     with torch.no_grad():
         got = plan.run(list(ins))
         want = reference_plan.run(list(ins))

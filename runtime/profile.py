@@ -127,6 +127,15 @@ def fallback_shares(steps: list[StepTime]) -> tuple[float, dict[str, tuple[int, 
     return total, dict(sorted(by_op.items(), key=lambda kv: -kv[1][1]))
 
 
+def kernel_time(steps: list[StepTime]) -> dict[str, tuple[int, float]]:
+    """kernel -> (steps, seconds), costliest first."""
+    by_kernel: dict[str, tuple[int, float]] = {}
+    for s in steps:
+        n, t = by_kernel.get(s.kernel, (0, 0.0))
+        by_kernel[s.kernel] = (n + 1, t + s.seconds)
+    return dict(sorted(by_kernel.items(), key=lambda kv: -kv[1][1]))
+
+
 def thread_split(steps: list[StepTime]) -> dict[str, tuple[int, float, float]]:
     """kernel -> (steps, CPU seconds on the calling thread, CPU seconds on other threads),
     largest total first; empty where the CPU times were not measured."""

@@ -456,11 +456,9 @@ class Explanation:
 
     def kernel_time(self) -> dict[str, tuple[int, float]]:
         """kernel -> (steps, seconds) over the profiled steps, costliest first."""
-        out: dict[str, tuple[int, float]] = {}
-        for st in self.steps:
-            n, t = out.get(st.kernel, (0, 0.0))
-            out[st.kernel] = (n + 1, t + st.seconds)
-        return dict(sorted(out.items(), key=lambda kv: -kv[1][1]))
+        from kiln.runtime.profile import kernel_time
+
+        return kernel_time(self.steps)
 
     def thread_split(self) -> dict[str, tuple[int, float, float]]:
         """kernel -> (steps, CPU seconds on the calling thread, on the other threads)."""
