@@ -165,6 +165,20 @@ def _silu(em, v, a, cd):
     return v * em.math("sigmoid", v, cd)
 
 
+_GELU_AT_INF: list = []
+
+
+def torch_gelu_at_inf() -> tuple[float, float]:
+    """torch's float32 exact GELU at +inf and -inf on this CPU (asked once, on a vector long
+    enough to take its vectorized path)."""
+    if not _GELU_AT_INF:
+        import torch
+
+        y = torch.nn.functional.gelu(torch.tensor([float("inf"), float("-inf")] * 32))
+        _GELU_AT_INF.append((float(y[0]), float(y[1])))
+    return _GELU_AT_INF[0]
+
+
 @_unary(OpKind.GELU)
 def _gelu(em, v, a: A.GeluAttrs, cd):
     from tvm import tirx
@@ -172,8 +186,10 @@ def _gelu(em, v, a: A.GeluAttrs, cd):
     half, one = const(0.5, cd), const(1.0, cd)
     if a.approximate is A.GeluApprox.NONE:
         exact = half * v * (one + em.math("erf", v * const(1 / math.sqrt(2), cd), cd))
-        # torch's gelu gives NaN at +-inf (the formula alone gives inf at +inf): match it
-        return tirx.Select(tirx.isinf(v), const(float("nan"), cd), exact)
+        # at +-inf, give what torch's gelu gives on this CPU: its vectorized code differs
+        # there by ISA (AVX-512: NaN at both; AVX2: inf at +inf, NaN at -inf)
+        pos, neg = torch_gelu_at_inf()
+        return tirx.Select(tirx.isinf(v), tirx.Select(v > const(0.0, cd), const(pos, cd), const(neg, cd)), exact)
     inner = const(math.sqrt(2 / math.pi), cd) * (v + const(0.044715, cd) * v * v * v)
     return half * v * (one + em.math("tanh", inner, cd))
 

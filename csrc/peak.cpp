@@ -41,6 +41,30 @@ double fma_flops(int64_t iters) {
   (void)sink;
   return 12.0 * 32.0 * static_cast<double>(iters);
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+// The same on 256-bit registers (a CPU with AVX2 and FMA but no AVX-512): 12 chains of 8 lanes.
+double fma_flops(int64_t iters) {
+  __m256 a[12];
+  for (int i = 0; i < 12; ++i) a[i] = _mm256_set1_ps(1.0f + 0.01f * static_cast<float>(i));
+  const __m256 m = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
+  for (int64_t it = 0; it < iters; ++it) {
+    a[0] = _mm256_fmadd_ps(a[0], m, c); a[1] = _mm256_fmadd_ps(a[1], m, c); a[2] = _mm256_fmadd_ps(a[2], m, c);
+    a[3] = _mm256_fmadd_ps(a[3], m, c); a[4] = _mm256_fmadd_ps(a[4], m, c); a[5] = _mm256_fmadd_ps(a[5], m, c);
+    a[6] = _mm256_fmadd_ps(a[6], m, c); a[7] = _mm256_fmadd_ps(a[7], m, c); a[8] = _mm256_fmadd_ps(a[8], m, c);
+    a[9] = _mm256_fmadd_ps(a[9], m, c); a[10] = _mm256_fmadd_ps(a[10], m, c); a[11] = _mm256_fmadd_ps(a[11], m, c);
+  }
+  __m256 s = a[0];
+  for (int i = 1; i < 12; ++i) s = _mm256_add_ps(s, a[i]);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, s);
+  volatile float sink = lanes[0] + lanes[7];
+  (void)sink;
+  return 12.0 * 16.0 * static_cast<double>(iters);
+}
+#define KILN_HAS_FMA_PEAK 1
+#endif
+#ifdef __AVX512F__
+#define KILN_HAS_FMA_PEAK 1
 #endif
 
 #if defined(__AMX_BF16__) && defined(__AMX_INT8__) && defined(__AMX_TILE__)
@@ -144,8 +168,8 @@ double compute_peak_gflops(PeakUnit unit, int threads, int64_t iters, int accumu
   const bool int8_unit = unit == PeakUnit::kAmxInt8 || unit == PeakUnit::kAmxInt8Loaded;
   if ((bf16_unit && !amx_bf16_supported()) || (int8_unit && !quant::amx_supported()))
     throw std::runtime_error("compute_peak_gflops: this CPU has no AMX tiles of that kind");
-#ifndef __AVX512F__
-  throw std::runtime_error("compute_peak_gflops: built without AVX-512");
+#ifndef KILN_HAS_FMA_PEAK
+  if (unit == PeakUnit::kFma) throw std::runtime_error("compute_peak_gflops: built without AVX2/FMA or AVX-512");
 #endif
   std::vector<double> flops(threads, 0.0), secs(threads, 0.0);
   std::atomic<int> ready{0};
@@ -163,7 +187,7 @@ double compute_peak_gflops(PeakUnit unit, int threads, int64_t iters, int accumu
     if (unit == PeakUnit::kAmxInt8Loaded) flops[id] = amx_loaded_ops<true>(iters);
 #endif
     if (unit == PeakUnit::kClock) flops[id] = scalar_clock(iters);
-#ifdef __AVX512F__
+#ifdef KILN_HAS_FMA_PEAK
     if (unit == PeakUnit::kFma) flops[id] = fma_flops(iters);
 #endif
     secs[id] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -17,6 +17,16 @@ from kiln.ir.reference import epilogue
 from .registry import register_kernel
 
 _MKLDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_BF16: list = []  # whether this CPU runs oneDNN's bf16 path, asked once (when a bf16 node first comes)
+
+
+def _bf16_ok() -> bool:
+    """oneDNN's bf16 GEMM and convolution need AVX512-BW/VL/DQ or AVX-NE-CONVERT: on a CPU
+    without them (AVX2 only) torch refuses the weight reorder, so they are not candidates."""
+    if not _BF16:
+        ask = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        _BF16.append(bool(ask()) if ask is not None else False)
+    return _BF16[0]
 
 # activation -> (oneDNN post-op name, algorithm)
 _POST_OPS = {A.Activation.NONE: ("none", ""), A.Activation.RELU: ("relu", ""), A.Activation.TANH: ("tanh", ""),
@@ -29,7 +39,7 @@ def _ok(node: Node) -> bool:
     # representative size and oneDNN's prepacked primitives take any row count
     x = node.inputs[0].type
     return (_MKLDNN and isinstance(x.shape[-1], int) and x.dtype.value in ("float32", "bfloat16") and
-            node.inputs[1].type.dtype == x.dtype)
+            node.inputs[1].type.dtype == x.dtype and (x.dtype.value == "float32" or _bf16_ok()))
 
 
 def _linear_ok(node: Node) -> bool:

@@ -1,6 +1,8 @@
 """Quantized kernels for the ``cpu`` target on oneDNN through torch's ``onednn`` ops
 (u8 x s8 with int32 accumulation: AVX512-VNNI / AMX-INT8 on CPUs that have them), with
-weights prepacked once at plan build and the epilogue fused where oneDNN allows.
+weights prepacked once at plan build and the epilogue fused where oneDNN allows. They
+require VNNI: without it oneDNN multiplies u8 x s8 pairs with VPMADDUBSW, whose 16-bit sums
+saturate, so its results are not the exact int32 sums the reference computes.
 
 Like every fast kernel these are candidates: ``kernels.choice`` checks each against the
 reference (``kiln.ir.reference``) on the node's shapes and times it.
@@ -13,7 +15,7 @@ from kiln.ir import attrs as A
 from kiln.ir import qformat
 
 from kiln.ir.reference import epilogue
-from .registry import register_kernel
+from .registry import VNNI, register_kernel
 
 _ONEDNN = hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qlinear_pointwise")
 
@@ -71,7 +73,7 @@ def _prepare_qlinear_dynamic(node: Node, consts: list):
 
 
 register_kernel(OpKind.QLINEAR_DYNAMIC, "cpu", name="cpu.onednn_qlinear_dynamic", accepts=_static,
-                prepare=_const_weights(_prepare_qlinear_dynamic))(_unusable)
+                prepare=_const_weights(_prepare_qlinear_dynamic), requires=VNNI)(_unusable)
 
 
 # ----------------------------------------------------------------------------- weight-only int4
@@ -138,7 +140,7 @@ def _prepare_qlinear(node: Node, consts: list):
 
 
 register_kernel(OpKind.QLINEAR, "cpu", name="cpu.onednn_qlinear", accepts=_static,
-                prepare=_const_weights(_prepare_qlinear))(_unusable)
+                prepare=_const_weights(_prepare_qlinear), requires=VNNI)(_unusable)
 
 
 def _qconv_ok(node: Node) -> bool:
@@ -178,4 +180,4 @@ def _prepare_qconv(node: Node, consts: list):
 
 
 register_kernel(OpKind.QCONV2D, "cpu", name="cpu.onednn_qconv2d", accepts=_qconv_ok,
-                prepare=_const_weights(_prepare_qconv))(_unusable)
+                prepare=_const_weights(_prepare_qconv), requires=VNNI)(_unusable)

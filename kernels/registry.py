@@ -149,7 +149,9 @@ def candidates(node: Node, target: str) -> list[Kernel]:
     _load_kernel_modules()
 
     static = is_static(node)
-    ks = [k for k in _REGISTRY.get((node.op, target), []) if (static or k.dynamic) and k.accepts(node)] \
+    here = _host_features() if target == "cpu" else None
+    ks = [k for k in _REGISTRY.get((node.op, target), [])
+          if (static or k.dynamic) and (here is None or k.runs_on(here)) and k.accepts(node)] \
         if target != "reference" else []
     ref = select_kernel(node, "reference")
     return ks + [ref] if ks else [ref]  # the reference always competes (and is the oracle)
@@ -162,13 +164,27 @@ def select_kernel(node: Node, target: str) -> Kernel:
 
     if target != "reference":
         static = is_static(node)
+        here = _host_features() if target == "cpu" else None
         for k in _REGISTRY.get((node.op, target), []):
-            if (static or k.dynamic) and k.accepts(node):
+            if (static or k.dynamic) and (here is None or k.runs_on(here)) and k.accepts(node):
                 return k
     ks = _REGISTRY.get((node.op, "reference"))
     if not ks:
         raise KeyError(f"no reference kernel for {node.op.value}")
     return ks[0]
+
+
+_HOST: list = []
+
+
+def _host_features() -> frozenset:
+    """This CPU's features (``kiln.target.CPU_FEATURES``): a kernel that ``requires`` one it
+    lacks is no candidate here."""
+    if not _HOST:
+        from kiln.target import host_cpu
+
+        _HOST.append(host_cpu().features)
+    return _HOST[0]
 
 
 def is_static(node: Node) -> bool:

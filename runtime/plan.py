@@ -195,7 +195,8 @@ def run_all(graph: Graph, inputs: list[torch.Tensor], target: str = "reference")
 
 
 def build_plan(graph: Graph, target: "str | Target" = "cpu", kernel_choices: list[str] | None = None,
-               partition=None, generate=None, exclude: frozenset[str] = frozenset(), sizes: dict | None = None) -> Plan:
+               partition=None, generate=None, exclude: frozenset[str] = frozenset(), sizes: dict | None = None,
+               buckets: list[dict] | None = None) -> Plan:
     """A plan for the CPU (or the reference kernels): per node, the fastest kernel that agrees
     with the reference. ``kernel_choices`` (one kernel name per node, from the compile cache)
     skips measuring; kernels named in ``exclude`` are not candidates (the reference always is).
@@ -204,6 +205,10 @@ def build_plan(graph: Graph, target: "str | Target" = "cpu", kernel_choices: lis
     ``kiln.runtime.generated``), each kernel group can run as one generated kernel: it does
     when ``kernel_choices`` says so, else when it beats the group's per-node kernels by
     measurement. Steps then follow the partition's group order (a valid execution order).
+
+    ``sizes``: a symbolic graph's example sizes (its kernels are measured and prepared at
+    them); ``buckets``: more representative sizes, each node of symbolic shapes chosen at
+    each too and dispatched by size where the choices differ (``runtime.by_size``).
     """
     target = Target.parse(target)
     kind = target.kind
@@ -216,18 +221,25 @@ def build_plan(graph: Graph, target: "str | Target" = "cpu", kernel_choices: lis
         # recorded as one generated kernel: its nodes' own kernels are neither chosen nor prepared
         gen = _recorded_generated(gen_group, nodes, kernel_choices, index, generate)
         codegen_s += time.perf_counter() - t0
-        chosen = []
+        chosen, per_size = [], []
         for n in nodes if gen is None else ():
             cands = [k for k in candidates(n, kind) if k.name not in exclude or k.target == "reference"]
             recorded = kernel_choices[index[n]] if kernel_choices is not None and index[n] < len(kernel_choices) \
                 else None
+            consts = [None if v is None else graph.constants.get(v) for v in n.inputs]
+            restored = _restored_by_size(n, recorded, cands, consts)
+            if restored is not None:
+                chosen.append(restored)
+                per_size.append(None)
+                continue
             if recorded is not None:
                 cands = [k for k in cands if k.name == recorded] or cands
-            consts = [None if v is None else graph.constants.get(v) for v in n.inputs]
             # a node of symbolic shapes: its candidates (dynamic kernels) measured and prepared
             # at the representative sizes; the kernel they choose serves every size
             at = n if sizes is None or is_static(n) else n.at_sizes(sizes)
             chosen.append(choose(at, cands, consts))
+            per_size.append((cands, consts) if recorded is None and buckets and len(buckets) > 1 and
+                            sizes is not None and not is_static(n) else None)
         t0 = time.perf_counter()
         if gen is None:
             gen = _generated(gen_group, nodes, chosen, graph, kernel_choices, index, generate, sizes)
@@ -237,10 +249,50 @@ def build_plan(graph: Graph, target: "str | Target" = "cpu", kernel_choices: lis
                 node_kernels[index[n]] = gen.name
             units.append(Unit(gen.name, gen, None, tuple(gen_group.inputs), tuple(gen_group.outputs), nodes[-1]))
             continue
-        for n, (k, fn) in zip(nodes, chosen):
-            node_kernels[index[n]] = k.name
-            units.append(Unit(k.name, fn, n.attrs, tuple(n.inputs), tuple(n.outputs), n))
+        for n, (k, fn), more in zip(nodes, chosen, per_size):
+            name = k if isinstance(k, str) else k.name
+            if more is not None:
+                name, fn = _chosen_by_size(n, (k, fn), more, sizes, buckets)
+            node_kernels[index[n]] = name
+            units.append(Unit(name, fn, n.attrs, tuple(n.inputs), tuple(n.outputs), n))
     return assemble(graph, target, units, node_kernels=node_kernels, codegen_seconds=codegen_s)
+
+
+def _chosen_by_size(node: Node, first, more, sizes: dict, buckets: list[dict]) -> tuple[str, object]:
+    """(recorded choice, step function) of a symbolic node chosen at every representative size:
+    one kernel where they agree, else a ``BySize`` dispatch (``runtime.by_size``). ``first`` is
+    the choice at ``sizes`` (the example's)."""
+    from .by_size import dispatch
+
+    cands, consts = more
+    made = {(first[0].name, _key(sizes)): first[1]}
+    entries = [(sizes, first[0].name)]
+    for s in buckets:
+        if s == sizes:
+            continue
+        k, fn = choose(node.at_sizes(s), cands, consts)
+        made.setdefault((k.name, _key(s)), fn)
+        entries.append((s, k.name))
+    return dispatch(node, entries, lambda name, s: made[(name, _key(s))])
+
+
+def _key(sizes: dict) -> tuple:
+    return tuple(sorted(sizes.items()))
+
+
+def _restored_by_size(node: Node, recorded, cands, consts):
+    """(record, step function) for a recorded size-bucket choice whose kernels are all
+    candidates here, each prepared at its recorded sizes; None otherwise (a plain or absent
+    record, or a kernel missing here: the node is chosen again)."""
+    from .by_size import decode, dispatch
+
+    entries = decode(recorded) if isinstance(recorded, str) else None
+    if entries is None or is_static(node):
+        return None
+    by_name = {k.name: k for k in cands}
+    if any(name not in by_name for _, name in entries):
+        return None
+    return dispatch(node, entries, lambda name, s: by_name[name].bind(node.at_sizes(s), consts))
 
 
 _GENERATED_KINDS = ("injective", "reduction")

@@ -24,6 +24,7 @@ from kiln.kernels.registry import all_kernels, candidates, kernel_named
 from kiln.passes.partition import KernelGroup, Partition, subgroup
 from kiln.target import Target
 
+from .by_size import member_kernels
 from .generated import KERNEL_PREFIX
 from .plan import Plan, build_plan
 
@@ -87,26 +88,36 @@ def unavailable(graph: Graph, node_kernels: list[str], target: Target, generated
                 exclude: frozenset[str] = frozenset()) -> list[Unavailable]:
     """Every node whose recorded kernel cannot run on ``target`` here, and why."""
     out = []
-    for i, (n, name) in enumerate(zip(graph.nodes, node_kernels)):
-        why = None
-        if name.startswith(KERNEL_PREFIX):
-            if not generated_ok:
-                why = "its generated module cannot load here"
-        else:
-            k = kernel_named(name)
-            if k is None:
-                why = "this Kiln has no kernel of that name"
-            elif k.target == "reference":
-                continue
-            elif not k.runs_on(target.features):
-                why = f"it needs CPU features {', '.join(sorted(k.requires - target.features))}"
-            elif name in exclude:
-                why = "it is excluded"
-            elif k not in candidates(n, target.kind):
-                why = "this machine's build or CPU does not accept it"
-        if why is not None:
-            out.append(Unavailable(i, _label(n), name, why))
+    for i, (n, recorded) in enumerate(zip(graph.nodes, node_kernels)):
+        try:
+            names = member_kernels(recorded)
+        except ValueError as e:
+            out.append(Unavailable(i, _label(n), recorded, str(e)))
+            continue
+        for name in names:
+            why = _why_unavailable(n, name, target, generated_ok, exclude)
+            if why is not None:
+                out.append(Unavailable(i, _label(n), name, why))
+                break
     return out
+
+
+def _why_unavailable(n, name: str, target: Target, generated_ok: bool, exclude: frozenset) -> str | None:
+    """Why kernel ``name`` cannot run node ``n`` on ``target`` here (None: it can)."""
+    if name.startswith(KERNEL_PREFIX):
+        return None if generated_ok else "its generated module cannot load here"
+    k = kernel_named(name)
+    if k is None:
+        return "this Kiln has no kernel of that name"
+    if k.target == "reference":
+        return None
+    if not k.runs_on(target.features):
+        return f"it needs CPU features {', '.join(sorted(k.requires - target.features))}"
+    if name in exclude:
+        return "it is excluded"
+    if k not in candidates(n, target.kind):
+        return "this machine's build or CPU does not accept it"
+    return None
 
 
 def _shipped_generator(graph: Graph, shipped: dict[str, ShippedKernel], target: Target, rebuild: bool):

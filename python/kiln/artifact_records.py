@@ -41,7 +41,7 @@ MANIFEST = {
     "target": {"kind": str, "arch": str, "features": [str], "cores": int, "?device_name": str, "?key": str},
     "options": {"precision": str, "sparse": str, "tune": (str, int, float, None), "codegen": bool,
                 "threads": (int, None), "exclude_kernels": [str], "passes": ([str], None), "?verify": bool,
-                "max_specializations": int,
+                "max_specializations": int, "?size_buckets": int,
                 "quantize": ({"scheme": str, "observer": str, "group_size": int, "min_sqnr": (int, float, None),
                               "measure_payoff": bool}, None)},
     "inputs": {"spec": [_SPEC], "tree": (str, None), "tensor_args": (int, None), "value_inputs": [int]},
@@ -120,7 +120,7 @@ def options_record(o: CompileOptions) -> dict:
     return {"precision": o.precision, "quantize": q, "sparse": o.sparse, "tune": o.tune, "codegen": o.codegen,
             "threads": o.threads, "exclude_kernels": sorted(o.exclude_kernels),
             "passes": None if o.passes is None else list(o.passes), "verify": o.verify,
-            "max_specializations": o.max_specializations}
+            "max_specializations": o.max_specializations, "size_buckets": o.size_buckets}
 
 
 def options_from(d: dict, target: Target) -> CompileOptions:
@@ -130,7 +130,8 @@ def options_from(d: dict, target: Target) -> CompileOptions:
     options = CompileOptions.parse(
         target=target, precision=d["precision"], sparse=d["sparse"], tune=d["tune"], codegen=d["codegen"],
         threads=d["threads"], exclude_kernels=list(d["exclude_kernels"]), passes=d["passes"],
-        verify=d.get("verify", False), max_specializations=d["max_specializations"])
+        verify=d.get("verify", False), max_specializations=d["max_specializations"],
+        size_buckets=d.get("size_buckets", 1))
     q = d.get("quantize")
     if q is None:
         return options

@@ -160,13 +160,19 @@ def compile_imported(imp: Imported, options: CompileOptions, name: str, hints: d
         hit = None  # recorded for a different optimized graph: rebuild, never trust
     _check_memory(result.graph)
     t1 = time.perf_counter()
+    buckets = None
+    if hints and target.kind == "cpu":
+        from kiln.runtime.by_size import representative_sizes
+
+        buckets = representative_sizes(hints, imp.size_limits, options.size_buckets)
     with _choice_policy(options):
-        plan = _build_plan(result, options, target, hit, hints)
-        accuracy, drop = _check_approximate(plan, result, hints) if hit is None and target.kind == "cpu" else ("", None)
+        plan = _build_plan(result, options, target, hit, hints, buckets)
+        accuracy, drop = _check_approximate(plan, result, buckets or [hints]) \
+            if hit is None and target.kind == "cpu" else ("", None)
         if drop:  # the plan (and its packed weights) goes before the one without them is built
             plan = None
             plan = _build_plan(result, options.replace(exclude_kernels=frozenset(options.exclude_kernels) | set(drop)),
-                               target, None, hints)
+                               target, None, hints, buckets)
     plan_s = time.perf_counter() - t1
     node_kernels = plan.node_kernels
     if key and hit is None and target.kind == "cpu":  # cuda plans are not built from recorded choices
@@ -199,7 +205,7 @@ def _choice_policy(options: CompileOptions):
     return remeasuring() if options.remeasure else contextlib.nullcontext()
 
 
-def _build_plan(result, options: CompileOptions, target, hit, hints=None):
+def _build_plan(result, options: CompileOptions, target, hit, hints=None, buckets=None):
     from kiln.runtime.plan import build_plan
 
     if target.kind == "cuda":  # Triton / CUDA C kernels, built ahead of time for the target SM
@@ -209,23 +215,28 @@ def _build_plan(result, options: CompileOptions, target, hit, hints=None):
     generate = _generator(result.graph, target, options.tune_budget, hints) \
         if options.codegen and target.kind == "cpu" else None
     return build_plan(result.graph, target.kind, kernel_choices=hit["kernels"] if hit else None,
-                      partition=result.partition, generate=generate, exclude=options.exclude_kernels, sizes=hints)
+                      partition=result.partition, generate=generate, exclude=options.exclude_kernels, sizes=hints,
+                      buckets=buckets)
 
 
-def _check_approximate(plan, result, hints) -> tuple[str, tuple]:
+def _check_approximate(plan, result, sizes: list) -> tuple[str, tuple]:
     """(what the check found, the kernels to build the plan again without: empty to keep it)
     -- runtime/accuracy_guard.py: a plan that uses approximate kernels must agree with the
-    reference kernels end to end."""
+    reference kernels end to end (a dynamic plan's at each representative size in ``sizes``,
+    where its size buckets may run different kernels)."""
     from kiln.kernels.registry import all_kernels
     from kiln.runtime.accuracy_guard import REL_TOL, worst_relative_error
+    from kiln.runtime.by_size import member_kernels
     from kiln.runtime.plan import build_plan
 
     every = tuple(sorted(k.name for k in all_kernels() if k.approximate))
-    uses = ", ".join(k for k in every if k in set(plan.node_kernels))
+    used = {m for k in plan.node_kernels for m in member_kernels(k)}
+    uses = ", ".join(k for k in every if k in used)
     if not uses:
         return "", ()
     try:
-        rel = worst_relative_error(plan, build_plan(result.graph, "reference"), hints)
+        reference = build_plan(result.graph, "reference")
+        rel = max(worst_relative_error(plan, reference, s) for s in sizes)
         found = f"the whole model was {rel:.1e} of its output's scale from the reference kernels with them"
     except Exception as e:  # noqa: BLE001  (unverifiable: the approximate kernels are not kept)
         rel, found = float("inf"), f"the end-to-end check could not run ({type(e).__name__}: {e})"

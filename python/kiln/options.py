@@ -103,6 +103,10 @@ class CompileOptions:
     # PyTorch models; an ONNX model's dim_param dims vary (falling back to exact shapes, with a
     # KilnWarning, when its shape computations cannot stay symbolic)
     dynamic: bool | tuple | None = None
+    # a dynamic plan's kernels are measured at this many representative sizes (the example's,
+    # a quarter of it, and four times it within a bounded range) and each node runs the kernel
+    # chosen nearest to a call's size; 1: one choice per node, at the example's size
+    size_buckets: int = 2
     # measure every kernel choice afresh (more rounds) instead of reusing the compile cache's
     # recorded choices; the result replaces them (``kiln tune MODEL``). Not part of the key.
     remeasure: bool = False
@@ -150,6 +154,11 @@ class CompileOptions:
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise KilnError(f"max_specializations must be a positive int, got {n!r}")
             fields["max_specializations"] = n
+        if "size_buckets" in keywords:
+            n = keywords.pop("size_buckets")
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 3:
+                raise KilnError(f"size_buckets must be 1, 2 or 3, got {n!r}")
+            fields["size_buckets"] = n
         assert not keywords, keywords
         out = dataclasses.replace(base, **fields)
         if isinstance(scheme, QuantOptions):
@@ -182,7 +191,8 @@ class CompileOptions:
                 "sparse": self.sparse, "tune": self.tune_budget, "codegen": self.codegen,
                 "exclude_kernels": sorted(self.exclude_kernels),
                 "passes": None if self.passes is None else list(self.passes),
-                "dynamic": bool(self.dynamic) if not isinstance(self.dynamic, tuple) else [repr(d) for d in self.dynamic]}
+                "dynamic": bool(self.dynamic) if not isinstance(self.dynamic, tuple) else [repr(d) for d in self.dynamic],
+                "size_buckets": self.size_buckets}
 
 
 _QUANT_KEYWORDS = {"calibration", "observer", "group_size", "min_sqnr", "quantize_payoff"}

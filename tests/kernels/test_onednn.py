@@ -14,6 +14,25 @@ ACTS = [A.Activation.NONE, A.Activation.RELU, A.Activation.GELU, A.Activation.GE
         A.Activation.TANH, A.Activation.SIGMOID]
 
 
+# oneDNN's bf16 path needs AVX512-BW/VL/DQ or AVX-NE-CONVERT: on other CPUs the kernels do not
+# accept bf16 nodes (tested in test_bf16_is_no_candidate_where_onednn_cannot_run_it)
+BF16 = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not onednn._bf16_ok(),
+                                                             reason="this CPU has no oneDNN bf16 path"))
+
+
+def test_bf16_is_no_candidate_where_onednn_cannot_run_it(monkeypatch):
+    from kiln.kernels.registry import candidates
+
+    b = GraphBuilder()
+    x = b.input("x", (4, 16), DType.BFLOAT16)
+    y = b.add(OpKind.LINEAR, x, b.const(torch.randn(8, 16).to(torch.bfloat16)), None, attrs=A.LinearAttrs())
+    node = b.build([y]).nodes[0]
+    for ok in (True, False):
+        monkeypatch.setattr(onednn, "_BF16", [ok])
+        names = [k.name for k in candidates(node, "cpu")]
+        assert ("cpu.onednn_linear" in names) is ok, names
+
+
 def _kernel(op):
     return next(k for k in kernels_for(op, "cpu") if k.name.startswith("cpu.onednn"))
 
@@ -22,7 +41,7 @@ def _tol(dtype):
     return (1e-4, 1e-4) if dtype == torch.float32 else (3e-2, 3e-2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("residual", [False, True])
 def test_linear(dtype, act, residual):
@@ -39,7 +58,7 @@ def test_linear(dtype, act, residual):
     torch.testing.assert_close(fn(args, node.attrs), ref_linear(args, node.attrs), atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
 @pytest.mark.parametrize("act,residual", [(A.Activation.NONE, False), (A.Activation.GELU, False),
                                           (A.Activation.RELU, True)])
 def test_linear_at_row_counts_it_was_not_prepared_for(dtype, act, residual):
@@ -70,7 +89,7 @@ def test_row_buckets_are_few_and_close_above():
         assert m <= 64 or mb <= 1.25 * m
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
 @pytest.mark.parametrize("layout", ["row", "nhwc"])
 @pytest.mark.parametrize("case", ["plain", "bias_relu", "residual_relu", "grouped_strided"])
 def test_conv(dtype, layout, case):

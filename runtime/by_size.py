@@ -1,0 +1,154 @@
+"""Kernel choice per size bucket: a dynamic plan's node may run a different kernel at
+different sizes.
+
+Which kernel is fastest for a node can change with its size: a Winograd convolution wins
+at a large batch and loses to oneDNN's direct one at batch 1; a GEMM's best blocking
+depends on its row count. A dynamic plan measures its kernels at the compile's example
+sizes, so one choice per node leaves time on the table at the other end of the range. Here
+a node is measured at a few representative sizes (``representative_sizes``: the example's,
+a quarter of it, and with ``size_buckets=3`` four times it within the range); where they
+disagree, its step is a ``BySize`` that reads the call's size off an operand's shape and
+calls the kernel chosen nearest to it (bucket bounds at the geometric means of neighbouring
+representative sizes). Nodes whose choice agrees at every size keep one kernel, so the
+common case pays nothing at run time.
+
+A dispatched node's choice is recorded (compile cache, artifacts) as one string naming
+each bucket's sizes and kernel (``encode``/``decode``), so a warm compile or a loaded
+artifact rebuilds the same dispatch without measuring. Each distinct kernel is prepared
+once, at the smallest representative size that chose it, both when choosing and when
+restoring: the two plans are the same, to the bit.
+"""
+from __future__ import annotations
+
+import math
+
+from kiln.ir import Node
+from kiln.ir.types import Sym
+
+PREFIX = "by-size["
+SMALL = 4  # the small representative size is the example's size over this
+LARGE = 4  # the large one the example's size times this (within the range)
+
+
+def representative_sizes(hints: dict, limits: dict, buckets: int) -> list[dict]:
+    """The sizes a dynamic plan's kernels are chosen at, the example's first.
+
+    Only the size with the largest example value varies between them (batch for a vision
+    model, the sequence length for a text model at batch 1): a quarter of it when that is
+    at least 2 and inside the range, and with ``buckets >= 3`` four times it when the range
+    has a known upper end at least three times the example (a large size costs its own
+    measuring time; an open range gives no idea how large calls get)."""
+    out = [dict(hints)]
+    if buckets <= 1 or not hints:
+        return out
+    name = max(sorted(hints), key=lambda n: hints[n])
+    h = hints[name]
+    lo, hi = limits.get(name, (None, None)) if limits else (None, None)
+    small = h // SMALL
+    if small >= 2 and small >= (lo or 1):
+        out.append({**hints, name: small})
+    if buckets >= 3 and hi is not None and hi >= 3 * h:
+        out.append({**hints, name: min(hi, LARGE * h)})
+    return out
+
+
+# ----------------------------------------------------------------------------- records
+def encode(entries: list[tuple[dict, str]]) -> str:
+    """One recorded choice for a node dispatched by size: ``(sizes, kernel name)`` per bucket."""
+    parts = [",".join(f"{k}={v}" for k, v in sorted(s.items())) + ":" + name for s, name in entries]
+    return PREFIX + ";".join(parts) + "]"
+
+
+def decode(recorded: str) -> list[tuple[dict, str]] | None:
+    """``encode``'s entries; None when ``recorded`` is a plain kernel name. A malformed record
+    raises ValueError."""
+    if not recorded.startswith(PREFIX):
+        return None
+    if not recorded.endswith("]"):
+        raise ValueError(f"malformed size-bucket record {recorded!r}")
+    out = []
+    for part in recorded[len(PREFIX):-1].split(";"):
+        sizes_text, sep, name = part.rpartition(":")
+        if not sep or not name:
+            raise ValueError(f"malformed size-bucket record {recorded!r}")
+        sizes = {}
+        for item in sizes_text.split(",") if sizes_text else ():
+            k, eq, v = item.partition("=")
+            if not eq or not k.isidentifier() or not v.isdigit():
+                raise ValueError(f"malformed size-bucket record {recorded!r}")
+            sizes[k] = int(v)
+        out.append((sizes, name))
+    if len(out) < 2:
+        raise ValueError(f"a size-bucket record needs two buckets: {recorded!r}")
+    return out
+
+
+def member_kernels(recorded: str) -> list[str]:
+    """The plain kernel names a recorded choice runs (itself when it is not dispatched)."""
+    entries = decode(recorded)
+    return [recorded] if entries is None else list(dict.fromkeys(name for _, name in entries))
+
+
+# ----------------------------------------------------------------------------- dispatch
+def probe(node: Node) -> tuple[int, tuple[int, ...]] | None:
+    """(operand, axes): the first operand with symbolic dims and those axes; their product is
+    the size a call is dispatched on. None when no operand has one."""
+    for i, v in enumerate(node.inputs):
+        if v is None:
+            continue
+        axes = tuple(a for a, d in enumerate(v.type.shape) if isinstance(d, Sym))
+        if axes:
+            return i, axes
+    return None
+
+
+def work(node: Node, where: tuple[int, tuple[int, ...]], sizes: dict) -> int:
+    """The probed size of ``node`` at ``sizes``."""
+    i, axes = where
+    shape = node.inputs[i].type.concrete(sizes).shape
+    return math.prod(int(shape[a]) for a in axes)
+
+
+class BySize:
+    """A step that calls the kernel of the bucket its call's size falls in."""
+
+    __slots__ = ("fns", "bounds", "operand", "axes", "names")
+
+    def __init__(self, fns: list, bounds: list[int], operand: int, axes: tuple, names: list[str]):
+        self.fns, self.bounds, self.operand, self.axes, self.names = tuple(fns), tuple(bounds), operand, axes, names
+
+    def pick(self, inputs) -> int:
+        shape = inputs[self.operand].shape
+        w = 1
+        for a in self.axes:
+            w *= shape[a]
+        for j, b in enumerate(self.bounds):
+            if w <= b:
+                return j
+        return len(self.bounds)
+
+    def __call__(self, inputs, attrs):
+        return self.fns[self.pick(inputs)](inputs, attrs)
+
+    def __repr__(self) -> str:
+        return f"BySize({', '.join(self.names)}; bounds {list(self.bounds)})"
+
+
+def dispatch(node: Node, entries: list[tuple[dict, str]], bind) -> tuple[str, object]:
+    """(recorded choice, step function) for ``node`` chosen per bucket: ``entries`` are
+    (sizes, kernel name) per representative size; ``bind(name, sizes)`` prepares a kernel at
+    sizes. One kernel everywhere: that kernel alone (prepared at the first entry's sizes, the
+    example's)."""
+    where = probe(node)
+    names = [name for _, name in entries]
+    if len(set(names)) == 1 or where is None:
+        return names[0], bind(names[0], entries[0][0])
+    ordered = sorted(entries, key=lambda e: work(node, where, e[0]))
+    works = [work(node, where, s) for s, _ in ordered]
+    fns: dict = {}
+    for s, name in ordered:  # each kernel prepared once, at the smallest size that chose it
+        if name not in fns:
+            fns[name] = bind(name, s)
+    bounds = [int(math.sqrt(a * b)) for a, b in zip(works, works[1:])]
+    names = [name for _, name in ordered]
+    return encode(ordered), BySize([fns[n] for n in names], bounds, where[0], where[1], names)
