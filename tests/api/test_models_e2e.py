@@ -47,6 +47,10 @@ def test_model_matches_eager_at_two_batch_sizes(name):
 def test_recurrent_models_run_kilns_native_layers(name, monkeypatch):
     """Every recurrent layer runs a Kiln CPU kernel (the first that accepts it, chosen
     without timing) and the model still matches eager."""
+    from kiln import _C
+
+    if not _C.recurrence_supported():
+        pytest.skip("Kiln's recurrent kernels need AVX-512, which this CPU lacks")
     monkeypatch.setenv("KILN_KERNEL_CHOICE", "first")
     model, inputs = models.get(name)
     fast = kiln.compile(model, inputs)
