@@ -200,7 +200,9 @@ def per_length(name: str, sizes: list[int], threads: int, quick: bool, layers: i
     """Steady-state latency of one ``dynamic=True`` plan against the static plan compiled for
     each size (the issue's "within 10% of the static plan" target), and eager, timed in
     interleaved rounds in this one process (ratios are what mean anything on a shared
-    machine). ``sizes``: sequence lengths (BERT, batch 1) or batch sizes (ResNet-18)."""
+    machine). ``sizes``: sequence lengths (BERT, batch 1) or batch sizes (ResNet-18). The
+    dynamic plan is compiled at the middle size with the default size buckets, and once more
+    with ``size_buckets=1`` (one kernel choice per node): what choosing per size bucket adds."""
     import torch
 
     import kiln
@@ -215,26 +217,37 @@ def per_length(name: str, sizes: list[int], threads: int, quick: bool, layers: i
         t = time.perf_counter()
         dyn = kiln.compile(model, _inputs(name, *shape(mid), example), dynamic=True)
         dyn_s = time.perf_counter() - t
+        t = time.perf_counter()
+        one = kiln.compile(model, _inputs(name, *shape(mid), example), dynamic=True, size_buckets=1)
+        one_s = time.perf_counter() - t
+        by_size = sum(k.startswith("by-size[") for _, k in dyn.report.node_kernels)
         rows = []
         for s in sizes:
             args = _inputs(name, *shape(s), example)
             static = kiln.compile(model, args)
             want = _first(model(*args))
-            err = max(float((_first(f(*args)).float() - want.float()).abs().max()) for f in (dyn, static))
-            r = interleaved([lambda: dyn(*args), lambda: static(*args), lambda: model(*args)], rounds, warmup=2,
-                            rotate=True)
+            err = max(float((_first(f(*args)).float() - want.float()).abs().max()) for f in (dyn, static, one))
+            r = interleaved([lambda: dyn(*args), lambda: static(*args), lambda: model(*args), lambda: one(*args)],
+                            rounds, warmup=2, rotate=True)
             rows.append({"model": name, "size": s, "threads": threads, "dynamic_ms": r[0].median * 1e3,
-                         "static_ms": r[1].median * 1e3, "eager_ms": r[2].median * 1e3, "max_abs_err": err,
-                         "dynamic_compile_s": dyn_s, "hint": mid})
+                         "static_ms": r[1].median * 1e3, "eager_ms": r[2].median * 1e3, "one_choice_ms": r[3].median * 1e3,
+                         "max_abs_err": err, "dynamic_compile_s": dyn_s, "one_choice_compile_s": one_s, "hint": mid,
+                         "by_size_nodes": by_size})
     return rows
 
 
 def print_per_length(rows: list) -> None:
-    print("| model | size | threads | dynamic ms | static ms | dynamic / static | eager ms | max err |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | size | threads | dynamic ms | static ms | dynamic / static | one choice ms | one choice / static "
+          "| eager ms | max err |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['size']} | {r['threads']} | {r['dynamic_ms']:.2f} | {r['static_ms']:.2f} | "
-              f"{r['dynamic_ms'] / r['static_ms']:.2f} | {r['eager_ms']:.2f} | {r['max_abs_err']:.1e} |")
+              f"{r['dynamic_ms'] / r['static_ms']:.2f} | {r['one_choice_ms']:.2f} | "
+              f"{r['one_choice_ms'] / r['static_ms']:.2f} | {r['eager_ms']:.2f} | {r['max_abs_err']:.1e} |")
+    for key in sorted({(r["model"], r["threads"]) for r in rows}):
+        r = next(r for r in rows if (r["model"], r["threads"]) == key)
+        print(f"{key[0]} @{key[1]} thread(s): dynamic plan compiled at {r['hint']} in {r['dynamic_compile_s']:.1f} s "
+              f"({r['by_size_nodes']} node(s) dispatched by size); with size_buckets=1 in {r['one_choice_compile_s']:.1f} s")
 
 
 def _against_peers(rows: list) -> list[str]:

@@ -2,10 +2,13 @@
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(__file__))
 import onnx_node_tests as T  # noqa: E402
 
 
+@pytest.mark.slow  # the whole ONNX node suite: `make test-slow` (CI runs it), `make onnx-conformance`
 def test_onnx_backend_node_tests_have_no_failures(capsys):
     res = T.run()
     with capsys.disabled():

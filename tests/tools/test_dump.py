@@ -29,7 +29,8 @@ def onnx_file(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("name", EXAMPLES)
+# BERT's graphs are the largest to print in every format: `make test-slow` (CI runs it)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "bert" else n for n in EXAMPLES])
 def test_every_format_for_example_models(final_graphs, name):
     g = final_graphs[name]
     text = D.render(g, "text")
