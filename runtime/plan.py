@@ -286,7 +286,10 @@ def _restored_by_size(node: Node, recorded, cands, consts):
     record, or a kernel missing here: the node is chosen again)."""
     from .by_size import decode, dispatch
 
-    entries = decode(recorded) if isinstance(recorded, str) else None
+    try:
+        entries = decode(recorded) if isinstance(recorded, str) else None
+    except ValueError:  # a damaged record: measured again, as a missing kernel is
+        return None
     if entries is None or is_static(node):
         return None
     by_name = {k.name: k for k in cands}

@@ -150,3 +150,17 @@ def test_size_buckets_is_checked():
     for bad in (0, 4, True, "2"):
         with pytest.raises(kiln.KilnError, match="size_buckets must be 1, 2 or 3"):
             kiln.CompileOptions.parse(size_buckets=bad)
+
+
+def test_a_damaged_record_is_measured_again(size_rule):
+    from kiln.runtime.plan import build_plan
+
+    c = kiln.compile(_mlp(), (torch.randn(16, 16),), dynamic=True, codegen=False)
+    graph = c.compiled[0].graph
+    recorded = [k for _, k in c.report.node_kernels]
+    damaged = [k[:-1] if k.startswith("by-size[") else k for k in recorded]  # no closing bracket
+    plan = build_plan(graph, "cpu", kernel_choices=damaged, sizes={"batch": 16})
+    assert not any(k.startswith("by-size[") for k in plan.node_kernels)  # one choice, at the example's size
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(plan.run([x])[0], _mlp()(x), atol=1e-5, rtol=1e-5)
