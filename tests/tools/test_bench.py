@@ -56,7 +56,8 @@ def test_bench_models_quick(tmp_path, threads):
             assert row["max_abs_err"]["kiln"] < 1e-3
             assert {"kiln_bf16", "kiln_int8", "openvino", "openvino_bf16", "openvino_int8", "inductor_bf16"} \
                 <= set(row["median_ms"]), r["errors"]
-            assert set(row["fraction_of_amx"]) >= {"kiln_bf16", "kiln_int8", "openvino_int8"}
+            if all((row.get("amx_ceiling_gflops") or {}).get(p) for p in ("bf16", "int8")):  # a CPU with AMX
+                assert set(row["fraction_of_amx"]) >= {"kiln_bf16", "kiln_int8", "openvino_int8"}
             assert row["sqnr_db"]["kiln_bf16"] > 20 and row["sqnr_db"]["openvino"] > 40
         assert "kiln" in r["compile_s"]
     assert md.read_text().startswith("Median latency") and "| resnet18 | 1 |" in out
