@@ -5,7 +5,7 @@
 //   y_t        = act(A^T M_t A + bias + residual)
 // F(4x4, 3x3) does 4x fewer multiplies than the direct convolution, F(2x2, 3x3) 2.25x; the
 // GEMMs run in the caller (torch.bmm); this file holds the transforms, vectorized over 16
-// channels per zmm (in NHWC a pixel's channels are contiguous). Tiles that overhang the
+// channels per zmm, or 8 per ymm on an AVX2 CPU (in NHWC a pixel's channels are contiguous). Tiles that overhang the
 // input read zeros (the convolution's zero padding); tiles that overhang the output write
 // only their valid pixels.
 #include <immintrin.h>
@@ -20,47 +20,95 @@
 
 namespace kiln {
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#define KILN_WINOGRAD 1
 namespace {
+
+// One register of channels and the few operations the transforms use: 16 lanes of a zmm with
+// AVX-512, else 8 lanes of a ymm (AVX2 + FMA). A channel tail is a mask.
+#ifdef __AVX512F__
+struct Vec {
+  using T = __m512;
+  using Mask = __mmask16;
+  static constexpr int W = 16;
+  static T zero() { return _mm512_setzero_ps(); }
+  static T set1(float v) { return _mm512_set1_ps(v); }
+  static T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
+  static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
+  static T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }    // a b + c
+  static T fnmadd(T a, T b, T c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
+  static T max(T a, T b) { return _mm512_max_ps(a, b); }
+  static Mask mask(int64_t n) { return tail_mask(n); }
+  static T load(Mask m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+  static void store(float* p, Mask m, T v) { _mm512_mask_storeu_ps(p, m, v); }
+};
+#else
+struct Vec {
+  using T = __m256;
+  struct Mask {
+    __m256i lanes;
+    bool full;  // a whole register: plain loads and stores (masked stores are slow on some CPUs)
+  };
+  static constexpr int W = 8;
+  static T zero() { return _mm256_setzero_ps(); }
+  static T set1(float v) { return _mm256_set1_ps(v); }
+  static T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
+  static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
+  static T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static T fnmadd(T a, T b, T c) { return _mm256_fnmadd_ps(a, b, c); }
+  static T max(T a, T b) { return _mm256_max_ps(a, b); }
+  static Mask mask(int64_t n) {
+    const int k = static_cast<int>(std::min<int64_t>(n, W));
+    return {_mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), k == W};
+  }
+  static T load(const Mask& m, const float* p) { return m.full ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, m.lanes); }
+  static void store(float* p, const Mask& m, T v) {
+    if (m.full) _mm256_storeu_ps(p, v); else _mm256_maskstore_ps(p, m.lanes, v);
+  }
+};
+#endif
+using Reg = Vec::T;
 
 // 1-D transforms, out = B^T in and y = A^T in (Lavin & Gray's matrices). `in` has R points.
 struct F2 {
   static constexpr int M = 2, R = 4;
-  static void bt(const __m512* d, __m512* o) {
-    o[0] = _mm512_sub_ps(d[0], d[2]);
-    o[1] = _mm512_add_ps(d[1], d[2]);
-    o[2] = _mm512_sub_ps(d[2], d[1]);
-    o[3] = _mm512_sub_ps(d[1], d[3]);
+  static void bt(const Reg* d, Reg* o) {
+    o[0] = Vec::sub(d[0], d[2]);
+    o[1] = Vec::add(d[1], d[2]);
+    o[2] = Vec::sub(d[2], d[1]);
+    o[3] = Vec::sub(d[1], d[3]);
   }
-  static void at(const __m512* m, __m512* y) {
-    y[0] = _mm512_add_ps(_mm512_add_ps(m[0], m[1]), m[2]);
-    y[1] = _mm512_sub_ps(_mm512_sub_ps(m[1], m[2]), m[3]);
+  static void at(const Reg* m, Reg* y) {
+    y[0] = Vec::add(Vec::add(m[0], m[1]), m[2]);
+    y[1] = Vec::sub(Vec::sub(m[1], m[2]), m[3]);
   }
 };
 
 struct F4 {
   static constexpr int M = 4, R = 6;
-  static void bt(const __m512* d, __m512* o) {
-    const __m512 four = _mm512_set1_ps(4.f), five = _mm512_set1_ps(5.f), two = _mm512_set1_ps(2.f);
-    const __m512 s13 = _mm512_fnmadd_ps(four, d[2], d[4]);  // d4 - 4 d2
-    const __m512 t13 = _mm512_fnmadd_ps(four, d[1], d[3]);  // d3 - 4 d1
-    const __m512 s24 = _mm512_sub_ps(d[4], d[2]);           // d4 - d2
-    const __m512 t24 = _mm512_mul_ps(two, _mm512_sub_ps(d[3], d[1]));  // 2 (d3 - d1)
-    o[0] = _mm512_add_ps(_mm512_fnmadd_ps(five, d[2], _mm512_mul_ps(four, d[0])), d[4]);
-    o[1] = _mm512_add_ps(s13, t13);
-    o[2] = _mm512_sub_ps(s13, t13);
-    o[3] = _mm512_add_ps(s24, t24);
-    o[4] = _mm512_sub_ps(s24, t24);
-    o[5] = _mm512_add_ps(_mm512_fnmadd_ps(five, d[3], _mm512_mul_ps(four, d[1])), d[5]);
+  static void bt(const Reg* d, Reg* o) {
+    const Reg four = Vec::set1(4.f), five = Vec::set1(5.f), two = Vec::set1(2.f);
+    const Reg s13 = Vec::fnmadd(four, d[2], d[4]);  // d4 - 4 d2
+    const Reg t13 = Vec::fnmadd(four, d[1], d[3]);  // d3 - 4 d1
+    const Reg s24 = Vec::sub(d[4], d[2]);           // d4 - d2
+    const Reg t24 = Vec::mul(two, Vec::sub(d[3], d[1]));  // 2 (d3 - d1)
+    o[0] = Vec::add(Vec::fnmadd(five, d[2], Vec::mul(four, d[0])), d[4]);
+    o[1] = Vec::add(s13, t13);
+    o[2] = Vec::sub(s13, t13);
+    o[3] = Vec::add(s24, t24);
+    o[4] = Vec::sub(s24, t24);
+    o[5] = Vec::add(Vec::fnmadd(five, d[3], Vec::mul(four, d[1])), d[5]);
   }
-  static void at(const __m512* m, __m512* y) {
-    const __m512 two = _mm512_set1_ps(2.f), four = _mm512_set1_ps(4.f), eight = _mm512_set1_ps(8.f);
-    const __m512 a = _mm512_add_ps(m[1], m[2]), b = _mm512_sub_ps(m[1], m[2]);
-    const __m512 c = _mm512_add_ps(m[3], m[4]), d = _mm512_sub_ps(m[3], m[4]);
-    y[0] = _mm512_add_ps(_mm512_add_ps(m[0], a), c);
-    y[1] = _mm512_fmadd_ps(two, d, b);
-    y[2] = _mm512_fmadd_ps(four, c, a);
-    y[3] = _mm512_add_ps(_mm512_fmadd_ps(eight, d, b), m[5]);
+  static void at(const Reg* m, Reg* y) {
+    const Reg two = Vec::set1(2.f), four = Vec::set1(4.f), eight = Vec::set1(8.f);
+    const Reg a = Vec::add(m[1], m[2]), b = Vec::sub(m[1], m[2]);
+    const Reg c = Vec::add(m[3], m[4]), d = Vec::sub(m[3], m[4]);
+    y[0] = Vec::add(Vec::add(m[0], a), c);
+    y[1] = Vec::fmadd(two, d, b);
+    y[2] = Vec::fmadd(four, c, a);
+    y[3] = Vec::add(Vec::fmadd(eight, d, b), m[5]);
   }
 };
 
@@ -77,32 +125,32 @@ Tiling tiling(const WinogradShape& s) {
 template <typename F>
 void input_tiles(const float* x, float* V, const WinogradShape& s, const Tiling& g, int64_t t0, int64_t t1) {
   constexpr int R = F::R;
-  const __m512 zero = _mm512_setzero_ps();
+  const Reg zero = Vec::zero();
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n = t / (g.TH * g.TW), th = (t / g.TW) % g.TH, tw = t % g.TW;
     const int64_t h0 = th * F::M - s.ph, w0 = tw * F::M - s.pw;
-    for (int64_t c = 0; c < s.C; c += 16) {
-      const __mmask16 mk = tail_mask(s.C - c);
-      __m512 d[R][R], tmp[R][R];
+    for (int64_t c = 0; c < s.C; c += Vec::W) {
+      const Vec::Mask mk = Vec::mask(s.C - c);
+      Reg d[R][R], tmp[R][R];
       for (int i = 0; i < R; ++i) {
         const int64_t h = h0 + i;
         const bool hv = h >= 0 && h < s.H;
         const float* row = x + ((n * s.H + (hv ? h : 0)) * s.W) * s.C + c;
         for (int j = 0; j < R; ++j) {
           const int64_t w = w0 + j;
-          d[i][j] = (hv && w >= 0 && w < s.W) ? _mm512_maskz_loadu_ps(mk, row + w * s.C) : zero;
+          d[i][j] = (hv && w >= 0 && w < s.W) ? Vec::load(mk, row + w * s.C) : zero;
         }
       }
       for (int j = 0; j < R; ++j) {  // columns: tmp = B^T d
-        __m512 col[R], out[R];
+        Reg col[R], out[R];
         for (int i = 0; i < R; ++i) col[i] = d[i][j];
         F::bt(col, out);
         for (int i = 0; i < R; ++i) tmp[i][j] = out[i];
       }
       for (int i = 0; i < R; ++i) {  // rows: V = tmp B
-        __m512 out[R];
+        Reg out[R];
         F::bt(tmp[i], out);
-        for (int j = 0; j < R; ++j) _mm512_mask_storeu_ps(V + ((i * R + j) * g.T + t) * s.C + c, mk, out[j]);
+        for (int j = 0; j < R; ++j) Vec::store(V + ((i * R + j) * g.T + t) * s.C + c, mk, out[j]);
       }
     }
   }
@@ -112,30 +160,30 @@ template <typename F>
 void output_tiles(const float* Mt, float* y, const float* bias, const float* res, bool relu, const WinogradShape& s,
                   const Tiling& g, int64_t t0, int64_t t1) {
   constexpr int R = F::R, M = F::M;
-  const __m512 zero = _mm512_setzero_ps();
+  const Reg zero = Vec::zero();
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n = t / (g.TH * g.TW), th = (t / g.TW) % g.TH, tw = t % g.TW;
     const int64_t oh0 = th * M, ow0 = tw * M;
     const int64_t mh = std::min<int64_t>(M, s.OH - oh0), mw = std::min<int64_t>(M, s.OW - ow0);
-    for (int64_t k = 0; k < s.K; k += 16) {
-      const __mmask16 mk = tail_mask(s.K - k);
-      __m512 tmp[M][R];
+    for (int64_t k = 0; k < s.K; k += Vec::W) {
+      const Vec::Mask mk = Vec::mask(s.K - k);
+      Reg tmp[M][R];
       for (int j = 0; j < R; ++j) {  // columns: tmp = A^T m
-        __m512 col[R], out[M];
-        for (int i = 0; i < R; ++i) col[i] = _mm512_maskz_loadu_ps(mk, Mt + ((i * R + j) * g.T + t) * s.K + k);
+        Reg col[R], out[M];
+        for (int i = 0; i < R; ++i) col[i] = Vec::load(mk, Mt + ((i * R + j) * g.T + t) * s.K + k);
         F::at(col, out);
         for (int i = 0; i < M; ++i) tmp[i][j] = out[i];
       }
-      const __m512 b = bias ? _mm512_maskz_loadu_ps(mk, bias + k) : zero;
+      const Reg b = bias ? Vec::load(mk, bias + k) : zero;
       for (int i = 0; i < mh; ++i) {  // rows: y = tmp A, then the epilogue
-        __m512 out[M];
+        Reg out[M];
         F::at(tmp[i], out);
         const int64_t base = ((n * s.OH + oh0 + i) * s.OW + ow0) * s.K + k;
         for (int j = 0; j < mw; ++j) {
-          __m512 v = _mm512_add_ps(out[j], b);
-          if (res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, res + base + j * s.K));
-          if (relu) v = _mm512_max_ps(v, zero);
-          _mm512_mask_storeu_ps(y + base + j * s.K, mk, v);
+          Reg v = Vec::add(out[j], b);
+          if (res) v = Vec::add(v, Vec::load(mk, res + base + j * s.K));
+          if (relu) v = Vec::max(v, zero);
+          Vec::store(y + base + j * s.K, mk, v);
         }
       }
     }
@@ -146,7 +194,7 @@ void output_tiles(const float* Mt, float* y, const float* bias, const float* res
 #endif
 
 bool winograd_supported() {
-#ifdef __AVX512F__
+#ifdef KILN_WINOGRAD
   return true;
 #else
   return false;
@@ -160,7 +208,7 @@ int64_t winograd_tiles(const WinogradShape& s) {
 }
 
 void winograd_input(const float* x, float* V, const WinogradShape& s, int threads) {
-#ifdef __AVX512F__
+#ifdef KILN_WINOGRAD
   if (s.m == 4) {
     const Tiling g = tiling<F4>(s);
     parallel_ranges(g.T, threads, [&](int64_t a, int64_t b) { input_tiles<F4>(x, V, s, g, a, b); });
@@ -172,13 +220,13 @@ void winograd_input(const float* x, float* V, const WinogradShape& s, int thread
   }
 #else
   (void)x; (void)V; (void)s; (void)threads;
-  throw std::runtime_error("winograd needs AVX-512");
+  throw std::runtime_error("winograd needs AVX-512 or AVX2 with FMA");
 #endif
 }
 
 void winograd_output(const float* Mt, float* y, const float* bias, const float* residual, bool relu,
                      const WinogradShape& s, int threads) {
-#ifdef __AVX512F__
+#ifdef KILN_WINOGRAD
   if (s.m == 4) {
     const Tiling g = tiling<F4>(s);
     parallel_ranges(g.T, threads, [&](int64_t a, int64_t b) { output_tiles<F4>(Mt, y, bias, residual, relu, s, g, a, b); });
@@ -190,7 +238,7 @@ void winograd_output(const float* Mt, float* y, const float* bias, const float* 
   }
 #else
   (void)Mt; (void)y; (void)bias; (void)residual; (void)relu; (void)s; (void)threads;
-  throw std::runtime_error("winograd needs AVX-512");
+  throw std::runtime_error("winograd needs AVX-512 or AVX2 with FMA");
 #endif
 }
 
