@@ -6,7 +6,7 @@ at a large batch and loses to oneDNN's direct one at batch 1; a GEMM's best bloc
 depends on its row count. A dynamic plan measures its kernels at the compile's example
 sizes, so one choice per node leaves time on the table at the other end of the range. Here
 a node is measured at a few representative sizes (``representative_sizes``: the example's,
-a quarter of it, and with ``size_buckets=3`` four times it within the range); where they
+a quarter of it, and with ``size_buckets=3`` four times it, capped at the range's end); where they
 disagree, its step is a ``BySize`` that reads the call's size off an operand's shape and
 calls the kernel chosen nearest to it (bucket bounds at the geometric means of neighbouring
 representative sizes). Nodes whose choice agrees at every size keep one kernel, so the
@@ -35,9 +35,9 @@ def representative_sizes(hints: dict, limits: dict, buckets: int) -> list[dict]:
 
     Only the size with the largest example value varies between them (batch for a vision
     model, the sequence length for a text model at batch 1): a quarter of it when that is
-    at least 2 and inside the range, and with ``buckets >= 3`` four times it when the range
-    has a known upper end at least three times the example (a large size costs its own
-    measuring time; an open range gives no idea how large calls get)."""
+    at least 2 and inside the range, and with ``buckets >= 3`` four times it (an open range,
+    or a range whose upper end is at least three times the example; capped at that end). The
+    default is 2: a large size costs four times the example's measuring time."""
     out = [dict(hints)]
     if buckets <= 1 or not hints:
         return out
@@ -47,8 +47,8 @@ def representative_sizes(hints: dict, limits: dict, buckets: int) -> list[dict]:
     small = h // SMALL
     if small >= 2 and small >= (lo or 1):
         out.append({**hints, name: small})
-    if buckets >= 3 and hi is not None and hi >= 3 * h:
-        out.append({**hints, name: min(hi, LARGE * h)})
+    if buckets >= 3 and (hi is None or hi >= 3 * h):
+        out.append({**hints, name: LARGE * h if hi is None else min(hi, LARGE * h)})
     return out
 
 

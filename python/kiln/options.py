@@ -104,7 +104,7 @@ class CompileOptions:
     # KilnWarning, when its shape computations cannot stay symbolic)
     dynamic: bool | tuple | None = None
     # a dynamic plan's kernels are measured at this many representative sizes (the example's,
-    # a quarter of it, and four times it within a bounded range) and each node runs the kernel
+    # a quarter of it, and four times it up to the range's end) and each node runs the kernel
     # chosen nearest to a call's size; 1: one choice per node, at the example's size
     size_buckets: int = 2
     # measure every kernel choice afresh (more rounds) instead of reusing the compile cache's

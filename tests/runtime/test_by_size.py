@@ -14,7 +14,7 @@ from kiln.runtime.by_size import BySize, decode, dispatch, encode, member_kernel
 
 
 # ----------------------------------------------------------------------------- sizes and records
-def test_representative_sizes_add_a_quarter_and_with_three_buckets_four_times_within_the_range():
+def test_representative_sizes_add_a_quarter_and_with_three_buckets_four_times_the_example():
     assert representative_sizes({"batch": 25}, {}, 2) == [{"batch": 25}, {"batch": 6}]
     assert representative_sizes({"batch": 25}, {}, 1) == [{"batch": 25}]
     assert representative_sizes({"batch": 7}, {}, 2) == [{"batch": 7}]  # a quarter would be 1
@@ -22,7 +22,7 @@ def test_representative_sizes_add_a_quarter_and_with_three_buckets_four_times_wi
     assert representative_sizes({"batch": 1, "seq": 64}, {"seq": (1, 512)}, 3) == \
         [{"batch": 1, "seq": 64}, {"batch": 1, "seq": 16}, {"batch": 1, "seq": 256}]
     assert representative_sizes({"seq": 200}, {"seq": (1, 512)}, 3) == [{"seq": 200}, {"seq": 50}]  # 512 < 3x
-    assert representative_sizes({"seq": 64}, {}, 3) == [{"seq": 64}, {"seq": 16}]  # open range: no large size
+    assert representative_sizes({"seq": 64}, {}, 3) == [{"seq": 64}, {"seq": 16}, {"seq": 256}]  # open range
     assert representative_sizes({"seq": 64}, {"seq": (20, None)}, 2) == [{"seq": 64}]  # 16 is below the range
     assert representative_sizes({}, {}, 3) == [{}]
 
