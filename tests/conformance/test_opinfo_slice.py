@@ -26,3 +26,7 @@ def test_opinfo_samples_match_or_are_refused(name):
     assert mine, f"no OpInfo named {name}"
     bad = [(o, why) for outs in mine.values() for o, why, _ in outs if o in S.BAD]
     assert not bad, bad
+
+
+# kept out of `make test`'s time budget on 2 cores: a slice of PyTorch's OpInfo sweep (`make opinfo` runs it whole): `make test-slow`, which CI runs
+pytestmark = pytest.mark.slow

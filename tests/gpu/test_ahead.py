@@ -95,3 +95,7 @@ def test_inverse_trigonometry_and_round_compile_for_sm_90():
     assert report.failures == []
     c = report.counts(90)
     assert c["triton"] >= 1 and c["triton_failed"] == 0 and c["cuda_c_failed"] == 0
+
+
+# kept out of `make test`'s time budget on 2 cores: cubin builds of the example models' kernels: `make test-slow`, which CI runs
+pytestmark = pytest.mark.slow

@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -19,3 +21,7 @@ def test_triton_kernels_match_torch_under_the_interpreter():
     assert p.returncode == 0, tail
     passed = int(re.search(r"(\d+) passed", tail).group(1))
     assert passed >= 77 and "failed" not in tail and "skipped" not in tail, tail
+
+
+# kept out of `make test`'s time budget on 2 cores: Triton's interpreter on every kernel template: `make test-slow`, which CI runs
+pytestmark = pytest.mark.slow

@@ -32,3 +32,7 @@ def test_map_batches_refuses_a_missing_artifact(ray_cluster, tmp_path):
 
     with pytest.raises(KilnError):
         kiln.ray.map_batches(ray.data.range(3), tmp_path / "missing.kiln")
+
+
+# kept out of `make test`'s time budget on 2 cores: Ray Data on a local cluster: `make test-slow`, which CI runs
+pytestmark = pytest.mark.slow

@@ -184,3 +184,7 @@ def _running(serve, replicas: int) -> bool:
     d = serve.status().applications["kiln"].deployments["kiln"]
     return str(d.status).endswith("HEALTHY") and \
         sum(n for state, n in d.replica_states.items() if str(state).endswith("RUNNING")) == replicas
+
+
+# kept out of `make test`'s time budget on 2 cores: Ray Serve deployments (a local cluster per module): `make test-slow`, which CI runs
+pytestmark = pytest.mark.slow
