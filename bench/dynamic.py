@@ -247,7 +247,8 @@ def print_per_length(rows: list) -> None:
     for key in sorted({(r["model"], r["threads"]) for r in rows}):
         r = next(r for r in rows if (r["model"], r["threads"]) == key)
         print(f"{key[0]} @{key[1]} thread(s): dynamic plan compiled at {r['hint']} in {r['dynamic_compile_s']:.1f} s "
-              f"({r['by_size_nodes']} node(s) dispatched by size); with size_buckets=1 in {r['one_choice_compile_s']:.1f} s")
+              f"({r['by_size_nodes']} node(s) dispatched by size); with size_buckets=1 in {r['one_choice_compile_s']:.1f} s "
+              f"(after it: the example size's choices come from the process's memo)")
 
 
 def _against_peers(rows: list) -> list[str]:

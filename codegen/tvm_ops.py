@@ -8,6 +8,7 @@ import time.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 from kiln.ir import OpKind, TensorType
@@ -165,18 +166,14 @@ def _silu(em, v, a, cd):
     return v * em.math("sigmoid", v, cd)
 
 
-_GELU_AT_INF: list = []
-
-
+@functools.cache
 def torch_gelu_at_inf() -> tuple[float, float]:
     """torch's float32 exact GELU at +inf and -inf on this CPU (asked once, on a vector long
     enough to take its vectorized path)."""
-    if not _GELU_AT_INF:
-        import torch
+    import torch
 
-        y = torch.nn.functional.gelu(torch.tensor([float("inf"), float("-inf")] * 32))
-        _GELU_AT_INF.append((float(y[0]), float(y[1])))
-    return _GELU_AT_INF[0]
+    y = torch.nn.functional.gelu(torch.tensor([float("inf"), float("-inf")] * 32))
+    return float(y[0]), float(y[1])
 
 
 @_unary(OpKind.GELU)

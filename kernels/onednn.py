@@ -6,6 +6,7 @@ These are candidates, not defaults: ``kernels.choice`` times them against the re
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -17,16 +18,14 @@ from kiln.ir.reference import epilogue
 from .registry import register_kernel
 
 _MKLDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-_BF16: list = []  # whether this CPU runs oneDNN's bf16 path, asked once (when a bf16 node first comes)
 
 
+@functools.cache  # asked once, when a bf16 node first comes
 def _bf16_ok() -> bool:
     """oneDNN's bf16 GEMM and convolution need AVX512-BW/VL/DQ or AVX-NE-CONVERT: on a CPU
     without them (AVX2 only) torch refuses the weight reorder, so they are not candidates."""
-    if not _BF16:
-        ask = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-        _BF16.append(bool(ask()) if ask is not None else False)
-    return _BF16[0]
+    ask = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(ask()) if ask is not None else False
 
 # activation -> (oneDNN post-op name, algorithm)
 _POST_OPS = {A.Activation.NONE: ("none", ""), A.Activation.RELU: ("relu", ""), A.Activation.TANH: ("tanh", ""),

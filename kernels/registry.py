@@ -10,6 +10,7 @@ else the reference (``select_kernel``).
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 from typing import Callable
@@ -174,17 +175,13 @@ def select_kernel(node: Node, target: str) -> Kernel:
     return ks[0]
 
 
-_HOST: list = []
-
-
+@functools.cache
 def _host_features() -> frozenset:
     """This CPU's features (``kiln.target.CPU_FEATURES``): a kernel that ``requires`` one it
     lacks is no candidate here."""
-    if not _HOST:
-        from kiln.target import host_cpu
+    from kiln.target import host_cpu
 
-        _HOST.append(host_cpu().features)
-    return _HOST[0]
+    return host_cpu().features
 
 
 def is_static(node: Node) -> bool:
