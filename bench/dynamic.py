@@ -30,6 +30,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 from kiln.options import child_environment, settings
@@ -69,15 +70,48 @@ def _inputs(name: str, batch: int, length: int, example):
     return (torch.randint(0, 1000, (batch, length)), torch.ones(batch, length, dtype=example[1].dtype))
 
 
-def _build(engine: str, model, example, name: str, precision: str = "fp32"):
+def _names_axes(name: str):
+    names = ["x"] if name == "resnet18" else ["input_ids", "attention_mask"]
+    axes = {"x": {0: "batch"}} if name == "resnet18" else {n: {0: "batch", 1: "seq"} for n in names}
+    return names, axes
+
+
+def prepare_ahead(name: str, quick: bool, precision: str, folder: str) -> None:
+    """The ahead-of-time work of ``--ahead``, in a process of its own (so none of its state
+    helps the stream's): Kiln's dynamic plan compiled on the stream's first request and saved
+    (``kiln.save``), and the model exported to ONNX with dynamic axes, both into ``folder``."""
+    import torch
+
+    import kiln
+
+    model, example = _model(name, quick)
+    first = _inputs(name, *stream(name, 1, quick=quick)[0], example)
+    with torch.no_grad():
+        compiled = kiln.compile(model, first, dynamic=True, **({"precision": "bf16"} if precision == "bf16" else {}))
+        kiln.save(compiled, os.path.join(folder, f"{name}.kiln"))
+        names, axes = _names_axes(name)
+        torch.onnx.export(model, first, os.path.join(folder, f"{name}.onnx"), input_names=names, dynamic_axes=axes,
+                          opset_version=17, dynamo=False)
+
+
+def _build(engine: str, model, example, name: str, precision: str = "fp32", ahead: str | None = None):
     """The engine's callable. bf16: Kiln compiles the fp32 model with ``precision="bf16"``;
     eager and Inductor run a bf16 copy of the model (floating inputs cast to bf16); OpenVINO
-    takes the bf16 inference hint; ONNX Runtime has no bf16 CPU path (refused)."""
+    takes the bf16 inference hint; ONNX Runtime has no bf16 CPU path (refused).
+    ``ahead``: the folder of ``prepare_ahead``'s files -- Kiln dynamic loads its artifact
+    (``kiln.load``), ONNX Runtime and OpenVINO start from the ONNX file (session creation and
+    ``compile_model`` still count); Kiln static has no ahead form (a plan per shape, refused)."""
     import copy
 
     import torch
 
     bf16 = precision == "bf16"
+    if ahead is not None and engine == "kiln_static":
+        raise RuntimeError("Kiln static compiles a plan per shape: no ahead-of-time form")
+    if ahead is not None and engine == "kiln_dynamic":
+        import kiln
+
+        return kiln.load(os.path.join(ahead, f"{name}.kiln"))
     if engine in ("eager", "inductor") and bf16:
         low = copy.deepcopy(model).to(torch.bfloat16)
         fn = low if engine == "eager" else torch.compile(low, dynamic=True)
@@ -93,12 +127,16 @@ def _build(engine: str, model, example, name: str, precision: str = "fp32"):
         return lambda *a: fn(*a)
     if engine == "onnxruntime" and bf16:
         raise RuntimeError("ONNX Runtime has no bf16 execution on CPU")
-    names = ["x"] if name == "resnet18" else ["input_ids", "attention_mask"]
-    axes = {"x": {0: "batch"}} if name == "resnet18" else {n: {0: "batch", 1: "seq"} for n in names}
-    import io
+    names, axes = _names_axes(name)
+    if ahead is not None:
+        with open(os.path.join(ahead, f"{name}.onnx"), "rb") as fh:
+            onnx_bytes = fh.read()
+    else:
+        import io
 
-    f = io.BytesIO()
-    torch.onnx.export(model, example, f, input_names=names, dynamic_axes=axes, opset_version=17, dynamo=False)
+        f = io.BytesIO()
+        torch.onnx.export(model, example, f, input_names=names, dynamic_axes=axes, opset_version=17, dynamo=False)
+        onnx_bytes = f.getvalue()
     if engine == "onnxruntime":
         import onnxruntime as ort
 
@@ -106,12 +144,12 @@ def _build(engine: str, model, example, name: str, precision: str = "fp32"):
         opts.intra_op_num_threads = torch.get_num_threads()
         if settings().omp_passive:  # the wait policy torch's OpenMP workers run under (--no-spin)
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        sess = ort.InferenceSession(f.getvalue(), opts, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
         return lambda *a: torch.from_numpy(sess.run(None, {n: t.numpy() for n, t in zip(names, a)})[0])
     import openvino as ov  # its TBB workers are left as they are, --no-spin or not
 
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(f.getvalue()), "CPU",
+    compiled = core.compile_model(core.read_model(onnx_bytes), "CPU",
                                   {"INFERENCE_NUM_THREADS": torch.get_num_threads(),
                                    "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"})
     return lambda *a: torch.from_numpy(compiled(list(t.numpy() for t in a))[0])
@@ -125,7 +163,8 @@ def _first(out):
     return out.logits if hasattr(out, "logits") else out[0]
 
 
-def run_engine(engine: str, name: str, n: int, threads: int, quick: bool, precision: str = "fp32") -> dict:
+def run_engine(engine: str, name: str, n: int, threads: int, quick: bool, precision: str = "fp32",
+               ahead: str | None = None) -> dict:
     """The whole stream on one engine, in this process."""
     import torch
 
@@ -135,7 +174,7 @@ def run_engine(engine: str, name: str, n: int, threads: int, quick: bool, precis
     first = _inputs(name, *reqs[0], example)
     t0 = time.perf_counter()
     with torch.no_grad():
-        fn = _build(engine, model, first, name, precision)
+        fn = _build(engine, model, first, name, precision, ahead)
         build_s = time.perf_counter() - t0
         rss_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak so far: the build's
         lat, err, checking = [], 0.0, 0.0
@@ -158,7 +197,7 @@ def run_engine(engine: str, name: str, n: int, threads: int, quick: bool, precis
 
 
 def run_interleaved(engines: list[str], name: str, n: int, threads: int, quick: bool,
-                    precision: str = "fp32") -> list[dict]:
+                    precision: str = "fp32", ahead: str | None = None) -> list[dict]:
     """Every engine in this one process, the stream's requests sent to each in turn (the
     order rotating per request): the machine's load at any moment falls on all engines alike,
     which separate processes run one after another cannot promise on a shared machine. Each
@@ -174,7 +213,7 @@ def run_interleaved(engines: list[str], name: str, n: int, threads: int, quick: 
         for e in list(engines):
             t = time.perf_counter()
             try:
-                fns[e] = _build(e, model, first, name, precision)
+                fns[e] = _build(e, model, first, name, precision, ahead)
             except Exception as ex:  # noqa: BLE001  (an engine that cannot run this: its row says why)
                 failed.append({"engine": e, "model": name, "threads": threads, "error": f"{type(ex).__name__}: {ex}"[:200]})
                 continue
@@ -290,8 +329,17 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="idle worker threads sleep instead of spinning: OMP_WAIT_POLICY=PASSIVE for torch's "
                          "OpenMP workers (eager, Inductor, Kiln) and allow_spinning=0 for ONNX Runtime's pool "
                          "(the command runs again in a new process: OpenMP reads the policy when it loads)")
+    ap.add_argument("--ahead", action="store_true",
+                    help="ahead-of-time work before the stream, outside its total (in a process of its own): "
+                         "Kiln dynamic compiles and saves an artifact, which the stream's build loads (kiln.load); "
+                         "ONNX Runtime and OpenVINO start from an exported ONNX file")
+    ap.add_argument("--cold", action="store_true",
+                    help="Kiln's caches (compile, import, generated modules, tuning database) start empty: "
+                         "a fresh KILN_CACHE_DIR (default: the caches as found)")
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--ahead-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--ahead-child", help=argparse.SUPPRESS)
     ap.add_argument("--namespace", help=argparse.SUPPRESS)  # --no-spin's new process: the parsed arguments
 
 
@@ -304,15 +352,20 @@ def main(argv=None) -> int:
     return main_with(args)
 
 
+def _again(args, env: dict, **more) -> int:
+    """This command run again in a new process with ``env`` set (and ``more`` arguments)."""
+    ap = argparse.ArgumentParser()
+    add_arguments(ap)
+    mine = {a.dest for a in ap._actions} - {"help", "namespace"}  # (the CLI's namespace holds more)
+    cmd = [sys.executable, "-m", "kiln.bench.dynamic", "--namespace",
+           json.dumps({**{k: v for k, v in vars(args).items() if k in mine}, **more})]
+    return subprocess.run(cmd, env=child_environment(**env)).returncode
+
+
 def main_with(args) -> int:
     if getattr(args, "no_spin", False) and not settings().omp_passive:
         # OpenMP has read its wait policy already (torch loaded it): only a new process changes it
-        ap = argparse.ArgumentParser()
-        add_arguments(ap)
-        mine = {a.dest for a in ap._actions} - {"help", "namespace"}  # (the CLI's namespace holds more)
-        cmd = [sys.executable, "-m", "kiln.bench.dynamic", "--namespace",
-               json.dumps({k: v for k, v in vars(args).items() if k in mine})]
-        return subprocess.run(cmd, env=child_environment(OMP_WAIT_POLICY="PASSIVE")).returncode
+        return _again(args, {"OMP_WAIT_POLICY": "PASSIVE"})
     n = 20 if args.quick else args.requests
     load_start = os.getloadavg()[0]
     if args.per_length:
@@ -324,25 +377,40 @@ def main_with(args) -> int:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)
         return 0
+    if args.ahead_child:
+        folder, name = args.ahead_child.rsplit(":", 1)
+        prepare_ahead(name, args.quick, args.precision, folder)
+        return 0
     if args.child:
         engine, name, threads = args.child.split(":")
-        print(json.dumps(run_engine(engine, name, n, int(threads), args.quick, args.precision)))
+        print(json.dumps(run_engine(engine, name, n, int(threads), args.quick, args.precision, args.ahead_dir)))
         return 0
+    if args.cold and not getattr(args, "cold_dir", None):
+        # every process of the run (this one too: --interleave compiles here) on empty caches
+        cold = tempfile.mkdtemp(prefix="kiln-bench-cold-")
+        return _again(args, {"KILN_CACHE_DIR": cold}, cold_dir=cold)
     rows = []
     engines = args.engines.split(",")
     for engine in engines:
         if engine not in ENGINES:
             raise SystemExit(f"unknown engine {engine!r}; engines: {', '.join(ENGINES)}")
+    ahead_dir = tempfile.mkdtemp(prefix="kiln-bench-ahead-") if args.ahead else None
     for name in args.models.split(","):
+        if ahead_dir is not None:
+            print(f"[kiln bench dynamic] {name}: ahead of time (compile and save, ONNX export)", file=sys.stderr)
+            cmd = [sys.executable, "-m", "kiln.bench.dynamic", "--ahead-child", f"{ahead_dir}:{name}",
+                   "--precision", args.precision] + (["--quick"] if args.quick else [])
+            subprocess.run(cmd, check=True, env=child_environment())
         for threads in (int(t) for t in args.threads.split(",")):
             if args.interleave:
                 print(f"[kiln bench dynamic] {name}, {', '.join(engines)} interleaved, {threads} thread(s)",
                       file=sys.stderr)
-                rows += run_interleaved(engines, name, n, threads, args.quick, args.precision)
+                rows += run_interleaved(engines, name, n, threads, args.quick, args.precision, ahead_dir)
                 continue
             for engine in engines:
                 cmd = [sys.executable, "-m", "kiln.bench.dynamic", "--child", f"{engine}:{name}:{threads}",
-                       "--requests", str(n), "--precision", args.precision] + (["--quick"] if args.quick else [])
+                       "--requests", str(n), "--precision", args.precision] + (["--quick"] if args.quick else []) + \
+                    (["--ahead-dir", ahead_dir] if ahead_dir else [])
                 print(f"[kiln bench dynamic] {name}, {engine}, {threads} thread(s)", file=sys.stderr)
                 out = subprocess.run(cmd, capture_output=True, text=True, env=child_environment())
                 if out.returncode != 0:
@@ -351,6 +419,11 @@ def main_with(args) -> int:
                     continue
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"precision: {args.precision}" + (" (max err against eager fp32)" if args.precision == "bf16" else ""))
+    print("Kiln's caches: " + ("empty at the start (--cold)" if getattr(args, "cold_dir", None)
+                               else f"as found ({settings().cache_dir})") +
+          ("; ahead of time (--ahead, not in the totals): Kiln compiled and saved its artifact, the build column "
+           "is kiln.load; ONNX Runtime and OpenVINO built from an exported ONNX file" if args.ahead else
+           "; every build (compile, export) is in the totals"))
     print("idle workers: " + ("sleep (OMP_WAIT_POLICY=PASSIVE; ONNX Runtime allow_spinning=0)" if settings().omp_passive
                               else "spin for a while (the runtimes' defaults)") +
           f"; load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "

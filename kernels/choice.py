@@ -9,8 +9,12 @@ rounds (``measure_and_decide``).
 A candidate must first agree with the reference kernel on those inputs (within the
 dtype's tolerance); failures and disagreements score infinity. Results are memoized per
 (kernel names, op, attrs, input types) for the life of the process, recorded in the
-compile cache, and the winners in the tuning database (the next process's prior).
-``remeasuring()`` re-measures instead of trusting either memo (``kiln tune``).
+compile cache, and the winners in the tuning database: a later process on this CPU (same
+ISA features, thread count and Kiln version) takes the recorded winner of the same decision
+without timing, once it agrees with the reference on its own node, so a model whose layers
+another model measured before compiles without measuring them. ``remeasuring()``
+re-measures instead of trusting any record (``kiln tune``); the record is then the prior.
+A batch of rounds stops early once one candidate wins clearly (``kernels.timing``'s ``settled``).
 
 A kernel group can also run as one generated kernel: ``choose_group`` weighs it against
 the group's per-node choices the same way. Timing is ``kernels.timing``'s interleaved rounds.
@@ -53,10 +57,20 @@ def remeasuring():
         _REMEASURE[0] = old
 
 
-def samples(fns: list, rounds: int) -> list[list[float]]:
-    """Seconds of each round per function (None, or one that raises: empty). The one clock
-    of kernel choice, so tests can fake it."""
-    return [t.samples for t in interleaved(fns, rounds, race=RACE)]
+def samples(fns: list, rounds: int, settled=None) -> list[list[float]]:
+    """Seconds of each round per function (None, or one that raises: empty); ``settled`` as
+    in ``kernels.timing.interleaved``. The one clock of kernel choice, so tests can fake it."""
+    return [t.samples for t in interleaved(fns, rounds, race=RACE, settled=settled)]
+
+
+def _clear_win(prior: list[int], pick: int | None = None):
+    """A ``settled`` test: the rounds so far make one candidate (``pick``, when given)
+    clearly faster than every other (alone tied for first, ``kernels.decide``'s rule): more
+    rounds of this batch would only cost the compile."""
+    def settled(got: list[list[float]]) -> bool:
+        d = decide.decide(got, prior)
+        return d is not None and len(d.tied) == 1 and (pick is None or d.winner == pick)
+    return settled
 
 
 def measure_and_decide(fns: list, prior: list[int], rounds: int | None = None):
@@ -69,7 +83,8 @@ def measure_and_decide(fns: list, prior: list[int], rounds: int | None = None):
     pick stands: on a machine whose speed drifts, one noisy batch must not change a model's
     kernels (and a tie is no reason to)."""
     rounds = rounds or (REMEASURE_REPEATS if _REMEASURE[0] else REPEATS)
-    got = samples(fns, rounds)
+    # a clear win ends a batch early; one against the prior must then be reproduced
+    got = samples(fns, rounds, _clear_win(prior))
     d = decide.decide(got, prior)
     if d is None:
         return None, got
@@ -81,7 +96,8 @@ def measure_and_decide(fns: list, prior: list[int], rounds: int | None = None):
     # against it); another one raced out (timed no more: far behind) keeps its first rounds
     full = max(len(s) for s in got)
     raced = [bool(s) and len(s) < full and i != default for i, s in enumerate(got)]
-    more = samples([fn if s and not r else None for fn, s, r in zip(fns, got, raced)], rounds)
+    more = samples([fn if s and not r else None for fn, s, r in zip(fns, got, raced)], rounds,
+                   None if d.ambiguous else _clear_win(prior, d.winner))
     both = [a + b if b else (a if r else []) for a, b, r in zip(got, more, raced)]
     d2, dc = decide.decide(more, prior), decide.decide(both, prior)
     if dc is None:
@@ -217,22 +233,22 @@ def choose(node: Node, kernels: list[Kernel], constants: list) -> tuple[Kernel, 
         k = next(k for k in kernels if k.name == name)
         return k, k.bind(node, constants)
     resolve_vml_dispatch()  # the reference must be as accurate on this first run as later
-    bound = [(k, k.bind(node, constants)) for k in kernels]
     ins = [None if v is None else (c if c is not None else random_like(v)) for v, c in zip(node.inputs, constants)]
-    ref = None
-    ref_k = next((k for k, _ in bound if k.target == "reference"), None)
-    if ref_k is not None:
-        try:
-            with torch.no_grad():
-                ref = ref_k.fn(ins, node.attrs)
-        except Exception:
-            ref = None
+    ref_k = next((k for k in kernels if k.target == "reference"), None)
+    ref = _reference(ref_k, ins, node.attrs)
     lsb = node.outputs[0].type.quant is not None
+    earlier = None if _REMEASURE[0] else earlier_winner("node", key)
+    if earlier is not None:
+        trusted = _recorded(node, kernels, constants, earlier, ins, ref, lsb)
+        if trusted is not None:
+            _MEMO[key] = earlier
+            return trusted
+    bound = [(k, k.bind(node, constants)) for k in kernels]
     # the reference's own call above was its untimed first call: it is not warmed again
     fns = [fn if (k is ref_k and ref is not None) or _warm(fn, ins, node.attrs, None if k.target == "reference" else ref,
                                                             lsb) else None for k, fn in bound]
     names = [k.name for k, _ in bound]
-    prior = decide.prior_order(names, name or earlier_winner("node", key))
+    prior = decide.prior_order(names, name or earlier)
     d, got = measure_and_decide([None if fn is None else (lambda fn=fn: fn(ins, node.attrs)) for fn in fns], prior)
     if d is None:
         return next(b for b in bound if b[0].target == "reference") if ref_k is not None else bound[0]
@@ -240,6 +256,33 @@ def choose(node: Node, kernels: list[Kernel], constants: list) -> tuple[Kernel, 
     _MEMO[key] = best[0].name
     record_winner("node", key, best[0].name, min(got[d.winner]))
     return best
+
+
+def _reference(ref_k, ins, attrs):
+    """The reference kernel's outputs on ``ins`` (None without one, or when it fails)."""
+    if ref_k is None:
+        return None
+    try:
+        with torch.no_grad():
+            return ref_k.fn(ins, attrs)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _recorded(node: Node, kernels: list, constants: list, earlier: str, ins, ref, lsb: bool):
+    """(kernel, bound function) of the tuning database's recorded winner for this decision
+    (this CPU's ISA, thread count and Kiln version, these candidates and shapes) when it is
+    still a candidate and agrees with the reference on this node's own constants; else None
+    (the node is measured). The record was a measurement on this machine: measuring again
+    would cost the compile what the record saved it, and could only decide differently
+    where the first measurement was inside the noise. ``kiln tune`` measures afresh."""
+    k = next((k for k in kernels if k.name == earlier), None)
+    if k is None:
+        return None
+    fn = k.bind(node, constants)
+    if k.target != "reference" and not _warm(fn, ins, node.attrs, ref, lsb):
+        return None
+    return k, fn
 
 
 # ----------------------------------------------------------------------------- kernel groups
@@ -322,11 +365,18 @@ def choose_group(group, graph, make_kernel, node_fns: list, threads: int, sizes:
         _GROUP_MEMO.pop(memo, None)
     if (memo in _GROUP_MEMO and not _GROUP_MEMO[memo]) or (not forced and _view_ops_only(group)):
         return None
+    key = (threads, memo[0], fn_names) if sizes is None else (threads, memo[0], fn_names, memo[4])
+    # the tuning database's record of this decision (see _recorded): per-node kernels that won
+    # before win again without generating anything; a generated kernel that won is checked only
+    earlier = None if forced or _REMEASURE[0] or memo in _GROUP_MEMO else earlier_winner("group", key)
+    if earlier == "nodes":
+        _GROUP_MEMO[memo] = False
+        return None
     resolve_vml_dispatch()
     ins = group_inputs(group, graph, sizes)
     with torch.no_grad():
         node_t = None
-        if not forced and memo not in _GROUP_MEMO:
+        if not forced and memo not in _GROUP_MEMO and earlier is None:
             try:
                 if _views_only(run_nodes(group, ins, node_fns, sizes), ins):
                     _GROUP_MEMO[memo] = False
@@ -349,12 +399,9 @@ def choose_group(group, graph, make_kernel, node_fns: list, threads: int, sizes:
             ok = agrees(tuple(as_output_list(kernel(ins))), tuple(ref))
         except Exception:
             ok = False
-        if ok and not forced:  # both again, in turn, so machine noise hits them alike
-            key = (threads, memo[0], fn_names) if sizes is None else (threads, memo[0], fn_names, memo[4])
-            # the prior: generated (one pass over memory where the nodes make several), unless
-            # the tuning database recorded the per-node kernels winning this group before
-            prior = [1, 0] if earlier_winner("group", key) == "nodes" else [0, 1]
-            d, got = measure_and_decide([lambda: kernel(ins), lambda: run_nodes(group, ins, node_fns, sizes)], prior)
+        if ok and not forced and earlier is None:  # both again, in turn, so machine noise hits them alike
+            # the prior: generated (one pass over memory where the nodes make several)
+            d, got = measure_and_decide([lambda: kernel(ins), lambda: run_nodes(group, ins, node_fns, sizes)], [0, 1])
             ok = d is not None and d.winner == 0
             if d is not None:
                 record_winner("group", key, "generated" if ok else "nodes", min(got[d.winner]))

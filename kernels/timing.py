@@ -28,6 +28,11 @@ def median(xs) -> float:
     return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
+# the fewest rounds after which ``interleaved(settled=...)`` may stop: two would leave the
+# noise rule (the spread between a candidate's median and best round) nothing to measure
+MIN_SETTLED_ROUNDS = 3
+
+
 @dataclass
 class Timing:
     """Seconds per round of one candidate; empty when it failed."""
@@ -44,7 +49,8 @@ class Timing:
 
 
 def interleaved(fns: Sequence[Callable[[], object] | None], rounds: int, warmup: int = 0,
-                rotate: bool = False, race: float | None = None) -> list[Timing]:
+                rotate: bool = False, race: float | None = None,
+                settled: Callable[[list[list[float]]], bool] | None = None) -> list[Timing]:
     """Time each zero-argument function once per round, the functions in turn, after
     ``warmup`` untimed calls each. ``None`` entries (and functions that raise) get an empty
     ``Timing``. ``rotate`` starts each round one function later, so no function always runs
@@ -53,7 +59,10 @@ def interleaved(fns: Sequence[Callable[[], object] | None], rounds: int, warmup:
     ``race``: from the second round on, a function whose best round is more than ``race``
     times the best of all is timed no more (its ``Timing`` keeps the rounds it ran, fewer
     than ``rounds``): a candidate that far behind cannot be a winner, and timing it again
-    is most of what a choice between a fast kernel and a slow one costs."""
+    is most of what a choice between a fast kernel and a slow one costs.
+
+    ``settled``: asked with every function's rounds so far after the third round and each
+    later one; True ends the timing there (the caller's decision cannot change any more)."""
     live = list(fns)
     out = [Timing() for _ in live]
     with torch.no_grad():
@@ -80,6 +89,9 @@ def interleaved(fns: Sequence[Callable[[], object] | None], rounds: int, warmup:
                 for i, fn in enumerate(live):
                     if fn is not None and out[i].best > race * best:
                         live[i] = None
+            if settled is not None and r >= MIN_SETTLED_ROUNDS - 1 and r < rounds - 1 \
+                    and settled([t.samples for t in out]):
+                break
     return out
 
 

@@ -316,10 +316,12 @@ def test_tuning_round_trip_through_the_database(tmp_path):
 
 
 @pytest.fixture
-def fake_timer(monkeypatch):
+def fake_timer(monkeypatch, tmp_path):
     """The group choice's clock, faked: the per-node kernels take ``node_s`` and a generated
     kernel ``generated_s`` (each function still runs once, so failures show), and the
-    decisions it memoizes start empty and are dropped after the test."""
+    decisions it memoizes start empty and are dropped after the test. A tuning database of
+    the test's own (``tuning_db(name)``: a fresh one per name, since a recorded decision is
+    reused without timing)."""
     class Times:
         node_s = 1.0
         generated_s = 0.5
@@ -330,11 +332,17 @@ def fake_timer(monkeypatch):
         # choose_group times [per-node] alone first
         return [Times.node_s]
 
-    def samples(fns, rounds):
+    def samples(fns, rounds, settled=None):
         for fn in fns:
             fn()
         # then [generated, per-node] together, in rounds
         return [[Times.generated_s], [Times.node_s]]
+
+    def tuning_db(name: str):
+        monkeypatch.setenv("KILN_TUNING_DB", str(tmp_path / f"{name}.sqlite"))
+
+    Times.tuning_db = staticmethod(tuning_db)
+    tuning_db("first")
 
     monkeypatch.setattr(choice, "_GROUP_MEMO", {})
     monkeypatch.setattr(choice, "best_seconds", best_seconds)
@@ -366,6 +374,7 @@ def test_a_generated_kernel_that_disagrees_never_wins(fake_timer):
     assert choice.choose_group(group, graph, lambda g: wrong, nodes, 1) is None
     # and a generated kernel that is slower than the per-node kernels loses too
     choice._GROUP_MEMO.clear()
+    fake_timer.tuning_db("slower")
     fake_timer.generated_s = 2 * fake_timer.node_s
     assert choice.choose_group(group, graph, lambda g: good, nodes, 1) is None
 
@@ -457,6 +466,31 @@ def test_groups_too_cheap_to_gain_from_a_kernel_are_not_generated(fake_timer):
     asked = []
     assert choice.choose_group(group, graph, lambda g: asked.append(g), _reference_fns(graph), 1) is None
     assert asked == [group]
+
+
+def test_a_recorded_group_decision_is_reused_without_generating_or_timing(fake_timer):
+    graph = _chain()
+    group = whole_graph_group(graph)
+    good = generated.generated_kernel(group, graph, host_cpu(), 1, "none")
+    nodes = _reference_fns(graph)
+    fake_timer.generated_s = 2 * fake_timer.node_s  # the per-node kernels win, recorded
+    assert choice.choose_group(group, graph, lambda g: good, nodes, 1) is None
+    choice._GROUP_MEMO.clear()  # a fresh process: the database's record decides
+
+    def must_not_generate(g):
+        raise AssertionError("generated a kernel the tuning database recorded losing")
+
+    assert choice.choose_group(group, graph, must_not_generate, nodes, 1) is None
+    # a recorded win for the generated kernel: generated and checked, not timed again
+    fake_timer.tuning_db("generated-won")
+    choice._GROUP_MEMO.clear()
+    fake_timer.generated_s = fake_timer.node_s / 2
+    assert choice.choose_group(group, graph, lambda g: good, nodes, 1) is good
+    choice._GROUP_MEMO.clear()
+    fake_timer.generated_s = 2 * fake_timer.node_s
+    assert choice.choose_group(group, graph, lambda g: good, nodes, 1) is good
+    with choice.remeasuring():  # kiln tune: timed afresh
+        assert choice.choose_group(group, graph, lambda g: good, nodes, 1) is None
 
 
 def test_groups_whose_nodes_only_make_views_are_not_generated(fake_timer):

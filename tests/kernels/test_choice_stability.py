@@ -71,7 +71,7 @@ def fake_clock(monkeypatch, tmp_path):
     monkeypatch.setattr(choice, "_MEMO", {})
     state = {"times": [], "batches": 0}
 
-    def samples(fns, rounds):
+    def samples(fns, rounds, settled=None):
         state["batches"] += 1
         out = []
         for fn, t in zip(fns, state["times"]):
@@ -103,15 +103,45 @@ def test_choose_ties_go_to_registration_order_in_every_process(fake_clock):
         assert choice.choose(_node(), _kernels(), [None])[0].name == "cpu.fast"
 
 
-def test_choose_ties_go_to_the_databases_earlier_winner(fake_clock):
+def test_a_recorded_winner_is_reused_without_timing(fake_clock):
     fake_clock["times"] = [[2.0] * 5, [1.0] * 5, [3.0] * 5]  # a clear win for cpu.other, recorded
     assert choice.choose(_node(), _kernels(), [None])[0].name == "cpu.other"
-    choice._MEMO.clear()
-    fake_clock["times"] = [[0.98] * 5, [1.0] * 5, [3.0] * 5]  # now a tie: the earlier winner stays
+    batches = fake_clock["batches"]
+    choice._MEMO.clear()  # as in a fresh process: the tuning database decides, nothing is timed
+    fake_clock["times"] = [[0.5] * 5, [1.0] * 5, [3.0] * 5]
     assert choice.choose(_node(), _kernels(), [None])[0].name == "cpu.other"
+    assert fake_clock["batches"] == batches
+    with choice.remeasuring():  # kiln tune: measured afresh, and the new winner recorded
+        assert choice.choose(_node(), _kernels(), [None])[0].name == "cpu.fast"
     choice._MEMO.clear()
-    fake_clock["times"] = [[0.5] * 5, [1.0] * 5, [3.0] * 5]  # a clear reversal still reverses
     assert choice.choose(_node(), _kernels(), [None])[0].name == "cpu.fast"
+
+
+def test_ties_go_to_the_databases_earlier_winner_when_remeasured(fake_clock):
+    fake_clock["times"] = [[2.0] * 5, [1.0] * 5, [3.0] * 5]
+    assert choice.choose(_node(), _kernels(), [None])[0].name == "cpu.other"
+    fake_clock["times"] = [[0.98] * 5, [1.0] * 5, [3.0] * 5]  # now a tie: the earlier winner stays
+    with choice.remeasuring():
+        assert choice.choose(_node(), _kernels(), [None])[0].name == "cpu.other"
+
+
+def test_a_recorded_winner_that_disagrees_here_is_measured_again(fake_clock):
+    ks = _kernels()
+    choice.record_winner("node", _key_of(_node(), [_wrong(), *ks]), "cpu.wrong", 1.0)
+    fake_clock["times"] = [[0.1] * 5, [1.0] * 5, [2.0] * 5, [3.0] * 5]
+    assert choice.choose(_node(), [_wrong(), *ks], [None])[0].name == "cpu.fast"
+    assert fake_clock["batches"] >= 1
+
+
+def _wrong():
+    return Kernel(OpKind.RELU, "cpu", "cpu.wrong", lambda ins, a: torch.relu(ins[0]) + 1)
+
+
+def _key_of(node, kernels):
+    """The decision's key as ``choice.choose`` forms it (recorded by a test, as if by an
+    earlier process that saw a kernel agree on other constants)."""
+    return (torch.get_num_threads(), tuple(k.name for k in kernels), node.op, node.attrs,
+            tuple(None if v is None else repr(v.type) for v in node.inputs))
 
 
 def test_an_ambiguous_first_batch_gets_more_rounds(fake_clock):
@@ -138,16 +168,16 @@ def test_a_win_against_the_prior_that_does_not_repeat_is_not_taken(fake_clock):
     fake_clock["times"] = [lambda b: [2.0] * 5 if b == 1 else [1.0] * 5, [1.0] * 5, [3.0] * 5]
     assert choice.choose(_node(), _kernels(), [None])[0].name == "cpu.fast"
     assert fake_clock["batches"] == 2
-    # and one that repeats is taken
-    choice._MEMO.clear()
+    # and one that repeats is taken (measured again: the database recorded cpu.fast)
     fake_clock["batches"] = 0
     fake_clock["times"] = [[2.0] * 5, [1.0] * 5, [3.0] * 5]
-    assert choice.choose(_node(), _kernels(), [None])[0].name == "cpu.other"
+    with choice.remeasuring():
+        assert choice.choose(_node(), _kernels(), [None])[0].name == "cpu.other"
 
 
 def test_a_kernel_that_disagrees_never_wins(fake_clock):
     ks = _kernels()
-    wrong = Kernel(OpKind.RELU, "cpu", "cpu.wrong", lambda ins, a: torch.relu(ins[0]) + 1)
+    wrong = _wrong()
     fake_clock["times"] = [[0.1] * 5, [1.0] * 5, [2.0] * 5, [3.0] * 5]
     assert choice.choose(_node(), [wrong, *ks], [None])[0].name == "cpu.fast"
 
@@ -201,7 +231,7 @@ def test_a_raced_out_candidate_is_not_timed_again_in_the_confirming_batch(fake_c
     fake_clock["times"] = [[2.0] * 5, [1.0] * 5, [9.0] * 2]
     seen, fake = [], choice.samples
 
-    def spy(fns, rounds):
+    def spy(fns, rounds, settled=None):
         seen.append([fn is not None for fn in fns])
         return fake(fns, rounds)
 
@@ -216,10 +246,61 @@ def test_the_priors_pick_is_timed_again_even_when_raced_out(fake_clock, monkeypa
     fake_clock["times"] = [lambda b: [3.0] * 2 if b == 1 else [1.0] * 5, [1.0] * 5, [9.0] * 2]
     seen, fake = [], choice.samples
 
-    def spy(fns, rounds):
+    def spy(fns, rounds, settled=None):
         seen.append([fn is not None for fn in fns])
         return fake(fns, rounds)
 
     monkeypatch.setattr(choice, "samples", spy)
     assert choice.choose(_node(), _kernels(), [None])[0].name == "cpu.fast"  # not reproduced: the prior stands
     assert seen == [[True, True, True], [True, True, False]]
+
+
+def test_timing_ends_once_settled_but_not_before_three_rounds(monkeypatch):
+    from kiln.kernels import timing
+
+    clock = _FakeClock()
+    monkeypatch.setattr(timing, "time", clock)
+    calls = [0, 0]
+
+    def cost(i, seconds):
+        def fn():
+            calls[i] += 1
+            clock.now += seconds
+        return fn
+
+    asked = []
+
+    def settled(got):
+        asked.append([len(s) for s in got])
+        return True
+
+    timing.interleaved([cost(0, 1.0), cost(1, 1.2)], rounds=5, settled=settled)
+    assert calls == [3, 3] and asked == [[3, 3]]
+    calls[:] = [0, 0]
+    timing.interleaved([cost(0, 1.0), cost(1, 1.2)], rounds=5, settled=lambda got: False)
+    assert calls == [5, 5]
+
+
+def test_the_priors_clear_win_settles_the_first_batch_early(monkeypatch, tmp_path):
+    # the real clock's rounds replaced by fixed costs: cpu.fast (the prior's pick) 1.0, the
+    # others 1.3 and 1.5 -- a clear win after three rounds, so two rounds are never run
+    from kiln.kernels import timing
+
+    monkeypatch.setenv("KILN_TUNING_DB", str(tmp_path / "tuning.sqlite"))
+    monkeypatch.setattr(choice, "_MEMO", {})
+    clock = _FakeClock()
+    monkeypatch.setattr(timing, "time", clock)
+    calls = {"cpu.fast": 0, "cpu.other": 0, "reference.relu": 0}
+    cost = {"cpu.fast": 1.0, "cpu.other": 1.3, "reference.relu": 1.5}
+
+    def timed(name, fn):
+        def run(ins, attrs):
+            calls[name] += 1
+            clock.now += cost[name]
+            return fn(ins, attrs)
+        return run
+
+    ks = [Kernel(k.op, k.target, k.name, timed(k.name, k.fn)) for k in _kernels()]
+    assert choice.choose(_node(), ks, [None])[0].name == "cpu.fast"
+    # the reference: its expected-output call and 3 rounds; the others a warm call and 3 rounds
+    assert calls == {"cpu.fast": 4, "cpu.other": 4, "reference.relu": 4}

@@ -178,6 +178,13 @@ def test_bench_dynamic_quick(tmp_path):
     assert [r["engine"] for r in rows] == ["kiln_dynamic", "onnxruntime"]
     assert all("error" not in r and r["threads"] == 2 and r["max_abs_err"] < 1e-3 for r in rows), rows
     assert "idle workers: sleep (OMP_WAIT_POLICY=PASSIVE" in out
+    # --ahead --cold: Kiln's artifact compiled on empty caches before the stream, loaded in
+    # the stream's build; the peers start from an ONNX file
+    out = _kiln("bench", "dynamic", "--quick", "--ahead", "--cold", "--models", "resnet18",
+                "--engines", "kiln_dynamic,onnxruntime", "--json", str(j))
+    rows = json.loads(j.read_text())
+    assert all("error" not in r and r["max_abs_err"] < 1e-3 for r in rows), rows
+    assert "empty at the start (--cold)" in out and "the build column is kiln.load" in out
 
 
 @pytest.mark.bench
