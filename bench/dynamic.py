@@ -27,6 +27,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -388,13 +389,27 @@ def main_with(args) -> int:
     if args.cold and not getattr(args, "cold_dir", None):
         # every process of the run (this one too: --interleave compiles here) on empty caches
         cold = tempfile.mkdtemp(prefix="kiln-bench-cold-")
-        return _again(args, {"KILN_CACHE_DIR": cold}, cold_dir=cold)
-    rows = []
+        try:
+            return _again(args, {"KILN_CACHE_DIR": cold}, cold_dir=cold)
+        finally:
+            shutil.rmtree(cold, ignore_errors=True)
     engines = args.engines.split(",")
     for engine in engines:
         if engine not in ENGINES:
             raise SystemExit(f"unknown engine {engine!r}; engines: {', '.join(ENGINES)}")
     ahead_dir = tempfile.mkdtemp(prefix="kiln-bench-ahead-") if args.ahead else None
+    try:
+        rows = _streams(args, engines, n, ahead_dir)
+    finally:
+        if ahead_dir is not None:
+            shutil.rmtree(ahead_dir, ignore_errors=True)  # an artifact and an ONNX file per model
+    _print_streams(args, rows, load_start)
+    return 0
+
+
+def _streams(args, engines: list[str], n: int, ahead_dir: str | None) -> list[dict]:
+    """Every model's stream on every engine (after the ahead-of-time work of ``--ahead``)."""
+    rows = []
     for name in args.models.split(","):
         if ahead_dir is not None:
             print(f"[kiln bench dynamic] {name}: ahead of time (compile and save, ONNX export)", file=sys.stderr)
@@ -418,6 +433,10 @@ def main_with(args) -> int:
                     rows.append({"engine": engine, "model": name, "threads": threads, "error": why})
                     continue
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def _print_streams(args, rows: list[dict], load_start: float) -> None:
     print(f"precision: {args.precision}" + (" (max err against eager fp32)" if args.precision == "bf16" else ""))
     print("Kiln's caches: " + ("empty at the start (--cold)" if getattr(args, "cold_dir", None)
                                else f"as found ({settings().cache_dir})") +
@@ -445,7 +464,6 @@ def main_with(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    return 0
 
 
 if __name__ == "__main__":

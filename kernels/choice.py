@@ -237,8 +237,8 @@ def choose(node: Node, kernels: list[Kernel], constants: list) -> tuple[Kernel, 
     ref_k = next((k for k in kernels if k.target == "reference"), None)
     ref = _reference(ref_k, ins, node.attrs)
     lsb = node.outputs[0].type.quant is not None
-    earlier = None if _REMEASURE[0] else earlier_winner("node", key)
-    if earlier is not None:
+    earlier = earlier_winner("node", key)  # under remeasuring() only the prior
+    if earlier is not None and not _REMEASURE[0]:
         trusted = _recorded(node, kernels, constants, earlier, ins, ref, lsb)
         if trusted is not None:
             _MEMO[key] = earlier
