@@ -16,6 +16,7 @@ void register_pool_kernels(py::module_& m);   // bindings/pool.cpp
 void register_winograd_kernels(py::module_& m);  // bindings/winograd.cpp
 void register_attention_kernels(py::module_& m);  // bindings/attention.cpp
 void register_bf16_gemm_kernels(py::module_& m);  // bindings/bf16_gemm.cpp
+void register_f32_gemm_kernels(py::module_& m);  // bindings/f32_gemm.cpp
 void register_rnn_amx_kernels(py::module_& m);  // bindings/rnn_amx.cpp
 void register_transpose_kernels(py::module_& m);  // transpose.cpp
 void register_checksum(py::module_& m);  // checksum.cpp
@@ -310,6 +311,7 @@ PYBIND11_MODULE(_C, m) {
   register_winograd_kernels(m);
   register_attention_kernels(m);
   register_bf16_gemm_kernels(m);
+  register_f32_gemm_kernels(m);
   register_rnn_amx_kernels(m);
   register_transpose_kernels(m);
   register_checksum(m);

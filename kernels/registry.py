@@ -102,8 +102,8 @@ _REGISTRY: dict[tuple[OpKind, str], list[Kernel]] = {}
 # before "onednn" because MKL's packed sgemm (what Inductor calls for frozen fp32 linears)
 # is the faster fp32 GEMM at transformer shapes by less than the noise margin of one
 # compile's measurement, so ties must go to it (docs/benchmarks.md, the model suite).
-_KERNEL_MODULES = ("rnn_cpu", "pool_cpu", "qact_cpu", "attention_cpu", "mkl", "onednn", "amx_linear", "winograd", "quant",
-                   "quant_native", "reference", "sparse", "layout_cpu")
+_KERNEL_MODULES = ("rnn_cpu", "pool_cpu", "qact_cpu", "attention_cpu", "mkl", "onednn", "amx_linear", "avx2_linear",
+                   "winograd", "quant", "quant_native", "reference", "sparse", "layout_cpu")
 
 
 _loaded = False

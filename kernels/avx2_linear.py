@@ -1,0 +1,81 @@
+"""fp32 LINEAR in Kiln's own AVX2 + FMA GEMM (``kiln._C.f32_linear``, ``csrc/f32_gemm.cpp``):
+the weight packed once into 16-channel panels, any row count, the bias added in the GEMM's
+first block; a residual and an activation follow as torch ops (as ``cpu.mkl_linear``'s do).
+
+A candidate beside MKL's packed sgemm, oneDNN and the reference; ``kernels.choice`` keeps
+whichever measures fastest per node. It exists for CPUs without AVX-512, where MKL's and
+oneDNN's GEMMs run a text model's short row counts well below the FMA units' peak and
+oneDNN's pads every new row count up to a bucket (`kiln bench kernels --op linear` times
+them side by side); one packed weight serves every sequence length of a dynamic plan.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kiln.ir import Node, OpKind
+from kiln.ir.reference import epilogue
+
+from .registry import register_kernel
+
+
+def supported() -> bool:
+    from kiln import _C
+
+    return _C.f32_gemm_supported()
+
+
+def _accepts(node: Node) -> bool:
+    x, w = node.inputs[0].type, node.inputs[1].type
+    # leading dims may be symbolic (a plan serving many sizes): rows are read per call
+    return (x.rank >= 2 and isinstance(x.shape[-1], int) and x.dtype.value == "float32" and
+            w.dtype.value == "float32" and w.rank == 2 and w.is_static and w.shape[1] == x.shape[-1] and
+            0 not in w.shape and supported())
+
+
+def rows_view(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as [rows, K] with unit stride along K (a view where the leading dims merge)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] > 1 and x2.stride(0) < x2.shape[1]:
+        x2 = x2.contiguous()  # overlapping (broadcast) rows
+    return x2
+
+
+def _prepare(node: Node, consts: list):
+    from kiln import _C
+
+    w = consts[1]
+    if w is None:
+        return None
+    n = w.shape[0]
+    packed = _C.f32_prepack(w.float().contiguous().numpy())
+    has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
+    bias_c = consts[2] if has_bias and len(consts) > 2 else None
+    bias_c = None if bias_c is None else bias_c.float().contiguous().numpy()
+    has_res = len(node.inputs) > 3 and node.inputs[3] is not None
+
+    def run(ins, a):
+        x = ins[0]
+        lead = x.shape[:-1]
+        out = torch.empty((*lead, n), dtype=torch.float32)
+        if math.prod(lead):  # (no rows: nothing to compute)
+            bias = bias_c if bias_c is not None or not has_bias else ins[2].float().contiguous().numpy()
+            _C.f32_linear(rows_view(x).numpy(), packed, bias, out.view(-1, n).numpy(), torch.get_num_threads())
+        return epilogue(out, ins[3] if has_res else None, a.activation)
+    return run
+
+
+def _unusable(ins, a):
+    raise RuntimeError("cpu.avx2_linear needs a constant weight")
+
+
+def _prepare_or_unusable(node, consts):
+    fn = _prepare(node, consts)
+    return fn if fn is not None else _unusable
+
+
+register_kernel(OpKind.LINEAR, "cpu", name="cpu.avx2_linear", accepts=_accepts, prepare=_prepare_or_unusable,
+                requires=frozenset({"avx2", "fma"}), dynamic=True)(_unusable)

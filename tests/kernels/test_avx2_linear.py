@@ -1,0 +1,85 @@
+"""Kiln's AVX2 fp32 GEMM (csrc/f32_gemm.cpp, kernels/avx2_linear.py) against torch's linear:
+row counts across the 6-row register tile (1-13, and past the 256-k blocks), channel counts
+that leave a partial 16-channel panel, strided rows, the fused bias and the torch epilogue."""
+import pytest
+import torch
+
+from kiln.ir import GraphBuilder, OpKind
+from kiln.ir import attrs as A
+from kiln.ir.reference import REFERENCE
+from kiln.kernels import avx2_linear
+from kiln.kernels.registry import candidates, kernels_for
+
+pytestmark = pytest.mark.skipif(not avx2_linear.supported(), reason="Kiln was built without AVX2 and FMA")
+
+
+def _node(x_shape, w, bias, residual=False, act=A.Activation.NONE):
+    b = GraphBuilder()
+    ins = [b.input("x", x_shape), b.const(w), b.const(bias) if bias is not None else None]
+    if residual:
+        ins.append(b.input("r", (*x_shape[:-1], w.shape[0])))
+    return b.build([b.add(OpKind.LINEAR, *ins, attrs=A.LinearAttrs(act))]).nodes[0]
+
+
+def _kernel():
+    return next(k for k in kernels_for(OpKind.LINEAR, "cpu") if k.name == "cpu.avx2_linear")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 12, 13, 70])
+@pytest.mark.parametrize("n,k", [(16, 8), (33, 300), (768, 600), (5, 1)])
+def test_matches_torch_linear(rows, n, k):
+    w, bias = torch.randn(n, k), torch.randn(n)
+    node = _node((rows, k), w, bias)
+    fn = _kernel().bind(node, [None, w, bias])
+    x = torch.randn(rows, k)
+    torch.testing.assert_close(fn([x, w, bias], node.attrs), torch.nn.functional.linear(x, w, bias),
+                               atol=1e-4 * k ** 0.5, rtol=1e-4)
+
+
+def test_strided_rows_residual_activation_and_no_bias():
+    w = torch.randn(40, 24)
+    node = _node((3, 5, 24), w, None, residual=True, act=A.Activation.RELU)
+    assert avx2_linear._accepts(node)
+    fn = _kernel().bind(node, [None, w, None, None])
+    x = torch.randn(3, 5, 50)[..., 3:27]  # rows 50 apart, as a slice hands over
+    r = torch.randn(3, 5, 40)
+    want = REFERENCE[OpKind.LINEAR]([x, w, None, r], node.attrs)
+    torch.testing.assert_close(fn([x, w, None, r], node.attrs), want, atol=1e-4, rtol=1e-4)
+
+
+def test_one_packed_weight_serves_every_row_count():
+    # a dynamic plan's node: symbolic rows, the weight packed once at prepare
+    from kiln.ir.types import Sym
+
+    w, bias = torch.randn(48, 32), torch.randn(48)
+    b = GraphBuilder()
+    x = b.input("x", (Sym("batch"), Sym("seq"), 32))
+    node = b.build([b.add(OpKind.LINEAR, x, b.const(w), b.const(bias))]).nodes[0]
+    assert "cpu.avx2_linear" in [k.name for k in candidates(node, "cpu")]
+    fn = _kernel().bind(node, [None, w, bias])
+    for shape in ((1, 1, 32), (1, 37, 32), (3, 129, 32), (0, 4, 32)):
+        x = torch.randn(shape)
+        torch.testing.assert_close(fn([x, w, bias], node.attrs), torch.nn.functional.linear(x, w, bias),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_bad_arguments_raise_value_errors():
+    from kiln import _C
+
+    p = _C.f32_prepack(torch.randn(8, 4).numpy())
+    with pytest.raises(ValueError, match="x: expected shape"):
+        _C.f32_linear(torch.randn(2, 5).numpy(), p, None, torch.empty(2, 8).numpy(), 1)
+    with pytest.raises(ValueError, match="expected float32"):
+        _C.f32_linear(torch.randn(2, 4).double().numpy(), p, None, torch.empty(2, 8).numpy(), 1)
+    with pytest.raises(ValueError, match="bias"):
+        _C.f32_linear(torch.randn(2, 4).numpy(), p, torch.randn(3).numpy(), torch.empty(2, 8).numpy(), 1)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threads_split_the_panels(threads):
+    from kiln import _C
+
+    w, bias, x = torch.randn(100, 70), torch.randn(100), torch.randn(9, 70)
+    out = torch.empty(9, 100)
+    _C.f32_linear(x.numpy(), _C.f32_prepack(w.numpy()), bias.numpy(), out.numpy(), threads)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, w, bias), atol=1e-4, rtol=1e-4)
