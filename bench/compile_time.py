@@ -2,19 +2,24 @@
 
 * kiln cold: an empty compile cache (a new temporary KILN_CACHE_DIR);
 * kiln warm: a new process with the cache the cold run filled;
+* kiln tuned: a new process with the tuning database the cold run filled and nothing else
+  (no compile, import or generated-module cache): what compiling another model with the same
+  layers costs, or this one after its compile-cache entry was evicted -- kernel choice takes
+  the database's recorded winners instead of measuring;
 * inductor cold: ``torch.compile`` with freezing and its caches off, first call.
 
 The figure is the seconds spent in the compile call (plus the first call for Inductor,
 which compiles lazily), not interpreter start-up or imports (torch._dynamo, which both
 need, is imported before either timer starts).
 
-    python -m kiln.bench.compile_time [resnet18 bert lstm] [--tune fast]
+    python -m kiln.bench.compile_time [resnet18 bert lstm] [--tune fast] [--dynamic] [--batch N]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,7 +29,8 @@ import json, sys, time, torch
 import kiln
 name, engine, opts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 torch.set_num_threads(1)
-model, inputs = kiln.models.get(name)
+batch = opts.pop("batch", None)
+model, inputs = kiln.models.get(name, **({"batch": batch} if batch else {}))
 if engine == "kiln":
     # torch.export imports torch._dynamo (1.5-2 s) on first use; the Inductor child imports
     # it before its timer (torch._inductor.config does), so this one does too
@@ -39,7 +45,7 @@ else:
     cfg.fx_graph_cache = False
     cfg.autotune_local_cache = False
     t = time.perf_counter()
-    fn = torch.compile(model)
+    fn = torch.compile(model, dynamic=opts.get("dynamic", None) or None)
     with torch.no_grad():
         fn(*inputs)
     print(json.dumps({"seconds": time.perf_counter() - t}))
@@ -58,6 +64,8 @@ def measure(name: str, opts: dict, inductor: bool = True) -> dict:
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, KILN_CACHE_DIR=cache, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"))
         row = {"model": name, "kiln_cold": _run(name, "kiln", env, opts), "kiln_warm": _run(name, "kiln", env, opts)}
+        shutil.rmtree(os.path.join(cache, "compile"), ignore_errors=True)  # the tuning database stays
+        row["kiln_tuned"] = _run(name, "kiln", env, opts)
         if inductor:
             row["inductor_cold"] = _run(name, "inductor", env, opts)
     return row
@@ -68,16 +76,23 @@ def main(argv=None) -> None:
     ap.add_argument("models", nargs="*", default=["resnet18", "bert", "lstm"])
     ap.add_argument("--tune", default=None, help="kiln.compile tune= option (when the build supports it)")
     ap.add_argument("--no-inductor", action="store_true")
+    ap.add_argument("--dynamic", action="store_true", help="kiln.compile(dynamic=True); Inductor dynamic=True")
+    ap.add_argument("--batch", type=int, help="the example inputs' batch size (default: the model's)")
     args = ap.parse_args(argv)
     opts = {"tune": args.tune} if args.tune else {}
-    print("| model | kiln cold (s) | kiln warm, new process (s) | warm cache hit | inductor cold (s) | kiln cold / inductor |")
-    print("|---|---|---|---|---|---|")
+    if args.dynamic:
+        opts["dynamic"] = True
+    if args.batch:
+        opts["batch"] = args.batch
+    print("| model | kiln cold (s) | kiln warm, new process (s) | warm cache hit | kiln, tuning database only (s) "
+          "| inductor cold (s) | kiln cold / inductor |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.models:
         r = measure(name, opts, not args.no_inductor)
-        cold, warm, ind = r["kiln_cold"], r["kiln_warm"], r.get("inductor_cold", {})
+        cold, warm, tuned, ind = r["kiln_cold"], r["kiln_warm"], r["kiln_tuned"], r.get("inductor_cold", {})
         fmt = lambda d: f"{d['seconds']:.2f}" if "seconds" in d else f"error: {d.get('error', '-')}"  # noqa: E731
         ratio = f"{cold['seconds'] / ind['seconds']:.2f}" if "seconds" in cold and "seconds" in ind else "-"
-        print(f"| {name} | {fmt(cold)} | {fmt(warm)} | {warm.get('cache_hit', '-')} | "
+        print(f"| {name} | {fmt(cold)} | {fmt(warm)} | {warm.get('cache_hit', '-')} | {fmt(tuned)} | "
               f"{fmt(ind) if ind else '-'} | {ratio} |", flush=True)
 
 

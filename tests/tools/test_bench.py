@@ -218,3 +218,17 @@ def test_bench_suite_dynamo_quick(tmp_path):
         assert isinstance(r["break_reasons"], dict) and isinstance(r["fallbacks"], dict)
     assert rows["qwen2"]["fallbacks"] == {}  # grouped-query SDPA converts (enable_gqa)
     assert 'torch.compile(backend="kiln"): pass 3/3' in out
+
+
+@pytest.mark.bench
+def test_bench_compile_time_reuses_the_tuning_database(capsys):
+    """python -m kiln.bench.compile_time: cold, warm and tuning-database-only compiles, each
+    in a new process, all of them succeed (nothing about their speed is asserted)."""
+    from kiln.bench import compile_time
+
+    compile_time.main(["lstm", "--no-inductor", "--dynamic", "--batch", "2"])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| lstm |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert "error" not in row, row
+    assert cells[3] == "True"  # the warm compile hit the compile cache
+    assert all(float(c) > 0 for c in (cells[1], cells[2], cells[4]))
