@@ -6,10 +6,12 @@ A candidate beside MKL's packed sgemm, oneDNN and the reference; ``kernels.choic
 whichever measures fastest per node. It exists for CPUs without AVX-512, where MKL's and
 oneDNN's GEMMs run a text model's short row counts well below the FMA units' peak and
 oneDNN's pads every new row count up to a bucket (`kiln bench kernels --op linear` times
-them side by side); one packed weight serves every sequence length of a dynamic plan.
+them side by side); one packed weight serves every sequence length of a dynamic plan. Where
+the CPU has AVX-512 it is no candidate (see ``_accepts``).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -26,12 +28,21 @@ def supported() -> bool:
     return _C.f32_gemm_supported()
 
 
+@functools.cache
+def _host_has_avx512() -> bool:
+    from kiln.target import host_cpu
+
+    return "avx512f" in host_cpu().features
+
+
 def _accepts(node: Node) -> bool:
     x, w = node.inputs[0].type, node.inputs[1].type
-    # leading dims may be symbolic (a plan serving many sizes): rows are read per call
+    # leading dims may be symbolic (a plan serving many sizes): rows are read per call. Not
+    # offered where the CPU has AVX-512: MKL's and oneDNN's GEMMs run twice this kernel's
+    # lanes there, so it could not win a measurement, only lengthen every fp32 linear's.
     return (x.rank >= 2 and isinstance(x.shape[-1], int) and x.dtype.value == "float32" and
             w.dtype.value == "float32" and w.rank == 2 and w.is_static and w.shape[1] == x.shape[-1] and
-            0 not in w.shape and supported())
+            0 not in w.shape and supported() and not _host_has_avx512())
 
 
 def rows_view(x: torch.Tensor) -> torch.Tensor:
