@@ -11,9 +11,9 @@
 // of 16 output channels, k-major: element (k0 * n_pad + p * 16 * kc + kk * 16 + j) holds
 // w[16 p + j, k0 + kk] (zero past N), kc = min(KC, K - k0). A 6 x 16 register tile (12 ymm
 // accumulators) runs over a block: per k, two loads of the panel, six broadcasts of x, twelve
-// FMAs. Loop order per block: panel, then row tiles -- the 16 KiB panel slice stays in L1
-// while every row tile uses it, the x rows of the block (rows x KC) in L2. Threads split
-// the panels (each streams its own weight columns).
+// FMAs. Loop order per block: chunks of 120 rows, panel, row tiles -- the 16 KiB panel slice
+// stays in L1 while every row tile of the chunk uses it, the chunk's x rows of the block in
+// L2. Threads split the panels (each streams its own weight columns).
 #include "f32_gemm.h"
 
 #include <immintrin.h>
@@ -35,6 +35,9 @@ namespace {
 constexpr int64_t kNR = 16;  // output channels per panel (two ymm)
 constexpr int64_t kMR = 6;   // rows per register tile
 constexpr int64_t kKC = 256; // k per block
+// rows per chunk (a multiple of kMR): a chunk's slice of x for one k block (120 KiB) stays in
+// L2 while every panel passes it; more rows at once would push it out with the stores
+constexpr int64_t kMC = 120;
 
 inline __m256i lane_mask(int64_t count) {  // the first `count` (0..8) of 8 lanes
   const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -123,13 +126,16 @@ void panels(const float* x, int64_t m, int64_t lda, const F32Weight& w, const fl
   for (int64_t k0 = 0; k0 < w.k; k0 += kKC) {
     const int64_t kc = std::min(kKC, w.k - k0);
     const float* block = w.data() + k0 * w.panels * kNR;
-    for (int64_t p = p0; p < p1; ++p) {
-      const float* b = block + p * kNR * kc;
-      const int64_t n0 = p * kNR, nr = std::min(kNR, w.n - n0);
-      const float* bias_p = bias == nullptr ? nullptr : bias + n0;
-      for (int64_t r0 = 0; r0 < m; r0 += kMR) {
-        const int64_t rows = std::min(kMR, m - r0);
-        kTiles[rows](x + r0 * lda + k0, lda, b, kc, out + r0 * ldo + n0, ldo, nr, k0 == 0, bias_p);
+    for (int64_t c0 = 0; c0 < m; c0 += kMC) {
+      const int64_t c1 = std::min(m, c0 + kMC);
+      for (int64_t p = p0; p < p1; ++p) {
+        const float* b = block + p * kNR * kc;
+        const int64_t n0 = p * kNR, nr = std::min(kNR, w.n - n0);
+        const float* bias_p = bias == nullptr ? nullptr : bias + n0;
+        for (int64_t r0 = c0; r0 < c1; r0 += kMR) {
+          const int64_t rows = std::min(kMR, c1 - r0);
+          kTiles[rows](x + r0 * lda + k0, lda, b, kc, out + r0 * ldo + n0, ldo, nr, k0 == 0, bias_p);
+        }
       }
     }
   }

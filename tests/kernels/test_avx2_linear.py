@@ -85,3 +85,13 @@ def test_threads_split_the_panels(threads):
     out = torch.empty(9, 100)
     _C.f32_linear(x.numpy(), _C.f32_prepack(w.numpy()), bias.numpy(), out.numpy(), threads)
     torch.testing.assert_close(out, torch.nn.functional.linear(x, w, bias), atol=1e-4, rtol=1e-4)
+
+
+def test_row_chunks_and_k_blocks():
+    # more rows than one 120-row chunk (and a partial tile after it), more k than one 256-k block
+    from kiln import _C
+
+    w, bias, x = torch.randn(40, 600), torch.randn(40), torch.randn(251, 600)
+    out = torch.empty(251, 40)
+    _C.f32_linear(x.numpy(), _C.f32_prepack(w.numpy()), bias.numpy(), out.numpy(), 1)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, w, bias), atol=1e-3, rtol=1e-4)
