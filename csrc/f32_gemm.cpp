@@ -50,7 +50,7 @@ inline __m256i lane_mask(int64_t count) {  // the first `count` (0..8) of 8 lane
 // back to the stack on every iteration.
 template <int R>
 void tile(const float* a, int64_t lda, const float* b, int64_t kc, float* c, int64_t ldc, int64_t nr, bool first,
-          const float* bias) {
+          const float* bias, const float* next) {
   const bool full = nr == kNR;
   // (the lane masks are made again for the stores: held across the loop they would take
   // two of the sixteen registers the loop needs)
@@ -80,6 +80,9 @@ void tile(const float* a, int64_t lda, const float* b, int64_t kc, float* c, int
   const float* a5 = a + 5 * lda;
 #pragma GCC unroll 2
   for (int64_t kk = 0; kk < kc; ++kk) {
+    // the next panel slice, one 64-byte line (one k of it) per k: it streams from memory
+    // while this one computes (a short row count does too little work per weight to hide it)
+    if (next != nullptr) _mm_prefetch(reinterpret_cast<const char*>(next + kk * kNR), _MM_HINT_T0);
     const __m256 w0 = _mm256_load_ps(b + kk * kNR), w1 = _mm256_load_ps(b + kk * kNR + 8);
     __m256 x = _mm256_broadcast_ss(a0 + kk);
     c00 = _mm256_fmadd_ps(x, w0, c00), c01 = _mm256_fmadd_ps(x, w1, c01);
@@ -117,7 +120,8 @@ void tile(const float* a, int64_t lda, const float* b, int64_t kc, float* c, int
   if constexpr (R > 5) store(c + 5 * ldc, m0, c50), store(c + 5 * ldc + 8, m1, c51);
 }
 
-using TileFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, bool, const float*);
+using TileFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, bool, const float*,
+                        const float*);
 constexpr TileFn kTiles[kMR + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
 
 // Panels [p0, p1) for every row, on the calling thread.
@@ -132,9 +136,11 @@ void panels(const float* x, int64_t m, int64_t lda, const F32Weight& w, const fl
         const float* b = block + p * kNR * kc;
         const int64_t n0 = p * kNR, nr = std::min(kNR, w.n - n0);
         const float* bias_p = bias == nullptr ? nullptr : bias + n0;
+        const float* next = p + 1 < p1 ? b + kNR * kc : nullptr;
         for (int64_t r0 = c0; r0 < c1; r0 += kMR) {
           const int64_t rows = std::min(kMR, c1 - r0);
-          kTiles[rows](x + r0 * lda + k0, lda, b, kc, out + r0 * ldo + n0, ldo, nr, k0 == 0, bias_p);
+          kTiles[rows](x + r0 * lda + k0, lda, b, kc, out + r0 * ldo + n0, ldo, nr, k0 == 0, bias_p,
+                       r0 == c0 ? next : nullptr);
         }
       }
     }
