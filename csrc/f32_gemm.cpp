@@ -84,28 +84,16 @@ void tile(const float* a, int64_t lda, const float* b, int64_t kc, float* c, int
     // while this one computes (a short row count does too little work per weight to hide it)
     if (next != nullptr) _mm_prefetch(reinterpret_cast<const char*>(next + kk * kNR), _MM_HINT_T0);
     const __m256 w0 = _mm256_load_ps(b + kk * kNR), w1 = _mm256_load_ps(b + kk * kNR + 8);
-    __m256 x = _mm256_broadcast_ss(a0 + kk);
-    c00 = _mm256_fmadd_ps(x, w0, c00), c01 = _mm256_fmadd_ps(x, w1, c01);
-    if constexpr (R > 1) {
-      x = _mm256_broadcast_ss(a1 + kk);
-      c10 = _mm256_fmadd_ps(x, w0, c10), c11 = _mm256_fmadd_ps(x, w1, c11);
+    __m256 x;
+// row i of the tile: one broadcast of x, two FMAs (a macro: the accumulators must stay named
+// registers, see above)
+#define KILN_F32_ROW(i)                                                                      \
+    if constexpr (R > i) {                                                                   \
+      x = _mm256_broadcast_ss(a##i + kk);                                                    \
+      c##i##0 = _mm256_fmadd_ps(x, w0, c##i##0), c##i##1 = _mm256_fmadd_ps(x, w1, c##i##1); \
     }
-    if constexpr (R > 2) {
-      x = _mm256_broadcast_ss(a2 + kk);
-      c20 = _mm256_fmadd_ps(x, w0, c20), c21 = _mm256_fmadd_ps(x, w1, c21);
-    }
-    if constexpr (R > 3) {
-      x = _mm256_broadcast_ss(a3 + kk);
-      c30 = _mm256_fmadd_ps(x, w0, c30), c31 = _mm256_fmadd_ps(x, w1, c31);
-    }
-    if constexpr (R > 4) {
-      x = _mm256_broadcast_ss(a4 + kk);
-      c40 = _mm256_fmadd_ps(x, w0, c40), c41 = _mm256_fmadd_ps(x, w1, c41);
-    }
-    if constexpr (R > 5) {
-      x = _mm256_broadcast_ss(a5 + kk);
-      c50 = _mm256_fmadd_ps(x, w0, c50), c51 = _mm256_fmadd_ps(x, w1, c51);
-    }
+    KILN_F32_ROW(0) KILN_F32_ROW(1) KILN_F32_ROW(2) KILN_F32_ROW(3) KILN_F32_ROW(4) KILN_F32_ROW(5)
+#undef KILN_F32_ROW
   }
   m0 = full ? _mm256_set1_epi32(-1) : lane_mask(nr), m1 = full ? m0 : lane_mask(nr - 8);
   auto store = [&](float* p, const __m256i& m, __m256 v) {

@@ -19,6 +19,7 @@ import torch
 from kiln.ir import Node, OpKind
 from kiln.ir.reference import epilogue
 
+from .onednn import with_fallback
 from .registry import register_kernel
 
 
@@ -83,10 +84,5 @@ def _unusable(ins, a):
     raise RuntimeError("cpu.avx2_linear needs a constant weight")
 
 
-def _prepare_or_unusable(node, consts):
-    fn = _prepare(node, consts)
-    return fn if fn is not None else _unusable
-
-
-register_kernel(OpKind.LINEAR, "cpu", name="cpu.avx2_linear", accepts=_accepts, prepare=_prepare_or_unusable,
+register_kernel(OpKind.LINEAR, "cpu", name="cpu.avx2_linear", accepts=_accepts, prepare=with_fallback(_prepare, _unusable),
                 requires=frozenset({"avx2", "fma"}), dynamic=True)(_unusable)

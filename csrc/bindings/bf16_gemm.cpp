@@ -10,6 +10,7 @@
 #include <string>
 
 #include "activation.h"
+#include "array_checks.h"
 #include "bf16_gemm.h"
 
 namespace py = pybind11;
@@ -24,17 +25,7 @@ struct Bf16Packed {
 bool is_bf16_bits(const py::array& a) { return a.itemsize() == 2 && (a.dtype().kind() == 'i' || a.dtype().kind() == 'u'); }
 bool is_f32(const py::array& a) { return a.dtype().is(py::dtype::of<float>()); }
 
-// A rank-2 [rows, cols] array with a contiguous last dimension: its row stride in elements.
-int64_t row_stride(const py::buffer_info& b, int64_t rows, int64_t cols, const char* name) {
-  if (b.ndim != 2 || b.shape[0] != rows || b.shape[1] != cols)
-    throw py::value_error(std::string(name) + ": expected shape (" + std::to_string(rows) + ", " +
-                          std::to_string(cols) + ")");
-  if (cols > 1 && b.strides[1] != b.itemsize) throw py::value_error(std::string(name) + ": the last dimension must be contiguous");
-  if (b.strides[0] < 0 || b.strides[0] % b.itemsize != 0) throw py::value_error(std::string(name) + ": bad row stride");
-  const int64_t ld = rows > 1 ? b.strides[0] / b.itemsize : cols;
-  if (ld < cols) throw py::value_error(std::string(name) + ": rows overlap");
-  return ld;
-}
+using bindings::row_stride;
 
 Bf16Packed prepack_py(py::array w) {
   if (!is_bf16_bits(w)) throw py::value_error("w: expected bfloat16 passed as 16-bit integers");

@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 
+#include "array_checks.h"
 #include "f32_gemm.h"
 
 namespace py = pybind11;
@@ -20,17 +21,10 @@ struct F32Packed {
   std::shared_ptr<F32Weight> w;
 };
 
-// A rank-2 [rows, cols] float32 array with a contiguous last dimension: its row stride in elements.
+// A rank-2 float32 [rows, cols] array with a contiguous last dimension: its row stride.
 int64_t row_stride(const py::array& a, const py::buffer_info& b, int64_t rows, int64_t cols, const char* name) {
   if (!a.dtype().is(py::dtype::of<float>())) throw py::value_error(std::string(name) + ": expected float32");
-  if (b.ndim != 2 || b.shape[0] != rows || b.shape[1] != cols)
-    throw py::value_error(std::string(name) + ": expected shape (" + std::to_string(rows) + ", " +
-                          std::to_string(cols) + ")");
-  if (cols > 1 && b.strides[1] != b.itemsize) throw py::value_error(std::string(name) + ": the last dimension must be contiguous");
-  if (b.strides[0] < 0 || b.strides[0] % b.itemsize != 0) throw py::value_error(std::string(name) + ": bad row stride");
-  const int64_t ld = rows > 1 ? b.strides[0] / b.itemsize : cols;
-  if (ld < cols) throw py::value_error(std::string(name) + ": rows overlap");
-  return ld;
+  return bindings::row_stride(b, rows, cols, name);
 }
 
 F32Packed prepack_py(py::array w) {
