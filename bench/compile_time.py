@@ -45,7 +45,7 @@ else:
     cfg.fx_graph_cache = False
     cfg.autotune_local_cache = False
     t = time.perf_counter()
-    fn = torch.compile(model, dynamic=opts.get("dynamic", None) or None)
+    fn = torch.compile(model, dynamic=opts.get("dynamic"))
     with torch.no_grad():
         fn(*inputs)
     print(json.dumps({"seconds": time.perf_counter() - t}))

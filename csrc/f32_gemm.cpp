@@ -29,12 +29,13 @@
 
 namespace kiln::f32 {
 
+constexpr int64_t kNR = 16;  // output channels per panel (two ymm)
+constexpr int64_t kKC = 256; // k per block (the packing and the kernel must agree on both)
+
 #ifdef KILN_F32_GEMM
 namespace {
 
-constexpr int64_t kNR = 16;  // output channels per panel (two ymm)
 constexpr int64_t kMR = 6;   // rows per register tile
-constexpr int64_t kKC = 256; // k per block
 // rows per chunk (a multiple of kMR): a chunk's slice of x for one k block (120 KiB) stays in
 // L2 while every panel passes it; more rows at once would push it out with the stores
 constexpr int64_t kMC = 120;
@@ -143,17 +144,17 @@ const float* F32Weight::data() const { return reinterpret_cast<const float*>(pac
 std::shared_ptr<F32Weight> prepack_f32(const float* w, int64_t n, int64_t k) {
   auto out = std::make_shared<F32Weight>();
   out->n = n, out->k = k;
-  out->panels = (n + 15) / 16;
-  const int64_t n_pad = out->panels * 16;
+  out->panels = (n + kNR - 1) / kNR;
+  const int64_t n_pad = out->panels * kNR;
   out->packed = quant::aligned_bytes(static_cast<size_t>(n_pad * k) * sizeof(float), /*zero=*/true);
   float* dst = reinterpret_cast<float*>(out->packed.get());
-  for (int64_t k0 = 0; k0 < k; k0 += 256) {
-    const int64_t kc = std::min<int64_t>(256, k - k0);
+  for (int64_t k0 = 0; k0 < k; k0 += kKC) {
+    const int64_t kc = std::min(kKC, k - k0);
     for (int64_t p = 0; p < out->panels; ++p) {
-      float* panel = dst + k0 * n_pad + p * 16 * kc;
-      for (int64_t j = 0; j < 16 && p * 16 + j < n; ++j) {
-        const float* row = w + (p * 16 + j) * k + k0;
-        for (int64_t kk = 0; kk < kc; ++kk) panel[kk * 16 + j] = row[kk];
+      float* panel = dst + k0 * n_pad + p * kNR * kc;
+      for (int64_t j = 0; j < kNR && p * kNR + j < n; ++j) {
+        const float* row = w + (p * kNR + j) * k + k0;
+        for (int64_t kk = 0; kk < kc; ++kk) panel[kk * kNR + j] = row[kk];
       }
     }
   }

@@ -11,7 +11,6 @@ the CPU has AVX-512 it is no candidate (see ``_accepts``).
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -19,6 +18,7 @@ import torch
 from kiln.ir import Node, OpKind
 from kiln.ir.reference import epilogue
 
+from .amx_linear import bits
 from .onednn import with_fallback
 from .registry import register_kernel
 
@@ -29,9 +29,8 @@ def supported() -> bool:
     return _C.f32_gemm_supported()
 
 
-@functools.cache
 def _host_has_avx512() -> bool:
-    from kiln.target import host_cpu
+    from kiln.target import host_cpu  # (cached: read once per process)
 
     return "avx512f" in host_cpu().features
 
@@ -44,16 +43,6 @@ def _accepts(node: Node) -> bool:
     return (x.rank >= 2 and isinstance(x.shape[-1], int) and x.dtype.value == "float32" and
             w.dtype.value == "float32" and w.rank == 2 and w.is_static and w.shape[1] == x.shape[-1] and
             0 not in w.shape and supported() and not _host_has_avx512())
-
-
-def rows_view(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as [rows, K] with unit stride along K (a view where the leading dims merge)."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] > 1 and x2.stride(0) < x2.shape[1]:
-        x2 = x2.contiguous()  # overlapping (broadcast) rows
-    return x2
 
 
 def _prepare(node: Node, consts: list):
@@ -75,7 +64,7 @@ def _prepare(node: Node, consts: list):
         out = torch.empty((*lead, n), dtype=torch.float32)
         if math.prod(lead):  # (no rows: nothing to compute)
             bias = bias_c if bias_c is not None or not has_bias else ins[2].float().contiguous().numpy()
-            _C.f32_linear(rows_view(x).numpy(), packed, bias, out.view(-1, n).numpy(), torch.get_num_threads())
+            _C.f32_linear(bits(x), packed, bias, out.view(-1, n).numpy(), torch.get_num_threads())
         return epilogue(out, ins[3] if has_res else None, a.activation)
     return run
 
