@@ -17,10 +17,14 @@ void lstm_cell(const float* gx, const float* gh, const float* c, float* h_out, f
 void gru_cell(const float* gx, const float* gh, const float* b_hh, const float* h, float* h_out, int64_t batch,
               int64_t hidden);
 
-// Whole-layer recurrences (AVX-512), see rnn_recurrence.cpp. y [T, B, H]. The sequence
+// Whole-layer recurrences (AVX-512 or AVX2 + FMA), see rnn_recurrence.cpp. y [T, B, H]. The sequence
 // tensors (gx or x, and y) may be strided views (a batch-first tensor seen as [T, B, .]):
 // their rows must be contiguous; the strides are in elements.
 bool recurrence_supported();
+// The packed weights hold the hidden units in blocks of recurrent_block_units() (one
+// register of this build's lanes): recurrent_blocks(H) of them.
+int64_t recurrent_block_units();
+int64_t recurrent_blocks(int64_t hidden);
 struct SeqStrides {
   int64_t x_t, x_b, y_t, y_b;  // x: gx for the hoisted forms, x for the fused ones
 };

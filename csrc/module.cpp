@@ -111,7 +111,7 @@ void lstm_recurrence_py(sarray gx, farray packed, farray h0, farray c0, sarray y
        cb = cn.request();
   if (x.ndim != 3 || x.shape[2] % 4 != 0) throw py::value_error("gx: expected (T, B, 4H)");
   const int64_t T = x.shape[0], B = x.shape[1], H = x.shape[2] / 4;
-  need(p, {(H + 15) / 16 * H * 4 * 16}, "packed");
+  need(p, {kiln::recurrent_blocks(H) * H * 4 * kiln::recurrent_block_units()}, "packed");
   need(a, {B, H}, "h0");
   need(c, {B, H}, "c0");
   const auto st = seq_strides(x, yb, T, B, H, y);
@@ -130,7 +130,7 @@ void gru_recurrence_py(sarray gx, farray packed, farray b_hh, farray h0, sarray 
        hb = hn.request();
   if (x.ndim != 3 || x.shape[2] % 3 != 0) throw py::value_error("gx: expected (T, B, 3H)");
   const int64_t T = x.shape[0], B = x.shape[1], H = x.shape[2] / 3;
-  need(p, {(H + 15) / 16 * H * 3 * 16}, "packed");
+  need(p, {kiln::recurrent_blocks(H) * H * 3 * kiln::recurrent_block_units()}, "packed");
   need(bb, {3 * H}, "b_hh");
   need(a, {B, H}, "h0");
   const auto st = seq_strides(x, yb, T, B, H, y);
@@ -165,7 +165,7 @@ LayerShape layer_shape(const py::buffer_info& x, const py::buffer_info& p, const
   auto yb = y.request();
   if (x.ndim != 3 || yb.ndim != 3) throw py::value_error("x and y: expected (T, B, I) and (T, B, H)");
   const int64_t T = x.shape[0], B = x.shape[1], I = x.shape[2], H = yb.shape[2];
-  need(p, {(H + 15) / 16 * kiln::layer_block_floats(gates, I, H)}, "packed");
+  need(p, {kiln::recurrent_blocks(H) * kiln::layer_block_floats(gates, I, H)}, "packed");
   return {T, B, I, H, seq_strides(x, yb, T, B, H, y)};
 }
 
@@ -260,7 +260,7 @@ PYBIND11_MODULE(_C, m) {
         "Fused GRU step: gx = xW_ih^T+b_ih, gh = hW_hh^T (B,3H) [r,z,n], b_hh (3H), h (B,H) -> h_out (B,H).");
   m.def("pack_recurrent_weight", &pack_recurrent_weight_py, py::arg("w_hh").noconvert(), py::arg("gates"),
         "Prepack W_hh (G*H, H) into the panels lstm_recurrence / gru_recurrence read.");
-  m.def("recurrence_supported", &kiln::recurrence_supported, "Whether the fused recurrences were built (AVX-512).");
+  m.def("recurrence_supported", &kiln::recurrence_supported, "Whether the fused recurrences were built (AVX-512, or AVX2 + FMA).");
   m.def("lstm_recurrence", &lstm_recurrence_py, py::arg("gx").noconvert(), py::arg("packed").noconvert(),
         py::arg("h0").noconvert(), py::arg("c0").noconvert(), py::arg("y").noconvert(), py::arg("hn").noconvert(),
         py::arg("cn").noconvert(), py::arg("threads") = 1, "One LSTM layer over all steps: gx (T,B,4H) hoisted projection -> y (T,B,H); gx and y may be strided views with contiguous rows.");

@@ -7,10 +7,12 @@
 // - hoisted (lstm_recurrence / gru_recurrence): the caller projected every step's input in
 //   one GEMM up front (gx) and the step's GEMM is h_{t-1} @ W_hh^T alone.
 //
-// Weights are prepacked once: for each block of 16 hidden units, a K x (16*G) panel holding
-// the G gates of those units side by side, so one register tile (R batch rows x 4 vectors)
-// accumulates every gate of 16 units and the cell finishes them in registers — the gate
-// pre-activations never touch memory.
+// Weights are prepacked once: for each block of W hidden units (one register: 16 with
+// AVX-512, 8 with AVX2 + FMA), a K x (W*G) panel holding the G gates of those units side by
+// side, so one register tile (R batch rows x 4 vectors) accumulates every gate of W units
+// and the cell finishes them in registers — the gate pre-activations never touch memory.
+// The packing follows the register width of the build, so a packed weight is for this
+// machine only (plans pack when they are built or loaded, never ship the packing).
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -28,8 +30,13 @@
 namespace kiln {
 
 namespace {
-using rnn::kBlock;
-using rnn::blocks_of;
+// hidden units per block: one register of lanes (simd_vec.h)
+#ifdef KILN_HAS_VEC
+constexpr int kBlock = simd::Vec::W;
+#else
+constexpr int kBlock = 16;  // nothing runs the recurrences here (recurrence_supported() is false)
+#endif
+inline int64_t blocks_of(int64_t H) { return (H + kBlock - 1) / kBlock; }
 // A tile's accumulator groups: LSTM i, f, g, o; GRU r, z, and n in two parts (x W_in + b_in
 // and h W_hn + b_hn), because r multiplies only the second.
 constexpr int kAcc = 4;
@@ -50,6 +57,10 @@ std::vector<float> pack_recurrent_weight(const float* w_hh, int64_t gates, int64
 }
 
 int64_t layer_block_floats(int64_t gates, int64_t I, int64_t H) { return (kAcc + (I + H) * gates) * kBlock; }
+
+int64_t recurrent_blocks(int64_t H) { return blocks_of(H); }
+
+int64_t recurrent_block_units() { return kBlock; }
 
 std::vector<float> pack_layer_weight(const float* w_ih, const float* w_hh, const float* b_ih, const float* b_hh,
                                      int64_t gates, int64_t I, int64_t H) {
@@ -75,65 +86,122 @@ std::vector<float> pack_layer_weight(const float* w_ih, const float* w_hh, const
 }
 
 bool recurrence_supported() {
-#ifdef __AVX512F__
+#ifdef KILN_HAS_VEC
   return true;
 #else
   return false;
 #endif
 }
 
-#ifdef __AVX512F__
+#ifdef KILN_HAS_VEC
 namespace {
 
-using namespace rnn;
+using rnn::gate_sigmoid;
+using rnn::gate_tanh;
+using rnn::run_steps;
+using simd::Vec;
+using V = Vec::T;
 
-// acc[r][.] += a[r, k] * panel[k][.] over k < K. The panel has G vectors per k; vector g
-// feeds accumulator g, except the last, which feeds `Last` (GRU's h part feeds n_h, not n_x).
-template <int G, int Last, int R>
-KILN_INLINE void accumulate(const float* a, int64_t a_stride, const float* panel, int64_t K, __m512 (&acc)[R][kAcc]) {
-  for (int64_t k = 0; k < K; ++k) {
-    __m512 w[G];
-#pragma GCC unroll 4
-    for (int g = 0; g < G; ++g) w[g] = _mm512_loadu_ps(panel + k * (G * kBlock) + g * kBlock);
-    // A panel of K = I + H rows outgrows L1 (64 KB for I = H = 128), and each row tile reads
-    // it again: fetch 8 rows ahead (a gain at that size, neutral when the panel fits).
-    // A prefetch past the panel's end is a harmless hint.
-#pragma GCC unroll 4
-    for (int g = 0; g < G; ++g)
-      _mm_prefetch(reinterpret_cast<const char*>(panel + (k + 8) * (G * kBlock) + g * kBlock), _MM_HINT_T0);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m512 x = _mm512_set1_ps(a[r * a_stride + k]);
-#pragma GCC unroll 4
-      for (int g = 0; g < G; ++g) {
-        const int to = g == G - 1 ? Last : g;
-        acc[r][to] = _mm512_fmadd_ps(x, w[g], acc[r][to]);
-      }
-    }
-  }
-}
+// A register tile: kMaxRows batch rows x the panel vectors of one pass. With AVX-512 (32 zmm)
+// a pass takes all G gate vectors: 6 x 4 accumulators, 4 weight vectors and a broadcast.
+// AVX2 has 16 ymm: 6 rows x 4 gates would not fit, and 2-3 rows x 4 gates must read each
+// weight vector from memory for every row (loads, not FMAs, bound the loop), so its passes
+// take 2 gate vectors at a time: 6 x 2 accumulators, 2 weight vectors and a broadcast, the
+// shape of a GEMM micro-kernel. The other gates' accumulators wait on the stack.
+constexpr int kMaxRows = 6;
+constexpr int kGatesPerPass = Vec::W == 16 ? 4 : 2;
 
-template <int R>
-KILN_INLINE void fill(__m512 (&acc)[R][kAcc], const float* init) {
+// The accumulator vector g of a G-vector panel feeds: g itself, except the last, which
+// feeds `Last` (GRU's h part feeds n_h, not n_x).
+template <int G, int Last>
+constexpr int slot_of(int g) { return g == G - 1 ? Last : g; }
+
+// One GEMM operand of a step: rows a (row r at r * a_stride) times a panel of K rows.
+struct Operand {
+  const float* a;
+  int64_t a_stride;
+  const float* panel;
+  int64_t K;
+};
+
+// acc[r][slot_of(g)] += a[r, k] * panel[k][g] over k < K and the panel vectors g in [G0, G1)
+// of operand x (its last vector feeding XLast) and then of h (HLast). Both operands run in
+// one pass, so the accumulators stay in registers from the first k of x to the last of h.
+template <int G, int XLast, int HLast, int G0, int G1, int R>
+KILN_INLINE void accumulate_pass(const Operand& x, const Operand& h, V (&out)[R][kAcc]) {
+  constexpr auto live = [](int slot) {
+    for (int g = G0; g < G1; ++g)
+      if (slot_of<G, XLast>(g) == slot || slot_of<G, HLast>(g) == slot) return true;
+    return false;
+  };
+  // a local copy of the pass's accumulators, which GCC keeps in registers (through the
+  // caller's array it stored every accumulator back to the stack on each k)
+  V acc[R][kAcc];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int g = 0; g < kAcc; ++g) acc[r][g] = init == nullptr ? _mm512_setzero_ps() : _mm512_loadu_ps(init + g * kBlock);
+    for (int j = 0; j < kAcc; ++j) acc[r][j] = live(j) ? out[r][j] : Vec::zero();
+  auto run = [&](const Operand& o, auto last) __attribute__((always_inline)) {
+    constexpr int Last = decltype(last)::value;
+    for (int64_t k = 0; k < o.K; ++k) {
+      const float* row = o.panel + k * (G * kBlock);
+      V w[G1 - G0];
+#pragma GCC unroll 4
+      for (int g = G0; g < G1; ++g) w[g - G0] = Vec::loadu(row + g * kBlock);
+      // A panel of K = I + H rows outgrows L1 (64 KB for I = H = 128 with 16-unit blocks),
+      // and each row tile reads it again: fetch 8 rows ahead, one line at a time (a gain at
+      // that size, neutral when the panel fits). A prefetch past the panel's end is a
+      // harmless hint.
+#pragma GCC unroll 4
+      for (int off = G0 * kBlock; off < G1 * kBlock; off += 16)
+        _mm_prefetch(reinterpret_cast<const char*>(row + 8 * (G * kBlock) + off), _MM_HINT_T0);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const V v = Vec::bcast(o.a + r * o.a_stride + k);
+#pragma GCC unroll 4
+        for (int g = G0; g < G1; ++g)
+          acc[r][slot_of<G, Last>(g)] = Vec::fmadd(v, w[g - G0], acc[r][slot_of<G, Last>(g)]);
+      }
+    }
+  };
+  run(x, std::integral_constant<int, XLast>{});
+  run(h, std::integral_constant<int, HLast>{});
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < kAcc; ++j)
+      if (live(j)) out[r][j] = acc[r][j];
 }
 
-// c = f c + i g; h = o tanh(c), for 16 units (m masks the tail past H)
-KILN_INLINE void lstm_cell16(__m512 i, __m512 f, __m512 g, __m512 o, float* c, float* h, __mmask16 m) {
-  const __m512 cn =
-      _mm512_fmadd_ps(gate_sigmoid(f), _mm512_maskz_loadu_ps(m, c), _mm512_mul_ps(gate_sigmoid(i), gate_tanh(g)));
-  _mm512_mask_storeu_ps(c, m, cn);
-  _mm512_mask_storeu_ps(h, m, _mm512_mul_ps(gate_sigmoid(o), gate_tanh(cn)));
+// acc[r][.] += x a[r, k] x-panel[k][.] + h a[r, k] h-panel[k][.], in passes of
+// kGatesPerPass panel vectors (an operand with K = 0 adds nothing).
+template <int G, int XLast, int HLast, int R>
+KILN_INLINE void accumulate(const Operand& x, const Operand& h, V (&acc)[R][kAcc]) {
+  constexpr int P = kGatesPerPass < G ? kGatesPerPass : G;
+  accumulate_pass<G, XLast, HLast, 0, P>(x, h, acc);
+  if constexpr (P < G) accumulate_pass<G, XLast, HLast, P, G>(x, h, acc);
+}
+
+template <int R>
+KILN_INLINE void fill(V (&acc)[R][kAcc], const float* init) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int g = 0; g < kAcc; ++g) acc[r][g] = init == nullptr ? Vec::zero() : Vec::loadu(init + g * kBlock);
+}
+
+// c = f c + i g; h = o tanh(c), for one block of units (m masks the tail past H)
+KILN_INLINE void lstm_cell(V i, V f, V g, V o, float* c, float* h, const Vec::Mask& m) {
+  const V cn = Vec::fmadd(gate_sigmoid(f), Vec::load(m, c), Vec::mul(gate_sigmoid(i), gate_tanh(g)));
+  Vec::store(c, m, cn);
+  Vec::store(h, m, Vec::mul(gate_sigmoid(o), gate_tanh(cn)));
 }
 
 // n = tanh(nx + r nh); h = (1 - z) n + z h_prev == n + z (h_prev - n)
-KILN_INLINE void gru_cell16(__m512 r, __m512 z, __m512 nx, __m512 nh, const float* h_prev, float* h, __mmask16 m) {
-  const __m512 n = gate_tanh(_mm512_fmadd_ps(gate_sigmoid(r), nh, nx));
-  const __m512 hp = _mm512_maskz_loadu_ps(m, h_prev);
-  _mm512_mask_storeu_ps(h, m, _mm512_fmadd_ps(gate_sigmoid(z), _mm512_sub_ps(hp, n), n));
+KILN_INLINE void gru_cell(V r, V z, V nx, V nh, const float* h_prev, float* h, const Vec::Mask& m) {
+  const V n = gate_tanh(Vec::fmadd(gate_sigmoid(r), nh, nx));
+  const V hp = Vec::load(m, h_prev);
+  Vec::store(h, m, Vec::fmadd(gate_sigmoid(z), Vec::sub(hp, n), n));
 }
 
 // What one step of one row tile sees. Row b of x / h_prev / h_out is at b * x_b / h_b / y_b;
@@ -147,79 +215,86 @@ struct StepRows {
   int64_t y_b;
 };
 
-// Hoisted LSTM: rows [b0, b0+R), units [j0, j0+16); panel = W_hh's for the block.
+// Hoisted LSTM: rows [b0, b0+R), units [j0, j0+kBlock); panel = W_hh's for the block.
 template <int R>
 KILN_INLINE void lstm_hoisted_tile(const StepRows& s, const float* panel, float* c, int64_t H, int64_t b0, int64_t j0) {
-  __m512 acc[R][kAcc];
+  V acc[R][kAcc];
   fill(acc, nullptr);
-  accumulate<4, 3>(s.h_prev + b0 * s.h_b, s.h_b, panel, H, acc);
-  const __mmask16 m = tail_mask(H - j0);
+  accumulate<4, 3, 3>(Operand{}, Operand{s.h_prev + b0 * s.h_b, s.h_b, panel, H}, acc);
+  const auto m = Vec::mask(H - j0);
   for (int r = 0; r < R; ++r) {
     const float* x = s.x + (b0 + r) * s.x_b + j0;
-    auto gate = [&](int g) { return _mm512_add_ps(acc[r][g], _mm512_maskz_loadu_ps(m, x + g * H)); };
-    lstm_cell16(gate(0), gate(1), gate(2), gate(3), c + (b0 + r) * H + j0, s.h_out + (b0 + r) * s.y_b + j0, m);
+    auto gate = [&](int g) { return Vec::add(acc[r][g], Vec::load(m, x + g * H)); };
+    lstm_cell(gate(0), gate(1), gate(2), gate(3), c + (b0 + r) * H + j0, s.h_out + (b0 + r) * s.y_b + j0, m);
   }
 }
 
 template <int R>
 KILN_INLINE void gru_hoisted_tile(const StepRows& s, const float* panel, const float* b_hh, int64_t H, int64_t b0,
                                   int64_t j0) {
-  __m512 acc[R][kAcc];
+  V acc[R][kAcc];
   fill(acc, nullptr);
-  accumulate<3, 2>(s.h_prev + b0 * s.h_b, s.h_b, panel, H, acc);
-  const __mmask16 m = tail_mask(H - j0);
-  const __m512 br = _mm512_maskz_loadu_ps(m, b_hh + j0);
-  const __m512 bz = _mm512_maskz_loadu_ps(m, b_hh + H + j0);
-  const __m512 bn = _mm512_maskz_loadu_ps(m, b_hh + 2 * H + j0);
+  accumulate<3, 2, 2>(Operand{}, Operand{s.h_prev + b0 * s.h_b, s.h_b, panel, H}, acc);
+  const auto m = Vec::mask(H - j0);
+  const V br = Vec::load(m, b_hh + j0);
+  const V bz = Vec::load(m, b_hh + H + j0);
+  const V bn = Vec::load(m, b_hh + 2 * H + j0);
   for (int r = 0; r < R; ++r) {
     const float* x = s.x + (b0 + r) * s.x_b + j0;
-    gru_cell16(_mm512_add_ps(_mm512_add_ps(acc[r][0], br), _mm512_maskz_loadu_ps(m, x)),
-               _mm512_add_ps(_mm512_add_ps(acc[r][1], bz), _mm512_maskz_loadu_ps(m, x + H)),
-               _mm512_maskz_loadu_ps(m, x + 2 * H), _mm512_add_ps(acc[r][2], bn),
-               s.h_prev + (b0 + r) * s.h_b + j0, s.h_out + (b0 + r) * s.y_b + j0, m);
+    gru_cell(Vec::add(Vec::add(acc[r][0], br), Vec::load(m, x)), Vec::add(Vec::add(acc[r][1], bz), Vec::load(m, x + H)),
+             Vec::load(m, x + 2 * H), Vec::add(acc[r][2], bn), s.h_prev + (b0 + r) * s.h_b + j0,
+             s.h_out + (b0 + r) * s.y_b + j0, m);
   }
 }
 
-// Fused: blk = [bias: 4 x 16][x panel: I x G*16][h panel: H x G*16] (pack_layer_weight).
+// Fused: blk = [bias: 4 x kBlock][x panel: I x G*kBlock][h panel: H x G*kBlock] (pack_layer_weight).
 template <int R>
 KILN_INLINE void lstm_fused_tile(const StepRows& s, const float* blk, float* c, int64_t I, int64_t H, int64_t b0,
                                  int64_t j0) {
-  __m512 acc[R][kAcc];
+  V acc[R][kAcc];
   fill(acc, blk);
   const float* px = blk + kAcc * kBlock;
-  accumulate<4, 3>(s.x + b0 * s.x_b, s.x_b, px, I, acc);
-  accumulate<4, 3>(s.h_prev + b0 * s.h_b, s.h_b, px + I * 4 * kBlock, H, acc);
-  const __mmask16 m = tail_mask(H - j0);
+  accumulate<4, 3, 3>(Operand{s.x + b0 * s.x_b, s.x_b, px, I},
+                      Operand{s.h_prev + b0 * s.h_b, s.h_b, px + I * 4 * kBlock, H}, acc);
+  const auto m = Vec::mask(H - j0);
   for (int r = 0; r < R; ++r)
-    lstm_cell16(acc[r][0], acc[r][1], acc[r][2], acc[r][3], c + (b0 + r) * H + j0, s.h_out + (b0 + r) * s.y_b + j0, m);
+    lstm_cell(acc[r][0], acc[r][1], acc[r][2], acc[r][3], c + (b0 + r) * H + j0, s.h_out + (b0 + r) * s.y_b + j0, m);
 }
 
 template <int R>
 KILN_INLINE void gru_fused_tile(const StepRows& s, const float* blk, int64_t I, int64_t H, int64_t b0, int64_t j0) {
-  __m512 acc[R][kAcc];
+  V acc[R][kAcc];
   fill(acc, blk);
   const float* px = blk + kAcc * kBlock;
-  accumulate<3, 2>(s.x + b0 * s.x_b, s.x_b, px, I, acc);                   // r, z, n_x
-  accumulate<3, 3>(s.h_prev + b0 * s.h_b, s.h_b, px + I * 3 * kBlock, H, acc);  // r, z, n_h
-  const __mmask16 m = tail_mask(H - j0);
+  accumulate<3, 2, 3>(Operand{s.x + b0 * s.x_b, s.x_b, px, I},                   // r, z, n_x
+                      Operand{s.h_prev + b0 * s.h_b, s.h_b, px + I * 3 * kBlock, H}, acc);  // r, z, n_h
+  const auto m = Vec::mask(H - j0);
   for (int r = 0; r < R; ++r)
-    gru_cell16(acc[r][0], acc[r][1], acc[r][2], acc[r][3], s.h_prev + (b0 + r) * s.h_b + j0,
-               s.h_out + (b0 + r) * s.y_b + j0, m);
+    gru_cell(acc[r][0], acc[r][1], acc[r][2], acc[r][3], s.h_prev + (b0 + r) * s.h_b + j0,
+             s.h_out + (b0 + r) * s.y_b + j0, m);
 }
 
-// Row tiles of 6 batch rows: 6 x 4 accumulators + 4 weight vectors + 1 broadcast fit
-// the 32 zmm registers.
+// f(R, b) over row tiles of the batch, of R = `left` rows at b.
+template <int R, typename F>
+inline void row_tile(int64_t left, int64_t b, F&& f) {
+  if constexpr (R > 0) {
+    if (left == R)
+      f(std::integral_constant<int, R>{}, b);
+    else
+      row_tile<R - 1>(left, b, f);
+  }
+}
+
+// The batch in as few tiles as kMaxRows allows, of balanced sizes (32 rows: 6 6 5 5 5 5, not
+// 6 6 6 6 6 2): a tile of one or two rows has too few independent accumulators to hide the
+// FMA latency.
 template <typename F>
 inline void for_row_tiles(int64_t B, F&& f) {
-  int64_t b = 0;
-  for (; b + 6 <= B; b += 6) f(std::integral_constant<int, 6>{}, b);
-  switch (B - b) {
-    case 5: f(std::integral_constant<int, 5>{}, b); break;
-    case 4: f(std::integral_constant<int, 4>{}, b); break;
-    case 3: f(std::integral_constant<int, 3>{}, b); break;
-    case 2: f(std::integral_constant<int, 2>{}, b); break;
-    case 1: f(std::integral_constant<int, 1>{}, b); break;
-    default: break;
+  const int64_t tiles = (B + kMaxRows - 1) / kMaxRows;
+  for (int64_t i = 0, b = 0; i < tiles; ++i) {
+    const int64_t end = B * (i + 1) / tiles;
+    row_tile<kMaxRows>(end - b, b, f);
+    b = end;
   }
 }
 
@@ -243,7 +318,7 @@ void run_layer(const float* x, const float* h0, float* y, float* hn, int64_t T, 
     // runs it too; there it was neutral or a small gain.
     if (shared_h)
       for (int64_t b = b_lo; b < b_hi; ++b)
-        for (int64_t k = 0; k < H; k += kBlock)
+        for (int64_t k = 0; k < H; k += 16)  // one 64-byte line at a time
           _mm_prefetch(reinterpret_cast<const char*>(s.h_prev + b * s.h_b + k), _MM_HINT_T0);
     for (int64_t jb = j_lo; jb < j_hi; ++jb)
       for_row_tiles(b_hi - b_lo, [&](auto R, int64_t b0) { tile(R, s, b_lo + b0, jb); });
@@ -267,61 +342,61 @@ void run_layer(const float* x, const float* h0, float* y, float* hn, int64_t T, 
 }  // namespace
 #endif
 
-#ifndef __AVX512F__
+#ifndef KILN_HAS_VEC
 namespace {
-// Without AVX-512 recurrence_supported() is false and no caller gets here.
+// Without AVX-512 or AVX2 + FMA recurrence_supported() is false and no caller gets here.
 template <typename... Args>
-[[noreturn]] void no_avx512(const char* name, const Args&...) {
-  throw std::runtime_error(std::string(name) + " needs AVX-512");
+[[noreturn]] void no_simd(const char* name, const Args&...) {
+  throw std::runtime_error(std::string(name) + " needs AVX-512 or AVX2 + FMA");
 }
 }  // namespace
 #endif
 
 void lstm_recurrence(const float* gx, const float* packed, const float* h0, const float* c0, float* y, float* hn,
                      float* cn, int64_t T, int64_t B, int64_t H, SeqStrides st, int threads) {
-#ifdef __AVX512F__
+#ifdef KILN_HAS_VEC
   std::memcpy(cn, c0, sizeof(float) * B * H);  // cn is the running cell state
   run_layer(gx, h0, y, hn, T, B, H, st, threads, [&](auto R, const StepRows& s, int64_t b0, int64_t jb) {
     lstm_hoisted_tile<decltype(R)::value>(s, packed + jb * H * 4 * kBlock, cn, H, b0, jb * kBlock);
   });
 #else
-  no_avx512("lstm_recurrence", gx, packed, h0, c0, y, hn, cn, T, B, H, st, threads);
+  no_simd("lstm_recurrence", gx, packed, h0, c0, y, hn, cn, T, B, H, st, threads);
 #endif
 }
 
 void gru_recurrence(const float* gx, const float* packed, const float* b_hh, const float* h0, float* y, float* hn,
                     int64_t T, int64_t B, int64_t H, SeqStrides st, int threads) {
-#ifdef __AVX512F__
+#ifdef KILN_HAS_VEC
   run_layer(gx, h0, y, hn, T, B, H, st, threads, [&](auto R, const StepRows& s, int64_t b0, int64_t jb) {
     gru_hoisted_tile<decltype(R)::value>(s, packed + jb * H * 3 * kBlock, b_hh, H, b0, jb * kBlock);
   });
 #else
-  no_avx512("gru_recurrence", gx, packed, b_hh, h0, y, hn, T, B, H, st, threads);
+  no_simd("gru_recurrence", gx, packed, b_hh, h0, y, hn, T, B, H, st, threads);
 #endif
 }
 
 void lstm_layer(const float* x, const float* packed, const float* h0, const float* c0, float* y, float* hn, float* cn,
                 int64_t T, int64_t B, int64_t I, int64_t H, SeqStrides st, int threads) {
-#ifdef __AVX512F__
+#ifdef KILN_HAS_VEC
   std::memcpy(cn, c0, sizeof(float) * B * H);
   const int64_t stride = layer_block_floats(4, I, H);
   run_layer(x, h0, y, hn, T, B, H, st, threads, [&](auto R, const StepRows& s, int64_t b0, int64_t jb) {
     lstm_fused_tile<decltype(R)::value>(s, packed + jb * stride, cn, I, H, b0, jb * kBlock);
   });
 #else
-  no_avx512("lstm_layer", x, packed, h0, c0, y, hn, cn, T, B, I, H, st, threads);
+  no_simd("lstm_layer", x, packed, h0, c0, y, hn, cn, T, B, I, H, st, threads);
 #endif
 }
 
 void gru_layer(const float* x, const float* packed, const float* h0, float* y, float* hn, int64_t T, int64_t B,
                int64_t I, int64_t H, SeqStrides st, int threads) {
-#ifdef __AVX512F__
+#ifdef KILN_HAS_VEC
   const int64_t stride = layer_block_floats(3, I, H);
   run_layer(x, h0, y, hn, T, B, H, st, threads, [&](auto R, const StepRows& s, int64_t b0, int64_t jb) {
     gru_fused_tile<decltype(R)::value>(s, packed + jb * stride, I, H, b0, jb * kBlock);
   });
 #else
-  no_avx512("gru_layer", x, packed, h0, y, hn, T, B, I, H, st, threads);
+  no_simd("gru_layer", x, packed, h0, y, hn, T, B, I, H, st, threads);
 #endif
 }
 

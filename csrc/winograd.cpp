@@ -16,59 +16,18 @@
 
 #include "kiln.h"
 #include "simd_math.h"
+#include "simd_vec.h"
 #include "thread_pool.h"
 
 namespace kiln {
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#ifdef KILN_HAS_VEC
 #define KILN_WINOGRAD 1
 namespace {
 
-// One register of channels and the few operations the transforms use: 16 lanes of a zmm with
-// AVX-512, else 8 lanes of a ymm (AVX2 + FMA). A channel tail is a mask.
-#ifdef __AVX512F__
-struct Vec {
-  using T = __m512;
-  using Mask = __mmask16;
-  static constexpr int W = 16;
-  static T zero() { return _mm512_setzero_ps(); }
-  static T set1(float v) { return _mm512_set1_ps(v); }
-  static T add(T a, T b) { return _mm512_add_ps(a, b); }
-  static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
-  static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
-  static T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }    // a b + c
-  static T fnmadd(T a, T b, T c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
-  static T max(T a, T b) { return _mm512_max_ps(a, b); }
-  static Mask mask(int64_t n) { return tail_mask(n); }
-  static T load(Mask m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
-  static void store(float* p, Mask m, T v) { _mm512_mask_storeu_ps(p, m, v); }
-};
-#else
-struct Vec {
-  using T = __m256;
-  struct Mask {
-    __m256i lanes;
-    bool full;  // a whole register: plain loads and stores (masked stores are slow on some CPUs)
-  };
-  static constexpr int W = 8;
-  static T zero() { return _mm256_setzero_ps(); }
-  static T set1(float v) { return _mm256_set1_ps(v); }
-  static T add(T a, T b) { return _mm256_add_ps(a, b); }
-  static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
-  static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
-  static T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
-  static T fnmadd(T a, T b, T c) { return _mm256_fnmadd_ps(a, b, c); }
-  static T max(T a, T b) { return _mm256_max_ps(a, b); }
-  static Mask mask(int64_t n) {
-    const int k = static_cast<int>(std::min<int64_t>(n, W));
-    return {_mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), k == W};
-  }
-  static T load(const Mask& m, const float* p) { return m.full ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, m.lanes); }
-  static void store(float* p, const Mask& m, T v) {
-    if (m.full) _mm256_storeu_ps(p, v); else _mm256_maskstore_ps(p, m.lanes, v);
-  }
-};
-#endif
+// One register of channels (simd_vec.h): 16 lanes with AVX-512, else 8 with AVX2 + FMA; a
+// channel tail is a mask.
+using simd::Vec;
 using Reg = Vec::T;
 
 // 1-D transforms, out = B^T in and y = A^T in (Lavin & Gray's matrices). `in` has R points.

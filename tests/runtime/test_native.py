@@ -90,10 +90,10 @@ def _gru_steps(gx, w, b_hh, h):
     return torch.stack(ys), h
 
 
-needs_avx512 = pytest.mark.skipif(not _C.recurrence_supported(), reason="fused recurrences need AVX-512")
+needs_simd = pytest.mark.skipif(not _C.recurrence_supported(), reason="fused recurrences need AVX-512 or AVX2 + FMA")
 
 
-@needs_avx512
+@needs_simd
 @pytest.mark.parametrize("T,B,H,threads", [(5, 1, 16, 1), (7, 3, 20, 1), (6, 13, 33, 2), (4, 32, 128, 2)])
 def test_fused_recurrences_match_step_by_step_torch(T, B, H, threads):
     gx4, w4 = torch.randn(T, B, 4 * H), torch.randn(4 * H, H) * 0.3
@@ -113,7 +113,7 @@ def test_fused_recurrences_match_step_by_step_torch(T, B, H, threads):
     torch.testing.assert_close(hn, rh, atol=2e-5, rtol=1e-4)
 
 
-@needs_avx512
+@needs_simd
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fused_recurrences_take_batch_first_strided_views(threads):
     # batch-first tensors seen as [T, B, .]: nothing is copied, results are the same
@@ -134,7 +134,24 @@ def test_fused_recurrences_take_batch_first_strided_views(threads):
     torch.testing.assert_close(y, ry.transpose(0, 1), atol=2e-5, rtol=1e-4)
 
 
-@needs_avx512
+@needs_simd
+def test_fused_recurrence_gates_at_special_values():
+    # the gates' own exp (simd_vec.h's scale2: vscalefps, or the exponent built by hand with
+    # AVX2) at NaN, the clamps' edges and beyond, and infinities: torch's values, NaN kept
+    v = torch.tensor([float("nan"), 100.0, -100.0, 0.0, 1e30, -1e30, 50.0, -50.0, 87.5, -87.5, 43.6, -43.6,
+                      float("inf"), float("-inf"), 1e-8, 3.0])
+    H = v.numel()
+    gx4 = torch.stack([v.roll(i) for i in range(4)]).reshape(1, 1, 4 * H)
+    h0, c0 = torch.zeros(1, H), torch.linspace(-2, 2, H).reshape(1, H)
+    y, hn, cn = torch.empty(1, 1, H), torch.empty(1, H), torch.empty(1, H)
+    _C.lstm_recurrence(gx4.numpy(), _C.pack_recurrent_weight(np.zeros((4 * H, H), np.float32), 4), h0.numpy(),
+                       c0.numpy(), y.numpy(), hn.numpy(), cn.numpy(), 1)
+    ry, rh, rc = _lstm_steps(gx4, torch.zeros(4 * H, H), h0, c0)
+    torch.testing.assert_close(cn, rc, atol=1e-6, rtol=1e-6, equal_nan=True)
+    torch.testing.assert_close(y, ry, atol=1e-6, rtol=1e-6, equal_nan=True)
+
+
+@needs_simd
 def test_fused_recurrence_rejects_bad_arguments():
     T, B, H = 3, 2, 16
     gx = np.zeros((T, B, 4 * H), np.float32)
@@ -155,7 +172,7 @@ def test_fused_recurrence_rejects_bad_arguments():
         _C.lstm_recurrence(gx, p, s, s, y, s.copy(), s.copy())
 
 
-@needs_avx512
+@needs_simd
 def test_fused_layer_rejects_bad_arguments():
     T, B, F, H = 3, 2, 5, 16  # F: input size
     x = np.zeros((T, B, F), np.float32)
