@@ -1,6 +1,7 @@
 """The recurrent-network (LSTM/GRU) kernels of the ``cpu`` target, in C++ (``kiln._C``).
 
-A layer runs one of three ways, chosen per layer by measurement (kernels/choice.py):
+A layer runs one of three ways, chosen per layer by measurement (kernels/choice.py); the C++
+layers and recurrences need AVX-512 or AVX2 + FMA (``kiln._C.recurrence_supported()``):
 
 - ``cpu.lstm_layer`` / ``cpu.gru_layer``: the whole layer in C++ (``kiln._C.lstm_layer``);
   each step's GEMM is [x_t, h_{t-1}] @ [W_ih; W_hh]^T fused with the gates, so the input
