@@ -35,9 +35,13 @@ def _native():
 
 
 def _rnn_ok(node: Node) -> bool:
+    """fp32, one direction. The time and batch dims may be symbolic (a dynamic plan): the
+    kernels read them from the tensors on each call; the feature dim and the weights are
+    static, and the weights are packed once for every size."""
     a = node.attrs
     x = node.inputs[0].type
-    return not a.bidirectional and x.dtype.value == "float32" and x.is_static
+    return (not a.bidirectional and x.dtype.value == "float32" and isinstance(x.shape[-1], int)
+            and all(v is None or v.type.is_static for v in node.inputs[1 + (2 if node.op is OpKind.LSTM else 1):]))
 
 
 def _layers(ins, a: A.RNNAttrs, nstate: int, gates: int):
@@ -225,10 +229,12 @@ def gru_recurrence(ins, a: A.RNNAttrs, packed=None):
 
 for _fn, _pack, _ok in ((lstm_layer, _pack_layer, _native_ok), (lstm_hoisted, _pack_hoisted, _native_ok),
                         (lstm_recurrence, _pack_hoisted, _recurrence_ok)):
-    register_kernel(OpKind.LSTM, "cpu", name=f"cpu.{_fn.__name__}", accepts=_ok, prepare=_packer(_fn, _pack, 4))(_fn)
+    register_kernel(OpKind.LSTM, "cpu", name=f"cpu.{_fn.__name__}", accepts=_ok, prepare=_packer(_fn, _pack, 4),
+                    dynamic=True)(_fn)
 for _fn, _pack, _ok in ((gru_layer, _pack_layer, _native_ok), (gru_hoisted, _pack_hoisted, _native_ok),
                         (gru_recurrence, _pack_hoisted, _recurrence_ok)):
-    register_kernel(OpKind.GRU, "cpu", name=f"cpu.{_fn.__name__}", accepts=_ok, prepare=_packer(_fn, _pack, 3))(_fn)
+    register_kernel(OpKind.GRU, "cpu", name=f"cpu.{_fn.__name__}", accepts=_ok, prepare=_packer(_fn, _pack, 3),
+                    dynamic=True)(_fn)
 
 
 def _amx_ok(node: Node) -> bool:
@@ -291,7 +297,7 @@ register_kernel(OpKind.GRU, "cpu", name="cpu.gru_layer_amx", accepts=_amx_ok,
                 prepare=_packer(gru_layer_amx, _pack_amx, 3), requires=AMX_BF16)(gru_layer_amx)
 
 
-@register_kernel(OpKind.LSTM, "cpu", name="cpu.lstm", accepts=_rnn_ok)
+@register_kernel(OpKind.LSTM, "cpu", name="cpu.lstm", accepts=_rnn_ok, dynamic=True)
 def lstm_cpu(ins, a: A.RNNAttrs):
     C = _native()
     x, h0, c0 = ins[:3]
@@ -328,7 +334,7 @@ def lstm_cpu(ins, a: A.RNNAttrs):
     return y, hn, cn
 
 
-@register_kernel(OpKind.GRU, "cpu", name="cpu.gru", accepts=_rnn_ok)
+@register_kernel(OpKind.GRU, "cpu", name="cpu.gru", accepts=_rnn_ok, dynamic=True)
 def gru_cpu(ins, a: A.RNNAttrs):
     C = _native()
     x, h0 = ins[:2]

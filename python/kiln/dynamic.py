@@ -133,8 +133,12 @@ def export_arguments(module: torch.nn.Module, args: tuple, kwargs: dict, spec: D
     them as constants) by repeating the data along them."""
     from torch.export import Dim
 
-    widen = {d.name for d in spec.dims if spec.hints[d.name] < 2 and (d.max is None or d.max >= 2)}
-    fixed = {d.name for d in spec.dims if spec.hints[d.name] < 2} - widen
+    leaves, tree = pytree.tree_flatten((args, kwargs))
+    # the sizes of these arguments, not the compile's example: a specialization compiled later
+    # (another static dim) traces on the call that needed it, which may have a batch of 1
+    small = {d.name for d in spec.dims if leaves[d.position].shape[d.axis] < 2}
+    widen = {n for n in small if all(d.max is None or d.max >= 2 for d in spec.dims if d.name == n)}
+    fixed = small - widen
     if fixed:
         raise KilnError(f"dynamic: {', '.join(sorted(fixed))} can only be 1: nothing varies")
     torch_dims = {}
@@ -146,7 +150,6 @@ def export_arguments(module: torch.nn.Module, args: tuple, kwargs: dict, spec: D
             # needs a second trace with the suggested fixes. What it inferred is checked after
             # the trace (exported_limits; a dim the model fixes is refused when converting).
             torch_dims[d.name] = Dim.AUTO(min=lo, max=d.max) if d.max is not None else Dim.AUTO(min=lo)
-    leaves, tree = pytree.tree_flatten((args, kwargs))
     per_leaf: dict = {}
     for d in spec.dims:
         per_leaf.setdefault(d.position, {})[d.axis] = d

@@ -80,6 +80,35 @@ def test_lstm_batch_and_sequence_length():
     assert len(fast.compiled) == 1
 
 
+def test_dynamic_recurrent_layers_run_kilns_own_kernels():
+    # the C++ layers read the time and batch sizes per call: a dynamic plan takes them
+    # (before, a symbolic LSTM ran torch's reference op)
+    model, inputs = models.lstm(batch=4, seq=16)
+    fast = kiln.compile(model, inputs, dynamic={0: {0: "batch", 1: "seq"}})
+    with torch.no_grad():
+        x = torch.randn(3, 9, 8)
+        ok, err, tol = max_err_ok(fast(x), model(x))
+    assert ok, f"{err} > {tol}"
+    used = [k for label, k in fast.compiled[0].report.node_kernels if label.startswith("lstm")]
+    assert len(used) == 2
+    if kiln._C.recurrence_supported():
+        assert not any("reference" in k for k in used), used
+
+
+def test_a_later_specialization_may_trace_a_call_of_batch_one():
+    # dynamic=True varies the batch only; a new sequence length is a new specialization,
+    # traced on the call that needs it, whose batch may be 1 (torch.export fixes a dim of 1:
+    # the call's own sizes, not the first example's, decide the widening)
+    model, inputs = models.lstm(batch=4, seq=16)
+    fast = kiln.compile(model, inputs, dynamic=True)
+    with torch.no_grad():
+        for batch, seq in [(4, 16), (1, 5), (3, 5)]:
+            x = torch.randn(batch, seq, 8)
+            ok, err, tol = max_err_ok(fast(x), model(x))
+            assert ok, f"{batch}x{seq}: {err} > {tol}"
+    assert sorted(c.report.input_shapes[0][1] for c in fast.compiled) == [5, 16]
+
+
 def test_dynamic_option_is_checked_before_tracing():
     m = torch.nn.Linear(4, 2)
     x = torch.randn(3, 4)
