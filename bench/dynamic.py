@@ -5,7 +5,8 @@
     python -m kiln.bench.dynamic --per-length 16,64,128,384 [--models hf_bert] [--layers 12]
 
 A seeded stream per model: Hugging Face BERT at batch 1 with sequence lengths drawn like real
-text (mostly 16-128 tokens, a tail to 512), ResNet-18 with batch sizes 1-32. Each engine runs
+text (mostly 16-128 tokens, a tail to 512), ResNet-18 with batch sizes 1-32, and (``--models
+lstm``) the LSTM forecaster with 1-32 series of 24-192 steps. Each engine runs
 the whole stream in a process of its own (so its peak RSS is its own): it is built on the
 first request's inputs, then answers every request; every compile it needs along the way
 (Kiln static: one per new shape) counts in the stream's total. Reported per engine: the
@@ -13,7 +14,7 @@ total stream time including compiles, p50 and p99 request latency, peak RSS (and
 to the peak right after the build: what the stream added), and the largest output error
 against eager over the stream (checked on every 10th request, outside the timings).
 
-Engines: ``eager``; ``kiln_dynamic`` (``dynamic=True``); ``kiln_static`` (a plan per shape);
+Engines: ``eager``; ``kiln_dynamic`` (``dynamic=True``; the LSTM's batch and time dims named); ``kiln_static`` (a plan per shape);
 ``inductor`` (``torch.compile(dynamic=True)``); ``onnxruntime`` (dynamic axes); ``openvino``
 (dynamic shapes; when installed). Times from different processes are compared within one run
 of this command only; ``--interleave`` runs every engine in one process instead, each request
@@ -41,11 +42,14 @@ ENGINES = ("eager", "kiln_dynamic", "kiln_static", "inductor", "onnxruntime", "o
 
 def stream(model: str, n: int, seed: int = 0, quick: bool = False) -> list[tuple[int, int]]:
     """(batch, length) per request: BERT lengths mostly 16-128 with a tail to 512; ResNet
-    batches 1-32 (the length is the image side, fixed)."""
+    batches 1-32 (the length is the image side, fixed); the LSTM forecaster a batch of 1-32
+    series of 24-192 steps each."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        if model == "resnet18":
+        if model == "lstm":
+            out.append((rng.randint(1, 8 if quick else 32), rng.randint(8, 24) if quick else rng.randint(24, 192)))
+        elif model == "resnet18":
             out.append((rng.randint(1, 8 if quick else 32), 64 if quick else 224))
         else:
             common, top = (48, 64) if quick else (128, 512)
@@ -59,6 +63,8 @@ def _model(name: str, quick: bool):
 
     if name == "resnet18":
         return kiln.models.resnet18(image=64 if quick else 224, num_classes=10 if quick else 1000)
+    if name == "lstm":
+        return kiln.models.lstm(hidden=32 if quick else 128)
     small = dict(layers=2, hidden=64, heads=4, ffn=128, vocab=1000) if quick else {}
     return getattr(kiln.models, name)(**small)
 
@@ -68,13 +74,21 @@ def _inputs(name: str, batch: int, length: int, example):
 
     if name == "resnet18":
         return (torch.randn(batch, 3, length, length),)
+    if name == "lstm":
+        return (torch.randn(batch, length, example[0].shape[-1]),)
     return (torch.randint(0, 1000, (batch, length)), torch.ones(batch, length, dtype=example[1].dtype))
 
 
 def _names_axes(name: str):
-    names = ["x"] if name == "resnet18" else ["input_ids", "attention_mask"]
+    names = ["x"] if name in ("resnet18", "lstm") else ["input_ids", "attention_mask"]
     axes = {"x": {0: "batch"}} if name == "resnet18" else {n: {0: "batch", 1: "seq"} for n in names}
     return names, axes
+
+
+def _kiln_dynamic(name: str):
+    """Kiln's ``dynamic=``: True (batch, and the sequence of token inputs), or for the LSTM's
+    float series the batch and the time dims named."""
+    return {0: {0: "batch", 1: "seq"}} if name == "lstm" else True
 
 
 def prepare_ahead(name: str, quick: bool, precision: str, folder: str) -> None:
@@ -88,7 +102,7 @@ def prepare_ahead(name: str, quick: bool, precision: str, folder: str) -> None:
     model, example = _model(name, quick)
     first = _inputs(name, *stream(name, 1, quick=quick)[0], example)
     with torch.no_grad():
-        compiled = kiln.compile(model, first, dynamic=True, **({"precision": "bf16"} if precision == "bf16" else {}))
+        compiled = kiln.compile(model, first, dynamic=_kiln_dynamic(name), **({"precision": "bf16"} if precision == "bf16" else {}))
         kiln.save(compiled, os.path.join(folder, f"{name}.kiln"))
         names, axes = _names_axes(name)
         torch.onnx.export(model, first, os.path.join(folder, f"{name}.onnx"), input_names=names, dynamic_axes=axes,
@@ -122,7 +136,8 @@ def _build(engine: str, model, example, name: str, precision: str = "fp32", ahea
     if engine in ("kiln_dynamic", "kiln_static"):
         import kiln
 
-        return kiln.compile(model, example, dynamic=engine == "kiln_dynamic", **({"precision": "bf16"} if bf16 else {}))
+        dyn = {"dynamic": _kiln_dynamic(name)} if engine == "kiln_dynamic" else {}
+        return kiln.compile(model, example, **dyn, **({"precision": "bf16"} if bf16 else {}))
     if engine == "inductor":
         fn = torch.compile(model, dynamic=True)
         return lambda *a: fn(*a)

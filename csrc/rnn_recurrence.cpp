@@ -18,6 +18,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <sched.h>
@@ -127,6 +128,12 @@ struct Operand {
 // acc[r][slot_of(g)] += a[r, k] * panel[k][g] over k < K and the panel vectors g in [G0, G1)
 // of operand x (its last vector feeding XLast) and then of h (HLast). Both operands run in
 // one pass, so the accumulators stay in registers from the first k of x to the last of h.
+// f(integral_constant<u>) for each u of the sequence, unrolled
+template <typename F, int... u>
+KILN_INLINE void each_phase(F&& f, std::integer_sequence<int, u...>) {
+  (f(std::integral_constant<int, u>{}), ...);
+}
+
 template <int G, int XLast, int HLast, int G0, int G1, int R>
 KILN_INLINE void accumulate_pass(const Operand& x, const Operand& h, V (&out)[R][kAcc]) {
   constexpr auto live = [](int slot) {
@@ -134,18 +141,28 @@ KILN_INLINE void accumulate_pass(const Operand& x, const Operand& h, V (&out)[R]
       if (slot_of<G, XLast>(g) == slot || slot_of<G, HLast>(g) == slot) return true;
     return false;
   };
+  // An FMA waits for the one before it on the same accumulator: two FMA units of 4-cycle
+  // latency need 8 accumulators in flight. A tile of one or two rows has fewer, so it keeps
+  // U sets, one per phase of k (k mod U), summed at the end -- where the registers allow.
+  constexpr int N = G1 - G0, chains = R * N;
+  constexpr int U = chains >= 8 || 2 * chains + N + R > 2 * Vec::W ? 1 : (8 + chains - 1) / chains;
   // a local copy of the pass's accumulators, which GCC keeps in registers (through the
   // caller's array it stored every accumulator back to the stack on each k)
-  V acc[R][kAcc];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
+  V acc[U][R][kAcc];
 #pragma GCC unroll 4
-    for (int j = 0; j < kAcc; ++j) acc[r][j] = live(j) ? out[r][j] : Vec::zero();
+  for (int u = 0; u < U; ++u)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int j = 0; j < kAcc; ++j) acc[u][r][j] = live(j) && u == 0 ? out[r][j] : Vec::zero();
   auto run = [&](const Operand& o, auto last) __attribute__((always_inline)) {
     constexpr int Last = decltype(last)::value;
-    for (int64_t k = 0; k < o.K; ++k) {
+    // one k into the phase-u accumulators (u a constant: GCC keeps acc in registers only when
+    // every index into it is known at compile time)
+    auto step = [&](int64_t k, auto phase) __attribute__((always_inline)) {
+      constexpr int u = decltype(phase)::value;
       const float* row = o.panel + k * (G * kBlock);
-      V w[G1 - G0];
+      V w[N];
 #pragma GCC unroll 4
       for (int g = G0; g < G1; ++g) w[g - G0] = Vec::loadu(row + g * kBlock);
       // A panel of K = I + H rows outgrows L1 (64 KB for I = H = 128 with 16-unit blocks),
@@ -160,9 +177,15 @@ KILN_INLINE void accumulate_pass(const Operand& x, const Operand& h, V (&out)[R]
         const V v = Vec::bcast(o.a + r * o.a_stride + k);
 #pragma GCC unroll 4
         for (int g = G0; g < G1; ++g)
-          acc[r][slot_of<G, Last>(g)] = Vec::fmadd(v, w[g - G0], acc[r][slot_of<G, Last>(g)]);
+          acc[u][r][slot_of<G, Last>(g)] = Vec::fmadd(v, w[g - G0], acc[u][r][slot_of<G, Last>(g)]);
       }
-    }
+    };
+    int64_t k = 0;
+    if constexpr (U > 1)
+      for (; k + U <= o.K; k += U)
+        each_phase([&](auto u) __attribute__((always_inline)) { step(k + decltype(u)::value, u); },
+                   std::make_integer_sequence<int, U>{});
+    for (; k < o.K; ++k) step(k, std::integral_constant<int, 0>{});
   };
   run(x, std::integral_constant<int, XLast>{});
   run(h, std::integral_constant<int, HLast>{});
@@ -170,7 +193,12 @@ KILN_INLINE void accumulate_pass(const Operand& x, const Operand& h, V (&out)[R]
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int j = 0; j < kAcc; ++j)
-      if (live(j)) out[r][j] = acc[r][j];
+      if (live(j)) {
+        V sum = acc[0][r][j];
+#pragma GCC unroll 4
+        for (int u = 1; u < U; ++u) sum = Vec::add(sum, acc[u][r][j]);
+        out[r][j] = sum;
+      }
 }
 
 // acc[r][.] += x a[r, k] x-panel[k][.] + h a[r, k] h-panel[k][.], in passes of

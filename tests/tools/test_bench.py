@@ -185,6 +185,11 @@ def test_bench_dynamic_quick(tmp_path):
     rows = json.loads(j.read_text())
     assert all("error" not in r and r["max_abs_err"] < 1e-3 for r in rows), rows
     assert "empty at the start (--cold)" in out and "the build column is kiln.load" in out
+    # the LSTM forecaster's stream: batch and time vary, one dynamic plan
+    _kiln("bench", "dynamic", "--quick", "--interleave", "--models", "lstm",
+          "--engines", "eager,kiln_dynamic,onnxruntime", "--json", str(j))
+    rows = {r["engine"]: r for r in json.loads(j.read_text())}
+    assert all("error" not in r and r["model"] == "lstm" and r["max_abs_err"] < 1e-4 for r in rows.values()), rows
 
 
 @pytest.mark.bench
