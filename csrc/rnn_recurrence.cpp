@@ -125,15 +125,15 @@ struct Operand {
   int64_t K;
 };
 
-// acc[r][slot_of(g)] += a[r, k] * panel[k][g] over k < K and the panel vectors g in [G0, G1)
-// of operand x (its last vector feeding XLast) and then of h (HLast). Both operands run in
-// one pass, so the accumulators stay in registers from the first k of x to the last of h.
 // f(integral_constant<u>) for each u of the sequence, unrolled
 template <typename F, int... u>
 KILN_INLINE void each_phase(F&& f, std::integer_sequence<int, u...>) {
   (f(std::integral_constant<int, u>{}), ...);
 }
 
+// acc[r][slot_of(g)] += a[r, k] * panel[k][g] over k < K and the panel vectors g in [G0, G1)
+// of operand x (its last vector feeding XLast) and then of h (HLast). Both operands run in
+// one pass, so the accumulators stay in registers from the first k of x to the last of h.
 template <int G, int XLast, int HLast, int G0, int G1, int R>
 KILN_INLINE void accumulate_pass(const Operand& x, const Operand& h, V (&out)[R][kAcc]) {
   constexpr auto live = [](int slot) {
@@ -144,8 +144,13 @@ KILN_INLINE void accumulate_pass(const Operand& x, const Operand& h, V (&out)[R]
   // An FMA waits for the one before it on the same accumulator: two FMA units of 4-cycle
   // latency need 8 accumulators in flight. A tile of one or two rows has fewer, so it keeps
   // U sets, one per phase of k (k mod U), summed at the end -- where the registers allow.
-  constexpr int N = G1 - G0, chains = R * N;
-  constexpr int U = chains >= 8 || 2 * chains + N + R > 2 * Vec::W ? 1 : (8 + chains - 1) / chains;
+  // (GRU's n pass updates n_x over x's k and n_h over h's: two accumulators a row held, one
+  // a row in flight.)
+  constexpr int N = G1 - G0, chains = R * N, phases = (8 + chains - 1) / chains;
+  static_assert(kAcc == 4, "held counts four accumulator slots");
+  constexpr int held = live(0) + live(1) + live(2) + live(3);
+  constexpr int registers = Vec::W == 16 ? 32 : 16;  // zmm / ymm
+  constexpr int U = phases * R * held + N + R <= registers ? phases : 1;
   // a local copy of the pass's accumulators, which GCC keeps in registers (through the
   // caller's array it stored every accumulator back to the stack on each k)
   V acc[U][R][kAcc];

@@ -2,8 +2,9 @@
 
 Each kernel that accepts the node runs twice: with its weights prepacked at plan time
 (constant weights, the usual case) and packed on the call (weights as run-time inputs).
-Shapes: input and hidden sizes that are not multiples of 16, batches that are not
-multiples of the kernels' 6-row tiles, one time step, both layouts, two layers, no biases;
+Shapes: input and hidden sizes that are not multiples of 16 (AVX-512 blocks) or 8 (AVX2
+blocks), batches of 1-32 rows (the tiles of one or two rows keep several accumulator
+sets; larger batches are cut into balanced tiles of up to 6 rows), one time step, both layouts, two layers, no biases;
 on two threads batches both under and over the size at which the threads split the batch
 rows rather than each step's hidden units.
 """
@@ -22,7 +23,9 @@ SHAPES = [  # T, B, F (input size), H, layers, batch_first, bias
     (6, 13, 8, 33, 2, False, True),
     (4, 32, 40, 128, 2, True, True),
     (3, 5, 6, 7, 1, True, False),
-    (3, 29, 9, 24, 1, False, True),  # two threads split the rows 14 / 15 (tiles 6+6+2, 6+6+3)
+    (3, 29, 9, 24, 1, False, True),  # two threads split the rows 14 / 15 (tiles 4+5+5, 5+5+5)
+    (4, 2, 9, 40, 1, True, True),  # a tile of two rows (AVX2: two accumulator sets)
+    (3, 3, 6, 17, 2, False, True),  # three rows (GRU's n pass on AVX2: three sets)
 ]
 
 
