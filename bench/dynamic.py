@@ -14,12 +14,12 @@ total stream time including compiles, p50 and p99 request latency, peak RSS (and
 to the peak right after the build: what the stream added), and the largest output error
 against eager over the stream (checked on every 10th request, outside the timings).
 
-Engines: ``eager``; ``kiln_dynamic`` (``dynamic=True``; the LSTM's batch and time dims named); ``kiln_static`` (a plan per shape);
-``inductor`` (``torch.compile(dynamic=True)``); ``onnxruntime`` (dynamic axes); ``openvino``
-(dynamic shapes; when installed). Times from different processes are compared within one run
-of this command only; ``--interleave`` runs every engine in one process instead, each request
-sent to all engines in turn, so that a shared machine's load falls on all of them alike
-(then no per-engine peak RSS).
+Engines: ``eager``; ``kiln_dynamic`` (``dynamic=True``; the LSTM's batch and time dims
+named); ``kiln_static`` (a plan per shape); ``inductor`` (``torch.compile(dynamic=True)``);
+``onnxruntime`` (dynamic axes); ``openvino`` (dynamic shapes; when installed). Times from
+different processes are compared within one run of this command only; ``--interleave`` runs
+every engine in one process instead, each request sent to all engines in turn, so that a
+shared machine's load falls on all of them alike (then no per-engine peak RSS).
 """
 from __future__ import annotations
 
@@ -102,7 +102,8 @@ def prepare_ahead(name: str, quick: bool, precision: str, folder: str) -> None:
     model, example = _model(name, quick)
     first = _inputs(name, *stream(name, 1, quick=quick)[0], example)
     with torch.no_grad():
-        compiled = kiln.compile(model, first, dynamic=_kiln_dynamic(name), **({"precision": "bf16"} if precision == "bf16" else {}))
+        compiled = kiln.compile(model, first, dynamic=_kiln_dynamic(name),
+                                **({"precision": "bf16"} if precision == "bf16" else {}))
         kiln.save(compiled, os.path.join(folder, f"{name}.kiln"))
         names, axes = _names_axes(name)
         torch.onnx.export(model, first, os.path.join(folder, f"{name}.onnx"), input_names=names, dynamic_axes=axes,
