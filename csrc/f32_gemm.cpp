@@ -1,5 +1,6 @@
 // fp32 GEMM on AVX2 + FMA with the weight packed once:
-//   y[m, n] = sum_k x[m, k] * w[n, k] + bias[n],   any number of rows m.
+//   y[m, n] = act(sum_k x[m, k] * w[n, k] + bias[n]),   any number of rows m,
+// act none, ReLU or GELU (erf), applied in registers as the last k block's tile is stored.
 //
 // Why Kiln has its own: on CPUs without AVX-512 (AMD Zen among them) the fp32 GEMMs at
 // hand -- MKL's packed sgemm, oneDNN's inner product, torch's addmm -- run a text model's
@@ -45,13 +46,60 @@ inline __m256i lane_mask(int64_t count) {  // the first `count` (0..8) of 8 lane
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(8, count)))), idx);
 }
 
+// exp(x) for x in [-87, 0] (the GELU's exp(-a^2), a <= 4): Cephes' reduction and polynomial
+// (about 2 ulp), 2^n built in the exponent field (n >= -126 here, so it stays normal).
+inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// GELU, x Phi(x) = x (1 + erf(x / sqrt 2)) / 2, with erf by Abramowitz & Stegun 7.1.26
+// (absolute error <= 1.5e-7, as the AVX-512 kernels' erf16): torch's exact GELU to about
+// 1e-7 |x|. |x / sqrt 2| is clamped to 4, where erf rounds to +-1; NaN propagates.
+inline __m256 gelu8(__m256 x) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 z = _mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f));
+  const __m256 a = _mm256_min_ps(_mm256_set1_ps(4.0f), _mm256_andnot_ps(sign, z));
+  const __m256 d = _mm256_fmadd_ps(a, _mm256_set1_ps(0.3275911f), _mm256_set1_ps(1.0f));
+  const __m256 r0 = _mm256_rcp_ps(d);
+  const __m256 t = _mm256_mul_ps(r0, _mm256_fnmadd_ps(d, r0, _mm256_set1_ps(2.0f)));  // 1/d, one Newton step
+  __m256 p = _mm256_set1_ps(1.061405429f);
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
+  p = _mm256_mul_ps(p, t);
+  const __m256 y = _mm256_fnmadd_ps(p, exp_nonpositive(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(a, a))),
+                                    _mm256_set1_ps(1.0f));
+  const __m256 erf = _mm256_or_ps(y, _mm256_and_ps(sign, z));  // z's sign on y >= 0
+  return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(_mm256_set1_ps(1.0f), erf));
+}
+
+inline __m256 activate(quant::Activation act, __m256 v) {
+  if (act == quant::Activation::kRelu) return _mm256_max_ps(_mm256_setzero_ps(), v);  // NaN stays NaN, as in torch
+  if (act == quant::Activation::kGelu) return gelu8(v);
+  return v;
+}
+
 // R rows x 16 channels over one k block. first: the tile starts from the bias (or zero),
-// else it adds to what the earlier blocks stored. nr < 16: only the first nr channels exist.
+// else it adds to what the earlier blocks stored; act: applied as the last block stores.
+// nr < 16: only the first nr channels exist.
 // The accumulators are named registers, not an array: GCC stores an indexed __m256 array
 // back to the stack on every iteration.
 template <int R>
 void tile(const float* a, int64_t lda, const float* b, int64_t kc, float* c, int64_t ldc, int64_t nr, bool first,
-          const float* bias, const float* next) {
+          const float* bias, const float* next, quant::Activation act) {
   const bool full = nr == kNR;
   // (the lane masks are made again for the stores: held across the loop they would take
   // two of the sixteen registers the loop needs)
@@ -98,6 +146,7 @@ void tile(const float* a, int64_t lda, const float* b, int64_t kc, float* c, int
   }
   m0 = full ? _mm256_set1_epi32(-1) : lane_mask(nr), m1 = full ? m0 : lane_mask(nr - 8);
   auto store = [&](float* p, const __m256i& m, __m256 v) {
+    v = activate(act, v);
     if (full) _mm256_storeu_ps(p, v);
     else _mm256_maskstore_ps(p, m, v);
   };
@@ -110,14 +159,15 @@ void tile(const float* a, int64_t lda, const float* b, int64_t kc, float* c, int
 }
 
 using TileFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, bool, const float*,
-                        const float*);
+                        const float*, quant::Activation);
 constexpr TileFn kTiles[kMR + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
 
 // Panels [p0, p1) for every row, on the calling thread.
 void panels(const float* x, int64_t m, int64_t lda, const F32Weight& w, const float* bias, float* out, int64_t ldo,
-            int64_t p0, int64_t p1) {
+            int64_t p0, int64_t p1, quant::Activation act) {
   for (int64_t k0 = 0; k0 < w.k; k0 += kKC) {
     const int64_t kc = std::min(kKC, w.k - k0);
+    const quant::Activation block_act = k0 + kc == w.k ? act : quant::Activation::kNone;
     const float* block = w.data() + k0 * w.panels * kNR;
     for (int64_t c0 = 0; c0 < m; c0 += kMC) {
       const int64_t c1 = std::min(m, c0 + kMC);
@@ -129,7 +179,7 @@ void panels(const float* x, int64_t m, int64_t lda, const F32Weight& w, const fl
         for (int64_t r0 = c0; r0 < c1; r0 += kMR) {
           const int64_t rows = std::min(kMR, c1 - r0);
           kTiles[rows](x + r0 * lda + k0, lda, b, kc, out + r0 * ldo + n0, ldo, nr, k0 == 0, bias_p,
-                       r0 == c0 ? next : nullptr);
+                       r0 == c0 ? next : nullptr, block_act);
         }
       }
     }
@@ -170,19 +220,25 @@ bool f32_gemm_supported() {
 }
 
 void f32_gemm(const float* x, int64_t m, int64_t lda, const F32Weight& w, const float* bias, float* out, int64_t ldo,
-              int threads) {
+              int threads, quant::Activation act) {
 #ifdef KILN_F32_GEMM
   if (m <= 0 || w.n <= 0) return;
-  if (w.k == 0) {  // an empty sum: the bias (or zeros) in every row
+  if (w.k == 0) {  // an empty sum: act(the bias, or zeros) in every row
     for (int64_t r = 0; r < m; ++r) {
-      if (bias != nullptr) std::memcpy(out + r * ldo, bias, static_cast<size_t>(w.n) * sizeof(float));
-      else std::memset(out + r * ldo, 0, static_cast<size_t>(w.n) * sizeof(float));
+      float* row = out + r * ldo;
+      if (bias != nullptr) std::memcpy(row, bias, static_cast<size_t>(w.n) * sizeof(float));
+      else std::memset(row, 0, static_cast<size_t>(w.n) * sizeof(float));
+      for (int64_t j = 0; j < w.n; j += 8) {
+        const __m256i mask = lane_mask(w.n - j);
+        _mm256_maskstore_ps(row + j, mask, activate(act, _mm256_maskload_ps(row + j, mask)));
+      }
     }
     return;
   }
-  parallel_ranges(w.panels, threads, [&](int64_t p0, int64_t p1) { panels(x, m, lda, w, bias, out, ldo, p0, p1); });
+  parallel_ranges(w.panels, threads,
+                  [&](int64_t p0, int64_t p1) { panels(x, m, lda, w, bias, out, ldo, p0, p1, act); });
 #else
-  (void)x, (void)m, (void)lda, (void)w, (void)bias, (void)out, (void)ldo, (void)threads;
+  (void)x, (void)m, (void)lda, (void)w, (void)bias, (void)out, (void)ldo, (void)threads, (void)act;
 #endif
 }
 

@@ -1,6 +1,7 @@
 """fp32 LINEAR in Kiln's own AVX2 + FMA GEMM (``kiln._C.f32_linear``, ``csrc/f32_gemm.cpp``):
 the weight packed once into 16-channel panels, any row count, the bias added in the GEMM's
-first block; a residual and an activation follow as torch ops (as ``cpu.mkl_linear``'s do).
+first block, a ReLU or GELU applied as the last block stores; a residual (and the activation
+after it) follow as torch ops, as ``cpu.mkl_linear``'s do.
 
 A candidate beside MKL's packed sgemm, oneDNN and the reference; ``kernels.choice`` keeps
 whichever measures fastest per node. It exists for CPUs without AVX-512, where MKL's and
@@ -62,11 +63,18 @@ def _prepare(node: Node, consts: list):
         x = ins[0]
         lead = x.shape[:-1]
         out = torch.empty((*lead, n), dtype=torch.float32)
+        # ReLU and GELU without a residual are applied as the tile stores (no second pass over
+        # the output); the rest (residual first, then the activation) as torch ops after it
+        fused = not has_res and a.activation.value in _FUSED
         if math.prod(lead):  # (no rows: nothing to compute)
             bias = bias_c if bias_c is not None or not has_bias else ins[2].float().contiguous().numpy()
-            _C.f32_linear(bits(x), packed, bias, out.view(-1, n).numpy(), torch.get_num_threads())
-        return epilogue(out, ins[3] if has_res else None, a.activation)
+            _C.f32_linear(bits(x), packed, bias, out.view(-1, n).numpy(), torch.get_num_threads(),
+                          a.activation.value if fused else "none")
+        return out if fused else epilogue(out, ins[3] if has_res else None, a.activation)
     return run
+
+
+_FUSED = ("none", "relu", "gelu")  # the activations kiln._C.f32_linear applies itself
 
 
 def _unusable(ins, a):

@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 
+#include "activation.h"
 #include "array_checks.h"
 #include "f32_gemm.h"
 
@@ -37,8 +38,11 @@ F32Packed prepack_py(py::array w) {
 }
 
 void linear_py(py::array x, const F32Packed& p, std::optional<py::array_t<float, py::array::c_style>> bias,
-               py::array out, int threads) {
+               py::array out, int threads, const std::string& activation) {
   if (threads < 1 || threads > 256) throw py::value_error("threads must be in [1, 256]");
+  const quant::Activation act = quant::parse_activation(activation);
+  if (act != quant::Activation::kNone && act != quant::Activation::kRelu && act != quant::Activation::kGelu)
+    throw py::value_error("f32_linear fuses the activations none, relu and gelu; got '" + activation + "'");
   const F32Weight& w = *p.w;
   const py::buffer_info xb = x.request();
   if (xb.ndim != 2) throw py::value_error("x: expected a rank-2 (M, K) array");
@@ -55,7 +59,7 @@ void linear_py(py::array x, const F32Packed& p, std::optional<py::array_t<float,
   const py::buffer_info ob = out.request(true);
   const int64_t ldo = row_stride(out, ob, m, w.n, "out");
   py::gil_scoped_release release;
-  f32_gemm(static_cast<const float*>(xb.ptr), m, lda, w, bias_ptr, static_cast<float*>(ob.ptr), ldo, threads);
+  f32_gemm(static_cast<const float*>(xb.ptr), m, lda, w, bias_ptr, static_cast<float*>(ob.ptr), ldo, threads, act);
 }
 
 }  // namespace
@@ -70,6 +74,7 @@ void register_f32_gemm_kernels(py::module_& m) {
   m.def("f32_gemm_supported", &f32_gemm_supported, "Whether f32_linear was built (AVX2 and FMA).");
   m.def("f32_prepack", &prepack_py, py::arg("w"), "Prepack w float32 (N, K) for f32_linear.");
   m.def("f32_linear", &linear_py, py::arg("x"), py::arg("packed"), py::arg("bias").noconvert() = py::none(),
-        py::arg("out"), py::arg("threads") = 1,
-        "out (M, N) = x (M, K) @ w^T + bias, float32; bias (N,). Rows of x and out may be strided.");
+        py::arg("out"), py::arg("threads") = 1, py::arg("activation") = "none",
+        "out (M, N) = act(x (M, K) @ w^T + bias), float32; bias (N,); activation none, relu or gelu. "
+        "Rows of x and out may be strided.");
 }

@@ -1,6 +1,8 @@
 """Kiln's AVX2 fp32 GEMM (csrc/f32_gemm.cpp, kernels/avx2_linear.py) against torch's linear:
 row counts across the 6-row register tile (1-13, and past the 256-k blocks), channel counts
-that leave a partial 16-channel panel, strided rows, the fused bias and the torch epilogue."""
+that leave a partial 16-channel panel, strided rows, the fused bias, the fused ReLU/GELU
+(applied as the last k block stores: checked past one block and at special values) and the
+torch epilogue for the rest."""
 import pytest
 import torch
 
@@ -75,6 +77,44 @@ def test_bad_arguments_raise_value_errors():
         _C.f32_linear(torch.randn(2, 4).double().numpy(), p, None, torch.empty(2, 8).numpy(), 1)
     with pytest.raises(ValueError, match="bias"):
         _C.f32_linear(torch.randn(2, 4).numpy(), p, torch.randn(3).numpy(), torch.empty(2, 8).numpy(), 1)
+    with pytest.raises(ValueError, match="fuses the activations none, relu and gelu"):
+        _C.f32_linear(torch.randn(2, 4).numpy(), p, None, torch.empty(2, 8).numpy(), 1, "silu")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        _C.f32_linear(torch.randn(2, 4).numpy(), p, None, torch.empty(2, 8).numpy(), 1, "swish")
+
+
+@pytest.mark.parametrize("act", [A.Activation.RELU, A.Activation.GELU, A.Activation.GELU_TANH])
+@pytest.mark.parametrize("rows,n,k", [(7, 33, 600), (70, 16, 8), (1, 5, 1)])
+def test_activations_match_torch(act, rows, n, k):
+    # ReLU and GELU are applied in the GEMM (after the last of several k blocks at k = 600);
+    # the tanh GELU through the torch epilogue
+    w, bias = torch.randn(n, k) / k ** 0.5, torch.randn(n)
+    node = _node((rows, k), w, bias, act=act)
+    fn = _kernel().bind(node, [None, w, bias])
+    x = torch.randn(rows, k) * 3
+    want = REFERENCE[OpKind.LINEAR]([x, w, bias], node.attrs)
+    torch.testing.assert_close(fn([x, w, bias], node.attrs), want, atol=2e-5 * k ** 0.5, rtol=1e-4)
+
+
+def test_fused_activations_at_special_values():
+    # k = 1 and a weight of ones: every channel of row r is act(v[r]) (NaN, infinities, the
+    # erf clamp at |x / sqrt 2| = 4 and past it, zeros, tiny values), a full 16-channel panel
+    # and a partial one
+    from kiln import _C
+
+    v = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.0, -0.0, 1e-30, -1e-30, 5.65, -5.65, 5.66,
+                      -5.66, 8.0, -8.0, 30.0, -30.0, 1e30, -1e30, 0.5, -0.5, 2.0, -2.0, 3.3, -3.3, 87.0])
+    x = v.reshape(-1, 1)
+    p = _C.f32_prepack(torch.ones(19, 1).numpy())
+    for act, ref in (("relu", torch.relu), ("gelu", torch.nn.functional.gelu)):
+        out = torch.empty(v.numel(), 19)
+        _C.f32_linear(x.numpy(), p, None, out.numpy(), 1, act)
+        torch.testing.assert_close(out, ref(x).expand(-1, 19), atol=2e-7, rtol=2e-6, equal_nan=True,
+                                   msg=lambda m: f"{act}: {m}")
+    out = torch.empty(2, 3)  # K = 0: act(bias) in every row
+    _C.f32_linear(torch.empty(2, 0).numpy(), _C.f32_prepack(torch.empty(3, 0).numpy()),
+                  torch.tensor([-1.0, 0.5, 2.0]).numpy(), out.numpy(), 1, "gelu")
+    torch.testing.assert_close(out, torch.nn.functional.gelu(torch.tensor([-1.0, 0.5, 2.0])).repeat(2, 1))
 
 
 @pytest.mark.parametrize("threads", [2, 3])
