@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "simd_vec.h"
 #include "thread_pool.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -46,42 +47,21 @@ inline __m256i lane_mask(int64_t count) {  // the first `count` (0..8) of 8 lane
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(8, count)))), idx);
 }
 
-// exp(x) for x in [-87, 0] (the GELU's exp(-a^2), a <= 4): Cephes' reduction and polynomial
-// (about 2 ulp), 2^n built in the exponent field (n >= -126 here, so it stays normal).
-inline __m256 exp_nonpositive(__m256 x) {
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
 // GELU, x Phi(x) = x (1 + erf(x / sqrt 2)) / 2, with erf by Abramowitz & Stegun 7.1.26
-// (absolute error <= 1.5e-7, as the AVX-512 kernels' erf16): torch's exact GELU to about
+// (simd_math.h's kErfPoly, absolute error <= 1.5e-7, as the AVX-512 kernels' erf16): torch's exact GELU to about
 // 1e-7 |x|. |x / sqrt 2| is clamped to 4, where erf rounds to +-1; NaN propagates.
 inline __m256 gelu8(__m256 x) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   const __m256 z = _mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f));
   const __m256 a = _mm256_min_ps(_mm256_set1_ps(4.0f), _mm256_andnot_ps(sign, z));
-  const __m256 d = _mm256_fmadd_ps(a, _mm256_set1_ps(0.3275911f), _mm256_set1_ps(1.0f));
-  const __m256 r0 = _mm256_rcp_ps(d);
-  const __m256 t = _mm256_mul_ps(r0, _mm256_fnmadd_ps(d, r0, _mm256_set1_ps(2.0f)));  // 1/d, one Newton step
-  __m256 p = _mm256_set1_ps(1.061405429f);
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
+  const __m256 t = simd::Vec8::recip(_mm256_fmadd_ps(a, _mm256_set1_ps(kErfP), _mm256_set1_ps(1.0f)));
+  __m256 p = _mm256_set1_ps(kErfPoly[0]);
+  for (int i = 1; i < 5; ++i) p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(kErfPoly[i]));
   p = _mm256_mul_ps(p, t);
-  const __m256 y = _mm256_fnmadd_ps(p, exp_nonpositive(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(a, a))),
-                                    _mm256_set1_ps(1.0f));
+  // exp(-a^2) = 2^(-a^2 log2 e), a <= 4: within exp2_reduced's range
+  const __m256 e =
+      simd::exp2_reduced<simd::Vec8>(_mm256_mul_ps(_mm256_mul_ps(a, a), _mm256_set1_ps(-1.44269504088896341f)));
+  const __m256 y = _mm256_fnmadd_ps(p, e, _mm256_set1_ps(1.0f));
   const __m256 erf = _mm256_or_ps(y, _mm256_and_ps(sign, z));  // z's sign on y >= 0
   return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(_mm256_set1_ps(1.0f), erf));
 }

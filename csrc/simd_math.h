@@ -7,6 +7,14 @@
 #pragma once
 #include <cstdint>
 
+namespace kiln {
+// erf by Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7): for a >= 0,
+// erf(a) = 1 - t P(t) e^(-a^2), t = 1 / (1 + kErfP a); P's coefficients highest first. Shared
+// by the AVX-512 erf16 below and the AVX2 GEMM's GELU (f32_gemm.cpp).
+constexpr float kErfP = 0.3275911f;
+constexpr float kErfPoly[5] = {1.061405429f, -1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f};
+}  // namespace kiln
+
 #ifdef __AVX512F__
 #include <immintrin.h>
 
@@ -57,17 +65,13 @@ inline __m512 tanh16(__m512 x) {
   return _mm512_sub_ps(_mm512_mul_ps(two, sigmoid16(_mm512_mul_ps(two, x))), _mm512_set1_ps(1.0f));
 }
 
-// erf by Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7), so gelu matches torch's
-// exact (erf) gelu to about 1e-7 * |x|.
+// erf (kErfPoly above), so gelu matches torch's exact (erf) gelu to about 1e-7 * |x|.
 inline __m512 erf16(__m512 x) {
   // erf(4) rounds to 1 in fp32; past it exp(-a^2) would underflow (see sigmoid16)
   const __m512 a = _mm512_min_ps(_mm512_set1_ps(4.0f), _mm512_abs_ps(x));
-  const __m512 t = recip16(_mm512_fmadd_ps(a, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f)));
-  __m512 p = _mm512_set1_ps(1.061405429f);
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+  const __m512 t = recip16(_mm512_fmadd_ps(a, _mm512_set1_ps(kErfP), _mm512_set1_ps(1.0f)));
+  __m512 p = _mm512_set1_ps(kErfPoly[0]);
+  for (int i = 1; i < 5; ++i) p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(kErfPoly[i]));
   p = _mm512_mul_ps(p, t);
   const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a)));
   const __m512 y = _mm512_fnmadd_ps(p, e, _mm512_set1_ps(1.0f));

@@ -1,7 +1,8 @@
 // One register of fp32 lanes and the operations Kiln's ISA-generic kernels use (the Winograd
-// transforms, the fp32 LSTM/GRU recurrences): 16 lanes of a zmm with AVX-512, else 8 lanes
-// of a ymm with AVX2 + FMA. KILN_HAS_VEC says whether either was compiled in. A tail of
-// fewer than W lanes is a Mask.
+// transforms, the fp32 LSTM/GRU recurrences): Vec16, 16 lanes of a zmm (AVX-512), and Vec8,
+// 8 lanes of a ymm (AVX2 + FMA; the AVX2 GEMM uses it on any such build); Vec is the widest
+// the build has. KILN_HAS_VEC says whether either was compiled in. A tail of fewer than W
+// lanes is a Mask.
 #pragma once
 #include <immintrin.h>
 
@@ -16,7 +17,7 @@
 namespace kiln::simd {
 
 #ifdef __AVX512F__
-struct Vec {
+struct Vec16 {
   using T = __m512;
   using Mask = __mmask16;
   static constexpr int W = 16;
@@ -40,8 +41,9 @@ struct Vec {
   static T load(Mask m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
   static void store(float* p, Mask m, T v) { _mm512_mask_storeu_ps(p, m, v); }
 };
-#else
-struct Vec {
+#endif
+
+struct Vec8 {
   using T = __m256;
   struct Mask {
     __m256i lanes;
@@ -82,7 +84,27 @@ struct Vec {
     if (m.full) _mm256_storeu_ps(p, v); else _mm256_maskstore_ps(p, m.lanes, v);
   }
 };
+
+#ifdef __AVX512F__
+using Vec = Vec16;
+#else
+using Vec = Vec8;
 #endif
+
+// 2^t as 2^round(t) (V::scale2) times a degree-5 polynomial for 2^f, f in [-0.5, 0.5]
+// (relative error 2e-7), for t whose round(t) is in [-126, 127] (callers clamp).
+template <typename V>
+inline typename V::T exp2_reduced(typename V::T t) {
+  const typename V::T n = V::round(t);
+  const typename V::T f = V::sub(t, n);
+  typename V::T p = V::set1(1.32765e-3f);
+  p = V::fmadd(p, f, V::set1(9.67554e-3f));
+  p = V::fmadd(p, f, V::set1(5.550713e-2f));
+  p = V::fmadd(p, f, V::set1(2.402212e-1f));
+  p = V::fmadd(p, f, V::set1(6.9314697e-1f));
+  p = V::fmadd(p, f, V::set1(1.00000007f));
+  return V::scale2(p, n);
+}
 
 }  // namespace kiln::simd
 
