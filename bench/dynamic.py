@@ -256,7 +256,7 @@ def per_length(name: str, sizes: list[int], threads: int, quick: bool, layers: i
     """Steady-state latency of one ``dynamic=True`` plan against the static plan compiled for
     each size (the issue's "within 10% of the static plan" target), and eager, timed in
     interleaved rounds in this one process (ratios are what mean anything on a shared
-    machine). ``sizes``: sequence lengths (BERT, batch 1) or batch sizes (ResNet-18). The
+    machine). ``sizes``: sequence lengths (BERT and the LSTM, batch 1) or batch sizes (ResNet-18). The
     dynamic plan is compiled at the middle size with the default size buckets, and once more
     with ``size_buckets=1`` (one kernel choice per node): what choosing per size bucket adds."""
     import torch
@@ -265,16 +265,18 @@ def per_length(name: str, sizes: list[int], threads: int, quick: bool, layers: i
     from kiln.kernels.timing import interleaved
 
     torch.set_num_threads(threads)
-    model, example = _model(name, quick) if layers is None else kiln.models.hf_bert(layers=layers) \
-        if name == "hf_bert" else kiln.models.bert(layers=layers)
+    if layers is not None and name in ("hf_bert", "bert"):  # (--layers: the BERT models' depth)
+        model, example = getattr(kiln.models, name)(layers=layers)
+    else:
+        model, example = _model(name, quick)
     shape = (lambda s: (s, 64 if quick else 224)) if name == "resnet18" else (lambda s: (1, s))
     mid = sizes[len(sizes) // 2]
     with torch.no_grad():
         t = time.perf_counter()
-        dyn = kiln.compile(model, _inputs(name, *shape(mid), example), dynamic=True)
+        dyn = kiln.compile(model, _inputs(name, *shape(mid), example), dynamic=_kiln_dynamic(name))
         dyn_s = time.perf_counter() - t
         t = time.perf_counter()
-        one = kiln.compile(model, _inputs(name, *shape(mid), example), dynamic=True, size_buckets=1)
+        one = kiln.compile(model, _inputs(name, *shape(mid), example), dynamic=_kiln_dynamic(name), size_buckets=1)
         one_s = time.perf_counter() - t
         by_size = sum(k.startswith("by-size[") for _, k in dyn.report.node_kernels)
         rows = []
