@@ -193,6 +193,17 @@ def test_bench_dynamic_quick(tmp_path):
 
 
 @pytest.mark.bench
+def test_bench_dynamic_per_length_quick():
+    """--per-length: the dynamic plan against the static plan at each size, for the LSTM (its
+    batch and time dims named, the lengths at batch 1) as for BERT."""
+    from kiln.bench import dynamic
+
+    rows = dynamic.per_length("lstm", [8, 16], 1, True, None, 3)
+    assert [r["size"] for r in rows] == [8, 16]
+    assert all(r["max_abs_err"] < 1e-4 and r["dynamic_ms"] > 0 and r["static_ms"] > 0 for r in rows), rows
+
+
+@pytest.mark.bench
 def test_bench_artifacts_quick(tmp_path):
     """python -m kiln.bench.artifacts end to end on a small model: it loads the artifact in
     new processes and checks the outputs are bitwise those of the saved model."""
