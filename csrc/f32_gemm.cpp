@@ -48,8 +48,9 @@ inline __m256i lane_mask(int64_t count) {  // the first `count` (0..8) of 8 lane
 }
 
 // GELU, x Phi(x) = x (1 + erf(x / sqrt 2)) / 2, with erf by Abramowitz & Stegun 7.1.26
-// (simd_math.h's kErfPoly, absolute error <= 1.5e-7, as the AVX-512 kernels' erf16): torch's exact GELU to about
-// 1e-7 |x|. |x / sqrt 2| is clamped to 4, where erf rounds to +-1; NaN propagates.
+// (simd_math.h's kErfPoly, absolute error <= 1.5e-7, as the AVX-512 kernels' erf16): torch's
+// exact GELU to about 1e-7 |x|. |x / sqrt 2| is clamped to 4, where erf rounds to +-1; NaN
+// propagates.
 inline __m256 gelu8(__m256 x) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   const __m256 z = _mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f));
