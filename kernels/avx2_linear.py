@@ -58,18 +58,18 @@ def _prepare(node: Node, consts: list):
     bias_c = consts[2] if has_bias and len(consts) > 2 else None
     bias_c = None if bias_c is None else bias_c.float().contiguous().numpy()
     has_res = len(node.inputs) > 3 and node.inputs[3] is not None
+    # ReLU and GELU without a residual are applied as the tile stores (no second pass over the
+    # output); the rest (residual first, then the activation) as torch ops after it
+    fused = not has_res and node.attrs.activation.value in _FUSED
+    in_gemm = node.attrs.activation.value if fused else "none"
 
     def run(ins, a):
         x = ins[0]
         lead = x.shape[:-1]
         out = torch.empty((*lead, n), dtype=torch.float32)
-        # ReLU and GELU without a residual are applied as the tile stores (no second pass over
-        # the output); the rest (residual first, then the activation) as torch ops after it
-        fused = not has_res and a.activation.value in _FUSED
         if math.prod(lead):  # (no rows: nothing to compute)
             bias = bias_c if bias_c is not None or not has_bias else ins[2].float().contiguous().numpy()
-            _C.f32_linear(bits(x), packed, bias, out.view(-1, n).numpy(), torch.get_num_threads(),
-                          a.activation.value if fused else "none")
+            _C.f32_linear(bits(x), packed, bias, out.view(-1, n).numpy(), torch.get_num_threads(), in_gemm)
         return out if fused else epilogue(out, ins[3] if has_res else None, a.activation)
     return run
 
