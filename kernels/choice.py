@@ -80,8 +80,10 @@ def measure_and_decide(fns: list, prior: list[int], rounds: int | None = None):
     A decision against the prior's pick must repeat: when the first batch picks another
     candidate, or is ambiguous, a second batch runs, and the other candidate is kept only if
     the second batch on its own and both batches together pick it too. Otherwise the prior's
-    pick stands: on a machine whose speed drifts, one noisy batch must not change a model's
-    kernels (and a tie is no reason to)."""
+    pick stands where both batches together leave it tied for first: on a machine whose
+    speed drifts, one noisy batch must not change a model's kernels (and a tie is no reason
+    to); a prior's pick that both batches together beat is no tie, and the joint decision
+    stands."""
     rounds = rounds or (REMEASURE_REPEATS if _REMEASURE[0] else REPEATS)
     # a clear win ends a batch early; one against the prior must then be reproduced
     got = samples(fns, rounds, _clear_win(prior))
@@ -98,15 +100,17 @@ def measure_and_decide(fns: list, prior: list[int], rounds: int | None = None):
     raced = [bool(s) and len(s) < full and i != default for i, s in enumerate(got)]
     more = samples([fn if s and not r else None for fn, s, r in zip(fns, got, raced)], rounds,
                    None if d.ambiguous else _clear_win(prior, d.winner))
-    both = [a + b if b else (a if r else []) for a, b, r in zip(got, more, raced)]
+    # the two batches joined round for round: a round a candidate did not run is None, so
+    # the round-by-round comparison of kernels.decide pairs only rounds run together
+    both = [a + [None] * (full - len(a)) + b if b else (a if r else []) for a, b, r in zip(got, more, raced)]
     d2, dc = decide.decide(more, prior), decide.decide(both, prior)
     if dc is None:
         return None, both
     if d2 is not None and d2.winner == dc.winner and (d.ambiguous or d2.winner == d.winner):
         return dc, both
-    if both[default]:  # not reproduced: the prior's pick stands
+    if default in dc.tied:  # not reproduced: the prior's pick stands (still tied for first)
         return decide.Decision(default, dc.tied, False), both
-    return dc, both
+    return dc, both  # the prior's pick is beaten on both batches together: not a tie to keep it
 
 
 def _db_key(kind: str, key: tuple):
@@ -254,7 +258,7 @@ def choose(node: Node, kernels: list[Kernel], constants: list) -> tuple[Kernel, 
         return next(b for b in bound if b[0].target == "reference") if ref_k is not None else bound[0]
     best = bound[d.winner]
     _MEMO[key] = best[0].name
-    record_winner("node", key, best[0].name, min(got[d.winner]))
+    record_winner("node", key, best[0].name, decide.best(got[d.winner]))
     return best
 
 
@@ -404,7 +408,7 @@ def choose_group(group, graph, make_kernel, node_fns: list, threads: int, sizes:
             d, got = measure_and_decide([lambda: kernel(ins), lambda: run_nodes(group, ins, node_fns, sizes)], [0, 1])
             ok = d is not None and d.winner == 0
             if d is not None:
-                record_winner("group", key, "generated" if ok else "nodes", min(got[d.winner]))
+                record_winner("group", key, "generated" if ok else "nodes", decide.best(got[d.winner]))
     _GROUP_MEMO[memo] = ok
     return kernel if ok else None
 

@@ -102,7 +102,12 @@ _REGISTRY: dict[tuple[OpKind, str], list[Kernel]] = {}
 # before "onednn" because MKL's packed sgemm (what Inductor calls for frozen fp32 linears)
 # is the faster fp32 GEMM at transformer shapes by less than the noise margin of one
 # compile's measurement, so ties must go to it (docs/benchmarks.md, the model suite).
-_KERNEL_MODULES = ("rnn_cpu", "pool_cpu", "qact_cpu", "attention_cpu", "mkl", "onednn", "amx_linear", "avx2_linear",
+# "avx2_linear" (a candidate only where the CPU has no AVX-512) comes before both: where it
+# runs, it serves every row count of a dynamic plan from one packed weight (oneDNN's pads a
+# new row count to a bucket) and streams its weights with prefetches, which a measurement
+# on one node's weight, hot in the caches, does not see; a tie must not hand a linear to
+# a GEMM that then runs slower inside the model.
+_KERNEL_MODULES = ("rnn_cpu", "pool_cpu", "qact_cpu", "attention_cpu", "avx2_linear", "mkl", "onednn", "amx_linear",
                    "winograd", "quant", "quant_native", "reference", "sparse", "layout_cpu")
 
 

@@ -48,6 +48,34 @@ def test_noise_is_median_over_best():
     assert decide.noise([1.0, 1.2, 1.5]) == pytest.approx(0.2)
 
 
+def test_rounds_are_compared_pairwise_so_a_drift_is_not_noise():
+    # the machine speeds up 40% over the rounds; candidate 1 is 20% faster in every round.
+    # Best round against best round, the drift would pass for noise and leave them tied.
+    drift = [1.0, 0.9, 0.8, 0.7, 0.6]
+    slow, fast = [t * 1.25 for t in drift], drift
+    d = decide.decide([slow, fast], prior=[0, 1])
+    assert d.winner == 1 and d.tied == (1,)
+    assert decide.noise(slow) > 0.2  # what the unpaired rule would have taken for noise
+
+
+def test_pairwise_wins_need_most_rounds_not_a_median():
+    # 30% faster in three rounds of seven, level in the rest: the median round is level
+    a, b = [0.7, 0.7, 0.7, 1.0, 1.0, 1.0, 1.0], [1.0] * 7
+    assert not decide.clearly_faster(a, b)
+    # 10% faster in two rounds of three: a sign test wants all three
+    assert not decide.clearly_faster([0.9, 0.9, 1.2], [1.0, 1.0, 1.0])
+    assert decide.clearly_faster([0.9, 0.9, 0.9], [1.0, 1.0, 1.0])
+
+
+def test_rounds_not_run_are_none_and_only_common_rounds_pair():
+    # a joined batch: candidate 0 missed rounds 2-3 (raced out, then timed again)
+    a, b = [2.0, 2.0, None, None, 1.0, 1.0, 1.0], [1.0] * 7
+    assert decide.best(a) == 1.0 and decide.rounds(a) == [2.0, 2.0, 1.0, 1.0, 1.0]
+    assert decide.noise([None, 1.0, 1.2, 1.5]) == pytest.approx(0.2)
+    assert not decide.clearly_faster(b, a)  # two of five common rounds: no clear win
+    assert decide.decide([[None, None], [1.0]], [0, 1]).winner == 1  # ran no round: failed
+
+
 # ----------------------------------------------------------------------------- choose()
 def _node():
     b = GraphBuilder()
@@ -146,8 +174,8 @@ def _key_of(node, kernels):
 
 
 def test_an_ambiguous_first_batch_gets_more_rounds(fake_clock):
-    # batch 1: cpu.other 10% faster but noisy (a tie, ambiguous); batch 2 settles it
-    fake_clock["times"] = [[1.0] * 5, lambda b: [0.9, 1.2, 1.2, 1.2, 1.2] if b == 1 else [0.9] * 20, [3.0] * 5]
+    # batch 1: cpu.other 10% faster in two rounds, level in three (a tie, ambiguous); batch 2 settles it
+    fake_clock["times"] = [[1.0] * 5, lambda b: [0.9, 0.9, 1.0, 1.0, 1.0] if b == 1 else [0.9] * 20, [3.0] * 5]
     assert choice.choose(_node(), _kernels(), [None])[0].name == "cpu.other"
     assert fake_clock["batches"] == 2
 
@@ -174,6 +202,23 @@ def test_a_win_against_the_prior_that_does_not_repeat_is_not_taken(fake_clock):
     fake_clock["times"] = [[2.0] * 5, [1.0] * 5, [3.0] * 5]
     with choice.remeasuring():
         assert choice.choose(_node(), _kernels(), [None])[0].name == "cpu.other"
+
+
+def test_a_priors_pick_beaten_on_both_batches_is_not_kept(fake_clock):
+    # measured rounds (ms) of one fp32 linear at two threads, the machine ~20% faster in the
+    # second batch. Batch 1: cpu.other and the reference tied, cpu.fast (the prior's pick)
+    # beaten; batch 2: cpu.other clearly first. The joint rounds beat cpu.fast in 9 of 10,
+    # so it cannot stand as "not reproduced".
+    fake_clock["times"] = [
+        lambda b: [3.96, 4.45, 4.1, 3.92, 3.83] if b == 1 else [3.8, 4.71, 3.33, 3.24, 3.77],
+        lambda b: [4.18, 3.65, 3.7, 3.23, 3.3] if b == 1 else [3.38, 2.58, 2.57, 2.71, 2.94],
+        lambda b: [3.75, 3.76, 3.81, 3.46, 3.65] if b == 1 else [3.67, 3.41, 3.16, 3.18, 3.17]]
+    ks = _kernels()
+    ks[2] = Kernel(OpKind.RELU, "cpu", "cpu.third", lambda ins, a: torch.relu(ins[0]))
+    ks = [ks[0], ks[1], ks[2], _kernels()[2]]
+    fake_clock["times"].append([9.0] * 5)
+    assert choice.choose(_node(), ks, [None])[0].name == "cpu.other"
+    assert fake_clock["batches"] == 2
 
 
 def test_a_kernel_that_disagrees_never_wins(fake_clock):

@@ -160,7 +160,8 @@ def test_mkl_packed_linear(act, residual, bias):
 def test_mkl_is_the_prior_for_static_fp32_linears():
     """Among candidates that measure tied, kernel choice keeps the one listed first: for a
     static fp32 linear with a constant weight that is MKL's packed sgemm (Inductor's choice
-    for frozen fp32 linears), then oneDNN, the reference last."""
+    for frozen fp32 linears), then oneDNN, the reference last -- after Kiln's own AVX2 GEMM
+    where that is a candidate (CPUs without AVX-512)."""
     from kiln.kernels import mkl
     from kiln.kernels.registry import candidates
 
@@ -171,6 +172,8 @@ def test_mkl_is_the_prior_for_static_fp32_linears():
     node = b.build([b.add(OpKind.LINEAR, x, b.const(torch.randn(32, 16)), b.const(torch.randn(32)))]).nodes[0]
     names = [k.name for k in candidates(node, "cpu")]
     assert names.index("cpu.mkl_linear") < names.index("cpu.onednn_linear") < names.index("reference.linear"), names
+    if "cpu.avx2_linear" in names:
+        assert names[0] == "cpu.avx2_linear", names
 
 
 def test_mkl_packed_linear_serves_every_row_count_from_one_packed_weight():
