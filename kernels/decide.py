@@ -9,9 +9,10 @@ larger than the noise measured in the same rounds:
   interleaved, so a drift of the machine's speed hits both alike): ``c`` *clearly beats*
   ``i`` when, over their common rounds (at least ``PAIRED_ROUNDS``), the median of
   ``time(c) / time(i)`` is below ``1 / (1 + MIN_MARGIN)`` and ``c`` was the faster in
-  clearly more than half of them (a sign test: at least ``n / 2 + sqrt(n) / 2`` of ``n``, one
-  standard deviation above a coin's count: 3 of 3, 4 of 5, 7 of 10). Comparing each candidate's best round instead (below) lets
-  a drift between rounds pass for noise, and a candidate 25% behind in every round stand tied;
+  clearly more than half of them (a sign test: at least ``n / 2 + sqrt(n) / 2`` of ``n``,
+  one standard deviation above a coin's count: 3 of 3, 4 of 5, 7 of 10). Comparing each
+  candidate's best round instead (below) lets a drift between rounds pass for noise, and a
+  candidate 25% behind in every round stand tied;
 - with fewer common rounds (a candidate raced out after two), each candidate's time is its
   best round and its noise the relative gap between its median round and its best one:
   ``c`` clearly beats ``i`` when ``best(c) * (1 + tol) < best(i)``, with ``tol`` the larger
@@ -90,8 +91,9 @@ def clearly_faster(a: list, b: list) -> bool:
 
 def decide(samples: list[list[float]], prior: list[int]) -> Decision | None:
     """The candidate to keep, given each candidate's timed rounds (empty, or only ``None``: it
-    failed or was disqualified) and ``prior``, candidate indices best-first (every index should appear;
-    ones left out rank after those listed, in index order). None when every candidate failed."""
+    failed or was disqualified) and ``prior``, candidate indices best-first (every index
+    should appear; ones left out rank after those listed, in index order). None when every
+    candidate failed."""
     live = [i for i, s in enumerate(samples) if rounds(s)]
     if not live:
         return None
