@@ -10,7 +10,10 @@ a quarter of it, and with ``size_buckets=3`` four times it, capped at the range'
 disagree, its step is a ``BySize`` that reads the call's size off an operand's shape and
 calls the kernel chosen nearest to it (bucket bounds at the geometric means of neighbouring
 representative sizes). Nodes whose choice agrees at every size keep one kernel, so the
-common case pays nothing at run time.
+common case pays nothing at run time. In a graph with an LSTM or GRU whose batch is
+symbolic, the batch is the size that varies, and those nodes are dispatched on it alone
+(``varied_size``): a recurrence's rows decide between its fused and hoisted kernels, its
+number of time steps does not.
 
 A dispatched node's choice is recorded (compile cache, artifacts) as one string naming
 each bucket's sizes and kernel (``encode``/``decode``), so a warm compile or a loaded
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import math
 
-from kiln.ir import Node
+from kiln.ir import Node, OpKind
 from kiln.ir.types import Sym
 
 PREFIX = "by-size["
@@ -30,18 +33,20 @@ SMALL = 4  # the small representative size is the example's size over this
 LARGE = 4  # the large one the example's size times this (within the range)
 
 
-def representative_sizes(hints: dict, limits: dict, buckets: int) -> list[dict]:
+def representative_sizes(hints: dict, limits: dict, buckets: int, name: str | None = None) -> list[dict]:
     """The sizes a dynamic plan's kernels are chosen at, the example's first.
 
-    Only the size with the largest example value varies between them (batch for a vision
-    model, the sequence length for a text model at batch 1): a quarter of it when that is
-    at least 2 and inside the range, and with ``buckets >= 3`` four times it (an open range,
-    or a range whose upper end is at least three times the example; capped at that end). The
-    default is 2: a large size costs four times the example's measuring time."""
+    Only one named size varies between them: ``name`` (``varied_size``'s pick), else the
+    size with the largest example value (batch for a vision model, the sequence length for a
+    text model at batch 1): a quarter of it when that is at least 2 and inside the range,
+    and with ``buckets >= 3`` four times it (an open range, or a range whose upper end is at
+    least three times the example; capped at that end). The default is 2: a large size
+    costs four times the example's measuring time."""
     out = [dict(hints)]
     if buckets <= 1 or not hints:
         return out
-    name = max(sorted(hints), key=lambda n: hints[n])
+    if name not in hints:
+        name = max(sorted(hints), key=lambda n: hints[n])
     h = hints[name]
     lo, hi = limits.get(name, (None, None)) if limits else (None, None)
     small = h // SMALL
@@ -50,6 +55,31 @@ def representative_sizes(hints: dict, limits: dict, buckets: int) -> list[dict]:
     if buckets >= 3 and (hi is None or hi >= 3 * h):
         out.append({**hints, name: LARGE * h if hi is None else min(hi, LARGE * h)})
     return out
+
+
+def _rnn_batch(node: Node) -> tuple[int, tuple[int, ...]] | None:
+    """(operand, axes) of an LSTM or GRU's batch dim when it is symbolic: the rows of its
+    recurrence, which decide between its fused and hoisted kernels (its time steps run one
+    after another, however many there are)."""
+    if node.op not in (OpKind.LSTM, OpKind.GRU) or not node.inputs or node.inputs[0] is None:
+        return None
+    axis = 0 if node.attrs.batch_first else 1
+    shape = node.inputs[0].type.shape
+    return (0, (axis,)) if len(shape) > axis and isinstance(shape[axis], Sym) else None
+
+
+def varied_size(graph, hints: dict) -> str | None:
+    """The named size a graph's representative sizes vary: an LSTM's or GRU's symbolic batch
+    (``_rnn_batch``; a forecaster's series are longer than their batch is wide, so the
+    largest size would be the time steps, whose number changes no choice), else None (the
+    largest example size, ``representative_sizes``' default)."""
+    for node in graph.nodes:
+        where = _rnn_batch(node)
+        if where is not None:
+            dim = node.inputs[where[0]].type.shape[where[1][0]]
+            if dim.name in hints:
+                return dim.name
+    return None
 
 
 # ----------------------------------------------------------------------------- records
@@ -92,7 +122,10 @@ def member_kernels(recorded: str) -> list[str]:
 # ----------------------------------------------------------------------------- dispatch
 def probe(node: Node) -> tuple[int, tuple[int, ...]] | None:
     """(operand, axes): the first operand with symbolic dims and those axes; their product is
-    the size a call is dispatched on. None when no operand has one."""
+    the size a call is dispatched on (an LSTM's or GRU's: its batch alone, ``_rnn_batch``).
+    None when no operand has one."""
+    if node.op in (OpKind.LSTM, OpKind.GRU):
+        return _rnn_batch(node)
     for i, v in enumerate(node.inputs):
         if v is None:
             continue

@@ -162,9 +162,9 @@ def compile_imported(imp: Imported, options: CompileOptions, name: str, hints: d
     t1 = time.perf_counter()
     buckets = None
     if hints and target.kind == "cpu":
-        from kiln.runtime.by_size import representative_sizes
+        from kiln.runtime.by_size import representative_sizes, varied_size
 
-        buckets = representative_sizes(hints, imp.size_limits, options.size_buckets)
+        buckets = representative_sizes(hints, imp.size_limits, options.size_buckets, varied_size(result.graph, hints))
     with _choice_policy(options):
         plan = _build_plan(result, options, target, hit, hints, buckets)
         accuracy, drop = _check_approximate(plan, result, buckets or [hints]) \

@@ -10,7 +10,7 @@ import kiln
 import kiln.runtime.plan as plan_module
 from kiln.ir import DType, Node, OpKind, TensorType, Value
 from kiln.ir.types import Sym
-from kiln.runtime.by_size import BySize, decode, dispatch, encode, member_kernels, representative_sizes
+from kiln.runtime.by_size import BySize, decode, dispatch, encode, member_kernels, representative_sizes, varied_size
 
 
 # ----------------------------------------------------------------------------- sizes and records
@@ -25,6 +25,13 @@ def test_representative_sizes_add_a_quarter_and_with_three_buckets_four_times_th
     assert representative_sizes({"seq": 64}, {}, 3) == [{"seq": 64}, {"seq": 16}, {"seq": 256}]  # open range
     assert representative_sizes({"seq": 64}, {"seq": (20, None)}, 2) == [{"seq": 64}]  # 16 is below the range
     assert representative_sizes({}, {}, 3) == [{}]
+
+
+def test_representative_sizes_vary_the_named_size_when_given():
+    hints = {"batch": 25, "seq": 131}
+    assert representative_sizes(hints, {}, 2, "batch") == [hints, {"batch": 6, "seq": 131}]
+    assert representative_sizes(hints, {}, 2, None) == [hints, {"batch": 25, "seq": 32}]  # the largest
+    assert representative_sizes(hints, {}, 2, "gone") == [hints, {"batch": 25, "seq": 32}]
 
 
 def test_records_round_trip_and_malformed_ones_are_refused():
@@ -164,3 +171,60 @@ def test_a_damaged_record_is_measured_again(size_rule):
     x = torch.randn(5, 16)
     with torch.no_grad():
         torch.testing.assert_close(plan.run([x])[0], _mlp()(x), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- an LSTM's batch
+def _native_rnn():
+    from kiln import _C
+
+    if not _C.recurrence_supported():
+        pytest.skip("Kiln's C++ recurrences need AVX2 + FMA or AVX-512")
+
+
+class _Forecaster(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = nn.LSTM(8, 32, num_layers=1, batch_first=True)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        y, _ = self.rnn(x)
+        return self.head(y[:, -1])
+
+
+@pytest.fixture
+def batch_rule(monkeypatch, tmp_path):
+    """Kernel choice by rule: an LSTM of 8 rows or fewer runs the hoisted recurrence, a wider
+    one the fused layer; every other node its first library candidate."""
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path))
+    real = plan_module.choose
+
+    def choose(node, kernels, consts):
+        if node.op is OpKind.LSTM and node.inputs[0].type.is_static:
+            want = "cpu.lstm_hoisted" if node.inputs[0].type.shape[0] <= 8 else "cpu.lstm_layer"
+            kernels = [k for k in kernels if k.name == want] or kernels
+        else:
+            kernels = [k for k in kernels if k.target != "reference"] or kernels
+        return real(node, kernels[:1], consts)
+
+    monkeypatch.setattr(plan_module, "choose", choose)
+
+
+def test_an_lstm_plan_varies_and_dispatches_on_its_batch_not_its_time_steps(batch_rule):
+    # an example of 25 series of 131 steps: the time steps are the largest size, but the
+    # recurrence's rows are what its kernel choice depends on
+    _native_rnn()
+    model = _Forecaster().eval()
+    c = kiln.compile(model, (torch.randn(25, 131, 8),), dynamic={0: {0: "batch", 1: "seq"}}, codegen=False)
+    assert varied_size(c.compiled[0].graph, {"batch": 25, "seq": 131}) == "batch"
+    lstm = [k for label, k in c.report.node_kernels if k.startswith("by-size[") and "lstm" in k]
+    assert lstm and decode(lstm[0]) == [({"batch": 6, "seq": 131}, "cpu.lstm_hoisted"),
+                                        ({"batch": 25, "seq": 131}, "cpu.lstm_layer")], c.report.node_kernels
+    step = next(s for s in c.compiled[0].plan.steps if isinstance(s.fn, BySize) and "lstm" in s.kernel)
+    with torch.no_grad():
+        for batch, steps in [(1, 200), (3, 7), (12, 5), (13, 300), (40, 24)]:
+            x = torch.randn(batch, steps, 8)
+            # the bound is between 6 and 25 rows (12), whatever the number of steps
+            assert step.fn.names[step.fn.pick([x])] == ("cpu.lstm_hoisted" if batch <= 12 else "cpu.lstm_layer")
+            torch.testing.assert_close(c(x), model(x), atol=1e-5, rtol=1e-5)
