@@ -11,9 +11,9 @@ disagree, its step is a ``BySize`` that reads the call's size off an operand's s
 calls the kernel chosen nearest to it (bucket bounds at the geometric means of neighbouring
 representative sizes). Nodes whose choice agrees at every size keep one kernel, so the
 common case pays nothing at run time. In a graph with an LSTM or GRU whose batch is
-symbolic, the batch is the size that varies, and those nodes are dispatched on it alone
-(``varied_size``): a recurrence's rows decide between its fused and hoisted kernels, its
-number of time steps does not.
+symbolic, the batch is the size that varies (down to 1), and those nodes are dispatched on
+it alone (``varied_size``): a recurrence's rows decide between its fused and hoisted
+kernels, its number of time steps does not.
 
 A dispatched node's choice is recorded (compile cache, artifacts) as one string naming
 each bucket's sizes and kernel (``encode``/``decode``), so a warm compile or a loaded
@@ -33,25 +33,33 @@ SMALL = 4  # the small representative size is the example's size over this
 LARGE = 4  # the large one the example's size times this (within the range)
 
 
-def representative_sizes(hints: dict, limits: dict, buckets: int, name: str | None = None) -> list[dict]:
+def representative_sizes(hints: dict, limits: dict, buckets: int, vary: tuple[str, int] | None = None) -> list[dict]:
     """The sizes a dynamic plan's kernels are chosen at, the example's first.
 
-    Only one named size varies between them: ``name`` (``varied_size``'s pick), else the
-    size with the largest example value (batch for a vision model, the sequence length for a
-    text model at batch 1): a quarter of it when that is at least 2 and inside the range,
-    and with ``buckets >= 3`` four times it (an open range, or a range whose upper end is at
-    least three times the example; capped at that end). The default is 2: a large size
-    costs four times the example's measuring time."""
+    Only one named size varies between them: the size with the largest example value (batch
+    for a vision model, the sequence length for a text model at batch 1), at a quarter of it
+    when that is at least 2 and inside the range -- or, given ``vary = (name, small)``
+    (``varied_size``'s pick), that size at ``small`` or the range's lower end where that is
+    below the example's; and with ``buckets >= 3`` at four times the example (an open range,
+    or a range whose upper end is at least three times the example; capped at that end).
+    The default is 2: a large size costs four times the example's measuring time."""
     out = [dict(hints)]
     if buckets <= 1 or not hints:
         return out
-    if name not in hints:
-        name = max(sorted(hints), key=lambda n: hints[n])
+
+    def low(n):
+        return (limits.get(n, (None, None))[0] if limits else None) or 1
+
+    # the given size at its small value raised to the range's lower end, where that is below
+    # the example; else the default
+    named = vary is not None and vary[0] in hints and max(vary[1], low(vary[0])) < hints[vary[0]]
+    name = vary[0] if named else max(sorted(hints), key=lambda n: hints[n])
     h = hints[name]
-    lo, hi = limits.get(name, (None, None)) if limits else (None, None)
-    small = h // SMALL
-    if small >= 2 and small >= (lo or 1):
-        out.append({**hints, name: small})
+    hi = limits.get(name, (None, None))[1] if limits else None
+    if named:
+        out.append({**hints, name: max(vary[1], low(name))})
+    elif h // SMALL >= 2 and h // SMALL >= low(name):
+        out.append({**hints, name: h // SMALL})
     if buckets >= 3 and (hi is None or hi >= 3 * h):
         out.append({**hints, name: LARGE * h if hi is None else min(hi, LARGE * h)})
     return out
@@ -68,17 +76,18 @@ def _rnn_batch(node: Node) -> tuple[int, tuple[int, ...]] | None:
     return (0, (axis,)) if len(shape) > axis and isinstance(shape[axis], Sym) else None
 
 
-def varied_size(graph, hints: dict) -> str | None:
-    """The named size a graph's representative sizes vary: an LSTM's or GRU's symbolic batch
-    (``_rnn_batch``; a forecaster's series are longer than their batch is wide, so the
-    largest size would be the time steps, whose number changes no choice), else None (the
-    largest example size, ``representative_sizes``' default)."""
+def varied_size(graph, hints: dict) -> tuple[str, int] | None:
+    """(name, small size) for ``representative_sizes`` when a graph's sizes should not vary
+    as by default: an LSTM's or GRU's symbolic batch (``_rnn_batch``), at 1 -- a single
+    series, the range's lower end, where a recurrence's few rows per step favour other
+    kernels than a wide batch's; a forecaster's series are longer than its batch is wide, so
+    the default would vary the time steps, whose number changes no choice. None otherwise."""
     for node in graph.nodes:
         where = _rnn_batch(node)
         if where is not None:
             dim = node.inputs[where[0]].type.shape[where[1][0]]
             if dim.name in hints:
-                return dim.name
+                return dim.name, 1
     return None
 
 
