@@ -25,10 +25,11 @@ inline int64_t blocks_of(int64_t H) { return (H + kBlock - 1) / kBlock; }
 using simd::Vec;
 
 // The gates' sigmoid and tanh, leaner than simd_math.h's (about a fifth of the layer's time
-// went to them): 2^t by simd_vec.h's exp2_reduced (relative error 2e-7). Reducing t = x log2(e) in one step loses relative
-// accuracy for large |x|, where sigmoid and tanh are flat: the absolute error stays under
-// 3e-7 over the whole range, as with simd_math.h's. NaN propagates; +-inf and +-1e30
-// saturate. The clamps below keep round(t) within [-126, 126].
+// went to them): 2^t by simd_vec.h's exp2_reduced (relative error 2e-7). Reducing
+// t = x log2(e) in one step loses relative accuracy for large |x|, where sigmoid and tanh
+// are flat: the absolute error stays under 3e-7 over the whole range, as with simd_math.h's.
+// NaN propagates; +-inf and +-1e30 saturate. The clamps below keep round(t) within
+// [-126, 126].
 KILN_INLINE Vec::T gate_exp2(Vec::T t) { return simd::exp2_reduced<Vec>(t); }
 
 // 1 / (1 + e^-x); the clamp to |x| <= 87 keeps e^-x finite (the Newton step in Vec::recip

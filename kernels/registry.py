@@ -103,10 +103,9 @@ _REGISTRY: dict[tuple[OpKind, str], list[Kernel]] = {}
 # is the faster fp32 GEMM at transformer shapes by less than the noise margin of one
 # compile's measurement, so ties must go to it (docs/benchmarks.md, the model suite).
 # "avx2_linear" (a candidate only where the CPU has no AVX-512) comes before both: where it
-# runs, it serves every row count of a dynamic plan from one packed weight (oneDNN's pads a
-# new row count to a bucket) and streams its weights with prefetches, which a measurement
-# on one node's weight, hot in the caches, does not see; a tie must not hand a linear to
-# a GEMM that then runs slower inside the model.
+# runs, it serves every row count of a dynamic plan from one packed weight, where oneDNN's
+# pads a new row count to a bucket, a cost the measurement at the representative sizes does
+# not include (docs/benchmarks.md: BERT's stream at two threads, ties to oneDNN's).
 _KERNEL_MODULES = ("rnn_cpu", "pool_cpu", "qact_cpu", "attention_cpu", "avx2_linear", "mkl", "onednn", "amx_linear",
                    "winograd", "quant", "quant_native", "reference", "sparse", "layout_cpu")
 

@@ -4,7 +4,8 @@ Each kernel that accepts the node runs twice: with its weights prepacked at plan
 (constant weights, the usual case) and packed on the call (weights as run-time inputs).
 Shapes: input and hidden sizes that are not multiples of 16 (AVX-512 blocks) or 8 (AVX2
 blocks), batches of 1-32 rows (the tiles of one or two rows keep several accumulator
-sets; larger batches are cut into balanced tiles of up to 6 rows), one time step, both layouts, two layers, no biases;
+sets; larger batches are cut into balanced tiles of up to 6 rows), one time step, both
+layouts, two layers, no biases;
 on two threads batches both under and over the size at which the threads split the batch
 rows rather than each step's hidden units.
 """
