@@ -6,6 +6,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdlib>
+#include <cstring>
+#include <memory>
 #include <string>
 
 #include "kiln.h"
@@ -79,11 +82,36 @@ const float* optional_array(const py::object& o, int64_t size, const char* name)
   return a.data();
 }
 
+// The recurrences read their packed weights as whole vectors: a panel that starts off a
+// 64-byte line splits every other 32- or 64-byte load across two lines, and a few-row step,
+// bound by those loads, ran about a third slower (numpy's allocations are 16-byte aligned).
+// So a packing is returned as a 64-byte-aligned view into a slightly larger array.
+constexpr uintptr_t kPanelAlign = 64;
+
 farray to_farray(const std::vector<float>& v) {
-  farray out(static_cast<py::ssize_t>(v.size()));
-  std::copy(v.begin(), v.end(), out.mutable_data());
-  return out;
+  const auto n = static_cast<py::ssize_t>(v.size());
+  farray buf(n + static_cast<py::ssize_t>(kPanelAlign / sizeof(float)));
+  float* first = buf.mutable_data();
+  const uintptr_t skip = (kPanelAlign - reinterpret_cast<uintptr_t>(first) % kPanelAlign) % kPanelAlign;
+  float* data = first + skip / sizeof(float);
+  std::copy(v.begin(), v.end(), data);
+  return farray({n}, {static_cast<py::ssize_t>(sizeof(float))}, data, buf);
 }
+
+// A packing the caller copied (np.copy, unpickling) may have lost that alignment: the
+// kernels then read an aligned copy, made for this call (correct, and slower by one copy).
+struct AlignedPanels {
+  const float* data;
+  std::unique_ptr<float, decltype(&std::free)> copy{nullptr, &std::free};
+  explicit AlignedPanels(const py::buffer_info& p) : data(static_cast<const float*>(p.ptr)) {
+    if (reinterpret_cast<uintptr_t>(data) % kPanelAlign == 0) return;
+    const size_t bytes = (static_cast<size_t>(p.size) * sizeof(float) + kPanelAlign - 1) / kPanelAlign * kPanelAlign;
+    copy.reset(static_cast<float*>(std::aligned_alloc(kPanelAlign, bytes)));
+    if (!copy) throw std::bad_alloc();
+    std::memcpy(copy.get(), data, static_cast<size_t>(p.size) * sizeof(float));
+    data = copy.get();
+  }
+};
 
 farray pack_recurrent_weight_py(farray w_hh, int64_t gates) {
   auto w = w_hh.request();
@@ -119,8 +147,9 @@ void lstm_recurrence_py(sarray gx, farray packed, farray h0, farray c0, sarray y
   need(cb, {B, H}, "cn");
   check_writable(hn, "hn");
   check_writable(cn, "cn");
+  const AlignedPanels panels(p);
   py::gil_scoped_release nogil;
-  kiln::lstm_recurrence(static_cast<const float*>(x.ptr), static_cast<const float*>(p.ptr),
+  kiln::lstm_recurrence(static_cast<const float*>(x.ptr), panels.data,
                         static_cast<const float*>(a.ptr), static_cast<const float*>(c.ptr), static_cast<float*>(yb.ptr),
                         static_cast<float*>(hb.ptr), static_cast<float*>(cb.ptr), T, B, H, st, threads);
 }
@@ -136,8 +165,9 @@ void gru_recurrence_py(sarray gx, farray packed, farray b_hh, farray h0, sarray 
   const auto st = seq_strides(x, yb, T, B, H, y);
   need(hb, {B, H}, "hn");
   check_writable(hn, "hn");
+  const AlignedPanels panels(p);
   py::gil_scoped_release nogil;
-  kiln::gru_recurrence(static_cast<const float*>(x.ptr), static_cast<const float*>(p.ptr),
+  kiln::gru_recurrence(static_cast<const float*>(x.ptr), panels.data,
                        static_cast<const float*>(bb.ptr), static_cast<const float*>(a.ptr), static_cast<float*>(yb.ptr),
                        static_cast<float*>(hb.ptr), T, B, H, st, threads);
 }
@@ -175,8 +205,9 @@ void lstm_layer_py(sarray x, farray packed, farray h0, farray c0, sarray y, farr
   for (auto* b : {&a, &c, &hb, &cb}) need(*b, {s.B, s.H}, "h0, c0, hn and cn");
   check_writable(hn, "hn");
   check_writable(cn, "cn");
+  const AlignedPanels panels(p);
   py::gil_scoped_release nogil;
-  kiln::lstm_layer(static_cast<const float*>(xb.ptr), static_cast<const float*>(p.ptr), static_cast<const float*>(a.ptr),
+  kiln::lstm_layer(static_cast<const float*>(xb.ptr), panels.data, static_cast<const float*>(a.ptr),
                    static_cast<const float*>(c.ptr), static_cast<float*>(y.request().ptr), static_cast<float*>(hb.ptr),
                    static_cast<float*>(cb.ptr), s.T, s.B, s.I, s.H, s.st, threads);
 }
@@ -186,8 +217,9 @@ void gru_layer_py(sarray x, farray packed, farray h0, sarray y, farray hn, int t
   const LayerShape s = layer_shape(xb, p, y, 3);
   for (auto* b : {&a, &hb}) need(*b, {s.B, s.H}, "h0 and hn");
   check_writable(hn, "hn");
+  const AlignedPanels panels(p);
   py::gil_scoped_release nogil;
-  kiln::gru_layer(static_cast<const float*>(xb.ptr), static_cast<const float*>(p.ptr), static_cast<const float*>(a.ptr),
+  kiln::gru_layer(static_cast<const float*>(xb.ptr), panels.data, static_cast<const float*>(a.ptr),
                   static_cast<float*>(y.request().ptr), static_cast<float*>(hb.ptr), s.T, s.B, s.I, s.H, s.st, threads);
 }
 

@@ -149,6 +149,12 @@ def _cmd_bench_elementwise(args) -> int:
     return elementwise.main_with(args)
 
 
+def _cmd_bench_rnn(args) -> int:
+    from kiln.bench import rnn
+
+    return rnn.main_with(args)
+
+
 def _cmd_bench_serve(args) -> int:
     from kiln.bench import serve as serve_bench
 
@@ -346,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
              "kiln.bench.suite_dynamo", _cmd_bench_suite_dynamo),
             ("elementwise", "a generated fused elementwise kernel vs memory bandwidth and eager",
              "kiln.bench.elementwise", _cmd_bench_elementwise),
+            ("rnn", "LSTM/GRU layers per batch size: Kiln's kernels against ONNX Runtime and torch",
+             "kiln.bench.rnn", _cmd_bench_rnn),
             ("serve", "Ray Serve throughput and latency, Kiln vs eager; Ray Data offline inference",
              "kiln.bench.serve", _cmd_bench_serve)):
         sp = bsub.add_parser(name, help=help_)

@@ -201,3 +201,51 @@ def test_fused_layer_rejects_bad_arguments():
         ro = s.copy()
         ro.flags.writeable = False
         _C.lstm_layer(x, p, s, s, y, s.copy(), ro)
+
+
+def _copy_at(a: np.ndarray, offset: int) -> np.ndarray:
+    """The same values in an array whose data starts ``offset`` bytes past a 64-byte line."""
+    buf = np.empty(a.size + 32, np.float32)
+    start = (-buf.ctypes.data // 4) % 16 + offset // 4
+    out = buf[start:start + a.size]
+    out[:] = a
+    assert out.ctypes.data % 64 == offset
+    return out
+
+
+@needs_simd
+def test_packings_are_line_aligned_and_a_misaligned_copy_gives_the_same_bits():
+    # the kernels read panels as whole vectors: a packing starts on a 64-byte line (numpy's
+    # allocations land at any 16-byte offset), and a copy that lost the alignment (np.copy,
+    # unpickling) is read through an aligned copy, with exactly the same result
+    T, B, F, H = 5, 3, 7, 24
+    rng = np.random.default_rng(0)
+
+    def r(*shape, scale=1.0):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    x, gx4, gx3, h0, c0, b_hh = r(T, B, F), r(T, B, 4 * H), r(T, B, 3 * H), r(B, H), r(B, H), r(3 * H)
+    packs = {"rec4": _C.pack_recurrent_weight(r(4 * H, H, scale=0.3), 4),
+             "rec3": _C.pack_recurrent_weight(r(3 * H, H, scale=0.3), 3),
+             "layer4": _C.pack_layer_weight(r(4 * H, F), r(4 * H, H, scale=0.3), r(4 * H), r(4 * H), 4),
+             "layer3": _C.pack_layer_weight(r(3 * H, F), r(3 * H, H, scale=0.3), r(3 * H), r(3 * H), 3)}
+    assert all(p.ctypes.data % 64 == 0 for p in packs.values())
+    assert all(_C.pack_recurrent_weight(r(4 * H, H), 4).ctypes.data % 64 == 0 for _ in range(8))
+
+    def run(p):
+        outs = []
+        y, hn, cn = np.empty((T, B, H), np.float32), np.empty((B, H), np.float32), np.empty((B, H), np.float32)
+        _C.lstm_recurrence(gx4, p["rec4"], h0, c0, y, hn, cn, 1)
+        outs += [y.copy(), hn.copy(), cn.copy()]
+        _C.gru_recurrence(gx3, p["rec3"], b_hh, h0, y, hn, 1)
+        outs += [y.copy(), hn.copy()]
+        _C.lstm_layer(x, p["layer4"], h0, c0, y, hn, cn, 1)
+        outs += [y.copy(), hn.copy(), cn.copy()]
+        _C.gru_layer(x, p["layer3"], h0, y, hn, 1)
+        outs += [y.copy(), hn.copy()]
+        return outs
+
+    want = run(packs)
+    for offset in (4, 16, 32):
+        for g, w in zip(run({k: _copy_at(v, offset) for k, v in packs.items()}), want):
+            np.testing.assert_array_equal(g, w)

@@ -248,3 +248,22 @@ def test_bench_compile_time_reuses_the_tuning_database(capsys):
     assert "error" not in row, row
     assert cells[3] == "True"  # the warm compile hit the compile cache
     assert all(float(c) > 0 for c in (cells[1], cells[2], cells[4]))
+
+
+@pytest.mark.bench
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_bench_rnn_small(tmp_path, cell):
+    from kiln import _C
+
+    if not _C.recurrence_supported():
+        pytest.skip("Kiln's recurrent layers need AVX-512 or AVX2 + FMA")
+    j = tmp_path / "rnn.json"
+    out = _kiln("bench", "rnn", "--cell", cell, "--batches", "1,3", "--seq", "6", "--hidden", "24", "--repeats", "3",
+                "--json", str(j))
+    res = json.loads(j.read_text())
+    assert [r["batch"] for r in res["rows"]] == [1, 3]
+    assert {f"cpu.{cell}_layer", f"cpu.{cell}_hoisted"} <= set(res["kernels"])
+    for r in res["rows"]:
+        assert {"torch", "onnxruntime", *res["kernels"]} <= set(r["ms"])
+        assert max(r["max_abs_err"].values()) < 1e-4
+    assert "vs ORT" in out
