@@ -319,11 +319,23 @@ inline void row_tile(int64_t left, int64_t b, F&& f) {
 }
 
 // The batch in as few tiles as kMaxRows allows, of balanced sizes (32 rows: 6 6 5 5 5 5, not
-// 6 6 6 6 6 2): a tile of one or two rows has too few independent accumulators to hide the
-// FMA latency.
+// 6 6 6 6 6 2).
+//
+// With AVX2, though, a pass over 3 or 4 rows has only 6 or 8 accumulators (2 gate vectors a
+// pass) and runs well below a 5- or 6-row pass, while a 1- or 2-row tile keeps 8 in flight
+// (k split in phases: accumulate_pass). So where the balanced split would cut the batch into
+// tiles of 3-4 rows and the remainder past full tiles is 1-2 rows, the batch goes in full
+// tiles and that remainder: 7 = 6 + 1, not 3 + 4; 8 = 6 + 2, not 4 + 4 (up to 19 rows; from
+// 20 the balanced tiles have 5-6 rows).
 template <typename F>
 inline void for_row_tiles(int64_t B, F&& f) {
-  const int64_t tiles = (B + kMaxRows - 1) / kMaxRows;
+  const int64_t tiles = (B + kMaxRows - 1) / kMaxRows, rest = B % kMaxRows;
+  if (Vec::W == 8 && B > kMaxRows && rest > 0 && rest <= 2 && B / tiles < 5) {
+    int64_t b = 0;
+    for (; b + kMaxRows <= B; b += kMaxRows) row_tile<kMaxRows>(kMaxRows, b, f);
+    row_tile<kMaxRows>(B - b, b, f);
+    return;
+  }
   for (int64_t i = 0, b = 0; i < tiles; ++i) {
     const int64_t end = B * (i + 1) / tiles;
     row_tile<kMaxRows>(end - b, b, f);

@@ -24,7 +24,7 @@ SHAPES = [  # T, B, F (input size), H, layers, batch_first, bias
     (6, 13, 8, 33, 2, False, True),
     (4, 32, 40, 128, 2, True, True),
     (3, 5, 6, 7, 1, True, False),
-    (3, 29, 9, 24, 1, False, True),  # two threads split the rows 14 / 15 (tiles 4+5+5, 5+5+5)
+    (3, 29, 9, 24, 1, False, True),  # two threads split the rows 14 / 15 (tiles 4+5+5 or, AVX2, 6+6+2; 5+5+5)
     (4, 2, 9, 40, 1, True, True),  # a tile of two rows (AVX2: two accumulator sets)
     (3, 3, 6, 17, 2, False, True),  # three rows (GRU's n pass on AVX2: three sets)
 ]
