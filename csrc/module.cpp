@@ -83,8 +83,8 @@ const float* optional_array(const py::object& o, int64_t size, const char* name)
 }
 
 // The recurrences read their packed weights as whole vectors: a panel that starts off a
-// 64-byte line splits every other 32- or 64-byte load across two lines, and a few-row step,
-// bound by those loads, ran about a third slower (numpy's allocations are 16-byte aligned).
+// 64-byte line splits every other 32- or 64-byte load across two lines, which a few-row step
+// (bound by those loads) feels directly, and numpy places an array at any 16-byte offset.
 // So a packing is returned as a 64-byte-aligned view into a slightly larger array.
 constexpr uintptr_t kPanelAlign = 64;
 
