@@ -35,15 +35,20 @@ def _kiln_kernels(module: torch.nn.Module, cell: str, x: torch.Tensor) -> dict:
     kind = OpKind.LSTM if cell == "lstm" else OpKind.GRU
     node = next(n for n in g.nodes if n.op is kind)
     consts = [None if v is None else g.constants.get(v) for v in node.inputs]
-    state = [torch.zeros(module.num_layers, x.shape[0], module.hidden_size)
-             for _ in range(2 if cell == "lstm" else 1)]
+    nstate = 2 if cell == "lstm" else 1
+    states: dict[int, list] = {}  # per batch size, made before the timed calls
+
+    def initial(batch: int) -> list:
+        if batch not in states:
+            states[batch] = [torch.zeros(module.num_layers, batch, module.hidden_size) for _ in range(nstate)]
+        return states[batch]
+
     out = {}
     for k in candidates(node, "cpu"):
         if k.name in ("cpu.lstm", "cpu.gru") or not k.name.startswith("cpu."):
             continue  # the op-by-op cell (torch's steps, Kiln's cell): far behind at every batch
         run = k.bind(node, consts)
-        out[k.name] = (lambda run=run: lambda xb: run([xb, *(s[:, :xb.shape[0]].contiguous() for s in state),
-                                                        *consts[1 + len(state):]], node.attrs)[0])()
+        out[k.name] = lambda xb, run=run: run([xb, *initial(xb.shape[0]), *consts[1 + nstate:]], node.attrs)[0]
     return out
 
 
@@ -115,7 +120,8 @@ def table(res: dict) -> str:
     kiln = [n for n in names if n.startswith("cpu.")]
     if "onnxruntime" in names:
         head += [f"{n} vs ORT" for n in kiln]
-    lines = [f"{res['cell'].upper()} {res['layers']} x {res['hidden']}, {res['features']} features, {res['seq']} steps, "
+    lines = [f"{res['cell'].upper()} {res['layers']} x {res['hidden']}, {res['features']} features, "
+             f"{res['seq']} steps, "
              f"{res['threads']} thread(s); medians of {res['repeats']} interleaved rounds ({res['date']})", "",
              "| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for r in res["rows"]:

@@ -267,3 +267,17 @@ def test_bench_rnn_small(tmp_path, cell):
         assert {"torch", "onnxruntime", *res["kernels"]} <= set(r["ms"])
         assert max(r["max_abs_err"].values()) < 1e-4
     assert "vs ORT" in out
+
+
+@pytest.mark.bench
+def test_build_ab_compares_builds_in_their_own_processes():
+    from kiln import _C
+
+    if not _C.recurrence_supported():
+        pytest.skip("Kiln's recurrent layers need AVX-512 or AVX2 + FMA")
+    p = subprocess.run([sys.executable, "-m", "kiln.bench.build_ab", _C.__file__, f"{_C.__file__}@16", "--cell", "gru",
+                        "--form", "recurrence", "--batches", "1,3", "--hidden", "24", "--inputs", "7", "--seq", "5",
+                        "--rounds", "3"], capture_output=True, text=True, timeout=300, env=ENV)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [ln for ln in p.stdout.splitlines() if ln.startswith("| 1 ") or ln.startswith("| 3 ")]
+    assert len(rows) == 2 and all("1.000x" in r for r in rows)  # the first build against itself
