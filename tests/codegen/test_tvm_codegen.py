@@ -171,7 +171,7 @@ def _scheduled_script(group, config, threads) -> str:
 
     placeholders, outs = tvm_codegen.render(group)
     sch = s_tir.Schedule(tvm.IRModule({"main": te.create_prim_func(placeholders + outs)}))
-    schedule_group(sch, [t.op.name for t in outs], config, threads)
+    schedule_group(sch, [t.op.name for t in outs] + tvm_codegen.kept_stages(outs), config, threads)
     return sch.mod.script()
 
 
@@ -288,6 +288,53 @@ def test_nested_math_in_bf16_groups_keeps_tvms_functions():
     script = _scheduled_script(whole_graph_group(graph), schedule_group.tune_space.default(), 1)
     assert "T.tanh(" in script
     check_generated(graph)
+
+
+def _select_chain(links: int, dtype=F32):
+    """x -> sigmoid -> softmax -> ``links`` times (clamp, leaky_relu, maximum with x, relu):
+    every link's form reads its operand more than once."""
+    b = GraphBuilder("selects")
+    x = b.input("x", (4, 32), dtype)
+    v = b.add(OpKind.SOFTMAX, b.add(OpKind.SIGMOID, x), attrs=A.AxisAttrs(1))
+    for _ in range(links):
+        v = b.add(OpKind.CLAMP, v, attrs=A.ClampAttrs(0.01, 0.5))
+        v = b.add(OpKind.LEAKY_RELU, v, attrs=A.LeakyReluAttrs(0.1))
+        v = b.add(OpKind.RELU, b.add(OpKind.MAXIMUM, v, x))
+    return b.build([v])
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_values_whose_expressions_grow_past_the_bound_are_stored_once(dtype):
+    # each link's forms read their operand more than once and nest selects: written out, the
+    # expression doubles per link, and TVM's passes take minutes on a few links (a fuzzed chain
+    # like it took most of a minute). Where a node would pass the bounds its operands are stored
+    # to stages of their own, so every stage stays within them, and the kernel still computes
+    # the chain
+    group = whole_graph_group(_select_chain(3, dtype))
+    kept = tvm_codegen.kept_stages(tvm_codegen.render(group)[1])
+    assert kept
+    for stage in _stages(tvm_codegen.render(group)[1]):
+        for body in getattr(stage.op, "body", []):
+            assert tvm_codegen.select_depth(body) <= tvm_codegen.MAX_SELECT_DEPTH
+            assert tvm_codegen.expression_nodes(body, 10 ** 6) <= tvm_codegen.MAX_EXPRESSION_NODES
+    x = (torch.randn(4, 32) * 4).to(dtype.to_torch())
+    x[0, :3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    check_generated(_select_chain(3, dtype), inputs=[x])
+
+
+def test_groups_of_the_usual_size_store_nothing_extra():
+    group = whole_graph_group(_select_chain(0))
+    assert tvm_codegen.kept_stages(tvm_codegen.render(group)[1]) == []
+
+
+def _stages(outs):
+    seen, stack = {}, list(outs)
+    while stack:
+        t = stack.pop()
+        if t.op.name not in seen:
+            seen[t.op.name] = t
+            stack.extend(t.op.input_tensors)
+    return list(seen.values())
 
 
 def test_unsupported_groups_are_declined():
