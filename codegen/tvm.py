@@ -29,6 +29,7 @@ from kiln.ir import OpKind, Value
 from kiln.ir import attrs as A
 from kiln.ir.types import has_symbols
 
+from .tvm_expr_size import KEPT, kept_stages, past_bounds
 from .tvm_ops import LOW_PRECISION, TIR_OPS, cast, compute_dtype, const, tvm_dtype
 from .walk import MOVEMENT_OPS, REDUCE_OPS, ROW_OPS, Emitter, Unsupported, Walker, physical_order, shape_of
 
@@ -326,19 +327,6 @@ class TirEmitter(Emitter):
 
 
 # ----------------------------------------------------------------------------- rendering
-# Where a node's expression would nest selects more than ``MAX_SELECT_DEPTH`` deep, or written
-# out as a tree be past ``MAX_EXPRESSION_NODES`` nodes, its operands are stored to stages of
-# their own (buffers the size of the values) that it loads. Forms that read their operand
-# more than once (a clamp's or ReLU's selects, GELU's branches, the vector math) multiply
-# their operand's expression, chains of them exponentially, and TVM's simplifier works on the
-# tree, under one constraint per enclosing select: eight ReLUs in a row took most of two minutes in TVM's
-# passes, five one or two seconds. The groups of the example and suite models stay within both
-# (softmax, GELU: four selects deep in fp32, five in a bf16 decoder's masked softmax).
-MAX_SELECT_DEPTH = 5
-MAX_EXPRESSION_NODES = 4096
-KEPT = "kept"  # name prefix of those stages
-
-
 def render(group):
     """The group as TE: (placeholders in group-input order, output tensors in group-output order)."""
     from tvm import te
@@ -366,8 +354,8 @@ def render(group):
     for j, n in enumerate(group.nodes):
         for v in n.outputs:
             if v in walker.producer and _too_big(walker, v, coords):
-                # its operands (within the bounds, having passed this check) are stored: the
-                # value is then its own form over loads
+                # past tvm_expr_size's bounds: its operands (within them, having passed this
+                # check) are stored, and the value is its own form over their loads
                 operands = [x for x in n.inputs if x is not None and x in walker.producer]
                 for k, x in enumerate(dict.fromkeys(operands)):
                     em.tensors[x] = em.store(walker, x, f"{KEPT}{j}_{k}")
@@ -379,8 +367,7 @@ def render(group):
 
 
 def _too_big(walker, v: Value, coords: dict) -> bool:
-    """Whether ``v``'s expression nests selects past ``MAX_SELECT_DEPTH`` or, written out as a
-    tree, is past ``MAX_EXPRESSION_NODES``."""
+    """Whether ``v``'s expression is past the bounds of ``tvm_expr_size``."""
     from tvm import tirx
 
     rank = len(shape_of(v))
@@ -390,78 +377,7 @@ def _too_big(walker, v: Value, coords: dict) -> bool:
         expr = walker.value_at(v, list(coords[rank]))
     except Unsupported:  # its readers will say so, where it matters
         return False
-    return (select_depth(expr) > MAX_SELECT_DEPTH
-            or expression_nodes(expr, MAX_EXPRESSION_NODES) > MAX_EXPRESSION_NODES)
-
-
-def select_depth(expr) -> int:
-    """The most selects (``Select``, ``if_then_else``) on one path from ``expr`` to a leaf."""
-    from tvm import ir, tirx
-    from tvm_ffi import Array
-
-    arrays = (list, tuple, Array)
-    memo: dict = {}
-
-    def depth(e) -> int:
-        key = hash(e)
-        d = memo.get(key)
-        if d is None:
-            d = 0
-            for field in _EXPRESSION_FIELDS:
-                c = getattr(e, field, None)
-                for x in (c if isinstance(c, arrays) else (c,)):
-                    if isinstance(x, ir.expr.Expr):
-                        d = max(d, depth(x))
-            if isinstance(e, tirx.Select) or (isinstance(e, ir.expr.Call)
-                                              and getattr(e.op, "name", "") == "tirx.if_then_else"):
-                d += 1
-            memo[key] = d
-        return d
-
-    return depth(expr)
-
-
-def expression_nodes(expr, limit: int) -> int:
-    """The number of nodes of ``expr`` written out as a tree (a subexpression counts at each
-    place it is used), counted over the shared nodes once each; past ``limit``, ``limit + 1``."""
-    from tvm import ir
-    from tvm_ffi import Array
-
-    arrays = (list, tuple, Array)
-    memo: dict = {}
-
-    def count(e) -> int:
-        key = hash(e)  # TVM objects hash by identity
-        n = memo.get(key)
-        if n is None:
-            n = 1
-            for field in _EXPRESSION_FIELDS:
-                c = getattr(e, field, None)
-                for x in (c if isinstance(c, arrays) else (c,)):
-                    if isinstance(x, ir.expr.Expr):
-                        n = min(n + count(x), limit + 1)
-            memo[key] = n
-        return n
-
-    return count(expr)
-
-
-_EXPRESSION_FIELDS = ("source", "a", "b", "condition", "true_value", "false_value", "value", "body", "args", "indices")
-
-
-def kept_stages(outs) -> list[str]:
-    """The names of the stages ``render`` stored besides the outputs (see ``MAX_EXPRESSION_NODES``),
-    which the schedule must keep rather than inline into their readers."""
-    names, stack, seen = [], list(outs), set()
-    while stack:
-        t = stack.pop()
-        if t.op.name in seen:
-            continue
-        seen.add(t.op.name)
-        if t.op.name.startswith(KEPT):
-            names.append(t.op.name)
-        stack.extend(t.op.input_tensors)
-    return names
+    return past_bounds(expr)
 
 
 # ----------------------------------------------------------------------------- building

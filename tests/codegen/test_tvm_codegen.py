@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("tvm")
 
 from kiln.codegen import tvm as tvm_codegen  # noqa: E402
+from kiln.codegen import tvm_expr_size  # noqa: E402
 from kiln.codegen.autotune import Budget, TuningDB  # noqa: E402
 from kiln.codegen.schedules_cpu import schedule_group  # noqa: E402
 from kiln.ir import DType, GraphBuilder, Layout, LayoutKind, OpKind, Sym  # noqa: E402
@@ -171,7 +172,7 @@ def _scheduled_script(group, config, threads) -> str:
 
     placeholders, outs = tvm_codegen.render(group)
     sch = s_tir.Schedule(tvm.IRModule({"main": te.create_prim_func(placeholders + outs)}))
-    schedule_group(sch, [t.op.name for t in outs] + tvm_codegen.kept_stages(outs), config, threads)
+    schedule_group(sch, [t.op.name for t in outs] + tvm_expr_size.kept_stages(outs), config, threads)
     return sch.mod.script()
 
 
@@ -311,12 +312,12 @@ def test_values_whose_expressions_grow_past_the_bound_are_stored_once(dtype):
     # to stages of their own, so every stage stays within them, and the kernel still computes
     # the chain
     group = whole_graph_group(_select_chain(3, dtype))
-    kept = tvm_codegen.kept_stages(tvm_codegen.render(group)[1])
+    kept = tvm_expr_size.kept_stages(tvm_codegen.render(group)[1])
     assert kept
     for stage in _stages(tvm_codegen.render(group)[1]):
         for body in getattr(stage.op, "body", []):
-            assert tvm_codegen.select_depth(body) <= tvm_codegen.MAX_SELECT_DEPTH
-            assert tvm_codegen.expression_nodes(body, 10 ** 6) <= tvm_codegen.MAX_EXPRESSION_NODES
+            assert tvm_expr_size.select_depth(body) <= tvm_expr_size.MAX_SELECT_DEPTH
+            assert tvm_expr_size.expression_nodes(body, 10 ** 6) <= tvm_expr_size.MAX_EXPRESSION_NODES
     x = (torch.randn(4, 32) * 4).to(dtype.to_torch())
     x[0, :3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
     check_generated(_select_chain(3, dtype), inputs=[x])
@@ -324,7 +325,7 @@ def test_values_whose_expressions_grow_past_the_bound_are_stored_once(dtype):
 
 def test_groups_of_the_usual_size_store_nothing_extra():
     group = whole_graph_group(_select_chain(0))
-    assert tvm_codegen.kept_stages(tvm_codegen.render(group)[1]) == []
+    assert tvm_expr_size.kept_stages(tvm_codegen.render(group)[1]) == []
 
 
 def _stages(outs):
