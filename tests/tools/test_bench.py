@@ -281,3 +281,19 @@ def test_build_ab_compares_builds_in_their_own_processes():
     assert p.returncode == 0, p.stderr[-2000:]
     rows = [ln for ln in p.stdout.splitlines() if ln.startswith("| 1 ") or ln.startswith("| 3 ")]
     assert len(rows) == 2 and all("1.000x" in r for r in rows)  # the first build against itself
+
+
+@pytest.mark.bench
+def test_select_chains_builds_bounded_and_unbounded_and_checks_them(tmp_path):
+    pytest.importorskip("tvm")
+    j = tmp_path / "chains.json"
+    p = subprocess.run([sys.executable, "-m", "kiln.bench.select_chains", "--op", "clamp", "--links", "1,3",
+                        "--unbounded", "--json", str(j)], capture_output=True, text=True, timeout=600, env=ENV)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = json.loads(j.read_text())["rows"]
+    assert [r["links"] for r in rows] == [1, 3]
+    assert all(r[m]["match"] for r in rows for m in ("bounded", "unbounded"))
+    short, long = rows
+    assert short["bounded"]["stored"] == 0 and long["bounded"]["stored"] >= 1  # 3 clamps: 6 selects deep
+    assert long["unbounded"]["stored"] == 0 and long["unbounded"]["depth"] == 6
+    assert long["bounded"]["depth"] <= 5
