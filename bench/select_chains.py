@@ -51,13 +51,7 @@ for _ in range(links):
 g = b.build([v])
 group = KernelGroup(0, "injective", list(g.nodes), list(g.inputs), list(g.outputs))
 outs = tvm_codegen.render(group)[1]
-stages, stack = {}, list(outs)
-while stack:
-    t = stack.pop()
-    if t.op.name not in stages:
-        stages[t.op.name] = t
-        stack.extend(t.op.input_tensors)
-bodies = [e for t in stages.values() for e in getattr(t.op, "body", [])]
+bodies = [e for t in tvm_expr_size.stages(outs) for e in getattr(t.op, "body", [])]
 cfg = schedule_group.tune_space.default()
 t0 = time.perf_counter()
 kernel = GeneratedKernel(build_in_memory(group, cfg, host_cpu(), 1), group, "chain", cfg, True)

@@ -76,16 +76,19 @@ def past_bounds(expr) -> bool:
     return select_depth(expr) > MAX_SELECT_DEPTH or expression_nodes(expr, MAX_EXPRESSION_NODES) > MAX_EXPRESSION_NODES
 
 
+def stages(outs) -> list:
+    """Every TE stage the output tensors ``outs`` compute from (outputs, stored stages,
+    reductions, placeholders), each once."""
+    seen, stack = {}, list(outs)
+    while stack:
+        t = stack.pop()
+        if t.op.name not in seen:
+            seen[t.op.name] = t
+            stack.extend(t.op.input_tensors)
+    return list(seen.values())
+
+
 def kept_stages(outs) -> list[str]:
     """The names of the stages ``render`` stored for the bounds, which the schedule must keep
     rather than inline into their readers."""
-    names, stack, seen = [], list(outs), set()
-    while stack:
-        t = stack.pop()
-        if t.op.name in seen:
-            continue
-        seen.add(t.op.name)
-        if t.op.name.startswith(KEPT):
-            names.append(t.op.name)
-        stack.extend(t.op.input_tensors)
-    return names
+    return [t.op.name for t in stages(outs) if t.op.name.startswith(KEPT)]

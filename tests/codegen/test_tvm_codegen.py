@@ -314,7 +314,7 @@ def test_values_whose_expressions_grow_past_the_bound_are_stored_once(dtype):
     group = whole_graph_group(_select_chain(3, dtype))
     kept = tvm_expr_size.kept_stages(tvm_codegen.render(group)[1])
     assert kept
-    for stage in _stages(tvm_codegen.render(group)[1]):
+    for stage in tvm_expr_size.stages(tvm_codegen.render(group)[1]):
         for body in getattr(stage.op, "body", []):
             assert tvm_expr_size.select_depth(body) <= tvm_expr_size.MAX_SELECT_DEPTH
             assert tvm_expr_size.expression_nodes(body, 10 ** 6) <= tvm_expr_size.MAX_EXPRESSION_NODES
@@ -326,16 +326,6 @@ def test_values_whose_expressions_grow_past_the_bound_are_stored_once(dtype):
 def test_groups_of_the_usual_size_store_nothing_extra():
     group = whole_graph_group(_select_chain(0))
     assert tvm_expr_size.kept_stages(tvm_codegen.render(group)[1]) == []
-
-
-def _stages(outs):
-    seen, stack = {}, list(outs)
-    while stack:
-        t = stack.pop()
-        if t.op.name not in seen:
-            seen[t.op.name] = t
-            stack.extend(t.op.input_tensors)
-    return list(seen.values())
 
 
 def test_unsupported_groups_are_declined():
