@@ -11,8 +11,8 @@ and how many stages were stored for the bounds; each output is checked against t
     python -m kiln.bench.select_chains [--op relu|clamp|leaky] [--links 4,6,8] [--unbounded]
                                        [--timeout 300]
 
-Without the bounds, eight ReLUs take minutes: ``--timeout`` stops a build that runs past it
-(reported as such).
+Without the bounds a long chain builds for a long time: ``--timeout`` stops a build that
+runs past it (reported as such).
 """
 from __future__ import annotations
 

@@ -3,9 +3,9 @@
 A TIR expression shares subexpressions in memory, but TVM's simplifier works on it as a
 tree, under one constraint per enclosing select. Forms that read their operand more than
 once (a clamp's or ReLU's selects, GELU's branches, ``tvm_math``'s vector math) multiply
-their operand's expression, chains of them exponentially: a fuzzed chain of clamps after a
-softmax took most of a minute in TVM's passes, eight ReLUs in a row most of two minutes, five
-one or two seconds. Where a node's expression would pass ``MAX_SELECT_DEPTH`` or
+their operand's expression, chains of them exponentially, and the build time grows faster
+than the tree (``python -m kiln.bench.select_chains``; the figures are in
+docs/benchmarks.md). Where a node's expression would pass ``MAX_SELECT_DEPTH`` or
 ``MAX_EXPRESSION_NODES``, ``codegen.tvm.render`` stores its operands to stages of their own
 (buffers the size of the values, named with the ``KEPT`` prefix) that it loads. The groups
 of the example and suite models stay within both bounds (softmax and GELU: four selects

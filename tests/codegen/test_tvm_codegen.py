@@ -307,8 +307,8 @@ def _select_chain(links: int, dtype=F32):
 @pytest.mark.parametrize("dtype", [F32, BF16])
 def test_values_whose_expressions_grow_past_the_bound_are_stored_once(dtype):
     # each link's forms read their operand more than once and nest selects: written out, the
-    # expression doubles per link, and TVM's passes take minutes on a few links (a fuzzed chain
-    # like it took most of a minute). Where a node would pass the bounds its operands are stored
+    # expression doubles per link, and TVM's passes slow down faster still (a fuzzed chain like
+    # it dominated the fuzzer's time). Where a node would pass the bounds its operands are stored
     # to stages of their own, so every stage stays within them, and the kernel still computes
     # the chain
     group = whole_graph_group(_select_chain(3, dtype))
