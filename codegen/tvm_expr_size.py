@@ -54,26 +54,32 @@ def _fold(expr, leaf_and_combine):
     return done[hash(expr)]
 
 
-def select_depth(expr) -> int:
-    """The most selects (``Select``, ``if_then_else``) on one path from ``expr`` to a leaf."""
+def measure(expr, limit: int) -> tuple[int, int]:
+    """(``select_depth``, ``expression_nodes``) of ``expr`` in one walk."""
     from tvm import ir, tirx
 
-    def depth(e, below):
+    def both(e, below):
         own = isinstance(e, tirx.Select) or (isinstance(e, ir.expr.Call)
                                              and getattr(e.op, "name", "") == "tirx.if_then_else")
-        return max(below, default=0) + own
+        return (max((d for d, _ in below), default=0) + own, min(1 + sum(n for _, n in below), limit + 1))
 
-    return _fold(expr, depth)
+    return _fold(expr, both)
+
+
+def select_depth(expr) -> int:
+    """The most selects (``Select``, ``if_then_else``) on one path from ``expr`` to a leaf."""
+    return measure(expr, 0)[0]
 
 
 def expression_nodes(expr, limit: int) -> int:
     """The number of nodes of ``expr`` written out as a tree (a subexpression counts at each
     place it is used), counted over its distinct nodes; past ``limit``, ``limit + 1``."""
-    return _fold(expr, lambda e, below: min(1 + sum(below), limit + 1))
+    return measure(expr, limit)[1]
 
 
 def past_bounds(expr) -> bool:
-    return select_depth(expr) > MAX_SELECT_DEPTH or expression_nodes(expr, MAX_EXPRESSION_NODES) > MAX_EXPRESSION_NODES
+    depth, nodes = measure(expr, MAX_EXPRESSION_NODES)
+    return depth > MAX_SELECT_DEPTH or nodes > MAX_EXPRESSION_NODES
 
 
 def stages(outs) -> list:
