@@ -14,10 +14,11 @@ injective kernel per output shape, outputs after it a reduction kernel per outpu
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from kiln.ir import Category, Node, OpKind, Value, opdef
 from kiln.passes.partition import KernelGroup
+from kiln.record import record
 
 from .walk import Emitter, Walker, numel, reduced_axes, static_shape, storage_offset, unflatten
 from .walk import Unsupported, physical_strides  # noqa: F401  (the cuda plan builder imports them from here)
@@ -41,7 +42,7 @@ INFIX_OPS = {
 }
 
 
-@dataclass(frozen=True)
+@record(slots=False)
 class E:
     """An expression: source text, and whether it varies along the reduction index."""
 
@@ -56,7 +57,7 @@ def _r(*es: E) -> bool:
 _NAME = re.compile(r"[A-Za-z_]\w*")
 
 
-@dataclass
+@record(frozen=False, slots=False)
 class KernelSpec:
     """One kernel cut from a group: which outputs it writes, over which index space."""
 
@@ -66,7 +67,7 @@ class KernelSpec:
     shape: tuple[int, ...]  # the outputs' common logical shape
 
 
-@dataclass
+@record(frozen=False, slots=False)
 class Rendered:
     name: str
     source: str

@@ -12,7 +12,7 @@ ATen op eagerly; they are listed by ``kiln.explain`` with the reason.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 import operator
 from typing import Any
 
@@ -24,6 +24,7 @@ from kiln.errors import KilnError
 from kiln.ir import DType, Graph, OpKind, TensorType, Value
 from kiln.ir import attrs as A
 from kiln.ir.types import symbolic_dim
+from kiln.record import record
 
 from .aten_converters import CONVERTERS
 from .common import FrontendBuilder
@@ -31,7 +32,7 @@ from .hf_outputs import register_output_pytrees
 from .torch_rnn import rnn_leaf_ops
 
 
-@dataclass
+@record(frozen=False, slots=False)
 class TorchImport:
     graph: Graph
     in_spec: Any  # pytree spec of (args, kwargs)

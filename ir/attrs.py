@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+
+from kiln.record import record
 
 from .dtypes import DType
 from .types import Layout, TensorType
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class NoAttrs:
     """Attributes of an op that has none."""
 
@@ -18,20 +19,20 @@ class GeluApprox(enum.Enum):
     TANH = "tanh"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class GeluAttrs:
     """GELU: exact or tanh-approximated."""
     approximate: GeluApprox = GeluApprox.NONE
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ClampAttrs:
     """Clamp: lower and upper bounds (None: unbounded)."""
     min: float | None = None
     max: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class LeakyReluAttrs:
     """Leaky ReLU: the negative slope."""
     alpha: float = 0.01
@@ -43,46 +44,46 @@ class Rounding(enum.Enum):
     FLOOR = "floor"  # toward -inf (Python //)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DivAttrs:
     """Division: true, truncating or flooring."""
     rounding: Rounding = Rounding.NONE
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CastAttrs:
     """Cast: the result dtype."""
     dtype: DType
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ReduceAttrs:
     """A reduction: its axes and whether they are kept."""
     axes: tuple[int, ...]  # normalized, sorted, non-negative
     keepdim: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ArgReduceAttrs:
     """argmax / argmin: the axis and whether it is kept."""
     axis: int
     keepdim: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class AxisAttrs:
     """An op over one axis (softmax, concat, ...)."""
     axis: int  # normalized, non-negative
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class LayerNormAttrs:
     """Layer norm: how many trailing dims are normalized, and epsilon."""
     normalized_ndim: int = 1  # normalize over the last n axes
     eps: float = 1e-5
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class BatchNormAttrs:
     """Batch norm (inference): epsilon."""
     eps: float = 1e-5
@@ -100,13 +101,13 @@ class Activation(enum.Enum):
     SILU = "silu"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class LinearAttrs:
     """Linear layer: the activation fused into it."""
     activation: Activation = Activation.NONE
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Conv2dAttrs:
     """2-D convolution: stride, padding, dilation, groups, fused activation."""
     stride: tuple[int, int] = (1, 1)
@@ -116,14 +117,14 @@ class Conv2dAttrs:
     activation: Activation = Activation.NONE
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class LayoutAttrs:
     """TO_LAYOUT: the same logical tensor, stored in ``layout``."""
 
     layout: Layout
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Pool2dAttrs:
     """2-D pooling window: kernel, stride, padding, dilation, rounding, padding in averages."""
     kernel: tuple[int, int]
@@ -134,26 +135,26 @@ class Pool2dAttrs:
     count_include_pad: bool = True
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class AdaptivePoolAttrs:
     """Adaptive pooling: the output size."""
     output_size: tuple[int, int]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ShapeAttrs:
     """Target shape of RESHAPE / EXPAND (fully resolved: no -1)."""
 
     shape: tuple[int, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PermuteAttrs:
     """Permute: the new order of the dims."""
     perm: tuple[int, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SliceAttrs:
     """Slice: axis, start, end, step."""
     axis: int
@@ -168,7 +169,7 @@ class PadMode(enum.Enum):
     REPLICATE = "replicate"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PadAttrs:
     """Pad: amounts per side, mode and fill value."""
     pads: tuple[int, ...]  # (before, after) per axis, from axis 0
@@ -176,7 +177,7 @@ class PadAttrs:
     value: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class AttentionAttrs:
     """softmax(q @ k^T * scale + mask) @ v; ``scale=None`` means 1/sqrt(head_dim)."""
 
@@ -184,7 +185,7 @@ class AttentionAttrs:
     causal: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RNNAttrs:
     """Structured LSTM/GRU over a whole sequence (torch gate order: LSTM i,f,g,o; GRU r,z,n).
 
@@ -203,7 +204,7 @@ class RNNAttrs:
     proj_hoisted: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class FallbackAttrs:
     """An op Kiln does not compile: run ``target`` (a torch op's qualified name) eagerly.
 
@@ -218,7 +219,7 @@ class FallbackAttrs:
     reason: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SparseLinearAttrs:
     """SPARSE_LINEAR: LINEAR whose constant weight (dense shape ``shape`` = (out, in)) is
     stored compressed in ``layout``: CSR and BSR as (values, column indices, row pointers),
@@ -229,7 +230,7 @@ class SparseLinearAttrs:
     activation: Activation = Activation.NONE
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SparseConv2dAttrs:
     """SPARSE_CONV2D: CONV2D (groups 1) whose weight (dense ``shape`` = (co, ci, kh, kw)) is
     stored as a sparse [co, ci*kh*kw] matrix in ``layout``, run as im2col x sparse GEMM."""
@@ -245,7 +246,7 @@ class SparseConv2dAttrs:
 # ----------------------------------------------------------------------------- quantization
 # Formats: see the quantized weight formats in the README (int8 weights symmetric per output
 # channel; int4 group-wise, two per byte, low nibble first; activations asymmetric uint8).
-@dataclass(frozen=True, slots=True)
+@record
 class QuantizeAttrs:
     """QUANTIZE (float32 -> uint8) and DEQUANTIZE (uint8 -> float32), one scale per tensor:
     ``real = (q - zero_point) * scale``."""
@@ -254,7 +255,7 @@ class QuantizeAttrs:
     zero_point: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class QLinearDynamicAttrs:
     """QLINEAR_DYNAMIC: activations quantized per row at run time (asymmetric uint8),
     weights int8 per output channel; epilogue ``act(y + bias + residual)`` in float32."""
@@ -262,7 +263,7 @@ class QLinearDynamicAttrs:
     activation: Activation = Activation.NONE
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class WeightOnlyAttrs:
     """LINEAR_WEIGHT_ONLY: float activations, integer weights. ``bits=8``: int8 [N, K] with
     one scale per output channel; ``bits=4``: uint8 [N, K // 2] (two values per byte) with
@@ -273,7 +274,7 @@ class WeightOnlyAttrs:
     activation: Activation = Activation.NONE
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class QLinearAttrs:
     """QLINEAR (static int8): uint8 input quantized with (x_scale, x_zero_point) from
     calibration. ``out_scale=None``: float32 output; else uint8 output requantized with
@@ -286,7 +287,7 @@ class QLinearAttrs:
     activation: Activation = Activation.NONE
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class QConv2dAttrs:
     """QCONV2D (static int8): as QLINEAR, for a convolution. A residual operand has the
     output's dtype; a uint8 residual carries (residual_scale, residual_zero_point)."""
@@ -307,7 +308,7 @@ class QConv2dAttrs:
 # ----------------------------------------------------------------------------- library ops
 # (ops that run a library kernel of their own: sorting, scatters, 3-D pooling, distances,
 # sampling; defined in ir/ops_library.py)
-@dataclass(frozen=True, slots=True)
+@record
 class SortAttrs:
     """SORT: the axis and the direction. Stable: equal elements keep their order; unstable:
     ties in whatever order torch's kernel leaves them (the values are the same either way)."""
@@ -316,7 +317,7 @@ class SortAttrs:
     stable: bool = True
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class TopKAttrs:
     """TOPK: the k largest (or smallest) along an axis, sorted or in torch's unsorted order."""
     k: int
@@ -334,7 +335,7 @@ class ScatterReduce(enum.Enum):
     AMIN = "amin"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ScatterAttrs:
     """SCATTER: src's elements written (or reduced) into data at indices along an axis."""
     axis: int
@@ -342,7 +343,7 @@ class ScatterAttrs:
     include_self: bool = True
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class IndexPutAttrs:
     """INDEX_PUT: ``data[idx...] = values`` (or ``+=`` with accumulate); ``axes`` are the
     dims the index tensors index, in order (the others are taken whole)."""
@@ -350,7 +351,7 @@ class IndexPutAttrs:
     accumulate: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Pool3dAttrs:
     """3-D pooling window (max and average), as torch's max_pool3d / avg_pool3d."""
     kernel: tuple[int, int, int]
@@ -362,13 +363,13 @@ class Pool3dAttrs:
     divisor_override: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class AdaptivePool3dAttrs:
     """3-D adaptive average pooling: the output size."""
     output_size: tuple[int, int, int]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DistAttrs:
     """CDIST / PDIST: the p of the p-norm; cdist's compute_mode as torch takes it (None,
     0: matrix products for p = 2 when a side has more than 25 rows, 1: always, 2: never)."""
@@ -376,7 +377,7 @@ class DistAttrs:
     compute_mode: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class EmbeddingBagAttrs:
     """EMBEDDING_BAG: mode 0 sum, 1 mean, 2 max (torch's codes), per bag of offsets."""
     mode: int = 0
@@ -384,7 +385,7 @@ class EmbeddingBagAttrs:
     padding_idx: int = -1
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class GridSampleAttrs:
     """GRID_SAMPLE (2-D), torch's codes: interpolation 0 bilinear, 1 nearest, 2 bicubic;
     padding 0 zeros, 1 border, 2 reflection."""
@@ -393,7 +394,7 @@ class GridSampleAttrs:
     align_corners: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Col2ImAttrs:
     """COL2IM (F.fold): sliding-window columns summed back into an image."""
     output_size: tuple[int, int]

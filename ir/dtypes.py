@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 
 import torch
 
 from kiln.errors import KilnError
+from kiln.record import record
 
 
 class DTypeError(KilnError, TypeError):
@@ -99,7 +99,7 @@ class QScheme(enum.Enum):
     PER_TOKEN = "per_token"  # dynamic, computed at run time per row
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class QuantSpec:
     """How an integer tensor maps to real numbers: ``real = (q - zero_point) * scale``.
 

@@ -6,10 +6,12 @@ Nodes are never mutated; a rewrite builds new nodes and a new graph.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Iterable, Sequence
 
 import torch
+
+from kiln.record import record
 
 from .dtypes import DType
 from .ops import OpKind, infer_types, opdef
@@ -18,7 +20,7 @@ from .types import ROW_MAJOR, Layout, TensorType
 _ids = itertools.count()
 
 
-@dataclass(frozen=True, eq=False, slots=True)
+@record(eq=False)
 class Value:
     """One SSA value. Identity is the object itself (``eq=False``)."""
 
@@ -38,7 +40,7 @@ class Value:
         return self.type.shape
 
 
-@dataclass(frozen=True, eq=False, slots=True)
+@record(eq=False)
 class Node:
     """One op applied to input values, producing output values."""
     op: OpKind
@@ -63,7 +65,7 @@ class Node:
                     tuple(at(v) for v in self.outputs), self.scope)
 
 
-@dataclass(eq=False)
+@record(frozen=False, eq=False, slots=False)
 class Graph:
     """A function: inputs, nodes in execution order, outputs, and constant tensors."""
     inputs: tuple[Value, ...]

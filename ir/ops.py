@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from kiln.options import INT4_GROUP_SIZES
+from kiln.record import record
 
 from . import attrs as A
 from .dtypes import DType, QScheme, QuantSpec
@@ -78,7 +78,7 @@ class OpKind(enum.Enum):
         return self.value
 
 
-@dataclass(frozen=True)
+@record(slots=False)
 class OpDef:
     """One op kind's definition: attributes type, operand arity, shape inference, category."""
     kind: OpKind

@@ -4,13 +4,15 @@ from __future__ import annotations
 import enum
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Union
+
+from kiln.record import record
 
 from .dtypes import DType, QuantSpec
 
 
-@dataclass(frozen=True, slots=True, order=True)
+@record(order=True)
 class Sym:
     """A symbolic dimension: a named size (``batch``, ``seq``) or an integer expression of
     them (``2*seq``, ``floor(seq/2) + 1``), so one compiled graph serves many sizes.
@@ -172,7 +174,7 @@ class LayoutKind(enum.Enum):
     SPARSE_24 = "2:4"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Layout:
     """How a tensor's elements lie in memory (row-major, NHWC, blocked)."""
     kind: LayoutKind = LayoutKind.ROW_MAJOR
@@ -188,7 +190,7 @@ class Layout:
 ROW_MAJOR = Layout()
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class TensorType:
     """A value's type: dtype, shape (static or symbolic), layout and quantization."""
     dtype: DType

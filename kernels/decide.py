@@ -33,7 +33,8 @@ of them faster than the prior's pick by more than ``MIN_MARGIN``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+
+from kiln.record import record
 
 from .timing import median
 
@@ -41,7 +42,7 @@ from .timing import median
 MIN_MARGIN = 0.05
 
 
-@dataclass(frozen=True)
+@record(slots=False)
 class Decision:
     """The outcome of a measurement: the winner, and the candidates tied with it."""
     winner: int  # index into the candidates

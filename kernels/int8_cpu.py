@@ -21,12 +21,11 @@ weight-only). Each has a ``ref_*`` twin in plain torch that defines its result.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from kiln.ir import qformat
+from kiln.record import record
 
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
 PATHS = ("auto", "vnni", "amx")
@@ -197,7 +196,7 @@ def qlinear_dynamic_runner(packed, bias: torch.Tensor | None = None):
 # int8 conv2d (NHWC): im2col + the int8 GEMM with its fused epilogue
 # ---------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@record(slots=False)
 class Int8Conv:
     """A conv weight prepacked for ``qconv2d_nhwc``: the GEMM weight is [OC, KH * KW * C]
     with k ordered (kh, kw, c), matching the NHWC patches."""

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import functools
 import weakref
-from dataclasses import dataclass
 from typing import Callable
 
 from kiln.ir import Node, OpKind
+from kiln.record import record
 
 # CPU features (``kiln.target.CPU_FEATURES`` names) of the kernels that check for them at run time
 AMX_BF16 = ("amx_tile", "amx_bf16", "avx512_bf16")
@@ -25,7 +25,7 @@ VNNI = ("avx512bw", "avx512_vnni")
 KernelFn = Callable[..., object]
 
 
-@dataclass(frozen=True)
+@record(slots=False)
 class Kernel:
     """``prepare(node, constants)``, when given, runs once when a plan is built (weight
     prepacking and other compile-time work) and returns the function the plan calls;

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Callable, Sequence
 
 import torch
+
+from kiln.record import record
 
 
 def median(xs) -> float:
@@ -33,7 +35,7 @@ def median(xs) -> float:
 MIN_SETTLED_ROUNDS = 3
 
 
-@dataclass
+@record(frozen=False, slots=False)
 class Timing:
     """Seconds per round of one candidate; empty when it failed."""
 

@@ -9,13 +9,14 @@ report.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Protocol
 
 import torch
 
 from kiln.ir import Graph, Node, Value
 from kiln.options import CompileOptions
+from kiln.record import record
 
 
 class Measurer(Protocol):
@@ -36,7 +37,7 @@ class Measurer(Protocol):
         first node's output (infinity where it disagrees)."""
 
 
-@dataclass
+@record(frozen=False, slots=False)
 class Decisions:
     """Per-layer decisions of the measuring passes, in the order they were made."""
 
@@ -44,7 +45,7 @@ class Decisions:
     sparsity: list = field(default_factory=list)  # passes.sparsity.SparseDecision
 
 
-@dataclass
+@record(frozen=False, slots=False)
 class PassContext:
     options: CompileOptions = field(default_factory=CompileOptions)
     measure: Measurer | None = None

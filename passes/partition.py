@@ -26,9 +26,10 @@ Fusion rule (one pass, topological order, never duplicating a node):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from kiln.ir import Category, Graph, Node, OpKind, Value, opdef
+from kiln.record import record
 
 
 class GroupKind:
@@ -40,7 +41,7 @@ class GroupKind:
     FALLBACK = "fallback"
 
 
-@dataclass
+@record(frozen=False, slots=False)
 class KernelGroup:
     """Nodes that run as one kernel, with the values crossing its boundary."""
     id: int
@@ -57,7 +58,7 @@ class KernelGroup:
         return f"group{self.id}<{self.kind}>[{', '.join(self.ops)}]"
 
 
-@dataclass
+@record(frozen=False, slots=False)
 class Partition:
     """A graph's nodes divided into kernel groups, in a valid execution order."""
     graph: Graph

@@ -9,15 +9,16 @@ value (captured as ``x``) and a constant ``w``, and whose second operand is a co
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Callable
 
 import torch
 
 from kiln.ir import Node, OpKind, Value
+from kiln.record import record
 
 
-@dataclass
+@record(frozen=False, slots=False)
 class Match:
     values: dict[str, Value] = field(default_factory=dict)
     nodes: dict[str, Node] = field(default_factory=dict)

@@ -15,12 +15,13 @@ Passes that measure get the driver's ``Measurer`` through their ``PassContext``.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Callable, Iterable
 
 from kiln.errors import KilnError
 from kiln.ir import Graph, verify
 from kiln.options import CompileOptions
+from kiln.record import record
 
 from . import attention, epilogue, fold, precision, quantize, recognize, rnn, rows, simplify, sparsity
 from .horizontal import fuse_sibling_linears
@@ -32,7 +33,7 @@ from .quantize_payoff import quantize_pass
 from .rewrite import dead_code_elimination, rewrite
 
 
-@dataclass(frozen=True)
+@record(slots=False)
 class Pass:
     name: str
     fn: Callable[[Graph], Graph]
@@ -130,7 +131,7 @@ PHASE_NAMES = [p for p, _ in PHASES]
 PASS_NAMES = sorted({p.name for _, ps in PHASES for p in ps})
 
 
-@dataclass
+@record(frozen=False, slots=False)
 class PassRecord:
     phase: str
     name: str
@@ -139,7 +140,7 @@ class PassRecord:
     nodes_after: int
 
 
-@dataclass
+@record(frozen=False, slots=False)
 class PipelineResult:
     graph: Graph
     partition: Partition | None

@@ -19,12 +19,13 @@ then only build the graph for those decisions. Weight formats: ``kiln.ir.qformat
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 
 import torch
 from kiln.ir import DType, Graph, Node, OpKind, Value
 from kiln.ir import attrs as A
 from kiln.ir import qformat
+from kiln.record import record
 
 from .pattern import P
 from .rewrite import rewrite
@@ -62,7 +63,7 @@ def eligible(n: Node, consts, scheme: str, group_size: int = 128) -> bool:
     return False
 
 
-@dataclass
+@record(frozen=False, slots=False)
 class QuantPlan:
     """What the rewrite builds: the layers to quantize and, for static int8, each value's
     (scale, zero point) and which quantized outputs stay uint8."""

@@ -12,12 +12,11 @@ this pass stays below the runtime in the layering.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from kiln.ir import Graph, GraphBuilder, Node, OpKind, Value
 from kiln.ir import attrs as A
 from kiln.ir import qformat
+from kiln.record import record
 
 from . import quantize as Q
 from .calibrate import calibrate
@@ -26,7 +25,7 @@ from .context import PassContext
 MIN_SQNR_DB = {"int8-dynamic": 25.0, "int8-static": 20.0, "int8-weight": 30.0, "int4-weight": 15.0}
 
 
-@dataclass(frozen=True)
+@record(slots=False)
 class LayerDecision:
     layer: str  # the source module path (scope), else the value name
     op: str

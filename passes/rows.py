@@ -22,16 +22,16 @@ whole, and the slice stays where it was.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from kiln.ir import Graph, LayoutKind, Node, OpKind, Value, opdef
 from kiln.ir import attrs as A
 from kiln.ir.ops import Category
+from kiln.record import record
 
 from .rewrite import Rewriter, dead_code_elimination
 
 
-@dataclass(frozen=True)
+@record(slots=False)
 class Rows:
     axis: int
     start: int

@@ -22,13 +22,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from dataclasses import dataclass, field
+from dataclasses import field
 
 import torch
 
 from kiln.ir import DType, Graph, Layout, LayoutKind, Node, OpKind, TensorType, Value
 from kiln.ir import attrs as A
 from kiln.ir import sparse as S
+from kiln.record import record
 
 from .context import PassContext
 from .pattern import Const, Opt, P
@@ -39,7 +40,7 @@ MARGIN = 0.9  # a sparse format must take at most 90% of the dense time to be ch
 MAX_FILL = 2.0  # skip block formats that would store more than 2x the nonzeros (mostly padding)
 
 
-@dataclass
+@record(frozen=False, slots=False)
 class SparseDecision:
     layer: str  # the module path (from the weight's parameter name), else the node's scope
     op: str

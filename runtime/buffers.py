@@ -7,13 +7,13 @@ outputs, so these numbers describe what the allocator will hold, not offsets in 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from kiln.ir import Graph, Value
+from kiln.record import record
 
 
-@dataclass(frozen=True)
+@record(slots=False)
 class MemoryStats:
     """A plan's activation buffers: count, total and peak bytes."""
     buffers: int  # intermediate values with a static size

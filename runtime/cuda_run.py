@@ -13,12 +13,13 @@ Triton specialization and CUDA C kernel is compiled for the target SM.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 
 import torch
 
 from kiln.errors import KilnError
 from kiln.options import settings
+from kiln.record import record
 
 from .cuda_steps import TORCH_PREFIX, empty_like_value
 from .plan import Plan
@@ -26,7 +27,7 @@ from .plan import Plan
 CAPTURE_AFTER = 3  # calls run step by step first: they tune and JIT-compile, which a capture cannot hold
 
 
-@dataclass
+@record(frozen=False, slots=False)
 class AheadReport:
     """What ``build_ahead`` compiled: per SM, the Triton and CUDA C kernels and failures."""
 

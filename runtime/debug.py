@@ -9,16 +9,17 @@ stage; the first node whose output diverges is named, with the rewritten nodes f
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 
 import torch
 
 from kiln.ir import Graph, Node
+from kiln.record import record
 
 from .plan import run_all
 
 
-@dataclass
+@record(frozen=False, slots=False)
 class Divergence:
     stage: str  # "import", "<phase>/<pass>" or "kernels"
     error: float
@@ -35,7 +36,7 @@ class Divergence:
         return s
 
 
-@dataclass
+@record(frozen=False, slots=False)
 class Report:
     stages: list[tuple[str, float]]  # (stage, max abs error vs reference)
     divergence: Divergence | None

@@ -16,7 +16,7 @@ generated TVM kernels when they win) or ``runtime.cuda_steps.build_gpu_plan``.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 
 import torch
 
@@ -27,6 +27,7 @@ from kiln.kernels.choice import choose
 from kiln.kernels.registry import candidates, is_static
 from kiln.kernels.vml_dispatch import resolve_vml_dispatch
 from kiln.passes.partition import subgroup, tail_destinations
+from kiln.record import record
 from kiln.target import Target
 
 from .buffers import MemoryStats, dead_values, memory_stats
@@ -38,7 +39,7 @@ class KernelFailure(KilnError):
     user can find it (the kernel's own error is the cause)."""
 
 
-@dataclass(frozen=True)
+@record(slots=False)
 class Step:
     """One kernel call of a plan: the function, its operand and result slots, what it frees."""
     fn: object  # fn(inputs, attrs) -> tensor, or a sequence of tensors for several outputs
@@ -50,7 +51,7 @@ class Step:
     kernel: str
 
 
-@dataclass(frozen=True)
+@record(slots=False)
 class Unit:
     """A step before slots are numbered: what a plan builder decides per kernel call."""
 
@@ -62,7 +63,7 @@ class Unit:
     node: Node
 
 
-@dataclass(eq=False)
+@record(frozen=False, eq=False, slots=False)
 class Plan:
     """An executable graph: the steps in order and the value slots they use."""
     graph: Graph

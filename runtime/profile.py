@@ -20,16 +20,16 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import dataclass
 
 import torch
 
 from kiln.errors import KilnError
 from kiln.ir import OpKind
 from kiln.ir.types import resolve_symbols
+from kiln.record import record
 
 
-@dataclass(frozen=True)
+@record(slots=False)
 class StepTime:
     index: int  # the step's position in the plan
     kernel: str

@@ -16,12 +16,11 @@ run here (by measurement, on this machine) and the rest keep their recorded kern
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from kiln.errors import KilnError
 from kiln.ir import Graph
 from kiln.kernels.registry import all_kernels, candidates, kernel_named
 from kiln.passes.partition import KernelGroup, Partition, subgroup
+from kiln.record import record
 from kiln.target import Target
 
 from .by_size import member_kernels
@@ -29,7 +28,7 @@ from .generated import KERNEL_PREFIX
 from .plan import Plan, build_plan
 
 
-@dataclass(frozen=True)
+@record(slots=False)
 class ShippedKernel:
     """A generated group kernel as an exported module on disk (verified by the caller)."""
 
@@ -39,7 +38,7 @@ class ShippedKernel:
     threads: int  # the parallel loops it was built for
 
 
-@dataclass(frozen=True)
+@record(slots=False)
 class Unavailable:
     """A recorded kernel that cannot run here, and why."""
     node: int  # index in graph.nodes

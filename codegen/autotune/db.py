@@ -14,7 +14,8 @@ import os
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+
+from kiln.record import record
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS tuning (
     kernel TEXT, signature TEXT, target TEXT, version TEXT,
@@ -22,7 +23,7 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS tuning (
     PRIMARY KEY (kernel, signature, target, version))"""
 
 
-@dataclass(frozen=True)
+@record(slots=False)
 class TuningKey:
     kernel: str
     signature: str  # shapes, dtypes, layout: the caller's canonical string

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import itertools
 import random
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Callable, Iterator
 
+from kiln.record import record
 
-@dataclass(frozen=True)
+
+@record(slots=False)
 class Space:
     axes: tuple[tuple[str, tuple], ...]
     valid: Callable[[dict], bool] | None = field(default=None, compare=False)

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 from kiln.errors import KilnError
+from kiln.record import record
 
 from .db import TuningDB, TuningKey, default_db
 from .space import Space
 
 
-@dataclass(frozen=True)
+@record(slots=False)
 class Budget:
     """How much tuning a compile may do: ``none`` (the space's default config),
     ``fast`` (a few configs), ``max`` (the whole space), or a number of seconds per kernel."""
@@ -40,7 +40,7 @@ class Budget:
         raise KilnError(f"tune must be 'none', 'fast', 'max' or a number of seconds, got {tune!r}")
 
 
-@dataclass(frozen=True)
+@record(slots=False)
 class TuneResult:
     config: dict
     seconds: float  # measured time of the winner (inf when nothing was measured)

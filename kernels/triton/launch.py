@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from dataclasses import dataclass, field
+from dataclasses import field
 
 import torch
+
+from kiln.record import record
 
 _TORCH_TO_TRITON = {
     torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
@@ -22,7 +24,7 @@ _TORCH_TO_TRITON = {
 }
 
 
-@dataclass(frozen=True)
+@record(slots=False)
 class LaunchRecord:
     """One kernel specialization: what triton.compile needs to build it ahead of time."""
 
@@ -37,7 +39,7 @@ class LaunchRecord:
         return self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else str(self.kernel)
 
 
-@dataclass
+@record(frozen=False, slots=False)
 class _Recorder:
     records: list[LaunchRecord] = field(default_factory=list)
 
@@ -107,7 +109,7 @@ def dedupe(records) -> list[LaunchRecord]:
     return out
 
 
-@dataclass
+@record(frozen=False, slots=False)
 class Built:
     record: LaunchRecord
     sm: int

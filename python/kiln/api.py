@@ -7,7 +7,7 @@ import os
 import sys
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 import torch
@@ -16,11 +16,12 @@ import torch.utils._pytree as pytree
 from .driver import Compiled
 from .errors import KilnError, KilnWarning
 from .options import CompileOptions
+from .record import record
 from .report import CompileReport
 from .target import Target
 
 
-@dataclass
+@record(frozen=False, slots=False)
 class InputSpec:
     """One positional input of a compiled model: name, dtype, shape, device or a fixed value."""
     name: str
@@ -48,7 +49,7 @@ def _is_onnx(model) -> bool:
     return onnx is not None and isinstance(model, onnx.ModelProto)
 
 
-@dataclass
+@record(frozen=False, slots=False)
 class ModelState:
     """What ``kiln.save`` records of a ``CompiledModel`` and ``kiln.load`` rebuilds it from."""
 
@@ -406,7 +407,7 @@ def compile(model=None, example_inputs=None, example_kwargs=None, *, options: Co
     return CompiledModel(model, example_inputs, example_kwargs, options=options)
 
 
-@dataclass
+@record(frozen=False, slots=False)
 class Explanation:
     """What Kiln did with a model: its graph, op counts, every op that fell back, and (with
     ``profile``) where the compiled model's time goes, fallbacks first."""

@@ -31,12 +31,12 @@ import time
 import zipfile
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 
 from . import _C
 from .errors import KilnError
+from .record import record
 
 MANIFEST = "manifest.json"
 ALIGN = 64  # bytes: where each weight starts in the file (what a fresh torch allocation has)
@@ -83,7 +83,7 @@ def _bytes_of(t: torch.Tensor):
 
 
 # ----------------------------------------------------------------------------- writing
-@dataclass
+@record(frozen=False, slots=False)
 class _Member:
     """A zip member being written, and the file offset its data starts at."""
     info: zipfile.ZipInfo

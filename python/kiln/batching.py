@@ -24,20 +24,20 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
 from .errors import KilnError
+from .record import record
 
 
 class BadRequest(KilnError):
     """A request body that cannot be run (answered with HTTP 400 and this message)."""
 
 
-@dataclass(frozen=True)
+@record(slots=False)
 class Signature:
     """One saved plan's inputs: batch size, and (non-batch shape, dtype) per input. A dim
     that is a name (a ``dynamic=`` artifact's symbolic dim) takes any size: ``batch=None``

@@ -9,17 +9,18 @@ quantization and sparsity passes time layers through. Everything it decides come
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 
 import torch
 import torch.utils._pytree as pytree
 
 from .errors import KilnError
 from .options import CompileOptions
+from .record import record
 from .report import CompileReport
 
 
-@dataclass
+@record(frozen=False, slots=False)
 class Imported:
     """A model imported for one set of inputs."""
 
@@ -33,7 +34,7 @@ class Imported:
     size_limits: dict = field(default_factory=dict)  # size name -> (min, max) the model or the import imposed
 
 
-@dataclass
+@record(frozen=False, slots=False)
 class Compiled:
     """One specialization: a plan for one set of input shapes."""
 

@@ -10,18 +10,18 @@ import difflib
 import html
 import json
 import re
-from dataclasses import dataclass
 
 from kiln.ir import Graph, OpKind, format_graph, to_json
 from kiln.ir.cost import node_bytes, node_flops
 from kiln.ir.printer import format_attrs
 
 from .errors import KilnError
+from .record import record
 
 FORMATS = ("text", "json", "dot", "svg", "html")
 
 
-@dataclass
+@record(frozen=False, slots=False)
 class Stage:
     label: str  # "input", "fold/fold_bn", ...
     phase: str

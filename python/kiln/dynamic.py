@@ -10,16 +10,16 @@ hint kernels are chosen at).
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 
 import torch
 import torch.utils._pytree as pytree
 
 from .errors import KilnError
 from .options import DynamicDim
+from .record import record
 
 
-@dataclass(frozen=True)
+@record(slots=False)
 class VaryingDim:
     """One input dim that varies between calls: where it is, its name and range."""
     position: int  # among the model's flat tensor inputs
@@ -33,7 +33,7 @@ class VaryingDim:
         return f"[{self.min}, {'inf' if self.max is None else self.max}]"
 
 
-@dataclass(frozen=True)
+@record(slots=False)
 class DynamicSpec:
     """Every varying dim of a model's inputs, and the sizes kernels are chosen at."""
     dims: tuple[VaryingDim, ...]

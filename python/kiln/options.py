@@ -14,10 +14,11 @@ import dataclasses
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 from .errors import KilnError
+from .record import record
 from .target import Target
 
 # ----------------------------------------------------------------------------- allowed values
@@ -42,7 +43,7 @@ def _choices(values) -> str:
     return ", ".join(str(v) for v in values)
 
 
-@dataclass(frozen=True)
+@record(slots=False)
 class QuantOptions:
     """Post-training quantization (passes/quantize*.py).
 
@@ -66,7 +67,7 @@ class QuantOptions:
         return d
 
 
-@dataclass(frozen=True)
+@record(slots=False)
 class DynamicDim:
     """One input dimension that varies from call to call: ``input`` (name or position),
     ``axis``, the size's ``name`` (dims of one name are the same size: a batch shared by
@@ -82,7 +83,7 @@ class DynamicDim:
         return f"[{self.min}, {'inf' if self.max is None else self.max}]"
 
 
-@dataclass(frozen=True)
+@record(slots=False)
 class CompileOptions:
     """How to compile. Build it with ``CompileOptions.parse(**keywords)``; fields are validated."""
 
@@ -357,7 +358,7 @@ def calibration_batches(batches) -> tuple:
 
 
 # ----------------------------------------------------------------------------- environment
-@dataclass(frozen=True)
+@record(slots=False)
 class EnvVar:
     """One KILN_* environment variable: its name, default and meaning."""
     name: str
@@ -386,7 +387,7 @@ ENVIRONMENT = (
 )
 
 
-@dataclass(frozen=True)
+@record(slots=False)
 class Settings:
     """The KILN_* environment variables, read and validated once."""
     cache_dir: str

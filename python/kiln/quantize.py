@@ -7,16 +7,17 @@ error against the float32 compile, and both latencies (interleaved runs, medians
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 
 import torch
 
 from kiln.kernels.timing import median_ms
 
 from .errors import KilnError
+from .record import record
 
 
-@dataclass
+@record(frozen=False, slots=False)
 class QuantReport:
     model: str
     scheme: str

@@ -7,12 +7,13 @@ decisions per layer, the passes that ran, where time went, and whether the cache
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from .options import CompileOptions
+from .record import record
 
 
-@dataclass
+@record(frozen=False, slots=False)
 class CompileReport:
     """What a compile decided and measured: kernels, fallbacks, timings, memory."""
     model: str

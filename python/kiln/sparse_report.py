@@ -13,16 +13,17 @@ accuracy of the dense model and of the compiled sparse model.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 
 import torch
 
 from kiln.kernels.timing import median_ms
 
 from .errors import KilnError
+from .record import record
 
 
-@dataclass
+@record(frozen=False, slots=False)
 class SparsityReport:
     name: str
     layers: list = field(default_factory=list)  # kiln.passes.sparsity.SparseDecision

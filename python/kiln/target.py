@@ -11,9 +11,10 @@ import functools
 import os
 import platform
 import re
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from .errors import KilnError
+from .record import record
 
 KINDS = ("cpu", "cuda", "reference")
 
@@ -22,7 +23,7 @@ CPU_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx51
                 "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 
 
-@dataclass(frozen=True)
+@record(slots=False)
 class Target:
     """A device to compile for: kind, architecture, CPU features, cores."""
     kind: str  # "cpu" | "cuda" | "reference"
