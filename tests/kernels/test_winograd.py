@@ -95,12 +95,18 @@ def test_weight_transform_reproduces_the_filter():
 
 @pytest.mark.parametrize("m", [2, 4])
 @pytest.mark.parametrize("k", [6, 16, 37])
-def test_weight_transform_is_the_float64_definition(m, k):
+@pytest.mark.parametrize("layout", ["oihw", "channels_last", "strided"])
+def test_weight_transform_is_the_float64_definition(m, k, layout):
     """G g G^T of every filter, computed in float64 and rounded once, for filter counts below,
-    at and past a block of 16 (and on two threads: channels split between them)."""
+    at and past a block of 16 (and on two threads: channels split between them); from a
+    contiguous weight and from others (channels-last, as a plan and an artifact keep it)."""
     w = torch.randn(k, 5, 3, 3)
     g = torch.tensor(winograd._G[m], dtype=torch.float64)
     want = torch.einsum("ik,ockl,jl->ijco", g, w.double(), g).reshape((m + 2) ** 2, 5, k)
+    if layout == "channels_last":
+        w = w.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        w = torch.randn(k, 10, 3, 3)[:, ::2].copy_(w)
     prev = torch.get_num_threads()
     try:
         for threads in (1, 2):

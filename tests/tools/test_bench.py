@@ -297,3 +297,15 @@ def test_select_chains_builds_bounded_and_unbounded_and_checks_them(tmp_path):
     assert short["bounded"]["stored"] == 0 and long["bounded"]["stored"] >= 1  # 3 clamps: 6 selects deep
     assert long["unbounded"]["stored"] == 0 and long["unbounded"]["depth"] == 6
     assert long["bounded"]["depth"] <= 5
+
+
+@pytest.mark.bench
+def test_imports_times_both_builds_of_the_records(tmp_path):
+    j = tmp_path / "imports.json"
+    p = subprocess.run([sys.executable, "-m", "kiln.bench.imports", "--runs", "1", "--json", str(j)],
+                       capture_output=True, text=True, timeout=600, env=ENV)
+    assert p.returncode == 0, p.stderr[-2000:]
+    med = json.loads(j.read_text())["median"]
+    assert set(med) == {"record", "dataclass"}
+    assert all(med[b][phase] > 0 for b in med for phase in ("kiln", "load", "compile"))
+    assert "dataclass/record" in p.stdout
