@@ -173,6 +173,11 @@ namespace kiln {
 // ``itemsize`` bytes (1, 2, 4 or 8; false for any other size); both C-contiguous.
 bool transpose_batched(const void* x, void* y, int64_t b, int64_t r, int64_t c, int64_t itemsize, int threads);
 
+// Group norm of N channels-last images x (N, HW, C) into y, G groups of C / G channels, the
+// optional per-channel affine (weight, bias: C each, or null); two passes, sums in double.
+void group_norm_nhwc(const float* x, float* y, const float* weight, const float* bias, int64_t N, int64_t HW,
+                     int64_t C, int64_t G, float eps, int threads);
+
 // CRC-32 (zlib's polynomial and value) of n bytes, continuing from crc (0 to start); crc32.cpp.
 uint32_t crc32(const void* data, size_t n, uint32_t crc);
 

@@ -23,6 +23,7 @@ void register_f32_gemm_kernels(py::module_& m);  // bindings/f32_gemm.cpp
 void register_rnn_amx_kernels(py::module_& m);  // bindings/rnn_amx.cpp
 void register_transpose_kernels(py::module_& m);  // transpose.cpp
 void register_checksum(py::module_& m);  // checksum.cpp
+void register_group_norm_kernels(py::module_& m);  // bindings/group_norm.cpp
 using farray = py::array_t<float, py::array::c_style>;
 
 namespace {
@@ -347,6 +348,7 @@ PYBIND11_MODULE(_C, m) {
   register_rnn_amx_kernels(m);
   register_transpose_kernels(m);
   register_checksum(m);
+  register_group_norm_kernels(m);
   m.def("sparse_gemm_supported", &kiln::sparse_gemm_supported, "Whether the sparse GEMM kernels were built (AVX-512).");
   m.def("sparse_linear", &sparse_linear_py, py::arg("x").noconvert(), py::arg("values").noconvert(),
         py::arg("col").noconvert(), py::arg("row_ptr").noconvert(), py::arg("N"), py::arg("bh"), py::arg("bw"),

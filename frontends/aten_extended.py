@@ -581,6 +581,17 @@ def _affine(cx, x, w, b):
 
 def _group_norm_value(cx, x, groups: int, w, b, eps: float):
     n_, c = x.shape[0], x.shape[1]
+    if x.type.rank == 4 and groups > 1 and isinstance(c, int) and c % groups == 0:
+        # an image's group norm stays one op: Kiln's channels-last kernel (kernels/norm_cpu.py)
+        # reads the image as it lies, where the layer norm below over each group's NCHW-ordered
+        # elements would read it across the grain (few channels per group: one or two per
+        # cache line). With one group it is a layer norm over (C, H, W), which the generated
+        # kernels do well.
+        ins = [x, w, b]
+        while ins[-1] is None:
+            ins.pop()
+        y = cx.add(OpKind.GROUP_NORM, *ins, attrs=A.GroupNormAttrs(groups, eps))
+        return y, None
     y = cx.reshape(x, (n_, groups, -1))
     # normalizing each group's elements is a layer norm over the flattened group (biased variance)
     y = cx.add(OpKind.LAYER_NORM, y, attrs=A.LayerNormAttrs(1, float(eps)))
@@ -611,7 +622,7 @@ def _native_group_norm(cx, args, kw, n):
     x, w, b, n_, c, hw, groups, eps = args
     if not x.dtype.is_float:
         return None
-    y, grouped = _group_norm_value(cx, x, int(groups), w, b, float(eps))
+    y, _ = _group_norm_value(cx, x, int(groups), w, b, float(eps))
     g = cx.reshape(x, (int(n_), int(groups), -1))
     mean, rstd, _ = _stats(cx, g, (2,), eps)
     return y, cx.reshape(mean, (int(n_), int(groups))), cx.reshape(rstd, (int(n_), int(groups)))

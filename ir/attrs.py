@@ -395,6 +395,14 @@ class GridSampleAttrs:
 
 
 @record
+class GroupNormAttrs:
+    """GROUP_NORM: the channels (axis 1) in ``groups`` groups, each normalized over its
+    channels and every position (biased variance), then the optional per-channel affine."""
+    groups: int
+    eps: float = 1e-5
+
+
+@record
 class Col2ImAttrs:
     """COL2IM (F.fold): sliding-window columns summed back into an image."""
     output_size: tuple[int, int]

@@ -67,7 +67,7 @@ class OpKind(enum.Enum):
     SORT = "sort"; TOPK = "topk"; SCATTER = "scatter"; INDEX_PUT = "index_put"  # noqa: E702
     MAX_POOL3D = "max_pool3d"; AVG_POOL3D = "avg_pool3d"; ADAPTIVE_AVG_POOL3D = "adaptive_avg_pool3d"  # noqa: E702
     CDIST = "cdist"; PDIST = "pdist"; EMBEDDING_BAG = "embedding_bag"; GRID_SAMPLE = "grid_sample"  # noqa: E702
-    COL2IM = "col2im"
+    COL2IM = "col2im"; GROUP_NORM = "group_norm"  # noqa: E702
     # sparse weights (compressed constant operands; see attrs.SparseLinearAttrs)
     SPARSE_LINEAR = "sparse_linear"; SPARSE_CONV2D = "sparse_conv2d"  # noqa: E702
     # quantized (passes/quantize*.py)

@@ -1,6 +1,7 @@
-"""Library ops: sorting, scatters, 3-D pooling, distances, sampling, bags of embeddings.
+"""Library ops: sorting, scatters, 3-D pooling, distances, sampling, bags of embeddings, group norms.
 
-Each runs one torch kernel (its reference, ``kiln.ir.reference_library``) and has no
+Each runs one torch kernel (its reference, ``kiln.ir.reference_library``; a group norm
+over a channels-last image also has Kiln's own, ``kernels/norm_cpu.py``) and has no
 generated code, so each is a group of its own (category COMPUTE: the partitioner gives it
 no injective producers, and its elementwise consumers form the group's generated tail).
 Shapes are inferred here like every op's; the meaning is torch's, exactly.
@@ -190,3 +191,17 @@ def _col2im(ins, a):
     if not isinstance(ck, int) or ck % k or (isinstance(length, int) and length != blocks[0] * blocks[1]):
         _err("col2im", f"columns {x.shape} do not match kernel {a.kernel} over output {a.output_size}")
     return (_t(x, shape=x.shape[:-2] + (ck // k,) + tuple(a.output_size)),)
+
+
+@op(OpKind.GROUP_NORM, A.GroupNormAttrs, operands=("x", "weight?", "bias?"), category=Category.COMPUTE)
+def _group_norm(ins, a):
+    x = ins[0]
+    c = x.shape[1] if x.rank >= 2 else None
+    if x.rank < 2 or not x.dtype.is_float or not isinstance(c, int):
+        _err("group_norm", f"expected a float (N, C, ...) input with a static C, got {x!r}")
+    if a.groups < 1 or c % a.groups:
+        _err("group_norm", f"{c} channels do not split into {a.groups} groups")
+    for p in ins[1:]:
+        if p is not None and tuple(p.shape) != (c,):
+            _err("group_norm", f"affine parameter shape {p.shape} != ({c},)")
+    return (_t(x),)

@@ -88,3 +88,16 @@ def grid_sample(ins, a: A.GridSampleAttrs):
 def col2im(ins, a: A.Col2ImAttrs):
     return torch.ops.aten.col2im(ins[0], list(a.output_size), list(a.kernel), list(a.dilation), list(a.padding),
                                  list(a.stride))
+
+
+@ref(OpKind.GROUP_NORM)
+def group_norm(ins, a: A.GroupNormAttrs):
+    x = ins[0]
+    w = ins[1] if len(ins) > 1 else None
+    b = ins[2] if len(ins) > 2 else None
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        # torch's channels-last kernel takes the variance in one pass (E[x^2] - E[x]^2), which
+        # loses it where an activation's mean is large beside its spread (python -m
+        # kiln.bench.group_norm measures it): its contiguous kernel on a copy, back channels-last
+        return F.group_norm(x.contiguous(), a.groups, w, b, a.eps).contiguous(memory_format=torch.channels_last)
+    return F.group_norm(x, a.groups, w, b, a.eps)

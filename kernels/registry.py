@@ -106,8 +106,8 @@ _REGISTRY: dict[tuple[OpKind, str], list[Kernel]] = {}
 # runs, it serves every row count of a dynamic plan from one packed weight, where oneDNN's
 # pads a new row count to a bucket, a cost the measurement at the representative sizes does
 # not include (docs/benchmarks.md: BERT's stream at two threads, ties to oneDNN's).
-_KERNEL_MODULES = ("rnn_cpu", "pool_cpu", "qact_cpu", "attention_cpu", "avx2_linear", "mkl", "onednn", "amx_linear",
-                   "winograd", "quant", "quant_native", "reference", "sparse", "layout_cpu")
+_KERNEL_MODULES = ("rnn_cpu", "pool_cpu", "norm_cpu", "qact_cpu", "attention_cpu", "avx2_linear", "mkl", "onednn",
+                   "amx_linear", "winograd", "quant", "quant_native", "reference", "sparse", "layout_cpu")
 
 
 _loaded = False

@@ -17,9 +17,10 @@ from kiln.ir import attrs as A
 CHANNELS_LAST = Layout(LayoutKind.CHANNELS_LAST)
 ROW = Layout()
 # PAD: its attributes index logical axes, and its kernels (torch's, generated) keep the
-# storage order (BiT's stem pads between its conv and its max pool)
+# storage order (BiT's stem pads between its conv and its max pool). GROUP_NORM: its
+# kernels take and return channels-last images (BiT's norms between its convolutions)
 _FRIENDLY = {OpKind.CONV2D, OpKind.BATCH_NORM, OpKind.MAX_POOL2D, OpKind.AVG_POOL2D, OpKind.ADAPTIVE_AVG_POOL2D,
-             OpKind.PAD}
+             OpKind.PAD, OpKind.GROUP_NORM}
 
 
 def _friendly(n: Node, consts) -> bool:

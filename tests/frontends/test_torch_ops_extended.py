@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import kiln
+from kiln.ir import OpKind
 
 F32, BF16, I64 = torch.float32, torch.bfloat16, torch.int64
 W = "weight"  # marks an input that is a module parameter (a constant to Kiln), not a graph input
@@ -255,6 +256,22 @@ def test_converted_op_matches_eager_without_fallback(fn, specs, dtype):
         torch.testing.assert_close(got, want, atol=tol, rtol=tol, equal_nan=True)
     else:
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("groups,shape,op", [(8, (1, 16, 6, 6), OpKind.GROUP_NORM), (1, (1, 16, 6, 6), OpKind.LAYER_NORM),
+                                             (4, (1, 16, 9), OpKind.LAYER_NORM)])
+def test_an_images_group_norm_stays_one_op(groups, shape, op):
+    # several groups over an image: one GROUP_NORM (torch's kernel reads channels-last images
+    # in place); one group, or a sequence: a layer norm over each group's elements
+    norm = torch.nn.GroupNorm(groups, 16).eval()
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(shape)
+    fast = kiln.compile(norm, [x])
+    kinds = {n.op for n in fast.compiled[0].graph.nodes}
+    assert op in kinds and ({OpKind.GROUP_NORM, OpKind.LAYER_NORM} - {op}).isdisjoint(kinds)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), norm(x), atol=1e-5, rtol=1e-5)
 
 
 def test_max_pool_indices_are_computed_or_fall_back_never_none():

@@ -37,6 +37,19 @@ class Case:
     extra: dict = field(default_factory=dict)
 
 
+def _group_norm(x, groups, w=None, b=None, eps=1e-5):
+    """Each group of channels normalized over its channels and positions (biased variance),
+    in float64, then the per-channel affine."""
+    g = x.double().reshape(x.shape[0], groups, -1)
+    y = ((g - g.mean(-1, keepdim=True)) / (g.var(-1, unbiased=False, keepdim=True) + eps).sqrt()).reshape(x.shape)
+    per_channel = (1, -1) + (1,) * (x.dim() - 2)
+    if w is not None:
+        y = y * w.double().reshape(per_channel)
+    if b is not None:
+        y = y + b.double().reshape(per_channel)
+    return y.to(x.dtype)
+
+
 def _make(shape, dtype, gen):
     if gen.startswith("index:"):
         return torch.randint(0, int(gen.split(":")[1]), shape, dtype=torch.int64)
@@ -270,6 +283,10 @@ CASES += [
          dtypes=(F32,)),
     Case(OpKind.COL2IM, ((8, 9),), lambda x: F.fold(x, (4, 5), 2, 1, 1, 2),
          A.Col2ImAttrs((4, 5), (2, 2), (1, 1), (1, 1), (2, 2)), dtypes=(F32,), id="unbatched_strided"),
+    Case(OpKind.GROUP_NORM, ((2, 6, 4, 5), (6,), (6,)), lambda x, w, b: _group_norm(x, 3, w, b),
+         A.GroupNormAttrs(3)),
+    Case(OpKind.GROUP_NORM, ((2, 4, 7),), lambda x: _group_norm(x, 2, eps=1e-3), A.GroupNormAttrs(2, 1e-3),
+         id="no_affine"),
 ]
 
 # quantized ops: independent torch expressions (torch's own quantizer, dequantized math)

@@ -110,3 +110,28 @@ def test_a_pad_between_conv_and_pool_stays_in_the_chain():
                                            _in_chain(OpKind.CONV2D, OpKind.PAD, OpKind.MAX_POOL2D)))
     assert out.count(OpKind.TO_LAYOUT) == 2
     assert_same_outputs(g, out)
+
+
+def test_a_group_norm_between_convs_stays_in_the_chain():
+    # BiT's pre-activation blocks: conv, group norm, ReLU, conv; torch's group norm reads and
+    # writes channels-last images, so the chain has no conversion around the norm
+    w1, w2 = torch.randn(8, 3, 3, 3), torch.randn(8, 8, 1, 1)
+    gamma, beta = torch.randn(8), torch.randn(8)
+    gn = A.GroupNormAttrs(4)
+
+    def before(b, x):
+        y = b.add(OpKind.CONV2D, x, b.const(w1), attrs=A.Conv2dAttrs(padding=(1, 1)))
+        y = b.add(OpKind.RELU, b.add(OpKind.GROUP_NORM, y, b.const(gamma), b.const(beta), attrs=gn))
+        return b.add(OpKind.CONV2D, y, b.const(w2))
+
+    def expected(b, x):
+        y = b.add(OpKind.CONV2D, _to(b, x, NHWC), b.const(w1, layout=NHWC), attrs=A.Conv2dAttrs(padding=(1, 1)))
+        y = b.add(OpKind.RELU, b.add(OpKind.GROUP_NORM, y, b.const(gamma), b.const(beta), attrs=gn))
+        return _to(b, b.add(OpKind.CONV2D, y, b.const(w2, layout=NHWC)), ROW)
+
+    g = build(before, (1, 3, 10, 10))
+    out = run_pass("channels_last", g)
+    assert_structural_equal(out, stored_as(build(expected, (1, 3, 10, 10)), NHWC,
+                                           _in_chain(OpKind.CONV2D, OpKind.GROUP_NORM, OpKind.RELU)))
+    assert out.count(OpKind.TO_LAYOUT) == 2
+    assert_same_outputs(g, out)

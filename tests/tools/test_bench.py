@@ -309,3 +309,14 @@ def test_imports_times_both_builds_of_the_records(tmp_path):
     assert set(med) == {"record", "dataclass"}
     assert all(med[b][phase] > 0 for b in med for phase in ("kiln", "load", "compile"))
     assert "dataclass/record" in p.stdout
+
+
+@pytest.mark.bench
+def test_group_norm_bench_times_the_three_and_reports_errors(tmp_path):
+    j = tmp_path / "gn.json"
+    p = subprocess.run([sys.executable, "-m", "kiln.bench.group_norm", "--rounds", "1", "--json", str(j)],
+                       capture_output=True, text=True, timeout=600, env=ENV)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = json.loads(j.read_text())
+    assert len(rows) == 6 and all(r[f"{e}_ms"] > 0 for r in rows for e in ("kiln", "reference", "torch_cl"))
+    assert all(r["kiln_err_mean100"] < 1e-4 and r["reference_err_mean100"] < 1e-4 for r in rows)
