@@ -10,9 +10,9 @@ generations as ``kiln.load`` does (``gc.freeze()``), then times, in order:
   torch frontend).
 
 Two builds of Kiln's records are compared in the same run, their processes alternating:
-``record`` (``kiln.record``: classes built without compiling code) and ``dataclass`` (the
+``record`` (``kiln.ir.record``: classes built without compiling code) and ``dataclass`` (the
 same classes built by ``dataclasses.dataclass`` with the same arguments, as before
-``kiln.record``: the child puts a stand-in for the ``kiln.record`` module in ``sys.modules``
+``kiln.ir.record``: the child puts a stand-in for the ``kiln.ir.record`` module in ``sys.modules``
 before ``import kiln``). Medians over ``--runs`` processes per build, after an untimed first
 process per build writes the bytecode.
 
@@ -31,13 +31,13 @@ _CHILD = r"""
 import gc, json, sys, time
 import torch
 gc.freeze()
-if sys.argv[1] == "dataclass":  # kiln.record stood in for before the package is imported
+if sys.argv[1] == "dataclass":  # kiln.ir.record stood in for before the package is imported
     import dataclasses, types
 
     def as_dataclass(cls=None, /, *, eq=True, order=False, frozen=True, slots=True):
         wrap = dataclasses.dataclass(frozen=frozen, eq=eq, order=order, slots=slots)
         return wrap if cls is None else wrap(cls)
-    sys.modules["kiln.record"] = types.SimpleNamespace(record=as_dataclass)
+    sys.modules["kiln.ir.record"] = types.SimpleNamespace(record=as_dataclass)
 t0 = time.perf_counter()
 import kiln
 t1 = time.perf_counter()

@@ -18,7 +18,7 @@ from dataclasses import field
 
 from kiln.ir import Category, Node, OpKind, Value, opdef
 from kiln.passes.partition import KernelGroup
-from kiln.record import record
+from kiln.ir.record import record
 
 from .walk import Emitter, Walker, numel, reduced_axes, static_shape, storage_offset, unflatten
 from .walk import Unsupported, physical_strides  # noqa: F401  (the cuda plan builder imports them from here)

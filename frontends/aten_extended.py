@@ -590,12 +590,11 @@ def _group_norm_value(cx, x, groups: int, w, b, eps: float):
         ins = [x, w, b]
         while ins[-1] is None:
             ins.pop()
-        y = cx.add(OpKind.GROUP_NORM, *ins, attrs=A.GroupNormAttrs(groups, eps))
-        return y, None
+        return cx.add(OpKind.GROUP_NORM, *ins, attrs=A.GroupNormAttrs(groups, eps))
     y = cx.reshape(x, (n_, groups, -1))
     # normalizing each group's elements is a layer norm over the flattened group (biased variance)
     y = cx.add(OpKind.LAYER_NORM, y, attrs=A.LayerNormAttrs(1, float(eps)))
-    return _affine(cx, cx.reshape(y, x.shape), w, b), y
+    return _affine(cx, cx.reshape(y, x.shape), w, b)
 
 
 @conv(aten.group_norm)
@@ -606,7 +605,7 @@ def _group_norm(cx, args, kw, n):
     eps = args[4] if len(args) > 4 else kw.get("eps", 1e-5)
     if x.type.rank < 2 or not x.dtype.is_float:
         return None
-    return _group_norm_value(cx, x, groups, w, b, float(eps))[0]
+    return _group_norm_value(cx, x, groups, w, b, float(eps))
 
 
 def _stats(cx, x, axes, eps):
@@ -622,7 +621,7 @@ def _native_group_norm(cx, args, kw, n):
     x, w, b, n_, c, hw, groups, eps = args
     if not x.dtype.is_float:
         return None
-    y, _ = _group_norm_value(cx, x, int(groups), w, b, float(eps))
+    y = _group_norm_value(cx, x, int(groups), w, b, float(eps))
     g = cx.reshape(x, (int(n_), int(groups), -1))
     mean, rstd, _ = _stats(cx, g, (2,), eps)
     return y, cx.reshape(mean, (int(n_), int(groups))), cx.reshape(rstd, (int(n_), int(groups)))

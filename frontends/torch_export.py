@@ -24,7 +24,7 @@ from kiln.errors import KilnError
 from kiln.ir import DType, Graph, OpKind, TensorType, Value
 from kiln.ir import attrs as A
 from kiln.ir.types import symbolic_dim
-from kiln.record import record
+from kiln.ir.record import record
 
 from .aten_converters import CONVERTERS
 from .common import FrontendBuilder

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import enum
 
-from kiln.record import record
+from .record import record
 
 from .dtypes import DType
 from .types import Layout, TensorType

@@ -6,7 +6,7 @@ import enum
 import torch
 
 from kiln.errors import KilnError
-from kiln.record import record
+from .record import record
 
 
 class DTypeError(KilnError, TypeError):

@@ -11,7 +11,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from kiln.record import record
+from .record import record
 
 from .dtypes import DType
 from .ops import OpKind, infer_types, opdef

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from kiln.options import INT4_GROUP_SIZES
-from kiln.record import record
+from .record import record
 
 from . import attrs as A
 from .dtypes import DType, QScheme, QuantSpec

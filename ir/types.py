@@ -7,7 +7,7 @@ import math
 from dataclasses import field
 from typing import Union
 
-from kiln.record import record
+from .record import record
 
 from .dtypes import DType, QuantSpec
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 
-from kiln.record import record
+from kiln.ir.record import record
 
 from .timing import median
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.ir import qformat
-from kiln.record import record
+from kiln.ir.record import record
 
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
 PATHS = ("auto", "vnni", "amx")

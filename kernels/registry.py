@@ -15,7 +15,7 @@ import weakref
 from typing import Callable
 
 from kiln.ir import Node, OpKind
-from kiln.record import record
+from kiln.ir.record import record
 
 # CPU features (``kiln.target.CPU_FEATURES`` names) of the kernels that check for them at run time
 AMX_BF16 = ("amx_tile", "amx_bf16", "avx512_bf16")

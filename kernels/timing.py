@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from kiln.record import record
+from kiln.ir.record import record
 
 
 def median(xs) -> float:

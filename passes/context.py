@@ -16,7 +16,7 @@ import torch
 
 from kiln.ir import Graph, Node, Value
 from kiln.options import CompileOptions
-from kiln.record import record
+from kiln.ir.record import record
 
 
 class Measurer(Protocol):

@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import field
 
 from kiln.ir import Category, Graph, Node, OpKind, Value, opdef
-from kiln.record import record
+from kiln.ir.record import record
 
 
 class GroupKind:

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from kiln.ir import Node, OpKind, Value
-from kiln.record import record
+from kiln.ir.record import record
 
 
 @record(frozen=False, slots=False)

@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 from kiln.errors import KilnError
 from kiln.ir import Graph, verify
 from kiln.options import CompileOptions
-from kiln.record import record
+from kiln.ir.record import record
 
 from . import attention, epilogue, fold, precision, quantize, recognize, rnn, rows, simplify, sparsity
 from .horizontal import fuse_sibling_linears

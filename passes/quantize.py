@@ -25,7 +25,7 @@ import torch
 from kiln.ir import DType, Graph, Node, OpKind, Value
 from kiln.ir import attrs as A
 from kiln.ir import qformat
-from kiln.record import record
+from kiln.ir.record import record
 
 from .pattern import P
 from .rewrite import rewrite

@@ -16,7 +16,7 @@ import torch
 from kiln.ir import Graph, GraphBuilder, Node, OpKind, Value
 from kiln.ir import attrs as A
 from kiln.ir import qformat
-from kiln.record import record
+from kiln.ir.record import record
 
 from . import quantize as Q
 from .calibrate import calibrate

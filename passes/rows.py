@@ -26,7 +26,7 @@ import math
 from kiln.ir import Graph, LayoutKind, Node, OpKind, Value, opdef
 from kiln.ir import attrs as A
 from kiln.ir.ops import Category
-from kiln.record import record
+from kiln.ir.record import record
 
 from .rewrite import Rewriter, dead_code_elimination
 

@@ -29,7 +29,7 @@ import torch
 from kiln.ir import DType, Graph, Layout, LayoutKind, Node, OpKind, TensorType, Value
 from kiln.ir import attrs as A
 from kiln.ir import sparse as S
-from kiln.record import record
+from kiln.ir.record import record
 
 from .context import PassContext
 from .pattern import Const, Opt, P

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 from kiln.ir import Graph, Value
-from kiln.record import record
+from kiln.ir.record import record
 
 
 @record(slots=False)

@@ -19,7 +19,7 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.options import settings
-from kiln.record import record
+from kiln.ir.record import record
 
 from .cuda_steps import TORCH_PREFIX, empty_like_value
 from .plan import Plan

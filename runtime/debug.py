@@ -14,7 +14,7 @@ from dataclasses import field
 import torch
 
 from kiln.ir import Graph, Node
-from kiln.record import record
+from kiln.ir.record import record
 
 from .plan import run_all
 

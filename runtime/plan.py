@@ -27,7 +27,7 @@ from kiln.kernels.choice import choose
 from kiln.kernels.registry import candidates, is_static
 from kiln.kernels.vml_dispatch import resolve_vml_dispatch
 from kiln.passes.partition import subgroup, tail_destinations
-from kiln.record import record
+from kiln.ir.record import record
 from kiln.target import Target
 
 from .buffers import MemoryStats, dead_values, memory_stats

@@ -26,7 +26,7 @@ import torch
 from kiln.errors import KilnError
 from kiln.ir import OpKind
 from kiln.ir.types import resolve_symbols
-from kiln.record import record
+from kiln.ir.record import record
 
 
 @record(slots=False)

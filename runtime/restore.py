@@ -20,7 +20,7 @@ from kiln.errors import KilnError
 from kiln.ir import Graph
 from kiln.kernels.registry import all_kernels, candidates, kernel_named
 from kiln.passes.partition import KernelGroup, Partition, subgroup
-from kiln.record import record
+from kiln.ir.record import record
 from kiln.target import Target
 
 from .by_size import member_kernels

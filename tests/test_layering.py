@@ -2,7 +2,7 @@
 
 Layers, lowest first: ir <- frontends, passes <- kernels, codegen <- runtime <- the API package
 (python/kiln: driver, options, API, CLI). A module may import its own layer and the layers
-below; the base modules (errors, progress, options, target, record, the native extension, the
+below; the base modules (errors, progress, options, target, the native extension, the
 version) are importable everywhere and import only each other. Names with a leading
 underscore are private to their module: no other Kiln module imports them.
 """
@@ -15,8 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"ir": 0, "frontends": 1, "passes": 1, "kernels": 2, "codegen": 2, "runtime": 3}
 API = 4
-BASE = {"kiln.errors", "kiln.progress", "kiln.options", "kiln.target", "kiln.record", "kiln._C",
-        "kiln.__version__"}
+BASE = {"kiln.errors", "kiln.progress", "kiln.options", "kiln.target", "kiln._C", "kiln.__version__"}
 
 
 def _sources():

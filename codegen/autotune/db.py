@@ -15,7 +15,7 @@ import sqlite3
 import threading
 import time
 
-from kiln.record import record
+from kiln.ir.record import record
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS tuning (
     kernel TEXT, signature TEXT, target TEXT, version TEXT,

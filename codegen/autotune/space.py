@@ -6,7 +6,7 @@ import random
 from dataclasses import field
 from typing import Callable, Iterator
 
-from kiln.record import record
+from kiln.ir.record import record
 
 
 @record(slots=False)

@@ -11,7 +11,7 @@ import time
 from typing import Callable
 
 from kiln.errors import KilnError
-from kiln.record import record
+from kiln.ir.record import record
 
 from .db import TuningDB, TuningKey, default_db
 from .space import Space

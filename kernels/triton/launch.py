@@ -15,7 +15,7 @@ from dataclasses import field
 
 import torch
 
-from kiln.record import record
+from kiln.ir.record import record
 
 _TORCH_TO_TRITON = {
     torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",

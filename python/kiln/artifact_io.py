@@ -36,7 +36,7 @@ import torch
 
 from . import _C
 from .errors import KilnError
-from .record import record
+from kiln.ir.record import record
 
 MANIFEST = "manifest.json"
 ALIGN = 64  # bytes: where each weight starts in the file (what a fresh torch allocation has)

@@ -30,7 +30,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .errors import KilnError
-from .record import record
+from kiln.ir.record import record
 
 
 class BadRequest(KilnError):

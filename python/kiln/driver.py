@@ -16,7 +16,7 @@ import torch.utils._pytree as pytree
 
 from .errors import KilnError
 from .options import CompileOptions
-from .record import record
+from kiln.ir.record import record
 from .report import CompileReport
 
 

@@ -16,7 +16,7 @@ from kiln.ir.cost import node_bytes, node_flops
 from kiln.ir.printer import format_attrs
 
 from .errors import KilnError
-from .record import record
+from kiln.ir.record import record
 
 FORMATS = ("text", "json", "dot", "svg", "html")
 

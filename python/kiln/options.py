@@ -14,11 +14,10 @@ import dataclasses
 import math
 import os
 import re
-from dataclasses import field
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import KilnError
-from .record import record
 from .target import Target
 
 # ----------------------------------------------------------------------------- allowed values
@@ -43,7 +42,7 @@ def _choices(values) -> str:
     return ", ".join(str(v) for v in values)
 
 
-@record(slots=False)
+@dataclass(frozen=True)
 class QuantOptions:
     """Post-training quantization (passes/quantize*.py).
 
@@ -67,7 +66,7 @@ class QuantOptions:
         return d
 
 
-@record(slots=False)
+@dataclass(frozen=True)
 class DynamicDim:
     """One input dimension that varies from call to call: ``input`` (name or position),
     ``axis``, the size's ``name`` (dims of one name are the same size: a batch shared by
@@ -83,7 +82,7 @@ class DynamicDim:
         return f"[{self.min}, {'inf' if self.max is None else self.max}]"
 
 
-@record(slots=False)
+@dataclass(frozen=True)
 class CompileOptions:
     """How to compile. Build it with ``CompileOptions.parse(**keywords)``; fields are validated."""
 
@@ -358,7 +357,7 @@ def calibration_batches(batches) -> tuple:
 
 
 # ----------------------------------------------------------------------------- environment
-@record(slots=False)
+@dataclass(frozen=True)
 class EnvVar:
     """One KILN_* environment variable: its name, default and meaning."""
     name: str
@@ -387,7 +386,7 @@ ENVIRONMENT = (
 )
 
 
-@record(slots=False)
+@dataclass(frozen=True)
 class Settings:
     """The KILN_* environment variables, read and validated once."""
     cache_dir: str

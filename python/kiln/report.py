@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import field
 
 from .options import CompileOptions
-from .record import record
+from kiln.ir.record import record
 
 
 @record(frozen=False, slots=False)

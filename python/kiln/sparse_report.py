@@ -20,7 +20,7 @@ import torch
 from kiln.kernels.timing import median_ms
 
 from .errors import KilnError
-from .record import record
+from kiln.ir.record import record
 
 
 @record(frozen=False, slots=False)

@@ -11,10 +11,9 @@ import functools
 import os
 import platform
 import re
-from dataclasses import field
+from dataclasses import dataclass, field
 
 from .errors import KilnError
-from .record import record
 
 KINDS = ("cpu", "cuda", "reference")
 
@@ -23,7 +22,7 @@ CPU_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx51
                 "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 
 
-@record(slots=False)
+@dataclass(frozen=True)
 class Target:
     """A device to compile for: kind, architecture, CPU features, cores."""
     kind: str  # "cpu" | "cuda" | "reference"

@@ -1,4 +1,4 @@
-"""``kiln.record.record`` against ``@dataclass(frozen=True, ...)``: the same class, both ways.
+"""``kiln.ir.record.record`` against ``@dataclass(frozen=True, ...)``: the same class, both ways.
 
 Each case defines one class body twice — once under ``dataclasses.dataclass`` and once under
 ``record`` — and checks that construction (positional, keyword, defaults, factories, errors),
@@ -15,7 +15,7 @@ import pickle
 
 import pytest
 
-from kiln.record import record
+from kiln.ir.record import record
 
 _ids = itertools.count()
 

@@ -1,7 +1,7 @@
 """Records: ``@record`` is ``@dataclass(frozen=True, slots=True)`` built without compiling code.
 
 Kiln's data types are dataclasses — about a hundred: every op's attributes, tensor types,
-values and nodes, options, plan steps, reports — and a process that loads an artifact or
+values and nodes, plan steps, reports — and a process that loads an artifact or
 compiles a model imports most of them. ``dataclasses`` writes each class's ``__init__``,
 ``__repr__``, ``__eq__``, ``__hash__`` (and a frozen class's ``__setattr__`` and
 ``__delattr__``) as Python source and compiles it, one ``exec`` per method; on Python 3.11
@@ -23,7 +23,7 @@ slotted class, set ``__match_args__`` — and adds the methods without compiling
 
 The result is a dataclass to every tool (``dataclasses.fields``, ``replace``, ``asdict``,
 ``is_dataclass``) and behaves as ``@dataclass(...)`` with the same arguments would, which
-``tests/api/test_record.py`` checks side by side. Not supported (refused when declared):
+``tests/ir/test_record.py`` checks side by side. Not supported (refused when declared):
 keyword-only fields, and defaults on fields left out of ``__init__``. One difference: its
 ``__dataclass_params__`` describes what ``dataclasses`` itself generated (no init, repr or
 eq; not frozen), so a dataclass may not inherit from a record (none does).
