@@ -257,15 +257,21 @@ def _schedule_spatial(sch, b, config: dict, threads: int) -> None:
     if outer:
         _schedule_symbolic_spatial(sch, outer, inner, config, threads)
         return
-    fused = _fuse(sch, loops)
-    extent = _extent(sch, fused)
+    extent = math.prod(_extent(sch, lp) for lp in loops)
     vec = config["vector"]
+    parallel = threads > 1 and extent >= 2 * config["grain"]
+    if not (vec > 1 and extent % vec == 0 and extent > vec) and not parallel:
+        # no whole vectors and no tasks: the nest stays as it is, its indices plain loop
+        # counters (a fused loop would recompute every coordinate by division), and LLVM's
+        # loop vectorizer takes the innermost loop with a scalar remainder
+        return
+    fused = _fuse(sch, loops)
     if vec > 1 and extent % vec == 0 and extent > vec:
         outer, lanes = sch.split(fused, [None, vec])
         sch.vectorize(lanes)
     else:
         outer, vec = fused, 1
-    if threads > 1 and extent >= 2 * config["grain"]:
+    if parallel:
         per_task = max(1, config["grain"] // vec)
         if extent // vec > per_task:
             po, _ = sch.split(outer, [None, per_task])

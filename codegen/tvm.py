@@ -35,7 +35,7 @@ from .walk import MOVEMENT_OPS, REDUCE_OPS, ROW_OPS, Emitter, Unsupported, Walke
 
 # Part of every compiled module's cache key: bump it when rendering or scheduling changes
 # the code generated for the same group and configuration.
-CODEGEN_VERSION = 13
+CODEGEN_VERSION = 14
 
 # what the TensorIR renderer covers: its per-op table, and what the walk renders itself
 # (take is not enabled here: a data-dependent index inside a TIR load is untested)
@@ -307,6 +307,26 @@ class TirEmitter(Emitter):
 
         # a variance that overflows (inputs near 1e30) gives NaN in torch, not zeros
         return tirx.Select(tirx.isinf(squared), const(float("nan"), str(y.ty)), y)
+
+    def inverse_std(self, key, squared, count, eps, shape, axes, row):
+        """A stage of one value per row, kept (not inlined into the elementwise tail, which
+        would compute the square root again for every element of the row: most of a norm over
+        short rows, PatchTSMixer's rows of 8): the expressions of ``normalize`` and
+        ``guard_overflow``, the overflow's NaN carried to the row's elements by the product."""
+        from tvm import te, tirx
+
+        t = self.stages.get(key)
+        if t is None:
+            out_shape = tuple(1 if d in axes else self.dim(s) for d, s in enumerate(shape))
+
+            def stage(*i):
+                sq = squared([self.index(0) if d in axes else i[d] for d in range(len(shape))])
+                inv = tirx.rsqrt(self.mean(sq, count) + const(eps, str(sq.ty)))
+                return tirx.Select(tirx.isinf(sq), const(float("nan"), str(sq.ty)), inv)
+
+            self.count += 1
+            t = self.stages[key] = te.compute(out_shape, stage, name=f"{KEPT}_inv_std{self.count}")
+        return t(*row)
 
     # -- stages -----------------------------------------------------------------------------
     def store(self, walker: Walker, v: Value, name: str):

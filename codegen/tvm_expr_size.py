@@ -95,6 +95,6 @@ def stages(outs) -> list:
 
 
 def kept_stages(outs) -> list[str]:
-    """The names of the stages ``render`` stored for the bounds, which the schedule must keep
-    rather than inline into their readers."""
+    """The names of the stages ``render`` stored for the bounds (and a norm's per-row
+    values), which the schedule must keep rather than inline into their readers."""
     return [t.op.name for t in stages(outs) if t.op.name.startswith(KEPT)]

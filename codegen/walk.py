@@ -196,6 +196,13 @@ class Emitter:
         where that overflowed, as torch gives)."""
         return y
 
+    def inverse_std(self, key, squared: Callable, count: int, eps: float, shape, axes, row: list):
+        """A layer norm's ``1 / sqrt(var + eps)`` computed once per row and read at ``row``
+        (NaN where the row's sum of squared deviations ``squared(row)`` overflowed), for a
+        target that then scales each element by it; None (the default): the target
+        normalizes each element itself (``normalize``, ``guard_overflow``)."""
+        return None
+
 
 # ----------------------------------------------------------------------------- coordinates
 def unflatten(em: Emitter, lin, shape) -> list:
@@ -416,16 +423,23 @@ class Walker:
             d = centered(i)
             return em.mul(d, d)
 
-        squared = self.reduced((n, "var"), OpKind.SUM, squares, xs, axes, c)
-        var = em.mean(squared, count)
-        y = em.normalize(centered(c), var, n.attrs.eps)
+        def squared_at(row):
+            return self.reduced((n, "var"), OpKind.SUM, squares, xs, axes, row)
+
+        inv = self.per_row((n, "inv"), axes, c,
+                           lambda row: em.inverse_std((n, "inv"), squared_at, count, n.attrs.eps, xs, axes, row))
+        if inv is None:
+            squared = squared_at(c)
+            y = em.normalize(centered(c), em.mean(squared, count), n.attrs.eps)
+        else:
+            y = em.mul(centered(c), inv)
         trailing = c[len(xs) - len(axes):]
         x = n.inputs[0]
         if len(n.inputs) > 1 and n.inputs[1] is not None:
             y = em.mul(y, em.retype(self.value_at(n.inputs[1], list(trailing)), n.inputs[1], x))
         if len(n.inputs) > 2 and n.inputs[2] is not None:
             y = em.add(y, em.retype(self.value_at(n.inputs[2], list(trailing)), n.inputs[2], x))
-        return em.guard_overflow(squared, y)
+        return y if inv is not None else em.guard_overflow(squared, y)
 
     def batch_norm(self, n: Node, c: list):
         em = self.em

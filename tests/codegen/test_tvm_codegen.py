@@ -214,6 +214,31 @@ def test_column_reductions_loop_over_the_reduced_axes_outside_the_kept_one(threa
     check_generated(_grn_norm(rows=7, channels=40), threads=threads)  # too small for parallel tasks
 
 
+def _short_rows_layer_norm(permuted: bool):
+    """PatchTSMixer's norm: rows of 8 features, [1, 7 channels, 63 patches, 8], its result
+    permuted to [1, 7, 8, 63] when ``permuted``."""
+    b = GraphBuilder("ln_short")
+    x = b.input("x", (1, 7, 63, 8))
+    y = b.add(OpKind.LAYER_NORM, x, b.const(torch.randn(8)), b.const(torch.randn(8)),
+              attrs=A.LayerNormAttrs(1, 1e-5))
+    return b.build([b.add(OpKind.PERMUTE, y, attrs=A.PermuteAttrs((0, 1, 3, 2))) if permuted else y])
+
+
+@pytest.mark.parametrize("permuted", [False, True])
+def test_layer_norm_takes_one_square_root_per_row_and_short_rows_stay_unfused(permuted):
+    # the inverse standard deviation is a stage of one value per row, kept, rather than
+    # recomputed for every element; an elementwise nest of no whole vectors (rows of 63
+    # after the permute) keeps its loops, so its indices are loop counters, not divisions
+    graph = _short_rows_layer_norm(permuted)
+    script = _scheduled_script(whole_graph_group(graph), schedule_group.tune_space.default(), 1)
+    assert script.count("T.rsqrt(") == 1 and "kept_inv_std" in script
+    assert ("T.grid(1, 7, 8, 63)" in script) == permuted
+    x = torch.randn(1, 7, 63, 8)
+    x[0, 3, 5] *= 1e30  # its squared deviations overflow: NaN in that row, as torch gives
+    check_generated(graph, inputs=[x])
+    check_generated(graph)
+
+
 def _group_norm_nhwc(batch, channels, size, groups):
     """A group norm + ReLU kernel group as the bf16 channels-last pipeline makes it: a bf16
     NHWC image cast, viewed NCHW as (N, G, C/G*H*W), layer-normed per group, back to NHWC.
