@@ -33,9 +33,12 @@ from .tvm_expr_size import KEPT, kept_stages, past_bounds
 from .tvm_ops import LOW_PRECISION, TIR_OPS, cast, compute_dtype, const, tvm_dtype
 from .walk import MOVEMENT_OPS, REDUCE_OPS, ROW_OPS, Emitter, Unsupported, Walker, physical_order, shape_of
 
+# The row length whose softmax sums the schedule vectorizes (``rvector``'s default lanes)
+VECTOR_ROWS = 16
+
 # Part of every compiled module's cache key: bump it when rendering or scheduling changes
 # the code generated for the same group and configuration.
-CODEGEN_VERSION = 14
+CODEGEN_VERSION = 15
 
 # what the TensorIR renderer covers: its per-op table, and what the walk renders itself
 # (take is not enabled here: a data-dependent index inside a TIR load is untested)
@@ -307,6 +310,22 @@ class TirEmitter(Emitter):
 
         # a variance that overflows (inputs near 1e30) gives NaN in torch, not zeros
         return tirx.Select(tirx.isinf(squared), const(float("nan"), str(y.ty)), y)
+
+    def row_terms(self, key, body, shape, coords, row_length):
+        """Inline where the schedule's vectorized row sums take the row (a multiple of
+        ``VECTOR_ROWS`` long: BERT's 128); else a kept stage, computed once per element in a
+        loop nest LLVM vectorizes, so neither the row's scalar sum nor the output computes
+        the exponential again (ViT's rows of 197, PatchTSMixer's of 63)."""
+        from tvm import te
+
+        if row_length % VECTOR_ROWS == 0 or row_length < VECTOR_ROWS:  # short rows: little to gain
+            return body(coords)
+        t = self.stages.get(key)
+        if t is None:
+            self.count += 1
+            t = self.stages[key] = te.compute(tuple(self.dim(s) for s in shape), lambda *i: body(list(i)),
+                                              name=f"{KEPT}_exp{self.count}")
+        return t(*coords)
 
     def inverse_std(self, key, squared, count, eps, shape, axes, row):
         """A stage of one value per row, kept (not inlined into the elementwise tail, which

@@ -196,6 +196,12 @@ class Emitter:
         where that overflowed, as torch gives)."""
         return y
 
+    def row_terms(self, key, body: Callable, shape, coords: list, row_length: int):
+        """``body(coords)``: a softmax's ``exp(x - max)``, which its row sum and its output
+        both read. A target may compute it once per element into a stage of ``shape`` and
+        read that at ``coords``; the default computes it inline at each use."""
+        return body(coords)
+
     def inverse_std(self, key, squared: Callable, count: int, eps: float, shape, axes, row: list):
         """A layer norm's ``1 / sqrt(var + eps)`` computed once per row and read at ``row``
         (NaN where the row's sum of squared deviations ``squared(row)`` overflowed), for a
@@ -401,9 +407,17 @@ class Walker:
             def mx(i):
                 return self.reduced(n, OpKind.MAX, xv, xs, axes, i)
 
-            s = self.reduced(n, OpKind.SUM, lambda i: em.exp(em.sub(xv(i), mx(i))), xs, axes, c)
+            def terms(i):
+                return em.exp(em.sub(xv(i), mx(i)))
+
             if n.op is OpKind.SOFTMAX:
-                return em.div(em.exp(em.sub(xv(c), mx(c))), s)
+                def exps(i):
+                    return em.row_terms((n, "exp"), terms, xs, i, count)
+            else:
+                exps = terms
+            s = self.reduced(n, OpKind.SUM, exps, xs, axes, c)
+            if n.op is OpKind.SOFTMAX:
+                return em.div(exps(c), s)
             return em.sub(em.sub(xv(c), mx(c)), em.log(s))
         if n.op is OpKind.LAYER_NORM:
             return self.layer_norm(n, c, xv, xs, axes, count)

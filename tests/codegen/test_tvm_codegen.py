@@ -239,6 +239,22 @@ def test_layer_norm_takes_one_square_root_per_row_and_short_rows_stay_unfused(pe
     check_generated(graph)
 
 
+@pytest.mark.parametrize("row", [37, 128, 8])
+def test_softmax_rows_the_row_sum_cannot_vectorize_compute_each_exponential_once(row):
+    # a row whose length is not a multiple of the row sum's vector lanes (ViT's 197 tokens)
+    # is summed by a scalar loop: the exponentials go into a kept stage (one vectorizable
+    # nest) that the sum and the output both read, rather than being computed in each
+    b = GraphBuilder("softmax")
+    x = b.input("x", (2, 3, 5, row))
+    graph = b.build([b.add(OpKind.SOFTMAX, x, attrs=A.AxisAttrs(3))])
+    script = _scheduled_script(whole_graph_group(graph), schedule_group.tune_space.default(), 1)
+    assert ("kept_exp" in script) == (row == 37)
+    x = torch.randn(2, 3, 5, row) * 10
+    x[0, 0, 0, :3] = float("-inf")  # masked positions
+    x[0, 0, 1] = float("-inf")  # a row masked whole: NaN, as torch gives
+    check_generated(graph, inputs=[x])
+
+
 def _group_norm_nhwc(batch, channels, size, groups):
     """A group norm + ReLU kernel group as the bf16 channels-last pipeline makes it: a bf16
     NHWC image cast, viewed NCHW as (N, G, C/G*H*W), layer-normed per group, back to NHWC.
