@@ -99,6 +99,7 @@ class Activation(enum.Enum):
     TANH = "tanh"
     SIGMOID = "sigmoid"
     SILU = "silu"
+    RELU6 = "relu6"  # clamp(x, 0, 6) (MobileNets); fused into CPU float convolutions only
 
 
 @record

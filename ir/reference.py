@@ -227,6 +227,7 @@ ACTIVATIONS = {
     A.Activation.NONE: None, A.Activation.RELU: torch.relu, A.Activation.GELU: F.gelu,
     A.Activation.GELU_TANH: lambda x: F.gelu(x, approximate="tanh"), A.Activation.TANH: torch.tanh,
     A.Activation.SIGMOID: torch.sigmoid, A.Activation.SILU: F.silu,
+    A.Activation.RELU6: lambda x: torch.clamp(x, 0.0, 6.0),  # as the CLAMP it replaced
 }
 
 

@@ -30,7 +30,10 @@ def _bf16_ok() -> bool:
 # activation -> (oneDNN post-op name, algorithm)
 _POST_OPS = {A.Activation.NONE: ("none", ""), A.Activation.RELU: ("relu", ""), A.Activation.TANH: ("tanh", ""),
              A.Activation.SIGMOID: ("sigmoid", ""), A.Activation.SILU: ("swish", ""),
-             A.Activation.GELU: ("gelu", "none"), A.Activation.GELU_TANH: ("gelu", "tanh")}
+             A.Activation.GELU: ("gelu", "none"), A.Activation.GELU_TANH: ("gelu", "tanh"),
+             A.Activation.RELU6: ("hardtanh", "")}
+# the post-op's scalars (oneDNN's clip bounds for hardtanh)
+_POST_SCALARS = {A.Activation.RELU6: [0.0, 6.0]}
 
 
 def _ok(node: Node) -> bool:
@@ -112,6 +115,7 @@ def _prepare_conv(node: Node, consts: list):
     packed = torch.ops.mkldnn._reorder_convolution_weight(w, pad, stride, dil, a.groups, x_shape)
     bias_c = consts[2] if len(consts) > 2 else None
     attr, algo = _POST_OPS[a.activation]
+    scalars = _POST_SCALARS.get(a.activation, [])
     has_res = len(node.inputs) > 3 and node.inputs[3] is not None
     has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
     cl = node.inputs[0].type.layout.kind.value == "channels_last"
@@ -126,10 +130,15 @@ def _prepare_conv(node: Node, consts: list):
             r = ins[3]
             if cl and not r.is_contiguous(memory_format=torch.channels_last):
                 r = r.contiguous(memory_format=torch.channels_last)
+            if scalars:  # torch's binary convolution takes no clip after the add: a clamp after it
+                y = torch.ops.mkldnn._convolution_pointwise.binary(x, r, packed, bias, pad, stride, dil, a.groups,
+                                                                   "add", 1.0, None, [], None)
+                return y.clamp_(*scalars)
             return torch.ops.mkldnn._convolution_pointwise.binary(x, r, packed, bias, pad, stride, dil, a.groups,
                                                                   "add", 1.0, None if attr == "none" else attr,
                                                                   [], algo or None)
-        return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, pad, stride, dil, a.groups, attr, [], algo)
+        return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, pad, stride, dil, a.groups, attr, scalars,
+                                                       algo)
     return run
 
 

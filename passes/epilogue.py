@@ -87,6 +87,21 @@ RULES = [
 ]
 
 
+def _relu6(m, rw):
+    n = m.node("op")
+    if n.attrs.activation is not A.Activation.NONE or not n.outputs[0].dtype.is_float:
+        return None
+    return _with(rw, n, list(n.inputs), activation=A.Activation.RELU6)
+
+
+# clamp(conv(x), 0, 6), MobileNet's ReLU6, as the conv's own activation: CPU float compiles
+# only (oneDNN's clip post-op and the reference take it; the quantized, sparse and GPU
+# convolutions do not)
+CONV_RELU6 = [
+    (P(OpKind.CLAMP, P(OpKind.CONV2D, **_OP), where=lambda n: (n.attrs.min, n.attrs.max) == (0.0, 6.0)), _relu6),
+]
+
+
 def _residual_to_norm(m, rw):
     """LAYER_NORM(LINEAR(x, w, b, r)) -> LAYER_NORM(ADD(LINEAR(x, w, b), r)) on CPU.
 

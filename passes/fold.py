@@ -1,5 +1,8 @@
-"""Constant folding (weight-only subgraphs included) and conv + batch-norm folding."""
+"""Constant folding (weight-only subgraphs included), conv + batch-norm folding, and zero
+padding folded into the convolution that reads it."""
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -72,4 +75,27 @@ def _conv_bn(m, rw):
 FOLD_BN = [
     (P(OpKind.BATCH_NORM, P(OpKind.CONV2D, "x", Const("w"), Opt(Const("b")), name="conv", single_use=True),
        Const("mean"), Const("var"), Opt(Const("gamma")), Opt(Const("beta"))), _conv_bn),
+]
+
+
+def _pad_into_conv(m, rw):
+    """conv2d(pad(x)) -> conv2d(x) with the pad's amounts added to its own padding: the conv
+    pads with zeros itself, so a pad of zeros on H and W only, the same amount on both sides
+    of each (the conv's padding is symmetric), is the same function. Hugging Face's TF-style
+    "same" padding (MobileNetV1, EfficientNet) pads before each convolution, which otherwise
+    copies the whole activation per layer. Asymmetric amounts (a stride-2 layer's (0, 1))
+    stay a pad."""
+    a, conv = m.node("pad").attrs, m.root
+    if a.mode is not A.PadMode.CONSTANT or a.value != 0.0 or len(a.pads) != 8:
+        return None
+    n0, n1, c0, c1, h0, h1, w0, w1 = a.pads
+    if n0 or n1 or c0 or c1 or h0 != h1 or w0 != w1 or h0 < 0 or w0 < 0:
+        return None
+    ca = conv.attrs
+    attrs = dataclasses.replace(ca, padding=(ca.padding[0] + h0, ca.padding[1] + w0))
+    return rw.add(OpKind.CONV2D, m["x"], *conv.inputs[1:], attrs=attrs)
+
+
+FOLD_PAD = [
+    (P(OpKind.CONV2D, P(OpKind.PAD, "x", name="pad"), "w", Opt("b")), _pad_into_conv),
 ]

@@ -99,12 +99,14 @@ CLEANUP = [rules_pass("simplify", simplify.RULES), Pass("cse", cse), Pass("dce",
 
 PHASES: list[tuple[str, list[Pass]]] = [
     ("canonicalize", [*CLEANUP, Pass("demanded_rows", rows.push_row_slices)]),
-    ("fold", [rules_pass("constant_fold", fold.CONSTANT_FOLD), rules_pass("fold_bn", fold.FOLD_BN), *CLEANUP]),
+    ("fold", [rules_pass("constant_fold", fold.CONSTANT_FOLD), rules_pass("fold_bn", fold.FOLD_BN),
+              rules_pass("fold_pad", fold.FOLD_PAD), *CLEANUP]),
     ("fuse", [rules_pass("recognize", recognize.RULES), rules_pass("attention", attention.RULES),
               rules_pass("rnn", rnn.SPLIT), rules_pass("rnn_hoist", rnn.HOIST, when=_hoist_rnn_projections),
               rules_pass("constant_fold", fold.CONSTANT_FOLD),
               rules_pass("epilogue", epilogue.RULES),
               rules_pass("residual_to_norm", epilogue.RESIDUAL_TO_NORM, when=_cpu_float),
+              rules_pass("conv_relu6", epilogue.CONV_RELU6, when=_cpu_float),
               Pass("horizontal", fuse_sibling_linears), *CLEANUP]),
     # the round-trip rule runs again after CSE has merged duplicate casts (a value read by
     # two bf16 consumers has two casts, so two uses, until then)

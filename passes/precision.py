@@ -53,6 +53,8 @@ def _epilogue(rw, y, bias, residual, act: A.Activation, channel_axis: int):
         y = rw.add(OpKind.GELU, y, attrs=A.GeluAttrs(A.GeluApprox.NONE))
     elif act is A.Activation.GELU_TANH:
         y = rw.add(OpKind.GELU, y, attrs=A.GeluAttrs(A.GeluApprox.TANH))
+    elif act is A.Activation.RELU6:
+        y = rw.add(OpKind.CLAMP, y, attrs=A.ClampAttrs(0.0, 6.0))
     elif act is not A.Activation.NONE:
         y = rw.add(_ACT_OPS[act], y)
     return y

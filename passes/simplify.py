@@ -67,4 +67,7 @@ RULES = [
     (P(OpKind.EXPAND, "x", where=lambda n: tuple(n.attrs.shape) == tuple(n.inputs[0].shape)), lambda m, rw: m["x"]),
     (P(OpKind.SLICE, "x", where=_identity_slice), lambda m, rw: m["x"]),
     (P(OpKind.TO_LAYOUT, "x", where=lambda n: n.inputs[0].type.layout == n.attrs.layout), lambda m, rw: m["x"]),
+    # padding by nothing (Hugging Face's TF-style "same" padding computes amounts per layer,
+    # zero for every 1x1 convolution of MobileNetV1): a copy
+    (P(OpKind.PAD, "x", where=lambda n: not any(n.attrs.pads)), lambda m, rw: _same_type(m, rw, "x")),
 ]

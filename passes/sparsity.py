@@ -250,5 +250,6 @@ def sparsify(graph: Graph, ctx: PassContext) -> Graph:
         rw.emit(dataclasses.replace(node, outputs=outs))
         return outs[0]
 
-    rules = [(P((OpKind.LINEAR, OpKind.CONV2D), "x", Const("w"), Opt("b"), Opt("r")), rule)]
+    rules = [(P((OpKind.LINEAR, OpKind.CONV2D), "x", Const("w"), Opt("b"), Opt("r"),
+               where=lambda n: n.attrs.activation is not A.Activation.RELU6), rule)]
     return rewrite(graph, rules, name="sparsify")

@@ -91,12 +91,16 @@ def test_row_buckets_are_few_and_close_above():
 
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
 @pytest.mark.parametrize("layout", ["row", "nhwc"])
-@pytest.mark.parametrize("case", ["plain", "bias_relu", "residual_relu", "grouped_strided"])
+@pytest.mark.parametrize("case", ["plain", "bias_relu", "residual_relu", "grouped_strided", "depthwise_relu6",
+                                  "residual_relu6"])
 def test_conv(dtype, layout, case):
     attrs = {"plain": A.Conv2dAttrs(padding=(1, 1)),
              "bias_relu": A.Conv2dAttrs(padding=(1, 1), activation=A.Activation.RELU),
              "residual_relu": A.Conv2dAttrs(padding=(1, 1), activation=A.Activation.RELU),
-             "grouped_strided": A.Conv2dAttrs(stride=(2, 2), padding=(1, 1), groups=2)}[case]
+             "grouped_strided": A.Conv2dAttrs(stride=(2, 2), padding=(1, 1), groups=2),
+             # MobileNet's: oneDNN's clip post-op, outputs on both sides of [0, 6]
+             "depthwise_relu6": A.Conv2dAttrs(padding=(1, 1), groups=8, activation=A.Activation.RELU6),
+             "residual_relu6": A.Conv2dAttrs(padding=(1, 1), activation=A.Activation.RELU6)}[case]
     cin = 8
     w = torch.randn(8, cin // attrs.groups, 3, 3).to(dtype)
     bias = torch.randn(8).to(dtype) if case != "plain" else None
@@ -105,15 +109,15 @@ def test_conv(dtype, layout, case):
     x = b.input("x", (2, cin, 7, 7), DType.from_torch(dtype))
     x = b.add(OpKind.TO_LAYOUT, x, attrs=A.LayoutAttrs(lay)) if layout == "nhwc" else x
     ins = [x, b.const(w)] + ([b.const(bias)] if bias is not None else [])
-    if case == "residual_relu":
+    if case.startswith("residual"):
         ins.append(b.input("r", (2, 8, 7, 7), DType.from_torch(dtype)))
     node = b.build([b.add(OpKind.CONV2D, *ins, attrs=attrs)]).nodes[-1]
-    xt = torch.randn(2, cin, 7, 7).to(dtype)
+    xt = (torch.randn(2, cin, 7, 7) * 4).to(dtype)
     if layout == "nhwc":
         xt = xt.contiguous(memory_format=torch.channels_last)
     args = [xt, w] + ([bias] if bias is not None else [])
     consts = [None, w] + ([bias] if bias is not None else [])
-    if case == "residual_relu":
+    if case.startswith("residual"):
         args.append(torch.randn(2, 8, 7, 7).to(dtype))
         consts.append(None)
     fn = _kernel(OpKind.CONV2D).bind(node, consts)

@@ -85,3 +85,30 @@ def test_residual_before_layer_norm_stays_an_add_on_cpu():
     for options in ({"target": "cuda"}, {"target": "cpu", "quantize": "int8-dynamic"}):
         out = run_pipeline(g, select=["epilogue", "residual_to_norm"], options=CompileOptions.parse(**options)).graph
         assert_structural_equal(out, build(folded, (2, 3, 8)))
+
+
+def _conv_clamp(lo, hi):
+    w, bias = torch.randn(4, 1, 3, 3), torch.randn(4)
+
+    def before(b, x):
+        y = b.add(OpKind.CONV2D, x, b.const(w, "w"), b.const(bias, "b"), attrs=A.Conv2dAttrs(padding=(1, 1), groups=4))
+        return b.add(OpKind.CLAMP, y, attrs=A.ClampAttrs(lo, hi))
+
+    def expected(b, x):
+        return b.add(OpKind.CONV2D, x, b.const(w, "w"), b.const(bias, "b"),
+                     attrs=A.Conv2dAttrs(padding=(1, 1), groups=4, activation=A.Activation.RELU6))
+    return before, expected
+
+
+def test_conv_relu6_becomes_the_convs_activation_on_cpu_float_compiles():
+    # MobileNet's ReLU6 (clamp to [0, 6]) after a depthwise conv: oneDNN applies it as a clip
+    # post-op; on a quantized or GPU compile it stays a clamp
+    before, expected = _conv_clamp(0.0, 6.0)
+    g = build(before, (1, 4, 6, 6))
+    out = run_pass("conv_relu6", g)
+    assert_structural_equal(out, build(expected, (1, 4, 6, 6)))
+    assert_same_outputs(g, out)
+    assert run_pass("conv_relu6", g, target="cuda").count(OpKind.CLAMP) == 1
+    assert run_pass("conv_relu6", g, quantize="int8-dynamic").count(OpKind.CLAMP) == 1
+    other, _ = _conv_clamp(0.0, 5.0)  # not ReLU6
+    assert run_pass("conv_relu6", build(other, (1, 4, 6, 6))).count(OpKind.CLAMP) == 1

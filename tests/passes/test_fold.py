@@ -1,5 +1,6 @@
 """The fold phase (passes/fold.py): constant folding of weight-only subgraphs (without
-bloating) and batch norm folded into the conv before it."""
+bloating), batch norm folded into the conv before it, and zero padding into the conv after it."""
+import pytest
 import torch
 
 from kiln.ir import OpKind
@@ -67,4 +68,41 @@ def test_fold_bn_declines_when_conv_output_is_used_twice():
     out = run_pass("fold_bn", g)
     assert out.count(OpKind.BATCH_NORM) == 1
     assert_structural_equal(out, build(before, (1, 3, 4, 4)))
+    assert_same_outputs(g, out)
+
+
+def test_fold_symmetric_zero_padding_into_the_conv():
+    # TF-style "same" padding ahead of a strided depthwise conv: the pad's H and W amounts
+    # join the conv's own padding
+    w, bias = torch.randn(6, 1, 3, 3), torch.randn(6)
+
+    def before(b, x):
+        p = b.add(OpKind.PAD, x, attrs=A.PadAttrs((0, 0, 0, 0, 1, 1, 2, 2)))
+        return b.add(OpKind.CONV2D, p, b.const(w), b.const(bias), attrs=A.Conv2dAttrs((2, 2), (0, 1), groups=6))
+
+    def expected(b, x):
+        return b.add(OpKind.CONV2D, x, b.const(w), b.const(bias), attrs=A.Conv2dAttrs((2, 2), (1, 3), groups=6))
+
+    g = build(before, (1, 6, 9, 10))
+    out = run_pass("fold_pad", g)
+    assert_structural_equal(out, build(expected, (1, 6, 9, 10)))
+    assert_same_outputs(g, out)
+
+
+@pytest.mark.parametrize("pad", [
+    A.PadAttrs((0, 0, 0, 0, 0, 1, 0, 1)),  # asymmetric (a stride-2 layer's "same")
+    A.PadAttrs((0, 0, 0, 0, 1, 1, 1, 1), value=1.0),  # not zeros
+    A.PadAttrs((0, 0, 1, 0, 1, 1, 1, 1)),  # a channel too
+    A.PadAttrs((0, 0, 0, 0, 1, 1, 1, 1), A.PadMode.REFLECT),
+])
+def test_fold_pad_declines_what_the_conv_cannot_pad(pad):
+    def before(b, x):
+        p = b.add(OpKind.PAD, x, attrs=pad)
+        cin = 3 + pad.pads[2] + pad.pads[3]
+        return b.add(OpKind.CONV2D, p, b.const(torch.randn(4, cin, 3, 3), "w"), attrs=A.Conv2dAttrs())
+
+    g = build(before, (1, 3, 8, 8))
+    out = run_pass("fold_pad", g)
+    assert out.count(OpKind.PAD) == 1
+    assert_structural_equal(out, build(before, (1, 3, 8, 8)))
     assert_same_outputs(g, out)

@@ -19,6 +19,7 @@ def test_simplify_identities_and_chains():
         y = b.add(OpKind.PERMUTE, y, attrs=A.PermuteAttrs((1, 0)))
         y = b.add(OpKind.PERMUTE, y, attrs=A.PermuteAttrs((1, 0)))
         y = b.add(OpKind.CAST, y, attrs=A.CastAttrs(DType.FLOAT32))
+        y = b.add(OpKind.PAD, y, attrs=A.PadAttrs((0, 0, 0, 0)))  # padding by nothing
         return b.add(OpKind.DIV, y, b.const(torch.tensor(1.0)))
 
     def expected(b, x):
