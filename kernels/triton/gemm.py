@@ -22,7 +22,7 @@ from .launch import launch
 from .tuning import choose_config, launch_params, signature_of
 
 ACT_CODES = {Activation.NONE: 0, Activation.RELU: 1, Activation.GELU: 2, Activation.GELU_TANH: 3,
-             Activation.TANH: 4, Activation.SIGMOID: 5, Activation.SILU: 6}
+             Activation.TANH: 4, Activation.SIGMOID: 5, Activation.SILU: 6, Activation.RELU6: 7}
 
 
 @triton.jit
@@ -41,6 +41,8 @@ def activate(acc, ACT: tl.constexpr):
         acc = tl.sigmoid(acc)
     elif ACT == 6:
         acc = acc * tl.sigmoid(acc)
+    elif ACT == 7:
+        acc = tl.minimum(tl.maximum(acc, 0.0), 6.0)
     return acc
 
 
