@@ -263,19 +263,27 @@ class TirEmitter(Emitter):
         read at ``row``."""
         from tvm import te
 
-        t = self.stages.get(key)
-        if t is None:
-            out_shape = tuple(1 if d in axes else self.dim(s) for d, s in enumerate(shape))
+        def stage(*i):
             rv = {d: te.reduce_axis((0, shape[d]), name=f"k{d}") for d in axes}
             combiner = {OpKind.SUM: te.sum, OpKind.MAX: te.max, OpKind.MIN: te.min}[kind]
+            return combiner(body([rv[d].var if d in rv else i[d] for d in range(len(shape))]),
+                            axis=[rv[d] for d in axes])
 
-            def stage(*i):
-                return combiner(body([rv[d].var if d in rv else i[d] for d in range(len(shape))]),
-                                axis=[rv[d] for d in axes])
+        return self._stage(key, self._row_shape(shape, axes), stage, f"t_{kind.value}")(*row)
 
+    def _row_shape(self, shape, axes) -> tuple:
+        return tuple(1 if d in axes else self.dim(s) for d, s in enumerate(shape))
+
+    def _stage(self, key, shape: tuple, body, name: str):
+        """The stage ``key``, made on first use: ``body`` over ``shape``, named ``name`` and a
+        number (reductions, and the kept stages of ``row_terms`` and ``inverse_std``)."""
+        from tvm import te
+
+        t = self.stages.get(key)
+        if t is None:
             self.count += 1
-            t = self.stages[key] = te.compute(out_shape, stage, name=f"t_{kind.value}{self.count}")
-        return t(*row)
+            t = self.stages[key] = te.compute(shape, body, name=f"{name}{self.count}")
+        return t
 
     def add(self, a, b):
         return a + b
@@ -316,36 +324,23 @@ class TirEmitter(Emitter):
         ``VECTOR_ROWS`` long: BERT's 128); else a kept stage, computed once per element in a
         loop nest LLVM vectorizes, so neither the row's scalar sum nor the output computes
         the exponential again (ViT's rows of 197, PatchTSMixer's of 63)."""
-        from tvm import te
-
         if row_length % VECTOR_ROWS == 0 or row_length < VECTOR_ROWS:  # short rows: little to gain
             return body(coords)
-        t = self.stages.get(key)
-        if t is None:
-            self.count += 1
-            t = self.stages[key] = te.compute(tuple(self.dim(s) for s in shape), lambda *i: body(list(i)),
-                                              name=f"{KEPT}_exp{self.count}")
-        return t(*coords)
+        return self._stage(key, tuple(self.dim(s) for s in shape), lambda *i: body(list(i)), f"{KEPT}_exp")(*coords)
 
     def inverse_std(self, key, squared, count, eps, shape, axes, row):
         """A stage of one value per row, kept (not inlined into the elementwise tail, which
         would compute the square root again for every element of the row: most of a norm over
         short rows, PatchTSMixer's rows of 8): the expressions of ``normalize`` and
         ``guard_overflow``, the overflow's NaN carried to the row's elements by the product."""
-        from tvm import te, tirx
+        from tvm import tirx
 
-        t = self.stages.get(key)
-        if t is None:
-            out_shape = tuple(1 if d in axes else self.dim(s) for d, s in enumerate(shape))
+        def stage(*i):
+            sq = squared([self.index(0) if d in axes else i[d] for d in range(len(shape))])
+            inv = tirx.rsqrt(self.mean(sq, count) + const(eps, str(sq.ty)))
+            return tirx.Select(tirx.isinf(sq), const(float("nan"), str(sq.ty)), inv)
 
-            def stage(*i):
-                sq = squared([self.index(0) if d in axes else i[d] for d in range(len(shape))])
-                inv = tirx.rsqrt(self.mean(sq, count) + const(eps, str(sq.ty)))
-                return tirx.Select(tirx.isinf(sq), const(float("nan"), str(sq.ty)), inv)
-
-            self.count += 1
-            t = self.stages[key] = te.compute(out_shape, stage, name=f"{KEPT}_inv_std{self.count}")
-        return t(*row)
+        return self._stage(key, self._row_shape(shape, axes), stage, f"{KEPT}_inv_std")(*row)
 
     # -- stages -----------------------------------------------------------------------------
     def store(self, walker: Walker, v: Value, name: str):
