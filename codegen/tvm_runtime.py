@@ -126,6 +126,10 @@ class GeneratedKernel:
         # own pool (KILN_TVM_THREAD_POOL=1, tuning candidates) every call runs them in parallel
         self.serial_below = 2 * int(config.get("grain", 0)) \
             if threads > 1 and self.size_at and id(func) in _ON_OPENMP else 0
+        # the common case, a static group in plain layouts on torch's workers (or serial):
+        # operands passed as they come, outputs allocated from their recorded shapes
+        self.plain = not (any(self.in_nhwc) or any(nhwc for _, _, nhwc in self.outs) or self.size_at or
+                          self.tvm_pool or self.serial_below)
 
     def out_shapes(self, ins) -> tuple:
         """Each output's shape for this call's inputs."""
@@ -143,6 +147,14 @@ class GeneratedKernel:
         return shapes
 
     def __call__(self, ins, attrs=None):
+        if self.plain:
+            for t in ins:
+                if not t.is_contiguous() or t.data_ptr() % ALIGNMENT:
+                    break  # (copied below)
+            else:
+                outs = [torch.empty(shape, dtype=dt) for shape, dt, _ in self.outs]
+                self.func(*ins, *outs)
+                return outs[0] if len(outs) == 1 else tuple(outs)
         args = []
         for t, nhwc in zip(ins, self.in_nhwc):
             if nhwc:

@@ -102,12 +102,14 @@ def _prepare(node: Node, consts: list):
         return None
     x = node.inputs[0].type
     n, k = w.shape
-    rows_hint = math.prod(x.shape[:-1]) if all(isinstance(d, int) for d in x.shape) else 128
-    packed = pack_weight(w, rows_hint)
+    static_rows = math.prod(x.shape[:-1]) if all(isinstance(d, int) for d in x.shape) else None
     bias_c = consts[2] if len(consts) > 2 else None
     bias_c = None if bias_c is None else bias_c.float().contiguous()
     has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
     has_res = len(node.inputs) > 3 and node.inputs[3] is not None
+    if static_rows and _TORCH_OP is not None:
+        return _static_rows(w, static_rows, bias_c, has_bias, has_res)
+    packed = pack_weight(w, static_rows or 128)
 
     def run(ins, a):
         xt = ins[0]
@@ -119,6 +121,33 @@ def _prepare(node: Node, consts: list):
         y = packed_linear(x2, packed, n, bias).view(*lead, n)
         return epilogue(y, ins[3] if has_res else None, a.activation)
     return run
+
+
+def _static_rows(w: torch.Tensor, rows: int, bias_c, has_bias: bool, has_res: bool):
+    """A node of one row count: torch's own ``mkl::_mkl_linear`` on the weight packed by its
+    ``_mkl_reorder_linear_weight`` -- the same MKL packed GEMM (bit for bit) reached from
+    C++ rather than through ctypes, whose argument conversion is a fixed cost the size of a
+    small GEMM (a time-series mixer's linears of 8-126 channels). The op takes the packed
+    path only at the row count it was packed for, which a static node always has."""
+    w = w.float().contiguous()
+    packed = _TORCH_OP[0](w, rows)
+
+    def run(ins, a):
+        bias = (bias_c if bias_c is not None else ins[2].float().contiguous()) if has_bias else None
+        y = _TORCH_OP[1](ins[0], packed, w, bias, rows)
+        return epilogue(y, ins[3] if has_res else None, a.activation)
+    return run
+
+
+def _torch_op():
+    """torch's ``(mkl::_mkl_reorder_linear_weight, mkl::_mkl_linear)`` (None without them)."""
+    try:
+        return torch.ops.mkl._mkl_reorder_linear_weight, torch.ops.mkl._mkl_linear
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_TORCH_OP = _torch_op() if _FNS is not None else None
 
 
 def _unusable(ins, a):

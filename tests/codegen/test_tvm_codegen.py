@@ -618,8 +618,11 @@ def test_inputs_at_unaligned_addresses_are_safe():
     x = base[3:].view(8, 1000)
     y = torch.from_numpy(torch.randn(1001).numpy()[1:])
     assert x.data_ptr() % 64 and y.data_ptr() % 64
+    assert kernel.plain  # static, plain layouts: the fast path, which hands these to the copying one
     const = [graph.constants[v] for v in graph.constants]
     torch.testing.assert_close(kernel([x, y] + const), run_graph(graph, [x, y])[0])
+    xt = torch.randn(1000, 8).t()  # not contiguous
+    torch.testing.assert_close(kernel([xt, y] + const), run_graph(graph, [xt, y])[0])
 
 
 class _TailIntoNorm(torch.nn.Module):

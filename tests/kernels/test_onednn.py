@@ -208,3 +208,24 @@ def test_mkl_packed_linear_serves_every_row_count_from_one_packed_weight():
     packed = torch.ops.mkl._mkl_reorder_linear_weight(w, 128)
     assert torch.equal(mkl.packed_linear(x2, mkl.pack_weight(w, 128), 48, bv),
                        torch.ops.mkl._mkl_linear(x2, packed, w, bv, 128))
+
+
+def test_mkl_static_rows_run_torchs_op_on_the_same_packed_gemm():
+    """A node of static shape runs torch's ``mkl::_mkl_linear`` (called from C++, not through
+    ctypes): bit for bit the packed GEMM the symbolic path computes at that row count."""
+    from kiln.kernels import mkl
+
+    if not mkl.available() or mkl._TORCH_OP is None:
+        pytest.skip("torch was built without MKL")
+    b = GraphBuilder()
+    x = b.input("x", (2, 9, 40))
+    w, bv = torch.randn(24, 40), torch.randn(24)
+    node = b.build([b.add(OpKind.LINEAR, x, b.const(w), b.const(bv))]).nodes[0]
+    k = next(k for k in kernels_for(OpKind.LINEAR, "cpu") if k.name == "cpu.mkl_linear")
+    fn = k.bind(node, [None, w, bv])
+    xs = torch.randn(2, 9, 40)
+    got = fn([xs, w, bv], node.attrs)
+    assert got.shape == (2, 9, 24)
+    assert torch.equal(got.reshape(-1, 24), mkl.packed_linear(xs.reshape(-1, 40), mkl.pack_weight(w, 18), 24, bv))
+    strided = torch.randn(2, 9, 80)[..., :40]  # a slice's rows: copied, same numbers
+    assert torch.equal(fn([strided, w, bv], node.attrs), fn([strided.contiguous(), w, bv], node.attrs))
