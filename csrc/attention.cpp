@@ -14,7 +14,8 @@
 // bf16 on a CPU with AMX-BF16 takes the tile path instead (attend_block_amx): the two
 // products run as tdpbf16ps (bf16 products, fp32 sums) over K and V packed in the tiles'
 // pair-interleaved layout, P is rounded to bf16 for the second product (as torch's bf16 sdpa
-// does), the softmax stays fp32.
+// does), the softmax stays fp32. Without AMX but with AVX512-BF16, the same arithmetic on the
+// same packing runs as vdpbf16ps in registers (attend_block_dot).
 // Rows whose keys are all masked give 0 (as torch's sdpa does); NaN inputs give NaN rows.
 #include <cpuid.h>
 #include <immintrin.h>
@@ -323,16 +324,170 @@ void attend_block(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, int6
 }
 
 
-// ---- AMX-BF16: every tile 16 rows x 64 bytes (16 x 32 bf16, or 16 x 16 fp32; load_full_tiles) ----
-// tiles 0-3: fp32 accumulators (4 x 16 columns), 4: A (16 rows x 32 bf16), 5-7: B (16 pairs x 16 columns)
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+// ---- bf16 products over pairs (AMX tiles, or AVX512-BF16 dot products): both read Q as bf16 rows, K^T
+// and V in the pair-interleaved layout (one 32-bit lane = two consecutive elements of the sum) and P
+// rounded to bf16; the sums are fp32.
+#if (defined(__AMX_BF16__) && defined(__AMX_TILE__)) || defined(__AVX512BF16__)
 inline int64_t round32(int64_t n) { return (n + 31) / 32 * 32; }
 
-struct AmxScratch {
+struct PairScratch {
   std::vector<uint16_t> q, kv, vv, p;
   std::vector<float> s, inv;
   alignas(64) float c[16 * 64];
 };
+
+// The task's operands in pairs: q [rows_p x Dk] bf16 (zero-padded to Dk columns and rows_p rows),
+// kv [Dk / 2][Skp] pairs (kv[kk][n] = K[n][2kk, 2kk+1]), vv [Skp / 2][Dn] pairs
+// (vv[kk][d] = V[2kk][d], V[2kk+1][d]); every pair past the real rows and columns is zero.
+void pack_pairs(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, int64_t rows, int64_t rows_p, int64_t Sk,
+                PairScratch& w, const NextRows& next) {
+  const int64_t D = a.D, Dk = round32(D), Dn = round16(D), Skp = round32(Sk);
+  const uint16_t* q = static_cast<const uint16_t*>(a.q);
+  const uint16_t* k = static_cast<const uint16_t*>(a.k);
+  const uint16_t* v = static_cast<const uint16_t*>(a.v);
+  w.q.assign(rows_p * Dk, 0);
+  w.kv.resize(Dk / 2 * Skp * 2);
+  w.vv.resize(Skp / 2 * Dn * 2);
+
+  // Q rows, zero-padded to Dk columns and rows_p rows
+  const int64_t qbase = b * a.q_stride[0] + h * a.q_stride[1];
+  for (int64_t r = 0; r < rows; ++r) {
+    next.q_row(r);
+    for (int64_t d0 = 0; d0 < D; d0 += 32) {
+      const __mmask32 m = D - d0 >= 32 ? 0xFFFFFFFFu : (1u << (D - d0)) - 1;
+      _mm512_mask_storeu_epi16(&w.q[r * Dk + d0], m,
+                               _mm512_maskz_loadu_epi16(m, q + qbase + (r0 + r) * a.q_stride[2] + d0));
+    }
+  }
+  for (int64_t r = rows; r < next.q_rows; ++r) next.q_row(r);
+  // K^T in pairs: a 16 x 16 transpose of pairs
+  const int64_t kbase = b * a.k_stride[0] + h * a.k_stride[1];
+  uint32_t* kv32 = reinterpret_cast<uint32_t*>(w.kv.data());
+  for (int64_t j0 = 0; j0 < Skp; j0 += 16)
+    for (int64_t d0 = 0; d0 < Dk; d0 += 32) {
+      if (d0 == 0)
+        for (int64_t i = j0; i < j0 + 16; ++i) next.kv_row(i);
+      __m512 r[16];
+      const __mmask32 m = D - d0 >= 32 ? 0xFFFFFFFFu : D > d0 ? (1u << (D - d0)) - 1 : 0u;
+      for (int64_t i = 0; i < 16; ++i)
+        r[i] = j0 + i < Sk ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(m, k + kbase + (j0 + i) * a.k_stride[2] + d0))
+                           : _mm512_setzero_ps();
+      transpose16(r);
+      for (int64_t i = 0; i < 16; ++i) _mm512_storeu_ps(reinterpret_cast<float*>(kv32 + (d0 / 2 + i) * Skp + j0), r[i]);
+    }
+  // V in pairs, rows past Sk zero
+  const int64_t vbase = b * a.v_stride[0] + h * a.v_stride[1];
+  uint32_t* vv32 = reinterpret_cast<uint32_t*>(w.vv.data());
+  for (int64_t kk = 0; kk < Skp / 2; ++kk) {
+    for (int64_t d0 = 0; d0 < Dn; d0 += 16) {
+      const __mmask16 m = tail_mask(D - d0);
+      const int64_t j = 2 * kk;
+      const __m256i lo = j < Sk ? _mm256_maskz_loadu_epi16(m, v + vbase + j * a.v_stride[2] + d0) : _mm256_setzero_si256();
+      const __m256i hi = j + 1 < Sk ? _mm256_maskz_loadu_epi16(m, v + vbase + (j + 1) * a.v_stride[2] + d0)
+                                    : _mm256_setzero_si256();
+      const __m512i pair = _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+      _mm512_storeu_si512(vv32 + kk * Dn + d0, pair);
+    }
+  }
+  for (int64_t i = Skp; i < next.kv_rows; ++i) next.kv_row(i);  // a longer next task (causal row blocks)
+}
+
+// The softmax of the task's scores w.s: fp32 numerators rounded to bf16 into w.p (padding zero),
+// 1 / fp32 row sums into w.inv.
+void softmax_to_pairs(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, int64_t rows, int64_t Sk,
+                      PairScratch& w) {
+  const int64_t Skp = round32(Sk);
+  std::fill(w.p.begin(), w.p.end(), 0);
+  uint16_t* pb = w.p.data();
+  softmax_block(a, b, h, r0, rows, Sk, w.s.data(), Skp, _mm512_set1_ps(a.scale),
+                [pb, Skp](int64_t r, int64_t j, __m512 x) {
+                  _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + r * Skp + j), to_bf16(x));
+                }, w.inv.data());
+}
+#endif
+
+// ---- AVX512-BF16: vdpbf16ps, 16 lanes x one pair each, register-blocked as fma_block is ----
+#ifdef __AVX512BF16__
+// out[r][c] = sum_kk pair(a[r * lda + kk]) . b[kk * ldb + 16 c .. +16) (pairs): kRows rows x NV vectors.
+template <int NV>
+inline void dot_block(const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb, int64_t kpairs,
+                      __m512 (*out)[4]) {
+  __m512 acc[kRows][NV];
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < kpairs; ++kk) {
+    __m512bh bv[NV];
+    for (int c = 0; c < NV; ++c) bv[c] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + kk * ldb + 16 * c));
+    for (int r = 0; r < kRows; ++r) {
+      const __m512bh ab = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(a[r * lda + kk])));
+      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], ab, bv[c]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < NV; ++c) out[r][c] = acc[r][c];
+}
+
+inline void dot_block_n(int nv, const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb, int64_t kpairs,
+                        __m512 (*out)[4]) {
+  switch (nv) {
+    case 4: dot_block<4>(a, lda, b, ldb, kpairs, out); break;
+    case 3: dot_block<3>(a, lda, b, ldb, kpairs, out); break;
+    case 2: dot_block<2>(a, lda, b, ldb, kpairs, out); break;
+    default: dot_block<1>(a, lda, b, ldb, kpairs, out); break;
+  }
+}
+
+// The AMX path's arithmetic (bf16 products, fp32 sums, P rounded to bf16) on a CPU with
+// AVX512-BF16 but no AMX (AMD Zen 4 and later, Intel Cooper Lake): two products per lane per
+// instruction where the fp32 path widens every element and does one.
+void attend_block_dot(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, int64_t r1, PairScratch& w,
+                      const NextRows& next) {
+  const int64_t D = a.D, Dk = round32(D), Dn = round16(D);
+  const int64_t Sk = a.causal ? std::min(a.Sk, r1) : a.Sk;
+  const int64_t Skp = round32(Sk);
+  const int64_t rows = r1 - r0, rows_p = round16(rows);
+  pack_pairs(a, b, h, r0, rows, rows_p, Sk, w, next);
+  w.p.resize(rows_p * Skp);
+  w.s.resize(rows_p * Skp);
+  w.inv.resize(rows_p);
+  const uint32_t* q32 = reinterpret_cast<const uint32_t*>(w.q.data());
+  const uint32_t* kv32 = reinterpret_cast<const uint32_t*>(w.kv.data());
+  const uint32_t* vv32 = reinterpret_cast<const uint32_t*>(w.vv.data());
+
+  // scores = Q K^T (fp32, unscaled: the softmax scales), 64 keys per block
+  for (int64_t r = 0; r < rows_p; r += kRows)
+    for (int64_t n0 = 0; n0 < Skp; n0 += 64) {
+      const int nv = static_cast<int>(std::min<int64_t>(4, (Skp - n0) / 16));
+      __m512 acc[kRows][4];
+      dot_block_n(nv, q32 + r * (Dk / 2), Dk / 2, kv32 + n0, Skp, Dk / 2, acc);
+      for (int i = 0; i < kRows; ++i)
+        for (int c = 0; c < nv; ++c) _mm512_storeu_ps(&w.s[(r + i) * Skp + n0 + 16 * c], acc[i][c]);
+    }
+  softmax_to_pairs(a, b, h, r0, rows, Sk, w);
+
+  // O = P V / rowsum, 64 columns of D per block, written straight into the output's strides
+  const uint32_t* p32 = reinterpret_cast<const uint32_t*>(w.p.data());
+  const int64_t obase = b * a.o_stride[0] + h * a.o_stride[1];
+  for (int64_t r = 0; r < rows_p; r += kRows)
+    for (int64_t d0 = 0; d0 < Dn; d0 += 64) {
+      const int nv = static_cast<int>(std::min<int64_t>(4, (Dn - d0) / 16));
+      __m512 acc[kRows][4];
+      dot_block_n(nv, p32 + r * (Skp / 2), Skp / 2, vv32 + d0, Dn, Skp / 2, acc);
+      for (int64_t i = 0; i < kRows && r + i < rows; ++i) {
+        const __m512 inv = _mm512_set1_ps(w.inv[r + i]);
+        const int64_t oo = obase + (r0 + r + i) * a.o_stride[2];
+        for (int c = 0; c < nv; ++c) {
+          const int64_t d = d0 + 16 * c;
+          store16(a.o, oo + d, true, tail_mask(D - d), _mm512_mul_ps(acc[i][c], inv));
+        }
+      }
+    }
+}
+#endif
+
+// ---- AMX-BF16: every tile 16 rows x 64 bytes (16 x 32 bf16, or 16 x 16 fp32; load_full_tiles) ----
+// tiles 0-3: fp32 accumulators (4 x 16 columns), 4: A (16 rows x 32 bf16), 5-7: B (16 pairs x 16 columns)
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
 
 // C[16 x 16 nt] += A (16 x 32 k, row stride lda bytes) * B (16 k-pairs x 16 nt columns), over kblocks.
 template <int NT>
@@ -369,63 +524,16 @@ inline void tile_gemm_n(int nt, const uint16_t* a, int64_t lda, const uint16_t* 
   }
 }
 
-void attend_block_amx(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, int64_t r1, AmxScratch& w,
+void attend_block_amx(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, int64_t r1, PairScratch& w,
                       const NextRows& next) {
   const int64_t D = a.D, Dk = round32(D), Dn = round16(D);
   const int64_t Sk = a.causal ? std::min(a.Sk, r1) : a.Sk;
   const int64_t Skp = round32(Sk);
   const int64_t rows = r1 - r0, rows_p = round16(rows);
-  const uint16_t* q = static_cast<const uint16_t*>(a.q);
-  const uint16_t* k = static_cast<const uint16_t*>(a.k);
-  const uint16_t* v = static_cast<const uint16_t*>(a.v);
-  w.q.assign(rows_p * Dk, 0);
-  w.kv.resize(Dk / 2 * Skp * 2);
-  w.vv.resize(Skp / 2 * Dn * 2);
+  pack_pairs(a, b, h, r0, rows, rows_p, Sk, w, next);
   w.p.resize(rows_p * Skp);
   w.s.resize(rows_p * Skp);
   w.inv.resize(rows_p);
-
-  // Q rows, zero-padded to Dk columns and rows_p rows
-  const int64_t qbase = b * a.q_stride[0] + h * a.q_stride[1];
-  for (int64_t r = 0; r < rows; ++r) {
-    next.q_row(r);
-    for (int64_t d0 = 0; d0 < D; d0 += 32) {
-      const __mmask32 m = D - d0 >= 32 ? 0xFFFFFFFFu : (1u << (D - d0)) - 1;
-      _mm512_mask_storeu_epi16(&w.q[r * Dk + d0], m,
-                               _mm512_maskz_loadu_epi16(m, q + qbase + (r0 + r) * a.q_stride[2] + d0));
-    }
-  }
-  for (int64_t r = rows; r < next.q_rows; ++r) next.q_row(r);
-  // K^T in pairs: kv[kk][n] (one 32-bit pair) = K[n][2kk, 2kk+1], a 16 x 16 transpose of pairs
-  const int64_t kbase = b * a.k_stride[0] + h * a.k_stride[1];
-  uint32_t* kv32 = reinterpret_cast<uint32_t*>(w.kv.data());
-  for (int64_t j0 = 0; j0 < Skp; j0 += 16)
-    for (int64_t d0 = 0; d0 < Dk; d0 += 32) {
-      if (d0 == 0)
-        for (int64_t i = j0; i < j0 + 16; ++i) next.kv_row(i);
-      __m512 r[16];
-      const __mmask32 m = D - d0 >= 32 ? 0xFFFFFFFFu : D > d0 ? (1u << (D - d0)) - 1 : 0u;
-      for (int64_t i = 0; i < 16; ++i)
-        r[i] = j0 + i < Sk ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(m, k + kbase + (j0 + i) * a.k_stride[2] + d0))
-                           : _mm512_setzero_ps();
-      transpose16(r);
-      for (int64_t i = 0; i < 16; ++i) _mm512_storeu_ps(reinterpret_cast<float*>(kv32 + (d0 / 2 + i) * Skp + j0), r[i]);
-    }
-  // V in pairs: vv[kk][d] = (V[2kk][d], V[2kk+1][d]), rows past Sk zero
-  const int64_t vbase = b * a.v_stride[0] + h * a.v_stride[1];
-  uint32_t* vv32 = reinterpret_cast<uint32_t*>(w.vv.data());
-  for (int64_t kk = 0; kk < Skp / 2; ++kk) {
-    for (int64_t d0 = 0; d0 < Dn; d0 += 16) {
-      const __mmask16 m = tail_mask(D - d0);
-      const int64_t j = 2 * kk;
-      const __m256i lo = j < Sk ? _mm256_maskz_loadu_epi16(m, v + vbase + j * a.v_stride[2] + d0) : _mm256_setzero_si256();
-      const __m256i hi = j + 1 < Sk ? _mm256_maskz_loadu_epi16(m, v + vbase + (j + 1) * a.v_stride[2] + d0)
-                                    : _mm256_setzero_si256();
-      const __m512i pair = _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
-      _mm512_storeu_si512(vv32 + kk * Dn + d0, pair);
-    }
-  }
-  for (int64_t i = Skp; i < next.kv_rows; ++i) next.kv_row(i);  // a longer next task (causal row blocks)
 
   // scores = Q K^T (fp32), 64 keys per pass
   for (int64_t r = 0; r < rows_p; r += 16)
@@ -434,14 +542,7 @@ void attend_block_amx(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, 
       tile_gemm_n(nt, &w.q[r * Dk], Dk * 2, &w.kv[n0 * 2], 16 * Skp * 2, Skp * 4, Dk / 32, &w.s[r * Skp + n0], Skp * 4);
     }
 
-  // softmax: fp32 numerators rounded to bf16 into p, 1 / fp32 row sums
-  const __m512 scale = _mm512_set1_ps(a.scale);
-  std::fill(w.p.begin(), w.p.end(), 0);
-  uint16_t* pb = w.p.data();
-  softmax_block(a, b, h, r0, rows, Sk, w.s.data(), Skp, scale,
-                [pb, Skp](int64_t r, int64_t j, __m512 x) {
-                  _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + r * Skp + j), to_bf16(x));
-                }, w.inv.data());
+  softmax_to_pairs(a, b, h, r0, rows, Sk, w);
 
   // O = P V / rowsum, 64 columns of D per pass
   const int64_t obase = b * a.o_stride[0] + h * a.o_stride[1];
@@ -477,8 +578,29 @@ bool cpu_has_amx_bf16() {
 #endif
 }
 
+bool cpu_has_avx512_bf16() {
+#ifdef __AVX512BF16__
+  // AVX512_BF16: CPUID.(EAX=7, ECX=1):EAX bit 5 (the build's -march may be another machine's)
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    return __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1u);
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 #endif
+
+bool dot_bf16_supported() {
+#ifdef __AVX512F__
+  return cpu_has_avx512_bf16();
+#else
+  return false;
+#endif
+}
 
 bool amx_bf16_supported() {
 #ifdef __AVX512F__
@@ -509,14 +631,18 @@ void attention(const AttentionArgs& a, int threads) {
   const int64_t max_rows = std::max<int64_t>(kRows, kMaxScores / round16(std::max<int64_t>(a.Sk, 1)) / kRows * kRows);
   rows = std::min(std::max<int64_t>(rows, std::min<int64_t>(a.Sq, 16)), max_rows);
   const int64_t blocks = (a.Sq + rows - 1) / rows;
-  const bool amx = a.bf16 && a.path != AttentionPath::kFma && amx_bf16_supported();
+  const bool amx = a.bf16 && (a.path == AttentionPath::kAuto || a.path == AttentionPath::kAmx) && amx_bf16_supported();
   if (a.path == AttentionPath::kAmx && !amx) throw std::runtime_error("attention: the AMX-BF16 path needs bf16 and AMX");
+  const bool dot = a.bf16 && !amx && (a.path == AttentionPath::kAuto || a.path == AttentionPath::kDot) &&
+                   dot_bf16_supported();
+  if (a.path == AttentionPath::kDot && !dot)
+    throw std::runtime_error("attention: the AVX512-BF16 path needs bf16 and AVX512-BF16");
   parallel_ranges(bh_count * blocks, threads, [&](int64_t t0, int64_t t1) {
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
     if (amx) {
       load_full_tiles();
       // kept per thread across calls: no allocation per call
-      static thread_local AmxScratch w;
+      static thread_local PairScratch w;
       next_rows(a, t0, blocks, rows).all();  // the first task's misses in flight at once, not row by row
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t blk = t % blocks, bh = t / blocks;
@@ -524,7 +650,20 @@ void attention(const AttentionArgs& a, int threads) {
                          t + 1 < t1 ? next_rows(a, t + 1, blocks, rows) : NextRows{});
       }
       _tile_release();
-      if (w.kv.capacity() + w.vv.capacity() > kKeepScratch) w = AmxScratch{};  // long sequences: give it back
+      if (w.kv.capacity() + w.vv.capacity() > kKeepScratch) w = PairScratch{};  // long sequences: give it back
+      return;
+    }
+#endif
+#ifdef __AVX512BF16__
+    if (dot) {
+      static thread_local PairScratch w;
+      next_rows(a, t0, blocks, rows).all();
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t blk = t % blocks, bh = t / blocks;
+        attend_block_dot(a, bh / a.H, bh % a.H, blk * rows, std::min(a.Sq, blk * rows + rows), w,
+                         t + 1 < t1 ? next_rows(a, t + 1, blocks, rows) : NextRows{});
+      }
+      if (w.kv.capacity() + w.vv.capacity() > kKeepScratch) w = PairScratch{};
       return;
     }
 #endif

@@ -129,7 +129,8 @@ namespace kiln {
 // strides (in elements) with unit stride along D. mask: an fp32 additive mask read at
 // mask + b*ms[0] + h*ms[1] + i*ms[2] + j*ms[3] (ms[3] is 0 or 1; 0 strides broadcast),
 // or null. causal hides keys j > i. Computed in fp32.
-enum class AttentionPath { kAuto, kFma, kAmx };  // kAuto: AMX for bf16 where the CPU has it
+// kAuto: for bf16, AMX where the CPU has it, else AVX512-BF16 dot products where it has those
+enum class AttentionPath { kAuto, kFma, kAmx, kDot };
 struct AttentionArgs {
   const void* q;
   const void* k;
@@ -144,6 +145,7 @@ struct AttentionArgs {
 };
 bool attention_supported();
 bool amx_bf16_supported();  // AMX-BF16 built, present, and tile state granted to this process
+bool dot_bf16_supported();  // the AVX512-BF16 path built and the CPU has the instructions
 // Register-only FMA or AMX-BF16 throughput (GFLOP/s summed over `threads` running at once;
 // peak.cpp): the ceilings kernels are read against.
 // kClock: dependent one-cycle adds, so the figure is the core clock in GHz;

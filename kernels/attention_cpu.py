@@ -7,7 +7,9 @@ worth having in a Transformer block: q, k and v arrive as strided views of one f
 projection and are read in place, and the output is written straight into [B, S, H, D]
 memory, so the head merge after it stays a view. fp32 runs on AVX-512 FMAs at about the
 core's FMA rate; bf16 runs the two products on AMX tiles (tdpbf16ps, fp32 sums, P rounded to
-bf16 as torch's bf16 sdpa does) where the CPU has AMX-BF16, else widened to fp32. The
+bf16 as torch's bf16 sdpa does) where the CPU has AMX-BF16, else the same arithmetic as
+AVX512-BF16 dot products (vdpbf16ps: AMD Zen 4 and later, Intel Cooper Lake) where it has
+those, else widened to fp32. The
 softmax is fp32 either way, with terms under exp(-80) of the row's largest dropped so no
 denormal reaches the sums (``csrc/attention.cpp``).
 """

@@ -37,7 +37,8 @@ void expect_shape(const py::buffer_info& b, const char* name, int64_t d0, int64_
 void attention_py(py::array q, py::array k, py::array v, py::array o, std::optional<py::array_t<float>> mask,
                   double scale, bool causal, int threads, const std::string& path) {
   if (threads < 1) throw py::value_error("threads must be >= 1");
-  if (path != "auto" && path != "fma" && path != "amx") throw py::value_error("path must be auto, fma or amx");
+  if (path != "auto" && path != "fma" && path != "amx" && path != "dot")
+    throw py::value_error("path must be auto, fma, amx or dot");
   const bool bf16 = q.dtype().itemsize() == 2 && q.dtype().kind() != 'f';
   if (!(q.dtype().is(py::dtype::of<float>()) || (bf16 && (q.dtype().kind() == 'i' || q.dtype().kind() == 'u'))))
     throw py::value_error("q: expected float32, or bfloat16 passed as 16-bit integers");
@@ -74,10 +75,14 @@ void attention_py(py::array q, py::array k, py::array v, py::array o, std::optio
   a.scale = static_cast<float>(scale);
   a.causal = causal;
   a.bf16 = bf16;
-  a.path = path == "fma" ? kiln::AttentionPath::kFma : path == "amx" ? kiln::AttentionPath::kAmx
-                                                                     : kiln::AttentionPath::kAuto;
+  a.path = path == "fma" ? kiln::AttentionPath::kFma
+           : path == "amx" ? kiln::AttentionPath::kAmx
+           : path == "dot" ? kiln::AttentionPath::kDot
+                           : kiln::AttentionPath::kAuto;
   if (a.path == kiln::AttentionPath::kAmx && !(bf16 && kiln::amx_bf16_supported()))
     throw py::value_error("path='amx' needs bf16 arrays and a CPU with AMX-BF16");
+  if (a.path == kiln::AttentionPath::kDot && !(bf16 && kiln::dot_bf16_supported()))
+    throw py::value_error("path='dot' needs bf16 arrays and a CPU with AVX512-BF16");
   py::gil_scoped_release nogil;
   kiln::attention(a, threads);
 }
@@ -90,6 +95,9 @@ void register_attention_kernels(py::module_& m) {
         py::arg("o").noconvert(), py::arg("mask").noconvert(), py::arg("scale"), py::arg("causal") = false,
         py::arg("threads") = 1, py::arg("path") = "auto",
         "o (B,H,Sq,D) = softmax(q k^T * scale + mask) v over strided float32 or bf16 (int16) arrays; "
-        "mask: float32 (B,H,Sq,Sk), 0 strides broadcast. path: auto (AMX for bf16 where present), fma, amx.");
+        "mask: float32 (B,H,Sq,Sk), 0 strides broadcast. path: auto (for bf16: AMX where present, else "
+        "AVX512-BF16 where present, else fp32 FMAs), fma, amx, dot (AVX512-BF16).");
   m.def("amx_bf16_supported", &kiln::amx_bf16_supported, "Whether the bf16 attention can use AMX tiles here.");
+  m.def("dot_bf16_supported", &kiln::dot_bf16_supported,
+        "Whether the bf16 attention can use AVX512-BF16 dot products here.");
 }

@@ -85,21 +85,28 @@ def _direct(q, k, v, mask=None, causal=False, path="auto", threads=1):
     return o
 
 
-@pytest.mark.skipif(not _C.amx_bf16_supported(), reason="no AMX-BF16 on this CPU")
+_PAIR_PATHS = [pytest.param("amx", marks=pytest.mark.skipif(not _C.amx_bf16_supported(), reason="no AMX-BF16")),
+               pytest.param("dot", marks=pytest.mark.skipif(not _C.dot_bf16_supported(), reason="no AVX512-BF16"))]
+
+
+@pytest.mark.parametrize("path", _PAIR_PATHS)
 @pytest.mark.parametrize("case", CASES)
-def test_bf16_amx_tiles_match_the_fma_path_and_float64(case):
+def test_bf16_pair_products_match_the_fma_path_and_float64(case, path):
+    """bf16 products with fp32 sums, on AMX tiles or as AVX512-BF16 dot products in registers."""
     B, H, Sq, Sk, D, causal, mshape = case
     g = torch.Generator().manual_seed(Sk * 7 + D)
     q, k, v = (torch.randn(B, H, s, D, generator=g).bfloat16() for s in (Sq, Sk, Sk))
     mask = 3 * torch.randn(mshape, generator=g) if mshape else None
     ref = _reference(q, k, v, mask, causal)
     for threads in (1, 2):
-        amx, fma = (_direct(q, k, v, mask, causal, p, threads) for p in ("amx", "fma"))
-        # P is rounded to bf16 for the tile product (as in torch's bf16 sdpa), then the output:
-        # within two bf16 steps (2^-7 relative each) of the largest output
+        pairs, fma = (_direct(q, k, v, mask, causal, p, threads) for p in (path, "fma"))
+        # P is rounded to bf16 for the second product (as in torch's bf16 sdpa), then the
+        # output: within two bf16 steps (2^-7 relative each) of the largest output
         top = max(1.0, float(ref.abs().max()))
-        assert float((amx.double() - ref).abs().max()) <= 2 ** -6 * top
-        assert float((amx.double() - fma.double()).abs().max()) <= 2 ** -6 * top
+        assert float((pairs.double() - ref).abs().max()) <= 2 ** -6 * top
+        assert float((pairs.double() - fma.double()).abs().max()) <= 2 ** -6 * top
+    if not _C.amx_bf16_supported():  # what the kernel runs for bf16 where there is no AMX
+        assert torch.equal(_direct(q, k, v, mask, causal, "auto"), _direct(q, k, v, mask, causal, "dot"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -169,6 +176,8 @@ def test_bad_arguments_are_rejected():
         _C.attention(**args(path="tiles"))
     with pytest.raises(ValueError):  # the AMX path is bf16 only
         _C.attention(**args(path="amx"))
+    with pytest.raises(ValueError):  # so is the AVX512-BF16 one
+        _C.attention(**args(path="dot"))
 
 
 def test_candidate_only_for_supported_nodes():
@@ -185,3 +194,25 @@ def test_candidate_only_for_supported_nodes():
     assert "cpu.fused_attention" in names((1, 2, 8, 64), (1, 2, 9, 64), DType.BFLOAT16)
     assert "cpu.fused_attention" not in names((1, 2, 8, 64), (1, 2, 9, 64), DType.FLOAT16)
     assert "cpu.fused_attention" not in names((2, 8, 64), (2, 9, 64))
+
+
+@pytest.mark.parametrize("path", _PAIR_PATHS)
+def test_bf16_pair_products_fully_masked_rows_and_nan(path):
+    """The bf16 pair paths keep the conventions: a row that sees no key is 0, a NaN query
+    poisons its own row only, causal rows see only earlier keys."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, n, 40, generator=g).bfloat16() for n in (20, 33, 33))
+    keep = torch.ones(1, 2, 20, 33, dtype=torch.bool)
+    keep[0, 1, 2] = False
+    mask = torch.zeros(keep.shape).masked_fill_(~keep, -math.inf)
+    o = _direct(q, k, v, mask, path=path)
+    assert torch.equal(o[0, 1, 2].float(), torch.zeros(40))
+    ref = _reference(q, k, v, keep)
+    ref[0, 1, 2] = 0  # (the float64 softmax of a row of -inf is NaN)
+    assert float((o.double() - ref).abs().max()) <= 2 ** -6 * 2
+    q[0, 0, 3, 5] = float("nan")
+    o = _direct(q, k, v, path=path)
+    assert torch.isnan(o[0, 0, 3]).all() and not torch.isnan(o[0, 0, :3]).any() and not torch.isnan(o[0, 1]).any()
+    o = _direct(q[:, :, :7], k[:, :, :7], v[:, :, :7], causal=True, path=path)
+    assert float((o[0, 1].double() - _reference(q[:, :, :7], k[:, :, :7], v[:, :, :7], causal=True)[0, 1]).abs().max()) \
+        <= 2 ** -6 * 2
