@@ -18,10 +18,12 @@ from kiln.ir import GraphBuilder, Node, OpKind
 from kiln.ir.cost import node_bytes, node_flops
 
 
-def model_nodes(quick: bool) -> list[tuple[str, Node, list]]:
-    """(model, node, constants) for each distinct op x shape in the optimized example models."""
+def model_nodes(quick: bool, precision: str = "fp32") -> list[tuple[str, Node, list]]:
+    """(model, node, constants) for each distinct op x shape in the optimized example models
+    (compiled in ``precision``: with bf16 their GEMMs, convolutions and attention are bf16)."""
     from kiln import models
     from kiln.frontends.torch_export import export_program, from_exported
+    from kiln.options import CompileOptions
     from kiln.passes.pipeline import run_pipeline
 
     specs = {"resnet18": {"image": 64} if quick else {}, "bert": {"layers": 1, "seq": 32} if quick else {"layers": 1},
@@ -29,7 +31,8 @@ def model_nodes(quick: bool) -> list[tuple[str, Node, list]]:
     seen, out = set(), []
     for name, kw in specs.items():
         model, inputs = models.get(name, **kw)
-        g = run_pipeline(from_exported(export_program(model, inputs), name).graph).graph
+        g = run_pipeline(from_exported(export_program(model, inputs), name).graph,
+                         CompileOptions(precision=precision)).graph
         for n in g.nodes:
             if n.op in (OpKind.RESHAPE, OpKind.SLICE, OpKind.PERMUTE, OpKind.TO_LAYOUT):
                 continue  # views and layout glue: nothing to compute
@@ -72,7 +75,7 @@ def _time(fn, ins, attrs, repeats: int) -> list[float]:
 
 
 def run(target: str = "cpu", quick: bool = False, op: str | None = None, shapes: list[str] | None = None,
-        repeats: int | None = None, threads: int | None = None) -> dict:
+        repeats: int | None = None, threads: int | None = None, precision: str = "fp32") -> dict:
     from kiln.kernels.registry import candidates, select_kernel
     from kiln.progress import progress
 
@@ -88,7 +91,7 @@ def run(target: str = "cpu", quick: bool = False, op: str | None = None, shapes:
     except RuntimeError:  # built without AVX-512: no ceiling to show
         pass
     repeats = repeats or (5 if quick else 20)
-    nodes = gemm_nodes(shapes) if shapes else model_nodes(quick)
+    nodes = gemm_nodes(shapes) if shapes else model_nodes(quick, precision)
     if op:
         nodes = [x for x in nodes if x[1].op.value == op]
     rows = []
@@ -112,12 +115,13 @@ def run(target: str = "cpu", quick: bool = False, op: str | None = None, shapes:
                          "median_us": med * 1e6, "p25_us": q[0] * 1e6, "p75_us": q[-1] * 1e6,
                          "gflops": flops / med / 1e9, "gbs": nbytes / med / 1e9,
                          "roofline": attainable / med if med > 0 else 0.0, "flops": flops, "bytes": nbytes})
-    return {"target": target, "threads": torch.get_num_threads(), "machine": roof, "rows": rows}
+    return {"target": target, "precision": precision, "threads": torch.get_num_threads(), "machine": roof,
+            "rows": rows}
 
 
 def table(result: dict) -> str:
     m = result["machine"]
-    lines = [f"target {result['target']}, {result['threads']} thread(s); machine: "
+    lines = [f"target {result['target']}, {result.get('precision', 'fp32')}, {result['threads']} thread(s); machine: "
              f"{m['peak_gflops']:.0f} GFLOP/s fp32 GEMM, {m['bandwidth_gbs']:.1f} GB/s copy"
              + (f", fp32 FMA ceiling {m['fma_gflops']:.0f} GFLOP/s now" if "fma_gflops" in m else ""),
              f"{'op':<20}{'shape':<34}{'kernel':<26}{'median us':>10}{'spread us':>16}{'GFLOP/s':>9}{'GB/s':>7}"

@@ -445,7 +445,7 @@ void attend_block_dot(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, 
   const int64_t D = a.D, Dk = round32(D), Dn = round16(D);
   const int64_t Sk = a.causal ? std::min(a.Sk, r1) : a.Sk;
   const int64_t Skp = round32(Sk);
-  const int64_t rows = r1 - r0, rows_p = round16(rows);
+  const int64_t rows = r1 - r0, rows_p = (rows + kRows - 1) / kRows * kRows;  // register blocks, not tiles
   pack_pairs(a, b, h, r0, rows, rows_p, Sk, w, next);
   w.p.resize(rows_p * Skp);
   w.s.resize(rows_p * Skp);

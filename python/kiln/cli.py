@@ -82,7 +82,7 @@ def _cmd_bench_kernels(args) -> int:
     from kiln.bench import kernels as kernel_bench
 
     res = kernel_bench.run(target=args.target, quick=args.quick, op=args.op, shapes=args.shapes.split(",") if args.shapes else None,
-                repeats=args.repeats, threads=args.threads)
+                repeats=args.repeats, threads=args.threads, precision=args.precision)
     sys.stdout.write(kernel_bench.table(res))
     if args.json:
         kernel_bench.save_json(res, args.json)
@@ -326,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     bk.add_argument("--target", default="cpu")
     bk.add_argument("--op", help="only this op kind (e.g. linear, conv2d, lstm)")
     bk.add_argument("--shapes", help="GEMM shapes MxKxN,... instead of the example models' shapes")
+    bk.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                    help="compile the example models in this precision first (bf16: their bf16 kernels)")
     bk.add_argument("--quick", action="store_true", help="small shapes and few repeats (CI)")
     bk.add_argument("--repeats", type=int)
     bk.add_argument("--threads", type=int)

@@ -43,6 +43,17 @@ def test_bench_kernels_quick(tmp_path):
 
 
 @pytest.mark.bench
+def test_bench_kernels_bf16_attention(tmp_path):
+    j = tmp_path / "k.json"
+    out = _kiln("bench", "kernels", "--quick", "--precision", "bf16", "--op", "attention", "--json", str(j))
+    res = json.loads(j.read_text())
+    assert res["precision"] == "bf16" and "bf16" in out
+    rows = [r for r in res["rows"] if "error" not in r]
+    assert rows and {r["op"] for r in rows} == {"attention"}
+    assert "reference.attention" in {r["kernel"] for r in rows}
+
+
+@pytest.mark.bench
 @pytest.mark.parametrize("threads", ["1,2"])
 def test_bench_models_quick(tmp_path, threads):
     j, md = tmp_path / "m.json", tmp_path / "m.md"
