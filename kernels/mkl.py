@@ -8,11 +8,13 @@ per node. The epilogue (residual add, activation) runs after the GEMM, as torch 
 no post-ops, and where a fused oneDNN epilogue is worth more, the oneDNN candidate wins the
 measurement.
 
-MKL is called directly (``cblas_sgemm_pack`` / ``cblas_sgemm_compute``, the functions torch's
-``mkl::_mkl_linear`` calls, from the MKL inside torch's own library) rather than through that
-op, because the op uses the packed weight only when the row count equals the one it was
-packed for and otherwise runs an unpacked GEMM: MKL's packed B serves any number of rows, so
-one packed weight serves every batch size and sequence length of a dynamic plan.
+A node of symbolic rows (a dynamic plan) calls MKL directly (``cblas_sgemm_pack`` /
+``cblas_sgemm_compute``, the functions torch's ``mkl::_mkl_linear`` calls, from the MKL inside
+torch's own library) rather than through that op, because the op uses the packed weight only
+when the row count equals the one it was packed for and otherwise runs an unpacked GEMM:
+MKL's packed B serves any number of rows, so one packed weight serves every batch size and
+sequence length. A node of static rows always has the packed row count, and goes through
+the op (``_static_rows``): the same GEMM without ctypes' per-call cost.
 """
 from __future__ import annotations
 
