@@ -234,6 +234,7 @@ NextRows next_rows(const AttentionArgs& a, int64_t task, int64_t blocks, int64_t
 
 struct Scratch {
   std::vector<float> kt, v, q, s, inv;
+  size_t held() const { return kt.capacity() + v.capacity(); }  // the K^T and V elements kept
 };
 
 void attend_block(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, int64_t r1, Scratch& w,
@@ -334,11 +335,13 @@ struct PairScratch {
   std::vector<uint16_t> q, kv, vv, p;
   std::vector<float> s, inv;
   alignas(64) float c[16 * 64];
+  size_t held() const { return kv.capacity() + vv.capacity(); }  // the K^T and V pairs kept
 };
 
 // The task's operands in pairs: q [rows_p x Dk] bf16 (zero-padded to Dk columns and rows_p rows),
 // kv [Dk / 2][Skp] pairs (kv[kk][n] = K[n][2kk, 2kk+1]), vv [Skp / 2][Dn] pairs
-// (vv[kk][d] = V[2kk][d], V[2kk+1][d]); every pair past the real rows and columns is zero.
+// (vv[kk][d] = V[2kk][d], V[2kk+1][d]); every pair past the real rows and columns is zero. The
+// scores (s), P (p) and 1 / row sums (inv) are sized for rows_p rows.
 void pack_pairs(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, int64_t rows, int64_t rows_p, int64_t Sk,
                 PairScratch& w, const NextRows& next) {
   const int64_t D = a.D, Dk = round32(D), Dn = round16(D), Skp = round32(Sk);
@@ -348,6 +351,9 @@ void pack_pairs(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, int64_
   w.q.assign(rows_p * Dk, 0);
   w.kv.resize(Dk / 2 * Skp * 2);
   w.vv.resize(Skp / 2 * Dn * 2);
+  w.p.resize(rows_p * Skp);
+  w.s.resize(rows_p * Skp);
+  w.inv.resize(rows_p);
 
   // Q rows, zero-padded to Dk columns and rows_p rows
   const int64_t qbase = b * a.q_stride[0] + h * a.q_stride[1];
@@ -447,9 +453,6 @@ void attend_block_dot(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, 
   const int64_t Skp = round32(Sk);
   const int64_t rows = r1 - r0, rows_p = (rows + kRows - 1) / kRows * kRows;  // register blocks, not tiles
   pack_pairs(a, b, h, r0, rows, rows_p, Sk, w, next);
-  w.p.resize(rows_p * Skp);
-  w.s.resize(rows_p * Skp);
-  w.inv.resize(rows_p);
   const uint32_t* q32 = reinterpret_cast<const uint32_t*>(w.q.data());
   const uint32_t* kv32 = reinterpret_cast<const uint32_t*>(w.kv.data());
   const uint32_t* vv32 = reinterpret_cast<const uint32_t*>(w.vv.data());
@@ -531,9 +534,6 @@ void attend_block_amx(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, 
   const int64_t Skp = round32(Sk);
   const int64_t rows = r1 - r0, rows_p = round16(rows);
   pack_pairs(a, b, h, r0, rows, rows_p, Sk, w, next);
-  w.p.resize(rows_p * Skp);
-  w.s.resize(rows_p * Skp);
-  w.inv.resize(rows_p);
 
   // scores = Q K^T (fp32), 64 keys per pass
   for (int64_t r = 0; r < rows_p; r += 16)
@@ -561,6 +561,19 @@ void attend_block_amx(const AttentionArgs& a, int64_t b, int64_t h, int64_t r0, 
     }
 }
 #endif
+
+// Tasks [t0, t1) (a (batch, head) and a block of query rows each) on the calling thread, with
+// its scratch `w` kept across calls (no allocation per call) unless a long sequence grew it.
+template <typename S, typename Block>
+void attend_tasks(const AttentionArgs& a, int64_t t0, int64_t t1, int64_t blocks, int64_t rows, S& w, Block block) {
+  next_rows(a, t0, blocks, rows).all();  // the first task's misses in flight at once, not row by row
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t blk = t % blocks, bh = t / blocks;
+    const int64_t r0 = blk * rows, r1 = std::min(a.Sq, r0 + rows);
+    block(a, bh / a.H, bh % a.H, r0, r1, w, t + 1 < t1 ? next_rows(a, t + 1, blocks, rows) : NextRows{});
+  }
+  if (w.held() > kKeepScratch) w = S{};  // long sequences: give it back
+}
 
 bool cpu_has_amx_bf16() {
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
@@ -641,40 +654,21 @@ void attention(const AttentionArgs& a, int threads) {
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
     if (amx) {
       load_full_tiles();
-      // kept per thread across calls: no allocation per call
       static thread_local PairScratch w;
-      next_rows(a, t0, blocks, rows).all();  // the first task's misses in flight at once, not row by row
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t blk = t % blocks, bh = t / blocks;
-        attend_block_amx(a, bh / a.H, bh % a.H, blk * rows, std::min(a.Sq, blk * rows + rows), w,
-                         t + 1 < t1 ? next_rows(a, t + 1, blocks, rows) : NextRows{});
-      }
+      attend_tasks(a, t0, t1, blocks, rows, w, attend_block_amx);
       _tile_release();
-      if (w.kv.capacity() + w.vv.capacity() > kKeepScratch) w = PairScratch{};  // long sequences: give it back
       return;
     }
 #endif
 #ifdef __AVX512BF16__
     if (dot) {
       static thread_local PairScratch w;
-      next_rows(a, t0, blocks, rows).all();
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t blk = t % blocks, bh = t / blocks;
-        attend_block_dot(a, bh / a.H, bh % a.H, blk * rows, std::min(a.Sq, blk * rows + rows), w,
-                         t + 1 < t1 ? next_rows(a, t + 1, blocks, rows) : NextRows{});
-      }
-      if (w.kv.capacity() + w.vv.capacity() > kKeepScratch) w = PairScratch{};
+      attend_tasks(a, t0, t1, blocks, rows, w, attend_block_dot);
       return;
     }
 #endif
     static thread_local Scratch w;
-    next_rows(a, t0, blocks, rows).all();
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t blk = t % blocks, bh = t / blocks;
-      const int64_t r0 = blk * rows, r1 = std::min(a.Sq, r0 + rows);
-      attend_block(a, bh / a.H, bh % a.H, r0, r1, w, t + 1 < t1 ? next_rows(a, t + 1, blocks, rows) : NextRows{});
-    }
-    if (w.kt.capacity() + w.v.capacity() > kKeepScratch) w = Scratch{};
+    attend_tasks(a, t0, t1, blocks, rows, w, attend_block);
   });
 #else
   (void)a; (void)threads;
