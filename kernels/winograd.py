@@ -26,6 +26,7 @@ from kiln.ir import LayoutKind, Node, OpKind
 from kiln.ir import attrs as A
 from kiln.ir.reference import epilogue
 
+from .derived import derive
 from .nhwc import as_channels_last, nhwc_array
 from .registry import register_kernel
 
@@ -52,6 +53,10 @@ def transform_weight(w: torch.Tensor, m: int) -> torch.Tensor:
     _C.winograd_weight(w.detach().float().contiguous().numpy(), u.numpy(), m, torch.get_num_threads())
     return u
 
+
+# The transformed weights' arithmetic and layout (``kernels.derived``): bumped when either
+# changes, so transformed weights stored by another version are made again, not used.
+TRANSFORM_VERSION = 1
 
 # The transformed input and the GEMM result are (m+2)^2 / m^2 times the size of the input
 # and output (2.25x for F(4x4)); beyond this many bytes each (large images or batches) the
@@ -95,11 +100,13 @@ def _prepare(m: int):
         w = consts[1]
         if w is None or _buffer_bytes(node, m) > MAX_BUFFER_BYTES:  # at the plan's (representative) batch
             return _unusable
-        u = transform_weight(w, m)
         a: A.Conv2dAttrs = node.attrs
         ph, pw = a.padding
         _, c, h, wd = node.inputs[0].type.shape
         _, k, oh, ow = node.outputs[0].type.shape
+        # portable (Kiln's own float64 arithmetic, rounded once): an artifact ships it
+        u = derive(f"cpu.winograd{m}_conv", TRANSFORM_VERSION, w, lambda: transform_weight(w, m),
+                   lambda t: t.dtype == torch.float32 and tuple(t.shape) == ((m + 2) ** 2, c, k) and t.is_contiguous())
         tiles_per_image = -(-oh // m) * -(-ow // m)
         # a dynamic plan's call whose batch would take the transformed buffers past the cap
         # runs the direct convolution instead

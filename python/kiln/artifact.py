@@ -9,7 +9,8 @@ holds
 * ``plans/<i>/graph.json`` — each plan's optimized IR graph (``kiln.ir`` JSON, constants by
   name);
 * ``weights.safetensors`` — every constant of every plan, a tensor that several nodes or
-  plans share stored once;
+  plans share stored once, and the portable tensors kernels derived from them
+  (``kiln.kernels.derived``: Winograd's transformed filters);
 * ``kernels/<sha256>.so`` — the generated group kernels as exported TVM modules.
 
 A plan record is its input signature (the shapes and dtypes it serves, as IR types: a
@@ -18,7 +19,8 @@ and which generated module each group kernel is. ``kiln.load`` rebuilds each pla
 those recorded choices (``kiln.runtime.restore``): no ``torch.export``, no passes, no
 measuring, no code generator — only the TVM runtime library to load the modules. Weights
 are stored as the optimized graph holds them (folded, cast, quantized) and prepacked by
-their kernels at load, as a compile does.
+their kernels at load, as a compile does — except where the packed form is portable (Kiln's
+own arithmetic, not a library's CPU-specific format): that is stored too, and mapped.
 
 An artifact holds native code: load only artifacts you would trust as a shared library.
 ``rebuild_kernels=True`` builds the generated kernels again from the saved IR instead of
@@ -160,7 +162,33 @@ def _save_plan(w: Writer, weights: _Weights, kernels: dict, i: int, key: tuple, 
         rec["node_kernels"] = list(c.plan.node_kernels)
         rec["groups"] = groups_of(c.partition) if options.codegen else None
         rec["generated"] = _save_kernels(w, kernels, c.plan)
+        rec["derived"] = _save_derived(weights, g, c.plan.node_kernels, refs)
     return rec
+
+
+def _save_derived(weights: _Weights, g, node_kernels: list, refs: dict) -> list[dict]:
+    """The portable tensors the plan's kernels derived from its constants
+    (``kernels.derived``: Winograd's transformed filters), stored so a load maps them instead
+    of computing them again: one record per (node, operand, kernel)."""
+    from kiln.kernels.derived import made
+    from kiln.runtime.by_size import member_kernels
+
+    out = []
+    for i, (n, recorded) in enumerate(zip(g.nodes, node_kernels)):
+        try:
+            names = member_kernels(recorded)
+        except ValueError:
+            continue
+        for j, v in enumerate(n.inputs):
+            t = None if v is None else g.constants.get(v)
+            if t is None:
+                continue
+            for k in names:
+                hit = made(k, t)
+                if hit is not None:
+                    out.append({"kernel": k, "version": hit[0], "node": i, "input": j,
+                                "tensor": weights.add(f"{refs[v]}@{k}", hit[1])})
+    return out
 
 
 def _save_kernels(w: Writer, kernels: dict, plan) -> dict:
@@ -389,6 +417,7 @@ def _load_plan(r: Reader, name: str, rec: dict, members: dict, tensors: dict, he
                shipped, strict: bool, rebuild: bool, secs: dict, sizes: dict | None = None) -> Compiled:
     from kiln.ir import SerializeError, VerifyError, from_json, verify
     from kiln.ir.serialize import decode
+    from kiln.kernels.derived import seeded
     from kiln.runtime.restore import restore_plan
 
     t0 = time.perf_counter()
@@ -399,8 +428,9 @@ def _load_plan(r: Reader, name: str, rec: dict, members: dict, tensors: dict, he
     except (SerializeError, VerifyError, KeyError, TypeError, ValueError, IndexError) as e:
         raise KilnError(f"{path}: {member} does not describe a valid graph with the saved weights ({e})") from None
     t1 = time.perf_counter()
-    plan, missing = restore_plan(graph, here, rec["node_kernels"], rec.get("groups"), shipped,
-                                 strict=strict, rebuild=rebuild, exclude=options.exclude_kernels, sizes=sizes)
+    with seeded(_derived_entries(rec.get("derived") or (), graph, tensors, path)):
+        plan, missing = restore_plan(graph, here, rec["node_kernels"], rec.get("groups"), shipped,
+                                     strict=strict, rebuild=rebuild, exclude=options.exclude_kernels, sizes=sizes)
     _add(secs, "graphs", t1 - t0)
     _add(secs, "kernels", plan.codegen_seconds)  # loading the generated modules
     _add(secs, "prepare", time.perf_counter() - t1 - plan.codegen_seconds)
@@ -420,6 +450,22 @@ def _load_plan(r: Reader, name: str, rec: dict, members: dict, tensors: dict, he
     except SerializeError as e:
         raise KilnError(f"{path}: a plan's constant outputs are damaged ({e})") from None
     return Compiled(plan, graph, None, literals, list(rec["input_names"]), report)  # out_spec: set by load
+
+
+def _derived_entries(records, graph, tensors: dict, path: str) -> list[tuple]:
+    """(kernel, version, constant, tensor) for ``kernels.derived.seeded`` from a plan's
+    records; a kernel takes one only if its version and shape are what it would make."""
+    out = []
+    for d in records:
+        try:
+            if d["node"] < 0 or d["input"] < 0:
+                raise IndexError("a negative index")
+            v = graph.nodes[d["node"]].inputs[d["input"]]
+            out.append((d["kernel"], d["version"], graph.constants[v], tensors[d["tensor"]]))
+        except (IndexError, KeyError, TypeError) as e:
+            raise KilnError(f"{path}: a plan's derived-weight record does not fit its graph and weights "
+                            f"({type(e).__name__}: {e})") from None
+    return out
 
 
 def read_graph(path, plan: int = 0):

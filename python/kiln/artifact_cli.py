@@ -88,6 +88,7 @@ def describe(path: str) -> str:
         lines.append("varying dims: " + ", ".join(
             f"{d['input']} dim {d['axis']} = {d['name']} in [{d['min']}, {'inf' if d['max'] is None else d['max']}]"
             for d in dyn))
+    derived = {d["tensor"] for p in m["plans"] for d in p.get("derived") or ()}
     for i, p in enumerate(m["plans"]):
         sig = ", ".join(_type(x) for x in p["signature"]["inputs"])
         outs = ", ".join(_type(x) for x in p["signature"]["outputs"])
@@ -117,10 +118,22 @@ def describe(path: str) -> str:
         dtypes[r["dtype"]] = dtypes.get(r["dtype"], 0) + 1
     lines.append(f"weights: {len(w)} tensors, {wbytes / 2**20:.1f} MiB ("
                  + ", ".join(f"{d} x{n}" for d, n in sorted(dtypes.items())) + ")")
+    if derived:  # kernels.derived: prepacked forms shipped so the load maps them
+        dbytes = sum(_bytes(w[t]) for t in derived if t in w)
+        lines.append(f"  of which prepacked by kernels: {len(derived)} tensors, {dbytes / 2**20:.1f} MiB")
     kbytes = sum(n for name, n in m["member_bytes"].items() if name.startswith("kernels/"))
     lines.append(f"file: {m['file_bytes'] / 2**20:.1f} MiB; {len(m['member_bytes']) + 1} members "
                  f"(kernels {kbytes / 2**10:.0f} KiB)")
     return "\n".join(lines) + "\n"
+
+
+def _bytes(rec: dict) -> int:
+    """The size of a weights-index record's tensor."""
+    import math
+
+    import torch
+
+    return math.prod(rec["shape"]) * getattr(torch, rec["dtype"].removeprefix("torch.")).itemsize
 
 
 def _type(encoded) -> str:

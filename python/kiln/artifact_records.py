@@ -34,7 +34,8 @@ _NUMBER = (int, float)
 _SPEC = {"name": str, "dtype": (str, None), "shape": [int], "device": str, "value": ANY}
 _PLAN = {"key": [ANY], "graph": str, "signature": {"inputs": [ANY], "outputs": [ANY]}, "input_names": [str],
          "out_spec": (str, None), "out_literals": Map(ANY), "report": dict, "node_kernels": [str],
-         "groups": ([[ANY]], None), "generated": Map({"member": str, "config": dict, "threads": int})}
+         "groups": ([[ANY]], None), "generated": Map({"member": str, "config": dict, "threads": int}),
+         "?derived": [{"kernel": str, "version": int, "node": int, "input": int, "tensor": str}]}
 MANIFEST = {
     "format": str, "format_version": int, "kiln_version": str, "?torch_version": str, "?created": str,
     "model": str, "source": str,

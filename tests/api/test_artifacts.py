@@ -67,21 +67,45 @@ def test_round_trip_same_process(tiny_artifact):
     assert loaded.report.kernels == compiled.report.kernels
 
 
-def test_winograd_round_trip_transforms_the_weights_at_load(tmp_path):
+def test_winograd_round_trip_maps_the_transformed_weights(tmp_path, monkeypatch):
     """A 3x3 conv that runs Winograd F(4x4) (forced: oneDNN excluded): its transformed
-    weights are computed again at load, bitwise what the compile computed."""
+    weights (portable: Kiln's own arithmetic) are stored beside the weights and mapped at
+    load, not computed again — bitwise what the compile computed. Stored ones of another
+    transform version are computed again instead."""
+    import kiln.kernels.winograd as W
+
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()
     x = torch.randn(1, 8, 20, 20)
     compiled = kiln.compile(model, (x,), exclude_kernels=["cpu.onednn_conv", "cpu.winograd2_conv"])
-    if "cpu.winograd4_conv" not in compiled.report.kernels:
+    if compiled.report.kernels.get("cpu.winograd4_conv") != 2:
         pytest.skip("Winograd needs AVX-512 or AVX2 + FMA (kiln._C.winograd_supported())")
     path = str(tmp_path / "wino.kiln")
     compiled.save(path)
+    derived = kiln.artifact.info(path)["plans"][0]["derived"]
+    assert [(d["kernel"], d["version"], d["input"]) for d in derived] == [("cpu.winograd4_conv", 1, 1)] * 2
+    with torch.no_grad():
+        expected = compiled(x)
+
+    original = W.transform_weight
+
+    def no_transform(w, m):
+        raise AssertionError("the shipped transformed weights were not used")
+    monkeypatch.setattr(W, "transform_weight", no_transform)
     loaded = kiln.load(path)
     assert loaded.report.kernels == compiled.report.kernels
     with torch.no_grad():
-        assert _bitwise(loaded(x), compiled(x))
+        assert _bitwise(loaded(x), expected)
+
+    calls = []
+    monkeypatch.setattr(W, "transform_weight", lambda w, m: calls.append(m) or original(w, m))
+    monkeypatch.setattr(W, "TRANSFORM_VERSION", 2)
+    again = kiln.load(path)
+    assert calls == [4, 4]
+    with torch.no_grad():
+        assert _bitwise(again(x), expected)
+    _load_each_damaged(path, str(tmp_path / "damaged.kiln"),
+                       [["plans", 0, "derived", 0, k] for k in ("kernel", "version", "node", "input", "tensor")], (x,))
 
 
 def test_load_freezes_the_collected_heap_only_when_asked(tiny_artifact):
