@@ -84,6 +84,9 @@ def test_winograd_round_trip_maps_the_transformed_weights(tmp_path, monkeypatch)
     compiled.save(path)
     derived = kiln.artifact.info(path)["plans"][0]["derived"]
     assert [(d["kernel"], d["version"], d["input"]) for d in derived] == [("cpu.winograd4_conv", 1, 1)] * 2
+    from kiln.artifact_cli import describe
+
+    assert "of which prepacked by kernels: 2 tensors" in describe(path)  # kiln info
     with torch.no_grad():
         expected = compiled(x)
 
