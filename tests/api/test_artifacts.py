@@ -99,6 +99,11 @@ def test_winograd_round_trip_maps_the_transformed_weights(tmp_path, monkeypatch)
     assert loaded.report.kernels == compiled.report.kernels
     with torch.no_grad():
         assert _bitwise(loaded(x), expected)
+    again_path = str(tmp_path / "again.kiln")  # a loaded model saved again ships them again
+    loaded.save(again_path)
+    assert len(kiln.artifact.info(again_path)["plans"][0]["derived"]) == 2
+    with torch.no_grad():
+        assert _bitwise(kiln.load(again_path)(x), expected)
 
     calls = []
     monkeypatch.setattr(W, "transform_weight", lambda w, m: calls.append(m) or original(w, m))
