@@ -33,6 +33,7 @@ from kiln.options import settings
 from . import decide
 from .registry import Kernel
 from .timing import best_seconds, interleaved
+from .allocator import tune_allocator
 from .vml_dispatch import resolve_vml_dispatch
 
 _MEMO: dict[tuple, str] = {}
@@ -237,6 +238,7 @@ def choose(node: Node, kernels: list[Kernel], constants: list) -> tuple[Kernel, 
         k = next(k for k in kernels if k.name == name)
         return k, k.bind(node, constants)
     resolve_vml_dispatch()  # the reference must be as accurate on this first run as later
+    tune_allocator()  # candidates timed under the allocator settings their plan runs with
     ins = [None if v is None else (c if c is not None else random_like(v)) for v, c in zip(node.inputs, constants)]
     ref_k = next((k for k in kernels if k.target == "reference"), None)
     ref = _reference(ref_k, ins, node.attrs)
@@ -377,6 +379,7 @@ def choose_group(group, graph, make_kernel, node_fns: list, threads: int, sizes:
         _GROUP_MEMO[memo] = False
         return None
     resolve_vml_dispatch()
+    tune_allocator()
     ins = group_inputs(group, graph, sizes)
     with torch.no_grad():
         node_t = None

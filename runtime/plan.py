@@ -25,6 +25,7 @@ from kiln.ir import Graph, Node, Value
 from kiln.ir.types import Sym, resolve_symbols
 from kiln.kernels.choice import choose
 from kiln.kernels.registry import candidates, is_static
+from kiln.kernels.allocator import tune_allocator
 from kiln.kernels.vml_dispatch import resolve_vml_dispatch
 from kiln.passes.partition import subgroup, tail_destinations
 from kiln.ir.record import record
@@ -85,6 +86,8 @@ class Plan:
 
     def __post_init__(self):
         resolve_vml_dispatch()  # before this plan's first (parallel) call: see kernels.vml_dispatch
+        if self.runner is None:  # a host-run plan: glibc keeps its buffers (kernels.allocator)
+            tune_allocator()
         self.sizes = input_sizes(self.graph, self.input_slots)
         self.forward = generate(self.steps, self.input_slots, self.output_slots, self.const_slots, self.sizes)
         self.consts = dict(self.const_slots)

@@ -1,0 +1,68 @@
+"""kernels.allocator: glibc malloc's thresholds set once per process, or left alone."""
+import ctypes
+import sys
+
+import pytest
+
+from kiln.errors import KilnError
+from kiln.kernels import allocator
+from kiln.options import settings
+
+
+class _Mallopt:
+    """Stands in for a ctypes function: takes argtypes/restype, records its calls."""
+    argtypes = restype = None
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def __call__(self, param, value):
+        self.calls.append((param, value))
+        return 1
+
+
+class _Libc:
+    def __init__(self, glibc=True):
+        self.calls = []
+        self.mallopt = _Mallopt(self.calls)
+        if glibc:
+            self.gnu_get_libc_version = lambda: b"2.35"
+
+
+def _libc(glibc=True):
+    lib = _Libc(glibc)
+    return lib, lib.calls
+
+
+def test_sets_the_mmap_and_trim_thresholds_on_glibc(monkeypatch):
+    monkeypatch.delenv("KILN_MALLOC", raising=False)
+    lib, calls = _libc()
+    assert allocator._apply(lib) == "tuned"
+    assert calls == [(allocator.M_MMAP_THRESHOLD, 32 << 20), (allocator.M_TRIM_THRESHOLD, 64 << 20)]
+
+
+def test_leaves_the_allocator_alone_when_asked_or_not_glibc(monkeypatch):
+    lib, calls = _libc()
+    monkeypatch.setenv("KILN_MALLOC", "system")
+    assert allocator._apply(lib) == "system" and calls == []
+    monkeypatch.delenv("KILN_MALLOC")
+    lib, calls = _libc(glibc=False)
+    assert allocator._apply(lib) == "unavailable" and calls == []
+
+
+def test_a_bad_setting_is_a_kiln_error(monkeypatch):
+    monkeypatch.setenv("KILN_MALLOC", "jemalloc")
+    with pytest.raises(KilnError, match="KILN_MALLOC"):
+        settings()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc")
+def test_once_per_process_on_this_machine():
+    first = allocator.tune_allocator()
+    assert first in ("tuned", "system", "unavailable")
+    assert allocator.tune_allocator() == first
+    try:
+        ctypes.CDLL(None).gnu_get_libc_version  # noqa: B018
+    except AttributeError:
+        pytest.skip("not glibc")
+    assert first in ("tuned", "system")
