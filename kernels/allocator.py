@@ -5,9 +5,8 @@ frees it after its last use. glibc serves a request above its mmap threshold wit
 ``mmap`` (the threshold starts at 128 KiB and rises to the size of each mapped block freed,
 up to 32 MiB) and gives the top of its heap back to the OS whenever more than its trim
 threshold (twice the mmap threshold) lies free there. A plan whose buffers are a few MiB
-then returns and re-faults the same memory on every call — on a virtual machine a page
-fault costs about a microsecond and a half — which made SegFormer's plan some 20% slower
-than the same plan with the memory kept (docs/benchmarks.md: glibc's thresholds).
+then returns and re-faults the same memory on every call, a page fault per 4 KiB, which is
+costly on a virtual machine (docs/benchmarks.md: glibc's thresholds, SegFormer).
 
 ``tune_allocator`` sets the mmap threshold to 32 MiB (the ceiling glibc's own dynamic
 threshold reaches) and the trim threshold to 64 MiB: buffers under 32 MiB are reused from

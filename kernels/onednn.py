@@ -91,9 +91,8 @@ def row_bucket(m: int) -> int:
     built for: ``m`` rounded up to a multiple of 8 up to 256 rows, then of a 32nd of the
     power of two at or above it (16 up to 512, 32 up to 1024, ...): at most 7 padded rows up
     to 256, at most 1/16 more rows above. 48 buckets cover 1-512 rows. Each bucket is a
-    oneDNN primitive per weight shape, made once (about half a millisecond of JIT) and held
-    in oneDNN's primitive cache with its scratchpad (most of a megabyte for BERT-base's
-    shapes): coarser buckets (an eighth of the power of two above 64 rows) padded a stream
+    oneDNN primitive per weight shape, JIT-compiled once and held in oneDNN's primitive cache
+    with its scratchpad (most of a megabyte for BERT-base's shapes): coarser buckets (an eighth of the power of two above 64 rows) padded a stream
     of text lengths by 8.5% of its rows, where these pad it by 3.5% (``kiln bench
     dynamic``'s BERT stream); one primitive per exact row count pads none but holds a
     primitive per length seen (docs/benchmarks.md: oneDNN's row buckets)."""
