@@ -29,25 +29,20 @@ class _Libc:
             self.gnu_get_libc_version = lambda: b"2.35"
 
 
-def _libc(glibc=True):
-    lib = _Libc(glibc)
-    return lib, lib.calls
-
-
 def test_sets_the_mmap_and_trim_thresholds_on_glibc(monkeypatch):
     monkeypatch.delenv("KILN_MALLOC", raising=False)
-    lib, calls = _libc()
+    lib = _Libc()
     assert allocator._apply(lib) == "tuned"
-    assert calls == [(allocator.M_MMAP_THRESHOLD, 32 << 20), (allocator.M_TRIM_THRESHOLD, 64 << 20)]
+    assert lib.calls == [(allocator.M_MMAP_THRESHOLD, 32 << 20), (allocator.M_TRIM_THRESHOLD, 64 << 20)]
 
 
 def test_leaves_the_allocator_alone_when_asked_or_not_glibc(monkeypatch):
-    lib, calls = _libc()
+    lib = _Libc()
     monkeypatch.setenv("KILN_MALLOC", "system")
-    assert allocator._apply(lib) == "system" and calls == []
+    assert allocator._apply(lib) == "system" and lib.calls == []
     monkeypatch.delenv("KILN_MALLOC")
-    lib, calls = _libc(glibc=False)
-    assert allocator._apply(lib) == "unavailable" and calls == []
+    lib = _Libc(glibc=False)
+    assert allocator._apply(lib) == "unavailable" and lib.calls == []
 
 
 def test_a_bad_setting_is_a_kiln_error(monkeypatch):
