@@ -7,8 +7,8 @@ Engines, by precision (``PRECISION``):
 - bf16: Inductor on bf16 weights, OpenVINO bf16, Kiln ``precision="bf16"``;
 - int8: OpenVINO after NNCF post-training quantization, Kiln int8 (``KILN_INT8``: static for
   the CNNs, calibrated on the same seeded inputs as NNCF; dynamic for the rest), on a CPU
-  with AMX-BF16 with ``precision="bf16"`` for what quantization leaves float, as OpenVINO
-  runs its non-quantized ops in bf16 there.
+  with native bf16 (AMX-BF16 or AVX512-BF16) with ``precision="bf16"`` for what
+  quantization leaves float, as OpenVINO runs its non-quantized ops in bf16 there by default.
 The peers are built in ``bench/peers.py``. For each thread count the engines run interleaved
 (one call each, in turn, ``repeats`` times, the order rotating), so machine noise hits all
 of them alike; medians are reported with Kiln's ratio against the best peer of its own
@@ -123,7 +123,7 @@ def _kiln_int8(name: str, model, inputs, calibration):
 
     scheme = KILN_INT8.get(name, "int8-dynamic")
     extra = {"calibration": calibration} if scheme == "int8-static" else {}
-    if _C.amx_bf16_supported():
+    if _C.amx_bf16_supported() or _C.dot_bf16_supported():
         extra["precision"] = "bf16"
     return _kiln(model, inputs, quantize=scheme, **extra)[0]
 

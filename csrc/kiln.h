@@ -44,21 +44,23 @@ std::vector<float> pack_layer_weight(const float* w_ih, const float* w_hh, const
                                      int64_t gates, int64_t input, int64_t hidden);
 void lstm_layer(const float* x, const float* packed, const float* h0, const float* c0, float* y, float* hn, float* cn,
                 int64_t T, int64_t B, int64_t I, int64_t H, SeqStrides st, int threads);
-// bf16 LSTM / GRU layers on AMX tiles (rnn_amx.cpp): x, h0, y and hn bf16 (raw 16-bit
-// patterns), the LSTM's c0 and cn fp32; the weights packed by rnn_amx_pack (fp32 in, rounded
-// to bf16; gates 4: LSTM, 3: GRU).
+// bf16 LSTM / GRU layers (rnn_amx.cpp) on AMX tiles or with AVX512-BF16 dot products: x,
+// h0, y and hn bf16 (raw 16-bit patterns), the LSTM's c0 and cn fp32; the weights packed by
+// rnn_amx_pack (fp32 in, rounded to bf16; gates 4: LSTM, 3: GRU), the same for both paths.
 struct RnnAmxWeight {
   int64_t gates = 0, I = 0, H = 0, Ip = 0, Hp = 0;  // Ip, Hp: I and H rounded up to 32
   std::vector<uint16_t> tiles;                      // B tiles, see rnn_amx.cpp
   std::vector<float> bias;                          // per block and accumulator slot, [blocks][4][16]
 };
+enum class RnnPath { amx, dot };
 RnnAmxWeight rnn_amx_pack(const float* w_ih, const float* w_hh, const float* b_ih, const float* b_hh, int64_t gates,
                           int64_t input, int64_t hidden);
-bool rnn_amx_supported();
-void lstm_layer_amx(const uint16_t* x, const RnnAmxWeight& w, const uint16_t* h0, const float* c0, uint16_t* y,
-                    uint16_t* hn, float* cn, int64_t T, int64_t B, SeqStrides st, int threads);
-void gru_layer_amx(const uint16_t* x, const RnnAmxWeight& w, const uint16_t* h0, uint16_t* y, uint16_t* hn, int64_t T,
-                   int64_t B, SeqStrides st, int threads);
+bool rnn_amx_supported();       // the AMX path: AMX-BF16 built, present and granted
+bool rnn_dot_bf16_supported();  // the AVX512-BF16 path: built and present
+void lstm_layer_bf16(RnnPath path, const uint16_t* x, const RnnAmxWeight& w, const uint16_t* h0, const float* c0,
+                     uint16_t* y, uint16_t* hn, float* cn, int64_t T, int64_t B, SeqStrides st, int threads);
+void gru_layer_bf16(RnnPath path, const uint16_t* x, const RnnAmxWeight& w, const uint16_t* h0, uint16_t* y,
+                    uint16_t* hn, int64_t T, int64_t B, SeqStrides st, int threads);
 void gru_layer(const float* x, const float* packed, const float* h0, float* y, float* hn, int64_t T, int64_t B,
                int64_t I, int64_t H, SeqStrides st, int threads);
 

@@ -19,6 +19,7 @@ from kiln.ir.record import record
 
 # CPU features (``kiln.target.CPU_FEATURES`` names) of the kernels that check for them at run time
 AMX_BF16 = ("amx_tile", "amx_bf16", "avx512_bf16")
+AVX512_BF16 = ("avx512f", "avx512_bf16")
 VNNI = ("avx512bw", "avx512_vnni")
 
 # A kernel is called as fn(inputs: list[Tensor | None], attrs) -> Tensor | tuple[Tensor, ...]

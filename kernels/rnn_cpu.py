@@ -14,8 +14,10 @@ layers and recurrences need AVX-512 or AVX2 + FMA (``kiln._C.recurrence_supporte
 
 A recurrence whose projection the ``rnn_hoist`` pass moved into a LINEAR (so that the
 quantizer can take it) runs the C++ recurrence alone (``cpu.lstm_recurrence``). With
-``precision="bf16"`` on a CPU with AMX-BF16, LSTM and GRU layers are bf16 and run on AMX
-tiles (``cpu.lstm_layer_amx`` / ``cpu.gru_layer_amx``, ``csrc/rnn_amx.cpp``).
+``precision="bf16"`` on a CPU with AMX-BF16 or AVX512-BF16, LSTM and GRU layers are bf16 and
+run on AMX tiles (``cpu.lstm_layer_amx`` / ``cpu.gru_layer_amx``) or with AVX512-BF16 dot
+products (``cpu.lstm_layer_dot_bf16`` / ``cpu.gru_layer_dot_bf16``), both in
+``csrc/rnn_amx.cpp`` on the same packed weights.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from kiln.ir import Node, OpKind
 from kiln.ir import attrs as A
 
 from .nhwc import native_array as _bits  # bf16 as int16 bits, unit last-dim stride
-from .registry import AMX_BF16, register_kernel
+from .registry import AMX_BF16, AVX512_BF16, register_kernel
 
 
 def _native():
@@ -237,22 +239,24 @@ for _fn, _pack, _ok in ((gru_layer, _pack_layer, _native_ok), (gru_hoisted, _pac
                     dynamic=True)(_fn)
 
 
-def _amx_ok(node: Node) -> bool:
-    """bf16 LSTM / GRU layers (passes/precision.py makes them) on a CPU with AMX-BF16."""
-    a = node.attrs
-    x = node.inputs[0].type
-    return (not a.bidirectional and not a.proj_hoisted and x.dtype.value == "bfloat16" and x.is_static
-            and all(v is not None and v.type.dtype == x.dtype for v in node.inputs[1:])
-            and _native().rnn_amx_supported())
+def _bf16_layer_ok(supported: str):
+    """bf16 LSTM / GRU layers (passes/precision.py makes them) where ``kiln._C.<supported>()``."""
+    def ok(node: Node) -> bool:
+        a = node.attrs
+        x = node.inputs[0].type
+        return (not a.bidirectional and not a.proj_hoisted and x.dtype.value == "bfloat16" and x.is_static
+                and all(v is not None and v.type.dtype == x.dtype for v in node.inputs[1:])
+                and getattr(_native(), supported)())
+    return ok
 
 
-def _pack_amx(w_ih, w_hh, b_ih, b_hh, gates: int):
+def _pack_bf16(w_ih, w_hh, b_ih, b_hh, gates: int):
     def f32(t):
         return None if t is None else t.float().contiguous().numpy()
     return _native().rnn_amx_pack(f32(w_ih), f32(w_hh), f32(b_ih), f32(b_hh))
 
 
-def _amx_layers(x, a: A.RNNAttrs, packed, run):
+def _bf16_layers(x, a: A.RNNAttrs, packed, run):
     """Runs ``run(x_tbi, p, i, y_tbh)`` per layer on (T, B, F) views; returns the last y."""
     H = a.hidden_size
     tb = (lambda t: t.transpose(0, 1)) if a.batch_first else (lambda t: t)
@@ -266,35 +270,44 @@ def _amx_layers(x, a: A.RNNAttrs, packed, run):
     return x
 
 
-def lstm_layer_amx(ins, a: A.RNNAttrs, packed=None):
-    """bf16 layers in C++ on AMX tiles (kiln._C.lstm_layer_amx): each step's GEMM as tile
-    products with fp32 sums, the cell state fp32 throughout, h rounded to bf16 once a step."""
-    x, h0, c0 = ins[:3]
-    if packed is None:
-        packed = [_pack_amx(*w, 4) for w in _layers(ins, a, 2, 4)]
-    hn = torch.empty(h0.shape, dtype=torch.bfloat16)
-    cn = torch.empty(c0.shape, dtype=torch.float32)
-    y = _amx_layers(x, a, packed, lambda xs, p, i, ys: _native().lstm_layer_amx(
-        xs, p, _bits(h0[i].contiguous()), c0[i].float().contiguous().numpy(), ys, _bits(hn[i]), cn[i].numpy(),
-        _threads()))
-    return y, hn, cn.to(torch.bfloat16)
+def _lstm_bf16(path: str):
+    def lstm_bf16(ins, a: A.RNNAttrs, packed=None):
+        x, h0, c0 = ins[:3]
+        if packed is None:
+            packed = [_pack_bf16(*w, 4) for w in _layers(ins, a, 2, 4)]
+        hn = torch.empty(h0.shape, dtype=torch.bfloat16)
+        cn = torch.empty(c0.shape, dtype=torch.float32)
+        layer = getattr(_native(), f"lstm_layer_{path}")
+        y = _bf16_layers(x, a, packed, lambda xs, p, i, ys: layer(
+            xs, p, _bits(h0[i].contiguous()), c0[i].float().contiguous().numpy(), ys, _bits(hn[i]), cn[i].numpy(),
+            _threads()))
+        return y, hn, cn.to(torch.bfloat16)
+    return lstm_bf16
 
 
-def gru_layer_amx(ins, a: A.RNNAttrs, packed=None):
-    """bf16 GRU layers in C++ on AMX tiles (kiln._C.gru_layer_amx), as lstm_layer_amx."""
-    x, h0 = ins[:2]
-    if packed is None:
-        packed = [_pack_amx(*w, 3) for w in _layers(ins, a, 1, 3)]
-    hn = torch.empty(h0.shape, dtype=torch.bfloat16)
-    y = _amx_layers(x, a, packed, lambda xs, p, i, ys: _native().gru_layer_amx(
-        xs, p, _bits(h0[i].contiguous()), ys, _bits(hn[i]), _threads()))
-    return y, hn
+def _gru_bf16(path: str):
+    def gru_bf16(ins, a: A.RNNAttrs, packed=None):
+        x, h0 = ins[:2]
+        if packed is None:
+            packed = [_pack_bf16(*w, 3) for w in _layers(ins, a, 1, 3)]
+        hn = torch.empty(h0.shape, dtype=torch.bfloat16)
+        layer = getattr(_native(), f"gru_layer_{path}")
+        y = _bf16_layers(x, a, packed, lambda xs, p, i, ys: layer(xs, p, _bits(h0[i].contiguous()), ys, _bits(hn[i]),
+                                                                  _threads()))
+        return y, hn
+    return gru_bf16
 
 
-register_kernel(OpKind.LSTM, "cpu", name="cpu.lstm_layer_amx", accepts=_amx_ok,
-                prepare=_packer(lstm_layer_amx, _pack_amx, 4), requires=AMX_BF16)(lstm_layer_amx)
-register_kernel(OpKind.GRU, "cpu", name="cpu.gru_layer_amx", accepts=_amx_ok,
-                prepare=_packer(gru_layer_amx, _pack_amx, 3), requires=AMX_BF16)(gru_layer_amx)
+# bf16 layers in C++ (kiln._C.lstm_layer_amx, ...): each step's GEMM on bf16 operands with fp32
+# sums, the LSTM's cell state fp32 throughout, h rounded to bf16 once a step. The AMX path
+# multiplies on tiles; the dot_bf16 path with AVX512-BF16's vdpbf16ps (CPUs without tiles).
+for _path, _supported, _requires in (("amx", "rnn_amx_supported", AMX_BF16),
+                                     ("dot_bf16", "rnn_dot_bf16_supported", AVX512_BF16)):
+    for _op, _make, _gates in ((OpKind.LSTM, _lstm_bf16, 4), (OpKind.GRU, _gru_bf16, 3)):
+        _fn = _make(_path)
+        _fn.__name__ = _fn.__qualname__ = f"{_op.value}_layer_{_path}"
+        register_kernel(_op, "cpu", name=f"cpu.{_op.value}_layer_{_path}", accepts=_bf16_layer_ok(_supported),
+                        prepare=_packer(_fn, _pack_bf16, _gates), requires=_requires)(_fn)
 
 
 @register_kernel(OpKind.LSTM, "cpu", name="cpu.lstm", accepts=_rnn_ok, dynamic=True)

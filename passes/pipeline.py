@@ -60,14 +60,15 @@ def _bf16_rest(ctx: PassContext) -> bool:
 
 
 def _bf16_rnn(ctx: PassContext) -> bool:
-    """bf16 LSTM / GRU layers where their AMX kernels run (a CPU compile on a CPU with AMX-BF16)."""
+    """bf16 LSTM / GRU layers where their bf16 kernels run (a CPU compile on a CPU with AMX-BF16
+    or AVX512-BF16)."""
     if not _bf16(ctx) or ctx.target != "cpu":
         return False
     try:
         from kiln import _C
     except ImportError:  # no native module: the layers stay fp32 (the reference runs them)
         return False
-    return _C.rnn_amx_supported()
+    return _C.rnn_amx_supported() or _C.rnn_dot_bf16_supported()
 
 
 def _sparse(ctx: PassContext) -> bool:
@@ -82,7 +83,7 @@ def _hoist_rnn_projections(ctx: PassContext) -> bool:
     # The CPU kernels of a recurrent layer choose by measurement whether to project its input
     # inside the recurrence or up front; the cuda kernels take the hoisted form, and the
     # quantizer needs the projection as a LINEAR of its own.
-    # With precision="bf16" on a CPU whose AMX runs whole bf16 layers, the layer stays whole:
+    # With precision="bf16" on a CPU that runs whole bf16 layers, the layer stays whole:
     # the bf16 recurrence with its projection inside beats an int8 projection up front plus
     # a float recurrence.
     if ctx.target == "cpu" and _quantize(ctx) and _bf16_rnn(ctx):

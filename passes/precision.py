@@ -124,8 +124,9 @@ def _attention(m, rw):
 
 def _rnn(m, rw):
     """An LSTM / GRU layer in bf16: x, the states and the (constant) weights cast to bf16, the
-    op's outputs cast back to fp32. The CPU kernels for it (``cpu.lstm_layer_amx``,
-    ``cpu.gru_layer_amx``) run each step's GEMM on AMX tiles with fp32 sums (an LSTM's cell
+    op's outputs cast back to fp32. The CPU kernels for it (``cpu.lstm_layer_amx`` /
+    ``cpu.gru_layer_amx`` on AMX tiles, ``cpu.lstm_layer_dot_bf16`` / ``cpu.gru_layer_dot_bf16``
+    with AVX512-BF16) run each step's GEMM on bf16 operands with fp32 sums (an LSTM's cell
     state stays fp32 inside); the bf16 reference (torch's LSTM / GRU) is their oracle."""
     n = m.root
     a: A.RNNAttrs = n.attrs
@@ -147,6 +148,7 @@ RULES = ROUND_TRIPS + [
     (P(OpKind.MATMUL, where=_f32), _matmul),
     (P(OpKind.ATTENTION, where=_f32), _attention),
 ]
-# bf16 recurrences: only where the AMX kernels run (passes/pipeline.py decides), since
-# elsewhere a bf16 LSTM / GRU is no faster than the fp32 C++ layer and only less exact
+# bf16 recurrences: only where a bf16 layer kernel runs (AMX-BF16 or AVX512-BF16;
+# passes/pipeline.py decides), since elsewhere a bf16 LSTM / GRU is no faster than the fp32
+# C++ layer and only less exact
 RNN_RULES = [(P((OpKind.LSTM, OpKind.GRU), where=_f32), _rnn)]

@@ -1,5 +1,5 @@
-// Python binding of the bf16 AMX LSTM / GRU layers (kiln._C.rnn_amx_pack, lstm_layer_amx,
-// gru_layer_amx),
+// Python binding of the bf16 LSTM / GRU layers (kiln._C.rnn_amx_pack; lstm_layer_amx and
+// gru_layer_amx on AMX tiles, lstm_layer_dot_bf16 and gru_layer_dot_bf16 with AVX512-BF16),
 // registered from module.cpp. bf16 arrays arrive as int16 views (numpy has no bfloat16); x
 // and y are (T, B, F) views with contiguous rows (a batch-first layer passes transposed
 // views); every shape is checked before the GIL is released.
@@ -69,6 +69,7 @@ void check_state(const py::buffer_info& b, int64_t B, int64_t H, const char* nam
   if (!c_contiguous(b)) throw py::value_error(std::string(name) + " must be C-contiguous");
 }
 
+template <kiln::RnnPath path>
 void lstm_py(harray x, const RnnAmxPacked& p, harray h0, farray c0, harray y, harray hn, farray cn, int threads) {
   if (threads < 1 || threads > 256) throw py::value_error("threads must be in [1, 256]");
   if (p.w.gates != 4) throw py::value_error("packed: these are a GRU's weights");
@@ -82,11 +83,12 @@ void lstm_py(harray x, const RnnAmxPacked& p, harray h0, farray c0, harray y, ha
   check_state(cb0, B, p.w.H, "c0");
   check_state(cbn, B, p.w.H, "cn");
   py::gil_scoped_release nogil;
-  kiln::lstm_layer_amx(static_cast<const uint16_t*>(xb.ptr), p.w, static_cast<const uint16_t*>(hb0.ptr),
-                       static_cast<const float*>(cb0.ptr), static_cast<uint16_t*>(yb.ptr),
-                       static_cast<uint16_t*>(hbn.ptr), static_cast<float*>(cbn.ptr), T, B, st, threads);
+  kiln::lstm_layer_bf16(path, static_cast<const uint16_t*>(xb.ptr), p.w, static_cast<const uint16_t*>(hb0.ptr),
+                        static_cast<const float*>(cb0.ptr), static_cast<uint16_t*>(yb.ptr),
+                        static_cast<uint16_t*>(hbn.ptr), static_cast<float*>(cbn.ptr), T, B, st, threads);
 }
 
+template <kiln::RnnPath path>
 void gru_py(harray x, const RnnAmxPacked& p, harray h0, harray y, harray hn, int threads) {
   if (threads < 1 || threads > 256) throw py::value_error("threads must be in [1, 256]");
   if (p.w.gates != 3) throw py::value_error("packed: these are an LSTM's weights");
@@ -97,8 +99,8 @@ void gru_py(harray x, const RnnAmxPacked& p, harray h0, harray y, harray hn, int
   check_state(hb0, B, p.w.H, "h0");
   check_state(hbn, B, p.w.H, "hn");
   py::gil_scoped_release nogil;
-  kiln::gru_layer_amx(static_cast<const uint16_t*>(xb.ptr), p.w, static_cast<const uint16_t*>(hb0.ptr),
-                      static_cast<uint16_t*>(yb.ptr), static_cast<uint16_t*>(hbn.ptr), T, B, st, threads);
+  kiln::gru_layer_bf16(path, static_cast<const uint16_t*>(xb.ptr), p.w, static_cast<const uint16_t*>(hb0.ptr),
+                       static_cast<uint16_t*>(yb.ptr), static_cast<uint16_t*>(hbn.ptr), T, B, st, threads);
 }
 
 }  // namespace
@@ -113,13 +115,26 @@ void register_rnn_amx_kernels(py::module_& m) {
         py::arg("b_ih").noconvert() = py::none(), py::arg("b_hh").noconvert() = py::none(),
         "Prepack an LSTM (4H rows) or GRU (3H rows) layer's W_ih (G*H, I), W_hh (G*H, H) fp32 (rounded to bf16)\n"
         "and biases for lstm_layer_amx / gru_layer_amx.");
-  m.def("lstm_layer_amx", &lstm_py, py::arg("x").noconvert(), py::arg("packed"), py::arg("h0").noconvert(),
-        py::arg("c0").noconvert(), py::arg("y").noconvert(), py::arg("hn").noconvert(), py::arg("cn").noconvert(),
-        py::arg("threads") = 1,
-        "One bf16 LSTM layer on AMX tiles: x (T, B, I) and h0 (B, H) bf16 as int16, c0 (B, H) fp32 -> y (T, B, H),\n"
-        "hn (B, H) bf16 and cn (B, H) fp32, written in place.");
-  m.def("gru_layer_amx", &gru_py, py::arg("x").noconvert(), py::arg("packed"), py::arg("h0").noconvert(),
-        py::arg("y").noconvert(), py::arg("hn").noconvert(), py::arg("threads") = 1,
-        "One bf16 GRU layer on AMX tiles: x (T, B, I) and h0 (B, H) bf16 as int16 -> y (T, B, H) and hn (B, H) bf16,\n"
-        "written in place.");
+  m.def("rnn_dot_bf16_supported", &kiln::rnn_dot_bf16_supported,
+        "Whether lstm_layer_dot_bf16 / gru_layer_dot_bf16 can run here (AVX512-BF16).");
+  struct Path {
+    const char *suffix, *how;
+  };
+  for (const auto& [path, p] : {std::pair{kiln::RnnPath::amx, Path{"amx", "on AMX tiles"}},
+                                std::pair{kiln::RnnPath::dot, Path{"dot_bf16", "with AVX512-BF16 dot products"}}}) {
+    m.def((std::string("lstm_layer_") + p.suffix).c_str(),
+          path == kiln::RnnPath::amx ? &lstm_py<kiln::RnnPath::amx> : &lstm_py<kiln::RnnPath::dot>,
+          py::arg("x").noconvert(), py::arg("packed"), py::arg("h0").noconvert(), py::arg("c0").noconvert(),
+          py::arg("y").noconvert(), py::arg("hn").noconvert(), py::arg("cn").noconvert(), py::arg("threads") = 1,
+          (std::string("One bf16 LSTM layer ") + p.how +
+           ": x (T, B, I) and h0 (B, H) bf16 as int16, c0 (B, H) fp32 -> y (T, B, H),\n"
+           "hn (B, H) bf16 and cn (B, H) fp32, written in place.").c_str());
+    m.def((std::string("gru_layer_") + p.suffix).c_str(),
+          path == kiln::RnnPath::amx ? &gru_py<kiln::RnnPath::amx> : &gru_py<kiln::RnnPath::dot>,
+          py::arg("x").noconvert(), py::arg("packed"), py::arg("h0").noconvert(), py::arg("y").noconvert(),
+          py::arg("hn").noconvert(), py::arg("threads") = 1,
+          (std::string("One bf16 GRU layer ") + p.how +
+           ": x (T, B, I) and h0 (B, H) bf16 as int16 -> y (T, B, H) and hn (B, H) bf16,\n"
+           "written in place.").c_str());
+  }
 }

@@ -1,5 +1,6 @@
-"""The bf16 LSTM and GRU layers on AMX tiles (``cpu.lstm_layer_amx`` / ``cpu.gru_layer_amx``,
-csrc/rnn_amx.cpp) against torch's fp32 LSTM / GRU run on the same bf16-rounded weights and
+"""The bf16 LSTM and GRU layers on AMX tiles (``cpu.lstm_layer_amx`` / ``cpu.gru_layer_amx``)
+and with AVX512-BF16 dot products (``cpu.lstm_layer_dot_bf16`` / ``cpu.gru_layer_dot_bf16``),
+csrc/rnn_amx.cpp, each against torch's fp32 LSTM / GRU run on the same bf16-rounded weights and
 inputs; the bf16 precision pass that makes them bf16; a compiled forecaster in bf16 against
 eager fp32."""
 import copy
@@ -13,7 +14,19 @@ from kiln.ir import DType, GraphBuilder, OpKind
 from kiln.ir import attrs as A
 from kiln.kernels.registry import all_kernels, candidates
 
-pytestmark = pytest.mark.skipif(not _C.rnn_amx_supported(), reason="needs a CPU with AMX-BF16")
+PATHS = [pytest.param("amx", marks=pytest.mark.skipif(not _C.rnn_amx_supported(), reason="needs AMX-BF16")),
+         pytest.param("dot_bf16", marks=pytest.mark.skipif(not _C.rnn_dot_bf16_supported(),
+                                                           reason="needs AVX512-BF16"))]
+pytestmark = pytest.mark.skipif(not (_C.rnn_amx_supported() or _C.rnn_dot_bf16_supported()),
+                                reason="needs a CPU with AMX-BF16 or AVX512-BF16")
+
+
+def _lstm_layer(path):
+    return getattr(_C, f"lstm_layer_{path}")
+
+
+def _gru_layer(path):
+    return getattr(_C, f"gru_layer_{path}")
 
 
 def _bits(t):
@@ -29,9 +42,10 @@ def _bf16_exact(lstm):
     return out
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("T,B,In,H", [(96, 32, 8, 128), (12, 32, 128, 128), (7, 5, 3, 20), (4, 17, 40, 33),
                                      (3, 40, 64, 16), (0, 4, 8, 16)])
-def test_layer_matches_fp32_on_bf16_operands(T, B, In, H):
+def test_layer_matches_fp32_on_bf16_operands(T, B, In, H, path):
     torch.manual_seed(T * 100 + B + In + H)
     lstm = torch.nn.LSTM(In, H)
     x = torch.randn(T, B, In).bfloat16()
@@ -40,7 +54,7 @@ def test_layer_matches_fp32_on_bf16_operands(T, B, In, H):
                                                              lstm.bias_hh_l0)))
     y = torch.empty(T, B, H, dtype=torch.bfloat16)
     hn, cn = torch.empty(B, H, dtype=torch.bfloat16), torch.empty(B, H)
-    _C.lstm_layer_amx(_bits(x), packed, _bits(h0), c0.numpy(), _bits(y), _bits(hn), cn.numpy(), 2)
+    _lstm_layer(path)(_bits(x), packed, _bits(h0), c0.numpy(), _bits(y), _bits(hn), cn.numpy(), 2)
     if T == 0:  # (torch's LSTM refuses empty sequences) the state passes through
         assert torch.equal(hn, h0) and torch.equal(cn, c0)
         return
@@ -52,7 +66,8 @@ def test_layer_matches_fp32_on_bf16_operands(T, B, In, H):
     torch.testing.assert_close(cn, rc[0], atol=2e-2, rtol=0)
 
 
-def test_batch_first_views_and_bad_arguments():
+@pytest.mark.parametrize("path", PATHS)
+def test_batch_first_views_and_bad_arguments(path):
     torch.manual_seed(0)
     lstm = torch.nn.LSTM(8, 16, batch_first=True)
     x = torch.randn(4, 6, 8).bfloat16()  # (B, T, I): the kernel takes the (T, B, I) view
@@ -60,7 +75,7 @@ def test_batch_first_views_and_bad_arguments():
     y = torch.empty(4, 6, 16, dtype=torch.bfloat16)
     h0, hn = torch.zeros(4, 16, dtype=torch.bfloat16), torch.empty(4, 16, dtype=torch.bfloat16)
     c0, cn = torch.zeros(4, 16), torch.empty(4, 16)
-    _C.lstm_layer_amx(_bits(x.transpose(0, 1)), packed, _bits(h0), c0.numpy(), _bits(y.transpose(0, 1)), _bits(hn),
+    _lstm_layer(path)(_bits(x.transpose(0, 1)), packed, _bits(h0), c0.numpy(), _bits(y.transpose(0, 1)), _bits(hn),
                       cn.numpy(), 1)
     with torch.no_grad():
         lstm.bias_ih_l0.zero_()
@@ -68,18 +83,19 @@ def test_batch_first_views_and_bad_arguments():
         ref, _ = _bf16_exact(lstm)(x.float())
     torch.testing.assert_close(y.float(), ref, atol=1e-2, rtol=0)
     with pytest.raises(ValueError, match="x"):
-        _C.lstm_layer_amx(_bits(torch.zeros(6, 4, 7, dtype=torch.bfloat16)), packed, _bits(h0), c0.numpy(),
+        _lstm_layer(path)(_bits(torch.zeros(6, 4, 7, dtype=torch.bfloat16)), packed, _bits(h0), c0.numpy(),
                           _bits(y.transpose(0, 1)), _bits(hn), cn.numpy(), 1)
     with pytest.raises(ValueError, match="h0"):
-        _C.lstm_layer_amx(_bits(x.transpose(0, 1)), packed, _bits(torch.zeros(3, 16, dtype=torch.bfloat16)),
+        _lstm_layer(path)(_bits(x.transpose(0, 1)), packed, _bits(torch.zeros(3, 16, dtype=torch.bfloat16)),
                           c0.numpy(), _bits(y.transpose(0, 1)), _bits(hn), cn.numpy(), 1)
     with pytest.raises(ValueError, match="threads"):
-        _C.lstm_layer_amx(_bits(x.transpose(0, 1)), packed, _bits(h0), c0.numpy(), _bits(y.transpose(0, 1)),
+        _lstm_layer(path)(_bits(x.transpose(0, 1)), packed, _bits(h0), c0.numpy(), _bits(y.transpose(0, 1)),
                           _bits(hn), cn.numpy(), 0)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("T,B,In,H", [(40, 32, 8, 128), (7, 5, 3, 20), (4, 17, 40, 33), (0, 4, 8, 16)])
-def test_gru_layer_matches_fp32_on_bf16_operands(T, B, In, H):
+def test_gru_layer_matches_fp32_on_bf16_operands(T, B, In, H, path):
     torch.manual_seed(T * 100 + B + In + H + 1)
     gru = torch.nn.GRU(In, H)
     x = torch.randn(T, B, In).bfloat16()
@@ -89,7 +105,7 @@ def test_gru_layer_matches_fp32_on_bf16_operands(T, B, In, H):
     assert packed.gates == 3
     y = torch.empty(T, B, H, dtype=torch.bfloat16)
     hn = torch.empty(B, H, dtype=torch.bfloat16)
-    _C.gru_layer_amx(_bits(x), packed, _bits(h0), _bits(y), _bits(hn), 2)
+    _gru_layer(path)(_bits(x), packed, _bits(h0), _bits(y), _bits(hn), 2)
     if T == 0:
         assert torch.equal(hn, h0)
         return
@@ -98,7 +114,7 @@ def test_gru_layer_matches_fp32_on_bf16_operands(T, B, In, H):
     torch.testing.assert_close(y.float(), ref, atol=1e-2, rtol=0)
     torch.testing.assert_close(hn.float(), rh[0], atol=1e-2, rtol=0)
     with pytest.raises(ValueError, match="LSTM"):  # GRU weights into the LSTM layer, and back
-        _C.gru_layer_amx(_bits(x), _C.rnn_amx_pack(*(torch.randn(4 * H, d).numpy() for d in (In, H))), _bits(h0),
+        _gru_layer(path)(_bits(x), _C.rnn_amx_pack(*(torch.randn(4 * H, d).numpy() for d in (In, H))), _bits(h0),
                          _bits(y), _bits(hn), 1)
 
 
@@ -120,7 +136,10 @@ def test_precision_pass_makes_lstm_layers_bf16():
     lstm = next(n for n in g.nodes if n.op is OpKind.LSTM)
     assert all(v.type.dtype is DType.BFLOAT16 for v in lstm.inputs + lstm.outputs)
     assert all(v.type.dtype is DType.FLOAT32 for v in g.outputs)  # cast back for the rest of the graph
-    assert any(k.name == "cpu.lstm_layer_amx" for k in candidates(lstm, "cpu"))
+    names = {k.name for k in candidates(lstm, "cpu")}
+    assert names & {"cpu.lstm_layer_amx", "cpu.lstm_layer_dot_bf16"}
+    assert ("cpu.lstm_layer_amx" in names) == _C.rnn_amx_supported()
+    assert ("cpu.lstm_layer_dot_bf16" in names) == _C.rnn_dot_bf16_supported()
     # run-time weights, or fp32 compiles: the layer stays fp32
     for graph, prec in ((_lstm_graph(weights_const=False), "bf16"), (_lstm_graph(), "fp32")):
         g = run_pipeline(graph, select=["precision"], options=CompileOptions.parse(precision=prec, target="cpu")).graph
@@ -137,9 +156,10 @@ class _GRUForecaster(torch.nn.Module):
         return self.head(self.rnn(x)[0][:, -1])
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("family", ["lstm", "gru"])
-def test_compiled_forecaster_bf16_matches_eager(family, monkeypatch):
-    """The AMX kernel accepts every recurrent layer of the bf16 compile and, run in place
+def test_compiled_forecaster_bf16_matches_eager(family, path, monkeypatch):
+    """The bf16 kernel accepts every recurrent layer of the bf16 compile and, run in place
     of the other candidates (which one is fastest is the benchmarks' question, not this
     test's), the model matches eager."""
     import kiln
@@ -149,7 +169,7 @@ def test_compiled_forecaster_bf16_matches_eager(family, monkeypatch):
     else:
         torch.manual_seed(0)
         model, inputs = _GRUForecaster().eval(), (torch.randn(16, 48, 8),)
-    op, amx = OpKind(family), f"cpu.{family}_layer_amx"
+    op, amx = OpKind(family), f"cpu.{family}_layer_{path}"
     others = sorted(k.name for k in all_kernels() if k.op is op and k.target == "cpu" and k.name != amx)
     monkeypatch.setenv("KILN_KERNEL_CHOICE", "first")  # no timing: the first accepting candidate runs
     compiled = kiln.compile(model, inputs, precision="bf16", exclude_kernels=others)

@@ -157,8 +157,8 @@ def test_lstm_forecaster_int8_dynamic():
 
 
 def test_lstm_forecaster_int8_dynamic_with_bf16_rest():
-    """quantize= with precision="bf16": on a CPU whose AMX runs whole bf16 LSTM layers the
-    layers stay whole (bf16, projection inside) and the head is int8; within the int8 bound."""
+    """quantize= with precision="bf16": on a CPU that runs whole bf16 LSTM layers (AMX-BF16 or
+    AVX512-BF16) the layers stay whole (bf16, projection inside) and the head is int8; within the int8 bound."""
     from kiln import _C
     from kiln.models import Forecaster
 
@@ -169,7 +169,7 @@ def test_lstm_forecaster_int8_dynamic_with_bf16_rest():
     q = kiln.compile(model, (xte,), quantize="int8-dynamic", precision="bf16", quantize_payoff=False)
     graph = q.compiled[0].graph
     assert _count(q, OpKind.QLINEAR_DYNAMIC) >= 1  # the head
-    if _C.rnn_amx_supported():
+    if _C.rnn_amx_supported() or _C.rnn_dot_bf16_supported():
         lstms = [n for n in graph.nodes if n.op is OpKind.LSTM]
         assert lstms and all(n.inputs[0].dtype.value == "bfloat16" for n in lstms)
     mse_fp = float(nn.functional.mse_loss(fp(xte), yte))
