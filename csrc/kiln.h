@@ -121,6 +121,12 @@ void winograd_input(const float* x, float* V, const WinogradShape& s, int thread
 void winograd_weight(const float* w, float* U, int64_t K, int64_t C, int64_t m, int threads);
 void winograd_output(const float* M, float* y, const float* bias, const float* residual, bool relu,
                      const WinogradShape& s, int threads);
+// The same over bf16 (raw 16-bit patterns: x, V, M, y and the residual; the bias fp32), on a
+// CPU with AVX512-BF16 (winograd_bf16_supported).
+bool winograd_bf16_supported();
+void winograd_input_bf16(const uint16_t* x, uint16_t* V, const WinogradShape& s, int threads);
+void winograd_output_bf16(const uint16_t* M, uint16_t* y, const float* bias, const uint16_t* residual, bool relu,
+                          const WinogradShape& s, int threads);
 
 }  // namespace kiln
 

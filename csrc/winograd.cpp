@@ -1,5 +1,6 @@
-// Winograd convolution F(m x m, 3 x 3) over channels-last (NHWC) fp32 activations: the two
-// transforms. A 3x3 stride-1 convolution becomes
+// Winograd convolution F(m x m, 3 x 3) over channels-last (NHWC) fp32 or bf16 activations: the
+// two transforms (bf16: operands widened to fp32 on load, the arithmetic fp32, each result
+// rounded once to bf16 on store). A 3x3 stride-1 convolution becomes
 //   V[p][t][c] = (B^T d_t B)[p]          input transform of each m x m output tile t
 //   M[p]       = V[p] @ U[p]             one GEMM per transform point p (U: transformed weights)
 //   y_t        = act(A^T M_t A + bias + residual)
@@ -81,8 +82,21 @@ Tiling tiling(const WinogradShape& s) {
   return {TH, TW, s.N * TH * TW};
 }
 
-template <typename F>
-void input_tiles(const float* x, float* V, const WinogradShape& s, const Tiling& g, int64_t t0, int64_t t1) {
+// Element I/O: fp32 as it is; bf16 (raw 16-bit patterns, the bf16 convolution's operands)
+// widened exactly on load and rounded to nearest even on store. bf16 needs the 16-lane
+// registers and AVX512-BF16's rounding instruction.
+inline Reg load_el(Vec::Mask mk, const float* p) { return Vec::load(mk, p); }
+inline void store_el(float* p, Vec::Mask mk, Reg v) { Vec::store(p, mk, v); }
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define KILN_WINOGRAD_BF16 1
+inline Reg load_el(Vec::Mask mk, const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, p)), 16));
+}
+inline void store_el(uint16_t* p, Vec::Mask mk, Reg v) { _mm256_mask_storeu_epi16(p, mk, (__m256i)_mm512_cvtneps_pbh(v)); }
+#endif
+
+template <typename F, typename T>
+void input_tiles(const T* x, T* V, const WinogradShape& s, const Tiling& g, int64_t t0, int64_t t1) {
   constexpr int R = F::R;
   const Reg zero = Vec::zero();
   for (int64_t t = t0; t < t1; ++t) {
@@ -94,10 +108,10 @@ void input_tiles(const float* x, float* V, const WinogradShape& s, const Tiling&
       for (int i = 0; i < R; ++i) {
         const int64_t h = h0 + i;
         const bool hv = h >= 0 && h < s.H;
-        const float* row = x + ((n * s.H + (hv ? h : 0)) * s.W) * s.C + c;
+        const T* row = x + ((n * s.H + (hv ? h : 0)) * s.W) * s.C + c;
         for (int j = 0; j < R; ++j) {
           const int64_t w = w0 + j;
-          d[i][j] = (hv && w >= 0 && w < s.W) ? Vec::load(mk, row + w * s.C) : zero;
+          d[i][j] = (hv && w >= 0 && w < s.W) ? load_el(mk, row + w * s.C) : zero;
         }
       }
       for (int j = 0; j < R; ++j) {  // columns: tmp = B^T d
@@ -109,14 +123,14 @@ void input_tiles(const float* x, float* V, const WinogradShape& s, const Tiling&
       for (int i = 0; i < R; ++i) {  // rows: V = tmp B
         Reg out[R];
         F::bt(tmp[i], out);
-        for (int j = 0; j < R; ++j) Vec::store(V + ((i * R + j) * g.T + t) * s.C + c, mk, out[j]);
+        for (int j = 0; j < R; ++j) store_el(V + ((i * R + j) * g.T + t) * s.C + c, mk, out[j]);
       }
     }
   }
 }
 
-template <typename F>
-void output_tiles(const float* Mt, float* y, const float* bias, const float* res, bool relu, const WinogradShape& s,
+template <typename F, typename T>
+void output_tiles(const T* Mt, T* y, const float* bias, const T* res, bool relu, const WinogradShape& s,
                   const Tiling& g, int64_t t0, int64_t t1) {
   constexpr int R = F::R, M = F::M;
   const Reg zero = Vec::zero();
@@ -129,7 +143,7 @@ void output_tiles(const float* Mt, float* y, const float* bias, const float* res
       Reg tmp[M][R];
       for (int j = 0; j < R; ++j) {  // columns: tmp = A^T m
         Reg col[R], out[M];
-        for (int i = 0; i < R; ++i) col[i] = Vec::load(mk, Mt + ((i * R + j) * g.T + t) * s.K + k);
+        for (int i = 0; i < R; ++i) col[i] = load_el(mk, Mt + ((i * R + j) * g.T + t) * s.K + k);
         F::at(col, out);
         for (int i = 0; i < M; ++i) tmp[i][j] = out[i];
       }
@@ -140,9 +154,9 @@ void output_tiles(const float* Mt, float* y, const float* bias, const float* res
         const int64_t base = ((n * s.OH + oh0 + i) * s.OW + ow0) * s.K + k;
         for (int j = 0; j < mw; ++j) {
           Reg v = Vec::add(out[j], b);
-          if (res) v = Vec::add(v, Vec::load(mk, res + base + j * s.K));
+          if (res) v = Vec::add(v, load_el(mk, res + base + j * s.K));
           if (relu) v = Vec::max(v, zero);
-          Vec::store(y + base + j * s.K, mk, v);
+          store_el(y + base + j * s.K, mk, v);
         }
       }
     }
@@ -166,8 +180,11 @@ int64_t winograd_tiles(const WinogradShape& s) {
   return s.N * ((s.OH + m - 1) / m) * ((s.OW + m - 1) / m);
 }
 
-void winograd_input(const float* x, float* V, const WinogradShape& s, int threads) {
 #ifdef KILN_WINOGRAD
+namespace {
+
+template <typename T>
+void input_any(const T* x, T* V, const WinogradShape& s, int threads) {
   if (s.m == 4) {
     const Tiling g = tiling<F4>(s);
     parallel_ranges(g.T, threads, [&](int64_t a, int64_t b) { input_tiles<F4>(x, V, s, g, a, b); });
@@ -177,15 +194,11 @@ void winograd_input(const float* x, float* V, const WinogradShape& s, int thread
   } else {
     throw std::invalid_argument("winograd: m must be 2 or 4");
   }
-#else
-  (void)x; (void)V; (void)s; (void)threads;
-  throw std::runtime_error("winograd needs AVX-512 or AVX2 with FMA");
-#endif
 }
 
-void winograd_output(const float* Mt, float* y, const float* bias, const float* residual, bool relu,
-                     const WinogradShape& s, int threads) {
-#ifdef KILN_WINOGRAD
+template <typename T>
+void output_any(const T* Mt, T* y, const float* bias, const T* residual, bool relu, const WinogradShape& s,
+                int threads) {
   if (s.m == 4) {
     const Tiling g = tiling<F4>(s);
     parallel_ranges(g.T, threads, [&](int64_t a, int64_t b) { output_tiles<F4>(Mt, y, bias, residual, relu, s, g, a, b); });
@@ -195,9 +208,54 @@ void winograd_output(const float* Mt, float* y, const float* bias, const float* 
   } else {
     throw std::invalid_argument("winograd: m must be 2 or 4");
   }
+}
+
+}  // namespace
+#endif
+
+void winograd_input(const float* x, float* V, const WinogradShape& s, int threads) {
+#ifdef KILN_WINOGRAD
+  input_any(x, V, s, threads);
+#else
+  (void)x; (void)V; (void)s; (void)threads;
+  throw std::runtime_error("winograd needs AVX-512 or AVX2 with FMA");
+#endif
+}
+
+void winograd_output(const float* Mt, float* y, const float* bias, const float* residual, bool relu,
+                     const WinogradShape& s, int threads) {
+#ifdef KILN_WINOGRAD
+  output_any(Mt, y, bias, residual, relu, s, threads);
 #else
   (void)Mt; (void)y; (void)bias; (void)residual; (void)relu; (void)s; (void)threads;
   throw std::runtime_error("winograd needs AVX-512 or AVX2 with FMA");
+#endif
+}
+
+bool winograd_bf16_supported() {
+#ifdef KILN_WINOGRAD_BF16
+  return dot_bf16_supported();
+#else
+  return false;
+#endif
+}
+
+void winograd_input_bf16(const uint16_t* x, uint16_t* V, const WinogradShape& s, int threads) {
+  if (!winograd_bf16_supported()) throw std::runtime_error("bf16 winograd needs AVX512-BF16");
+#ifdef KILN_WINOGRAD_BF16
+  input_any(x, V, s, threads);
+#else
+  (void)x; (void)V; (void)s; (void)threads;
+#endif
+}
+
+void winograd_output_bf16(const uint16_t* Mt, uint16_t* y, const float* bias, const uint16_t* residual, bool relu,
+                          const WinogradShape& s, int threads) {
+  if (!winograd_bf16_supported()) throw std::runtime_error("bf16 winograd needs AVX512-BF16");
+#ifdef KILN_WINOGRAD_BF16
+  output_any(Mt, y, bias, residual, relu, s, threads);
+#else
+  (void)Mt; (void)y; (void)bias; (void)residual; (void)relu; (void)s; (void)threads;
 #endif
 }
 

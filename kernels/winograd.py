@@ -17,6 +17,13 @@ Both tile sizes are candidates: F(4x4) wins where the GEMMs are compute bound (l
 images, few channels), F(2x2) where the transformed weights (16/9 of the weights against
 F(4x4)'s 4x) must stream from memory (7x7 images, 512 channels), and oneDNN's direct conv
 where neither pays (``kiln bench kernels --op conv2d``).
+
+bf16 convolutions (``precision="bf16"``) have ``cpu.winograd2_conv_bf16`` on CPUs with
+AVX512-BF16: F(2x2) only, the transforms reading and writing bf16 (fp32 arithmetic, each
+result rounded once) and the GEMMs ``torch.bmm`` in bf16. Its rounding of the transformed
+input and of the GEMM's result puts it about twice as far from the exact convolution as a
+direct bf16 convolution (``tests/kernels/test_winograd.py`` bounds it); F(4x4)'s transforms
+would multiply bf16's rounding by about forty, so there is no bf16 F(4x4).
 """
 from __future__ import annotations
 
@@ -27,8 +34,8 @@ from kiln.ir import attrs as A
 from kiln.ir.reference import epilogue
 
 from .derived import derive
-from .nhwc import as_channels_last, nhwc_array
-from .registry import register_kernel
+from .nhwc import as_channels_last, native_array, nhwc_array
+from .registry import AVX512_BF16, register_kernel
 
 # Winograd's G matrices (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks"):
 # U = G g G^T transforms a 3x3 filter g. The kernels (csrc/winograd.cpp) hold their own copy
@@ -71,7 +78,7 @@ def _buffer_bytes(node: Node, m: int, batch: int | None = None) -> int:
     return (m + 2) ** 2 * n * -(-oh // m) * -(-ow // m) * max(c, k) * 4
 
 
-def _accepts(node: Node) -> bool:
+def _accepts(node: Node, dtype: str = "float32") -> bool:
     if len(node.inputs) < 2:
         return False
     x, w = node.inputs[0].type, node.inputs[1].type
@@ -80,7 +87,9 @@ def _accepts(node: Node) -> bool:
     if not (x.rank == 4 and all(isinstance(d, int) for d in x.shape[1:]) and
             x.layout.kind is LayoutKind.CHANNELS_LAST):
         return False
-    if x.dtype.value != "float32" or w.dtype.value != "float32" or tuple(w.shape[2:]) != (3, 3):
+    if x.dtype.value != dtype or w.dtype.value != dtype or tuple(w.shape[2:]) != (3, 3):
+        return False
+    if any(v is not None and v.type.dtype.value != dtype for v in node.inputs[3:]):  # the residual
         return False
     if a.stride != (1, 1) or a.dilation != (1, 1) or a.groups != 1:
         return False
@@ -90,10 +99,14 @@ def _accepts(node: Node) -> bool:
         return False
     from kiln import _C
 
-    return _C.winograd_supported()
+    return _C.winograd_bf16_supported() if dtype == "bfloat16" else _C.winograd_supported()
 
 
-def _prepare(m: int):
+def _accepts_bf16(node: Node) -> bool:
+    return _accepts(node, "bfloat16")
+
+
+def _prepare(m: int, bf16: bool = False):
     def prepare(node: Node, consts: list):
         from kiln import _C
 
@@ -105,8 +118,11 @@ def _prepare(m: int):
         _, c, h, wd = node.inputs[0].type.shape
         _, k, oh, ow = node.outputs[0].type.shape
         # portable (Kiln's own float64 arithmetic, rounded once): an artifact ships it
-        u = derive(f"cpu.winograd{m}_conv", TRANSFORM_VERSION, w, lambda: transform_weight(w, m),
-                   lambda t: t.dtype == torch.float32 and tuple(t.shape) == ((m + 2) ** 2, c, k) and t.is_contiguous())
+        # bf16: U of the bf16 weight, as fp32's (float64, rounded to fp32), then rounded to bf16
+        dt = torch.bfloat16 if bf16 else torch.float32
+        u = derive(f"cpu.winograd{m}_conv" + ("_bf16" if bf16 else ""), TRANSFORM_VERSION, w,
+                   lambda: transform_weight(w, m).to(dt),
+                   lambda t: t.dtype == dt and tuple(t.shape) == ((m + 2) ** 2, c, k) and t.is_contiguous())
         tiles_per_image = -(-oh // m) * -(-ow // m)
         # a dynamic plan's call whose batch would take the transformed buffers past the cap
         # runs the direct convolution instead
@@ -118,20 +134,23 @@ def _prepare(m: int):
         has_res = len(node.inputs) > 3 and node.inputs[3] is not None
         relu = a.activation is A.Activation.RELU
 
+        transform_in, transform_out = ((_C.winograd_input_bf16, _C.winograd_output_bf16) if bf16 else
+                                       (_C.winograd_input, _C.winograd_output))
+
         def run(ins, attrs):
             n = ins[0].shape[0]  # per call: a dynamic plan's batch varies
             bias = (bias_c if bias_c is not None else ins[2].float().contiguous()) if has_bias else None
             if n > max_batch:
-                return epilogue(torch.nn.functional.conv2d(ins[0], w, bias, 1, (ph, pw)),
-                                ins[3] if has_res else None, a.activation)
+                return epilogue(torch.nn.functional.conv2d(ins[0], w, None if bias is None else bias.to(dt), 1,
+                                                           (ph, pw)), ins[3] if has_res else None, a.activation)
             threads = torch.get_num_threads()
-            v = torch.empty(u.shape[0], n * tiles_per_image, c)
-            _C.winograd_input(nhwc_array(as_channels_last(ins[0])), v.numpy(), oh, ow, k, ph, pw, m, threads)
+            v = torch.empty(u.shape[0], n * tiles_per_image, c, dtype=dt)
+            transform_in(nhwc_array(as_channels_last(ins[0])), native_array(v), oh, ow, k, ph, pw, m, threads)
             mt = torch.bmm(v, u)
-            y = torch.empty((n, k, oh, ow), memory_format=torch.channels_last)
+            y = torch.empty((n, k, oh, ow), dtype=dt, memory_format=torch.channels_last)
             res = nhwc_array(as_channels_last(ins[3])) if has_res else None
-            _C.winograd_output(mt.numpy(), nhwc_array(y), None if bias is None else bias.numpy(), res, relu,
-                               h, wd, c, ph, pw, m, threads)
+            transform_out(native_array(mt), nhwc_array(y), None if bias is None else bias.numpy(), res, relu,
+                          h, wd, c, ph, pw, m, threads)
             return y
         return run
     return prepare
@@ -145,3 +164,5 @@ def _unusable(ins, a):
 for _m in (4, 2):
     register_kernel(OpKind.CONV2D, "cpu", name=f"cpu.winograd{_m}_conv", accepts=_accepts, dynamic=True,
                     prepare=_prepare(_m), approximate=True)(_unusable)
+register_kernel(OpKind.CONV2D, "cpu", name="cpu.winograd2_conv_bf16", accepts=_accepts_bf16, dynamic=True,
+                prepare=_prepare(2, bf16=True), approximate=True, requires=AVX512_BF16)(_unusable)

@@ -226,7 +226,7 @@ def _check_approximate(plan, result, sizes: list) -> tuple[str, tuple]:
     reference kernels end to end (a dynamic plan's at each representative size in ``sizes``,
     where its size buckets may run different kernels)."""
     from kiln.kernels.registry import all_kernels
-    from kiln.runtime.accuracy_guard import REL_TOL, worst_relative_error
+    from kiln.runtime.accuracy_guard import bound_for, worst_relative_error
     from kiln.runtime.by_size import member_kernels
     from kiln.runtime.plan import build_plan
 
@@ -241,9 +241,10 @@ def _check_approximate(plan, result, sizes: list) -> tuple[str, tuple]:
         found = f"the whole model was {rel:.1e} of its output's scale from the reference kernels with them"
     except Exception as e:  # noqa: BLE001  (unverifiable: the approximate kernels are not kept)
         rel, found = float("inf"), f"the end-to-end check could not run ({type(e).__name__}: {e})"
-    if rel <= REL_TOL:
-        return f"{uses}: whole model within {rel:.1e} of the reference kernels (bound {REL_TOL:.0e})", ()
-    return f"{uses} not used: {found} (bound {REL_TOL:.0e})", every
+    bound = bound_for(result.graph)
+    if rel <= bound:
+        return f"{uses}: whole model within {rel:.1e} of the reference kernels (bound {bound:.0e})", ()
+    return f"{uses} not used: {found} (bound {bound:.0e})", every
 
 
 def _guard_sparse(graph, result, options: CompileOptions, measurer):

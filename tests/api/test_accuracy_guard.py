@@ -67,3 +67,24 @@ def test_worst_relative_error_is_zero_against_itself_and_sees_a_changed_weight()
     ref = build_plan(ga, "reference")
     assert accuracy_guard.worst_relative_error(build_plan(ga, "reference"), ref) == 0.0
     assert 1e-5 < accuracy_guard.worst_relative_error(build_plan(gb, "reference"), ref) < 1e-2
+
+
+def test_a_bf16_compile_is_held_to_the_bf16_bound(winograd_first):
+    """precision="bf16": the reference kernels round every bf16 value too, so the bound is
+    BF16_REL_TOL; the bf16 Winograd kernel (where AVX512-BF16 runs it) is kept within it."""
+    from kiln import _C
+
+    x = torch.randn(1, 8, 16, 16)
+    c = kiln.compile(_model(), (x,), precision="bf16", exclude_kernels=["cpu.onednn_conv"], codegen=False)
+    assert accuracy_guard.bound_for(c.compiled[0].graph) == accuracy_guard.BF16_REL_TOL
+    if not _C.winograd_bf16_supported():
+        pytest.skip("no bf16 Winograd kernel on this CPU")
+    assert c.report.kernels.get("cpu.winograd2_conv_bf16") == 2
+    assert "whole model within" in c.report.accuracy and "bound 1e-02" in c.report.accuracy
+    ref = _model()(x)
+    assert float((c(x) - ref).abs().max()) <= 2e-2 * float(ref.abs().max())
+
+
+def test_fp32_graphs_keep_the_fp32_bound():
+    g = kiln.compile(_model(), (torch.randn(1, 8, 16, 16),), codegen=False).compiled[0].graph
+    assert accuracy_guard.bound_for(g) == accuracy_guard.REL_TOL

@@ -130,10 +130,14 @@ def test_candidates_only_where_winograd_applies():
         _node((1, 8, 10, 10), torch.randn(8, 4, 3, 3), None, False, A.Conv2dAttrs(padding=(1, 1), groups=2)),
         _node((1, 8, 10, 10), w3, None, False, A.Conv2dAttrs(padding=(1, 1)), layout=LayoutKind.ROW_MAJOR),
         _node((1, 8, 10, 10), w3, None, False, A.Conv2dAttrs(padding=(1, 1), activation=A.Activation.GELU)),
-        _node((1, 8, 10, 10), w3.bfloat16(), None, False, A.Conv2dAttrs(padding=(1, 1)), dtype=DType.BFLOAT16),
     ]
     for node in declined:
         assert not any(k.name.startswith("cpu.winograd") for k in candidates(node, "cpu"))
+    # a bf16 convolution: only the bf16 F(2x2), and only where AVX512-BF16 runs it
+    bf16 = _node((1, 8, 10, 10), w3.bfloat16(), None, False, A.Conv2dAttrs(padding=(1, 1)), dtype=DType.BFLOAT16)
+    names = [k.name for k in candidates(bf16, "cpu") if k.name.startswith("cpu.winograd")]
+    assert names == (["cpu.winograd2_conv_bf16"] if _C.winograd_bf16_supported() else [])
+    assert "cpu.winograd2_conv_bf16" not in [k.name for k in candidates(ok, "cpu")]
 
 
 def test_bad_arguments_are_rejected():
@@ -190,3 +194,48 @@ def test_a_symbolic_batch_runs_any_batch_and_past_the_buffer_cap_the_direct_conv
         ref = (F.conv2d(x.double(), w.double(), bias.double(), padding=1) + r.double()).relu()
         assert y.shape == (n, 16, 9, 11)
         assert (y.double() - ref).abs().max().item() < 1e-4, n
+
+
+@pytest.mark.skipif(not _C.winograd_bf16_supported(), reason="needs AVX512-BF16")
+@pytest.mark.parametrize("shape", [(1, 64, 14, 14, 64), (2, 20, 9, 10, 24), (1, 33, 4, 4, 16), (1, 128, 7, 7, 96)])
+@pytest.mark.parametrize("epilogue", ["none", "bias_relu", "residual_relu"])
+def test_bf16_f2_is_within_about_twice_a_direct_bf16_convolution(shape, epilogue):
+    """bf16 in, bf16 out: against the float64 convolution of the same bf16 operands, within 1.2%
+    of the output's scale and at most 4x as far off as torch's direct bf16 convolution on the
+    same inputs (it rounds the transformed input and the GEMM's result besides the output)."""
+    n, c, h, wd, k = shape
+    g = torch.Generator().manual_seed(c * 100 + k + 7)
+    w = (torch.randn(k, c, 3, 3, generator=g) * (2 / (9 * c)) ** 0.5).bfloat16()
+    bias = torch.randn(k, generator=g).bfloat16() if epilogue == "bias_relu" or epilogue == "residual_relu" else None
+    residual = epilogue.startswith("residual")
+    attrs = A.Conv2dAttrs(padding=(1, 1), activation=RELU if epilogue.endswith("relu") else NONE)
+    node = _node((n, c, h, wd), w, bias, residual, attrs, dtype=DType.BFLOAT16)
+    kern = next(k for k in candidates(node, "cpu") if k.name == "cpu.winograd2_conv_bf16")
+    fn = kern.bind(node, [None, w] + ([bias] if bias is not None else []) + ([None] if residual else []))
+    x = torch.randn(n, c, h, wd, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
+    r = torch.randn(n, k, h, wd, generator=g).bfloat16().contiguous(memory_format=torch.channels_last) \
+        if residual else None
+    args = [x, w] + ([bias] if bias is not None else []) + ([r] if residual else [])
+    for threads in (1, 2):
+        prev = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            y = fn(args, attrs)
+        finally:
+            torch.set_num_threads(prev)
+        assert y.dtype == torch.bfloat16 and y.shape == (n, k, h, wd)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+        def exact(t):
+            return None if t is None else t.double()
+        ref = F.conv2d(x.double(), w.double(), exact(bias), padding=1)
+        direct = F.conv2d(x, w, bias, padding=1)
+        if residual:
+            ref, direct = ref + r.double(), direct + r
+        if attrs.activation is RELU:
+            ref, direct = ref.relu(), direct.relu()
+        scale = max(1.0, ref.abs().max().item())
+        err = (y.double() - ref).abs().max().item()
+        err_direct = (direct.double() - ref).abs().max().item()
+        assert err <= 1.2e-2 * scale, (threads, err)
+        assert err <= 4 * max(err_direct, 2 ** -9 * scale), (threads, err, err_direct)
