@@ -74,6 +74,7 @@ def test_winograd_round_trip_maps_the_transformed_weights(tmp_path, monkeypatch)
     transform version are computed again instead."""
     import kiln.kernels.winograd as W
 
+    monkeypatch.setenv("KILN_KERNEL_CHOICE", "first")  # no timing: Winograd is the first candidate left
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()
     x = torch.randn(1, 8, 20, 20)
@@ -114,6 +115,34 @@ def test_winograd_round_trip_maps_the_transformed_weights(tmp_path, monkeypatch)
         assert _bitwise(again(x), expected)
     _load_each_damaged(path, str(tmp_path / "damaged.kiln"),
                        [["plans", 0, "derived", 0, k] for k in ("kernel", "version", "node", "input", "tensor")], (x,))
+
+
+def test_bf16_winograd_round_trip_maps_its_bf16_transformed_weights(tmp_path, monkeypatch):
+    """precision="bf16": the bf16 F(2x2) kernel's transformed weights (bf16) ship and map at
+    load as fp32's do; the loaded model is bitwise the compiled one."""
+    import kiln.kernels.winograd as W
+    from kiln import _C
+
+    if not _C.winograd_bf16_supported():
+        pytest.skip("the bf16 Winograd kernel needs AVX512-BF16")
+    monkeypatch.setenv("KILN_KERNEL_CHOICE", "first")  # no timing: Winograd is the first candidate left
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()
+    x = torch.randn(1, 8, 20, 20)
+    compiled = kiln.compile(model, (x,), precision="bf16", exclude_kernels=["cpu.onednn_conv"], codegen=False)
+    assert compiled.report.kernels.get("cpu.winograd2_conv_bf16") == 2, compiled.report.accuracy
+    path = str(tmp_path / "wino_bf16.kiln")
+    compiled.save(path)
+    derived = kiln.artifact.info(path)["plans"][0]["derived"]
+    assert [(d["kernel"], d["version"], d["input"]) for d in derived] == [("cpu.winograd2_conv_bf16", 1, 1)] * 2
+    with torch.no_grad():
+        expected = compiled(x)
+
+    def no_transform(w, m):
+        raise AssertionError("the shipped transformed weights were not used")
+    monkeypatch.setattr(W, "transform_weight", no_transform)
+    with torch.no_grad():
+        assert _bitwise(kiln.load(path)(x), expected)
 
 
 def test_load_freezes_the_collected_heap_only_when_asked(tiny_artifact):
