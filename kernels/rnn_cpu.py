@@ -240,12 +240,16 @@ for _fn, _pack, _ok in ((gru_layer, _pack_layer, _native_ok), (gru_hoisted, _pac
 
 
 def _bf16_layer_ok(supported: str):
-    """bf16 LSTM / GRU layers (passes/precision.py makes them) where ``kiln._C.<supported>()``."""
+    """bf16 LSTM / GRU layers (passes/precision.py makes them) where ``kiln._C.<supported>()``.
+    As the fp32 layers, they read the time and batch dims from the tensors on each call (a
+    dynamic plan's may be symbolic); the feature dim and the weights are static."""
     def ok(node: Node) -> bool:
         a = node.attrs
         x = node.inputs[0].type
-        return (not a.bidirectional and not a.proj_hoisted and x.dtype.value == "bfloat16" and x.is_static
+        return (not a.bidirectional and not a.proj_hoisted and x.dtype.value == "bfloat16"
+                and isinstance(x.shape[-1], int)
                 and all(v is not None and v.type.dtype == x.dtype for v in node.inputs[1:])
+                and all(v.type.is_static for v in node.inputs[1 + (2 if node.op is OpKind.LSTM else 1):])
                 and getattr(_native(), supported)())
     return ok
 
@@ -307,7 +311,7 @@ for _path, _supported, _requires in (("amx", "rnn_amx_supported", AMX_BF16),
         _fn = _make(_path)
         _fn.__name__ = _fn.__qualname__ = f"{_op.value}_layer_{_path}"
         register_kernel(_op, "cpu", name=f"cpu.{_op.value}_layer_{_path}", accepts=_bf16_layer_ok(_supported),
-                        prepare=_packer(_fn, _pack_bf16, _gates), requires=_requires)(_fn)
+                        prepare=_packer(_fn, _pack_bf16, _gates), requires=_requires, dynamic=True)(_fn)
 
 
 @register_kernel(OpKind.LSTM, "cpu", name="cpu.lstm", accepts=_rnn_ok, dynamic=True)

@@ -182,3 +182,23 @@ def test_compiled_forecaster_bf16_matches_eager(family, path, monkeypatch):
     assert out.dtype == torch.float32
     # bf16 operands through the whole sequence: within 2% of the output's scale
     assert float((out - ref).abs().max()) <= 2e-2 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_dynamic_bf16_forecaster_runs_the_bf16_layers_at_every_size(path, monkeypatch):
+    """dynamic=True: the bf16 layer kernels take symbolic time and batch dims (they read them
+    per call), so a dynamic bf16 plan runs them, not torch's bf16 LSTM, at every size."""
+    import kiln
+
+    model, inputs = kiln.models.get("lstm")
+    layer = f"cpu.lstm_layer_{path}"
+    others = sorted(k.name for k in all_kernels() if k.op is OpKind.LSTM and k.target == "cpu" and k.name != layer)
+    monkeypatch.setenv("KILN_KERNEL_CHOICE", "first")
+    compiled = kiln.compile(model, inputs, precision="bf16", dynamic=True, exclude_kernels=others)
+    assert compiled.report.kernels.get(layer) == 2
+    torch.manual_seed(1)
+    for shape in ((7, 50, 8), (1, 3, 8), (33, 17, 8)):
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            ref, out = model(x), compiled(x)
+        assert float((out - ref).abs().max()) <= 2e-2 * float(ref.abs().max()), shape
