@@ -55,6 +55,64 @@ int main() {
       }
     }
   }
+  // bf16 LSTM / GRU layers (AVX512-BF16 dot products; AMX where present): exact-size buffers,
+  // odd input sizes (x copied padded) and even ones (x read in place), row groups and hidden
+  // blocks with tails, time-major and batch-first views
+  for (kiln::RnnPath path : {kiln::RnnPath::dot, kiln::RnnPath::amx}) {
+    if (path == kiln::RnnPath::dot ? !kiln::rnn_dot_bf16_supported() : !kiln::rnn_amx_supported()) continue;
+    for (int64_t H : {1, 7, 16, 17, 33})
+      for (int64_t B : {1, 5, 7, 13})
+        for (int64_t I : {1, 5, 16}) {
+          const int64_t T = 3;
+          auto bits = [&](size_t k) {
+            std::vector<uint16_t> v(k);
+            for (auto& e : v) e = static_cast<uint16_t>(0x3f00 + (g() & 0xff));  // bf16 in [0.5, 1)
+            return v;
+          };
+          auto x = bits(T * B * I), h0 = bits(B * H);
+          auto c0 = vec(B * H);
+          std::vector<uint16_t> y(T * B * H), hn(B * H);
+          std::vector<float> cn(B * H);
+          const kiln::SeqStrides tmx{B * I, I, B * H, H}, bfx{I, T * I, H, T * H};
+          for (int64_t G : {4, 3}) {
+            auto wi = vec(G * H * I), wh = vec(G * H * H), bi = vec(G * H), bh = vec(G * H);
+            auto pw = kiln::rnn_amx_pack(wi.data(), wh.data(), bi.data(), bh.data(), G, I, H);
+            for (const auto& st : {tmx, bfx})
+              for (int threads : {1, 2}) {
+                if (G == 4)
+                  kiln::lstm_layer_bf16(path, x.data(), pw, h0.data(), c0.data(), y.data(), hn.data(), cn.data(), T,
+                                        B, st, threads);
+                else
+                  kiln::gru_layer_bf16(path, x.data(), pw, h0.data(), y.data(), hn.data(), T, B, st, threads);
+                ++cases;
+              }
+          }
+        }
+  }
+  // Winograd transforms, fp32 and bf16: exact-size buffers, channel tails, tiles overhanging
+  // the image (odd sizes), padding 0 and 1, two images
+  for (int64_t m : {2, 4})
+    for (int64_t C : {3, 16, 21})
+      for (int64_t pad : {0, 1}) {
+        const int64_t N = 2, H = 7, W = 6, K = 5, OH = H + 2 * pad - 2, OW = W + 2 * pad - 2;
+        const kiln::WinogradShape s{N, H, W, C, K, OH, OW, pad, pad, m};
+        const int64_t T = kiln::winograd_tiles(s), P = (m + 2) * (m + 2);
+        auto x = vec(N * H * W * C), Mt = vec(P * T * K), bias = vec(K), res = vec(N * OH * OW * K);
+        std::vector<float> V(P * T * C), y(N * OH * OW * K);
+        std::vector<uint16_t> xb(x.size(), 0x3f80), Vb(V.size()), Mb(Mt.size(), 0x3f80), yb(y.size()),
+            rb(res.size(), 0x3f80);
+        for (int threads : {1, 2}) {
+          if (kiln::winograd_supported()) {
+            kiln::winograd_input(x.data(), V.data(), s, threads);
+            kiln::winograd_output(Mt.data(), y.data(), bias.data(), res.data(), true, s, threads);
+          }
+          if (kiln::winograd_bf16_supported()) {
+            kiln::winograd_input_bf16(xb.data(), Vb.data(), s, threads);
+            kiln::winograd_output_bf16(Mb.data(), yb.data(), bias.data(), rb.data(), true, s, threads);
+          }
+          ++cases;
+        }
+      }
   // max-pool: exact-size buffers, channel tails (C % 16 != 0), windows hanging over every edge
   if (kiln::max_pool_supported()) {
     for (int64_t C : {3, 16, 21})
