@@ -7,9 +7,10 @@ because the kernel benchmarks report every result as a fraction of these two num
 
 prints the ceilings themselves, measured afresh in interleaved rounds (these machines are
 shared, and a round that ran in a busy moment shows it): the register-only throughput of the
-fp32 FMA units and of the AMX tiles, bf16 (TDPBF16PS) and int8 (TDPBSSD)
-(``kiln._C.compute_peak_gflops``), an fp32 GEMM (``torch.mm``, 1024^3) and a 64 MB copy, per
-thread count, and what the extra threads add.
+fp32 FMA units, of AVX-512's dot products, bf16 (VDPBF16PS) and int8 (VPDPBUSD: what bf16 and
+int8 GEMMs run at on a CPU without AMX), and of the AMX tiles, bf16 (TDPBF16PS) and int8
+(TDPBSSD) (``kiln._C.compute_peak_gflops``), an fp32 GEMM (``torch.mm``, 1024^3) and a 64 MB
+copy, per thread count, and what the extra threads add.
 
 The AMX figures are the best over 1..6 independent accumulator tiles (six plus the two
 source tiles fill the eight): each tile instruction's result feeds the next one on the same
@@ -106,18 +107,25 @@ def clock_ghz(iters: int = 20_000_000) -> float:
     return _C.compute_peak_gflops("clock", 1, iters)
 
 
-def ceilings(threads: int) -> dict:
-    """One round of every ceiling at ``threads`` threads (FMA / AMX: None where not built or
-    not present)."""
+def register_rate(unit: str, threads: int, iters: int = 1_000_000) -> float | None:
+    """Register-only throughput of ``unit`` ("fma", "dot_bf16", "dot_int8") summed over
+    ``threads`` threads; None where the CPU (or the build) lacks the instructions."""
     from kiln import _C
 
     try:
-        fma = _C.compute_peak_gflops("fma", threads, 1_000_000)
-    except RuntimeError:  # built without AVX-512
-        fma = None
+        return _C.compute_peak_gflops(unit, threads, iters)
+    except RuntimeError:
+        return None
+
+
+def ceilings(threads: int) -> dict:
+    """One round of every ceiling at ``threads`` threads (FMA / dot products / AMX: None where
+    not built or not present)."""
     m = measure(threads)
-    return {"fma": fma, "amx_bf16": amx_rate("bf16", threads), "amx_int8": amx_rate("int8", threads),
-            "gemm": m["peak_gflops"], "copy": m["bandwidth_gbs"], "clock": clock_ghz()}
+    return {"fma": register_rate("fma", threads), "dot_bf16": register_rate("dot_bf16", threads),
+            "dot_int8": register_rate("dot_int8", threads), "amx_bf16": amx_rate("bf16", threads),
+            "amx_int8": amx_rate("int8", threads), "gemm": m["peak_gflops"], "copy": m["bandwidth_gbs"],
+            "clock": clock_ghz()}
 
 
 def main(argv=None) -> None:
@@ -131,7 +139,8 @@ def main(argv=None) -> None:
     for _ in range(args.rounds):
         for t in counts:
             rounds[t].append(ceilings(t))
-    cols = [("fma", "FMA fp32 GFLOP/s"), ("amx_bf16", "AMX bf16 GFLOP/s"), ("amx_int8", "AMX int8 GOP/s"),
+    cols = [("fma", "FMA fp32 GFLOP/s"), ("dot_bf16", "dot bf16 GFLOP/s"), ("dot_int8", "dot int8 GOP/s"),
+            ("amx_bf16", "AMX bf16 GFLOP/s"), ("amx_int8", "AMX int8 GOP/s"),
             ("gemm", "fp32 GEMM GFLOP/s"), ("copy", "copy GB/s"), ("clock", "clock GHz")]
     print(f"median of {args.rounds} interleaved rounds (min-max)")
     print("| threads | " + " | ".join(c for _, c in cols) + " |")
@@ -147,7 +156,7 @@ def main(argv=None) -> None:
         print(f"| {t} | " + " | ".join(cells) + " |")
     # the best round's clock: a thread that loses its core to other work measures a slower one
     ghz = max((r["clock"] for r in rounds[counts[0]] if r["clock"]), default=None)
-    if ghz:
+    if ghz and any(med[t, f"amx_{k}"] for t in counts for k in ("bf16", "int8")):
         print(f"\nAMX theoretical at {ghz:.2f} GHz (one tile instruction per 16 cycles per core): "
               + ", ".join(f"{k} {AMX_OPS_PER_CYCLE[k] * ghz:.0f} G{'FLOP' if k == 'bf16' else 'OP'}/s per core"
                           for k in ("bf16", "int8")))

@@ -159,7 +159,7 @@ bool dot_bf16_supported();  // the AVX512-BF16 path built and the CPU has the in
 // kClock: dependent one-cycle adds, so the figure is the core clock in GHz;
 // accumulators: independent AMX accumulator tiles in flight (1..6); the *Loaded units run a
 // 2 x 2 GEMM block that loads its four source tiles from L1 every step.
-enum class PeakUnit { kFma, kAmxBf16, kAmxInt8, kAmxBf16Loaded, kAmxInt8Loaded, kClock };
+enum class PeakUnit { kFma, kAmxBf16, kAmxInt8, kAmxBf16Loaded, kAmxInt8Loaded, kClock, kDotBf16, kDotInt8 };
 double compute_peak_gflops(PeakUnit unit, int threads, int64_t iters, int accumulators = 6);
 void attention(const AttentionArgs& a, int threads);
 

@@ -327,8 +327,10 @@ PYBIND11_MODULE(_C, m) {
         else if (unit == "amx_bf16_loaded") u = kiln::PeakUnit::kAmxBf16Loaded;
         else if (unit == "amx_int8_loaded") u = kiln::PeakUnit::kAmxInt8Loaded;
         else if (unit == "clock") u = kiln::PeakUnit::kClock;
+        else if (unit == "dot_bf16") u = kiln::PeakUnit::kDotBf16;
+        else if (unit == "dot_int8") u = kiln::PeakUnit::kDotInt8;
         else throw py::value_error("unit: expected 'fma', 'amx_bf16', 'amx_int8', 'amx_bf16_loaded', "
-                                   "'amx_int8_loaded' or 'clock'");
+                                   "'amx_int8_loaded', 'dot_bf16', 'dot_int8' or 'clock'");
         if (threads < 1 || iters < 1 || accumulators < 1 || accumulators > 6)
           throw py::value_error("threads and iters must be >= 1, accumulators 1..6");
         py::gil_scoped_release nogil;

@@ -1,5 +1,5 @@
-// The machine's compute ceilings, measured: what one core's FMA units and AMX tiles (bf16 and
-// int8) deliver with every operand in registers (no loads), on 1..n threads at once, and the
+// The machine's compute ceilings, measured: what one core's FMA units, AVX-512 dot products
+// (bf16 vdpbf16ps, int8 vpdpbusd) and AMX tiles (bf16 and int8) deliver with every operand in registers (no loads), on 1..n threads at once, and the
 // core clock the theoretical per-cycle figures are read at. Kernels' figures are
 // read against these (`python -m kiln.bench.machine`), and the two-thread column says
 // whether this machine's threads add compute at all (two vCPUs sharing one physical core's
@@ -65,6 +65,47 @@ double fma_flops(int64_t iters) {
 #endif
 #ifdef __AVX512F__
 #define KILN_HAS_FMA_PEAK 1
+#endif
+
+#if defined(__AVX512BF16__)
+// 12 independent vdpbf16ps chains: each instruction is 16 fp32 sums of two bf16 products
+// (64 FLOP), the rate bf16 GEMMs on a CPU without AMX tiles (Cooper Lake, Zen 4) run against.
+double dot_bf16_flops(int64_t iters) {
+  __m512 a[12];
+  for (int i = 0; i < 12; ++i) a[i] = _mm512_set1_ps(0.01f * static_cast<float>(i));
+  const __m512bh x = _mm512_cvtne2ps_pbh(_mm512_set1_ps(0.999f), _mm512_set1_ps(1.001f));
+  const __m512bh y = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1e-3f), _mm512_set1_ps(-1e-3f));
+  for (int64_t it = 0; it < iters; ++it) {
+#pragma GCC unroll 12
+    for (int i = 0; i < 12; ++i) a[i] = _mm512_dpbf16_ps(a[i], x, y);
+  }
+  __m512 s = a[0];
+  for (int i = 1; i < 12; ++i) s = _mm512_add_ps(s, a[i]);
+  volatile float sink = _mm512_reduce_add_ps(s);
+  (void)sink;
+  return 12.0 * 64.0 * static_cast<double>(iters);
+}
+#define KILN_HAS_DOT_BF16_PEAK 1
+#endif
+
+#if defined(__AVX512VNNI__)
+// 12 independent vpdpbusd chains: 16 int32 sums of four u8 x s8 products each (128 ops), the
+// int8 GEMMs' ceiling without AMX.
+double dot_int8_ops(int64_t iters) {
+  __m512i a[12];
+  for (int i = 0; i < 12; ++i) a[i] = _mm512_set1_epi32(i);
+  const __m512i x = _mm512_set1_epi8(3), y = _mm512_set1_epi8(-1);
+  for (int64_t it = 0; it < iters; ++it) {
+#pragma GCC unroll 12
+    for (int i = 0; i < 12; ++i) a[i] = _mm512_dpbusd_epi32(a[i], x, y);
+  }
+  __m512i s = a[0];
+  for (int i = 1; i < 12; ++i) s = _mm512_add_epi32(s, a[i]);
+  volatile int sink = _mm512_reduce_add_epi32(s);
+  (void)sink;
+  return 12.0 * 128.0 * static_cast<double>(iters);
+}
+#define KILN_HAS_DOT_INT8_PEAK 1
 #endif
 
 #if defined(__AMX_BF16__) && defined(__AMX_INT8__) && defined(__AMX_TILE__)
@@ -171,6 +212,10 @@ double compute_peak_gflops(PeakUnit unit, int threads, int64_t iters, int accumu
 #ifndef KILN_HAS_FMA_PEAK
   if (unit == PeakUnit::kFma) throw std::runtime_error("compute_peak_gflops: built without AVX2/FMA or AVX-512");
 #endif
+  if (unit == PeakUnit::kDotBf16 && !dot_bf16_supported())
+    throw std::runtime_error("compute_peak_gflops: this CPU (or build) has no AVX512-BF16");
+  if (unit == PeakUnit::kDotInt8 && !quant::vnni_supported())
+    throw std::runtime_error("compute_peak_gflops: this CPU (or build) has no AVX512-VNNI");
   std::vector<double> flops(threads, 0.0), secs(threads, 0.0);
   std::atomic<int> ready{0};
   parallel_run(threads, [&](int id) {
@@ -189,6 +234,12 @@ double compute_peak_gflops(PeakUnit unit, int threads, int64_t iters, int accumu
     if (unit == PeakUnit::kClock) flops[id] = scalar_clock(iters);
 #ifdef KILN_HAS_FMA_PEAK
     if (unit == PeakUnit::kFma) flops[id] = fma_flops(iters);
+#endif
+#ifdef KILN_HAS_DOT_BF16_PEAK
+    if (unit == PeakUnit::kDotBf16) flops[id] = dot_bf16_flops(iters);
+#endif
+#ifdef KILN_HAS_DOT_INT8_PEAK
+    if (unit == PeakUnit::kDotInt8) flops[id] = dot_int8_ops(iters);
 #endif
     secs[id] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   });

@@ -134,7 +134,8 @@ def test_machine_ceilings(capsys):
 
     machine.main(["--rounds", "1", "--threads", "1", "--sweep"])
     out = capsys.readouterr().out
-    assert "| threads | FMA fp32 GFLOP/s | AMX bf16 GFLOP/s | AMX int8 GOP/s |" in out and "\n| 1 | " in out
+    assert ("| threads | FMA fp32 GFLOP/s | dot bf16 GFLOP/s | dot int8 GOP/s | AMX bf16 GFLOP/s | AMX int8 GOP/s |"
+            in out and "\n| 1 | " in out)
     assert "| accumulators | 1 | 2 | 4 | 6 | 2x2 block, tiles loaded |" in out
 
 
@@ -331,3 +332,14 @@ def test_group_norm_bench_times_the_three_and_reports_errors(tmp_path):
     rows = json.loads(j.read_text())
     assert len(rows) == 6 and all(r[f"{e}_ms"] > 0 for r in rows for e in ("kiln", "reference", "torch_cl"))
     assert all(r["kiln_err_mean100"] < 1e-4 and r["reference_err_mean100"] < 1e-4 for r in rows)
+
+
+def test_dot_product_ceilings_where_the_cpu_has_them():
+    """AVX512-BF16 / AVX512-VNNI register-only rates: positive where present, None (not an
+    error) where not."""
+    from kiln import _C
+    from kiln.bench import machine
+
+    for unit, present in (("dot_bf16", _C.dot_bf16_supported()), ("dot_int8", _C.int8_path(64, "vnni") == "vnni")):
+        rate = machine.register_rate(unit, 1, iters=1000)
+        assert (rate is not None and rate > 0) if present else rate is None, unit
