@@ -83,12 +83,7 @@ def amx_rate(kind: str, threads: int, accumulators: int = 6, iters: int = 100_00
     """Register-only AMX throughput (bf16 GFLOP/s or int8 GOP/s) summed over ``threads``
     threads (``kind`` "bf16_loaded" / "int8_loaded": a 2 x 2 GEMM block loading its source
     tiles from L1); None where the CPU (or the build) has no AMX."""
-    from kiln import _C
-
-    try:
-        return _C.compute_peak_gflops(f"amx_{kind}", threads, iters, accumulators)
-    except RuntimeError:
-        return None
+    return register_rate(f"amx_{kind}", threads, iters, accumulators)
 
 
 def amx_ceilings(threads: int, rounds: int = 3) -> dict:
@@ -107,13 +102,14 @@ def clock_ghz(iters: int = 20_000_000) -> float:
     return _C.compute_peak_gflops("clock", 1, iters)
 
 
-def register_rate(unit: str, threads: int, iters: int = 1_000_000) -> float | None:
-    """Register-only throughput of ``unit`` ("fma", "dot_bf16", "dot_int8") summed over
-    ``threads`` threads; None where the CPU (or the build) lacks the instructions."""
+def register_rate(unit: str, threads: int, iters: int = 1_000_000, accumulators: int = 6) -> float | None:
+    """Register-only throughput of ``unit`` (``kiln._C.compute_peak_gflops``: "fma",
+    "dot_bf16", "dot_int8", "amx_bf16", ...) summed over ``threads`` threads; None where the
+    CPU (or the build) lacks the instructions."""
     from kiln import _C
 
     try:
-        return _C.compute_peak_gflops(unit, threads, iters)
+        return _C.compute_peak_gflops(unit, threads, iters, accumulators)
     except RuntimeError:
         return None
 

@@ -109,6 +109,11 @@ struct Operands {
   const uint16_t* x_at(int64_t t) const { return x + t * st.x_t; }
   int64_t x_stride() const { return st.x_b; }  // between rows
   uint16_t* h_at(int64_t t, int64_t Hp) { return &hb[(t % 2) * Bp * Hp]; }
+  // hn: the h after step T (unpadded)
+  void last_h(uint16_t* hn, int64_t T, int64_t B, const RnnAmxWeight& w) {
+    const uint16_t* last = h_at(T, w.Hp);
+    for (int64_t b = 0; b < B; ++b) std::memcpy(hn + b * w.H, last + b * w.Hp, static_cast<size_t>(w.H) * 2);
+  }
 };
 
 // Finishes rows r0.. r0 + rows - 1 of hidden block jb from their four slots' sums
@@ -202,8 +207,7 @@ void run_dot_layer(const uint16_t* x, const RnnAmxWeight& w, const uint16_t* h0,
         r0 += rows;
       }
   });
-  const uint16_t* last = op.h_at(T, w.Hp);
-  for (int64_t b = 0; b < B; ++b) std::memcpy(hn + b * w.H, last + b * w.Hp, static_cast<size_t>(w.H) * 2);
+  op.last_h(hn, T, B, w);
 }
 
 }  // namespace
@@ -273,8 +277,7 @@ void run_amx_layer(const uint16_t* x, const RnnAmxWeight& w, const uint16_t* h0,
     if (prev_jb >= 0) unit(sums[cur ^ 1], prev_r0, prev_jb);
     _tile_release();
   });
-  const uint16_t* last = op.h_at(T, Hp);
-  for (int64_t b = 0; b < B; ++b) std::memcpy(hn + b * w.H, last + b * Hp, static_cast<size_t>(w.H) * 2);
+  op.last_h(hn, T, B, w);
 }
 
 }  // namespace

@@ -275,13 +275,15 @@ def _bf16_layers(x, a: A.RNNAttrs, packed, run):
 
 
 def _lstm_bf16(path: str):
+    name = f"lstm_layer_{path}"
+
     def lstm_bf16(ins, a: A.RNNAttrs, packed=None):
         x, h0, c0 = ins[:3]
         if packed is None:
             packed = [_pack_bf16(*w, 4) for w in _layers(ins, a, 2, 4)]
         hn = torch.empty(h0.shape, dtype=torch.bfloat16)
         cn = torch.empty(c0.shape, dtype=torch.float32)
-        layer = getattr(_native(), f"lstm_layer_{path}")
+        layer = getattr(_native(), name)
         y = _bf16_layers(x, a, packed, lambda xs, p, i, ys: layer(
             xs, p, _bits(h0[i].contiguous()), c0[i].float().contiguous().numpy(), ys, _bits(hn[i]), cn[i].numpy(),
             _threads()))
@@ -290,12 +292,14 @@ def _lstm_bf16(path: str):
 
 
 def _gru_bf16(path: str):
+    name = f"gru_layer_{path}"
+
     def gru_bf16(ins, a: A.RNNAttrs, packed=None):
         x, h0 = ins[:2]
         if packed is None:
             packed = [_pack_bf16(*w, 3) for w in _layers(ins, a, 1, 3)]
         hn = torch.empty(h0.shape, dtype=torch.bfloat16)
-        layer = getattr(_native(), f"gru_layer_{path}")
+        layer = getattr(_native(), name)
         y = _bf16_layers(x, a, packed, lambda xs, p, i, ys: layer(xs, p, _bits(h0[i].contiguous()), ys, _bits(hn[i]),
                                                                   _threads()))
         return y, hn
