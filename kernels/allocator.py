@@ -1,20 +1,35 @@
-"""glibc malloc's thresholds, set once for a process that runs Kiln's plans.
+"""How a process that runs Kiln's plans allocates its buffers: Kiln's pool, glibc's thresholds.
 
 A plan allocates each step's output afresh (through torch, oneDNN or Kiln's own kernels) and
-frees it after its last use. glibc serves a request above its mmap threshold with a fresh
-``mmap`` (the threshold starts at 128 KiB and rises to the size of each mapped block freed,
-up to 32 MiB) and gives the top of its heap back to the OS whenever more than its trim
-threshold (twice the mmap threshold) lies free there. A plan whose buffers are a few MiB
-then returns and re-faults the same memory on every call, a page fault per 4 KiB, which is
-costly on a virtual machine (docs/benchmarks.md: glibc's thresholds, SegFormer).
+frees it after its last use. Left to glibc, two things go wrong:
 
-``tune_allocator`` sets the mmap threshold to 32 MiB (the ceiling glibc's own dynamic
-threshold reaches) and the trim threshold to 64 MiB: buffers under 32 MiB are reused from
-the heap, and at most 64 MiB of free heap top is kept from the OS. It runs once per
-process, when Kiln first measures kernels or builds a CPU plan (``kernels.choice``,
-``runtime.plan.Plan``), and affects the whole process, as an allocator setting does:
-``KILN_MALLOC=system`` leaves glibc's defaults. Where the C library is not glibc nothing is
-changed.
+* glibc serves a request above its mmap threshold with a fresh ``mmap`` (the threshold starts
+  at 128 KiB and rises to the size of each mapped block freed, up to 32 MiB) and gives the
+  top of its heap back to the OS whenever more than its trim threshold lies free there: a
+  plan whose buffers are a few MiB returns and re-faults the same memory on every call, a
+  page fault per 4 KiB, costly on a virtual machine (docs/benchmarks.md: glibc's thresholds,
+  SegFormer);
+* buffers under the threshold come from the heap, between long-lived small objects: when
+  the sizes change from call to call (a dynamic plan serving batches of 1-32) the freed
+  space does not fit the next call's sizes and the heap grows well past what any call needs
+  (docs/benchmarks.md: the dynamic streams' RSS).
+
+``KILN_MALLOC`` picks what Kiln does about it, once per process, when Kiln first measures
+kernels or builds a CPU plan (``kernels.choice``, ``runtime.plan.Plan``):
+
+* ``pool`` (the default): torch's CPU allocations of at least ``POOL_THRESHOLD`` bytes come
+  from Kiln's caching allocator (``csrc/cpu_pool.cpp``): freed blocks are cached and handed
+  out again best-fit, split and merged, so a stream of varying sizes reuses the blocks of
+  its largest call instead of growing the heap or faulting pages in; the pool's mappings
+  never exceed 1.25x the most bytes live at once, and ``empty_cache`` unmaps what is cached.
+  glibc's thresholds are set as for ``tuned``, for the smaller buffers.
+* ``tuned``: only glibc's thresholds: mmap at 32 MiB (the ceiling glibc's own dynamic
+  threshold reaches), trim at 64 MiB.
+* ``system``: nothing changes.
+
+Both affect the whole process, as allocator settings do: every torch CPU tensor of the pool's
+size, the user's own included, comes from the pool once it is installed, and it stays
+installed. Where the C library is not glibc the thresholds are left alone.
 """
 from __future__ import annotations
 
@@ -26,13 +41,17 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 64 << 20
 
-_state: str | None = None  # "tuned", "system" (KILN_MALLOC=system) or "unavailable"
+POOL_THRESHOLD = 1 << 20  # smaller buffers stay with glibc (its heap serves them well)
+
+_state: str | None = None  # what tune_allocator did: see its docstring
 _lock = threading.Lock()
 
 
 def tune_allocator() -> str:
-    """Set glibc's thresholds (once per process); what was done: "tuned", "system" (left
-    alone by request) or "unavailable" (not glibc)."""
+    """Apply ``KILN_MALLOC`` (once per process); what was done: "pool" (Kiln's pool installed,
+    and glibc's thresholds set where the C library is glibc), "tuned" (glibc's thresholds),
+    "system" (left alone by request) or "unavailable" (not glibc, and no pool asked for or
+    built)."""
     global _state
     if _state is None:
         with _lock:
@@ -44,8 +63,25 @@ def tune_allocator() -> str:
 def _apply(libc=None) -> str:
     from kiln.options import settings
 
-    if settings().malloc == "system":
+    mode = settings().malloc
+    if mode == "system":
         return "system"
+    thresholds = _set_thresholds(libc)
+    if mode == "pool" and _install_pool():
+        return "pool"
+    return thresholds
+
+
+def _install_pool() -> bool:
+    try:
+        from kiln import _cpu_pool
+    except ImportError:  # a build without the pool module (not Linux)
+        return False
+    _cpu_pool.install(POOL_THRESHOLD)
+    return True
+
+
+def _set_thresholds(libc=None) -> str:
     try:
         libc = libc if libc is not None else ctypes.CDLL(None)  # the process's own C library
         libc.gnu_get_libc_version  # noqa: B018  (glibc only: mallopt's parameters are glibc's)
@@ -56,3 +92,21 @@ def _apply(libc=None) -> str:
     mallopt.restype = ctypes.c_int
     ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     return "tuned" if ok else "unavailable"
+
+
+def memory_stats() -> dict[str, int]:
+    """The pool's counters: bytes live (handed out), cached (freed, kept for reuse), the most
+    ever live at once, and mapped from the OS; blocks reused (hits), mapped anew (misses),
+    split, merged and unmapped. Empty when the pool is not installed."""
+    from kiln import _cpu_pool
+
+    return dict(_cpu_pool.stats()) if _cpu_pool.installed() else {}
+
+
+def empty_cache() -> int:
+    """Give every block the pool has cached back to the OS and restart its high-water mark
+    (its bound) from the bytes in use; the bytes given back (0 when the pool is not
+    installed). Buffers in use are untouched."""
+    from kiln import _cpu_pool
+
+    return int(_cpu_pool.empty_cache()) if _cpu_pool.installed() else 0

@@ -15,6 +15,9 @@ def __getattr__(name):
     if name in ("compile", "explain", "CompiledModel", "Explanation"):
         from . import api
         return getattr(api, name)
+    if name in ("memory_stats", "empty_cache"):  # Kiln's caching allocator (kiln.kernels.allocator)
+        from kiln.kernels import allocator
+        return getattr(allocator, name)
     if name in ("save", "load"):
         from . import artifact
         return getattr(artifact, name)
@@ -41,4 +44,5 @@ def __getattr__(name):
 
 __all__ = ["compile", "explain", "save", "load", "CompiledModel", "Explanation", "CompileOptions", "QuantOptions", "CompileReport",
            "KilnError", "KilnWarning", "models", "__version__",
-           "sparsify", "distill", "sparsity_report", "SparsityReport", "quantize_report", "QuantReport"]
+           "sparsify", "distill", "sparsity_report", "SparsityReport", "quantize_report", "QuantReport",
+           "memory_stats", "empty_cache"]

@@ -381,8 +381,9 @@ ENVIRONMENT = (
     EnvVar("KILN_BUILD_JOBS", "0", "parallel Triton builds ahead of time (0: up to 4, one per core)"),
     EnvVar("KILN_CUDA_GRAPHS", "1", "0 runs cuda plans kernel by kernel instead of as one CUDA graph"),
     EnvVar("KILN_PROGRESS", "1", "0 hides progress bars"),
-    EnvVar("KILN_MALLOC", "tuned", "'system' leaves glibc malloc's thresholds alone (Kiln sets them once per "
-                                   "process: buffers under 32 MiB reused, see kiln.kernels.allocator)"),
+    EnvVar("KILN_MALLOC", "pool", "'pool': torch's CPU buffers of 1 MiB and more come from Kiln's caching "
+                                  "allocator and glibc's thresholds are set for the rest; 'tuned': only the "
+                                  "thresholds; 'system': neither (once per process, see kiln.kernels.allocator)"),
     EnvVar("KILN_LOG", "", "comma-separated areas to log to stderr (frontend, passes, tune, codegen, "
                            "runtime, bench, all)"),
 )
@@ -408,7 +409,7 @@ class Settings:
     # OMP_WAIT_POLICY=PASSIVE (read by OpenMP when torch loads it, not by Kiln): idle workers
     # sleep at once instead of spinning; benchmarks give the other engines' pools the same policy
     omp_passive: bool = False
-    malloc: str = "tuned"  # "tuned" | "system" (KILN_MALLOC): see kiln.kernels.allocator
+    malloc: str = "pool"  # "pool" | "tuned" | "system" (KILN_MALLOC): see kiln.kernels.allocator
 
 
 def _env(name: str) -> str:
@@ -429,9 +430,9 @@ def settings() -> Settings:
     jobs = _env("KILN_BUILD_JOBS") or "0"
     if not jobs.isdigit():
         raise KilnError(f"KILN_BUILD_JOBS must be a non-negative integer, got {jobs!r}")
-    malloc = _env("KILN_MALLOC") or "tuned"
-    if malloc not in ("tuned", "system"):
-        raise KilnError(f"KILN_MALLOC must be 'tuned' or 'system', got {malloc!r}")
+    malloc = _env("KILN_MALLOC") or "pool"
+    if malloc not in ("pool", "tuned", "system"):
+        raise KilnError(f"KILN_MALLOC must be 'pool', 'tuned' or 'system', got {malloc!r}")
     return Settings(
         cache_dir=cache_dir,
         cache=_env("KILN_CACHE") != "0",

@@ -1,4 +1,5 @@
-"""kernels.allocator: glibc malloc's thresholds set once per process, or left alone."""
+"""kernels.allocator: Kiln's pool and glibc malloc's thresholds, set once per process, or left alone
+(the pool itself: test_cpu_pool.py)."""
 import ctypes
 import sys
 
@@ -30,17 +31,26 @@ class _Libc:
 
 
 def test_sets_the_mmap_and_trim_thresholds_on_glibc(monkeypatch):
-    monkeypatch.delenv("KILN_MALLOC", raising=False)
+    monkeypatch.setenv("KILN_MALLOC", "tuned")
     lib = _Libc()
     assert allocator._apply(lib) == "tuned"
     assert lib.calls == [(allocator.M_MMAP_THRESHOLD, 32 << 20), (allocator.M_TRIM_THRESHOLD, 64 << 20)]
+
+
+def test_the_default_installs_the_pool_beside_the_thresholds(monkeypatch):
+    pytest.importorskip("kiln._cpu_pool")
+    monkeypatch.delenv("KILN_MALLOC", raising=False)
+    lib = _Libc()
+    assert allocator._apply(lib) == "pool"  # what every plan of this process would do anyway
+    assert lib.calls == [(allocator.M_MMAP_THRESHOLD, 32 << 20), (allocator.M_TRIM_THRESHOLD, 64 << 20)]
+    assert allocator.memory_stats()["mapped_bytes"] >= 0
 
 
 def test_leaves_the_allocator_alone_when_asked_or_not_glibc(monkeypatch):
     lib = _Libc()
     monkeypatch.setenv("KILN_MALLOC", "system")
     assert allocator._apply(lib) == "system" and lib.calls == []
-    monkeypatch.delenv("KILN_MALLOC")
+    monkeypatch.setenv("KILN_MALLOC", "tuned")
     lib = _Libc(glibc=False)
     assert allocator._apply(lib) == "unavailable" and lib.calls == []
 
@@ -54,10 +64,10 @@ def test_a_bad_setting_is_a_kiln_error(monkeypatch):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc")
 def test_once_per_process_on_this_machine():
     first = allocator.tune_allocator()
-    assert first in ("tuned", "system", "unavailable")
+    assert first in ("pool", "tuned", "system", "unavailable")
     assert allocator.tune_allocator() == first
     try:
         ctypes.CDLL(None).gnu_get_libc_version  # noqa: B018
     except AttributeError:
         pytest.skip("not glibc")
-    assert first in ("tuned", "system")
+    assert first in ("pool", "tuned", "system")
