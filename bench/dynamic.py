@@ -11,8 +11,11 @@ the whole stream in a process of its own (so its peak RSS is its own): it is bui
 first request's inputs, then answers every request; every compile it needs along the way
 (Kiln static: one per new shape) counts in the stream's total. Reported per engine: the
 total stream time including compiles, p50 and p99 request latency, peak RSS (and its ratio
-to the peak right after the build: what the stream added), and the largest output error
-against eager over the stream (checked on every 10th request, outside the timings).
+to the peak right after the build: what the stream added; with ``--ahead``, Kiln dynamic's
+also to the peak of a process that loads Kiln's static plan for the stream's largest shape
+and runs that shape: what serving every shape costs beyond serving the largest one), and the
+largest output error against eager over the stream (checked on every 10th request, outside
+the timings).
 
 Engines: ``eager``; ``kiln_dynamic`` (``dynamic=True``; the LSTM's batch and time dims
 named); ``kiln_static`` (a plan per shape); ``inductor`` (``torch.compile(dynamic=True)``);
@@ -91,20 +94,32 @@ def _kiln_dynamic(name: str):
     return {0: {0: "batch", 1: "seq"}} if name == "lstm" else True
 
 
-def prepare_ahead(name: str, quick: bool, precision: str, folder: str) -> None:
+def largest_request(name: str, n: int, quick: bool) -> tuple[int, int]:
+    """The stream's largest shape: its largest batch and its longest length."""
+    reqs = stream(name, n, quick=quick)
+    return max(b for b, _ in reqs), max(s for _, s in reqs)
+
+
+def prepare_ahead(name: str, quick: bool, precision: str, folder: str, n: int) -> None:
     """The ahead-of-time work of ``--ahead``, in a process of its own (so none of its state
     helps the stream's): Kiln's dynamic plan compiled on the stream's first request and saved
-    (``kiln.save``), and the model exported to ONNX with dynamic axes, both into ``folder``."""
+    (``kiln.save``), a static plan for the stream's largest shape saved beside it (the memory
+    reference: what serving that one shape holds), and the model exported to ONNX with
+    dynamic axes, all into ``folder``."""
     import torch
 
     import kiln
 
     model, example = _model(name, quick)
     first = _inputs(name, *stream(name, 1, quick=quick)[0], example)
+    prec = {"precision": "bf16"} if precision == "bf16" else {}
     with torch.no_grad():
-        compiled = kiln.compile(model, first, dynamic=_kiln_dynamic(name),
-                                **({"precision": "bf16"} if precision == "bf16" else {}))
+        compiled = kiln.compile(model, first, dynamic=_kiln_dynamic(name), **prec)
         kiln.save(compiled, os.path.join(folder, f"{name}.kiln"))
+        del compiled
+        largest = kiln.compile(model, _inputs(name, *largest_request(name, n, quick), example), **prec)
+        kiln.save(largest, os.path.join(folder, f"{name}.largest.kiln"))
+        del largest
         names, axes = _names_axes(name)
         torch.onnx.export(model, first, os.path.join(folder, f"{name}.onnx"), input_names=names, dynamic_axes=axes,
                           opset_version=17, dynamo=False)
@@ -170,6 +185,24 @@ def _build(engine: str, model, example, name: str, precision: str = "fp32", ahea
                                   {"INFERENCE_NUM_THREADS": torch.get_num_threads(),
                                    "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"})
     return lambda *a: torch.from_numpy(compiled(list(t.numpy() for t in a))[0])
+
+
+def largest_rss(name: str, n: int, threads: int, quick: bool, folder: str) -> dict:
+    """The memory reference, in a process of its own: the static plan for the stream's largest
+    shape loaded and called three times on it; the process's peak RSS."""
+    import torch
+
+    import kiln
+
+    torch.set_num_threads(threads)
+    _, example = _model(name, quick)
+    args = _inputs(name, *largest_request(name, n, quick), example)
+    fn = kiln.load(os.path.join(folder, f"{name}.largest.kiln"))
+    with torch.no_grad():
+        for _ in range(3):
+            fn(*args)
+    return {"largest_shape": list(largest_request(name, n, quick)),
+            "largest_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def _first(out):
@@ -359,6 +392,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--ahead-dir", help=argparse.SUPPRESS)
     ap.add_argument("--ahead-child", help=argparse.SUPPRESS)
+    ap.add_argument("--largest-child", help=argparse.SUPPRESS)
     ap.add_argument("--namespace", help=argparse.SUPPRESS)  # --no-spin's new process: the parsed arguments
 
 
@@ -398,7 +432,11 @@ def main_with(args) -> int:
         return 0
     if args.ahead_child:
         folder, name = args.ahead_child.rsplit(":", 1)
-        prepare_ahead(name, args.quick, args.precision, folder)
+        prepare_ahead(name, args.quick, args.precision, folder, n)
+        return 0
+    if args.largest_child:
+        folder, name, threads = args.largest_child.rsplit(":", 2)
+        print(json.dumps(largest_rss(name, n, int(threads), args.quick, folder)))
         return 0
     if args.child:
         engine, name, threads = args.child.split(":")
@@ -432,7 +470,7 @@ def _streams(args, engines: list[str], n: int, ahead_dir: str | None) -> list[di
         if ahead_dir is not None:
             print(f"[kiln bench dynamic] {name}: ahead of time (compile and save, ONNX export)", file=sys.stderr)
             cmd = [sys.executable, "-m", "kiln.bench.dynamic", "--ahead-child", f"{ahead_dir}:{name}",
-                   "--precision", args.precision] + (["--quick"] if args.quick else [])
+                   "--precision", args.precision, "--requests", str(n)] + (["--quick"] if args.quick else [])
             subprocess.run(cmd, check=True, env=child_environment())
         for threads in (int(t) for t in args.threads.split(",")):
             if args.interleave:
@@ -451,7 +489,25 @@ def _streams(args, engines: list[str], n: int, ahead_dir: str | None) -> list[di
                     rows.append({"engine": engine, "model": name, "threads": threads, "error": why})
                     continue
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            if ahead_dir is not None and "kiln_dynamic" in engines and not args.interleave:
+                _add_reference(rows, ahead_dir, name, n, threads, args.quick)
     return rows
+
+
+def _add_reference(rows: list[dict], ahead_dir: str, name: str, n: int, threads: int, quick: bool) -> None:
+    """The static plan for the stream's largest shape, loaded and run in its own process: its
+    peak RSS beside Kiln dynamic's (what the stream held beyond serving that one shape)."""
+    cmd = [sys.executable, "-m", "kiln.bench.dynamic", "--largest-child", f"{ahead_dir}:{name}:{threads}",
+           "--requests", str(n)] + (["--quick"] if quick else [])
+    print(f"[kiln bench dynamic] {name}, Kiln static at the stream's largest shape, {threads} thread(s)",
+          file=sys.stderr)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=child_environment())
+    if out.returncode != 0:
+        return
+    ref = json.loads(out.stdout.strip().splitlines()[-1])
+    for r in rows:
+        if r["model"] == name and r["threads"] == threads and r["engine"] == "kiln_dynamic" and "error" not in r:
+            r.update(ref)
 
 
 def _print_streams(args, rows: list[dict], load_start: float) -> None:
@@ -473,7 +529,10 @@ def _print_streams(args, rows: list[dict], load_start: float) -> None:
             continue
         rss = "—" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f}"
         if r.get("build_rss_mb"):  # how much the stream grew the process past its build
-            rss += f" ({r['peak_rss_mb'] / r['build_rss_mb']:.2f}x build)"
+            rss += f" ({r['peak_rss_mb'] / r['build_rss_mb']:.2f}x build"
+            if r.get("largest_rss_mb"):  # ... and past serving only the stream's largest shape
+                rss += f", {r['peak_rss_mb'] / r['largest_rss_mb']:.2f}x largest"
+            rss += ")"
         print(f"| {r['model']} | {r['threads']} | {r['engine']} | {r['total_s']:.1f} | {r['build_s']:.1f} | "
               f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['p99_ms'] / r['p50_ms']:.2f} | {rss} | "
               f"{r['max_abs_err']:.1e} |")
