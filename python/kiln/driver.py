@@ -178,6 +178,12 @@ def compile_imported(imp: Imported, options: CompileOptions, name: str, hints: d
     node_kernels = plan.node_kernels
     if key and hit is None and target.kind == "cpu":  # cuda plans are not built from recorded choices
         cache.store(key, {"optimized": optimized_hash, "kernels": node_kernels})
+    if target.kind == "cpu":
+        # what measuring the candidates held is not what serving needs: give the pool's cached
+        # blocks back, and bound it by what the plan's calls hold from here on
+        from kiln.kernels.allocator import empty_cache
+
+        empty_cache()
     report = CompileReport(
         model=name, target=str(target), options=options,
         input_shapes=tuple(tuple(v.type.shape) for v in graph.inputs),
