@@ -18,8 +18,10 @@
 //   together with the batch, so its largest call's blocks serve every smaller one);
 // * the pool is bounded: what it has mapped (live and cached) never exceeds 1.25x the most
 //   bytes that were ever live at once (the high-water mark); past that the least recently
-//   freed blocks are unmapped. `empty_cache` unmaps every cached block and restarts the
-//   high-water mark from what is live.
+//   freed blocks are unmapped. A block left cached for longer than `idle_seconds` is
+//   unmapped at the pool's next use (so a burst of large tensors the process freed, its
+//   own or a plan's, is given back once the work moves on), and `empty_cache` unmaps every
+//   cached block and restarts the high-water mark from what is live.
 //
 // torch's raw allocations (oneDNN's buffers through ideep) need the data pointer to be the
 // context and a deleter that takes it: the deleter looks the pointer up, and hands pointers
@@ -31,6 +33,7 @@
 #include <pybind11/stl.h>
 #include <pthread.h>
 #include <sys/mman.h>
+#include <time.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -53,7 +56,14 @@ struct Block {
   Block* next = nullptr;
   std::multimap<size_t, Block*>::iterator by_size;  // valid while free (cached)
   std::list<Block*>::iterator lru;                  // valid while free (cached)
+  uint64_t freed_ns = 0;                            // when it was cached
 };
+
+uint64_t now_ns() {
+  timespec t;
+  clock_gettime(CLOCK_MONOTONIC_COARSE, &t);
+  return uint64_t(t.tv_sec) * 1000000000u + uint64_t(t.tv_nsec);
+}
 
 struct Stats {
   size_t live = 0, cached = 0, high_water = 0, mapped = 0;
@@ -67,10 +77,11 @@ class Pool final : public c10::Allocator {
     return *pool;
   }
 
-  void install(size_t threshold) {
+  void install(size_t threshold, double idle_seconds) {
     std::lock_guard<std::mutex> g(mu_);
     if (fallback_ != nullptr) return;
     threshold_ = std::max(threshold, kPage);
+    idle_ns_ = uint64_t(std::max(idle_seconds, 0.0) * 1e9);
     fallback_ = c10::GetCPUAllocator();
     fallback_raw_ = fallback_->raw_deleter();
     c10::SetCPUAllocator(this, 0);
@@ -124,6 +135,7 @@ class Pool final : public c10::Allocator {
     }
     stats_.hits++;
     mark_live(b);
+    trim();
     return b;
   }
 
@@ -188,10 +200,13 @@ class Pool final : public c10::Allocator {
     trim();
   }
 
-  // Keep live + cached within 1.25x the high-water mark: unmap the least recently freed.
+  // Keep live + cached within 1.25x the high-water mark, and nothing cached that has not
+  // been used for idle_ns_: unmap the least recently freed.
   void trim() {
     const size_t cap = stats_.high_water + stats_.high_water / 4;
     while (stats_.live + stats_.cached > cap && !lru_.empty()) unmap_lru();
+    const uint64_t now = now_ns();
+    while (!lru_.empty() && now - lru_.back()->freed_ns > idle_ns_) unmap_lru();
   }
 
   // `b`, the next neighbour of `a` (both free and unlisted), becomes part of `a`.
@@ -206,6 +221,7 @@ class Pool final : public c10::Allocator {
 
   // Cached (free) blocks are listed by size and by recency.
   void list(Block* b) {
+    b->freed_ns = now_ns();
     b->by_size = free_.emplace(b->size, b);
     lru_.push_front(b);
     b->lru = lru_.begin();
@@ -234,6 +250,7 @@ class Pool final : public c10::Allocator {
 
   std::mutex mu_;
   size_t threshold_ = size_t(1) << 20;
+  uint64_t idle_ns_ = 10000000000u;
   c10::Allocator* fallback_ = nullptr;
   c10::DeleterFnPtr fallback_raw_ = nullptr;
   std::unordered_map<void*, Block*> owned_;  // every block, live or cached, by its pointer
@@ -242,13 +259,13 @@ class Pool final : public c10::Allocator {
   Stats stats_;
 };
 
-void install(size_t threshold) {
+void install(size_t threshold, double idle_seconds) {
   static std::once_flag fork_handlers;
   std::call_once(fork_handlers, [] {
     pthread_atfork([] { Pool::instance().before_fork(); }, [] { Pool::instance().after_fork(); },
                    [] { Pool::instance().after_fork(); });
   });
-  Pool::instance().install(threshold);
+  Pool::instance().install(threshold, idle_seconds);
 }
 
 pybind11::dict stats() {
@@ -270,8 +287,9 @@ pybind11::dict stats() {
 
 PYBIND11_MODULE(_cpu_pool, m) {
   m.doc() = "Kiln's caching allocator for torch's large CPU buffers (see csrc/cpu_pool.cpp).";
-  m.def("install", &install, pybind11::arg("threshold"),
-        "Serve torch's CPU allocations of at least `threshold` bytes from the pool (once per process).");
+  m.def("install", &install, pybind11::arg("threshold"), pybind11::arg("idle_seconds"),
+        "Serve torch's CPU allocations of at least `threshold` bytes from the pool (once per process); "
+        "a block cached for longer than `idle_seconds` is unmapped at the pool's next use.");
   m.def("installed", [] { return Pool::instance().installed(); });
   m.def("stats", &stats, "live, cached, high-water and mapped bytes; hits, misses, splits, merges, unmapped blocks");
   m.def("empty_cache", [] { return Pool::instance().empty_cache(); },

@@ -21,7 +21,9 @@ kernels or builds a CPU plan (``kernels.choice``, ``runtime.plan.Plan``):
   from Kiln's caching allocator (``csrc/cpu_pool.cpp``): freed blocks are cached and handed
   out again best-fit, split and merged, so a stream of varying sizes reuses the blocks of
   its largest call instead of growing the heap or faulting pages in; the pool's mappings
-  never exceed 1.25x the most bytes live at once, and ``empty_cache`` unmaps what is cached.
+  never exceed 1.25x the most bytes live at once, a block cached unused for
+  ``POOL_IDLE_SECONDS`` is unmapped at the pool's next use, and ``empty_cache`` unmaps what
+  is cached.
   glibc's thresholds are set as for ``tuned``, for the smaller buffers.
 * ``tuned``: only glibc's thresholds: mmap at 32 MiB (the ceiling glibc's own dynamic
   threshold reaches), trim at 64 MiB.
@@ -42,6 +44,7 @@ MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 64 << 20
 
 POOL_THRESHOLD = 1 << 20  # smaller buffers stay with glibc (its heap serves them well)
+POOL_IDLE_SECONDS = 10.0  # a block cached this long unused is given back at the pool's next use
 
 _state: str | None = None  # what tune_allocator did: see its docstring
 _lock = threading.Lock()
@@ -77,7 +80,7 @@ def _install_pool() -> bool:
         from kiln import _cpu_pool
     except ImportError:  # a build without the pool module (not Linux)
         return False
-    _cpu_pool.install(POOL_THRESHOLD)
+    _cpu_pool.install(POOL_THRESHOLD, POOL_IDLE_SECONDS)
     return True
 
 

@@ -24,7 +24,7 @@ def _run(body: str) -> str:
 
 def test_a_freed_block_is_reused_split_and_merged_back():
     _run("""
-        pool.install(MIB)
+        pool.install(MIB, 60.0)
         a = torch.empty(8 * MIB, dtype=torch.uint8)
         s = pool.stats()
         assert (s["misses"], s["hits"], s["live_bytes"], s["mapped_bytes"]) == (1, 0, 8 * MIB, 8 * MIB), s
@@ -47,7 +47,7 @@ def test_a_freed_block_is_reused_split_and_merged_back():
 def test_small_buffers_stay_with_the_allocator_it_replaced():
     _run("""
         before = torch.ones(4 * MIB, dtype=torch.uint8)   # allocated before the pool: freed by its own
-        pool.install(MIB)
+        pool.install(MIB, 60.0)
         small = [torch.ones(1000) for _ in range(100)]
         assert pool.stats()["misses"] == 0 and pool.stats()["live_bytes"] == 0
         del before, small
@@ -60,7 +60,7 @@ def test_random_lifetimes_keep_every_buffer_intact_and_the_pool_bounded():
     # freed (an overlap between two live blocks would show), the pool's mapping bounded
     _run("""
         import random
-        pool.install(MIB)
+        pool.install(MIB, 60.0)
         rng = random.Random(0)
         live = {}
         for step in range(3000):
@@ -87,12 +87,29 @@ def test_random_lifetimes_keep_every_buffer_intact_and_the_pool_bounded():
     """)
 
 
+def test_a_block_left_unused_is_given_back():
+    _run("""
+        import time
+        pool.install(MIB, 0.2)
+        a = torch.empty(8 * MIB, dtype=torch.uint8)
+        del a
+        assert pool.stats()["cached_bytes"] == 8 * MIB
+        b = torch.empty(4 * MIB, dtype=torch.uint8)  # fits the cached block: reused while fresh
+        del b
+        time.sleep(0.5)
+        c = torch.empty(16 * MIB, dtype=torch.uint8)  # does not fit: mapped, and the stale 8 MiB unmapped
+        s = pool.stats()
+        assert (s["hits"], s["misses"], s["unmapped"], s["cached_bytes"], s["mapped_bytes"]) == \
+            (1, 2, 1, 0, 16 * MIB), s
+    """)
+
+
 def test_onednn_raw_buffers_and_a_fork():
     # oneDNN's buffers come through torch's raw allocation (data pointer = context): prepacked
     # weights and a convolution's output; a forked child allocates and frees from its copy
     _run("""
         import os
-        pool.install(MIB)
+        pool.install(MIB, 60.0)
         x = torch.randn(1, 64, 56, 56).contiguous(memory_format=torch.channels_last)
         w = torch.randn(256, 64, 3, 3)
         ref = torch.nn.functional.conv2d(x, w, padding=1)
