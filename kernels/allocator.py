@@ -14,8 +14,10 @@ frees it after its last use. Left to glibc, two things go wrong:
   space does not fit the next call's sizes and the heap grows well past what any call needs
   (docs/benchmarks.md: the dynamic streams' RSS).
 
-``KILN_MALLOC`` picks what Kiln does about it, once per process, when Kiln first measures
-kernels or builds a CPU plan (``kernels.choice``, ``runtime.plan.Plan``):
+``KILN_MALLOC`` picks what Kiln does about it, once per process: glibc's thresholds when Kiln
+first measures kernels or builds a CPU plan (``kernels.choice``, ``runtime.plan.Plan``), the
+pool when it first builds a plan to run on the host (a compile's measurements before that
+run beside glibc's heap, which keeps less of what they free than a cache would):
 
 * ``pool`` (the default): torch's CPU allocations of at least ``POOL_THRESHOLD`` bytes come
   from Kiln's caching allocator (``csrc/cpu_pool.cpp``): freed blocks are cached and handed
@@ -46,33 +48,39 @@ TRIM_THRESHOLD = 64 << 20
 POOL_THRESHOLD = 1 << 20  # smaller buffers stay with glibc (its heap serves them well)
 POOL_IDLE_SECONDS = 10.0  # a block cached this long unused is given back at the pool's next use
 
-_state: str | None = None  # what tune_allocator did: see its docstring
+_thresholds: str | None = None  # "tuned", "system" or "unavailable", once applied
+_pool: bool | None = None  # whether the pool was installed, once asked for
 _lock = threading.Lock()
 
 
-def tune_allocator() -> str:
-    """Apply ``KILN_MALLOC`` (once per process); what was done: "pool" (Kiln's pool installed,
-    and glibc's thresholds set where the C library is glibc), "tuned" (glibc's thresholds),
-    "system" (left alone by request) or "unavailable" (not glibc, and no pool asked for or
-    built)."""
-    global _state
-    if _state is None:
+def tune_allocator(pool: bool = False) -> str:
+    """Apply ``KILN_MALLOC`` once per process: glibc's thresholds at the first call (Kiln's
+    first kernel measurement or plan), the pool when ``pool`` is first asked for (by the first
+    plan built to run on the host: measuring candidates during a compile runs beside glibc's
+    heap, which keeps less of what the measurements free). What is in effect: "pool" (Kiln's
+    pool, and glibc's thresholds where the C library is glibc), "tuned" (glibc's
+    thresholds), "system" (left alone by request) or "unavailable" (not glibc, no pool)."""
+    global _thresholds, _pool
+    if _thresholds is None or (pool and _pool is None):
         with _lock:
-            if _state is None:
-                _state = _apply()
-    return _state
+            if _thresholds is None:
+                _thresholds = _apply(pool=False)
+            if pool and _pool is None:
+                _pool = _apply(pool=True) == "pool"
+    return "pool" if _pool else _thresholds
 
 
-def _apply(libc=None) -> str:
+def _apply(libc=None, pool: bool = True) -> str:
+    """Set glibc's thresholds (``pool`` False) or install the pool (``pool`` True) as
+    ``KILN_MALLOC`` asks; what is then in effect."""
     from kiln.options import settings
 
     mode = settings().malloc
     if mode == "system":
         return "system"
-    thresholds = _set_thresholds(libc)
-    if mode == "pool" and _install_pool():
-        return "pool"
-    return thresholds
+    if not pool:
+        return _set_thresholds(libc)
+    return "pool" if mode == "pool" and _install_pool() else "not installed"
 
 
 def _install_pool() -> bool:

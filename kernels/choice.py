@@ -238,7 +238,7 @@ def choose(node: Node, kernels: list[Kernel], constants: list) -> tuple[Kernel, 
         k = next(k for k in kernels if k.name == name)
         return k, k.bind(node, constants)
     resolve_vml_dispatch()  # the reference must be as accurate on this first run as later
-    tune_allocator()  # candidates timed under the allocator settings their plan runs with
+    tune_allocator()  # glibc's thresholds, as their plan's small buffers run with (kernels.allocator)
     ins = [None if v is None else (c if c is not None else random_like(v)) for v, c in zip(node.inputs, constants)]
     ref_k = next((k for k in kernels if k.target == "reference"), None)
     ref = _reference(ref_k, ins, node.attrs)

@@ -86,8 +86,8 @@ class Plan:
 
     def __post_init__(self):
         resolve_vml_dispatch()  # before this plan's first (parallel) call: see kernels.vml_dispatch
-        if self.runner is None:  # a host-run plan: glibc keeps its buffers (kernels.allocator)
-            tune_allocator()
+        if self.runner is None:  # a host-run plan: its buffers come from Kiln's pool (kernels.allocator)
+            tune_allocator(pool=True)
         self.sizes = input_sizes(self.graph, self.input_slots)
         self.forward = generate(self.steps, self.input_slots, self.output_slots, self.const_slots, self.sizes)
         self.consts = dict(self.const_slots)

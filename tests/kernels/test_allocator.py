@@ -33,7 +33,8 @@ class _Libc:
 def test_sets_the_mmap_and_trim_thresholds_on_glibc(monkeypatch):
     monkeypatch.setenv("KILN_MALLOC", "tuned")
     lib = _Libc()
-    assert allocator._apply(lib) == "tuned"
+    assert allocator._apply(lib, pool=False) == "tuned"
+    assert allocator._apply(lib, pool=True) == "not installed"  # tuned: no pool
     assert lib.calls == [(allocator.M_MMAP_THRESHOLD, 32 << 20), (allocator.M_TRIM_THRESHOLD, 64 << 20)]
 
 
@@ -41,18 +42,20 @@ def test_the_default_installs_the_pool_beside_the_thresholds(monkeypatch):
     pytest.importorskip("kiln._cpu_pool")
     monkeypatch.delenv("KILN_MALLOC", raising=False)
     lib = _Libc()
-    assert allocator._apply(lib) == "pool"  # what every plan of this process would do anyway
+    assert allocator._apply(lib, pool=False) == "tuned"
     assert lib.calls == [(allocator.M_MMAP_THRESHOLD, 32 << 20), (allocator.M_TRIM_THRESHOLD, 64 << 20)]
+    assert allocator._apply(lib, pool=True) == "pool"  # what every plan of this process does anyway
     assert allocator.memory_stats()["mapped_bytes"] >= 0
 
 
 def test_leaves_the_allocator_alone_when_asked_or_not_glibc(monkeypatch):
     lib = _Libc()
     monkeypatch.setenv("KILN_MALLOC", "system")
-    assert allocator._apply(lib) == "system" and lib.calls == []
+    assert allocator._apply(lib, pool=False) == "system" and lib.calls == []
+    assert allocator._apply(lib, pool=True) == "system"
     monkeypatch.setenv("KILN_MALLOC", "tuned")
     lib = _Libc(glibc=False)
-    assert allocator._apply(lib) == "unavailable" and lib.calls == []
+    assert allocator._apply(lib, pool=False) == "unavailable" and lib.calls == []
 
 
 def test_a_bad_setting_is_a_kiln_error(monkeypatch):
@@ -66,8 +69,10 @@ def test_once_per_process_on_this_machine():
     first = allocator.tune_allocator()
     assert first in ("pool", "tuned", "system", "unavailable")
     assert allocator.tune_allocator() == first
+    after = allocator.tune_allocator(pool=True)  # as a host plan asks
+    assert after == ("pool" if settings().malloc == "pool" else first)
     try:
         ctypes.CDLL(None).gnu_get_libc_version  # noqa: B018
     except AttributeError:
         pytest.skip("not glibc")
-    assert first in ("pool", "tuned", "system")
+    assert after in ("pool", "tuned", "system")
