@@ -37,6 +37,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <climits>
 #include <cstring>
 #include <list>
 #include <map>
@@ -90,9 +91,11 @@ class Pool final : public c10::Allocator {
 
   c10::DataPtr allocate(size_t n) override {
     if (n < threshold_) return fallback_->allocate(n);
+    if (n > SIZE_MAX - kPage) throw std::bad_alloc();
     const size_t size = (n + kPage - 1) & ~(kPage - 1);
     Block* b = take(size);
     if (b == nullptr) b = map(size);
+    report(b->ptr, int64_t(b->size));
     return c10::DataPtr(b->ptr, b->ptr, &Pool::release, c10::Device(c10::DeviceType::CPU));
   }
   c10::DeleterFnPtr raw_deleter() const override { return &Pool::release; }
@@ -171,15 +174,27 @@ class Pool final : public c10::Allocator {
 
   static void release(void* ptr) {
     Pool& pool = instance();
+    size_t size = 0;
     {
       std::lock_guard<std::mutex> g(pool.mu_);
       auto it = pool.owned_.find(ptr);
       if (it != pool.owned_.end()) {
+        size = it->second->size;
         pool.give_back(it->second);
-        return;
       }
     }
-    if (pool.fallback_raw_ != nullptr) pool.fallback_raw_(ptr);  // not ours: a small or an older buffer
+    if (size != 0) {
+      pool.report(ptr, -int64_t(size));
+    } else if (pool.fallback_raw_ != nullptr) {
+      pool.fallback_raw_(ptr);  // not ours: a small or an older buffer
+    }
+  }
+
+  // What torch's own CPU allocator tells the profiler (torch.profiler's profile_memory).
+  void report(void* ptr, int64_t bytes) {
+    if (!c10::memoryProfilingEnabled()) return;
+    Stats s = stats();
+    c10::reportMemoryUsageToProfiler(ptr, bytes, s.live, s.mapped, c10::Device(c10::DeviceType::CPU));
   }
 
   // A live block comes back: merged with its free neighbours, cached, the cache trimmed.

@@ -104,6 +104,17 @@ def test_a_block_left_unused_is_given_back():
     """)
 
 
+def test_the_profiler_sees_the_pools_buffers():
+    _run("""
+        pool.install(MIB, 60.0)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            a = torch.ones(4 * MIB, dtype=torch.uint8)
+            del a
+        usage = [e.cpu_memory_usage for e in prof.events()]  # the allocation counts in its op, the free apart
+        assert 4 * MIB in usage and -4 * MIB in usage, usage
+    """)
+
+
 def test_onednn_raw_buffers_and_a_fork():
     # oneDNN's buffers come through torch's raw allocation (data pointer = context): prepacked
     # weights and a convolution's output; a forked child allocates and frees from its copy
