@@ -85,7 +85,7 @@ def _apply(libc=None, pool: bool = True) -> str:
 
 def _install_pool() -> bool:
     try:
-        from kiln import _cpu_pool
+        from . import _cpu_pool
     except ImportError:  # a build without the pool module (not Linux)
         return False
     _cpu_pool.install(POOL_THRESHOLD, POOL_IDLE_SECONDS)
@@ -109,7 +109,7 @@ def memory_stats() -> dict[str, int]:
     """The pool's counters: bytes live (handed out), cached (freed, kept for reuse), the most
     ever live at once, and mapped from the OS; blocks reused (hits), mapped anew (misses),
     split, merged and unmapped. Empty when the pool is not installed."""
-    from kiln import _cpu_pool
+    from . import _cpu_pool
 
     return dict(_cpu_pool.stats()) if _cpu_pool.installed() else {}
 
@@ -118,6 +118,6 @@ def empty_cache() -> int:
     """Give every block the pool has cached back to the OS and restart its high-water mark
     (its bound) from the bytes in use; the bytes given back (0 when the pool is not
     installed). Buffers in use are untouched."""
-    from kiln import _cpu_pool
+    from . import _cpu_pool
 
     return int(_cpu_pool.empty_cache()) if _cpu_pool.installed() else 0

@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"ir": 0, "frontends": 1, "passes": 1, "kernels": 2, "codegen": 2, "runtime": 3}
 API = 4
-BASE = {"kiln.errors", "kiln.progress", "kiln.options", "kiln.target", "kiln._C", "kiln._cpu_pool", "kiln.__version__"}
+BASE = {"kiln.errors", "kiln.progress", "kiln.options", "kiln.target", "kiln._C", "kiln.__version__"}
 
 
 def _sources():

@@ -39,7 +39,7 @@ def test_sets_the_mmap_and_trim_thresholds_on_glibc(monkeypatch):
 
 
 def test_the_default_installs_the_pool_beside_the_thresholds(monkeypatch):
-    pytest.importorskip("kiln._cpu_pool")
+    pytest.importorskip("kiln.kernels._cpu_pool")
     monkeypatch.delenv("KILN_MALLOC", raising=False)
     lib = _Libc()
     assert allocator._apply(lib, pool=False) == "tuned"

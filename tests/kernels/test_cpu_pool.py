@@ -9,13 +9,13 @@ import textwrap
 
 import pytest
 
-pytest.importorskip("kiln._cpu_pool")
+pytest.importorskip("kiln.kernels._cpu_pool")
 
 MIB = 1 << 20
 
 
 def _run(body: str) -> str:
-    code = "import torch\nfrom kiln import _cpu_pool as pool\nMIB = 1 << 20\n" + textwrap.dedent(body)
+    code = "import torch\nfrom kiln.kernels import _cpu_pool as pool\nMIB = 1 << 20\n" + textwrap.dedent(body)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
