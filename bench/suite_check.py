@@ -13,6 +13,14 @@ far from fp64 itself) is judged by what bf16 can do on it, and a compiled result
 when it is several times further from the exact answer than eager bf16 is, on any output.
 ``bf16_check`` reports both errors of every output.
 
+The errors are pooled over ``BF16_DRAWS`` seeded inputs of the example's shapes (the example
+itself and further draws, ``bf16_check_draws``): a sequence classifier's output is two
+logits, and an RMSE over two numbers is mostly luck — at one seed eager bf16 lands within
+3e-4 of the exact logits, at the next 3e-3 — so one draw can fail a result that is as close
+as eager's on average, or pass one that is not. torch's harness meets the same noise on
+small outputs by raising the multiplier (8x or 10x for models it lists); more data keeps
+the multiplier at 3 for every model.
+
 The constants are torch's: a multiplier of 3 is what ``same`` uses for bf16 and fp16
 results ("to avoid false alarms" of AMP runs whose end-to-end accuracy is within 0.1% of
 fp32), and 2 for fp32 ones; 1e-3 is the tolerance ``benchmarks/dynamo/huggingface.py``
@@ -30,6 +38,7 @@ import torch.utils._pytree as pytree
 TOL_FP32 = 1e-4
 BF16_MULTIPLIER = 3.0
 BF16_TOL = 1e-3
+BF16_DRAWS = 4
 
 
 def tensor_leaves(out) -> list[torch.Tensor]:
@@ -106,16 +115,37 @@ def bf16_check(got, eager_bf16, reference, multiplier: float = BF16_MULTIPLIER, 
     return out
 
 
-def fp64_outputs(model: torch.nn.Module, inputs: tuple):
-    """The model run in float64 on the float64-cast inputs (a deep copy; the model is not
-    changed), or None where the model does not run in float64."""
+def bf16_check_draws(got: list, eager_bf16: list, reference: list, **kw) -> dict:
+    """``bf16_check`` over several draws of inputs (one output structure per draw in each
+    list): every draw's structure checked on its own, then each output's elements pooled
+    across the draws, so each RMSE is over all of them."""
+    if not (len(got) == len(eager_bf16) == len(reference)) or not got:
+        return {"pass": False, "why": "a draw without its outputs", "outputs": []}
+    for d, (g, e, r) in enumerate(zip(got, eager_bf16, reference)):
+        g, e, r = tensor_leaves(g), tensor_leaves(e), tensor_leaves(r)
+        why = _structure_error(g, r) or _structure_error(e, r)
+        if why:
+            return {"pass": False, "why": f"draw {d}: {why}", "outputs": []}
+
+    def pooled(outs):
+        leaves = [tensor_leaves(o) for o in outs]
+        return [torch.cat([draw[i].reshape(-1) for draw in leaves]) for i in range(len(leaves[0]))]
+    return {**bf16_check(pooled(got), pooled(eager_bf16), pooled(reference), **kw), "draws": len(got)}
+
+
+def fp64_outputs(model: torch.nn.Module, draws: list):
+    """The model run in float64 on each draw of float64-cast inputs (one deep copy; the
+    model is not changed): a list of outputs, or None where the model does not run in
+    float64."""
     try:
         m64 = copy.deepcopy(model).to(torch.float64)
-        x64 = tuple(x.to(torch.float64) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-                    for x in inputs)
+        outs = []
         with torch.no_grad():
-            out = m64(*x64)
+            for inputs in draws:
+                x64 = tuple(x.to(torch.float64) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                            for x in inputs)
+                outs.append(m64(*x64))
         del m64
-        return out
+        return outs
     except Exception:  # noqa: BLE001  (an op without a float64 kernel: the fp32 run is the reference)
         return None

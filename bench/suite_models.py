@@ -135,8 +135,15 @@ def build(name: str, quick: bool = False, seed: int = 0):
             for mod in model.modules():
                 if isinstance(mod, torch.nn.Conv2d):
                     torch.nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
-    gen = torch.Generator().manual_seed(seed + 1)
-    return model, _inputs(m, cfg, quick, gen)
+    return model, inputs(name, quick, seed)
+
+
+def inputs(name: str, quick: bool = False, seed: int = 0) -> tuple:
+    """The example inputs ``build(name, quick, seed)`` returns, without building the model
+    (the bf16 check's further draws of the same shapes)."""
+    m = BY_NAME[name]
+    _, cfg = config_of(m, quick)
+    return _inputs(m, cfg, quick, torch.Generator().manual_seed(seed + 1))
 
 
 def _inputs(m: SuiteModel, cfg, quick: bool, gen) -> tuple:

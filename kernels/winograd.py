@@ -31,7 +31,6 @@ import torch
 
 from kiln.ir import LayoutKind, Node, OpKind
 from kiln.ir import attrs as A
-from kiln.ir.reference import epilogue
 
 from .derived import derive
 from .nhwc import as_channels_last, native_array, nhwc_array
@@ -66,8 +65,13 @@ def transform_weight(w: torch.Tensor, m: int) -> torch.Tensor:
 TRANSFORM_VERSION = 1
 
 # The transformed input and the GEMM result are (m+2)^2 / m^2 times the size of the input
-# and output (2.25x for F(4x4)); beyond this many bytes each (large images or batches) the
-# direct convolution is left alone rather than allocating them.
+# and output (2.25x for F(4x4), 4x for F(2x2)). A call runs its batch in chunks of whole
+# images whose transformed buffers stay under CHUNK_BYTES each, so what a call holds beyond
+# its input and output does not grow with the batch (a dynamic plan's largest batch would
+# otherwise hold several times its activations at once) and the buffers stay in the cache
+# between the transforms and the GEMMs; an image whose buffers alone pass MAX_BUFFER_BYTES
+# (very large images) leaves the direct convolution alone.
+CHUNK_BYTES = 8 << 20
 MAX_BUFFER_BYTES = 256 << 20
 
 
@@ -95,7 +99,7 @@ def _accepts(node: Node, dtype: str = "float32") -> bool:
         return False
     if a.activation not in (A.Activation.NONE, A.Activation.RELU) or min(a.padding) < 0:
         return False
-    if _buffer_bytes(node, 2, None if x.is_static else 1) > MAX_BUFFER_BYTES:
+    if _buffer_bytes(node, 2, 1) > MAX_BUFFER_BYTES:
         return False
     from kiln import _C
 
@@ -111,7 +115,7 @@ def _prepare(m: int, bf16: bool = False):
         from kiln import _C
 
         w = consts[1]
-        if w is None or _buffer_bytes(node, m) > MAX_BUFFER_BYTES:  # at the plan's (representative) batch
+        if w is None or _buffer_bytes(node, m, 1) > MAX_BUFFER_BYTES:
             return _unusable
         a: A.Conv2dAttrs = node.attrs
         ph, pw = a.padding
@@ -124,9 +128,9 @@ def _prepare(m: int, bf16: bool = False):
                    lambda: transform_weight(w, m).to(dt),
                    lambda t: t.dtype == dt and tuple(t.shape) == ((m + 2) ** 2, c, k) and t.is_contiguous())
         tiles_per_image = -(-oh // m) * -(-ow // m)
-        # a dynamic plan's call whose batch would take the transformed buffers past the cap
-        # runs the direct convolution instead
-        max_batch = MAX_BUFFER_BYTES // _buffer_bytes(node, m, 1)
+        # images per chunk: their transformed input and GEMM result each under CHUNK_BYTES
+        per_image = (m + 2) ** 2 * tiles_per_image * max(c, k) * dt.itemsize
+        chunk = max(1, CHUNK_BYTES // per_image)
         bias_c = consts[2] if len(consts) > 2 and consts[2] is not None else None
         if bias_c is not None:
             bias_c = bias_c.float().contiguous()
@@ -140,25 +144,33 @@ def _prepare(m: int, bf16: bool = False):
         def run(ins, attrs):
             n = ins[0].shape[0]  # per call: a dynamic plan's batch varies
             bias = (bias_c if bias_c is not None else ins[2].float().contiguous()) if has_bias else None
-            if n > max_batch:
-                return epilogue(torch.nn.functional.conv2d(ins[0], w, None if bias is None else bias.to(dt), 1,
-                                                           (ph, pw)), ins[3] if has_res else None, a.activation)
+            bias = None if bias is None else bias.numpy()
             threads = torch.get_num_threads()
-            v = torch.empty(u.shape[0], n * tiles_per_image, c, dtype=dt)
-            transform_in(nhwc_array(as_channels_last(ins[0])), native_array(v), oh, ow, k, ph, pw, m, threads)
-            mt = torch.bmm(v, u)
+            x = as_channels_last(ins[0])
+            res = as_channels_last(ins[3]) if has_res else None
             y = torch.empty((n, k, oh, ow), dtype=dt, memory_format=torch.channels_last)
-            res = nhwc_array(as_channels_last(ins[3])) if has_res else None
-            transform_out(native_array(mt), nhwc_array(y), None if bias is None else bias.numpy(), res, relu,
-                          h, wd, c, ph, pw, m, threads)
+            rows = min(n, chunk) * tiles_per_image
+            # one pair of buffers for every chunk; the last, shorter chunk uses their fronts
+            # (a prefix of a contiguous buffer is itself contiguous)
+            vbuf = torch.empty(u.shape[0] * rows * c, dtype=dt)
+            mbuf = torch.empty(u.shape[0] * rows * k, dtype=dt)
+            for i in range(0, n, chunk):
+                j = min(n, i + chunk)
+                t = (j - i) * tiles_per_image
+                v = vbuf[:u.shape[0] * t * c].view(u.shape[0], t, c)
+                mt = mbuf[:u.shape[0] * t * k].view(u.shape[0], t, k)
+                transform_in(nhwc_array(x[i:j]), native_array(v), oh, ow, k, ph, pw, m, threads)
+                torch.bmm(v, u, out=mt)
+                transform_out(native_array(mt), nhwc_array(y[i:j]), bias,
+                              None if res is None else nhwc_array(res[i:j]), relu, h, wd, c, ph, pw, m, threads)
             return y
         return run
     return prepare
 
 
 def _unusable(ins, a):
-    raise RuntimeError(f"Winograd convolution needs a constant weight and transformed buffers under "
-                       f"{MAX_BUFFER_BYTES >> 20} MB")
+    raise RuntimeError(f"Winograd convolution needs a constant weight and an image's transformed buffers "
+                       f"under {MAX_BUFFER_BYTES >> 20} MB")
 
 
 for _m in (4, 2):

@@ -158,7 +158,7 @@ def test_bad_arguments_are_rejected():
 
 
 def test_large_transformed_buffers_are_declined(monkeypatch):
-    """Past MAX_BUFFER_BYTES per transformed buffer the direct convolution is left alone."""
+    """Past MAX_BUFFER_BYTES per image's transformed buffer the direct convolution is left alone."""
     w = torch.randn(8, 8, 3, 3)
     node = _node((1, 8, 32, 32), w, None, False, A.Conv2dAttrs(padding=(1, 1)))
     assert winograd._accepts(node)
@@ -173,10 +173,12 @@ def test_large_transformed_buffers_are_declined(monkeypatch):
 
 
 @pytest.mark.parametrize("m", [2, 4])
-def test_a_symbolic_batch_runs_any_batch_and_past_the_buffer_cap_the_direct_convolution(m, monkeypatch):
+@pytest.mark.parametrize("chunk_images", [1, 3, 100])
+def test_a_symbolic_batch_runs_any_batch_in_chunks_of_images(m, chunk_images, monkeypatch):
     """A dynamic plan's node (batch symbolic) gets Winograd as a candidate, prepared at a
-    representative batch of 2 and called at others; a batch whose transformed buffers would
-    pass the cap runs the direct convolution (the same answer)."""
+    representative batch of 2 and called at others; each call runs its batch in chunks of
+    whole images (here 1, 3 or every image at once), the last one shorter: the same answer
+    at every batch, the buffers bounded by the chunk, not the batch."""
     from kiln.ir import Sym
 
     w = torch.randn(16, 8, 3, 3) * 0.2
@@ -185,14 +187,14 @@ def test_a_symbolic_batch_runs_any_batch_and_past_the_buffer_cap_the_direct_conv
     sym = _node((Sym("batch"), 8, 9, 11), w, bias, True, attrs)
     assert f"cpu.winograd{m}_conv" in [k.name for k in candidates(sym, "cpu")]
     k = next(k for k in candidates(sym, "cpu") if k.name == f"cpu.winograd{m}_conv")
-    monkeypatch.setattr(winograd, "MAX_BUFFER_BYTES", winograd._buffer_bytes(sym.at_sizes({"batch": 4}), m))
+    monkeypatch.setattr(winograd, "CHUNK_BYTES", chunk_images * winograd._buffer_bytes(sym.at_sizes({"batch": 1}), m))
     fn = k.bind(sym.at_sizes({"batch": 2}), [None, w, bias, None])
-    for n in (1, 3, 4, 5, 7):  # 5 and 7 are past the cap: direct convolution
+    for n in (1, 3, 4, 5, 7):
         x = torch.randn(n, 8, 9, 11).contiguous(memory_format=torch.channels_last)
         r = torch.randn(n, 16, 9, 11).contiguous(memory_format=torch.channels_last)
         y = fn([x, w, bias, r], attrs)
         ref = (F.conv2d(x.double(), w.double(), bias.double(), padding=1) + r.double()).relu()
-        assert y.shape == (n, 16, 9, 11)
+        assert y.shape == (n, 16, 9, 11) and y.is_contiguous(memory_format=torch.channels_last)
         assert (y.double() - ref).abs().max().item() < 1e-4, n
 
 

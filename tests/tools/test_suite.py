@@ -61,6 +61,33 @@ def test_bf16_check_is_torchs_rule_against_an_fp64_run():
     assert suite.bf16_check(kiln, noisy, ref)["pass"]
 
 
+def test_bf16_check_pools_each_output_over_the_draws():
+    # two logits per draw (a sequence classifier): the RMSE of each engine is over every
+    # draw's logits together, exactly as one check over the concatenated outputs
+    g = torch.Generator().manual_seed(3)
+    refs = [{"logits": torch.randn(1, 2, generator=g, dtype=torch.float64)} for _ in range(4)]
+    eagers = [{"logits": (r["logits"] + 1e-3 * torch.randn(1, 2, generator=g, dtype=torch.float64)).bfloat16()}
+              for r in refs]
+    gots = [{"logits": (r["logits"] + 1e-3 * torch.randn(1, 2, generator=g, dtype=torch.float64)).float()}
+            for r in refs]
+    pooled = suite.bf16_check_draws(gots, eagers, refs)
+    flat = [torch.cat([d["logits"].reshape(-1) for d in x]) for x in (gots, eagers, refs)]
+    one = suite.bf16_check(*flat)
+    assert pooled["draws"] == 4 and pooled["pass"] == one["pass"]
+    assert pooled["kiln_rmse"] == pytest.approx(one["kiln_rmse"]) and pooled["bound"] == pytest.approx(one["bound"])
+    assert pooled["kiln_rmse"] == pytest.approx(suite_check_rmse(flat[2], flat[0]))
+    # a wrong draw fails the whole check, and a draw whose structure differs is named
+    wrong = gots[:3] + [{"logits": gots[3]["logits"] + 0.5}]
+    assert not suite.bf16_check_draws(wrong, eagers, refs)["pass"]
+    bad = suite.bf16_check_draws(gots[:3] + [{"logits": gots[3]["logits"].reshape(2, 1)}], eagers, refs)
+    assert not bad["pass"] and bad["why"].startswith("draw 3")
+    assert not suite.bf16_check_draws(gots[:3], eagers, refs)["pass"]
+
+
+def suite_check_rmse(a, b):
+    return float(((a.double() - b.double()) ** 2).mean().sqrt())
+
+
 def test_a_wrong_bf16_result_fails_the_check():
     ref, eager = _fake_outputs()
     right = _scaled_error(ref, eager, 1.0)
