@@ -15,7 +15,8 @@ to the peak right after the build: what the stream added; with ``--ahead``, Kiln
 also to the peak of a process that loads Kiln's static plan for the stream's largest shape
 and runs that shape: what serving every shape costs beyond serving the largest one), and the
 largest output error against eager over the stream (checked on every 10th request, outside
-the timings).
+the timings, against eager's outputs computed beforehand in the parent process: eager's own
+buffers are in no engine's RSS).
 
 Engines: ``eager``; ``kiln_dynamic`` (``dynamic=True``; the LSTM's batch and time dims
 named); ``kiln_static`` (a plan per shape); ``inductor`` (``torch.compile(dynamic=True)``);
@@ -73,13 +74,16 @@ def _model(name: str, quick: bool):
 
 
 def _inputs(name: str, batch: int, length: int, example):
+    """A request's inputs: the same values in every process for the same shape (the
+    reference outputs are computed in another process than the engine's)."""
     import torch
 
+    g = torch.Generator().manual_seed(batch * 1009 + length)
     if name == "resnet18":
-        return (torch.randn(batch, 3, length, length),)
+        return (torch.randn(batch, 3, length, length, generator=g),)
     if name == "lstm":
-        return (torch.randn(batch, length, example[0].shape[-1]),)
-    return (torch.randint(0, 1000, (batch, length)), torch.ones(batch, length, dtype=example[1].dtype))
+        return (torch.randn(batch, length, example[0].shape[-1], generator=g),)
+    return (torch.randint(0, 1000, (batch, length), generator=g), torch.ones(batch, length, dtype=example[1].dtype))
 
 
 def _names_axes(name: str):
@@ -205,6 +209,21 @@ def largest_rss(name: str, n: int, threads: int, quick: bool, folder: str) -> di
             "largest_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def write_references(name: str, n: int, quick: bool, path: str) -> None:
+    """Eager fp32's outputs for every 10th request of the stream (the accuracy check), saved
+    to ``path``: each engine's process reads them instead of running eager itself, whose
+    buffers (a batch of 32 in fp32) would otherwise count in that engine's peak RSS."""
+    import torch
+
+    model, example = _model(name, quick)
+    refs = {}
+    with torch.no_grad():
+        for i, (b, s) in enumerate(stream(name, n, quick=quick)):
+            if i % 10 == 0:
+                refs[str(i)] = _first(model(*_inputs(name, b, s, example))).float().contiguous()
+    torch.save(refs, path)
+
+
 def _first(out):
     import torch
 
@@ -214,11 +233,13 @@ def _first(out):
 
 
 def run_engine(engine: str, name: str, n: int, threads: int, quick: bool, precision: str = "fp32",
-               ahead: str | None = None) -> dict:
-    """The whole stream on one engine, in this process."""
+               ahead: str | None = None, references: str | None = None) -> dict:
+    """The whole stream on one engine, in this process; checked against the eager outputs in
+    ``references`` (``write_references``), or against eager run here when there are none."""
     import torch
 
     torch.set_num_threads(threads)
+    refs = torch.load(references, weights_only=True) if references else None
     model, example = _model(name, quick)
     reqs = stream(name, n, quick=quick)
     first = _inputs(name, *reqs[0], example)
@@ -235,7 +256,8 @@ def run_engine(engine: str, name: str, n: int, threads: int, quick: bool, precis
             lat.append(time.perf_counter() - t)
             if i % 10 == 0:  # the check against eager is not the engine's time: kept out of the total
                 t = time.perf_counter()
-                err = max(err, float((out.float() - _first(model(*args)).float()).abs().max()))
+                want = refs[str(i)] if refs is not None else _first(model(*args)).float()
+                err = max(err, float((out.float() - want).abs().max()))
                 checking += time.perf_counter() - t
     total = time.perf_counter() - t0 - checking
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -393,6 +415,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--ahead-dir", help=argparse.SUPPRESS)
     ap.add_argument("--ahead-child", help=argparse.SUPPRESS)
     ap.add_argument("--largest-child", help=argparse.SUPPRESS)
+    ap.add_argument("--references", help=argparse.SUPPRESS)
     ap.add_argument("--namespace", help=argparse.SUPPRESS)  # --no-spin's new process: the parsed arguments
 
 
@@ -440,7 +463,8 @@ def main_with(args) -> int:
         return 0
     if args.child:
         engine, name, threads = args.child.split(":")
-        print(json.dumps(run_engine(engine, name, n, int(threads), args.quick, args.precision, args.ahead_dir)))
+        print(json.dumps(run_engine(engine, name, n, int(threads), args.quick, args.precision, args.ahead_dir,
+                                    getattr(args, "references", None))))
         return 0
     if args.cold and not getattr(args, "cold_dir", None):
         # every process of the run (this one too: --interleave compiles here) on empty caches
@@ -454,19 +478,24 @@ def main_with(args) -> int:
         if engine not in ENGINES:
             raise SystemExit(f"unknown engine {engine!r}; engines: {', '.join(ENGINES)}")
     ahead_dir = tempfile.mkdtemp(prefix="kiln-bench-ahead-") if args.ahead else None
+    refs_dir = tempfile.mkdtemp(prefix="kiln-bench-refs-")
     try:
-        rows = _streams(args, engines, n, ahead_dir)
+        rows = _streams(args, engines, n, ahead_dir, refs_dir)
     finally:
+        shutil.rmtree(refs_dir, ignore_errors=True)
         if ahead_dir is not None:
             shutil.rmtree(ahead_dir, ignore_errors=True)  # an artifact and an ONNX file per model
     _print_streams(args, rows, load_start)
     return 0
 
 
-def _streams(args, engines: list[str], n: int, ahead_dir: str | None) -> list[dict]:
+def _streams(args, engines: list[str], n: int, ahead_dir: str | None, refs_dir: str) -> list[dict]:
     """Every model's stream on every engine (after the ahead-of-time work of ``--ahead``)."""
     rows = []
     for name in args.models.split(","):
+        refs = os.path.join(refs_dir, f"{name}.pt")
+        if not args.interleave:  # here: the engines' processes then hold none of eager's buffers
+            write_references(name, n, args.quick, refs)
         if ahead_dir is not None:
             print(f"[kiln bench dynamic] {name}: ahead of time (compile and save, ONNX export)", file=sys.stderr)
             cmd = [sys.executable, "-m", "kiln.bench.dynamic", "--ahead-child", f"{ahead_dir}:{name}",
@@ -481,7 +510,7 @@ def _streams(args, engines: list[str], n: int, ahead_dir: str | None) -> list[di
             for engine in engines:
                 cmd = [sys.executable, "-m", "kiln.bench.dynamic", "--child", f"{engine}:{name}:{threads}",
                        "--requests", str(n), "--precision", args.precision] + (["--quick"] if args.quick else []) + \
-                    (["--ahead-dir", ahead_dir] if ahead_dir else [])
+                    (["--ahead-dir", ahead_dir] if ahead_dir else []) + ["--references", refs]
                 print(f"[kiln bench dynamic] {name}, {engine}, {threads} thread(s)", file=sys.stderr)
                 out = subprocess.run(cmd, capture_output=True, text=True, env=child_environment())
                 if out.returncode != 0:
