@@ -4,6 +4,7 @@ in one process.
     python -m kiln.bench.pass_ab demanded_rows [--models bert hf_bert] [--threads 1 2]
         [--precision fp32 bf16] [--repeats 30]
     python -m kiln.bench.pass_ab --kernel cpu.amx_linear --precision bf16
+    python -m kiln.bench.pass_ab --kernel cpu.winograd2_conv_bf16 --precision bf16 --models package.module:factory
 
 Both plans come from the same ``kiln.compile`` call but for ``passes=["-<pass>"]`` (or
 ``exclude_kernels=[<kernel>]``: the kernel is not a candidate, the others are chosen as
@@ -21,17 +22,21 @@ import torch
 
 
 def _tensor(y):
-    return y.logits if hasattr(y, "logits") else y
+    """The output compared: a classifier's logits, else a Hugging Face output's first field."""
+    if hasattr(y, "logits"):
+        return y.logits
+    return y.to_tuple()[0] if hasattr(y, "to_tuple") else y
 
 
 def measure(name: str, pass_name: str | None, threads: int, precision: str, repeats: int,
             kernel: str | None = None) -> dict:
     import kiln
+    from kiln.modelref import load_model
 
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        model, inputs = kiln.models.get(name)
+        model, inputs = load_model(name)  # an example's name or package.module:factory
         opts = {"precision": "bf16"} if precision == "bf16" else {}
         without = {"exclude_kernels": [kernel]} if kernel else {"passes": [f"-{pass_name}"]}
         plans = {"without": kiln.compile(model, inputs, **without, **opts),

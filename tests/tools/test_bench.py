@@ -100,6 +100,23 @@ def test_pass_ab_compiles_with_and_without_the_pass():
     assert bad.returncode != 0 and "unknown pass or phase" in bad.stderr
 
 
+@pytest.mark.bench
+def test_pass_ab_takes_a_model_factory_and_a_kernel(tmp_path):
+    # a model as package.module:factory (as `kiln explain` takes it), with and without a kernel
+    (tmp_path / "pab_factory.py").write_text(
+        "import torch\n"
+        "def small():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU()).eval(), (torch.randn(4, 16),)\n")
+    env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), ENV.get("PYTHONPATH")]))}
+    p = subprocess.run([sys.executable, "-m", "kiln.bench.pass_ab", "--kernel", "cpu.onednn_linear", "--models",
+                        "pab_factory:small", "--threads", "1", "--repeats", "2"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    row = [line for line in p.stdout.splitlines() if line.startswith("| pab_factory:small |")]
+    assert len(row) == 1 and row[0].split("|")[6].strip().endswith("x")
+
+
 def test_compute_peak_gflops_checks_its_arguments():
     from kiln import _C
 
