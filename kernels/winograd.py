@@ -75,11 +75,12 @@ CHUNK_BYTES = 8 << 20
 MAX_BUFFER_BYTES = 256 << 20
 
 
-def _buffer_bytes(node: Node, m: int, batch: int | None = None) -> int:
+def _buffer_bytes(node: Node, m: int, batch: int | None = None, elem_bytes: int = 4) -> int:
+    """The larger transformed buffer's bytes (input or GEMM result) at ``batch`` images."""
     n, c, _, _ = node.inputs[0].type.shape
     _, k, oh, ow = node.outputs[0].type.shape
     n = batch if batch is not None else n
-    return (m + 2) ** 2 * n * -(-oh // m) * -(-ow // m) * max(c, k) * 4
+    return (m + 2) ** 2 * n * -(-oh // m) * -(-ow // m) * max(c, k) * elem_bytes
 
 
 def _accepts(node: Node, dtype: str = "float32") -> bool:
@@ -129,8 +130,7 @@ def _prepare(m: int, bf16: bool = False):
                    lambda t: t.dtype == dt and tuple(t.shape) == ((m + 2) ** 2, c, k) and t.is_contiguous())
         tiles_per_image = -(-oh // m) * -(-ow // m)
         # images per chunk: their transformed input and GEMM result each under CHUNK_BYTES
-        per_image = (m + 2) ** 2 * tiles_per_image * max(c, k) * dt.itemsize
-        chunk = max(1, CHUNK_BYTES // per_image)
+        chunk = max(1, CHUNK_BYTES // _buffer_bytes(node, m, 1, dt.itemsize))
         bias_c = consts[2] if len(consts) > 2 and consts[2] is not None else None
         if bias_c is not None:
             bias_c = bias_c.float().contiguous()
