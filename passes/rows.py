@@ -14,6 +14,16 @@ projection, attention rows, output projection, layer norms and feed-forward run 
 token instead of 128: 6.9% of BERT-base's FLOPs (`kiln dump bert --stats`, total MFLOP
 20,842 against 22,393 with `--passes=-demanded_rows`).
 
+A decoder classifier reads one token too, but which one is known only at run time: Hugging
+Face's ``*ForSequenceClassification`` heads score every position, then index the scores at
+each sequence's last non-pad token (``logits[arange(batch), last]``, ``last`` an argmax over
+the input ids). At batch 1 that index is a pick of rows along the sequence axis,
+``Picked(axis, index, count)``: the same walk moves it up through the same ops, and where a
+value is also needed whole a TAKE of the picked rows reads them (the index, computed from the
+input ids after the layers in the order the model was written, moves up to before its first
+reader). The last layer's query rows, attention rows, output projection, norms and MLP then
+run on one token: the keys and values stay whole (the layer's cache outputs need them anyway).
+
 Exact by construction: a rebuilt op computes the same values for the rows it keeps (no
 reduction, normalization or contraction runs along the sliced axis), up to the summation
 order a GEMM kernel picks for the smaller shape. Ops it does not know take their inputs
@@ -21,6 +31,7 @@ whole, and the slice stays where it was.
 """
 from __future__ import annotations
 
+import heapq
 import math
 
 from kiln.ir import Graph, LayoutKind, Node, OpKind, Value, opdef
@@ -33,9 +44,40 @@ from .rewrite import Rewriter, dead_code_elimination
 
 @record(slots=False)
 class Rows:
+    """Rows ``start:end`` of ``axis``."""
     axis: int
     start: int
     end: int
+
+    def on(self, axis: int) -> "Rows":
+        """The same rows of another axis (of an input the op reads them from)."""
+        return Rows(axis, self.start, self.end)
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    def whole(self, v: Value) -> bool:
+        return self.start == 0 and self.end == v.shape[self.axis]
+
+
+@record(slots=False)
+class Picked:
+    """The rows of ``axis`` that a runtime index picks (``index``: ``count`` int32/int64
+    positions, computed by the graph — a decoder classifier's last real token)."""
+    axis: int
+    index: Value
+    count: int
+
+    def on(self, axis: int) -> "Picked":
+        return Picked(axis, self.index, self.count)
+
+    @property
+    def size(self) -> int:
+        return self.count
+
+    def whole(self, v: Value) -> bool:
+        return False
 
 
 FULL = None  # the whole value is needed
@@ -62,7 +104,7 @@ def _broadcast_input(v: Value | None, out: Value, d: Rows):
         return FULL
     if v.shape[ax] != out.shape[d.axis]:
         return False
-    return Rows(ax, d.start, d.end)
+    return d.on(ax)
 
 
 def _reshape_axis(src: tuple, dst: tuple, axis: int) -> int | None:
@@ -90,7 +132,7 @@ def input_demands(node: Node, d: Rows) -> list | None:
     if op in (OpKind.SUM, OpKind.MEAN, OpKind.MAX, OpKind.MIN):  # reductions over other axes
         kept = [i for i in range(node.inputs[0].type.rank) if i not in node.attrs.axes]
         i = ax if node.attrs.keepdim else kept[ax]
-        return None if i in node.attrs.axes else [Rows(i, d.start, d.end)]
+        return None if i in node.attrs.axes else [d.on(i)]
     if op is OpKind.LINEAR and ax < r - 1:
         ds = [d, FULL, FULL]
         if len(node.inputs) > 3:
@@ -103,12 +145,12 @@ def input_demands(node: Node, d: Rows) -> list | None:
         a = node.inputs[0]
         if a.type.rank < 2 or a.shape[-2] != out.shape[ax]:
             return None
-        return [Rows(a.type.rank - 2, d.start, d.end), FULL]
+        return [d.on(a.type.rank - 2), FULL]
     if op is OpKind.ATTENTION and ax == r - 2 and not node.attrs.causal:  # causal rows see keys by position
         q = node.inputs[0]
         if q.type.rank != r or q.shape[-2] != out.shape[ax]:
             return None
-        ds = [Rows(ax, d.start, d.end), FULL, FULL]
+        ds = [d, FULL, FULL]
         if len(node.inputs) > 3:
             m = _broadcast_input(node.inputs[3], out, d)  # mask [..., Sq or 1, Sk]
             if m is False:
@@ -116,17 +158,17 @@ def input_demands(node: Node, d: Rows) -> list | None:
             ds.append(m)
         return ds[:len(node.inputs)]
     if op is OpKind.PERMUTE:
-        return [Rows(node.attrs.perm[ax], d.start, d.end)]
+        return [d.on(node.attrs.perm[ax])]
     if op is OpKind.RESHAPE:
         i = _reshape_axis(tuple(node.inputs[0].shape), tuple(out.shape), ax)
-        return None if i is None else [Rows(i, d.start, d.end)]
+        return None if i is None else [d.on(i)]
     return None
 
 
 def _attrs_for(node: Node, d: Rows):
     if node.op is OpKind.RESHAPE:
         shape = list(node.attrs.shape)
-        shape[d.axis] = d.end - d.start
+        shape[d.axis] = d.size
         return A.ShapeAttrs(tuple(shape))
     return node.attrs
 
@@ -148,11 +190,59 @@ def _own_rows(node: Node, constants: dict) -> Rows | None:
         elif isinstance(size, int) or i != 0:  # a symbolic size is at least 1: only index 0 is surely in range
             return None
         return Rows(a.axis, i, i + 1)
+    if node.op is OpKind.INDEX:
+        return _picked(node, constants)
     return None
 
 
+def _picked(node: Node, constants: dict) -> Picked | None:
+    """``x[0, idx]`` (an INDEX whose index tensors are all constant zeros on size-1 axes but
+    one, a runtime 1-D index): the rows ``idx`` picks along that axis. The index of a
+    decoder classifier's pooled logits: ``logits[arange(1), last_token]`` at batch 1."""
+    x, idx = node.inputs[0], node.inputs[1:]
+    picked = None
+    for axis, t in enumerate(idx):
+        if t is None:
+            return None
+        c = constants.get(t)
+        if c is not None and c.numel() == 1 and x.shape[axis] == 1 and int(c.reshape(())) == 0:
+            continue
+        if picked is not None or c is not None or t.type.rank != 1 or not isinstance(t.shape[0], int):
+            return None  # two runtime indices, a constant to push (left to constant folding), or a shape to broadcast
+        picked = Picked(axis, t, t.shape[0])
+    if picked is None or tuple(node.outputs[0].shape[:1]) != (picked.count,):
+        return None
+    return picked
+
+
 def _whole(v: Value, d) -> bool:
-    return d is FULL or (d.start == 0 and d.end == v.shape[d.axis])
+    return d is FULL or d.whole(v)
+
+
+def _in_order(nodes: list) -> list:
+    """``nodes`` in a topological order, as close to the given one as it allows: a picked
+    row's index (computed from the inputs after the layers it now reads rows of, in the order
+    the model was written) moves up to before its first reader."""
+    made = {v for n in nodes for v in n.outputs}
+    position = {n: i for i, n in enumerate(nodes)}
+    producer = {v: n for n in nodes for v in n.outputs}
+    waiting = {n: sum(1 for v in set(n.inputs) if v is not None and v in made) for n in nodes}
+    readers: dict[Node, list] = {}
+    for n in nodes:
+        for v in set(n.inputs):
+            if v is not None and v in made:
+                readers.setdefault(producer[v], []).append(n)
+    ready = [position[n] for n in nodes if waiting[n] == 0]
+    heapq.heapify(ready)
+    out = []
+    while ready:
+        n = nodes[heapq.heappop(ready)]
+        out.append(n)
+        for r in readers.get(n, ()):
+            waiting[r] -= 1
+            if waiting[r] == 0:
+                heapq.heappush(ready, position[r])
+    return out
 
 
 def push_row_slices(graph: Graph) -> Graph:
@@ -183,16 +273,20 @@ def push_row_slices(graph: Graph) -> Graph:
             need(v, ins[i] if ins is not None else FULL)
     if not plans:
         return graph
+    picks = any(isinstance(d, Picked) for d in demand.values())
 
     # -- forwards: rebuild the planned nodes on sliced inputs ------------------------
     rw = Rewriter(graph)
     sliced: dict[tuple, Value] = {}  # (value, rows) -> the value holding just those rows
     replace: dict[Value, Value] = {}
 
-    def rows_of(v: Value, d: Rows) -> Value:
+    def rows_of(v: Value, d) -> Value:
         got = sliced.get((v, d))
-        if got is None:  # computed whole: read the rows with a slice
-            got = rw.add(OpKind.SLICE, replace.get(v, v), attrs=A.SliceAttrs(d.axis, d.start, d.end))
+        if got is None:  # computed whole: read the rows with a slice (or the picked ones with a take)
+            if isinstance(d, Picked):
+                got = rw.add(OpKind.TAKE, replace.get(v, v), replace.get(d.index, d.index), attrs=A.AxisAttrs(d.axis))
+            else:
+                got = rw.add(OpKind.SLICE, replace.get(v, v), attrs=A.SliceAttrs(d.axis, d.start, d.end))
             sliced[(v, d)] = got
         return got
 
@@ -207,11 +301,12 @@ def push_row_slices(graph: Graph) -> Graph:
         elif own is not None and demand.get(node.inputs[0], FULL) == own and not _whole(node.inputs[0], own):
             rows = rows_of(node.inputs[0], own)  # the rows are already there
             out = node.outputs[0]
-            if node.op is OpKind.TAKE:  # a scalar index drops the axis
+            if node.op in (OpKind.TAKE, OpKind.INDEX):  # a scalar index drops the axis, x[0, idx] the size-1 ones
                 rows = rw.add(OpKind.RESHAPE, rows, attrs=A.ShapeAttrs(tuple(out.shape)))
             replace[out] = rows
         else:
             rw.emit(Node(node.op, tuple(None if v is None else replace.get(v, v) for v in node.inputs), node.attrs,
                          node.outputs, node.scope))
     outputs = tuple(replace.get(v, v) for v in graph.outputs)
-    return dead_code_elimination(Graph(graph.inputs, tuple(rw.nodes), outputs, rw.constants, graph.name))
+    nodes = _in_order(rw.nodes) if picks else rw.nodes
+    return dead_code_elimination(Graph(graph.inputs, tuple(nodes), outputs, rw.constants, graph.name))

@@ -3,7 +3,7 @@ alone, and a BERT-style classifier end to end."""
 import torch
 
 import kiln
-from kiln.ir import OpKind
+from kiln.ir import DType, OpKind
 from kiln.ir import attrs as A
 
 from conftest import assert_same_outputs, assert_structural_equal
@@ -150,3 +150,77 @@ def test_a_dynamic_bert_runs_its_last_layer_on_the_pooled_token_at_every_length(
         for seq in (1, 7, 33):
             a = (torch.randint(0, 100, (2, seq)), torch.ones(2, seq, dtype=mask.dtype))
             torch.testing.assert_close(compiled(*a), model(*a), atol=1e-4, rtol=1e-4)
+
+
+def _index(b, v, *indices):
+    return b.add(OpKind.INDEX, v, *indices)
+
+
+def test_rows_a_runtime_index_picks_move_above_the_row_wise_ops():
+    # a decoder classifier's pooled logits at batch 1: logits[arange(1), last_token]
+    def before(b, x, idx):
+        return _index(b, b.add(OpKind.LINEAR, _block(b, x), b.const(W2.T.contiguous())), b.const(torch.tensor([0])), idx)
+
+    def expected(b, x, idx):
+        y = b.add(OpKind.LINEAR, _block(b, b.add(OpKind.TAKE, x, idx, attrs=A.AxisAttrs(1))), b.const(W2.T.contiguous()))
+        return b.add(OpKind.RESHAPE, y, attrs=A.ShapeAttrs((1, 32)))
+
+    dtypes = {1: DType.INT64}
+    g = build(before, (1, 8, 16), (1,), dtypes=dtypes)
+    out = run_pass(g)
+    assert_structural_equal(out, build(expected, (1, 8, 16), (1,), dtypes=dtypes))
+    for last in (0, 5, 7, -1):
+        assert_same_outputs(g, out, inputs=[torch.randn(1, 8, 16), torch.tensor([last])])
+
+
+def test_a_picked_index_computed_after_the_layers_moves_before_its_first_reader():
+    # as Hugging Face writes it: the last real token is found after the layers have run
+    def last_token(b, ids):
+        return b.add(OpKind.ARGMAX, b.add(OpKind.MUL, ids, b.const(torch.arange(8))), attrs=A.ArgReduceAttrs(1))
+
+    def before(b, x, ids):
+        y = _block(b, x)
+        return _index(b, y, b.const(torch.tensor([0])), last_token(b, ids))
+
+    def expected(b, x, ids):
+        idx = last_token(b, ids)
+        return b.add(OpKind.RESHAPE, _block(b, b.add(OpKind.TAKE, x, idx, attrs=A.AxisAttrs(1))),
+                     attrs=A.ShapeAttrs((1, 16)))
+
+    dtypes = {1: DType.INT64}
+    g = build(before, (1, 8, 16), (1, 8), dtypes=dtypes)
+    out = run_pass(g)
+    assert_structural_equal(out, build(expected, (1, 8, 16), (1, 8), dtypes=dtypes))
+    for ones in (8, 3, 1):
+        assert_same_outputs(g, out, inputs=[torch.randn(1, 8, 16), (torch.arange(8) < ones).long()[None]])
+
+
+def test_runtime_picks_decline_where_the_index_is_not_one_row_per_axis():
+    cases = [
+        # batch 2: x[0, idx] reads from one sample of two (not a pick of every sample's rows)
+        (lambda b, x, i: _index(b, b.add(OpKind.RELU, x), b.const(torch.tensor([0])), i), [(2, 8, 16), (1,)]),
+        # two runtime indices
+        (lambda b, x, i: _index(b, b.add(OpKind.RELU, x), i, i), [(1, 8, 16), (1,)]),
+        # a 2-D index (its shape would need broadcasting)
+        (lambda b, x, i: _index(b, b.add(OpKind.RELU, x), b.const(torch.tensor([0])), i), [(1, 8, 16), (1, 1)]),
+    ]
+    for fn, shapes in cases:
+        g = build(fn, *shapes, dtypes={1: DType.INT64})
+        out = run_pass(g)
+        assert out.op_counts() == g.op_counts(), out.op_counts()
+        assert_same_outputs(g, out, inputs=[torch.randn(*shapes[0]), torch.zeros(shapes[1], dtype=torch.int64)])
+
+
+def test_a_decoder_classifier_runs_its_last_layer_on_the_classified_token():
+    from kiln.bench.suite_models import build as build_model
+
+    model, (ids,) = build_model("opt", quick=True)
+    compiled = kiln.compile(model, (ids,))
+    graph = compiled.compiled[0].graph
+    fc2 = [n for n in graph.nodes if n.op is OpKind.LINEAR and n.inputs[0].shape[-1] == 128]
+    assert sorted(n.outputs[0].shape[-2] for n in fc2) == [1, 32]  # the last layer: one token
+    padded = ids.clone()
+    padded[0, 20:] = model.config.pad_token_id  # the classified token is the last one before the padding
+    with torch.no_grad():
+        for x in (ids, padded):
+            torch.testing.assert_close(compiled(x)[0], model(x).logits, atol=1e-4, rtol=1e-4)
