@@ -48,19 +48,8 @@ std::shared_ptr<Bf16Weight> prepack_bf16(const uint16_t* w, int64_t n, int64_t k
   return p;
 }
 
-bool bf16_gemm_supported() {
-#if defined(KILN_HAVE_BF16_EPILOGUE) && defined(__AMX_BF16__) && defined(__AMX_TILE__)
-  return amx_bf16_supported();  // CPUID and the XTILEDATA grant (attention.cpp)
-#else
-  return false;
-#endif
-}
-
-#if defined(KILN_HAVE_BF16_EPILOGUE) && defined(__AMX_BF16__) && defined(__AMX_TILE__)
+#ifdef KILN_HAVE_BF16_EPILOGUE
 namespace {
-
-constexpr int64_t kRowBlock = 32, kPanelBlock = 2;
-constexpr int64_t kChunkBytes = 1 << 20;  // rows of x per chunk: about 1 MiB, half of L2
 
 // The epilogue for 16 columns of one row: bias, residual, activation, store.
 inline void store16(__m512 acc, int64_t row, int64_t col, int64_t n, const Bf16Epilogue& ep) {
@@ -82,6 +71,23 @@ inline void store16(__m512 acc, int64_t row, int64_t col, int64_t n, const Bf16E
     _mm512_mask_storeu_ps(static_cast<float*>(ep.out) + row * ep.ldo + col, mask, acc);
   }
 }
+
+}  // namespace
+#endif
+
+bool bf16_gemm_supported() {
+#if defined(KILN_HAVE_BF16_EPILOGUE) && defined(__AMX_BF16__) && defined(__AMX_TILE__)
+  return amx_bf16_supported();  // CPUID and the XTILEDATA grant (attention.cpp)
+#else
+  return false;
+#endif
+}
+
+#if defined(KILN_HAVE_BF16_EPILOGUE) && defined(__AMX_BF16__) && defined(__AMX_TILE__)
+namespace {
+
+constexpr int64_t kRowBlock = 32, kPanelBlock = 2;
+constexpr int64_t kChunkBytes = 1 << 20;  // rows of x per chunk: about 1 MiB, half of L2
 
 // The epilogue of the previous block, run a few vectors at a time between this block's tile
 // instructions: tdpbf16ps keeps the AMX unit busy for 16 cycles while the vector units would
@@ -192,6 +198,115 @@ void gemm_ready(const uint16_t* a, int64_t lda, int64_t m, const Bf16Weight& w, 
 
 }  // namespace
 #endif
+
+// ---- AVX512-BF16 without AMX: vdpbf16ps on the same packed panels ----------------------
+// A panel's k-pair q of its 16 channels is one 64-byte vector (the B-tile layout above), so a
+// register block of MR rows x NP panels is MR * NP accumulators fed by one broadcast pair of x
+// per row and NP panel vectors per k pair. Its use is the shapes where oneDNN's per-call cost
+// dominates (a few thousand MACs per output row): kernel choice measures it against oneDNN.
+#if defined(KILN_HAVE_BF16_EPILOGUE)
+namespace {
+
+constexpr int kDotRows = 6, kDotPanels = 4;
+
+inline uint32_t pair_at(const uint16_t* x, int64_t k, int64_t q) {
+  // the pair (x[2q], x[2q + 1]); past an odd K the high half is zero (x has no element there)
+  if (2 * q + 1 < k) {
+    uint32_t v;
+    std::memcpy(&v, x + 2 * q, 4);
+    return v;
+  }
+  return x[2 * q];
+}
+
+template <int MR, int NP>
+void dot_block(const uint16_t* a, int64_t lda, int64_t row, const uint16_t* panels, int64_t panel_elems, int64_t k,
+               int64_t col, const Bf16Weight& w, const Bf16Epilogue& ep) {
+  __m512 acc[MR][NP];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_setzero_ps();
+  const int64_t full = k / 2, pairs = (k + 1) / 2;
+  for (int64_t q = 0; q < pairs; ++q) {
+    __m512bh bv[NP];
+    for (int j = 0; j < NP; ++j)
+      bv[j] = reinterpret_cast<__m512bh>(_mm512_load_si512(panels + j * panel_elems + q * 32));
+    for (int i = 0; i < MR; ++i) {
+      const uint16_t* xr = a + (row + i) * lda;
+      uint32_t v;
+      if (q < full) {
+        std::memcpy(&v, xr + 2 * q, 4);
+      } else {
+        v = pair_at(xr, k, q);
+      }
+      const __m512bh av = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(v)));
+      for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], av, bv[j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NP; ++j) store16(acc[i][j], row + i, col + 16 * j, w.n, ep);
+}
+
+using DotFn = void (*)(const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t, int64_t, int64_t,
+                       const Bf16Weight&, const Bf16Epilogue&);
+
+template <int MR>
+constexpr DotFn dot_row(int np) {
+  return np == 1 ? dot_block<MR, 1> : np == 2 ? dot_block<MR, 2> : np == 3 ? dot_block<MR, 3> : dot_block<MR, 4>;
+}
+
+DotFn dot_fn(int mr, int np) {
+  switch (mr) {
+    case 1: return dot_row<1>(np);
+    case 2: return dot_row<2>(np);
+    case 3: return dot_row<3>(np);
+    case 4: return dot_row<4>(np);
+    case 5: return dot_row<5>(np);
+    default: return dot_row<6>(np);
+  }
+}
+
+// Rows [m0, m1) x panels [p0, p1): panel blocks outside (their k_pad x 64 weights stay in L2
+// while every row block passes), row blocks inside.
+void dot_region(const uint16_t* a, int64_t lda, int64_t m0, int64_t m1, int64_t p0, int64_t p1, const Bf16Weight& w,
+                const Bf16Epilogue& ep) {
+  const int64_t panel_elems = w.k_pad * 16;
+  const uint16_t* packed = reinterpret_cast<const uint16_t*>(w.packed.get());
+  for (int64_t p = p0; p < p1; p += kDotPanels) {
+    const int np = static_cast<int>(std::min<int64_t>(kDotPanels, p1 - p));
+    for (int64_t r = m0; r < m1; r += kDotRows) {
+      const int mr = static_cast<int>(std::min<int64_t>(kDotRows, m1 - r));
+      dot_fn(mr, np)(a, lda, r, packed + p * panel_elems, panel_elems, w.k, p * 16, w, ep);
+    }
+  }
+}
+
+}  // namespace
+#endif
+
+bool bf16_dot_gemm_supported() {
+#if defined(KILN_HAVE_BF16_EPILOGUE)
+  return dot_bf16_supported();
+#else
+  return false;
+#endif
+}
+
+void bf16_dot_gemm(const uint16_t* x, int64_t m, int64_t lda, const Bf16Weight& w, const Bf16Epilogue& ep,
+                   int threads) {
+#if defined(KILN_HAVE_BF16_EPILOGUE)
+  if (!bf16_dot_gemm_supported()) throw std::runtime_error("the bf16 dot-product GEMM needs AVX512-BF16");
+  if (m == 0) return;
+  const Split s = plan_split(threads, m, w.panels, kDotPanels, kDotRows);
+  parallel_run(s.threads, [&](int t) {
+    int64_t m0, m1, p0, p1;
+    s.range(t, m, w.panels, m0, m1, p0, p1);
+    if (m0 < m1 && p0 < p1) dot_region(x, lda, m0, m1, p0, p1, w, ep);
+  });
+#else
+  (void)x; (void)m; (void)lda; (void)w; (void)ep; (void)threads;
+  throw std::runtime_error("Kiln was built without AVX512-BF16");
+#endif
+}
 
 void bf16_gemm(const uint16_t* x, int64_t m, int64_t lda, const Bf16Weight& w, const Bf16Epilogue& ep, int threads) {
 #if defined(KILN_HAVE_BF16_EPILOGUE) && defined(__AMX_BF16__) && defined(__AMX_TILE__)

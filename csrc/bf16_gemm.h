@@ -43,4 +43,10 @@ bool bf16_gemm_supported();  // built with AMX-BF16, the CPU has it, and tile st
 // a multiple of 16 or K of 32 (the tiles read whole 16 x 32 blocks).
 void bf16_gemm(const uint16_t* x, int64_t m, int64_t lda, const Bf16Weight& w, const Bf16Epilogue& ep, int threads);
 
+// The same product on AVX512-BF16 dot products (vdpbf16ps) instead of tiles, from the same
+// packed weight, for CPUs without AMX: no padding copy (any M and K; x is read pair by pair).
+bool bf16_dot_gemm_supported();  // built with AVX512-BF16 and the CPU has it
+void bf16_dot_gemm(const uint16_t* x, int64_t m, int64_t lda, const Bf16Weight& w, const Bf16Epilogue& ep,
+                   int threads);
+
 }  // namespace kiln::bf16

@@ -36,8 +36,10 @@ Bf16Packed prepack_py(py::array w) {
   return {prepack_bf16(static_cast<const uint16_t*>(b.ptr), n, k)};
 }
 
-void linear_py(py::array x, const Bf16Packed& p, std::optional<py::array_t<float, py::array::c_style>> bias,
-               std::optional<py::array> residual, const std::string& activation, py::array out, int threads) {
+using Bias = std::optional<py::array_t<float, py::array::c_style>>;
+
+void linear_py(py::array x, const Bf16Packed& p, Bias bias, std::optional<py::array> residual,
+               const std::string& activation, py::array out, int threads, bool dot) {
   if (threads < 1 || threads > 256) throw py::value_error("threads must be in [1, 256]");
   const Bf16Weight& w = *p.w;
   if (!is_bf16_bits(x)) throw py::value_error("x: expected bfloat16 passed as 16-bit integers");
@@ -67,7 +69,11 @@ void linear_py(py::array x, const Bf16Packed& p, std::optional<py::array_t<float
   ep.out = ob.ptr;
   ep.out_bf16 = is_bf16_bits(out);
   py::gil_scoped_release release;
-  bf16_gemm(static_cast<const uint16_t*>(xb.ptr), m, lda, w, ep, threads);
+  if (dot) {
+    bf16_dot_gemm(static_cast<const uint16_t*>(xb.ptr), m, lda, w, ep, threads);
+  } else {
+    bf16_gemm(static_cast<const uint16_t*>(xb.ptr), m, lda, w, ep, threads);
+  }
 }
 
 }  // namespace
@@ -82,7 +88,20 @@ void register_bf16_gemm_kernels(py::module_& m) {
   m.def("bf16_gemm_supported", &bf16_gemm_supported,
         "Whether bf16_linear can run here (built with AMX-BF16, the CPU has it, tile state granted).");
   m.def("bf16_prepack", &prepack_py, py::arg("w"), "Prepack w bf16 (N, K), as int16 bits, for bf16_linear.");
-  m.def("bf16_linear", &linear_py, py::arg("x"), py::arg("packed"), py::arg("bias").noconvert() = py::none(),
+  m.def("bf16_dot_gemm_supported", &bf16_dot_gemm_supported,
+        "Whether bf16_dot_linear can run here (built with AVX512-BF16 and the CPU has it).");
+  m.def(
+      "bf16_dot_linear",
+      [](py::array x, const Bf16Packed& p, Bias bias, std::optional<py::array> residual, const std::string& activation,
+         py::array out, int threads) { linear_py(x, p, bias, residual, activation, out, threads, true); },
+      py::arg("x"), py::arg("packed"), py::arg("bias").noconvert() = py::none(), py::arg("residual") = py::none(),
+      py::arg("activation") = "none", py::arg("out"), py::arg("threads") = 1,
+      "bf16_linear on AVX512-BF16 dot products (no AMX), from the same packed weight.");
+  m.def(
+      "bf16_linear",
+      [](py::array x, const Bf16Packed& p, Bias bias, std::optional<py::array> residual, const std::string& activation,
+         py::array out, int threads) { linear_py(x, p, bias, residual, activation, out, threads, false); },
+      py::arg("x"), py::arg("packed"), py::arg("bias").noconvert() = py::none(),
         py::arg("residual") = py::none(), py::arg("activation") = "none", py::arg("out"), py::arg("threads") = 1,
         "out (M, N) = act(x (M, K) @ w^T + bias + residual), x bf16 as int16 bits; out and residual bf16 (int16\n"
         "bits) or float32; bias float32 (N,). Rows of x, residual and out may be strided.");
