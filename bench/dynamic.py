@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import shutil
 import statistics
 import subprocess
@@ -39,6 +38,7 @@ import sys
 import tempfile
 import time
 
+from kiln.bench.memory import peak_rss_mb
 from kiln.options import child_environment, settings
 
 ENGINES = ("eager", "kiln_dynamic", "kiln_static", "inductor", "onnxruntime", "openvino")
@@ -207,20 +207,6 @@ def largest_rss(name: str, n: int, threads: int, quick: bool, folder: str) -> di
             fn(*args)
     return {"largest_shape": list(largest_request(name, n, quick)),
             "largest_rss_mb": peak_rss_mb()}
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS in MB: the kernel's high-water mark of its own address space
-    (``VmHWM``). ``ru_maxrss`` is not: it also keeps the RSS of the process that forked this
-    one, as it was at the fork (the parent here holds eager's outputs and the model)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # (KiB on Linux)
 
 
 def write_references(name: str, n: int, quick: bool, path: str) -> None:

@@ -13,7 +13,7 @@ For each model of ``bench/suite_models.py`` (random weights, batch 1) and each p
   caches the cold one filled), Inductor's cold compile (``torch.compile`` with freezing,
   its caches off, first call);
 * **memory**: the process's peak RSS after building the model and running it eagerly, and
-  after Kiln's compile (``ru_maxrss``: the compile's peak, since it runs next);
+  after Kiln's compile (``VmHWM``: the compile's peak, since it runs next);
 * **latency**: eager, Inductor and Kiln medians, timed interleaved in one process
   (``kernels.timing.interleaved``, the order rotating each round) at each thread count.
 
@@ -32,7 +32,6 @@ import collections
 import copy
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ import traceback
 import torch
 
 from kiln.bench import suite_models
+from kiln.bench.memory import peak_rss_mb
 from kiln.frontends.hf_outputs import register_output_pytrees
 from kiln.bench.suite_check import (BF16_DRAWS, TOL_FP32, bf16_check, bf16_check_draws, compare, fp64_outputs,
                                     tensor_leaves)
@@ -51,10 +51,6 @@ from kiln.bench.suite_report import add_arguments, markdown, plot, summarize
 # ----------------------------------------------------------------------------- helpers
 def _cast_inputs(inputs, dtype):
     return tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs)
-
-
-def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def _short(e: BaseException) -> str:
@@ -98,7 +94,7 @@ def run_model(name: str, precision: str = "fp32", threads=(1,), quick: bool = Fa
         with torch.no_grad():
             ref = model(*inputs)
         row["output_tensors"] = len(tensor_leaves(ref))
-        row["rss_mb"] = {"eager_peak": _maxrss_mb()}
+        row["rss_mb"] = {"eager_peak": peak_rss_mb()}
         peer_model, peer_inputs, peer_ref = model, inputs, ref
         options = {}
         if precision == "bf16":
@@ -117,7 +113,7 @@ def run_model(name: str, precision: str = "fp32", threads=(1,), quick: bool = Fa
             row["error"] = _short(e)
             return row
         row["compile_s"]["kiln_cold"] = time.perf_counter() - t
-        row["rss_mb"]["kiln_compile_peak"] = _maxrss_mb()
+        row["rss_mb"]["kiln_compile_peak"] = peak_rss_mb()
         fb = collections.Counter(op for op, _scope, _why in fast.report.fallbacks)
         row["fallbacks"] = dict(fb.most_common())
         row["fallback_nodes"] = sum(fb.values())
