@@ -184,9 +184,11 @@ namespace kiln {
 bool transpose_batched(const void* x, void* y, int64_t b, int64_t r, int64_t c, int64_t itemsize, int threads);
 
 // Group norm of N channels-last images x (N, HW, C) into y, G groups of C / G channels, the
-// optional per-channel affine (weight, bias: C each, or null); two passes, sums in double.
-void group_norm_nhwc(const float* x, float* y, const float* weight, const float* bias, int64_t N, int64_t HW,
-                     int64_t C, int64_t G, float eps, int threads);
+// optional per-channel affine (weight, bias: C each, or null), then ReLU if relu; two passes,
+// sums in double. x and y are fp32, or bf16 bit patterns (x_bf16 / y_bf16): fp32 math, one
+// rounding of the result.
+void group_norm_nhwc(const void* x, bool x_bf16, void* y, bool y_bf16, const float* weight, const float* bias,
+                     int64_t N, int64_t HW, int64_t C, int64_t G, float eps, bool relu, int threads);
 
 // CRC-32 (zlib's polynomial and value) of n bytes, continuing from crc (0 to start); crc32.cpp.
 uint32_t crc32(const void* data, size_t n, uint32_t crc);

@@ -398,9 +398,12 @@ class GridSampleAttrs:
 @record
 class GroupNormAttrs:
     """GROUP_NORM: the channels (axis 1) in ``groups`` groups, each normalized over its
-    channels and every position (biased variance), then the optional per-channel affine."""
+    channels and every position (biased variance), then the optional per-channel affine and
+    the activation (the epilogue pass fuses a following ReLU). Computed in float32 whatever
+    the input's dtype, the result rounded once to it."""
     groups: int
     eps: float = 1e-5
+    activation: Activation = Activation.NONE
 
 
 @record

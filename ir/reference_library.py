@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from . import attrs as A
 from .ops import OpKind
-from .reference import ref
+from .reference import epilogue, ref
 
 
 @ref(OpKind.SORT)
@@ -95,9 +95,15 @@ def group_norm(ins, a: A.GroupNormAttrs):
     x = ins[0]
     w = ins[1] if len(ins) > 1 else None
     b = ins[2] if len(ins) > 2 else None
+    dtype = x.dtype
+    if dtype != torch.float64:  # float32 math, one rounding of the result to x's dtype
+        x = x.float()
+        w, b = (None if t is None else t.float() for t in (w, b))
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         # torch's channels-last kernel takes the variance in one pass (E[x^2] - E[x]^2), which
         # loses it where an activation's mean is large beside its spread (python -m
         # kiln.bench.group_norm measures it): its contiguous kernel on a copy, back channels-last
-        return F.group_norm(x.contiguous(), a.groups, w, b, a.eps).contiguous(memory_format=torch.channels_last)
-    return F.group_norm(x, a.groups, w, b, a.eps)
+        y = F.group_norm(x.contiguous(), a.groups, w, b, a.eps).contiguous(memory_format=torch.channels_last)
+    else:
+        y = F.group_norm(x, a.groups, w, b, a.eps)
+    return epilogue(y, None, a.activation).to(dtype)

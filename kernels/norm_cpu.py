@@ -1,7 +1,9 @@
 """Group norms over channels-last images in C++ (``kiln._C.group_norm_nhwc``).
 
-A candidate beside the reference for 4-D channels-last fp32 GROUP_NORM (BiT's norms between
-its convolutions); ``kernels.choice`` keeps whichever measures faster on the node's shapes.
+A candidate beside the reference for 4-D channels-last fp32 or bf16 GROUP_NORM (BiT's norms
+between its convolutions; in bf16 they read the convolutions' bf16 outputs and write the next
+ones' bf16 inputs, fp32 math inside), a fused ReLU included; ``kernels.choice`` keeps
+whichever measures faster on the node's shapes.
 Each pass runs over the pixels with the channels innermost, the way the image lies, where a
 layer norm over each group's NCHW-ordered elements reads it across the grain; the variance
 is a second pass over the deviations (see csrc/group_norm.cpp). The affine, when constant,
@@ -12,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from kiln.ir import LayoutKind, Node, OpKind
+from kiln.ir import attrs as A
 
 from .nhwc import as_channels_last, nhwc_array
 from .registry import register_kernel
@@ -19,9 +22,9 @@ from .registry import register_kernel
 
 def _accepts(node: Node) -> bool:
     x = node.inputs[0].type
-    return (x.rank == 4 and x.layout.kind is LayoutKind.CHANNELS_LAST and x.dtype.value == "float32"
-            and isinstance(x.shape[1], int) and all(v is None or v.type.dtype.value == "float32"
-                                                    for v in node.inputs[1:]))
+    return (x.rank == 4 and x.layout.kind is LayoutKind.CHANNELS_LAST and x.dtype.value in ("float32", "bfloat16")
+            and isinstance(x.shape[1], int) and node.attrs.activation in (A.Activation.NONE, A.Activation.RELU)
+            and all(v is None or v.type.dtype.value in ("float32", "bfloat16") for v in node.inputs[1:]))
 
 
 def _param(t):
@@ -32,6 +35,7 @@ def _prepare(node: Node, consts: list):
     from kiln import _C
 
     groups, eps = node.attrs.groups, float(node.attrs.eps)
+    relu = node.attrs.activation is A.Activation.RELU
     present = [i < len(node.inputs) and node.inputs[i] is not None for i in (1, 2)]
     bound = [_param(consts[i]) if present[i - 1] and i < len(consts) and consts[i] is not None else None
              for i in (1, 2)]
@@ -42,7 +46,7 @@ def _prepare(node: Node, consts: list):
         w, b = (bound[j] if bound[j] is not None else (_param(ins[j + 1]) if present[j] else None) for j in (0, 1))
         n, c, h, wd = x.shape
         _C.group_norm_nhwc(nhwc_array(x).reshape(n, h * wd, c), nhwc_array(y).reshape(n, h * wd, c), w, b, groups,
-                           eps, torch.get_num_threads())
+                           eps, relu=relu, threads=torch.get_num_threads())
         return y
     return run
 

@@ -1,4 +1,5 @@
-"""Epilogue grouping for LINEAR and CONV2D: bias, residual add and activation.
+"""Epilogue grouping for LINEAR and CONV2D: bias, residual add and activation (and a ReLU
+into the GROUP_NORM before it).
 
 ``act(op(x) + bias + residual)`` is one op with a fused epilogue (as oneDNN post-ops or
 a generated kernel's epilogue compute it). Rules fire only on single-use producers, a
@@ -79,11 +80,21 @@ def _matmul_to_linear(m, rw):
 
 
 _OP = dict(name="op", single_use=True)
+
+
+def _norm_relu(m, rw):
+    """RELU(GROUP_NORM(x)) -> GROUP_NORM(x){activation=relu}: the norm's kernel applies it as it
+    stores (pre-activation ResNets such as BiT put a ReLU after every group norm)."""
+    n = m.node("op")
+    if n.attrs.activation is not A.Activation.NONE:
+        return None
+    return _with(rw, n, list(n.inputs), activation=A.Activation.RELU)
 RULES = [
     (P(OpKind.MATMUL, "x", Const("w")), _matmul_to_linear),
     (P(OpKind.ADD, P(COMPUTE, **_OP), Const("b"), commutative=True), _bias),
     (P(OpKind.ADD, P(COMPUTE, **_OP), "r", commutative=True), _residual),
     (P(tuple(_ACTS) + (OpKind.GELU,), P(COMPUTE, **_OP)), _activation),
+    (P(OpKind.RELU, P(OpKind.GROUP_NORM, **_OP)), _norm_relu),
 ]
 
 

@@ -7,7 +7,8 @@ Each float32 LINEAR / CONV2D / MATMUL / ATTENTION becomes: operands cast to bflo
 back to float32. A GEMM keeps its bias and activation and a conv its whole epilogue
 (oneDNN computes them on the fp32 accumulator, then rounds once); a GEMM's residual add
 runs in float32 after the cast. A bf16 -> f32 -> slice/reshape/permute/max-pool/pad -> bf16
-round trip is removed (it is exact). The pass changes numerics by
+round trip is removed (it is exact), and so is one around a GROUP_NORM (it computes in
+float32 and rounds its result to its input's dtype). The pass changes numerics by
 design; ``precision="bf16"`` opts in, and the error bound is the caller's to check.
 """
 from __future__ import annotations
@@ -137,11 +138,26 @@ def _rnn(m, rw):
     return tuple(rw.add(OpKind.CAST, v, attrs=A.CastAttrs(F32)) for v in outs)
 
 
+def _norm_in_bf16(m, rw):
+    """bf16 -> f32 -> GROUP_NORM -> bf16 is GROUP_NORM on the bf16 value: the op computes in
+    float32 whatever its input's dtype and rounds its result once, to that dtype (the
+    reference's definition) — so the channels-last norms between BiT's bf16 convolutions read
+    and write bf16, without the two casts' passes over fp32 copies."""
+    n = rw.producer(m.root.inputs[0])
+    if n is None or n.op is not OpKind.GROUP_NORM or rw.uses(n.outputs[0]) != 1 or n.outputs[0].dtype is not F32:
+        return None
+    c = rw.producer(n.inputs[0])
+    if c is None or c.op is not OpKind.CAST or c.inputs[0].dtype is not BF16:
+        return None
+    return rw.add(OpKind.GROUP_NORM, c.inputs[0], *n.inputs[1:], attrs=n.attrs)
+
+
 def _is_cast_to(dt):
     return lambda n: n.attrs.dtype is dt
 
 
-ROUND_TRIPS = [(P(OpKind.CAST, where=_is_cast_to(BF16)), _cast_round_trip)]
+ROUND_TRIPS = [(P(OpKind.CAST, where=_is_cast_to(BF16)), _cast_round_trip),
+               (P(OpKind.CAST, where=_is_cast_to(BF16)), _norm_in_bf16)]
 RULES = ROUND_TRIPS + [
     (P(OpKind.LINEAR, where=_f32), _linear),
     (P(OpKind.CONV2D, where=_f32), _conv),

@@ -14,9 +14,9 @@ from kiln.kernels.registry import candidates
 NHWC = Layout(LayoutKind.CHANNELS_LAST)
 
 
-def _node(shape, groups, affine, layout=NHWC, constant=True):
+def _node(shape, groups, affine, layout=NHWC, constant=True, dtype=DType.FLOAT32, act=A.Activation.NONE):
     b = GraphBuilder()
-    x = b.input("x", shape, DType.FLOAT32)
+    x = b.input("x", shape, dtype)
     if layout is NHWC:
         x = b.add(OpKind.TO_LAYOUT, x, attrs=A.LayoutAttrs(NHWC))
     ins = [x]
@@ -24,7 +24,7 @@ def _node(shape, groups, affine, layout=NHWC, constant=True):
     if affine:
         ins += [b.const(torch.randn(c)), b.const(torch.randn(c))] if constant else \
             [b.input("w", (c,), DType.FLOAT32), b.input("b", (c,), DType.FLOAT32)]
-    g = b.build([b.add(OpKind.GROUP_NORM, *ins, attrs=A.GroupNormAttrs(groups, 1e-5))])
+    g = b.build([b.add(OpKind.GROUP_NORM, *ins, attrs=A.GroupNormAttrs(groups, 1e-5, act))])
     return g, g.nodes[-1]
 
 
@@ -76,8 +76,39 @@ def test_reference_is_exact_on_channels_last_images_with_a_large_mean():
     assert (got.double() - _want(x, 32)).abs().max().item() < 1e-4
 
 
-def test_only_channels_last_fp32_images_are_taken():
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bf16_images_in_and_out_with_a_fused_relu(relu, threads):
+    # the norm between two bf16 convolutions: bf16 read as the values it holds, fp32 math,
+    # the result (after the ReLU) rounded once to bf16
+    shape, groups = (2, 32, 6, 5), 8
+    act = A.Activation.RELU if relu else A.Activation.NONE
+    graph, node = _node(shape, groups, True, dtype=DType.BFLOAT16, act=act)
+    assert "cpu.group_norm_nhwc" in [k.name for k in candidates(node, "cpu")]
+    x = (torch.randn(shape) * 2 + 3).bfloat16().contiguous(memory_format=torch.channels_last)
+    params = tuple(graph.constants[v] for v in node.inputs[1:])
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = _run("cpu.group_norm_nhwc", node, graph, x, params, True)
+    finally:
+        torch.set_num_threads(prev)
+    want = _want(x, groups, *params)
+    want = want.relu() if relu else want
+    assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
+    assert bool(((got.double() - want).abs() <= want.abs() * 2.0 ** -8 + 1e-6).all())  # one rounding
+    # the reference's definition: float32 math, one rounding
+    ref = evaluate(node, [x, *params])
+    assert ref.dtype == torch.bfloat16
+    torch.testing.assert_close(ref, (F.group_norm(x.float(), groups, *params).relu() if relu else
+                                     F.group_norm(x.float(), groups, *params)).bfloat16(), atol=0, rtol=0)
+    assert (got.float() - ref.float()).abs().max().item() <= 2 ** -7 * ref.float().abs().max().item()
+
+
+def test_only_channels_last_fp32_and_bf16_images_are_taken():
     _, row_major = _node((1, 8, 4, 4), 2, False, layout=Layout())
     assert "cpu.group_norm_nhwc" not in [k.name for k in candidates(row_major, "cpu")]
+    _, gelu = _node((1, 8, 4, 4), 2, False, act=A.Activation.GELU)  # an activation it does not apply
+    assert "cpu.group_norm_nhwc" not in [k.name for k in candidates(gelu, "cpu")]
     x = torch.randn(1, 8, 4, 4)
     torch.testing.assert_close(evaluate(row_major, [x]), F.group_norm(x, 2))

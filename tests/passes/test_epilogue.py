@@ -112,3 +112,26 @@ def test_conv_relu6_becomes_the_convs_activation_on_cpu_float_compiles():
     assert run_pass("conv_relu6", g, quantize="int8-dynamic").count(OpKind.CLAMP) == 1
     other, _ = _conv_clamp(0.0, 5.0)  # not ReLU6
     assert run_pass("conv_relu6", build(other, (1, 4, 6, 6))).count(OpKind.CLAMP) == 1
+
+
+def test_a_relu_after_a_group_norm_becomes_its_activation():
+    w, bias = torch.randn(8), torch.randn(8)
+    gn = A.GroupNormAttrs(4)
+
+    def before(b, x):
+        return b.add(OpKind.RELU, b.add(OpKind.GROUP_NORM, x, b.const(w), b.const(bias), attrs=gn))
+
+    def expected(b, x):
+        return b.add(OpKind.GROUP_NORM, x, b.const(w), b.const(bias), attrs=A.GroupNormAttrs(4, activation=A.Activation.RELU))
+
+    g = build(before, (2, 8, 5, 5))
+    out = run_pass("epilogue", g)
+    assert_structural_equal(out, build(expected, (2, 8, 5, 5)))
+    assert_same_outputs(g, out)
+
+    def read_twice(b, x):  # the norm's own output is also read: it stays as it is
+        y = b.add(OpKind.GROUP_NORM, x, attrs=gn)
+        return b.add(OpKind.RELU, y), y
+
+    g = build(read_twice, (2, 8, 5, 5))
+    assert_structural_equal(run_pass("epilogue", g), g)

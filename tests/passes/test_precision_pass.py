@@ -299,3 +299,29 @@ def test_bf16_rnn_runs_only_for_cpu_compiles():
     g, _ = _rnn_graph(OpKind.LSTM)
     out = run_pass("bf16_rnn", g, precision="bf16", target="cuda")
     assert_structural_equal(out, g)
+
+
+def test_round_trip_around_a_group_norm_is_the_norm_on_bf16():
+    # BiT's norms between its bf16 convs: GROUP_NORM computes in f32 and rounds to its input's
+    # dtype, so bf16 -> f32 -> group_norm(+relu) -> bf16 is the norm on the bf16 value
+    w, bias = torch.randn(8), torch.randn(8)
+    gn = A.GroupNormAttrs(4, activation=A.Activation.RELU)
+
+    def before(b, x):
+        y = _cast(b, _cast(b, x, BF16), F32)
+        return _cast(b, b.add(OpKind.GROUP_NORM, y, b.const(w), b.const(bias), attrs=gn), BF16)
+
+    def expected(b, x):
+        return b.add(OpKind.GROUP_NORM, _cast(b, x, BF16), b.const(w), b.const(bias), attrs=gn)
+
+    g = build(before, (2, 8, 5, 5))
+    out = run_pass("bf16_round_trips", g, precision="bf16")
+    assert_structural_equal(out, build(expected, (2, 8, 5, 5)))
+    assert_same_outputs(g, out, rel=0)  # exact: the same f32 math and one rounding
+
+    def f32_reader(b, x):  # the norm's f32 result is also read: it stays f32
+        y = b.add(OpKind.GROUP_NORM, _cast(b, _cast(b, x, BF16), F32), attrs=gn)
+        return _cast(b, y, BF16), y
+
+    g = build(f32_reader, (2, 8, 5, 5))
+    assert_structural_equal(run_pass("bf16_round_trips", g, precision="bf16"), g)
