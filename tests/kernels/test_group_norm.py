@@ -36,11 +36,16 @@ def _want(x, groups, w=None, b=None, eps=1e-5):
     return y
 
 
-def _run(kernel_name, node, graph, x, params, constant):
+def _run(kernel_name, node, graph, x, params, constant, threads=1):
     k = next(k for k in candidates(node, "cpu") if k.name == kernel_name)
     consts = [None] + ([graph.constants[v] for v in node.inputs[1:]] if constant and params else [])
     fn = k.bind(node, consts)
-    return fn([x] + ([None, None] if constant and params else list(params)), node.attrs)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        return fn([x] + ([None, None] if constant and params else list(params)), node.attrs)
+    finally:
+        torch.set_num_threads(prev)
 
 
 @pytest.mark.parametrize("shape,groups", [((1, 64, 7, 7), 32), ((2, 12, 5, 3), 3), ((1, 16, 9, 9), 1)])
@@ -54,12 +59,7 @@ def test_channels_last_kernel_is_the_float64_definition(shape, groups, affine, c
     params = (torch.randn(shape[1]), torch.randn(shape[1])) if affine else ()
     if affine and constant:
         params = tuple(graph.constants[v] for v in node.inputs[1:])
-    prev = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        got = _run("cpu.group_norm_nhwc", node, graph, x, params, constant)
-    finally:
-        torch.set_num_threads(prev)
+    got = _run("cpu.group_norm_nhwc", node, graph, x, params, constant, threads)
     want = _want(x, groups, *params)
     assert got.is_contiguous(memory_format=torch.channels_last) and got.dtype == torch.float32
     scale = float(want.abs().max())
@@ -87,12 +87,7 @@ def test_bf16_images_in_and_out_with_a_fused_relu(relu, threads):
     assert "cpu.group_norm_nhwc" in [k.name for k in candidates(node, "cpu")]
     x = (torch.randn(shape) * 2 + 3).bfloat16().contiguous(memory_format=torch.channels_last)
     params = tuple(graph.constants[v] for v in node.inputs[1:])
-    prev = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        got = _run("cpu.group_norm_nhwc", node, graph, x, params, True)
-    finally:
-        torch.set_num_threads(prev)
+    got = _run("cpu.group_norm_nhwc", node, graph, x, params, True, threads)
     want = _want(x, groups, *params)
     want = want.relu() if relu else want
     assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
