@@ -100,7 +100,7 @@ def _prepare(node: Node, consts: list, dot: bool = False):
             x = x.reshape(rows, x.shape[-1])
         bias = bias_c if bias_c is not None or not has_bias else ins[2].float().contiguous().numpy()
         gemm(bits(x), packed, bias, bits(ins[3]) if has_res else None, act,
-                       out.view(rows, n).view(torch.int16).numpy(), torch.get_num_threads())
+             out.view(rows, n).view(torch.int16).numpy(), torch.get_num_threads())
         return out
     return run
 

@@ -89,6 +89,8 @@ def _norm_relu(m, rw):
     if n.attrs.activation is not A.Activation.NONE:
         return None
     return _with(rw, n, list(n.inputs), activation=A.Activation.RELU)
+
+
 RULES = [
     (P(OpKind.MATMUL, "x", Const("w")), _matmul_to_linear),
     (P(OpKind.ADD, P(COMPUTE, **_OP), Const("b"), commutative=True), _bias),

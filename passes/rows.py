@@ -219,10 +219,12 @@ def _whole(v: Value, d) -> bool:
     return d is FULL or d.whole(v)
 
 
-def _in_order(nodes: list) -> list:
+def _in_order(nodes: list) -> list | None:
     """``nodes`` in a topological order, as close to the given one as it allows: a picked
     row's index (computed from the inputs after the layers it now reads rows of, in the order
-    the model was written) moves up to before its first reader."""
+    the model was written) moves up to before its first reader. None if there is no such
+    order (an index computed from the rows it picks: the walk's FULL demands rule that out,
+    and the pass then leaves the graph as it was rather than trust it)."""
     made = {v for n in nodes for v in n.outputs}
     position = {n: i for i, n in enumerate(nodes)}
     producer = {v: n for n in nodes for v in n.outputs}
@@ -242,7 +244,7 @@ def _in_order(nodes: list) -> list:
             waiting[r] -= 1
             if waiting[r] == 0:
                 heapq.heappush(ready, position[r])
-    return out
+    return out if len(out) == len(nodes) else None
 
 
 def push_row_slices(graph: Graph) -> Graph:
@@ -309,4 +311,6 @@ def push_row_slices(graph: Graph) -> Graph:
                          node.outputs, node.scope))
     outputs = tuple(replace.get(v, v) for v in graph.outputs)
     nodes = _in_order(rw.nodes) if picks else rw.nodes
+    if nodes is None:
+        return graph
     return dead_code_elimination(Graph(graph.inputs, tuple(nodes), outputs, rw.constants, graph.name))
