@@ -209,16 +209,6 @@ namespace {
 
 constexpr int kDotRows = 6, kDotPanels = 4;
 
-inline uint32_t pair_at(const uint16_t* x, int64_t k, int64_t q) {
-  // the pair (x[2q], x[2q + 1]); past an odd K the high half is zero (x has no element there)
-  if (2 * q + 1 < k) {
-    uint32_t v;
-    std::memcpy(&v, x + 2 * q, 4);
-    return v;
-  }
-  return x[2 * q];
-}
-
 template <int MR, int NP>
 void dot_block(const uint16_t* a, int64_t lda, int64_t row, const uint16_t* panels, int64_t panel_elems, int64_t k,
                int64_t col, const Bf16Weight& w, const Bf16Epilogue& ep) {
@@ -232,12 +222,8 @@ void dot_block(const uint16_t* a, int64_t lda, int64_t row, const uint16_t* pane
       bv[j] = reinterpret_cast<__m512bh>(_mm512_load_si512(panels + j * panel_elems + q * 32));
     for (int i = 0; i < MR; ++i) {
       const uint16_t* xr = a + (row + i) * lda;
-      uint32_t v;
-      if (q < full) {
-        std::memcpy(&v, xr + 2 * q, 4);
-      } else {
-        v = pair_at(xr, k, q);
-      }
+      uint32_t v = xr[2 * q];  // an odd K's last pair: its high half zero (x has no element there)
+      if (q < full) std::memcpy(&v, xr + 2 * q, 4);
       const __m512bh av = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(v)));
       for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], av, bv[j]);
     }

@@ -225,15 +225,14 @@ def _in_order(nodes: list) -> list | None:
     the model was written) moves up to before its first reader. None if there is no such
     order (an index computed from the rows it picks: the walk's FULL demands rule that out,
     and the pass then leaves the graph as it was rather than trust it)."""
-    made = {v for n in nodes for v in n.outputs}
     position = {n: i for i, n in enumerate(nodes)}
     producer = {v: n for n in nodes for v in n.outputs}
-    waiting = {n: sum(1 for v in set(n.inputs) if v is not None and v in made) for n in nodes}
+    waiting = {n: 0 for n in nodes}
     readers: dict[Node, list] = {}
     for n in nodes:
-        for v in set(n.inputs):
-            if v is not None and v in made:
-                readers.setdefault(producer[v], []).append(n)
+        for v in set(n.inputs) & producer.keys():  # graph inputs and constants are ready
+            readers.setdefault(producer[v], []).append(n)
+            waiting[n] += 1
     ready = [position[n] for n in nodes if waiting[n] == 0]
     heapq.heapify(ready)
     out = []

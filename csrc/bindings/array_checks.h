@@ -1,11 +1,17 @@
-// Shape checks shared by the GEMM bindings (bf16_gemm.cpp, f32_gemm.cpp).
+// Array checks shared by the bindings (GEMMs, norms, pooling).
 #pragma once
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
 #include <string>
 
 namespace kiln::bindings {
+
+// bf16 arrives as its bit patterns (numpy has no bfloat16): a 16-bit integer array.
+inline bool is_bf16_bits(const pybind11::array& a) {
+  return a.itemsize() == 2 && (a.dtype().kind() == 'i' || a.dtype().kind() == 'u');
+}
 
 // A rank-2 [rows, cols] array with a contiguous last dimension: its row stride in elements
 // (rows may be strided, as a slice of a wider activation hands them over; never overlapping).

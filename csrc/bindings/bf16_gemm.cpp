@@ -22,9 +22,9 @@ struct Bf16Packed {
   std::shared_ptr<Bf16Weight> w;
 };
 
-bool is_bf16_bits(const py::array& a) { return a.itemsize() == 2 && (a.dtype().kind() == 'i' || a.dtype().kind() == 'u'); }
 bool is_f32(const py::array& a) { return a.dtype().is(py::dtype::of<float>()); }
 
+using bindings::is_bf16_bits;
 using bindings::row_stride;
 
 Bf16Packed prepack_py(py::array w) {

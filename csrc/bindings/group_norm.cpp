@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 
+#include "array_checks.h"
 #include "kiln.h"
 
 namespace py = pybind11;
@@ -18,7 +19,7 @@ namespace {
 
 bool bf16_bits(const py::array& a, const char* name) {
   if (a.dtype().is(py::dtype::of<float>())) return false;
-  if (a.itemsize() == 2 && (a.dtype().kind() == 'i' || a.dtype().kind() == 'u')) return true;
+  if (kiln::bindings::is_bf16_bits(a)) return true;
   throw py::value_error(std::string(name) + ": expected float32, or bfloat16 passed as 16-bit integers");
 }
 

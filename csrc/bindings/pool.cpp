@@ -11,6 +11,7 @@
 #include <string>
 #include <utility>
 
+#include "array_checks.h"
 #include "kiln.h"
 
 namespace py = pybind11;
@@ -20,7 +21,7 @@ namespace {
 void max_pool2d_nhwc_py(py::array x, py::array y, std::array<int64_t, 2> kernel, std::array<int64_t, 2> stride,
                         std::array<int64_t, 2> padding, std::array<int64_t, 2> dilation, int threads) {
   const bool f32 = x.dtype().is(py::dtype::of<float>());
-  const bool b16 = x.dtype().itemsize() == 2 && (x.dtype().kind() == 'i' || x.dtype().kind() == 'u');
+  const bool b16 = kiln::bindings::is_bf16_bits(x);
   const bool u8 = x.dtype().is(py::dtype::of<uint8_t>());
   if (!f32 && !b16 && !u8) throw py::type_error("x: expected float32, uint8, or bfloat16 bits as int16/uint16");
   if (!y.dtype().is(x.dtype())) throw py::type_error("y: must have x's dtype");
