@@ -30,6 +30,9 @@ class Sym:
     @property
     def symbols(self) -> frozenset:
         """The named sizes this expression depends on."""
+        plain = _plain(self.name)
+        if plain is not None:
+            return plain[1]
         return frozenset(str(s) for s in _expr(self.name).free_symbols)
 
     def evaluate(self, sizes: dict) -> int:
@@ -154,9 +157,70 @@ def _simplified(e):
     return _sympy().simplify(e)
 
 
+# What sympy's printer writes for a size expression (and torch.export's names for the same
+# functions), as Python on ints: evaluating a symbolic dim then needs no sympy. Importing sympy
+# costs a loaded dynamic plan tens of MB of resident memory and a noticeable part of its load
+# time; only building new expressions (arithmetic on Syms, at compile time) needs it.
+_INT_FUNCS = {"floor": math.floor, "ceiling": math.ceil, "Max": max, "Min": min, "Mod": lambda a, b: a % b,
+              "PythonMod": lambda a, b: a % b, "FloorDiv": lambda a, b: a // b, "CeilDiv": lambda a, b: -(-a // b),
+              "CeilToInt": math.ceil, "FloorToInt": math.floor}
+
+
+@functools.lru_cache(maxsize=4096)
+def _plain(text: str):
+    """(code, names) of an expression made only of ints, names, arithmetic and the functions
+    of ``_INT_FUNCS``, compiled as Python; None for anything else (sympy evaluates it)."""
+    import ast
+
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError:
+        return None
+    names = set()
+    ops = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.USub, ast.UAdd)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            if not (isinstance(node.func, ast.Name) and node.func.id in _INT_FUNCS) or node.keywords:
+                return None
+        elif isinstance(node, ast.Name):
+            if node.id not in _INT_FUNCS:
+                names.add(node.id)
+        elif isinstance(node, ast.Constant):
+            if isinstance(node.value, bool) or not isinstance(node.value, int):
+                return None
+        elif not isinstance(node, (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Load, *ops)):
+            return None
+    tree = ast.fix_missing_locations(_ExactDivision().visit(tree))
+    return compile(tree, "<size>", "eval"), frozenset(names)
+
+
+class _ExactDivision:
+    """``a / b`` as ``_q(a, b)``, a ``Fraction``: ``floor(2*n/3 + 1/3)`` must not lose an integer
+    to float rounding."""
+
+    def visit(self, tree):
+        import ast
+
+        class T(ast.NodeTransformer):
+            def visit_BinOp(self, node):
+                self.generic_visit(node)
+                if isinstance(node.op, ast.Div):
+                    return ast.Call(ast.Name("_q", ast.Load()), [node.left, node.right], [])
+                return node
+
+        return T().visit(tree)
+
+
 @functools.lru_cache(maxsize=4096)
 def _evaluator(text: str):
     """``f(sizes) -> int`` for an expression, compiled once."""
+    plain = _plain(text)
+    if plain is not None:
+        code, names = plain
+        from fractions import Fraction
+
+        scope = {"__builtins__": {}, "_q": Fraction, **_INT_FUNCS}
+        return lambda sizes: int(eval(code, scope, {n: sizes[n] for n in names}))
     sp = _sympy()
     e = _expr(text)
     names = sorted(str(s) for s in e.free_symbols)

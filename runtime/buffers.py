@@ -37,15 +37,20 @@ def dead_values(units: Sequence[tuple[Sequence[Value | None], Sequence[Value]]],
     return dead
 
 
-def memory_stats(outputs: Iterable[Sequence[Value]], dead: Iterable[Sequence[Value]]) -> MemoryStats:
+def memory_stats(outputs: Iterable[Sequence[Value]], dead: Iterable[Sequence[Value]],
+                 sizes: dict | None = None) -> MemoryStats:
     """One sweep over the units' outputs (allocated when the unit runs, while its inputs are
-    still held) and the values ``dead_values`` frees after each."""
+    still held) and the values ``dead_values`` frees after each. ``sizes``: symbolic sizes'
+    values (name -> int), so values of those shapes count too."""
     size: dict[Value, int] = {}
     live = peak = 0
     for outs, gone in zip(outputs, dead):
         for v in outs:
-            if v not in size and v.type.is_static:
-                size[v] = v.type.nbytes()
+            if v in size:
+                continue
+            t = v.type if sizes is None or not v.type.symbols <= sizes.keys() else v.type.concrete(sizes)
+            if t.is_static:
+                size[v] = t.nbytes()
                 live += size[v]
         peak = max(peak, live)
         for v in set(gone):

@@ -80,6 +80,8 @@ class Plan:
     codegen_seconds: float = 0.0  # spent generating, tuning, loading and choosing group kernels
     torch_ops: dict[str, str] = field(default_factory=dict)  # op -> why it runs its torch reference (cuda)
     runner: object = None  # a target's run strategy (runtime.cuda_run.CudaRunner); None: the host calls it
+    chunks: object = None  # runtime.chunks.BatchChunks: a large batch runs in chunks of samples (host plans)
+    chunking: str = ""  # what was decided about chunking, and why
     forward: object = field(init=False, repr=False)  # the generated function: forward(inputs, consts)
     consts: dict = field(init=False, repr=False)  # slot -> constant, as the host holds them
     sizes: tuple = field(init=False, repr=False)  # (name, input slot, axis) of each symbolic size
@@ -101,6 +103,8 @@ class Plan:
             raise ValueError(f"plan takes {len(self.input_slots)} inputs, got {len(inputs)}")
         try:
             if self.runner is None:
+                if self.chunks is not None:
+                    return self.chunks.run(self.forward, inputs, self.consts)
                 return self.forward(inputs, self.consts)
             return self.runner.run(self, inputs)
         except Exception as e:  # name the node; the original error stays chained
@@ -165,9 +169,11 @@ def slots_for(graph: Graph):
     return slot, get, input_slots, const_slots
 
 
-def assemble(graph: Graph, target: Target, units: list[Unit], **built) -> Plan:
+def assemble(graph: Graph, target: Target, units: list[Unit], batch_chunk: int | None = 0, **built) -> Plan:
     """The plan running ``units`` in order: slots numbered, each buffer freed after its last
-    use, kernels counted; ``built`` are the builder's other fields (node_kernels, ...)."""
+    use, kernels counted; ``built`` are the builder's other fields (node_kernels, ...).
+    ``batch_chunk``: for a CPU plan, how its batch may run in chunks (``runtime.chunks``:
+    None decides, 0 never, n samples)."""
     slot, get, input_slots, const_slots = slots_for(graph)
     keep = set(graph.outputs) | set(graph.inputs) | set(graph.constants)
     pairs = [(u.ins, u.outs) for u in units]
@@ -179,8 +185,14 @@ def assemble(graph: Graph, target: Target, units: list[Unit], **built) -> Plan:
         steps.append(Step(u.fn, u.attrs, tuple(None if v is None else get(v) for v in u.ins), outs,
                           tuple(sorted({slot[v] for v in gone})), u.node, u.kernel))
     output_slots = tuple(get(v) for v in graph.outputs)
+    chunks, chunking = None, ""
+    if target.kind == "cpu":
+        from .chunks import plan_chunks
+
+        chunks, chunking = plan_chunks(graph, [u.outs for u in units], dead, batch_chunk)
     return Plan(graph, target, tuple(steps), tuple(slot), input_slots, output_slots, const_slots,
-                memory_stats((u.outs for u in units), dead), kernel_names=counts, **built)
+                memory_stats((u.outs for u in units), dead), kernel_names=counts, chunks=chunks,
+                chunking=chunking, **built)
 
 
 def run_all(graph: Graph, inputs: list[torch.Tensor], target: str = "reference") -> dict[Value, torch.Tensor]:
@@ -200,7 +212,7 @@ def run_all(graph: Graph, inputs: list[torch.Tensor], target: str = "reference")
 
 def build_plan(graph: Graph, target: "str | Target" = "cpu", kernel_choices: list[str] | None = None,
                partition=None, generate=None, exclude: frozenset[str] = frozenset(), sizes: dict | None = None,
-               buckets: list[dict] | None = None) -> Plan:
+               buckets: list[dict] | None = None, batch_chunk: int | None = 0) -> Plan:
     """A plan for the CPU (or the reference kernels): per node, the fastest kernel that agrees
     with the reference. ``kernel_choices`` (one kernel name per node, from the compile cache)
     skips measuring; kernels named in ``exclude`` are not candidates (the reference always is).
@@ -213,6 +225,7 @@ def build_plan(graph: Graph, target: "str | Target" = "cpu", kernel_choices: lis
     ``sizes``: a symbolic graph's example sizes (its kernels are measured and prepared at
     them); ``buckets``: more representative sizes, each node of symbolic shapes chosen at
     each too and dispatched by size where the choices differ (``runtime.by_size``).
+    ``batch_chunk``: whether a large batch runs in chunks (``runtime.chunks``; 0: never).
     """
     target = Target.parse(target)
     kind = target.kind
@@ -259,7 +272,7 @@ def build_plan(graph: Graph, target: "str | Target" = "cpu", kernel_choices: lis
                 name, fn = _chosen_by_size(n, (k, fn), more, sizes, buckets)
             node_kernels[index[n]] = name
             units.append(Unit(name, fn, n.attrs, tuple(n.inputs), tuple(n.outputs), n))
-    return assemble(graph, target, units, node_kernels=node_kernels, codegen_seconds=codegen_s)
+    return assemble(graph, target, units, batch_chunk, node_kernels=node_kernels, codegen_seconds=codegen_s)
 
 
 def _chosen_by_size(node: Node, first, more, sizes: dict, buckets: list[dict]) -> tuple[str, object]:

@@ -143,13 +143,14 @@ def _shipped_generator(graph: Graph, shipped: dict[str, ShippedKernel], target: 
 
 def restore_plan(graph: Graph, target: Target, node_kernels: list[str], groups, shipped: dict | None, *,
                  strict: bool = False, rebuild: bool = False, exclude: frozenset[str] = frozenset(),
-                 sizes: dict | None = None) -> tuple[Plan, list[Unavailable]]:
+                 sizes: dict | None = None, batch_chunk: int | None = 0) -> tuple[Plan, list[Unavailable]]:
     """The plan the recorded choices describe, and the nodes whose kernels were chosen again.
 
     ``groups``: ``groups_of``'s records (None: the plan ran no generated kernels);
     ``shipped``: generated kernel name -> ``ShippedKernel`` (None: they cannot load here).
     With ``strict`` a kernel that cannot run here raises ``KilnError`` instead. ``sizes``: a
-    symbolic graph's example sizes (a kernel chosen again is measured at them).
+    symbolic graph's example sizes (a kernel chosen again is measured at them);
+    ``batch_chunk``: the compile's setting (``runtime.chunks``).
     """
     if len(node_kernels) != len(graph.nodes):
         raise KilnError(f"the plan records {len(node_kernels)} kernel choices for {len(graph.nodes)} nodes")
@@ -170,5 +171,5 @@ def restore_plan(graph: Graph, target: Target, node_kernels: list[str], groups, 
             def generate(group):
                 return None
     plan = build_plan(graph, target, kernel_choices=list(node_kernels), partition=partition, generate=generate,
-                      exclude=exclude, sizes=sizes)
+                      exclude=exclude, sizes=sizes, batch_chunk=batch_chunk)
     return plan, missing

@@ -430,7 +430,8 @@ def _load_plan(r: Reader, name: str, rec: dict, members: dict, tensors: dict, he
     t1 = time.perf_counter()
     with seeded(_derived_entries(rec.get("derived") or (), graph, tensors, path)):
         plan, missing = restore_plan(graph, here, rec["node_kernels"], rec.get("groups"), shipped,
-                                     strict=strict, rebuild=rebuild, exclude=options.exclude_kernels, sizes=sizes)
+                                     strict=strict, rebuild=rebuild, exclude=options.exclude_kernels, sizes=sizes,
+                                     batch_chunk=options.batch_chunk)
     _add(secs, "graphs", t1 - t0)
     _add(secs, "kernels", plan.codegen_seconds)  # loading the generated modules
     _add(secs, "prepare", time.perf_counter() - t1 - plan.codegen_seconds)
@@ -444,7 +445,7 @@ def _load_plan(r: Reader, name: str, rec: dict, members: dict, tensors: dict, he
         quantization=decisions(rep.get("quantization"), "kiln.passes.quantize_payoff", "LayerDecision"),
         sparsity=decisions(rep.get("sparsity"), "kiln.passes.sparsity", "SparseDecision"),
         memory=plan.memory, graph_nodes=len(graph.nodes), artifact=str(path),
-        rechosen=[(u.label, u.kernel, u.why) for u in missing])
+        rechosen=[(u.label, u.kernel, u.why) for u in missing], batch_chunks=plan.chunking)
     try:
         literals = {int(k): decode(v) for k, v in rec.get("out_literals", {}).items()}
     except SerializeError as e:

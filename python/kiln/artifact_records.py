@@ -42,7 +42,7 @@ MANIFEST = {
     "target": {"kind": str, "arch": str, "features": [str], "cores": int, "?device_name": str, "?key": str},
     "options": {"precision": str, "sparse": str, "tune": (str, int, float, None), "codegen": bool,
                 "threads": (int, None), "exclude_kernels": [str], "passes": ([str], None), "?verify": bool,
-                "max_specializations": int, "?size_buckets": int,
+                "max_specializations": int, "?size_buckets": int, "?batch_chunk": (int, None),
                 "quantize": ({"scheme": str, "observer": str, "group_size": int, "min_sqnr": (int, float, None),
                               "measure_payoff": bool}, None)},
     "inputs": {"spec": [_SPEC], "tree": (str, None), "tensor_args": (int, None), "value_inputs": [int]},
@@ -121,7 +121,8 @@ def options_record(o: CompileOptions) -> dict:
     return {"precision": o.precision, "quantize": q, "sparse": o.sparse, "tune": o.tune, "codegen": o.codegen,
             "threads": o.threads, "exclude_kernels": sorted(o.exclude_kernels),
             "passes": None if o.passes is None else list(o.passes), "verify": o.verify,
-            "max_specializations": o.max_specializations, "size_buckets": o.size_buckets}
+            "max_specializations": o.max_specializations, "size_buckets": o.size_buckets,
+            "batch_chunk": o.batch_chunk}
 
 
 def options_from(d: dict, target: Target) -> CompileOptions:
@@ -132,7 +133,7 @@ def options_from(d: dict, target: Target) -> CompileOptions:
         target=target, precision=d["precision"], sparse=d["sparse"], tune=d["tune"], codegen=d["codegen"],
         threads=d["threads"], exclude_kernels=list(d["exclude_kernels"]), passes=d["passes"],
         verify=d.get("verify", False), max_specializations=d["max_specializations"],
-        size_buckets=d.get("size_buckets", 1))
+        size_buckets=d.get("size_buckets", 1), batch_chunk=d.get("batch_chunk"))
     q = d.get("quantize")
     if q is None:
         return options

@@ -194,7 +194,7 @@ def compile_imported(imp: Imported, options: CompileOptions, name: str, hints: d
         seconds={"import": imp.seconds, "passes": passes_s, "plan": plan_s,
                  "codegen": plan.codegen_seconds, "total": imp.seconds + passes_s + plan_s},
         import_cache_hit=imp.cache_hit, compile_cache_hit=hit is not None, memory=plan.memory,
-        graph_nodes=len(result.graph.nodes), accuracy=accuracy)
+        graph_nodes=len(result.graph.nodes), accuracy=accuracy, batch_chunks=plan.chunking)
     return Compiled(plan, result.graph, imp.out_spec, imp.out_literals, imp.input_names, report, imp.size_limits,
                     result.partition)
 
@@ -223,7 +223,7 @@ def _build_plan(result, options: CompileOptions, target, hit, hints=None, bucket
         if options.codegen and target.kind == "cpu" else None
     return build_plan(result.graph, target.kind, kernel_choices=hit["kernels"] if hit else None,
                       partition=result.partition, generate=generate, exclude=options.exclude_kernels, sizes=hints,
-                      buckets=buckets)
+                      buckets=buckets, batch_chunk=options.batch_chunk)
 
 
 def _check_approximate(plan, result, sizes: list) -> tuple[str, tuple]:

@@ -107,6 +107,10 @@ class CompileOptions:
     # a quarter of it, and four times it up to the range's end) and each node runs the kernel
     # chosen nearest to a call's size; 1: one choice per node, at the example's size
     size_buckets: int = 2
+    # a dynamic plan whose one symbolic size is a batch its ops compute sample by sample runs a
+    # large batch in chunks of at most this many samples (runtime/chunks.py): None decides from
+    # the plan's intermediate bytes per sample (at least 16 samples a chunk), 0 never chunks
+    batch_chunk: int | None = None
     # measure every kernel choice afresh (more rounds) instead of reusing the compile cache's
     # recorded choices; the result replaces them (``kiln tune MODEL``). Not part of the key.
     remeasure: bool = False
@@ -159,6 +163,11 @@ class CompileOptions:
             if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 3:
                 raise KilnError(f"size_buckets must be 1, 2 or 3, got {n!r}")
             fields["size_buckets"] = n
+        if "batch_chunk" in keywords:
+            n = keywords.pop("batch_chunk")
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+                raise KilnError(f"batch_chunk must be None (decide), 0 (never) or a number of samples, got {n!r}")
+            fields["batch_chunk"] = n
         assert not keywords, keywords
         out = dataclasses.replace(base, **fields)
         if isinstance(scheme, QuantOptions):

@@ -36,6 +36,8 @@ class CompileReport:
     # the end-to-end check of approximate kernels (Winograd): what it measured and decided
     # (empty: the plan uses none, or its choices came from the compile cache)
     accuracy: str = ""
+    # whether a large batch runs in chunks of samples (runtime/chunks.py), and why (or why not)
+    batch_chunks: str = ""
 
     @property
     def quantized_layers(self) -> int:
@@ -58,6 +60,8 @@ class CompileReport:
         lines.append("kernels: " + ", ".join(f"{k} x{n}" for k, n in sorted(self.kernels.items())))
         if self.accuracy:
             lines.append(f"accuracy: {self.accuracy}")
+        if self.batch_chunks:
+            lines.append(f"batch: {self.batch_chunks}")
         if self.quantization:
             lines.append(f"quantization: {self.quantized_layers}/{len(self.quantization)} layers integer")
             lines += [f"  {d.layer}: {'int' if d.quantized else 'float'} ({d.reason})" for d in self.quantization]
