@@ -69,6 +69,13 @@ def _why_not(node: Node, batch: Sym) -> str | None:
     op, cat = node.op, opdef(node.op).category
     if not ins:  # makes a batch from nothing: only a broadcast to it copies one row per sample
         return None if op is OpKind.EXPAND else "its output has a batch its inputs do not"
+    if op in _PER_SAMPLE or op is OpKind.ATTENTION:
+        # the op contracts, pools or normalizes trailing axes: the batch must not be one of them
+        low = 3 if op is OpKind.ATTENTION else 2  # attention mixes the rows of axis -2
+        if any(v.type.rank < low for v in ins):
+            return "the batch is an axis it works along"
+        if op is OpKind.LAYER_NORM and node.attrs.normalized_ndim >= ins[0].type.rank:
+            return "it normalizes over the batch axis"
     if op in _PER_SAMPLE or op is OpKind.ATTENTION or cat is Category.ELEMENTWISE:
         if op is OpKind.ATTENTION or cat is Category.ELEMENTWISE:
             out = node.outputs[0]

@@ -61,3 +61,16 @@ def test_unknown_ops_and_other_sizes_make_it_inseparable():
     assert "lstm" in _why(rnn, (B, 5, 3), (1, B, 6), (1, B, 6))
     assert "other symbolic sizes (seq)" in _why(lambda b, x: b.add(OpKind.RELU, x), (B, Sym("seq")))
     assert "not a symbolic size" in _why(lambda b, x: b.add(OpKind.RELU, x), (2, 4))
+
+
+
+def test_ops_over_trailing_axes_need_the_batch_before_them():
+    def norm_all(b, x):  # normalizes over both axes: the batch's too
+        return b.add(OpKind.LAYER_NORM, x, attrs=A.LayerNormAttrs(normalized_ndim=2))
+
+    def attend(b, q):  # a 2-D query's rows are the sequence attention mixes
+        return b.add(OpKind.ATTENTION, q, q, q, attrs=A.AttentionAttrs())
+
+    assert "normalizes over the batch" in _why(norm_all, (B, 4))
+    assert "axis it works along" in _why(attend, (B, 8))
+    assert separable_batch(build(attend, (B, 2, 5, 8))).size == "batch"
