@@ -1,6 +1,7 @@
 """Tensor types: dtype, shape with symbolic dims, memory layout and quantization."""
 from __future__ import annotations
 
+import ast
 import enum
 import functools
 import math
@@ -170,8 +171,6 @@ _INT_FUNCS = {"floor": math.floor, "ceiling": math.ceil, "Max": max, "Min": min,
 def _plain(text: str):
     """(code, names) of an expression made only of ints, names, arithmetic and the functions
     of ``_INT_FUNCS``, compiled as Python; None for anything else (sympy evaluates it)."""
-    import ast
-
     try:
         tree = ast.parse(text, mode="eval")
     except SyntaxError:
@@ -194,21 +193,15 @@ def _plain(text: str):
     return compile(tree, "<size>", "eval"), frozenset(names)
 
 
-class _ExactDivision:
+class _ExactDivision(ast.NodeTransformer):
     """``a / b`` as ``_q(a, b)``, a ``Fraction``: ``floor(2*n/3 + 1/3)`` must not lose an integer
     to float rounding."""
 
-    def visit(self, tree):
-        import ast
-
-        class T(ast.NodeTransformer):
-            def visit_BinOp(self, node):
-                self.generic_visit(node)
-                if isinstance(node.op, ast.Div):
-                    return ast.Call(ast.Name("_q", ast.Load()), [node.left, node.right], [])
-                return node
-
-        return T().visit(tree)
+    def visit_BinOp(self, node):
+        self.generic_visit(node)
+        if isinstance(node.op, ast.Div):
+            return ast.Call(ast.Name("_q", ast.Load()), [node.left, node.right], [])
+        return node
 
 
 @functools.lru_cache(maxsize=4096)

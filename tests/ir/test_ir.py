@@ -182,3 +182,28 @@ def test_library_ops_round_trip_and_check_their_operands():
         b.add(OpKind.INDEX_PUT, x, b.input("w", (2, 6)), i, attrs=A.IndexPutAttrs((0,)))  # (2, 6) vs (3, 6, 6)
     with pytest.raises(IRTypeError, match="scatter"):
         b.add(OpKind.SCATTER, x, i, b.input("h", (3, 6), DType.FLOAT16), attrs=A.ScatterAttrs(0))
+
+
+def test_symbolic_sizes_evaluate_exactly_without_sympy():
+    """A size's canonical text is evaluated as Python integer arithmetic (division exact):
+    the same values sympy gives, and a process that only evaluates sizes (a loaded dynamic
+    plan) never imports sympy."""
+    import subprocess
+    import sys
+
+    from kiln.ir.types import _expr
+
+    s, b = Sym("seq"), Sym("batch")
+    exprs = [(s - 1) // 2 + 1, 2 * s * b, (2 * s + 1) // 3, (s + 3) // 4 * 4 - s, s * s, (s - 7) // 3 + 1]
+    for e in exprs:
+        assert e.symbols == {str(x) for x in _expr(e.name).free_symbols} and e.symbols
+        for n in range(1, 60):
+            sizes = {"seq": n, "batch": 3}
+            want = int(_expr(e.name).subs({x: sizes[str(x)] for x in _expr(e.name).free_symbols}))
+            assert e.evaluate(sizes) == want, (e, n)
+    code = ("import sys; from kiln.ir.types import Sym; "
+            "assert Sym('floor(seq/2 - 1/2) + 1').evaluate({'seq': 9}) == 5; "
+            "assert Sym('Max(1, batch)*seq').symbols == {'batch', 'seq'}; "
+            "print('sympy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
