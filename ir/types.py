@@ -5,6 +5,7 @@ import ast
 import enum
 import functools
 import math
+import operator
 from dataclasses import field
 from typing import Union
 
@@ -162,8 +163,8 @@ def _simplified(e):
 # functions), as Python on ints: evaluating a symbolic dim then needs no sympy. Importing sympy
 # costs a loaded dynamic plan tens of MB of resident memory and a noticeable part of its load
 # time; only building new expressions (arithmetic on Syms, at compile time) needs it.
-_INT_FUNCS = {"floor": math.floor, "ceiling": math.ceil, "Max": max, "Min": min, "Mod": lambda a, b: a % b,
-              "PythonMod": lambda a, b: a % b, "FloorDiv": lambda a, b: a // b, "CeilDiv": lambda a, b: -(-a // b),
+_INT_FUNCS = {"floor": math.floor, "ceiling": math.ceil, "Max": max, "Min": min, "Mod": operator.mod,
+              "PythonMod": operator.mod, "FloorDiv": operator.floordiv, "CeilDiv": lambda a, b: -(-a // b),
               "CeilToInt": math.ceil, "FloorToInt": math.floor}
 
 

@@ -76,12 +76,13 @@ def _why_not(node: Node, batch: Sym) -> str | None:
             return "the batch is an axis it works along"
         if op is OpKind.LAYER_NORM and node.attrs.normalized_ndim >= ins[0].type.rank:
             return "it normalizes over the batch axis"
-    if op in _PER_SAMPLE or op is OpKind.ATTENTION or cat is Category.ELEMENTWISE:
-        if op is OpKind.ATTENTION or cat is Category.ELEMENTWISE:
-            out = node.outputs[0]
-            for v in node.inputs:  # an operand without the batch must broadcast along it
-                if v is not None and not _carries(v, batch) and v.type.rank == out.type.rank and v.shape[0] != 1:
-                    return f"{v.name} is aligned with the batch axis without carrying it"
+        if op in _PER_SAMPLE:
+            return None
+    if op is OpKind.ATTENTION or cat is Category.ELEMENTWISE:
+        out = node.outputs[0]
+        for v in node.inputs:  # an operand without the batch must broadcast along it
+            if v is not None and not _carries(v, batch) and v.type.rank == out.type.rank and v.shape[0] != 1:
+                return f"{v.name} is aligned with the batch axis without carrying it"
         return None
     if op in _AXES:
         return None if _axes_ok(node, node.inputs[0].type.rank) else "it works along the batch axis"

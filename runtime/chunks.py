@@ -23,7 +23,6 @@ import torch
 
 from kiln.ir import Graph
 from kiln.ir.record import record
-from kiln.passes.separable import separable_batch
 
 from .buffers import memory_stats
 
@@ -72,6 +71,8 @@ def plan_chunks(graph: Graph, outputs, dead, setting: int | None) -> tuple[Batch
         return None, ""
     if setting == 0:
         return None, "batch not chunked (batch_chunk=0)"
+    from kiln.passes.separable import separable_batch  # (a static plan's load never needs it)
+
     sep = separable_batch(graph)
     if sep.size is None:
         return None, f"batch not chunked: {sep.why}"

@@ -186,7 +186,7 @@ def assemble(graph: Graph, target: Target, units: list[Unit], batch_chunk: int |
                           tuple(sorted({slot[v] for v in gone})), u.node, u.kernel))
     output_slots = tuple(get(v) for v in graph.outputs)
     chunks, chunking = None, ""
-    if target.kind == "cpu" and any(v.type.symbols for v in graph.inputs):  # static plans import none of it
+    if target.kind == "cpu":
         from .chunks import plan_chunks
 
         chunks, chunking = plan_chunks(graph, [u.outs for u in units], dead, batch_chunk)

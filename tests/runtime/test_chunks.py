@@ -53,17 +53,16 @@ def _static_cnn():
 
 
 def test_rows_follow_the_bytes_a_sample_holds():
-    mlp, cnn = _mlp_and_cnn()
-    for g in (mlp, cnn):
-        plan = build_plan(g, "cpu", sizes={"batch": 2}, batch_chunk=None)
+    mlp, cnn = (build_plan(g, "cpu", sizes={"batch": 2}, batch_chunk=None) for g in _mlp_and_cnn())
+    for plan in (mlp, cnn):
         assert plan.chunks is not None and plan.chunks.size == "batch"
         assert "in chunks of at most" in plan.chunking
     # an MLP's sample is 32 output bytes: chunks far larger than any batch it serves
-    assert build_plan(mlp, "cpu", sizes={"batch": 2}, batch_chunk=None).chunks.rows > 10 ** 5
+    assert mlp.chunks.rows > 10 ** 5
     # a 256x256 image with 16 channels is 4 MiB: the minimum rows
-    assert build_plan(cnn, "cpu", sizes={"batch": 2}, batch_chunk=None).chunks.rows == MIN_ROWS
-    assert build_plan(cnn, "cpu", sizes={"batch": 2}, batch_chunk=3).chunks.rows == 3
-    off = build_plan(cnn, "cpu", sizes={"batch": 2}, batch_chunk=0)
+    assert cnn.chunks.rows == MIN_ROWS
+    assert build_plan(cnn.graph, "cpu", sizes={"batch": 2}, batch_chunk=3).chunks.rows == 3
+    off = build_plan(cnn.graph, "cpu", sizes={"batch": 2}, batch_chunk=0)
     assert off.chunks is None and "batch_chunk=0" in off.chunking
     assert plan_chunks(_static_cnn(), [], [], None) == (None, "")  # static shapes: nothing to decide
 
